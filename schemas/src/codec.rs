@@ -1,0 +1,38 @@
+//! Bounded MessagePack encode/decode.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a message could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("message is {len} bytes, over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("unsupported wire version {0} (this build speaks {WIRE})", WIRE = crate::WIRE_VERSION)]
+    UnsupportedVersion(u16),
+}
+
+/// Encodes with named fields. Our types contain only maps, strings, numbers and bytes,
+/// for which MessagePack encoding cannot fail.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(msg).expect("MessagePack encoding of a wire type cannot fail")
+}
+
+/// Decodes `bytes` after checking the length against `max`. Decoding reads from the slice,
+/// so no allocation exceeds the input's size whatever lengths the bytes claim.
+pub fn decode<'a, T: Deserialize<'a> + Versioned>(bytes: &'a [u8], max: usize) -> Result<T, DecodeError> {
+    if bytes.len() > max {
+        return Err(DecodeError::TooLarge { len: bytes.len(), max });
+    }
+    let msg: T = rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    match msg.version() {
+        crate::WIRE_VERSION => Ok(msg),
+        other => Err(DecodeError::UnsupportedVersion(other)),
+    }
+}
+
+/// A top-level wire message: it carries the wire version it was written with.
+pub trait Versioned {
+    fn version(&self) -> u16;
+}

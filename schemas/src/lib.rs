@@ -1,0 +1,30 @@
+//! Sundara's wire contract: every message that crosses NATS, the tensor encoding,
+//! subject names and size limits. Nothing else in the workspace defines wire types.
+//!
+//! Encoding: MessagePack with named fields (`rmp_serde::to_vec_named`), so fields can be
+//! added without breaking older readers. Tensors are raw little-endian bytes plus dtype
+//! and shape. Every top-level message carries `v` = [`WIRE_VERSION`].
+
+pub mod codec;
+pub mod messages;
+pub mod model;
+pub mod subjects;
+pub mod tensor;
+pub mod ticket;
+
+pub use codec::{DecodeError, decode, encode};
+pub use messages::*;
+pub use model::{CompareRule, ModelMeta, ModelRef, Policy, TensorSpec};
+pub use tensor::{DType, Limits, Tensor, TensorError};
+pub use ticket::Ticket;
+
+/// Version of every top-level message; readers reject other versions.
+pub const WIRE_VERSION: u16 = 1;
+
+/// Milliseconds since the Unix epoch (the wall clock every timestamp on the wire uses).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

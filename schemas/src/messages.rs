@@ -1,0 +1,258 @@
+//! Messages of a task's life, in the order they are sent.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Versioned;
+use crate::model::{CompareRule, ModelRef};
+use crate::tensor::Tensor;
+use crate::ticket::Ticket;
+
+/// Client → ingress (request on [`crate::subjects::SUBMIT`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SubmitRequest {
+    pub v: u16,
+    /// Registered model name; the latest version is used.
+    pub model: String,
+    pub inputs: Vec<Tensor>,
+    pub tenant: String,
+    /// Client's idempotency key: resubmitting with the same key yields the same task.
+    pub request_id: Option<String>,
+    /// Seed for models with randomness; part of the task's input.
+    pub seed: u64,
+    /// How long the client is willing to wait for a result; the ingress caps it.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Ingress → client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SubmitReply {
+    pub v: u16,
+    pub outcome: SubmitOutcome,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum SubmitOutcome {
+    /// Durably stored; a [`ClientResult`] will follow on `sundara.result.<tenant>.<task_id>`.
+    /// `duplicate` is true when this request id was seen before.
+    Accepted { task_id: String, duplicate: bool },
+    Rejected { code: RejectCode, reason: String },
+}
+
+/// Why a submission was refused. Stable codes clients can branch on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    Malformed,
+    UnsupportedVersion,
+    PayloadTooLarge,
+    InvalidName,
+    UnknownModel,
+    MissingInput,
+    UnexpectedInput,
+    WrongDtype,
+    WrongShape,
+    HostileShape,
+    Overloaded,
+    Internal,
+}
+
+impl RejectCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::Malformed => "malformed",
+            RejectCode::UnsupportedVersion => "unsupported_version",
+            RejectCode::PayloadTooLarge => "payload_too_large",
+            RejectCode::InvalidName => "invalid_name",
+            RejectCode::UnknownModel => "unknown_model",
+            RejectCode::MissingInput => "missing_input",
+            RejectCode::UnexpectedInput => "unexpected_input",
+            RejectCode::WrongDtype => "wrong_dtype",
+            RejectCode::WrongShape => "wrong_shape",
+            RejectCode::HostileShape => "hostile_shape",
+            RejectCode::Overloaded => "overloaded",
+            RejectCode::Internal => "internal",
+        }
+    }
+}
+
+/// An accepted task (stream TASKS, subject `sundara.task.<model>`, Nats-Msg-Id = task id).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Task {
+    pub v: u16,
+    pub task_id: String,
+    pub tenant: String,
+    pub model: ModelRef,
+    /// Redundancy from the model's policy at acceptance.
+    pub k: u8,
+    pub inputs: Vec<Tensor>,
+    pub seed: u64,
+    pub submitted_at_ms: u64,
+    pub deadline_at_ms: u64,
+}
+
+/// Scheduler → one worker (stream WORK, subject `sundara.work.<model>.<worker>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub v: u16,
+    pub ticket: Ticket,
+    pub inputs: Vec<Tensor>,
+    pub seed: u64,
+}
+
+/// Worker (or the scheduler, when it gives up on a replica) → verifier
+/// (stream OUTCOMES, subject `sundara.outcome.<task>.<worker>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub v: u16,
+    /// Echo of the signed ticket: proves the assignment was real and when it was sent.
+    pub ticket: Ticket,
+    pub result: OutcomeResult,
+    /// Self-reported compute time; informative only, never used for rewards.
+    pub compute_us: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum OutcomeResult {
+    Ok { outputs: Vec<Tensor> },
+    /// The worker could not run the task.
+    Failed { reason: String },
+    /// The scheduler gave up on this replica (attempts exhausted or deadline passed).
+    Abandoned { reason: String },
+}
+
+/// What the client receives (stream RESULTS, subject `sundara.result.<tenant>.<task>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ClientResult {
+    pub v: u16,
+    pub task_id: String,
+    pub model: ModelRef,
+    pub status: ResultStatus,
+    pub submitted_at_ms: u64,
+    pub completed_at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum ResultStatus {
+    /// `agreeing` of the `k` miners produced outputs equal to these under the model's rule.
+    Verified { outputs: Vec<Tensor>, agreeing: u8, k: u8 },
+    Failed { code: FailureCode, reason: String },
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCode {
+    /// The miners' outcomes had no majority; the evidence is in the DEAD stream.
+    NoConsensus,
+    /// The deadline passed before the task could run.
+    Expired,
+}
+
+/// How one miner stood in a task's decision.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// In the winning group.
+    Agreed,
+    /// Returned outputs outside the winning group (or there was no winner).
+    Disagreed,
+    /// Reported a failure.
+    Failed,
+    /// Never returned anything in time.
+    Missing,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct MinerVerdict {
+    pub worker: String,
+    pub replica: u8,
+    pub attempt: u16,
+    pub standing: Standing,
+    /// Assignment sent → outcome stored, on validator clocks; `None` when missing.
+    pub latency_us: Option<u64>,
+}
+
+/// Verifier → rewarder and auditors (stream VERDICTS, subject `sundara.verdict.<task>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Verdict {
+    pub v: u16,
+    pub task_id: String,
+    pub tenant: String,
+    pub model: ModelRef,
+    pub k: u8,
+    pub rule: CompareRule,
+    pub accepted: bool,
+    pub miners: Vec<MinerVerdict>,
+    pub decided_at_ms: u64,
+}
+
+/// One miner's share of one task, as the rewarder scored it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RewardEntry {
+    pub worker: String,
+    pub standing: Standing,
+    pub latency_us: Option<u64>,
+    /// 1 = fastest among the agreeing miners; `None` when not agreeing.
+    pub rank: Option<u32>,
+    pub score: f64,
+}
+
+/// Rewarder's per-task trace (stream REWARDS, subject `sundara.reward.task.<task>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RewardTrace {
+    pub v: u16,
+    pub task_id: String,
+    /// Sequence of the verdict in VERDICTS this trace was computed from.
+    pub verdict_seq: u64,
+    pub epoch: u64,
+    pub entries: Vec<RewardEntry>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct MinerWeight {
+    pub miner: String,
+    /// Bittensor's u16 weight; all weights of an epoch sum to 65535.
+    pub weight: u16,
+    /// The moving score the weight was normalised from.
+    pub score: f64,
+}
+
+/// Normalised weights at the close of an epoch (subject `sundara.reward.epoch`, KV `rewards`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EpochWeights {
+    pub v: u16,
+    pub epoch: u64,
+    pub closed_at_ms: u64,
+    pub weights: Vec<MinerWeight>,
+}
+
+/// A task that could not be verified, with all evidence (stream DEAD, subject `sundara.dead.<task>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    pub v: u16,
+    pub task_id: String,
+    pub tenant: String,
+    pub model: ModelRef,
+    pub reason: String,
+    pub evidence: Vec<Outcome>,
+    pub dead_at_ms: u64,
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => {$(
+        impl Versioned for $t {
+            fn version(&self) -> u16 { self.v }
+        }
+    )*};
+}
+versioned!(
+    SubmitRequest,
+    SubmitReply,
+    Task,
+    Assignment,
+    Outcome,
+    ClientResult,
+    Verdict,
+    RewardTrace,
+    EpochWeights,
+    DeadLetter
+);

@@ -1,0 +1,125 @@
+//! Model registry records (KV bucket `models`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::tensor::{DType, Tensor};
+
+/// A model pinned to one immutable version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+}
+
+impl std::fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
+/// Declared input or output of a model, read from the ONNX file itself.
+/// A `None` dimension is dynamic (symbolic or -1 in the model).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<Option<u64>>,
+}
+
+impl TensorSpec {
+    /// Whether `t` fits this spec: same dtype, same rank, fixed dimensions equal.
+    pub fn mismatch(&self, t: &Tensor) -> Option<String> {
+        if t.dtype != self.dtype {
+            return Some(format!("input `{}` must be {}, got {}", self.name, self.dtype, t.dtype));
+        }
+        let fits = t.shape.len() == self.shape.len()
+            && self.shape.iter().zip(&t.shape).all(|(want, got)| want.is_none_or(|w| w == *got));
+        if !fits {
+            return Some(format!("input `{}` must have shape {}, got {:?}", self.name, shape_text(&self.shape), t.shape));
+        }
+        None
+    }
+}
+
+/// `[batch, 784]`-style text for a declared shape (`?` for dynamic dimensions).
+pub fn shape_text(shape: &[Option<u64>]) -> String {
+    let dims: Vec<String> = shape.iter().map(|d| d.map_or("?".to_string(), |v| v.to_string())).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+/// How the outcomes of different miners are compared. Integer and bool outputs are always
+/// compared exactly; the rule says how float outputs are compared.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(tag = "rule", rename_all = "lowercase")]
+pub enum CompareRule {
+    /// Bit-identical outputs (digest equality).
+    Exact,
+    /// `|a - b| <= atol + rtol * |b|` element-wise, as numpy's allclose.
+    AllClose { atol: f64, rtol: f64 },
+    /// Same index of the maximum along the last axis, for every row.
+    Argmax,
+    /// Cosine similarity of each row (last axis) at least `min`.
+    Cosine { min: f64 },
+}
+
+impl Default for CompareRule {
+    /// Float outputs differ across hardware; a tolerance well above float32 noise and far
+    /// below any real disagreement.
+    fn default() -> Self {
+        CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 }
+    }
+}
+
+impl std::fmt::Display for CompareRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompareRule::Exact => f.write_str("exact"),
+            CompareRule::AllClose { atol, rtol } => write!(f, "allclose(atol={atol}, rtol={rtol})"),
+            CompareRule::Argmax => f.write_str("argmax"),
+            CompareRule::Cosine { min } => write!(f, "cosine(min={min})"),
+        }
+    }
+}
+
+/// Verification policy of a model.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct Policy {
+    /// Distinct miners that run each task (k).
+    pub redundancy: u8,
+    pub rule: CompareRule,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { redundancy: 2, rule: CompareRule::default() }
+    }
+}
+
+/// A registered model: where its bytes are and what it accepts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelMeta {
+    pub v: u16,
+    pub name: String,
+    pub version: String,
+    /// Hex sha256 of the ONNX bytes; workers check it before loading.
+    pub sha256: String,
+    pub size: u64,
+    /// Object name in the `model-blobs` store.
+    pub object: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub policy: Policy,
+    pub pushed_at_ms: u64,
+}
+
+impl ModelMeta {
+    pub fn model_ref(&self) -> ModelRef {
+        ModelRef { name: self.name.clone(), version: self.version.clone() }
+    }
+}
+
+impl crate::codec::Versioned for ModelMeta {
+    fn version(&self) -> u16 {
+        self.v
+    }
+}

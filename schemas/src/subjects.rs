@@ -1,0 +1,71 @@
+//! NATS subjects, stream, bucket and header names.
+//!
+//! Every variable token (model, worker, tenant, task id) must pass [`is_token`], so that a
+//! name can never inject a wildcard or an extra subject level.
+
+pub const SUBMIT: &str = "sundara.submit";
+pub const TASKS_STREAM: &str = "TASKS";
+pub const WORK_STREAM: &str = "WORK";
+pub const OUTCOMES_STREAM: &str = "OUTCOMES";
+pub const RESULTS_STREAM: &str = "RESULTS";
+pub const VERDICTS_STREAM: &str = "VERDICTS";
+pub const REWARDS_STREAM: &str = "REWARDS";
+pub const DEAD_STREAM: &str = "DEAD";
+pub const MODELS_BUCKET: &str = "models";
+pub const MODEL_BLOBS: &str = "model-blobs";
+pub const REWARDS_BUCKET: &str = "rewards";
+/// Published by the autoscaler when a worker is declared dead.
+pub const FLEET_DEAD: &str = "sundara.fleet.dead";
+/// Epoch weights.
+pub const REWARD_EPOCH: &str = "sundara.reward.epoch";
+
+/// W3C trace context header carried on every message of a task.
+pub const TRACEPARENT: &str = "traceparent";
+
+pub fn task(model: &str) -> String {
+    format!("sundara.task.{model}")
+}
+pub fn work(model: &str, worker: &str) -> String {
+    format!("sundara.work.{model}.{worker}")
+}
+/// All assignments of one worker, whatever the model.
+pub fn work_of(worker: &str) -> String {
+    format!("sundara.work.*.{worker}")
+}
+pub fn outcome(task: &str, worker: &str) -> String {
+    format!("sundara.outcome.{task}.{worker}")
+}
+pub fn result(tenant: &str, task: &str) -> String {
+    format!("sundara.result.{tenant}.{task}")
+}
+pub fn results_of(tenant: &str) -> String {
+    format!("sundara.result.{tenant}.>")
+}
+pub fn verdict(task: &str) -> String {
+    format!("sundara.verdict.{task}")
+}
+pub fn reward_task(task: &str) -> String {
+    format!("sundara.reward.task.{task}")
+}
+pub fn dead(task: &str) -> String {
+    format!("sundara.dead.{task}")
+}
+
+/// A name usable as one subject token: 1 to 64 of `[A-Za-z0-9_-]`.
+pub fn is_token(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_cannot_inject_subject_levels() {
+        assert!(is_token("mlp"));
+        assert!(is_token("worker-1_a"));
+        for bad in ["", "a.b", "*", ">", "a b", &"x".repeat(65)] {
+            assert!(!is_token(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! ONNX Runtime through `ort`, loaded dynamically from the onnxruntime PyPI wheel.
+//!
+//! One process holds one ONNX Runtime environment ([`init`]); a [`Model`] is one session,
+//! owned by one thread (ort's `Session::run` takes `&mut self`).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::session::Session;
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use sundara_schemas::{DType, Tensor, TensorSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "ONNX Runtime library not found: set ORT_DYLIB_PATH to libonnxruntime.so.*, or run scripts/setup \
+         (it installs the onnxruntime wheel into .venv)"
+    )]
+    LibraryNotFound,
+    #[error("cannot load ONNX Runtime from {path}: {reason}")]
+    LoadLibrary { path: PathBuf, reason: String },
+    #[error("ONNX Runtime is not initialised: call sundara_runtime::init first")]
+    NotInitialised,
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    #[error("model {what} `{name}` has element type {ty:?}, which Sundara does not carry")]
+    UnsupportedType { what: &'static str, name: String, ty: String },
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
+
+/// Loads the ONNX Runtime library (once per process; later calls are no-ops).
+pub fn init(library: &Path) -> Result<(), RuntimeError> {
+    if ENV.get().is_some() {
+        return Ok(());
+    }
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if ENV.get().is_some() {
+        return Ok(());
+    }
+    let load = |reason: String| RuntimeError::LoadLibrary { path: library.to_path_buf(), reason };
+    let builder = ort::init_from(library).map_err(|e| load(e.to_string()))?;
+    let env = builder.with_name("sundara").build().map_err(|e| load(e.to_string()))?;
+    let _ = ENV.set(env);
+    Ok(())
+}
+
+/// Finds libonnxruntime: `ORT_DYLIB_PATH`, else the wheel in `<root>/.venv` for `root` in `roots`.
+pub fn find_library(roots: &[PathBuf]) -> Result<PathBuf, RuntimeError> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Ok(PathBuf::from(p));
+    }
+    for root in roots {
+        let Ok(pythons) = std::fs::read_dir(root.join(".venv/lib")) else { continue };
+        for py in pythons.flatten() {
+            let capi = py.path().join("site-packages/onnxruntime/capi");
+            let Ok(files) = std::fs::read_dir(&capi) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.starts_with("libonnxruntime.so") {
+                    return Ok(f.path());
+                }
+            }
+        }
+    }
+    Err(RuntimeError::LibraryNotFound)
+}
+
+fn env() -> Result<&'static ort::environment::Environment, RuntimeError> {
+    ENV.get().ok_or(RuntimeError::NotInitialised)
+}
+
+fn build_session(bytes: &[u8], intra_threads: usize) -> ort::Result<Session> {
+    let env = ENV.get().ok_or_else(|| ort::Error::new("ONNX Runtime is not initialised"))?;
+    // One intra-op thread without spinning: sessions run side by side on the slice's
+    // threads, and spinning threads fight each other on small machines (STACK.md §2).
+    let mut builder = Session::builder(env)?
+        .with_intra_threads(intra_threads)?
+        .with_inter_threads(1)?
+        .with_intra_op_spinning(false)?;
+    builder.commit_from_memory(bytes)
+}
+
+fn dtype_of(ty: TensorElementType) -> Option<DType> {
+    Some(match ty {
+        TensorElementType::Float32 => DType::F32,
+        TensorElementType::Float64 => DType::F64,
+        TensorElementType::Int8 => DType::I8,
+        TensorElementType::Uint8 => DType::U8,
+        TensorElementType::Int16 => DType::I16,
+        TensorElementType::Int32 => DType::I32,
+        TensorElementType::Int64 => DType::I64,
+        TensorElementType::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+fn spec_of(what: &'static str, name: &str, ty: &ValueType) -> Result<TensorSpec, RuntimeError> {
+    let unsupported = |ty: String| RuntimeError::UnsupportedType { what, name: name.to_string(), ty };
+    let ValueType::Tensor { ty: elem, shape, .. } = ty else {
+        return Err(unsupported(format!("{ty:?}")));
+    };
+    let dtype = dtype_of(*elem).ok_or_else(|| unsupported(format!("{elem:?}")))?;
+    let shape = shape.iter().map(|&d| u64::try_from(d).ok()).collect();
+    Ok(TensorSpec { name: name.to_string(), dtype, shape })
+}
+
+/// One loaded model: an ONNX Runtime session and its declared inputs and outputs.
+pub struct Model {
+    session: Session,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl Model {
+    /// Loads a model from its ONNX bytes. [`init`] must have been called.
+    pub fn load(bytes: &[u8], intra_threads: usize) -> Result<Model, RuntimeError> {
+        env()?;
+        let session = build_session(bytes, intra_threads.max(1)).map_err(|e| RuntimeError::InvalidModel(e.to_string()))?;
+        let inputs = session.inputs().iter().map(|o| spec_of("input", o.name(), o.dtype())).collect::<Result<_, _>>()?;
+        let outputs =
+            session.outputs().iter().map(|o| spec_of("output", o.name(), o.dtype())).collect::<Result<_, _>>()?;
+        Ok(Model { session, inputs, outputs })
+    }
+
+    /// Runs the model. Inputs are matched by name; outputs come back in declared order.
+    /// Callers validate inputs against [`Model::inputs`] first; ONNX Runtime checks again.
+    pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        let fail = |e: ort::Error| RuntimeError::Inference(e.to_string());
+        let values = inputs
+            .iter()
+            .map(|t| Ok((t.name.clone(), to_ort(t).map_err(fail)?)))
+            .collect::<Result<Vec<(String, DynValue)>, RuntimeError>>()?;
+        let names: Vec<String> = self.outputs.iter().map(|o| o.name.clone()).collect();
+        let outputs = self.session.run(values).map_err(fail)?;
+        names
+            .iter()
+            .map(|name| {
+                let value = outputs.get(name).ok_or_else(|| RuntimeError::Inference(format!("no output `{name}`")))?;
+                from_ort(name, value)
+            })
+            .collect()
+    }
+}
+
+fn to_ort(t: &Tensor) -> ort::Result<DynValue> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    fn make<T: sundara_schemas::tensor::Element + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
+        shape: Vec<i64>,
+        t: &Tensor,
+    ) -> ort::Result<DynValue> {
+        let values = t.values::<T>().ok_or_else(|| ort::Error::new("dtype mismatch"))?;
+        Ok(OrtTensor::from_array((shape, values))?.into_dyn())
+    }
+    match t.dtype {
+        DType::F32 => make::<f32>(shape, t),
+        DType::F64 => make::<f64>(shape, t),
+        DType::I8 => make::<i8>(shape, t),
+        DType::U8 => make::<u8>(shape, t),
+        DType::I16 => make::<i16>(shape, t),
+        DType::I32 => make::<i32>(shape, t),
+        DType::I64 => make::<i64>(shape, t),
+        DType::Bool => make::<bool>(shape, t),
+    }
+}
+
+fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, RuntimeError> {
+    fn take<T: sundara_schemas::tensor::Element + ort::value::PrimitiveTensorElementType>(
+        name: &str,
+        value: &DynValue,
+    ) -> Result<Tensor, RuntimeError> {
+        let (shape, data) = value.try_extract_tensor::<T>().map_err(|e| RuntimeError::Inference(e.to_string()))?;
+        let shape = shape.iter().map(|&d| d.max(0) as u64).collect();
+        Ok(Tensor::from_values(name, shape, data))
+    }
+    let ty = value.dtype().tensor_type().and_then(dtype_of).ok_or_else(|| RuntimeError::UnsupportedType {
+        what: "output",
+        name: name.to_string(),
+        ty: format!("{:?}", value.dtype()),
+    })?;
+    match ty {
+        DType::F32 => take::<f32>(name, value),
+        DType::F64 => take::<f64>(name, value),
+        DType::I8 => take::<i8>(name, value),
+        DType::U8 => take::<u8>(name, value),
+        DType::I16 => take::<i16>(name, value),
+        DType::I32 => take::<i32>(name, value),
+        DType::I64 => take::<i64>(name, value),
+        DType::Bool => take::<bool>(name, value),
+    }
+}
