@@ -18,8 +18,19 @@ pub use model::{CompareRule, ModelMeta, ModelRef, Policy, TensorSpec};
 pub use tensor::{DType, Limits, Tensor, TensorError};
 pub use ticket::Ticket;
 
+/// Largest message any service decodes (tensors above NATS' max_payload never arrive anyway).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Version of every top-level message; readers reject other versions.
 pub const WIRE_VERSION: u16 = 1;
+
+/// Microseconds since the Unix epoch (dispatch and outcome times, for latency).
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
 
 /// Milliseconds since the Unix epoch (the wall clock every timestamp on the wire uses).
 pub fn now_ms() -> u64 {

@@ -25,7 +25,7 @@ pub struct Ticket {
     pub worker: String,
     /// Redis slice the slot was reserved on.
     pub slice: String,
-    pub dispatched_at_ms: u64,
+    pub dispatched_at_us: u64,
     pub deadline_at_ms: u64,
     /// Sequence of the task in the TASKS stream (to re-read it for reassignment).
     pub task_seq: u64,
@@ -44,6 +44,14 @@ impl Ticket {
         let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
         mac.update(&crate::codec::encode(&unsigned));
         mac
+    }
+
+    /// Decodes a ticket stored by the scheduler (bounded like every wire decode).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Ticket, crate::DecodeError> {
+        if bytes.len() > 64 << 10 {
+            return Err(crate::DecodeError::TooLarge { len: bytes.len(), max: 64 << 10 });
+        }
+        rmp_serde::from_slice(bytes).map_err(|e| crate::DecodeError::Malformed(e.to_string()))
     }
 
     pub fn sign(&mut self, key: &[u8]) {
@@ -70,7 +78,7 @@ mod tests {
             attempt: 0,
             worker: "w1".into(),
             slice: "w1-cpu0".into(),
-            dispatched_at_ms: 1000,
+            dispatched_at_us: 1000,
             deadline_at_ms: 2000,
             task_seq: 7,
             mac: vec![],
@@ -84,7 +92,7 @@ mod tests {
         assert!(t.verify(b"secret"));
         assert!(!t.verify(b"other"));
         let mut forged = t.clone();
-        forged.dispatched_at_ms += 1;
+        forged.dispatched_at_us += 1;
         assert!(!forged.verify(b"secret"));
         let mut stolen = t.clone();
         stolen.worker = "w2".into();

@@ -1,1 +1,60 @@
+//! What every Sundara service shares: connections, stream provisioning, the model registry,
+//! the Redis capacity store, shutdown and logging.
 
+pub mod capacity;
+pub mod nats;
+pub mod registry;
+
+pub use capacity::Capacity;
+pub use registry::Registry;
+/// Cancelled to ask a service to stop; every `run(config, shutdown)` takes one.
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+/// Where the validator side's servers are.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub nats_url: String,
+    pub redis_url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to NATS at {url}: {reason} (is nats-server running? `sundara up` starts one)")]
+    NatsConnect { url: String, reason: String },
+    #[error("JetStream: {0}")]
+    JetStream(String),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("model registry: {0}")]
+    Registry(String),
+    #[error(transparent)]
+    Decode(#[from] sundara_schemas::DecodeError),
+}
+
+/// Maps any JetStream client error into [`Error::JetStream`].
+pub fn js_err<E: std::fmt::Display>(e: E) -> Error {
+    Error::JetStream(e.to_string())
+}
+
+/// Installs a `tracing` subscriber once per process (`RUST_LOG` filters; default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+pub async fn termination_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler can be installed");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,1 +1,287 @@
+//! Ingress: the `sundara.submit` NATS service. Validates each submission against the model
+//! registry and stores accepted tasks in the TASKS stream (deduplicated by task id) before
+//! answering, so an `Accepted` reply means the task is durable.
 
+use std::time::Duration;
+
+use async_nats::service::ServiceExt;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use sundara_common::{Endpoints, Error as CommonError, Registry, Shutdown, nats};
+use sundara_schemas::{
+    DecodeError, Limits, ModelMeta, RejectCode, SubmitOutcome, SubmitReply, SubmitRequest, Task, TensorError,
+    WIRE_VERSION, decode, encode, now_ms, subjects as subj,
+};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub endpoints: Endpoints,
+    /// Largest submission accepted, in bytes (NATS' own max_payload must be at least this).
+    pub max_request_bytes: usize,
+    pub limits: Limits,
+    /// Deadline given to tasks that ask for none.
+    pub default_timeout: Duration,
+    /// Longest deadline a task may ask for.
+    pub max_timeout: Duration,
+    /// Submissions handled at once.
+    pub concurrency: usize,
+    pub retention: nats::Retention,
+}
+
+impl Config {
+    pub fn new(endpoints: Endpoints) -> Config {
+        Config {
+            endpoints,
+            max_request_bytes: 4 << 20,
+            limits: Limits::default(),
+            default_timeout: Duration::from_secs(60),
+            max_timeout: Duration::from_secs(3600),
+            concurrency: 256,
+            retention: nats::Retention::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error(transparent)]
+    Common(#[from] CommonError),
+    #[error("cannot start the submit service: {0}")]
+    Service(String),
+}
+
+/// A typed refusal, sent back to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: RejectCode,
+    pub reason: String,
+}
+
+fn reject(code: RejectCode, reason: impl Into<String>) -> Rejection {
+    Rejection { code, reason: reason.into() }
+}
+
+/// Decodes a submission, bounded by `max_bytes` before anything is allocated.
+pub fn decode_request(bytes: &[u8], max_bytes: usize) -> Result<SubmitRequest, Rejection> {
+    decode::<SubmitRequest>(bytes, max_bytes).map_err(|e| match e {
+        DecodeError::TooLarge { .. } => reject(RejectCode::PayloadTooLarge, e.to_string()),
+        DecodeError::UnsupportedVersion(_) => reject(RejectCode::UnsupportedVersion, e.to_string()),
+        DecodeError::Malformed(_) => reject(RejectCode::Malformed, e.to_string()),
+    })
+}
+
+/// Checks a submission against its model's declared inputs. Pure: no I/O.
+pub fn admit(req: &SubmitRequest, model: &ModelMeta, limits: &Limits) -> Result<(), Rejection> {
+    if req.inputs.len() > limits.max_tensors {
+        return Err(reject(RejectCode::Malformed, format!("{} tensors, over the limit of {}", req.inputs.len(), limits.max_tensors)));
+    }
+    for t in &req.inputs {
+        t.validate(limits).map_err(|e| {
+            let code = match e {
+                TensorError::HostileShape { .. } | TensorError::RankTooHigh { .. } => RejectCode::HostileShape,
+                TensorError::TooLarge { .. } => RejectCode::PayloadTooLarge,
+                TensorError::LengthMismatch { .. } => RejectCode::Malformed,
+            };
+            reject(code, e.to_string())
+        })?;
+        if !model.inputs.iter().any(|spec| spec.name == t.name) {
+            return Err(reject(RejectCode::UnexpectedInput, format!("model {} has no input `{}`", model.name, t.name)));
+        }
+        if req.inputs.iter().filter(|o| o.name == t.name).count() > 1 {
+            return Err(reject(RejectCode::Malformed, format!("input `{}` given twice", t.name)));
+        }
+    }
+    for spec in &model.inputs {
+        let Some(t) = req.inputs.iter().find(|t| t.name == spec.name) else {
+            return Err(reject(RejectCode::MissingInput, format!("model {} needs input `{}`", model.name, spec.name)));
+        };
+        if let Some(why) = spec.mismatch(t) {
+            let code = if t.dtype != spec.dtype { RejectCode::WrongDtype } else { RejectCode::WrongShape };
+            return Err(reject(code, why));
+        }
+    }
+    Ok(())
+}
+
+/// Task id: derived from (tenant, request id) when the client gives one, so a retried
+/// submission maps to the same task and JetStream stores it once; random (time-ordered) otherwise.
+pub fn task_id(tenant: &str, request_id: Option<&str>) -> String {
+    match request_id {
+        Some(rid) => {
+            let mut h = Sha256::new();
+            h.update(tenant.as_bytes());
+            h.update([0]);
+            h.update(rid.as_bytes());
+            hex::encode(&h.finalize()[..16])
+        }
+        None => uuid::Uuid::now_v7().simple().to_string(),
+    }
+}
+
+struct Ingress {
+    config: Config,
+    js: async_nats::jetstream::Context,
+    registry: Registry,
+}
+
+impl Ingress {
+    async fn handle(&self, payload: &[u8]) -> SubmitOutcome {
+        match self.accept(payload).await {
+            Ok((task_id, duplicate)) => SubmitOutcome::Accepted { task_id, duplicate },
+            Err(r) => {
+                tracing::debug!(code = r.code.as_str(), reason = %r.reason, "rejected");
+                SubmitOutcome::Rejected { code: r.code, reason: r.reason }
+            }
+        }
+    }
+
+    async fn accept(&self, payload: &[u8]) -> Result<(String, bool), Rejection> {
+        let req = decode_request(payload, self.config.max_request_bytes)?;
+        if !subj::is_token(&req.tenant) {
+            return Err(reject(RejectCode::InvalidName, "tenant must be 1-64 of [A-Za-z0-9_-]"));
+        }
+        if req.request_id.as_ref().is_some_and(|r| r.len() > 256) {
+            return Err(reject(RejectCode::Malformed, "request_id is longer than 256 bytes"));
+        }
+        let model = match self.registry.latest(&req.model).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(reject(RejectCode::UnknownModel, format!("no model named {:?}", req.model))),
+            Err(e) => return Err(reject(RejectCode::Internal, e.to_string())),
+        };
+        admit(&req, &model, &self.config.limits)?;
+        let now = now_ms();
+        let timeout = req
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.config.default_timeout)
+            .min(self.config.max_timeout);
+        let task_id = task_id(&req.tenant, req.request_id.as_deref());
+        let task = Task {
+            v: WIRE_VERSION,
+            task_id: task_id.clone(),
+            tenant: req.tenant,
+            model: model.model_ref(),
+            k: model.policy.redundancy.max(1),
+            inputs: req.inputs,
+            seed: req.seed,
+            submitted_at_ms: now,
+            deadline_at_ms: now + timeout.as_millis() as u64,
+        };
+        let ack = nats::publish_durable(&self.js, subj::task(&model.name), &task_id, encode(&task)).await;
+        match ack {
+            Ok(ack) => Ok((task_id, ack.duplicate)),
+            Err(e) if e.to_string().contains("maximum") => Err(reject(RejectCode::Overloaded, e.to_string())),
+            Err(e) => Err(reject(RejectCode::Internal, e.to_string())),
+        }
+    }
+}
+
+/// Serves `sundara.submit` until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError> {
+    let client = nats::connect(&config.endpoints.nats_url, "sundara-ingress").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    nats::provision(&js, &config.retention).await?;
+    let registry = Registry::open(&js).await?;
+    let service = client
+        .service_builder()
+        .description("Sundara task submission")
+        .queue_group("sundara-ingress")
+        .start("sundara-ingress", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| IngressError::Service(e.to_string()))?;
+    let endpoint = service
+        .endpoint_builder()
+        .name("submit")
+        .add(subj::SUBMIT)
+        .await
+        .map_err(|e| IngressError::Service(e.to_string()))?;
+    let ingress = Ingress { config: config.clone(), js, registry };
+    tracing::info!(subject = subj::SUBMIT, "ingress serving");
+    let serve = endpoint.take_until(shutdown.cancelled()).for_each_concurrent(config.concurrency, |request| {
+        let ingress = &ingress;
+        async move {
+            let outcome = ingress.handle(&request.message.payload).await;
+            let reply = encode(&SubmitReply { v: WIRE_VERSION, outcome });
+            if let Err(e) = request.respond(Ok(reply.into())).await {
+                tracing::warn!(error = %e, "could not answer a submission");
+            }
+        }
+    });
+    serve.await;
+    let _ = service.stop().await;
+    let _ = client.flush().await;
+    tracing::info!("ingress stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundara_schemas::{DType, Policy, Tensor, TensorSpec};
+
+    fn mlp() -> ModelMeta {
+        ModelMeta {
+            v: 1,
+            name: "mlp".into(),
+            version: "1".into(),
+            sha256: String::new(),
+            size: 0,
+            object: String::new(),
+            inputs: vec![TensorSpec { name: "x".into(), dtype: DType::F32, shape: vec![None, Some(4)] }],
+            outputs: vec![],
+            policy: Policy::default(),
+            pushed_at_ms: 0,
+        }
+    }
+
+    fn req(inputs: Vec<Tensor>) -> SubmitRequest {
+        SubmitRequest {
+            v: 1,
+            model: "mlp".into(),
+            inputs,
+            tenant: "t".into(),
+            request_id: None,
+            seed: 0,
+            timeout_ms: None,
+        }
+    }
+
+    fn code(inputs: Vec<Tensor>) -> Option<RejectCode> {
+        admit(&req(inputs), &mlp(), &Limits::default()).err().map(|r| r.code)
+    }
+
+    #[test]
+    fn admits_matching_input_with_any_batch() {
+        assert_eq!(code(vec![Tensor::from_values("x", vec![3, 4], &[0f32; 12])]), None);
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_input() {
+        assert_eq!(code(vec![]), Some(RejectCode::MissingInput));
+        assert_eq!(code(vec![Tensor::from_values("y", vec![1, 4], &[0f32; 4])]), Some(RejectCode::UnexpectedInput));
+        assert_eq!(code(vec![Tensor::from_values("x", vec![1, 4], &[0i64; 4])]), Some(RejectCode::WrongDtype));
+        assert_eq!(code(vec![Tensor::from_values("x", vec![1, 5], &[0f32; 5])]), Some(RejectCode::WrongShape));
+        assert_eq!(code(vec![Tensor::from_values("x", vec![4], &[0f32; 4])]), Some(RejectCode::WrongShape));
+        let hostile = Tensor { name: "x".into(), dtype: DType::F32, shape: vec![1 << 40, 1 << 40], data: vec![] };
+        assert_eq!(code(vec![hostile]), Some(RejectCode::HostileShape));
+        let short = Tensor { name: "x".into(), dtype: DType::F32, shape: vec![1, 4], data: vec![0; 15] };
+        assert_eq!(code(vec![short]), Some(RejectCode::Malformed));
+    }
+
+    #[test]
+    fn decoding_is_bounded_and_typed() {
+        assert_eq!(decode_request(&[0xc1], 100).unwrap_err().code, RejectCode::Malformed);
+        assert_eq!(decode_request(&[0; 101], 100).unwrap_err().code, RejectCode::PayloadTooLarge);
+        let mut r = req(vec![]);
+        r.v = 9;
+        assert_eq!(decode_request(&encode(&r), 1000).unwrap_err().code, RejectCode::UnsupportedVersion);
+    }
+
+    #[test]
+    fn request_ids_give_stable_task_ids_per_tenant() {
+        assert_eq!(task_id("a", Some("r1")), task_id("a", Some("r1")));
+        assert_ne!(task_id("a", Some("r1")), task_id("b", Some("r1")));
+        assert_ne!(task_id("a", None), task_id("a", None));
+        assert!(subj::is_token(&task_id("a", None)));
+    }
+}

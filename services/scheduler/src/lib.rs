@@ -1,1 +1,327 @@
+//! Scheduler: turns accepted tasks into k signed assignments on k distinct workers,
+//! frees slots as outcomes arrive, and reassigns assignments that time out or whose
+//! worker died.
+//!
+//! Three loops share one Redis capacity handle:
+//! - dispatch: TASKS → reserve k slots atomically → WORK (one message per replica) → ack the task;
+//! - release: OUTCOMES → free the slot of each outcome's assignment (idempotent);
+//! - sweep: claim assignments past their timeout → reassign to another worker, or give up
+//!   on that replica with an `Abandoned` outcome once attempts or the deadline run out.
 
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
+use futures::StreamExt;
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
+use sundara_schemas::{
+    Assignment, ClientResult, MAX_MESSAGE_BYTES, FailureCode, Outcome, OutcomeResult, ResultStatus, Task, Ticket, WIRE_VERSION, decode,
+    encode, now_ms, now_us, subjects as subj,
+};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub endpoints: Endpoints,
+    /// Validator secret that signs tickets (shared with the verifier).
+    pub secret: Vec<u8>,
+    /// How long a worker has to return an outcome before its assignment is reassigned.
+    pub assignment_timeout: Duration,
+    /// Dispatches per replica, the first included.
+    pub max_attempts: u16,
+    /// Candidate slices examined per reservation.
+    pub scan: usize,
+    /// Tasks dispatched at once.
+    pub concurrency: usize,
+    pub sweep_interval: Duration,
+    /// Wait before a task that found no capacity is tried again.
+    pub capacity_retry: Duration,
+    pub max_task_bytes: usize,
+    pub retention: nats::Retention,
+}
+
+impl Config {
+    pub fn new(endpoints: Endpoints, secret: Vec<u8>) -> Config {
+        Config {
+            endpoints,
+            secret,
+            assignment_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            scan: 64,
+            concurrency: 64,
+            sweep_interval: Duration::from_millis(100),
+            capacity_retry: Duration::from_millis(50),
+            max_task_bytes: 64 << 20,
+            retention: nats::Retention::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Common(#[from] CommonError),
+}
+
+/// Id of one dispatch of one replica.
+pub fn assignment_id(task_id: &str, replica: u8, attempt: u16) -> String {
+    format!("{task_id}.{replica}.{attempt}")
+}
+
+struct Scheduler {
+    config: Config,
+    js: jetstream::Context,
+    tasks: Stream,
+    capacity: Capacity,
+}
+
+/// What became of one task delivery.
+enum Dispatch {
+    Sent,
+    Expired,
+    NoCapacity,
+}
+
+impl Scheduler {
+    fn reservation_ttl_ms(&self, deadline_at_ms: u64) -> u64 {
+        // Reservations outlive the task's deadline so that the sweep always finds them.
+        deadline_at_ms.saturating_sub(now_ms()) + 3_600_000
+    }
+
+    async fn dispatch(&self, task: &Task, task_seq: u64) -> Result<Dispatch, CommonError> {
+        if now_ms() >= task.deadline_at_ms {
+            self.expire(task).await?;
+            return Ok(Dispatch::Expired);
+        }
+        let aids: Vec<String> = (0..task.k).map(|r| assignment_id(&task.task_id, r, 0)).collect();
+        let timeout_at = now_ms() + self.config.assignment_timeout.as_millis() as u64;
+        let ttl = self.reservation_ttl_ms(task.deadline_at_ms);
+        let Some(picks) =
+            self.capacity.reserve(&task.model.name, &task.task_id, &aids, timeout_at, ttl, self.config.scan).await?
+        else {
+            return Ok(Dispatch::NoCapacity);
+        };
+        for (replica, (slice, worker)) in picks.into_iter().enumerate() {
+            self.send(task, task_seq, replica as u8, 0, slice, worker).await?;
+        }
+        Ok(Dispatch::Sent)
+    }
+
+    async fn send(
+        &self,
+        task: &Task,
+        task_seq: u64,
+        replica: u8,
+        attempt: u16,
+        slice: String,
+        worker: String,
+    ) -> Result<(), CommonError> {
+        let mut ticket = Ticket {
+            task_id: task.task_id.clone(),
+            tenant: task.tenant.clone(),
+            model: task.model.clone(),
+            k: task.k,
+            replica,
+            attempt,
+            worker,
+            slice,
+            dispatched_at_us: now_us(),
+            deadline_at_ms: task.deadline_at_ms,
+            task_seq,
+            mac: Vec::new(),
+        };
+        ticket.sign(&self.config.secret);
+        let aid = ticket.assignment_id();
+        self.capacity.store_ticket(&aid, &encode(&ticket)).await?;
+        let subject = subj::work(&task.model.name, &ticket.worker);
+        let assignment = Assignment { v: WIRE_VERSION, ticket, inputs: task.inputs.clone(), seed: task.seed };
+        nats::publish_durable(&self.js, subject, &aid, encode(&assignment)).await?;
+        Ok(())
+    }
+
+    async fn expire(&self, task: &Task) -> Result<(), CommonError> {
+        tracing::info!(task = %task.task_id, "deadline passed before dispatch");
+        let result = ClientResult {
+            v: WIRE_VERSION,
+            task_id: task.task_id.clone(),
+            model: task.model.clone(),
+            status: ResultStatus::Failed {
+                code: FailureCode::Expired,
+                reason: "the deadline passed before enough workers were free".into(),
+            },
+            submitted_at_ms: task.submitted_at_ms,
+            completed_at_ms: now_ms(),
+        };
+        let subject = subj::result(&task.tenant, &task.task_id);
+        nats::publish_durable(&self.js, subject, &task.task_id, encode(&result)).await?;
+        Ok(())
+    }
+
+    async fn on_task(&self, msg: Message) {
+        let task = match decode::<Task>(&msg.payload, self.config.max_task_bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable task in TASKS; terminating it");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        match self.dispatch(&task, seq).await {
+            Ok(Dispatch::Sent | Dispatch::Expired) => {
+                if let Err(e) = msg.double_ack().await {
+                    tracing::warn!(task = %task.task_id, error = %e, "task ack failed; it will be redelivered");
+                }
+            }
+            Ok(Dispatch::NoCapacity) => {
+                let wait = self.config.capacity_retry;
+                let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+            }
+            Err(e) => {
+                tracing::warn!(task = %task.task_id, error = %e, "dispatch failed; retrying");
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            }
+        }
+    }
+
+    /// An assignment timed out (or its worker died): send the replica elsewhere, or give up on it.
+    async fn reassign(&self, aid: &str) -> Result<(), CommonError> {
+        let Some(bytes) = self.capacity.ticket(aid).await? else {
+            // Reserved but never sent (a scheduler died in between): the task was not acked,
+            // so its redelivery dispatches it again.
+            self.capacity.release(aid).await?;
+            return Ok(());
+        };
+        let old = Ticket::from_bytes(&bytes)?;
+        let exhausted = old.attempt + 1 >= self.config.max_attempts;
+        if exhausted || now_ms() >= old.deadline_at_ms {
+            let reason = if exhausted { "attempts exhausted" } else { "deadline passed" };
+            tracing::info!(assignment = aid, worker = %old.worker, reason, "giving up on replica");
+            let outcome = Outcome {
+                v: WIRE_VERSION,
+                ticket: old.clone(),
+                result: OutcomeResult::Abandoned { reason: reason.into() },
+                compute_us: 0,
+            };
+            let subject = subj::outcome(&old.task_id, &old.worker);
+            nats::publish_durable(&self.js, subject, &format!("{aid}.abandoned"), encode(&outcome)).await?;
+            self.capacity.release(aid).await?;
+            return Ok(());
+        }
+        let attempt = old.attempt + 1;
+        let new_aid = assignment_id(&old.task_id, old.replica, attempt);
+        let timeout_at = now_ms() + self.config.assignment_timeout.as_millis() as u64;
+        let ttl = self.reservation_ttl_ms(old.deadline_at_ms);
+        let picked = self
+            .capacity
+            .reserve(&old.model.name, &old.task_id, std::slice::from_ref(&new_aid), timeout_at, ttl, self.config.scan)
+            .await?;
+        let Some(mut picks) = picked else {
+            // No other worker free now; the claim's lease runs out and the sweep tries again.
+            return Ok(());
+        };
+        let (slice, worker) = picks.remove(0);
+        let raw = self.tasks.get_raw_message(old.task_seq).await.map_err(js_err)?;
+        let task = decode::<Task>(&raw.payload, self.config.max_task_bytes)?;
+        tracing::info!(assignment = aid, from = %old.worker, to = %worker, attempt, "reassigning");
+        self.send(&task, old.task_seq, old.replica, attempt, slice, worker).await?;
+        self.capacity.release(aid).await?;
+        Ok(())
+    }
+
+    async fn on_outcome(&self, msg: Message) {
+        if let Ok(outcome) = decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES)
+            && outcome.ticket.verify(&self.config.secret)
+            && let Err(e) = self.capacity.release(&outcome.ticket.assignment_id()).await
+        {
+            tracing::warn!(error = %e, "release failed; will retry");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
+            return;
+        }
+        let _ = msg.ack().await;
+    }
+}
+
+/// Runs the scheduler until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerError> {
+    let client = nats::connect(&config.endpoints.nats_url, "sundara-scheduler").await?;
+    let js = jetstream::new(client.clone());
+    nats::provision(&js, &config.retention).await?;
+    let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
+    let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
+    let task_consumer = nats::durable_consumer(
+        &js,
+        subj::TASKS_STREAM,
+        "scheduler",
+        "sundara.task.>",
+        Duration::from_secs(30),
+        (config.concurrency * 16) as i64,
+    )
+    .await?;
+    let outcome_consumer = nats::durable_consumer(
+        &js,
+        subj::OUTCOMES_STREAM,
+        "scheduler-release",
+        "sundara.outcome.>",
+        Duration::from_secs(30),
+        4096,
+    )
+    .await?;
+    let scheduler = Scheduler { config: config.clone(), js, tasks, capacity };
+    let s = &scheduler;
+    tracing::info!("scheduler running");
+
+    let dispatch = async {
+        let messages = task_consumer.messages().await.map_err(js_err)?;
+        messages
+            .take_until(shutdown.cancelled())
+            .for_each_concurrent(config.concurrency, |m| async move {
+                match m {
+                    Ok(msg) => s.on_task(msg).await,
+                    Err(e) => tracing::warn!(error = %e, "task consumer"),
+                }
+            })
+            .await;
+        Ok::<(), CommonError>(())
+    };
+    let release = async {
+        let messages = outcome_consumer.messages().await.map_err(js_err)?;
+        messages
+            .take_until(shutdown.cancelled())
+            .for_each_concurrent(config.concurrency, |m| async move {
+                match m {
+                    Ok(msg) => s.on_outcome(msg).await,
+                    Err(e) => tracing::warn!(error = %e, "outcome consumer"),
+                }
+            })
+            .await;
+        Ok::<(), CommonError>(())
+    };
+    let sweep = async {
+        let mut tick = tokio::time::interval(config.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lease_ms = config.assignment_timeout.as_millis() as u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let due = match s.capacity.claim_due(now_ms(), lease_ms, 256).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweep");
+                    continue;
+                }
+            };
+            futures::stream::iter(due)
+                .for_each_concurrent(32, |aid| async move {
+                    if let Err(e) = s.reassign(&aid).await {
+                        tracing::warn!(assignment = %aid, error = %e, "reassignment failed; will retry");
+                    }
+                })
+                .await;
+        }
+        Ok::<(), CommonError>(())
+    };
+    tokio::try_join!(dispatch, release, sweep)?;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}

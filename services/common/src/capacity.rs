@@ -1,0 +1,340 @@
+//! Device capacity in Redis: slices, heartbeats, atomic reservations and in-flight
+//! assignments. Every multi-key change is one Lua script, so concurrent schedulers never
+//! double-book a slot.
+//!
+//! Keys (all under `sundara:`):
+//! - `workers` set of worker ids; `worker:<w>` hash {operator, state, slices}; `hb:<w>` heartbeat (PX TTL)
+//! - `slice:<s>` hash {worker, operator, device, slots_total, slots_free, state}; `slice:<s>:models` set
+//! - `cand:<model>` sorted set of slices that serve the model (score: expected latency, lower first)
+//! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, ticket}: a reserved slot
+//! - `taskw:<task>` set of workers that hold or held a replica of the task (kept distinct)
+//! - `inflight` sorted set of assignment ids by timeout deadline (ms); `inflight:w:<w>` per worker
+//!
+//! Scripts touch keys they derive from their arguments: this needs a standalone Redis
+//! (not Redis Cluster), which is what Sundara deploys.
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use crate::Error;
+
+pub const PREFIX: &str = "sundara:";
+
+pub fn hb_key(worker: &str) -> String {
+    format!("sundara:hb:{worker}")
+}
+pub fn slice_key(slice: &str) -> String {
+    format!("sundara:slice:{slice}")
+}
+pub fn cand_key(model: &str) -> String {
+    format!("sundara:cand:{model}")
+}
+fn asg_key(aid: &str) -> String {
+    format!("sundara:asg:{aid}")
+}
+const WORKERS: &str = "sundara:workers";
+const INFLIGHT: &str = "sundara:inflight";
+
+/// Reserves one slot on each of up to k distinct workers for the given assignment ids, or
+/// nothing. Ids already reserved (a redelivered task) keep their slot.
+/// KEYS: cand:<model>, taskw:<task>. ARGV: n, scan, timeout_at_ms, ttl_ms, aid_1..aid_n.
+/// Returns {slice_1, worker_1, ...} in aid order, or {} when not enough capacity.
+const RESERVE: &str = r#"
+local n = tonumber(ARGV[1])
+local scan = tonumber(ARGV[2])
+local timeout_at = ARGV[3]
+local ttl = tonumber(ARGV[4])
+local used, usedop = {}, {}
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do used[w] = true end
+local result, need = {}, {}
+for i = 1, n do
+  local aid = ARGV[4 + i]
+  local held = redis.call('HMGET', 'sundara:asg:' .. aid, 'slice', 'worker')
+  if held[1] then result[i] = {held[1], held[2]} else table.insert(need, i) end
+end
+if #need > 0 then
+  local picks = {}
+  for _, s in ipairs(redis.call('ZRANGE', KEYS[1], 0, scan - 1)) do
+    local h = redis.call('HMGET', 'sundara:slice:' .. s, 'worker', 'slots_free', 'state', 'operator')
+    local w, free, op = h[1], tonumber(h[2]), h[4]
+    local op_known = op and op ~= ''
+    if w and h[3] == 'alive' and free and free > 0 and not used[w] and not (op_known and usedop[op]) then
+      used[w] = true
+      if op_known then usedop[op] = true end
+      table.insert(picks, {s, w})
+      if #picks == #need then break end
+    end
+  end
+  if #picks < #need then return {} end
+  for j, i in ipairs(need) do
+    local s, w, aid = picks[j][1], picks[j][2], ARGV[4 + i]
+    redis.call('HINCRBY', 'sundara:slice:' .. s, 'slots_free', -1)
+    redis.call('HSET', 'sundara:asg:' .. aid, 'slice', s, 'worker', w)
+    redis.call('PEXPIRE', 'sundara:asg:' .. aid, ttl)
+    redis.call('ZADD', 'sundara:inflight', timeout_at, aid)
+    redis.call('SADD', 'sundara:inflight:w:' .. w, aid)
+    redis.call('SADD', KEYS[2], w)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+    result[i] = {s, w}
+  end
+end
+local flat = {}
+for i = 1, n do table.insert(flat, result[i][1]); table.insert(flat, result[i][2]) end
+return flat
+"#;
+
+/// Frees an assignment's slot. Idempotent: a second release of the same id does nothing.
+/// ARGV: aid. Returns 1 if it freed a slot.
+const RELEASE: &str = r#"
+local key = 'sundara:asg:' .. ARGV[1]
+local h = redis.call('HMGET', key, 'slice', 'worker')
+if not h[1] then return 0 end
+redis.call('DEL', key)
+redis.call('ZREM', 'sundara:inflight', ARGV[1])
+redis.call('SREM', 'sundara:inflight:w:' .. h[2], ARGV[1])
+local slice = 'sundara:slice:' .. h[1]
+if redis.call('EXISTS', slice) == 1 then
+  local free = redis.call('HINCRBY', slice, 'slots_free', 1)
+  local total = tonumber(redis.call('HGET', slice, 'slots_total'))
+  if total and free > total then redis.call('HSET', slice, 'slots_free', total) end
+end
+return 1
+"#;
+
+/// Claims in-flight assignments whose timeout has passed, leasing each for `lease_ms`
+/// so that another scheduler replica does not claim it too.
+/// ARGV: now_ms, lease_ms, limit. Returns the claimed ids.
+const CLAIM_DUE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', 'sundara:inflight', '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local lease = tonumber(ARGV[1]) + tonumber(ARGV[2])
+for _, aid in ipairs(due) do redis.call('ZADD', 'sundara:inflight', lease, aid) end
+return due
+"#;
+
+/// Declares a worker dead unless its heartbeat came back: its slices leave the candidate
+/// sets and its in-flight assignments fall due at once (the scheduler reassigns them).
+/// ARGV: worker. Returns the number of assignments made due, or -1 if not dead.
+const MARK_DEAD: &str = r#"
+local w = ARGV[1]
+if redis.call('EXISTS', 'sundara:hb:' .. w) == 1 then return -1 end
+local wkey = 'sundara:worker:' .. w
+if redis.call('HGET', wkey, 'state') == 'dead' then return -1 end
+redis.call('HSET', wkey, 'state', 'dead')
+local slices = redis.call('HGET', wkey, 'slices') or ''
+for s in string.gmatch(slices, '[^,]+') do
+  redis.call('HSET', 'sundara:slice:' .. s, 'state', 'dead')
+  for _, m in ipairs(redis.call('SMEMBERS', 'sundara:slice:' .. s .. ':models')) do
+    redis.call('ZREM', 'sundara:cand:' .. m, s)
+  end
+end
+local aids = redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)
+for _, aid in ipairs(aids) do redis.call('ZADD', 'sundara:inflight', 0, aid) end
+return #aids
+"#;
+
+/// One capacity unit a worker offers.
+#[derive(Clone, Debug)]
+pub struct SliceAnnounce {
+    pub id: String,
+    pub device: String,
+    pub slots: u32,
+    pub models: Vec<String>,
+}
+
+/// What a worker tells Redis on start and on every heartbeat.
+#[derive(Clone, Debug)]
+pub struct WorkerAnnounce {
+    pub worker: String,
+    pub operator: String,
+    pub slices: Vec<SliceAnnounce>,
+}
+
+/// A slice as Redis has it.
+#[derive(Clone, Debug, Default)]
+pub struct SliceState {
+    pub id: String,
+    pub worker: String,
+    pub device: String,
+    pub state: String,
+    pub slots_total: u32,
+    pub slots_free: u32,
+}
+
+/// Handle on the capacity store. Clones share one multiplexed, reconnecting connection.
+#[derive(Clone)]
+pub struct Capacity {
+    con: ConnectionManager,
+    reserve: Script,
+    release: Script,
+    claim_due: Script,
+    mark_dead: Script,
+}
+
+impl Capacity {
+    pub async fn connect(url: &str) -> Result<Capacity, Error> {
+        let client = redis::Client::open(url)?;
+        let con = tokio::time::timeout(std::time::Duration::from_secs(10), ConnectionManager::new(client))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out connecting to Redis")))??;
+        Ok(Capacity {
+            con,
+            reserve: Script::new(RESERVE),
+            release: Script::new(RELEASE),
+            claim_due: Script::new(CLAIM_DUE),
+            mark_dead: Script::new(MARK_DEAD),
+        })
+    }
+
+    /// Announces a worker and its slices and refreshes its heartbeat, atomically.
+    /// `fresh` (a worker's start) resets free slots to the total; a heartbeat only sets
+    /// them where Redis lost them (a restart), so it never undoes reservations.
+    pub async fn announce(&self, a: &WorkerAnnounce, fresh: bool, heartbeat_ttl_ms: u64) -> Result<(), Error> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let slice_ids: Vec<&str> = a.slices.iter().map(|s| s.id.as_str()).collect();
+        pipe.sadd(WORKERS, &a.worker).ignore();
+        pipe.hset_multiple(
+            format!("sundara:worker:{}", a.worker),
+            &[("operator", a.operator.as_str()), ("state", "alive"), ("slices", &slice_ids.join(","))],
+        )
+        .ignore();
+        for s in &a.slices {
+            let key = slice_key(&s.id);
+            let total = s.slots.to_string();
+            pipe.hset_multiple(
+                &key,
+                &[
+                    ("worker", a.worker.as_str()),
+                    ("operator", a.operator.as_str()),
+                    ("device", s.device.as_str()),
+                    ("slots_total", total.as_str()),
+                    ("state", "alive"),
+                ],
+            )
+            .ignore();
+            if fresh {
+                pipe.hset(&key, "slots_free", s.slots).ignore();
+            } else {
+                pipe.hset_nx(&key, "slots_free", s.slots).ignore();
+            }
+            for m in &s.models {
+                pipe.sadd(format!("{key}:models"), m).ignore();
+                pipe.zadd(cand_key(m), &s.id, 0).ignore();
+            }
+        }
+        pipe.pset_ex(hb_key(&a.worker), 1, heartbeat_ttl_ms).ignore();
+        let mut con = self.con.clone();
+        pipe.query_async::<()>(&mut con).await?;
+        Ok(())
+    }
+
+    /// Reserves slots for `aids` (one per replica) on distinct workers serving `model`.
+    /// Returns `(slice, worker)` per aid, or `None` when capacity is short (nothing reserved).
+    pub async fn reserve(
+        &self,
+        model: &str,
+        task_id: &str,
+        aids: &[String],
+        timeout_at_ms: u64,
+        ttl_ms: u64,
+        scan: usize,
+    ) -> Result<Option<Vec<(String, String)>>, Error> {
+        let mut inv = self.reserve.prepare_invoke();
+        inv.key(cand_key(model)).key(format!("sundara:taskw:{task_id}"));
+        inv.arg(aids.len()).arg(scan).arg(timeout_at_ms).arg(ttl_ms);
+        for aid in aids {
+            inv.arg(aid);
+        }
+        let mut con = self.con.clone();
+        let flat: Vec<String> = inv.invoke_async(&mut con).await?;
+        if flat.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(flat.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone())).collect()))
+    }
+
+    /// Keeps the signed ticket beside the reservation (to reassign it later).
+    pub async fn store_ticket(&self, aid: &str, ticket: &[u8]) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        con.hset::<_, _, _, ()>(asg_key(aid), "ticket", ticket).await?;
+        Ok(())
+    }
+
+    pub async fn ticket(&self, aid: &str) -> Result<Option<Vec<u8>>, Error> {
+        let mut con = self.con.clone();
+        Ok(con.hget(asg_key(aid), "ticket").await?)
+    }
+
+    /// Frees the slot of an assignment; `true` if this call freed it.
+    pub async fn release(&self, aid: &str) -> Result<bool, Error> {
+        let mut con = self.con.clone();
+        let freed: i64 = self.release.arg(aid).invoke_async(&mut con).await?;
+        Ok(freed == 1)
+    }
+
+    /// Claims up to `limit` assignments whose timeout has passed.
+    pub async fn claim_due(&self, now_ms: u64, lease_ms: u64, limit: usize) -> Result<Vec<String>, Error> {
+        let mut con = self.con.clone();
+        Ok(self.claim_due.arg(now_ms).arg(lease_ms).arg(limit).invoke_async(&mut con).await?)
+    }
+
+    /// All workers ever announced since Redis last started.
+    pub async fn workers(&self) -> Result<Vec<String>, Error> {
+        let mut con = self.con.clone();
+        let mut ws: Vec<String> = con.smembers(WORKERS).await?;
+        ws.sort();
+        Ok(ws)
+    }
+
+    /// Per worker: `(heartbeat present, state)`.
+    pub async fn health(&self, workers: &[String]) -> Result<Vec<(bool, Option<String>)>, Error> {
+        let mut pipe = redis::pipe();
+        for w in workers {
+            pipe.exists(hb_key(w));
+            pipe.hget(format!("sundara:worker:{w}"), "state");
+        }
+        let mut con = self.con.clone();
+        let flat: Vec<redis::Value> = pipe.query_async(&mut con).await?;
+        let mut out = Vec::with_capacity(workers.len());
+        for pair in flat.chunks_exact(2) {
+            let alive: bool = redis::from_redis_value(pair[0].clone()).map_err(redis::RedisError::from)?;
+            let state: Option<String> = redis::from_redis_value(pair[1].clone()).map_err(redis::RedisError::from)?;
+            out.push((alive, state));
+        }
+        Ok(out)
+    }
+
+    /// Declares `worker` dead (see MARK_DEAD). `Some(n)` with the number of its in-flight
+    /// assignments made due; `None` if it is alive again or already dead.
+    pub async fn mark_dead(&self, worker: &str) -> Result<Option<u64>, Error> {
+        let mut con = self.con.clone();
+        let n: i64 = self.mark_dead.arg(worker).invoke_async(&mut con).await?;
+        Ok(u64::try_from(n).ok())
+    }
+
+    /// Every slice of the given worker, as stored.
+    pub async fn slices_of(&self, worker: &str) -> Result<Vec<SliceState>, Error> {
+        let mut con = self.con.clone();
+        let list: Option<String> = con.hget(format!("sundara:worker:{worker}"), "slices").await?;
+        let mut out = Vec::new();
+        for id in list.unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
+            let h: std::collections::HashMap<String, String> = con.hgetall(slice_key(id)).await?;
+            let num = |k: &str| h.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            out.push(SliceState {
+                id: id.to_string(),
+                worker: h.get("worker").cloned().unwrap_or_default(),
+                device: h.get("device").cloned().unwrap_or_default(),
+                state: h.get("state").cloned().unwrap_or_default(),
+                slots_total: num("slots_total"),
+                slots_free: num("slots_free"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of assignments in flight.
+    pub async fn inflight(&self) -> Result<u64, Error> {
+        let mut con = self.con.clone();
+        Ok(con.zcard(INFLIGHT).await?)
+    }
+}

@@ -1,0 +1,137 @@
+//! NATS connection and the JetStream layout (streams, buckets) every service relies on.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use sundara_schemas::subjects as subj;
+
+use crate::{Error, js_err};
+
+/// Connects to NATS; fails fast with a clear error when the server is not there.
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, Error> {
+    let connecting = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(10)))
+        .connect(url);
+    match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(Error::NatsConnect { url: url.to_string(), reason: e.to_string() }),
+        Err(_) => Err(Error::NatsConnect { url: url.to_string(), reason: "timed out".into() }),
+    }
+}
+
+/// Retention knobs of the streams.
+#[derive(Clone, Debug)]
+pub struct Retention {
+    /// How long accepted tasks are kept (reassignment and resubmission re-read them).
+    pub tasks_max_age: Duration,
+    /// Bytes of accepted tasks kept at most; beyond it ingress answers `overloaded`.
+    pub tasks_max_bytes: i64,
+    /// How long deduplication by id (task, outcome, result) holds.
+    pub duplicate_window: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            tasks_max_age: Duration::from_secs(24 * 3600),
+            tasks_max_bytes: 4 << 30,
+            duplicate_window: Duration::from_secs(600),
+        }
+    }
+}
+
+fn stream_config(name: &str, subjects: &str, max_age: Duration, r: &Retention) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects: vec![subjects.to_string()],
+        retention: stream::RetentionPolicy::Limits,
+        max_age,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: r.duplicate_window.min(max_age),
+        storage: stream::StorageType::File,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates the streams, KV buckets and object store if they are missing. Idempotent; every
+/// service calls it at start so that start order does not matter.
+pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Error> {
+    let hour = Duration::from_secs(3600);
+    let day = 24 * hour;
+    let tasks = stream::Config {
+        max_bytes: r.tasks_max_bytes,
+        // A full TASKS stream refuses new tasks instead of dropping accepted ones.
+        discard: stream::DiscardPolicy::New,
+        ..stream_config(subj::TASKS_STREAM, "sundara.task.>", r.tasks_max_age, r)
+    };
+    let work = stream::Config {
+        retention: stream::RetentionPolicy::WorkQueue,
+        ..stream_config(subj::WORK_STREAM, "sundara.work.>", day, r)
+    };
+    let streams = [
+        tasks,
+        work,
+        stream_config(subj::OUTCOMES_STREAM, "sundara.outcome.>", day, r),
+        stream_config(subj::RESULTS_STREAM, "sundara.result.>", day, r),
+        stream_config(subj::VERDICTS_STREAM, "sundara.verdict.>", 30 * day, r),
+        stream_config(subj::REWARDS_STREAM, "sundara.reward.>", 30 * day, r),
+        stream_config(subj::DEAD_STREAM, "sundara.dead.>", 30 * day, r),
+    ];
+    for config in streams {
+        js.get_or_create_stream(config).await.map_err(js_err)?;
+    }
+    for (bucket, history) in [(subj::MODELS_BUCKET, 8), (subj::REWARDS_BUCKET, 16)] {
+        if js.get_key_value(bucket).await.is_err() {
+            let config = jetstream::kv::Config { bucket: bucket.to_string(), history, ..Default::default() };
+            js.create_key_value(config).await.map_err(js_err)?;
+        }
+    }
+    if js.get_object_store(subj::MODEL_BLOBS).await.is_err() {
+        let config = jetstream::object_store::Config { bucket: subj::MODEL_BLOBS.to_string(), ..Default::default() };
+        js.create_object_store(config).await.map_err(js_err)?;
+    }
+    Ok(())
+}
+
+/// Publishes to JetStream and waits for the stream's ack: the durable hand-off.
+/// `id` becomes Nats-Msg-Id, so a retried publish is stored once. Returns the ack.
+pub async fn publish_durable(
+    js: &jetstream::Context,
+    subject: String,
+    id: &str,
+    payload: Vec<u8>,
+) -> Result<jetstream::publish::PublishAck, Error> {
+    let msg = jetstream::message::PublishMessage::build().payload(Bytes::from(payload)).message_id(id);
+    js.send_publish(subject, msg).await.map_err(js_err)?.await.map_err(js_err)
+}
+
+/// A durable pull consumer on `stream`, created if missing.
+pub async fn durable_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+    filter: &str,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>, Error> {
+    let stream = js.get_stream(stream).await.map_err(js_err)?;
+    let config = jetstream::consumer::pull::Config {
+        durable_name: Some(durable.to_string()),
+        filter_subject: filter.to_string(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending,
+        ..Default::default()
+    };
+    stream.get_or_create_consumer(durable, config).await.map_err(js_err)
+}
+
+/// A JetStream message's server timestamp (when the stream stored it), in Unix microseconds.
+pub fn stored_at_us(msg: &jetstream::Message) -> Option<u64> {
+    let info = msg.info().ok()?;
+    u64::try_from(info.published.unix_timestamp_nanos() / 1_000).ok()
+}
