@@ -127,7 +127,6 @@ pub struct ClientResult {
     pub task_id: String,
     pub model: ModelRef,
     pub status: ResultStatus,
-    pub submitted_at_ms: u64,
     pub completed_at_ms: u64,
 }
 

@@ -147,7 +147,6 @@ impl Scheduler {
                 code: FailureCode::Expired,
                 reason: "the deadline passed before enough workers were free".into(),
             },
-            submitted_at_ms: task.submitted_at_ms,
             completed_at_ms: now_ms(),
         };
         let subject = subj::result(&task.tenant, &task.task_id);
