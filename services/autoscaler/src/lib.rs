@@ -1,6 +1,7 @@
 //! Autoscaler. In this version: fleet health. A worker whose heartbeat lapses is declared
 //! dead: the scheduler stops choosing its slices, its in-flight assignments fall due at once
-//! (the scheduler reassigns them), and its queued assignments are purged from WORK.
+//! (the scheduler reassigns them), and its queued assignments are purged from WORK. Its
+//! consumer stays, so a worker that was only paused resumes when its heartbeat returns.
 
 use std::time::Duration;
 
@@ -55,7 +56,6 @@ impl Health {
             if let Err(e) = self.work.purge().filter(subj::work_of(worker)).await {
                 tracing::warn!(worker, error = %e, "could not purge the dead worker's queue");
             }
-            let _ = self.work.delete_consumer(&format!("worker-{worker}")).await;
             let _ = self.client.publish(subj::FLEET_DEAD, worker.to_string().into()).await;
         }
         Ok(())

@@ -1,1 +1,302 @@
-fn main() {}
+//! `sundara`: client and operator commands, the embedded stack (`up`), and the main of
+//! every service (`sundara ingress`, `sundara worker`, ...): one binary to ship.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_nats::jetstream;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use rand::SeedableRng;
+use sundara::client::Client;
+use sundara::stack::project_root;
+use sundara_common::{Endpoints, Registry, Shutdown, nats};
+use sundara_schemas::{CompareRule, Policy, ResultStatus, SubmitOutcome, SubmitRequest, WIRE_VERSION};
+
+#[derive(Parser)]
+#[command(name = "sundara", version, about = "Sundara: verified inference on untrusted miners")]
+struct Cli {
+    #[arg(long, global = true, env = "SUNDARA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    #[arg(long, global = true, env = "SUNDARA_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole pipeline locally (own nats-server and redis-server), submit a demo load, print a summary.
+    Up {
+        /// Exit after the summary instead of serving until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+        #[arg(long, default_value_t = 200)]
+        tasks: usize,
+        /// Honest workers (one dishonest worker is always added).
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        /// Use the NATS and Redis given by --nats/--redis instead of starting them.
+        #[arg(long)]
+        external: bool,
+    },
+    /// The model registry.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Submit tasks and print results as they arrive.
+    Submit {
+        #[arg(long)]
+        model: String,
+        /// JSON inputs: {"inputs": [{"name", "dtype", "shape", "values"}]}; random inputs when absent.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Generated tasks to submit (with a progress bar when more than one).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Rows per generated task (along the first dynamic dimension).
+        #[arg(long, default_value_t = 1)]
+        rows: u64,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
+    /// Reward table: per-miner scores and the latest epoch weights.
+    Rewards,
+    /// Run the ingress service.
+    Ingress,
+    /// Run the scheduler service.
+    Scheduler(Secret),
+    /// Run the verifier service.
+    Verifier(Secret),
+    /// Run the rewarder service.
+    Rewarder {
+        #[arg(long, default_value_t = 60)]
+        epoch_secs: u64,
+    },
+    /// Run the autoscaler service.
+    Autoscaler,
+    /// Run a worker (miner).
+    Worker {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        operator: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        slots: u32,
+        /// Models offered (comma-separated); all registered models when absent.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Return plausible but wrong outputs (demos and tests of the verifier).
+        #[arg(long)]
+        dishonest: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct Secret {
+    /// Validator secret that signs assignment tickets (same for scheduler and verifier).
+    #[arg(long, env = "SUNDARA_SECRET", hide_env_values = true)]
+    secret: String,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Register an ONNX model (inputs and outputs are read from the model).
+    Push {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "1")]
+        version: String,
+        /// Distinct miners per task (k).
+        #[arg(long, default_value_t = 2)]
+        redundancy: u8,
+        /// exact | allclose | argmax | cosine
+        #[arg(long, default_value = "allclose")]
+        rule: String,
+        #[arg(long, default_value_t = 1e-4)]
+        atol: f64,
+        #[arg(long, default_value_t = 1e-3)]
+        rtol: f64,
+        /// Minimum cosine similarity for --rule cosine.
+        #[arg(long, default_value_t = 0.999)]
+        min_cosine: f64,
+    },
+    /// List registered models.
+    List,
+}
+
+async fn run_service<E: std::fmt::Display>(fut: impl Future<Output = Result<(), E>>, shutdown: Shutdown) -> anyhow::Result<()> {
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        sundara_common::termination_signal().await;
+        signal.cancel();
+    });
+    fut.await.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn registry(nats_url: &str) -> anyhow::Result<(jetstream::Context, Registry)> {
+    let client = nats::connect(nats_url, "sundara-cli").await?;
+    let js = jetstream::new(client);
+    nats::provision(&js, &nats::Retention::default()).await?;
+    let registry = Registry::open(&js).await?;
+    Ok((js, registry))
+}
+
+fn ort() -> anyhow::Result<PathBuf> {
+    let lib = sundara_runtime::find_library(&[project_root()])?;
+    sundara_runtime::init(&lib)?;
+    Ok(lib)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    sundara_common::init_logging();
+    let cli = Cli::parse();
+    let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
+    let shutdown = Shutdown::new();
+    match cli.command {
+        Command::Up { once, tasks, workers, external } => {
+            let opts = sundara::up::UpOptions {
+                once,
+                tasks,
+                honest_workers: workers.max(2),
+                endpoints: external.then_some(endpoints),
+            };
+            sundara::up::up(opts).await
+        }
+        Command::Models { command: ModelsCommand::List } => {
+            let (_, registry) = registry(&cli.nats).await?;
+            for m in registry.list().await? {
+                println!("{}", sundara::models::describe(&m));
+            }
+            Ok(())
+        }
+        Command::Models { command: ModelsCommand::Push { file, name, version, redundancy, rule, atol, rtol, min_cosine } } => {
+            ort()?;
+            let rule = match rule.as_str() {
+                "exact" => CompareRule::Exact,
+                "allclose" => CompareRule::AllClose { atol, rtol },
+                "argmax" => CompareRule::Argmax,
+                "cosine" => CompareRule::Cosine { min: min_cosine },
+                other => bail!("unknown rule {other:?}: use exact, allclose, argmax or cosine"),
+            };
+            let (_, registry) = registry(&cli.nats).await?;
+            let meta = sundara::models::push(&registry, &file, &name, &version, Policy { redundancy, rule }).await?;
+            println!("{}", sundara::models::describe(&meta));
+            Ok(())
+        }
+        Command::Submit { model, input, count, rows, tenant, timeout_ms } => {
+            submit(&cli.nats, &model, input, count, rows, &tenant, timeout_ms).await
+        }
+        Command::Rewards => {
+            let (js, _) = registry(&cli.nats).await?;
+            sundara::up::print_rewards(&js, None).await
+        }
+        Command::Ingress => run_service(sundara_ingress::run(sundara_ingress::Config::new(endpoints), shutdown.clone()), shutdown).await,
+        Command::Scheduler(s) => {
+            let config = sundara_scheduler::Config::new(endpoints, s.secret.into_bytes());
+            run_service(sundara_scheduler::run(config, shutdown.clone()), shutdown).await
+        }
+        Command::Verifier(s) => {
+            let config = sundara_verifier::Config::new(endpoints, s.secret.into_bytes());
+            run_service(sundara_verifier::run(config, shutdown.clone()), shutdown).await
+        }
+        Command::Rewarder { epoch_secs } => {
+            let mut config = sundara_rewarder::Config::new(endpoints);
+            config.epoch_length = Duration::from_secs(epoch_secs);
+            run_service(sundara_rewarder::run(config, shutdown.clone()), shutdown).await
+        }
+        Command::Autoscaler => {
+            run_service(sundara_autoscaler::run(sundara_autoscaler::Config::new(endpoints), shutdown.clone()), shutdown).await
+        }
+        Command::Worker { id, operator, slots, models, cache_dir, dishonest } => {
+            let lib = ort()?;
+            let cache = cache_dir.unwrap_or_else(|| project_root().join(".cache/worker-models"));
+            let mut config = sundara_worker::Config::new(endpoints, &id, lib, cache);
+            config.operator = operator.unwrap_or(id);
+            config.slots = slots;
+            config.models = models;
+            if dishonest {
+                config.behaviour = sundara_worker::Behaviour::Dishonest;
+            }
+            run_service(sundara_worker::run(config, shutdown.clone()), shutdown).await
+        }
+    }
+}
+
+async fn submit(
+    nats_url: &str,
+    model: &str,
+    input: Option<PathBuf>,
+    count: usize,
+    rows: u64,
+    tenant: &str,
+    timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let (_, registry) = registry(nats_url).await?;
+    let meta = registry.latest(model).await?.with_context(|| format!("no model named {model:?}"))?;
+    let fixed = match &input {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(sundara::inputs_from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let client = Client::connect(nats_url).await?;
+    let mut results = client.results(tenant).await?;
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let bar = (count > 1).then(|| indicatif::ProgressBar::new(count as u64));
+    let mut pending = std::collections::HashSet::new();
+    for _ in 0..count {
+        let inputs = fixed.clone().unwrap_or_else(|| sundara::models::sample_inputs(&meta, rows, &mut rng));
+        let req = SubmitRequest {
+            v: WIRE_VERSION,
+            model: model.to_string(),
+            inputs,
+            tenant: tenant.to_string(),
+            request_id: None,
+            seed: 0,
+            timeout_ms: Some(timeout_ms),
+        };
+        match client.submit(&req).await? {
+            SubmitOutcome::Accepted { task_id, .. } => {
+                pending.insert(task_id);
+            }
+            SubmitOutcome::Rejected { code, reason } => bail!("rejected ({}): {reason}", code.as_str()),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms + 5_000);
+    while !pending.is_empty() {
+        let Ok(Some(result)) = tokio::time::timeout_at(deadline, results.next()).await else {
+            bail!("{} results did not arrive in time", pending.len());
+        };
+        let result = result?;
+        if !pending.remove(&result.task_id) {
+            continue;
+        }
+        match (&bar, &result.status) {
+            (Some(bar), _) => bar.inc(1),
+            (None, ResultStatus::Verified { outputs, agreeing, k }) => {
+                println!("task {} verified by {agreeing}/{k} miners", result.task_id);
+                for t in outputs {
+                    let values = t.to_f64();
+                    let shown: Vec<String> = values.iter().take(10).map(|v| format!("{v:.5}")).collect();
+                    let more = if values.len() > 10 { ", …" } else { "" };
+                    println!("  {} {}{:?} [{}{more}]", t.name, t.dtype, t.shape, shown.join(", "));
+                }
+            }
+            (None, ResultStatus::Failed { code, reason }) => println!("task {} failed ({code:?}): {reason}", result.task_id),
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_with_message("all results in");
+    }
+    Ok(())
+}

@@ -1,1 +1,428 @@
+//! Rewarder: turns verdicts into per-task reward traces and, once per epoch, into
+//! Bittensor-style u16 weights.
+//!
+//! One task owns the [`Ledger`]. Each verdict is applied in stream order and its trace
+//! published; the verdict stays un-acked until the trace is stored and the ledger (which
+//! records the last applied sequence) is persisted in KV, so a crash at any point replays
+//! exactly the verdicts the stored ledger has not seen. Epochs close on a timer or on request
+//! ([`CLOSE_EPOCH_SUBJECT`]).
 
+pub mod ledger;
+#[cfg(test)]
+mod service_tests;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, AckKind, Message,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    context::{ConsumerInfoErrorKind, PublishAckFuture},
+    kv::{self, UpdateErrorKind},
+    message::{Acker, PublishMessage},
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use sundara_common::{Endpoints, Error as CommonError, Shutdown, js_err, nats};
+use sundara_schemas::{
+    EpochWeights, MAX_MESSAGE_BYTES, RewardTrace, Verdict, decode, encode, now_ms, subjects as subj,
+};
+
+pub use ledger::{Ledger, MinerScore, WEIGHT_TOTAL, normalize_u16};
+
+/// Any core-NATS message here closes the epoch now; a request gets the encoded
+/// [`EpochWeights`] back. Deliberately outside `sundara.reward.>`: the REWARDS stream captures
+/// that space and would store the request and answer it with its own publish ack first.
+pub const CLOSE_EPOCH_SUBJECT: &str = "sundara.rewarder.close";
+/// KV key (bucket [`subj::REWARDS_BUCKET`]) of the persisted ledger.
+pub const LEDGER_KEY: &str = "ledger";
+/// KV key of the most recently closed epoch's weights.
+pub const LATEST_WEIGHTS_KEY: &str = "weights.latest";
+/// Durable consumer name on VERDICTS.
+pub const CONSUMER: &str = "rewarder";
+
+const VERDICT_FILTER: &str = "sundara.verdict.>";
+const ACK_WAIT: Duration = Duration::from_secs(30);
+const MAX_ACK_PENDING: i64 = 8192;
+/// Held verdicts that force a flush before the next tick.
+const FLUSH_BATCH: usize = 512;
+/// Tries of a store operation before the rewarder gives up (and restarts from the stored ledger).
+const ATTEMPTS: u32 = 5;
+
+/// KV key of one closed epoch's weights.
+pub fn weights_key(epoch: u64) -> String {
+    format!("weights.{epoch}")
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub endpoints: Endpoints,
+    /// Wall-clock length of an epoch (survives restarts: measured from the stored start).
+    pub epoch_length: Duration,
+    /// Weight of the newest task score in each miner's moving average, in (0, 1].
+    pub alpha: f64,
+    /// How often held verdicts are made durable and acked.
+    pub flush_interval: Duration,
+    pub retention: nats::Retention,
+}
+
+impl Config {
+    pub fn new(endpoints: Endpoints) -> Config {
+        Config {
+            endpoints,
+            epoch_length: Duration::from_secs(60),
+            alpha: 0.1,
+            flush_interval: Duration::from_millis(200),
+            retention: nats::Retention::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RewarderError {
+    #[error(transparent)]
+    Common(#[from] CommonError),
+    #[error("invalid rewarder configuration: {0}")]
+    Config(String),
+    /// The stored ledger is unreadable, or another rewarder wrote it under us.
+    #[error("rewards ledger: {0}")]
+    Ledger(String),
+}
+
+/// A reward trace sent but whose stream ack has not been checked yet.
+struct PendingTrace {
+    subject: String,
+    id: String,
+    payload: Vec<u8>,
+    /// `None` when the send itself failed; the flush publishes it again.
+    ack: Option<PublishAckFuture>,
+}
+
+struct Rewarder {
+    config: Config,
+    js: jetstream::Context,
+    kv: kv::Store,
+    ledger: Ledger,
+    /// KV revision of the ledger as we last read or wrote it (0: never written). Every write
+    /// expects it, so a second rewarder writing the same ledger is detected, not merged.
+    revision: u64,
+    /// The in-memory ledger differs from the stored one.
+    dirty: bool,
+    /// Verdict deliveries to ack once the ledger covering them is stored.
+    held: Vec<Acker>,
+    traces: Vec<PendingTrace>,
+}
+
+impl Rewarder {
+    async fn on_verdict(&mut self, msg: Message) -> Result<(), RewarderError> {
+        let seq = match msg.info() {
+            Ok(info) => info.stream_sequence,
+            Err(e) => {
+                tracing::warn!(error = %e, "verdict delivery without JetStream metadata; skipped");
+                return Ok(());
+            }
+        };
+        let (msg, acker) = msg.split();
+        let verdict = match decode::<Verdict>(&msg.payload, MAX_MESSAGE_BYTES) {
+            Ok(v) if subj::is_token(&v.task_id) => v,
+            Ok(v) => {
+                tracing::warn!(seq, task = ?v.task_id, "verdict with an invalid task id; terminating it");
+                let _ = acker.ack_with(AckKind::Term).await;
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "undecodable verdict; terminating it");
+                let _ = acker.ack_with(AckKind::Term).await;
+                return Ok(());
+            }
+        };
+        if let Some(trace) = self.ledger.apply(&verdict, seq) {
+            self.dirty = true;
+            tracing::debug!(seq, task = %trace.task_id, epoch = trace.epoch, "verdict applied");
+            self.send_trace(&trace).await;
+        } else {
+            tracing::debug!(seq, task = %verdict.task_id, "verdict already applied");
+        }
+        // Even a verdict already applied waits: the ledger that includes it may not be stored yet.
+        self.held.push(acker);
+        if self.held.len() >= FLUSH_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn send_trace(&mut self, trace: &RewardTrace) {
+        let subject = subj::reward_task(&trace.task_id);
+        let id = trace.task_id.clone();
+        let payload = encode(trace);
+        let msg = PublishMessage::build().payload(Bytes::from(payload.clone())).message_id(&id);
+        let ack = match self.js.send_publish(subject.clone(), msg).await {
+            Ok(ack) => Some(ack),
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "reward trace not sent; retrying at flush");
+                None
+            }
+        };
+        self.traces.push(PendingTrace { subject, id, payload, ack });
+    }
+
+    /// Makes everything applied so far durable (traces stored, ledger persisted), then acks
+    /// the verdicts it covers.
+    async fn flush(&mut self) -> Result<(), RewarderError> {
+        for trace in std::mem::take(&mut self.traces) {
+            let stored = match trace.ack {
+                Some(ack) => ack.await.map(drop).map_err(js_err),
+                None => Err(js_err("not sent")),
+            };
+            if let Err(e) = stored {
+                tracing::warn!(task = %trace.id, error = %e, "reward trace not stored; publishing again");
+                let publish =
+                    || nats::publish_durable(&self.js, trace.subject.clone(), &trace.id, trace.payload.clone());
+                retry("reward trace publish", publish).await?;
+            }
+        }
+        if self.dirty {
+            self.persist().await?;
+        }
+        let held = std::mem::take(&mut self.held);
+        if !held.is_empty() {
+            tracing::debug!(count = held.len(), last_seq = self.ledger.last_seq(), "verdicts acked");
+        }
+        for acker in held {
+            // A lost ack only means a redelivery, which the ledger ignores by sequence.
+            if let Err(e) = acker.ack().await {
+                tracing::warn!(error = %e, "verdict ack failed; it will be redelivered");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the ledger, expecting the revision we last saw.
+    async fn persist(&mut self) -> Result<(), RewarderError> {
+        let bytes = Bytes::from(self.ledger.to_bytes());
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=ATTEMPTS {
+            let err = match self.kv.update(LEDGER_KEY, bytes.clone(), self.revision).await {
+                Ok(revision) => {
+                    self.revision = revision;
+                    self.dirty = false;
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            // A write that timed out may still have landed: look before concluding anything.
+            if let Ok(Some(entry)) = self.kv.entry(LEDGER_KEY).await {
+                if entry.value == bytes {
+                    self.revision = entry.revision;
+                    self.dirty = false;
+                    return Ok(());
+                }
+                if err.kind() == UpdateErrorKind::WrongLastRevision && entry.revision != self.revision {
+                    return Err(RewarderError::Ledger(format!(
+                        "written by someone else (revision {} where {} was expected); is a second rewarder running?",
+                        entry.revision, self.revision
+                    )));
+                }
+            }
+            tracing::warn!(attempt, error = %err, "ledger not persisted; retrying");
+            if attempt < ATTEMPTS {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+        Err(RewarderError::Ledger(format!("could not be persisted after {ATTEMPTS} attempts")))
+    }
+
+    fn epoch_due(&self) -> bool {
+        let length = u64::try_from(self.config.epoch_length.as_millis()).unwrap_or(u64::MAX);
+        now_ms() >= self.ledger.epoch_started_ms().saturating_add(length)
+    }
+
+    /// Closes the epoch on a flushed ledger, so that the weights depend only on stored verdicts
+    /// (a crash before the closed ledger is stored recomputes the same weights at restart).
+    async fn close_epoch(&mut self) -> Result<EpochWeights, RewarderError> {
+        self.flush().await?;
+        let weights = self.ledger.close_epoch(now_ms());
+        self.dirty = true;
+        let bytes = encode(&weights);
+        let id = format!("epoch-{}", weights.epoch);
+        let publish = || nats::publish_durable(&self.js, subj::REWARD_EPOCH.to_string(), &id, bytes.clone());
+        retry("epoch weights publish", publish).await?;
+        for key in [weights_key(weights.epoch), LATEST_WEIGHTS_KEY.to_string()] {
+            retry("epoch weights put", || async {
+                self.kv.put(&key, Bytes::from(bytes.clone())).await.map_err(js_err)
+            })
+            .await?;
+        }
+        self.persist().await?;
+        let total: u32 = weights.weights.iter().map(|w| u32::from(w.weight)).sum();
+        tracing::info!(epoch = weights.epoch, miners = weights.weights.len(), total, "epoch closed");
+        Ok(weights)
+    }
+}
+
+/// Runs `op` up to [`ATTEMPTS`] times with exponential back-off.
+async fn retry<T, F, Fut>(what: &str, mut op: F) -> Result<T, CommonError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CommonError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt >= ATTEMPTS => return Err(e),
+            Err(e) => tracing::warn!(attempt, error = %e, "{what} failed; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+        attempt += 1;
+    }
+}
+
+/// Reads the stored ledger and its KV revision (0 when there is none).
+async fn load_ledger(kv: &kv::Store) -> Result<(Option<Ledger>, u64), RewarderError> {
+    let Some(entry) = kv.entry(LEDGER_KEY).await.map_err(js_err)? else {
+        return Ok((None, 0));
+    };
+    if entry.operation != kv::Operation::Put {
+        return Ok((None, entry.revision));
+    }
+    let ledger = Ledger::from_bytes(&entry.value)
+        .map_err(|e| RewarderError::Ledger(format!("stored ledger is unreadable: {e}")))?;
+    Ok((Some(ledger), entry.revision))
+}
+
+/// The durable verdict consumer, positioned so that deliveries arrive in stream order after
+/// `last_seq`. A consumer that already delivered past the stored ledger (the rewarder stopped
+/// before persisting) is recreated: its un-acked verdicts would otherwise come back only after
+/// newer ones, which the ledger would then skip as already seen.
+async fn verdict_consumer(js: &jetstream::Context, last_seq: u64) -> Result<PullConsumer, RewarderError> {
+    let stream = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
+    match stream.consumer_info(CONSUMER).await {
+        Ok(info) if info.delivered.stream_sequence <= last_seq => {
+            return Ok(stream.get_consumer(CONSUMER).await.map_err(js_err)?);
+        }
+        Ok(info) => {
+            tracing::info!(
+                delivered = info.delivered.stream_sequence,
+                last_seq,
+                "verdicts delivered past the stored ledger; restarting the consumer after it"
+            );
+            stream.delete_consumer(CONSUMER).await.map_err(js_err)?;
+        }
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {}
+        Err(e) => return Err(js_err(e).into()),
+    }
+    let deliver_policy = match last_seq {
+        0 => DeliverPolicy::All,
+        seq => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+    };
+    let config = pull::Config {
+        durable_name: Some(CONSUMER.to_string()),
+        filter_subject: VERDICT_FILTER.to_string(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: MAX_ACK_PENDING,
+        deliver_policy,
+        ..Default::default()
+    };
+    Ok(stream.create_consumer(config).await.map_err(js_err)?)
+}
+
+/// Runs the rewarder until `shutdown`, then flushes what it holds.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RewarderError> {
+    if !ledger::valid_alpha(config.alpha) {
+        return Err(RewarderError::Config(format!("alpha must be in (0, 1], got {}", config.alpha)));
+    }
+    if config.flush_interval.is_zero() {
+        return Err(RewarderError::Config("flush_interval must be positive".into()));
+    }
+    let client = nats::connect(&config.endpoints.nats_url, "sundara-rewarder").await?;
+    let js = jetstream::new(client.clone());
+    nats::provision(&js, &config.retention).await?;
+    let kv = js.get_key_value(subj::REWARDS_BUCKET).await.map_err(js_err)?;
+    let (stored, revision) = load_ledger(&kv).await?;
+    let mut ledger = match stored {
+        Some(ledger) => {
+            tracing::info!(
+                epoch = ledger.epoch(),
+                last_seq = ledger.last_seq(),
+                miners = ledger.miners().len(),
+                "ledger loaded"
+            );
+            ledger
+        }
+        None => {
+            tracing::info!("no stored ledger; starting at epoch 1");
+            Ledger::new(config.alpha, now_ms())
+        }
+    };
+    let dirty = stored_alpha_differs(&mut ledger, config.alpha);
+    let consumer = verdict_consumer(&js, ledger.last_seq()).await?;
+    let mut closes = client.subscribe(CLOSE_EPOCH_SUBJECT).await.map_err(js_err)?;
+    let mut rewarder = Rewarder { config, js, kv, ledger, revision, dirty, held: Vec::new(), traces: Vec::new() };
+    // An epoch that ended while we were down closes before any newer verdict counts in it.
+    if rewarder.epoch_due() {
+        rewarder.close_epoch().await?;
+    }
+    let mut messages = consumer.messages().await.map_err(js_err)?;
+    let mut tick = tokio::time::interval(rewarder.config.flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(epoch = rewarder.ledger.epoch(), "rewarder running");
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(request) = closes.next() => {
+                let weights = rewarder.close_epoch().await?;
+                if let Some(reply) = request.reply
+                    && let Err(e) = client.publish(reply, encode(&weights).into()).await
+                {
+                    tracing::warn!(error = %e, "epoch close reply failed");
+                }
+            }
+            _ = tick.tick() => {
+                rewarder.flush().await?;
+                if rewarder.epoch_due() {
+                    rewarder.close_epoch().await?;
+                }
+            }
+            delivery = messages.next() => match delivery {
+                Some(Ok(msg)) => rewarder.on_verdict(msg).await?,
+                Some(Err(e)) => tracing::warn!(error = %e, "verdict consumer"),
+                None => return Err(js_err("verdict consumer ended").into()),
+            },
+        }
+    }
+    rewarder.flush().await?;
+    let _ = client.flush().await;
+    tracing::info!(last_seq = rewarder.ledger.last_seq(), "rewarder stopped");
+    Ok(())
+}
+
+/// Applies the configured alpha to a loaded ledger; true when that changed it.
+fn stored_alpha_differs(ledger: &mut Ledger, alpha: f64) -> bool {
+    if ledger.alpha() == alpha {
+        return false;
+    }
+    tracing::info!(from = ledger.alpha(), to = alpha, "smoothing factor changed");
+    ledger.set_alpha(alpha);
+    true
+}
+
+/// The stored ledger, for reporting (`sundara rewards`). `None` before the first verdict.
+pub async fn read_ledger(js: &jetstream::Context) -> Result<Option<Ledger>, RewarderError> {
+    let kv = js.get_key_value(subj::REWARDS_BUCKET).await.map_err(js_err)?;
+    Ok(load_ledger(&kv).await?.0)
+}
+
+/// The weights of a closed epoch, or of the latest one when `epoch` is `None`.
+pub async fn read_weights(js: &jetstream::Context, epoch: Option<u64>) -> Result<Option<EpochWeights>, RewarderError> {
+    let kv = js.get_key_value(subj::REWARDS_BUCKET).await.map_err(js_err)?;
+    let key = epoch.map_or_else(|| LATEST_WEIGHTS_KEY.to_string(), weights_key);
+    let Some(bytes) = kv.get(key).await.map_err(js_err)? else {
+        return Ok(None);
+    };
+    Ok(Some(decode(&bytes, MAX_MESSAGE_BYTES).map_err(CommonError::from)?))
+}

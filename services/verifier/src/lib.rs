@@ -91,7 +91,7 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
     let received: Vec<&Received> = g.replicas.values().collect();
     let results: Vec<&OutcomeResult> = received.iter().map(|r| &r.outcome.result).collect();
     let decision = quorum::decide(&rule, first.k, &results);
-    let mut miners: Vec<MinerVerdict> = received
+    let miners: Vec<MinerVerdict> = received
         .iter()
         .zip(&decision.standings)
         .map(|(r, &standing)| MinerVerdict {
@@ -102,18 +102,6 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
             latency_us: (standing != Standing::Missing).then_some(r.latency_us),
         })
         .collect();
-    // Replicas that never reported at all (decided at the deadline) are missing.
-    for replica in 0..first.k {
-        if !g.replicas.contains_key(&replica) {
-            miners.push(MinerVerdict {
-                worker: String::new(),
-                replica,
-                attempt: 0,
-                standing: Standing::Missing,
-                latency_us: None,
-            });
-        }
-    }
     let agreeing = decision.standings.iter().filter(|s| **s == Standing::Agreed).count() as u8;
     let now = now_ms();
     let (status, dead) = match decision.winner {
@@ -127,7 +115,9 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
                 first.k,
                 decision.group_sizes,
                 decision.standings.iter().filter(|s| **s == Standing::Failed).count(),
-                miners.iter().filter(|m| m.standing == Standing::Missing).count(),
+                // Abandoned replicas, and replicas that never reported before the deadline.
+                miners.iter().filter(|m| m.standing == Standing::Missing).count() + first.k as usize
+                    - received.len(),
             );
             let dead = DeadLetter {
                 v: WIRE_VERSION,

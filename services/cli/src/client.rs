@@ -1,0 +1,70 @@
+//! Client side of Sundara: submit tasks and follow their results.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::{Stream, StreamExt};
+use sundara_schemas::{
+    ClientResult, MAX_MESSAGE_BYTES, SubmitOutcome, SubmitReply, SubmitRequest, decode, encode, subjects as subj,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("submit failed: {0}")]
+    Request(String),
+    #[error("bad reply from ingress: {0}")]
+    Reply(#[from] sundara_schemas::DecodeError),
+    #[error(transparent)]
+    Common(#[from] sundara_common::Error),
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub nats: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        let nats = sundara_common::nats::connect(url, "sundara-client").await?;
+        let js = jetstream::new(nats.clone());
+        Ok(Client { nats, js })
+    }
+
+    /// Submits one task; the reply says accepted (with the task id) or rejected (with a code).
+    pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitOutcome, ClientError> {
+        self.submit_raw(encode(req)).await
+    }
+
+    /// Submits raw bytes (tests use it to send malformed payloads).
+    pub async fn submit_raw(&self, payload: Vec<u8>) -> Result<SubmitOutcome, ClientError> {
+        let request = self.nats.request(subj::SUBMIT, payload.into());
+        let reply = tokio::time::timeout(Duration::from_secs(30), request)
+            .await
+            .map_err(|_| ClientError::Request("no reply within 30 s".into()))?
+            .map_err(|e| ClientError::Request(e.to_string()))?;
+        Ok(decode::<SubmitReply>(&reply.payload, MAX_MESSAGE_BYTES)?.outcome)
+    }
+
+    /// Results for `tenant` from now on, in the order they were stored. Start following
+    /// before submitting so none is missed.
+    pub async fn results(
+        &self,
+        tenant: &str,
+    ) -> Result<impl Stream<Item = Result<ClientResult, ClientError>> + use<>, ClientError> {
+        let stream = self.js.get_stream(subj::RESULTS_STREAM).await.map_err(sundara_common::js_err)?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subj::results_of(tenant),
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(sundara_common::js_err)?;
+        let messages = consumer.messages().await.map_err(sundara_common::js_err)?;
+        Ok(messages.map(|m| {
+            let m = m.map_err(sundara_common::js_err)?;
+            Ok(decode::<ClientResult>(&m.payload, MAX_MESSAGE_BYTES)?)
+        }))
+    }
+}

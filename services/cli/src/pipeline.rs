@@ -1,0 +1,116 @@
+//! All six services in one process, over given NATS and Redis. `sundara up` runs this;
+//! the integration tests do too (with extra workers as child processes where they need to
+//! SIGKILL one).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sundara_common::{Endpoints, Shutdown};
+use sundara_worker::Behaviour;
+use tokio::task::JoinHandle;
+
+/// One worker of the fleet.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub id: String,
+    pub slots: u32,
+    pub behaviour: Behaviour,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub endpoints: Endpoints,
+    pub secret: Vec<u8>,
+    pub ort_library: PathBuf,
+    pub cache_dir: PathBuf,
+    pub workers: Vec<WorkerSpec>,
+    pub assignment_timeout: Duration,
+    pub epoch_length: Duration,
+}
+
+type Handle = JoinHandle<Result<(), String>>;
+
+/// Running services; [`Pipeline::stop`] shuts them down in order.
+pub struct Pipeline {
+    config: PipelineConfig,
+    shutdown: Shutdown,
+    services: Vec<(&'static str, Handle)>,
+    workers: HashMap<String, (Shutdown, Handle)>,
+}
+
+fn spawn<E: std::fmt::Display>(fut: impl Future<Output = Result<(), E>> + Send + 'static) -> Handle {
+    tokio::spawn(async move { fut.await.map_err(|e| e.to_string()) })
+}
+
+impl Pipeline {
+    /// Starts ingress, scheduler, verifier, rewarder, autoscaler and the configured workers.
+    pub async fn start(config: PipelineConfig) -> Pipeline {
+        let shutdown = Shutdown::new();
+        let ep = config.endpoints.clone();
+        let mut scheduler = sundara_scheduler::Config::new(ep.clone(), config.secret.clone());
+        scheduler.assignment_timeout = config.assignment_timeout;
+        let mut rewarder = sundara_rewarder::Config::new(ep.clone());
+        rewarder.epoch_length = config.epoch_length;
+        let s = || shutdown.child_token();
+        let services = vec![
+            ("ingress", spawn(sundara_ingress::run(sundara_ingress::Config::new(ep.clone()), s()))),
+            ("scheduler", spawn(sundara_scheduler::run(scheduler, s()))),
+            ("verifier", spawn(sundara_verifier::run(sundara_verifier::Config::new(ep.clone(), config.secret.clone()), s()))),
+            ("rewarder", spawn(sundara_rewarder::run(rewarder, s()))),
+            ("autoscaler", spawn(sundara_autoscaler::run(sundara_autoscaler::Config::new(ep.clone()), s()))),
+        ];
+        let mut pipeline = Pipeline { config: config.clone(), shutdown, services, workers: HashMap::new() };
+        for w in &config.workers {
+            pipeline.add_worker(w.clone());
+        }
+        pipeline
+    }
+
+    /// Config of a worker of this pipeline (tests reuse it for out-of-process workers).
+    pub fn worker_config(&self, spec: &WorkerSpec) -> sundara_worker::Config {
+        let mut c = sundara_worker::Config::new(
+            self.config.endpoints.clone(),
+            &spec.id,
+            self.config.ort_library.clone(),
+            self.config.cache_dir.clone(),
+        );
+        c.slots = spec.slots;
+        c.behaviour = spec.behaviour;
+        c
+    }
+
+    pub fn add_worker(&mut self, spec: WorkerSpec) {
+        let token = self.shutdown.child_token();
+        let handle = spawn(sundara_worker::run(self.worker_config(&spec), token.clone()));
+        self.workers.insert(spec.id, (token, handle));
+    }
+
+    /// Name of a service or worker that has stopped on its own (an error), if any.
+    pub fn failed(&self) -> Option<String> {
+        let services = self.services.iter().map(|(n, h)| (n.to_string(), h));
+        let workers = self.workers.iter().map(|(id, (_, h))| (format!("worker {id}"), h));
+        services.chain(workers).find(|(_, h)| h.is_finished()).map(|(n, _)| n)
+    }
+
+    /// Stops everything: workers first (they finish what they hold), then the services.
+    pub async fn stop(self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (id, (token, handle)) in self.workers {
+            token.cancel();
+            if let Ok(Err(e)) | Err(e) = handle.await.map_err(|e| e.to_string()) {
+                errors.push(format!("worker {id}: {e}"));
+            }
+        }
+        self.shutdown.cancel();
+        for (name, handle) in self.services {
+            match tokio::time::timeout(Duration::from_secs(10), handle).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => errors.push(format!("{name}: {e}")),
+                Ok(Err(e)) => errors.push(format!("{name}: {e}")),
+                Err(_) => errors.push(format!("{name}: did not stop within 10 s")),
+            }
+        }
+        errors
+    }
+}

@@ -1,0 +1,241 @@
+//! `sundara up`: the whole pipeline on one machine, with a demo load and a summary.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use sundara_common::{Endpoints, Registry, nats};
+use sundara_schemas::{
+    CompareRule, EpochWeights, MAX_MESSAGE_BYTES, ModelMeta, Policy, ResultStatus, SubmitOutcome, SubmitRequest,
+    WIRE_VERSION, decode, subjects as subj,
+};
+use sundara_worker::Behaviour;
+
+use crate::client::Client;
+use crate::pipeline::{Pipeline, PipelineConfig, WorkerSpec};
+use crate::stack::{LocalStack, project_root};
+
+/// Demo models: file under `.cache/models/`, registry name, policy.
+pub const DEMO_MODELS: [(&str, &str); 2] = [("mlp.onnx", "mlp"), ("silero_vad.onnx", "silero")];
+
+pub struct UpOptions {
+    pub once: bool,
+    pub tasks: usize,
+    pub honest_workers: usize,
+    pub endpoints: Option<Endpoints>,
+}
+
+/// Pushes the demo models (k=3 so that one liar is always outvoted).
+pub async fn push_demo_models(registry: &Registry, root: &std::path::Path) -> anyhow::Result<Vec<ModelMeta>> {
+    let mut metas = Vec::new();
+    for (file, name) in DEMO_MODELS {
+        let path = root.join(".cache/models").join(file);
+        if !path.exists() {
+            bail!("{} is missing: run scripts/setup (it makes the demo models)", path.display());
+        }
+        let rule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
+        let policy = Policy { redundancy: 3, rule };
+        metas.push(crate::models::push(registry, &path, name, "1", policy).await?);
+    }
+    Ok(metas)
+}
+
+/// Waits until the rewarder has applied every verdict stored so far.
+pub async fn rewarder_caught_up(js: &jetstream::Context, within: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut stream = js.get_stream(subj::VERDICTS_STREAM).await?;
+    loop {
+        let stored = stream.info().await?.state.messages;
+        if let Ok(mut consumer) = stream.get_consumer::<jetstream::consumer::pull::Config>("rewarder").await {
+            let info = consumer.info().await?;
+            if info.delivered.stream_sequence >= stored && info.num_ack_pending == 0 && info.num_pending == 0 {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > within {
+            bail!("the rewarder did not catch up within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asks the rewarder to close the epoch now and returns its weights.
+pub async fn close_epoch(client: &async_nats::Client) -> anyhow::Result<EpochWeights> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(sundara_rewarder::CLOSE_EPOCH_SUBJECT, "".into()),
+    )
+    .await
+    .context("rewarder did not answer within 10 s")??;
+    Ok(decode::<EpochWeights>(&reply.payload, MAX_MESSAGE_BYTES)?)
+}
+
+/// Prints the per-miner reward table.
+pub async fn print_rewards(js: &jetstream::Context, weights: Option<&EpochWeights>) -> anyhow::Result<()> {
+    let ledger = sundara_rewarder::read_ledger(js).await?;
+    let weights = match weights {
+        Some(w) => Some(w.clone()),
+        None => sundara_rewarder::read_weights(js, None).await?,
+    };
+    let by_miner: HashMap<&str, u16> =
+        weights.iter().flat_map(|w| w.weights.iter().map(|m| (m.miner.as_str(), m.weight))).collect();
+    println!("{:<12} {:>6} {:>7} {:>8} {:>8} {:>7}", "miner", "tasks", "agreed", "strikes", "score", "weight");
+    if let Some(ledger) = &ledger {
+        for (miner, s) in ledger.miners() {
+            let w = by_miner.get(miner.as_str()).copied().unwrap_or(0);
+            println!("{:<12} {:>6} {:>7} {:>8} {:>8.4} {:>7}", miner, s.tasks, s.agreed, s.strikes, s.ema, w);
+        }
+    }
+    if let Some(w) = &weights {
+        let total: u32 = w.weights.iter().map(|m| m.weight as u32).sum();
+        println!("epoch {} weights sum to {total}", w.epoch);
+    }
+    Ok(())
+}
+
+pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    let root = project_root();
+    let ort_library = sundara_runtime::find_library(&[root.clone()])?;
+    sundara_runtime::init(&ort_library)?;
+    let (endpoints, _stack) = match opts.endpoints {
+        Some(ep) => (ep, None),
+        None => {
+            let stack = LocalStack::start(&root)?;
+            println!("nats-server on {}, redis-server on {}", stack.endpoints().nats_url, stack.endpoints().redis_url);
+            (stack.endpoints(), Some(stack))
+        }
+    };
+    let nats_client = nats::connect(&endpoints.nats_url, "sundara-up").await?;
+    let js = jetstream::new(nats_client.clone());
+    nats::provision(&js, &nats::Retention::default()).await?;
+    let registry = Registry::open(&js).await?;
+    let models = push_demo_models(&registry, &root).await?;
+    for m in &models {
+        println!("registered {}", crate::models::describe(m));
+    }
+
+    let secret: Vec<u8> = rand::rng().random::<[u8; 32]>().to_vec();
+    let mut workers: Vec<WorkerSpec> = (1..=opts.honest_workers)
+        .map(|i| WorkerSpec { id: format!("miner-{i}"), slots: 2, behaviour: Behaviour::Honest })
+        .collect();
+    let liar = format!("miner-{}", opts.honest_workers + 1);
+    workers.push(WorkerSpec { id: liar.clone(), slots: 2, behaviour: Behaviour::Dishonest });
+    let cache_dir = root.join(".cache/worker-models");
+    let pipeline = Pipeline::start(PipelineConfig {
+        endpoints: endpoints.clone(),
+        secret,
+        ort_library,
+        cache_dir,
+        workers: workers.clone(),
+        assignment_timeout: Duration::from_secs(10),
+        epoch_length: Duration::from_secs(3600),
+    })
+    .await;
+    println!(
+        "services up: ingress, scheduler, verifier, rewarder, autoscaler; workers {} (dishonest: {liar})",
+        workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
+    );
+
+    let summary = demo_load(&endpoints, &models, opts.tasks).await;
+    if let Some(failed) = pipeline.failed() {
+        bail!("{failed} stopped unexpectedly");
+    }
+    let (verified, failed) = summary?;
+    rewarder_caught_up(&js, Duration::from_secs(30)).await?;
+    let weights = close_epoch(&nats_client).await?;
+    println!();
+    println!("tasks: {} submitted, {verified} verified, {failed} failed", opts.tasks);
+    print_rewards(&js, Some(&weights)).await?;
+    let liar_weight = weights.weights.iter().find(|m| m.miner == liar).map_or(0, |m| m.weight);
+    let ledger = sundara_rewarder::read_ledger(&js).await?;
+    let liar_agreed =
+        ledger.as_ref().and_then(|l| l.miners().find(|(m, _)| **m == liar).map(|(_, s)| s.agreed)).unwrap_or(0);
+    if liar_weight == 0 && liar_agreed == 0 {
+        println!("dishonest miner {liar} caught: every outcome rejected, weight 0");
+    } else {
+        println!("dishonest miner {liar}: weight {liar_weight}, agreed {liar_agreed} (NOT caught)");
+    }
+
+    if !opts.once {
+        println!("serving on {} until Ctrl-C", endpoints.nats_url);
+        sundara_common::termination_signal().await;
+    }
+    let errors = pipeline.stop().await;
+    for e in &errors {
+        eprintln!("shutdown: {e}");
+    }
+    println!("stopped cleanly");
+    Ok(())
+}
+
+/// Submits `tasks` demo tasks (alternating models) and waits for every result.
+async fn demo_load(endpoints: &Endpoints, models: &[ModelMeta], tasks: usize) -> anyhow::Result<(usize, usize)> {
+    let client = Client::connect(&endpoints.nats_url).await?;
+    let mut results = client.results("demo").await?;
+    let bar = ProgressBar::new(tasks as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} verified tasks {msg}").expect("valid template"));
+    let models = Arc::new(models.to_vec());
+    let submitting = {
+        let client = client.clone();
+        let models = models.clone();
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let requests: Vec<SubmitRequest> = (0..tasks)
+                .map(|i| {
+                    let meta = &models[i % models.len()];
+                    SubmitRequest {
+                        v: WIRE_VERSION,
+                        model: meta.name.clone(),
+                        inputs: crate::models::sample_inputs(meta, 1, &mut rng),
+                        tenant: "demo".into(),
+                        request_id: Some(format!("demo-{i}")),
+                        seed: i as u64,
+                        timeout_ms: Some(60_000),
+                    }
+                })
+                .collect();
+            let outcomes: Vec<_> = futures::stream::iter(requests)
+                .map(|r| {
+                    let client = client.clone();
+                    async move { client.submit(&r).await }
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            let mut accepted = 0;
+            for o in outcomes {
+                match o? {
+                    SubmitOutcome::Accepted { .. } => accepted += 1,
+                    SubmitOutcome::Rejected { code, reason } => bail!("demo task rejected: {} {reason}", code.as_str()),
+                }
+            }
+            Ok::<usize, anyhow::Error>(accepted)
+        })
+    };
+    let mut seen: BTreeMap<String, bool> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while seen.len() < tasks {
+        let next = tokio::time::timeout_at(deadline, results.next()).await;
+        let Ok(Some(result)) = next else { bail!("only {} of {tasks} results arrived within 120 s", seen.len()) };
+        let result = result?;
+        let ok = matches!(result.status, ResultStatus::Verified { .. });
+        if seen.insert(result.task_id, ok).is_none() {
+            bar.inc(1);
+        }
+    }
+    submitting.await??;
+    bar.finish();
+    let verified = seen.values().filter(|ok| **ok).count();
+    Ok((verified, seen.len() - verified))
+}
+
+/// Where `sundara up` looks for its demo files.
+pub fn models_dir() -> PathBuf {
+    project_root().join(".cache/models")
+}

@@ -1,0 +1,238 @@
+//! The service against a real nats-server (`.venv/bin/nats-server` from scripts/setup, or
+//! `$SUNDARA_NATS_SERVER`); skipped with a note when none is installed.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use sundara_common::{Endpoints, Shutdown, nats};
+use sundara_schemas::{
+    CompareRule, EpochWeights, MAX_MESSAGE_BYTES, MinerVerdict, ModelRef, RewardTrace, Standing, Verdict, WIRE_VERSION,
+    decode, encode, subjects as subj,
+};
+
+use crate::{CLOSE_EPOCH_SUBJECT, CONSUMER, Config, Ledger, RewarderError, read_ledger, read_weights, run};
+
+struct Server {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nats_server_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SUNDARA_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/nats-server");
+    if venv.is_file() {
+        return Some(venv);
+    }
+    let on_path = std::env::var_os("PATH")?;
+    std::env::split_paths(&on_path).map(|d| d.join("nats-server")).find(|p| p.is_file())
+}
+
+fn start_server() -> Option<Server> {
+    let Some(bin) = nats_server_binary() else {
+        eprintln!("nats-server not found (run scripts/setup); skipping");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("sundara-rewarder-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server starts");
+    let server = Server { child, dir, url: format!("nats://127.0.0.1:{port}") };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(server)
+}
+
+fn verdict(i: u64) -> Verdict {
+    let standings = [Standing::Agreed, Standing::Agreed, Standing::Disagreed, Standing::Missing];
+    let miners = (0..3u64)
+        .map(|r| {
+            let standing = standings[((i + r) % 4) as usize];
+            MinerVerdict {
+                worker: format!("miner-{}", (i + r) % 5),
+                replica: r as u8,
+                attempt: 0,
+                standing,
+                latency_us: (standing != Standing::Missing).then_some((i * 31 + r * 17) % 997),
+            }
+        })
+        .collect();
+    Verdict {
+        v: WIRE_VERSION,
+        task_id: format!("task-{i}"),
+        tenant: "t".into(),
+        model: ModelRef { name: "mlp".into(), version: "1".into() },
+        k: 3,
+        rule: CompareRule::Exact,
+        accepted: true,
+        miners,
+        decided_at_ms: 0,
+    }
+}
+
+async fn publish_verdict(js: &jetstream::Context, i: u64) -> u64 {
+    let v = verdict(i);
+    nats::publish_durable(js, subj::verdict(&v.task_id), &v.task_id, encode(&v)).await.unwrap().sequence
+}
+
+fn config(url: &str) -> Config {
+    let mut config = Config::new(Endpoints { nats_url: url.into(), redis_url: "redis://unused".into() });
+    config.epoch_length = Duration::from_secs(3600);
+    config.flush_interval = Duration::from_millis(20);
+    config
+}
+
+/// Waits until the consumer has delivered `seq` and holds nothing un-acked.
+async fn caught_up(js: &jetstream::Context, seq: u64) {
+    let stream = js.get_stream(subj::VERDICTS_STREAM).await.unwrap();
+    let started = Instant::now();
+    loop {
+        if let Ok(info) = stream.consumer_info(CONSUMER).await
+            && info.delivered.stream_sequence >= seq
+            && info.num_ack_pending == 0
+        {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "rewarder did not catch up to {seq}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn close_epoch(client: &async_nats::Client) -> EpochWeights {
+    let reply = tokio::time::timeout(Duration::from_secs(10), client.request(CLOSE_EPOCH_SUBJECT, "".into()))
+        .await
+        .expect("close answered")
+        .unwrap();
+    decode(&reply.payload, MAX_MESSAGE_BYTES).unwrap()
+}
+
+fn spawn(config: Config) -> (Shutdown, tokio::task::JoinHandle<Result<(), RewarderError>>) {
+    let shutdown = Shutdown::new();
+    (shutdown.clone(), tokio::spawn(run(config, shutdown)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_verdicts_once_and_recovers_after_a_crash() {
+    let Some(server) = start_server() else { return };
+    let client = nats::connect(&server.url, "test").await.unwrap();
+    let js = jetstream::new(client.clone());
+    nats::provision(&js, &nats::Retention::default()).await.unwrap();
+
+    let mut expected = Ledger::new(0.1, 0);
+    let mut last = 0;
+    for i in 0..40 {
+        let seq = publish_verdict(&js, i).await;
+        expected.apply(&verdict(i), seq).unwrap();
+        last = seq;
+    }
+    // Garbage is terminated, not applied.
+    let bad = nats::publish_durable(&js, subj::verdict("bad"), "bad", b"\xc1nonsense".to_vec()).await.unwrap();
+    last = last.max(bad.sequence);
+
+    let (shutdown, task) = spawn(config(&server.url));
+    caught_up(&js, last).await;
+    let weights = close_epoch(&client).await;
+    assert_eq!(weights.epoch, 1);
+    assert_eq!(weights.weights.iter().map(|w| u32::from(w.weight)).sum::<u32>(), 65535);
+    let mut replay = expected.clone();
+    let want = replay.close_epoch(weights.closed_at_ms);
+    assert_eq!(weights, want, "service weights equal a local replay");
+    assert_eq!(read_weights(&js, None).await.unwrap().as_ref(), Some(&weights));
+    assert_eq!(read_weights(&js, Some(1)).await.unwrap().as_ref(), Some(&weights));
+    assert_eq!(read_weights(&js, Some(2)).await.unwrap(), None);
+    let stored = read_ledger(&js).await.unwrap().unwrap();
+    assert_eq!((stored.epoch(), stored.last_seq()), (2, expected.last_seq()));
+    assert!(stored.miners().map(|(_, s)| s).eq(expected.miners().map(|(_, s)| s)));
+
+    // Traces and the epoch are in REWARDS.
+    let rewards = js.get_stream(subj::REWARDS_STREAM).await.unwrap();
+    let trace = rewards.get_last_raw_message_by_subject(&subj::reward_task("task-7")).await.unwrap();
+    let trace: RewardTrace = decode(&trace.payload, MAX_MESSAGE_BYTES).unwrap();
+    assert_eq!((trace.epoch, trace.entries.len()), (1, 3));
+    let epoch = rewards.get_last_raw_message_by_subject(subj::REWARD_EPOCH).await.unwrap();
+    assert_eq!(decode::<EpochWeights>(&epoch.payload, MAX_MESSAGE_BYTES).unwrap(), weights);
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // A "crashed" rewarder took three verdicts and never acked them; two more follow.
+    let mut fresh = Vec::new();
+    for i in 40..43 {
+        fresh.push((i, publish_verdict(&js, i).await));
+    }
+    let consumer = js
+        .get_stream(subj::VERDICTS_STREAM)
+        .await
+        .unwrap()
+        .get_consumer::<jetstream::consumer::pull::Config>(CONSUMER)
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(3).messages().await.unwrap();
+    let mut taken = 0;
+    while let Some(m) = batch.next().await {
+        m.unwrap();
+        taken += 1;
+    }
+    assert_eq!(taken, 3);
+    for i in 43..45 {
+        fresh.push((i, publish_verdict(&js, i).await));
+    }
+    let mut expected = replay;
+    for &(i, seq) in &fresh {
+        expected.apply(&verdict(i), seq).unwrap();
+    }
+    let (shutdown, task) = spawn(config(&server.url));
+    let last = fresh.last().unwrap().1;
+    caught_up(&js, last).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let stored = read_ledger(&js).await.unwrap().unwrap();
+    assert_eq!(stored.last_seq(), last);
+    assert!(stored.miners().map(|(_, s)| s).eq(expected.miners().map(|(_, s)| s)), "no verdict lost or doubled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overdue_epoch_closes_by_itself() {
+    let Some(server) = start_server() else { return };
+    let client = nats::connect(&server.url, "test").await.unwrap();
+    let js = jetstream::new(client.clone());
+    nats::provision(&js, &nats::Retention::default()).await.unwrap();
+    publish_verdict(&js, 0).await;
+    let mut config = config(&server.url);
+    config.epoch_length = Duration::from_millis(300);
+    let (shutdown, task) = spawn(config);
+    let started = Instant::now();
+    let weights = loop {
+        if let Some(w) = read_weights(&js, Some(2)).await.unwrap() {
+            break w;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "epochs did not close");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(weights.weights.iter().map(|w| u32::from(w.weight)).sum::<u32>(), 65535);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

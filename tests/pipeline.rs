@@ -1,0 +1,142 @@
+//! End-to-end tests of the whole pipeline on real NATS JetStream, Redis and ONNX Runtime.
+
+mod support;
+
+use std::time::Duration;
+
+use rand::SeedableRng;
+use sundara_schemas::{DType, RejectCode, ResultStatus, Standing, SubmitOutcome, Tensor, encode};
+use sundara_verifier::compare::agree;
+use support::{Harness, RULE, dishonest, honest, reference};
+
+fn outputs(status: &ResultStatus) -> &[Tensor] {
+    match status {
+        ResultStatus::Verified { outputs, .. } => outputs,
+        ResultStatus::Failed { code, reason } => panic!("task failed ({code:?}): {reason}"),
+    }
+}
+
+/// 200 tasks over both demo models: every one verified and equal to a direct ort run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn happy_path_matches_direct_inference() {
+    let mut h =
+        Harness::start(vec![honest("a", 2), honest("b", 2), honest("c", 2)], 2, Duration::from_secs(10)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let meta = &h.models[if i % 2 == 0 { "mlp" } else { "silero" }];
+            let rows = 1 + (i % 3) as u64;
+            h.request(&meta.name, sundara::models::sample_inputs(meta, rows, &mut rng), &format!("happy-{i}"))
+        })
+        .collect();
+    let results = h.run_tasks(&requests, |_, _| {}).await;
+    assert_eq!(results.len(), 200);
+    for (i, req) in requests.iter().enumerate() {
+        let task_id = sundara_ingress::task_id("test", req.request_id.as_deref());
+        let result = &results[&task_id];
+        let expected = reference(&h.models[&req.model], &req.inputs);
+        assert!(agree(&RULE, outputs(&result.status), &expected), "task {i} ({}) differs from direct ort", req.model);
+        assert!(matches!(result.status, ResultStatus::Verified { agreeing: 2, k: 2, .. }));
+    }
+    h.stop().await;
+}
+
+/// k=3 with one liar among four: clients still get correct results; the liar scores zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dishonest_miner_is_outvoted_and_scores_zero() {
+    let workers = vec![honest("h1", 2), honest("h2", 2), honest("h3", 2), dishonest("liar", 2)];
+    let mut h = Harness::start(workers, 3, Duration::from_secs(10)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let requests: Vec<_> = (0..80)
+        .map(|i| {
+            let meta = &h.models[if i % 2 == 0 { "mlp" } else { "silero" }];
+            h.request(&meta.name, sundara::models::sample_inputs(meta, 1, &mut rng), &format!("liar-{i}"))
+        })
+        .collect();
+    let results = h.run_tasks(&requests, |_, _| {}).await;
+    for req in &requests {
+        let task_id = sundara_ingress::task_id("test", req.request_id.as_deref());
+        let expected = reference(&h.models[&req.model], &req.inputs);
+        assert!(agree(&RULE, outputs(&results[&task_id].status), &expected));
+    }
+    // The liar was chosen often (k=3 of 4) and disagreed every time.
+    let verdicts = h.all_verdicts().await;
+    let liar_standings: Vec<Standing> =
+        verdicts.iter().flat_map(|v| v.miners.iter().filter(|m| m.worker == "liar").map(|m| m.standing)).collect();
+    assert!(liar_standings.len() >= 20, "liar was picked {} times", liar_standings.len());
+    assert!(liar_standings.iter().all(|s| *s == Standing::Disagreed));
+
+    sundara::up::rewarder_caught_up(&h.js, Duration::from_secs(30)).await.unwrap();
+    let weights = sundara::up::close_epoch(&h.client.nats).await.unwrap();
+    let weight = |m: &str| weights.weights.iter().find(|w| w.miner == m).map_or(0, |w| w.weight);
+    assert_eq!(weight("liar"), 0);
+    for m in ["h1", "h2", "h3"] {
+        assert!(weight(m) > 0, "honest {m} got no weight: {weights:?}");
+    }
+    assert_eq!(weights.weights.iter().map(|w| w.weight as u32).sum::<u32>(), 65535);
+    h.stop().await;
+}
+
+/// SIGKILL a worker process with assignments in flight: every task still completes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_worker_loses_no_task() {
+    let mut h = Harness::start(vec![honest("steady", 1)], 2, Duration::from_secs(3)).await;
+    let victim = h.spawn_worker_process("victim", 1).await;
+    h.spawn_worker_process("spare", 1).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let meta = h.models["mlp"].clone();
+    let requests: Vec<_> = (0..150)
+        .map(|i| h.request("mlp", sundara::models::sample_inputs(&meta, 16, &mut rng), &format!("kill-{i}")))
+        .collect();
+    let mut killed = false;
+    let results = h
+        .run_tasks(&requests, |h, n| {
+            if n == 10 && !killed {
+                h.kill_worker_process(victim);
+                killed = true;
+            }
+        })
+        .await;
+    assert!(killed);
+    assert_eq!(results.len(), 150);
+    for r in results.values() {
+        outputs(&r.status);
+    }
+    // Exactly one result per task is stored, and some replicas were reassigned.
+    let stored = h.stream_messages(sundara_schemas::subjects::RESULTS_STREAM).await;
+    assert_eq!(stored.len(), 150);
+    let verdicts = h.all_verdicts().await;
+    assert!(verdicts.iter().flat_map(|v| &v.miners).any(|m| m.attempt > 0), "no assignment was reassigned");
+    h.stop().await;
+}
+
+/// Each kind of bad input gets its typed rejection, and the next good task still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_typed_rejections() {
+    let mut h = Harness::start(vec![honest("a", 1)], 1, Duration::from_secs(10)).await;
+    let x = |shape: Vec<u64>, n: usize| Tensor::from_values("x", shape, &vec![0.5f32; n]);
+    let code = |o: SubmitOutcome| match o {
+        SubmitOutcome::Rejected { code, .. } => code,
+        SubmitOutcome::Accepted { task_id, .. } => panic!("accepted bad input as {task_id}"),
+    };
+    let c = &h.client;
+    assert_eq!(code(c.submit_raw(b"\xc1 not msgpack".to_vec()).await.unwrap()), RejectCode::Malformed);
+    assert_eq!(code(c.submit(&h.request("nope", vec![x(vec![1, 784], 784)], "r1")).await.unwrap()), RejectCode::UnknownModel);
+    let ints = Tensor::from_values("x", vec![1, 784], &vec![0i64; 784]);
+    assert_eq!(code(c.submit(&h.request("mlp", vec![ints], "r2")).await.unwrap()), RejectCode::WrongDtype);
+    assert_eq!(code(c.submit(&h.request("mlp", vec![x(vec![1, 783], 783)], "r3")).await.unwrap()), RejectCode::WrongShape);
+    let hostile = Tensor { name: "x".into(), dtype: DType::F32, shape: vec![u64::MAX / 2, 784], data: vec![] };
+    assert_eq!(code(c.submit(&h.request("mlp", vec![hostile], "r4")).await.unwrap()), RejectCode::HostileShape);
+    let big = x(vec![1700, 784], 1700 * 784); // 5.3 MB: over the ingress limit, under NATS' max_payload
+    assert_eq!(code(c.submit_raw(encode(&h.request("mlp", vec![big], "r5"))).await.unwrap()), RejectCode::PayloadTooLarge);
+    assert_eq!(code(c.submit(&h.request("mlp", vec![], "r6")).await.unwrap()), RejectCode::MissingInput);
+    let mut wrong_version = h.request("mlp", vec![x(vec![1, 784], 784)], "r7");
+    wrong_version.v = 99;
+    assert_eq!(code(c.submit(&wrong_version).await.unwrap()), RejectCode::UnsupportedVersion);
+
+    let good = h.request("mlp", vec![x(vec![2, 784], 2 * 784)], "good");
+    let results = h.run_tasks(std::slice::from_ref(&good), |_, _| {}).await;
+    let result = results.values().next().unwrap();
+    assert!(agree(&RULE, outputs(&result.status), &reference(&h.models["mlp"], &good.inputs)));
+    h.stop().await;
+}

@@ -1,0 +1,192 @@
+//! Test harness: a real nats-server and redis-server on free ports (temp dirs), the demo
+//! models registered, and the pipeline running in-process. Everything stops on drop.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use sundara::client::Client;
+use sundara::pipeline::{Pipeline, PipelineConfig, WorkerSpec};
+use sundara::stack::{LocalStack, project_root};
+use sundara_common::{Capacity, Registry, nats};
+use sundara_schemas::{
+    ClientResult, CompareRule, MAX_MESSAGE_BYTES, ModelMeta, Policy, SubmitOutcome, SubmitRequest, Tensor, Verdict,
+    WIRE_VERSION, decode, subjects as subj,
+};
+use sundara_worker::Behaviour;
+
+pub const SECRET: &[u8] = b"test-secret";
+pub const RULE: CompareRule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
+
+pub fn honest(id: &str, slots: u32) -> WorkerSpec {
+    WorkerSpec { id: id.into(), slots, behaviour: Behaviour::Honest }
+}
+pub fn dishonest(id: &str, slots: u32) -> WorkerSpec {
+    WorkerSpec { id: id.into(), slots, behaviour: Behaviour::Dishonest }
+}
+
+pub struct Harness {
+    pub stack: LocalStack,
+    pub pipeline: Option<Pipeline>,
+    pub client: Client,
+    pub js: jetstream::Context,
+    pub capacity: Capacity,
+    pub models: HashMap<String, ModelMeta>,
+    pub ort_library: PathBuf,
+    pub cache: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl Harness {
+    /// Starts servers, registers the demo models with redundancy `k`, starts the pipeline.
+    pub async fn start(workers: Vec<WorkerSpec>, k: u8, assignment_timeout: Duration) -> Harness {
+        let root = project_root();
+        let ort_library = sundara_runtime::find_library(&[root.clone()]).expect("run scripts/setup");
+        sundara_runtime::init(&ort_library).unwrap();
+        let stack = LocalStack::start(&root).expect("servers start (run scripts/setup)");
+        let endpoints = stack.endpoints();
+        let nats_client = nats::connect(&endpoints.nats_url, "test").await.unwrap();
+        let js = jetstream::new(nats_client);
+        nats::provision(&js, &nats::Retention::default()).await.unwrap();
+        let registry = Registry::open(&js).await.unwrap();
+        let mut models = HashMap::new();
+        for (file, name) in sundara::up::DEMO_MODELS {
+            let path = root.join(".cache/models").join(file);
+            let meta = sundara::models::push(&registry, &path, name, "1", Policy { redundancy: k, rule: RULE })
+                .await
+                .expect("demo models exist (run scripts/setup)");
+            models.insert(name.to_string(), meta);
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let pipeline = Pipeline::start(PipelineConfig {
+            endpoints: endpoints.clone(),
+            secret: SECRET.to_vec(),
+            ort_library: ort_library.clone(),
+            cache_dir: cache.path().to_path_buf(),
+            workers,
+            assignment_timeout,
+            epoch_length: Duration::from_secs(3600),
+        })
+        .await;
+        let client = Client::connect(&endpoints.nats_url).await.unwrap();
+        let capacity = Capacity::connect(&endpoints.redis_url).await.unwrap();
+        Harness { stack, pipeline: Some(pipeline), client, js, capacity, models, ort_library, cache, children: vec![] }
+    }
+
+    /// Starts a worker as a child process of the `sundara` binary (so a test can SIGKILL it).
+    pub async fn spawn_worker_process(&mut self, id: &str, slots: u32) -> usize {
+        let ep = self.stack.endpoints();
+        let child = Command::new(env!("CARGO_BIN_EXE_sundara"))
+            .args(["worker", "--id", id, "--slots", &slots.to_string()])
+            .arg("--cache-dir")
+            .arg(self.cache.path())
+            .env("SUNDARA_NATS_URL", &ep.nats_url)
+            .env("SUNDARA_REDIS_URL", &ep.redis_url)
+            .env("ORT_DYLIB_PATH", &self.ort_library)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sundara binary runs");
+        self.children.push(child);
+        self.wait_for_worker(id).await;
+        self.children.len() - 1
+    }
+
+    /// SIGKILLs a child worker.
+    pub fn kill_worker_process(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Waits (bounded) until `id` has announced itself in Redis.
+    pub async fn wait_for_worker(&self, id: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.capacity.workers().await.unwrap().iter().any(|w| w == id) {
+            assert!(tokio::time::Instant::now() < deadline, "worker {id} never announced itself");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn request(&self, model: &str, inputs: Vec<Tensor>, request_id: &str) -> SubmitRequest {
+        SubmitRequest {
+            v: WIRE_VERSION,
+            model: model.into(),
+            inputs,
+            tenant: "test".into(),
+            request_id: Some(request_id.into()),
+            seed: 0,
+            timeout_ms: Some(120_000),
+        }
+    }
+
+    /// Submits all requests (each must be accepted) and collects one result per task.
+    /// `on_result` sees the number of results so far (for fault injection mid-run).
+    pub async fn run_tasks(
+        &mut self,
+        requests: &[SubmitRequest],
+        mut on_result: impl FnMut(&mut Harness, usize),
+    ) -> HashMap<String, ClientResult> {
+        let mut results = self.client.results("test").await.unwrap();
+        let mut ids = Vec::new();
+        for r in requests {
+            match self.client.submit(r).await.unwrap() {
+                SubmitOutcome::Accepted { task_id, .. } => ids.push(task_id),
+                SubmitOutcome::Rejected { code, reason } => panic!("rejected {code:?}: {reason}"),
+            }
+        }
+        let mut got: HashMap<String, ClientResult> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while got.len() < ids.len() {
+            let next = tokio::time::timeout_at(deadline, results.next()).await;
+            let Ok(Some(Ok(result))) = next else { panic!("only {} of {} results arrived", got.len(), ids.len()) };
+            assert!(got.insert(result.task_id.clone(), result).is_none(), "a result was delivered twice");
+            on_result(self, got.len());
+        }
+        for id in &ids {
+            assert!(got.contains_key(id), "no result for {id}");
+        }
+        got
+    }
+
+    /// Every message stored in a stream, decoded.
+    pub async fn all_verdicts(&self) -> Vec<Verdict> {
+        self.stream_messages(subj::VERDICTS_STREAM).await.iter().map(|p| decode(p, MAX_MESSAGE_BYTES).unwrap()).collect()
+    }
+
+    pub async fn stream_messages(&self, stream: &str) -> Vec<Vec<u8>> {
+        let mut stream = self.js.get_stream(stream).await.unwrap();
+        let count = stream.info().await.unwrap().state.messages as usize;
+        let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut out = Vec::new();
+        while out.len() < count {
+            let m = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap().unwrap();
+            out.push(m.payload.to_vec());
+        }
+        out
+    }
+
+    pub async fn stop(mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let errors = self.pipeline.take().unwrap().stop().await;
+        assert!(errors.is_empty(), "services stopped with errors: {errors:?}");
+    }
+}
+
+/// The model run directly with ONNX Runtime: what a verified result must agree with.
+pub fn reference(meta: &ModelMeta, inputs: &[Tensor]) -> Vec<Tensor> {
+    let bytes = std::fs::read(project_root().join(".cache/models").join(match meta.name.as_str() {
+        "mlp" => "mlp.onnx",
+        _ => "silero_vad.onnx",
+    }))
+    .unwrap();
+    sundara_runtime::Model::load(&bytes, 1).unwrap().run(inputs).unwrap()
+}
