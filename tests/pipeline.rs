@@ -19,8 +19,7 @@ fn outputs(status: &ResultStatus) -> &[Tensor] {
 /// 200 tasks over both demo models: every one verified and equal to a direct ort run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn happy_path_matches_direct_inference() {
-    let mut h =
-        Harness::start(vec![honest("a", 2), honest("b", 2), honest("c", 2)], 2, Duration::from_secs(10)).await;
+    let mut h = Harness::start(vec![honest("a", 2), honest("b", 2), honest("c", 2)], 2, Duration::from_secs(10)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let requests: Vec<_> = (0..200)
         .map(|i| {
@@ -121,14 +120,23 @@ async fn bad_input_gets_typed_rejections() {
     };
     let c = &h.client;
     assert_eq!(code(c.submit_raw(b"\xc1 not msgpack".to_vec()).await.unwrap()), RejectCode::Malformed);
-    assert_eq!(code(c.submit(&h.request("nope", vec![x(vec![1, 784], 784)], "r1")).await.unwrap()), RejectCode::UnknownModel);
+    assert_eq!(
+        code(c.submit(&h.request("nope", vec![x(vec![1, 784], 784)], "r1")).await.unwrap()),
+        RejectCode::UnknownModel
+    );
     let ints = Tensor::from_values("x", vec![1, 784], &vec![0i64; 784]);
     assert_eq!(code(c.submit(&h.request("mlp", vec![ints], "r2")).await.unwrap()), RejectCode::WrongDtype);
-    assert_eq!(code(c.submit(&h.request("mlp", vec![x(vec![1, 783], 783)], "r3")).await.unwrap()), RejectCode::WrongShape);
+    assert_eq!(
+        code(c.submit(&h.request("mlp", vec![x(vec![1, 783], 783)], "r3")).await.unwrap()),
+        RejectCode::WrongShape
+    );
     let hostile = Tensor { name: "x".into(), dtype: DType::F32, shape: vec![u64::MAX / 2, 784], data: vec![] };
     assert_eq!(code(c.submit(&h.request("mlp", vec![hostile], "r4")).await.unwrap()), RejectCode::HostileShape);
     let big = x(vec![1700, 784], 1700 * 784); // 5.3 MB: over the ingress limit, under NATS' max_payload
-    assert_eq!(code(c.submit_raw(encode(&h.request("mlp", vec![big], "r5"))).await.unwrap()), RejectCode::PayloadTooLarge);
+    assert_eq!(
+        code(c.submit_raw(encode(&h.request("mlp", vec![big], "r5"))).await.unwrap()),
+        RejectCode::PayloadTooLarge
+    );
     assert_eq!(code(c.submit(&h.request("mlp", vec![], "r6")).await.unwrap()), RejectCode::MissingInput);
     let mut wrong_version = h.request("mlp", vec![x(vec![1, 784], 784)], "r7");
     wrong_version.v = 99;

@@ -34,8 +34,14 @@ pub struct SubmitReply {
 pub enum SubmitOutcome {
     /// Durably stored; a [`ClientResult`] will follow on `sundara.result.<tenant>.<task_id>`.
     /// `duplicate` is true when this request id was seen before.
-    Accepted { task_id: String, duplicate: bool },
-    Rejected { code: RejectCode, reason: String },
+    Accepted {
+        task_id: String,
+        duplicate: bool,
+    },
+    Rejected {
+        code: RejectCode,
+        reason: String,
+    },
 }
 
 /// Why a submission was refused. Stable codes clients can branch on.
@@ -113,11 +119,17 @@ pub struct Outcome {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum OutcomeResult {
-    Ok { outputs: Vec<Tensor> },
+    Ok {
+        outputs: Vec<Tensor>,
+    },
     /// The worker could not run the task.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     /// The scheduler gave up on this replica (attempts exhausted or deadline passed).
-    Abandoned { reason: String },
+    Abandoned {
+        reason: String,
+    },
 }
 
 /// What the client receives (stream RESULTS, subject `sundara.result.<tenant>.<task>`).
@@ -133,8 +145,15 @@ pub struct ClientResult {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum ResultStatus {
     /// `agreeing` of the `k` miners produced outputs equal to these under the model's rule.
-    Verified { outputs: Vec<Tensor>, agreeing: u8, k: u8 },
-    Failed { code: FailureCode, reason: String },
+    Verified {
+        outputs: Vec<Tensor>,
+        agreeing: u8,
+        k: u8,
+    },
+    Failed {
+        code: FailureCode,
+        reason: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -35,7 +35,12 @@ impl TensorSpec {
         let fits = t.shape.len() == self.shape.len()
             && self.shape.iter().zip(&t.shape).all(|(want, got)| want.is_none_or(|w| w == *got));
         if !fits {
-            return Some(format!("input `{}` must have shape {}, got {:?}", self.name, shape_text(&self.shape), t.shape));
+            return Some(format!(
+                "input `{}` must have shape {}, got {:?}",
+                self.name,
+                shape_text(&self.shape),
+                t.shape
+            ));
         }
         None
     }

@@ -72,6 +72,7 @@ impl Harness {
             epoch_length: Duration::from_secs(3600),
         })
         .await;
+        pipeline.ready(Duration::from_secs(30)).await.expect("pipeline starts");
         let client = Client::connect(&endpoints.nats_url).await.unwrap();
         let capacity = Capacity::connect(&endpoints.redis_url).await.unwrap();
         Harness { stack, pipeline: Some(pipeline), client, js, capacity, models, ort_library, cache, children: vec![] }
@@ -155,7 +156,11 @@ impl Harness {
 
     /// Every message stored in a stream, decoded.
     pub async fn all_verdicts(&self) -> Vec<Verdict> {
-        self.stream_messages(subj::VERDICTS_STREAM).await.iter().map(|p| decode(p, MAX_MESSAGE_BYTES).unwrap()).collect()
+        self.stream_messages(subj::VERDICTS_STREAM)
+            .await
+            .iter()
+            .map(|p| decode(p, MAX_MESSAGE_BYTES).unwrap())
+            .collect()
     }
 
     pub async fn stream_messages(&self, stream: &str) -> Vec<Vec<u8>> {

@@ -94,7 +94,12 @@ mod tests {
     #[test]
     fn only_alive_workers_without_heartbeat_lapse() {
         let workers = vec!["a".to_string(), "b".into(), "c".into(), "d".into()];
-        let health = vec![(true, Some("alive".into())), (false, Some("alive".into())), (false, Some("dead".into())), (false, None)];
+        let health = vec![
+            (true, Some("alive".into())),
+            (false, Some("alive".into())),
+            (false, Some("dead".into())),
+            (false, None),
+        ];
         assert_eq!(lapsed(&workers, &health), vec!["b", "d"]);
     }
 }

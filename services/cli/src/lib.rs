@@ -27,14 +27,24 @@ pub fn inputs_from_json(text: &str) -> Result<Vec<Tensor>, String> {
         .inputs
         .into_iter()
         .map(|i| match i.dtype {
-            DType::F32 => Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as f32).collect::<Vec<_>>()),
+            DType::F32 => {
+                Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as f32).collect::<Vec<_>>())
+            }
             DType::F64 => Tensor::from_values(&i.name, i.shape, &i.values),
-            DType::I64 => Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as i64).collect::<Vec<_>>()),
-            DType::I32 => Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as i32).collect::<Vec<_>>()),
-            DType::I16 => Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as i16).collect::<Vec<_>>()),
+            DType::I64 => {
+                Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as i64).collect::<Vec<_>>())
+            }
+            DType::I32 => {
+                Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as i32).collect::<Vec<_>>())
+            }
+            DType::I16 => {
+                Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as i16).collect::<Vec<_>>())
+            }
             DType::I8 => Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as i8).collect::<Vec<_>>()),
             DType::U8 => Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v as u8).collect::<Vec<_>>()),
-            DType::Bool => Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v != 0.0).collect::<Vec<_>>()),
+            DType::Bool => {
+                Tensor::from_values(&i.name, i.shape, &i.values.iter().map(|&v| v != 0.0).collect::<Vec<_>>())
+            }
         })
         .collect())
 }

@@ -132,7 +132,10 @@ enum ModelsCommand {
     List,
 }
 
-async fn run_service<E: std::fmt::Display>(fut: impl Future<Output = Result<(), E>>, shutdown: Shutdown) -> anyhow::Result<()> {
+async fn run_service<E: std::fmt::Display>(
+    fut: impl Future<Output = Result<(), E>>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let signal = shutdown.clone();
     tokio::spawn(async move {
         sundara_common::termination_signal().await;
@@ -178,7 +181,9 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Models { command: ModelsCommand::Push { file, name, version, redundancy, rule, atol, rtol, min_cosine } } => {
+        Command::Models {
+            command: ModelsCommand::Push { file, name, version, redundancy, rule, atol, rtol, min_cosine },
+        } => {
             ort()?;
             let rule = match rule.as_str() {
                 "exact" => CompareRule::Exact,
@@ -199,7 +204,9 @@ async fn main() -> anyhow::Result<()> {
             let (js, _) = registry(&cli.nats).await?;
             sundara::up::print_rewards(&js, None).await
         }
-        Command::Ingress => run_service(sundara_ingress::run(sundara_ingress::Config::new(endpoints), shutdown.clone()), shutdown).await,
+        Command::Ingress => {
+            run_service(sundara_ingress::run(sundara_ingress::Config::new(endpoints), shutdown.clone()), shutdown).await
+        }
         Command::Scheduler(s) => {
             let config = sundara_scheduler::Config::new(endpoints, s.secret.into_bytes());
             run_service(sundara_scheduler::run(config, shutdown.clone()), shutdown).await
@@ -214,7 +221,8 @@ async fn main() -> anyhow::Result<()> {
             run_service(sundara_rewarder::run(config, shutdown.clone()), shutdown).await
         }
         Command::Autoscaler => {
-            run_service(sundara_autoscaler::run(sundara_autoscaler::Config::new(endpoints), shutdown.clone()), shutdown).await
+            run_service(sundara_autoscaler::run(sundara_autoscaler::Config::new(endpoints), shutdown.clone()), shutdown)
+                .await
         }
         Command::Worker { id, operator, slots, models, cache_dir, dishonest } => {
             let lib = ort()?;
@@ -292,7 +300,9 @@ async fn submit(
                     println!("  {} {}{:?} [{}{more}]", t.name, t.dtype, t.shape, shown.join(", "));
                 }
             }
-            (None, ResultStatus::Failed { code, reason }) => println!("task {} failed ({code:?}): {reason}", result.task_id),
+            (None, ResultStatus::Failed { code, reason }) => {
+                println!("task {} failed ({code:?}): {reason}", result.task_id)
+            }
         }
     }
     if let Some(bar) = bar {

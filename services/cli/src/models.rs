@@ -44,7 +44,7 @@ pub async fn push(
         inputs: model.inputs.clone(),
         outputs: model.outputs.clone(),
         policy,
-    pushed_at_ms: now_ms(),
+        pushed_at_ms: now_ms(),
     };
     registry.push(&meta, &bytes).await?;
     Ok(meta)

@@ -56,7 +56,10 @@ impl Pipeline {
         let services = vec![
             ("ingress", spawn(sundara_ingress::run(sundara_ingress::Config::new(ep.clone()), s()))),
             ("scheduler", spawn(sundara_scheduler::run(scheduler, s()))),
-            ("verifier", spawn(sundara_verifier::run(sundara_verifier::Config::new(ep.clone(), config.secret.clone()), s()))),
+            (
+                "verifier",
+                spawn(sundara_verifier::run(sundara_verifier::Config::new(ep.clone(), config.secret.clone()), s())),
+            ),
             ("rewarder", spawn(sundara_rewarder::run(rewarder, s()))),
             ("autoscaler", spawn(sundara_autoscaler::run(sundara_autoscaler::Config::new(ep.clone()), s()))),
         ];
@@ -84,6 +87,31 @@ impl Pipeline {
         let token = self.shutdown.child_token();
         let handle = spawn(sundara_worker::run(self.worker_config(&spec), token.clone()));
         self.workers.insert(spec.id, (token, handle));
+    }
+
+    /// Waits until the ingress answers and every configured worker has announced itself.
+    /// Polls (bounded by `within`): readiness of other tasks has no event to wait on.
+    pub async fn ready(&self, within: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        let nats = sundara_common::nats::connect(&self.config.endpoints.nats_url, "sundara-ready")
+            .await
+            .map_err(|e| e.to_string())?;
+        let capacity =
+            sundara_common::Capacity::connect(&self.config.endpoints.redis_url).await.map_err(|e| e.to_string())?;
+        loop {
+            if let Some(failed) = self.failed() {
+                return Err(format!("{failed} stopped during start-up"));
+            }
+            let ingress_up = nats.request("$SRV.PING.sundara-ingress", "".into()).await.is_ok();
+            let announced = capacity.workers().await.map_err(|e| e.to_string())?;
+            if ingress_up && self.config.workers.iter().all(|w| announced.contains(&w.id)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("pipeline not ready within {within:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Name of a service or worker that has stopped on its own (an error), if any.

@@ -67,12 +67,10 @@ pub async fn rewarder_caught_up(js: &jetstream::Context, within: Duration) -> an
 
 /// Asks the rewarder to close the epoch now and returns its weights.
 pub async fn close_epoch(client: &async_nats::Client) -> anyhow::Result<EpochWeights> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(sundara_rewarder::CLOSE_EPOCH_SUBJECT, "".into()),
-    )
-    .await
-    .context("rewarder did not answer within 10 s")??;
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), client.request(sundara_rewarder::CLOSE_EPOCH_SUBJECT, "".into()))
+            .await
+            .context("rewarder did not answer within 10 s")??;
     Ok(decode::<EpochWeights>(&reply.payload, MAX_MESSAGE_BYTES)?)
 }
 
@@ -137,6 +135,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         epoch_length: Duration::from_secs(3600),
     })
     .await;
+    pipeline.ready(Duration::from_secs(60)).await.map_err(|e| anyhow::anyhow!(e))?;
     println!(
         "services up: ingress, scheduler, verifier, rewarder, autoscaler; workers {} (dishonest: {liar})",
         workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")

@@ -37,7 +37,7 @@ const INFLIGHT: &str = "sundara:inflight";
 
 /// Reserves one slot on each of up to k distinct workers for the given assignment ids, or
 /// nothing. Ids already reserved (a redelivered task) keep their slot.
-/// KEYS: cand:<model>, taskw:<task>. ARGV: n, scan, timeout_at_ms, ttl_ms, aid_1..aid_n.
+/// KEYS: cand:<model>, taskw:<task>. ARGV: n, scan, timeout_at_ms, ttl_ms, aid_1..aid_n, rotation.
 /// Returns {slice_1, worker_1, ...} in aid order, or {} when not enough capacity.
 const RESERVE: &str = r#"
 local n = tonumber(ARGV[1])
@@ -53,15 +53,28 @@ for i = 1, n do
   if held[1] then result[i] = {held[1], held[2]} else table.insert(need, i) end
 end
 if #need > 0 then
-  local picks = {}
-  for _, s in ipairs(redis.call('ZRANGE', KEYS[1], 0, scan - 1)) do
+  -- Eligible slices among the first `scan` candidates, least loaded first (most free
+  -- slots); ties rotate by ARGV[5 + n] so equal slices share the work.
+  local eligible = {}
+  local rotate = tonumber(ARGV[5 + n]) or 0
+  for idx, s in ipairs(redis.call('ZRANGE', KEYS[1], 0, scan - 1)) do
     local h = redis.call('HMGET', 'sundara:slice:' .. s, 'worker', 'slots_free', 'state', 'operator')
-    local w, free, op = h[1], tonumber(h[2]), h[4]
-    local op_known = op and op ~= ''
-    if w and h[3] == 'alive' and free and free > 0 and not used[w] and not (op_known and usedop[op]) then
-      used[w] = true
-      if op_known then usedop[op] = true end
-      table.insert(picks, {s, w})
+    local free = tonumber(h[2])
+    if h[1] and h[3] == 'alive' and free and free > 0 and not used[h[1]] then
+      table.insert(eligible, {s = s, w = h[1], free = free, op = h[4], tie = (idx + rotate) % 1000003})
+    end
+  end
+  table.sort(eligible, function(a, b)
+    if a.free ~= b.free then return a.free > b.free end
+    return a.tie < b.tie
+  end)
+  local picks = {}
+  for _, c in ipairs(eligible) do
+    local op_known = c.op and c.op ~= ''
+    if not used[c.w] and not (op_known and usedop[c.op]) then
+      used[c.w] = true
+      if op_known then usedop[c.op] = true end
+      table.insert(picks, {c.s, c.w})
       if #picks == #need then break end
     end
   end
@@ -245,6 +258,7 @@ impl Capacity {
         for aid in aids {
             inv.arg(aid);
         }
+        inv.arg(rand::random::<u32>());
         let mut con = self.con.clone();
         let flat: Vec<String> = inv.invoke_async(&mut con).await?;
         if flat.is_empty() {

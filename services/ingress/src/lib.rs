@@ -73,7 +73,10 @@ pub fn decode_request(bytes: &[u8], max_bytes: usize) -> Result<SubmitRequest, R
 /// Checks a submission against its model's declared inputs. Pure: no I/O.
 pub fn admit(req: &SubmitRequest, model: &ModelMeta, limits: &Limits) -> Result<(), Rejection> {
     if req.inputs.len() > limits.max_tensors {
-        return Err(reject(RejectCode::Malformed, format!("{} tensors, over the limit of {}", req.inputs.len(), limits.max_tensors)));
+        return Err(reject(
+            RejectCode::Malformed,
+            format!("{} tensors, over the limit of {}", req.inputs.len(), limits.max_tensors),
+        ));
     }
     for t in &req.inputs {
         t.validate(limits).map_err(|e| {

@@ -119,8 +119,10 @@ impl Model {
     /// Loads a model from its ONNX bytes. [`init`] must have been called.
     pub fn load(bytes: &[u8], intra_threads: usize) -> Result<Model, RuntimeError> {
         env()?;
-        let session = build_session(bytes, intra_threads.max(1)).map_err(|e| RuntimeError::InvalidModel(e.to_string()))?;
-        let inputs = session.inputs().iter().map(|o| spec_of("input", o.name(), o.dtype())).collect::<Result<_, _>>()?;
+        let session =
+            build_session(bytes, intra_threads.max(1)).map_err(|e| RuntimeError::InvalidModel(e.to_string()))?;
+        let inputs =
+            session.inputs().iter().map(|o| spec_of("input", o.name(), o.dtype())).collect::<Result<_, _>>()?;
         let outputs =
             session.outputs().iter().map(|o| spec_of("output", o.name(), o.dtype())).collect::<Result<_, _>>()?;
         Ok(Model { session, inputs, outputs })
@@ -148,7 +150,9 @@ impl Model {
 
 fn to_ort(t: &Tensor) -> ort::Result<DynValue> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-    fn make<T: sundara_schemas::tensor::Element + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
+    fn make<
+        T: sundara_schemas::tensor::Element + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static,
+    >(
         shape: Vec<i64>,
         t: &Tensor,
     ) -> ort::Result<DynValue> {

@@ -14,8 +14,8 @@ use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
 use futures::StreamExt;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
 use sundara_schemas::{
-    Assignment, ClientResult, MAX_MESSAGE_BYTES, FailureCode, Outcome, OutcomeResult, ResultStatus, Task, Ticket, WIRE_VERSION, decode,
-    encode, now_ms, now_us, subjects as subj,
+    Assignment, ClientResult, FailureCode, MAX_MESSAGE_BYTES, Outcome, OutcomeResult, ResultStatus, Task, Ticket,
+    WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
 
 #[derive(Clone, Debug)]

@@ -57,11 +57,14 @@ fn row_len(t: &Tensor) -> usize {
 
 /// Index of the first maximum; NaN never wins.
 fn argmax(row: &[f64]) -> Option<usize> {
-    row.iter().enumerate().filter(|(_, v)| !v.is_nan()).fold(None, |best: Option<(usize, f64)>, (i, &v)| match best {
-        Some((_, b)) if b >= v => best,
-        _ => Some((i, v)),
-    })
-    .map(|(i, _)| i)
+    row.iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_nan())
+        .fold(None, |best: Option<(usize, f64)>, (i, &v)| match best {
+            Some((_, b)) if b >= v => best,
+            _ => Some((i, v)),
+        })
+        .map(|(i, _)| i)
 }
 
 fn cosine(p: &[f64], q: &[f64]) -> f64 {

@@ -106,7 +106,9 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
     let now = now_ms();
     let (status, dead) = match decision.winner {
         Some(i) => {
-            let OutcomeResult::Ok { outputs } = &received[i].outcome.result else { unreachable!("winners have outputs") };
+            let OutcomeResult::Ok { outputs } = &received[i].outcome.result else {
+                unreachable!("winners have outputs")
+            };
             (ResultStatus::Verified { outputs: outputs.clone(), agreeing, k: first.k }, None)
         }
         None => {
@@ -116,8 +118,7 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
                 decision.group_sizes,
                 decision.standings.iter().filter(|s| **s == Standing::Failed).count(),
                 // Abandoned replicas, and replicas that never reported before the deadline.
-                miners.iter().filter(|m| m.standing == Standing::Missing).count() + first.k as usize
-                    - received.len(),
+                miners.iter().filter(|m| m.standing == Standing::Missing).count() + first.k as usize - received.len(),
             );
             let dead = DeadLetter {
                 v: WIRE_VERSION,

@@ -78,7 +78,8 @@ mod tests {
 
     #[test]
     fn failures_and_missing_count_against_the_majority() {
-        let rs = [ok(1.0), OutcomeResult::Failed { reason: "x".into() }, OutcomeResult::Abandoned { reason: "y".into() }];
+        let rs =
+            [ok(1.0), OutcomeResult::Failed { reason: "x".into() }, OutcomeResult::Abandoned { reason: "y".into() }];
         let d = decide(&RULE, 3, &rs.iter().collect::<Vec<_>>());
         assert_eq!(d.winner, None);
         assert_eq!(d.standings, vec![Standing::Disagreed, Standing::Failed, Standing::Missing]);

@@ -40,7 +40,8 @@ impl ModelCache {
         }
         let bytes = self.registry.fetch(meta).await?;
         tokio::fs::create_dir_all(&self.dir).await.map_err(io)?;
-        let partial = path.with_extension(format!("partial-{}", std::process::id()));
+        // Unique per writer: several workers (processes or tasks) may share one cache dir.
+        let partial = path.with_extension(format!("partial-{}-{:016x}", std::process::id(), rand::random::<u64>()));
         tokio::fs::write(&partial, &bytes).await.map_err(io)?;
         tokio::fs::rename(&partial, &path).await.map_err(io)?;
         tracing::info!(model = %meta.name, version = %meta.version, bytes = bytes.len(), "model cached");
