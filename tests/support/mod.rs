@@ -45,7 +45,7 @@ impl Harness {
     /// Starts servers, registers the demo models with redundancy `k`, starts the pipeline.
     pub async fn start(workers: Vec<WorkerSpec>, k: u8, assignment_timeout: Duration) -> Harness {
         let root = project_root();
-        let ort_library = sundara_runtime::find_library(&[root.clone()]).expect("run scripts/setup");
+        let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root)).expect("run scripts/setup");
         sundara_runtime::init(&ort_library).unwrap();
         let stack = LocalStack::start(&root).expect("servers start (run scripts/setup)");
         let endpoints = stack.endpoints();

@@ -160,8 +160,11 @@ fn ort() -> anyhow::Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sundara_common::init_logging();
     let cli = Cli::parse();
+    // `up` and the client commands print their own report; services log at info.
+    let quiet =
+        matches!(cli.command, Command::Up { .. } | Command::Submit { .. } | Command::Models { .. } | Command::Rewards);
+    sundara_common::init_logging(if quiet { "warn" } else { "info" });
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
     let shutdown = Shutdown::new();
     match cli.command {

@@ -99,7 +99,7 @@ pub async fn print_rewards(js: &jetstream::Context, weights: Option<&EpochWeight
 
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let root = project_root();
-    let ort_library = sundara_runtime::find_library(&[root.clone()])?;
+    let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root))?;
     sundara_runtime::init(&ort_library)?;
     let (endpoints, _stack) = match opts.endpoints {
         Some(ep) => (ep, None),

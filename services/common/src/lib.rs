@@ -36,10 +36,12 @@ pub fn js_err<E: std::fmt::Display>(e: E) -> Error {
     Error::JetStream(e.to_string())
 }
 
-/// Installs a `tracing` subscriber once per process (`RUST_LOG` filters; default `info`).
-pub fn init_logging() {
+/// Installs a `tracing` subscriber once per process (`RUST_LOG` filters; else `default`,
+/// e.g. "info").
+pub fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{default},async_nats=warn")));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }
 
