@@ -1,0 +1,68 @@
+//! Golden byte vectors: the exact MessagePack bytes of fixed messages. A client written in
+//! another language can be checked against `schemas/golden/*.hex`; a change here is a wire
+//! change. Regenerate deliberately with `SUNDARA_BLESS=1 cargo test -p sundara-schemas --test golden`.
+
+use std::path::PathBuf;
+
+use sundara_schemas::{
+    ClientResult, ModelRef, RejectCode, ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest, Tensor, WIRE_VERSION,
+    decode, encode,
+};
+
+fn check<T>(name: &str, msg: &T)
+where
+    T: serde::Serialize
+        + for<'a> serde::Deserialize<'a>
+        + sundara_schemas::codec::Versioned
+        + PartialEq
+        + std::fmt::Debug,
+{
+    let bytes = encode(msg);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(format!("{name}.hex"));
+    if std::env::var_os("SUNDARA_BLESS").is_some() {
+        std::fs::write(&path, hex::encode(&bytes) + "\n").unwrap();
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} missing", path.display()));
+    assert_eq!(hex::encode(&bytes), golden.trim(), "{name}: encoding changed");
+    let back: T = decode(&hex::decode(golden.trim()).unwrap(), 1 << 20).unwrap();
+    assert_eq!(&back, msg, "{name}: golden bytes decode to something else");
+}
+
+fn x() -> Tensor {
+    Tensor::from_values("x", vec![1, 2], &[1.5f32, -2.0])
+}
+
+#[test]
+fn submit_request() {
+    let req = SubmitRequest {
+        v: WIRE_VERSION,
+        model: "mlp".into(),
+        inputs: vec![x(), Tensor::from_values("sr", vec![], &[16000i64])],
+        tenant: "acme".into(),
+        request_id: Some("r-1".into()),
+        seed: 7,
+        timeout_ms: Some(5000),
+    };
+    check("submit_request", &req);
+}
+
+#[test]
+fn submit_replies() {
+    let accepted = SubmitOutcome::Accepted { task_id: "0192f0c4a1b2".into(), duplicate: false };
+    check("submit_reply_accepted", &SubmitReply { v: WIRE_VERSION, outcome: accepted });
+    let rejected =
+        SubmitOutcome::Rejected { code: RejectCode::WrongShape, reason: "input `x` must have shape [?, 784]".into() };
+    check("submit_reply_rejected", &SubmitReply { v: WIRE_VERSION, outcome: rejected });
+}
+
+#[test]
+fn client_result() {
+    let result = ClientResult {
+        v: WIRE_VERSION,
+        task_id: "0192f0c4a1b2".into(),
+        model: ModelRef { name: "mlp".into(), version: "1".into() },
+        status: ResultStatus::Verified { outputs: vec![x()], agreeing: 2, k: 3 },
+        completed_at_ms: 1_700_000_000_000,
+    };
+    check("client_result", &result);
+}
