@@ -135,3 +135,28 @@ pub fn stored_at_us(msg: &jetstream::Message) -> Option<u64> {
     let info = msg.info().ok()?;
     u64::try_from(info.published.unix_timestamp_nanos() / 1_000).ok()
 }
+
+/// Handles a durable consumer's messages, `concurrency` at a time, until `shutdown`.
+pub async fn consume<F, Fut>(
+    consumer: &jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    shutdown: &crate::Shutdown,
+    concurrency: usize,
+    handle: F,
+) -> Result<(), Error>
+where
+    F: Fn(jetstream::Message) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures::StreamExt;
+    let messages = consumer.messages().await.map_err(js_err)?;
+    messages
+        .take_until(shutdown.cancelled())
+        .for_each_concurrent(concurrency, |m| async {
+            match m {
+                Ok(msg) => handle(msg).await,
+                Err(e) => tracing::warn!(error = %e, "consumer"),
+            }
+        })
+        .await;
+    Ok(())
+}

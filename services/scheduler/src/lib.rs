@@ -268,32 +268,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
     let s = &scheduler;
     tracing::info!("scheduler running");
 
-    let dispatch = async {
-        let messages = task_consumer.messages().await.map_err(js_err)?;
-        messages
-            .take_until(shutdown.cancelled())
-            .for_each_concurrent(config.concurrency, |m| async move {
-                match m {
-                    Ok(msg) => s.on_task(msg).await,
-                    Err(e) => tracing::warn!(error = %e, "task consumer"),
-                }
-            })
-            .await;
-        Ok::<(), CommonError>(())
-    };
-    let release = async {
-        let messages = outcome_consumer.messages().await.map_err(js_err)?;
-        messages
-            .take_until(shutdown.cancelled())
-            .for_each_concurrent(config.concurrency, |m| async move {
-                match m {
-                    Ok(msg) => s.on_outcome(msg).await,
-                    Err(e) => tracing::warn!(error = %e, "outcome consumer"),
-                }
-            })
-            .await;
-        Ok::<(), CommonError>(())
-    };
+    let dispatch = nats::consume(&task_consumer, &shutdown, config.concurrency, |msg| s.on_task(msg));
+    let release = nats::consume(&outcome_consumer, &shutdown, config.concurrency, |msg| s.on_outcome(msg));
     let sweep = async {
         let mut tick = tokio::time::interval(config.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

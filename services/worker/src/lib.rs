@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
-use futures::StreamExt;
 use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
-use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats};
 use sundara_schemas::{
     Assignment, DType, MAX_MESSAGE_BYTES, Outcome, OutcomeResult, Tensor, WIRE_VERSION, decode, encode, now_ms,
     subjects as subj,
@@ -238,20 +237,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
             }
         }
     };
-    let work = async {
-        let messages = consumer.messages().await.map_err(js_err)?;
-        let w = &worker;
-        messages
-            .take_until(shutdown.cancelled())
-            .for_each_concurrent(slots * 2, |m| async move {
-                match m {
-                    Ok(msg) => w.on_assignment(msg).await,
-                    Err(e) => tracing::warn!(error = %e, "assignment consumer"),
-                }
-            })
-            .await;
-        Ok::<(), CommonError>(())
-    };
+    let work = nats::consume(&consumer, &shutdown, slots * 2, |msg| worker.on_assignment(msg));
     let (_, worked) = tokio::join!(heartbeat, work);
     worked?;
     let _ = client.flush().await;
