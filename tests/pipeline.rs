@@ -25,7 +25,7 @@ async fn happy_path_matches_direct_inference() {
         .map(|i| {
             let meta = &h.models[if i % 2 == 0 { "mlp" } else { "silero" }];
             let rows = 1 + (i % 3) as u64;
-            h.request(&meta.name, sundara::models::sample_inputs(meta, rows, &mut rng), &format!("happy-{i}"))
+            h.request(&meta.name, sundara::models::sample_inputs(&meta.inputs, rows, &mut rng), &format!("happy-{i}"))
         })
         .collect();
     let results = h.run_tasks(&requests, |_, _| {}).await;
@@ -49,7 +49,7 @@ async fn dishonest_miner_is_outvoted_and_scores_zero() {
     let requests: Vec<_> = (0..80)
         .map(|i| {
             let meta = &h.models[if i % 2 == 0 { "mlp" } else { "silero" }];
-            h.request(&meta.name, sundara::models::sample_inputs(meta, 1, &mut rng), &format!("liar-{i}"))
+            h.request(&meta.name, sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("liar-{i}"))
         })
         .collect();
     let results = h.run_tasks(&requests, |_, _| {}).await;
@@ -85,7 +85,7 @@ async fn killed_worker_loses_no_task() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let meta = h.models["mlp"].clone();
     let requests: Vec<_> = (0..150)
-        .map(|i| h.request("mlp", sundara::models::sample_inputs(&meta, 16, &mut rng), &format!("kill-{i}")))
+        .map(|i| h.request("mlp", sundara::models::sample_inputs(&meta.inputs, 16, &mut rng), &format!("kill-{i}")))
         .collect();
     let mut killed = false;
     let results = h

@@ -94,6 +94,9 @@ pub struct Task {
     pub seed: u64,
     pub submitted_at_ms: u64,
     pub deadline_at_ms: u64,
+    /// When ingress accepted the task (Unix µs); the start of its stage timings.
+    #[serde(default)]
+    pub accepted_at_us: u64,
 }
 
 /// Scheduler → one worker (stream WORK, subject `sundara.work.<model>.<worker>`).
@@ -103,6 +106,9 @@ pub struct Assignment {
     pub ticket: Ticket,
     pub inputs: Vec<Tensor>,
     pub seed: u64,
+    /// The task's [`Task::accepted_at_us`], echoed into the outcome's timing.
+    #[serde(default)]
+    pub accepted_at_us: u64,
 }
 
 /// Worker (or the scheduler, when it gives up on a replica) → verifier
@@ -115,6 +121,23 @@ pub struct Outcome {
     pub result: OutcomeResult,
     /// Self-reported compute time; informative only, never used for rewards.
     pub compute_us: u64,
+    /// Self-reported stage times (diagnostics only, never used for rewards).
+    #[serde(default)]
+    pub timing: WorkTiming,
+}
+
+/// When an assignment went through a worker's stages, in Unix µs on the worker's clock
+/// (0 = not reported). Feeds the per-stage breakdown of [`TaskTiming`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkTiming {
+    /// Echo of [`Assignment::accepted_at_us`].
+    pub accepted_us: u64,
+    /// The worker received the assignment.
+    pub received_us: u64,
+    /// Inference started (after the wait in the worker's queue).
+    pub started_us: u64,
+    /// Inference finished.
+    pub finished_us: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -140,6 +163,26 @@ pub struct ClientResult {
     pub model: ModelRef,
     pub status: ResultStatus,
     pub completed_at_ms: u64,
+    /// Where the time went, for verified results (from the fastest agreeing miner).
+    /// Left out of the bytes when absent, so older readers see the same message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<TaskTiming>,
+}
+
+/// A verified task's path through the pipeline, in Unix µs. Stages: ingress (submit →
+/// `accepted_us`), capacity wait (→ `dispatched_us`), dispatch (→ `received_us`), worker
+/// queue (→ `started_us`), inference (→ `finished_us`), outcome hand-off (→ `outcome_stored_us`),
+/// verification (→ `decided_us`), delivery (→ the client). Worker stamps come from the
+/// worker's clock: across machines they carry its clock skew.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskTiming {
+    pub accepted_us: u64,
+    pub dispatched_us: u64,
+    pub received_us: u64,
+    pub started_us: u64,
+    pub finished_us: u64,
+    pub outcome_stored_us: u64,
+    pub decided_us: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

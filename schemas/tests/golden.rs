@@ -63,6 +63,7 @@ fn client_result() {
         model: ModelRef { name: "mlp".into(), version: "1".into() },
         status: ResultStatus::Verified { outputs: vec![x()], agreeing: 2, k: 3 },
         completed_at_ms: 1_700_000_000_000,
+        timing: None,
     };
     check("client_result", &result);
 }

@@ -22,11 +22,11 @@ use sundara_worker::Behaviour;
 pub const SECRET: &[u8] = b"test-secret";
 pub const RULE: CompareRule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
 
-pub fn honest(id: &str, slots: u32) -> WorkerSpec {
-    WorkerSpec { id: id.into(), slots, behaviour: Behaviour::Honest }
+pub fn honest(id: &str, threads: usize) -> WorkerSpec {
+    WorkerSpec { id: id.into(), threads, behaviour: Behaviour::Honest }
 }
-pub fn dishonest(id: &str, slots: u32) -> WorkerSpec {
-    WorkerSpec { id: id.into(), slots, behaviour: Behaviour::Dishonest }
+pub fn dishonest(id: &str, threads: usize) -> WorkerSpec {
+    WorkerSpec { id: id.into(), threads, behaviour: Behaviour::Dishonest }
 }
 
 pub struct Harness {
@@ -79,10 +79,10 @@ impl Harness {
     }
 
     /// Starts a worker as a child process of the `sundara` binary (so a test can SIGKILL it).
-    pub async fn spawn_worker_process(&mut self, id: &str, slots: u32) -> usize {
+    pub async fn spawn_worker_process(&mut self, id: &str, threads: usize) -> usize {
         let ep = self.stack.endpoints();
         let child = Command::new(env!("CARGO_BIN_EXE_sundara"))
-            .args(["worker", "--id", id, "--slots", &slots.to_string()])
+            .args(["worker", "--id", id, "--threads", &threads.to_string()])
             .arg("--cache-dir")
             .arg(self.cache.path())
             .env("SUNDARA_NATS_URL", &ep.nats_url)

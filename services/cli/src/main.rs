@@ -85,8 +85,12 @@ enum Command {
         id: String,
         #[arg(long)]
         operator: Option<String>,
+        /// Inference threads.
         #[arg(long, default_value_t = 1)]
-        slots: u32,
+        threads: usize,
+        /// Assignments accepted at once (default: 4 per thread).
+        #[arg(long)]
+        slots: Option<u32>,
         /// Models offered (comma-separated); all registered models when absent.
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
@@ -227,12 +231,13 @@ async fn main() -> anyhow::Result<()> {
             run_service(sundara_autoscaler::run(sundara_autoscaler::Config::new(endpoints), shutdown.clone()), shutdown)
                 .await
         }
-        Command::Worker { id, operator, slots, models, cache_dir, dishonest } => {
+        Command::Worker { id, operator, threads, slots, models, cache_dir, dishonest } => {
             let lib = ort()?;
             let cache = cache_dir.unwrap_or_else(|| project_root().join(".cache/worker-models"));
             let mut config = sundara_worker::Config::new(endpoints, &id, lib, cache);
             config.operator = operator.unwrap_or(id);
-            config.slots = slots;
+            config.threads = threads.max(1);
+            config.slots = slots.unwrap_or(threads.max(1) as u32 * sundara::pipeline::SLOTS_PER_THREAD);
             config.models = models;
             if dishonest {
                 config.behaviour = sundara_worker::Behaviour::Dishonest;
@@ -266,7 +271,7 @@ async fn submit(
     let bar = (count > 1).then(|| indicatif::ProgressBar::new(count as u64));
     let mut pending = std::collections::HashSet::new();
     for _ in 0..count {
-        let inputs = fixed.clone().unwrap_or_else(|| sundara::models::sample_inputs(&meta, rows, &mut rng));
+        let inputs = fixed.clone().unwrap_or_else(|| sundara::models::sample_inputs(&meta.inputs, rows, &mut rng));
         let req = SubmitRequest {
             v: WIRE_VERSION,
             model: model.to_string(),

@@ -75,8 +75,8 @@ pub fn describe(m: &ModelMeta) -> String {
 ///
 /// Known demo inputs get realistic values: silero-vad's `sr` is the 16 kHz sample rate,
 /// its recurrent `state` starts at zero and its audio chunk is 512 samples.
-pub fn sample_inputs(meta: &ModelMeta, rows: u64, rng: &mut impl Rng) -> Vec<Tensor> {
-    meta.inputs
+pub fn sample_inputs(inputs: &[TensorSpec], rows: u64, rng: &mut impl Rng) -> Vec<Tensor> {
+    inputs
         .iter()
         .map(|spec| {
             let mut first_dynamic = true;

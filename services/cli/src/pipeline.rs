@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 #[derive(Clone, Debug)]
 pub struct WorkerSpec {
     pub id: String,
-    pub slots: u32,
+    /// Inference threads; the worker accepts [`SLOTS_PER_THREAD`] assignments per thread.
+    pub threads: usize,
     pub behaviour: Behaviour,
 }
 
@@ -28,6 +29,10 @@ pub struct PipelineConfig {
     pub assignment_timeout: Duration,
     pub epoch_length: Duration,
 }
+
+/// Assignments a worker accepts per inference thread: enough that a thread always has
+/// the next one queued while outcomes and new work are in transit.
+pub const SLOTS_PER_THREAD: u32 = 4;
 
 type Handle = JoinHandle<Result<(), String>>;
 
@@ -78,7 +83,8 @@ impl Pipeline {
             self.config.ort_library.clone(),
             self.config.cache_dir.clone(),
         );
-        c.slots = spec.slots;
+        c.threads = spec.threads;
+        c.slots = (spec.threads as u32) * SLOTS_PER_THREAD;
         c.behaviour = spec.behaviour;
         c
     }

@@ -77,6 +77,10 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILLs the server (fault injection in tests).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -120,10 +120,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
 
     let secret: Vec<u8> = rand::rng().random::<[u8; 32]>().to_vec();
     let mut workers: Vec<WorkerSpec> = (1..=opts.honest_workers)
-        .map(|i| WorkerSpec { id: format!("miner-{i}"), slots: 2, behaviour: Behaviour::Honest })
+        .map(|i| WorkerSpec { id: format!("miner-{i}"), threads: 2, behaviour: Behaviour::Honest })
         .collect();
     let liar = format!("miner-{}", opts.honest_workers + 1);
-    workers.push(WorkerSpec { id: liar.clone(), slots: 2, behaviour: Behaviour::Dishonest });
+    workers.push(WorkerSpec { id: liar.clone(), threads: 2, behaviour: Behaviour::Dishonest });
     let cache_dir = root.join(".cache/worker-models");
     let pipeline = Pipeline::start(PipelineConfig {
         endpoints: endpoints.clone(),
@@ -191,7 +191,7 @@ async fn demo_load(endpoints: &Endpoints, models: &[ModelMeta], tasks: usize) ->
                     SubmitRequest {
                         v: WIRE_VERSION,
                         model: meta.name.clone(),
-                        inputs: crate::models::sample_inputs(meta, 1, &mut rng),
+                        inputs: crate::models::sample_inputs(&meta.inputs, 1, &mut rng),
                         tenant: "demo".into(),
                         request_id: Some(format!("demo-{i}")),
                         seed: i as u64,

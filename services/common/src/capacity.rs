@@ -5,7 +5,7 @@
 //! Keys (all under `sundara:`):
 //! - `workers` set of worker ids; `worker:<w>` hash {operator, state, slices}; `hb:<w>` heartbeat (PX TTL)
 //! - `slice:<s>` hash {worker, operator, device, slots_total, slots_free, state}; `slice:<s>:models` set
-//! - `cand:<model>` sorted set of slices that serve the model (score: expected latency, lower first)
+//! - `cand:<model>` sorted set of live slices that serve the model, score -(free slots): least loaded first
 //! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, ticket}: a reserved slot
 //! - `taskw:<task>` set of workers that hold or held a replica of the task (kept distinct)
 //! - `inflight` sorted set of assignment ids by timeout deadline (ms); `inflight:w:<w>` per worker
@@ -37,7 +37,7 @@ const INFLIGHT: &str = "sundara:inflight";
 
 /// Reserves one slot on each of up to k distinct workers for the given assignment ids, or
 /// nothing. Ids already reserved (a redelivered task) keep their slot.
-/// KEYS: cand:<model>, taskw:<task>. ARGV: n, scan, timeout_at_ms, ttl_ms, aid_1..aid_n, rotation.
+/// KEYS: cand:<model>, taskw:<task>. ARGV: n, scan, timeout_at_ms, ttl_ms, aid_1..aid_n.
 /// Returns {slice_1, worker_1, ...} in aid order, or {} when not enough capacity.
 const RESERVE: &str = r#"
 local n = tonumber(ARGV[1])
@@ -53,15 +53,23 @@ for i = 1, n do
   if held[1] then result[i] = {held[1], held[2]} else table.insert(need, i) end
 end
 if #need > 0 then
-  -- Eligible slices among the first `scan` candidates, least loaded first (most free
-  -- slots); ties rotate by ARGV[5 + n] so equal slices share the work.
+  -- The candidate set is ordered by free slots (score = -free), so the first window of
+  -- `scan` holds the least loaded slices: a decision costs O(log N + scan) whatever the
+  -- fleet's size. Further windows (up to 4) are read only while too few distinct workers
+  -- are eligible; reading stops at the first full slice (all after it are full too).
   local eligible = {}
-  local rotate = tonumber(ARGV[5 + n]) or 0
-  for idx, s in ipairs(redis.call('ZRANGE', KEYS[1], 0, scan - 1)) do
-    local h = redis.call('HMGET', 'sundara:slice:' .. s, 'worker', 'slots_free', 'state', 'operator')
-    local free = tonumber(h[2])
-    if h[1] and h[3] == 'alive' and free and free > 0 and not used[h[1]] then
-      table.insert(eligible, {s = s, w = h[1], free = free, op = h[4], tie = (idx + rotate) % 1000003})
+  local seen, full = 0, false
+  while seen < scan * 4 and not full and (seen < scan or #eligible < #need) do
+    local cands = redis.call('ZRANGE', KEYS[1], seen, seen + scan - 1)
+    if #cands == 0 then break end
+    for _, s in ipairs(cands) do
+      seen = seen + 1
+      local h = redis.call('HMGET', 'sundara:slice:' .. s, 'worker', 'slots_free', 'state', 'operator')
+      local free = tonumber(h[2])
+      if free and free <= 0 then full = true end
+      if h[1] and h[3] == 'alive' and free and free > 0 and not used[h[1]] then
+        table.insert(eligible, {s = s, w = h[1], free = free, op = h[4], tie = seen})
+      end
     end
   end
   table.sort(eligible, function(a, b)
@@ -81,7 +89,10 @@ if #need > 0 then
   if #picks < #need then return {} end
   for j, i in ipairs(need) do
     local s, w, aid = picks[j][1], picks[j][2], ARGV[4 + i]
-    redis.call('HINCRBY', 'sundara:slice:' .. s, 'slots_free', -1)
+    local free = redis.call('HINCRBY', 'sundara:slice:' .. s, 'slots_free', -1)
+    for _, m in ipairs(redis.call('SMEMBERS', 'sundara:slice:' .. s .. ':models')) do
+      redis.call('ZADD', 'sundara:cand:' .. m, 'XX', -free, s)
+    end
     redis.call('HSET', 'sundara:asg:' .. aid, 'slice', s, 'worker', w)
     redis.call('PEXPIRE', 'sundara:asg:' .. aid, ttl)
     redis.call('ZADD', 'sundara:inflight', timeout_at, aid)
@@ -109,7 +120,14 @@ local slice = 'sundara:slice:' .. h[1]
 if redis.call('EXISTS', slice) == 1 then
   local free = redis.call('HINCRBY', slice, 'slots_free', 1)
   local total = tonumber(redis.call('HGET', slice, 'slots_total'))
-  if total and free > total then redis.call('HSET', slice, 'slots_free', total) end
+  if total and free > total then
+    free = total
+    redis.call('HSET', slice, 'slots_free', total)
+  end
+  -- XX: a dead slice stays out of the candidate sets.
+  for _, m in ipairs(redis.call('SMEMBERS', slice .. ':models')) do
+    redis.call('ZADD', 'sundara:cand:' .. m, 'XX', -free, h[1])
+  end
 end
 return 1
 "#;
@@ -230,9 +248,17 @@ impl Capacity {
             } else {
                 pipe.hset_nx(&key, "slots_free", s.slots).ignore();
             }
+            // Candidate score = -(free slots), least loaded first. A start sets it; a
+            // heartbeat only adds a missing entry (Redis lost it, or the slice was dead):
+            // reservations and releases keep it exact from then on.
+            let score = -(s.slots as i64);
             for m in &s.models {
                 pipe.sadd(format!("{key}:models"), m).ignore();
-                pipe.zadd(cand_key(m), &s.id, 0).ignore();
+                if fresh {
+                    pipe.zadd(cand_key(m), &s.id, score).ignore();
+                } else {
+                    pipe.cmd("ZADD").arg(cand_key(m)).arg("NX").arg(score).arg(&s.id).ignore();
+                }
             }
         }
         pipe.pset_ex(hb_key(&a.worker), 1, heartbeat_ttl_ms).ignore();
@@ -258,7 +284,6 @@ impl Capacity {
         for aid in aids {
             inv.arg(aid);
         }
-        inv.arg(rand::random::<u32>());
         let mut con = self.con.clone();
         let flat: Vec<String> = inv.invoke_async(&mut con).await?;
         if flat.is_empty() {

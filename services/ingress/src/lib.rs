@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use sundara_common::{Endpoints, Error as CommonError, Registry, Shutdown, nats};
 use sundara_schemas::{
     DecodeError, Limits, ModelMeta, RejectCode, SubmitOutcome, SubmitReply, SubmitRequest, Task, TensorError,
-    WIRE_VERSION, decode, encode, now_ms, subjects as subj,
+    WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
 
 #[derive(Clone, Debug)]
@@ -169,6 +169,7 @@ impl Ingress {
             seed: req.seed,
             submitted_at_ms: now,
             deadline_at_ms: now + timeout.as_millis() as u64,
+            accepted_at_us: now_us(),
         };
         let ack = nats::publish_durable(&self.js, subj::task(&model.name), &task_id, encode(&task)).await;
         match ack {

@@ -27,12 +27,14 @@ pub struct Config {
     pub assignment_timeout: Duration,
     /// Dispatches per replica, the first included.
     pub max_attempts: u16,
-    /// Candidate slices examined per reservation.
+    /// Candidate slices examined per reservation (a window from a random start; up to 4
+    /// windows when too few are free).
     pub scan: usize,
     /// Tasks dispatched at once.
     pub concurrency: usize,
     pub sweep_interval: Duration,
-    /// Wait before a task that found no capacity is tried again.
+    /// Longest wait of a task that found no capacity before it tries again (a slot freed
+    /// by this scheduler wakes it sooner).
     pub capacity_retry: Duration,
     pub max_task_bytes: usize,
     pub retention: nats::Retention,
@@ -45,7 +47,7 @@ impl Config {
             secret,
             assignment_timeout: Duration::from_secs(10),
             max_attempts: 3,
-            scan: 64,
+            scan: 16,
             concurrency: 64,
             sweep_interval: Duration::from_millis(100),
             capacity_retry: Duration::from_millis(50),
@@ -61,6 +63,9 @@ pub enum SchedulerError {
     Common(#[from] CommonError),
 }
 
+/// How long a delivered task may go without an ack (or progress) before JetStream redelivers it.
+const TASK_ACK_WAIT: Duration = Duration::from_secs(30);
+
 /// Id of one dispatch of one replica.
 pub fn assignment_id(task_id: &str, replica: u8, attempt: u16) -> String {
     format!("{task_id}.{replica}.{attempt}")
@@ -71,13 +76,14 @@ struct Scheduler {
     js: jetstream::Context,
     tasks: Stream,
     capacity: Capacity,
+    /// Signalled whenever this scheduler frees a slot: tasks waiting for capacity retry.
+    freed: tokio::sync::Notify,
 }
 
 /// What became of one task delivery.
 enum Dispatch {
     Sent,
     Expired,
-    NoCapacity,
 }
 
 impl Scheduler {
@@ -86,18 +92,36 @@ impl Scheduler {
         deadline_at_ms.saturating_sub(now_ms()) + 3_600_000
     }
 
-    async fn dispatch(&self, task: &Task, task_seq: u64) -> Result<Dispatch, CommonError> {
-        if now_ms() >= task.deadline_at_ms {
-            self.expire(task).await?;
-            return Ok(Dispatch::Expired);
-        }
+    /// Reserves k slots for the task, waiting (un-acked, with progress acks so JetStream
+    /// does not redeliver it) until capacity frees up or the deadline passes. Waiting here
+    /// rather than NAKing keeps arrival order and costs nothing while nothing changes.
+    async fn dispatch(&self, task: &Task, task_seq: u64, msg: &Message) -> Result<Dispatch, CommonError> {
         let aids: Vec<String> = (0..task.k).map(|r| assignment_id(&task.task_id, r, 0)).collect();
-        let timeout_at = now_ms() + self.config.assignment_timeout.as_millis() as u64;
-        let ttl = self.reservation_ttl_ms(task.deadline_at_ms);
-        let Some(picks) =
-            self.capacity.reserve(&task.model.name, &task.task_id, &aids, timeout_at, ttl, self.config.scan).await?
-        else {
-            return Ok(Dispatch::NoCapacity);
+        let mut last_progress = tokio::time::Instant::now();
+        let picks = loop {
+            if now_ms() >= task.deadline_at_ms {
+                self.expire(task).await?;
+                return Ok(Dispatch::Expired);
+            }
+            // Registered before the attempt, so a release in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let timeout_at = now_ms() + self.config.assignment_timeout.as_millis() as u64;
+            let ttl = self.reservation_ttl_ms(task.deadline_at_ms);
+            let reserved = self
+                .capacity
+                .reserve(&task.model.name, &task.task_id, &aids, timeout_at, ttl, self.config.scan)
+                .await?;
+            if let Some(picks) = reserved {
+                break picks;
+            }
+            let until_deadline = Duration::from_millis(task.deadline_at_ms.saturating_sub(now_ms()));
+            let _ = tokio::time::timeout(self.config.capacity_retry.min(until_deadline), freed).await;
+            if last_progress.elapsed() > TASK_ACK_WAIT / 3 {
+                let _ = msg.ack_with(AckKind::Progress).await;
+                last_progress = tokio::time::Instant::now();
+            }
         };
         for (replica, (slice, worker)) in picks.into_iter().enumerate() {
             self.send(task, task_seq, replica as u8, 0, slice, worker).await?;
@@ -132,7 +156,13 @@ impl Scheduler {
         let aid = ticket.assignment_id();
         self.capacity.store_ticket(&aid, &encode(&ticket)).await?;
         let subject = subj::work(&task.model.name, &ticket.worker);
-        let assignment = Assignment { v: WIRE_VERSION, ticket, inputs: task.inputs.clone(), seed: task.seed };
+        let assignment = Assignment {
+            v: WIRE_VERSION,
+            ticket,
+            inputs: task.inputs.clone(),
+            seed: task.seed,
+            accepted_at_us: task.accepted_at_us,
+        };
         nats::publish_durable(&self.js, subject, &aid, encode(&assignment)).await?;
         Ok(())
     }
@@ -148,6 +178,7 @@ impl Scheduler {
                 reason: "the deadline passed before enough workers were free".into(),
             },
             completed_at_ms: now_ms(),
+            timing: None,
         };
         let subject = subj::result(&task.tenant, &task.task_id);
         nats::publish_durable(&self.js, subject, &task.task_id, encode(&result)).await?;
@@ -164,15 +195,13 @@ impl Scheduler {
             }
         };
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        match self.dispatch(&task, seq).await {
+        match self.dispatch(&task, seq, &msg).await {
             Ok(Dispatch::Sent | Dispatch::Expired) => {
-                if let Err(e) = msg.double_ack().await {
+                // A lost ack only means a redelivery: the reservation is idempotent per
+                // assignment id and WORK deduplicates by it, so no confirmation is awaited.
+                if let Err(e) = msg.ack().await {
                     tracing::warn!(task = %task.task_id, error = %e, "task ack failed; it will be redelivered");
                 }
-            }
-            Ok(Dispatch::NoCapacity) => {
-                let wait = self.config.capacity_retry;
-                let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
             }
             Err(e) => {
                 tracing::warn!(task = %task.task_id, error = %e, "dispatch failed; retrying");
@@ -186,7 +215,7 @@ impl Scheduler {
         let Some(bytes) = self.capacity.ticket(aid).await? else {
             // Reserved but never sent (a scheduler died in between): the task was not acked,
             // so its redelivery dispatches it again.
-            self.capacity.release(aid).await?;
+            self.release(aid).await?;
             return Ok(());
         };
         let old = Ticket::from_bytes(&bytes)?;
@@ -199,10 +228,11 @@ impl Scheduler {
                 ticket: old.clone(),
                 result: OutcomeResult::Abandoned { reason: reason.into() },
                 compute_us: 0,
+                timing: Default::default(),
             };
             let subject = subj::outcome(&old.task_id, &old.worker);
             nats::publish_durable(&self.js, subject, &format!("{aid}.abandoned"), encode(&outcome)).await?;
-            self.capacity.release(aid).await?;
+            self.release(aid).await?;
             return Ok(());
         }
         let attempt = old.attempt + 1;
@@ -222,14 +252,23 @@ impl Scheduler {
         let task = decode::<Task>(&raw.payload, self.config.max_task_bytes)?;
         tracing::info!(assignment = aid, from = %old.worker, to = %worker, attempt, "reassigning");
         self.send(&task, old.task_seq, old.replica, attempt, slice, worker).await?;
-        self.capacity.release(aid).await?;
+        self.release(aid).await?;
+        Ok(())
+    }
+
+    /// Frees an assignment's slot (idempotent); a freed slot wakes one task waiting for
+    /// capacity (the longest waiting), not all of them.
+    async fn release(&self, aid: &str) -> Result<(), CommonError> {
+        if self.capacity.release(aid).await? {
+            self.freed.notify_one();
+        }
         Ok(())
     }
 
     async fn on_outcome(&self, msg: Message) {
         if let Ok(outcome) = decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES)
             && outcome.ticket.verify(&self.config.secret)
-            && let Err(e) = self.capacity.release(&outcome.ticket.assignment_id()).await
+            && let Err(e) = self.release(&outcome.ticket.assignment_id()).await
         {
             tracing::warn!(error = %e, "release failed; will retry");
             let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
@@ -251,7 +290,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
         subj::TASKS_STREAM,
         "scheduler",
         "sundara.task.>",
-        Duration::from_secs(30),
+        TASK_ACK_WAIT,
         (config.concurrency * 16) as i64,
     )
     .await?;
@@ -264,7 +303,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
         4096,
     )
     .await?;
-    let scheduler = Scheduler { config: config.clone(), js, tasks, capacity };
+    let scheduler = Scheduler { config: config.clone(), js, tasks, capacity, freed: tokio::sync::Notify::new() };
     let s = &scheduler;
     tracing::info!("scheduler running");
 

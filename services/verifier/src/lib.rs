@@ -18,7 +18,7 @@ use futures::StreamExt;
 use sundara_common::{Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
 use sundara_schemas::{
     ClientResult, CompareRule, DeadLetter, FailureCode, MAX_MESSAGE_BYTES, MinerVerdict, Outcome, OutcomeResult,
-    ResultStatus, Standing, Verdict, WIRE_VERSION, decode, encode, now_ms, subjects as subj,
+    ResultStatus, Standing, TaskTiming, Verdict, WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
 use tokio::sync::Semaphore;
 
@@ -60,6 +60,8 @@ pub struct Received {
     pub outcome: Outcome,
     /// Assignment sent → outcome stored, both on validator-side clocks.
     pub latency_us: u64,
+    /// When OUTCOMES stored it (Unix µs, validator side).
+    pub stored_at_us: u64,
 }
 
 /// Outcomes of one task gathered so far, by replica (the first outcome of a replica counts).
@@ -104,12 +106,29 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
         .collect();
     let agreeing = decision.standings.iter().filter(|s| **s == Standing::Agreed).count() as u8;
     let now = now_ms();
-    let (status, dead) = match decision.winner {
+    let (status, dead, timing) = match decision.winner {
         Some(i) => {
             let OutcomeResult::Ok { outputs } = &received[i].outcome.result else {
                 unreachable!("winners have outputs")
             };
-            (ResultStatus::Verified { outputs: outputs.clone(), agreeing, k: first.k }, None)
+            let fastest = received
+                .iter()
+                .zip(&decision.standings)
+                .filter(|(_, s)| **s == Standing::Agreed)
+                .map(|(r, _)| *r)
+                .min_by_key(|r| r.latency_us)
+                .unwrap_or(received[i]);
+            let w = fastest.outcome.timing;
+            let timing = TaskTiming {
+                accepted_us: w.accepted_us,
+                dispatched_us: fastest.outcome.ticket.dispatched_at_us,
+                received_us: w.received_us,
+                started_us: w.started_us,
+                finished_us: w.finished_us,
+                outcome_stored_us: fastest.stored_at_us,
+                decided_us: now_us(),
+            };
+            (ResultStatus::Verified { outputs: outputs.clone(), agreeing, k: first.k }, None, Some(timing))
         }
         None => {
             let reason = format!(
@@ -129,7 +148,7 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
                 evidence: received.iter().map(|r| r.outcome.clone()).collect(),
                 dead_at_ms: now,
             };
-            (ResultStatus::Failed { code: FailureCode::NoConsensus, reason }, Some(dead))
+            (ResultStatus::Failed { code: FailureCode::NoConsensus, reason }, Some(dead), None)
         }
     };
     let result = ClientResult {
@@ -138,6 +157,7 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
         model: first.model.clone(),
         status,
         completed_at_ms: now,
+        timing,
     };
     let verdict = Verdict {
         v: WIRE_VERSION,
@@ -324,7 +344,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
             let _ = msg.ack().await; // a second outcome for a replica (late original after a reassignment)
             continue;
         }
-        g.replicas.insert(outcome.ticket.replica, Received { outcome, latency_us });
+        g.replicas.insert(outcome.ticket.replica, Received { outcome, latency_us, stored_at_us: stored_at });
         g.held.push(msg);
         if g.complete() {
             let g = gathering.remove(&task).expect("present");

@@ -7,11 +7,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sundara_runtime::Model;
-use sundara_schemas::Tensor;
+use sundara_schemas::{Tensor, now_us};
 use tokio::sync::oneshot;
 
-/// Outputs and the compute time they took, or why the model could not run.
-pub type JobResult = Result<(Vec<Tensor>, u64), String>;
+/// What one inference produced and when it ran.
+#[derive(Debug)]
+pub struct Ran {
+    pub outputs: Vec<Tensor>,
+    /// Unix µs when inference started (after the wait in the queue).
+    pub started_us: u64,
+    pub compute_us: u64,
+}
+
+/// The run, or why the model could not run.
+pub type JobResult = Result<Ran, String>;
 
 struct Job {
     /// `name@version`: the session cache key.
@@ -66,7 +75,8 @@ fn run_one(sessions: &mut HashMap<String, Model>, job: &Job, intra_threads: usiz
         sessions.insert(job.model.clone(), model);
     }
     let model = sessions.get_mut(&job.model).expect("inserted above");
+    let started_us = now_us();
     let started = Instant::now();
     let outputs = model.run(&job.inputs).map_err(|e| e.to_string())?;
-    Ok((outputs, started.elapsed().as_micros() as u64))
+    Ok(Ran { outputs, started_us, compute_us: started.elapsed().as_micros() as u64 })
 }

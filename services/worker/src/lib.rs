@@ -12,8 +12,8 @@ use async_nats::jetstream::{self, AckKind, Message};
 use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats};
 use sundara_schemas::{
-    Assignment, DType, MAX_MESSAGE_BYTES, Outcome, OutcomeResult, Tensor, WIRE_VERSION, decode, encode, now_ms,
-    subjects as subj,
+    Assignment, DType, MAX_MESSAGE_BYTES, Outcome, OutcomeResult, Tensor, WIRE_VERSION, WorkTiming, decode, encode,
+    now_ms, now_us, subjects as subj,
 };
 
 pub use cache::ModelCache;
@@ -35,7 +35,10 @@ pub struct Config {
     pub worker_id: String,
     /// Who runs this worker; the scheduler never gives two copies of a task to one operator.
     pub operator: String,
-    /// Concurrent inferences (one thread each) = slots of the worker's CPU slice.
+    /// Inference threads (each runs one inference at a time with `intra_threads` ORT threads).
+    pub threads: usize,
+    /// Assignments the worker accepts at once (the slots of its CPU slice in Redis). More
+    /// slots than threads keep the threads busy while outcomes and new work are in transit.
     pub slots: u32,
     /// ORT intra-op threads per session.
     pub intra_threads: usize,
@@ -56,7 +59,8 @@ impl Config {
             endpoints,
             worker_id: worker_id.to_string(),
             operator: worker_id.to_string(),
-            slots: 1,
+            threads: 1,
+            slots: 4,
             intra_threads: 1,
             models: Vec::new(),
             cache_dir,
@@ -115,32 +119,34 @@ struct Worker {
 }
 
 impl Worker {
-    async fn execute(&self, a: &Assignment) -> (OutcomeResult, u64) {
+    /// Runs an assignment; returns the result, the compute time and when inference started.
+    async fn execute(&self, a: &Assignment) -> (OutcomeResult, u64, u64) {
         let m = &a.ticket.model;
         let meta = match self.registry.version(&m.name, &m.version).await {
             Ok(Some(meta)) => meta,
-            Ok(None) => return (OutcomeResult::Failed { reason: format!("model {m} is not in the registry") }, 0),
-            Err(e) => return (OutcomeResult::Failed { reason: e.to_string() }, 0),
+            Ok(None) => return (OutcomeResult::Failed { reason: format!("model {m} is not in the registry") }, 0, 0),
+            Err(e) => return (OutcomeResult::Failed { reason: e.to_string() }, 0, 0),
         };
         let path = match self.cache.path(&meta).await {
             Ok(p) => p,
-            Err(e) => return (OutcomeResult::Failed { reason: e.to_string() }, 0),
+            Err(e) => return (OutcomeResult::Failed { reason: e.to_string() }, 0, 0),
         };
         let budget = Duration::from_millis(a.ticket.deadline_at_ms.saturating_sub(now_ms()).max(1));
         let run = self.executor.run(m.to_string(), path, a.inputs.clone());
         match tokio::time::timeout(budget, run).await {
-            Ok(Ok((mut outputs, compute_us))) => {
+            Ok(Ok(mut ran)) => {
                 if self.config.behaviour == Behaviour::Dishonest {
-                    falsify(&mut outputs);
+                    falsify(&mut ran.outputs);
                 }
-                (OutcomeResult::Ok { outputs }, compute_us)
+                (OutcomeResult::Ok { outputs: ran.outputs }, ran.compute_us, ran.started_us)
             }
-            Ok(Err(reason)) => (OutcomeResult::Failed { reason }, 0),
-            Err(_) => (OutcomeResult::Failed { reason: "deadline passed during inference".into() }, 0),
+            Ok(Err(reason)) => (OutcomeResult::Failed { reason }, 0, 0),
+            Err(_) => (OutcomeResult::Failed { reason: "deadline passed during inference".into() }, 0, 0),
         }
     }
 
     async fn on_assignment(&self, msg: Message) {
+        let received_us = now_us();
         let assignment = match decode::<Assignment>(&msg.payload, MAX_MESSAGE_BYTES) {
             Ok(a) if a.ticket.worker == self.config.worker_id => a,
             Ok(a) => {
@@ -154,14 +160,20 @@ impl Worker {
                 return;
             }
         };
-        let (result, compute_us) = self.execute(&assignment).await;
+        let (result, compute_us, started_us) = self.execute(&assignment).await;
+        let timing = WorkTiming {
+            accepted_us: assignment.accepted_at_us,
+            received_us,
+            started_us,
+            finished_us: if started_us > 0 { started_us + compute_us } else { 0 },
+        };
         if let OutcomeResult::Failed { reason } = &result {
             tracing::warn!(task = %assignment.ticket.task_id, %reason, "assignment failed");
         }
         let ticket = assignment.ticket;
         let aid = ticket.assignment_id();
         let subject = subj::outcome(&ticket.task_id, &ticket.worker);
-        let outcome = Outcome { v: WIRE_VERSION, ticket, result, compute_us };
+        let outcome = Outcome { v: WIRE_VERSION, ticket, result, compute_us, timing };
         match nats::publish_durable(&self.js, subject, &aid, encode(&outcome)).await {
             Ok(_) => {
                 let _ = msg.ack().await;
@@ -218,7 +230,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     )
     .await?;
     let worker = Worker {
-        executor: Executor::start(&config.worker_id, slots, config.intra_threads, slots * 2),
+        executor: Executor::start(&config.worker_id, config.threads.max(1), config.intra_threads, slots),
         cache: ModelCache::new(config.cache_dir.clone(), registry.clone()),
         config: config.clone(),
         js,

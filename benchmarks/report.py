@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Turn the raw benchmark lines (one JSON object per run) into the summary tables.
+
+Usage: report.py RAW.jsonl --json OUT.json --md OUT.md [--readme README.md]
+
+Every figure is the median over a configuration's runs (at least three). Ratios compare
+medians measured in the same invocation of benchmarks/run, on the same machine.
+With --readme, the table between the README's `<!-- results:begin -->` and
+`<!-- results:end -->` markers is replaced by the new one.
+"""
+import argparse
+import json
+import statistics
+import sys
+from collections import OrderedDict
+
+STAGES = ["ingress", "capacity_wait", "dispatch", "worker_queue", "inference", "outcome", "verification", "delivery"]
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def level(r):
+    if r.get("mode") == "open":
+        return f"R={r['rate']:.0f}/s"
+    return f"C={r['concurrency']}"
+
+
+def key(r):
+    return (r["system"], r["model"], r.get("k"), r.get("mode", "closed"), level(r), r.get("rows", 1))
+
+
+def summarise(rows):
+    groups = OrderedDict()
+    for r in rows:
+        if r.get("bench") == "scale":
+            continue
+        groups.setdefault(key(r), []).append(r)
+    out = []
+    for (system, model, k, mode, lvl, nrows), runs in groups.items():
+        entry = {
+            "system": system,
+            "model": model,
+            "k": k,
+            "mode": mode,
+            "level": lvl,
+            "concurrency": runs[0].get("concurrency"),
+            "rows": nrows,
+            "runs": len(runs),
+            "tasks_per_s": med([r["tasks_per_s"] for r in runs]),
+            "p50_ms": med([r["p50_ms"] for r in runs]),
+            "p90_ms": med([r["p90_ms"] for r in runs]),
+            "p99_ms": med([r["p99_ms"] for r in runs]),
+            "errors": sum(r.get("errors", 0) for r in runs),
+            "loadgen_cpu_cores": med([r.get("loadgen_cpu_cores") for r in runs]),
+            "machine_cpu_cores": med([r.get("machine_cpu_cores") for r in runs]),
+        }
+        stages = [r.get("stages_p50_ms") or {} for r in runs]
+        if any(stages):
+            entry["stages_p50_ms"] = {s: med([st.get(s) for st in stages]) for s in STAGES}
+        cpu = [r.get("cpu_cores") or {} for r in runs]
+        if any(cpu):
+            names = sorted({n for c in cpu for n in c})
+            entry["cpu_cores"] = {n: med([c.get(n) for c in cpu]) for n in names}
+        out.append(entry)
+    return out
+
+
+def scale_summary(rows):
+    groups = OrderedDict()
+    for r in rows:
+        if r.get("bench") == "scale":
+            groups.setdefault(r["slices"], []).append(r)
+    out = []
+    for slices, runs in sorted(groups.items()):
+        out.append(
+            {
+                "slices": slices,
+                "runs": len(runs),
+                "reserve_k1_p50_ms": med([r["reserve_k1_p50_ms"] for r in runs]),
+                "reserve_k1_p99_ms": med([r["reserve_k1_p99_ms"] for r in runs]),
+                "reserve_k3_p50_ms": med([r["reserve_k3_p50_ms"] for r in runs]),
+                "reserve_k3_p99_ms": med([r["reserve_k3_p99_ms"] for r in runs]),
+                "dispatch_per_s": med([r["dispatch_per_s"] for r in runs]),
+                "slices_used": med([r.get("dispatch_distinct_slices") for r in runs]),
+                "reachable_slots": med([r.get("reachable_slots") for r in runs]),
+                "fleet_slots": med([r.get("fleet_slots") for r in runs]),
+            }
+        )
+    return out
+
+
+def find(summary, system, model, k=None, level=None, mode="closed"):
+    for e in summary:
+        if e["system"] == system and e["model"] == model and e["mode"] == mode:
+            if (k is None or e["k"] == k) and (level is None or e["level"] == level):
+                return e
+    return None
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def targets(summary, scale):
+    """The issue's targets, each with the measured value and whether it is met."""
+    checks = []
+
+    def add(name, value, goal, ok):
+        checks.append({"target": name, "measured": value, "goal": goal, "met": ok})
+
+    best_k1 = max((e["tasks_per_s"] for e in summary if e["system"] == "sundara" and e["model"] == "mlp" and e["k"] == 1), default=None)
+    best_k2 = max((e["tasks_per_s"] for e in summary if e["system"] == "sundara" and e["model"] == "mlp" and e["k"] == 2), default=None)
+    if best_k1 is not None:
+        add("k=1 verified tasks/s (mlp, best level)", f"{best_k1:,.0f}", ">= 5,000", best_k1 >= 5000)
+    if best_k2 is not None:
+        add("k=2 verified tasks/s (mlp, best level)", f"{best_k2:,.0f}", ">= 3,000", best_k2 >= 3000)
+    c16 = find(summary, "sundara", "mlp", 1, "C=16")
+    if c16:
+        add("p50 at C=16, k=1 (ms)", fmt(c16["p50_ms"]), "<= 2 ms", c16["p50_ms"] <= 2.0)
+    for peer in ("ray-serve", "ray-serve-batch", "celery"):
+        for lvl in ("C=1", "C=16", "C=64"):
+            s, p = find(summary, "sundara", "mlp", 1, lvl), find(summary, peer, "mlp", None, lvl)
+            if s and p:
+                x = ratio(s["tasks_per_s"], p["tasks_per_s"])
+                add(
+                    f"throughput vs {peer} at {lvl} (p99 {fmt(s['p99_ms'])} vs {fmt(p['p99_ms'])} ms)",
+                    f"{x:.1f}x",
+                    ">= 10x and lower p99",
+                    x >= 10 and s["p99_ms"] < p["p99_ms"],
+                )
+    heavy = find(summary, "sundara", "mlp_heavy", 1)
+    ceiling = find(summary, "ort-in-process", "mlp_heavy")
+    if heavy and ceiling:
+        x = ratio(heavy["tasks_per_s"], ceiling["tasks_per_s"])
+        add("mlp_heavy throughput / ort in-process (same 2 threads)", f"{100 * x:.0f}%", ">= 90%", x >= 0.9)
+    by_n = {s["slices"]: s for s in scale}
+    if 10000 in by_n:
+        p99 = by_n[10000]["reserve_k1_p99_ms"]
+        add("scheduler decision p99 at 10,000 slices (ms)", fmt(p99, 3), "< 1 ms", p99 < 1.0)
+        if 10 in by_n and by_n[10]["reserve_k1_p99_ms"]:
+            x = p99 / by_n[10]["reserve_k1_p99_ms"]
+            add("decision p99 at 10,000 / at 10 slices", f"{x:.2f}x", "<= 2x", x <= 2.0)
+    return checks
+
+
+def markdown(summary, scale, checks, meta):
+    lines = []
+    lines.append(f"Measured {meta['when']} on {meta['machine']}; medians of {meta['runs']} runs per row.")
+    lines.append("")
+    lines.append("**Targets**")
+    lines.append("")
+    lines.append("| target | measured | goal | met |")
+    lines.append("|---|---|---|---|")
+    for c in checks:
+        lines.append(f"| {c['target']} | {c['measured']} | {c['goal']} | {'yes' if c['met'] else '**no**'} |")
+    lines.append("")
+    lines.append("**Throughput and latency** (one row per task; closed loop C = requests in flight, open loop R = offered rate)")
+    lines.append("")
+    lines.append("| system | model | k | load | tasks/s | p50 ms | p90 ms | p99 ms | errors | load generator cores | machine cores |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for e in summary:
+        lines.append(
+            f"| {e['system']} | {e['model']} | {fmt(e['k'])} | {e['level']} | {fmt(e['tasks_per_s'])} | {fmt(e['p50_ms'])} "
+            f"| {fmt(e['p90_ms'])} | {fmt(e['p99_ms'])} | {e['errors']} | {fmt(e['loadgen_cpu_cores'])} | {fmt(e['machine_cpu_cores'])} |"
+        )
+    staged = [e for e in summary if e.get("stages_p50_ms")]
+    if staged:
+        lines.append("")
+        lines.append("**Where a Sundara task's time goes** (median of each stage, ms)")
+        lines.append("")
+        lines.append("| model | k | load | " + " | ".join(STAGES) + " |")
+        lines.append("|---|---|---|" + "---|" * len(STAGES))
+        for e in staged:
+            st = e["stages_p50_ms"]
+            lines.append(f"| {e['model']} | {e['k']} | {e['level']} | " + " | ".join(fmt(st[s]) for s in STAGES) + " |")
+        lines.append("")
+        lines.append("**CPU by process during Sundara runs** (cores; the machine has 2)")
+        lines.append("")
+        names = sorted({n for e in staged for n in (e.get("cpu_cores") or {})})
+        lines.append("| model | k | load | " + " | ".join(names) + " |")
+        lines.append("|---|---|---|" + "---|" * len(names))
+        for e in staged:
+            c = e.get("cpu_cores") or {}
+            lines.append(f"| {e['model']} | {e['k']} | {e['level']} | " + " | ".join(fmt(c.get(n)) for n in names) + " |")
+    if scale:
+        lines.append("")
+        lines.append("**Scheduler at fleet scale** (real Redis capacity entries, simulated workers that answer at once)")
+        lines.append("")
+        lines.append("| slices | decision k=1 p50 ms | k=1 p99 ms | k=3 p50 ms | k=3 p99 ms | dispatch/s | slices used | slots reachable |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for s in scale:
+            lines.append(
+                f"| {s['slices']:,} | {fmt(s['reserve_k1_p50_ms'], 3)} | {fmt(s['reserve_k1_p99_ms'], 3)} | {fmt(s['reserve_k3_p50_ms'], 3)} "
+                f"| {fmt(s['reserve_k3_p99_ms'], 3)} | {fmt(s['dispatch_per_s'])} | {fmt(s['slices_used'])} "
+                f"| {fmt(s['reachable_slots'])} of {fmt(s['fleet_slots'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("raw")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--md", required=True)
+    ap.add_argument("--readme")
+    ap.add_argument("--when", default="")
+    ap.add_argument("--machine", default="this machine")
+    args = ap.parse_args()
+    rows = load(args.raw)
+    summary = summarise(rows)
+    scale = scale_summary(rows)
+    checks = targets(summary, scale)
+    runs = min((e["runs"] for e in summary), default=0)
+    meta = {"when": args.when, "machine": args.machine, "runs": runs}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "summary": summary, "scale": scale, "targets": checks}, f, indent=1)
+    md = markdown(summary, scale, checks, meta)
+    with open(args.md, "w") as f:
+        f.write(md)
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            with open(args.readme, "w") as f:
+                f.write(head + begin + "\n" + md + end + tail)
+        else:
+            print(f"report: {args.readme} has no results markers; left as is", file=sys.stderr)
+    print(md)
+    missed = [c for c in checks if not c["met"]]
+    print(f"targets met: {len(checks) - len(missed)} of {len(checks)}")
+
+
+if __name__ == "__main__":
+    main()

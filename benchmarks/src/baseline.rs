@@ -1,0 +1,91 @@
+//! Baselines measured in the same run as the pipeline: `ort` in-process (the compute
+//! ceiling) and a bare NATS request/reply responder running `ort` (transport plus compute).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sundara_runtime::Model;
+use sundara_schemas::{Tensor, encode};
+use sundara_worker::Executor;
+
+use crate::client::RESPONDER_SUBJECT;
+use crate::load::{RunStats, Window};
+use crate::stats::Summary;
+
+/// `threads` threads, each with its own session (one intra-op thread), run `inputs`
+/// back to back for the window. Nothing else runs: this is what the cores can compute.
+pub fn ort_in_process(
+    model: &Path,
+    threads: usize,
+    inputs: &[Vec<Tensor>],
+    window: Window,
+) -> Result<RunStats, String> {
+    let bytes = std::fs::read(model).map_err(|e| format!("{}: {e}", model.display()))?;
+    let bytes = Arc::new(bytes);
+    let inputs = Arc::new(inputs.to_vec());
+    let start = Instant::now() + Duration::from_millis(200);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (bytes, inputs) = (bytes.clone(), inputs.clone());
+            std::thread::spawn(move || -> Result<Vec<u64>, String> {
+                let mut session = Model::load(&bytes, 1).map_err(|e| e.to_string())?;
+                let measure_from = start + window.warmup;
+                let end = measure_from + window.measure;
+                let mut latencies = Vec::new();
+                let mut n = t;
+                loop {
+                    let sent = Instant::now();
+                    if sent >= end {
+                        break;
+                    }
+                    session.run(&inputs[n % inputs.len()]).map_err(|e| e.to_string())?;
+                    let done = Instant::now();
+                    if sent >= measure_from && done <= end {
+                        latencies.push(done.duration_since(sent).as_micros() as u64);
+                    }
+                    n += threads;
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().map_err(|_| "inference thread panicked".to_string())??);
+    }
+    Ok(RunStats {
+        duration_s: window.measure.as_secs_f64(),
+        completed: all.len(),
+        tasks_per_s: all.len() as f64 / window.measure.as_secs_f64(),
+        latency: Summary::from_micros(&mut all),
+        ..Default::default()
+    })
+}
+
+/// Serves [`RESPONDER_SUBJECT`]: decodes the input tensors, runs them on the worker's own
+/// executor (`threads` inference threads) and replies with the outputs. Runs until the
+/// connection closes.
+pub async fn serve_responder(nats_url: &str, model: PathBuf, threads: usize) -> Result<(), String> {
+    let nats = async_nats::connect(nats_url).await.map_err(|e| e.to_string())?;
+    let mut requests = nats.subscribe(RESPONDER_SUBJECT).await.map_err(|e| e.to_string())?;
+    nats.flush().await.map_err(|e| e.to_string())?;
+    let executor = Executor::start("responder", threads, 1, threads * 2);
+    let path = Arc::new(model);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(threads * 4));
+    while let Some(msg) = requests.next().await {
+        let Some(reply) = msg.reply.clone() else { continue };
+        let permit = in_flight.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let (nats, executor, path) = (nats.clone(), executor.clone(), path.clone());
+        tokio::spawn(async move {
+            let answer: Result<Vec<Tensor>, String> = match rmp_serde::from_slice::<Vec<Tensor>>(&msg.payload) {
+                Ok(inputs) => executor.run("model".into(), path, inputs).await.map(|ran| ran.outputs),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = nats.publish(reply, encode(&answer).into()).await;
+            drop(permit);
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! The Redis reservation script against a real redis-server: a decision reads a bounded
+//! window of candidates, yet every slice of a large fleet is reachable and work spreads.
+
+use std::collections::{HashMap, HashSet};
+
+use sundara::stack::{ServerProcess, redis_server_binary, start_redis};
+use sundara_common::Capacity;
+use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
+
+const SCAN: usize = 16;
+
+async fn fleet(slices: usize, slots: u32) -> (ServerProcess, tempfile::TempDir, Capacity) {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = start_redis(&redis_server_binary().expect("run scripts/setup"), dir.path()).unwrap();
+    let capacity = Capacity::connect(&format!("redis://127.0.0.1:{}/", redis.port)).await.unwrap();
+    for i in 0..slices {
+        let worker = format!("w{i:05}");
+        let announce = WorkerAnnounce {
+            worker: worker.clone(),
+            operator: worker.clone(),
+            slices: vec![SliceAnnounce {
+                id: format!("{worker}-cpu0"),
+                device: "cpu".into(),
+                slots,
+                models: vec!["m".into()],
+            }],
+        };
+        capacity.announce(&announce, true, 600_000).await.unwrap();
+    }
+    (redis, dir, capacity)
+}
+
+async fn reserve(capacity: &Capacity, task: &str, k: u8) -> Option<Vec<(String, String)>> {
+    let aids: Vec<String> = (0..k).map(|r| format!("{task}.{r}.0")).collect();
+    capacity.reserve("m", task, &aids, u64::MAX / 2, 600_000, SCAN).await.unwrap()
+}
+
+#[tokio::test]
+async fn every_slot_of_a_fleet_larger_than_the_window_is_reachable() {
+    // 200 slices of one slot each, far more than one window of 16 candidates.
+    let (_redis, _dir, capacity) = fleet(200, 1).await;
+    let mut used = HashSet::new();
+    for t in 0..200 {
+        let picks = reserve(&capacity, &format!("t{t}"), 1).await.unwrap_or_else(|| panic!("task {t} found no slot"));
+        assert!(used.insert(picks[0].0.clone()), "slot of {} booked twice", picks[0].0);
+    }
+    assert_eq!(used.len(), 200);
+    // The fleet is full now: the next reservation is refused, and reserves nothing.
+    assert!(reserve(&capacity, "overflow", 1).await.is_none());
+    assert_eq!(capacity.inflight().await.unwrap(), 200);
+    // A freed slot goes back to the front of the candidates and is found at once.
+    assert!(capacity.release("t123.0.0").await.unwrap());
+    let again = reserve(&capacity, "after-release", 1).await.expect("the freed slot");
+    assert_eq!(capacity.inflight().await.unwrap(), 200);
+    assert!(!used.insert(again[0].0.clone()), "a slot that was never booked: {again:?}");
+}
+
+#[tokio::test]
+async fn work_spreads_and_replicas_land_on_distinct_workers() {
+    let (_redis, _dir, capacity) = fleet(100, 4).await;
+    let mut per_slice: HashMap<String, usize> = HashMap::new();
+    for t in 0..100 {
+        let picks = reserve(&capacity, &format!("t{t}"), 3).await.expect("capacity is ample");
+        let workers: HashSet<&String> = picks.iter().map(|(_, w)| w).collect();
+        assert_eq!(workers.len(), 3, "replicas of one task share a worker: {picks:?}");
+        for (slice, _) in picks {
+            *per_slice.entry(slice).or_default() += 1;
+        }
+    }
+    // 300 replicas over 100 slices of 4 slots: least loaded first gives every slice three.
+    assert_eq!(per_slice.len(), 100, "only {} slices used", per_slice.len());
+    assert!(per_slice.values().all(|&n| n == 3), "uneven spread: {per_slice:?}");
+}
+
+#[tokio::test]
+async fn a_redelivered_task_keeps_its_reservation() {
+    let (_redis, _dir, capacity) = fleet(50, 2).await;
+    let first = reserve(&capacity, "same", 2).await.unwrap();
+    let again = reserve(&capacity, "same", 2).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(capacity.inflight().await.unwrap(), 2);
+}
