@@ -71,7 +71,7 @@ pub async fn serve_responder(nats_url: &str, model: PathBuf, threads: usize) -> 
     let nats = async_nats::connect(nats_url).await.map_err(|e| e.to_string())?;
     let mut requests = nats.subscribe(RESPONDER_SUBJECT).await.map_err(|e| e.to_string())?;
     nats.flush().await.map_err(|e| e.to_string())?;
-    let executor = Executor::start("responder", threads, 1, threads * 2);
+    let executor = Executor::start("responder", threads, 1, 1, threads * 2);
     let path = Arc::new(model);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(threads * 4));
     while let Some(msg) = requests.next().await {

@@ -88,7 +88,7 @@ enum Command {
         /// Inference threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// Assignments accepted at once (default: 4 per thread).
+        /// Assignments accepted at once (default: 16 per thread).
         #[arg(long)]
         slots: Option<u32>,
         /// Models offered (comma-separated); all registered models when absent.

@@ -32,7 +32,7 @@ pub struct PipelineConfig {
 
 /// Assignments a worker accepts per inference thread: enough that a thread always has
 /// the next one queued while outcomes and new work are in transit.
-pub const SLOTS_PER_THREAD: u32 = 4;
+pub const SLOTS_PER_THREAD: u32 = 16;
 
 type Handle = JoinHandle<Result<(), String>>;
 

@@ -154,7 +154,7 @@ impl Scheduler {
         };
         ticket.sign(&self.config.secret);
         let aid = ticket.assignment_id();
-        self.capacity.store_ticket(&aid, &encode(&ticket)).await?;
+        let stored_ticket = encode(&ticket);
         let subject = subj::work(&task.model.name, &ticket.worker);
         let assignment = Assignment {
             v: WIRE_VERSION,
@@ -163,7 +163,12 @@ impl Scheduler {
             seed: task.seed,
             accepted_at_us: task.accepted_at_us,
         };
-        nats::publish_durable(&self.js, subject, &aid, encode(&assignment)).await?;
+        // Both at once: the ticket is read back only by the sweep, long after this returns,
+        // and if either fails the task is redelivered and both are redone (idempotently).
+        tokio::try_join!(
+            self.capacity.store_ticket(&aid, &stored_ticket),
+            nats::publish_durable(&self.js, subject, &aid, encode(&assignment)),
+        )?;
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! assignments from its own WORK consumer, runs them with ONNX Runtime on dedicated
 //! threads, and publishes one outcome per assignment before acking it.
 
+mod batch;
 mod cache;
 mod executor;
 
@@ -40,6 +41,8 @@ pub struct Config {
     /// Assignments the worker accepts at once (the slots of its CPU slice in Redis). More
     /// slots than threads keep the threads busy while outcomes and new work are in transit.
     pub slots: u32,
+    /// Most tasks run as one inference (dynamic batching; 1 turns it off).
+    pub max_batch: usize,
     /// ORT intra-op threads per session.
     pub intra_threads: usize,
     /// Models offered; empty offers every model registered at start.
@@ -61,6 +64,7 @@ impl Config {
             operator: worker_id.to_string(),
             threads: 1,
             slots: 4,
+            max_batch: 32,
             intra_threads: 1,
             models: Vec::new(),
             cache_dir,
@@ -230,7 +234,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     )
     .await?;
     let worker = Worker {
-        executor: Executor::start(&config.worker_id, config.threads.max(1), config.intra_threads, slots),
+        executor: Executor::start(
+            &config.worker_id,
+            config.threads.max(1),
+            config.intra_threads,
+            config.max_batch,
+            slots,
+        ),
         cache: ModelCache::new(config.cache_dir.clone(), registry.clone()),
         config: config.clone(),
         js,
