@@ -129,3 +129,24 @@ impl Drop for Fleet {
         }
     }
 }
+
+/// Messages nats-server has received and sent so far (`in_msgs`, `out_msgs` of `/varz`).
+pub fn nats_message_counts(monitor_port: u16) -> Option<(u64, u64)> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", monitor_port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(conn, "GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).ok()?;
+    let body = &response[response.find("\r\n\r\n")? + 4..];
+    let varz: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some((varz["in_msgs"].as_u64()?, varz["out_msgs"].as_u64()?))
+}
+
+/// Commands Redis has processed so far (`total_commands_processed` of `INFO stats`).
+pub async fn redis_command_count(redis_url: &str) -> Option<u64> {
+    let client = redis::Client::open(redis_url).ok()?;
+    let mut con = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO").arg("stats").query_async(&mut con).await.ok()?;
+    info.lines().find_map(|l| l.strip_prefix("total_commands_processed:")?.trim().parse().ok())
+}

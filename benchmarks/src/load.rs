@@ -47,6 +47,9 @@ pub struct RunStats {
     pub stages_p50_ms: Vec<(String, f64)>,
     pub stages_mean_ms: Vec<(String, f64)>,
     pub first_error: Option<String>,
+    /// Requests that succeeded over the whole run, warm-up and drain included (to divide
+    /// server-side counters by).
+    pub total_ok: u64,
 }
 
 #[derive(Default)]
@@ -95,6 +98,7 @@ impl Collector {
             stages_p50_ms,
             stages_mean_ms,
             first_error: self.first_error,
+            total_ok: 0,
         }
     }
 }
@@ -104,12 +108,19 @@ struct Run {
     started: Instant,
     window: Window,
     stop: AtomicBool,
+    total_ok: std::sync::atomic::AtomicU64,
     collector: std::sync::Mutex<Collector>,
 }
 
 impl Run {
     fn new(window: Window) -> Arc<Run> {
-        Arc::new(Run { started: Instant::now(), window, stop: AtomicBool::new(false), collector: Default::default() })
+        Arc::new(Run {
+            started: Instant::now(),
+            window,
+            stop: AtomicBool::new(false),
+            total_ok: Default::default(),
+            collector: Default::default(),
+        })
     }
 
     fn window_end(&self) -> Instant {
@@ -118,6 +129,9 @@ impl Run {
 
     /// Records a request that completed at `done`, if it falls in the measured window.
     fn record(&self, sent: Instant, done: Instant, result: Result<Stages, String>) {
+        if result.is_ok() {
+            self.total_ok.fetch_add(1, Ordering::Relaxed);
+        }
         if sent >= self.started + self.window.warmup && done <= self.window_end() {
             let latency_us = done.duration_since(sent).as_micros() as u64;
             self.collector.lock().expect("collector lock").record(latency_us, result);
@@ -125,7 +139,10 @@ impl Run {
     }
 
     fn finish(&self, dropped: usize) -> RunStats {
-        std::mem::take(&mut *self.collector.lock().expect("collector lock")).finish(self.window.measure, dropped)
+        let mut stats =
+            std::mem::take(&mut *self.collector.lock().expect("collector lock")).finish(self.window.measure, dropped);
+        stats.total_ok = self.total_ok.load(Ordering::Relaxed);
+        stats
     }
 }
 

@@ -161,6 +161,7 @@ impl Recorder {
         run: usize,
         stats: &RunStats,
         cpu: &sundara_bench::cpu::CpuUse,
+        per_task: Option<(f64, f64)>,
     ) -> anyhow::Result<()> {
         let (concurrency, rate) = match mode {
             Mode::Closed { concurrency } => (Some(concurrency), None),
@@ -195,6 +196,8 @@ impl Recorder {
             "stages_p50_ms": stats.stages_p50_ms.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "stages_mean_ms": stats.stages_mean_ms.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "first_error": stats.first_error,
+            "nats_msgs_per_task": per_task.map(|p| p.0),
+            "redis_cmds_per_task": per_task.map(|p| p.1),
         });
         writeln!(self.out, "{line}")?;
         let what = match mode {
@@ -238,7 +241,7 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
             for run in 0..s.runs {
                 let cpu = CpuWindow::start(std::slice::from_ref(&me));
                 let stats = baseline::ort_in_process(&path, *threads, &inputs, s.window).map_err(anyhow::Error::msg)?;
-                rec.record(scenario, Mode::Closed { concurrency: *threads }, s.rows, run, &stats, &cpu.finish())?;
+                rec.record(scenario, Mode::Closed { concurrency: *threads }, s.rows, run, &stats, &cpu.finish(), None)?;
             }
         }
         System::NatsRequestReply { threads } => {
@@ -263,7 +266,7 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
                         async move { rr.task(n).await }
                     })
                     .await;
-                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish())?;
+                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), None)?;
                 }
             }
             let _ = responder.kill();
@@ -297,13 +300,27 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
                         .await
                         .map_err(anyhow::Error::msg)?;
                     let pc = Arc::new(pc);
+                    let counters = || async {
+                        let nats = stack.nats.monitor_port.and_then(fleet::nats_message_counts);
+                        let redis = fleet::redis_command_count(&endpoints.redis_url).await;
+                        nats.zip(redis)
+                    };
+                    let before = counters().await;
                     let cpu = CpuWindow::start(&procs);
                     let stats = drive(mode, s.window, move |n| {
                         let pc = pc.clone();
                         async move { pc.task(n).await }
                     })
                     .await;
-                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish())?;
+                    let cpu = cpu.finish();
+                    // Server-side work per verified task (heartbeats and other background traffic included).
+                    let per_task = before.zip(counters().await).filter(|_| stats.total_ok > 0).map(
+                        |(((in0, out0), r0), ((in1, out1), r1))| {
+                            let n = stats.total_ok as f64;
+                            (((in1 - in0) + (out1 - out0)) as f64 / n, (r1 - r0) as f64 / n)
+                        },
+                    );
+                    rec.record(scenario, mode, s.rows, run, &stats, &cpu, per_task)?;
                 }
             }
             fleet.stop(Duration::from_secs(10));

@@ -74,6 +74,8 @@ pub struct ServerProcess {
     what: &'static str,
     child: Child,
     pub port: u16,
+    /// HTTP monitoring port (nats-server's `/varz`, `/jsz`), where the server has one.
+    pub monitor_port: Option<u16>,
 }
 
 impl ServerProcess {
@@ -113,13 +115,17 @@ fn wait_ready(what: &'static str, port: u16, child: &mut Child, within: Duration
 /// Starts nats-server with JetStream on a free port, storing in `dir`.
 pub fn start_nats(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError> {
     let port = free_port()?;
+    let monitor = free_port()?;
     let store = dir.join("jetstream");
     std::fs::create_dir_all(&store)?;
     let conf = dir.join("nats.conf");
     // 8 MiB payloads: the ingress accepts submissions up to 4 MiB plus headroom.
     std::fs::write(
         &conf,
-        format!("listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n", store),
+        format!(
+            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n",
+            store
+        ),
     )?;
     let mut child = Command::new(binary)
         .arg("-c")
@@ -129,7 +135,7 @@ pub fn start_nats(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError
         .spawn()
         .map_err(|e| StackError::Start { what: "nats-server", reason: format!("{}: {e}", binary.display()) })?;
     wait_ready("nats-server", port, &mut child, Duration::from_secs(20))?;
-    Ok(ServerProcess { what: "nats-server", child, port })
+    Ok(ServerProcess { what: "nats-server", child, port, monitor_port: Some(monitor) })
 }
 
 /// Starts redis-server on a free port, without persistence.
@@ -144,7 +150,7 @@ pub fn start_redis(binary: &Path, dir: &Path) -> Result<ServerProcess, StackErro
         .spawn()
         .map_err(|e| StackError::Start { what: "redis-server", reason: format!("{}: {e}", binary.display()) })?;
     wait_ready("redis-server", port, &mut child, Duration::from_secs(20))?;
-    Ok(ServerProcess { what: "redis-server", child, port })
+    Ok(ServerProcess { what: "redis-server", child, port, monitor_port: None })
 }
 
 /// NATS and Redis for one pipeline, gone when dropped.

@@ -53,37 +53,32 @@ for i = 1, n do
   if held[1] then result[i] = {held[1], held[2]} else table.insert(need, i) end
 end
 if #need > 0 then
-  -- The candidate set is ordered by free slots (score = -free), so the first window of
-  -- `scan` holds the least loaded slices: a decision costs O(log N + scan) whatever the
-  -- fleet's size. Further windows (up to 4) are read only while too few distinct workers
-  -- are eligible; reading stops at the first full slice (all after it are full too).
-  local eligible = {}
+  -- The candidate set is ordered by free slots (score = -free, most free first), so
+  -- walking it in order and taking the first eligible slices picks the least loaded: an
+  -- idle fleet costs one look per replica, whatever its size (O(log N) for the range).
+  -- At most 4 windows of `scan` are read (slices of workers that already hold the task,
+  -- of an operator already picked, or dead, are skipped); reading stops at the first full
+  -- slice, since all after it are full too.
+  local picks = {}
   local seen, full = 0, false
-  while seen < scan * 4 and not full and (seen < scan or #eligible < #need) do
+  while #picks < #need and not full and seen < scan * 4 do
     local cands = redis.call('ZRANGE', KEYS[1], seen, seen + scan - 1)
     if #cands == 0 then break end
     for _, s in ipairs(cands) do
       seen = seen + 1
       local h = redis.call('HMGET', 'sundara:slice:' .. s, 'worker', 'slots_free', 'state', 'operator')
-      local free = tonumber(h[2])
-      if free and free <= 0 then full = true end
-      if h[1] and h[3] == 'alive' and free and free > 0 and not used[h[1]] then
-        table.insert(eligible, {s = s, w = h[1], free = free, op = h[4], tie = seen})
+      local w, free, op = h[1], tonumber(h[2]), h[4]
+      local op_known = op and op ~= ''
+      if free and free <= 0 then
+        full = true
+        break
       end
-    end
-  end
-  table.sort(eligible, function(a, b)
-    if a.free ~= b.free then return a.free > b.free end
-    return a.tie < b.tie
-  end)
-  local picks = {}
-  for _, c in ipairs(eligible) do
-    local op_known = c.op and c.op ~= ''
-    if not used[c.w] and not (op_known and usedop[c.op]) then
-      used[c.w] = true
-      if op_known then usedop[c.op] = true end
-      table.insert(picks, {c.s, c.w})
-      if #picks == #need then break end
+      if w and h[3] == 'alive' and free and not used[w] and not (op_known and usedop[op]) then
+        used[w] = true
+        if op_known then usedop[op] = true end
+        table.insert(picks, {s, w})
+        if #picks == #need then break end
+      end
     end
   end
   if #picks < #need then return {} end
