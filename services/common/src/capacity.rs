@@ -322,6 +322,10 @@ impl Capacity {
 
     /// Per worker: `(heartbeat present, state)`.
     pub async fn health(&self, workers: &[String]) -> Result<Vec<(bool, Option<String>)>, Error> {
+        if workers.is_empty() {
+            // Redis refuses an empty pipeline.
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for w in workers {
             pipe.exists(hb_key(w));
