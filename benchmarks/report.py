@@ -61,6 +61,8 @@ def summarise(rows):
             "errors": sum(r.get("errors", 0) for r in runs),
             "loadgen_cpu_cores": med([r.get("loadgen_cpu_cores") for r in runs]),
             "machine_cpu_cores": med([r.get("machine_cpu_cores") for r in runs]),
+            "nats_msgs_per_task": med([r.get("nats_msgs_per_task") for r in runs]),
+            "redis_cmds_per_task": med([r.get("redis_cmds_per_task") for r in runs]),
         }
         stages = [r.get("stages_p50_ms") or {} for r in runs]
         if any(stages):
@@ -92,6 +94,7 @@ def scale_summary(rows):
                 "slices_used": med([r.get("dispatch_distinct_slices") for r in runs]),
                 "reachable_slots": med([r.get("reachable_slots") for r in runs]),
                 "fleet_slots": med([r.get("fleet_slots") for r in runs]),
+                "probe_cap": med([r.get("reachable_probe_cap") for r in runs]),
             }
         )
     return out
@@ -165,6 +168,14 @@ def targets(summary, scale):
     return checks
 
 
+def reach(s):
+    """Slots a probe could reserve, of the fleet's; the probe stops at its cap."""
+    got, cap, total = s.get("reachable_slots"), s.get("probe_cap"), s.get("fleet_slots")
+    if got is not None and cap and got >= cap and total and total > cap:
+        return f"all {fmt(cap)} probed (probe cap) of {fmt(total)}"
+    return f"{fmt(got)} of {fmt(total)}"
+
+
 def markdown(summary, scale, checks, meta):
     lines = []
     lines.append(f"Measured {meta['when']} on {meta['machine']}; medians of {meta['runs']} runs per row.")
@@ -196,14 +207,19 @@ def markdown(summary, scale, checks, meta):
             st = e["stages_p50_ms"]
             lines.append(f"| {e['model']} | {e['k']} | {e['level']} | " + " | ".join(fmt(st[s]) for s in STAGES) + " |")
         lines.append("")
-        lines.append("**CPU by process during Sundara runs** (cores; the machine has 2)")
+        lines.append(
+            "**CPU by process during Sundara runs** (cores; the machine has 2), and server-side work per verified task"
+        )
         lines.append("")
         names = sorted({n for e in staged for n in (e.get("cpu_cores") or {})})
-        lines.append("| model | k | load | " + " | ".join(names) + " |")
-        lines.append("|---|---|---|" + "---|" * len(names))
+        lines.append("| model | k | load | " + " | ".join(names) + " | NATS msgs/task | Redis cmds/task |")
+        lines.append("|---|---|---|" + "---|" * (len(names) + 2))
         for e in staged:
             c = e.get("cpu_cores") or {}
-            lines.append(f"| {e['model']} | {e['k']} | {e['level']} | " + " | ".join(fmt(c.get(n)) for n in names) + " |")
+            lines.append(
+                f"| {e['model']} | {e['k']} | {e['level']} | " + " | ".join(fmt(c.get(n)) for n in names)
+                + f" | {fmt(e.get('nats_msgs_per_task'), 1)} | {fmt(e.get('redis_cmds_per_task'), 1)} |"
+            )
     if scale:
         lines.append("")
         lines.append("**Scheduler at fleet scale** (real Redis capacity entries, simulated workers that answer at once)")
@@ -213,8 +229,7 @@ def markdown(summary, scale, checks, meta):
         for s in scale:
             lines.append(
                 f"| {s['slices']:,} | {fmt(s['reserve_k1_p50_ms'], 3)} | {fmt(s['reserve_k1_p99_ms'], 3)} | {fmt(s['reserve_k3_p50_ms'], 3)} "
-                f"| {fmt(s['reserve_k3_p99_ms'], 3)} | {fmt(s['dispatch_per_s'])} | {fmt(s['slices_used'])} "
-                f"| {fmt(s['reachable_slots'])} of {fmt(s['fleet_slots'])} |"
+                f"| {fmt(s['reserve_k3_p99_ms'], 3)} | {fmt(s['dispatch_per_s'])} | {fmt(s['slices_used'])} | {reach(s)} |"
             )
     return "\n".join(lines) + "\n"
 
