@@ -6,11 +6,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 use sundara_schemas::{
     ClientResult, MAX_MESSAGE_BYTES, ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest, TaskTiming, Tensor,
-    WIRE_VERSION, decode, encode, now_us, subjects as subj,
+    decode, encode, now_us, subjects as subj,
 };
 use tokio::sync::oneshot;
 
@@ -42,23 +41,14 @@ impl PipelineClient {
         inputs: Vec<Vec<Tensor>>,
         timeout: Duration,
     ) -> Result<PipelineClient, String> {
-        let js = jetstream::new(nats.clone());
-        let stream = js.get_stream(subj::RESULTS_STREAM).await.map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subj::results_of(tenant),
-                deliver_policy: DeliverPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        let mut results =
+            sundara::client::Client::new(nats.clone()).results(tenant).await.map_err(|e| e.to_string())?;
         let slots: Arc<Mutex<HashMap<String, Slot>>> = Default::default();
         let router = slots.clone();
-        let results = tokio::spawn(async move {
-            while let Some(Ok(msg)) = messages.next().await {
+        let router_task = tokio::spawn(async move {
+            while let Some(result) = results.next().await {
                 let received_us = now_us();
-                let Ok(result) = decode::<ClientResult>(&msg.payload, MAX_MESSAGE_BYTES) else { continue };
+                let Ok(result) = result else { continue };
                 let mut slots = router.lock().expect("slots lock");
                 match slots.remove(&result.task_id) {
                     Some(Slot::Waiting(tx)) => {
@@ -74,18 +64,13 @@ impl PipelineClient {
             .into_iter()
             .map(|inputs| {
                 let req = SubmitRequest {
-                    v: WIRE_VERSION,
-                    model: model.to_string(),
-                    inputs,
-                    tenant: tenant.to_string(),
-                    request_id: None,
-                    seed: 0,
                     timeout_ms: Some(timeout.as_millis() as u64),
+                    ..SubmitRequest::new(model, inputs, tenant)
                 };
                 bytes::Bytes::from(encode(&req))
             })
             .collect();
-        Ok(PipelineClient { nats, payloads, slots, timeout, _results: results })
+        Ok(PipelineClient { nats, payloads, slots, timeout, _results: router_task })
     }
 
     /// Submits request `n` (round robin over the prepared inputs) and waits for its result.

@@ -23,6 +23,22 @@ pub struct SubmitRequest {
     pub timeout_ms: Option<u64>,
 }
 
+impl SubmitRequest {
+    /// A request at the current wire version with no idempotency key, seed 0 and the
+    /// ingress's default timeout; set the other fields as needed.
+    pub fn new(model: &str, inputs: Vec<Tensor>, tenant: &str) -> SubmitRequest {
+        SubmitRequest {
+            v: crate::WIRE_VERSION,
+            model: model.to_string(),
+            inputs,
+            tenant: tenant.to_string(),
+            request_id: None,
+            seed: 0,
+            timeout_ms: None,
+        }
+    }
+}
+
 /// Ingress → client.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct SubmitReply {

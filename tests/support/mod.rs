@@ -15,7 +15,7 @@ use sundara::stack::{LocalStack, project_root};
 use sundara_common::{Capacity, Registry, nats};
 use sundara_schemas::{
     ClientResult, CompareRule, MAX_MESSAGE_BYTES, ModelMeta, Policy, SubmitOutcome, SubmitRequest, Tensor, Verdict,
-    WIRE_VERSION, decode, subjects as subj,
+    decode, subjects as subj,
 };
 use sundara_worker::Behaviour;
 
@@ -115,13 +115,9 @@ impl Harness {
 
     pub fn request(&self, model: &str, inputs: Vec<Tensor>, request_id: &str) -> SubmitRequest {
         SubmitRequest {
-            v: WIRE_VERSION,
-            model: model.into(),
-            inputs,
-            tenant: "test".into(),
             request_id: Some(request_id.into()),
-            seed: 0,
             timeout_ms: Some(120_000),
+            ..SubmitRequest::new(model, inputs, "test")
         }
     }
 

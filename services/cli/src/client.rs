@@ -26,9 +26,13 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
-        let nats = sundara_common::nats::connect(url, "sundara-client").await?;
+        Ok(Client::new(sundara_common::nats::connect(url, "sundara-client").await?))
+    }
+
+    /// A client on an existing connection.
+    pub fn new(nats: async_nats::Client) -> Client {
         let js = jetstream::new(nats.clone());
-        Ok(Client { nats, js })
+        Client { nats, js }
     }
 
     /// Submits one task; the reply says accepted (with the task id) or rejected (with a code).

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use sundara::client::Client;
 use sundara::stack::project_root;
 use sundara_common::{Endpoints, Registry, Shutdown, nats};
-use sundara_schemas::{CompareRule, Policy, ResultStatus, SubmitOutcome, SubmitRequest, WIRE_VERSION};
+use sundara_schemas::{CompareRule, Policy, ResultStatus, SubmitOutcome, SubmitRequest};
 
 #[derive(Parser)]
 #[command(name = "sundara", version, about = "Sundara: verified inference on untrusted miners")]
@@ -272,15 +272,7 @@ async fn submit(
     let mut pending = std::collections::HashSet::new();
     for _ in 0..count {
         let inputs = fixed.clone().unwrap_or_else(|| sundara::models::sample_inputs(&meta.inputs, rows, &mut rng));
-        let req = SubmitRequest {
-            v: WIRE_VERSION,
-            model: model.to_string(),
-            inputs,
-            tenant: tenant.to_string(),
-            request_id: None,
-            seed: 0,
-            timeout_ms: Some(timeout_ms),
-        };
+        let req = SubmitRequest { timeout_ms: Some(timeout_ms), ..SubmitRequest::new(model, inputs, tenant) };
         match client.submit(&req).await? {
             SubmitOutcome::Accepted { task_id, .. } => {
                 pending.insert(task_id);

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use sundara_common::{Endpoints, Registry, nats};
 use sundara_schemas::{
     CompareRule, EpochWeights, MAX_MESSAGE_BYTES, ModelMeta, Policy, ResultStatus, SubmitOutcome, SubmitRequest,
-    WIRE_VERSION, decode, subjects as subj,
+    decode, subjects as subj,
 };
 use sundara_worker::Behaviour;
 
@@ -188,14 +188,12 @@ async fn demo_load(endpoints: &Endpoints, models: &[ModelMeta], tasks: usize) ->
             let requests: Vec<SubmitRequest> = (0..tasks)
                 .map(|i| {
                     let meta = &models[i % models.len()];
+                    let inputs = crate::models::sample_inputs(&meta.inputs, 1, &mut rng);
                     SubmitRequest {
-                        v: WIRE_VERSION,
-                        model: meta.name.clone(),
-                        inputs: crate::models::sample_inputs(&meta.inputs, 1, &mut rng),
-                        tenant: "demo".into(),
                         request_id: Some(format!("demo-{i}")),
                         seed: i as u64,
                         timeout_ms: Some(60_000),
+                        ..SubmitRequest::new(&meta.name, inputs, "demo")
                     }
                 })
                 .collect();

@@ -239,15 +239,7 @@ mod tests {
     }
 
     fn req(inputs: Vec<Tensor>) -> SubmitRequest {
-        SubmitRequest {
-            v: 1,
-            model: "mlp".into(),
-            inputs,
-            tenant: "t".into(),
-            request_id: None,
-            seed: 0,
-            timeout_ms: None,
-        }
+        SubmitRequest::new("mlp", inputs, "t")
     }
 
     fn code(inputs: Vec<Tensor>) -> Option<RejectCode> {
