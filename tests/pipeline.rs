@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::process::Command;
 use std::time::Duration;
 
 use rand::SeedableRng;
@@ -28,7 +29,7 @@ async fn happy_path_matches_direct_inference() {
             h.request(&meta.name, sundara::models::sample_inputs(&meta.inputs, rows, &mut rng), &format!("happy-{i}"))
         })
         .collect();
-    let results = h.run_tasks(&requests, |_, _| {}).await;
+    let results = h.run_tasks(&requests).await;
     assert_eq!(results.len(), 200);
     for (i, req) in requests.iter().enumerate() {
         let task_id = sundara_ingress::task_id("test", req.request_id.as_deref());
@@ -52,7 +53,7 @@ async fn dishonest_miner_is_outvoted_and_scores_zero() {
             h.request(&meta.name, sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("liar-{i}"))
         })
         .collect();
-    let results = h.run_tasks(&requests, |_, _| {}).await;
+    let results = h.run_tasks(&requests).await;
     for req in &requests {
         let task_id = sundara_ingress::task_id("test", req.request_id.as_deref());
         let expected = reference(&h.models[&req.model], &req.inputs);
@@ -85,18 +86,26 @@ async fn killed_worker_loses_no_task() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let meta = h.models["mlp"].clone();
     let requests: Vec<_> = (0..150)
-        .map(|i| h.request("mlp", sundara::models::sample_inputs(&meta.inputs, 16, &mut rng), &format!("kill-{i}")))
+        .map(|i| h.request("mlp", sundara::models::sample_inputs(&meta.inputs, 64, &mut rng), &format!("kill-{i}")))
         .collect();
-    let mut killed = false;
-    let results = h
-        .run_tasks(&requests, |h, n| {
-            if n == 10 && !killed {
-                h.kill_worker_process(victim);
-                killed = true;
+    // SIGKILL the victim while it holds a backlog (3 or more assignments in Redis), so the
+    // kill always strands work. Redis offers no event for that here; poll it, bounded.
+    let victim_pid = h.worker_pid(victim);
+    let redis_url = h.stack.endpoints().redis_url;
+    let killer = std::thread::spawn(move || {
+        let mut redis = redis::Client::open(redis_url).unwrap().get_connection().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let held: u64 = redis::cmd("SCARD").arg("sundara:inflight:w:victim").query(&mut redis).unwrap_or(0);
+            if held >= 3 {
+                return Command::new("kill").args(["-KILL", &victim_pid.to_string()]).status().unwrap().success();
             }
-        })
-        .await;
-    assert!(killed);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    });
+    let results = h.run_tasks(&requests).await;
+    assert!(killer.join().unwrap(), "the victim never held 3 assignments at once");
     assert_eq!(results.len(), 150);
     for r in results.values() {
         outputs(&r.status);
@@ -143,7 +152,7 @@ async fn bad_input_gets_typed_rejections() {
     assert_eq!(code(c.submit(&wrong_version).await.unwrap()), RejectCode::UnsupportedVersion);
 
     let good = h.request("mlp", vec![x(vec![2, 784], 2 * 784)], "good");
-    let results = h.run_tasks(std::slice::from_ref(&good), |_, _| {}).await;
+    let results = h.run_tasks(std::slice::from_ref(&good)).await;
     let result = results.values().next().unwrap();
     assert!(agree(&RULE, outputs(&result.status), &reference(&h.models["mlp"], &good.inputs)));
     h.stop().await;

@@ -35,6 +35,12 @@ pub fn work_of(worker: &str) -> String {
 pub fn outcome(task: &str, worker: &str) -> String {
     format!("sundara.outcome.{task}.{worker}")
 }
+/// The worker token of an outcome subject (task ids and worker ids hold no dots).
+pub fn outcome_worker(subject: &str) -> Option<&str> {
+    let mut parts = subject.strip_prefix("sundara.outcome.")?.split('.');
+    let (_task, worker) = (parts.next()?, parts.next()?);
+    (parts.next().is_none() && is_token(worker)).then_some(worker)
+}
 pub fn result(tenant: &str, task: &str) -> String {
     format!("sundara.result.{tenant}.{task}")
 }
@@ -67,5 +73,13 @@ mod tests {
         for bad in ["", "a.b", "*", ">", "a b", &"x".repeat(65)] {
             assert!(!is_token(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn outcome_subjects_name_their_worker() {
+        assert_eq!(outcome_worker(&outcome("0192f0c4", "miner-1")), Some("miner-1"));
+        assert_eq!(outcome_worker("sundara.outcome.t"), None);
+        assert_eq!(outcome_worker("sundara.outcome.t.w.extra"), None);
+        assert_eq!(outcome_worker("sundara.result.t.w"), None);
     }
 }

@@ -97,11 +97,9 @@ impl Harness {
         self.children.len() - 1
     }
 
-    /// SIGKILLs a child worker.
-    pub fn kill_worker_process(&mut self, index: usize) {
-        let child = &mut self.children[index];
-        child.kill().unwrap();
-        child.wait().unwrap();
+    /// Process id of a child worker.
+    pub fn worker_pid(&self, index: usize) -> u32 {
+        self.children[index].id()
     }
 
     /// Waits (bounded) until `id` has announced itself in Redis.
@@ -122,12 +120,7 @@ impl Harness {
     }
 
     /// Submits all requests (each must be accepted) and collects one result per task.
-    /// `on_result` sees the number of results so far (for fault injection mid-run).
-    pub async fn run_tasks(
-        &mut self,
-        requests: &[SubmitRequest],
-        mut on_result: impl FnMut(&mut Harness, usize),
-    ) -> HashMap<String, ClientResult> {
+    pub async fn run_tasks(&mut self, requests: &[SubmitRequest]) -> HashMap<String, ClientResult> {
         let mut results = self.client.results("test").await.unwrap();
         let mut ids = Vec::new();
         for r in requests {
@@ -142,7 +135,6 @@ impl Harness {
             let next = tokio::time::timeout_at(deadline, results.next()).await;
             let Ok(Some(Ok(result))) = next else { panic!("only {} of {} results arrived", got.len(), ids.len()) };
             assert!(got.insert(result.task_id.clone(), result).is_none(), "a result was delivered twice");
-            on_result(self, got.len());
         }
         for id in &ids {
             assert!(got.contains_key(id), "no result for {id}");
@@ -179,6 +171,16 @@ impl Harness {
         }
         let errors = self.pipeline.take().unwrap().stop().await;
         assert!(errors.is_empty(), "services stopped with errors: {errors:?}");
+    }
+}
+
+impl Drop for Harness {
+    /// A test that fails before `stop` must not leave worker processes behind.
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

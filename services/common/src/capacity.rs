@@ -103,11 +103,13 @@ return flat
 "#;
 
 /// Frees an assignment's slot. Idempotent: a second release of the same id does nothing.
-/// ARGV: aid. Returns 1 if it freed a slot.
+/// ARGV: aid, and optionally the worker that must hold it (else nothing is freed).
+/// Returns 1 if it freed a slot.
 const RELEASE: &str = r#"
 local key = 'sundara:asg:' .. ARGV[1]
 local h = redis.call('HMGET', key, 'slice', 'worker')
 if not h[1] then return 0 end
+if ARGV[2] and ARGV[2] ~= h[2] then return 0 end
 redis.call('DEL', key)
 redis.call('ZREM', 'sundara:inflight', ARGV[1])
 redis.call('SREM', 'sundara:inflight:w:' .. h[2], ARGV[1])
@@ -303,6 +305,14 @@ impl Capacity {
     pub async fn release(&self, aid: &str) -> Result<bool, Error> {
         let mut con = self.con.clone();
         let freed: i64 = self.release.arg(aid).invoke_async(&mut con).await?;
+        Ok(freed == 1)
+    }
+
+    /// Frees the slot of an assignment only if `worker` holds it (an outcome names its
+    /// worker in its subject); `true` if this call freed it.
+    pub async fn release_held_by(&self, aid: &str, worker: &str) -> Result<bool, Error> {
+        let mut con = self.con.clone();
+        let freed: i64 = self.release.arg(aid).arg(worker).invoke_async(&mut con).await?;
         Ok(freed == 1)
     }
 

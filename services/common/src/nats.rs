@@ -109,7 +109,36 @@ pub async fn publish_durable(
     js.send_publish(subject, msg).await.map_err(js_err)?.await.map_err(js_err)
 }
 
-/// A durable pull consumer on `stream`, created if missing.
+/// Sundara's durable pull consumer settings: explicit acks, `filter`, `ack_wait`, and at
+/// most `max_ack_pending` delivered but un-acked.
+pub fn consumer_config(
+    durable: &str,
+    filter: &str,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+) -> jetstream::consumer::pull::Config {
+    jetstream::consumer::pull::Config {
+        durable_name: Some(durable.to_string()),
+        filter_subject: filter.to_string(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending,
+        ..Default::default()
+    }
+}
+
+/// A durable pull consumer on `stream` with `config` (see [`consumer_config`]), created if missing.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    config: jetstream::consumer::pull::Config,
+) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>, Error> {
+    let stream = js.get_stream(stream).await.map_err(js_err)?;
+    let durable = config.durable_name.clone().unwrap_or_default();
+    stream.get_or_create_consumer(&durable, config).await.map_err(js_err)
+}
+
+/// A durable pull consumer on `stream` with [`consumer_config`], created if missing.
 pub async fn durable_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -118,16 +147,7 @@ pub async fn durable_consumer(
     ack_wait: Duration,
     max_ack_pending: i64,
 ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>, Error> {
-    let stream = js.get_stream(stream).await.map_err(js_err)?;
-    let config = jetstream::consumer::pull::Config {
-        durable_name: Some(durable.to_string()),
-        filter_subject: filter.to_string(),
-        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-        ack_wait,
-        max_ack_pending,
-        ..Default::default()
-    };
-    stream.get_or_create_consumer(durable, config).await.map_err(js_err)
+    ensure_consumer(js, stream, consumer_config(durable, filter, ack_wait, max_ack_pending)).await
 }
 
 /// A JetStream message's server timestamp (when the stream stored it), in Unix microseconds.

@@ -14,8 +14,8 @@ use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
 use futures::StreamExt;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
 use sundara_schemas::{
-    Assignment, ClientResult, FailureCode, MAX_MESSAGE_BYTES, Outcome, OutcomeResult, ResultStatus, Task, Ticket,
-    WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
+    Assignment, ClientResult, FailureCode, Outcome, OutcomeResult, ResultStatus, Task, Ticket, WIRE_VERSION, decode,
+    encode, now_ms, now_us, subjects as subj,
 };
 
 #[derive(Clone, Debug)]
@@ -270,14 +270,23 @@ impl Scheduler {
         Ok(())
     }
 
+    /// An outcome arrived (headers only: the release needs no outputs). Its Nats-Msg-Id is
+    /// the assignment id (`<aid>.abandoned` when this scheduler gave up on it) and its
+    /// subject names the worker; the slot is freed only if that worker holds it, so an
+    /// outcome published under one worker's name cannot free another's slot.
     async fn on_outcome(&self, msg: Message) {
-        if let Ok(outcome) = decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES)
-            && outcome.ticket.verify(&self.config.secret)
-            && let Err(e) = self.release(&outcome.ticket.assignment_id()).await
-        {
-            tracing::warn!(error = %e, "release failed; will retry");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
-            return;
+        let aid = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
+        let aid = aid.map(|a| a.strip_suffix(".abandoned").unwrap_or(a));
+        if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject)) {
+            match self.capacity.release_held_by(aid, worker).await {
+                Ok(true) => self.freed.notify_one(),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "release failed; will retry");
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
+                    return;
+                }
+            }
         }
         let _ = msg.ack().await;
     }
@@ -299,15 +308,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
         (config.concurrency * 16) as i64,
     )
     .await?;
-    let outcome_consumer = nats::durable_consumer(
-        &js,
-        subj::OUTCOMES_STREAM,
-        "scheduler-release",
-        "sundara.outcome.>",
-        Duration::from_secs(30),
-        4096,
-    )
-    .await?;
+    // Headers only: freeing a slot needs the assignment id and the worker, not the outputs.
+    let release_config = async_nats::jetstream::consumer::pull::Config {
+        headers_only: true,
+        ..nats::consumer_config("scheduler-release", "sundara.outcome.>", Duration::from_secs(30), 4096)
+    };
+    let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
     let scheduler = Scheduler { config: config.clone(), js, tasks, capacity, freed: tokio::sync::Notify::new() };
     let s = &scheduler;
     tracing::info!("scheduler running");
