@@ -17,14 +17,15 @@ fn outputs(status: &ResultStatus) -> &[Tensor] {
     }
 }
 
-/// 200 tasks over both demo models: every one verified and equal to a direct ort run.
+/// 200 tasks over the four demo models (a generated MLP and three real pretrained models
+/// with f32, i32 and i64 inputs): every one verified and equal to a direct ort run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn happy_path_matches_direct_inference() {
     let mut h = Harness::start(vec![honest("a", 2), honest("b", 2), honest("c", 2)], 2, Duration::from_secs(10)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let requests: Vec<_> = (0..200)
         .map(|i| {
-            let meta = &h.models[if i % 2 == 0 { "mlp" } else { "silero" }];
+            let meta = &h.models[["mlp", "silero", "magika", "ppocr-cls"][i % 4]];
             let rows = 1 + (i % 3) as u64;
             h.request(&meta.name, sundara::models::sample_inputs(&meta.inputs, rows, &mut rng), &format!("happy-{i}"))
         })
@@ -49,7 +50,7 @@ async fn dishonest_miner_is_outvoted_and_scores_zero() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     let requests: Vec<_> = (0..80)
         .map(|i| {
-            let meta = &h.models[if i % 2 == 0 { "mlp" } else { "silero" }];
+            let meta = &h.models[["mlp", "silero", "magika", "ppocr-cls"][i % 4]];
             h.request(&meta.name, sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("liar-{i}"))
         })
         .collect();

@@ -186,10 +186,7 @@ impl Drop for Harness {
 
 /// The model run directly with ONNX Runtime: what a verified result must agree with.
 pub fn reference(meta: &ModelMeta, inputs: &[Tensor]) -> Vec<Tensor> {
-    let bytes = std::fs::read(project_root().join(".cache/models").join(match meta.name.as_str() {
-        "mlp" => "mlp.onnx",
-        _ => "silero_vad.onnx",
-    }))
-    .unwrap();
+    let (file, _) = sundara::up::DEMO_MODELS.iter().find(|(_, name)| *name == meta.name).expect("a demo model");
+    let bytes = std::fs::read(project_root().join(".cache/models").join(file)).unwrap();
     sundara_runtime::Model::load(&bytes, 1).unwrap().run(inputs).unwrap()
 }

@@ -74,7 +74,8 @@ pub fn describe(m: &ModelMeta) -> String {
 /// Random inputs that fit a model, `rows` along the first dynamic dimension.
 ///
 /// Known demo inputs get realistic values: silero-vad's `sr` is the 16 kHz sample rate,
-/// its recurrent `state` starts at zero and its audio chunk is 512 samples.
+/// its recurrent `state` starts at zero and its audio chunk is 512 samples; images are
+/// 48×192 (PP-OCR's text lines); integer inputs (magika's byte windows) are bytes 0-255.
 pub fn sample_inputs(inputs: &[TensorSpec], rows: u64, rng: &mut impl Rng) -> Vec<Tensor> {
     inputs
         .iter()
@@ -83,13 +84,16 @@ pub fn sample_inputs(inputs: &[TensorSpec], rows: u64, rng: &mut impl Rng) -> Ve
             let shape: Vec<u64> = spec
                 .shape
                 .iter()
-                .map(|d| match d {
+                .enumerate()
+                .map(|(axis, d)| match d {
                     Some(v) => *v,
                     None if spec.name == "state" => rows,
                     None if first_dynamic => {
                         first_dynamic = false;
                         rows
                     }
+                    // Images [batch, channels, height, width]: a 48×192 text line (PP-OCR).
+                    None if spec.shape.len() == 4 => [0, 0, 48, 192][axis],
                     None => 512,
                 })
                 .collect();
@@ -103,6 +107,10 @@ pub fn sample_inputs(inputs: &[TensorSpec], rows: u64, rng: &mut impl Rng) -> Ve
                 }
                 (DType::F64, _) => {
                     let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    Tensor::from_values(&spec.name, shape, &v)
+                }
+                (DType::I32, _) => {
+                    let v: Vec<i32> = (0..n).map(|_| rng.random_range(0..256)).collect();
                     Tensor::from_values(&spec.name, shape, &v)
                 }
                 (dtype, _) => Tensor { name: spec.name.clone(), dtype, shape, data: vec![0; n * dtype.size()] },

@@ -21,8 +21,12 @@ use crate::client::Client;
 use crate::pipeline::{Pipeline, PipelineConfig, WorkerSpec};
 use crate::stack::{LocalStack, project_root};
 
-/// Demo models: file under `.cache/models/`, registry name, policy.
-pub const DEMO_MODELS: [(&str, &str); 2] = [("mlp.onnx", "mlp"), ("silero_vad.onnx", "silero")];
+/// Demo models: file under `.cache/models/`, registry name. Besides the generated MLP, real
+/// pretrained models from PyPI wheels (see `scripts/setup`): silero-vad (voice activity,
+/// f32 audio plus an i64 scalar and a recurrent state), magika (file-type detection, i32
+/// byte windows) and PP-OCR's text-direction classifier (f32 images).
+pub const DEMO_MODELS: [(&str, &str); 4] =
+    [("mlp.onnx", "mlp"), ("silero_vad.onnx", "silero"), ("magika.onnx", "magika"), ("ppocr_cls.onnx", "ppocr-cls")];
 
 pub struct UpOptions {
     pub once: bool,

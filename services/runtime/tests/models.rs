@@ -50,3 +50,30 @@ fn garbage_bytes_are_an_invalid_model() {
     init(&find_library(&[root()]).unwrap()).unwrap();
     assert!(matches!(Model::load(b"not onnx", 1), Err(sundara_runtime::RuntimeError::InvalidModel(_))));
 }
+
+#[test]
+fn magika_classifies_i32_byte_windows() {
+    let mut m = model("magika.onnx");
+    assert_eq!(m.inputs.len(), 1);
+    assert_eq!((m.inputs[0].dtype, m.inputs[0].shape.clone()), (DType::I32, vec![None, Some(2048)]));
+    // Two windows of a file's bytes (magika reads values 0-255, 256 = padding).
+    let bytes: Vec<i32> = (0..2 * 2048).map(|i| if i % 2048 < 1500 { i * 7 % 256 } else { 256 }).collect();
+    let out = m.run(&[Tensor::from_values(&m.inputs[0].name.clone(), vec![2, 2048], &bytes)]).unwrap();
+    assert_eq!(out[0].shape, vec![2, 214]);
+    let scores = out[0].values::<f32>().unwrap();
+    let row: f32 = scores[..214].iter().sum();
+    assert!((row - 1.0).abs() < 1e-3, "class scores sum to {row}");
+}
+
+#[test]
+fn ppocr_direction_classifier_takes_images() {
+    let mut m = model("ppocr_cls.onnx");
+    assert_eq!(m.inputs[0].dtype, DType::F32);
+    // [batch, 3, height, width], all but the channels dynamic; the classifier is trained on 48×192.
+    assert_eq!(m.inputs[0].shape, vec![None, Some(3), None, None]);
+    let image = vec![0.25f32; 3 * 48 * 192];
+    let out = m.run(&[Tensor::from_values(&m.inputs[0].name.clone(), vec![1, 3, 48, 192], &image)]).unwrap();
+    assert_eq!(out[0].shape, vec![1, 2]);
+    let p = out[0].values::<f32>().unwrap();
+    assert!((p[0] + p[1] - 1.0).abs() < 1e-4, "orientation probabilities {p:?}");
+}
