@@ -57,6 +57,7 @@ def summarise(rows):
             "tasks_per_s": med([r["tasks_per_s"] for r in runs]),
             "p50_ms": med([r["p50_ms"] for r in runs]),
             "p90_ms": med([r["p90_ms"] for r in runs]),
+            "p95_ms": med([r.get("p95_ms") for r in runs]),
             "p99_ms": med([r["p99_ms"] for r in runs]),
             "errors": sum(r.get("errors", 0) for r in runs),
             "loadgen_cpu_cores": med([r.get("loadgen_cpu_cores") for r in runs]),
@@ -153,6 +154,16 @@ def targets(summary, scale):
                     ">= 10x and lower p99",
                     x >= 10 and s["p99_ms"] < p["p99_ms"],
                 )
+    b1, b32 = find(summary, "worker-batch-1", "mlp"), find(summary, "worker-batch-32", "mlp")
+    if b1 and b32 and b1.get("p95_ms") and b32.get("p95_ms"):
+        x = ratio(b32["tasks_per_s"], b1["tasks_per_s"])
+        p95 = b32["p95_ms"] / b1["p95_ms"]
+        add(
+            f"worker batching gain, mlp, {b1['level']} (p95 {fmt(b32['p95_ms'])} vs {fmt(b1['p95_ms'])} ms)",
+            f"{x:.1f}x at {p95:.2f}x p95",
+            ">= 3x at <= 1.1x p95",
+            x >= 3 and p95 <= 1.1,
+        )
     heavy = find(summary, "sundara", "mlp_heavy", 1)
     ceiling = find(summary, "ort-in-process", "mlp_heavy")
     if heavy and ceiling:

@@ -8,6 +8,7 @@ pub struct Summary {
     pub count: usize,
     pub p50_ms: f64,
     pub p90_ms: f64,
+    pub p95_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
@@ -31,6 +32,7 @@ impl Summary {
             count: sample.len(),
             p50_ms: pct(50.0),
             p90_ms: pct(90.0),
+            p95_ms: pct(95.0),
             p99_ms: pct(99.0),
             max_ms: ms(*sample.last().expect("not empty")),
             mean_ms: sum as f64 / sample.len() as f64 / 1000.0,
@@ -60,6 +62,7 @@ mod tests {
         assert_eq!(sum.count, 100);
         assert_eq!(sum.p50_ms, 50.0);
         assert_eq!(sum.p90_ms, 90.0);
+        assert_eq!(sum.p95_ms, 95.0);
         assert_eq!(sum.p99_ms, 99.0);
         assert_eq!(sum.max_ms, 100.0);
         assert_eq!(sum.mean_ms, 50.5);

@@ -67,6 +67,8 @@ enum System {
     OrtInProcess { threads: usize },
     /// A bare NATS request/reply responder with `threads` inference threads.
     NatsRequestReply { threads: usize },
+    /// The worker's executor alone (no NATS), batching up to `max_batch` tasks.
+    WorkerExecutor { threads: usize, max_batch: usize },
 }
 
 impl System {
@@ -75,6 +77,8 @@ impl System {
             System::Sundara { .. } => "sundara",
             System::OrtInProcess { .. } => "ort-in-process",
             System::NatsRequestReply { .. } => "nats-request-reply",
+            System::WorkerExecutor { max_batch: 1, .. } => "worker-batch-1",
+            System::WorkerExecutor { .. } => "worker-batch-32",
         }
     }
 }
@@ -104,6 +108,18 @@ fn scenarios() -> Vec<Scenario> {
             system: System::OrtInProcess { threads: THREADS },
             model: "mlp_heavy",
             modes: closed(&[THREADS]),
+        },
+        Scenario {
+            name: "worker-batch-1/mlp".into(),
+            system: System::WorkerExecutor { threads: THREADS, max_batch: 1 },
+            model: "mlp",
+            modes: closed(&[64]),
+        },
+        Scenario {
+            name: "worker-batch-32/mlp".into(),
+            system: System::WorkerExecutor { threads: THREADS, max_batch: 32 },
+            model: "mlp",
+            modes: closed(&[64]),
         },
         Scenario {
             name: "nats-request-reply/mlp".into(),
@@ -189,6 +205,7 @@ impl Recorder {
             "tasks_per_s": stats.tasks_per_s,
             "p50_ms": stats.latency.p50_ms,
             "p90_ms": stats.latency.p90_ms,
+            "p95_ms": stats.latency.p95_ms,
             "p99_ms": stats.latency.p99_ms,
             "loadgen_cpu_cores": loadgen,
             "machine_cpu_cores": cpu.machine_cores,
@@ -242,6 +259,28 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
                 let cpu = CpuWindow::start(std::slice::from_ref(&me));
                 let stats = baseline::ort_in_process(&path, *threads, &inputs, s.window).map_err(anyhow::Error::msg)?;
                 rec.record(scenario, Mode::Closed { concurrency: *threads }, s.rows, run, &stats, &cpu.finish(), None)?;
+            }
+        }
+        System::WorkerExecutor { threads, max_batch } => {
+            let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
+            let inputs = Arc::new(inputs_for(&model.inputs, s.rows));
+            let model_path = Arc::new(path.clone());
+            for &mode in &scenario.modes {
+                let Mode::Closed { concurrency } = mode else { continue };
+                let executor = sundara_worker::Executor::start("bench", *threads, 1, *max_batch, concurrency);
+                for run in 0..s.runs {
+                    let cpu = CpuWindow::start(std::slice::from_ref(&me));
+                    let (executor, inputs, model_path) = (executor.clone(), inputs.clone(), model_path.clone());
+                    let stats = closed_loop(concurrency, s.window, move |n| {
+                        let (executor, inputs, model_path) = (executor.clone(), inputs.clone(), model_path.clone());
+                        async move {
+                            let x = inputs[n as usize % inputs.len()].clone();
+                            executor.run("model".into(), model_path, x).await.map(|_| None)
+                        }
+                    })
+                    .await;
+                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), None)?;
+                }
             }
         }
         System::NatsRequestReply { threads } => {
