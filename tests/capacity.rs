@@ -49,7 +49,7 @@ async fn every_slot_of_a_fleet_larger_than_the_window_is_reachable() {
     assert!(reserve(&capacity, "overflow", 1).await.is_none());
     assert_eq!(capacity.inflight().await.unwrap(), 200);
     // A freed slot goes back to the front of the candidates and is found at once.
-    assert!(capacity.release("t123.0.0").await.unwrap());
+    assert!(capacity.release("t123.0.0", None).await.unwrap());
     let again = reserve(&capacity, "after-release", 1).await.expect("the freed slot");
     assert_eq!(capacity.inflight().await.unwrap(), 200);
     assert!(!used.insert(again[0].0.clone()), "a slot that was never booked: {again:?}");

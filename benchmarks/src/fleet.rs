@@ -92,9 +92,8 @@ impl Fleet {
                     return Err(format!("{name} exited during start-up ({status})"));
                 }
             }
-            let ingress_up = nats.request("$SRV.PING.sundara-ingress", "".into()).await.is_ok();
-            let announced = capacity.workers().await.map_err(|e| e.to_string())?;
-            if ingress_up && self.workers.iter().all(|w| announced.contains(w)) {
+            let workers: Vec<&str> = self.workers.iter().map(String::as_str).collect();
+            if sundara::pipeline::serving(nats, &capacity, &workers).await? {
                 return Ok(());
             }
             if Instant::now() > deadline {

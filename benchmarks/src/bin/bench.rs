@@ -320,11 +320,11 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
             let registry = Registry::open(&js).await?;
             let policy = Policy { redundancy: *k, rule: CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 } };
             let meta = sundara::models::push(&registry, &path, scenario.model, "1", policy).await?;
-            let scratch = tempfile_dir("sundara-bench")?;
+            let scratch = tempfile::Builder::new().prefix("sundara-bench-").tempdir()?;
             let specs: Vec<WorkerSpec> =
                 (1..=*workers).map(|i| WorkerSpec { id: format!("miner-{i}"), threads: *threads }).collect();
-            let mut fleet =
-                Fleet::start(&endpoints, &specs, &scratch.join("cache"), &scratch).map_err(anyhow::Error::msg)?;
+            let mut fleet = Fleet::start(&endpoints, &specs, &scratch.path().join("cache"), scratch.path())
+                .map_err(anyhow::Error::msg)?;
             fleet.ready(&client, Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
             let mut procs = fleet.pids();
             procs.push(me.clone());
@@ -363,7 +363,6 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
                 }
             }
             fleet.stop(Duration::from_secs(10));
-            let _ = std::fs::remove_dir_all(&scratch);
         }
     }
     Ok(())
@@ -371,12 +370,6 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
 
 fn timeout() -> Duration {
     Duration::from_secs(30)
-}
-
-fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), rand::random::<u32>()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 async fn wait_for_responder(rr: &ResponderClient) -> anyhow::Result<()> {

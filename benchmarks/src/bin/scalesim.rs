@@ -345,7 +345,7 @@ impl Latency<'_> {
     }
 
     async fn release_all(&self, aids: &[String]) -> Result<()> {
-        let mut releases = futures::stream::iter(aids).map(|aid| self.capacity.release(aid)).buffer_unordered(64);
+        let mut releases = futures::stream::iter(aids).map(|aid| self.capacity.release(aid, None)).buffer_unordered(64);
         while let Some(done) = releases.next().await {
             done?;
         }
@@ -370,7 +370,7 @@ impl Latency<'_> {
             let picks = picks.with_context(|| format!("no capacity for k={k} on an idle fleet"))?;
             slices.extend(picks.into_iter().map(|(s, _)| s));
             for aid in &aids {
-                self.capacity.release(aid).await?;
+                self.capacity.release(aid, None).await?;
             }
         }
         Ok((Summary::from_micros(&mut micros), slices.len()))

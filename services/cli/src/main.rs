@@ -237,7 +237,7 @@ async fn main() -> anyhow::Result<()> {
             let mut config = sundara_worker::Config::new(endpoints, &id, lib, cache);
             config.operator = operator.unwrap_or(id);
             config.threads = threads.max(1);
-            config.slots = slots.unwrap_or(threads.max(1) as u32 * sundara::pipeline::SLOTS_PER_THREAD);
+            config.slots = slots.unwrap_or(threads.max(1) as u32 * sundara_worker::SLOTS_PER_THREAD);
             config.models = models;
             if dishonest {
                 config.behaviour = sundara_worker::Behaviour::Dishonest;

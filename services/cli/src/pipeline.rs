@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sundara_common::{Endpoints, Shutdown};
+use sundara_common::{Capacity, Endpoints, Shutdown};
 use sundara_worker::Behaviour;
 use tokio::task::JoinHandle;
 
@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 #[derive(Clone, Debug)]
 pub struct WorkerSpec {
     pub id: String,
-    /// Inference threads; the worker accepts [`SLOTS_PER_THREAD`] assignments per thread.
+    /// Inference threads; the worker accepts [`sundara_worker::SLOTS_PER_THREAD`] assignments per thread.
     pub threads: usize,
     pub behaviour: Behaviour,
 }
@@ -30,9 +30,12 @@ pub struct PipelineConfig {
     pub epoch_length: Duration,
 }
 
-/// Assignments a worker accepts per inference thread: enough that a thread always has
-/// the next one queued while outcomes and new work are in transit.
-pub const SLOTS_PER_THREAD: u32 = 16;
+/// Whether ingress answers and every one of `workers` has announced itself in Redis.
+pub async fn serving(nats: &async_nats::Client, capacity: &Capacity, workers: &[&str]) -> Result<bool, String> {
+    let ingress_up = nats.request("$SRV.PING.sundara-ingress", "".into()).await.is_ok();
+    let announced = capacity.workers().await.map_err(|e| e.to_string())?;
+    Ok(ingress_up && workers.iter().all(|w| announced.iter().any(|a| a == w)))
+}
 
 type Handle = JoinHandle<Result<(), String>>;
 
@@ -84,7 +87,7 @@ impl Pipeline {
             self.config.cache_dir.clone(),
         );
         c.threads = spec.threads;
-        c.slots = (spec.threads as u32) * SLOTS_PER_THREAD;
+        c.slots = (spec.threads as u32) * sundara_worker::SLOTS_PER_THREAD;
         c.behaviour = spec.behaviour;
         c
     }
@@ -102,15 +105,13 @@ impl Pipeline {
         let nats = sundara_common::nats::connect(&self.config.endpoints.nats_url, "sundara-ready")
             .await
             .map_err(|e| e.to_string())?;
-        let capacity =
-            sundara_common::Capacity::connect(&self.config.endpoints.redis_url).await.map_err(|e| e.to_string())?;
+        let capacity = Capacity::connect(&self.config.endpoints.redis_url).await.map_err(|e| e.to_string())?;
         loop {
             if let Some(failed) = self.failed() {
                 return Err(format!("{failed} stopped during start-up"));
             }
-            let ingress_up = nats.request("$SRV.PING.sundara-ingress", "".into()).await.is_ok();
-            let announced = capacity.workers().await.map_err(|e| e.to_string())?;
-            if ingress_up && self.config.workers.iter().all(|w| announced.contains(&w.id)) {
+            let workers: Vec<&str> = self.config.workers.iter().map(|w| w.id.as_str()).collect();
+            if serving(&nats, &capacity, &workers).await? {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {

@@ -301,18 +301,16 @@ impl Capacity {
         Ok(con.hget(asg_key(aid), "ticket").await?)
     }
 
-    /// Frees the slot of an assignment; `true` if this call freed it.
-    pub async fn release(&self, aid: &str) -> Result<bool, Error> {
+    /// Frees the slot of an assignment, when given only if `holder` is the worker that
+    /// holds it (an outcome names its worker in its subject); `true` if this call freed it.
+    pub async fn release(&self, aid: &str, holder: Option<&str>) -> Result<bool, Error> {
         let mut con = self.con.clone();
-        let freed: i64 = self.release.arg(aid).invoke_async(&mut con).await?;
-        Ok(freed == 1)
-    }
-
-    /// Frees the slot of an assignment only if `worker` holds it (an outcome names its
-    /// worker in its subject); `true` if this call freed it.
-    pub async fn release_held_by(&self, aid: &str, worker: &str) -> Result<bool, Error> {
-        let mut con = self.con.clone();
-        let freed: i64 = self.release.arg(aid).arg(worker).invoke_async(&mut con).await?;
+        let mut inv = self.release.prepare_invoke();
+        inv.arg(aid);
+        if let Some(worker) = holder {
+            inv.arg(worker);
+        }
+        let freed: i64 = inv.invoke_async(&mut con).await?;
         Ok(freed == 1)
     }
 

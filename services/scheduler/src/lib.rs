@@ -27,8 +27,8 @@ pub struct Config {
     pub assignment_timeout: Duration,
     /// Dispatches per replica, the first included.
     pub max_attempts: u16,
-    /// Candidate slices examined per reservation (a window from a random start; up to 4
-    /// windows when too few are free).
+    /// Candidate slices read per window of the least-loaded-first candidate set (RESERVE
+    /// reads up to 4 windows while too few slices are eligible).
     pub scan: usize,
     /// Tasks dispatched at once.
     pub concurrency: usize,
@@ -220,7 +220,7 @@ impl Scheduler {
         let Some(bytes) = self.capacity.ticket(aid).await? else {
             // Reserved but never sent (a scheduler died in between): the task was not acked,
             // so its redelivery dispatches it again.
-            self.release(aid).await?;
+            self.release(aid, None).await?;
             return Ok(());
         };
         let old = Ticket::from_bytes(&bytes)?;
@@ -237,7 +237,7 @@ impl Scheduler {
             };
             let subject = subj::outcome(&old.task_id, &old.worker);
             nats::publish_durable(&self.js, subject, &format!("{aid}.abandoned"), encode(&outcome)).await?;
-            self.release(aid).await?;
+            self.release(aid, None).await?;
             return Ok(());
         }
         let attempt = old.attempt + 1;
@@ -257,14 +257,14 @@ impl Scheduler {
         let task = decode::<Task>(&raw.payload, self.config.max_task_bytes)?;
         tracing::info!(assignment = aid, from = %old.worker, to = %worker, attempt, "reassigning");
         self.send(&task, old.task_seq, old.replica, attempt, slice, worker).await?;
-        self.release(aid).await?;
+        self.release(aid, None).await?;
         Ok(())
     }
 
     /// Frees an assignment's slot (idempotent); a freed slot wakes one task waiting for
     /// capacity (the longest waiting), not all of them.
-    async fn release(&self, aid: &str) -> Result<(), CommonError> {
-        if self.capacity.release(aid).await? {
+    async fn release(&self, aid: &str, holder: Option<&str>) -> Result<(), CommonError> {
+        if self.capacity.release(aid, holder).await? {
             self.freed.notify_one();
         }
         Ok(())
@@ -277,16 +277,12 @@ impl Scheduler {
     async fn on_outcome(&self, msg: Message) {
         let aid = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
         let aid = aid.map(|a| a.strip_suffix(".abandoned").unwrap_or(a));
-        if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject)) {
-            match self.capacity.release_held_by(aid, worker).await {
-                Ok(true) => self.freed.notify_one(),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "release failed; will retry");
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
-                    return;
-                }
-            }
+        if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject))
+            && let Err(e) = self.release(aid, Some(worker)).await
+        {
+            tracing::warn!(error = %e, "release failed; will retry");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
+            return;
         }
         let _ = msg.ack().await;
     }

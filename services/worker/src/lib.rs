@@ -29,6 +29,11 @@ pub enum Behaviour {
     Dishonest,
 }
 
+/// Assignments a worker accepts per inference thread by default: enough that a thread
+/// always has the next one queued while outcomes and new work are in transit, and that
+/// queued tasks can be batched.
+pub const SLOTS_PER_THREAD: u32 = 16;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoints: Endpoints,
@@ -38,8 +43,8 @@ pub struct Config {
     pub operator: String,
     /// Inference threads (each runs one inference at a time with `intra_threads` ORT threads).
     pub threads: usize,
-    /// Assignments the worker accepts at once (the slots of its CPU slice in Redis). More
-    /// slots than threads keep the threads busy while outcomes and new work are in transit.
+    /// Assignments the worker accepts at once (the slots of its CPU slice in Redis);
+    /// [`SLOTS_PER_THREAD`] × `threads` by default.
     pub slots: u32,
     /// Most tasks run as one inference (dynamic batching; 1 turns it off).
     pub max_batch: usize,
@@ -63,7 +68,7 @@ impl Config {
             worker_id: worker_id.to_string(),
             operator: worker_id.to_string(),
             threads: 1,
-            slots: 4,
+            slots: SLOTS_PER_THREAD,
             max_batch: 32,
             intra_threads: 1,
             models: Vec::new(),
