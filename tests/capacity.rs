@@ -23,6 +23,7 @@ async fn fleet(slices: usize, slots: u32) -> (ServerProcess, tempfile::TempDir, 
                 device: "cpu".into(),
                 slots,
                 models: vec!["m".into()],
+                ..Default::default()
             }],
         };
         capacity.announce(&announce, true, 600_000).await.unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sundara_runtime::Model;
 use sundara_schemas::{Tensor, encode};
-use sundara_worker::Executor;
+use sundara_worker::{Executor, ExecutorConfig, ModelRun};
 
 use crate::client::RESPONDER_SUBJECT;
 use crate::load::{RunStats, Window};
@@ -71,16 +71,18 @@ pub async fn serve_responder(nats_url: &str, model: PathBuf, threads: usize) -> 
     let nats = async_nats::connect(nats_url).await.map_err(|e| e.to_string())?;
     let mut requests = nats.subscribe(RESPONDER_SUBJECT).await.map_err(|e| e.to_string())?;
     nats.flush().await.map_err(|e| e.to_string())?;
-    let executor = Executor::start("responder", threads, 1, 1, threads * 2);
-    let path = Arc::new(model);
+    let mut config = ExecutorConfig::cpu(threads, sundara_worker::default_cpu_memory(1), threads * 4);
+    config.max_batch = 1;
+    let executor = Executor::start("responder", config);
+    let model = ModelRun::new("model", Arc::new(model));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(threads * 4));
     while let Some(msg) = requests.next().await {
         let Some(reply) = msg.reply.clone() else { continue };
         let permit = in_flight.clone().acquire_owned().await.map_err(|e| e.to_string())?;
-        let (nats, executor, path) = (nats.clone(), executor.clone(), path.clone());
+        let (nats, executor, model) = (nats.clone(), executor.clone(), model.clone());
         tokio::spawn(async move {
             let answer: Result<Vec<Tensor>, String> = match rmp_serde::from_slice::<Vec<Tensor>>(&msg.payload) {
-                Ok(inputs) => executor.run("model".into(), path, inputs).await.map(|ran| ran.outputs),
+                Ok(inputs) => executor.run(&model, inputs).await.map(|ran| ran.outputs).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             let _ = nats.publish(reply, encode(&answer).into()).await;

@@ -74,6 +74,8 @@ pub enum RejectCode {
     WrongDtype,
     WrongShape,
     HostileShape,
+    /// The model needs more memory than any slice of the fleet has.
+    ModelTooLarge,
     Overloaded,
     Internal,
 }
@@ -91,6 +93,7 @@ impl RejectCode {
             RejectCode::WrongDtype => "wrong_dtype",
             RejectCode::WrongShape => "wrong_shape",
             RejectCode::HostileShape => "hostile_shape",
+            RejectCode::ModelTooLarge => "model_too_large",
             RejectCode::Overloaded => "overloaded",
             RejectCode::Internal => "internal",
         }

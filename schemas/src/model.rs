@@ -100,6 +100,23 @@ impl Default for Policy {
     }
 }
 
+/// Dynamic batching of a model's tasks on a worker slice (models with a dynamic first
+/// dimension on every input and output; others always run one task at a time).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// Most tasks run as one inference (1 turns batching off).
+    pub max_batch: u32,
+    /// Longest a queued task waits for its batch to fill, in µs. 0 runs whatever is queued
+    /// as soon as a session is free (batches then form only under load).
+    pub max_delay_us: u32,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching { max_batch: 32, max_delay_us: 0 }
+    }
+}
+
 /// A registered model: where its bytes are and what it accepts.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ModelMeta {
@@ -115,6 +132,9 @@ pub struct ModelMeta {
     pub outputs: Vec<TensorSpec>,
     pub policy: Policy,
     pub pushed_at_ms: u64,
+    /// How workers batch tasks of this model (records written before it existed get the default).
+    #[serde(default)]
+    pub batching: Batching,
 }
 
 impl ModelMeta {

@@ -23,10 +23,10 @@ pub const SECRET: &[u8] = b"test-secret";
 pub const RULE: CompareRule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
 
 pub fn honest(id: &str, threads: usize) -> WorkerSpec {
-    WorkerSpec { id: id.into(), threads, behaviour: Behaviour::Honest }
+    WorkerSpec::cpu(id, threads, Behaviour::Honest)
 }
 pub fn dishonest(id: &str, threads: usize) -> WorkerSpec {
-    WorkerSpec { id: id.into(), threads, behaviour: Behaviour::Dishonest }
+    WorkerSpec::cpu(id, threads, Behaviour::Dishonest)
 }
 
 pub struct Harness {
@@ -56,9 +56,16 @@ impl Harness {
         let mut models = HashMap::new();
         for (file, name) in sundara::up::DEMO_MODELS {
             let path = root.join(".cache/models").join(file);
-            let meta = sundara::models::push(&registry, &path, name, "1", Policy { redundancy: k, rule: RULE })
-                .await
-                .expect("demo models exist (run scripts/setup)");
+            let meta = sundara::models::push(
+                &registry,
+                &path,
+                name,
+                "1",
+                Policy { redundancy: k, rule: RULE },
+                Default::default(),
+            )
+            .await
+            .expect("demo models exist (run scripts/setup)");
             models.insert(name.to_string(), meta);
         }
         let cache = tempfile::tempdir().unwrap();

@@ -21,6 +21,7 @@ use sundara_bench::load::{Mode, RunStats, Window, closed_loop, open_loop};
 use sundara_bench::{baseline, fleet};
 use sundara_common::{Registry, nats};
 use sundara_schemas::{CompareRule, Policy, Tensor, TensorSpec};
+use sundara_worker::{ExecutorConfig, ModelRun};
 
 #[derive(Parser)]
 struct Cli {
@@ -264,18 +265,20 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
         System::WorkerExecutor { threads, max_batch } => {
             let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
             let inputs = Arc::new(inputs_for(&model.inputs, s.rows));
-            let model_path = Arc::new(path.clone());
+            let model_run = ModelRun::new("model", Arc::new(path.clone()));
             for &mode in &scenario.modes {
                 let Mode::Closed { concurrency } = mode else { continue };
-                let executor = sundara_worker::Executor::start("bench", *threads, 1, *max_batch, concurrency);
+                let mut config = ExecutorConfig::cpu(*threads, sundara_worker::default_cpu_memory(1), concurrency);
+                config.max_batch = *max_batch;
+                let executor = sundara_worker::Executor::start("bench", config);
                 for run in 0..s.runs {
                     let cpu = CpuWindow::start(std::slice::from_ref(&me));
-                    let (executor, inputs, model_path) = (executor.clone(), inputs.clone(), model_path.clone());
+                    let (executor, inputs, model_run) = (executor.clone(), inputs.clone(), model_run.clone());
                     let stats = closed_loop(concurrency, s.window, move |n| {
-                        let (executor, inputs, model_path) = (executor.clone(), inputs.clone(), model_path.clone());
+                        let (executor, inputs, model_run) = (executor.clone(), inputs.clone(), model_run.clone());
                         async move {
                             let x = inputs[n as usize % inputs.len()].clone();
-                            executor.run("model".into(), model_path, x).await.map(|_| None)
+                            executor.run(&model_run, x).await.map(|_| None).map_err(|e| e.to_string())
                         }
                     })
                     .await;
@@ -319,7 +322,7 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
             nats::provision(&js, &nats::Retention::default()).await?;
             let registry = Registry::open(&js).await?;
             let policy = Policy { redundancy: *k, rule: CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 } };
-            let meta = sundara::models::push(&registry, &path, scenario.model, "1", policy).await?;
+            let meta = sundara::models::push(&registry, &path, scenario.model, "1", policy, Default::default()).await?;
             let scratch = tempfile::Builder::new().prefix("sundara-bench-").tempdir()?;
             let specs: Vec<WorkerSpec> =
                 (1..=*workers).map(|i| WorkerSpec { id: format!("miner-{i}"), threads: *threads }).collect();

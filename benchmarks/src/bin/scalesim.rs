@@ -298,6 +298,7 @@ async fn announce_fleet(capacity: &Capacity, n: usize, slots: u32, inflight: usi
                     device: "sim".into(),
                     slots,
                     models: vec![MODEL.into()],
+                    ..Default::default()
                 }],
             };
             async move { capacity.announce(&a, true, HEARTBEAT_TTL_MS).await }

@@ -13,6 +13,7 @@ use sundara::client::Client;
 use sundara::stack::project_root;
 use sundara_common::{Endpoints, Registry, Shutdown, nats};
 use sundara_schemas::{CompareRule, Policy, ResultStatus, SubmitOutcome, SubmitRequest};
+use sundara_worker::SliceConfig;
 
 #[derive(Parser)]
 #[command(name = "sundara", version, about = "Sundara: verified inference on untrusted miners")]
@@ -85,12 +86,17 @@ enum Command {
         id: String,
         #[arg(long)]
         operator: Option<String>,
-        /// Inference threads.
+        /// Inference threads of the one CPU slice (when no --slice is given).
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// Assignments accepted at once (default: 16 per thread).
+        /// Assignments accepted at once by that slice (default: 16 per thread).
         #[arg(long)]
         slots: Option<u32>,
+        /// A slice (repeat for several): `cpu|cuda:<index>|mig:<uuid>` then `,threads=N`,
+        /// `,memory=8G`, `,slots=N`, `,name=NAME`. Default: one CPU slice of --threads
+        /// threads holding up to half the available memory.
+        #[arg(long = "slice")]
+        slices: Vec<String>,
         /// Models offered (comma-separated); all registered models when absent.
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
@@ -131,6 +137,12 @@ enum ModelsCommand {
         /// Minimum cosine similarity for --rule cosine.
         #[arg(long, default_value_t = 0.999)]
         min_cosine: f64,
+        /// Most tasks a worker runs as one inference (1: no batching).
+        #[arg(long, default_value_t = 32)]
+        max_batch: u32,
+        /// Longest a task waits for its batch to fill, in µs (0: batch only what is already queued).
+        #[arg(long, default_value_t = 0)]
+        max_delay_us: u32,
     },
     /// List registered models.
     List,
@@ -189,8 +201,21 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Models {
-            command: ModelsCommand::Push { file, name, version, redundancy, rule, atol, rtol, min_cosine },
+            command:
+                ModelsCommand::Push {
+                    file,
+                    name,
+                    version,
+                    redundancy,
+                    rule,
+                    atol,
+                    rtol,
+                    min_cosine,
+                    max_batch,
+                    max_delay_us,
+                },
         } => {
+            let batching = sundara_schemas::Batching { max_batch, max_delay_us };
             ort()?;
             let rule = match rule.as_str() {
                 "exact" => CompareRule::Exact,
@@ -200,7 +225,8 @@ async fn main() -> anyhow::Result<()> {
                 other => bail!("unknown rule {other:?}: use exact, allclose, argmax or cosine"),
             };
             let (_, registry) = registry(&cli.nats).await?;
-            let meta = sundara::models::push(&registry, &file, &name, &version, Policy { redundancy, rule }).await?;
+            let meta =
+                sundara::models::push(&registry, &file, &name, &version, Policy { redundancy, rule }, batching).await?;
             println!("{}", sundara::models::describe(&meta));
             Ok(())
         }
@@ -231,13 +257,25 @@ async fn main() -> anyhow::Result<()> {
             run_service(sundara_autoscaler::run(sundara_autoscaler::Config::new(endpoints), shutdown.clone()), shutdown)
                 .await
         }
-        Command::Worker { id, operator, threads, slots, models, cache_dir, dishonest } => {
+        Command::Worker { id, operator, threads, slots, slices, models, cache_dir, dishonest } => {
             let lib = ort()?;
             let cache = cache_dir.unwrap_or_else(|| project_root().join(".cache/worker-models"));
             let mut config = sundara_worker::Config::new(endpoints, &id, lib, cache);
             config.operator = operator.unwrap_or(id);
-            config.threads = threads.max(1);
-            config.slots = slots.unwrap_or(threads.max(1) as u32 * sundara_worker::SLOTS_PER_THREAD);
+            config.slices = if slices.is_empty() {
+                let mut cpu = SliceConfig::cpu("cpu0", threads, sundara_worker::default_cpu_memory(1));
+                cpu.slots = slots.unwrap_or(cpu.slots);
+                vec![cpu]
+            } else {
+                let parsed: Result<Vec<SliceConfig>, String> =
+                    slices.iter().enumerate().map(|(i, s)| SliceConfig::parse(s, i)).collect();
+                let mut parsed = parsed.map_err(anyhow::Error::msg)?;
+                let cpus = parsed.iter().filter(|s| s.device == sundara_worker::SliceDevice::Cpu).count();
+                for s in parsed.iter_mut().filter(|s| s.memory == 0) {
+                    s.memory = sundara_worker::default_cpu_memory(cpus);
+                }
+                parsed
+            };
             config.models = models;
             if dishonest {
                 config.behaviour = sundara_worker::Behaviour::Dishonest;

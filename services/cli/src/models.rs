@@ -2,10 +2,9 @@
 
 use std::path::Path;
 
-use rand::Rng;
 use sha2::{Digest, Sha256};
 use sundara_common::Registry;
-use sundara_schemas::{DType, ModelMeta, Policy, Tensor, TensorSpec, WIRE_VERSION, now_ms, subjects as subj};
+use sundara_schemas::{Batching, ModelMeta, Policy, TensorSpec, WIRE_VERSION, now_ms, subjects as subj};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -26,6 +25,7 @@ pub async fn push(
     name: &str,
     version: &str,
     policy: Policy,
+    batching: Batching,
 ) -> Result<ModelMeta, ModelError> {
     for n in [name, version] {
         if !subj::is_token(n) {
@@ -45,6 +45,7 @@ pub async fn push(
         outputs: model.outputs.clone(),
         policy,
         pushed_at_ms: now_ms(),
+        batching,
     };
     registry.push(&meta, &bytes).await?;
     Ok(meta)
@@ -71,50 +72,5 @@ pub fn describe(m: &ModelMeta) -> String {
     )
 }
 
-/// Random inputs that fit a model, `rows` along the first dynamic dimension.
-///
-/// Known demo inputs get realistic values: silero-vad's `sr` is the 16 kHz sample rate,
-/// its recurrent `state` starts at zero and its audio chunk is 512 samples; images are
-/// 48×192 (PP-OCR's text lines); integer inputs (magika's byte windows) are bytes 0-255.
-pub fn sample_inputs(inputs: &[TensorSpec], rows: u64, rng: &mut impl Rng) -> Vec<Tensor> {
-    inputs
-        .iter()
-        .map(|spec| {
-            let mut first_dynamic = true;
-            let shape: Vec<u64> = spec
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(axis, d)| match d {
-                    Some(v) => *v,
-                    None if spec.name == "state" => rows,
-                    None if first_dynamic => {
-                        first_dynamic = false;
-                        rows
-                    }
-                    // Images [batch, channels, height, width]: a 48×192 text line (PP-OCR).
-                    None if spec.shape.len() == 4 => [0, 0, 48, 192][axis],
-                    None => 512,
-                })
-                .collect();
-            let n = Tensor::checked_elements(&shape).unwrap_or(0) as usize;
-            match (spec.dtype, spec.name.as_str()) {
-                (DType::I64, "sr") => Tensor::from_values(&spec.name, shape, &vec![16000i64; n]),
-                (DType::F32, "state") => Tensor::from_values(&spec.name, shape, &vec![0f32; n]),
-                (DType::F32, _) => {
-                    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    Tensor::from_values(&spec.name, shape, &v)
-                }
-                (DType::F64, _) => {
-                    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    Tensor::from_values(&spec.name, shape, &v)
-                }
-                (DType::I32, _) => {
-                    let v: Vec<i32> = (0..n).map(|_| rng.random_range(0..256)).collect();
-                    Tensor::from_values(&spec.name, shape, &v)
-                }
-                (dtype, _) => Tensor { name: spec.name.clone(), dtype, shape, data: vec![0; n * dtype.size()] },
-            }
-        })
-        .collect()
-}
+/// Random inputs that fit a model (see [`sundara_runtime::example_inputs`]).
+pub use sundara_runtime::example_inputs as sample_inputs;

@@ -7,16 +7,25 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sundara_common::{Capacity, Endpoints, Shutdown};
-use sundara_worker::Behaviour;
+use sundara_worker::{Behaviour, SliceConfig};
 use tokio::task::JoinHandle;
 
 /// One worker of the fleet.
 #[derive(Clone, Debug)]
 pub struct WorkerSpec {
     pub id: String,
-    /// Inference threads; the worker accepts [`sundara_worker::SLOTS_PER_THREAD`] assignments per thread.
-    pub threads: usize,
+    /// Its slices; [`WorkerSpec::cpu`] gives the usual one CPU slice.
+    pub slices: Vec<SliceConfig>,
     pub behaviour: Behaviour,
+}
+
+impl WorkerSpec {
+    /// A worker with one CPU slice of `threads` threads
+    /// ([`sundara_worker::SLOTS_PER_THREAD`] slots per thread).
+    pub fn cpu(id: &str, threads: usize, behaviour: Behaviour) -> WorkerSpec {
+        let memory = sundara_worker::default_cpu_memory(1);
+        WorkerSpec { id: id.into(), slices: vec![SliceConfig::cpu("cpu0", threads, memory)], behaviour }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -86,8 +95,7 @@ impl Pipeline {
             self.config.ort_library.clone(),
             self.config.cache_dir.clone(),
         );
-        c.threads = spec.threads;
-        c.slots = (spec.threads as u32) * sundara_worker::SLOTS_PER_THREAD;
+        c.slices = spec.slices.clone();
         c.behaviour = spec.behaviour;
         c
     }

@@ -45,7 +45,7 @@ pub async fn push_demo_models(registry: &Registry, root: &std::path::Path) -> an
         }
         let rule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
         let policy = Policy { redundancy: 3, rule };
-        metas.push(crate::models::push(registry, &path, name, "1", policy).await?);
+        metas.push(crate::models::push(registry, &path, name, "1", policy, Default::default()).await?);
     }
     Ok(metas)
 }
@@ -123,11 +123,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     }
 
     let secret: Vec<u8> = rand::rng().random::<[u8; 32]>().to_vec();
-    let mut workers: Vec<WorkerSpec> = (1..=opts.honest_workers)
-        .map(|i| WorkerSpec { id: format!("miner-{i}"), threads: 2, behaviour: Behaviour::Honest })
-        .collect();
+    let mut workers: Vec<WorkerSpec> =
+        (1..=opts.honest_workers).map(|i| WorkerSpec::cpu(&format!("miner-{i}"), 2, Behaviour::Honest)).collect();
     let liar = format!("miner-{}", opts.honest_workers + 1);
-    workers.push(WorkerSpec { id: liar.clone(), threads: 2, behaviour: Behaviour::Dishonest });
+    workers.push(WorkerSpec::cpu(&liar, 2, Behaviour::Dishonest));
     let cache_dir = root.join(".cache/worker-models");
     let pipeline = Pipeline::start(PipelineConfig {
         endpoints: endpoints.clone(),

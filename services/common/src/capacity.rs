@@ -4,7 +4,11 @@
 //!
 //! Keys (all under `sundara:`):
 //! - `workers` set of worker ids; `worker:<w>` hash {operator, state, slices}; `hb:<w>` heartbeat (PX TTL)
-//! - `slice:<s>` hash {worker, operator, device, slots_total, slots_free, state}; `slice:<s>:models` set
+//! - `slice:<s>` hash {worker, operator, device, slots_total, slots_free, state, reason,
+//!   memory_total, memory_free, loads, evictions}; `slice:<s>:models` set of models it serves;
+//!   `slice:<s>:loaded` set of `name@version` loaded there now
+//! - `slicemem` sorted set of live slices by memory_total (the largest slice in the fleet)
+//! - `footprint` hash `name@version` → measured bytes of one loaded session
 //! - `cand:<model>` sorted set of live slices that serve the model, score -(free slots): least loaded first
 //! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, ticket}: a reserved slot
 //! - `taskw:<task>` set of workers that hold or held a replica of the task (kept distinct)
@@ -33,6 +37,8 @@ fn asg_key(aid: &str) -> String {
     format!("sundara:asg:{aid}")
 }
 const WORKERS: &str = "sundara:workers";
+const SLICEMEM: &str = "sundara:slicemem";
+const FOOTPRINT: &str = "sundara:footprint";
 const INFLIGHT: &str = "sundara:inflight";
 
 /// Reserves one slot on each of up to k distinct workers for the given assignment ids, or
@@ -151,6 +157,7 @@ redis.call('HSET', wkey, 'state', 'dead')
 local slices = redis.call('HGET', wkey, 'slices') or ''
 for s in string.gmatch(slices, '[^,]+') do
   redis.call('HSET', 'sundara:slice:' .. s, 'state', 'dead')
+  redis.call('ZREM', 'sundara:slicemem', s)
   for _, m in ipairs(redis.call('SMEMBERS', 'sundara:slice:' .. s .. ':models')) do
     redis.call('ZREM', 'sundara:cand:' .. m, s)
   end
@@ -160,13 +167,44 @@ for _, aid in ipairs(aids) do redis.call('ZADD', 'sundara:inflight', 0, aid) end
 return #aids
 "#;
 
+/// Takes one slice of a live worker out of service: it leaves the candidate sets, and
+/// its in-flight assignments fall due at once (the scheduler sends them elsewhere).
+/// KEYS: slice:<s>. ARGV: slice, worker, reason. Returns the number of assignments made due.
+const FAIL_SLICE: &str = r#"
+local s, w = ARGV[1], ARGV[2]
+redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[3])
+redis.call('ZREM', 'sundara:slicemem', s)
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':models')) do
+  redis.call('ZREM', 'sundara:cand:' .. m, s)
+end
+local n = 0
+for _, aid in ipairs(redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)) do
+  if redis.call('HGET', 'sundara:asg:' .. aid, 'slice') == s then
+    redis.call('ZADD', 'sundara:inflight', 0, aid)
+    n = n + 1
+  end
+end
+return n
+"#;
+
 /// One capacity unit a worker offers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SliceAnnounce {
     pub id: String,
     pub device: String,
     pub slots: u32,
+    /// Models it serves (loaded now or on first need).
     pub models: Vec<String>,
+    /// `Some(why)` when out of service: it then leaves the candidate sets.
+    pub failed: Option<String>,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    /// `name@version` of each model loaded (and warmed up) there now.
+    pub loaded: Vec<String>,
+    /// Measured bytes of one session, per `name@version`.
+    pub footprints: Vec<(String, u64)>,
+    pub loads: u64,
+    pub evictions: u64,
 }
 
 /// What a worker tells Redis on start and on every heartbeat.
@@ -184,8 +222,14 @@ pub struct SliceState {
     pub worker: String,
     pub device: String,
     pub state: String,
+    pub reason: String,
     pub slots_total: u32,
     pub slots_free: u32,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    pub loaded: Vec<String>,
+    pub loads: u64,
+    pub evictions: u64,
 }
 
 /// Handle on the capacity store. Clones share one multiplexed, reconnecting connection.
@@ -196,6 +240,7 @@ pub struct Capacity {
     release: Script,
     claim_due: Script,
     mark_dead: Script,
+    fail_slice: Script,
 }
 
 impl Capacity {
@@ -210,6 +255,7 @@ impl Capacity {
             release: Script::new(RELEASE),
             claim_due: Script::new(CLAIM_DUE),
             mark_dead: Script::new(MARK_DEAD),
+            fail_slice: Script::new(FAIL_SLICE),
         })
     }
 
@@ -228,15 +274,26 @@ impl Capacity {
         .ignore();
         for s in &a.slices {
             let key = slice_key(&s.id);
-            let total = s.slots.to_string();
+            let alive = s.failed.is_none();
             pipe.hset_multiple(
                 &key,
                 &[
                     ("worker", a.worker.as_str()),
                     ("operator", a.operator.as_str()),
                     ("device", s.device.as_str()),
-                    ("slots_total", total.as_str()),
-                    ("state", "alive"),
+                    ("state", if alive { "alive" } else { "failed" }),
+                    ("reason", s.failed.as_deref().unwrap_or("")),
+                ],
+            )
+            .ignore();
+            pipe.hset_multiple(
+                &key,
+                &[
+                    ("slots_total", s.slots as u64),
+                    ("memory_total", s.memory_total),
+                    ("memory_free", s.memory_free),
+                    ("loads", s.loads),
+                    ("evictions", s.evictions),
                 ],
             )
             .ignore();
@@ -245,13 +302,28 @@ impl Capacity {
             } else {
                 pipe.hset_nx(&key, "slots_free", s.slots).ignore();
             }
+            pipe.del(format!("{key}:loaded")).ignore();
+            if !s.loaded.is_empty() {
+                pipe.sadd(format!("{key}:loaded"), &s.loaded).ignore();
+            }
+            if !s.footprints.is_empty() {
+                pipe.hset_multiple(FOOTPRINT, &s.footprints).ignore();
+            }
+            if alive {
+                pipe.zadd(SLICEMEM, &s.id, s.memory_total).ignore();
+            } else {
+                pipe.zrem(SLICEMEM, &s.id).ignore();
+            }
             // Candidate score = -(free slots), least loaded first. A start sets it; a
             // heartbeat only adds a missing entry (Redis lost it, or the slice was dead):
             // reservations and releases keep it exact from then on.
             let score = -(s.slots as i64);
+            pipe.del(format!("{key}:models")).ignore();
             for m in &s.models {
                 pipe.sadd(format!("{key}:models"), m).ignore();
-                if fresh {
+                if !alive {
+                    pipe.zrem(cand_key(m), &s.id).ignore();
+                } else if fresh {
                     pipe.zadd(cand_key(m), &s.id, score).ignore();
                 } else {
                     pipe.cmd("ZADD").arg(cand_key(m)).arg("NX").arg(score).arg(&s.id).ignore();
@@ -358,6 +430,38 @@ impl Capacity {
         Ok(u64::try_from(n).ok())
     }
 
+    /// Takes a slice out of service (see FAIL_SLICE); returns how many of its assignments
+    /// were made due for reassignment.
+    pub async fn fail_slice(&self, slice: &str, worker: &str, reason: &str) -> Result<u64, Error> {
+        let mut con = self.con.clone();
+        let mut inv = self.fail_slice.key(slice_key(slice));
+        inv.arg(slice).arg(worker).arg(reason);
+        Ok(inv.invoke_async(&mut con).await?)
+    }
+
+    /// Stops offering `model` on a slice (it cannot hold it).
+    pub async fn withdraw(&self, slice: &str, model: &str) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        redis::pipe()
+            .atomic()
+            .srem(format!("{}:models", slice_key(slice)), model)
+            .ignore()
+            .zrem(cand_key(model), slice)
+            .ignore()
+            .query_async::<()>(&mut con)
+            .await?;
+        Ok(())
+    }
+
+    /// For admission: the measured footprint of a model version (`name@version`), if any
+    /// worker has loaded it, and the memory of the largest live slice, if any.
+    pub async fn fit(&self, model_key: &str) -> Result<(Option<u64>, Option<u64>), Error> {
+        let mut con = self.con.clone();
+        let (footprint, largest): (Option<u64>, Vec<(String, u64)>) =
+            redis::pipe().hget(FOOTPRINT, model_key).zrange_withscores(SLICEMEM, -1, -1).query_async(&mut con).await?;
+        Ok((footprint, largest.first().map(|(_, m)| *m)))
+    }
+
     /// Every slice of the given worker, as stored.
     pub async fn slices_of(&self, worker: &str) -> Result<Vec<SliceState>, Error> {
         let mut con = self.con.clone();
@@ -366,13 +470,22 @@ impl Capacity {
         for id in list.unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
             let h: std::collections::HashMap<String, String> = con.hgetall(slice_key(id)).await?;
             let num = |k: &str| h.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let text = |k: &str| h.get(k).cloned().unwrap_or_default();
+            let mut loaded: Vec<String> = con.smembers(format!("{}:loaded", slice_key(id))).await?;
+            loaded.sort();
             out.push(SliceState {
                 id: id.to_string(),
-                worker: h.get("worker").cloned().unwrap_or_default(),
-                device: h.get("device").cloned().unwrap_or_default(),
-                state: h.get("state").cloned().unwrap_or_default(),
-                slots_total: num("slots_total"),
-                slots_free: num("slots_free"),
+                worker: text("worker"),
+                device: text("device"),
+                state: text("state"),
+                reason: text("reason"),
+                slots_total: num("slots_total") as u32,
+                slots_free: num("slots_free") as u32,
+                memory_total: num("memory_total"),
+                memory_free: num("memory_free"),
+                loaded,
+                loads: num("loads"),
+                evictions: num("evictions"),
             });
         }
         Ok(out)

@@ -2,12 +2,14 @@
 //! registry and stores accepted tasks in the TASKS stream (deduplicated by task id) before
 //! answering, so an `Accepted` reply means the task is durable.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use sundara_common::{Endpoints, Error as CommonError, Registry, Shutdown, nats};
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats};
 use sundara_schemas::{
     DecodeError, Limits, ModelMeta, RejectCode, SubmitOutcome, SubmitReply, SubmitRequest, Task, TensorError,
     WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
@@ -25,6 +27,8 @@ pub struct Config {
     pub max_timeout: Duration,
     /// Submissions handled at once.
     pub concurrency: usize,
+    /// How long a model's fit in the fleet (see [`fits`]) is reused before Redis is asked again.
+    pub fit_refresh: Duration,
     pub retention: nats::Retention,
 }
 
@@ -37,6 +41,7 @@ impl Config {
             default_timeout: Duration::from_secs(60),
             max_timeout: Duration::from_secs(3600),
             concurrency: 256,
+            fit_refresh: Duration::from_secs(1),
             retention: nats::Retention::default(),
         }
     }
@@ -106,6 +111,23 @@ pub fn admit(req: &SubmitRequest, model: &ModelMeta, limits: &Limits) -> Result<
     Ok(())
 }
 
+/// Whether a model fits anywhere: its measured footprint (its file size until a worker
+/// has loaded it) against the largest live slice. An empty fleet admits everything (the
+/// task waits for capacity).
+pub fn fits(model: &ModelMeta, footprint: Option<u64>, largest_slice: Option<u64>) -> Result<(), Rejection> {
+    let need = footprint.unwrap_or(model.size);
+    match largest_slice {
+        Some(largest) if need > largest => Err(reject(
+            RejectCode::ModelTooLarge,
+            format!(
+                "model {}@{} needs {need} bytes loaded; the largest slice in the fleet has {largest}",
+                model.name, model.version
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Task id: derived from (tenant, request id) when the client gives one, so a retried
 /// submission maps to the same task and JetStream stores it once; random (time-ordered) otherwise.
 pub fn task_id(tenant: &str, request_id: Option<&str>) -> String {
@@ -121,10 +143,16 @@ pub fn task_id(tenant: &str, request_id: Option<&str>) -> String {
     }
 }
 
+/// When a model's fit was read, and what it was.
+type FitVerdict = (Instant, Result<(), Rejection>);
+
 struct Ingress {
     config: Config,
     js: async_nats::jetstream::Context,
     registry: Registry,
+    capacity: Capacity,
+    /// Per model version: when its fit was last read from Redis, and the verdict.
+    fit_cache: Mutex<HashMap<String, FitVerdict>>,
 }
 
 impl Ingress {
@@ -152,6 +180,7 @@ impl Ingress {
             Err(e) => return Err(reject(RejectCode::Internal, e.to_string())),
         };
         admit(&req, &model, &self.config.limits)?;
+        self.fit(&model).await?;
         let now = now_ms();
         let timeout = req
             .timeout_ms
@@ -180,12 +209,36 @@ impl Ingress {
     }
 }
 
+impl Ingress {
+    /// [`fits`], with the fleet's numbers read from Redis at most once per `fit_refresh`
+    /// per model. If Redis cannot answer, the task is admitted: a worker refuses a model it
+    /// cannot hold, and fit is an early answer, not a safety check.
+    async fn fit(&self, model: &ModelMeta) -> Result<(), Rejection> {
+        let key = model.model_ref().to_string();
+        if let Some((at, verdict)) = self.fit_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+            && at.elapsed() < self.config.fit_refresh
+        {
+            return verdict.clone();
+        }
+        let verdict = match self.capacity.fit(&key).await {
+            Ok((footprint, largest)) => fits(model, footprint, largest),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the fleet's memory; admitting");
+                Ok(())
+            }
+        };
+        self.fit_cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (Instant::now(), verdict.clone()));
+        verdict
+    }
+}
+
 /// Serves `sundara.submit` until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError> {
     let client = nats::connect(&config.endpoints.nats_url, "sundara-ingress").await?;
     let js = async_nats::jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let registry = Registry::open(&js).await?;
+    let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
     let service = client
         .service_builder()
         .description("Sundara task submission")
@@ -199,7 +252,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
         .add(subj::SUBMIT)
         .await
         .map_err(|e| IngressError::Service(e.to_string()))?;
-    let ingress = Ingress { config: config.clone(), js, registry };
+    let ingress = Ingress { config: config.clone(), js, registry, capacity, fit_cache: Mutex::default() };
     tracing::info!(subject = subj::SUBMIT, "ingress serving");
     let serve = endpoint.take_until(shutdown.cancelled()).for_each_concurrent(config.concurrency, |request| {
         let ingress = &ingress;
@@ -235,6 +288,7 @@ mod tests {
             outputs: vec![],
             policy: Policy::default(),
             pushed_at_ms: 0,
+            batching: Default::default(),
         }
     }
 
@@ -271,6 +325,18 @@ mod tests {
         let mut r = req(vec![]);
         r.v = 9;
         assert_eq!(decode_request(&encode(&r), 1000).unwrap_err().code, RejectCode::UnsupportedVersion);
+    }
+
+    #[test]
+    fn a_model_larger_than_every_slice_is_refused() {
+        let mut m = mlp();
+        m.size = 1000;
+        assert_eq!(fits(&m, None, None), Ok(()), "an empty fleet admits: the task waits for capacity");
+        assert_eq!(fits(&m, None, Some(1000)), Ok(()));
+        assert_eq!(fits(&m, None, Some(999)).unwrap_err().code, RejectCode::ModelTooLarge);
+        // A measured footprint replaces the file size.
+        assert_eq!(fits(&m, Some(5000), Some(4000)).unwrap_err().code, RejectCode::ModelTooLarge);
+        assert_eq!(fits(&m, Some(500), Some(999)), Ok(()));
     }
 
     #[test]

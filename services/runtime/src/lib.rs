@@ -73,15 +73,121 @@ fn env() -> Result<&'static ort::environment::Environment, RuntimeError> {
     ENV.get().ok_or(RuntimeError::NotInitialised)
 }
 
-fn build_session(bytes: &[u8], intra_threads: usize) -> ort::Result<Session> {
+/// Where a session runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A CUDA device (by index among those visible to the process), its memory arena capped
+    /// at `memory_limit` bytes. A MIG instance is device 0 of a process that sees only it
+    /// (`CUDA_VISIBLE_DEVICES=MIG-<uuid>`, set by the worker before ONNX Runtime starts).
+    Cuda {
+        device_id: u32,
+        memory_limit: u64,
+    },
+}
+
+fn build_session(bytes: &[u8], intra_threads: usize, device: &Device) -> ort::Result<Session> {
     let env = ENV.get().ok_or_else(|| ort::Error::new("ONNX Runtime is not initialised"))?;
     // One intra-op thread without spinning: sessions run side by side on the slice's
     // threads, and spinning threads fight each other on small machines (STACK.md §2).
-    let mut builder = Session::builder(env)?
+    let builder = Session::builder(env)?
         .with_intra_threads(intra_threads)?
         .with_inter_threads(1)?
         .with_intra_op_spinning(false)?;
+    let mut builder = match device {
+        Device::Cpu => builder,
+        Device::Cuda { device_id, memory_limit } => with_cuda(builder, *device_id, *memory_limit)?,
+    };
     builder.commit_from_memory(bytes)
+}
+
+#[cfg(feature = "cuda")]
+fn with_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    device_id: u32,
+    memory_limit: u64,
+) -> ort::Result<ort::session::builder::SessionBuilder> {
+    let cuda = ort::ep::CUDA::default()
+        .with_device_id(device_id as i32)
+        .with_memory_limit(memory_limit as usize)
+        .with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested)
+        .build()
+        .error_on_failure();
+    Ok(builder.with_execution_providers([cuda])?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn with_cuda(
+    _: ort::session::builder::SessionBuilder,
+    _: u32,
+    _: u64,
+) -> ort::Result<ort::session::builder::SessionBuilder> {
+    Err(ort::Error::new("this build has no CUDA support: build with `--features cuda`"))
+}
+
+/// Bytes of the process resident in RAM (Linux `/proc/self/statm`); 0 where unknown. The
+/// worker measures a model's footprint as the growth of this across its load and warm-up.
+pub fn resident_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// Bytes of memory available to new work on this machine (`MemAvailable`); 0 where unknown.
+pub fn available_memory() -> u64 {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else { return 0 };
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Inputs that fit a model, `rows` along the first dynamic dimension: for warm-up runs,
+/// tests and demos. Known inputs get realistic values: silero-vad's `sr` is the 16 kHz
+/// sample rate, its recurrent `state` starts at zero and its audio chunk is 512 samples;
+/// images are 48×192 (PP-OCR's text lines); integer inputs (magika's byte windows) are
+/// bytes 0-255; floats are uniform in [-1, 1).
+pub fn example_inputs(inputs: &[TensorSpec], rows: u64, rng: &mut impl rand::Rng) -> Vec<Tensor> {
+    inputs
+        .iter()
+        .map(|spec| {
+            let mut first_dynamic = true;
+            let shape: Vec<u64> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| match d {
+                    Some(v) => *v,
+                    None if spec.name == "state" => rows,
+                    None if first_dynamic => {
+                        first_dynamic = false;
+                        rows
+                    }
+                    // Images [batch, channels, height, width]: a 48×192 text line (PP-OCR).
+                    None if spec.shape.len() == 4 => [0, 0, 48, 192][axis],
+                    None => 512,
+                })
+                .collect();
+            let n = Tensor::checked_elements(&shape).unwrap_or(0) as usize;
+            match (spec.dtype, spec.name.as_str()) {
+                (DType::I64, "sr") => Tensor::from_values(&spec.name, shape, &vec![16000i64; n]),
+                (DType::F32, "state") => Tensor::from_values(&spec.name, shape, &vec![0f32; n]),
+                (DType::F32, _) => {
+                    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    Tensor::from_values(&spec.name, shape, &v)
+                }
+                (DType::F64, _) => {
+                    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    Tensor::from_values(&spec.name, shape, &v)
+                }
+                (DType::I32, _) => {
+                    let v: Vec<i32> = (0..n).map(|_| rng.random_range(0..256)).collect();
+                    Tensor::from_values(&spec.name, shape, &v)
+                }
+                (dtype, _) => Tensor { name: spec.name.clone(), dtype, shape, data: vec![0; n * dtype.size()] },
+            }
+        })
+        .collect()
 }
 
 fn dtype_of(ty: TensorElementType) -> Option<DType> {
@@ -118,9 +224,14 @@ pub struct Model {
 impl Model {
     /// Loads a model from its ONNX bytes. [`init`] must have been called.
     pub fn load(bytes: &[u8], intra_threads: usize) -> Result<Model, RuntimeError> {
+        Model::load_on(bytes, intra_threads, &Device::Cpu)
+    }
+
+    /// Loads a model onto `device`.
+    pub fn load_on(bytes: &[u8], intra_threads: usize, device: &Device) -> Result<Model, RuntimeError> {
         env()?;
-        let session =
-            build_session(bytes, intra_threads.max(1)).map_err(|e| RuntimeError::InvalidModel(e.to_string()))?;
+        let session = build_session(bytes, intra_threads.max(1), device)
+            .map_err(|e| RuntimeError::InvalidModel(e.to_string()))?;
         let inputs =
             session.inputs().iter().map(|o| spec_of("input", o.name(), o.dtype())).collect::<Result<_, _>>()?;
         let outputs =

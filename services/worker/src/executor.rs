@@ -1,21 +1,33 @@
-//! Inference threads. Each thread owns its sessions (ort's `run` takes `&mut self`), so
-//! no lock is held around inference and the async runtime never blocks on it.
+//! One slice's inference: its threads, the models it keeps loaded within its memory
+//! budget, and per-model queues from which batches are formed.
 //!
-//! Batching is opportunistic: a thread takes the next job, then whatever compatible jobs
-//! for the same model are already queued (up to `max_batch`), and runs them as one batch.
-//! Nothing waits for a batch to fill, so a lone task runs at once; under load the queue
-//! fills while a batch runs, and the next batch is ready when the thread comes back.
+//! Tasks queue per model. A thread takes the model whose oldest task has waited longest
+//! among those with a free session, and runs up to the model's max batch of compatible
+//! tasks as one inference. With `max_delay_us` > 0 a partial batch waits for more tasks
+//! until its oldest task has waited that long; with 0 it runs at once, so batches form only
+//! from what queued while the previous inference ran.
+//!
+//! A model with no session is loaded on first need: evicting idle models (never one with
+//! work queued or running) when memory is short, then running a warm-up batch, and only
+//! then reported as loaded. Its footprint is measured across load and warm-up. Under
+//! backlog a second session of a busy model is loaded from free memory, up to one per thread.
+//!
+//! A task that fails is re-checked with the model's known-good warm-up input: if that
+//! fails too, the session (the device) is broken, the slice goes out of service and says
+//! why, and its queued tasks are handed back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use sundara_runtime::Model;
+use rand::SeedableRng;
+use sundara_runtime::{Device, Model};
+use sundara_schemas::{Batching, Tensor, now_us};
+use tokio::sync::{oneshot, watch};
 
 use crate::batch;
-use sundara_schemas::{Tensor, now_us};
-use tokio::sync::oneshot;
+use crate::residency::{Residency, Room};
 
 /// What one inference produced and when it ran.
 #[derive(Debug)]
@@ -29,98 +41,496 @@ pub struct Ran {
     pub batch: usize,
 }
 
-/// The run, or why the model could not run.
-pub type JobResult = Result<Ran, String>;
+/// Why a task did not run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// The task's own failure (its inputs); the slice is healthy.
+    #[error("{0}")]
+    Failed(String),
+    /// The slice is out of service; the task should run elsewhere.
+    #[error("slice out of service: {0}")]
+    SliceFailed(String),
+    /// The model needs more memory than the slice has at all.
+    #[error("model needs {need} bytes, more than this slice's {budget}")]
+    TooLarge { need: u64, budget: u64 },
+}
+
+pub type JobResult = Result<Ran, JobError>;
+
+/// A model a task runs on.
+#[derive(Clone, Debug)]
+pub struct ModelRun {
+    /// `name@version`: the session key.
+    pub key: String,
+    pub path: Arc<PathBuf>,
+    pub batching: Batching,
+}
+
+impl ModelRun {
+    pub fn new(key: impl Into<String>, path: Arc<PathBuf>) -> ModelRun {
+        ModelRun { key: key.into(), path, batching: Batching::default() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ExecutorConfig {
+    /// Inference threads (each runs one inference at a time).
+    pub threads: usize,
+    /// ORT intra-op threads per session.
+    pub intra_threads: usize,
+    pub device: Device,
+    /// Bytes the slice's loaded models may hold.
+    pub memory: u64,
+    /// Upper bound on any model's batch on this slice (1 turns batching off).
+    pub max_batch: usize,
+    /// Tasks queued at most; beyond it a task is refused at once.
+    pub queue: usize,
+    /// Fault injection, a stand-in for a device failure (a GPU lost, an ECC error), which
+    /// cannot happen on CPU: after this many inferences every inference fails.
+    pub fail_after_runs: Option<u64>,
+}
+
+impl ExecutorConfig {
+    pub fn cpu(threads: usize, memory: u64, queue: usize) -> ExecutorConfig {
+        ExecutorConfig {
+            threads,
+            intra_threads: 1,
+            device: Device::Cpu,
+            memory,
+            max_batch: 32,
+            queue,
+            fail_after_runs: None,
+        }
+    }
+}
+
+/// What a slice holds, for Redis and operators.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SliceReport {
+    /// `Some(why)` once the slice is out of service.
+    pub failed: Option<String>,
+    pub memory_total: u64,
+    pub memory_used: u64,
+    /// Loaded models (`name@version`) with the bytes each holds.
+    pub loaded: Vec<(String, u64)>,
+    /// Measured bytes of one session per model, for every model loaded so far.
+    pub footprints: Vec<(String, u64)>,
+    pub loads: u64,
+    pub evictions: u64,
+}
 
 struct Job {
-    /// `name@version`: the session cache key.
-    model: String,
-    path: Arc<PathBuf>,
     inputs: Vec<Tensor>,
     reply: oneshot::Sender<JobResult>,
-}
-
-/// A pool of inference threads behind a bounded queue.
-#[derive(Clone)]
-pub struct Executor {
-    jobs: flume::Sender<Job>,
-}
-
-impl Executor {
-    /// Starts `threads` threads, each running sessions with `intra_threads` ORT threads and
-    /// batching up to `max_batch` tasks (1 turns batching off). The queue holds at most
-    /// `queue` jobs; callers wait for room beyond that.
-    pub fn start(name: &str, threads: usize, intra_threads: usize, max_batch: usize, queue: usize) -> Executor {
-        let (tx, rx) = flume::bounded::<Job>(queue.max(1));
-        for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("{name}-infer-{i}"))
-                .spawn(move || infer_loop(rx, intra_threads, max_batch.max(1)))
-                .expect("inference thread can be spawned");
-        }
-        Executor { jobs: tx }
-    }
-
-    /// Runs `inputs` through the model at `path`, loading it on this thread first if needed.
-    pub async fn run(&self, model: String, path: Arc<PathBuf>, inputs: Vec<Tensor>) -> JobResult {
-        let (reply, result) = oneshot::channel();
-        self.jobs.send_async(Job { model, path, inputs, reply }).await.map_err(|_| "executor stopped".to_string())?;
-        result.await.map_err(|_| "inference thread died".to_string())?
-    }
+    queued: Instant,
 }
 
 struct Session {
     model: Model,
+    /// A known-good input (one row): the health check after a failed task.
+    probe: Vec<Tensor>,
+}
+
+struct ModelQueue {
+    run: ModelRun,
+    jobs: VecDeque<Job>,
+    idle: Vec<Session>,
+    /// Sessions loaded (idle or running).
+    copies: u32,
+    loading: bool,
     batchable: bool,
 }
 
-fn infer_loop(jobs: flume::Receiver<Job>, intra_threads: usize, max_batch: usize) {
-    let mut sessions: HashMap<String, Session> = HashMap::new();
-    // A job taken while gathering a batch that did not fit it; it starts the next one.
-    let mut next: Option<Job> = None;
-    // Ends when every sender (the worker) is gone.
-    while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
-        let session = match session(&mut sessions, &first, intra_threads) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = first.reply.send(Err(e));
-                continue;
-            }
-        };
-        let mut group = vec![first];
-        while session.batchable && group.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) if job.model == group[0].model && batch::compatible(&group[0].inputs, &job.inputs) => {
-                    group.push(job)
-                }
-                Ok(job) => {
-                    next = Some(job);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        run_group(&mut session.model, group);
+impl ModelQueue {
+    fn busy(&self) -> bool {
+        !self.jobs.is_empty() || self.loading || (self.copies as usize) > self.idle.len()
     }
 }
 
-fn session<'a>(
-    sessions: &'a mut HashMap<String, Session>,
-    job: &Job,
-    intra_threads: usize,
-) -> Result<&'a mut Session, String> {
-    if !sessions.contains_key(&job.model) {
-        let bytes = std::fs::read(job.path.as_ref()).map_err(|e| format!("reading {}: {e}", job.path.display()))?;
-        let model = Model::load(&bytes, intra_threads).map_err(|e| e.to_string())?;
-        let batchable = batch::batchable(&model.inputs, &model.outputs);
-        sessions.insert(job.model.clone(), Session { model, batchable });
+#[derive(Default)]
+struct State {
+    models: HashMap<String, ModelQueue>,
+    residency: Option<Residency>,
+    footprints: HashMap<String, u64>,
+    queued: usize,
+    failed: Option<String>,
+    stopped: bool,
+    runs: u64,
+    loads: u64,
+    evictions: u64,
+}
+
+impl State {
+    fn residency(&mut self) -> &mut Residency {
+        self.residency.as_mut().expect("set at start")
     }
-    Ok(sessions.get_mut(&job.model).expect("inserted above"))
+
+    fn report(&self) -> SliceReport {
+        let r = self.residency.as_ref().expect("set at start");
+        let mut footprints: Vec<(String, u64)> = self.footprints.iter().map(|(m, b)| (m.clone(), *b)).collect();
+        footprints.sort();
+        SliceReport {
+            failed: self.failed.clone(),
+            memory_total: r.budget(),
+            memory_used: r.used(),
+            loaded: r.loaded(),
+            footprints,
+            loads: self.loads,
+            evictions: self.evictions,
+        }
+    }
+}
+
+struct Shared {
+    config: ExecutorConfig,
+    state: Mutex<State>,
+    wake: Condvar,
+    report: watch::Sender<SliceReport>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, st: &State) {
+        self.report.send_replace(st.report());
+    }
+}
+
+/// Stops the threads once the last handle is gone (they finish what is queued first).
+struct Stopper(Arc<Shared>);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.0.lock().stopped = true;
+        self.0.wake.notify_all();
+    }
+}
+
+/// Handle on a slice's inference threads. Clones share them.
+#[derive(Clone)]
+pub struct Executor {
+    shared: Arc<Shared>,
+    _stopper: Arc<Stopper>,
+}
+
+impl Executor {
+    pub fn start(name: &str, config: ExecutorConfig) -> Executor {
+        let state = State { residency: Some(Residency::new(config.memory)), ..State::default() };
+        let (report, _) = watch::channel(state.report());
+        let threads = config.threads.max(1);
+        let shared = Arc::new(Shared { config, state: Mutex::new(state), wake: Condvar::new(), report });
+        for i in 0..threads {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-infer-{i}"))
+                .spawn(move || infer_loop(&shared))
+                .expect("inference thread can be spawned");
+        }
+        Executor { _stopper: Arc::new(Stopper(shared.clone())), shared }
+    }
+
+    /// Runs `inputs` through `model`, loading it on this slice first if needed.
+    pub async fn run(&self, model: &ModelRun, inputs: Vec<Tensor>) -> JobResult {
+        let (reply, result) = oneshot::channel();
+        {
+            let mut st = self.shared.lock();
+            if let Some(why) = &st.failed {
+                return Err(JobError::SliceFailed(why.clone()));
+            }
+            if st.queued >= self.shared.config.queue.max(1) {
+                return Err(JobError::Failed("slice queue is full".into()));
+            }
+            st.queued += 1;
+            let q = st.models.entry(model.key.clone()).or_insert_with(|| ModelQueue {
+                run: model.clone(),
+                jobs: VecDeque::new(),
+                idle: Vec::new(),
+                copies: 0,
+                loading: false,
+                batchable: false,
+            });
+            q.run.batching = model.batching;
+            q.jobs.push_back(Job { inputs, reply, queued: Instant::now() });
+        }
+        self.shared.wake.notify_all();
+        result.await.map_err(|_| JobError::Failed("inference thread died".into()))?
+    }
+
+    /// The slice's state now and on every change (loads, evictions, failure).
+    pub fn reports(&self) -> watch::Receiver<SliceReport> {
+        self.shared.report.subscribe()
+    }
+}
+
+/// What a thread does next.
+enum Step {
+    Run {
+        key: String,
+        session: Session,
+        jobs: Vec<Job>,
+    },
+    Load {
+        key: String,
+        path: Arc<PathBuf>,
+        evicted: Vec<Session>,
+    },
+    /// Sessions evicted to bring the slice back within its memory (dropped outside the lock).
+    Evict(Vec<Session>),
+    Answer(Vec<Job>, JobError),
+    Wait(Option<Instant>),
+    Exit,
+}
+
+fn infer_loop(shared: &Shared) {
+    let config = &shared.config;
+    let mut st = shared.lock();
+    loop {
+        match next_step(&mut st, config) {
+            Step::Run { key, mut session, jobs } => {
+                let runs_before = st.runs;
+                st.runs += 1;
+                drop(st);
+                let fault = config.fail_after_runs.is_some_and(|n| runs_before >= n);
+                let broken = run_jobs(&mut session, jobs, fault);
+                st = shared.lock();
+                let q = st.models.get_mut(&key).expect("a model with a session stays known");
+                if let Some(why) = broken {
+                    q.copies -= 1;
+                    drop(session);
+                    fail_slice(&mut st, format!("model {key}: {why}"));
+                    shared.publish(&st);
+                } else {
+                    q.idle.push(session);
+                }
+                shared.wake.notify_all();
+            }
+            Step::Load { key, path, evicted } => {
+                let evicted_any = !evicted.is_empty();
+                drop(st);
+                drop(evicted);
+                let started = Instant::now();
+                let loaded = load(&path, config, config.max_batch.max(1));
+                let load_us = started.elapsed().as_micros() as u64;
+                st = shared.lock();
+                if evicted_any {
+                    shared.publish(&st);
+                }
+                finish_load(&mut st, &key, loaded, load_us);
+                shared.publish(&st);
+                shared.wake.notify_all();
+            }
+            Step::Evict(evicted) => {
+                shared.publish(&st);
+                drop(st);
+                drop(evicted);
+                st = shared.lock();
+            }
+            Step::Answer(jobs, error) => {
+                st.queued -= jobs.len();
+                drop(st);
+                for job in jobs {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+                st = shared.lock();
+            }
+            Step::Wait(Some(until)) => {
+                let wait = until.saturating_duration_since(Instant::now()).max(Duration::from_micros(50));
+                st = shared.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            Step::Wait(None) => st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+            Step::Exit => return,
+        }
+    }
+}
+
+/// Picks the next thing to do. Runs under the slice's lock; does no inference or I/O.
+fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
+    if let Some(why) = st.failed.clone() {
+        let jobs: Vec<Job> = st.models.values_mut().flat_map(|q| q.jobs.drain(..)).collect();
+        if jobs.is_empty() {
+            return Step::Exit;
+        }
+        return Step::Answer(jobs, JobError::SliceFailed(why));
+    }
+    if st.stopped && st.queued == 0 {
+        return Step::Exit;
+    }
+    // A model's footprint is known only once it is loaded (before, its file size stands
+    // in), so a load can overshoot the budget: idle models leave until it holds again.
+    let over = st.residency().used().saturating_sub(st.residency().budget());
+    if over > 0 {
+        let models = &st.models;
+        let room = st.residency.as_ref().expect("set").make_room(over, |m| models.get(m).is_some_and(|q| q.busy()));
+        if let Room::Evict(victims) = room {
+            return Step::Evict(evict(st, victims));
+        }
+    }
+    let now = Instant::now();
+    let mut order: Vec<(Instant, String)> =
+        st.models.iter().filter_map(|(k, q)| Some((q.jobs.front()?.queued, k.clone()))).collect();
+    order.sort();
+    let mut wake_at: Option<Instant> = None;
+    for (_, key) in order {
+        let q = st.models.get_mut(&key).expect("listed above");
+        if !q.idle.is_empty() {
+            let max =
+                if q.batchable { (q.run.batching.max_batch as usize).clamp(1, config.max_batch.max(1)) } else { 1 };
+            let window = Duration::from_micros(q.run.batching.max_delay_us as u64);
+            let due = q.jobs.front().expect("listed with a job").queued + window;
+            if q.jobs.len() < max && due > now && !st.stopped {
+                wake_at = Some(wake_at.map_or(due, |w| w.min(due)));
+                continue;
+            }
+            let jobs = take_batch(&mut q.jobs, max);
+            let session = q.idle.pop().expect("checked above");
+            st.queued -= jobs.len();
+            st.residency().touch(&key, now_us());
+            return Step::Run { key, session, jobs };
+        }
+        if q.loading {
+            continue;
+        }
+        let measured = st.footprints.get(&key).copied();
+        // Before the first load only the file size is known: a lower bound.
+        let need = measured.unwrap_or_else(|| std::fs::metadata(q.run.path.as_ref()).map_or(0, |m| m.len()));
+        if q.copies == 0 {
+            let models = &st.models;
+            let room = st.residency.as_ref().expect("set").make_room(need, |m| models.get(m).is_some_and(|q| q.busy()));
+            match room {
+                Room::Fits => return begin_load(st, key, Vec::new()),
+                Room::Evict(victims) => return begin_load(st, key, victims),
+                Room::Busy => continue,
+                Room::Never { need, budget } => {
+                    let jobs: Vec<Job> = st.models.get_mut(&key).expect("listed").jobs.drain(..).collect();
+                    return Step::Answer(jobs, JobError::TooLarge { need, budget });
+                }
+            }
+        }
+        // Backlog and every session busy: another session from free memory, up to one per thread.
+        if measured.is_some() && (q.copies as usize) < config.threads && need <= st.residency().free() {
+            return begin_load(st, key, Vec::new());
+        }
+    }
+    Step::Wait(wake_at)
+}
+
+fn begin_load(st: &mut State, key: String, victims: Vec<String>) -> Step {
+    let evicted = evict(st, victims);
+    let q = st.models.get_mut(&key).expect("listed");
+    q.loading = true;
+    let path = q.run.path.clone();
+    Step::Load { key, path, evicted }
+}
+
+/// Unloads idle models; returns their sessions.
+fn evict(st: &mut State, victims: Vec<String>) -> Vec<Session> {
+    let mut evicted = Vec::new();
+    for v in victims {
+        let q = st.models.get_mut(&v).expect("residents are known models");
+        evicted.append(&mut q.idle);
+        q.copies = 0;
+        st.residency().remove(&v);
+        st.evictions += 1;
+        tracing::info!(model = %v, "evicted");
+    }
+    evicted
+}
+
+/// The oldest job and up to `max - 1` more that can share its batch, in queue order.
+fn take_batch(jobs: &mut VecDeque<Job>, max: usize) -> Vec<Job> {
+    let first = jobs.pop_front().expect("a queue with a job");
+    let mut group = vec![first];
+    let mut i = 0;
+    while group.len() < max && i < jobs.len() {
+        if batch::compatible(&group[0].inputs, &jobs[i].inputs) {
+            group.push(jobs.remove(i).expect("in range"));
+        } else {
+            i += 1;
+        }
+    }
+    group
+}
+
+/// A loaded, warmed session with its measured footprint; or why the slice cannot load.
+type Loaded = Result<(Session, u64, bool), String>;
+
+/// Loads loads one at a time per process, so that the growth of resident memory across a
+/// load and its warm-up is that model's footprint.
+static LOADING: Mutex<()> = Mutex::new(());
+
+fn load(path: &std::path::Path, config: &ExecutorConfig, max_batch: usize) -> Loaded {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+    let before = sundara_runtime::resident_bytes();
+    let mut model =
+        Model::load_on(&bytes, config.intra_threads, &config.device).map_err(|e| format!("loading: {e}"))?;
+    let batchable = batch::batchable(&model.inputs, &model.outputs);
+    // Warm-up at the largest batch the slice will run, so that the arena has grown to its
+    // working size before the footprint is read.
+    let rows = if batchable { max_batch as u64 } else { 1 };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let warmup = sundara_runtime::example_inputs(&model.inputs, rows, &mut rng);
+    model.run(&warmup).map_err(|e| format!("warm-up: {e}"))?;
+    let probe = sundara_runtime::example_inputs(&model.inputs, 1, &mut rng);
+    let footprint = sundara_runtime::resident_bytes().saturating_sub(before).max(bytes.len() as u64);
+    Ok((Session { model, probe }, footprint, batchable))
+}
+
+fn finish_load(st: &mut State, key: &str, loaded: Loaded, load_us: u64) {
+    let q = st.models.get_mut(key).expect("a loading model stays known");
+    q.loading = false;
+    let (session, bytes, batchable) = match loaded {
+        Ok(l) => l,
+        Err(why) => {
+            fail_slice(st, format!("model {key}: {why}"));
+            return;
+        }
+    };
+    q.batchable = batchable;
+    let footprint = st.footprints.entry(key.to_string()).or_insert(0);
+    *footprint = (*footprint).max(bytes);
+    let footprint = *footprint;
+    let budget = st.residency().budget();
+    if footprint > budget {
+        // Measured over the whole budget: it can never run here.
+        let jobs: Vec<Job> = st.models.get_mut(key).expect("known").jobs.drain(..).collect();
+        st.queued -= jobs.len();
+        tracing::warn!(model = key, footprint, budget, "model does not fit this slice");
+        for job in jobs {
+            let _ = job.reply.send(Err(JobError::TooLarge { need: footprint, budget }));
+        }
+        return;
+    }
+    let q = st.models.get_mut(key).expect("known");
+    q.copies += 1;
+    q.idle.push(session);
+    st.loads += 1;
+    st.residency().add_copy(key, footprint, load_us, now_us());
+    tracing::info!(model = key, footprint, load_us, "loaded and warmed up");
+}
+
+fn fail_slice(st: &mut State, why: String) {
+    if st.failed.is_none() {
+        tracing::error!(reason = %why, "slice out of service");
+        st.failed = Some(why);
+    }
+    for q in st.models.values_mut() {
+        q.idle.clear();
+        q.copies = 0;
+    }
+    let keys: Vec<String> = st.residency().loaded().into_iter().map(|(k, _)| k).collect();
+    for k in keys {
+        st.residency().remove(&k);
+    }
 }
 
 /// Runs `inputs` once, timed.
-fn run_timed(model: &mut Model, inputs: &[Tensor]) -> Result<(Vec<Tensor>, u64, u64), String> {
+fn run_timed(model: &mut Model, inputs: &[Tensor], fault: bool) -> Result<(Vec<Tensor>, u64, u64), String> {
+    if fault {
+        return Err("injected device fault".into());
+    }
     let started_us = now_us();
     let started = Instant::now();
     let outputs = model.run(inputs).map_err(|e| e.to_string())?;
@@ -129,13 +539,16 @@ fn run_timed(model: &mut Model, inputs: &[Tensor]) -> Result<(Vec<Tensor>, u64, 
 
 /// Runs a group of jobs as one batch and answers each with its own rows. If the batch
 /// fails (one task's inputs can spoil it), each job runs alone so that only its own
-/// failure reaches it.
-fn run_group(model: &mut Model, group: Vec<Job>) {
+/// failure reaches it. Returns why the session is broken if a failed job's check with
+/// the known-good probe input fails too; the jobs not yet answered then get
+/// [`JobError::SliceFailed`].
+fn run_jobs(session: &mut Session, group: Vec<Job>, fault: bool) -> Option<String> {
     if group.len() > 1 {
         let inputs: Vec<&[Tensor]> = group.iter().map(|j| j.inputs.as_slice()).collect();
         let rows: Option<Vec<u64>> = group.iter().map(|j| batch::rows(&j.inputs)).collect();
         let batched = rows.and_then(|rows| {
-            let (outputs, started_us, compute_us) = run_timed(model, &batch::stack(&inputs)).ok()?;
+            let (outputs, started_us, compute_us) =
+                run_timed(&mut session.model, &batch::stack(&inputs), fault).ok()?;
             Some((batch::split(outputs, &rows)?, started_us, compute_us))
         });
         if let Some((per_job, started_us, compute_us)) = batched {
@@ -143,16 +556,26 @@ fn run_group(model: &mut Model, group: Vec<Job>) {
             for (job, outputs) in group.into_iter().zip(per_job) {
                 let _ = job.reply.send(Ok(Ran { outputs, started_us, compute_us, batch: n }));
             }
-            return;
+            return None;
         }
     }
-    for job in group {
-        let result = run_timed(model, &job.inputs).map(|(outputs, started_us, compute_us)| Ran {
-            outputs,
-            started_us,
-            compute_us,
-            batch: 1,
-        });
-        let _ = job.reply.send(result);
+    let mut jobs = group.into_iter();
+    while let Some(job) = jobs.next() {
+        match run_timed(&mut session.model, &job.inputs, fault) {
+            Ok((outputs, started_us, compute_us)) => {
+                let _ = job.reply.send(Ok(Ran { outputs, started_us, compute_us, batch: 1 }));
+            }
+            Err(task_error) => {
+                if let Err(device_error) = run_timed(&mut session.model, &session.probe, fault) {
+                    let why = format!("health check failed after a task failed: {device_error}");
+                    for job in std::iter::once(job).chain(jobs) {
+                        let _ = job.reply.send(Err(JobError::SliceFailed(why.clone())));
+                    }
+                    return Some(why);
+                }
+                let _ = job.reply.send(Err(JobError::Failed(task_error)));
+            }
+        }
     }
+    None
 }

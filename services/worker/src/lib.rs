@@ -1,15 +1,20 @@
 //! Worker (the miner): announces its slices in Redis and keeps a heartbeat, pulls its
-//! assignments from its own WORK consumer, runs them with ONNX Runtime on dedicated
-//! threads, and publishes one outcome per assignment before acking it.
+//! assignments from its own WORK consumer, runs each on the slice it was reserved on
+//! (ONNX Runtime on that slice's threads, models loaded on first need within the slice's
+//! memory), and publishes one outcome per assignment before acking it.
 
 mod batch;
 mod cache;
 mod executor;
+mod residency;
+pub mod slices;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
+use futures::StreamExt;
 use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats};
 use sundara_schemas::{
@@ -18,7 +23,10 @@ use sundara_schemas::{
 };
 
 pub use cache::ModelCache;
-pub use executor::Executor;
+pub use executor::{Executor, ExecutorConfig, JobError, JobResult, ModelRun, Ran, SliceReport};
+pub use residency::{Residency, Room};
+pub use slices::{SLOTS_PER_THREAD, SliceConfig, SliceDevice};
+use sundara_runtime::Device;
 
 /// How the worker treats its work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,11 +37,6 @@ pub enum Behaviour {
     Dishonest,
 }
 
-/// Assignments a worker accepts per inference thread by default: enough that a thread
-/// always has the next one queued while outcomes and new work are in transit, and that
-/// queued tasks can be batched.
-pub const SLOTS_PER_THREAD: u32 = 16;
-
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoints: Endpoints,
@@ -41,12 +44,11 @@ pub struct Config {
     pub worker_id: String,
     /// Who runs this worker; the scheduler never gives two copies of a task to one operator.
     pub operator: String,
-    /// Inference threads (each runs one inference at a time with `intra_threads` ORT threads).
-    pub threads: usize,
-    /// Assignments the worker accepts at once (the slots of its CPU slice in Redis);
-    /// [`SLOTS_PER_THREAD`] × `threads` by default.
-    pub slots: u32,
-    /// Most tasks run as one inference (dynamic batching; 1 turns it off).
+    /// How the worker's devices are split; each slice is one capacity unit in Redis.
+    /// By default one CPU slice of one thread.
+    pub slices: Vec<SliceConfig>,
+    /// Upper bound on any batch (a model's own max batch applies below it; 1 turns
+    /// batching off).
     pub max_batch: usize,
     /// ORT intra-op threads per session.
     pub intra_threads: usize,
@@ -67,8 +69,7 @@ impl Config {
             endpoints,
             worker_id: worker_id.to_string(),
             operator: worker_id.to_string(),
-            threads: 1,
-            slots: SLOTS_PER_THREAD,
+            slices: vec![SliceConfig::cpu("cpu0", 1, default_cpu_memory(1))],
             max_batch: 32,
             intra_threads: 1,
             models: Vec::new(),
@@ -82,6 +83,15 @@ impl Config {
     }
 }
 
+/// Memory a CPU slice may fill with models by default: half of what the machine has
+/// available at start, shared among `slices` slices (256 MiB where unknown).
+pub fn default_cpu_memory(slices: usize) -> u64 {
+    match sundara_runtime::available_memory() {
+        0 => 256 << 20,
+        available => available / 2 / slices.max(1) as u64,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
@@ -90,6 +100,8 @@ pub enum WorkerError {
     Runtime(#[from] sundara_runtime::RuntimeError),
     #[error("worker id {0:?} must be 1-64 of [A-Za-z0-9_-]")]
     InvalidId(String),
+    #[error("invalid slices: {0}")]
+    InvalidSlices(String),
 }
 
 /// Tampers outputs the way [`Behaviour::Dishonest`] says.
@@ -119,38 +131,69 @@ pub fn falsify(outputs: &mut [Tensor]) {
     }
 }
 
+/// A slice as the worker runs it.
+struct Slice {
+    /// Id in Redis: `<worker>-<name>`.
+    id: String,
+    config: SliceConfig,
+    executor: Executor,
+}
+
+/// What became of an assignment.
+enum Done {
+    /// Publish this outcome, then ack.
+    Outcome(OutcomeResult, u64, u64),
+    /// The slice failed under it: the scheduler reassigns it (made due in Redis), so no
+    /// outcome; ack once Redis has it.
+    SliceFailed { slice: String, reason: String },
+}
+
 struct Worker {
     config: Config,
     js: jetstream::Context,
     registry: Registry,
+    capacity: Capacity,
     cache: ModelCache,
-    executor: Executor,
+    slices: HashMap<String, Slice>,
 }
 
 impl Worker {
-    /// Runs an assignment; returns the result, the compute time and when inference started.
-    async fn execute(&self, a: &Assignment) -> (OutcomeResult, u64, u64) {
+    /// Runs an assignment on the slice it was reserved on.
+    async fn execute(&self, a: &Assignment) -> Done {
+        let failed = |reason: String| Done::Outcome(OutcomeResult::Failed { reason }, 0, 0);
+        let Some(slice) = self.slices.get(&a.ticket.slice) else {
+            return failed(format!("this worker has no slice {:?}", a.ticket.slice));
+        };
         let m = &a.ticket.model;
         let meta = match self.registry.version(&m.name, &m.version).await {
             Ok(Some(meta)) => meta,
-            Ok(None) => return (OutcomeResult::Failed { reason: format!("model {m} is not in the registry") }, 0, 0),
-            Err(e) => return (OutcomeResult::Failed { reason: e.to_string() }, 0, 0),
+            Ok(None) => return failed(format!("model {m} is not in the registry")),
+            Err(e) => return failed(e.to_string()),
         };
         let path = match self.cache.path(&meta).await {
             Ok(p) => p,
-            Err(e) => return (OutcomeResult::Failed { reason: e.to_string() }, 0, 0),
+            Err(e) => return failed(e.to_string()),
         };
         let budget = Duration::from_millis(a.ticket.deadline_at_ms.saturating_sub(now_ms()).max(1));
-        let run = self.executor.run(m.to_string(), path, a.inputs.clone());
-        match tokio::time::timeout(budget, run).await {
+        let model = ModelRun { key: m.to_string(), path, batching: meta.batching };
+        match tokio::time::timeout(budget, slice.executor.run(&model, a.inputs.clone())).await {
             Ok(Ok(mut ran)) => {
                 if self.config.behaviour == Behaviour::Dishonest {
                     falsify(&mut ran.outputs);
                 }
-                (OutcomeResult::Ok { outputs: ran.outputs }, ran.compute_us, ran.started_us)
+                Done::Outcome(OutcomeResult::Ok { outputs: ran.outputs }, ran.compute_us, ran.started_us)
             }
-            Ok(Err(reason)) => (OutcomeResult::Failed { reason }, 0, 0),
-            Err(_) => (OutcomeResult::Failed { reason: "deadline passed during inference".into() }, 0, 0),
+            Ok(Err(JobError::SliceFailed(reason))) => Done::SliceFailed { slice: slice.id.clone(), reason },
+            Ok(Err(e @ JobError::TooLarge { .. })) => {
+                // Never here again: stop being a candidate for it (heartbeats agree, since
+                // the slice reports the footprint over its memory).
+                if let Err(err) = self.capacity.withdraw(&slice.id, &m.name).await {
+                    tracing::warn!(error = %err, "could not withdraw the model from the slice");
+                }
+                failed(e.to_string())
+            }
+            Ok(Err(e)) => failed(e.to_string()),
+            Err(_) => failed("deadline passed during inference".into()),
         }
     }
 
@@ -169,7 +212,21 @@ impl Worker {
                 return;
             }
         };
-        let (result, compute_us, started_us) = self.execute(&assignment).await;
+        let (result, compute_us, started_us) = match self.execute(&assignment).await {
+            Done::Outcome(result, compute_us, started_us) => (result, compute_us, started_us),
+            Done::SliceFailed { slice, reason } => {
+                match self.capacity.fail_slice(&slice, &self.config.worker_id, &reason).await {
+                    Ok(_) => {
+                        let _ = msg.ack_with(AckKind::Term).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not take the slice out of service; will retry");
+                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                    }
+                }
+                return;
+            }
+        };
         let timing = WorkTiming {
             accepted_us: assignment.accepted_at_us,
             received_us,
@@ -195,6 +252,90 @@ impl Worker {
             }
         }
     }
+
+    /// What Redis should say about this worker now: each slice with what it holds.
+    fn announce(&self, models: &[String]) -> WorkerAnnounce {
+        let mut slices: Vec<SliceAnnounce> = self
+            .slices
+            .values()
+            .map(|s| {
+                let r = s.executor.reports().borrow().clone();
+                // Models measured over the slice's whole memory are not offered there.
+                let too_large = |name: &str| {
+                    r.footprints.iter().any(|(k, b)| k.split('@').next() == Some(name) && *b > r.memory_total)
+                };
+                SliceAnnounce {
+                    id: s.id.clone(),
+                    device: device_name(&s.config.device),
+                    slots: s.config.slots,
+                    models: models.iter().filter(|m| !too_large(m)).cloned().collect(),
+                    failed: r.failed.clone(),
+                    memory_total: r.memory_total,
+                    memory_free: r.memory_total.saturating_sub(r.memory_used),
+                    loaded: r.loaded.iter().map(|(k, _)| k.clone()).collect(),
+                    footprints: r.footprints.clone(),
+                    loads: r.loads,
+                    evictions: r.evictions,
+                }
+            })
+            .collect();
+        slices.sort_by(|a, b| a.id.cmp(&b.id));
+        WorkerAnnounce { worker: self.config.worker_id.clone(), operator: self.config.operator.clone(), slices }
+    }
+}
+
+fn device_name(d: &SliceDevice) -> String {
+    match d {
+        SliceDevice::Cpu => "cpu".into(),
+        SliceDevice::Cuda { device_id } => format!("cuda:{device_id}"),
+        SliceDevice::Mig { uuid } => format!("mig:{uuid}"),
+    }
+}
+
+/// Checks the slices and turns each into an executor.
+fn start_slices(config: &Config) -> Result<HashMap<String, Slice>, WorkerError> {
+    let invalid = |why: String| WorkerError::InvalidSlices(why);
+    if config.slices.is_empty() {
+        return Err(invalid("a worker needs at least one slice".into()));
+    }
+    let migs: Vec<&str> = config
+        .slices
+        .iter()
+        .filter_map(|s| if let SliceDevice::Mig { uuid } = &s.device { Some(uuid.as_str()) } else { None })
+        .collect();
+    if migs.len() > 1 {
+        return Err(invalid("one MIG slice per worker process (CUDA shows a process one MIG instance)".into()));
+    }
+    if let Some(uuid) = migs.first() {
+        // Must precede ONNX Runtime's CUDA start-up; nothing else runs on a GPU in this process then.
+        // SAFETY: set before any thread of this process reads the environment for CUDA.
+        unsafe { std::env::set_var("CUDA_VISIBLE_DEVICES", uuid) };
+    }
+    let mut slices = HashMap::new();
+    for s in &config.slices {
+        let id = format!("{}-{}", config.worker_id, s.name);
+        let device = match &s.device {
+            SliceDevice::Cpu => Device::Cpu,
+            SliceDevice::Cuda { device_id } => Device::Cuda { device_id: *device_id, memory_limit: s.memory },
+            SliceDevice::Mig { .. } => Device::Cuda { device_id: 0, memory_limit: s.memory },
+        };
+        let executor = Executor::start(
+            &id,
+            ExecutorConfig {
+                threads: s.threads.max(1),
+                intra_threads: config.intra_threads,
+                device,
+                memory: s.memory,
+                max_batch: config.max_batch,
+                queue: s.slots.max(1) as usize * 2,
+                fail_after_runs: s.fail_after_runs,
+            },
+        );
+        if slices.insert(id.clone(), Slice { id: id.clone(), config: s.clone(), executor }).is_some() {
+            return Err(invalid(format!("two slices named {:?}", s.name)));
+        }
+    }
+    Ok(slices)
 }
 
 /// Runs a worker until `shutdown`; in-flight assignments finish before it returns.
@@ -202,6 +343,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     if !subj::is_token(&config.worker_id) {
         return Err(WorkerError::InvalidId(config.worker_id.clone()));
     }
+    let slices = start_slices(&config)?;
     sundara_runtime::init(&config.ort_library)?;
     let client = nats::connect(&config.endpoints.nats_url, &format!("sundara-worker-{}", config.worker_id)).await?;
     let js = jetstream::new(client.clone());
@@ -214,21 +356,26 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     } else {
         config.models.clone()
     };
-    let announce = WorkerAnnounce {
-        worker: config.worker_id.clone(),
-        operator: config.operator.clone(),
-        slices: vec![SliceAnnounce {
-            id: format!("{}-cpu0", config.worker_id),
-            device: "cpu".into(),
-            slots: config.slots,
-            models: models.clone(),
-        }],
+    let slots: usize = config.slices.iter().map(|s| s.slots.max(1) as usize).sum();
+    let worker = Worker {
+        cache: ModelCache::new(config.cache_dir.clone(), registry.clone()),
+        config: config.clone(),
+        js: js.clone(),
+        registry,
+        capacity: capacity.clone(),
+        slices,
     };
     let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
-    capacity.announce(&announce, true, ttl_ms).await?;
-    tracing::info!(worker = %config.worker_id, ?models, slots = config.slots, behaviour = ?config.behaviour, "worker announced");
+    capacity.announce(&worker.announce(&models), true, ttl_ms).await?;
+    tracing::info!(
+        worker = %config.worker_id,
+        ?models,
+        slices = ?config.slices.iter().map(|s| &s.name).collect::<Vec<_>>(),
+        slots,
+        behaviour = ?config.behaviour,
+        "worker announced"
+    );
 
-    let slots = config.slots.max(1) as usize;
     let consumer = nats::durable_consumer(
         &js,
         subj::WORK_STREAM,
@@ -238,28 +385,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
         (slots * 4) as i64,
     )
     .await?;
-    let worker = Worker {
-        executor: Executor::start(
-            &config.worker_id,
-            config.threads.max(1),
-            config.intra_threads,
-            config.max_batch,
-            slots,
-        ),
-        cache: ModelCache::new(config.cache_dir.clone(), registry.clone()),
-        config: config.clone(),
-        js,
-        registry,
-    };
 
+    // Redis hears of every load, eviction and failure at once, and of everything on each
+    // heartbeat (which also restores what a restarted Redis lost).
     let heartbeat = async {
+        let mut changes = futures::stream::select_all(
+            worker.slices.values().map(|s| changes_of(s.executor.reports())).collect::<Vec<_>>(),
+        );
         let mut tick = tokio::time::interval(config.heartbeat_interval);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
+                Some(()) = changes.next() => {}
             }
-            if let Err(e) = capacity.announce(&announce, false, ttl_ms).await {
+            if let Err(e) = capacity.announce(&worker.announce(&models), false, ttl_ms).await {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
@@ -270,6 +410,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     let _ = client.flush().await;
     tracing::info!(worker = %config.worker_id, "worker stopped");
     Ok(())
+}
+
+/// A stream that yields each time the report changes.
+fn changes_of(rx: tokio::sync::watch::Receiver<SliceReport>) -> futures::stream::BoxStream<'static, ()> {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    }))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use sundara_runtime::{Model, find_library, init};
 use sundara_schemas::Tensor;
-use sundara_worker::Executor;
+use sundara_worker::{Executor, ExecutorConfig, ModelRun};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -32,9 +32,9 @@ async fn batched_matches_alone(file: &str, width: usize, tasks: usize) {
     let expected: Vec<Vec<Tensor>> = inputs.iter().map(|x| alone.run(x).unwrap()).collect();
 
     // One thread and a queue deep enough that tasks wait together and batch.
-    let executor = Executor::start("batching-test", 1, 1, 32, tasks);
-    let path = Arc::new(path);
-    let runs = inputs.iter().map(|x| executor.run(file.into(), path.clone(), x.clone()));
+    let executor = Executor::start("batching-test", ExecutorConfig::cpu(1, 1 << 30, tasks));
+    let model = ModelRun::new(file, Arc::new(path));
+    let runs = inputs.iter().map(|x| executor.run(&model, x.clone()));
     let results = futures::future::join_all(runs).await;
 
     let mut largest = 0;
