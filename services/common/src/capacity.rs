@@ -6,7 +6,7 @@
 //! - `workers` set of worker ids; `worker:<w>` hash {operator, state, slices}; `hb:<w>` heartbeat (PX TTL)
 //! - `slice:<s>` hash {worker, operator, device, slots_total, slots_free, state, reason,
 //!   memory_total, memory_free, loads, evictions}; `slice:<s>:models` set of models it serves;
-//!   `slice:<s>:loaded` set of `name@version` loaded there now
+//!   `slice:<s>:loaded` hash `name@version` → bytes its sessions there hold now
 //! - `slicemem` sorted set of live slices by memory_total (the largest slice in the fleet)
 //! - `footprint` hash `name@version` → measured bytes of one loaded session
 //! - `cand:<model>` sorted set of live slices that serve the model, score -(free slots): least loaded first
@@ -199,8 +199,9 @@ pub struct SliceAnnounce {
     pub failed: Option<String>,
     pub memory_total: u64,
     pub memory_free: u64,
-    /// `name@version` of each model loaded (and warmed up) there now.
-    pub loaded: Vec<String>,
+    /// `name@version` of each model loaded (and warmed up) there now, with the bytes its
+    /// sessions hold.
+    pub loaded: Vec<(String, u64)>,
     /// Measured bytes of one session, per `name@version`.
     pub footprints: Vec<(String, u64)>,
     pub loads: u64,
@@ -227,7 +228,7 @@ pub struct SliceState {
     pub slots_free: u32,
     pub memory_total: u64,
     pub memory_free: u64,
-    pub loaded: Vec<String>,
+    pub loaded: Vec<(String, u64)>,
     pub loads: u64,
     pub evictions: u64,
 }
@@ -304,7 +305,7 @@ impl Capacity {
             }
             pipe.del(format!("{key}:loaded")).ignore();
             if !s.loaded.is_empty() {
-                pipe.sadd(format!("{key}:loaded"), &s.loaded).ignore();
+                pipe.hset_multiple(format!("{key}:loaded"), &s.loaded).ignore();
             }
             if !s.footprints.is_empty() {
                 pipe.hset_multiple(FOOTPRINT, &s.footprints).ignore();
@@ -392,6 +393,13 @@ impl Capacity {
         Ok(self.claim_due.arg(now_ms).arg(lease_ms).arg(limit).invoke_async(&mut con).await?)
     }
 
+    /// Makes a claimed in-flight assignment due at `at_ms` (if it is still in flight).
+    pub async fn defer(&self, aid: &str, at_ms: u64) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        redis::cmd("ZADD").arg(INFLIGHT).arg("XX").arg(at_ms).arg(aid).query_async::<()>(&mut con).await?;
+        Ok(())
+    }
+
     /// All workers ever announced since Redis last started.
     pub async fn workers(&self) -> Result<Vec<String>, Error> {
         let mut con = self.con.clone();
@@ -453,6 +461,12 @@ impl Capacity {
         Ok(())
     }
 
+    /// Measured footprints (bytes of one session) per `name@version`.
+    pub async fn footprints(&self) -> Result<std::collections::BTreeMap<String, u64>, Error> {
+        let mut con = self.con.clone();
+        Ok(con.hgetall(FOOTPRINT).await?)
+    }
+
     /// For admission: the measured footprint of a model version (`name@version`), if any
     /// worker has loaded it, and the memory of the largest live slice, if any.
     pub async fn fit(&self, model_key: &str) -> Result<(Option<u64>, Option<u64>), Error> {
@@ -471,8 +485,9 @@ impl Capacity {
             let h: std::collections::HashMap<String, String> = con.hgetall(slice_key(id)).await?;
             let num = |k: &str| h.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
             let text = |k: &str| h.get(k).cloned().unwrap_or_default();
-            let mut loaded: Vec<String> = con.smembers(format!("{}:loaded", slice_key(id))).await?;
-            loaded.sort();
+            let loaded: std::collections::BTreeMap<String, u64> =
+                con.hgetall(format!("{}:loaded", slice_key(id))).await?;
+            let loaded = loaded.into_iter().collect();
             out.push(SliceState {
                 id: id.to_string(),
                 worker: text("worker"),

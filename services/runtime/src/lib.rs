@@ -125,8 +125,24 @@ fn with_cuda(
     Err(ort::Error::new("this build has no CUDA support: build with `--features cuda`"))
 }
 
-/// Bytes of the process resident in RAM (Linux `/proc/self/statm`); 0 where unknown. The
-/// worker measures a model's footprint as the growth of this across its load and warm-up.
+/// Bytes of heap in use by the process, from glibc's allocator (all arenas and mmapped
+/// blocks). The worker measures a model's footprint as the growth of this across its load
+/// and warm-up: unlike resident memory it falls when memory is freed, so a load that
+/// reuses freed memory is still counted in full. Resident bytes where glibc is absent.
+pub fn heap_bytes() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        (info.uordblks + info.hblkhd) as u64
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        resident_bytes()
+    }
+}
+
+/// Bytes of the process resident in RAM (Linux `/proc/self/statm`); 0 where unknown.
 pub fn resident_bytes() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);

@@ -249,7 +249,9 @@ impl Scheduler {
             .reserve(&old.model.name, &old.task_id, std::slice::from_ref(&new_aid), timeout_at, ttl, self.config.scan)
             .await?;
         let Some(mut picks) = picked else {
-            // No other worker free now; the claim's lease runs out and the sweep tries again.
+            // No other worker free now: due again on the next sweep (not after the claim's
+            // whole lease, which is an assignment timeout).
+            self.capacity.defer(aid, now_ms() + self.config.sweep_interval.as_millis() as u64).await?;
             return Ok(());
         };
         let (slice, worker) = picks.remove(0);

@@ -456,14 +456,14 @@ fn take_batch(jobs: &mut VecDeque<Job>, max: usize) -> Vec<Job> {
 /// A loaded, warmed session with its measured footprint; or why the slice cannot load.
 type Loaded = Result<(Session, u64, bool), String>;
 
-/// Loads loads one at a time per process, so that the growth of resident memory across a
-/// load and its warm-up is that model's footprint.
+/// Loads run one at a time per process, so that the growth of the heap across a load and
+/// its warm-up is that model's footprint (other threads' inferences add only noise).
 static LOADING: Mutex<()> = Mutex::new(());
 
 fn load(path: &std::path::Path, config: &ExecutorConfig, max_batch: usize) -> Loaded {
     let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
-    let before = sundara_runtime::resident_bytes();
+    let before = sundara_runtime::heap_bytes();
     let mut model =
         Model::load_on(&bytes, config.intra_threads, &config.device).map_err(|e| format!("loading: {e}"))?;
     let batchable = batch::batchable(&model.inputs, &model.outputs);
@@ -474,7 +474,7 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, max_batch: usize) -> Lo
     let warmup = sundara_runtime::example_inputs(&model.inputs, rows, &mut rng);
     model.run(&warmup).map_err(|e| format!("warm-up: {e}"))?;
     let probe = sundara_runtime::example_inputs(&model.inputs, 1, &mut rng);
-    let footprint = sundara_runtime::resident_bytes().saturating_sub(before).max(bytes.len() as u64);
+    let footprint = sundara_runtime::heap_bytes().saturating_sub(before).max(bytes.len() as u64);
     Ok((Session { model, probe }, footprint, batchable))
 }
 

@@ -272,7 +272,7 @@ impl Worker {
                     failed: r.failed.clone(),
                     memory_total: r.memory_total,
                     memory_free: r.memory_total.saturating_sub(r.memory_used),
-                    loaded: r.loaded.iter().map(|(k, _)| k.clone()).collect(),
+                    loaded: r.loaded.clone(),
                     footprints: r.footprints.clone(),
                     loads: r.loads,
                     evictions: r.evictions,
