@@ -144,3 +144,33 @@ async fn a_model_larger_than_every_slice_is_refused_at_ingress() {
     assert!(matches!(h.client.submit(&req).await.unwrap(), SubmitOutcome::Accepted { .. }));
     h.stop().await;
 }
+
+/// A slice too small for a model hands its tasks back instead of failing them (a failure
+/// would count against an honest miner): another worker runs them, and the small slice
+/// stops offering the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slice_too_small_for_a_model_hands_its_tasks_back() {
+    let small = SliceConfig::cpu("cpu0", 1, 8 << 20); // magika's 3 MB file fits, its session does not
+    let mut h = Harness::start(vec![worker("small", small), honest("roomy", 1)], 1, Duration::from_secs(30)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let meta = &h.models["magika"];
+    let requests: Vec<_> = (0..24)
+        .map(|i| h.request("magika", sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("big-{i}")))
+        .collect();
+    let results = h.run_tasks(&requests).await;
+    assert!(results.values().all(|r| matches!(r.status, ResultStatus::Verified { .. })), "a task failed");
+    let verdicts = h.all_verdicts().await;
+    assert!(verdicts.iter().all(|v| v.miners.iter().all(|m| m.worker == "roomy")), "only the roomy worker answered");
+    let slice = slice_when(&h, "small", |s| s.state == "alive").await;
+    assert!(slice.loaded.is_empty(), "{slice:?}");
+    let offered: Vec<String> = {
+        let mut con = redis::Client::open(h.stack.endpoints().redis_url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::AsyncCommands::smembers(&mut con, "sundara:slice:small-cpu0:models").await.unwrap()
+    };
+    assert!(!offered.contains(&"magika".to_string()), "the small slice still offers magika: {offered:?}");
+    h.stop().await;
+}

@@ -2,6 +2,7 @@
 //! client, model registration and `sundara up`. `main.rs` only parses arguments.
 
 pub mod client;
+pub mod fleet;
 pub mod models;
 pub mod pipeline;
 pub mod stack;

@@ -67,6 +67,8 @@ enum Command {
     },
     /// Reward table: per-miner scores and the latest epoch weights.
     Rewards,
+    /// Every slice of the fleet: state, slots and memory in use, models loaded.
+    Fleet,
     /// Run the ingress service.
     Ingress,
     /// Run the scheduler service.
@@ -178,8 +180,10 @@ fn ort() -> anyhow::Result<PathBuf> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `up` and the client commands print their own report; services log at info.
-    let quiet =
-        matches!(cli.command, Command::Up { .. } | Command::Submit { .. } | Command::Models { .. } | Command::Rewards);
+    let quiet = matches!(
+        cli.command,
+        Command::Up { .. } | Command::Submit { .. } | Command::Models { .. } | Command::Rewards | Command::Fleet
+    );
     sundara_common::init_logging(if quiet { "warn" } else { "info" });
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
     let shutdown = Shutdown::new();
@@ -236,6 +240,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Rewards => {
             let (js, _) = registry(&cli.nats).await?;
             sundara::up::print_rewards(&js, None).await
+        }
+        Command::Fleet => {
+            let capacity = sundara_common::Capacity::connect(&cli.redis).await?;
+            print!("{}", sundara::fleet::table(&capacity).await?);
+            Ok(())
         }
         Command::Ingress => {
             run_service(sundara_ingress::run(sundara_ingress::Config::new(endpoints), shutdown.clone()), shutdown).await

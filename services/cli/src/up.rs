@@ -15,7 +15,7 @@ use sundara_schemas::{
     CompareRule, EpochWeights, MAX_MESSAGE_BYTES, ModelMeta, Policy, ResultStatus, SubmitOutcome, SubmitRequest,
     decode, subjects as subj,
 };
-use sundara_worker::Behaviour;
+use sundara_worker::{Behaviour, SliceConfig};
 
 use crate::client::Client;
 use crate::pipeline::{Pipeline, PipelineConfig, WorkerSpec};
@@ -125,6 +125,12 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let secret: Vec<u8> = rand::rng().random::<[u8; 32]>().to_vec();
     let mut workers: Vec<WorkerSpec> =
         (1..=opts.honest_workers).map(|i| WorkerSpec::cpu(&format!("miner-{i}"), 2, Behaviour::Honest)).collect();
+    // The first miner splits its machine in two CPU slices of one thread, the second of
+    // which has room for only one model at a time: it swaps models as the demo alternates.
+    workers[0].slices = vec![
+        SliceConfig::cpu("cpu0", 1, sundara_worker::default_cpu_memory(2)),
+        SliceConfig::cpu("small", 1, 128 << 20),
+    ];
     let liar = format!("miner-{}", opts.honest_workers + 1);
     workers.push(WorkerSpec::cpu(&liar, 2, Behaviour::Dishonest));
     let cache_dir = root.join(".cache/worker-models");
@@ -151,6 +157,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let (verified, failed) = summary?;
     rewarder_caught_up(&js, Duration::from_secs(30)).await?;
     let weights = close_epoch(&nats_client).await?;
+    println!();
+    let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
+    print!("{}", crate::fleet::table(&capacity).await?);
     println!();
     println!("tasks: {} submitted, {verified} verified, {failed} failed", opts.tasks);
     print_rewards(&js, Some(&weights)).await?;

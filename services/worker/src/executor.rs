@@ -403,6 +403,9 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
                 Room::Evict(victims) => return begin_load(st, key, victims),
                 Room::Busy => continue,
                 Room::Never { need, budget } => {
+                    // At least this much (the file size before any load): enough to stop offering it here.
+                    let known = st.footprints.entry(key.clone()).or_insert(need);
+                    *known = (*known).max(need);
                     let jobs: Vec<Job> = st.models.get_mut(&key).expect("listed").jobs.drain(..).collect();
                     return Step::Answer(jobs, JobError::TooLarge { need, budget });
                 }

@@ -143,9 +143,10 @@ struct Slice {
 enum Done {
     /// Publish this outcome, then ack.
     Outcome(OutcomeResult, u64, u64),
-    /// The slice failed under it: the scheduler reassigns it (made due in Redis), so no
-    /// outcome; ack once Redis has it.
-    SliceFailed { slice: String, reason: String },
+    /// This worker cannot run it (its slice failed, or the model does not fit the slice):
+    /// no outcome, since that would count against an honest miner. Redis makes it due for
+    /// reassignment (the whole slice's assignments when the slice failed), then it is acked.
+    HandBack { slice: String, reason: String, slice_failed: bool },
 }
 
 struct Worker {
@@ -183,14 +184,16 @@ impl Worker {
                 }
                 Done::Outcome(OutcomeResult::Ok { outputs: ran.outputs }, ran.compute_us, ran.started_us)
             }
-            Ok(Err(JobError::SliceFailed(reason))) => Done::SliceFailed { slice: slice.id.clone(), reason },
+            Ok(Err(JobError::SliceFailed(reason))) => {
+                Done::HandBack { slice: slice.id.clone(), reason, slice_failed: true }
+            }
             Ok(Err(e @ JobError::TooLarge { .. })) => {
                 // Never here again: stop being a candidate for it (heartbeats agree, since
                 // the slice reports the footprint over its memory).
                 if let Err(err) = self.capacity.withdraw(&slice.id, &m.name).await {
                     tracing::warn!(error = %err, "could not withdraw the model from the slice");
                 }
-                failed(e.to_string())
+                Done::HandBack { slice: slice.id.clone(), reason: e.to_string(), slice_failed: false }
             }
             Ok(Err(e)) => failed(e.to_string()),
             Err(_) => failed("deadline passed during inference".into()),
@@ -214,13 +217,20 @@ impl Worker {
         };
         let (result, compute_us, started_us) = match self.execute(&assignment).await {
             Done::Outcome(result, compute_us, started_us) => (result, compute_us, started_us),
-            Done::SliceFailed { slice, reason } => {
-                match self.capacity.fail_slice(&slice, &self.config.worker_id, &reason).await {
-                    Ok(_) => {
+            Done::HandBack { slice, reason, slice_failed } => {
+                let aid = assignment.ticket.assignment_id();
+                tracing::warn!(assignment = %aid, %slice, %reason, "handing the assignment back");
+                let handed = if slice_failed {
+                    self.capacity.fail_slice(&slice, &self.config.worker_id, &reason).await.map(|_| ())
+                } else {
+                    self.capacity.defer(&aid, 0).await
+                };
+                match handed {
+                    Ok(()) => {
                         let _ = msg.ack_with(AckKind::Term).await;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not take the slice out of service; will retry");
+                        tracing::warn!(error = %e, "could not hand the assignment back; will retry");
                         let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                     }
                 }
