@@ -2,10 +2,12 @@
 //! the Redis capacity store, shutdown and logging.
 
 pub mod capacity;
+pub mod model_cache;
 pub mod nats;
 pub mod registry;
 
 pub use capacity::Capacity;
+pub use model_cache::ModelCache;
 pub use registry::Registry;
 /// Cancelled to ask a service to stop; every `run(config, shutdown)` takes one.
 pub use tokio_util::sync::CancellationToken as Shutdown;

@@ -3,6 +3,13 @@
 //! One process holds one ONNX Runtime environment ([`init`]); a [`Model`] is one session,
 //! owned by one thread (ort's `Session::run` takes `&mut self`).
 
+pub mod batch;
+pub mod executor;
+pub mod residency;
+
+pub use executor::{Executor, ExecutorConfig, JobError, JobResult, ModelRun, Ran, SliceReport};
+pub use residency::{Residency, Room};
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

@@ -3,10 +3,6 @@
 //! (ONNX Runtime on that slice's threads, models loaded on first need within the slice's
 //! memory), and publishes one outcome per assignment before acking it.
 
-mod batch;
-mod cache;
-mod executor;
-mod residency;
 pub mod slices;
 
 use std::collections::HashMap;
@@ -22,11 +18,10 @@ use sundara_schemas::{
     now_ms, now_us, subjects as subj,
 };
 
-pub use cache::ModelCache;
-pub use executor::{Executor, ExecutorConfig, JobError, JobResult, ModelRun, Ran, SliceReport};
-pub use residency::{Residency, Room};
 pub use slices::{SLOTS_PER_THREAD, SliceConfig, SliceDevice};
+pub use sundara_common::ModelCache;
 use sundara_runtime::Device;
+pub use sundara_runtime::{Executor, ExecutorConfig, JobError, JobResult, ModelRun, Ran, SliceReport};
 
 /// How the worker treats its work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::{Error as CommonError, Registry};
 use sha2::{Digest, Sha256};
-use sundara_common::{Error as CommonError, Registry};
 use sundara_schemas::ModelMeta;
 use tokio::sync::{Mutex, OnceCell};
 

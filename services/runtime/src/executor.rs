@@ -22,12 +22,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
-use sundara_runtime::{Device, Model};
 use sundara_schemas::{Batching, Tensor, now_us};
 use tokio::sync::{oneshot, watch};
 
 use crate::batch;
 use crate::residency::{Residency, Room};
+use crate::{Device, Model};
 
 /// What one inference produced and when it ran.
 #[derive(Debug)]
@@ -466,7 +466,7 @@ static LOADING: Mutex<()> = Mutex::new(());
 fn load(path: &std::path::Path, config: &ExecutorConfig, max_batch: usize) -> Loaded {
     let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
-    let before = sundara_runtime::heap_bytes();
+    let before = crate::heap_bytes();
     let mut model =
         Model::load_on(&bytes, config.intra_threads, &config.device).map_err(|e| format!("loading: {e}"))?;
     let batchable = batch::batchable(&model.inputs, &model.outputs);
@@ -474,10 +474,10 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, max_batch: usize) -> Lo
     // working size before the footprint is read.
     let rows = if batchable { max_batch as u64 } else { 1 };
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    let warmup = sundara_runtime::example_inputs(&model.inputs, rows, &mut rng);
+    let warmup = crate::example_inputs(&model.inputs, rows, &mut rng);
     model.run(&warmup).map_err(|e| format!("warm-up: {e}"))?;
-    let probe = sundara_runtime::example_inputs(&model.inputs, 1, &mut rng);
-    let footprint = sundara_runtime::heap_bytes().saturating_sub(before).max(bytes.len() as u64);
+    let probe = crate::example_inputs(&model.inputs, 1, &mut rng);
+    let footprint = crate::heap_bytes().saturating_sub(before).max(bytes.len() as u64);
     Ok((Session { model, probe }, footprint, batchable))
 }
 
