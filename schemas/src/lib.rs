@@ -14,7 +14,7 @@ pub mod ticket;
 
 pub use codec::{DecodeError, decode, encode};
 pub use messages::*;
-pub use model::{Batching, CompareRule, ModelMeta, ModelRef, Policy, TensorSpec};
+pub use model::{Batching, CompareRule, DEFAULT_AUDIT_RATE, ModelMeta, ModelRef, Policy, TensorSpec};
 pub use tensor::{DType, Limits, Tensor, TensorError};
 pub use ticket::Ticket;
 

@@ -263,6 +263,25 @@ pub struct Verdict {
     pub accepted: bool,
     pub miners: Vec<MinerVerdict>,
     pub decided_at_ms: u64,
+    /// Whether the verifier ran the task itself, and what that showed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceCheck>,
+}
+
+/// A run of a task on the verifier's own reference runtime (CPU ONNX Runtime).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "check", rename_all = "snake_case")]
+pub enum ReferenceCheck {
+    /// A sampled audit: the miners' accepted outputs matched the reference.
+    AuditPassed,
+    /// A sampled audit: the miners' majority (or sole miner) did not match the reference;
+    /// its members were judged against the reference instead, and the client got outputs
+    /// that match it.
+    AuditFailed,
+    /// No majority among the miners: the reference decided which of them were right.
+    Escalated,
+    /// The reference could not run; the miners' vote stood alone.
+    Unavailable { reason: String },
 }
 
 /// One miner's share of one task, as the rewarder scored it.

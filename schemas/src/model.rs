@@ -92,11 +92,29 @@ pub struct Policy {
     /// Distinct miners that run each task (k).
     pub redundancy: u8,
     pub rule: CompareRule,
+    /// Fraction of tasks the verifier also runs on its own reference runtime (audits),
+    /// whatever k is: the check that a colluding majority, or a lone miner at k=1, cannot pass.
+    #[serde(default = "default_audit_rate")]
+    pub audit_rate: f64,
+}
+
+/// Audits on 5 % of tasks: a miner who cheats on a fraction f of its tasks is caught
+/// within about 20/f of them.
+pub const DEFAULT_AUDIT_RATE: f64 = 0.05;
+
+fn default_audit_rate() -> f64 {
+    DEFAULT_AUDIT_RATE
+}
+
+impl Policy {
+    pub fn new(redundancy: u8, rule: CompareRule) -> Policy {
+        Policy { redundancy, rule, audit_rate: DEFAULT_AUDIT_RATE }
+    }
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { redundancy: 2, rule: CompareRule::default() }
+        Policy::new(2, CompareRule::default())
     }
 }
 

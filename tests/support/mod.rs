@@ -21,6 +21,8 @@ use sundara_worker::Behaviour;
 
 pub const SECRET: &[u8] = b"test-secret";
 pub const RULE: CompareRule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
+/// Audits in tests: none unless a test asks (so that tests count miners' work exactly).
+pub const AUDIT_RATE: f64 = 0.0;
 
 pub fn honest(id: &str, threads: usize) -> WorkerSpec {
     WorkerSpec::cpu(id, threads, Behaviour::Honest)
@@ -42,8 +44,14 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Starts servers, registers the demo models with redundancy `k`, starts the pipeline.
+    /// Starts servers, registers the demo models with redundancy `k` (no audits), starts the pipeline.
     pub async fn start(workers: Vec<WorkerSpec>, k: u8, assignment_timeout: Duration) -> Harness {
+        let policy = Policy { redundancy: k, rule: RULE, audit_rate: AUDIT_RATE };
+        Harness::start_with(workers, policy, assignment_timeout).await
+    }
+
+    /// As [`Harness::start`], with the models' verification policy given.
+    pub async fn start_with(workers: Vec<WorkerSpec>, policy: Policy, assignment_timeout: Duration) -> Harness {
         let root = project_root();
         let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root)).expect("run scripts/setup");
         sundara_runtime::init(&ort_library).unwrap();
@@ -56,16 +64,9 @@ impl Harness {
         let mut models = HashMap::new();
         for (file, name) in sundara::up::DEMO_MODELS {
             let path = root.join(".cache/models").join(file);
-            let meta = sundara::models::push(
-                &registry,
-                &path,
-                name,
-                "1",
-                Policy { redundancy: k, rule: RULE },
-                Default::default(),
-            )
-            .await
-            .expect("demo models exist (run scripts/setup)");
+            let meta = sundara::models::push(&registry, &path, name, "1", policy, Default::default())
+                .await
+                .expect("demo models exist (run scripts/setup)");
             models.insert(name.to_string(), meta);
         }
         let cache = tempfile::tempdir().unwrap();

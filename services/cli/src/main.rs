@@ -74,7 +74,17 @@ enum Command {
     /// Run the scheduler service.
     Scheduler(Secret),
     /// Run the verifier service.
-    Verifier(Secret),
+    Verifier {
+        #[command(flatten)]
+        secret: Secret,
+        /// Do not run tasks on the verifier's own runtime: no audits, and a task without a
+        /// majority is dead-lettered.
+        #[arg(long)]
+        no_reference: bool,
+        /// Inference threads of the reference runtime.
+        #[arg(long, default_value_t = 1)]
+        reference_threads: usize,
+    },
     /// Run the rewarder service.
     Rewarder {
         #[arg(long, default_value_t = 60)]
@@ -139,6 +149,9 @@ enum ModelsCommand {
         /// Minimum cosine similarity for --rule cosine.
         #[arg(long, default_value_t = 0.999)]
         min_cosine: f64,
+        /// Fraction of tasks the verifier re-runs on its reference runtime (audits).
+        #[arg(long, default_value_t = sundara_schemas::DEFAULT_AUDIT_RATE)]
+        audit_rate: f64,
         /// Most tasks a worker runs as one inference (1: no batching).
         #[arg(long, default_value_t = 32)]
         max_batch: u32,
@@ -215,10 +228,14 @@ async fn main() -> anyhow::Result<()> {
                     atol,
                     rtol,
                     min_cosine,
+                    audit_rate,
                     max_batch,
                     max_delay_us,
                 },
         } => {
+            if !(0.0..=1.0).contains(&audit_rate) {
+                bail!("--audit-rate must be between 0 and 1");
+            }
             let batching = sundara_schemas::Batching { max_batch, max_delay_us };
             ort()?;
             let rule = match rule.as_str() {
@@ -229,8 +246,15 @@ async fn main() -> anyhow::Result<()> {
                 other => bail!("unknown rule {other:?}: use exact, allclose, argmax or cosine"),
             };
             let (_, registry) = registry(&cli.nats).await?;
-            let meta =
-                sundara::models::push(&registry, &file, &name, &version, Policy { redundancy, rule }, batching).await?;
+            let meta = sundara::models::push(
+                &registry,
+                &file,
+                &name,
+                &version,
+                Policy { redundancy, rule, audit_rate },
+                batching,
+            )
+            .await?;
             println!("{}", sundara::models::describe(&meta));
             Ok(())
         }
@@ -253,8 +277,14 @@ async fn main() -> anyhow::Result<()> {
             let config = sundara_scheduler::Config::new(endpoints, s.secret.into_bytes());
             run_service(sundara_scheduler::run(config, shutdown.clone()), shutdown).await
         }
-        Command::Verifier(s) => {
-            let config = sundara_verifier::Config::new(endpoints, s.secret.into_bytes());
+        Command::Verifier { secret, no_reference, reference_threads } => {
+            let mut config = sundara_verifier::Config::new(endpoints, secret.secret.into_bytes());
+            if !no_reference {
+                let cache = project_root().join(".cache/verifier-models");
+                let mut reference = sundara_verifier::ReferenceConfig::new(ort()?, cache);
+                reference.threads = reference_threads.max(1);
+                config.reference = Some(reference);
+            }
             run_service(sundara_verifier::run(config, shutdown.clone()), shutdown).await
         }
         Command::Rewarder { epoch_secs } => {

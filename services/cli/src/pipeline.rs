@@ -69,14 +69,16 @@ impl Pipeline {
         scheduler.assignment_timeout = config.assignment_timeout;
         let mut rewarder = sundara_rewarder::Config::new(ep.clone());
         rewarder.epoch_length = config.epoch_length;
+        let mut verifier = sundara_verifier::Config::new(ep.clone(), config.secret.clone());
+        verifier.reference = Some(sundara_verifier::ReferenceConfig::new(
+            config.ort_library.clone(),
+            config.cache_dir.join("reference"),
+        ));
         let s = || shutdown.child_token();
         let services = vec![
             ("ingress", spawn(sundara_ingress::run(sundara_ingress::Config::new(ep.clone()), s()))),
             ("scheduler", spawn(sundara_scheduler::run(scheduler, s()))),
-            (
-                "verifier",
-                spawn(sundara_verifier::run(sundara_verifier::Config::new(ep.clone(), config.secret.clone()), s())),
-            ),
+            ("verifier", spawn(sundara_verifier::run(verifier, s()))),
             ("rewarder", spawn(sundara_rewarder::run(rewarder, s()))),
             ("autoscaler", spawn(sundara_autoscaler::run(sundara_autoscaler::Config::new(ep.clone()), s()))),
         ];

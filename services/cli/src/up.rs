@@ -44,7 +44,7 @@ pub async fn push_demo_models(registry: &Registry, root: &std::path::Path) -> an
             bail!("{} is missing: run scripts/setup (it makes the demo models)", path.display());
         }
         let rule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
-        let policy = Policy { redundancy: 3, rule };
+        let policy = Policy::new(3, rule);
         metas.push(crate::models::push(registry, &path, name, "1", policy, Default::default()).await?);
     }
     Ok(metas)

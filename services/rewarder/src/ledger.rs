@@ -228,6 +228,7 @@ mod tests {
             accepted: true,
             miners,
             decided_at_ms: 0,
+            reference: None,
         }
     }
 

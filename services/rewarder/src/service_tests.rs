@@ -90,6 +90,7 @@ fn verdict(i: u64) -> Verdict {
         accepted: true,
         miners,
         decided_at_ms: 0,
+        reference: None,
     }
 }
 
@@ -190,7 +191,9 @@ async fn applies_verdicts_once_and_recovers_after_a_crash() {
         .get_consumer::<jetstream::consumer::pull::Config>(CONSUMER)
         .await
         .unwrap();
-    let mut batch = consumer.fetch().max_messages(3).messages().await.unwrap();
+    // `batch` waits (bounded) for all three; `fetch` would return only what the server had ready.
+    let mut batch =
+        consumer.batch().max_messages(3).expires(std::time::Duration::from_secs(10)).messages().await.unwrap();
     let mut taken = 0;
     while let Some(m) = batch.next().await {
         m.unwrap();

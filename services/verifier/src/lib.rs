@@ -1,6 +1,10 @@
 //! Verifier: gathers the k outcomes of each task, compares them under the model's rule,
 //! and publishes the accepted result to the client, a verdict for the rewarder, and a
-//! dead letter with all evidence when there is no majority.
+//! dead letter with all evidence when nothing can be accepted.
+//!
+//! With a reference runtime configured, the verifier also runs tasks itself: a sampled
+//! fraction (the model's audit rate, at any k), and every task whose miners reached no
+//! majority. Miners are then judged against the reference, not by their vote.
 //!
 //! Outcomes stay un-acked until the task's result and verdict are stored, so a verifier
 //! that dies loses nothing: JetStream redelivers the outcomes and the task is decided
@@ -10,15 +14,19 @@ pub mod compare;
 pub mod quorum;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
-use sundara_common::{Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
+use rand::Rng;
+use sundara_common::{Endpoints, Error as CommonError, ModelCache, Registry, Shutdown, js_err, nats};
+use sundara_runtime::{Executor, ExecutorConfig, ModelRun};
 use sundara_schemas::{
     ClientResult, CompareRule, DeadLetter, FailureCode, MAX_MESSAGE_BYTES, MinerVerdict, Outcome, OutcomeResult,
-    ResultStatus, Standing, TaskTiming, Verdict, WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
+    Policy, ReferenceCheck, ResultStatus, Standing, Task, TaskTiming, Tensor, Ticket, Verdict, WIRE_VERSION, decode,
+    encode, now_ms, now_us, subjects as subj,
 };
 use tokio::sync::Semaphore;
 
@@ -34,6 +42,28 @@ pub struct Config {
     /// Decisions being published at once.
     pub concurrency: usize,
     pub retention: nats::Retention,
+    /// The verifier's own runtime for audits and escalations; without it the miners' vote
+    /// is final and a task with no majority is dead-lettered.
+    pub reference: Option<ReferenceConfig>,
+}
+
+/// Where and how the verifier runs tasks itself (CPU ONNX Runtime).
+#[derive(Clone, Debug)]
+pub struct ReferenceConfig {
+    pub ort_library: PathBuf,
+    pub cache_dir: PathBuf,
+    /// Inference threads for reference runs.
+    pub threads: usize,
+    /// Memory its loaded models may hold.
+    pub memory: u64,
+    /// Longest a reference run may take before the vote stands alone.
+    pub timeout: Duration,
+}
+
+impl ReferenceConfig {
+    pub fn new(ort_library: PathBuf, cache_dir: PathBuf) -> ReferenceConfig {
+        ReferenceConfig { ort_library, cache_dir, threads: 1, memory: 1 << 30, timeout: Duration::from_secs(30) }
+    }
 }
 
 impl Config {
@@ -45,6 +75,7 @@ impl Config {
             grace: Duration::from_secs(30),
             concurrency: 256,
             retention: nats::Retention::default(),
+            reference: None,
         }
     }
 }
@@ -53,6 +84,16 @@ impl Config {
 pub enum VerifierError {
     #[error(transparent)]
     Common(#[from] CommonError),
+    #[error(transparent)]
+    Runtime(#[from] sundara_runtime::RuntimeError),
+}
+
+/// The verifier's own run of a task, and why it ran.
+#[derive(Clone, Debug)]
+pub struct ReferenceRun {
+    /// A sampled audit (the miners had a majority); else an escalation (they had none).
+    pub audit: bool,
+    pub outputs: Result<Vec<Tensor>, String>,
 }
 
 /// One replica's outcome as the verifier saw it.
@@ -86,13 +127,39 @@ impl Gathering {
     }
 }
 
-/// Builds what a decision publishes: the client's result, the verdict, and (without a
-/// majority) the dead letter. Pure.
-pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Option<DeadLetter>) {
+/// The miners' vote on a task (see [`quorum::decide`]).
+pub fn vote(rule: &CompareRule, g: &Gathering) -> quorum::Decision {
+    let results: Vec<&OutcomeResult> = g.replicas.values().map(|r| &r.outcome.result).collect();
+    quorum::decide(rule, g.k(), &results)
+}
+
+/// Builds what a decision publishes: the client's result, the verdict, and (when nothing
+/// can be accepted) the dead letter. With a reference run, miners are judged against it
+/// and the client gets outputs that match it. Pure.
+pub fn conclude(
+    rule: CompareRule,
+    g: &Gathering,
+    reference: Option<&ReferenceRun>,
+) -> (ClientResult, Verdict, Option<DeadLetter>) {
     let first = &g.replicas.values().next().expect("a gathering has at least one outcome").outcome.ticket;
     let received: Vec<&Received> = g.replicas.values().collect();
     let results: Vec<&OutcomeResult> = received.iter().map(|r| &r.outcome.result).collect();
-    let decision = quorum::decide(&rule, first.k, &results);
+    let voted = quorum::decide(&rule, first.k, &results);
+    let (decision, check, reference_outputs) = match reference {
+        None => (voted, None, None),
+        Some(ReferenceRun { outputs: Err(reason), .. }) => {
+            (voted, Some(ReferenceCheck::Unavailable { reason: reason.clone() }), None)
+        }
+        Some(ReferenceRun { audit, outputs: Ok(outputs) }) => {
+            let judged = quorum::judge(&rule, outputs, &results);
+            let check = match voted.winner {
+                _ if !audit => ReferenceCheck::Escalated,
+                Some(w) if judged.standings[w] == Standing::Agreed => ReferenceCheck::AuditPassed,
+                _ => ReferenceCheck::AuditFailed,
+            };
+            (judged, Some(check), Some(outputs))
+        }
+    };
     let miners: Vec<MinerVerdict> = received
         .iter()
         .zip(&decision.standings)
@@ -130,6 +197,11 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
             };
             (ResultStatus::Verified { outputs: outputs.clone(), agreeing, k: first.k }, None, Some(timing))
         }
+        // No miner matched the reference: the client gets the reference's own outputs.
+        None if reference_outputs.is_some() => {
+            let outputs = reference_outputs.expect("checked").clone();
+            (ResultStatus::Verified { outputs, agreeing: 0, k: first.k }, None, None)
+        }
         None => {
             let reason = format!(
                 "no majority of {} under {rule}: agreeing groups {:?}, {} failed, {} missing",
@@ -166,9 +238,10 @@ pub fn conclude(rule: CompareRule, g: &Gathering) -> (ClientResult, Verdict, Opt
         model: first.model.clone(),
         k: first.k,
         rule,
-        accepted: decision.winner.is_some(),
+        accepted: dead.is_none(),
         miners,
         decided_at_ms: now,
+        reference: check,
     };
     (result, verdict, dead)
 }
@@ -194,10 +267,41 @@ impl Decided {
     }
 }
 
+/// The verifier's own runtime.
+struct Reference {
+    executor: Executor,
+    cache: ModelCache,
+    tasks: jetstream::stream::Stream,
+    timeout: Duration,
+}
+
+impl Reference {
+    /// Runs the task of `ticket` (read back from TASKS) on the reference runtime.
+    async fn run(&self, registry: &Registry, ticket: &Ticket) -> Result<Vec<Tensor>, String> {
+        let work = async {
+            let raw =
+                self.tasks.get_raw_message(ticket.task_seq).await.map_err(|e| format!("task not readable: {e}"))?;
+            let task = decode::<Task>(&raw.payload, MAX_MESSAGE_BYTES).map_err(|e| e.to_string())?;
+            let m = &ticket.model;
+            let meta = registry
+                .version(&m.name, &m.version)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("model {m} is not in the registry"))?;
+            let path = self.cache.path(&meta).await.map_err(|e| e.to_string())?;
+            let model = ModelRun { key: m.to_string(), path, batching: meta.batching };
+            let ran = self.executor.run(&model, task.inputs).await.map_err(|e| e.to_string())?;
+            Ok(ran.outputs)
+        };
+        tokio::time::timeout(self.timeout, work).await.unwrap_or_else(|_| Err("reference run timed out".into()))
+    }
+}
+
 struct Publisher {
     js: jetstream::Context,
     verdicts: jetstream::stream::Stream,
     registry: Registry,
+    reference: Option<Reference>,
 }
 
 impl Publisher {
@@ -205,11 +309,29 @@ impl Publisher {
         let first = &g.replicas.values().next().expect("non-empty").outcome.ticket;
         let task_id = first.task_id.clone();
         let tenant = first.tenant.clone();
-        let rule = match self.registry.version(&first.model.name, &first.model.version).await {
-            Ok(Some(meta)) => meta.policy.rule,
-            _ => CompareRule::default(),
+        let policy = match self.registry.version(&first.model.name, &first.model.version).await {
+            Ok(Some(meta)) => meta.policy,
+            _ => Policy::default(),
         };
-        let (result, verdict, dead) = conclude(rule, &g);
+        let rule = policy.rule;
+        // Escalate every task without a majority; audit a sample of the rest.
+        let reference = match &self.reference {
+            Some(reference) => {
+                let agreed = vote(&rule, &g).winner.is_some();
+                let audit = agreed && rand::rng().random::<f64>() < policy.audit_rate;
+                if audit || !agreed {
+                    let outputs = reference.run(&self.registry, first).await;
+                    if let Err(e) = &outputs {
+                        tracing::warn!(task = %task_id, error = %e, "reference run failed");
+                    }
+                    Some(ReferenceRun { audit, outputs })
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        let (result, verdict, dead) = conclude(rule, &g, reference.as_ref());
         let stored = async {
             if let Some(dead) = &dead {
                 nats::publish_durable(&self.js, subj::dead(&task_id), &task_id, encode(dead)).await?;
@@ -258,7 +380,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
     )
     .await?;
     let mut messages = consumer.messages().await.map_err(js_err)?;
-    let publisher = Arc::new(Publisher { js, verdicts, registry });
+    let reference = match &config.reference {
+        Some(r) => {
+            sundara_runtime::init(&r.ort_library)?;
+            let executor = Executor::start("reference", ExecutorConfig::cpu(r.threads.max(1), r.memory, 1024));
+            let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
+            let cache = ModelCache::new(r.cache_dir.clone(), registry.clone());
+            Some(Reference { executor, cache, tasks, timeout: r.timeout })
+        }
+        None => None,
+    };
+    let publisher = Arc::new(Publisher { js, verdicts, registry, reference });
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut gathering: HashMap<String, Gathering> = HashMap::new();
     let mut decided = Decided { order: VecDeque::new(), set: HashSet::new(), cap: 200_000 };
@@ -357,4 +489,116 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
     let _ = client.flush().await;
     tracing::info!("verifier stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundara_schemas::{ModelRef, WorkTiming};
+
+    const RULE: CompareRule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
+
+    fn out(v: f32) -> Vec<Tensor> {
+        vec![Tensor::from_values("y", vec![1, 2], &[v, 1.0 - v])]
+    }
+
+    /// A task with k replicas, each answering the given value (None: a failure).
+    fn gathering(answers: &[Option<f32>]) -> Gathering {
+        let mut g = Gathering::default();
+        for (i, a) in answers.iter().enumerate() {
+            let ticket = Ticket {
+                task_id: "t1".into(),
+                tenant: "tenant".into(),
+                model: ModelRef { name: "m".into(), version: "1".into() },
+                k: answers.len() as u8,
+                replica: i as u8,
+                attempt: 0,
+                worker: format!("w{i}"),
+                slice: format!("w{i}-cpu0"),
+                dispatched_at_us: 1,
+                deadline_at_ms: u64::MAX,
+                task_seq: 1,
+                mac: vec![],
+            };
+            let result = match a {
+                Some(v) => OutcomeResult::Ok { outputs: out(*v) },
+                None => OutcomeResult::Failed { reason: "x".into() },
+            };
+            let outcome = Outcome { v: WIRE_VERSION, ticket, result, compute_us: 0, timing: WorkTiming::default() };
+            g.replicas.insert(i as u8, Received { outcome, latency_us: 10 + i as u64, stored_at_us: 0 });
+        }
+        g
+    }
+
+    fn standings(v: &Verdict) -> Vec<Standing> {
+        v.miners.iter().map(|m| m.standing).collect()
+    }
+
+    fn outputs(r: &ClientResult) -> &[Tensor] {
+        match &r.status {
+            ResultStatus::Verified { outputs, .. } => outputs,
+            other => panic!("not verified: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_passed_audit_changes_nothing() {
+        let g = gathering(&[Some(0.25), Some(0.25)]);
+        let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
+        let (result, verdict, dead) = conclude(RULE, &g, Some(&audit));
+        assert_eq!(verdict.reference, Some(ReferenceCheck::AuditPassed));
+        assert_eq!(standings(&verdict), vec![Standing::Agreed, Standing::Agreed]);
+        assert_eq!(outputs(&result), out(0.25));
+        assert!(dead.is_none() && verdict.accepted);
+    }
+
+    #[test]
+    fn an_audit_overrules_a_colluding_majority() {
+        // Two colluders agree on a wrong answer and would win the vote.
+        let g = gathering(&[Some(0.9), Some(0.25), Some(0.9)]);
+        let (voted, _, _) = conclude(RULE, &g, None);
+        assert_eq!(outputs(&voted), out(0.9), "the vote alone is fooled");
+        let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
+        let (result, verdict, _) = conclude(RULE, &g, Some(&audit));
+        assert_eq!(verdict.reference, Some(ReferenceCheck::AuditFailed));
+        assert_eq!(standings(&verdict), vec![Standing::Disagreed, Standing::Agreed, Standing::Disagreed]);
+        assert_eq!(outputs(&result), out(0.25));
+    }
+
+    #[test]
+    fn a_lone_cheater_at_k1_gets_nothing_and_the_client_gets_the_reference() {
+        let g = gathering(&[Some(0.9)]);
+        let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
+        let (result, verdict, dead) = conclude(RULE, &g, Some(&audit));
+        assert_eq!(standings(&verdict), vec![Standing::Disagreed]);
+        assert!(matches!(result.status, ResultStatus::Verified { agreeing: 0, k: 1, .. }));
+        assert_eq!(outputs(&result), out(0.25));
+        assert!(dead.is_none() && verdict.accepted);
+    }
+
+    #[test]
+    fn escalation_settles_a_split_vote_and_an_unavailable_reference_dead_letters_it() {
+        let g = gathering(&[Some(0.9), Some(0.25)]);
+        let (_, _, dead) = conclude(RULE, &g, None);
+        assert!(dead.is_some(), "no majority without a reference");
+        let escalation = ReferenceRun { audit: false, outputs: Ok(out(0.25)) };
+        let (result, verdict, dead) = conclude(RULE, &g, Some(&escalation));
+        assert_eq!(verdict.reference, Some(ReferenceCheck::Escalated));
+        assert_eq!(standings(&verdict), vec![Standing::Disagreed, Standing::Agreed]);
+        assert_eq!(outputs(&result), out(0.25));
+        assert!(dead.is_none());
+        let broken = ReferenceRun { audit: false, outputs: Err("timed out".into()) };
+        let (result, verdict, dead) = conclude(RULE, &g, Some(&broken));
+        assert!(matches!(verdict.reference, Some(ReferenceCheck::Unavailable { .. })));
+        assert!(matches!(result.status, ResultStatus::Failed { .. }));
+        assert!(dead.is_some() && !verdict.accepted);
+    }
+
+    #[test]
+    fn failures_are_judged_as_failures_even_against_a_reference() {
+        let g = gathering(&[None, Some(0.25)]);
+        let escalation = ReferenceRun { audit: false, outputs: Ok(out(0.25)) };
+        let (_, verdict, _) = conclude(RULE, &g, Some(&escalation));
+        assert_eq!(standings(&verdict), vec![Standing::Failed, Standing::Agreed]);
+    }
 }

@@ -43,6 +43,36 @@ pub fn decide(rule: &CompareRule, k: u8, results: &[&OutcomeResult]) -> Decision
     Decision { winner: winning.map(|g| g[0]), standings, group_sizes }
 }
 
+/// Judges every outcome against the reference's outputs (the verifier's own run): those
+/// that agree are accepted, whatever the vote. The winner is the first that agrees, if any.
+pub fn judge(rule: &CompareRule, reference: &[Tensor], results: &[&OutcomeResult]) -> Decision {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut agreeing = Vec::new();
+    let standings = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            OutcomeResult::Ok { outputs } => {
+                match groups.iter_mut().find(|g| agree(rule, outputs_of(results[g[0]]), outputs)) {
+                    Some(group) => group.push(i),
+                    None => groups.push(vec![i]),
+                }
+                if agree(rule, reference, outputs) {
+                    agreeing.push(i);
+                    Standing::Agreed
+                } else {
+                    Standing::Disagreed
+                }
+            }
+            OutcomeResult::Failed { .. } => Standing::Failed,
+            OutcomeResult::Abandoned { .. } => Standing::Missing,
+        })
+        .collect();
+    let mut group_sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+    group_sizes.sort_unstable_by(|a, b| b.cmp(a));
+    Decision { winner: agreeing.first().copied(), standings, group_sizes }
+}
+
 fn outputs_of(r: &OutcomeResult) -> &[Tensor] {
     match r {
         OutcomeResult::Ok { outputs } => outputs,
@@ -87,6 +117,22 @@ mod tests {
         let d = decide(&RULE, 3, &rs.iter().collect::<Vec<_>>());
         assert_eq!(d.winner, Some(0));
         assert_eq!(d.standings[2], Standing::Missing);
+    }
+
+    #[test]
+    fn the_reference_overrules_a_wrong_majority() {
+        // Two colluders agree on a wrong answer; the honest minority matches the reference.
+        let rs = [ok(5.0), ok(1.0), ok(5.0)];
+        let results: Vec<&OutcomeResult> = rs.iter().collect();
+        assert_eq!(decide(&RULE, 3, &results).winner, Some(0), "the vote alone is fooled");
+        let reference = [Tensor::from_values("y", vec![1], &[1.0f32])];
+        let d = judge(&RULE, &reference, &results);
+        assert_eq!(d.winner, Some(1));
+        assert_eq!(d.standings, vec![Standing::Disagreed, Standing::Agreed, Standing::Disagreed]);
+        assert_eq!(d.group_sizes, vec![2, 1]);
+        // Nobody right: no winner, everyone disagreed.
+        let wrong = [Tensor::from_values("y", vec![1], &[9.0f32])];
+        assert_eq!(judge(&RULE, &wrong, &results).winner, None);
     }
 
     #[test]
