@@ -70,6 +70,9 @@ enum System {
     NatsRequestReply { threads: usize },
     /// The worker's executor alone (no NATS), batching up to `max_batch` tasks.
     WorkerExecutor { threads: usize, max_batch: usize },
+    /// One executor (no NATS) serving the four demo models in bursts, with memory for all
+    /// of them (`fit`) or too little for its two largest at once (so that it must swap).
+    WorkerDensity { threads: usize, fit: bool },
 }
 
 impl System {
@@ -80,6 +83,8 @@ impl System {
             System::NatsRequestReply { .. } => "nats-request-reply",
             System::WorkerExecutor { max_batch: 1, .. } => "worker-batch-1",
             System::WorkerExecutor { .. } => "worker-batch-32",
+            System::WorkerDensity { fit: true, .. } => "worker-density-fit",
+            System::WorkerDensity { fit: false, .. } => "worker-density-tight",
         }
     }
 }
@@ -93,6 +98,12 @@ struct Scenario {
 
 /// The thread budget every system gets: the machine's two cores.
 const THREADS: usize = 2;
+
+/// The density scenarios' models (the demo's four) and the name of their mix.
+const DENSITY_MODELS: [&str; 4] = ["mlp", "silero_vad", "magika", "ppocr_cls"];
+const DENSITY_MIX: &str = "mixed4";
+/// Consecutive tasks sent to one model before the next model's burst.
+const DENSITY_BURST: u64 = 8;
 
 fn scenarios() -> Vec<Scenario> {
     let closed = |cs: &[usize]| cs.iter().map(|&c| Mode::Closed { concurrency: c }).collect::<Vec<_>>();
@@ -121,6 +132,18 @@ fn scenarios() -> Vec<Scenario> {
             system: System::WorkerExecutor { threads: THREADS, max_batch: 32 },
             model: "mlp",
             modes: closed(&[64]),
+        },
+        Scenario {
+            name: "worker-density-fit/mixed4".into(),
+            system: System::WorkerDensity { threads: THREADS, fit: true },
+            model: DENSITY_MIX,
+            modes: closed(&[16]),
+        },
+        Scenario {
+            name: "worker-density-tight/mixed4".into(),
+            system: System::WorkerDensity { threads: THREADS, fit: false },
+            model: DENSITY_MIX,
+            modes: closed(&[16]),
         },
         Scenario {
             name: "nats-request-reply/mlp".into(),
@@ -164,6 +187,9 @@ fn inputs_for(specs: &[TensorSpec], rows: u64) -> Vec<Vec<Tensor>> {
     (0..64).map(|_| sundara::models::sample_inputs(specs, rows, &mut rng)).collect()
 }
 
+/// A system's own figures for one run, added to its record as top-level fields.
+type Extra = serde_json::Map<String, serde_json::Value>;
+
 struct Recorder {
     out: std::fs::File,
 }
@@ -178,7 +204,7 @@ impl Recorder {
         run: usize,
         stats: &RunStats,
         cpu: &sundara_bench::cpu::CpuUse,
-        per_task: Option<(f64, f64)>,
+        extra: Extra,
     ) -> anyhow::Result<()> {
         let (concurrency, rate) = match mode {
             Mode::Closed { concurrency } => (Some(concurrency), None),
@@ -189,7 +215,7 @@ impl Recorder {
             _ => None,
         };
         let loadgen = cpu.processes.iter().find(|(n, _)| n == "loadgen").map_or(0.0, |(_, c)| *c);
-        let line = json!({
+        let mut line = json!({
             "system": scenario.system.name(),
             "scenario": scenario.name,
             "model": scenario.model,
@@ -214,9 +240,12 @@ impl Recorder {
             "stages_p50_ms": stats.stages_p50_ms.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "stages_mean_ms": stats.stages_mean_ms.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "first_error": stats.first_error,
-            "nats_msgs_per_task": per_task.map(|p| p.0),
-            "redis_cmds_per_task": per_task.map(|p| p.1),
+            "nats_msgs_per_task": null,
+            "redis_cmds_per_task": null,
         });
+        if let Some(obj) = line.as_object_mut() {
+            obj.extend(extra);
+        }
         writeln!(self.out, "{line}")?;
         let what = match mode {
             Mode::Closed { concurrency } => format!("C={concurrency}"),
@@ -247,11 +276,17 @@ struct Settings {
     runs: usize,
     window: Window,
     rows: u64,
+    /// Each density model's footprint, measured once per invocation so that both density
+    /// scenarios size their budgets from the same figures.
+    footprints: tokio::sync::OnceCell<Vec<(String, u64)>>,
 }
 
 async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> anyhow::Result<()> {
-    let path = model_path(&s.root, scenario.model)?;
     let me = ("loadgen".to_string(), std::process::id());
+    if let System::WorkerDensity { threads, fit } = scenario.system {
+        return run_density(s, scenario, threads, fit, rec).await;
+    }
+    let path = model_path(&s.root, scenario.model)?;
     match &scenario.system {
         System::OrtInProcess { threads } => {
             let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
@@ -259,9 +294,18 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
             for run in 0..s.runs {
                 let cpu = CpuWindow::start(std::slice::from_ref(&me));
                 let stats = baseline::ort_in_process(&path, *threads, &inputs, s.window).map_err(anyhow::Error::msg)?;
-                rec.record(scenario, Mode::Closed { concurrency: *threads }, s.rows, run, &stats, &cpu.finish(), None)?;
+                rec.record(
+                    scenario,
+                    Mode::Closed { concurrency: *threads },
+                    s.rows,
+                    run,
+                    &stats,
+                    &cpu.finish(),
+                    Extra::new(),
+                )?;
             }
         }
+        System::WorkerDensity { .. } => unreachable!("run above"),
         System::WorkerExecutor { threads, max_batch } => {
             let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
             let inputs = Arc::new(inputs_for(&model.inputs, s.rows));
@@ -282,8 +326,9 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
                         }
                     })
                     .await;
-                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), None)?;
+                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), Extra::new())?;
                 }
+                shut_down(executor).await;
             }
         }
         System::NatsRequestReply { threads } => {
@@ -308,7 +353,7 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
                         async move { rr.task(n).await }
                     })
                     .await;
-                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), None)?;
+                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), Extra::new())?;
                 }
             }
             let _ = responder.kill();
@@ -321,7 +366,9 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
             let js = async_nats::jetstream::new(client.clone());
             nats::provision(&js, &nats::Retention::default()).await?;
             let registry = Registry::open(&js).await?;
-            let policy = Policy { redundancy: *k, rule: CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 } };
+            // No audits: the pipeline numbers measure the miners' path (audits cost the verifier a reference run each).
+            let policy =
+                Policy { redundancy: *k, rule: CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 }, audit_rate: 0.0 };
             let meta = sundara::models::push(&registry, &path, scenario.model, "1", policy, Default::default()).await?;
             let scratch = tempfile::Builder::new().prefix("sundara-bench-").tempdir()?;
             let specs: Vec<WorkerSpec> =
@@ -356,19 +403,155 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
                     .await;
                     let cpu = cpu.finish();
                     // Server-side work per verified task (heartbeats and other background traffic included).
-                    let per_task = before.zip(counters().await).filter(|_| stats.total_ok > 0).map(
-                        |(((in0, out0), r0), ((in1, out1), r1))| {
-                            let n = stats.total_ok as f64;
-                            (((in1 - in0) + (out1 - out0)) as f64 / n, (r1 - r0) as f64 / n)
-                        },
-                    );
-                    rec.record(scenario, mode, s.rows, run, &stats, &cpu, per_task)?;
+                    let mut extra = Extra::new();
+                    if let Some((((in0, out0), r0), ((in1, out1), r1))) =
+                        before.zip(counters().await).filter(|_| stats.total_ok > 0)
+                    {
+                        let n = stats.total_ok as f64;
+                        extra.insert("nats_msgs_per_task".into(), json!(((in1 - in0) + (out1 - out0)) as f64 / n));
+                        extra.insert("redis_cmds_per_task".into(), json!((r1 - r0) as f64 / n));
+                    }
+                    rec.record(scenario, mode, s.rows, run, &stats, &cpu, extra)?;
                 }
             }
             fleet.stop(Duration::from_secs(10));
         }
     }
     Ok(())
+}
+
+/// One of the density scenarios' models: what the executor runs and its inputs.
+struct DensityModel {
+    name: &'static str,
+    run: ModelRun,
+    inputs: Vec<Vec<Tensor>>,
+}
+
+/// Each model's footprint as the worker measures it (heap growth across load and
+/// warm-up), on an executor roomy enough that nothing is evicted.
+async fn measure_footprints(models: &[DensityModel], threads: usize) -> anyhow::Result<Vec<(String, u64)>> {
+    let roomy = sundara_worker::Executor::start("bench-probe", ExecutorConfig::cpu(threads, 1 << 34, 16));
+    for m in models {
+        roomy.run(&m.run, m.inputs[0].clone()).await.with_context(|| format!("probing {}", m.name))?;
+    }
+    let report = roomy.reports().borrow().clone();
+    shut_down(roomy).await;
+    if report.footprints.len() != models.len() {
+        bail!("expected {} footprints, the executor reported {:?}", models.len(), report.footprints);
+    }
+    Ok(report.footprints)
+}
+
+/// The slice budget of a density scenario: room for every model twice over (`fit`: one
+/// session per thread, nothing evicted after warm-up), or the largest model plus half of
+/// the second largest (`tight`: those two are never loaded together, so bursts swap them).
+fn density_budget(footprints: &[(String, u64)], fit: bool) -> u64 {
+    let mut sizes: Vec<u64> = footprints.iter().map(|(_, b)| *b).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    if fit { 2 * sizes.iter().sum::<u64>() } else { sizes[0] + sizes.get(1).copied().unwrap_or(0) / 2 }
+}
+
+/// `bench pipeline`'s density scenarios: one executor serving the four demo models at once.
+/// Task n (in the order sent) goes to model (n / DENSITY_BURST) % 4, so that the models
+/// take turns in bursts and a budget short of all four must evict and reload.
+async fn run_density(
+    s: &Settings,
+    scenario: &Scenario,
+    threads: usize,
+    fit: bool,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let me = ("loadgen".to_string(), std::process::id());
+    let mut models = Vec::new();
+    for name in DENSITY_MODELS {
+        let path = model_path(&s.root, name)?;
+        let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
+        let inputs = inputs_for(&model.inputs, s.rows);
+        models.push(DensityModel { name, run: ModelRun::new(name, Arc::new(path)), inputs });
+    }
+    let footprints = s.footprints.get_or_try_init(|| measure_footprints(&models, threads)).await?.clone();
+    let budget = density_budget(&footprints, fit);
+    let models = Arc::new(models);
+    for &mode in &scenario.modes {
+        let Mode::Closed { concurrency } = mode else { continue };
+        let executor = sundara_worker::Executor::start("bench", ExecutorConfig::cpu(threads, budget, concurrency));
+        for run in 0..s.runs {
+            // The slice's counters at the start and the end of the measured window.
+            let reports = executor.reports();
+            let window = s.window;
+            let sampler = tokio::spawn(async move {
+                tokio::time::sleep(window.warmup).await;
+                let start = reports.borrow().clone();
+                tokio::time::sleep(window.measure).await;
+                (start, reports.borrow().clone())
+            });
+            let cpu = CpuWindow::start(std::slice::from_ref(&me));
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let (executor, models) = (executor.clone(), models.clone());
+            let stats = closed_loop(concurrency, s.window, move |_| {
+                let (executor, models) = (executor.clone(), models.clone());
+                let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    let m = &models[(n / DENSITY_BURST) as usize % models.len()];
+                    let x = m.inputs[n as usize % m.inputs.len()].clone();
+                    executor.run(&m.run, x).await.map(|_| None).map_err(|e| format!("{}: {e}", m.name))
+                }
+            })
+            .await;
+            let cpu = cpu.finish();
+            let (start, end) = sampler.await?;
+            let mut extra = Extra::new();
+            extra.insert("models_served".into(), json!(DENSITY_MODELS.len()));
+            extra.insert("models_bytes".into(), json!(footprints.iter().map(|(_, b)| b).sum::<u64>()));
+            extra.insert(
+                "footprints".into(),
+                json!(footprints.iter().map(|(m, b)| (m.clone(), json!(b))).collect::<serde_json::Map<_, _>>()),
+            );
+            // The slice's own measurements (the largest of its loads of each model) next to the probe's.
+            extra.insert(
+                "slice_footprints".into(),
+                json!(end.footprints.iter().map(|(m, b)| (m.clone(), json!(b))).collect::<serde_json::Map<_, _>>()),
+            );
+            extra.insert("memory_budget".into(), json!(budget));
+            extra.insert("memory_used".into(), json!(end.memory_used));
+            extra.insert("resident_models".into(), json!(end.loaded.len()));
+            extra.insert("resident".into(), json!(end.loaded.iter().map(|(m, _)| m).collect::<Vec<_>>()));
+            extra.insert("loads".into(), json!(end.loads - start.loads));
+            extra.insert("evictions".into(), json!(end.evictions - start.evictions));
+            extra.insert("burst".into(), json!(DENSITY_BURST));
+            if let Some(why) = &end.failed {
+                extra.insert("slice_failed".into(), json!(why));
+            }
+            rec.record(scenario, mode, s.rows, run, &stats, &cpu, extra)?;
+            println!(
+                "    budget {:.1} MiB for {:.1} MiB of models; {} resident; {} loads, {} evictions in the window",
+                mib(budget),
+                mib(footprints.iter().map(|(_, b)| b).sum()),
+                end.loaded.len(),
+                end.loads - start.loads,
+                end.evictions - start.evictions
+            );
+        }
+        shut_down(executor).await;
+    }
+    Ok(())
+}
+
+/// Drops `executor` and waits until its threads have exited and its sessions are freed.
+/// The worker measures a footprint as heap growth, so memory another executor frees
+/// during a load would make that load look smaller than it is.
+async fn shut_down(executor: sundara_worker::Executor) {
+    let mut reports = executor.reports();
+    drop(executor);
+    // The report channel closes when the executor's shared state (sessions included) is dropped.
+    let closed = async { while reports.changed().await.is_ok() {} };
+    if tokio::time::timeout(Duration::from_secs(30), closed).await.is_err() {
+        eprintln!("bench: an executor did not shut down within 30 s; later footprints may be off");
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
 }
 
 fn timeout() -> Duration {
@@ -415,7 +598,7 @@ async fn main() -> anyhow::Result<()> {
                 measure: Duration::from_secs_f64(measure_s),
                 drain: Duration::from_secs(10),
             };
-            let settings = Settings { root, runs: runs.max(1), window, rows };
+            let settings = Settings { root, runs: runs.max(1), window, rows, footprints: Default::default() };
             let file = std::fs::OpenOptions::new().create(true).append(true).open(&out).context("opening --out")?;
             let mut rec = Recorder { out: file };
             for scenario in scenarios() {
