@@ -153,6 +153,9 @@ struct State {
     residency: Option<Residency>,
     footprints: HashMap<String, u64>,
     queued: usize,
+    /// Threads waiting for work: a new task wakes one only if there is one (a wake-up is a
+    /// system call, which under load would cost more than the task's own bookkeeping).
+    waiting: usize,
     failed: Option<String>,
     stopped: bool,
     runs: u64,
@@ -234,7 +237,7 @@ impl Executor {
     /// Runs `inputs` through `model`, loading it on this slice first if needed.
     pub async fn run(&self, model: &ModelRun, inputs: Vec<Tensor>) -> JobResult {
         let (reply, result) = oneshot::channel();
-        {
+        let wake = {
             let mut st = self.shared.lock();
             if let Some(why) = &st.failed {
                 return Err(JobError::SliceFailed(why.clone()));
@@ -243,18 +246,25 @@ impl Executor {
                 return Err(JobError::Failed("slice queue is full".into()));
             }
             st.queued += 1;
-            let q = st.models.entry(model.key.clone()).or_insert_with(|| ModelQueue {
-                run: model.clone(),
-                jobs: VecDeque::new(),
-                idle: Vec::new(),
-                copies: 0,
-                loading: false,
-                batchable: false,
-            });
+            if !st.models.contains_key(&model.key) {
+                let q = ModelQueue {
+                    run: model.clone(),
+                    jobs: VecDeque::new(),
+                    idle: Vec::new(),
+                    copies: 0,
+                    loading: false,
+                    batchable: false,
+                };
+                st.models.insert(model.key.clone(), q);
+            }
+            let q = st.models.get_mut(&model.key).expect("inserted above");
             q.run.batching = model.batching;
             q.jobs.push_back(Job { inputs, reply, queued: Instant::now() });
+            st.waiting > 0
+        };
+        if wake {
+            self.shared.wake.notify_one();
         }
-        self.shared.wake.notify_all();
         result.await.map_err(|_| JobError::Failed("inference thread died".into()))?
     }
 
@@ -296,15 +306,17 @@ fn infer_loop(shared: &Shared) {
                 let broken = run_jobs(&mut session, jobs, fault);
                 st = shared.lock();
                 let q = st.models.get_mut(&key).expect("a model with a session stays known");
+                // The finishing thread looks for work itself next, so a returned session
+                // needs no wake-up; a failed slice needs every thread to drain and stop.
                 if let Some(why) = broken {
                     q.copies -= 1;
                     drop(session);
                     fail_slice(&mut st, format!("model {key}: {why}"));
                     shared.publish(&st);
+                    shared.wake.notify_all();
                 } else {
                     q.idle.push(session);
                 }
-                shared.wake.notify_all();
             }
             Step::Load { key, path, evicted } => {
                 let evicted_any = !evicted.is_empty();
@@ -335,11 +347,17 @@ fn infer_loop(shared: &Shared) {
                 }
                 st = shared.lock();
             }
-            Step::Wait(Some(until)) => {
-                let wait = until.saturating_duration_since(Instant::now()).max(Duration::from_micros(50));
-                st = shared.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+            Step::Wait(until) => {
+                st.waiting += 1;
+                st = match until {
+                    Some(until) => {
+                        let wait = until.saturating_duration_since(Instant::now()).max(Duration::from_micros(50));
+                        shared.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0
+                    }
+                    None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+                };
+                st.waiting -= 1;
             }
-            Step::Wait(None) => st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
             Step::Exit => return,
         }
     }
