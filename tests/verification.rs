@@ -12,7 +12,8 @@ use support::{Harness, RULE, dishonest, honest, reference};
 
 /// Submits `n` tasks over the demo models and checks every result against a direct ORT run.
 async fn run_and_check(h: &mut Harness, n: usize, tag: &str) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let seed = tag.bytes().fold(11u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let requests: Vec<_> = (0..n)
         .map(|i| {
             let meta = &h.models[["mlp", "magika", "ppocr-cls"][i % 3]];
@@ -29,37 +30,71 @@ async fn run_and_check(h: &mut Harness, n: usize, tag: &str) {
     }
 }
 
-/// Two colluders (the same falsified outputs) outvote the honest miner at k=3; audits on
+/// Two colluders (the same falsified outputs) outvote an honest miner at k=3; audits on
 /// every task catch it: the client still gets the right result, the colluders are judged
-/// wrong and the honest miner right.
+/// wrong and the honest miner right, and both colluders are quarantined (three honest
+/// miners then carry on at k=3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn audits_catch_a_colluding_majority() {
-    let workers = vec![honest("honest", 2), dishonest("colluder-a", 1), dishonest("colluder-b", 1)];
+    let workers = vec![
+        dishonest("colluder-a", 1),
+        dishonest("colluder-b", 1),
+        honest("honest-1", 1),
+        honest("honest-2", 1),
+        honest("honest-3", 1),
+    ];
     let policy = Policy { redundancy: 3, rule: RULE, audit_rate: 1.0 };
     let mut h = Harness::start_with(workers, policy, Duration::from_secs(10)).await;
     run_and_check(&mut h, 30, "collude").await;
+    let mut overruled = 0;
     for v in h.all_verdicts().await {
-        assert_eq!(v.reference, Some(ReferenceCheck::AuditFailed), "task {}", v.task_id);
         for m in &v.miners {
-            let want = if m.worker == "honest" { Standing::Agreed } else { Standing::Disagreed };
+            let want = if m.worker.starts_with("honest") { Standing::Agreed } else { Standing::Disagreed };
             assert_eq!(m.standing, want, "{} on task {}", m.worker, v.task_id);
         }
+        let colluders = v.miners.iter().filter(|m| m.worker.starts_with("colluder")).count();
+        if colluders == 2 {
+            // The colluders were the majority: the vote alone would have been wrong.
+            assert_eq!(v.reference, Some(ReferenceCheck::AuditFailed), "task {}", v.task_id);
+            overruled += 1;
+        }
     }
+    assert!(overruled > 0, "the colluders never formed a majority: the test did not exercise collusion");
+    let quarantined = quarantined_within(&h, 2).await;
+    assert_eq!(quarantined, vec!["colluder-a".to_string(), "colluder-b".to_string()]);
     h.stop().await;
 }
 
-/// At k=1 nobody else runs the task: audits are the only check. A lone cheater's outputs
-/// never reach the client, and it is judged wrong on every audited task.
+/// At k=1 nobody else runs a task: audits are the only check. A lone cheater's outputs
+/// never reach the client; it is judged wrong on every task it ran, and quarantined.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn audits_catch_a_lone_cheater_at_k1() {
     let policy = Policy { redundancy: 1, rule: RULE, audit_rate: 1.0 };
-    let mut h = Harness::start_with(vec![dishonest("liar", 2)], policy, Duration::from_secs(10)).await;
+    let workers = vec![dishonest("liar", 2), honest("honest", 1)];
+    let mut h = Harness::start_with(workers, policy, Duration::from_secs(10)).await;
     run_and_check(&mut h, 30, "lone").await;
-    for v in h.all_verdicts().await {
+    let mut lied = 0;
+    for v in h.all_verdicts().await.iter().filter(|v| v.miners[0].worker == "liar") {
         assert_eq!(v.reference, Some(ReferenceCheck::AuditFailed));
         assert_eq!(v.miners[0].standing, Standing::Disagreed);
+        lied += 1;
     }
+    assert!(lied > 0, "the liar ran no task");
+    assert_eq!(quarantined_within(&h, 1).await, vec!["liar".to_string()]);
     h.stop().await;
+}
+
+/// Waits (bounded: the rewarder applies verdicts asynchronously and Redis has no event to
+/// wait on) until `n` workers are quarantined; returns them sorted.
+async fn quarantined_within(h: &Harness, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = h.capacity.quarantined().await.unwrap();
+        if q.len() >= n || tokio::time::Instant::now() > deadline {
+            return q.into_keys().collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Honest miners pass their audits: nothing changes for them.
@@ -71,6 +106,62 @@ async fn honest_miners_pass_audits() {
     for v in h.all_verdicts().await {
         assert_eq!(v.reference, Some(ReferenceCheck::AuditPassed));
         assert!(v.miners.iter().all(|m| m.standing == Standing::Agreed));
+    }
+    h.stop().await;
+}
+
+/// Every cheater class of the catalogue beside two honest miners, with every task audited:
+/// no client ever gets a cheater's outputs, each cheater is proven wrong and quarantined
+/// (and then given no more work), and the honest miners are never judged wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_cheater_class_is_caught_and_quarantined() {
+    use sundara::pipeline::WorkerSpec;
+    use sundara_worker::Behaviour;
+    let mut workers = vec![honest("honest-1", 1), honest("honest-2", 1)];
+    for (i, b) in Behaviour::CHEATERS.iter().enumerate() {
+        workers.push(WorkerSpec::cpu(&format!("cheater-{i}"), 1, *b));
+    }
+    let policy = Policy { redundancy: 2, rule: RULE, audit_rate: 1.0 };
+    let mut h = Harness::start_with(workers, policy, Duration::from_secs(10)).await;
+    // Waves of tasks: cheaters that answer at once (random, constant) take most of a wave
+    // before the rewarder has seen their proofs; once they are quarantined, the slower
+    // cheaters get their share.
+    for wave in 0..10 {
+        run_and_check(&mut h, 30, &format!("catalogue-{wave}")).await;
+        if h.capacity.quarantined().await.unwrap().len() == Behaviour::CHEATERS.len() {
+            break;
+        }
+    }
+
+    let verdicts = h.all_verdicts().await;
+    for (i, b) in Behaviour::CHEATERS.iter().enumerate() {
+        let id = format!("cheater-{i}");
+        let mine: Vec<Standing> =
+            verdicts.iter().flat_map(|v| &v.miners).filter(|m| m.worker == id).map(|m| m.standing).collect();
+        assert!(mine.contains(&Standing::Disagreed), "{b:?} was never caught: {mine:?}");
+        // Replay runs a model's first tasks honestly, and a bfloat16 copy is sometimes
+        // within tolerance (then it is acceptable by the model's own rule); every other
+        // cheater is wrong every time.
+        if !matches!(b, Behaviour::Replay | Behaviour::Quantised) {
+            assert!(!mine.contains(&Standing::Agreed), "{b:?} passed a check: {mine:?}");
+        }
+    }
+    for v in &verdicts {
+        for m in v.miners.iter().filter(|m| m.worker.starts_with("honest")) {
+            assert_eq!(m.standing, Standing::Agreed, "honest {} judged wrong on {}", m.worker, v.task_id);
+        }
+    }
+
+    // The rewarder quarantines each cheater after 3 proven-wrong outputs.
+    let quarantined = quarantined_within(&h, Behaviour::CHEATERS.len()).await;
+    let expected: Vec<String> = (0..Behaviour::CHEATERS.len()).map(|i| format!("cheater-{i}")).collect();
+    assert_eq!(quarantined, expected);
+
+    // Quarantined miners get no more work: the next tasks go to the honest miners only.
+    let before: std::collections::HashSet<String> = verdicts.iter().map(|v| v.task_id.clone()).collect();
+    run_and_check(&mut h, 20, "after").await;
+    for v in h.all_verdicts().await.iter().filter(|v| !before.contains(&v.task_id)) {
+        assert!(v.miners.iter().all(|m| m.worker.starts_with("honest")), "a quarantined miner got work: {v:?}");
     }
     h.stop().await;
 }

@@ -114,9 +114,13 @@ enum Command {
         models: Vec<String>,
         #[arg(long)]
         cache_dir: Option<PathBuf>,
-        /// Return plausible but wrong outputs (demos and tests of the verifier).
+        /// Return plausible but wrong outputs (demos and tests of the verifier): same as
+        /// `--behaviour rotate`.
         #[arg(long)]
         dishonest: bool,
+        /// honest, or a cheater: rotate, wrong-model, quantised, random, constant, replay.
+        #[arg(long, default_value = "honest", value_parser = sundara_worker::Behaviour::parse)]
+        behaviour: sundara_worker::Behaviour,
     },
 }
 
@@ -296,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
             run_service(sundara_autoscaler::run(sundara_autoscaler::Config::new(endpoints), shutdown.clone()), shutdown)
                 .await
         }
-        Command::Worker { id, operator, threads, slots, slices, models, cache_dir, dishonest } => {
+        Command::Worker { id, operator, threads, slots, slices, models, cache_dir, dishonest, behaviour } => {
             let lib = ort()?;
             let cache = cache_dir.unwrap_or_else(|| project_root().join(".cache/worker-models"));
             let mut config = sundara_worker::Config::new(endpoints, &id, lib, cache);
@@ -316,9 +320,7 @@ async fn main() -> anyhow::Result<()> {
                 parsed
             };
             config.models = models;
-            if dishonest {
-                config.behaviour = sundara_worker::Behaviour::Dishonest;
-            }
+            config.behaviour = if dishonest { sundara_worker::Behaviour::Dishonest } else { behaviour };
             run_service(sundara_worker::run(config, shutdown.clone()), shutdown).await
         }
     }

@@ -9,6 +9,7 @@
 //!   `slice:<s>:loaded` hash `name@version` → bytes its sessions there hold now
 //! - `slicemem` sorted set of live slices by memory_total (the largest slice in the fleet)
 //! - `footprint` hash `name@version` → measured bytes of one loaded session
+//! - `quarantined` hash worker → why: never chosen again (RESERVE skips them)
 //! - `cand:<model>` sorted set of live slices that serve the model, score -(free slots): least loaded first
 //! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, ticket}: a reserved slot
 //! - `taskw:<task>` set of workers that hold or held a replica of the task (kept distinct)
@@ -39,6 +40,7 @@ fn asg_key(aid: &str) -> String {
 const WORKERS: &str = "sundara:workers";
 const SLICEMEM: &str = "sundara:slicemem";
 const FOOTPRINT: &str = "sundara:footprint";
+const QUARANTINED: &str = "sundara:quarantined";
 const INFLIGHT: &str = "sundara:inflight";
 
 /// Reserves one slot on each of up to k distinct workers for the given assignment ids, or
@@ -79,7 +81,8 @@ if #need > 0 then
         full = true
         break
       end
-      if w and h[3] == 'alive' and free and not used[w] and not (op_known and usedop[op]) then
+      if w and h[3] == 'alive' and free and not used[w] and not (op_known and usedop[op])
+          and redis.call('HEXISTS', 'sundara:quarantined', w) == 0 then
         used[w] = true
         if op_known then usedop[op] = true end
         table.insert(picks, {s, w})
@@ -187,6 +190,27 @@ end
 return n
 "#;
 
+/// Quarantines a worker: it is never chosen again, its slices leave the candidate sets,
+/// and its in-flight assignments fall due at once (the scheduler sends them elsewhere).
+/// ARGV: worker, reason. Returns 1 if it was not quarantined before.
+const QUARANTINE: &str = r#"
+local w = ARGV[1]
+local fresh = redis.call('HSETNX', 'sundara:quarantined', w, ARGV[2])
+redis.call('HSET', 'sundara:worker:' .. w, 'state', 'quarantined')
+local slices = redis.call('HGET', 'sundara:worker:' .. w, 'slices') or ''
+for s in string.gmatch(slices, '[^,]+') do
+  redis.call('HSET', 'sundara:slice:' .. s, 'state', 'quarantined', 'reason', ARGV[2])
+  redis.call('ZREM', 'sundara:slicemem', s)
+  for _, m in ipairs(redis.call('SMEMBERS', 'sundara:slice:' .. s .. ':models')) do
+    redis.call('ZREM', 'sundara:cand:' .. m, s)
+  end
+end
+for _, aid in ipairs(redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)) do
+  redis.call('ZADD', 'sundara:inflight', 0, aid)
+end
+return fresh
+"#;
+
 /// One capacity unit a worker offers.
 #[derive(Clone, Debug, Default)]
 pub struct SliceAnnounce {
@@ -242,6 +266,7 @@ pub struct Capacity {
     claim_due: Script,
     mark_dead: Script,
     fail_slice: Script,
+    quarantine: Script,
 }
 
 impl Capacity {
@@ -257,6 +282,7 @@ impl Capacity {
             claim_due: Script::new(CLAIM_DUE),
             mark_dead: Script::new(MARK_DEAD),
             fail_slice: Script::new(FAIL_SLICE),
+            quarantine: Script::new(QUARANTINE),
         })
     }
 
@@ -264,26 +290,35 @@ impl Capacity {
     /// `fresh` (a worker's start) resets free slots to the total; a heartbeat only sets
     /// them where Redis lost them (a restart), so it never undoes reservations.
     pub async fn announce(&self, a: &WorkerAnnounce, fresh: bool, heartbeat_ttl_ms: u64) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        // A quarantined worker stays announced (operators see it) but never a candidate.
+        let quarantined: Option<String> = con.hget(QUARANTINED, &a.worker).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
         let slice_ids: Vec<&str> = a.slices.iter().map(|s| s.id.as_str()).collect();
         pipe.sadd(WORKERS, &a.worker).ignore();
+        let worker_state = if quarantined.is_some() { "quarantined" } else { "alive" };
         pipe.hset_multiple(
             format!("sundara:worker:{}", a.worker),
-            &[("operator", a.operator.as_str()), ("state", "alive"), ("slices", &slice_ids.join(","))],
+            &[("operator", a.operator.as_str()), ("state", worker_state), ("slices", &slice_ids.join(","))],
         )
         .ignore();
         for s in &a.slices {
             let key = slice_key(&s.id);
-            let alive = s.failed.is_none();
+            let alive = s.failed.is_none() && quarantined.is_none();
+            let (state, reason) = match (&quarantined, &s.failed) {
+                (Some(why), _) => ("quarantined", why.as_str()),
+                (None, Some(why)) => ("failed", why.as_str()),
+                (None, None) => ("alive", ""),
+            };
             pipe.hset_multiple(
                 &key,
                 &[
                     ("worker", a.worker.as_str()),
                     ("operator", a.operator.as_str()),
                     ("device", s.device.as_str()),
-                    ("state", if alive { "alive" } else { "failed" }),
-                    ("reason", s.failed.as_deref().unwrap_or("")),
+                    ("state", state),
+                    ("reason", reason),
                 ],
             )
             .ignore();
@@ -332,7 +367,6 @@ impl Capacity {
             }
         }
         pipe.pset_ex(hb_key(&a.worker), 1, heartbeat_ttl_ms).ignore();
-        let mut con = self.con.clone();
         pipe.query_async::<()>(&mut con).await?;
         Ok(())
     }
@@ -445,6 +479,19 @@ impl Capacity {
         let mut inv = self.fail_slice.key(slice_key(slice));
         inv.arg(slice).arg(worker).arg(reason);
         Ok(inv.invoke_async(&mut con).await?)
+    }
+
+    /// Quarantines `worker` (see QUARANTINE); `true` the first time.
+    pub async fn quarantine(&self, worker: &str, reason: &str) -> Result<bool, Error> {
+        let mut con = self.con.clone();
+        let fresh: i64 = self.quarantine.arg(worker).arg(reason).invoke_async(&mut con).await?;
+        Ok(fresh == 1)
+    }
+
+    /// Quarantined workers and why.
+    pub async fn quarantined(&self) -> Result<std::collections::BTreeMap<String, String>, Error> {
+        let mut con = self.con.clone();
+        Ok(con.hgetall(QUARANTINED).await?)
     }
 
     /// Stops offering `model` on a slice (it cannot hold it).

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sundara_schemas::{
-    EpochWeights, MinerVerdict, MinerWeight, RewardEntry, RewardTrace, Standing, Verdict, WIRE_VERSION,
+    EpochWeights, MinerVerdict, MinerWeight, ReferenceCheck, RewardEntry, RewardTrace, Standing, Verdict, WIRE_VERSION,
 };
 
 /// What all weights of an epoch sum to (Bittensor's u16 weights).
@@ -20,6 +20,11 @@ pub struct MinerScore {
     pub agreed: u64,
     /// Tasks in which the miner did not agree (disagreed, failed or went missing).
     pub strikes: u64,
+    /// Tasks in which its outputs were wrong by the verifier's own reference run (an audit
+    /// or an escalation), not merely outvoted: proof, on which a miner is quarantined. A
+    /// colluding majority can outvote an honest miner, but cannot make this count rise.
+    #[serde(default)]
+    pub confirmed_wrong: u64,
     pub last_score: f64,
 }
 
@@ -85,6 +90,10 @@ impl Ledger {
             return None;
         }
         let ranks = rank_agreeing(&verdict.miners);
+        let judged_by_reference = matches!(
+            verdict.reference,
+            Some(ReferenceCheck::AuditPassed | ReferenceCheck::AuditFailed | ReferenceCheck::Escalated)
+        );
         let mut entries = Vec::with_capacity(verdict.miners.len());
         for (m, rank) in verdict.miners.iter().zip(ranks) {
             let agreed = m.standing == Standing::Agreed;
@@ -96,6 +105,9 @@ impl Ledger {
                 s.agreed += 1;
             } else {
                 s.strikes += 1;
+            }
+            if m.standing == Standing::Disagreed && judged_by_reference {
+                s.confirmed_wrong += 1;
             }
             s.last_score = score;
             entries.push(RewardEntry {
@@ -234,6 +246,28 @@ mod tests {
 
     fn entry<'a>(trace: &'a RewardTrace, worker: &str) -> &'a RewardEntry {
         trace.entries.iter().find(|e| e.worker == worker).unwrap()
+    }
+
+    #[test]
+    fn only_a_reference_run_proves_a_miner_wrong() {
+        let mut ledger = Ledger::new(0.5, 0);
+        // Outvoted by a majority: a strike, but no proof (the majority may be colluders).
+        ledger
+            .apply(&verdict("t1", vec![mv("a", Standing::Agreed, Some(5)), mv("b", Standing::Disagreed, Some(6))]), 1);
+        assert_eq!(ledger.miner("b").unwrap().strikes, 1);
+        assert_eq!(ledger.miner("b").unwrap().confirmed_wrong, 0);
+        for (seq, check) in [(2, ReferenceCheck::AuditFailed), (3, ReferenceCheck::Escalated)] {
+            let mut v = verdict("t", vec![mv("a", Standing::Agreed, Some(5)), mv("b", Standing::Disagreed, Some(6))]);
+            v.reference = Some(check);
+            ledger.apply(&v, seq);
+        }
+        assert_eq!(ledger.miner("b").unwrap().confirmed_wrong, 2);
+        assert_eq!(ledger.miner("a").unwrap().confirmed_wrong, 0);
+        // A reference that could not run proves nothing.
+        let mut v = verdict("t4", vec![mv("b", Standing::Disagreed, Some(6))]);
+        v.reference = Some(ReferenceCheck::Unavailable { reason: "timed out".into() });
+        ledger.apply(&v, 4);
+        assert_eq!(ledger.miner("b").unwrap().confirmed_wrong, 2);
     }
 
     #[test]

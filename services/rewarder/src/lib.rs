@@ -22,9 +22,9 @@ use async_nats::jetstream::{
 };
 use bytes::Bytes;
 use futures::StreamExt;
-use sundara_common::{Endpoints, Error as CommonError, Shutdown, js_err, nats};
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
 use sundara_schemas::{
-    EpochWeights, MAX_MESSAGE_BYTES, RewardTrace, Verdict, decode, encode, now_ms, subjects as subj,
+    EpochWeights, MAX_MESSAGE_BYTES, RewardTrace, Standing, Verdict, decode, encode, now_ms, subjects as subj,
 };
 
 pub use ledger::{Ledger, MinerScore, WEIGHT_TOTAL, normalize_u16};
@@ -62,6 +62,10 @@ pub struct Config {
     pub alpha: f64,
     /// How often held verdicts are made durable and acked.
     pub flush_interval: Duration,
+    /// Outputs proven wrong by the verifier's reference (audits, escalations) after which a
+    /// miner is quarantined: the scheduler never chooses it again. 0 turns quarantine off
+    /// (and the rewarder then needs no Redis).
+    pub quarantine_after: u64,
     pub retention: nats::Retention,
 }
 
@@ -72,6 +76,7 @@ impl Config {
             epoch_length: Duration::from_secs(60),
             alpha: 0.1,
             flush_interval: Duration::from_millis(200),
+            quarantine_after: 3,
             retention: nats::Retention::default(),
         }
     }
@@ -99,6 +104,8 @@ struct PendingTrace {
 
 struct Rewarder {
     config: Config,
+    /// Where quarantines go; `None` when quarantine is off.
+    capacity: Option<Capacity>,
     js: jetstream::Context,
     kv: kv::Store,
     ledger: Ledger,
@@ -137,6 +144,13 @@ impl Rewarder {
         };
         if let Some(trace) = self.ledger.apply(&verdict, seq) {
             self.dirty = true;
+            for m in &verdict.miners {
+                let wrong = self.ledger.miner(&m.worker).map_or(0, |s| s.confirmed_wrong);
+                let due = self.config.quarantine_after > 0 && wrong >= self.config.quarantine_after;
+                if m.standing == Standing::Disagreed && due {
+                    self.quarantine(&m.worker, wrong).await;
+                }
+            }
             tracing::debug!(seq, task = %trace.task_id, epoch = trace.epoch, "verdict applied");
             self.send_trace(&trace).await;
         } else {
@@ -148,6 +162,18 @@ impl Rewarder {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Quarantines a miner (idempotent in Redis; repeated on every further proof, so a
+    /// Redis that lost it learns it again).
+    async fn quarantine(&self, worker: &str, wrong: u64) {
+        let Some(capacity) = &self.capacity else { return };
+        let reason = format!("{wrong} outputs proven wrong by the verifier's reference runs");
+        match capacity.quarantine(worker, &reason).await {
+            Ok(true) => tracing::warn!(worker, %reason, "miner quarantined"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(worker, error = %e, "could not quarantine the miner; will try on its next proof"),
+        }
     }
 
     async fn send_trace(&mut self, trace: &RewardTrace) {
@@ -361,7 +387,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RewarderError
     let dirty = stored_alpha_differs(&mut ledger, config.alpha);
     let consumer = verdict_consumer(&js, ledger.last_seq()).await?;
     let mut closes = client.subscribe(CLOSE_EPOCH_SUBJECT).await.map_err(js_err)?;
-    let mut rewarder = Rewarder { config, js, kv, ledger, revision, dirty, held: Vec::new(), traces: Vec::new() };
+    let capacity = match config.quarantine_after {
+        0 => None,
+        _ => Some(Capacity::connect(&config.endpoints.redis_url).await?),
+    };
+    let mut rewarder =
+        Rewarder { config, capacity, js, kv, ledger, revision, dirty, held: Vec::new(), traces: Vec::new() };
     // An epoch that ended while we were down closes before any newer verdict counts in it.
     if rewarder.epoch_due() {
         rewarder.close_epoch().await?;

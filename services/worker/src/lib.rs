@@ -23,13 +23,61 @@ pub use sundara_common::ModelCache;
 use sundara_runtime::Device;
 pub use sundara_runtime::{Executor, ExecutorConfig, JobError, JobResult, ModelRun, Ran, SliceReport};
 
-/// How the worker treats its work.
+/// How the worker treats its work. Everything but `Honest` is a cheater, for the tests and
+/// demos of the verifier: each returns outputs cheaper than (or other than) the real ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Behaviour {
     Honest,
-    /// Runs the model, then returns plausible but wrong outputs (for demos and tests of
-    /// the verifier): float rows rotated by one (so top-1 moves) and scaled, integers shifted, bools flipped.
+    /// Runs the model, then returns plausible but wrong outputs: float rows rotated by one
+    /// (so top-1 moves) and scaled, integers shifted, bools flipped. Deterministic, so two
+    /// such miners agree with each other: colluders.
     Dishonest,
+    /// A model with perturbed weights: outputs off by about 1 % (emulated on the outputs).
+    WrongModel,
+    /// A quantised copy: float outputs rounded to bfloat16 (8 bits of mantissa).
+    Quantised,
+    /// No inference: uniform random values of the declared output shapes.
+    RandomOutputs,
+    /// No inference: zeros of the declared output shapes.
+    ConstantOutputs,
+    /// Runs a model's first task, then returns those outputs for every later task of it.
+    Replay,
+}
+
+impl Behaviour {
+    /// Every cheater, for tests that go through them all.
+    pub const CHEATERS: [Behaviour; 6] = [
+        Behaviour::Dishonest,
+        Behaviour::WrongModel,
+        Behaviour::Quantised,
+        Behaviour::RandomOutputs,
+        Behaviour::ConstantOutputs,
+        Behaviour::Replay,
+    ];
+
+    /// Parses `honest`, `rotate` (= dishonest), `wrong-model`, `quantised`, `random`,
+    /// `constant` or `replay`.
+    pub fn parse(text: &str) -> Result<Behaviour, String> {
+        Ok(match text {
+            "honest" => Behaviour::Honest,
+            "rotate" | "dishonest" => Behaviour::Dishonest,
+            "wrong-model" => Behaviour::WrongModel,
+            "quantised" | "quantized" => Behaviour::Quantised,
+            "random" => Behaviour::RandomOutputs,
+            "constant" => Behaviour::ConstantOutputs,
+            "replay" => Behaviour::Replay,
+            other => {
+                return Err(format!(
+                    "unknown behaviour {other:?}: honest, rotate, wrong-model, quantised, random, constant, replay"
+                ));
+            }
+        })
+    }
+
+    /// Whether the miner skips inference altogether.
+    fn skips_inference(self) -> bool {
+        matches!(self, Behaviour::RandomOutputs | Behaviour::ConstantOutputs)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -99,6 +147,70 @@ pub enum WorkerError {
     InvalidSlices(String),
 }
 
+/// Float values of a tensor, changed by `f` (other dtypes untouched).
+fn map_floats(t: &mut Tensor, mut f: impl FnMut(usize, f64) -> f64) {
+    match t.dtype {
+        DType::F32 => {
+            let v: Vec<f32> = t.values::<f32>().unwrap_or_default();
+            let v: Vec<f32> = v.iter().enumerate().map(|(i, x)| f(i, *x as f64) as f32).collect();
+            *t = Tensor::from_values(&t.name, t.shape.clone(), &v);
+        }
+        DType::F64 => {
+            let v: Vec<f64> = t.values::<f64>().unwrap_or_default();
+            let v: Vec<f64> = v.iter().enumerate().map(|(i, x)| f(i, *x)).collect();
+            *t = Tensor::from_values(&t.name, t.shape.clone(), &v);
+        }
+        _ => {}
+    }
+}
+
+/// Tampers honest outputs the way an output-tampering cheater does.
+pub fn tamper(behaviour: Behaviour, outputs: &mut [Tensor]) {
+    match behaviour {
+        Behaviour::Dishonest => falsify(outputs),
+        // ±1 % per element, as a model with perturbed weights gives.
+        Behaviour::WrongModel => outputs
+            .iter_mut()
+            .for_each(|t| map_floats(t, |i, x| x * (1.0 + 0.01 * if i % 2 == 0 { 1.0 } else { -1.0 }) + 1e-3)),
+        // Round to bfloat16: keep the top 16 bits of each f32.
+        Behaviour::Quantised => outputs
+            .iter_mut()
+            .for_each(|t| map_floats(t, |_, x| f32::from_bits(((x as f32).to_bits() + 0x8000) & 0xffff_0000) as f64)),
+        _ => {}
+    }
+}
+
+/// Outputs of the declared shapes without running anything: the first dynamic dimension
+/// takes the task's rows, others 1. Random values, or zeros.
+pub fn fabricate(specs: &[sundara_schemas::TensorSpec], rows: u64, random: bool) -> Vec<Tensor> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    specs
+        .iter()
+        .map(|spec| {
+            let mut first = true;
+            let shape: Vec<u64> = spec
+                .shape
+                .iter()
+                .map(|d| match d {
+                    Some(v) => *v,
+                    None if std::mem::take(&mut first) => rows,
+                    None => 1,
+                })
+                .collect();
+            let n = Tensor::checked_elements(&shape).unwrap_or(0) as usize;
+            let mut t =
+                Tensor { name: spec.name.clone(), dtype: spec.dtype, shape, data: vec![0; n * spec.dtype.size()] };
+            if random {
+                rng.fill(&mut t.data[..]);
+                // Random bytes can be NaN or huge; random values in [0, 1) are what a cheater would send.
+                map_floats(&mut t, |_, _| rng.random::<f64>());
+            }
+            t
+        })
+        .collect()
+}
+
 /// Tampers outputs the way [`Behaviour::Dishonest`] says.
 pub fn falsify(outputs: &mut [Tensor]) {
     for t in outputs {
@@ -151,6 +263,8 @@ struct Worker {
     capacity: Capacity,
     cache: ModelCache,
     slices: HashMap<String, Slice>,
+    /// [`Behaviour::Replay`]: the first outputs of each model, returned for every later task.
+    replayed: std::sync::Mutex<HashMap<String, Vec<Tensor>>>,
 }
 
 impl Worker {
@@ -170,12 +284,24 @@ impl Worker {
             Ok(p) => p,
             Err(e) => return failed(e.to_string()),
         };
+        let behaviour = self.config.behaviour;
+        if behaviour.skips_inference() {
+            let rows = a.inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
+            let outputs = fabricate(&meta.outputs, rows, behaviour == Behaviour::RandomOutputs);
+            return Done::Outcome(OutcomeResult::Ok { outputs }, 0, now_us());
+        }
+        if behaviour == Behaviour::Replay
+            && let Some(outputs) = self.replayed.lock().unwrap_or_else(|e| e.into_inner()).get(&m.to_string())
+        {
+            return Done::Outcome(OutcomeResult::Ok { outputs: outputs.clone() }, 0, now_us());
+        }
         let budget = Duration::from_millis(a.ticket.deadline_at_ms.saturating_sub(now_ms()).max(1));
         let model = ModelRun { key: m.to_string(), path, batching: meta.batching };
         match tokio::time::timeout(budget, slice.executor.run(&model, a.inputs.clone())).await {
             Ok(Ok(mut ran)) => {
-                if self.config.behaviour == Behaviour::Dishonest {
-                    falsify(&mut ran.outputs);
+                tamper(behaviour, &mut ran.outputs);
+                if behaviour == Behaviour::Replay {
+                    self.replayed.lock().unwrap_or_else(|e| e.into_inner()).insert(m.to_string(), ran.outputs.clone());
                 }
                 Done::Outcome(OutcomeResult::Ok { outputs: ran.outputs }, ran.compute_us, ran.started_us)
             }
@@ -369,6 +495,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
         registry,
         capacity: capacity.clone(),
         slices,
+        replayed: Default::default(),
     };
     let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
     capacity.announce(&worker.announce(&models), true, ttl_ms).await?;
@@ -428,6 +555,27 @@ fn changes_of(rx: tokio::sync::watch::Receiver<SliceReport>) -> futures::stream:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_cheater_changes_what_it_returns() {
+        let honest = vec![Tensor::from_values("p", vec![2, 3], &[0.1f32, 0.7, 0.2, 0.5, 0.3, 0.2])];
+        for b in [Behaviour::Dishonest, Behaviour::WrongModel, Behaviour::Quantised] {
+            let mut out = honest.clone();
+            tamper(b, &mut out);
+            assert_eq!(out[0].shape, honest[0].shape, "{b:?}");
+            assert_ne!(out, honest, "{b:?} left the outputs as they were");
+        }
+        let mut out = honest.clone();
+        tamper(Behaviour::Honest, &mut out);
+        assert_eq!(out, honest);
+        let specs = [sundara_schemas::TensorSpec { name: "p".into(), dtype: DType::F32, shape: vec![None, Some(3)] }];
+        let zeros = fabricate(&specs, 2, false);
+        assert_eq!((zeros[0].shape.clone(), zeros[0].values::<f32>().unwrap()), (vec![2, 3], vec![0.0; 6]));
+        let random = fabricate(&specs, 2, true)[0].values::<f32>().unwrap();
+        assert!(random.iter().all(|v| (0.0..1.0).contains(v)));
+        assert_eq!(Behaviour::parse("quantised"), Ok(Behaviour::Quantised));
+        assert!(Behaviour::parse("lazy").is_err());
+    }
 
     #[test]
     fn falsified_outputs_differ_but_keep_shape() {
