@@ -192,10 +192,11 @@ return n
 
 /// Quarantines a worker: it is never chosen again, its slices leave the candidate sets,
 /// and its in-flight assignments fall due at once (the scheduler sends them elsewhere).
-/// ARGV: worker, reason. Returns 1 if it was not quarantined before.
+/// ARGV: worker, reason. Returns 1 if it was not quarantined before; 0 (changing nothing,
+/// so the first reason stands) if it was.
 const QUARANTINE: &str = r#"
 local w = ARGV[1]
-local fresh = redis.call('HSETNX', 'sundara:quarantined', w, ARGV[2])
+if redis.call('HSETNX', 'sundara:quarantined', w, ARGV[2]) == 0 then return 0 end
 redis.call('HSET', 'sundara:worker:' .. w, 'state', 'quarantined')
 local slices = redis.call('HGET', 'sundara:worker:' .. w, 'slices') or ''
 for s in string.gmatch(slices, '[^,]+') do
@@ -208,7 +209,7 @@ end
 for _, aid in ipairs(redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)) do
   redis.call('ZADD', 'sundara:inflight', 0, aid)
 end
-return fresh
+return 1
 "#;
 
 /// One capacity unit a worker offers.
