@@ -28,6 +28,10 @@ pub use sundara_runtime::{Executor, ExecutorConfig, JobError, JobResult, ModelRu
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Behaviour {
     Honest,
+    /// Honest, on hardware whose floats differ slightly: every float output moved by a
+    /// random relative 1e-6 (the noise between CPUs, GPUs and libraries). Must never be
+    /// judged wrong.
+    HonestNoisy,
     /// Runs the model, then returns plausible but wrong outputs: float rows rotated by one
     /// (so top-1 moves) and scaled, integers shifted, bools flipped. Deterministic, so two
     /// such miners agree with each other: colluders.
@@ -60,6 +64,7 @@ impl Behaviour {
     pub fn parse(text: &str) -> Result<Behaviour, String> {
         Ok(match text {
             "honest" => Behaviour::Honest,
+            "noisy" => Behaviour::HonestNoisy,
             "rotate" | "dishonest" => Behaviour::Dishonest,
             "wrong-model" => Behaviour::WrongModel,
             "quantised" | "quantized" => Behaviour::Quantised,
@@ -68,7 +73,7 @@ impl Behaviour {
             "replay" => Behaviour::Replay,
             other => {
                 return Err(format!(
-                    "unknown behaviour {other:?}: honest, rotate, wrong-model, quantised, random, constant, replay"
+                    "unknown behaviour {other:?}: honest, noisy, rotate, wrong-model, quantised, random, constant, replay"
                 ));
             }
         })
@@ -168,6 +173,11 @@ fn map_floats(t: &mut Tensor, mut f: impl FnMut(usize, f64) -> f64) {
 pub fn tamper(behaviour: Behaviour, outputs: &mut [Tensor]) {
     match behaviour {
         Behaviour::Dishonest => falsify(outputs),
+        Behaviour::HonestNoisy => {
+            use rand::Rng;
+            let mut rng = rand::rng();
+            outputs.iter_mut().for_each(|t| map_floats(t, |_, x| x * (1.0 + rng.random_range(-1e-6..=1e-6))));
+        }
         // ±1 % per element, as a model with perturbed weights gives.
         Behaviour::WrongModel => outputs
             .iter_mut()
@@ -574,6 +584,10 @@ mod tests {
         let random = fabricate(&specs, 2, true)[0].values::<f32>().unwrap();
         assert!(random.iter().all(|v| (0.0..1.0).contains(v)));
         assert_eq!(Behaviour::parse("quantised"), Ok(Behaviour::Quantised));
+        let mut noisy = honest.clone();
+        tamper(Behaviour::HonestNoisy, &mut noisy);
+        let (a, b) = (noisy[0].values::<f32>().unwrap(), honest[0].values::<f32>().unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 2e-6 * y.abs()), "noise stays at 1e-6");
         assert!(Behaviour::parse("lazy").is_err());
     }
 
