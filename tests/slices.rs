@@ -16,6 +16,10 @@ use support::{Harness, RULE, honest, reference};
 
 const MODELS: [&str; 4] = ["mlp", "silero", "magika", "ppocr-cls"];
 
+/// The tests of this file run one at a time: a worker measures a model's footprint as the
+/// process's heap growth, and workers of other tests in the same process would add to it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn worker(id: &str, slice: SliceConfig) -> WorkerSpec {
     WorkerSpec { id: id.into(), slices: vec![slice], behaviour: Behaviour::Honest }
 }
@@ -33,6 +37,13 @@ async fn footprints() -> Vec<(String, u64)> {
         probe.run(&ModelRun::new(file, std::sync::Arc::new(path)), x).await.unwrap();
     }
     probe.reports().borrow().footprints.clone()
+}
+
+/// Models a slice offers, as Redis has them.
+async fn offered(h: &Harness, slice: &str) -> Vec<String> {
+    let client = redis::Client::open(h.stack.endpoints().redis_url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    redis::AsyncCommands::smembers(&mut con, format!("sundara:slice:{slice}:models")).await.unwrap()
 }
 
 /// Polls Redis (bounded) until the slice satisfies `ok`: a worker writes its state on every
@@ -56,6 +67,7 @@ async fn slice_when(h: &Harness, worker: &str, ok: impl Fn(&SliceState) -> bool)
 /// exactly what is loaded, with memory that adds up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_with_little_memory_serves_every_model_by_evicting() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let measured = footprints().await;
     let mut sizes: Vec<u64> = measured.iter().map(|(_, b)| *b).collect();
     sizes.sort_unstable();
@@ -104,6 +116,7 @@ async fn a_worker_with_little_memory_serves_every_model_by_evicting() {
 /// it held are reassigned to the healthy worker: none fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_slice_hands_its_tasks_to_another_worker() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut faulty = SliceConfig::cpu("cpu0", 1, 1 << 30);
     faulty.fail_after_runs = Some(1);
     let mut h = Harness::start(vec![worker("faulty", faulty), honest("sound", 1)], 1, Duration::from_secs(30)).await;
@@ -127,6 +140,7 @@ async fn a_failed_slice_hands_its_tasks_to_another_worker() {
 /// reason; models that fit are still accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_larger_than_every_slice_is_refused_at_ingress() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let small = SliceConfig::cpu("cpu0", 1, 1 << 20); // 1 MiB: mlp's file fits, magika's does not
     let h = Harness::start(vec![worker("small", small)], 1, Duration::from_secs(30)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
@@ -150,6 +164,7 @@ async fn a_model_larger_than_every_slice_is_refused_at_ingress() {
 /// stops offering the model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slice_too_small_for_a_model_hands_its_tasks_back() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let small = SliceConfig::cpu("cpu0", 1, 8 << 20); // magika's 3 MB file fits, its session does not
     let mut h = Harness::start(vec![worker("small", small), honest("roomy", 1)], 1, Duration::from_secs(30)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -172,5 +187,29 @@ async fn a_slice_too_small_for_a_model_hands_its_tasks_back() {
         redis::AsyncCommands::smembers(&mut con, "sundara:slice:small-cpu0:models").await.unwrap()
     };
     assert!(!offered.contains(&"magika".to_string()), "the small slice still offers magika: {offered:?}");
+    h.stop().await;
+}
+
+/// The same within one worker: its small slice hands magika's tasks back, and the worker's
+/// roomy slice runs them (a worker that gave no outcome stays eligible for the replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_runs_handed_back_tasks_on_its_other_slice() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // Named so that the small slice sorts first: with equal free slots it is picked first.
+    let slices = vec![SliceConfig::cpu("a-small", 1, 8 << 20), SliceConfig::cpu("big", 1, 1 << 30)];
+    let spec = WorkerSpec { id: "split".into(), slices, behaviour: Behaviour::Honest };
+    let mut h = Harness::start(vec![spec], 1, Duration::from_secs(30)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let meta = &h.models["magika"];
+    let requests: Vec<_> = (0..40)
+        .map(|i| h.request("magika", sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("split-{i}")))
+        .collect();
+    let results = h.run_tasks(&requests).await;
+    assert!(results.values().all(|r| matches!(r.status, ResultStatus::Verified { .. })), "a task failed");
+    let verdicts = h.all_verdicts().await;
+    assert!(verdicts.iter().all(|v| v.miners.iter().all(|m| m.worker == "split")));
+    // The small slice did get magika tasks (and gave them back): it no longer offers it.
+    assert!(!offered(&h, "split-a-small").await.contains(&"magika".to_string()));
+    assert!(offered(&h, "split-big").await.contains(&"magika".to_string()));
     h.stop().await;
 }

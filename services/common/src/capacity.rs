@@ -172,6 +172,7 @@ return #aids
 
 /// Takes one slice of a live worker out of service: it leaves the candidate sets, and
 /// its in-flight assignments fall due at once (the scheduler sends them elsewhere).
+/// The worker becomes eligible again for those tasks (another of its slices may run them).
 /// KEYS: slice:<s>. ARGV: slice, worker, reason. Returns the number of assignments made due.
 const FAIL_SLICE: &str = r#"
 local s, w = ARGV[1], ARGV[2]
@@ -184,10 +185,21 @@ local n = 0
 for _, aid in ipairs(redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)) do
   if redis.call('HGET', 'sundara:asg:' .. aid, 'slice') == s then
     redis.call('ZADD', 'sundara:inflight', 0, aid)
+    -- The worker gave no outcome for it: another of its slices may take the replica.
+    redis.call('SREM', 'sundara:taskw:' .. string.match(aid, '^[^.]+'), w)
     n = n + 1
   end
 end
 return n
+"#;
+
+/// Hands one assignment back: due now, and its worker (which gave no outcome for it) is
+/// eligible again for the replica, on another of its slices.
+/// ARGV: aid, worker.
+const HAND_BACK: &str = r#"
+redis.call('ZADD', 'sundara:inflight', 'XX', 0, ARGV[1])
+redis.call('SREM', 'sundara:taskw:' .. string.match(ARGV[1], '^[^.]+'), ARGV[2])
+return 1
 "#;
 
 /// Quarantines a worker: it is never chosen again, its slices leave the candidate sets,
@@ -268,6 +280,7 @@ pub struct Capacity {
     mark_dead: Script,
     fail_slice: Script,
     quarantine: Script,
+    hand_back: Script,
 }
 
 impl Capacity {
@@ -284,6 +297,7 @@ impl Capacity {
             mark_dead: Script::new(MARK_DEAD),
             fail_slice: Script::new(FAIL_SLICE),
             quarantine: Script::new(QUARANTINE),
+            hand_back: Script::new(HAND_BACK),
         })
     }
 
@@ -480,6 +494,13 @@ impl Capacity {
         let mut inv = self.fail_slice.key(slice_key(slice));
         inv.arg(slice).arg(worker).arg(reason);
         Ok(inv.invoke_async(&mut con).await?)
+    }
+
+    /// Hands an assignment back for reassignment (see HAND_BACK).
+    pub async fn hand_back(&self, aid: &str, worker: &str) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        self.hand_back.arg(aid).arg(worker).invoke_async::<i64>(&mut con).await?;
+        Ok(())
     }
 
     /// Quarantines `worker` (see QUARANTINE); `true` the first time.

@@ -354,7 +354,7 @@ impl Worker {
                 let handed = if slice_failed {
                     self.capacity.fail_slice(&slice, &self.config.worker_id, &reason).await.map(|_| ())
                 } else {
-                    self.capacity.defer(&aid, 0).await
+                    self.capacity.hand_back(&aid, &self.config.worker_id).await
                 };
                 match handed {
                     Ok(()) => {

@@ -11,6 +11,10 @@ use sundara_runtime::{Model, example_inputs, find_library, init};
 use sundara_schemas::{Batching, Tensor};
 use sundara_worker::{Executor, ExecutorConfig, JobError, ModelRun};
 
+/// The tests of this file run one at a time: a slice measures a model's footprint as the
+/// process's heap growth, and executors of other tests in the same process would add to it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -34,6 +38,7 @@ fn close(got: &[Tensor], want: &[Tensor]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn models_share_a_budget_by_evicting_idle_ones_and_no_task_fails() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let files = ["mlp.onnx", "silero_vad.onnx", "magika.onnx", "ppocr_cls.onnx"];
     let mut models: Vec<(ModelRun, Model)> = files.iter().map(|f| model(f)).collect();
     // Learn each model's footprint on a roomy slice first.
@@ -91,6 +96,7 @@ async fn models_share_a_budget_by_evicting_idle_ones_and_no_task_fails() {
 
 #[tokio::test]
 async fn a_batching_window_gathers_tasks_and_a_partial_batch_runs_when_it_closes() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (mut run, mut alone) = model("mlp.onnx");
     let executor = Executor::start("window", ExecutorConfig::cpu(1, 1 << 30, 64));
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -116,6 +122,7 @@ async fn a_batching_window_gathers_tasks_and_a_partial_batch_runs_when_it_closes
 
 #[tokio::test]
 async fn a_model_larger_than_the_slice_is_refused_with_its_size() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (run, alone) = model("magika.onnx");
     let executor = Executor::start("small", ExecutorConfig::cpu(1, 1 << 20, 8));
     let x = example_inputs(&alone.inputs, 1, &mut rand::rngs::StdRng::seed_from_u64(1));
@@ -134,6 +141,7 @@ async fn a_model_larger_than_the_slice_is_refused_with_its_size() {
 /// error, which cannot happen on this CPU-only machine.
 #[tokio::test]
 async fn a_failing_device_takes_its_slice_out_of_service_and_hands_work_back() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (run, alone) = model("mlp.onnx");
     let mut config = ExecutorConfig::cpu(1, 1 << 30, 64);
     config.fail_after_runs = Some(3);
