@@ -118,7 +118,8 @@ enum Command {
         /// `--behaviour rotate`.
         #[arg(long)]
         dishonest: bool,
-        /// honest, or a cheater: rotate, wrong-model, quantised, random, constant, replay.
+        /// honest, noisy (honest with 1e-6 float noise), or a cheater: rotate, wrong-model,
+        /// quantised, random, constant, replay, never-answer.
         #[arg(long, default_value = "honest", value_parser = sundara_worker::Behaviour::parse)]
         behaviour: sundara_worker::Behaviour,
     },

@@ -10,8 +10,10 @@
 //! - `slicemem` sorted set of live slices by memory_total (the largest slice in the fleet)
 //! - `footprint` hash `name@version` → measured bytes of one loaded session
 //! - `quarantined` hash worker → why: never chosen again (RESERVE skips them)
+//! - `timeouts` hash worker → assignments it let time out while alive
 //! - `cand:<model>` sorted set of live slices that serve the model, score -(free slots): least loaded first
-//! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, ticket}: a reserved slot
+//! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, ticket, handed}: a reserved slot
+//!   (`handed`: made due by a hand-back, failure, death or quarantine, not a timeout)
 //! - `taskw:<task>` set of workers that hold or held a replica of the task (kept distinct)
 //! - `inflight` sorted set of assignment ids by timeout deadline (ms); `inflight:w:<w>` per worker
 //!
@@ -166,7 +168,10 @@ for s in string.gmatch(slices, '[^,]+') do
   end
 end
 local aids = redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)
-for _, aid in ipairs(aids) do redis.call('ZADD', 'sundara:inflight', 0, aid) end
+for _, aid in ipairs(aids) do
+  redis.call('ZADD', 'sundara:inflight', 0, aid)
+  redis.call('HSET', 'sundara:asg:' .. aid, 'handed', 1)
+end
 return #aids
 "#;
 
@@ -185,6 +190,7 @@ local n = 0
 for _, aid in ipairs(redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)) do
   if redis.call('HGET', 'sundara:asg:' .. aid, 'slice') == s then
     redis.call('ZADD', 'sundara:inflight', 0, aid)
+    redis.call('HSET', 'sundara:asg:' .. aid, 'handed', 1)
     -- The worker gave no outcome for it: another of its slices may take the replica.
     redis.call('SREM', 'sundara:taskw:' .. string.match(aid, '^[^.]+'), w)
     n = n + 1
@@ -198,6 +204,7 @@ return n
 /// ARGV: aid, worker.
 const HAND_BACK: &str = r#"
 redis.call('ZADD', 'sundara:inflight', 'XX', 0, ARGV[1])
+if redis.call('EXISTS', 'sundara:asg:' .. ARGV[1]) == 1 then redis.call('HSET', 'sundara:asg:' .. ARGV[1], 'handed', 1) end
 redis.call('SREM', 'sundara:taskw:' .. string.match(ARGV[1], '^[^.]+'), ARGV[2])
 return 1
 "#;
@@ -220,8 +227,22 @@ for s in string.gmatch(slices, '[^,]+') do
 end
 for _, aid in ipairs(redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)) do
   redis.call('ZADD', 'sundara:inflight', 0, aid)
+  redis.call('HSET', 'sundara:asg:' .. aid, 'handed', 1)
 end
 return 1
+"#;
+
+/// Counts a timed-out assignment against its worker: one that its worker neither answered
+/// nor handed back while alive (dead workers, failed slices, quarantines and hand-backs
+/// mark theirs `handed`). ARGV: aid, worker. Returns the worker's timeouts so far, or 0
+/// when this one does not count.
+const TIMEOUT_STRIKE: &str = r#"
+local h = redis.call('HMGET', 'sundara:asg:' .. ARGV[1], 'handed', 'worker')
+if h[1] or h[2] ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', 'sundara:hb:' .. ARGV[2]) == 0 then return 0 end
+-- Counted once, however often its reassignment is retried.
+redis.call('HSET', 'sundara:asg:' .. ARGV[1], 'handed', 1)
+return redis.call('HINCRBY', 'sundara:timeouts', ARGV[2], 1)
 "#;
 
 /// One capacity unit a worker offers.
@@ -281,6 +302,7 @@ pub struct Capacity {
     fail_slice: Script,
     quarantine: Script,
     hand_back: Script,
+    timeout_strike: Script,
 }
 
 impl Capacity {
@@ -298,6 +320,7 @@ impl Capacity {
             fail_slice: Script::new(FAIL_SLICE),
             quarantine: Script::new(QUARANTINE),
             hand_back: Script::new(HAND_BACK),
+            timeout_strike: Script::new(TIMEOUT_STRIKE),
         })
     }
 
@@ -501,6 +524,13 @@ impl Capacity {
         let mut con = self.con.clone();
         self.hand_back.arg(aid).arg(worker).invoke_async::<i64>(&mut con).await?;
         Ok(())
+    }
+
+    /// Counts a timed-out assignment against `worker` (see TIMEOUT_STRIKE); returns its
+    /// timeouts so far, or 0 if this one does not count.
+    pub async fn timeout_strike(&self, aid: &str, worker: &str) -> Result<u64, Error> {
+        let mut con = self.con.clone();
+        Ok(self.timeout_strike.arg(aid).arg(worker).invoke_async(&mut con).await?)
     }
 
     /// Quarantines `worker` (see QUARANTINE); `true` the first time.

@@ -37,6 +37,8 @@ pub struct Config {
     /// by this scheduler wakes it sooner).
     pub capacity_retry: Duration,
     pub max_task_bytes: usize,
+    /// Assignments a live worker may let time out before it is quarantined.
+    pub quarantine_after_timeouts: u64,
     pub retention: nats::Retention,
 }
 
@@ -52,6 +54,7 @@ impl Config {
             sweep_interval: Duration::from_millis(100),
             capacity_retry: Duration::from_millis(50),
             max_task_bytes: 64 << 20,
+            quarantine_after_timeouts: 3,
             retention: nats::Retention::default(),
         }
     }
@@ -224,6 +227,7 @@ impl Scheduler {
             return Ok(());
         };
         let old = Ticket::from_bytes(&bytes)?;
+        self.count_timeout(aid, &old.worker).await;
         let exhausted = old.attempt + 1 >= self.config.max_attempts;
         if exhausted || now_ms() >= old.deadline_at_ms {
             let reason = if exhausted { "attempts exhausted" } else { "deadline passed" };
@@ -261,6 +265,21 @@ impl Scheduler {
         self.send(&task, old.task_seq, old.replica, attempt, slice, worker).await?;
         self.release(aid, None).await?;
         Ok(())
+    }
+
+    /// A live worker let an assignment time out (accepted it and never answered): a strike;
+    /// enough of them quarantine it.
+    async fn count_timeout(&self, aid: &str, worker: &str) {
+        match self.capacity.timeout_strike(aid, worker).await {
+            Ok(n) if n > 0 && n >= self.config.quarantine_after_timeouts => {
+                let reason = format!("{n} assignments accepted and never answered");
+                if let Ok(true) = self.capacity.quarantine(worker, &reason).await {
+                    tracing::warn!(worker, %reason, "miner quarantined");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(worker, error = %e, "could not count a timeout"),
+        }
     }
 
     /// Frees an assignment's slot (idempotent); a freed slot wakes one task waiting for

@@ -46,17 +46,20 @@ pub enum Behaviour {
     ConstantOutputs,
     /// Runs a model's first task, then returns those outputs for every later task of it.
     Replay,
+    /// Accepts assignments (acks them) and never answers: holds slots for nothing.
+    NeverAnswer,
 }
 
 impl Behaviour {
     /// Every cheater, for tests that go through them all.
-    pub const CHEATERS: [Behaviour; 6] = [
+    pub const CHEATERS: [Behaviour; 7] = [
         Behaviour::Dishonest,
         Behaviour::WrongModel,
         Behaviour::Quantised,
         Behaviour::RandomOutputs,
         Behaviour::ConstantOutputs,
         Behaviour::Replay,
+        Behaviour::NeverAnswer,
     ];
 
     /// Parses `honest`, `rotate` (= dishonest), `wrong-model`, `quantised`, `random`,
@@ -71,9 +74,10 @@ impl Behaviour {
             "random" => Behaviour::RandomOutputs,
             "constant" => Behaviour::ConstantOutputs,
             "replay" => Behaviour::Replay,
+            "never-answer" => Behaviour::NeverAnswer,
             other => {
                 return Err(format!(
-                    "unknown behaviour {other:?}: honest, noisy, rotate, wrong-model, quantised, random, constant, replay"
+                    "unknown behaviour {other:?}: honest, noisy, rotate, wrong-model, quantised, random, constant, replay, never-answer"
                 ));
             }
         })
@@ -346,6 +350,10 @@ impl Worker {
                 return;
             }
         };
+        if self.config.behaviour == Behaviour::NeverAnswer {
+            let _ = msg.ack().await;
+            return;
+        }
         let (result, compute_us, started_us) = match self.execute(&assignment).await {
             Done::Outcome(result, compute_us, started_us) => (result, compute_us, started_us),
             Done::HandBack { slice, reason, slice_failed } => {
