@@ -65,8 +65,16 @@ enum Command {
         #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
     },
-    /// Reward table: per-miner scores and the latest epoch weights.
-    Rewards,
+    /// Reward table: per-miner scores and the latest epoch weights; with --explain, how one
+    /// miner's weight in an epoch came about, recomputed from the reward traces.
+    Rewards {
+        /// The epoch (default: the latest closed one).
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// A miner whose weight to explain task by task.
+        #[arg(long)]
+        explain: Option<String>,
+    },
     /// Every slice of the fleet: state, slots and memory in use, models loaded.
     Fleet,
     /// Run the ingress service.
@@ -200,7 +208,7 @@ async fn main() -> anyhow::Result<()> {
     // `up` and the client commands print their own report; services log at info.
     let quiet = matches!(
         cli.command,
-        Command::Up { .. } | Command::Submit { .. } | Command::Models { .. } | Command::Rewards | Command::Fleet
+        Command::Up { .. } | Command::Submit { .. } | Command::Models { .. } | Command::Rewards { .. } | Command::Fleet
     );
     sundara_common::init_logging(if quiet { "warn" } else { "info" });
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
@@ -266,9 +274,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Submit { model, input, count, rows, tenant, timeout_ms } => {
             submit(&cli.nats, &model, input, count, rows, &tenant, timeout_ms).await
         }
-        Command::Rewards => {
+        Command::Rewards { epoch, explain } => {
             let (js, _) = registry(&cli.nats).await?;
-            sundara::up::print_rewards(&js, None).await
+            match explain {
+                None => {
+                    let weights = match epoch {
+                        Some(n) => Some(
+                            sundara_rewarder::read_weights(&js, Some(n))
+                                .await?
+                                .with_context(|| format!("epoch {n} is not closed"))?,
+                        ),
+                        None => None,
+                    };
+                    sundara::up::print_rewards(&js, weights.as_ref()).await
+                }
+                Some(miner) => sundara::up::explain_rewards(&js, epoch, &miner).await,
+            }
         }
         Command::Fleet => {
             let capacity = sundara_common::Capacity::connect(&cli.redis).await?;

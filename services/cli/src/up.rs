@@ -101,6 +101,33 @@ pub async fn print_rewards(js: &jetstream::Context, weights: Option<&EpochWeight
     Ok(())
 }
 
+/// `sundara rewards --explain MINER`: the miner's share of every task of the epoch, and its
+/// weight recomputed from the reward traces alone, checked against the published one.
+pub async fn explain_rewards(js: &jetstream::Context, epoch: Option<u64>, miner: &str) -> anyhow::Result<()> {
+    let weights = sundara_rewarder::read_weights(js, epoch).await?.context("no epoch has closed yet")?;
+    let alpha = sundara_rewarder::read_ledger(js).await?.map_or(0.1, |l| l.alpha());
+    let traces = sundara_rewarder::read_traces(js).await?;
+    let x = sundara_rewarder::ledger::explain(&traces, alpha, weights.epoch, miner);
+    println!("{:<34} {:<10} {:>12} {:>5} {:>7}", "task", "standing", "latency ms", "rank", "score");
+    for (task, e) in &x.entries {
+        let latency = e.latency_us.map_or("–".to_string(), |us| format!("{:.2}", us as f64 / 1000.0));
+        let rank = e.rank.map_or("–".to_string(), |r| r.to_string());
+        println!("{task:<34} {:<10} {latency:>12} {rank:>5} {:>7.4}", format!("{:?}", e.standing), e.score);
+    }
+    let published = weights.weights.iter().find(|m| m.miner == miner).map_or(0, |m| m.weight);
+    println!(
+        "epoch {}: {} tasks; moving score (alpha {alpha}) {:.6} of {:.6} in all → weight {} of 65535; published {} ({})",
+        weights.epoch,
+        x.entries.len(),
+        x.score,
+        x.total_score,
+        x.weight,
+        published,
+        if x.weight == published { "matches" } else { "DIFFERS" }
+    );
+    Ok(())
+}
+
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let root = project_root();
     let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root))?;

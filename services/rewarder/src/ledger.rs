@@ -154,6 +154,38 @@ impl Ledger {
     }
 }
 
+/// How one miner's weight in an epoch came about, recomputed from the reward traces alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Explanation {
+    /// The miner's share of each task of the epoch, in the order applied.
+    pub entries: Vec<(String, RewardEntry)>,
+    /// Its moving score when the epoch closed (scores carry over from earlier epochs).
+    pub score: f64,
+    /// Sum of every miner's moving score then.
+    pub total_score: f64,
+    /// Its weight: its score's share of [`WEIGHT_TOTAL`], rounded by largest remainder.
+    pub weight: u16,
+}
+
+/// Replays `traces` (in stream order) through epoch `epoch` with smoothing `alpha`, as the
+/// ledger applied them: anyone holding the REWARDS stream can check a published weight.
+pub fn explain(traces: &[RewardTrace], alpha: f64, epoch: u64, miner: &str) -> Explanation {
+    let mut scores: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut entries = Vec::new();
+    for t in traces.iter().filter(|t| t.epoch <= epoch) {
+        for e in &t.entries {
+            let s = scores.entry(e.worker.as_str()).or_default();
+            *s = alpha * e.score + (1.0 - alpha) * *s;
+            if t.epoch == epoch && e.worker == miner {
+                entries.push((t.task_id.clone(), e.clone()));
+            }
+        }
+    }
+    let all: Vec<f64> = scores.values().copied().collect();
+    let weight = scores.keys().position(|m| *m == miner).map_or(0, |i| normalize_u16(&all)[i]);
+    Explanation { entries, score: scores.get(miner).copied().unwrap_or(0.0), total_score: all.iter().sum(), weight }
+}
+
 /// Rank of each miner among the agreeing ones (1 = fastest; ties by worker id; unknown
 /// latency last), `None` for the others. Same order as `miners`.
 fn rank_agreeing(miners: &[MinerVerdict]) -> Vec<Option<u32>> {
@@ -452,6 +484,37 @@ mod tests {
         };
         assert_eq!(bits(&a), bits(&b));
         assert_eq!(sundara_schemas::encode(&a), sundara_schemas::encode(&b));
+    }
+
+    #[test]
+    fn the_reward_traces_alone_explain_every_published_weight_bit_for_bit() {
+        let standings = [Standing::Agreed, Standing::Agreed, Standing::Disagreed, Standing::Missing];
+        let mut ledger = Ledger::new(0.1, 0);
+        let mut traces = Vec::new();
+        let mut published = Vec::new();
+        for i in 0..300u64 {
+            let miners = (0..3u64)
+                .map(|r| {
+                    let standing = standings[((i + r) % 4) as usize];
+                    mv(&format!("w{}", (i * 7 + r * 3) % 5), standing, Some((i * 31 + r * 17) % 997))
+                })
+                .collect();
+            traces.push(ledger.apply(&verdict(&format!("t{i}"), miners), i + 1).unwrap());
+            if i % 100 == 99 {
+                published.push(ledger.close_epoch(i));
+            }
+        }
+        for weights in &published {
+            for m in &weights.weights {
+                let x = explain(&traces, 0.1, weights.epoch, &m.miner);
+                assert_eq!(x.weight, m.weight, "epoch {} miner {}", weights.epoch, m.miner);
+                assert_eq!(x.score.to_bits(), m.score.to_bits());
+                assert!(x.entries.iter().all(|(_, e)| e.worker == m.miner));
+            }
+            let tasks: usize =
+                weights.weights.iter().map(|m| explain(&traces, 0.1, weights.epoch, &m.miner).entries.len()).sum();
+            assert_eq!(tasks, 300, "each epoch's 100 tasks × 3 miners");
+        }
     }
 
     #[test]

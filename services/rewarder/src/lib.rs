@@ -457,3 +457,35 @@ pub async fn read_weights(js: &jetstream::Context, epoch: Option<u64>) -> Result
     };
     Ok(Some(decode(&bytes, MAX_MESSAGE_BYTES).map_err(CommonError::from)?))
 }
+
+/// Every reward trace stored in REWARDS, in stream order (for `sundara rewards --explain`).
+pub async fn read_traces(js: &jetstream::Context) -> Result<Vec<RewardTrace>, RewarderError> {
+    let mut stream = js.get_stream(subj::REWARDS_STREAM).await.map_err(js_err)?;
+    let last = stream.info().await.map_err(js_err)?.state.last_sequence;
+    let mut traces = Vec::new();
+    if last == 0 {
+        return Ok(traces);
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subj::reward_task("*"),
+            ..Default::default()
+        })
+        .await
+        .map_err(js_err)?;
+    let mut messages = consumer.messages().await.map_err(js_err)?;
+    loop {
+        // Bounded: the consumer says nothing when the last trace precedes the epoch record.
+        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
+        let Ok(Some(msg)) = next else { break };
+        let msg = msg.map_err(js_err)?;
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(last);
+        if let Ok(trace) = decode::<RewardTrace>(&msg.payload, MAX_MESSAGE_BYTES) {
+            traces.push(trace);
+        }
+        if seq >= last {
+            break;
+        }
+    }
+    Ok(traces)
+}
