@@ -12,6 +12,7 @@
 
 pub mod compare;
 pub mod quorum;
+pub mod trust;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -302,6 +303,8 @@ struct Publisher {
     verdicts: jetstream::stream::Stream,
     registry: Registry,
     reference: Option<Reference>,
+    /// Passed audits per miner: lowers their audit rate (see [`trust`]).
+    trust: std::sync::Mutex<trust::Trust>,
 }
 
 impl Publisher {
@@ -318,7 +321,9 @@ impl Publisher {
         let reference = match &self.reference {
             Some(reference) => {
                 let agreed = vote(&rule, &g).winner.is_some();
-                let audit = agreed && rand::rng().random::<f64>() < policy.audit_rate;
+                let miners = g.replicas.values().map(|r| r.outcome.ticket.worker.as_str());
+                let rate = self.trust.lock().unwrap_or_else(|e| e.into_inner()).audit_rate(policy.audit_rate, miners);
+                let audit = agreed && rand::rng().random::<f64>() < rate;
                 if audit || !agreed {
                     let outputs = reference.run(&self.registry, first).await;
                     if let Err(e) = &outputs {
@@ -332,6 +337,7 @@ impl Publisher {
             None => None,
         };
         let (result, verdict, dead) = conclude(rule, &g, reference.as_ref());
+        self.trust.lock().unwrap_or_else(|e| e.into_inner()).record(&verdict);
         let stored = async {
             if let Some(dead) = &dead {
                 nats::publish_durable(&self.js, subj::dead(&task_id), &task_id, encode(dead)).await?;
@@ -390,7 +396,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         }
         None => None,
     };
-    let publisher = Arc::new(Publisher { js, verdicts, registry, reference });
+    let publisher = Arc::new(Publisher { js, verdicts, registry, reference, trust: Default::default() });
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut gathering: HashMap<String, Gathering> = HashMap::new();
     let mut decided = Decided { order: VecDeque::new(), set: HashSet::new(), cap: 200_000 };
