@@ -10,9 +10,8 @@ use rand::SeedableRng;
 use sundara::pipeline::WorkerSpec;
 use sundara_common::capacity::SliceState;
 use sundara_schemas::{RejectCode, ResultStatus, SubmitOutcome};
-use sundara_verifier::compare::agree;
 use sundara_worker::{Behaviour, Executor, ExecutorConfig, ModelRun, SliceConfig};
-use support::{Harness, RULE, honest, reference};
+use support::{Harness, honest};
 
 const MODELS: [&str; 4] = ["mlp", "silero", "magika", "ppocr-cls"];
 
@@ -77,22 +76,10 @@ async fn a_worker_with_little_memory_serves_every_model_by_evicting() {
     slice.slots = 24;
     let mut h = Harness::start(vec![worker("tight", slice)], 1, Duration::from_secs(30)).await;
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     // Bursts of 8 tasks per model, round-robin: each burst needs its model back.
-    let requests: Vec<_> = (0..160)
-        .map(|i| {
-            let meta = &h.models[MODELS[(i / 8) % 4]];
-            h.request(&meta.name, sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("tight-{i}"))
-        })
-        .collect();
+    let requests = h.sample_requests(160, "tight", 4, |i| MODELS[(i / 8) % 4]);
     let results = h.run_tasks(&requests).await;
-    for (i, req) in requests.iter().enumerate() {
-        let task_id = sundara_ingress::task_id("test", req.request_id.as_deref());
-        let ResultStatus::Verified { outputs, .. } = &results[&task_id].status else {
-            panic!("task {i} ({}) not verified: {:?}", req.model, results[&task_id].status);
-        };
-        assert!(agree(&RULE, outputs, &reference(&h.models[&req.model], &req.inputs)), "task {i} differs");
-    }
+    h.assert_correct(&requests, &results);
 
     let footprints = h.capacity.footprints().await.unwrap();
     let slice =
@@ -120,11 +107,7 @@ async fn a_failed_slice_hands_its_tasks_to_another_worker() {
     let mut faulty = SliceConfig::cpu("cpu0", 1, 1 << 30);
     faulty.fail_after_runs = Some(1);
     let mut h = Harness::start(vec![worker("faulty", faulty), honest("sound", 1)], 1, Duration::from_secs(30)).await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let meta = &h.models["mlp"];
-    let requests: Vec<_> = (0..120)
-        .map(|i| h.request("mlp", sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("fault-{i}")))
-        .collect();
+    let requests = h.sample_requests(120, "fault", 5, |_| "mlp");
     let results = h.run_tasks(&requests).await;
     assert!(results.values().all(|r| matches!(r.status, ResultStatus::Verified { .. })), "a task failed");
 
@@ -167,11 +150,7 @@ async fn a_slice_too_small_for_a_model_hands_its_tasks_back() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let small = SliceConfig::cpu("cpu0", 1, 8 << 20); // magika's 3 MB file fits, its session does not
     let mut h = Harness::start(vec![worker("small", small), honest("roomy", 1)], 1, Duration::from_secs(30)).await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let meta = &h.models["magika"];
-    let requests: Vec<_> = (0..24)
-        .map(|i| h.request("magika", sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("big-{i}")))
-        .collect();
+    let requests = h.sample_requests(24, "big", 7, |_| "magika");
     let results = h.run_tasks(&requests).await;
     assert!(results.values().all(|r| matches!(r.status, ResultStatus::Verified { .. })), "a task failed");
     let verdicts = h.all_verdicts().await;
@@ -199,11 +178,7 @@ async fn a_worker_runs_handed_back_tasks_on_its_other_slice() {
     let slices = vec![SliceConfig::cpu("a-small", 1, 8 << 20), SliceConfig::cpu("big", 1, 1 << 30)];
     let spec = WorkerSpec { id: "split".into(), slices, behaviour: Behaviour::Honest };
     let mut h = Harness::start(vec![spec], 1, Duration::from_secs(30)).await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-    let meta = &h.models["magika"];
-    let requests: Vec<_> = (0..40)
-        .map(|i| h.request("magika", sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("split-{i}")))
-        .collect();
+    let requests = h.sample_requests(40, "split", 8, |_| "magika");
     let results = h.run_tasks(&requests).await;
     assert!(results.values().all(|r| matches!(r.status, ResultStatus::Verified { .. })), "a task failed");
     let verdicts = h.all_verdicts().await;

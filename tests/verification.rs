@@ -5,29 +5,15 @@ mod support;
 
 use std::time::Duration;
 
-use rand::SeedableRng;
 use sundara_schemas::{Policy, ReferenceCheck, ResultStatus, Standing};
-use sundara_verifier::compare::agree;
-use support::{Harness, RULE, dishonest, honest, reference};
+use support::{Harness, RULE, dishonest, honest};
 
 /// Submits `n` tasks over the demo models and checks every result against a direct ORT run.
 async fn run_and_check(h: &mut Harness, n: usize, tag: &str) {
     let seed = tag.bytes().fold(11u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let requests: Vec<_> = (0..n)
-        .map(|i| {
-            let meta = &h.models[["mlp", "magika", "ppocr-cls"][i % 3]];
-            h.request(&meta.name, sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("{tag}-{i}"))
-        })
-        .collect();
+    let requests = h.sample_requests(n, tag, seed, |i| ["mlp", "magika", "ppocr-cls"][i % 3]);
     let results = h.run_tasks(&requests).await;
-    for (i, req) in requests.iter().enumerate() {
-        let task_id = sundara_ingress::task_id("test", req.request_id.as_deref());
-        let ResultStatus::Verified { outputs, .. } = &results[&task_id].status else {
-            panic!("task {i} not verified: {:?}", results[&task_id].status);
-        };
-        assert!(agree(&RULE, outputs, &reference(&h.models[&req.model], &req.inputs)), "task {i}: wrong result");
-    }
+    h.assert_correct(&requests, &results);
 }
 
 /// Two colluders (the same falsified outputs) outvote an honest miner at k=3; audits on
@@ -190,11 +176,7 @@ async fn honest_float_noise_is_never_rejected() {
     ];
     let policy = Policy { redundancy: 2, rule: RULE, audit_rate: sundara_schemas::DEFAULT_AUDIT_RATE };
     let mut h = Harness::start_with(workers, policy, Duration::from_secs(30)).await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-    let meta = &h.models["mlp"];
-    let requests: Vec<_> = (0..10_000)
-        .map(|i| h.request("mlp", sundara::models::sample_inputs(&meta.inputs, 1, &mut rng), &format!("noise-{i}")))
-        .collect();
+    let requests = h.sample_requests(10_000, "noise", 12, |_| "mlp");
     let results = h.run_tasks(&requests).await;
     assert_eq!(results.len(), 10_000);
     assert!(results.values().all(|r| matches!(r.status, ResultStatus::Verified { agreeing: 2, k: 2, .. })));

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
+use rand::SeedableRng;
 use sundara::client::Client;
 use sundara::pipeline::{Pipeline, PipelineConfig, WorkerSpec};
 use sundara::stack::{LocalStack, project_root};
 use sundara_common::{Capacity, Registry, nats};
 use sundara_schemas::{
-    ClientResult, CompareRule, MAX_MESSAGE_BYTES, ModelMeta, Policy, SubmitOutcome, SubmitRequest, Tensor, Verdict,
-    decode, subjects as subj,
+    ClientResult, CompareRule, MAX_MESSAGE_BYTES, ModelMeta, Policy, ResultStatus, SubmitOutcome, SubmitRequest,
+    Tensor, Verdict, decode, subjects as subj,
 };
 use sundara_worker::Behaviour;
 
@@ -124,6 +125,38 @@ impl Harness {
             request_id: Some(request_id.into()),
             timeout_ms: Some(120_000),
             ..SubmitRequest::new(model, inputs, "test")
+        }
+    }
+
+    /// `n` one-row requests with sample inputs: request `i` is for `model_of(i)`, with id
+    /// `<tag>-<i>`; inputs come from a generator seeded with `seed`.
+    pub fn sample_requests(
+        &self,
+        n: usize,
+        tag: &str,
+        seed: u64,
+        model_of: impl Fn(usize) -> &'static str,
+    ) -> Vec<SubmitRequest> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|i| {
+                let meta = &self.models[model_of(i)];
+                let inputs = sundara::models::sample_inputs(&meta.inputs, 1, &mut rng);
+                self.request(&meta.name, inputs, &format!("{tag}-{i}"))
+            })
+            .collect()
+    }
+
+    /// Asserts that every request's result is verified and agrees (under [`RULE`]) with
+    /// running its model directly.
+    pub fn assert_correct(&self, requests: &[SubmitRequest], results: &HashMap<String, ClientResult>) {
+        for (i, req) in requests.iter().enumerate() {
+            let task_id = sundara_ingress::task_id("test", req.request_id.as_deref());
+            let ResultStatus::Verified { outputs, .. } = &results[&task_id].status else {
+                panic!("task {i} ({}) not verified: {:?}", req.model, results[&task_id].status);
+            };
+            let want = reference(&self.models[&req.model], &req.inputs);
+            assert!(sundara_verifier::compare::agree(&RULE, outputs, &want), "task {i} ({}): wrong result", req.model);
         }
     }
 

@@ -135,17 +135,18 @@ pub fn vote(rule: &CompareRule, g: &Gathering) -> quorum::Decision {
 }
 
 /// Builds what a decision publishes: the client's result, the verdict, and (when nothing
-/// can be accepted) the dead letter. With a reference run, miners are judged against it
-/// and the client gets outputs that match it. Pure.
+/// can be accepted) the dead letter, from the miners' [`vote`] and, when the verifier ran
+/// the task itself, its reference run: miners are then judged against it and the client
+/// gets outputs that match it. Pure.
 pub fn conclude(
     rule: CompareRule,
     g: &Gathering,
+    voted: quorum::Decision,
     reference: Option<&ReferenceRun>,
 ) -> (ClientResult, Verdict, Option<DeadLetter>) {
     let first = &g.replicas.values().next().expect("a gathering has at least one outcome").outcome.ticket;
     let received: Vec<&Received> = g.replicas.values().collect();
     let results: Vec<&OutcomeResult> = received.iter().map(|r| &r.outcome.result).collect();
-    let voted = quorum::decide(&rule, first.k, &results);
     let (decision, check, reference_outputs) = match reference {
         None => (voted, None, None),
         Some(ReferenceRun { outputs: Err(reason), .. }) => {
@@ -317,10 +318,11 @@ impl Publisher {
             _ => Policy::default(),
         };
         let rule = policy.rule;
+        let voted = vote(&rule, &g);
         // Escalate every task without a majority; audit a sample of the rest.
         let reference = match &self.reference {
             Some(reference) => {
-                let agreed = vote(&rule, &g).winner.is_some();
+                let agreed = voted.winner.is_some();
                 let miners = g.replicas.values().map(|r| r.outcome.ticket.worker.as_str());
                 let rate = self.trust.lock().unwrap_or_else(|e| e.into_inner()).audit_rate(policy.audit_rate, miners);
                 let audit = agreed && rand::rng().random::<f64>() < rate;
@@ -336,7 +338,7 @@ impl Publisher {
             }
             None => None,
         };
-        let (result, verdict, dead) = conclude(rule, &g, reference.as_ref());
+        let (result, verdict, dead) = conclude(rule, &g, voted, reference.as_ref());
         self.trust.lock().unwrap_or_else(|e| e.into_inner()).record(&verdict);
         let stored = async {
             if let Some(dead) = &dead {
@@ -536,6 +538,11 @@ mod tests {
         g
     }
 
+    /// [`conclude`] after the miners' vote, as the service does.
+    fn decided(g: &Gathering, reference: Option<&ReferenceRun>) -> (ClientResult, Verdict, Option<DeadLetter>) {
+        conclude(RULE, g, vote(&RULE, g), reference)
+    }
+
     fn standings(v: &Verdict) -> Vec<Standing> {
         v.miners.iter().map(|m| m.standing).collect()
     }
@@ -551,7 +558,7 @@ mod tests {
     fn a_passed_audit_changes_nothing() {
         let g = gathering(&[Some(0.25), Some(0.25)]);
         let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
-        let (result, verdict, dead) = conclude(RULE, &g, Some(&audit));
+        let (result, verdict, dead) = decided(&g, Some(&audit));
         assert_eq!(verdict.reference, Some(ReferenceCheck::AuditPassed));
         assert_eq!(standings(&verdict), vec![Standing::Agreed, Standing::Agreed]);
         assert_eq!(outputs(&result), out(0.25));
@@ -562,10 +569,10 @@ mod tests {
     fn an_audit_overrules_a_colluding_majority() {
         // Two colluders agree on a wrong answer and would win the vote.
         let g = gathering(&[Some(0.9), Some(0.25), Some(0.9)]);
-        let (voted, _, _) = conclude(RULE, &g, None);
+        let (voted, _, _) = decided(&g, None);
         assert_eq!(outputs(&voted), out(0.9), "the vote alone is fooled");
         let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
-        let (result, verdict, _) = conclude(RULE, &g, Some(&audit));
+        let (result, verdict, _) = decided(&g, Some(&audit));
         assert_eq!(verdict.reference, Some(ReferenceCheck::AuditFailed));
         assert_eq!(standings(&verdict), vec![Standing::Disagreed, Standing::Agreed, Standing::Disagreed]);
         assert_eq!(outputs(&result), out(0.25));
@@ -575,7 +582,7 @@ mod tests {
     fn a_lone_cheater_at_k1_gets_nothing_and_the_client_gets_the_reference() {
         let g = gathering(&[Some(0.9)]);
         let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
-        let (result, verdict, dead) = conclude(RULE, &g, Some(&audit));
+        let (result, verdict, dead) = decided(&g, Some(&audit));
         assert_eq!(standings(&verdict), vec![Standing::Disagreed]);
         assert!(matches!(result.status, ResultStatus::Verified { agreeing: 0, k: 1, .. }));
         assert_eq!(outputs(&result), out(0.25));
@@ -585,16 +592,16 @@ mod tests {
     #[test]
     fn escalation_settles_a_split_vote_and_an_unavailable_reference_dead_letters_it() {
         let g = gathering(&[Some(0.9), Some(0.25)]);
-        let (_, _, dead) = conclude(RULE, &g, None);
+        let (_, _, dead) = decided(&g, None);
         assert!(dead.is_some(), "no majority without a reference");
         let escalation = ReferenceRun { audit: false, outputs: Ok(out(0.25)) };
-        let (result, verdict, dead) = conclude(RULE, &g, Some(&escalation));
+        let (result, verdict, dead) = decided(&g, Some(&escalation));
         assert_eq!(verdict.reference, Some(ReferenceCheck::Escalated));
         assert_eq!(standings(&verdict), vec![Standing::Disagreed, Standing::Agreed]);
         assert_eq!(outputs(&result), out(0.25));
         assert!(dead.is_none());
         let broken = ReferenceRun { audit: false, outputs: Err("timed out".into()) };
-        let (result, verdict, dead) = conclude(RULE, &g, Some(&broken));
+        let (result, verdict, dead) = decided(&g, Some(&broken));
         assert!(matches!(verdict.reference, Some(ReferenceCheck::Unavailable { .. })));
         assert!(matches!(result.status, ResultStatus::Failed { .. }));
         assert!(dead.is_some() && !verdict.accepted);
@@ -604,7 +611,7 @@ mod tests {
     fn failures_are_judged_as_failures_even_against_a_reference() {
         let g = gathering(&[None, Some(0.25)]);
         let escalation = ReferenceRun { audit: false, outputs: Ok(out(0.25)) };
-        let (_, verdict, _) = conclude(RULE, &g, Some(&escalation));
+        let (_, verdict, _) = decided(&g, Some(&escalation));
         assert_eq!(standings(&verdict), vec![Standing::Failed, Standing::Agreed]);
     }
 }
