@@ -81,3 +81,19 @@ async fn a_redelivered_task_keeps_its_reservation() {
     assert_eq!(first, again);
     assert_eq!(capacity.inflight().await.unwrap(), 2);
 }
+
+#[tokio::test]
+async fn only_the_holder_answering_in_time_frees_a_slot() {
+    use sundara_common::capacity::Answer;
+    let (_redis, _dir, capacity) = fleet(2, 1).await;
+    let answer_by = 1_000_000;
+    let picks = capacity.reserve("m", "t", &["t.0.0".to_string()], answer_by, 600_000, SCAN).await.unwrap().unwrap();
+    let holder = picks[0].1.as_str();
+    let other = if holder == "w00000" { "w00001" } else { "w00000" };
+    let answer = |worker, stored_at_ms| Some(Answer { worker, stored_at_ms });
+    assert!(!capacity.release("t.0.0", answer(other, answer_by)).await.unwrap(), "another worker's answer");
+    assert!(!capacity.release("t.0.0", answer(holder, answer_by + 1)).await.unwrap(), "a late answer");
+    assert_eq!(capacity.inflight().await.unwrap(), 1, "the sweep still finds it");
+    assert!(capacity.release("t.0.0", answer(holder, answer_by)).await.unwrap());
+    assert!(!capacity.release("t.0.0", answer(holder, answer_by)).await.unwrap(), "released once");
+}

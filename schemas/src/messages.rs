@@ -239,6 +239,10 @@ pub enum Standing {
     Failed,
     /// Never returned anything in time.
     Missing,
+    /// Answered after its assignment's deadline (`Ticket::answer_by_ms`, judged by when
+    /// OUTCOMES stored the answer): not counted in the vote and earns nothing; the
+    /// replica went to another miner.
+    Late,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

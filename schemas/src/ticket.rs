@@ -26,7 +26,12 @@ pub struct Ticket {
     /// Redis slice the slot was reserved on.
     pub slice: String,
     pub dispatched_at_us: u64,
+    /// The task's deadline (Unix ms).
     pub deadline_at_ms: u64,
+    /// This assignment's own deadline (Unix ms): an outcome stored after it is late, the
+    /// replica has been (or is about to be) given to another miner, and it earns nothing.
+    #[serde(default)]
+    pub answer_by_ms: u64,
     /// Sequence of the task in the TASKS stream (to re-read it for reassignment).
     pub task_seq: u64,
     #[serde(with = "serde_bytes")]
@@ -80,6 +85,7 @@ mod tests {
             slice: "w1-cpu0".into(),
             dispatched_at_us: 1000,
             deadline_at_ms: 2000,
+            answer_by_ms: 1500,
             task_seq: 7,
             mac: vec![],
         }
@@ -94,6 +100,9 @@ mod tests {
         let mut forged = t.clone();
         forged.dispatched_at_us += 1;
         assert!(!forged.verify(b"secret"));
+        let mut extended = t.clone();
+        extended.answer_by_ms += 1;
+        assert!(!extended.verify(b"secret"));
         let mut stolen = t.clone();
         stolen.worker = "w2".into();
         assert!(!stolen.verify(b"secret"));

@@ -127,7 +127,7 @@ enum Command {
         #[arg(long)]
         dishonest: bool,
         /// honest, noisy (honest with 1e-6 float noise), or a cheater: rotate, wrong-model,
-        /// quantised, random, constant, replay, never-answer.
+        /// quantised, random, constant, replay, never-answer, late.
         #[arg(long, default_value = "honest", value_parser = sundara_worker::Behaviour::parse)]
         behaviour: sundara_worker::Behaviour,
     },

@@ -39,6 +39,14 @@ pub fn cand_key(model: &str) -> String {
 fn asg_key(aid: &str) -> String {
     format!("sundara:asg:{aid}")
 }
+/// Who answered an assignment and when OUTCOMES stored the answer: [`Capacity::release`]
+/// frees the slot only if that worker holds it and answered in time.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer<'a> {
+    pub worker: &'a str,
+    pub stored_at_ms: u64,
+}
+
 const WORKERS: &str = "sundara:workers";
 const SLICEMEM: &str = "sundara:slicemem";
 const FOOTPRINT: &str = "sundara:footprint";
@@ -99,7 +107,7 @@ if #need > 0 then
     for _, m in ipairs(redis.call('SMEMBERS', 'sundara:slice:' .. s .. ':models')) do
       redis.call('ZADD', 'sundara:cand:' .. m, 'XX', -free, s)
     end
-    redis.call('HSET', 'sundara:asg:' .. aid, 'slice', s, 'worker', w)
+    redis.call('HSET', 'sundara:asg:' .. aid, 'slice', s, 'worker', w, 'answer_by', timeout_at)
     redis.call('PEXPIRE', 'sundara:asg:' .. aid, ttl)
     redis.call('ZADD', 'sundara:inflight', timeout_at, aid)
     redis.call('SADD', 'sundara:inflight:w:' .. w, aid)
@@ -114,13 +122,16 @@ return flat
 "#;
 
 /// Frees an assignment's slot. Idempotent: a second release of the same id does nothing.
-/// ARGV: aid, and optionally the worker that must hold it (else nothing is freed).
+/// ARGV: aid, and optionally the worker that must hold it (else nothing is freed) and when
+/// its answer was stored (ms): an answer after the assignment's deadline frees nothing, so
+/// the sweep still gives the replica to another miner.
 /// Returns 1 if it freed a slot.
 const RELEASE: &str = r#"
 local key = 'sundara:asg:' .. ARGV[1]
-local h = redis.call('HMGET', key, 'slice', 'worker')
+local h = redis.call('HMGET', key, 'slice', 'worker', 'answer_by')
 if not h[1] then return 0 end
 if ARGV[2] and ARGV[2] ~= h[2] then return 0 end
+if ARGV[3] and h[3] and tonumber(ARGV[3]) > tonumber(h[3]) then return 0 end
 redis.call('DEL', key)
 redis.call('ZREM', 'sundara:inflight', ARGV[1])
 redis.call('SREM', 'sundara:inflight:w:' .. h[2], ARGV[1])
@@ -448,12 +459,12 @@ impl Capacity {
 
     /// Frees the slot of an assignment, when given only if `holder` is the worker that
     /// holds it (an outcome names its worker in its subject); `true` if this call freed it.
-    pub async fn release(&self, aid: &str, holder: Option<&str>) -> Result<bool, Error> {
+    pub async fn release(&self, aid: &str, holder: Option<Answer<'_>>) -> Result<bool, Error> {
         let mut con = self.con.clone();
         let mut inv = self.release.prepare_invoke();
         inv.arg(aid);
-        if let Some(worker) = holder {
-            inv.arg(worker);
+        if let Some(answer) = holder {
+            inv.arg(answer.worker).arg(answer.stored_at_ms);
         }
         let freed: i64 = inv.invoke_async(&mut con).await?;
         Ok(freed == 1)

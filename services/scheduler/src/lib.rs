@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
 use futures::StreamExt;
+use sundara_common::capacity::Answer;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
 use sundara_schemas::{
     Assignment, ClientResult, FailureCode, Outcome, OutcomeResult, ResultStatus, Task, Ticket, WIRE_VERSION, decode,
@@ -83,6 +84,13 @@ struct Scheduler {
     freed: tokio::sync::Notify,
 }
 
+/// Which dispatch of which copy of a task, and when its answer is due.
+struct Replica {
+    replica: u8,
+    attempt: u16,
+    answer_by_ms: u64,
+}
+
 /// What became of one task delivery.
 enum Dispatch {
     Sent,
@@ -101,7 +109,7 @@ impl Scheduler {
     async fn dispatch(&self, task: &Task, task_seq: u64, msg: &Message) -> Result<Dispatch, CommonError> {
         let aids: Vec<String> = (0..task.k).map(|r| assignment_id(&task.task_id, r, 0)).collect();
         let mut last_progress = tokio::time::Instant::now();
-        let picks = loop {
+        let (picks, answer_by_ms) = loop {
             if now_ms() >= task.deadline_at_ms {
                 self.expire(task).await?;
                 return Ok(Dispatch::Expired);
@@ -117,7 +125,7 @@ impl Scheduler {
                 .reserve(&task.model.name, &task.task_id, &aids, timeout_at, ttl, self.config.scan)
                 .await?;
             if let Some(picks) = reserved {
-                break picks;
+                break (picks, timeout_at);
             }
             let until_deadline = Duration::from_millis(task.deadline_at_ms.saturating_sub(now_ms()));
             let _ = tokio::time::timeout(self.config.capacity_retry.min(until_deadline), freed).await;
@@ -127,7 +135,8 @@ impl Scheduler {
             }
         };
         for (replica, (slice, worker)) in picks.into_iter().enumerate() {
-            self.send(task, task_seq, replica as u8, 0, slice, worker).await?;
+            self.send(task, task_seq, Replica { replica: replica as u8, attempt: 0, answer_by_ms }, slice, worker)
+                .await?;
         }
         Ok(Dispatch::Sent)
     }
@@ -136,11 +145,11 @@ impl Scheduler {
         &self,
         task: &Task,
         task_seq: u64,
-        replica: u8,
-        attempt: u16,
+        replica: Replica,
         slice: String,
         worker: String,
     ) -> Result<(), CommonError> {
+        let Replica { replica, attempt, answer_by_ms } = replica;
         let mut ticket = Ticket {
             task_id: task.task_id.clone(),
             tenant: task.tenant.clone(),
@@ -152,6 +161,7 @@ impl Scheduler {
             slice,
             dispatched_at_us: now_us(),
             deadline_at_ms: task.deadline_at_ms,
+            answer_by_ms,
             task_seq,
             mac: Vec::new(),
         };
@@ -262,7 +272,8 @@ impl Scheduler {
         let raw = self.tasks.get_raw_message(old.task_seq).await.map_err(js_err)?;
         let task = decode::<Task>(&raw.payload, self.config.max_task_bytes)?;
         tracing::info!(assignment = aid, from = %old.worker, to = %worker, attempt, "reassigning");
-        self.send(&task, old.task_seq, old.replica, attempt, slice, worker).await?;
+        let replica = Replica { replica: old.replica, attempt, answer_by_ms: timeout_at };
+        self.send(&task, old.task_seq, replica, slice, worker).await?;
         self.release(aid, None).await?;
         Ok(())
     }
@@ -284,7 +295,7 @@ impl Scheduler {
 
     /// Frees an assignment's slot (idempotent); a freed slot wakes one task waiting for
     /// capacity (the longest waiting), not all of them.
-    async fn release(&self, aid: &str, holder: Option<&str>) -> Result<(), CommonError> {
+    async fn release(&self, aid: &str, holder: Option<Answer<'_>>) -> Result<(), CommonError> {
         if self.capacity.release(aid, holder).await? {
             self.freed.notify_one();
         }
@@ -294,12 +305,22 @@ impl Scheduler {
     /// An outcome arrived (headers only: the release needs no outputs). Its Nats-Msg-Id is
     /// the assignment id (`<aid>.abandoned` when this scheduler gave up on it) and its
     /// subject names the worker; the slot is freed only if that worker holds it, so an
-    /// outcome published under one worker's name cannot free another's slot.
+    /// outcome published under one worker's name cannot free another's slot, and only if
+    /// it was stored in time: a late answer leaves the replica to the sweep's reassignment.
     async fn on_outcome(&self, msg: Message) {
         let aid = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
-        let aid = aid.map(|a| a.strip_suffix(".abandoned").unwrap_or(a));
+        let (aid, abandoned) = match aid.map(|a| (a.strip_suffix(".abandoned"), a)) {
+            Some((Some(stripped), _)) => (Some(stripped), true),
+            Some((None, a)) => (Some(a), false),
+            None => (None, false),
+        };
+        // An abandonment is this scheduler's own outcome, published after the deadline.
+        let stored_at_ms = match abandoned {
+            true => 0,
+            false => nats::stored_at_us(&msg).unwrap_or_else(now_us) / 1000,
+        };
         if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject))
-            && let Err(e) = self.release(aid, Some(worker)).await
+            && let Err(e) = self.release(aid, Some(Answer { worker, stored_at_ms })).await
         {
             tracing::warn!(error = %e, "release failed; will retry");
             let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;

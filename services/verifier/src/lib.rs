@@ -106,26 +106,39 @@ pub struct Received {
     pub stored_at_us: u64,
 }
 
-/// Outcomes of one task gathered so far, by replica (the first outcome of a replica counts).
+/// Outcomes of one task gathered so far, by replica (the first in-time outcome of a
+/// replica counts), and answers that came after their assignment's deadline.
 #[derive(Default)]
 pub struct Gathering {
     pub replicas: BTreeMap<u8, Received>,
+    /// Late answers: each replica's slot is left for the miner it was reassigned to.
+    pub late: Vec<Received>,
     pub held: Vec<Message>,
     pub first_seen: Option<Instant>,
 }
 
 impl Gathering {
+    fn first_ticket(&self) -> Option<&Ticket> {
+        self.replicas.values().chain(&self.late).next().map(|r| &r.outcome.ticket)
+    }
+
     fn k(&self) -> u8 {
-        self.replicas.values().next().map_or(0, |r| r.outcome.ticket.k)
+        self.first_ticket().map_or(0, |t| t.k)
     }
 
     fn deadline_at_ms(&self) -> u64 {
-        self.replicas.values().next().map_or(0, |r| r.outcome.ticket.deadline_at_ms)
+        self.first_ticket().map_or(0, |t| t.deadline_at_ms)
     }
 
     fn complete(&self) -> bool {
         self.replicas.len() >= self.k() as usize
     }
+}
+
+/// Whether an outcome stored at `stored_at_us` came after its assignment's deadline.
+pub fn is_late(ticket: &Ticket, stored_at_us: u64) -> bool {
+    // 0: a ticket from before assignment deadlines were signed.
+    ticket.answer_by_ms != 0 && stored_at_us > ticket.answer_by_ms.saturating_mul(1000)
 }
 
 /// The miners' vote on a task (see [`quorum::decide`]).
@@ -144,7 +157,7 @@ pub fn conclude(
     voted: quorum::Decision,
     reference: Option<&ReferenceRun>,
 ) -> (ClientResult, Verdict, Option<DeadLetter>) {
-    let first = &g.replicas.values().next().expect("a gathering has at least one outcome").outcome.ticket;
+    let first = g.first_ticket().expect("a gathering has at least one outcome");
     let received: Vec<&Received> = g.replicas.values().collect();
     let results: Vec<&OutcomeResult> = received.iter().map(|r| &r.outcome.result).collect();
     let (decision, check, reference_outputs) = match reference {
@@ -172,6 +185,13 @@ pub fn conclude(
             standing,
             latency_us: (standing != Standing::Missing).then_some(r.latency_us),
         })
+        .chain(g.late.iter().map(|r| MinerVerdict {
+            worker: r.outcome.ticket.worker.clone(),
+            replica: r.outcome.ticket.replica,
+            attempt: r.outcome.ticket.attempt,
+            standing: Standing::Late,
+            latency_us: None,
+        }))
         .collect();
     let agreeing = decision.standings.iter().filter(|s| **s == Standing::Agreed).count() as u8;
     let now = now_ms();
@@ -310,7 +330,7 @@ struct Publisher {
 
 impl Publisher {
     async fn publish(&self, g: Gathering) {
-        let first = &g.replicas.values().next().expect("non-empty").outcome.ticket;
+        let first = g.first_ticket().expect("non-empty");
         let task_id = first.task_id.clone();
         let tenant = first.tenant.clone();
         let policy = match self.registry.version(&first.model.name, &first.model.version).await {
@@ -480,6 +500,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         let latency_us = stored_at.saturating_sub(outcome.ticket.dispatched_at_us);
         let g = gathering.entry(task.clone()).or_default();
         g.first_seen.get_or_insert_with(Instant::now);
+        if is_late(&outcome.ticket, stored_at) {
+            tracing::info!(task = %task, worker = %outcome.ticket.worker, "late outcome");
+            g.late.push(Received { outcome, latency_us, stored_at_us: stored_at });
+            g.held.push(msg);
+            continue;
+        }
         if g.replicas.contains_key(&outcome.ticket.replica) {
             let _ = msg.ack().await; // a second outcome for a replica (late original after a reassignment)
             continue;
@@ -525,6 +551,7 @@ mod tests {
                 slice: format!("w{i}-cpu0"),
                 dispatched_at_us: 1,
                 deadline_at_ms: u64::MAX,
+                answer_by_ms: u64::MAX,
                 task_seq: 1,
                 mac: vec![],
             };
@@ -604,6 +631,27 @@ mod tests {
         let (result, verdict, dead) = decided(&g, Some(&broken));
         assert!(matches!(verdict.reference, Some(ReferenceCheck::Unavailable { .. })));
         assert!(matches!(result.status, ResultStatus::Failed { .. }));
+        assert!(dead.is_some() && !verdict.accepted);
+    }
+
+    #[test]
+    fn a_late_answer_is_not_counted_and_earns_nothing() {
+        let mut g = gathering(&[Some(0.25), Some(0.25)]);
+        let mut slow = gathering(&[Some(0.9)]).replicas.remove(&0).unwrap();
+        slow.outcome.ticket.worker = "slow".into();
+        slow.outcome.ticket.answer_by_ms = 5;
+        assert!(is_late(&slow.outcome.ticket, 5_001) && !is_late(&slow.outcome.ticket, 5_000));
+        g.late.push(slow);
+        let (result, verdict, dead) = decided(&g, None);
+        assert_eq!(outputs(&result), out(0.25));
+        assert_eq!(standings(&verdict), vec![Standing::Agreed, Standing::Agreed, Standing::Late]);
+        assert_eq!(verdict.miners[2].latency_us, None);
+        assert!(dead.is_none());
+        // Only late answers by the deadline: nothing to vote on, the task dead-letters.
+        let mut only_late = Gathering::default();
+        only_late.late = std::mem::take(&mut g.late);
+        let (_, verdict, dead) = decided(&only_late, None);
+        assert_eq!(standings(&verdict), vec![Standing::Late]);
         assert!(dead.is_some() && !verdict.accepted);
     }
 

@@ -44,7 +44,7 @@ impl Trust {
                 Standing::Disagreed => {
                     self.passes.insert(m.worker.clone(), 0);
                 }
-                Standing::Failed | Standing::Missing => {}
+                Standing::Failed | Standing::Missing | Standing::Late => {}
             }
         }
     }

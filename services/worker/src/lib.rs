@@ -48,11 +48,13 @@ pub enum Behaviour {
     Replay,
     /// Accepts assignments (acks them) and never answers: holds slots for nothing.
     NeverAnswer,
+    /// Runs the model honestly but answers only after the assignment's deadline.
+    Late,
 }
 
 impl Behaviour {
     /// Every cheater, for tests that go through them all.
-    pub const CHEATERS: [Behaviour; 7] = [
+    pub const CHEATERS: [Behaviour; 8] = [
         Behaviour::Dishonest,
         Behaviour::WrongModel,
         Behaviour::Quantised,
@@ -60,10 +62,11 @@ impl Behaviour {
         Behaviour::ConstantOutputs,
         Behaviour::Replay,
         Behaviour::NeverAnswer,
+        Behaviour::Late,
     ];
 
-    /// Parses `honest`, `rotate` (= dishonest), `wrong-model`, `quantised`, `random`,
-    /// `constant` or `replay`.
+    /// Parses `honest`, `noisy`, `rotate` (= dishonest), `wrong-model`, `quantised`,
+    /// `random`, `constant`, `replay`, `never-answer` or `late`.
     pub fn parse(text: &str) -> Result<Behaviour, String> {
         Ok(match text {
             "honest" => Behaviour::Honest,
@@ -75,9 +78,10 @@ impl Behaviour {
             "constant" => Behaviour::ConstantOutputs,
             "replay" => Behaviour::Replay,
             "never-answer" => Behaviour::NeverAnswer,
+            "late" => Behaviour::Late,
             other => {
                 return Err(format!(
-                    "unknown behaviour {other:?}: honest, noisy, rotate, wrong-model, quantised, random, constant, replay, never-answer"
+                    "unknown behaviour {other:?}: honest, noisy, rotate, wrong-model, quantised, random, constant, replay, never-answer, late"
                 ));
             }
         })
@@ -384,6 +388,10 @@ impl Worker {
         };
         if let OutcomeResult::Failed { reason } = &result {
             tracing::warn!(task = %assignment.ticket.task_id, %reason, "assignment failed");
+        }
+        if self.config.behaviour == Behaviour::Late {
+            let overdue = Duration::from_millis(assignment.ticket.answer_by_ms.saturating_sub(now_ms()) + 200);
+            tokio::time::sleep(overdue).await;
         }
         let ticket = assignment.ticket;
         let aid = ticket.assignment_id();
