@@ -103,7 +103,11 @@ async fn honest_miners_pass_audits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_cheater_class_is_caught_and_quarantined() {
     use sundara::pipeline::WorkerSpec;
+    use sundara_common::metrics;
     use sundara_worker::Behaviour;
+    // Every service of the harness runs in this process and counts into this recorder
+    // (other tests of the binary may add to it: counts are checked as lower bounds).
+    let recorder = metrics::install(None).unwrap();
     let mut workers = vec![honest("honest-1", 1), honest("honest-2", 1)];
     for (i, b) in Behaviour::CHEATERS.iter().enumerate() {
         workers.push(WorkerSpec::cpu(&format!("cheater-{i}"), 1, *b));
@@ -158,6 +162,20 @@ async fn every_cheater_class_is_caught_and_quarantined() {
     let quarantined = quarantined_within(&h, Behaviour::CHEATERS.len()).await;
     let expected: Vec<String> = (0..Behaviour::CHEATERS.len()).map(|i| format!("cheater-{i}")).collect();
     assert_eq!(quarantined, expected);
+
+    // The metrics show each signature the catalogue leaves: detections per class, audits,
+    // strikes and quarantines.
+    let text = recorder.render();
+    let rejected = |class| metrics::sum(&text, "sundara_verifier_rejected_total", &[("class", class)]);
+    for class in ["far", "near_miss", "constant", "replayed"] {
+        assert!(rejected(class) >= 1.0, "no {class} detection counted:\n{text}");
+    }
+    // At k=2 a lone cheater splits the vote: the task escalates to the reference.
+    assert!(metrics::sum(&text, "sundara_verifier_reference_runs_total", &[("check", "escalated")]) >= 1.0);
+    assert!(metrics::sum(&text, "sundara_rewarder_proven_wrong_total", &[]) >= 6.0 * 3.0);
+    assert!(metrics::sum(&text, "sundara_scheduler_timeout_strikes_total", &[]) >= 2.0 * 3.0);
+    assert!(metrics::sum(&text, "sundara_quarantines_total", &[("by", "rewarder")]) >= 6.0);
+    assert!(metrics::sum(&text, "sundara_quarantines_total", &[("by", "scheduler")]) >= 2.0);
 
     // Quarantined miners get no more work: the next tasks go to the honest miners only.
     let before: std::collections::HashSet<String> = verdicts.iter().map(|v| v.task_id.clone()).collect();

@@ -272,6 +272,17 @@ pub struct Verdict {
     pub reference: Option<ReferenceCheck>,
 }
 
+impl Verdict {
+    /// Whether the miners were judged against the verifier's own run (an audit or an
+    /// escalation), so a disagreeing miner is proven wrong, not merely outvoted.
+    pub fn judged_by_reference(&self) -> bool {
+        matches!(
+            self.reference,
+            Some(ReferenceCheck::AuditPassed | ReferenceCheck::AuditFailed | ReferenceCheck::Escalated)
+        )
+    }
+}
+
 /// A run of a task on the verifier's own reference runtime (CPU ONNX Runtime).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "check", rename_all = "snake_case")]
@@ -286,6 +297,18 @@ pub enum ReferenceCheck {
     Escalated,
     /// The reference could not run; the miners' vote stood alone.
     Unavailable { reason: String },
+}
+
+impl ReferenceCheck {
+    /// Its wire name (`check`), also the metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReferenceCheck::AuditPassed => "audit_passed",
+            ReferenceCheck::AuditFailed => "audit_failed",
+            ReferenceCheck::Escalated => "escalated",
+            ReferenceCheck::Unavailable { .. } => "unavailable",
+        }
+    }
 }
 
 /// One miner's share of one task, as the rewarder scored it.

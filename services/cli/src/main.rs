@@ -22,6 +22,9 @@ struct Cli {
     nats: String,
     #[arg(long, global = true, env = "SUNDARA_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (services and `up`).
+    #[arg(long, global = true, env = "SUNDARA_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -213,6 +216,9 @@ async fn main() -> anyhow::Result<()> {
     sundara_common::init_logging(if quiet { "warn" } else { "info" });
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
     let shutdown = Shutdown::new();
+    if !quiet && cli.metrics_addr.is_some() {
+        sundara_common::metrics::install(cli.metrics_addr)?;
+    }
     match cli.command {
         Command::Up { once, tasks, workers, external } => {
             let opts = sundara::up::UpOptions {
@@ -220,6 +226,7 @@ async fn main() -> anyhow::Result<()> {
                 tasks,
                 honest_workers: workers.max(2),
                 endpoints: external.then_some(endpoints),
+                metrics: cli.metrics_addr,
             };
             sundara::up::up(opts).await
         }

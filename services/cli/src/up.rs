@@ -33,6 +33,8 @@ pub struct UpOptions {
     pub tasks: usize,
     pub honest_workers: usize,
     pub endpoints: Option<Endpoints>,
+    /// Where to serve Prometheus metrics of the whole embedded pipeline.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Pushes the demo models (k=3 so that one liar is always outvoted).
@@ -129,6 +131,7 @@ pub async fn explain_rewards(js: &jetstream::Context, epoch: Option<u64>, miner:
 }
 
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    let recorder = sundara_common::metrics::install(opts.metrics)?;
     let root = project_root();
     let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root))?;
     sundara_runtime::init(&ort_library)?;
@@ -199,6 +202,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     } else {
         println!("dishonest miner {liar}: weight {liar_weight}, agreed {liar_agreed} (NOT caught)");
     }
+    println!("{}", verification_summary(&recorder.render()));
 
     if !opts.once {
         println!("serving on {} until Ctrl-C", endpoints.nats_url);
@@ -210,6 +214,26 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     }
     println!("stopped cleanly");
     Ok(())
+}
+
+/// One line from the metrics: verdicts, reference runs, and rejected outcomes by what
+/// they looked like.
+pub fn verification_summary(metrics_text: &str) -> String {
+    use sundara_common::metrics::sum;
+    let count = |metric, labels: &[(&str, &str)]| sum(metrics_text, metric, labels) as u64;
+    let rejected: Vec<String> = sundara_verifier::detect::Detection::ALL
+        .iter()
+        .map(|d| (d.label(), count("sundara_verifier_rejected_total", &[("class", d.label())])))
+        .filter(|(_, n)| *n > 0)
+        .map(|(label, n)| format!("{label} {n}"))
+        .collect();
+    format!(
+        "verifier: {} verdicts, {} reference runs; rejected outcomes: {}; quarantines: {}",
+        count("sundara_verifier_verdicts_total", &[]),
+        count("sundara_verifier_reference_runs_total", &[]),
+        if rejected.is_empty() { "none".to_string() } else { rejected.join(", ") },
+        count("sundara_quarantines_total", &[]),
+    )
 }
 
 /// Submits `tasks` demo tasks (alternating models) and waits for every result.

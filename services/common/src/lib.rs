@@ -2,6 +2,7 @@
 //! the Redis capacity store, shutdown and logging.
 
 pub mod capacity;
+pub mod metrics;
 pub mod model_cache;
 pub mod nats;
 pub mod registry;
@@ -31,6 +32,8 @@ pub enum Error {
     Registry(String),
     #[error(transparent)]
     Decode(#[from] sundara_schemas::DecodeError),
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 /// Maps any JetStream client error into [`Error::JetStream`].

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sundara_schemas::{
-    EpochWeights, MinerVerdict, MinerWeight, ReferenceCheck, RewardEntry, RewardTrace, Standing, Verdict, WIRE_VERSION,
+    EpochWeights, MinerVerdict, MinerWeight, RewardEntry, RewardTrace, Standing, Verdict, WIRE_VERSION,
 };
 
 /// What all weights of an epoch sum to (Bittensor's u16 weights).
@@ -90,10 +90,7 @@ impl Ledger {
             return None;
         }
         let ranks = rank_agreeing(&verdict.miners);
-        let judged_by_reference = matches!(
-            verdict.reference,
-            Some(ReferenceCheck::AuditPassed | ReferenceCheck::AuditFailed | ReferenceCheck::Escalated)
-        );
+        let judged_by_reference = verdict.judged_by_reference();
         let mut entries = Vec::with_capacity(verdict.miners.len());
         for (m, rank) in verdict.miners.iter().zip(ranks) {
             let agreed = m.standing == Standing::Agreed;
@@ -255,7 +252,7 @@ pub fn normalize_u16(scores: &[f64]) -> Vec<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sundara_schemas::{CompareRule, ModelRef};
+    use sundara_schemas::{CompareRule, ModelRef, ReferenceCheck};
 
     fn mv(worker: &str, standing: Standing, latency_us: Option<u64>) -> MinerVerdict {
         MinerVerdict { worker: worker.into(), replica: 0, attempt: 0, standing, latency_us }

@@ -144,10 +144,13 @@ impl Rewarder {
         };
         if let Some(trace) = self.ledger.apply(&verdict, seq) {
             self.dirty = true;
-            for m in &verdict.miners {
+            for m in verdict.miners.iter().filter(|m| m.standing == Standing::Disagreed) {
+                if !verdict.judged_by_reference() {
+                    continue;
+                }
+                metrics::counter!("sundara_rewarder_proven_wrong_total").increment(1);
                 let wrong = self.ledger.miner(&m.worker).map_or(0, |s| s.confirmed_wrong);
-                let due = self.config.quarantine_after > 0 && wrong >= self.config.quarantine_after;
-                if m.standing == Standing::Disagreed && due {
+                if self.config.quarantine_after > 0 && wrong >= self.config.quarantine_after {
                     self.quarantine(&m.worker, wrong).await;
                 }
             }
@@ -170,7 +173,10 @@ impl Rewarder {
         let Some(capacity) = &self.capacity else { return };
         let reason = format!("{wrong} outputs proven wrong by the verifier's reference runs");
         match capacity.quarantine(worker, &reason).await {
-            Ok(true) => tracing::warn!(worker, %reason, "miner quarantined"),
+            Ok(true) => {
+                metrics::counter!("sundara_quarantines_total", "by" => "rewarder").increment(1);
+                tracing::warn!(worker, %reason, "miner quarantined");
+            }
             Ok(false) => {}
             Err(e) => tracing::warn!(worker, error = %e, "could not quarantine the miner; will try on its next proof"),
         }

@@ -242,6 +242,7 @@ impl Scheduler {
         if exhausted || now_ms() >= old.deadline_at_ms {
             let reason = if exhausted { "attempts exhausted" } else { "deadline passed" };
             tracing::info!(assignment = aid, worker = %old.worker, reason, "giving up on replica");
+            metrics::counter!("sundara_scheduler_abandoned_total").increment(1);
             let outcome = Outcome {
                 v: WIRE_VERSION,
                 ticket: old.clone(),
@@ -272,6 +273,7 @@ impl Scheduler {
         let raw = self.tasks.get_raw_message(old.task_seq).await.map_err(js_err)?;
         let task = decode::<Task>(&raw.payload, self.config.max_task_bytes)?;
         tracing::info!(assignment = aid, from = %old.worker, to = %worker, attempt, "reassigning");
+        metrics::counter!("sundara_scheduler_reassigned_total").increment(1);
         let replica = Replica { replica: old.replica, attempt, answer_by_ms: timeout_at };
         self.send(&task, old.task_seq, replica, slice, worker).await?;
         self.release(aid, None).await?;
@@ -282,13 +284,17 @@ impl Scheduler {
     /// enough of them quarantine it.
     async fn count_timeout(&self, aid: &str, worker: &str) {
         match self.capacity.timeout_strike(aid, worker).await {
-            Ok(n) if n > 0 && n >= self.config.quarantine_after_timeouts => {
-                let reason = format!("{n} assignments accepted and never answered");
-                if let Ok(true) = self.capacity.quarantine(worker, &reason).await {
-                    tracing::warn!(worker, %reason, "miner quarantined");
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("sundara_scheduler_timeout_strikes_total").increment(1);
+                if n >= self.config.quarantine_after_timeouts {
+                    let reason = format!("{n} assignments not answered in time");
+                    if let Ok(true) = self.capacity.quarantine(worker, &reason).await {
+                        metrics::counter!("sundara_quarantines_total", "by" => "scheduler").increment(1);
+                        tracing::warn!(worker, %reason, "miner quarantined");
+                    }
                 }
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(worker, error = %e, "could not count a timeout"),
         }
     }

@@ -11,6 +11,7 @@
 //! again (results and verdicts are deduplicated by task id).
 
 pub mod compare;
+pub mod detect;
 pub mod quorum;
 pub mod trust;
 
@@ -326,6 +327,8 @@ struct Publisher {
     reference: Option<Reference>,
     /// Passed audits per miner: lowers their audit rate (see [`trust`]).
     trust: std::sync::Mutex<trust::Trust>,
+    /// Recently accepted results, to recognise replayed ones (see [`detect`]).
+    recent: std::sync::Mutex<detect::Recent>,
 }
 
 impl Publisher {
@@ -360,6 +363,7 @@ impl Publisher {
         };
         let (result, verdict, dead) = conclude(rule, &g, voted, reference.as_ref());
         self.trust.lock().unwrap_or_else(|e| e.into_inner()).record(&verdict);
+        self.count(&g, &result, &verdict);
         let stored = async {
             if let Some(dead) = &dead {
                 nats::publish_durable(&self.js, subj::dead(&task_id), &task_id, encode(dead)).await?;
@@ -382,6 +386,34 @@ impl Publisher {
                     let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
             }
+        }
+    }
+
+    /// Metrics of a decision: the verdict, the reference check, and what each rejected
+    /// outcome looked like.
+    fn count(&self, g: &Gathering, result: &ClientResult, verdict: &Verdict) {
+        let model = verdict.model.name.clone();
+        let accepted = if verdict.accepted { "true" } else { "false" };
+        metrics::counter!("sundara_verifier_verdicts_total", "model" => model.clone(), "accepted" => accepted)
+            .increment(1);
+        if let Some(check) = verdict.reference.as_ref().map(ReferenceCheck::label) {
+            metrics::counter!("sundara_verifier_reference_runs_total", "model" => model.clone(), "check" => check)
+                .increment(1);
+        }
+        let accepted_outputs = match &result.status {
+            ResultStatus::Verified { outputs, .. } => Some(outputs.as_slice()),
+            _ => None,
+        };
+        // Verdict miners are the replicas in order, then the late answers.
+        let outcomes = g.replicas.values().chain(&g.late).map(|r| &r.outcome.result);
+        let judged = verdict.miners.iter().map(|m| m.standing).zip(outcomes);
+        let found = {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            detect::rejections(&mut recent, &model, accepted_outputs, judged)
+        };
+        for d in found {
+            metrics::counter!("sundara_verifier_rejected_total", "model" => model.clone(), "class" => d.label())
+                .increment(1);
         }
     }
 
@@ -418,7 +450,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         }
         None => None,
     };
-    let publisher = Arc::new(Publisher { js, verdicts, registry, reference, trust: Default::default() });
+    let publisher = Arc::new(Publisher {
+        js,
+        verdicts,
+        registry,
+        reference,
+        trust: Default::default(),
+        recent: Default::default(),
+    });
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut gathering: HashMap<String, Gathering> = HashMap::new();
     let mut decided = Decided { order: VecDeque::new(), set: HashSet::new(), cap: 200_000 };
@@ -648,8 +687,7 @@ mod tests {
         assert_eq!(verdict.miners[2].latency_us, None);
         assert!(dead.is_none());
         // Only late answers by the deadline: nothing to vote on, the task dead-letters.
-        let mut only_late = Gathering::default();
-        only_late.late = std::mem::take(&mut g.late);
+        let only_late = Gathering { late: std::mem::take(&mut g.late), ..Default::default() };
         let (_, verdict, dead) = decided(&only_late, None);
         assert_eq!(standings(&verdict), vec![Standing::Late]);
         assert!(dead.is_some() && !verdict.accepted);

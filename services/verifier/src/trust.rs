@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use sundara_schemas::{ReferenceCheck, Standing, Verdict};
+use sundara_schemas::{Standing, Verdict};
 
 /// Passed audits after which a miner's tasks are audited at half the model's rate.
 pub const HALF_AT: u32 = 50;
@@ -31,11 +31,7 @@ impl Trust {
     /// Learns from a verdict judged against the reference: miners who agreed with it earn
     /// a pass; one who did not starts again from nothing.
     pub fn record(&mut self, verdict: &Verdict) {
-        let judged = matches!(
-            verdict.reference,
-            Some(ReferenceCheck::AuditPassed | ReferenceCheck::AuditFailed | ReferenceCheck::Escalated)
-        );
-        if !judged {
+        if !verdict.judged_by_reference() {
             return;
         }
         for m in &verdict.miners {
@@ -53,7 +49,7 @@ impl Trust {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sundara_schemas::{CompareRule, MinerVerdict, ModelRef, WIRE_VERSION};
+    use sundara_schemas::{CompareRule, MinerVerdict, ModelRef, ReferenceCheck, WIRE_VERSION};
 
     fn verdict(check: Option<ReferenceCheck>, miners: &[(&str, Standing)]) -> Verdict {
         Verdict {

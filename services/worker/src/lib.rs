@@ -362,7 +362,7 @@ impl Worker {
             Done::Outcome(result, compute_us, started_us) => (result, compute_us, started_us),
             Done::HandBack { slice, reason, slice_failed } => {
                 let aid = assignment.ticket.assignment_id();
-                tracing::warn!(assignment = %aid, %slice, %reason, "handing the assignment back");
+                tracing::info!(assignment = %aid, %slice, %reason, "handing the assignment back");
                 let handed = if slice_failed {
                     self.capacity.fail_slice(&slice, &self.config.worker_id, &reason).await.map(|_| ())
                 } else {
