@@ -132,6 +132,14 @@ async fn every_cheater_class_is_caught_and_quarantined() {
         let id = format!("cheater-{i}");
         let mine: Vec<Standing> =
             verdicts.iter().flat_map(|v| &v.miners).filter(|m| m.worker == id).map(|m| m.standing).collect();
+        let count = |s| mine.iter().filter(|m| **m == s).count();
+        eprintln!(
+            "{b:?}: {} outcomes, {} disagreed, {} agreed, {} late",
+            mine.len(),
+            count(Standing::Disagreed),
+            count(Standing::Agreed),
+            count(Standing::Late)
+        );
         if *b == Behaviour::NeverAnswer {
             // Its replicas were reassigned; it appears in no verdict and earns nothing.
             assert!(mine.is_empty(), "{b:?} answered: {mine:?}");
