@@ -21,11 +21,46 @@ pub struct SubmitRequest {
     pub seed: u64,
     /// How long the client is willing to wait for a result; the ingress caps it.
     pub timeout_ms: Option<u64>,
+    /// Under contention, higher priority is dispatched first.
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+/// Dispatch priority of a task. Each class has its own scheduler consumer, so a backlog
+/// of low-priority tasks never holds back the delivery of a high-priority one.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    /// Highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// Its subject token and name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Priority, String> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text)
+            .ok_or_else(|| format!("unknown priority {text:?}: high, normal or low"))
+    }
 }
 
 impl SubmitRequest {
-    /// A request at the current wire version with no idempotency key, seed 0 and the
-    /// ingress's default timeout; set the other fields as needed.
+    /// A request at the current wire version with no idempotency key, seed 0, the
+    /// ingress's default timeout and normal priority; set the other fields as needed.
     pub fn new(model: &str, inputs: Vec<Tensor>, tenant: &str) -> SubmitRequest {
         SubmitRequest {
             v: crate::WIRE_VERSION,
@@ -35,6 +70,7 @@ impl SubmitRequest {
             request_id: None,
             seed: 0,
             timeout_ms: None,
+            priority: Priority::Normal,
         }
     }
 }
@@ -116,6 +152,8 @@ pub struct Task {
     /// When ingress accepted the task (Unix µs); the start of its stage timings.
     #[serde(default)]
     pub accepted_at_us: u64,
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 /// Scheduler → one worker (stream WORK, subject `sundara.work.<model>.<worker>`).
@@ -359,8 +397,13 @@ pub struct DeadLetter {
     pub tenant: String,
     pub model: ModelRef,
     pub reason: String,
+    /// Every outcome of the task, each with its ticket (worker, attempt) and result: the
+    /// task's history. Empty for a task that expired before any dispatch.
     pub evidence: Vec<Outcome>,
     pub dead_at_ms: u64,
+    /// Sequence of the task in TASKS, to read it back (resubmission).
+    #[serde(default)]
+    pub task_seq: u64,
 }
 
 macro_rules! versioned {

@@ -22,8 +22,12 @@ pub const REWARD_EPOCH: &str = "sundara.reward.epoch";
 /// W3C trace context header carried on every message of a task.
 pub const TRACEPARENT: &str = "traceparent";
 
-pub fn task(model: &str) -> String {
-    format!("sundara.task.{model}")
+pub fn task(priority: crate::Priority, model: &str) -> String {
+    format!("sundara.task.{}.{model}", priority.as_str())
+}
+/// Tasks of one priority class, whatever the model.
+pub fn tasks_of(priority: crate::Priority) -> String {
+    format!("sundara.task.{}.>", priority.as_str())
 }
 pub fn work(model: &str, worker: &str) -> String {
     format!("sundara.work.{model}.{worker}")

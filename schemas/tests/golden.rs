@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use sundara_schemas::{
-    ClientResult, ModelRef, RejectCode, ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest, Tensor, WIRE_VERSION,
-    decode, encode,
+    ClientResult, ModelRef, Priority, RejectCode, ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest, Tensor,
+    WIRE_VERSION, decode, encode,
 };
 
 fn check<T>(name: &str, msg: &T)
@@ -42,8 +42,17 @@ fn submit_request() {
         request_id: Some("r-1".into()),
         seed: 7,
         timeout_ms: Some(5000),
+        priority: Priority::High,
     };
     check("submit_request", &req);
+}
+
+/// A request from a client that predates priorities still decodes: at normal priority.
+#[test]
+fn submit_request_without_priority() {
+    let before_priorities = "87a17601a56d6f64656ca36d6c70a6696e707574739284a46e616d65a178a56474797065a3663332a57368617065920102a464617461c4080000c03f000000c084a46e616d65a27372a56474797065a3693634a5736861706590a464617461c408803e000000000000a674656e616e74a461636d65aa726571756573745f6964a3722d31a47365656407aa74696d656f75745f6d73cd1388";
+    let req: SubmitRequest = decode(&hex::decode(before_priorities).unwrap(), 1 << 20).unwrap();
+    assert_eq!((req.priority, req.seed, req.timeout_ms), (Priority::Normal, 7, Some(5000)));
 }
 
 #[test]

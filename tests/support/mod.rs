@@ -163,6 +163,12 @@ impl Harness {
     /// Submits all requests (each must be accepted) and collects one result per task.
     pub async fn run_tasks(&mut self, requests: &[SubmitRequest]) -> HashMap<String, ClientResult> {
         let mut results = self.client.results("test").await.unwrap();
+        let ids = self.submit_all(requests).await;
+        await_results(&mut results, &ids).await
+    }
+
+    /// Submits all requests; each must be accepted. Returns the task ids in order.
+    pub async fn submit_all(&self, requests: &[SubmitRequest]) -> Vec<String> {
         let mut ids = Vec::new();
         for r in requests {
             match self.client.submit(r).await.unwrap() {
@@ -170,17 +176,7 @@ impl Harness {
                 SubmitOutcome::Rejected { code, reason } => panic!("rejected {code:?}: {reason}"),
             }
         }
-        let mut got: HashMap<String, ClientResult> = HashMap::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while got.len() < ids.len() {
-            let next = tokio::time::timeout_at(deadline, results.next()).await;
-            let Ok(Some(Ok(result))) = next else { panic!("only {} of {} results arrived", got.len(), ids.len()) };
-            assert!(got.insert(result.task_id.clone(), result).is_none(), "a result was delivered twice");
-        }
-        for id in &ids {
-            assert!(got.contains_key(id), "no result for {id}");
-        }
-        got
+        ids
     }
 
     /// Every message stored in a stream, decoded.
@@ -223,6 +219,22 @@ impl Drop for Harness {
             let _ = c.wait();
         }
     }
+}
+
+/// Collects one result for each of `ids` from a results stream opened before they were
+/// submitted (bounded: 120 s).
+pub async fn await_results(
+    results: &mut (impl futures::Stream<Item = Result<ClientResult, sundara::client::ClientError>> + Unpin),
+    ids: &[String],
+) -> HashMap<String, ClientResult> {
+    let mut got: HashMap<String, ClientResult> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while ids.iter().any(|id| !got.contains_key(id)) {
+        let next = tokio::time::timeout_at(deadline, results.next()).await;
+        let Ok(Some(Ok(result))) = next else { panic!("only {} of {} results arrived", got.len(), ids.len()) };
+        assert!(got.insert(result.task_id.clone(), result).is_none(), "a result was delivered twice");
+    }
+    got
 }
 
 /// The model run directly with ONNX Runtime: what a verified result must agree with.

@@ -35,8 +35,8 @@ use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
 use sundara_common::{Capacity, Endpoints, Shutdown, nats};
 use sundara_scheduler::assignment_id;
 use sundara_schemas::{
-    Assignment, MAX_MESSAGE_BYTES, ModelRef, Outcome, OutcomeResult, Task, Tensor, WIRE_VERSION, WorkTiming, decode,
-    encode, now_ms, now_us, subjects as subj,
+    Assignment, MAX_MESSAGE_BYTES, ModelRef, Outcome, OutcomeResult, Priority, Task, Tensor, WIRE_VERSION, WorkTiming,
+    decode, encode, now_ms, now_us, subjects as subj,
 };
 
 const MODEL: &str = "sim";
@@ -519,9 +519,11 @@ async fn dispatch(
                     submitted_at_ms: now_ms(),
                     deadline_at_ms,
                     accepted_at_us: now_us(),
+                    priority: Priority::Normal,
                 };
                 let js = js.clone();
-                async move { nats::publish_durable(&js, subj::task(MODEL), &task.task_id, encode(&task)).await }
+                let subject = subj::task(task.priority, MODEL);
+                async move { nats::publish_durable(&js, subject, &task.task_id, encode(&task)).await }
             })
             .buffer_unordered(args.inflight.max(1));
         while let Some(done) = publishes.next().await {

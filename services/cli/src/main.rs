@@ -67,6 +67,9 @@ enum Command {
         tenant: String,
         #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
+        /// high, normal or low: under contention, higher priority is dispatched first.
+        #[arg(long, default_value = "normal", value_parser = sundara_schemas::Priority::parse)]
+        priority: sundara_schemas::Priority,
     },
     /// Reward table: per-miner scores and the latest epoch weights; with --explain, how one
     /// miner's weight in an epoch came about, recomputed from the reward traces.
@@ -80,6 +83,11 @@ enum Command {
     },
     /// Every slice of the fleet: state, slots and memory in use, models loaded.
     Fleet,
+    /// Tasks: the dead letters.
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
     /// Run the ingress service.
     Ingress,
     /// Run the scheduler service.
@@ -141,6 +149,20 @@ struct Secret {
     /// Validator secret that signs assignment tickets (same for scheduler and verifier).
     #[arg(long, env = "SUNDARA_SECRET", hide_env_values = true)]
     secret: String,
+}
+
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// Tasks that could not be verified (or expired before dispatch), each with its
+    /// history; with --resubmit, submit one of them again as new work.
+    Dead {
+        /// How many of the newest to list.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// A dead task to submit again (same model, inputs, seed, tenant, priority, timeout).
+        #[arg(long)]
+        resubmit: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -211,7 +233,12 @@ async fn main() -> anyhow::Result<()> {
     // `up` and the client commands print their own report; services log at info.
     let quiet = matches!(
         cli.command,
-        Command::Up { .. } | Command::Submit { .. } | Command::Models { .. } | Command::Rewards { .. } | Command::Fleet
+        Command::Up { .. }
+            | Command::Submit { .. }
+            | Command::Models { .. }
+            | Command::Rewards { .. }
+            | Command::Fleet
+            | Command::Tasks { .. }
     );
     sundara_common::init_logging(if quiet { "warn" } else { "info" });
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
@@ -278,8 +305,9 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", sundara::models::describe(&meta));
             Ok(())
         }
-        Command::Submit { model, input, count, rows, tenant, timeout_ms } => {
-            submit(&cli.nats, &model, input, count, rows, &tenant, timeout_ms).await
+        Command::Submit { model, input, count, rows, tenant, timeout_ms, priority } => {
+            let options = SubmitOptions { count, rows, tenant, timeout_ms, priority };
+            submit(&cli.nats, &model, input, options).await
         }
         Command::Rewards { epoch, explain } => {
             let (js, _) = registry(&cli.nats).await?;
@@ -301,6 +329,26 @@ async fn main() -> anyhow::Result<()> {
         Command::Fleet => {
             let capacity = sundara_common::Capacity::connect(&cli.redis).await?;
             print!("{}", sundara::fleet::table(&capacity).await?);
+            Ok(())
+        }
+        Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => {
+            let (js, _) = registry(&cli.nats).await?;
+            match resubmit {
+                Some(task) => {
+                    let client = Client::connect(&cli.nats).await?;
+                    let new_task = sundara::tasks::resubmit(&js, &client, &task).await?;
+                    println!("task {task} resubmitted as {new_task}");
+                }
+                None => {
+                    let letters = sundara::tasks::dead_letters(&js, limit).await?;
+                    if letters.is_empty() {
+                        println!("no dead letters");
+                    }
+                    for letter in &letters {
+                        print!("{}", sundara::tasks::describe(letter));
+                    }
+                }
+            }
             Ok(())
         }
         Command::Ingress => {
@@ -355,15 +403,17 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn submit(
-    nats_url: &str,
-    model: &str,
-    input: Option<PathBuf>,
+struct SubmitOptions {
     count: usize,
     rows: u64,
-    tenant: &str,
+    tenant: String,
     timeout_ms: u64,
-) -> anyhow::Result<()> {
+    priority: sundara_schemas::Priority,
+}
+
+async fn submit(nats_url: &str, model: &str, input: Option<PathBuf>, options: SubmitOptions) -> anyhow::Result<()> {
+    let SubmitOptions { count, rows, tenant, timeout_ms, priority } = options;
+    let tenant = tenant.as_str();
     let (_, registry) = registry(nats_url).await?;
     let meta = registry.latest(model).await?.with_context(|| format!("no model named {model:?}"))?;
     let fixed = match &input {
@@ -380,7 +430,7 @@ async fn submit(
     let mut pending = std::collections::HashSet::new();
     for _ in 0..count {
         let inputs = fixed.clone().unwrap_or_else(|| sundara::models::sample_inputs(&meta.inputs, rows, &mut rng));
-        let req = SubmitRequest { timeout_ms: Some(timeout_ms), ..SubmitRequest::new(model, inputs, tenant) };
+        let req = SubmitRequest { timeout_ms: Some(timeout_ms), priority, ..SubmitRequest::new(model, inputs, tenant) };
         match client.submit(&req).await? {
             SubmitOutcome::Accepted { task_id, .. } => {
                 pending.insert(task_id);

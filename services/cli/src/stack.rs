@@ -140,7 +140,11 @@ pub fn start_nats(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError
 
 /// Starts redis-server on a free port, without persistence.
 pub fn start_redis(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError> {
-    let port = free_port()?;
+    start_redis_on(binary, dir, free_port()?)
+}
+
+/// Starts redis-server on `port`, without persistence (so a restart comes back empty).
+pub fn start_redis_on(binary: &Path, dir: &Path, port: u16) -> Result<ServerProcess, StackError> {
     let mut child = Command::new(binary)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
@@ -166,6 +170,15 @@ impl LocalStack {
         let nats = start_nats(&nats_server_binary(root)?, dir.path())?;
         let redis = start_redis(&redis_server_binary()?, dir.path())?;
         Ok(LocalStack { nats, redis, dir })
+    }
+
+    /// Kills Redis and starts an empty one on the same port (fault injection: every
+    /// client's connection manager reconnects to it).
+    pub fn restart_redis_empty(&mut self) -> Result<(), StackError> {
+        let port = self.redis.port;
+        self.redis.kill();
+        self.redis = start_redis_on(&redis_server_binary()?, self.dir.path(), port)?;
+        Ok(())
     }
 
     pub fn endpoints(&self) -> Endpoints {

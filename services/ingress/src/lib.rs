@@ -199,8 +199,10 @@ impl Ingress {
             submitted_at_ms: now,
             deadline_at_ms: now + timeout.as_millis() as u64,
             accepted_at_us: now_us(),
+            priority: req.priority,
         };
-        let ack = nats::publish_durable(&self.js, subj::task(&model.name), &task_id, encode(&task)).await;
+        let subject = subj::task(task.priority, &model.name);
+        let ack = nats::publish_durable(&self.js, subject, &task_id, encode(&task)).await;
         match ack {
             Ok(ack) => Ok((task_id, ack.duplicate)),
             Err(e) if e.to_string().contains("maximum") => Err(reject(RejectCode::Overloaded, e.to_string())),

@@ -3,10 +3,13 @@
 //! worker died.
 //!
 //! Three loops share one Redis capacity handle:
-//! - dispatch: TASKS → reserve k slots atomically → WORK (one message per replica) → ack the task;
+//! - dispatch: TASKS (one consumer per priority class) → reserve k slots atomically → WORK
+//!   (one message per replica) → ack the task; higher priority first under contention;
 //! - release: OUTCOMES → free the slot of each outcome's assignment (idempotent);
 //! - sweep: claim assignments past their timeout → reassign to another worker, or give up
 //!   on that replica with an `Abandoned` outcome once attempts or the deadline run out.
+
+pub mod waiting;
 
 use std::time::Duration;
 
@@ -15,8 +18,8 @@ use futures::StreamExt;
 use sundara_common::capacity::Answer;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
 use sundara_schemas::{
-    Assignment, ClientResult, FailureCode, Outcome, OutcomeResult, ResultStatus, Task, Ticket, WIRE_VERSION, decode,
-    encode, now_ms, now_us, subjects as subj,
+    Assignment, ClientResult, DeadLetter, FailureCode, Outcome, OutcomeResult, Priority, ResultStatus, Task, Ticket,
+    WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
 
 #[derive(Clone, Debug)]
@@ -80,8 +83,8 @@ struct Scheduler {
     js: jetstream::Context,
     tasks: Stream,
     capacity: Capacity,
-    /// Signalled whenever this scheduler frees a slot: tasks waiting for capacity retry.
-    freed: tokio::sync::Notify,
+    /// Tasks waiting for capacity; a slot this scheduler frees wakes one of them.
+    waiting: waiting::Waiting,
 }
 
 /// Which dispatch of which copy of a task, and when its answer is due.
@@ -106,27 +109,32 @@ impl Scheduler {
     /// Reserves k slots for the task, waiting (un-acked, with progress acks so JetStream
     /// does not redeliver it) until capacity frees up or the deadline passes. Waiting here
     /// rather than NAKing keeps arrival order and costs nothing while nothing changes.
+    /// While a task of higher priority waits for the same model, this one does not try.
     async fn dispatch(&self, task: &Task, task_seq: u64, msg: &Message) -> Result<Dispatch, CommonError> {
         let aids: Vec<String> = (0..task.k).map(|r| assignment_id(&task.task_id, r, 0)).collect();
         let mut last_progress = tokio::time::Instant::now();
+        let mut waiter = None;
         let (picks, answer_by_ms) = loop {
             if now_ms() >= task.deadline_at_ms {
-                self.expire(task).await?;
+                self.expire(task, task_seq).await?;
                 return Ok(Dispatch::Expired);
             }
             // Registered before the attempt, so a release in between is not missed.
-            let freed = self.freed.notified();
+            let freed = self.waiting.freed(task.priority);
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let timeout_at = now_ms() + self.config.assignment_timeout.as_millis() as u64;
-            let ttl = self.reservation_ttl_ms(task.deadline_at_ms);
-            let reserved = self
-                .capacity
-                .reserve(&task.model.name, &task.task_id, &aids, timeout_at, ttl, self.config.scan)
-                .await?;
-            if let Some(picks) = reserved {
-                break (picks, timeout_at);
+            if !self.waiting.outranked(&task.model.name, task.priority) {
+                let timeout_at = now_ms() + self.config.assignment_timeout.as_millis() as u64;
+                let ttl = self.reservation_ttl_ms(task.deadline_at_ms);
+                let reserved = self
+                    .capacity
+                    .reserve(&task.model.name, &task.task_id, &aids, timeout_at, ttl, self.config.scan)
+                    .await?;
+                if let Some(picks) = reserved {
+                    break (picks, timeout_at);
+                }
             }
+            waiter.get_or_insert_with(|| self.waiting.enter(&task.model.name, task.priority));
             let until_deadline = Duration::from_millis(task.deadline_at_ms.saturating_sub(now_ms()));
             let _ = tokio::time::timeout(self.config.capacity_retry.min(until_deadline), freed).await;
             if last_progress.elapsed() > TASK_ACK_WAIT / 3 {
@@ -134,6 +142,8 @@ impl Scheduler {
                 last_progress = tokio::time::Instant::now();
             }
         };
+        drop(waiter);
+        metrics::counter!("sundara_scheduler_dispatched_total", "priority" => task.priority.as_str()).increment(1);
         for (replica, (slice, worker)) in picks.into_iter().enumerate() {
             self.send(task, task_seq, Replica { replica: replica as u8, attempt: 0, answer_by_ms }, slice, worker)
                 .await?;
@@ -185,19 +195,31 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn expire(&self, task: &Task) -> Result<(), CommonError> {
+    /// The deadline passed before the task could be dispatched: the client is told, and
+    /// the task goes to DEAD (from where an operator can resubmit it).
+    async fn expire(&self, task: &Task, task_seq: u64) -> Result<(), CommonError> {
         tracing::info!(task = %task.task_id, "deadline passed before dispatch");
+        metrics::counter!("sundara_scheduler_expired_total", "priority" => task.priority.as_str()).increment(1);
+        let reason = "the deadline passed before enough workers were free".to_string();
         let result = ClientResult {
             v: WIRE_VERSION,
             task_id: task.task_id.clone(),
             model: task.model.clone(),
-            status: ResultStatus::Failed {
-                code: FailureCode::Expired,
-                reason: "the deadline passed before enough workers were free".into(),
-            },
+            status: ResultStatus::Failed { code: FailureCode::Expired, reason: reason.clone() },
             completed_at_ms: now_ms(),
             timing: None,
         };
+        let dead = DeadLetter {
+            v: WIRE_VERSION,
+            task_id: task.task_id.clone(),
+            tenant: task.tenant.clone(),
+            model: task.model.clone(),
+            reason,
+            evidence: Vec::new(),
+            dead_at_ms: now_ms(),
+            task_seq,
+        };
+        nats::publish_durable(&self.js, subj::dead(&task.task_id), &task.task_id, encode(&dead)).await?;
         let subject = subj::result(&task.tenant, &task.task_id);
         nats::publish_durable(&self.js, subject, &task.task_id, encode(&result)).await?;
         Ok(())
@@ -303,7 +325,7 @@ impl Scheduler {
     /// capacity (the longest waiting), not all of them.
     async fn release(&self, aid: &str, holder: Option<Answer<'_>>) -> Result<(), CommonError> {
         if self.capacity.release(aid, holder).await? {
-            self.freed.notify_one();
+            self.waiting.wake_one();
         }
         Ok(())
     }
@@ -343,26 +365,36 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
     nats::provision(&js, &config.retention).await?;
     let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
     let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
-    let task_consumer = nats::durable_consumer(
-        &js,
-        subj::TASKS_STREAM,
-        "scheduler",
-        "sundara.task.>",
-        TASK_ACK_WAIT,
-        (config.concurrency * 16) as i64,
-    )
-    .await?;
+    // One consumer per priority class, each with its own dispatch concurrency: a backlog of
+    // low-priority tasks never holds back the delivery of a high-priority one.
+    let mut task_consumers = Vec::new();
+    for priority in Priority::ALL {
+        let durable = format!("scheduler-{}", priority.as_str());
+        let max_pending = (config.concurrency * 16) as i64;
+        let consumer = nats::durable_consumer(
+            &js,
+            subj::TASKS_STREAM,
+            &durable,
+            &subj::tasks_of(priority),
+            TASK_ACK_WAIT,
+            max_pending,
+        )
+        .await?;
+        task_consumers.push(consumer);
+    }
     // Headers only: freeing a slot needs the assignment id and the worker, not the outputs.
     let release_config = async_nats::jetstream::consumer::pull::Config {
         headers_only: true,
         ..nats::consumer_config("scheduler-release", "sundara.outcome.>", Duration::from_secs(30), 4096)
     };
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
-    let scheduler = Scheduler { config: config.clone(), js, tasks, capacity, freed: tokio::sync::Notify::new() };
+    let scheduler = Scheduler { config: config.clone(), js, tasks, capacity, waiting: Default::default() };
     let s = &scheduler;
     tracing::info!("scheduler running");
 
-    let dispatch = nats::consume(&task_consumer, &shutdown, config.concurrency, |msg| s.on_task(msg));
+    let dispatch = futures::future::try_join_all(
+        task_consumers.iter().map(|c| nats::consume(c, &shutdown, config.concurrency, |msg| s.on_task(msg))),
+    );
     let release = nats::consume(&outcome_consumer, &shutdown, config.concurrency, |msg| s.on_outcome(msg));
     let sweep = async {
         let mut tick = tokio::time::interval(config.sweep_interval);

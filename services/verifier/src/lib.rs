@@ -240,8 +240,9 @@ pub fn conclude(
                 tenant: first.tenant.clone(),
                 model: first.model.clone(),
                 reason: reason.clone(),
-                evidence: received.iter().map(|r| r.outcome.clone()).collect(),
+                evidence: received.iter().copied().chain(&g.late).map(|r| r.outcome.clone()).collect(),
                 dead_at_ms: now,
+                task_seq: first.task_seq,
             };
             (ResultStatus::Failed { code: FailureCode::NoConsensus, reason }, Some(dead), None)
         }
