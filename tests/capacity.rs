@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use sundara::stack::{ServerProcess, redis_server_binary, start_redis};
 use sundara_common::Capacity;
-use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
+use sundara_common::capacity::{Placement, ReserveTerms, SliceAnnounce, WorkerAnnounce};
 
 const SCAN: usize = 16;
 
@@ -31,9 +31,13 @@ async fn fleet(slices: usize, slots: u32) -> (ServerProcess, tempfile::TempDir, 
     (redis, dir, capacity)
 }
 
+fn terms(timeout_at_ms: u64) -> ReserveTerms {
+    ReserveTerms { timeout_at_ms, ttl_ms: 600_000, scan: SCAN, placement: Placement::default() }
+}
+
 async fn reserve(capacity: &Capacity, task: &str, k: u8) -> Option<Vec<(String, String)>> {
     let aids: Vec<String> = (0..k).map(|r| format!("{task}.{r}.0")).collect();
-    capacity.reserve("m", task, &aids, u64::MAX / 2, 600_000, SCAN).await.unwrap()
+    capacity.reserve("m", task, &aids, terms(u64::MAX / 2)).await.unwrap()
 }
 
 #[tokio::test]
@@ -87,7 +91,7 @@ async fn only_the_holder_answering_in_time_frees_a_slot() {
     use sundara_common::capacity::Answer;
     let (_redis, _dir, capacity) = fleet(2, 1).await;
     let answer_by = 1_000_000;
-    let picks = capacity.reserve("m", "t", &["t.0.0".to_string()], answer_by, 600_000, SCAN).await.unwrap().unwrap();
+    let picks = capacity.reserve("m", "t", &["t.0.0".to_string()], terms(answer_by)).await.unwrap().unwrap();
     let holder = picks[0].1.as_str();
     let other = if holder == "w00000" { "w00001" } else { "w00000" };
     let answer = |worker, stored_at_ms| Some(Answer { worker, stored_at_ms });
@@ -96,4 +100,77 @@ async fn only_the_holder_answering_in_time_frees_a_slot() {
     assert_eq!(capacity.inflight().await.unwrap(), 1, "the sweep still finds it");
     assert!(capacity.release("t.0.0", answer(holder, answer_by)).await.unwrap());
     assert!(!capacity.release("t.0.0", answer(holder, answer_by)).await.unwrap(), "released once");
+}
+
+/// One worker with one slice, as a test describes it.
+fn slice(worker: &str, slots: u32, memory_gib: u64, service_us: Option<u64>) -> WorkerAnnounce {
+    WorkerAnnounce {
+        worker: worker.into(),
+        operator: worker.into(),
+        slices: vec![SliceAnnounce {
+            id: format!("{worker}-s"),
+            device: "cpu".into(),
+            slots,
+            models: vec!["m".into()],
+            memory_total: memory_gib << 30,
+            lanes: 1,
+            service_us: service_us.map(|us| vec![("m".to_string(), us)]).unwrap_or_default(),
+            load_us: vec![("m".to_string(), 500_000)],
+            ..Default::default()
+        }],
+    }
+}
+
+/// Which worker one k=1 reservation picks (the reservation is kept).
+async fn pick(capacity: &Capacity, task: &str) -> String {
+    reserve(capacity, task, 1).await.expect("a free slot")[0].1.clone()
+}
+
+#[tokio::test]
+async fn placement_goes_to_the_expected_fastest_slice() {
+    let (_redis, _dir, capacity) = fleet(0, 0).await;
+    // Loaded and measured (1 ms a task), loaded but slower (4 ms), and cold (500 ms to load).
+    for a in [slice("fast", 8, 8, Some(1_000)), slice("slow", 8, 8, Some(4_000)), slice("cold", 8, 8, None)] {
+        capacity.announce(&a, true, 600_000).await.unwrap();
+    }
+    // 1 ms × (1 + queued): the fast slice until four tasks wait there (5 ms > 4 ms).
+    for t in 0..4 {
+        assert_eq!(pick(&capacity, &format!("t{t}")).await, "fast");
+    }
+    assert_eq!(pick(&capacity, "t4").await, "slow");
+    // The cold slice (500 ms to load first) only when the others are full: 8 slots each.
+    for t in 5..16 {
+        assert_ne!(pick(&capacity, &format!("t{t}")).await, "cold", "task {t}");
+    }
+    assert_eq!(pick(&capacity, "t16").await, "cold");
+
+    // Fit: of two equal slices the smaller device; reputation: of two equal workers, the
+    // one whose outcomes agree.
+    let (_redis, _dir, capacity) = fleet(0, 0).await;
+    for a in [slice("big", 8, 80, Some(1_000)), slice("small", 8, 8, Some(1_000))] {
+        capacity.announce(&a, true, 600_000).await.unwrap();
+    }
+    assert_eq!(pick(&capacity, "fit").await, "small");
+    let (_redis, _dir, capacity) = fleet(0, 0).await;
+    capacity.set_reputation(&[("liar".to_string(), 0.5), ("honest".to_string(), 1.0)]).await.unwrap();
+    for a in [slice("liar", 8, 8, Some(1_000)), slice("honest", 8, 8, Some(1_000))] {
+        capacity.announce(&a, true, 600_000).await.unwrap();
+    }
+    assert_eq!(pick(&capacity, "rep").await, "honest");
+}
+
+#[tokio::test]
+async fn a_full_slice_leaves_the_candidates_and_returns_on_release() {
+    let (_redis, _dir, capacity) = fleet(0, 0).await;
+    for a in [slice("one", 1, 8, Some(1_000)), slice("two", 1, 8, Some(9_000))] {
+        capacity.announce(&a, true, 600_000).await.unwrap();
+    }
+    assert_eq!(pick(&capacity, "a").await, "one");
+    assert_eq!(pick(&capacity, "b").await, "two");
+    assert!(reserve(&capacity, "c", 1).await.is_none(), "both full");
+    // A heartbeat does not undo the reservations.
+    capacity.announce(&slice("one", 1, 8, Some(1_000)), false, 600_000).await.unwrap();
+    assert!(reserve(&capacity, "c", 1).await.is_none(), "still full after a heartbeat");
+    assert!(capacity.release("a.0.0", None).await.unwrap());
+    assert_eq!(pick(&capacity, "c").await, "one");
 }

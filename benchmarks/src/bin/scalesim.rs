@@ -31,7 +31,7 @@ use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use sundara::stack::{LocalStack, project_root};
 use sundara_bench::stats::{Summary, median};
-use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
+use sundara_common::capacity::{Placement, ReserveTerms, SliceAnnounce, WorkerAnnounce};
 use sundara_common::{Capacity, Endpoints, Shutdown, nats};
 use sundara_scheduler::assignment_id;
 use sundara_schemas::{
@@ -341,7 +341,13 @@ impl Latency<'_> {
     async fn reserve(&self, task: &str, k: usize) -> Result<(Vec<String>, Option<Vec<(String, String)>>)> {
         let aids: Vec<String> = (0..k).map(|r| assignment_id(task, r as u8, 0)).collect();
         let timeout_at = now_ms() + RESERVATION_MS;
-        let picks = self.capacity.reserve(MODEL, task, &aids, timeout_at, RESERVATION_MS, self.scan).await?;
+        let terms = ReserveTerms {
+            timeout_at_ms: timeout_at,
+            ttl_ms: RESERVATION_MS,
+            scan: self.scan,
+            placement: Placement::ExpectedCompletion,
+        };
+        let picks = self.capacity.reserve(MODEL, task, &aids, terms).await?;
         Ok((aids, picks))
     }
 

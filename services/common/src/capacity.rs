@@ -5,13 +5,17 @@
 //! Keys (all under `sundara:`):
 //! - `workers` set of worker ids; `worker:<w>` hash {operator, state, slices}; `hb:<w>` heartbeat (PX TTL)
 //! - `slice:<s>` hash {worker, operator, device, slots_total, slots_free, state, reason,
-//!   memory_total, memory_free, loads, evictions}; `slice:<s>:models` set of models it serves;
+//!   memory_total, memory_free, loads, evictions, lanes}; `slice:<s>:models` set of models it serves;
 //!   `slice:<s>:loaded` hash `name@version` → bytes its sessions there hold now
 //! - `slicemem` sorted set of live slices by memory_total (the largest slice in the fleet)
 //! - `footprint` hash `name@version` → measured bytes of one loaded session
 //! - `quarantined` hash worker → why: never chosen again (RESERVE skips them)
 //! - `timeouts` hash worker → assignments it let time out while alive
-//! - `cand:<model>` sorted set of live slices that serve the model, score -(free slots): least loaded first
+//! - `cand:<model>` sorted set of live slices with a free slot that serve the model, scored
+//!   by expected completion time of one more task (see `RESCORE_FN`): fastest first
+//! - `slice:<s>:svc` hash model → measured µs per task there (models loaded now); `svc` and
+//!   `loadus` hashes model → the fleet's latest service and load times; `reputation` hash
+//!   worker → share of its outcomes that agreed (written by the rewarder)
 //! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, ticket, handed}: a reserved slot
 //!   (`handed`: made due by a hand-back, failure, death or quarantine, not a timeout)
 //! - `taskw:<task>` set of workers that hold or held a replica of the task (kept distinct)
@@ -52,46 +56,88 @@ const SLICEMEM: &str = "sundara:slicemem";
 const FOOTPRINT: &str = "sundara:footprint";
 const QUARANTINED: &str = "sundara:quarantined";
 const INFLIGHT: &str = "sundara:inflight";
+const SERVICE: &str = "sundara:svc";
+const LOAD_US: &str = "sundara:loadus";
+const REPUTATION: &str = "sundara:reputation";
+
+/// Lua shared by the scripts that change a slice's load: `rescore(s)` puts the slice in
+/// the candidate set of each model it serves, scored by the expected completion time (µs)
+/// of one more task of that model there, or takes it out when it is not alive or full.
+///
+/// expected = cold + service × (1 + in use / lanes), where service is the slice's own
+/// measured time per task of the model when the model is loaded there, else the fleet's
+/// latest measurement (10 ms unknown) plus cold = the model's measured load time (1 s
+/// unknown). The product is scaled by (2 − reputation), reputation being the worker's
+/// share of agreeing outcomes (1 when unknown), and the slice's memory in GiB is added as a
+/// tie-breaker (1 µs per GiB): among equals the smallest device that fits is chosen.
+const RESCORE_FN: &str = r#"
+local function rescore(s)
+  local key = 'sundara:slice:' .. s
+  local h = redis.call('HMGET', key, 'state', 'slots_total', 'slots_free', 'lanes', 'memory_total', 'worker')
+  local models = redis.call('SMEMBERS', key .. ':models')
+  local free = tonumber(h[3])
+  if h[1] ~= 'alive' or not free or free <= 0 then
+    for _, m in ipairs(models) do redis.call('ZREM', 'sundara:cand:' .. m, s) end
+    return
+  end
+  local in_use = math.max((tonumber(h[2]) or free) - free, 0)
+  local lanes = math.max(tonumber(h[4]) or 1, 1)
+  local gib = (tonumber(h[5]) or 0) / 1073741824
+  local rep = h[6] and tonumber(redis.call('HGET', 'sundara:reputation', h[6])) or 1
+  for _, m in ipairs(models) do
+    local service = tonumber(redis.call('HGET', key .. ':svc', m))
+    local cold = 0
+    if not service then
+      service = tonumber(redis.call('HGET', 'sundara:svc', m)) or 10000
+      cold = tonumber(redis.call('HGET', 'sundara:loadus', m)) or 1000000
+    end
+    local expected = cold + service * (1 + in_use / lanes)
+    redis.call('ZADD', 'sundara:cand:' .. m, expected * (2 - rep) + gib, s)
+  end
+end
+"#;
 
 /// Reserves one slot on each of up to k distinct workers for the given assignment ids, or
 /// nothing. Ids already reserved (a redelivered task) keep their slot.
-/// KEYS: cand:<model>, taskw:<task>. ARGV: n, scan, timeout_at_ms, ttl_ms, aid_1..aid_n.
+/// KEYS: cand:<model>, taskw:<task>. ARGV: n, scan, timeout_at_ms, ttl_ms, random (1: pick
+/// among candidates at random, the baseline placement), aid_1..aid_n.
 /// Returns {slice_1, worker_1, ...} in aid order, or {} when not enough capacity.
 const RESERVE: &str = r#"
 local n = tonumber(ARGV[1])
 local scan = tonumber(ARGV[2])
 local timeout_at = ARGV[3]
 local ttl = tonumber(ARGV[4])
+local random = ARGV[5] == '1'
 local used, usedop = {}, {}
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do used[w] = true end
 local result, need = {}, {}
 for i = 1, n do
-  local aid = ARGV[4 + i]
+  local aid = ARGV[5 + i]
   local held = redis.call('HMGET', 'sundara:asg:' .. aid, 'slice', 'worker')
   if held[1] then result[i] = {held[1], held[2]} else table.insert(need, i) end
 end
 if #need > 0 then
-  -- The candidate set is ordered by free slots (score = -free, most free first), so
-  -- walking it in order and taking the first eligible slices picks the least loaded: an
-  -- idle fleet costs one look per replica, whatever its size (O(log N) for the range).
+  -- The candidate set holds only live slices with a free slot, ordered by expected
+  -- completion time, so walking it in order and taking the first eligible slices picks
+  -- the fastest: one look per replica when nothing is excluded (O(log N) for the range).
   -- At most 4 windows of `scan` are read (slices of workers that already hold the task,
-  -- of an operator already picked, or dead, are skipped); reading stops at the first full
-  -- slice, since all after it are full too.
+  -- or of an operator already picked, or quarantined, are skipped).
   local picks = {}
-  local seen, full = 0, false
-  while #picks < #need and not full and seen < scan * 4 do
-    local cands = redis.call('ZRANGE', KEYS[1], seen, seen + scan - 1)
+  local seen = 0
+  while #picks < #need and seen < scan * 4 do
+    local cands
+    if random then
+      cands = redis.call('ZRANDMEMBER', KEYS[1], scan)
+    else
+      cands = redis.call('ZRANGE', KEYS[1], seen, seen + scan - 1)
+    end
     if #cands == 0 then break end
     for _, s in ipairs(cands) do
       seen = seen + 1
       local h = redis.call('HMGET', 'sundara:slice:' .. s, 'worker', 'slots_free', 'state', 'operator')
       local w, free, op = h[1], tonumber(h[2]), h[4]
       local op_known = op and op ~= ''
-      if free and free <= 0 then
-        full = true
-        break
-      end
-      if w and h[3] == 'alive' and free and not used[w] and not (op_known and usedop[op])
+      if w and h[3] == 'alive' and free and free > 0 and not used[w] and not (op_known and usedop[op])
           and redis.call('HEXISTS', 'sundara:quarantined', w) == 0 then
         used[w] = true
         if op_known then usedop[op] = true end
@@ -102,11 +148,9 @@ if #need > 0 then
   end
   if #picks < #need then return {} end
   for j, i in ipairs(need) do
-    local s, w, aid = picks[j][1], picks[j][2], ARGV[4 + i]
-    local free = redis.call('HINCRBY', 'sundara:slice:' .. s, 'slots_free', -1)
-    for _, m in ipairs(redis.call('SMEMBERS', 'sundara:slice:' .. s .. ':models')) do
-      redis.call('ZADD', 'sundara:cand:' .. m, 'XX', -free, s)
-    end
+    local s, w, aid = picks[j][1], picks[j][2], ARGV[5 + i]
+    redis.call('HINCRBY', 'sundara:slice:' .. s, 'slots_free', -1)
+    rescore(s)
     redis.call('HSET', 'sundara:asg:' .. aid, 'slice', s, 'worker', w, 'answer_by', timeout_at)
     redis.call('PEXPIRE', 'sundara:asg:' .. aid, ttl)
     redis.call('ZADD', 'sundara:inflight', timeout_at, aid)
@@ -119,6 +163,12 @@ end
 local flat = {}
 for i = 1, n do table.insert(flat, result[i][1]); table.insert(flat, result[i][2]) end
 return flat
+"#;
+
+/// Rescores slices after a worker's announcement. ARGV: slice ids.
+const RESCORE: &str = r#"
+for _, s in ipairs(ARGV) do rescore(s) end
+return #ARGV
 "#;
 
 /// Frees an assignment's slot. Idempotent: a second release of the same id does nothing.
@@ -140,13 +190,10 @@ if redis.call('EXISTS', slice) == 1 then
   local free = redis.call('HINCRBY', slice, 'slots_free', 1)
   local total = tonumber(redis.call('HGET', slice, 'slots_total'))
   if total and free > total then
-    free = total
     redis.call('HSET', slice, 'slots_free', total)
   end
-  -- XX: a dead slice stays out of the candidate sets.
-  for _, m in ipairs(redis.call('SMEMBERS', slice .. ':models')) do
-    redis.call('ZADD', 'sundara:cand:' .. m, 'XX', -free, h[1])
-  end
+  -- A dead, failed or quarantined slice stays out of the candidate sets.
+  rescore(h[1])
 end
 return 1
 "#;
@@ -275,6 +322,12 @@ pub struct SliceAnnounce {
     pub footprints: Vec<(String, u64)>,
     pub loads: u64,
     pub evictions: u64,
+    /// Inferences it runs at once.
+    pub lanes: u32,
+    /// Measured inference time per task (µs) of each model loaded there now, by name.
+    pub service_us: Vec<(String, u64)>,
+    /// Measured time to load and warm up each model (µs), by name.
+    pub load_us: Vec<(String, u64)>,
 }
 
 /// What a worker tells Redis on start and on every heartbeat.
@@ -314,6 +367,31 @@ pub struct Capacity {
     quarantine: Script,
     hand_back: Script,
     timeout_strike: Script,
+    rescore: Script,
+}
+
+/// The terms of a reservation.
+#[derive(Clone, Copy, Debug)]
+pub struct ReserveTerms {
+    /// When its assignments time out (Unix ms).
+    pub timeout_at_ms: u64,
+    /// How long the reservation itself lives.
+    pub ttl_ms: u64,
+    /// Candidates read per window.
+    pub scan: usize,
+    pub placement: Placement,
+}
+
+/// How RESERVE chooses among candidates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// The live slices with a free slot and the lowest expected completion time (see
+    /// `RESCORE_FN`).
+    #[default]
+    ExpectedCompletion,
+    /// Any live slices with a free slot, at random: the original Sundara's choice, kept as
+    /// the benchmarks' baseline.
+    Random,
 }
 
 impl Capacity {
@@ -324,14 +402,15 @@ impl Capacity {
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out connecting to Redis")))??;
         Ok(Capacity {
             con,
-            reserve: Script::new(RESERVE),
-            release: Script::new(RELEASE),
+            reserve: Script::new(&format!("{RESCORE_FN}{RESERVE}")),
+            release: Script::new(&format!("{RESCORE_FN}{RELEASE}")),
             claim_due: Script::new(CLAIM_DUE),
             mark_dead: Script::new(MARK_DEAD),
             fail_slice: Script::new(FAIL_SLICE),
             quarantine: Script::new(QUARANTINE),
             hand_back: Script::new(HAND_BACK),
             timeout_strike: Script::new(TIMEOUT_STRIKE),
+            rescore: Script::new(&format!("{RESCORE_FN}{RESCORE}")),
         })
     }
 
@@ -379,6 +458,7 @@ impl Capacity {
                     ("memory_free", s.memory_free),
                     ("loads", s.loads),
                     ("evictions", s.evictions),
+                    ("lanes", s.lanes.max(1) as u64),
                 ],
             )
             .ignore();
@@ -391,6 +471,15 @@ impl Capacity {
             if !s.loaded.is_empty() {
                 pipe.hset_multiple(format!("{key}:loaded"), &s.loaded).ignore();
             }
+            pipe.del(format!("{key}:svc")).ignore();
+            if !s.service_us.is_empty() {
+                pipe.hset_multiple(format!("{key}:svc"), &s.service_us).ignore();
+                // The fleet's latest measurement: the estimate where a model is not loaded.
+                pipe.hset_multiple(SERVICE, &s.service_us).ignore();
+            }
+            if !s.load_us.is_empty() {
+                pipe.hset_multiple(LOAD_US, &s.load_us).ignore();
+            }
             if !s.footprints.is_empty() {
                 pipe.hset_multiple(FOOTPRINT, &s.footprints).ignore();
             }
@@ -399,24 +488,24 @@ impl Capacity {
             } else {
                 pipe.zrem(SLICEMEM, &s.id).ignore();
             }
-            // Candidate score = -(free slots), least loaded first. A start sets it; a
-            // heartbeat only adds a missing entry (Redis lost it, or the slice was dead):
-            // reservations and releases keep it exact from then on.
-            let score = -(s.slots as i64);
+            // Models it no longer serves leave their candidate sets; RESCORE below places
+            // it in those of the models it serves.
+            let old_models: Vec<String> = con.smembers(format!("{key}:models")).await?;
+            for m in old_models.iter().filter(|m| !s.models.contains(m)) {
+                pipe.zrem(cand_key(m), &s.id).ignore();
+            }
             pipe.del(format!("{key}:models")).ignore();
             for m in &s.models {
                 pipe.sadd(format!("{key}:models"), m).ignore();
-                if !alive {
-                    pipe.zrem(cand_key(m), &s.id).ignore();
-                } else if fresh {
-                    pipe.zadd(cand_key(m), &s.id, score).ignore();
-                } else {
-                    pipe.cmd("ZADD").arg(cand_key(m)).arg("NX").arg(score).arg(&s.id).ignore();
-                }
             }
         }
         pipe.pset_ex(hb_key(&a.worker), 1, heartbeat_ttl_ms).ignore();
         pipe.query_async::<()>(&mut con).await?;
+        let mut rescore = self.rescore.prepare_invoke();
+        for s in &a.slices {
+            rescore.arg(&s.id);
+        }
+        rescore.invoke_async::<()>(&mut con).await?;
         Ok(())
     }
 
@@ -427,13 +516,12 @@ impl Capacity {
         model: &str,
         task_id: &str,
         aids: &[String],
-        timeout_at_ms: u64,
-        ttl_ms: u64,
-        scan: usize,
+        terms: ReserveTerms,
     ) -> Result<Option<Vec<(String, String)>>, Error> {
         let mut inv = self.reserve.prepare_invoke();
         inv.key(cand_key(model)).key(format!("sundara:taskw:{task_id}"));
-        inv.arg(aids.len()).arg(scan).arg(timeout_at_ms).arg(ttl_ms);
+        let random = u8::from(terms.placement == Placement::Random);
+        inv.arg(aids.len()).arg(terms.scan).arg(terms.timeout_at_ms).arg(terms.ttl_ms).arg(random);
         for aid in aids {
             inv.arg(aid);
         }
@@ -549,6 +637,17 @@ impl Capacity {
         let mut con = self.con.clone();
         let fresh: i64 = self.quarantine.arg(worker).arg(reason).invoke_async(&mut con).await?;
         Ok(fresh == 1)
+    }
+
+    /// Sets workers' reputations (their share of agreeing outcomes, 0 to 1), which scale
+    /// their slices' candidate scores from their next change on.
+    pub async fn set_reputation(&self, reputations: &[(String, f64)]) -> Result<(), Error> {
+        if reputations.is_empty() {
+            return Ok(());
+        }
+        let mut con = self.con.clone();
+        con.hset_multiple::<_, _, _, ()>(REPUTATION, reputations).await?;
+        Ok(())
     }
 
     /// Quarantined workers and why.

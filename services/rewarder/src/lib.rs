@@ -117,7 +117,12 @@ struct Rewarder {
     /// Verdict deliveries to ack once the ledger covering them is stored.
     held: Vec<Acker>,
     traces: Vec<PendingTrace>,
+    /// When reputations were last written to Redis.
+    reputations_at: Option<std::time::Instant>,
 }
+
+/// Reputations go to Redis at most this often.
+const REPUTATION_EVERY: Duration = Duration::from_secs(1);
 
 impl Rewarder {
     async fn on_verdict(&mut self, msg: Message) -> Result<(), RewarderError> {
@@ -214,6 +219,7 @@ impl Rewarder {
         }
         if self.dirty {
             self.persist().await?;
+            self.publish_reputations().await;
         }
         let held = std::mem::take(&mut self.held);
         if !held.is_empty() {
@@ -226,6 +232,25 @@ impl Rewarder {
             }
         }
         Ok(())
+    }
+
+    /// Tells the scheduler each miner's share of agreeing outcomes, which ranks its slices
+    /// (at most once per [`REPUTATION_EVERY`]; a failure waits for the next time).
+    async fn publish_reputations(&mut self) {
+        let Some(capacity) = &self.capacity else { return };
+        if self.reputations_at.is_some_and(|t| t.elapsed() < REPUTATION_EVERY) {
+            return;
+        }
+        self.reputations_at = Some(std::time::Instant::now());
+        let reputations: Vec<(String, f64)> = self
+            .ledger
+            .miners()
+            .filter(|(_, s)| s.tasks > 0)
+            .map(|(m, s)| (m.clone(), s.agreed as f64 / s.tasks as f64))
+            .collect();
+        if let Err(e) = capacity.set_reputation(&reputations).await {
+            tracing::warn!(error = %e, "could not publish reputations");
+        }
     }
 
     /// Writes the ledger, expecting the revision we last saw.
@@ -397,8 +422,18 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RewarderError
         0 => None,
         _ => Some(Capacity::connect(&config.endpoints.redis_url).await?),
     };
-    let mut rewarder =
-        Rewarder { config, capacity, js, kv, ledger, revision, dirty, held: Vec::new(), traces: Vec::new() };
+    let mut rewarder = Rewarder {
+        config,
+        capacity,
+        js,
+        kv,
+        ledger,
+        revision,
+        dirty,
+        held: Vec::new(),
+        traces: Vec::new(),
+        reputations_at: None,
+    };
     // An epoch that ended while we were down closes before any newer verdict counts in it.
     if rewarder.epoch_due() {
         rewarder.close_epoch().await?;

@@ -117,7 +117,17 @@ pub struct SliceReport {
     pub footprints: Vec<(String, u64)>,
     pub loads: u64,
     pub evictions: u64,
+    /// Measured inference time per task (µs, a moving average over batches divided by
+    /// their size), per `name@version` run here so far.
+    pub service_us: Vec<(String, u64)>,
+    /// Measured time to load and warm up one session (µs), per `name@version`.
+    pub load_us: Vec<(String, u64)>,
 }
+
+/// Weight of the newest batch in the moving average of service time.
+const SERVICE_EMA: f64 = 0.2;
+/// Service times are republished at most this often (heartbeats carry them to Redis).
+const SERVICE_PUBLISH_EVERY: Duration = Duration::from_millis(200);
 
 struct Job {
     inputs: Vec<Tensor>,
@@ -161,6 +171,10 @@ struct State {
     runs: u64,
     loads: u64,
     evictions: u64,
+    service_us: HashMap<String, f64>,
+    load_us: HashMap<String, u64>,
+    /// When service times were last published (they change with every batch).
+    service_published: Option<Instant>,
 }
 
 impl State {
@@ -180,8 +194,16 @@ impl State {
             footprints,
             loads: self.loads,
             evictions: self.evictions,
+            service_us: sorted(self.service_us.iter().map(|(m, us)| (m.clone(), us.round() as u64))),
+            load_us: sorted(self.load_us.iter().map(|(m, us)| (m.clone(), *us))),
         }
     }
+}
+
+fn sorted(pairs: impl Iterator<Item = (String, u64)>) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = pairs.collect();
+    v.sort();
+    v
 }
 
 struct Shared {
@@ -303,8 +325,16 @@ fn infer_loop(shared: &Shared) {
                 st.runs += 1;
                 drop(st);
                 let fault = config.fail_after_runs.is_some_and(|n| runs_before >= n);
+                let (tasks, started) = (jobs.len(), Instant::now());
                 let broken = run_jobs(&mut session, jobs, fault);
+                let per_task = started.elapsed().as_micros() as f64 / tasks.max(1) as f64;
                 st = shared.lock();
+                let ema = st.service_us.entry(key.clone()).or_insert(per_task);
+                *ema += SERVICE_EMA * (per_task - *ema);
+                if st.service_published.is_none_or(|t| t.elapsed() > SERVICE_PUBLISH_EVERY) {
+                    st.service_published = Some(Instant::now());
+                    shared.publish(&st);
+                }
                 let q = st.models.get_mut(&key).expect("a model with a session stays known");
                 // The finishing thread looks for work itself next, so a returned session
                 // needs no wake-up; a failed slice needs every thread to drain and stop.
@@ -528,6 +558,7 @@ fn finish_load(st: &mut State, key: &str, loaded: Loaded, load_us: u64) {
     q.copies += 1;
     q.idle.push(session);
     st.loads += 1;
+    st.load_us.insert(key.to_string(), load_us);
     st.residency().add_copy(key, footprint, load_us, now_us());
     tracing::info!(model = key, footprint, load_us, "loaded and warmed up");
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
 use futures::StreamExt;
-use sundara_common::capacity::Answer;
+use sundara_common::capacity::{Answer, Placement, ReserveTerms};
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
 use sundara_schemas::{
     Assignment, ClientResult, DeadLetter, FailureCode, Outcome, OutcomeResult, Priority, ResultStatus, Task, Ticket,
@@ -31,8 +31,8 @@ pub struct Config {
     pub assignment_timeout: Duration,
     /// Dispatches per replica, the first included.
     pub max_attempts: u16,
-    /// Candidate slices read per window of the least-loaded-first candidate set (RESERVE
-    /// reads up to 4 windows while too few slices are eligible).
+    /// Candidate slices read per window of the fastest-first candidate set (RESERVE reads
+    /// up to 4 windows while too few slices are eligible).
     pub scan: usize,
     /// Tasks dispatched at once.
     pub concurrency: usize,
@@ -43,6 +43,8 @@ pub struct Config {
     pub max_task_bytes: usize,
     /// Assignments a live worker may let time out before it is quarantined.
     pub quarantine_after_timeouts: u64,
+    /// How slices are chosen (the random baseline exists for benchmarks).
+    pub placement: Placement,
     pub retention: nats::Retention,
 }
 
@@ -59,6 +61,7 @@ impl Config {
             capacity_retry: Duration::from_millis(50),
             max_task_bytes: 64 << 20,
             quarantine_after_timeouts: 3,
+            placement: Placement::ExpectedCompletion,
             retention: nats::Retention::default(),
         }
     }
@@ -101,6 +104,10 @@ enum Dispatch {
 }
 
 impl Scheduler {
+    fn terms(&self, timeout_at_ms: u64, ttl_ms: u64) -> ReserveTerms {
+        ReserveTerms { timeout_at_ms, ttl_ms, scan: self.config.scan, placement: self.config.placement }
+    }
+
     fn reservation_ttl_ms(&self, deadline_at_ms: u64) -> u64 {
         // Reservations outlive the task's deadline so that the sweep always finds them.
         deadline_at_ms.saturating_sub(now_ms()) + 3_600_000
@@ -126,10 +133,8 @@ impl Scheduler {
             if !self.waiting.outranked(&task.model.name, task.priority) {
                 let timeout_at = now_ms() + self.config.assignment_timeout.as_millis() as u64;
                 let ttl = self.reservation_ttl_ms(task.deadline_at_ms);
-                let reserved = self
-                    .capacity
-                    .reserve(&task.model.name, &task.task_id, &aids, timeout_at, ttl, self.config.scan)
-                    .await?;
+                let terms = self.terms(timeout_at, ttl);
+                let reserved = self.capacity.reserve(&task.model.name, &task.task_id, &aids, terms).await?;
                 if let Some(picks) = reserved {
                     break (picks, timeout_at);
                 }
@@ -283,7 +288,7 @@ impl Scheduler {
         let ttl = self.reservation_ttl_ms(old.deadline_at_ms);
         let picked = self
             .capacity
-            .reserve(&old.model.name, &old.task_id, std::slice::from_ref(&new_aid), timeout_at, ttl, self.config.scan)
+            .reserve(&old.model.name, &old.task_id, std::slice::from_ref(&new_aid), self.terms(timeout_at, ttl))
             .await?;
         let Some(mut picks) = picked else {
             // No other worker free now: due again on the next sweep (not after the claim's

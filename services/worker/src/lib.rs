@@ -433,12 +433,25 @@ impl Worker {
                     footprints: r.footprints.clone(),
                     loads: r.loads,
                     evictions: r.evictions,
+                    lanes: s.config.threads as u32,
+                    // Service times only of models loaded now: elsewhere the load counts too.
+                    service_us: by_name(r.service_us.iter().filter(|(k, _)| r.loaded.iter().any(|(l, _)| l == k))),
+                    load_us: by_name(r.load_us.iter()),
                 }
             })
             .collect();
         slices.sort_by(|a, b| a.id.cmp(&b.id));
         WorkerAnnounce { worker: self.config.worker_id.clone(), operator: self.config.operator.clone(), slices }
     }
+}
+
+/// Per model name, from figures per `name@version` (the newest version listed wins).
+fn by_name<'a>(per_key: impl Iterator<Item = &'a (String, u64)>) -> Vec<(String, u64)> {
+    let mut named: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for (key, value) in per_key {
+        named.insert(key.split('@').next().unwrap_or(key).to_string(), *value);
+    }
+    named.into_iter().collect()
 }
 
 fn device_name(d: &SliceDevice) -> String {
