@@ -1,13 +1,29 @@
-//! Autoscaler. In this version: fleet health. A worker whose heartbeat lapses is declared
-//! dead: the scheduler stops choosing its slices, its in-flight assignments fall due at once
-//! (the scheduler reassigns them), and its queued assignments are purged from WORK. Its
-//! consumer stays, so a worker that was only paused resumes when its heartbeat returns.
+//! Autoscaler: fleet health, and (when given a driver) the size of the worker fleet.
+//!
+//! Health: a worker whose heartbeat lapses is declared dead: the scheduler stops choosing
+//! its slices, its in-flight assignments fall due at once (the scheduler reassigns them),
+//! and its queued assignments are purged from WORK. Its consumer stays, so a worker that
+//! was only paused resumes when its heartbeat returns.
+//!
+//! Scaling: every `interval` the demand in busy lanes is measured (tasks arriving per
+//! model × k × measured service time, see [`plan`]), the driver's workers that Redis holds
+//! as dead or quarantined are replaced, and the pool is sized to the demand (up at once,
+//! down with hysteresis).
 
-use std::time::Duration;
+pub mod driver;
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
+use futures::StreamExt;
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
 use sundara_schemas::subjects as subj;
+
+use driver::{ComposeDriver, Driver, DriverError, LocalDriver, NomadDriver};
+use plan::{Arrivals, ModelLoad, Planner, ScalePolicy};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -15,11 +31,71 @@ pub struct Config {
     /// How often heartbeats are checked.
     pub check_interval: Duration,
     pub retention: nats::Retention,
+    /// Sizing of the worker fleet; `None` watches health only.
+    pub scaling: Option<ScalingConfig>,
 }
 
 impl Config {
     pub fn new(endpoints: Endpoints) -> Config {
-        Config { endpoints, check_interval: Duration::from_millis(250), retention: nats::Retention::default() }
+        Config {
+            endpoints,
+            check_interval: Duration::from_millis(250),
+            retention: nats::Retention::default(),
+            scaling: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ScalingConfig {
+    pub policy: ScalePolicy,
+    pub driver: DriverConfig,
+    /// How often demand is measured and the fleet adjusted.
+    pub interval: Duration,
+    /// Arrival rates are averaged over this window.
+    pub window: Duration,
+}
+
+impl ScalingConfig {
+    pub fn new(driver: DriverConfig) -> ScalingConfig {
+        ScalingConfig {
+            policy: ScalePolicy::default(),
+            driver,
+            interval: Duration::from_secs(5),
+            window: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Which driver changes the fleet, and how to reach it.
+#[derive(Clone, Debug)]
+pub enum DriverConfig {
+    /// Worker processes of `binary` (`<binary> worker --id <prefix>-<n> <args>`).
+    Local { binary: PathBuf, args: Vec<String>, env: Vec<(String, String)>, prefix: String },
+    /// A Nomad job group whose allocations run `worker --id <prefix><alloc id>`.
+    Nomad { addr: String, job: String, group: String, token: Option<String>, prefix: String },
+    /// A docker compose service whose containers run `worker --id <prefix><hostname>`.
+    Compose { file: PathBuf, service: String, prefix: String },
+}
+
+impl DriverConfig {
+    fn build(&self) -> (Driver, String) {
+        match self.clone() {
+            DriverConfig::Local { binary, args, env, prefix } => {
+                let mut d = LocalDriver::new(binary, &prefix);
+                d.args = args;
+                d.env = env;
+                (Driver::Local(d), format!("{prefix}-"))
+            }
+            DriverConfig::Nomad { addr, job, group, token, prefix } => {
+                let mut d = NomadDriver::new(&addr, &job, &group);
+                d.token = token;
+                (Driver::Nomad(d), prefix)
+            }
+            DriverConfig::Compose { file, service, prefix } => {
+                (Driver::Compose(ComposeDriver::new(file, &service)), prefix)
+            }
+        }
     }
 }
 
@@ -27,6 +103,8 @@ impl Config {
 pub enum AutoscalerError {
     #[error(transparent)]
     Common(#[from] CommonError),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
 }
 
 /// Workers to declare dead: announced alive, heartbeat gone. Pure.
@@ -62,25 +140,156 @@ impl Health {
     }
 }
 
-/// Runs the health loop until `shutdown`.
+/// The fleet-sizing loop's state.
+struct Scaler {
+    tasks: jetstream::stream::Stream,
+    capacity: Capacity,
+    registry: Registry,
+    driver: Driver,
+    /// Worker ids of the driver's pool start with this.
+    prefix: String,
+    planner: Planner,
+    arrivals: Arrivals,
+    /// Redundancy per model, read once from the registry.
+    redundancy: HashMap<String, u8>,
+    /// Workers already replaced (Redis keeps listing them as dead or quarantined).
+    replaced: HashSet<String>,
+}
+
+impl Scaler {
+    /// Busy lanes the tasks of the last window ask for.
+    async fn demand(&mut self, now: Instant) -> Result<f64, AutoscalerError> {
+        let mut counts = Vec::new();
+        let mut subjects = self.tasks.info_with_subjects("sundara.task.>").await.map_err(js_err)?;
+        while let Some(entry) = subjects.next().await {
+            counts.push(entry.map_err(js_err)?);
+        }
+        self.arrivals.observe(now, &counts);
+        let service = self.capacity.service_times().await?;
+        let mut loads = Vec::new();
+        for (model, tasks_per_s) in self.arrivals.rates() {
+            if tasks_per_s <= 0.0 {
+                continue;
+            }
+            let k = match self.redundancy.get(&model) {
+                Some(k) => *k,
+                None => {
+                    let k = self.registry.latest(&model).await?.map_or(1, |m| m.policy.redundancy);
+                    *self.redundancy.entry(model.clone()).or_insert(k)
+                }
+            };
+            // Unmeasured models count as the scheduler's estimate, 10 ms a task.
+            let service_s = service.get(&model).map_or(0.01, |us| *us as f64 / 1e6);
+            loads.push(ModelLoad { tasks_per_s, k, service_s });
+        }
+        Ok(plan::demand_lanes(&loads))
+    }
+
+    /// Replaces the pool's workers that Redis holds as dead or quarantined.
+    async fn replace_unfit(&mut self) -> Result<(), AutoscalerError> {
+        let running: HashSet<String> = self.driver.running().await?.into_iter().collect();
+        let pool: Vec<String> = self
+            .capacity
+            .workers()
+            .await?
+            .into_iter()
+            .filter(|w| w.starts_with(&self.prefix) && !self.replaced.contains(w))
+            .filter(|w| !matches!(self.driver, Driver::Local(_)) || running.contains(w))
+            .collect();
+        let health = self.capacity.health(&pool).await?;
+        for (worker, (_, state)) in pool.iter().zip(health) {
+            if matches!(state.as_deref(), Some("dead" | "quarantined")) {
+                tracing::warn!(%worker, state = state.as_deref().unwrap_or(""), "replacing worker");
+                self.driver.replace(worker).await?;
+                self.replaced.insert(worker.clone());
+                metrics::counter!("sundara_autoscaler_replaced_total").increment(1);
+            }
+        }
+        Ok(())
+    }
+
+    async fn step(&mut self) -> Result<(), AutoscalerError> {
+        let now = Instant::now();
+        let demand = self.demand(now).await?;
+        self.replace_unfit().await?;
+        let running = self.driver.running().await?.len();
+        let target = self.planner.target(now, demand, running);
+        if target != running {
+            tracing::info!(demand_lanes = demand, running, target, "scaling the worker fleet");
+        }
+        self.driver.scale_to(target).await?;
+        metrics::gauge!("sundara_autoscaler_demand_lanes").set(demand);
+        metrics::gauge!("sundara_autoscaler_target_workers").set(target as f64);
+        Ok(())
+    }
+}
+
+/// Runs fleet sizing until `shutdown`; a local pool is stopped with it.
+async fn scale(config: ScalingConfig, mut scaler: Scaler, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(policy = ?config.policy, "autoscaler sizing the worker fleet");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = scaler.step().await {
+            tracing::warn!(error = %e, "scaling step failed");
+        }
+    }
+    if let Driver::Local(_) = scaler.driver
+        && let Err(e) = scaler.driver.scale_to(0).await
+    {
+        tracing::warn!(error = %e, "stopping the local workers");
+    }
+}
+
+/// Runs the health loop (and fleet sizing, when configured) until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerError> {
     let client = nats::connect(&config.endpoints.nats_url, "sundara-autoscaler").await?;
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let work = js.get_stream(subj::WORK_STREAM).await.map_err(js_err)?;
     let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
+    let scaling = match config.scaling.clone() {
+        Some(scaling) => {
+            let (driver, prefix) = scaling.driver.build();
+            let scaler = Scaler {
+                tasks: js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?,
+                capacity: capacity.clone(),
+                registry: Registry::open(&js).await?,
+                driver,
+                prefix,
+                planner: Planner::new(scaling.policy.clone()),
+                arrivals: Arrivals::new(scaling.window),
+                redundancy: HashMap::new(),
+                replaced: HashSet::new(),
+            };
+            Some(scale(scaling, scaler, shutdown.clone()))
+        }
+        None => None,
+    };
     let health = Health { client: client.clone(), work, capacity };
-    let mut tick = tokio::time::interval(config.check_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tracing::info!("autoscaler watching fleet health");
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
+    let watch = async {
+        let mut tick = tokio::time::interval(config.check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!("autoscaler watching fleet health");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = health.check().await {
+                tracing::warn!(error = %e, "health check failed");
+            }
         }
-        if let Err(e) = health.check().await {
-            tracing::warn!(error = %e, "health check failed");
+    };
+    match scaling {
+        Some(scaling) => {
+            tokio::join!(watch, scaling);
         }
+        None => watch.await,
     }
     let _ = client.flush().await;
     tracing::info!("autoscaler stopped");

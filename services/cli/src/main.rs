@@ -109,8 +109,8 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         epoch_secs: u64,
     },
-    /// Run the autoscaler service.
-    Autoscaler,
+    /// Run the autoscaler service: fleet health, and with --driver the size of the worker pool.
+    Autoscaler(AutoscalerArgs),
     /// Run a worker (miner).
     Worker {
         #[arg(long)]
@@ -142,6 +142,83 @@ enum Command {
         #[arg(long, default_value = "honest", value_parser = sundara_worker::Behaviour::parse)]
         behaviour: sundara_worker::Behaviour,
     },
+}
+
+#[derive(clap::Args)]
+struct AutoscalerArgs {
+    /// How the worker pool is changed: local (worker processes of this binary), nomad or
+    /// compose. Without it the autoscaler watches health only.
+    #[arg(long)]
+    driver: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    #[arg(long, default_value_t = 8)]
+    max_workers: usize,
+    /// Inference threads of each worker the pool runs (its lanes).
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
+    /// Share of the pool's lanes to keep busy.
+    #[arg(long, default_value_t = 0.7)]
+    target_utilisation: f64,
+    /// Seconds fewer workers must be needed before one is removed.
+    #[arg(long, default_value_t = 60)]
+    scale_down_after_s: u64,
+    /// Worker ids of the pool start with this (local: `<prefix>-<n>`).
+    #[arg(long, default_value = "pool")]
+    pool_prefix: String,
+    /// Nomad HTTP API, `host:port`.
+    #[arg(long, default_value = "127.0.0.1:4646")]
+    nomad_addr: String,
+    #[arg(long, default_value = "sundara-workers")]
+    nomad_job: String,
+    #[arg(long, default_value = "worker")]
+    nomad_group: String,
+    #[arg(long, env = "NOMAD_TOKEN", hide_env_values = true)]
+    nomad_token: Option<String>,
+    #[arg(long, default_value = "infra/docker-compose.yml")]
+    compose_file: PathBuf,
+    #[arg(long, default_value = "worker")]
+    compose_service: String,
+}
+
+impl AutoscalerArgs {
+    fn scaling(self, endpoints: &Endpoints) -> anyhow::Result<Option<sundara_autoscaler::ScalingConfig>> {
+        use sundara_autoscaler::DriverConfig;
+        let prefix = self.pool_prefix.clone();
+        let driver = match self.driver.as_deref() {
+            None => return Ok(None),
+            Some("local") => DriverConfig::Local {
+                binary: std::env::current_exe().context("locating this binary")?,
+                args: vec!["--threads".into(), self.worker_threads.to_string()],
+                env: vec![
+                    ("SUNDARA_NATS_URL".into(), endpoints.nats_url.clone()),
+                    ("SUNDARA_REDIS_URL".into(), endpoints.redis_url.clone()),
+                ],
+                prefix,
+            },
+            Some("nomad") => DriverConfig::Nomad {
+                addr: self.nomad_addr,
+                job: self.nomad_job,
+                group: self.nomad_group,
+                token: self.nomad_token,
+                prefix,
+            },
+            Some("compose") => DriverConfig::Compose { file: self.compose_file, service: self.compose_service, prefix },
+            Some(other) => bail!("unknown driver {other:?}: local, nomad or compose"),
+        };
+        if self.min_workers > self.max_workers || !(0.05..=1.0).contains(&self.target_utilisation) {
+            bail!("need --min-workers ≤ --max-workers and --target-utilisation in [0.05, 1]");
+        }
+        let mut scaling = sundara_autoscaler::ScalingConfig::new(driver);
+        scaling.policy = sundara_autoscaler::plan::ScalePolicy {
+            min_workers: self.min_workers,
+            max_workers: self.max_workers,
+            lanes_per_worker: self.worker_threads.max(1),
+            target_utilisation: self.target_utilisation,
+            scale_down_after: Duration::from_secs(self.scale_down_after_s),
+        };
+        Ok(Some(scaling))
+    }
 }
 
 #[derive(clap::Args)]
@@ -373,9 +450,10 @@ async fn main() -> anyhow::Result<()> {
             config.epoch_length = Duration::from_secs(epoch_secs);
             run_service(sundara_rewarder::run(config, shutdown.clone()), shutdown).await
         }
-        Command::Autoscaler => {
-            run_service(sundara_autoscaler::run(sundara_autoscaler::Config::new(endpoints), shutdown.clone()), shutdown)
-                .await
+        Command::Autoscaler(args) => {
+            let mut config = sundara_autoscaler::Config::new(endpoints.clone());
+            config.scaling = args.scaling(&endpoints)?;
+            run_service(sundara_autoscaler::run(config, shutdown.clone()), shutdown).await
         }
         Command::Worker { id, operator, threads, slots, slices, models, cache_dir, dishonest, behaviour } => {
             let lib = ort()?;

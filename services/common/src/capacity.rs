@@ -639,6 +639,12 @@ impl Capacity {
         Ok(fresh == 1)
     }
 
+    /// The fleet's latest measured inference time per task (µs), by model name.
+    pub async fn service_times(&self) -> Result<std::collections::HashMap<String, u64>, Error> {
+        let mut con = self.con.clone();
+        Ok(con.hgetall(SERVICE).await?)
+    }
+
     /// Sets workers' reputations (their share of agreeing outcomes, 0 to 1), which scale
     /// their slices' candidate scores from their next change on.
     pub async fn set_reputation(&self, reputations: &[(String, f64)]) -> Result<(), Error> {

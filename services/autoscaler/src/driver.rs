@@ -1,0 +1,295 @@
+//! How the autoscaler changes the worker fleet: local processes (the embedded default),
+//! Nomad's HTTP API, or docker compose. Each driver manages a pool of workers whose ids it
+//! knows, and can set its size and replace one worker (a dead or quarantined one) by a
+//! fresh one.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("starting {what}: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("Nomad at {addr}: {reason}")]
+    Nomad { addr: String, reason: String },
+    #[error("docker compose: {0}")]
+    Compose(String),
+}
+
+pub enum Driver {
+    Local(LocalDriver),
+    Nomad(NomadDriver),
+    Compose(ComposeDriver),
+}
+
+impl Driver {
+    /// Ids of the workers this driver runs now (as far as it can tell).
+    pub async fn running(&mut self) -> Result<Vec<String>, DriverError> {
+        match self {
+            Driver::Local(d) => Ok(d.running()),
+            Driver::Nomad(d) => Ok(d.running()),
+            Driver::Compose(d) => Ok(d.running()),
+        }
+    }
+
+    /// Runs `n` workers.
+    pub async fn scale_to(&mut self, n: usize) -> Result<(), DriverError> {
+        match self {
+            Driver::Local(d) => d.scale_to(n).await,
+            Driver::Nomad(d) => d.scale_to(n).await,
+            Driver::Compose(d) => d.scale_to(n).await,
+        }
+    }
+
+    /// Replaces one worker by a fresh one (a new id).
+    pub async fn replace(&mut self, worker: &str) -> Result<(), DriverError> {
+        match self {
+            Driver::Local(d) => d.replace(worker).await,
+            Driver::Nomad(d) => d.replace(worker).await,
+            Driver::Compose(d) => d.replace(worker).await,
+        }
+    }
+}
+
+/// Workers as child processes of this one: `<binary> worker --id <prefix>-<n> <args>`.
+pub struct LocalDriver {
+    pub binary: PathBuf,
+    /// Arguments after `worker --id <id>` (e.g. `--threads 1`).
+    pub args: Vec<String>,
+    /// Environment of the workers (NATS and Redis URLs, ORT library).
+    pub env: Vec<(String, String)>,
+    pub prefix: String,
+    next: u64,
+    children: BTreeMap<String, Child>,
+}
+
+impl LocalDriver {
+    pub fn new(binary: PathBuf, prefix: &str) -> LocalDriver {
+        LocalDriver {
+            binary,
+            args: Vec::new(),
+            env: Vec::new(),
+            prefix: prefix.to_string(),
+            next: 1,
+            children: BTreeMap::new(),
+        }
+    }
+
+    fn running(&mut self) -> Vec<String> {
+        // Reap workers that exited: the next scale_to starts others in their place.
+        self.children.retain(|id, child| match child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                tracing::warn!(worker = %id, %status, "worker process exited");
+                false
+            }
+            Err(_) => false,
+        });
+        self.children.keys().cloned().collect()
+    }
+
+    async fn start_one(&mut self) -> Result<(), DriverError> {
+        let id = format!("{}-{}", self.prefix, self.next);
+        self.next += 1;
+        let child = Command::new(&self.binary)
+            .args(["worker", "--id", &id])
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| DriverError::Spawn { what: format!("worker {id}"), source })?;
+        tracing::info!(worker = %id, "worker process started");
+        self.children.insert(id, child);
+        Ok(())
+    }
+
+    async fn scale_to(&mut self, n: usize) -> Result<(), DriverError> {
+        self.running();
+        while self.children.len() < n {
+            self.start_one().await?;
+        }
+        while self.children.len() > n {
+            // The newest goes first; SIGTERM lets it finish what it holds.
+            let (id, child) = self.children.pop_last().expect("more than n > 0");
+            stop(&id, child, true).await;
+        }
+        Ok(())
+    }
+
+    async fn replace(&mut self, worker: &str) -> Result<(), DriverError> {
+        if let Some(child) = self.children.remove(worker) {
+            // Dead or quarantined: nothing it holds is worth waiting for.
+            stop(worker, child, false).await;
+        }
+        self.start_one().await
+    }
+}
+
+/// Stops a worker process: gracefully (SIGTERM, then SIGKILL after 30 s) or at once.
+async fn stop(id: &str, mut child: Child, graceful: bool) {
+    if graceful && let Some(pid) = child.id() {
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_ok() {
+            tracing::info!(worker = %id, "worker process stopped");
+            return;
+        }
+    }
+    let _ = child.kill().await;
+    tracing::info!(worker = %id, "worker process killed");
+}
+
+/// A Nomad job whose task group runs one worker per allocation, each with
+/// `--id ${NOMAD_ALLOC_ID}` (see infra/nomad): the group's count is the fleet size, and a
+/// worker is replaced by stopping its allocation (Nomad places a new one).
+pub struct NomadDriver {
+    /// `host:port` of the Nomad HTTP API (plain HTTP; put a local proxy in front for TLS).
+    pub addr: String,
+    pub job: String,
+    pub group: String,
+    pub token: Option<String>,
+    /// The count last set (Nomad is the source of truth for which allocations run).
+    count: usize,
+}
+
+impl NomadDriver {
+    pub fn new(addr: &str, job: &str, group: &str) -> NomadDriver {
+        NomadDriver { addr: addr.into(), job: job.into(), group: group.into(), token: None, count: 0 }
+    }
+
+    /// The allocations are Nomad's to list; the pool is known by its count.
+    fn running(&self) -> Vec<String> {
+        (0..self.count).map(|i| format!("{}[{i}]", self.group)).collect()
+    }
+
+    /// `POST /v1/job/<job>/scale` with the new count.
+    pub fn scale_request(&self, n: usize) -> (String, String) {
+        let body = format!(
+            r#"{{"Count":{n},"Target":{{"Group":"{}"}},"Message":"sundara autoscaler"}}"#,
+            self.group.replace('"', "")
+        );
+        (format!("/v1/job/{}/scale", self.job), body)
+    }
+
+    async fn scale_to(&mut self, n: usize) -> Result<(), DriverError> {
+        if n == self.count {
+            return Ok(());
+        }
+        let (path, body) = self.scale_request(n);
+        self.post(&path, &body).await?;
+        self.count = n;
+        Ok(())
+    }
+
+    /// `POST /v1/allocation/<worker>/stop`: the worker id is its allocation id.
+    async fn replace(&mut self, worker: &str) -> Result<(), DriverError> {
+        self.post(&format!("/v1/allocation/{worker}/stop"), "{}").await
+    }
+
+    async fn post(&self, path: &str, body: &str) -> Result<(), DriverError> {
+        let err = |reason: String| DriverError::Nomad { addr: self.addr.clone(), reason };
+        let token = self.token.as_ref().map(|t| format!("X-Nomad-Token: {t}\r\n")).unwrap_or_default();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{token}Connection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(&self.addr).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut reply = Vec::new();
+            stream.take(64 << 10).read_to_end(&mut reply).await?;
+            Ok::<Vec<u8>, std::io::Error>(reply)
+        };
+        let reply = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .map_err(|_| err("no reply within 10 s".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        let reply = String::from_utf8_lossy(&reply);
+        let status = reply.split_whitespace().nth(1).unwrap_or("");
+        if !status.starts_with('2') {
+            return Err(err(format!("{path}: {}", reply.lines().next().unwrap_or("empty reply"))));
+        }
+        Ok(())
+    }
+}
+
+/// A docker compose service of workers: `docker compose up --scale <service>=N`; a worker
+/// (whose id is its container's hostname) is replaced by removing its container and
+/// scaling back up.
+pub struct ComposeDriver {
+    pub file: PathBuf,
+    pub service: String,
+    count: usize,
+}
+
+impl ComposeDriver {
+    pub fn new(file: PathBuf, service: &str) -> ComposeDriver {
+        ComposeDriver { file, service: service.into(), count: 0 }
+    }
+
+    fn running(&self) -> Vec<String> {
+        (0..self.count).map(|i| format!("{}-{}", self.service, i + 1)).collect()
+    }
+
+    /// The `docker` arguments that set the service to `n` containers.
+    pub fn scale_args(&self, n: usize) -> Vec<String> {
+        let file = self.file.display().to_string();
+        let scale = format!("{}={n}", self.service);
+        ["compose", "-f", &file, "up", "-d", "--no-recreate", "--scale", &scale, &self.service]
+            .map(String::from)
+            .to_vec()
+    }
+
+    async fn docker(&self, args: &[String]) -> Result<(), DriverError> {
+        let out = Command::new("docker")
+            .args(args)
+            .output()
+            .await
+            .map_err(|e| DriverError::Compose(format!("docker {}: {e}", args.join(" "))))?;
+        if !out.status.success() {
+            return Err(DriverError::Compose(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        Ok(())
+    }
+
+    async fn scale_to(&mut self, n: usize) -> Result<(), DriverError> {
+        if n == self.count {
+            return Ok(());
+        }
+        self.docker(&self.scale_args(n)).await?;
+        self.count = n;
+        Ok(())
+    }
+
+    async fn replace(&mut self, worker: &str) -> Result<(), DriverError> {
+        self.docker(&["rm".into(), "-f".into(), worker.into()]).await?;
+        self.docker(&self.scale_args(self.count)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nomad_scales_the_job_group() {
+        let d = NomadDriver::new("127.0.0.1:4646", "sundara-workers", "worker");
+        let (path, body) = d.scale_request(3);
+        assert_eq!(path, "/v1/job/sundara-workers/scale");
+        assert_eq!(body, r#"{"Count":3,"Target":{"Group":"worker"},"Message":"sundara autoscaler"}"#);
+    }
+
+    #[test]
+    fn compose_scales_the_service() {
+        let d = ComposeDriver::new("infra/docker-compose.yml".into(), "worker");
+        assert_eq!(
+            d.scale_args(4).join(" "),
+            "compose -f infra/docker-compose.yml up -d --no-recreate --scale worker=4 worker"
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! The autoscaler's local driver for real: worker processes started and stopped as load
+//! changes, and a quarantined worker replaced.
+
+mod support;
+
+use std::time::Duration;
+
+use sundara_autoscaler::plan::ScalePolicy;
+use sundara_autoscaler::{DriverConfig, ScalingConfig};
+use sundara_common::{Capacity, Shutdown};
+use support::{Harness, await_results};
+
+/// An autoscaler whose local driver starts `sundara worker --id auto-<n>` processes.
+fn start_autoscaler(h: &Harness, policy: ScalePolicy) -> (Shutdown, tokio::task::JoinHandle<()>) {
+    let ep = h.stack.endpoints();
+    let driver = DriverConfig::Local {
+        binary: env!("CARGO_BIN_EXE_sundara").into(),
+        args: vec!["--threads".into(), "1".into(), "--cache-dir".into(), h.cache.path().display().to_string()],
+        env: vec![
+            ("SUNDARA_NATS_URL".into(), ep.nats_url.clone()),
+            ("SUNDARA_REDIS_URL".into(), ep.redis_url.clone()),
+            ("ORT_DYLIB_PATH".into(), h.ort_library.display().to_string()),
+            ("RUST_LOG".into(), "warn".into()),
+        ],
+        prefix: "auto".into(),
+    };
+    let mut scaling = ScalingConfig::new(driver);
+    scaling.policy = policy;
+    scaling.interval = Duration::from_millis(500);
+    scaling.window = Duration::from_secs(3);
+    let mut config = sundara_autoscaler::Config::new(ep);
+    config.scaling = Some(scaling);
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { sundara_autoscaler::run(config, shutdown).await.expect("autoscaler runs") }
+    });
+    (shutdown, task)
+}
+
+/// The pool's workers with a live heartbeat, by id.
+async fn live_pool(capacity: &Capacity) -> Vec<String> {
+    let pool: Vec<String> = capacity.workers().await.unwrap().into_iter().filter(|w| w.starts_with("auto-")).collect();
+    let health = capacity.health(&pool).await.unwrap();
+    pool.into_iter()
+        .zip(health)
+        .filter(|(_, (hb, state))| *hb && state.as_deref() == Some("alive"))
+        .map(|(w, _)| w)
+        .collect()
+}
+
+/// Polls (bounded) until the live pool satisfies `ok`: worker start-up and heartbeats
+/// offer no event to wait on here.
+async fn pool_until(capacity: &Capacity, within: Duration, what: &str, ok: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let pool = live_pool(capacity).await;
+        if ok(&pool) {
+            return pool;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what} within {within:?}; live pool: {pool:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A load step makes the autoscaler add workers within 30 s; when the load stops it sheds
+/// them again after its quiet period, and no task is lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_load_step_adds_workers_and_a_quiet_fleet_sheds_them() {
+    let h = Harness::start(vec![], 1, Duration::from_secs(30)).await;
+    let policy = ScalePolicy {
+        min_workers: 1,
+        max_workers: 3,
+        lanes_per_worker: 1,
+        target_utilisation: 0.5,
+        scale_down_after: Duration::from_secs(3),
+    };
+    let (shutdown, autoscaler) = start_autoscaler(&h, policy);
+    pool_until(&h.capacity, Duration::from_secs(30), "the minimum of one worker", |p| p.len() == 1).await;
+
+    // The step: 40 ppocr-cls tasks of 16 images every 100 ms, until the pool has grown
+    // (one set of inputs, generated once: making random images is slow in a debug build).
+    let mut results = h.client.results("test").await.unwrap();
+    let meta = h.models["ppocr-cls"].clone();
+    let client = h.client.clone();
+    let stop = Shutdown::new();
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(9);
+            let inputs = sundara::models::sample_inputs(&meta.inputs, 16, &mut rng);
+            let mut ids = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            // Bounded: 60 s of load at most.
+            for _ in 0..600 {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                for _ in 0..40 {
+                    let r = sundara_schemas::SubmitRequest {
+                        timeout_ms: Some(120_000),
+                        ..sundara_schemas::SubmitRequest::new("ppocr-cls", inputs.clone(), "test")
+                    };
+                    match client.submit(&r).await.unwrap() {
+                        sundara_schemas::SubmitOutcome::Accepted { task_id, .. } => ids.push(task_id),
+                        rejected => panic!("{rejected:?}"),
+                    }
+                }
+            }
+            ids
+        }
+    });
+    let grown = pool_until(&h.capacity, Duration::from_secs(30), "more workers under load", |p| p.len() >= 2).await;
+    stop.cancel();
+    let ids = load.await.unwrap();
+    eprintln!("{} tasks submitted; the pool grew to {grown:?}", ids.len());
+    let got = await_results(&mut results, &ids).await;
+    assert!(got.values().all(|r| matches!(r.status, sundara_schemas::ResultStatus::Verified { .. })));
+
+    // Quiet: one worker at a time goes, down to the minimum.
+    pool_until(&h.capacity, Duration::from_secs(60), "back to one worker", |p| p.len() == 1).await;
+    shutdown.cancel();
+    autoscaler.await.unwrap();
+    h.stop().await;
+}
+
+/// A quarantined worker of the pool is replaced by a fresh one (well within 60 s), and the
+/// quarantined one stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quarantined_worker_is_replaced() {
+    let mut h = Harness::start(vec![], 1, Duration::from_secs(30)).await;
+    let policy = ScalePolicy { min_workers: 2, max_workers: 2, ..ScalePolicy::default() };
+    let (shutdown, autoscaler) = start_autoscaler(&h, policy);
+    let pool = pool_until(&h.capacity, Duration::from_secs(30), "two workers", |p| p.len() == 2).await;
+    let bad = pool[0].clone();
+    h.capacity.quarantine(&bad, "test: quarantined").await.unwrap();
+    let started = tokio::time::Instant::now();
+    let pool =
+        pool_until(&h.capacity, Duration::from_secs(60), "a replacement", |p| p.len() == 2 && !p.contains(&bad)).await;
+    eprintln!("{bad} replaced in {:?}: pool {pool:?}", started.elapsed());
+    let health = h.capacity.health(std::slice::from_ref(&bad)).await.unwrap();
+    assert!(health[0].1.as_deref() != Some("alive"), "the quarantined worker is out: {health:?}");
+    // Work goes to the fresh pool only.
+    let requests = h.sample_requests(20, "after", 10, |_| "mlp");
+    let results = h.run_tasks(&requests).await;
+    h.assert_correct(&requests, &results);
+    for v in h.all_verdicts().await {
+        assert!(v.miners.iter().all(|m| m.worker != bad), "the quarantined worker got work");
+    }
+    shutdown.cancel();
+    autoscaler.await.unwrap();
+    h.stop().await;
+}
