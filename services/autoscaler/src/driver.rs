@@ -144,21 +144,30 @@ async fn stop(id: &str, mut child: Child, graceful: bool) {
 }
 
 /// A Nomad job whose task group runs one worker per allocation, each with
-/// `--id ${NOMAD_ALLOC_ID}` (see infra/nomad): the group's count is the fleet size, and a
-/// worker is replaced by stopping its allocation (Nomad places a new one).
+/// `--id <prefix>${NOMAD_ALLOC_ID}`: the group's count is the fleet size, and a worker is
+/// replaced by stopping its allocation (Nomad places a new one).
 pub struct NomadDriver {
     /// `host:port` of the Nomad HTTP API (plain HTTP; put a local proxy in front for TLS).
     pub addr: String,
     pub job: String,
     pub group: String,
     pub token: Option<String>,
+    /// What precedes the allocation id in a worker's id.
+    pub prefix: String,
     /// The count last set (Nomad is the source of truth for which allocations run).
     count: usize,
 }
 
 impl NomadDriver {
     pub fn new(addr: &str, job: &str, group: &str) -> NomadDriver {
-        NomadDriver { addr: addr.into(), job: job.into(), group: group.into(), token: None, count: 0 }
+        NomadDriver {
+            addr: addr.into(),
+            job: job.into(),
+            group: group.into(),
+            token: None,
+            prefix: String::new(),
+            count: 0,
+        }
     }
 
     /// The allocations are Nomad's to list; the pool is known by its count.
@@ -185,9 +194,10 @@ impl NomadDriver {
         Ok(())
     }
 
-    /// `POST /v1/allocation/<worker>/stop`: the worker id is its allocation id.
+    /// `POST /v1/allocation/<alloc>/stop`: the worker id is the prefix and its allocation id.
     async fn replace(&mut self, worker: &str) -> Result<(), DriverError> {
-        self.post(&format!("/v1/allocation/{worker}/stop"), "{}").await
+        let alloc = worker.strip_prefix(self.prefix.as_str()).unwrap_or(worker);
+        self.post(&format!("/v1/allocation/{alloc}/stop"), "{}").await
     }
 
     async fn post(&self, path: &str, body: &str) -> Result<(), DriverError> {
@@ -282,6 +292,50 @@ mod tests {
         let (path, body) = d.scale_request(3);
         assert_eq!(path, "/v1/job/sundara-workers/scale");
         assert_eq!(body, r#"{"Count":3,"Target":{"Group":"worker"},"Message":"sundara autoscaler"}"#);
+    }
+
+    /// A stand-in for Nomad's HTTP API (no Nomad server can run here): it records each
+    /// request and answers 200, or 403 when told to.
+    async fn fake_nomad(status: &'static str) -> (String, tokio::sync::mpsc::Receiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap();
+                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).to_string()).await;
+                let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");
+                let _ = stream.write_all(reply.as_bytes()).await;
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn nomad_requests_reach_the_api_and_errors_are_reported() {
+        let (addr, mut requests) = fake_nomad("200 OK").await;
+        let mut d = NomadDriver::new(&addr, "sundara-workers", "worker");
+        d.token = Some("secret-token".into());
+        d.prefix = "sundara-".into();
+        d.scale_to(3).await.unwrap();
+        let scale = requests.recv().await.unwrap();
+        assert!(scale.starts_with("POST /v1/job/sundara-workers/scale HTTP/1.1"), "{scale}");
+        assert!(
+            scale.contains("X-Nomad-Token: secret-token")
+                && scale.ends_with(r#""Count":3,"Target":{"Group":"worker"},"Message":"sundara autoscaler"}"#)
+        );
+        assert_eq!(d.running().len(), 3);
+        d.scale_to(3).await.unwrap();
+        d.replace("sundara-0a1b").await.unwrap();
+        let stop = requests.recv().await.unwrap();
+        assert!(stop.starts_with("POST /v1/allocation/0a1b/stop "), "the same count is not sent twice: {stop}");
+
+        let (addr, _requests) = fake_nomad("403 Forbidden").await;
+        let mut d = NomadDriver::new(&addr, "sundara-workers", "worker");
+        let err = d.scale_to(2).await.unwrap_err().to_string();
+        assert!(err.contains("403"), "{err}");
+        assert!(d.running().is_empty(), "a refused scale changes nothing");
     }
 
     #[test]

@@ -90,6 +90,7 @@ impl DriverConfig {
             DriverConfig::Nomad { addr, job, group, token, prefix } => {
                 let mut d = NomadDriver::new(&addr, &job, &group);
                 d.token = token;
+                d.prefix = prefix.clone();
                 (Driver::Nomad(d), prefix)
             }
             DriverConfig::Compose { file, service, prefix } => {
