@@ -152,3 +152,67 @@ async fn a_quarantined_worker_is_replaced() {
     autoscaler.await.unwrap();
     h.stop().await;
 }
+
+/// The worker's side of model placement: a preload command loads the model on the slice,
+/// and a bad command gets a reason back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_preloads_a_model_on_request() {
+    use sundara_schemas::{Control, ControlReply, ControlRequest, WIRE_VERSION, decode, encode, subjects as subj};
+    let h = Harness::start(vec![support::honest("w", 1)], 1, Duration::from_secs(30)).await;
+    let ask = |command: Control| encode(&ControlRequest { v: WIRE_VERSION, command });
+    let send = |payload: Vec<u8>| {
+        let nats = h.client.nats.clone();
+        async move {
+            let reply = nats.request(subj::control("w"), payload.into()).await.unwrap();
+            decode::<ControlReply>(&reply.payload, 1 << 16).unwrap()
+        }
+    };
+    let model = h.models["magika"].model_ref();
+    let reply = send(ask(Control::Preload { model: model.clone(), slice: "w-cpu0".into() })).await;
+    assert!(reply.ok, "{reply:?}");
+    let slices = h.capacity.slices_of("w").await.unwrap();
+    assert!(slices[0].loaded.iter().any(|(k, _)| k.starts_with("magika@")), "{slices:?}");
+    let reply = send(ask(Control::Preload { model, slice: "w-nope".into() })).await;
+    assert!(!reply.ok && reply.reason.contains("no slice"), "{reply:?}");
+    let reply = send(b"\xc1garbage".to_vec()).await;
+    assert!(!reply.ok && reply.reason.contains("malformed"), "{reply:?}");
+    h.stop().await;
+}
+
+/// Demand for a model that one loaded copy could serve alone, with a utilisation target
+/// that asks for three: the autoscaler preloads it on two more slices (the scheduler by
+/// itself would keep it on one, since a cold load costs more than the short queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn demand_loads_more_copies_of_a_model() {
+    let workers = vec![support::honest("c1", 1), support::honest("c2", 1), support::honest("c3", 1)];
+    let h = Harness::start(workers, 1, Duration::from_secs(30)).await;
+    let recorder = sundara_common::metrics::install(None).unwrap();
+    let policy = ScalePolicy { min_workers: 0, max_workers: 0, target_utilisation: 0.05, ..ScalePolicy::default() };
+    let (shutdown, autoscaler) = start_autoscaler(&h, policy);
+    let meta = h.models["ppocr-cls"].clone();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11);
+    let inputs = sundara::models::sample_inputs(&meta.inputs, 16, &mut rng);
+    let copies = |slices: &[sundara_common::capacity::SliceState]| {
+        slices.iter().filter(|s| s.loaded.iter().any(|(k, _)| k.starts_with("ppocr-cls@"))).count()
+    };
+    // A light, steady load: 10 tasks a second, until three copies are loaded (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut loaded = 0;
+    while loaded < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "only {loaded} copies within 30 s");
+        tick.tick().await;
+        let r = sundara_schemas::SubmitRequest::new("ppocr-cls", inputs.clone(), "test");
+        assert!(matches!(h.client.submit(&r).await.unwrap(), sundara_schemas::SubmitOutcome::Accepted { .. }));
+        let mut slices = Vec::new();
+        for w in ["c1", "c2", "c3"] {
+            slices.extend(h.capacity.slices_of(w).await.unwrap());
+        }
+        loaded = copies(&slices);
+    }
+    let preloads = sundara_common::metrics::sum(&recorder.render(), "sundara_autoscaler_preloads_total", &[]);
+    assert!(preloads >= 2.0, "{preloads} preloads");
+    shutdown.cancel();
+    autoscaler.await.unwrap();
+    h.stop().await;
+}

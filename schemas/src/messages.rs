@@ -406,6 +406,29 @@ pub struct DeadLetter {
     pub task_seq: u64,
 }
 
+/// Autoscaler → one worker: a core NATS request on `sundara.control.<worker>`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ControlRequest {
+    pub v: u16,
+    pub command: Control,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Control {
+    /// Load (and warm up) the model on the slice now, ahead of its tasks.
+    Preload { model: ModelRef, slice: String },
+}
+
+/// Worker → autoscaler: whether the command was carried out, and if not why.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ControlReply {
+    pub v: u16,
+    pub ok: bool,
+    #[serde(default)]
+    pub reason: String,
+}
+
 macro_rules! versioned {
     ($($t:ty),*) => {$(
         impl Versioned for $t {
@@ -423,5 +446,7 @@ versioned!(
     Verdict,
     RewardTrace,
     EpochWeights,
-    DeadLetter
+    DeadLetter,
+    ControlRequest,
+    ControlReply
 );

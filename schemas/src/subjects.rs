@@ -36,6 +36,10 @@ pub fn work(model: &str, worker: &str) -> String {
 pub fn work_of(worker: &str) -> String {
     format!("sundara.work.*.{worker}")
 }
+/// Commands to one worker (core NATS request/reply).
+pub fn control(worker: &str) -> String {
+    format!("sundara.control.{worker}")
+}
 pub fn outcome(task: &str, worker: &str) -> String {
     format!("sundara.outcome.{task}.{worker}")
 }

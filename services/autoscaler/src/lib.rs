@@ -7,8 +7,9 @@
 //!
 //! Scaling: every `interval` the demand in busy lanes is measured (tasks arriving per
 //! model × k × measured service time, see [`plan`]), the driver's workers that Redis holds
-//! as dead or quarantined are replaced, and the pool is sized to the demand (up at once,
-//! down with hysteresis).
+//! as dead or quarantined are replaced, models whose demand needs more loaded copies get
+//! one more (preloaded on the slice where it fits best), and the pool is sized to the
+//! demand (up at once, down with hysteresis).
 
 pub mod driver;
 pub mod plan;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
-use sundara_schemas::subjects as subj;
+use sundara_schemas::{Control, ControlReply, ControlRequest, WIRE_VERSION, decode, encode, subjects as subj};
 
 use driver::{ComposeDriver, Driver, DriverError, LocalDriver, NomadDriver};
 use plan::{Arrivals, ModelLoad, Planner, ScalePolicy};
@@ -54,6 +55,8 @@ pub struct ScalingConfig {
     pub interval: Duration,
     /// Arrival rates are averaged over this window.
     pub window: Duration,
+    /// Most copies of one model the autoscaler keeps loaded ahead of demand.
+    pub max_model_copies: usize,
 }
 
 impl ScalingConfig {
@@ -63,6 +66,7 @@ impl ScalingConfig {
             driver,
             interval: Duration::from_secs(5),
             window: Duration::from_secs(15),
+            max_model_copies: 8,
         }
     }
 }
@@ -155,11 +159,18 @@ struct Scaler {
     redundancy: HashMap<String, u8>,
     /// Workers already replaced (Redis keeps listing them as dead or quarantined).
     replaced: HashSet<String>,
+    client: async_nats::Client,
+    max_model_copies: usize,
+    /// Models with a preload under way (one at a time per model).
+    preloading: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
+/// Longest the autoscaler waits for a worker to confirm a preload.
+const PRELOAD_REPLY: Duration = Duration::from_secs(70);
+
 impl Scaler {
-    /// Busy lanes the tasks of the last window ask for.
-    async fn demand(&mut self, now: Instant) -> Result<f64, AutoscalerError> {
+    /// What each model's tasks of the last window ask for.
+    async fn demand(&mut self, now: Instant) -> Result<Vec<(String, ModelLoad)>, AutoscalerError> {
         let mut counts = Vec::new();
         let mut subjects = self.tasks.info_with_subjects("sundara.task.>").await.map_err(js_err)?;
         while let Some(entry) = subjects.next().await {
@@ -181,9 +192,63 @@ impl Scaler {
             };
             // Unmeasured models count as the scheduler's estimate, 10 ms a task.
             let service_s = service.get(&model).map_or(0.01, |us| *us as f64 / 1e6);
-            loads.push(ModelLoad { tasks_per_s, k, service_s });
+            loads.push((model, ModelLoad { tasks_per_s, k, service_s }));
         }
-        Ok(plan::demand_lanes(&loads))
+        Ok(loads)
+    }
+
+    /// Loads one more copy of each model whose demand needs more copies than are loaded,
+    /// on the slice where it fits best (the scheduler then finds it warm).
+    async fn place_models(&mut self, loads: &[(String, ModelLoad)]) -> Result<(), AutoscalerError> {
+        if loads.is_empty() {
+            return Ok(());
+        }
+        let mut slices = Vec::new();
+        for worker in self.capacity.workers().await? {
+            slices.extend(self.capacity.slices_of(&worker).await?);
+        }
+        let footprints = self.capacity.footprints().await?;
+        let policy = &self.planner.policy;
+        for (model, load) in loads {
+            let need =
+                plan::copies_needed(load, policy.lanes_per_worker, policy.target_utilisation, self.max_model_copies);
+            let have = slices.iter().filter(|s| s.state == "alive" && plan::holds(s, model)).count();
+            metrics::gauge!("sundara_autoscaler_model_copies", "model" => model.clone()).set(have as f64);
+            if have >= need || !self.preloading.lock().unwrap_or_else(|e| e.into_inner()).insert(model.clone()) {
+                continue;
+            }
+            let placed = match self.registry.latest(model).await? {
+                Some(meta) => {
+                    let footprint =
+                        footprints.get(&format!("{}@{}", meta.name, meta.version)).copied().unwrap_or(meta.size);
+                    plan::place_copy(&slices, model, footprint)
+                        .map(|s| (meta.model_ref(), s.id.clone(), s.worker.clone()))
+                }
+                None => None,
+            };
+            let Some((model_ref, slice, worker)) = placed else {
+                self.preloading.lock().unwrap_or_else(|e| e.into_inner()).remove(model);
+                continue;
+            };
+            tracing::info!(%model, %slice, have, need, "loading one more copy");
+            metrics::counter!("sundara_autoscaler_preloads_total").increment(1);
+            let request = ControlRequest { v: WIRE_VERSION, command: Control::Preload { model: model_ref, slice } };
+            let (client, preloading, model) = (self.client.clone(), self.preloading.clone(), model.clone());
+            tokio::spawn(async move {
+                let asked = client.request(subj::control(&worker), encode(&request).into());
+                match tokio::time::timeout(PRELOAD_REPLY, asked).await {
+                    Ok(Ok(reply)) => match decode::<ControlReply>(&reply.payload, 64 << 10) {
+                        Ok(r) if r.ok => {}
+                        Ok(r) => tracing::warn!(%model, %worker, reason = %r.reason, "preload refused"),
+                        Err(e) => tracing::warn!(%model, %worker, error = %e, "bad preload reply"),
+                    },
+                    Ok(Err(e)) => tracing::warn!(%model, %worker, error = %e, "preload request failed"),
+                    Err(_) => tracing::warn!(%model, %worker, "no preload reply in time"),
+                }
+                preloading.lock().unwrap_or_else(|e| e.into_inner()).remove(&model);
+            });
+        }
+        Ok(())
     }
 
     /// Replaces the pool's workers that Redis holds as dead or quarantined.
@@ -211,8 +276,10 @@ impl Scaler {
 
     async fn step(&mut self) -> Result<(), AutoscalerError> {
         let now = Instant::now();
-        let demand = self.demand(now).await?;
+        let loads = self.demand(now).await?;
+        let demand = plan::demand_lanes(&loads.iter().map(|(_, l)| l.clone()).collect::<Vec<_>>());
         self.replace_unfit().await?;
+        self.place_models(&loads).await?;
         let running = self.driver.running().await?.len();
         let target = self.planner.target(now, demand, running);
         if target != running {
@@ -266,6 +333,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerErr
                 arrivals: Arrivals::new(scaling.window),
                 redundancy: HashMap::new(),
                 replaced: HashSet::new(),
+                client: client.clone(),
+                max_model_copies: scaling.max_model_copies,
+                preloading: Default::default(),
             };
             Some(scale(scaling, scaler, shutdown.clone()))
         }

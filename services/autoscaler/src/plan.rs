@@ -10,6 +10,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use sundara_common::capacity::SliceState;
+
 /// Tasks arriving per model, from the TASKS stream's message count per subject (so no
 /// payload is read): the growth of each count over a sliding window.
 pub struct Arrivals {
@@ -82,6 +84,29 @@ pub struct ModelLoad {
 /// Busy lanes the load keeps busy: Σ arrival rate × k × service time.
 pub fn demand_lanes(loads: &[ModelLoad]) -> f64 {
     loads.iter().map(|l| l.tasks_per_s * f64::from(l.k.max(1)) * l.service_s).sum()
+}
+
+/// Copies of a model to keep loaded: enough lanes for its demand at the target
+/// utilisation (a copy serves `lanes_per_copy` lanes), at least one, at most `max`.
+pub fn copies_needed(load: &ModelLoad, lanes_per_copy: usize, target_utilisation: f64, max: usize) -> usize {
+    let per_copy = lanes_per_copy.max(1) as f64 * target_utilisation.clamp(0.05, 1.0);
+    let n = (demand_lanes(std::slice::from_ref(load)) / per_copy).ceil() as usize;
+    n.clamp(1, max.max(1))
+}
+
+/// Whether a slice has the model (any version) loaded.
+pub fn holds(slice: &SliceState, model: &str) -> bool {
+    slice.loaded.iter().any(|(key, _)| key.split('@').next() == Some(model))
+}
+
+/// The slice for one more copy of a model: alive, without it, with room for `footprint`;
+/// of those the one left with the least room after it (best fit: bin-packing by memory
+/// keeps the large free spaces for large models).
+pub fn place_copy<'a>(slices: &'a [SliceState], model: &str, footprint: u64) -> Option<&'a SliceState> {
+    slices
+        .iter()
+        .filter(|s| s.state == "alive" && !holds(s, model) && s.memory_free >= footprint)
+        .min_by_key(|s| (s.memory_free - footprint, s.id.clone()))
 }
 
 #[derive(Clone, Debug)]
@@ -179,6 +204,32 @@ mod tests {
             ModelLoad { tasks_per_s: 10.0, k: 1, service_s: 0.1 },
         ];
         assert!((demand_lanes(&loads) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn copies_follow_demand_and_go_where_they_fit_best() {
+        let load = ModelLoad { tasks_per_s: 100.0, k: 2, service_s: 0.005 };
+        assert_eq!(copies_needed(&load, 1, 0.5, 8), 2);
+        assert_eq!(copies_needed(&load, 1, 0.1, 8), 8, "at most max");
+        assert_eq!(copies_needed(&ModelLoad { tasks_per_s: 0.0, ..load }, 1, 0.5, 8), 1, "at least one");
+        let slice = |id: &str, free_mib: u64, loaded: &[&str], state: &str| SliceState {
+            id: id.into(),
+            state: state.into(),
+            memory_free: free_mib << 20,
+            loaded: loaded.iter().map(|k| (k.to_string(), 1)).collect(),
+            ..Default::default()
+        };
+        let slices = [
+            slice("roomy", 4096, &[], "alive"),
+            slice("snug", 300, &[], "alive"),
+            slice("tiny", 100, &[], "alive"),
+            slice("has-it", 4096, &["m@1"], "alive"),
+            slice("dead", 250, &[], "dead"),
+        ];
+        assert_eq!(place_copy(&slices, "m", 200 << 20).unwrap().id, "snug", "the tightest fit");
+        assert_eq!(place_copy(&slices, "m", 1 << 30).unwrap().id, "roomy");
+        assert!(place_copy(&slices, "m", 8 << 30).is_none(), "nowhere big enough");
+        assert_eq!(place_copy(&slices, "other", 50 << 20).unwrap().id, "tiny");
     }
 
     #[test]

@@ -12,10 +12,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
 use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
-use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats};
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
 use sundara_schemas::{
-    Assignment, DType, MAX_MESSAGE_BYTES, Outcome, OutcomeResult, Tensor, WIRE_VERSION, WorkTiming, decode, encode,
-    now_ms, now_us, subjects as subj,
+    Assignment, Control, ControlReply, ControlRequest, DType, MAX_MESSAGE_BYTES, ModelRef, Outcome, OutcomeResult,
+    Tensor, WIRE_VERSION, WorkTiming, decode, encode, now_ms, now_us, subjects as subj,
 };
 
 pub use slices::{SLOTS_PER_THREAD, SliceConfig, SliceDevice};
@@ -92,6 +92,9 @@ impl Behaviour {
         matches!(self, Behaviour::RandomOutputs | Behaviour::ConstantOutputs)
     }
 }
+
+/// Longest a preload may take (loading and warming up one model).
+const PRELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -410,6 +413,43 @@ impl Worker {
         }
     }
 
+    /// A command from the autoscaler.
+    async fn on_control(&self, payload: &[u8]) -> ControlReply {
+        let reply = |ok: bool, reason: String| ControlReply { v: WIRE_VERSION, ok, reason };
+        let request = match decode::<ControlRequest>(payload, 64 << 10) {
+            Ok(r) => r,
+            Err(e) => return reply(false, e.to_string()),
+        };
+        match request.command {
+            Control::Preload { model, slice } => {
+                let loading = tokio::time::timeout(PRELOAD_TIMEOUT, self.preload(&model, &slice));
+                match loading.await.unwrap_or_else(|_| Err(format!("not loaded within {PRELOAD_TIMEOUT:?}"))) {
+                    Ok(()) => {
+                        tracing::info!(%model, %slice, "preloaded");
+                        reply(true, String::new())
+                    }
+                    Err(why) => reply(false, why),
+                }
+            }
+        }
+    }
+
+    /// Loads a model on a slice ahead of its tasks: one example row through the slice's
+    /// executor, which loads and warms it up like a first task would.
+    async fn preload(&self, m: &ModelRef, slice: &str) -> Result<(), String> {
+        let slice = self.slices.get(slice).ok_or_else(|| format!("this worker has no slice {slice:?}"))?;
+        let meta = self
+            .registry
+            .version(&m.name, &m.version)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("model {m} is not in the registry"))?;
+        let path = self.cache.path(&meta).await.map_err(|e| e.to_string())?;
+        let inputs = sundara_runtime::example_inputs(&meta.inputs, 1, &mut rand::rng());
+        let model = ModelRun { key: m.to_string(), path, batching: meta.batching };
+        slice.executor.run(&model, inputs).await.map(drop).map_err(|e| e.to_string())
+    }
+
     /// What Redis should say about this worker now: each slice with what it holds.
     fn announce(&self, models: &[String]) -> WorkerAnnounce {
         let mut slices: Vec<SliceAnnounce> = self
@@ -576,7 +616,26 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
         }
     };
     let work = nats::consume(&consumer, &shutdown, slots * 2, |msg| worker.on_assignment(msg));
-    let (_, worked) = tokio::join!(heartbeat, work);
+    // Commands from the autoscaler, one at a time.
+    let mut commands = client.subscribe(subj::control(&config.worker_id)).await.map_err(js_err)?;
+    let control = async {
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = commands.next() => match next {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
+            let reply = worker.on_control(&msg.payload).await;
+            if let Some(to) = msg.reply
+                && let Err(e) = client.publish(to, encode(&reply).into()).await
+            {
+                tracing::warn!(error = %e, "control reply failed");
+            }
+        }
+    };
+    let (_, worked, _) = tokio::join!(heartbeat, work, control);
     worked?;
     let _ = client.flush().await;
     tracing::info!(worker = %config.worker_id, "worker stopped");
