@@ -85,6 +85,7 @@ struct Scheduler {
     config: Config,
     js: jetstream::Context,
     tasks: Stream,
+    verdicts: Stream,
     capacity: Capacity,
     /// Tasks waiting for capacity; a slot this scheduler frees wakes one of them.
     waiting: waiting::Waiting,
@@ -265,6 +266,11 @@ impl Scheduler {
         };
         let old = Ticket::from_bytes(&bytes)?;
         self.count_timeout(aid, &old.worker).await;
+        // Decided already (a late answer completed it): nothing left to run.
+        if self.verdicts.direct_get_last_for_subject(subj::verdict(&old.task_id)).await.is_ok() {
+            self.release(aid, None).await?;
+            return Ok(());
+        }
         let exhausted = old.attempt + 1 >= self.config.max_attempts;
         if exhausted || now_ms() >= old.deadline_at_ms {
             let reason = if exhausted { "attempts exhausted" } else { "deadline passed" };
@@ -393,7 +399,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
         ..nats::consumer_config("scheduler-release", "sundara.outcome.>", Duration::from_secs(30), 4096)
     };
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
-    let scheduler = Scheduler { config: config.clone(), js, tasks, capacity, waiting: Default::default() };
+    let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
+    let scheduler = Scheduler { config: config.clone(), js, tasks, verdicts, capacity, waiting: Default::default() };
     let s = &scheduler;
     tracing::info!("scheduler running");
 

@@ -105,14 +105,17 @@ pub struct Received {
     pub latency_us: u64,
     /// When OUTCOMES stored it (Unix µs, validator side).
     pub stored_at_us: u64,
+    /// Stored after its assignment's deadline ([`is_late`]).
+    pub late: bool,
 }
 
-/// Outcomes of one task gathered so far, by replica (the first in-time outcome of a
-/// replica counts), and answers that came after their assignment's deadline.
+/// Outcomes of one task gathered so far: one per replica (the first, except that an
+/// in-time outcome supersedes a late one), and late answers that were superseded or came
+/// after their replica had an outcome.
 #[derive(Default)]
 pub struct Gathering {
     pub replicas: BTreeMap<u8, Received>,
-    /// Late answers: each replica's slot is left for the miner it was reassigned to.
+    /// Late answers not counted for their replica; listed in the verdict, earning nothing.
     pub late: Vec<Received>,
     pub held: Vec<Message>,
     pub first_seen: Option<Instant>,
@@ -176,15 +179,22 @@ pub fn conclude(
             (judged, Some(check), Some(outputs))
         }
     };
-    let miners: Vec<MinerVerdict> = received
+    // A late answer helps decide the client's result but earns nothing: agreeing, it is
+    // `Late`; wrong, it stays wrong.
+    let standings: Vec<Standing> = received
         .iter()
         .zip(&decision.standings)
+        .map(|(r, &s)| if r.late && s == Standing::Agreed { Standing::Late } else { s })
+        .collect();
+    let miners: Vec<MinerVerdict> = received
+        .iter()
+        .zip(&standings)
         .map(|(r, &standing)| MinerVerdict {
             worker: r.outcome.ticket.worker.clone(),
             replica: r.outcome.ticket.replica,
             attempt: r.outcome.ticket.attempt,
             standing,
-            latency_us: (standing != Standing::Missing).then_some(r.latency_us),
+            latency_us: (!matches!(standing, Standing::Missing | Standing::Late)).then_some(r.latency_us),
         })
         .chain(g.late.iter().map(|r| MinerVerdict {
             worker: r.outcome.ticket.worker.clone(),
@@ -203,7 +213,7 @@ pub fn conclude(
             };
             let fastest = received
                 .iter()
-                .zip(&decision.standings)
+                .zip(&standings)
                 .filter(|(_, s)| **s == Standing::Agreed)
                 .map(|(r, _)| *r)
                 .min_by_key(|r| r.latency_us)
@@ -540,17 +550,27 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         let latency_us = stored_at.saturating_sub(outcome.ticket.dispatched_at_us);
         let g = gathering.entry(task.clone()).or_default();
         g.first_seen.get_or_insert_with(Instant::now);
-        if is_late(&outcome.ticket, stored_at) {
+        let late = is_late(&outcome.ticket, stored_at);
+        if late {
             tracing::info!(task = %task, worker = %outcome.ticket.worker, "late outcome");
-            g.late.push(Received { outcome, latency_us, stored_at_us: stored_at });
-            g.held.push(msg);
-            continue;
         }
-        if g.replicas.contains_key(&outcome.ticket.replica) {
-            let _ = msg.ack().await; // a second outcome for a replica (late original after a reassignment)
-            continue;
+        let replica = outcome.ticket.replica;
+        let received = Received { outcome, latency_us, stored_at_us: stored_at, late };
+        match g.replicas.get(&replica) {
+            None => {
+                g.replicas.insert(replica, received);
+            }
+            // The reassigned attempt answered in time: it counts, the late one is listed.
+            Some(held) if held.late && !late => {
+                let superseded = g.replicas.insert(replica, received).expect("present");
+                g.late.push(superseded);
+            }
+            Some(_) if late => g.late.push(received),
+            Some(_) => {
+                let _ = msg.ack().await; // a second in-time outcome for a replica
+                continue;
+            }
         }
-        g.replicas.insert(outcome.ticket.replica, Received { outcome, latency_us, stored_at_us: stored_at });
         g.held.push(msg);
         if g.complete() {
             let g = gathering.remove(&task).expect("present");
@@ -600,7 +620,7 @@ mod tests {
                 None => OutcomeResult::Failed { reason: "x".into() },
             };
             let outcome = Outcome { v: WIRE_VERSION, ticket, result, compute_us: 0, timing: WorkTiming::default() };
-            g.replicas.insert(i as u8, Received { outcome, latency_us: 10 + i as u64, stored_at_us: 0 });
+            g.replicas.insert(i as u8, Received { outcome, latency_us: 10 + i as u64, stored_at_us: 0, late: false });
         }
         g
     }
@@ -675,23 +695,35 @@ mod tests {
     }
 
     #[test]
-    fn a_late_answer_is_not_counted_and_earns_nothing() {
+    fn a_late_answer_helps_the_client_but_earns_nothing() {
+        let slow = |g: &mut Gathering, replica: u8| {
+            let r = g.replicas.get_mut(&replica).unwrap();
+            r.outcome.ticket.answer_by_ms = 5;
+            r.late = is_late(&r.outcome.ticket, 5_001);
+            assert!(r.late && !is_late(&r.outcome.ticket, 5_000));
+        };
+        // Replica 1 answered late and nobody else answered for it: its outputs count for
+        // the client, it earns nothing.
         let mut g = gathering(&[Some(0.25), Some(0.25)]);
-        let mut slow = gathering(&[Some(0.9)]).replicas.remove(&0).unwrap();
-        slow.outcome.ticket.worker = "slow".into();
-        slow.outcome.ticket.answer_by_ms = 5;
-        assert!(is_late(&slow.outcome.ticket, 5_001) && !is_late(&slow.outcome.ticket, 5_000));
-        g.late.push(slow);
+        slow(&mut g, 1);
         let (result, verdict, dead) = decided(&g, None);
         assert_eq!(outputs(&result), out(0.25));
-        assert_eq!(standings(&verdict), vec![Standing::Agreed, Standing::Agreed, Standing::Late]);
-        assert_eq!(verdict.miners[2].latency_us, None);
+        assert_eq!(standings(&verdict), vec![Standing::Agreed, Standing::Late]);
+        assert_eq!(verdict.miners[1].latency_us, None);
         assert!(dead.is_none());
-        // Only late answers by the deadline: nothing to vote on, the task dead-letters.
-        let only_late = Gathering { late: std::mem::take(&mut g.late), ..Default::default() };
-        let (_, verdict, dead) = decided(&only_late, None);
-        assert_eq!(standings(&verdict), vec![Standing::Late]);
-        assert!(dead.is_some() && !verdict.accepted);
+        // Late and wrong stays wrong.
+        let mut g = gathering(&[Some(0.25), Some(0.25), Some(0.9)]);
+        slow(&mut g, 2);
+        let (_, verdict, _) = decided(&g, None);
+        assert_eq!(standings(&verdict), vec![Standing::Agreed, Standing::Agreed, Standing::Disagreed]);
+        // A late answer superseded by its replica's reassigned attempt is only listed.
+        let mut g = gathering(&[Some(0.25), Some(0.25)]);
+        let mut superseded = gathering(&[Some(0.25)]).replicas.remove(&0).unwrap();
+        superseded.late = true;
+        superseded.outcome.ticket.worker = "slow".into();
+        g.late.push(superseded);
+        let (_, verdict, _) = decided(&g, None);
+        assert_eq!(standings(&verdict), vec![Standing::Agreed, Standing::Agreed, Standing::Late]);
     }
 
     #[test]
