@@ -79,6 +79,7 @@ impl Harness {
             workers,
             assignment_timeout,
             epoch_length: Duration::from_secs(3600),
+            scaling: None,
         })
         .await;
         pipeline.ready(Duration::from_secs(30)).await.expect("pipeline starts");

@@ -44,6 +44,9 @@ enum Command {
         /// Use the NATS and Redis given by --nats/--redis instead of starting them.
         #[arg(long)]
         external: bool,
+        /// Let the autoscaler run a pool of up to N more worker processes, sized to demand.
+        #[arg(long)]
+        autoscale: Option<usize>,
     },
     /// The model registry.
     Models {
@@ -324,13 +327,14 @@ async fn main() -> anyhow::Result<()> {
         sundara_common::metrics::install(cli.metrics_addr)?;
     }
     match cli.command {
-        Command::Up { once, tasks, workers, external } => {
+        Command::Up { once, tasks, workers, external, autoscale } => {
             let opts = sundara::up::UpOptions {
                 once,
                 tasks,
                 honest_workers: workers.max(2),
                 endpoints: external.then_some(endpoints),
                 metrics: cli.metrics_addr,
+                autoscale,
             };
             sundara::up::up(opts).await
         }

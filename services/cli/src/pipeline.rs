@@ -37,6 +37,8 @@ pub struct PipelineConfig {
     pub workers: Vec<WorkerSpec>,
     pub assignment_timeout: Duration,
     pub epoch_length: Duration,
+    /// The autoscaler's worker pool, if any (by default it watches health only).
+    pub scaling: Option<sundara_autoscaler::ScalingConfig>,
 }
 
 /// Whether ingress answers and every one of `workers` has announced itself in Redis.
@@ -74,13 +76,15 @@ impl Pipeline {
             config.ort_library.clone(),
             config.cache_dir.join("reference"),
         ));
+        let mut autoscaler = sundara_autoscaler::Config::new(ep.clone());
+        autoscaler.scaling = config.scaling.clone();
         let s = || shutdown.child_token();
         let services = vec![
             ("ingress", spawn(sundara_ingress::run(sundara_ingress::Config::new(ep.clone()), s()))),
             ("scheduler", spawn(sundara_scheduler::run(scheduler, s()))),
             ("verifier", spawn(sundara_verifier::run(verifier, s()))),
             ("rewarder", spawn(sundara_rewarder::run(rewarder, s()))),
-            ("autoscaler", spawn(sundara_autoscaler::run(sundara_autoscaler::Config::new(ep.clone()), s()))),
+            ("autoscaler", spawn(sundara_autoscaler::run(autoscaler, s()))),
         ];
         let mut pipeline = Pipeline { config: config.clone(), shutdown, services, workers: HashMap::new() };
         for w in &config.workers {

@@ -35,6 +35,9 @@ pub struct UpOptions {
     pub endpoints: Option<Endpoints>,
     /// Where to serve Prometheus metrics of the whole embedded pipeline.
     pub metrics: Option<std::net::SocketAddr>,
+    /// With `Some(max)`, the autoscaler runs a pool of up to `max` worker processes
+    /// (local driver) beside the fixed miners, sized to demand.
+    pub autoscale: Option<usize>,
 }
 
 /// Pushes the demo models (k=3 so that one liar is always outvoted).
@@ -164,6 +167,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let liar = format!("miner-{}", opts.honest_workers + 1);
     workers.push(WorkerSpec::cpu(&liar, 2, Behaviour::Dishonest));
     let cache_dir = root.join(".cache/worker-models");
+    let scaling = match opts.autoscale {
+        Some(max) => Some(local_pool(&endpoints, &ort_library, max)?),
+        None => None,
+    };
     let pipeline = Pipeline::start(PipelineConfig {
         endpoints: endpoints.clone(),
         secret,
@@ -172,6 +179,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         workers: workers.clone(),
         assignment_timeout: Duration::from_secs(10),
         epoch_length: Duration::from_secs(3600),
+        scaling,
     })
     .await;
     pipeline.ready(Duration::from_secs(60)).await.map_err(|e| anyhow::anyhow!(e))?;
@@ -214,6 +222,30 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     }
     println!("stopped cleanly");
     Ok(())
+}
+
+/// A pool of `sundara worker` processes of this binary, up to `max`, sized to demand.
+fn local_pool(
+    endpoints: &Endpoints,
+    ort_library: &std::path::Path,
+    max: usize,
+) -> anyhow::Result<sundara_autoscaler::ScalingConfig> {
+    let driver = sundara_autoscaler::DriverConfig::Local {
+        binary: std::env::current_exe()?,
+        args: vec!["--threads".into(), "1".into()],
+        env: vec![
+            ("SUNDARA_NATS_URL".into(), endpoints.nats_url.clone()),
+            ("SUNDARA_REDIS_URL".into(), endpoints.redis_url.clone()),
+            ("ORT_DYLIB_PATH".into(), ort_library.display().to_string()),
+        ],
+        prefix: "pool".into(),
+    };
+    let mut scaling = sundara_autoscaler::ScalingConfig::new(driver);
+    scaling.policy.min_workers = 0;
+    scaling.policy.max_workers = max;
+    scaling.interval = Duration::from_secs(2);
+    scaling.window = Duration::from_secs(6);
+    Ok(scaling)
 }
 
 /// One line from the metrics: verdicts, reference runs, and rejected outcomes by what
