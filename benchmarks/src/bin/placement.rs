@@ -234,16 +234,7 @@ async fn main() -> Result<()> {
         bail!("class and model names must be distinct");
     }
     let root = project_root();
-    let mut out = match &args.out {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        ),
-        None => None,
-    };
+    let mut out = sundara_bench::open_results(args.out.as_deref()).context("opening --out")?;
     println!(
         "fleet: {} ({} lanes, {} slots); models: {}; ideal capacity {:.0} tasks/s",
         args.fleet

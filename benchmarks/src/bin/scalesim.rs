@@ -111,16 +111,7 @@ async fn main() -> Result<()> {
         bail!("--slices, --runs and --slots must be positive");
     }
     let root = project_root();
-    let mut out = match &args.out {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        ),
-        None => None,
-    };
+    let mut out = sundara_bench::open_results(args.out.as_deref()).context("opening --out")?;
     let started = Instant::now();
     let mut by_size: Vec<(usize, Vec<RunResult>)> = Vec::new();
     for &n in &args.slices {
