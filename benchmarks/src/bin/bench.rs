@@ -582,7 +582,7 @@ where
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    sundara_common::init_logging("warn");
+    sundara_common::init_logging("warn", Default::default());
     match cli.command {
         Cmd::Responder { nats, model, threads } => {
             let root = project_root();

@@ -216,7 +216,7 @@ struct RunResult {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    sundara_common::init_logging("warn");
+    sundara_common::init_logging("warn", Default::default());
     let args = Args::parse();
     if args.runs == 0 || args.slots_per_lane == 0 || args.fleet.is_empty() || args.models.is_empty() {
         bail!("--runs, --slots-per-lane, --fleet and --models must be non-empty/positive");

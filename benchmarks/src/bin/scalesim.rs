@@ -105,7 +105,7 @@ struct RunResult {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    sundara_common::init_logging("warn");
+    sundara_common::init_logging("warn", Default::default());
     let args = Args::parse();
     if args.slices.is_empty() || args.slices.contains(&0) || args.runs == 0 || args.slots == 0 {
         bail!("--slices, --runs and --slots must be positive");

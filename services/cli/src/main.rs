@@ -25,6 +25,9 @@ struct Cli {
     /// Serve Prometheus metrics at http://ADDR/metrics (services and `up`).
     #[arg(long, global = true, env = "SUNDARA_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Log lines as `text` or `json` (one object per line, for log collectors).
+    #[arg(long, global = true, env = "SUNDARA_LOG_FORMAT", default_value = "text", value_parser = sundara_common::LogFormat::parse)]
+    log_format: sundara_common::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -320,7 +323,7 @@ async fn main() -> anyhow::Result<()> {
             | Command::Fleet
             | Command::Tasks { .. }
     );
-    sundara_common::init_logging(if quiet { "warn" } else { "info" });
+    sundara_common::init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
     let shutdown = Shutdown::new();
     if !quiet && cli.metrics_addr.is_some() {

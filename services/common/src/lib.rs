@@ -41,13 +41,38 @@ pub fn js_err<E: std::fmt::Display>(e: E) -> Error {
     Error::JetStream(e.to_string())
 }
 
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, message, fields, span context), for log
+    /// collectors.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(text: &str) -> Result<LogFormat, String> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format {other:?}: text or json")),
+        }
+    }
+}
+
 /// Installs a `tracing` subscriber once per process (`RUST_LOG` filters; else `default`,
 /// e.g. "info").
-pub fn init_logging(default: &str) {
+pub fn init_logging(default: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{default},async_nats=warn")));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+    };
 }
 
 /// Resolves when the process gets SIGINT or SIGTERM.
