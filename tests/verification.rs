@@ -184,6 +184,13 @@ async fn every_cheater_class_is_caught_and_quarantined() {
     assert!(metrics::sum(&text, "sundara_scheduler_timeout_strikes_total", &[]) >= 2.0 * 3.0);
     assert!(metrics::sum(&text, "sundara_quarantines_total", &[("by", "rewarder")]) >= 6.0);
     assert!(metrics::sum(&text, "sundara_quarantines_total", &[("by", "scheduler")]) >= 2.0);
+    // Stage latencies and batch sizes are histograms with explicit buckets.
+    for stage in ["wait", "inference", "decide", "total"] {
+        let tasks = metrics::sum(&text, "sundara_task_stage_seconds_count", &[("stage", stage)]);
+        assert!(tasks >= 1.0, "no {stage} timings:\n{text}");
+    }
+    assert!(text.contains("sundara_task_stage_seconds_bucket{") && text.contains("le=\"0.0005\""));
+    assert!(metrics::sum(&text, "sundara_worker_batch_size_count", &[]) >= 1.0);
 
     // Quarantined miners get no more work: the next tasks go to the honest miners only.
     let before: std::collections::HashSet<String> = verdicts.iter().map(|v| v.task_id.clone()).collect();

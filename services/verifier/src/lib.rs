@@ -400,8 +400,9 @@ impl Publisher {
         }
     }
 
-    /// Metrics of a decision: the verdict, the reference check, and what each rejected
-    /// outcome looked like.
+    /// Metrics of a decision: the verdict, the reference check, the time of each stage of
+    /// the task (from the fastest agreeing miner's timings), and what each rejected outcome
+    /// looked like.
     fn count(&self, g: &Gathering, result: &ClientResult, verdict: &Verdict) {
         let model = verdict.model.name.clone();
         let accepted = if verdict.accepted { "true" } else { "false" };
@@ -410,6 +411,24 @@ impl Publisher {
         if let Some(check) = verdict.reference.as_ref().map(ReferenceCheck::label) {
             metrics::counter!("sundara_verifier_reference_runs_total", "model" => model.clone(), "check" => check)
                 .increment(1);
+        }
+        if let Some(t) = &result.timing {
+            let stages = [
+                ("wait", t.accepted_us, t.dispatched_us),
+                ("to_worker", t.dispatched_us, t.received_us),
+                ("worker_queue", t.received_us, t.started_us),
+                ("inference", t.started_us, t.finished_us),
+                ("to_verifier", t.finished_us, t.outcome_stored_us),
+                ("decide", t.outcome_stored_us, t.decided_us),
+                ("total", t.accepted_us, t.decided_us),
+            ];
+            for (stage, from, to) in stages {
+                if from > 0 && to >= from {
+                    let seconds = (to - from) as f64 / 1e6;
+                    metrics::histogram!("sundara_task_stage_seconds", "model" => model.clone(), "stage" => stage)
+                        .record(seconds);
+                }
+            }
         }
         let accepted_outputs = match &result.status {
             ResultStatus::Verified { outputs, .. } => Some(outputs.as_slice()),

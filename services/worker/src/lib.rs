@@ -320,6 +320,9 @@ impl Worker {
         let model = ModelRun { key: m.to_string(), path, batching: meta.batching };
         match tokio::time::timeout(budget, slice.executor.run(&model, a.inputs.clone())).await {
             Ok(Ok(mut ran)) => {
+                metrics::histogram!("sundara_worker_batch_size", "model" => m.name.clone()).record(ran.batch as f64);
+                metrics::histogram!("sundara_worker_inference_seconds", "model" => m.name.clone())
+                    .record(ran.compute_us as f64 / 1e6);
                 tamper(behaviour, &mut ran.outputs);
                 if behaviour == Behaviour::Replay {
                     self.replayed.lock().unwrap_or_else(|e| e.into_inner()).insert(m.to_string(), ran.outputs.clone());
