@@ -39,6 +39,14 @@ async fn happy_path_matches_direct_inference() {
         assert!(agree(&RULE, outputs(&result.status), &expected), "task {i} ({}) differs from direct ort", req.model);
         assert!(matches!(result.status, ResultStatus::Verified { agreeing: 2, k: 2, .. }));
     }
+    // `sundara status` shows the fleet, the empty queues and the newest verdicts.
+    let frame = sundara::status::frame(&h.js, &h.capacity).await.unwrap();
+    assert!(frame.contains("workers: 3 known, 3 alive with a heartbeat"), "{frame}");
+    assert!(
+        frame.contains("queues:  high 0 queued, 0 in scheduler;") && frame.contains("verdicts: 200 stored"),
+        "{frame}"
+    );
+    assert_eq!(frame.matches(" accepted ").count(), 10, "{frame}");
     h.stop().await;
 }
 

@@ -6,6 +6,7 @@ pub mod fleet;
 pub mod models;
 pub mod pipeline;
 pub mod stack;
+pub mod status;
 pub mod tasks;
 pub mod up;
 

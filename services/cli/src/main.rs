@@ -89,6 +89,15 @@ enum Command {
     },
     /// Every slice of the fleet: state, slots and memory in use, models loaded.
     Fleet,
+    /// A live view of the fleet, the queues and the newest verdicts, refreshed in place.
+    Status {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        every: f64,
+        /// Print one frame and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Tasks: the dead letters.
     Tasks {
         #[command(subcommand)]
@@ -322,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
             | Command::Rewards { .. }
             | Command::Fleet
             | Command::Tasks { .. }
+            | Command::Status { .. }
     );
     sundara_common::init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
@@ -413,6 +423,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Fleet => {
             let capacity = sundara_common::Capacity::connect(&cli.redis).await?;
             print!("{}", sundara::fleet::table(&capacity).await?);
+            Ok(())
+        }
+        Command::Status { every, once } => {
+            if !(every.is_finite() && every >= 0.1) {
+                bail!("--every must be at least 0.1 s");
+            }
+            let (js, _) = registry(&cli.nats).await?;
+            let capacity = sundara_common::Capacity::connect(&cli.redis).await?;
+            sundara::status::watch(&js, &capacity, Duration::from_secs_f64(every), once).await?;
             Ok(())
         }
         Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => {
