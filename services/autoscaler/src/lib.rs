@@ -199,13 +199,13 @@ impl Scaler {
 
     /// Loads one more copy of each model whose demand needs more copies than are loaded,
     /// on the slice where it fits best (the scheduler then finds it warm).
-    async fn place_models(&mut self, loads: &[(String, ModelLoad)]) -> Result<(), AutoscalerError> {
+    async fn place_models(&mut self, workers: &[String], loads: &[(String, ModelLoad)]) -> Result<(), AutoscalerError> {
         if loads.is_empty() {
             return Ok(());
         }
         let mut slices = Vec::new();
-        for worker in self.capacity.workers().await? {
-            slices.extend(self.capacity.slices_of(&worker).await?);
+        for worker in workers {
+            slices.extend(self.capacity.slices_of(worker).await?);
         }
         let footprints = self.capacity.footprints().await?;
         let policy = &self.planner.policy;
@@ -252,15 +252,13 @@ impl Scaler {
     }
 
     /// Replaces the pool's workers that Redis holds as dead or quarantined.
-    async fn replace_unfit(&mut self) -> Result<(), AutoscalerError> {
+    async fn replace_unfit(&mut self, workers: &[String]) -> Result<(), AutoscalerError> {
         let running: HashSet<String> = self.driver.running().await?.into_iter().collect();
-        let pool: Vec<String> = self
-            .capacity
-            .workers()
-            .await?
-            .into_iter()
-            .filter(|w| w.starts_with(&self.prefix) && !self.replaced.contains(w))
-            .filter(|w| !matches!(self.driver, Driver::Local(_)) || running.contains(w))
+        let pool: Vec<String> = workers
+            .iter()
+            .filter(|w| w.starts_with(&self.prefix) && !self.replaced.contains(*w))
+            .filter(|w| !matches!(self.driver, Driver::Local(_)) || running.contains(*w))
+            .cloned()
             .collect();
         let health = self.capacity.health(&pool).await?;
         for (worker, (_, state)) in pool.iter().zip(health) {
@@ -277,9 +275,10 @@ impl Scaler {
     async fn step(&mut self) -> Result<(), AutoscalerError> {
         let now = Instant::now();
         let loads = self.demand(now).await?;
-        let demand = plan::demand_lanes(&loads.iter().map(|(_, l)| l.clone()).collect::<Vec<_>>());
-        self.replace_unfit().await?;
-        self.place_models(&loads).await?;
+        let demand = plan::demand_lanes(loads.iter().map(|(_, l)| l));
+        let workers = self.capacity.workers().await?;
+        self.replace_unfit(&workers).await?;
+        self.place_models(&workers, &loads).await?;
         let running = self.driver.running().await?.len();
         let target = self.planner.target(now, demand, running);
         if target != running {
@@ -356,12 +355,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerErr
             }
         }
     };
-    match scaling {
-        Some(scaling) => {
-            tokio::join!(watch, scaling);
+    tokio::join!(watch, async {
+        if let Some(scaling) = scaling {
+            scaling.await;
         }
-        None => watch.await,
-    }
+    });
     let _ = client.flush().await;
     tracing::info!("autoscaler stopped");
     Ok(())

@@ -82,15 +82,15 @@ pub struct ModelLoad {
 }
 
 /// Busy lanes the load keeps busy: Σ arrival rate × k × service time.
-pub fn demand_lanes(loads: &[ModelLoad]) -> f64 {
-    loads.iter().map(|l| l.tasks_per_s * f64::from(l.k.max(1)) * l.service_s).sum()
+pub fn demand_lanes<'a>(loads: impl IntoIterator<Item = &'a ModelLoad>) -> f64 {
+    loads.into_iter().map(|l| l.tasks_per_s * f64::from(l.k.max(1)) * l.service_s).sum()
 }
 
 /// Copies of a model to keep loaded: enough lanes for its demand at the target
 /// utilisation (a copy serves `lanes_per_copy` lanes), at least one, at most `max`.
 pub fn copies_needed(load: &ModelLoad, lanes_per_copy: usize, target_utilisation: f64, max: usize) -> usize {
     let per_copy = lanes_per_copy.max(1) as f64 * target_utilisation.clamp(0.05, 1.0);
-    let n = (demand_lanes(std::slice::from_ref(load)) / per_copy).ceil() as usize;
+    let n = (demand_lanes([load]) / per_copy).ceil() as usize;
     n.clamp(1, max.max(1))
 }
 

@@ -165,10 +165,25 @@ for i = 1, n do table.insert(flat, result[i][1]); table.insert(flat, result[i][2
 return flat
 "#;
 
-/// Rescores slices after a worker's announcement. ARGV: slice ids.
+/// After a worker's announcement: sets each slice's models (a model it no longer serves
+/// leaves that model's candidate set) and rescores it.
+/// ARGV: per slice, its id, the number of its models n, then the n models.
 const RESCORE: &str = r#"
-for _, s in ipairs(ARGV) do rescore(s) end
-return #ARGV
+local i = 1
+while i <= #ARGV do
+  local s, n = ARGV[i], tonumber(ARGV[i + 1])
+  local key = 'sundara:slice:' .. s .. ':models'
+  local serves = {}
+  for j = 1, n do serves[ARGV[i + 1 + j]] = true end
+  for _, m in ipairs(redis.call('SMEMBERS', key)) do
+    if not serves[m] then redis.call('ZREM', 'sundara:cand:' .. m, s) end
+  end
+  redis.call('DEL', key)
+  if n > 0 then redis.call('SADD', key, unpack(ARGV, i + 2, i + 1 + n)) end
+  rescore(s)
+  i = i + 2 + n
+end
+return 1
 "#;
 
 /// Frees an assignment's slot. Idempotent: a second release of the same id does nothing.
@@ -488,22 +503,13 @@ impl Capacity {
             } else {
                 pipe.zrem(SLICEMEM, &s.id).ignore();
             }
-            // Models it no longer serves leave their candidate sets; RESCORE below places
-            // it in those of the models it serves.
-            let old_models: Vec<String> = con.smembers(format!("{key}:models")).await?;
-            for m in old_models.iter().filter(|m| !s.models.contains(m)) {
-                pipe.zrem(cand_key(m), &s.id).ignore();
-            }
-            pipe.del(format!("{key}:models")).ignore();
-            for m in &s.models {
-                pipe.sadd(format!("{key}:models"), m).ignore();
-            }
         }
         pipe.pset_ex(hb_key(&a.worker), 1, heartbeat_ttl_ms).ignore();
         pipe.query_async::<()>(&mut con).await?;
+        // The models each slice serves, and its place in their candidate sets.
         let mut rescore = self.rescore.prepare_invoke();
         for s in &a.slices {
-            rescore.arg(&s.id);
+            rescore.arg(&s.id).arg(s.models.len()).arg(&s.models);
         }
         rescore.invoke_async::<()>(&mut con).await?;
         Ok(())

@@ -126,8 +126,6 @@ pub struct SliceReport {
 
 /// Weight of the newest batch in the moving average of service time.
 const SERVICE_EMA: f64 = 0.2;
-/// Service times are republished at most this often (heartbeats carry them to Redis).
-const SERVICE_PUBLISH_EVERY: Duration = Duration::from_millis(200);
 
 struct Job {
     inputs: Vec<Tensor>,
@@ -173,8 +171,6 @@ struct State {
     evictions: u64,
     service_us: HashMap<String, f64>,
     load_us: HashMap<String, u64>,
-    /// When service times were last published (they change with every batch).
-    service_published: Option<Instant>,
 }
 
 impl State {
@@ -331,10 +327,19 @@ fn infer_loop(shared: &Shared) {
                 st = shared.lock();
                 let ema = st.service_us.entry(key.clone()).or_insert(per_task);
                 *ema += SERVICE_EMA * (per_task - *ema);
-                if st.service_published.is_none_or(|t| t.elapsed() > SERVICE_PUBLISH_EVERY) {
-                    st.service_published = Some(Instant::now());
-                    shared.publish(&st);
-                }
+                let us = ema.round() as u64;
+                // Changes with every batch: updated in the report without waking its
+                // readers, so the next heartbeat carries it rather than an announce per batch.
+                shared.report.send_if_modified(|r| {
+                    match r.service_us.iter_mut().find(|(m, _)| *m == key) {
+                        Some((_, v)) => *v = us,
+                        None => {
+                            r.service_us.push((key.clone(), us));
+                            r.service_us.sort();
+                        }
+                    }
+                    false
+                });
                 let q = st.models.get_mut(&key).expect("a model with a session stays known");
                 // The finishing thread looks for work itself next, so a returned session
                 // needs no wake-up; a failed slice needs every thread to drain and stop.

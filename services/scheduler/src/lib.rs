@@ -348,16 +348,9 @@ impl Scheduler {
     /// it was stored in time: a late answer leaves the replica to the sweep's reassignment.
     async fn on_outcome(&self, msg: Message) {
         let aid = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
-        let (aid, abandoned) = match aid.map(|a| (a.strip_suffix(".abandoned"), a)) {
-            Some((Some(stripped), _)) => (Some(stripped), true),
-            Some((None, a)) => (Some(a), false),
-            None => (None, false),
-        };
-        // An abandonment is this scheduler's own outcome, published after the deadline.
-        let stored_at_ms = match abandoned {
-            true => 0,
-            false => nats::stored_at_us(&msg).unwrap_or_else(now_us) / 1000,
-        };
+        // An abandonment (`<aid>.abandoned`) is this scheduler's own: `reassign` released it.
+        let aid = aid.filter(|a| !a.ends_with(".abandoned"));
+        let stored_at_ms = nats::stored_at_us(&msg).unwrap_or_else(now_us) / 1000;
         if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject))
             && let Err(e) = self.release(aid, Some(Answer { worker, stored_at_ms })).await
         {
