@@ -579,6 +579,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
         slices,
         replayed: Default::default(),
     };
+    // Listening for commands before it is announced: whoever sees it in Redis can command it.
+    let mut commands = client.subscribe(subj::control(&config.worker_id)).await.map_err(js_err)?;
+    client.flush().await.map_err(js_err)?;
     let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
     capacity.announce(&worker.announce(&models), true, ttl_ms).await?;
     tracing::info!(
@@ -620,7 +623,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     };
     let work = nats::consume(&consumer, &shutdown, slots * 2, |msg| worker.on_assignment(msg));
     // Commands from the autoscaler, one at a time.
-    let mut commands = client.subscribe(subj::control(&config.worker_id)).await.map_err(js_err)?;
     let control = async {
         loop {
             let msg = tokio::select! {
