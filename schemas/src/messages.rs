@@ -212,6 +212,17 @@ pub enum OutcomeResult {
     },
 }
 
+impl OutcomeResult {
+    /// `ok`, `failed` or `abandoned` (for traces and logs).
+    pub fn label(&self) -> &'static str {
+        match self {
+            OutcomeResult::Ok { .. } => "ok",
+            OutcomeResult::Failed { .. } => "failed",
+            OutcomeResult::Abandoned { .. } => "abandoned",
+        }
+    }
+}
+
 /// What the client receives (stream RESULTS, subject `sundara.result.<tenant>.<task>`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ClientResult {
@@ -281,6 +292,22 @@ pub enum Standing {
     /// OUTCOMES stored the answer): not counted in the vote and earns nothing; the
     /// replica went to another miner.
     Late,
+}
+
+impl Standing {
+    pub const ALL: [Standing; 5] =
+        [Standing::Agreed, Standing::Disagreed, Standing::Failed, Standing::Missing, Standing::Late];
+
+    /// As serialised: `agreed`, `disagreed`, `failed`, `missing`, `late`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Standing::Agreed => "agreed",
+            Standing::Disagreed => "disagreed",
+            Standing::Failed => "failed",
+            Standing::Missing => "missing",
+            Standing::Late => "late",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -90,6 +90,11 @@ impl Harness {
 
     /// Starts a worker as a child process of the `sundara` binary (so a test can SIGKILL it).
     pub async fn spawn_worker_process(&mut self, id: &str, threads: usize) -> usize {
+        self.spawn_worker_process_with(id, threads, &[]).await
+    }
+
+    /// As [`Harness::spawn_worker_process`], with extra environment variables.
+    pub async fn spawn_worker_process_with(&mut self, id: &str, threads: usize, env: &[(&str, &str)]) -> usize {
         let ep = self.stack.endpoints();
         let child = Command::new(env!("CARGO_BIN_EXE_sundara"))
             .args(["worker", "--id", id, "--threads", &threads.to_string()])
@@ -99,6 +104,7 @@ impl Harness {
             .env("SUNDARA_REDIS_URL", &ep.redis_url)
             .env("ORT_DYLIB_PATH", &self.ort_library)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .expect("sundara binary runs");

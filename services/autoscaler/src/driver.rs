@@ -340,10 +340,10 @@ mod tests {
 
     #[test]
     fn compose_scales_the_service() {
-        let d = ComposeDriver::new("infra/docker-compose.yml".into(), "worker");
+        let d = ComposeDriver::new("infra/compose.yaml".into(), "worker");
         assert_eq!(
             d.scale_args(4).join(" "),
-            "compose -f infra/docker-compose.yml up -d --no-recreate --scale worker=4 worker"
+            "compose -f infra/compose.yaml up -d --no-recreate --scale worker=4 worker"
         );
     }
 }

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use sundara_schemas::{
     ClientResult, MAX_MESSAGE_BYTES, SubmitOutcome, SubmitReply, SubmitRequest, decode, encode, subjects as subj,
 };
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -36,13 +37,31 @@ impl Client {
     }
 
     /// Submits one task; the reply says accepted (with the task id) or rejected (with a code).
+    /// With tracing on, the submission starts the task's trace.
     pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitOutcome, ClientError> {
-        self.submit_raw(encode(req)).await
+        let span = tracing::info_span!(
+            "client submit",
+            otel.kind = "client",
+            messaging.system = "nats",
+            "messaging.operation.type" = "send",
+            messaging.destination.name = subj::SUBMIT,
+            sundara.model = %req.model,
+            sundara.tenant = %req.tenant,
+            sundara.task_id = tracing::field::Empty,
+        );
+        let outcome = self.submit_raw(encode(req)).instrument(span.clone()).await;
+        if let Ok(SubmitOutcome::Accepted { task_id, .. }) = &outcome {
+            span.record("sundara.task_id", task_id.as_str());
+        }
+        outcome
     }
 
     /// Submits raw bytes (tests use it to send malformed payloads).
     pub async fn submit_raw(&self, payload: Vec<u8>) -> Result<SubmitOutcome, ClientError> {
-        let request = self.nats.request(subj::SUBMIT, payload.into());
+        let request = match sundara_common::telemetry::context_headers() {
+            Some(headers) => self.nats.request_with_headers(subj::SUBMIT, headers, payload.into()).boxed(),
+            None => self.nats.request(subj::SUBMIT, payload.into()).boxed(),
+        };
         let reply = tokio::time::timeout(Duration::from_secs(30), request)
             .await
             .map_err(|_| ClientError::Request("no reply within 30 s".into()))?

@@ -28,6 +28,10 @@ struct Cli {
     /// Log lines as `text` or `json` (one object per line, for log collectors).
     #[arg(long, global = true, env = "SUNDARA_LOG_FORMAT", default_value = "text", value_parser = sundara_common::LogFormat::parse)]
     log_format: sundara_common::LogFormat,
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://localhost:4317): one trace
+    /// per task across every service. Off when not set.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -190,7 +194,7 @@ struct AutoscalerArgs {
     nomad_group: String,
     #[arg(long, env = "NOMAD_TOKEN", hide_env_values = true)]
     nomad_token: Option<String>,
-    #[arg(long, default_value = "infra/docker-compose.yml")]
+    #[arg(long, default_value = "infra/compose.yaml")]
     compose_file: PathBuf,
     #[arg(long, default_value = "worker")]
     compose_service: String,
@@ -319,12 +323,10 @@ fn ort() -> anyhow::Result<PathBuf> {
     Ok(lib)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    // `up` and the client commands print their own report; services log at info.
-    let quiet = matches!(
-        cli.command,
+/// `up` and the client commands print their own report; services log at info.
+fn is_quiet(command: &Command) -> bool {
+    matches!(
+        command,
         Command::Up { .. }
             | Command::Submit { .. }
             | Command::Models { .. }
@@ -332,8 +334,41 @@ async fn main() -> anyhow::Result<()> {
             | Command::Fleet
             | Command::Tasks { .. }
             | Command::Status { .. }
-    );
-    sundara_common::init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let quiet = is_quiet(&cli.command);
+    let telemetry = sundara_common::telemetry::init(&sundara_common::telemetry::TelemetryConfig {
+        service: service_name(&cli.command).into(),
+        log_level: if quiet { "warn" } else { "info" }.into(),
+        log_format: cli.log_format,
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+    })?;
+    let result = run(cli).await;
+    telemetry.shutdown();
+    result
+}
+
+/// `service.name` of the spans a command exports.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Ingress => "sundara-ingress",
+        Command::Scheduler(_) => "sundara-scheduler",
+        Command::Verifier { .. } => "sundara-verifier",
+        Command::Rewarder { .. } => "sundara-rewarder",
+        Command::Autoscaler(_) => "sundara-autoscaler",
+        Command::Worker { .. } => "sundara-worker",
+        // `up` runs every service in one process.
+        Command::Up { .. } => "sundara",
+        _ => "sundara-cli",
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let quiet = is_quiet(&cli.command);
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
     let shutdown = Shutdown::new();
     if !quiet && cli.metrics_addr.is_some() {

@@ -1,15 +1,17 @@
 //! What every Sundara service shares: connections, stream provisioning, the model registry,
-//! the Redis capacity store, shutdown and logging.
+//! the Redis capacity store, shutdown, logs and traces.
 
 pub mod capacity;
 pub mod metrics;
 pub mod model_cache;
 pub mod nats;
 pub mod registry;
+pub mod telemetry;
 
 pub use capacity::Capacity;
 pub use model_cache::ModelCache;
 pub use registry::Registry;
+pub use telemetry::{LogFormat, init_logging};
 /// Cancelled to ask a service to stop; every `run(config, shutdown)` takes one.
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
@@ -34,45 +36,13 @@ pub enum Error {
     Decode(#[from] sundara_schemas::DecodeError),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("OTLP trace export: {0}")]
+    Telemetry(String),
 }
 
 /// Maps any JetStream client error into [`Error::JetStream`].
 pub fn js_err<E: std::fmt::Display>(e: E) -> Error {
     Error::JetStream(e.to_string())
-}
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line (timestamp, level, message, fields, span context), for log
-    /// collectors.
-    Json,
-}
-
-impl LogFormat {
-    pub fn parse(text: &str) -> Result<LogFormat, String> {
-        match text {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!("unknown log format {other:?}: text or json")),
-        }
-    }
-}
-
-/// Installs a `tracing` subscriber once per process (`RUST_LOG` filters; else `default`,
-/// e.g. "info").
-pub fn init_logging(default: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{default},async_nats=warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
-    };
 }
 
 /// Resolves when the process gets SIGINT or SIGTERM.

@@ -98,15 +98,26 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
 }
 
 /// Publishes to JetStream and waits for the stream's ack: the durable hand-off.
-/// `id` becomes Nats-Msg-Id, so a retried publish is stored once. Returns the ack.
+/// `id` becomes Nats-Msg-Id, so a retried publish is stored once; the current span's trace
+/// context rides along in the headers. Returns the ack.
 pub async fn publish_durable(
     js: &jetstream::Context,
     subject: String,
     id: &str,
     payload: Vec<u8>,
 ) -> Result<jetstream::publish::PublishAck, Error> {
-    let msg = jetstream::message::PublishMessage::build().payload(Bytes::from(payload)).message_id(id);
+    let msg = durable_message(id, payload);
     js.send_publish(subject, msg).await.map_err(js_err)?.await.map_err(js_err)
+}
+
+/// A JetStream message with Nats-Msg-Id `id` and the current span's trace context.
+pub fn durable_message(id: &str, payload: Vec<u8>) -> jetstream::message::PublishMessage {
+    let msg = jetstream::message::PublishMessage::build();
+    let msg = match crate::telemetry::context_headers() {
+        Some(headers) => msg.headers(headers),
+        None => msg,
+    };
+    msg.payload(Bytes::from(payload)).message_id(id)
 }
 
 /// Sundara's durable pull consumer settings: explicit acks, `filter`, `ack_wait`, and at

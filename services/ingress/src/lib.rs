@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats};
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats, telemetry};
 use sundara_schemas::{
     DecodeError, Limits, ModelMeta, RejectCode, SubmitOutcome, SubmitReply, SubmitRequest, Task, TensorError,
     WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
+use tracing::Instrument;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -157,10 +158,18 @@ struct Ingress {
 
 impl Ingress {
     async fn handle(&self, payload: &[u8]) -> SubmitOutcome {
+        let span = tracing::Span::current();
         match self.accept(payload).await {
-            Ok((task_id, duplicate)) => SubmitOutcome::Accepted { task_id, duplicate },
+            Ok((task_id, duplicate)) => {
+                span.record("sundara.task_id", task_id.as_str());
+                span.record("sundara.outcome", if duplicate { "duplicate" } else { "accepted" });
+                SubmitOutcome::Accepted { task_id, duplicate }
+            }
             Err(r) => {
                 tracing::debug!(code = r.code.as_str(), reason = %r.reason, "rejected");
+                metrics::counter!("sundara_ingress_rejected_total", "reason" => r.code.as_str()).increment(1);
+                span.record("sundara.outcome", r.code.as_str());
+                span.record("otel.status_code", "error");
                 SubmitOutcome::Rejected { code: r.code, reason: r.reason }
             }
         }
@@ -202,9 +211,16 @@ impl Ingress {
             priority: req.priority,
         };
         let subject = subj::task(task.priority, &model.name);
+        let span = tracing::Span::current();
+        span.record("sundara.model", tracing::field::display(&task.model));
+        span.record("sundara.tenant", task.tenant.as_str());
         let ack = nats::publish_durable(&self.js, subject, &task_id, encode(&task)).await;
         match ack {
-            Ok(ack) => Ok((task_id, ack.duplicate)),
+            Ok(ack) => {
+                let labels = [("model", model.name.clone()), ("priority", task.priority.as_str().to_string())];
+                metrics::counter!("sundara_ingress_accepted_total", &labels).increment(1);
+                Ok((task_id, ack.duplicate))
+            }
             Err(e) if e.to_string().contains("maximum") => Err(reject(RejectCode::Overloaded, e.to_string())),
             Err(e) => Err(reject(RejectCode::Internal, e.to_string())),
         }
@@ -259,7 +275,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
     let serve = endpoint.take_until(shutdown.cancelled()).for_each_concurrent(config.concurrency, |request| {
         let ingress = &ingress;
         async move {
-            let outcome = ingress.handle(&request.message.payload).await;
+            let span = tracing::info_span!(
+                "ingress submit",
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                messaging.system = "nats",
+                "messaging.operation.type" = "process",
+                messaging.destination.name = subj::SUBMIT,
+                sundara.task_id = tracing::field::Empty,
+                sundara.model = tracing::field::Empty,
+                sundara.tenant = tracing::field::Empty,
+                sundara.outcome = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            );
+            telemetry::follow(&span, request.message.headers.as_ref());
+            let outcome = ingress.handle(&request.message.payload).instrument(span).await;
             let reply = encode(&SubmitReply { v: WIRE_VERSION, outcome });
             if let Err(e) = request.respond(Ok(reply.into())).await {
                 tracing::warn!(error = %e, "could not answer a submission");

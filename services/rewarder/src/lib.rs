@@ -18,14 +18,15 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
     context::{ConsumerInfoErrorKind, PublishAckFuture},
     kv::{self, UpdateErrorKind},
-    message::{Acker, PublishMessage},
+    message::Acker,
 };
 use bytes::Bytes;
 use futures::StreamExt;
-use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats, telemetry};
 use sundara_schemas::{
     EpochWeights, MAX_MESSAGE_BYTES, RewardTrace, Standing, Verdict, decode, encode, now_ms, subjects as subj,
 };
+use tracing::Instrument;
 
 pub use ledger::{Ledger, MinerScore, WEIGHT_TOTAL, normalize_u16};
 
@@ -147,8 +148,39 @@ impl Rewarder {
                 return Ok(());
             }
         };
-        if let Some(trace) = self.ledger.apply(&verdict, seq) {
+        let span = tracing::info_span!(
+            "rewarder score",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            "messaging.operation.type" = "process",
+            messaging.destination.name = %msg.subject,
+            sundara.task_id = %verdict.task_id,
+            sundara.model = %verdict.model,
+            sundara.epoch = tracing::field::Empty,
+            sundara.scores = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::follow(&span, msg.headers.as_ref());
+        self.apply(&verdict, seq).instrument(span).await;
+        // Even a verdict already applied waits: the ledger that includes it may not be stored yet.
+        self.held.push(acker);
+        if self.held.len() >= FLUSH_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Scores a verdict into the ledger (once per verdict) and sends its reward trace.
+    async fn apply(&mut self, verdict: &Verdict, seq: u64) {
+        if let Some(trace) = self.ledger.apply(verdict, seq) {
             self.dirty = true;
+            let span = tracing::Span::current();
+            span.record("sundara.epoch", trace.epoch);
+            let scores: Vec<String> = trace.entries.iter().map(|e| format!("{}={:.4}", e.worker, e.score)).collect();
+            span.record("sundara.scores", scores.join(","));
+            for e in &trace.entries {
+                metrics::counter!("sundara_rewarder_outcomes_total", "standing" => e.standing.as_str()).increment(1);
+            }
             for m in verdict.miners.iter().filter(|m| m.standing == Standing::Disagreed) {
                 if !verdict.judged_by_reference() {
                     continue;
@@ -164,12 +196,6 @@ impl Rewarder {
         } else {
             tracing::debug!(seq, task = %verdict.task_id, "verdict already applied");
         }
-        // Even a verdict already applied waits: the ledger that includes it may not be stored yet.
-        self.held.push(acker);
-        if self.held.len() >= FLUSH_BATCH {
-            self.flush().await?;
-        }
-        Ok(())
     }
 
     /// Quarantines a miner (idempotent in Redis; repeated on every further proof, so a
@@ -191,7 +217,7 @@ impl Rewarder {
         let subject = subj::reward_task(&trace.task_id);
         let id = trace.task_id.clone();
         let payload = encode(trace);
-        let msg = PublishMessage::build().payload(Bytes::from(payload.clone())).message_id(&id);
+        let msg = nats::durable_message(&id, payload.clone());
         let ack = match self.js.send_publish(subject.clone(), msg).await {
             Ok(ack) => Some(ack),
             Err(e) => {
@@ -311,6 +337,10 @@ impl Rewarder {
             .await?;
         }
         self.persist().await?;
+        metrics::counter!("sundara_rewarder_epochs_total").increment(1);
+        for w in &weights.weights {
+            metrics::gauge!("sundara_rewarder_epoch_weight", "miner" => w.miner.clone()).set(f64::from(w.weight));
+        }
         let total: u32 = weights.weights.iter().map(|w| u32::from(w.weight)).sum();
         tracing::info!(epoch = weights.epoch, miners = weights.weights.len(), total, "epoch closed");
         Ok(weights)

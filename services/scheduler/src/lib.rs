@@ -16,11 +16,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
 use futures::StreamExt;
 use sundara_common::capacity::{Answer, Placement, ReserveTerms};
+use sundara_common::telemetry;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
 use sundara_schemas::{
     Assignment, ClientResult, DeadLetter, FailureCode, Outcome, OutcomeResult, Priority, ResultStatus, Task, Ticket,
     WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
+use tracing::Instrument;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -192,12 +194,25 @@ impl Scheduler {
             seed: task.seed,
             accepted_at_us: task.accepted_at_us,
         };
+        let span = tracing::info_span!(
+            "scheduler assign",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            "messaging.operation.type" = "send",
+            messaging.destination.name = %subject,
+            sundara.miner = %assignment.ticket.worker,
+            sundara.replica = replica,
+            sundara.attempt = attempt,
+        );
         // Both at once: the ticket is read back only by the sweep, long after this returns,
         // and if either fails the task is redelivered and both are redone (idempotently).
-        tokio::try_join!(
-            self.capacity.store_ticket(&aid, &stored_ticket),
-            nats::publish_durable(&self.js, subject, &aid, encode(&assignment)),
-        )?;
+        let stored = async {
+            tokio::try_join!(
+                self.capacity.store_ticket(&aid, &stored_ticket),
+                nats::publish_durable(&self.js, subject, &aid, encode(&assignment)),
+            )
+        };
+        stored.instrument(span).await?;
         Ok(())
     }
 
@@ -241,7 +256,30 @@ impl Scheduler {
             }
         };
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        match self.dispatch(&task, seq, &msg).await {
+        let span = tracing::info_span!(
+            "scheduler dispatch",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            "messaging.operation.type" = "process",
+            messaging.destination.name = %msg.subject,
+            sundara.task_id = %task.task_id,
+            sundara.model = %task.model,
+            sundara.priority = task.priority.as_str(),
+            sundara.k = task.k,
+            sundara.dispatch = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::follow(&span, msg.headers.as_ref());
+        let dispatched = self.dispatch(&task, seq, &msg).instrument(span.clone()).await;
+        span.record(
+            "sundara.dispatch",
+            match &dispatched {
+                Ok(Dispatch::Sent) => "sent",
+                Ok(Dispatch::Expired) => "expired",
+                Err(_) => "retry",
+            },
+        );
+        match dispatched {
             Ok(Dispatch::Sent | Dispatch::Expired) => {
                 // A lost ack only means a redelivery: the reservation is idempotent per
                 // assignment id and WORK deduplicates by it, so no confirmation is awaited.
@@ -305,10 +343,19 @@ impl Scheduler {
         let (slice, worker) = picks.remove(0);
         let raw = self.tasks.get_raw_message(old.task_seq).await.map_err(js_err)?;
         let task = decode::<Task>(&raw.payload, self.config.max_task_bytes)?;
-        tracing::info!(assignment = aid, from = %old.worker, to = %worker, attempt, "reassigning");
+        // In the task's own trace: the TASKS message still carries the trace context.
+        let span = tracing::info_span!(
+            "scheduler reassign",
+            sundara.task_id = %task.task_id,
+            sundara.model = %task.model,
+            sundara.from = %old.worker,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::follow(&span, Some(&raw.headers));
+        tracing::info!(parent: &span, assignment = aid, from = %old.worker, to = %worker, attempt, "reassigning");
         metrics::counter!("sundara_scheduler_reassigned_total").increment(1);
         let replica = Replica { replica: old.replica, attempt, answer_by_ms: timeout_at };
-        self.send(&task, old.task_seq, replica, slice, worker).await?;
+        self.send(&task, old.task_seq, replica, slice, worker).instrument(span).await?;
         self.release(aid, None).await?;
         Ok(())
     }

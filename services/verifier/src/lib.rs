@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
 use rand::Rng;
-use sundara_common::{Endpoints, Error as CommonError, ModelCache, Registry, Shutdown, js_err, nats};
+use sundara_common::{Endpoints, Error as CommonError, ModelCache, Registry, Shutdown, js_err, nats, telemetry};
 use sundara_runtime::{Executor, ExecutorConfig, ModelRun};
 use sundara_schemas::{
     ClientResult, CompareRule, DeadLetter, FailureCode, MAX_MESSAGE_BYTES, MinerVerdict, Outcome, OutcomeResult,
@@ -31,6 +31,7 @@ use sundara_schemas::{
     encode, now_ms, now_us, subjects as subj,
 };
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -331,6 +332,25 @@ impl Reference {
     }
 }
 
+/// The decision as attributes of the `verifier decide` span.
+fn record_decision(span: &tracing::Span, result: &ClientResult, verdict: &Verdict) {
+    match &result.status {
+        ResultStatus::Verified { agreeing, .. } => {
+            span.record("sundara.outcome", "verified");
+            span.record("sundara.agreeing", agreeing);
+        }
+        ResultStatus::Failed { code, .. } => {
+            span.record("sundara.outcome", tracing::field::debug(code));
+            span.record("otel.status_code", "error");
+        }
+    }
+    let miners: Vec<String> = verdict.miners.iter().map(|m| format!("{}={}", m.worker, m.standing.as_str())).collect();
+    span.record("sundara.miners", miners.join(","));
+    if let Some(check) = &verdict.reference {
+        span.record("sundara.reference", check.label());
+    }
+}
+
 struct Publisher {
     js: jetstream::Context,
     verdicts: jetstream::stream::Stream,
@@ -343,7 +363,35 @@ struct Publisher {
 }
 
 impl Publisher {
+    /// Decides a task in the trace of its first outcome, linked to the others.
     async fn publish(&self, g: Gathering) {
+        let first = g.first_ticket().expect("non-empty");
+        let span = tracing::info_span!(
+            "verifier decide",
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "nats",
+            "messaging.operation.type" = "process",
+            messaging.destination.name = subj::OUTCOMES_STREAM,
+            "messaging.batch.message_count" = g.held.len(),
+            sundara.task_id = %first.task_id,
+            sundara.model = %first.model,
+            sundara.k = first.k,
+            sundara.outcome = tracing::field::Empty,
+            sundara.agreeing = tracing::field::Empty,
+            sundara.miners = tracing::field::Empty,
+            sundara.reference = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        let mut held = g.held.iter().map(|m| m.headers.as_ref());
+        telemetry::follow(&span, held.next().flatten());
+        for headers in held {
+            telemetry::link(&span, headers);
+        }
+        self.decide(g).instrument(span).await
+    }
+
+    async fn decide(&self, g: Gathering) {
         let first = g.first_ticket().expect("non-empty");
         let task_id = first.task_id.clone();
         let tenant = first.tenant.clone();
@@ -361,7 +409,9 @@ impl Publisher {
                 let rate = self.trust.lock().unwrap_or_else(|e| e.into_inner()).audit_rate(policy.audit_rate, miners);
                 let audit = agreed && rand::rng().random::<f64>() < rate;
                 if audit || !agreed {
-                    let outputs = reference.run(&self.registry, first).await;
+                    let why = if audit { "audit" } else { "escalation" };
+                    let span = tracing::info_span!("verifier reference run", sundara.reason = why);
+                    let outputs = reference.run(&self.registry, first).instrument(span).await;
                     if let Err(e) = &outputs {
                         tracing::warn!(task = %task_id, error = %e, "reference run failed");
                     }
@@ -373,6 +423,7 @@ impl Publisher {
             None => None,
         };
         let (result, verdict, dead) = conclude(rule, &g, voted, reference.as_ref());
+        record_decision(&tracing::Span::current(), &result, &verdict);
         self.trust.lock().unwrap_or_else(|e| e.into_inner()).record(&verdict);
         self.count(&g, &result, &verdict);
         let stored = async {

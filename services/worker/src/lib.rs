@@ -12,11 +12,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
 use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
+use sundara_common::telemetry;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
 use sundara_schemas::{
     Assignment, Control, ControlReply, ControlRequest, DType, MAX_MESSAGE_BYTES, ModelRef, Outcome, OutcomeResult,
     Tensor, WIRE_VERSION, WorkTiming, decode, encode, now_ms, now_us, subjects as subj,
 };
+use tracing::Instrument;
 
 pub use slices::{SLOTS_PER_THREAD, SliceConfig, SliceDevice};
 pub use sundara_common::ModelCache;
@@ -320,6 +322,7 @@ impl Worker {
         let model = ModelRun { key: m.to_string(), path, batching: meta.batching };
         match tokio::time::timeout(budget, slice.executor.run(&model, a.inputs.clone())).await {
             Ok(Ok(mut ran)) => {
+                tracing::Span::current().record("sundara.batch", ran.batch);
                 metrics::histogram!("sundara_worker_batch_size", "model" => m.name.clone()).record(ran.batch as f64);
                 metrics::histogram!("sundara_worker_inference_seconds", "model" => m.name.clone())
                     .record(ran.compute_us as f64 / 1e6);
@@ -364,6 +367,29 @@ impl Worker {
             let _ = msg.ack().await;
             return;
         }
+        let t = &assignment.ticket;
+        let span = tracing::info_span!(
+            "worker run",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            "messaging.operation.type" = "process",
+            messaging.destination.name = %msg.subject,
+            sundara.task_id = %t.task_id,
+            sundara.model = %t.model,
+            sundara.miner = %t.worker,
+            sundara.slice = %t.slice,
+            sundara.replica = t.replica,
+            sundara.attempt = t.attempt,
+            sundara.batch = tracing::field::Empty,
+            sundara.outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::follow(&span, msg.headers.as_ref());
+        self.serve(msg, assignment, received_us).instrument(span).await
+    }
+
+    /// Runs a decoded assignment of this worker's and stores its outcome, then acks it.
+    async fn serve(&self, msg: Message, assignment: Assignment, received_us: u64) {
         let (result, compute_us, started_us) = match self.execute(&assignment).await {
             Done::Outcome(result, compute_us, started_us) => (result, compute_us, started_us),
             Done::HandBack { slice, reason, slice_failed } => {
@@ -399,6 +425,7 @@ impl Worker {
             let overdue = Duration::from_millis(assignment.ticket.answer_by_ms.saturating_sub(now_ms()) + 200);
             tokio::time::sleep(overdue).await;
         }
+        tracing::Span::current().record("sundara.outcome", result.label());
         let ticket = assignment.ticket;
         let aid = ticket.assignment_id();
         let subject = subj::outcome(&ticket.task_id, &ticket.worker);

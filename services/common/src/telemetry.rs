@@ -1,0 +1,252 @@
+//! Logs and traces. Every process installs one `tracing` subscriber: log lines (text or
+//! JSON) to stderr, and, when an OTLP endpoint is configured, spans exported over OTLP/gRPC.
+//!
+//! One task is one trace across services: a publish carries the current span's W3C trace
+//! context in the message's `traceparent` header ([`context_headers`]), and the service that
+//! consumes it makes its span a child of that context ([`follow`]). With no endpoint, no
+//! propagator is installed: nothing is injected, extracted or exported.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
+
+use crate::Error;
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, message, fields, the current span with
+    /// its task id and trace id), for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(text: &str) -> Result<LogFormat, String> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format {other:?}: text or json")),
+        }
+    }
+}
+
+/// What a process logs and where it sends its spans.
+#[derive(Clone, Debug)]
+pub struct TelemetryConfig {
+    /// `service.name` of the exported spans, e.g. `sundara-scheduler`.
+    pub service: String,
+    /// Log level when `RUST_LOG` is not set, e.g. "info".
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317`; no spans are exported without it.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Flushes the exported spans when the process is done with them.
+#[must_use = "dropping the guard does not flush; call shutdown() before exiting"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is still buffered (bounded by the exporter's timeout) and stops exporting.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "spans not flushed at exit");
+        }
+    }
+
+    /// Exports what is buffered now (tests wait on this instead of the batch interval).
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider {
+            let _ = provider.force_flush();
+        }
+    }
+}
+
+/// Installs the process's subscriber (once; later calls change nothing and export nothing).
+/// Spans of Sundara's crates at `info` and above are exported whatever the log level, so a
+/// quiet command still traces. Sampling follows the SDK's `OTEL_TRACES_SAMPLER` and
+/// `OTEL_TRACES_SAMPLER_ARG` (default: every trace). Must run inside a Tokio runtime when
+/// an endpoint is given.
+pub fn init(config: &TelemetryConfig) -> Result<Telemetry, Error> {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},async_nats=warn", config.log_level)));
+    let logs = match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).with_filter(filter).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let provider = match &config.otlp_endpoint {
+        Some(endpoint) => Some(provider(&config.service, endpoint)?),
+        None => None,
+    };
+    let spans = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("sundara"))
+            .with_filter(Targets::new().with_target("sundara", tracing::Level::INFO))
+    });
+    let installed = Registry::default().with(logs).with(spans).try_init().is_ok();
+    if !installed {
+        // Another subscriber is in charge (a second init in one process): export nothing.
+        if let Some(p) = provider {
+            let _ = p.shutdown();
+        }
+        return Ok(Telemetry { provider: None });
+    }
+    if let Some(p) = &provider {
+        opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+        opentelemetry::global::set_tracer_provider(p.clone());
+        tracing::info!(endpoint = config.otlp_endpoint.as_deref().unwrap_or_default(), "exporting spans over OTLP");
+    }
+    Ok(Telemetry { provider })
+}
+
+/// Logs only (benchmarks and tools): [`init`] without an endpoint.
+pub fn init_logging(default: &str, format: LogFormat) {
+    let config = TelemetryConfig {
+        service: "sundara".into(),
+        log_level: default.into(),
+        log_format: format,
+        otlp_endpoint: None,
+    };
+    let _ = init(&config);
+}
+
+fn provider(service: &str, endpoint: &str) -> Result<SdkTracerProvider, Error> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| Error::Telemetry(e.to_string()))?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service.to_string())
+        .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build();
+    // The batch processor's queue is bounded (2048 spans by default): when the collector is
+    // slow, spans are dropped, never the work.
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Adds the current span's trace context (`traceparent`, `tracestate`) to `headers`.
+pub fn inject_current(headers: &mut HeaderMap) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+}
+
+/// The current span's trace context as headers; `None` when there is none to send
+/// (tracing off, or no span), so an untraced publish carries no header at all.
+pub fn context_headers() -> Option<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    inject_current(&mut headers);
+    headers.iter().next().is_some().then_some(headers)
+}
+
+/// The trace context a message carries (empty when it carries none).
+pub fn extract(headers: Option<&HeaderMap>) -> opentelemetry::Context {
+    match headers {
+        Some(h) => opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h))),
+        None => opentelemetry::Context::new(),
+    }
+}
+
+/// Makes `span` a child of the trace context `headers` carry, and records the trace id in
+/// its `trace_id` field (declared `tracing::field::Empty`) so that log lines carry it.
+/// Call before the span is first entered.
+pub fn follow(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    let parent = extract(headers);
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    record_trace_id(span);
+}
+
+/// Links `span` to the trace context `headers` carry (another message that led to it).
+pub fn link(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    span.add_link(extract(headers).span().span_context().clone());
+}
+
+/// Records the trace id of `span` in its `trace_id` field, if it is traced.
+pub fn record_trace_id(span: &tracing::Span) {
+    let cx = span.context();
+    let span_context = cx.span().span_context().clone();
+    if span_context.is_valid() {
+        span.record("trace_id", tracing::field::display(span_context.trace_id()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_formats_parse() {
+        assert_eq!(LogFormat::parse("json"), Ok(LogFormat::Json));
+        assert_eq!(LogFormat::parse("text"), Ok(LogFormat::Text));
+        assert!(LogFormat::parse("xml").is_err());
+    }
+
+    #[test]
+    fn without_a_propagator_nothing_is_injected_or_extracted() {
+        // No init: the global propagator is the no-op one, as in a process without an endpoint.
+        assert!(context_headers().is_none());
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert!(!extract(Some(&h)).span().span_context().is_valid());
+    }
+
+    #[test]
+    fn trace_context_round_trips_through_nats_headers() {
+        use opentelemetry::propagation::TextMapPropagator;
+        let propagator = opentelemetry_sdk::propagation::TraceContextPropagator::new();
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let cx = propagator.extract(&HeaderExtractor(&h));
+        assert_eq!(cx.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let mut out = HeaderMap::new();
+        propagator.inject_context(&cx, &mut HeaderInjector(&mut out));
+        assert_eq!(
+            out.get("traceparent").map(|v| v.as_str()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+    }
+}
