@@ -31,6 +31,8 @@ pub struct Config {
     pub endpoints: Endpoints,
     /// How often heartbeats are checked.
     pub check_interval: Duration,
+    /// How often the fleet and queue gauges are read (a Redis read per worker).
+    pub gauge_interval: Duration,
     pub retention: nats::Retention,
     /// Sizing of the worker fleet; `None` watches health only.
     pub scaling: Option<ScalingConfig>,
@@ -41,6 +43,7 @@ impl Config {
         Config {
             endpoints,
             check_interval: Duration::from_millis(250),
+            gauge_interval: Duration::from_secs(5),
             retention: nats::Retention::default(),
             scaling: None,
         }
@@ -122,8 +125,57 @@ pub fn lapsed<'a>(workers: &'a [String], health: &[(bool, Option<String>)]) -> V
         .collect()
 }
 
+/// The fleet as the gauges show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetGauges {
+    /// Heartbeating and not quarantined.
+    pub alive: u64,
+    /// Quarantined, alive or not.
+    pub quarantined: u64,
+    /// No heartbeat, or declared dead.
+    pub dead: u64,
+    /// Slots of the serving (`alive`) slices of alive workers, and those in use.
+    pub slots: u64,
+    pub slots_in_use: u64,
+}
+
+impl FleetGauges {
+    /// Counts workers by state; `slices` are those of the alive workers. Pure.
+    pub fn count(
+        workers: &[String],
+        health: &[(bool, Option<String>)],
+        quarantined: &std::collections::BTreeMap<String, String>,
+        slices: &[sundara_common::capacity::SliceState],
+    ) -> FleetGauges {
+        let mut g = FleetGauges::default();
+        for (w, (heartbeat, state)) in workers.iter().zip(health) {
+            if quarantined.contains_key(w) {
+                g.quarantined += 1;
+            } else if *heartbeat && state.as_deref() != Some("dead") {
+                g.alive += 1;
+            } else {
+                g.dead += 1;
+            }
+        }
+        for s in slices.iter().filter(|s| s.state == "alive") {
+            g.slots += u64::from(s.slots_total);
+            g.slots_in_use += u64::from(s.slots_total.saturating_sub(s.slots_free));
+        }
+        g
+    }
+
+    fn set(&self) {
+        for (state, n) in [("alive", self.alive), ("quarantined", self.quarantined), ("dead", self.dead)] {
+            metrics::gauge!("sundara_fleet_workers", "state" => state).set(n as f64);
+        }
+        metrics::gauge!("sundara_fleet_slots").set(self.slots as f64);
+        metrics::gauge!("sundara_fleet_slots_in_use").set(self.slots_in_use as f64);
+    }
+}
+
 struct Health {
     client: async_nats::Client,
+    js: jetstream::Context,
     work: jetstream::stream::Stream,
     capacity: Capacity,
 }
@@ -140,6 +192,24 @@ impl Health {
                 tracing::warn!(worker, error = %e, "could not purge the dead worker's queue");
             }
             let _ = self.client.publish(subj::FLEET_DEAD, worker.to_string().into()).await;
+        }
+        Ok(())
+    }
+
+    /// Sets the fleet and queue gauges.
+    async fn gauges(&self) -> Result<(), CommonError> {
+        let workers = self.capacity.workers().await?;
+        let health = self.capacity.health(&workers).await?;
+        let quarantined = self.capacity.quarantined().await?;
+        let mut slices = Vec::new();
+        for (w, (heartbeat, _)) in workers.iter().zip(&health) {
+            if *heartbeat && !quarantined.contains_key(w) {
+                slices.extend(self.capacity.slices_of(w).await?);
+            }
+        }
+        FleetGauges::count(&workers, &health, &quarantined, &slices).set();
+        for (queue, depth) in nats::queue_depths(&self.js).await?.labelled() {
+            metrics::gauge!("sundara_queue_depth", "queue" => queue).set(depth as f64);
         }
         Ok(())
     }
@@ -340,18 +410,26 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerErr
         }
         None => None,
     };
-    let health = Health { client: client.clone(), work, capacity };
+    let health = Health { client: client.clone(), js, work, capacity };
     let watch = async {
         let mut tick = tokio::time::interval(config.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(config.gauge_interval);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!("autoscaler watching fleet health");
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = health.check().await {
-                tracing::warn!(error = %e, "health check failed");
+                _ = tick.tick() => {
+                    if let Err(e) = health.check().await {
+                        tracing::warn!(error = %e, "health check failed");
+                    }
+                }
+                _ = gauges.tick() => {
+                    if let Err(e) = health.gauges().await {
+                        tracing::warn!(error = %e, "could not read the fleet gauges");
+                    }
+                }
             }
         }
     };
@@ -368,6 +446,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_gauges_count_each_worker_once_and_only_live_slots() {
+        let workers: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let health = [(true, Some("alive".into())), (false, None), (true, Some("dead".into())), (true, None)];
+        let quarantined = [("d".to_string(), "liar".to_string())].into();
+        let slice = |state: &str, total, free| sundara_common::capacity::SliceState {
+            state: state.into(),
+            slots_total: total,
+            slots_free: free,
+            ..Default::default()
+        };
+        let slices = [slice("alive", 16, 10), slice("alive", 4, 4), slice("failed", 8, 8)];
+        let g = FleetGauges::count(&workers, &health, &quarantined, &slices);
+        assert_eq!(g, FleetGauges { alive: 1, quarantined: 1, dead: 2, slots: 20, slots_in_use: 6 });
+    }
 
     #[test]
     fn only_alive_workers_without_heartbeat_lapse() {

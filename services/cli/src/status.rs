@@ -14,20 +14,17 @@ pub enum StatusError {
 }
 
 /// Queue depths: tasks stored but not yet taken by a scheduler, and taken but not yet
-/// dispatched, per priority; assignments queued for workers.
+/// dispatched, per priority; assignments queued for workers; outcomes and verdicts unread.
 async fn queues(js: &jetstream::Context) -> Result<String, StatusError> {
+    let depths = sundara_common::nats::queue_depths(js).await?;
     let mut out = String::from("queues:");
-    let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
-    for p in Priority::ALL {
-        let (pending, waiting) = match tasks.consumer_info(format!("scheduler-{}", p.as_str())).await {
-            Ok(info) => (info.num_pending, info.num_ack_pending),
-            Err(_) => (0, 0),
-        };
+    for (p, (pending, waiting)) in Priority::ALL.iter().zip(depths.tasks) {
         out.push_str(&format!("  {} {pending} queued, {waiting} in scheduler;", p.as_str()));
     }
-    let mut work = js.get_stream(subj::WORK_STREAM).await.map_err(js_err)?;
-    let queued = work.info().await.map_err(js_err)?.state.messages;
-    out.push_str(&format!("  assignments queued for workers {queued}\n"));
+    out.push_str(&format!(
+        "  assignments queued for workers {}; unread outcomes {}, verdicts {}\n",
+        depths.work, depths.outcomes, depths.verdicts
+    ));
     Ok(out)
 }
 

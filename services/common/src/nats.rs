@@ -191,3 +191,53 @@ where
         .await;
     Ok(())
 }
+
+/// How much work waits where: what an operator watches for backlog.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueDepths {
+    /// Per priority (as [`sundara_schemas::Priority::ALL`]): tasks stored but not yet taken
+    /// by a scheduler, and taken but not yet dispatched (waiting for capacity).
+    pub tasks: [(u64, u64); 3],
+    /// Assignments queued for workers.
+    pub work: u64,
+    /// Outcomes the verifier has not read yet.
+    pub outcomes: u64,
+    /// Verdicts the rewarder has not read yet.
+    pub verdicts: u64,
+}
+
+impl QueueDepths {
+    /// `(queue, depth)` as the `sundara_queue_depth` gauge labels them.
+    pub fn labelled(&self) -> Vec<(&'static str, u64)> {
+        let [high, normal, low] = self.tasks;
+        vec![
+            ("tasks_high", high.0),
+            ("tasks_normal", normal.0),
+            ("tasks_low", low.0),
+            ("work", self.work),
+            ("outcomes", self.outcomes),
+            ("verdicts", self.verdicts),
+        ]
+    }
+}
+
+/// Reads the queue depths from the streams and the services' durable consumers (a consumer
+/// not created yet counts as empty).
+pub async fn queue_depths(js: &jetstream::Context) -> Result<QueueDepths, Error> {
+    let mut depths = QueueDepths::default();
+    let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
+    for (i, p) in sundara_schemas::Priority::ALL.iter().enumerate() {
+        if let Ok(info) = tasks.consumer_info(format!("scheduler-{}", p.as_str())).await {
+            depths.tasks[i] = (info.num_pending, info.num_ack_pending as u64);
+        }
+    }
+    let mut work = js.get_stream(subj::WORK_STREAM).await.map_err(js_err)?;
+    depths.work = work.info().await.map_err(js_err)?.state.messages;
+    let pending = |stream: &'static str, consumer: &'static str| async move {
+        let stream = js.get_stream(stream).await.map_err(js_err)?;
+        Ok::<u64, Error>(stream.consumer_info(consumer).await.map_or(0, |i| i.num_pending))
+    };
+    depths.outcomes = pending(subj::OUTCOMES_STREAM, "verifier").await?;
+    depths.verdicts = pending(subj::VERDICTS_STREAM, "rewarder").await?;
+    Ok(depths)
+}

@@ -390,6 +390,7 @@ impl Worker {
 
     /// Runs a decoded assignment of this worker's and stores its outcome, then acks it.
     async fn serve(&self, msg: Message, assignment: Assignment, received_us: u64) {
+        let _slot = SlotInUse::hold(&assignment.ticket.slice);
         let (result, compute_us, started_us) = match self.execute(&assignment).await {
             Done::Outcome(result, compute_us, started_us) => (result, compute_us, started_us),
             Done::HandBack { slice, reason, slice_failed } => {
@@ -643,7 +644,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
                 _ = tick.tick() => {}
                 Some(()) = changes.next() => {}
             }
-            if let Err(e) = capacity.announce(&worker.announce(&models), false, ttl_ms).await {
+            let announce = worker.announce(&models);
+            set_slice_gauges(&announce);
+            if let Err(e) = capacity.announce(&announce, false, ttl_ms).await {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
@@ -672,6 +675,34 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     let _ = client.flush().await;
     tracing::info!(worker = %config.worker_id, "worker stopped");
     Ok(())
+}
+
+/// Per slice: its slots, models loaded and memory in use (slots in use are counted where
+/// assignments run, see [`SlotInUse`]).
+fn set_slice_gauges(announce: &WorkerAnnounce) {
+    for s in &announce.slices {
+        metrics::gauge!("sundara_worker_slots", "slice" => s.id.clone()).set(f64::from(s.slots));
+        metrics::gauge!("sundara_worker_loaded_models", "slice" => s.id.clone()).set(s.loaded.len() as f64);
+        let used = s.memory_total.saturating_sub(s.memory_free);
+        metrics::gauge!("sundara_worker_memory_used_bytes", "slice" => s.id.clone()).set(used as f64);
+    }
+}
+
+/// Counts an assignment in `sundara_worker_slots_in_use` of its slice while it lives.
+struct SlotInUse(metrics::Gauge);
+
+impl SlotInUse {
+    fn hold(slice: &str) -> SlotInUse {
+        let gauge = metrics::gauge!("sundara_worker_slots_in_use", "slice" => slice.to_string());
+        gauge.increment(1.0);
+        SlotInUse(gauge)
+    }
+}
+
+impl Drop for SlotInUse {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// A stream that yields each time the report changes.

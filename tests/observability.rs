@@ -3,7 +3,9 @@
 //! own), and each task's span tree is checked: client → ingress → scheduler → each miner's
 //! run → verifier → rewarder, linked through the `traceparent` header of each NATS message.
 //!
-//! Its own test binary: the tracing subscriber is global to a process.
+//! The same run checks the metrics every stage counts.
+//!
+//! Its own test binary: the tracing subscriber and the metrics recorder are global to a process.
 
 mod support;
 
@@ -14,7 +16,9 @@ use std::time::Duration;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+use sundara_common::metrics;
 use sundara_common::telemetry::{self, LogFormat, TelemetryConfig};
+use sundara_schemas::{RejectCode, SubmitOutcome};
 use support::{Harness, honest};
 
 /// A span as the collector received it.
@@ -115,8 +119,23 @@ fn task_trace(spans: &[Collected], task_id: &str) -> Option<Vec<Collected>> {
     complete.then_some(trace)
 }
 
+/// Polls the rendered metrics until `holds` (bounded): gauges are set on their services'
+/// own intervals, with no event to wait on.
+async fn eventually(render: impl Fn() -> String, what: &str, holds: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = render();
+        if holds(&text) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what} never held; metrics:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_task_is_one_trace_across_every_service_and_process() {
+async fn each_task_is_one_trace_across_every_service_and_process_and_every_stage_is_counted() {
+    let recorder = metrics::install(None).unwrap();
     let collector = Collector::default();
     let endpoint = start_collector(collector.clone()).await;
     let telemetry = telemetry::init(&TelemetryConfig {
@@ -134,6 +153,8 @@ async fn each_task_is_one_trace_across_every_service_and_process() {
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
     h.spawn_worker_process_with(WORKER_PROCESS, 1, &env).await;
     let requests = h.sample_requests(3, "traced", 7, |i| if i % 2 == 0 { "mlp" } else { "silero" });
+    let garbage = h.client.submit_raw(b"\xc1 not msgpack".to_vec()).await.unwrap();
+    assert!(matches!(garbage, SubmitOutcome::Rejected { code: RejectCode::Malformed, .. }), "{garbage:?}");
     let results = h.run_tasks(&requests).await;
     h.assert_correct(&requests, &results);
     let task_ids: Vec<String> = results.keys().cloned().collect();
@@ -209,6 +230,43 @@ async fn each_task_is_one_trace_across_every_service_and_process() {
             assert_eq!(s.kind, CONSUMER, "{}", s.name);
         }
     }
+
+    // Every stage counted: submissions by outcome, each miner's standing, the stages of
+    // each task, and the fleet, slice and queue gauges.
+    let text = recorder.render();
+    assert_eq!(metrics::sum(&text, "sundara_ingress_accepted_total", &[("priority", "normal")]), 3.0);
+    assert_eq!(metrics::sum(&text, "sundara_ingress_rejected_total", &[("reason", "malformed")]), 1.0);
+    assert_eq!(metrics::sum(&text, "sundara_rewarder_outcomes_total", &[("standing", "agreed")]), 6.0);
+    assert_eq!(metrics::sum(&text, "sundara_rewarder_outcomes_total", &[]), 6.0);
+    assert_eq!(metrics::sum(&text, "sundara_verifier_verdicts_total", &[("accepted", "true")]), 3.0);
+    assert_eq!(metrics::sum(&text, "sundara_task_stage_seconds_count", &[("stage", "total")]), 3.0);
+    let slice = [("slice", "w-inproc-cpu0")];
+    let slots = f64::from(sundara_worker::SLOTS_PER_THREAD);
+    eventually(
+        || recorder.render(),
+        "slice gauges",
+        |t| {
+            metrics::sum(t, "sundara_worker_slots", &slice) == slots
+                && metrics::sum(t, "sundara_worker_loaded_models", &slice) >= 1.0
+                && metrics::sum(t, "sundara_worker_memory_used_bytes", &slice) > 0.0
+                && metrics::sum(t, "sundara_worker_slots_in_use", &slice) == 0.0
+        },
+    )
+    .await;
+    // Fleet gauges come from Redis: both workers (one in its own process) with all their slots free.
+    eventually(
+        || recorder.render(),
+        "fleet gauges",
+        |t| {
+            metrics::sum(t, "sundara_fleet_workers", &[("state", "alive")]) == 2.0
+                && metrics::sum(t, "sundara_fleet_slots", &[]) == 2.0 * slots
+                && metrics::sum(t, "sundara_fleet_slots_in_use", &[]) == 0.0
+                && t.contains("sundara_queue_depth{queue=\"work\"} 0")
+                && t.contains("sundara_queue_depth{queue=\"tasks_normal\"} 0")
+        },
+    )
+    .await;
+
     h.stop().await;
     if let Ok(t) = Arc::try_unwrap(telemetry) {
         t.shutdown();
