@@ -40,6 +40,7 @@ impl Client {
     /// With tracing on, the submission starts the task's trace.
     pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitOutcome, ClientError> {
         let span = tracing::info_span!(
+            target: sundara_common::telemetry::SPANS,
             "client submit",
             otel.kind = "client",
             messaging.system = "nats",

@@ -1,6 +1,8 @@
 //! Logs and traces. Every process installs one `tracing` subscriber: log lines (text or
 //! JSON) to stderr, and, when an OTLP endpoint is configured, spans exported over OTLP/gRPC.
 //!
+//! Log lines go to stderr (stdout is the commands' own output).
+//!
 //! One task is one trace across services: a publish carries the current span's W3C trace
 //! context in the message's `traceparent` header ([`context_headers`]), and the service that
 //! consumes it makes its span a child of that context ([`follow`]). With no endpoint, no
@@ -20,6 +22,18 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::Error;
+
+/// Target of every task span. Without an OTLP endpoint it is switched off (unless
+/// `RUST_LOG` names it), so that an untraced process pays nothing for spans: a disabled
+/// span is a cached check, while an enabled one costs its fields' formatting for the logs.
+pub const SPANS: &str = "sundara::span";
+
+/// Whether this process exports spans: without it, propagation is skipped outright.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,11 +98,21 @@ impl Telemetry {
 /// `OTEL_TRACES_SAMPLER_ARG` (default: every trace). Must run inside a Tokio runtime when
 /// an endpoint is given.
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, Error> {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},async_nats=warn", config.log_level)));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let mut directives = rust_log.clone().unwrap_or_else(|| format!("{},async_nats=warn", config.log_level));
+    if config.otlp_endpoint.is_none() && !rust_log.is_some_and(|r| r.contains(SPANS)) {
+        directives.push_str(&format!(",{SPANS}=off"));
+    }
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+        eprintln!("RUST_LOG {directives:?}: {e}; logging at {}", config.log_level);
+        EnvFilter::new(format!("{},{SPANS}=off", config.log_level))
+    });
     let logs = match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).with_filter(filter).boxed(),
+        LogFormat::Text => {
+            tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(filter).boxed()
+        }
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .json()
             .with_current_span(true)
             .with_span_list(false)
@@ -115,6 +139,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, Error> {
     if let Some(p) = &provider {
         opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
         opentelemetry::global::set_tracer_provider(p.clone());
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(endpoint = config.otlp_endpoint.as_deref().unwrap_or_default(), "exporting spans over OTLP");
     }
     Ok(Telemetry { provider })
@@ -176,6 +201,9 @@ pub fn inject_current(headers: &mut HeaderMap) {
 /// The current span's trace context as headers; `None` when there is none to send
 /// (tracing off, or no span), so an untraced publish carries no header at all.
 pub fn context_headers() -> Option<HeaderMap> {
+    if !exporting() {
+        return None;
+    }
     let mut headers = HeaderMap::new();
     inject_current(&mut headers);
     headers.iter().next().is_some().then_some(headers)
@@ -193,6 +221,9 @@ pub fn extract(headers: Option<&HeaderMap>) -> opentelemetry::Context {
 /// its `trace_id` field (declared `tracing::field::Empty`) so that log lines carry it.
 /// Call before the span is first entered.
 pub fn follow(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    if !exporting() {
+        return;
+    }
     let parent = extract(headers);
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
@@ -202,6 +233,9 @@ pub fn follow(span: &tracing::Span, headers: Option<&HeaderMap>) {
 
 /// Links `span` to the trace context `headers` carry (another message that led to it).
 pub fn link(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    if !exporting() {
+        return;
+    }
     span.add_link(extract(headers).span().span_context().clone());
 }
 

@@ -276,6 +276,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
         let ingress = &ingress;
         async move {
             let span = tracing::info_span!(
+                target: sundara_common::telemetry::SPANS,
                 "ingress submit",
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,

@@ -149,6 +149,7 @@ impl Rewarder {
             }
         };
         let span = tracing::info_span!(
+            target: sundara_common::telemetry::SPANS,
             "rewarder score",
             otel.kind = "consumer",
             messaging.system = "nats",

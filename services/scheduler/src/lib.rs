@@ -195,6 +195,7 @@ impl Scheduler {
             accepted_at_us: task.accepted_at_us,
         };
         let span = tracing::info_span!(
+            target: sundara_common::telemetry::SPANS,
             "scheduler assign",
             otel.kind = "producer",
             messaging.system = "nats",
@@ -257,6 +258,7 @@ impl Scheduler {
         };
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let span = tracing::info_span!(
+            target: sundara_common::telemetry::SPANS,
             "scheduler dispatch",
             otel.kind = "consumer",
             messaging.system = "nats",
@@ -345,6 +347,7 @@ impl Scheduler {
         let task = decode::<Task>(&raw.payload, self.config.max_task_bytes)?;
         // In the task's own trace: the TASKS message still carries the trace context.
         let span = tracing::info_span!(
+            target: sundara_common::telemetry::SPANS,
             "scheduler reassign",
             sundara.task_id = %task.task_id,
             sundara.model = %task.model,

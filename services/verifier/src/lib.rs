@@ -367,6 +367,7 @@ impl Publisher {
     async fn publish(&self, g: Gathering) {
         let first = g.first_ticket().expect("non-empty");
         let span = tracing::info_span!(
+            target: sundara_common::telemetry::SPANS,
             "verifier decide",
             otel.kind = "consumer",
             otel.status_code = tracing::field::Empty,
@@ -410,7 +411,7 @@ impl Publisher {
                 let audit = agreed && rand::rng().random::<f64>() < rate;
                 if audit || !agreed {
                     let why = if audit { "audit" } else { "escalation" };
-                    let span = tracing::info_span!("verifier reference run", sundara.reason = why);
+                    let span = tracing::info_span!(target: sundara_common::telemetry::SPANS, "verifier reference run", sundara.reason = why);
                     let outputs = reference.run(&self.registry, first).instrument(span).await;
                     if let Err(e) = &outputs {
                         tracing::warn!(task = %task_id, error = %e, "reference run failed");

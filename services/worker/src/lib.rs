@@ -369,6 +369,7 @@ impl Worker {
         }
         let t = &assignment.ticket;
         let span = tracing::info_span!(
+            target: sundara_common::telemetry::SPANS,
             "worker run",
             otel.kind = "consumer",
             messaging.system = "nats",
