@@ -50,6 +50,28 @@ async fn happy_path_matches_direct_inference() {
     h.stop().await;
 }
 
+/// Workers offering "every registered model" also serve one pushed after they started
+/// (in a deployment, workers and the first `models push` start together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_pushed_after_the_workers_started_is_served() {
+    let mut h = Harness::start(vec![honest("a", 1), honest("b", 1)], 2, Duration::from_secs(10)).await;
+    let registry = sundara_common::Registry::open(&h.js).await.unwrap();
+    let path = sundara::stack::project_root().join(".cache/models/mlp.onnx");
+    let policy = sundara_schemas::Policy { redundancy: 2, rule: RULE, audit_rate: 0.0 };
+    let late = sundara::models::push(&registry, &path, "mlp-late", "1", policy, Default::default()).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let inputs = sundara::models::sample_inputs(&late.inputs, 1, &mut rng);
+    // Bounded: without the workers picking the model up, the task expires.
+    let request = sundara_schemas::SubmitRequest {
+        timeout_ms: Some(20_000),
+        ..h.request("mlp-late", inputs.clone(), "late-model")
+    };
+    let results = h.run_tasks(std::slice::from_ref(&request)).await;
+    let result = results.values().next().unwrap();
+    assert!(agree(&RULE, outputs(&result.status), &reference(&h.models["mlp"], &inputs)));
+    h.stop().await;
+}
+
 /// k=3 with one liar among four: clients still get correct results; the liar scores zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dishonest_miner_is_outvoted_and_scores_zero() {

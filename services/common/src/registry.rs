@@ -102,6 +102,15 @@ impl Registry {
         Ok(())
     }
 
+    /// Names of the models the watch has seen so far (no I/O): a model pushed while a
+    /// service runs shows up here within moments.
+    pub fn known_names(&self) -> Vec<String> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<String> = cache.keys().filter(|k| !k.contains('.')).cloned().collect();
+        names.sort();
+        names
+    }
+
     /// The latest version of every model, by name.
     pub async fn list(&self) -> Result<Vec<ModelMeta>, Error> {
         let mut keys = self.kv.keys().await.map_err(js_err)?;

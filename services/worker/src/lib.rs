@@ -593,7 +593,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     let registry = Registry::open(&js).await?;
     let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
 
-    let models = if config.models.is_empty() {
+    let mut models = if config.models.is_empty() {
         registry.list().await?.into_iter().map(|m| m.name).collect()
     } else {
         config.models.clone()
@@ -644,6 +644,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
                 Some(()) = changes.next() => {}
+            }
+            // Offering every registered model: also those pushed since it started.
+            if config.models.is_empty() {
+                for name in worker.registry.known_names() {
+                    if !models.contains(&name) {
+                        tracing::info!(model = %name, "offering a newly registered model");
+                        models.push(name);
+                    }
+                }
             }
             let announce = worker.announce(&models);
             set_slice_gauges(&announce);
