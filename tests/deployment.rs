@@ -1,0 +1,1460 @@
+//! Offline checks of the deployment files in `infra/`: no docker engine, compose or Nomad
+//! runs here, so what can be known without them is checked against the real binary and
+//! the sources.
+//!
+//! - every `sundara ...` command line in compose and Nomad files parses (the binary is run
+//!   with the same arguments and `--help`: clap refuses an unknown flag or a bad value
+//!   before it prints help), worker ids are valid, `--slice` values parse, and every
+//!   `SUNDARA_*` / `OTEL_*` variable they set is one the binary reads;
+//! - compose: images or builds (Dockerfile stages, build args), `depends_on` targets,
+//!   volumes and bind mounts exist; the worker service scales; the compose-driven
+//!   autoscaler acts on the worker service under ids it can map to containers;
+//! - Nomad: each file parses as HCL, has its job and groups, and the autoscaler's job,
+//!   group and pool prefix are those of the worker job;
+//! - Prometheus, the OpenTelemetry collector and Grafana's provisioning agree with compose,
+//!   and every metric the dashboard queries is documented in docs/operations.md;
+//! - the Dockerfile has its stages, runs `sundara`, and pins what scripts/setup pins.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_yaml::Value as Yaml;
+
+/// A worker's hostname in compose (docker sets it to the container's short id).
+const HOSTNAME: &str = "0a1b2c3d4e5f";
+/// `${NOMAD_ALLOC_ID}`: a full allocation id.
+const ALLOC_ID: &str = "8d3c1f0e-5b7a-4c2d-9e6f-1a2b3c4d5e6f";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+}
+
+// ------------------------------------------------------------------ the binary
+
+fn sundara(args: &[String]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sundara"));
+    cmd.args(args);
+    // Values from this environment must not change what is parsed.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SUNDARA_") || k.starts_with("OTEL_") || k == "NOMAD_TOKEN" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.output().expect("running sundara")
+}
+
+fn help(path: &[&str]) -> String {
+    let mut args: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+    args.push("--help".into());
+    let out = sundara(&args);
+    assert!(out.status.success(), "sundara {} --help failed: {}", path.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("help is UTF-8")
+}
+
+/// Subcommand names listed under `Commands:` in a help text.
+fn subcommands(help: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in help.lines() {
+        if line.trim_end() == "Commands:" {
+            inside = true;
+            continue;
+        }
+        if inside {
+            if !line.starts_with("  ") {
+                break;
+            }
+            if let Some(name) = line.split_whitespace().next()
+                && name != "help"
+            {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// `NAME` of every `[env: NAME=...]` in a help text.
+fn env_names(help: &str) -> BTreeSet<String> {
+    help.split("[env: ")
+        .skip(1)
+        .map(|rest| rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+/// Environment variables each (sub)command reads, by command path ("" for the top level;
+/// global ones appear under every subcommand).
+fn accepted_env() -> &'static BTreeMap<String, BTreeSet<String>> {
+    static ENV: OnceLock<BTreeMap<String, BTreeSet<String>>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut out = BTreeMap::new();
+        let mut queue = vec![Vec::<String>::new()];
+        while let Some(path) = queue.pop() {
+            let refs: Vec<&str> = path.iter().map(String::as_str).collect();
+            let text = help(&refs);
+            out.insert(path.join(" "), env_names(&text));
+            for sub in subcommands(&text) {
+                let mut p = path.clone();
+                p.push(sub);
+                queue.push(p);
+            }
+        }
+        out
+    })
+}
+
+/// Read by the OpenTelemetry SDK in every process that exports traces, not by clap
+/// (docs/operations.md, "Traces").
+const SDK_ENV: [&str; 2] = ["OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"];
+
+fn all_accepted_env() -> BTreeSet<String> {
+    accepted_env().values().flatten().cloned().chain(SDK_ENV.map(String::from)).collect()
+}
+
+fn value_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let eq = format!("{flag}=");
+    args.iter().enumerate().find_map(
+        |(i, a)| {
+            if a == flag { args.get(i + 1).map(String::as_str) } else { a.strip_prefix(&eq) }
+        },
+    )
+}
+
+fn values_of<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+    args.iter()
+        .enumerate()
+        .filter(|(_, a)| *a == flag)
+        .filter_map(|(i, _)| args.get(i + 1).map(String::as_str))
+        .collect()
+}
+
+/// Checks one `sundara` command line (without the binary's name) as the binary would take
+/// it, and what clap leaves to the code: worker ids, slices, the autoscaler's driver.
+fn check_command(args: &[String]) -> Result<(), String> {
+    let mut with_help = args.to_vec();
+    with_help.push("--help".into());
+    let out = sundara(&with_help);
+    if !out.status.success() {
+        return Err(format!(
+            "`sundara {}` does not parse: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    match args.first().map(String::as_str) {
+        Some("worker") => {
+            let id = value_of(args, "--id").ok_or("worker without --id")?;
+            if !sundara_schemas::subjects::is_token(id) {
+                return Err(format!("worker id {id:?} is not 1-64 of [A-Za-z0-9_-]"));
+            }
+            for (i, slice) in values_of(args, "--slice").into_iter().enumerate() {
+                sundara_worker::SliceConfig::parse(slice, i).map_err(|e| format!("--slice {slice:?}: {e}"))?;
+            }
+        }
+        Some("autoscaler") => {
+            if let Some(driver) = value_of(args, "--driver")
+                && !["local", "nomad", "compose"].contains(&driver)
+            {
+                return Err(format!("unknown autoscaler driver {driver:?}"));
+            }
+            let num = |flag: &str, default: usize| -> Result<usize, String> {
+                value_of(args, flag).map_or(Ok(default), |v| v.parse().map_err(|_| format!("{flag} {v:?}")))
+            };
+            if num("--min-workers", 1)? > num("--max-workers", 8)? {
+                return Err("--min-workers > --max-workers".into());
+            }
+        }
+        Some(_) => {}
+        None => return Err("empty command".into()),
+    }
+    Ok(())
+}
+
+/// Variables set for `command` (a path like "worker" or "models push") that the binary
+/// does not read.
+fn unknown_env<'a>(command: &str, keys: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let accepted = accepted_env();
+    let known = accepted.get(command).cloned().unwrap_or_else(|| accepted[""].clone());
+    keys.into_iter()
+        .filter(|k| k.starts_with("SUNDARA_") || k.starts_with("OTEL_") || *k == "NOMAD_TOKEN")
+        .filter(|k| !known.contains(*k) && !SDK_ENV.contains(k))
+        .map(String::from)
+        .collect()
+}
+
+/// The subcommand path of a command line ("models push", "worker").
+fn command_path(args: &[String]) -> String {
+    let accepted = accepted_env();
+    let mut path = String::new();
+    for a in args {
+        let next = if path.is_empty() { a.clone() } else { format!("{path} {a}") };
+        if accepted.contains_key(&next) {
+            path = next;
+        } else {
+            break;
+        }
+    }
+    path
+}
+
+// ------------------------------------------------------------------ interpolation
+
+/// Compose's interpolation with every variable unset: `$$` is `$`, `${X:-d}` is `d`,
+/// a required `${X:?msg}` is `test-X`, `${X}` is empty.
+fn compose_interpolate(s: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek() {
+            Some('$') => {
+                chars.next();
+                out.push('$');
+            }
+            Some('{') => {
+                chars.next();
+                let mut body = String::new();
+                let mut depth = 1;
+                for c in chars.by_ref() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    body.push(c);
+                }
+                if depth != 0 {
+                    return Err(format!("unterminated ${{ in {s:?}"));
+                }
+                let name_end = body.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(body.len());
+                let (name, rest) = body.split_at(name_end);
+                if name.is_empty() {
+                    return Err(format!("bad interpolation ${{{body}}} in {s:?}"));
+                }
+                let value = if let Some(d) = rest.strip_prefix(":-").or_else(|| rest.strip_prefix('-')) {
+                    compose_interpolate(d)?
+                } else if rest.starts_with(":?") || rest.starts_with('?') {
+                    format!("test-{name}")
+                } else if rest.starts_with(":+") || rest.starts_with('+') || rest.is_empty() {
+                    String::new()
+                } else {
+                    return Err(format!("bad interpolation ${{{body}}} in {s:?}"));
+                };
+                out.push_str(&value);
+            }
+            Some(c) if c.is_ascii_alphabetic() || *c == '_' => {
+                // `$NAME`: unset.
+                while chars.peek().is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_') {
+                    chars.next();
+                }
+            }
+            _ => out.push('$'),
+        }
+    }
+    Ok(out)
+}
+
+/// Splits a `/bin/sh -c` script into words (quotes, backslashes), expanding the variables
+/// and command substitutions in `vars` (anything else is an error).
+fn shell_words(script: &str, vars: &HashMap<&str, &str>) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut chars = script.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some('\''), '\'') => quote = None,
+            (Some('\''), c) => word.push(c),
+            (Some('"'), '"') => quote = None,
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (_, '\\') => {
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                }
+                in_word = true;
+            }
+            (_, '$') => {
+                let name: String = match chars.peek() {
+                    Some('{') => {
+                        chars.next();
+                        let n: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                        n
+                    }
+                    Some('(') => {
+                        chars.next();
+                        let n: String = chars.by_ref().take_while(|c| *c != ')').collect();
+                        format!("$({})", n.trim())
+                    }
+                    _ => {
+                        let mut n = String::new();
+                        while let Some(c) = chars.peek().filter(|c| c.is_ascii_alphanumeric() || **c == '_') {
+                            n.push(*c);
+                            chars.next();
+                        }
+                        n
+                    }
+                };
+                let value = vars.get(name.as_str()).ok_or_else(|| format!("unexpected ${name} in {script:?}"))?;
+                word.push_str(value);
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            (None, ';' | '&' | '|' | '<' | '>' | '`') => return Err(format!("not a single command: {script:?}")),
+            (_, c) => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err(format!("unterminated quote in {script:?}"));
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+/// The `sundara` arguments of a shell script `exec sundara ...`.
+fn sundara_args_of_script(script: &str, vars: &HashMap<&str, &str>) -> Result<Vec<String>, String> {
+    let mut words = shell_words(script, vars)?;
+    if words.first().map(String::as_str) == Some("exec") {
+        words.remove(0);
+    }
+    match words.first().map(String::as_str) {
+        Some("sundara" | "/usr/local/bin/sundara") => Ok(words.split_off(1)),
+        _ => Err(format!("the script does not run sundara: {script:?}")),
+    }
+}
+
+// ------------------------------------------------------------------ compose
+
+/// Variables compose.yaml requires (`${NAME:?message}`).
+fn compose_required_vars() -> BTreeSet<String> {
+    let text = read("infra/compose.yaml");
+    text.match_indices("${")
+        .filter(|(i, _)| !text[..*i].ends_with('$'))
+        .filter_map(|(i, _)| {
+            let rest = &text[i + 2..];
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            (rest[name.len()..].starts_with(":?") || rest[name.len()..].starts_with('?')).then_some(name)
+        })
+        .collect()
+}
+
+fn compose() -> Yaml {
+    let mut doc: Yaml = serde_yaml::from_str(&read("infra/compose.yaml")).expect("infra/compose.yaml is YAML");
+    doc.apply_merge().expect("merge keys");
+    doc
+}
+
+fn strings(v: &Yaml, what: &str) -> Vec<String> {
+    match v {
+        Yaml::Sequence(items) => items
+            .iter()
+            .map(|i| match i {
+                Yaml::String(s) => s.clone(),
+                Yaml::Number(n) => n.to_string(),
+                other => panic!("{what}: not a string: {other:?}"),
+            })
+            .collect(),
+        Yaml::String(s) => s.split_whitespace().map(String::from).collect(),
+        other => panic!("{what}: not a list of strings: {other:?}"),
+    }
+}
+
+fn env_map(service: &Yaml) -> BTreeMap<String, String> {
+    match &service["environment"] {
+        Yaml::Null => BTreeMap::new(),
+        Yaml::Mapping(m) => m
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Yaml::String(s) => s.clone(),
+                    Yaml::Number(n) => n.to_string(),
+                    Yaml::Bool(b) => b.to_string(),
+                    Yaml::Null => String::new(),
+                    other => panic!("environment value {other:?}"),
+                };
+                (k.as_str().expect("env key").to_string(), v)
+            })
+            .collect(),
+        Yaml::Sequence(items) => items
+            .iter()
+            .map(|i| {
+                let s = i.as_str().expect("env entry");
+                let (k, v) = s.split_once('=').unwrap_or((s, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect(),
+        other => panic!("environment {other:?}"),
+    }
+}
+
+struct Stage {
+    name: String,
+    from: String,
+    body: Vec<String>,
+}
+
+/// The Dockerfile's stages (line continuations joined, comments dropped) and its ARGs.
+fn dockerfile() -> (Vec<Stage>, BTreeMap<String, String>) {
+    let text = read("infra/Dockerfile");
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        if let Some(cont) = line.strip_suffix('\\') {
+            current.push_str(cont);
+            current.push(' ');
+        } else {
+            current.push_str(line);
+            lines.push(std::mem::take(&mut current));
+        }
+    }
+    let mut args = BTreeMap::new();
+    let mut stages: Vec<Stage> = Vec::new();
+    for line in lines {
+        let mut words = line.split_whitespace();
+        let Some(instr) = words.next() else { continue };
+        let rest: Vec<&str> = words.collect();
+        match instr.to_ascii_uppercase().as_str() {
+            "FROM" => {
+                let from = rest.iter().find(|w| !w.starts_with("--")).expect("FROM image").to_string();
+                let name = match rest.iter().position(|w| w.eq_ignore_ascii_case("as")) {
+                    Some(i) => rest[i + 1].to_string(),
+                    None => String::new(),
+                };
+                stages.push(Stage { name, from, body: Vec::new() });
+            }
+            "ARG" => {
+                let (k, v) = rest.join(" ").split_once('=').map_or_else(
+                    || (rest.join(" "), String::new()),
+                    |(k, v)| (k.to_string(), v.trim_matches('"').to_string()),
+                );
+                args.insert(k, v);
+                if let Some(stage) = stages.last_mut() {
+                    stage.body.push(line.trim().to_string());
+                }
+            }
+            _ => stages.last_mut().expect("instruction before FROM").body.push(line.trim().to_string()),
+        }
+    }
+    (stages, args)
+}
+
+#[test]
+fn compose_services_images_and_dependencies_exist() {
+    let doc = compose();
+    assert!(doc.get("version").is_none(), "the Compose Specification has no `version:`");
+    let services = doc["services"].as_mapping().expect("services");
+    let names: BTreeSet<String> = services.keys().map(|k| k.as_str().unwrap().to_string()).collect();
+    let volumes: BTreeSet<String> = doc["volumes"]
+        .as_mapping()
+        .map(|m| m.keys().map(|k| k.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    let (stages, dockerfile_args) = dockerfile();
+    let stage_names: BTreeSet<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    let infra = root().join("infra");
+    for required in [
+        "nats",
+        "redis",
+        "otel-collector",
+        "jaeger",
+        "prometheus",
+        "grafana",
+        "models",
+        "ingress",
+        "scheduler",
+        "verifier",
+        "rewarder",
+        "autoscaler",
+        "worker",
+    ] {
+        assert!(names.contains(required), "compose has no service {required}");
+    }
+    let mut problems = Vec::new();
+    for (name, svc) in services {
+        let name = name.as_str().unwrap();
+        let image = svc["image"].as_str().map(compose_interpolate).transpose().unwrap().unwrap_or_default();
+        if image.is_empty() && svc.get("build").is_none() {
+            problems.push(format!("{name}: neither image nor build"));
+        }
+        if !image.is_empty() && (image.contains(char::is_whitespace) || image.ends_with(':')) {
+            problems.push(format!("{name}: bad image {image:?}"));
+        }
+        if let Some(build) = svc.get("build") {
+            let context = infra.join(build["context"].as_str().unwrap_or("."));
+            let dockerfile = context.join(build["dockerfile"].as_str().unwrap_or("Dockerfile"));
+            if !dockerfile.is_file() {
+                problems.push(format!("{name}: no Dockerfile at {}", dockerfile.display()));
+            }
+            if dockerfile.canonicalize().ok() != root().join("infra/Dockerfile").canonicalize().ok() {
+                problems.push(format!("{name}: builds from another Dockerfile"));
+            }
+            if let Some(target) = build["target"].as_str()
+                && !stage_names.contains(target)
+            {
+                problems.push(format!("{name}: build target {target} is not a stage of infra/Dockerfile"));
+            }
+            if let Some(args) = build["args"].as_mapping() {
+                for (k, v) in args {
+                    let k = k.as_str().unwrap();
+                    if !dockerfile_args.contains_key(k) {
+                        problems.push(format!("{name}: build arg {k} is not an ARG of infra/Dockerfile"));
+                    }
+                    if k == "CARGO_FEATURES" {
+                        for feature in v.as_str().unwrap().split([',', ' ']).filter(|f| !f.is_empty()) {
+                            let (krate, feat) = feature.split_once('/').expect("crate/feature");
+                            let manifest = match krate {
+                                "sundara-runtime" => "services/runtime/Cargo.toml",
+                                other => panic!("{name}: feature of unexpected crate {other}"),
+                            };
+                            let toml = read(manifest);
+                            assert!(
+                                toml.lines().any(|l| l.trim_start().starts_with(&format!("{feat} ="))),
+                                "{manifest} has no feature {feat}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        match &svc["depends_on"] {
+            Yaml::Null => {}
+            Yaml::Sequence(deps) => {
+                for d in deps {
+                    let d = d.as_str().unwrap();
+                    if !names.contains(d) {
+                        problems.push(format!("{name}: depends on unknown service {d}"));
+                    }
+                }
+            }
+            Yaml::Mapping(deps) => {
+                for (d, cond) in deps {
+                    let d = d.as_str().unwrap();
+                    if !names.contains(d) {
+                        problems.push(format!("{name}: depends on unknown service {d}"));
+                        continue;
+                    }
+                    let condition = cond["condition"].as_str().unwrap_or("service_started");
+                    let dep = &services[d];
+                    match condition {
+                        "service_healthy"
+                            if dep["healthcheck"].is_null() || dep["healthcheck"]["disable"] == Yaml::Bool(true) =>
+                        {
+                            problems.push(format!("{name}: waits for {d} to be healthy, which has no healthcheck"))
+                        }
+                        "service_completed_successfully" if dep["restart"].as_str() != Some("no") => {
+                            problems.push(format!("{name}: waits for {d} to complete, which restarts"))
+                        }
+                        "service_healthy" | "service_completed_successfully" | "service_started" => {}
+                        other => problems.push(format!("{name}: unknown depends_on condition {other}")),
+                    }
+                }
+            }
+            other => problems.push(format!("{name}: depends_on {other:?}")),
+        }
+        for v in svc["volumes"].as_sequence().into_iter().flatten() {
+            let spec = v.as_str().expect("short volume syntax");
+            let source = spec.split(':').next().unwrap();
+            if source.starts_with('.') {
+                if !infra.join(source).exists() {
+                    problems.push(format!("{name}: bind mount source {source} does not exist under infra/"));
+                }
+            } else if !source.starts_with('/') && !volumes.contains(source) {
+                problems.push(format!("{name}: volume {source} is not declared"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "infra/compose.yaml:\n  {}", problems.join("\n  "));
+}
+
+/// Each service of the `sundara` image, its `sundara` arguments and environment.
+fn compose_sundara_commands() -> Vec<(String, Vec<String>, BTreeMap<String, String>)> {
+    let doc = compose();
+    let vars = HashMap::from([("HOSTNAME", HOSTNAME), ("$(hostname)", HOSTNAME), ("$(cat /etc/hostname)", HOSTNAME)]);
+    let mut out = Vec::new();
+    for (name, svc) in doc["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap().to_string();
+        let image = svc["image"].as_str().unwrap_or("");
+        if !image.starts_with("sundara") {
+            continue;
+        }
+        let command: Vec<String> = strings(&svc["command"], &name)
+            .iter()
+            .map(|s| compose_interpolate(s).unwrap_or_else(|e| panic!("{name}: {e}")))
+            .collect();
+        let args = match &svc["entrypoint"] {
+            // The image's ENTRYPOINT is `sundara`.
+            Yaml::Null => command,
+            entrypoint => {
+                let entrypoint = strings(entrypoint, &name);
+                assert_eq!(entrypoint, ["/bin/sh", "-c"], "{name}: entrypoint");
+                assert_eq!(command.len(), 1, "{name}: `sh -c` takes one script");
+                sundara_args_of_script(&command[0], &vars).unwrap_or_else(|e| panic!("{name}: {e}"))
+            }
+        };
+        let env = env_map(svc)
+            .into_iter()
+            .map(|(k, v)| (k, compose_interpolate(&v).unwrap_or_else(|e| panic!("{name}: {e}"))))
+            .collect();
+        out.push((name, args, env));
+    }
+    out
+}
+
+#[test]
+fn compose_commands_parse_and_set_only_known_variables() {
+    let commands = compose_sundara_commands();
+    assert!(commands.len() >= 7, "sundara services in compose: {}", commands.len());
+    let required = compose_required_vars();
+    assert!(required.contains("SUNDARA_SECRET"), "compose must refuse to start without SUNDARA_SECRET");
+    let mut problems = Vec::new();
+    for (name, args, env) in &commands {
+        if let Err(e) = check_command(args) {
+            problems.push(format!("{name}: {e}"));
+        }
+        // A compose-driven autoscaler runs `docker compose` on this file, which refuses to
+        // load without the variables the file requires: those are for its compose.
+        let compose_driven = value_of(args, "--driver") == Some("compose");
+        if compose_driven {
+            for var in &required {
+                if !env.contains_key(var) {
+                    problems.push(format!("{name}: its docker compose needs {var}"));
+                }
+            }
+        }
+        let keys = env.keys().map(String::as_str).filter(|k| !(compose_driven && required.contains(*k)));
+        let unknown = unknown_env(&command_path(args), keys);
+        if !unknown.is_empty() {
+            problems.push(format!("{name}: `sundara {}` reads no {unknown:?}", command_path(args)));
+        }
+        for key in ["SUNDARA_NATS_URL", "SUNDARA_REDIS_URL"] {
+            if !env.contains_key(key) {
+                problems.push(format!("{name}: no {key}"));
+            }
+        }
+        if ["scheduler", "verifier"].contains(&args[0].as_str()) && !env.contains_key("SUNDARA_SECRET") {
+            problems.push(format!("{name}: no SUNDARA_SECRET"));
+        }
+    }
+    assert!(problems.is_empty(), "infra/compose.yaml:\n  {}", problems.join("\n  "));
+    // Every service runs, once; the demo model is pushed by a one-shot.
+    let services: BTreeSet<&str> = commands.iter().map(|(_, a, _)| a[0].as_str()).collect();
+    for s in ["ingress", "scheduler", "verifier", "rewarder", "autoscaler", "worker", "models"] {
+        assert!(services.contains(s), "no compose service runs `sundara {s}`");
+    }
+    let (_, push, _) = commands.iter().find(|(n, _, _)| n == "models").expect("models service");
+    assert_eq!(push.join(" "), "models push /opt/sundara/models/mlp.onnx --name mlp --redundancy 2");
+}
+
+#[test]
+fn compose_worker_pool_matches_the_compose_driver() {
+    let doc = compose();
+    let services = &doc["services"];
+    let worker = &services["worker"];
+    assert!(worker["container_name"].is_null(), "a scaled service cannot have a container_name");
+    assert!(worker["ports"].is_null(), "a scaled service cannot bind fixed host ports");
+    assert!(worker["hostname"].is_null(), "worker ids are the containers' own hostnames");
+    let commands = compose_sundara_commands();
+    let args_of = |service: &str| commands.iter().find(|(n, _, _)| n == service).map(|(_, a, _)| a.clone());
+    let worker_args = args_of("worker").expect("worker");
+    // The compose driver replaces a worker with `docker rm -f <worker id>`: the id must be
+    // a name docker resolves to the container, i.e. its hostname (its short id), as is.
+    assert_eq!(value_of(&worker_args, "--id"), Some(HOSTNAME), "worker id must be exactly the container hostname");
+    if let Some(gpu) = args_of("worker-gpu") {
+        assert_eq!(value_of(&gpu, "--id"), Some(HOSTNAME));
+    }
+
+    let scaler = args_of("autoscaler-compose").expect("autoscaler-compose service");
+    assert_eq!(value_of(&scaler, "--driver"), Some("compose"));
+    assert_eq!(value_of(&scaler, "--compose-service"), Some("worker"));
+    let prefix = value_of(&scaler, "--pool-prefix").expect("--pool-prefix");
+    assert_eq!(prefix, "", "worker ids are bare hostnames, so the pool prefix is empty");
+    assert_eq!(
+        value_of(&scaler, "--worker-threads"),
+        value_of(&worker_args, "--threads"),
+        "autoscaler's lanes per worker"
+    );
+    let file = value_of(&scaler, "--compose-file").expect("--compose-file");
+    let svc = &services["autoscaler-compose"];
+    assert!(svc["profiles"].as_sequence().is_some_and(|p| !p.is_empty()), "the docker-socket autoscaler is opt-in");
+    let mounts: Vec<String> = strings(&svc["volumes"], "volumes");
+    assert!(mounts.iter().any(|m| m.starts_with("/var/run/docker.sock:")), "it needs the docker socket");
+    let mounted = mounts.iter().any(|m| {
+        let mut parts = m.split(':');
+        let (src, dst) = (parts.next().unwrap(), parts.next().unwrap_or(""));
+        Path::new(file)
+            .strip_prefix(dst)
+            .is_ok_and(|rel| root().join("infra").join(src).join(rel) == root().join("infra/compose.yaml"))
+    });
+    assert!(mounted, "--compose-file {file} is not this compose file mounted into the container");
+    assert_eq!(
+        doc["name"].as_str(),
+        Some("sundara"),
+        "a fixed project name, so the in-container compose acts on this project"
+    );
+    assert_eq!(env_map(svc).get("COMPOSE_PROJECT_NAME").map(String::as_str), Some("sundara"));
+    let build = &svc["build"];
+    assert_eq!(build["target"].as_str(), Some("operator"), "the docker CLI is in the operator image");
+    // The default autoscaler watches health only.
+    assert_eq!(args_of("autoscaler").expect("autoscaler"), ["autoscaler"]);
+}
+
+#[test]
+fn compose_file_default_of_the_autoscaler_is_this_file() {
+    let text = help(&["autoscaler"]);
+    assert!(text.contains("[default: infra/compose.yaml]"), "sundara autoscaler --help:\n{text}");
+    assert!(root().join("infra/compose.yaml").is_file());
+}
+
+// ------------------------------------------------------------------ Nomad
+
+fn hcl_str(v: &hcl::Value) -> Result<String, String> {
+    match v {
+        hcl::Value::String(s) => Ok(s.clone()),
+        hcl::Value::Number(n) => Ok(n.to_string()),
+        hcl::Value::Bool(b) => Ok(b.to_string()),
+        other => Err(format!("not a string: {other:?}")),
+    }
+}
+
+fn attr<'a>(body: &'a hcl::Body, key: &str) -> Option<&'a hcl::Expression> {
+    body.attributes().find(|a| a.key() == key).map(|a| a.expr())
+}
+
+fn blocks<'a>(body: &'a hcl::Body, ident: &'a str) -> impl Iterator<Item = &'a hcl::Block> + 'a {
+    body.blocks().filter(move |b| b.identifier() == ident)
+}
+
+fn label(b: &hcl::Block) -> &str {
+    b.labels().first().map(|l| l.as_str()).unwrap_or("")
+}
+
+/// A Nomad job file: its variables (defaults), evaluated with `overrides`, its locals, and
+/// the run-time names Nomad interpolates when it places a task.
+struct NomadFile {
+    body: hcl::Body,
+    ctx: hcl::eval::Context<'static>,
+    defaults: BTreeMap<String, hcl::Value>,
+}
+
+fn nomad_file(rel: &str, set_empty_strings: bool) -> NomadFile {
+    use hcl::eval::Evaluate;
+    let body = hcl::parse(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not HCL: {e}"));
+    let mut defaults = BTreeMap::new();
+    for v in blocks(&body, "variable") {
+        let default =
+            attr(v.body(), "default").unwrap_or_else(|| panic!("{rel}: variable {} has no default", label(v)));
+        let value = default
+            .evaluate(&hcl::eval::Context::new())
+            .unwrap_or_else(|e| panic!("{rel}: variable {}: {e}", label(v)));
+        defaults.insert(label(v).to_string(), value);
+    }
+    let mut vars = hcl::Map::new();
+    for (k, v) in &defaults {
+        let v = match v {
+            hcl::Value::String(s) if s.is_empty() && set_empty_strings => hcl::Value::String(format!("set-{k}")),
+            v => v.clone(),
+        };
+        vars.insert(k.clone(), v);
+    }
+    let mut ctx = hcl::eval::Context::new();
+    ctx.declare_var("var", hcl::Value::Object(vars));
+    ctx.declare_var("NOMAD_ALLOC_ID", ALLOC_ID);
+    let mut network = hcl::Map::new();
+    network.insert("ip-address".to_string(), hcl::Value::from("10.0.0.7"));
+    let mut unique = hcl::Map::new();
+    unique.insert("network".to_string(), hcl::Value::Object(network));
+    let mut attrs = hcl::Map::new();
+    attrs.insert("unique".to_string(), hcl::Value::Object(unique));
+    ctx.declare_var("attr", hcl::Value::Object(attrs));
+    // Locals may refer to each other: evaluate until none is left (as Nomad does).
+    let mut pending: Vec<(String, hcl::Expression)> = blocks(&body, "locals")
+        .flat_map(|b| b.body().attributes().map(|a| (a.key().to_string(), a.expr().clone())))
+        .collect();
+    let mut locals = hcl::Map::new();
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut last_err = String::new();
+        pending.retain(|(k, e)| {
+            let mut c = ctx.clone();
+            c.declare_var("local", hcl::Value::Object(locals.clone()));
+            match e.evaluate(&c) {
+                Ok(v) => {
+                    locals.insert(k.clone(), v);
+                    false
+                }
+                Err(err) => {
+                    last_err = format!("local.{k}: {err}");
+                    true
+                }
+            }
+        });
+        assert!(pending.len() < before, "{rel}: {last_err}");
+    }
+    ctx.declare_var("local", hcl::Value::Object(locals));
+    NomadFile { body, ctx, defaults }
+}
+
+impl NomadFile {
+    fn eval(&self, e: &hcl::Expression) -> Result<hcl::Value, String> {
+        use hcl::eval::Evaluate;
+        e.evaluate(&self.ctx).map_err(|e| e.to_string())
+    }
+
+    fn job(&self) -> &hcl::Block {
+        let jobs: Vec<_> = blocks(&self.body, "job").collect();
+        assert_eq!(jobs.len(), 1, "one job per file");
+        jobs[0]
+    }
+
+    fn groups(&self) -> Vec<&hcl::Block> {
+        blocks(self.job().body(), "group").collect()
+    }
+}
+
+struct NomadTask {
+    group: String,
+    task: String,
+    image: String,
+    args: Vec<String>,
+    env: BTreeSet<String>,
+}
+
+/// `KEY` of every `KEY=` in an env template (Go template text around them is ignored).
+fn template_env_keys(data: &str) -> BTreeSet<String> {
+    let bytes = data.as_bytes();
+    let mut keys = BTreeSet::new();
+    for (i, _) in data.match_indices('=') {
+        let start = bytes[..i]
+            .iter()
+            .rposition(|c| !(c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_'))
+            .map_or(0, |p| p + 1);
+        if start < i && bytes[start].is_ascii_uppercase() {
+            keys.insert(data[start..i].to_string());
+        }
+    }
+    keys
+}
+
+fn nomad_tasks(f: &NomadFile) -> Result<Vec<NomadTask>, String> {
+    let mut out = Vec::new();
+    for group in f.groups() {
+        for task in blocks(group.body(), "task") {
+            let at = format!("group {} task {}", label(group), label(task));
+            let driver =
+                attr(task.body(), "driver").map(|e| f.eval(e)).transpose()?.map(|v| hcl_str(&v)).transpose()?;
+            if driver.as_deref() != Some("docker") {
+                return Err(format!("{at}: driver {driver:?}, expected docker"));
+            }
+            let config = blocks(task.body(), "config").next().ok_or(format!("{at}: no config"))?;
+            let image = hcl_str(&f.eval(attr(config.body(), "image").ok_or(format!("{at}: no image"))?)?)?;
+            let args = match attr(config.body(), "args") {
+                Some(e) => match f.eval(e).map_err(|e| format!("{at}: args: {e}"))? {
+                    hcl::Value::Array(items) => items.iter().map(hcl_str).collect::<Result<Vec<_>, _>>()?,
+                    other => return Err(format!("{at}: args {other:?}")),
+                },
+                None => Vec::new(),
+            };
+            let mut env = BTreeSet::new();
+            for e in blocks(task.body(), "env") {
+                env.extend(e.body().attributes().map(|a| a.key().to_string()));
+            }
+            for t in blocks(task.body(), "template") {
+                let is_env =
+                    attr(t.body(), "env").map(|e| f.eval(e)).transpose()?.is_some_and(|v| v == hcl::Value::Bool(true));
+                if is_env {
+                    let data =
+                        hcl_str(&f.eval(attr(t.body(), "data").ok_or(format!("{at}: template without data"))?)?)?;
+                    env.extend(template_env_keys(&data));
+                }
+            }
+            out.push(NomadTask { group: label(group).into(), task: label(task).into(), image, args, env });
+        }
+    }
+    Ok(out)
+}
+
+const NOMAD_FILES: [&str; 3] = [
+    "infra/nomad/sundara-infra.nomad.hcl",
+    "infra/nomad/sundara-validator.nomad.hcl",
+    "infra/nomad/sundara-workers.nomad.hcl",
+];
+
+#[test]
+fn nomad_jobs_parse_and_their_commands_run() {
+    let expected: [(&str, &[&str]); 3] = [
+        ("sundara-infra", &["nats", "redis"]),
+        ("sundara-validator", &["ingress", "scheduler", "verifier", "rewarder", "autoscaler"]),
+        ("sundara-workers", &["worker", "gpu-worker"]),
+    ];
+    let mut problems = Vec::new();
+    for (rel, (job, groups)) in NOMAD_FILES.iter().zip(expected) {
+        // Once with the defaults, once with every optional address set.
+        for set in [false, true] {
+            let f = nomad_file(rel, set);
+            assert_eq!(label(f.job()), job, "{rel}");
+            let found: Vec<&str> = f.groups().iter().map(|g| label(g)).collect();
+            assert_eq!(found, groups, "{rel}: groups");
+            let tasks = nomad_tasks(&f).unwrap_or_else(|e| panic!("{rel}: {e}"));
+            for t in &tasks {
+                let at = format!(
+                    "{rel} ({}) group {} task {}",
+                    if set { "variables set" } else { "defaults" },
+                    t.group,
+                    t.task
+                );
+                if !t.image.starts_with("sundara") {
+                    continue;
+                }
+                if let Err(e) = check_command(&t.args) {
+                    problems.push(format!("{at}: {e}"));
+                }
+                let unknown = unknown_env(&command_path(&t.args), t.env.iter().map(String::as_str));
+                if !unknown.is_empty() {
+                    problems.push(format!("{at}: `sundara {}` reads no {unknown:?}", command_path(&t.args)));
+                }
+                for key in ["SUNDARA_NATS_URL", "SUNDARA_REDIS_URL", "SUNDARA_METRICS_ADDR"] {
+                    if !t.env.contains(key) {
+                        problems.push(format!("{at}: no {key}"));
+                    }
+                }
+                if set && !t.env.contains("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                    problems.push(format!("{at}: otlp_endpoint set but no OTEL_EXPORTER_OTLP_ENDPOINT"));
+                }
+                if ["scheduler", "verifier"].contains(&t.args[0].as_str()) && !t.env.contains("SUNDARA_SECRET") {
+                    problems.push(format!("{at}: no SUNDARA_SECRET"));
+                }
+                if t.args[0] == "autoscaler" && !t.env.contains("NOMAD_TOKEN") {
+                    problems.push(format!("{at}: no NOMAD_TOKEN"));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "Nomad jobs:\n  {}", problems.join("\n  "));
+}
+
+#[test]
+fn nomad_autoscaler_sizes_the_worker_job() {
+    let validator = nomad_file(NOMAD_FILES[1], false);
+    let workers = nomad_file(NOMAD_FILES[2], false);
+    let tasks = nomad_tasks(&validator).unwrap();
+    let scaler = &tasks.iter().find(|t| t.task == "autoscaler").expect("autoscaler task").args;
+    assert_eq!(value_of(scaler, "--driver"), Some("nomad"));
+    // The binary's defaults, so that a bare `sundara autoscaler --driver nomad` agrees too.
+    let text = help(&["autoscaler"]);
+    assert!(text.contains("[default: sundara-workers]") && text.contains("[default: worker]"), "{text}");
+    let job = value_of(scaler, "--nomad-job").unwrap();
+    let group = value_of(scaler, "--nomad-group").unwrap();
+    assert_eq!((job, group), ("sundara-workers", "worker"));
+    assert_eq!(label(workers.job()), job, "the autoscaler scales the worker job");
+    let worker_group = workers.groups().into_iter().find(|g| label(g) == group).expect("the scaled group");
+    // Replacing a worker stops allocation `<id without the prefix>`.
+    let prefix = value_of(scaler, "--pool-prefix").expect("--pool-prefix");
+    let worker_tasks = nomad_tasks(&workers).unwrap();
+    for t in &worker_tasks {
+        let id = value_of(&t.args, "--id").expect("worker --id");
+        assert_eq!(
+            id.strip_prefix(prefix),
+            Some(ALLOC_ID),
+            "group {}: worker id {id:?} must be {prefix:?} + the allocation id",
+            t.group
+        );
+    }
+    let cpu = worker_tasks.iter().find(|t| t.group == group).unwrap();
+    assert_eq!(
+        value_of(scaler, "--worker-threads"),
+        value_of(&cpu.args, "--threads"),
+        "the autoscaler's lanes per worker"
+    );
+    // The group's scaling bounds admit what the autoscaler asks for.
+    let scaling = blocks(worker_group.body(), "scaling").next().expect("scaling block");
+    let num = |f: &NomadFile, e: &hcl::Expression| f.eval(e).unwrap().as_u64().expect("a number");
+    let max = num(&workers, attr(scaling.body(), "max").unwrap());
+    let min = num(&workers, attr(scaling.body(), "min").unwrap());
+    let want_max: u64 = value_of(scaler, "--max-workers").unwrap().parse().unwrap();
+    let want_min: u64 = value_of(scaler, "--min-workers").unwrap().parse().unwrap();
+    assert!(min <= want_min && want_max <= max, "scaling [{min}, {max}] vs autoscaler [{want_min}, {want_max}]");
+    // GPU workers ask Nomad for a GPU and run a CUDA slice on the device it exposes.
+    let gpu_group = workers.groups().into_iter().find(|g| label(g) == "gpu-worker").unwrap();
+    let task = blocks(gpu_group.body(), "task").next().unwrap();
+    let resources = blocks(task.body(), "resources").next().expect("resources");
+    let device = blocks(resources.body(), "device").next().expect("device block");
+    assert_eq!(label(device), "nvidia/gpu");
+    assert_eq!(num(&workers, attr(device.body(), "count").unwrap()), 1);
+    let gpu = worker_tasks.iter().find(|t| t.group == "gpu-worker").unwrap();
+    assert!(value_of(&gpu.args, "--slice").is_some_and(|s| s.starts_with("cuda:0,")), "{:?}", gpu.args);
+    assert!(workers.defaults.contains_key("gpu_image"));
+}
+
+#[test]
+fn nomad_services_expose_metrics_and_find_the_stores() {
+    let infra = nomad_file(NOMAD_FILES[0], false);
+    let mut registered = BTreeSet::new();
+    for g in infra.groups() {
+        for s in blocks(g.body(), "service") {
+            registered.insert(hcl_str(&infra.eval(attr(s.body(), "name").unwrap()).unwrap()).unwrap());
+        }
+    }
+    // nats: JetStream on a volume.
+    let nats = infra.groups().into_iter().find(|g| label(g) == "nats").unwrap();
+    let task = blocks(nats.body(), "task").next().unwrap();
+    let config = blocks(task.body(), "config").next().unwrap();
+    let args = infra.eval(attr(config.body(), "args").unwrap()).unwrap();
+    let args: Vec<String> = match args {
+        hcl::Value::Array(a) => a.iter().map(|v| hcl_str(v).unwrap()).collect(),
+        _ => panic!(),
+    };
+    assert!(args.contains(&"-js".to_string()) && value_of(&args, "-sd") == Some("/data"), "{args:?}");
+    assert!(blocks(task.body(), "volume_mount").any(|m| {
+        attr(m.body(), "destination").is_some_and(|d| infra.eval(d).ok() == Some(hcl::Value::from("/data")))
+    }));
+    for rel in &NOMAD_FILES[1..] {
+        let f = nomad_file(rel, false);
+        for g in f.groups() {
+            let metrics_port =
+                blocks(g.body(), "network").flat_map(|n| blocks(n.body(), "port")).find(|p| label(p) == "metrics");
+            let port = metrics_port.unwrap_or_else(|| panic!("{rel}: group {} has no metrics port", label(g)));
+            assert_eq!(infra_num(&f, attr(port.body(), "to").unwrap()), 9464);
+            assert!(
+                blocks(g.body(), "service")
+                    .any(|s| attr(s.body(), "port").is_some_and(|p| f.eval(p).ok() == Some("metrics".into()))),
+                "{rel}: group {} registers no service on its metrics port",
+                label(g)
+            );
+        }
+        let text = read(rel);
+        for service in ["sundara-nats", "sundara-redis"] {
+            assert!(registered.contains(service), "sundara-infra registers no {service}");
+            assert!(text.contains(&format!("nomadService \\\"{service}\\\"")), "{rel} does not look up {service}");
+        }
+    }
+}
+
+#[test]
+fn nomad_token_policy_allows_what_the_driver_calls() {
+    use hcl::eval::Evaluate;
+    let rel = "infra/nomad/sundara-autoscaler.policy.hcl";
+    let body = hcl::parse(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not HCL: {e}"));
+    let ns: Vec<_> = blocks(&body, "namespace").collect();
+    // The driver's requests carry no namespace parameter: Nomad takes them as `default`.
+    assert_eq!(ns.iter().map(|b| label(b)).collect::<Vec<_>>(), ["default"], "{rel}");
+    let caps = attr(ns[0].body(), "capabilities").unwrap().evaluate(&hcl::eval::Context::new()).unwrap();
+    let caps: BTreeSet<String> = match caps {
+        hcl::Value::Array(a) => a.iter().map(|v| hcl_str(v).unwrap()).collect(),
+        other => panic!("{other:?}"),
+    };
+    // POST /v1/job/<job>/scale and POST /v1/allocation/<id>/stop (services/autoscaler/src/driver.rs).
+    assert!(caps.contains("scale-job") || caps.contains("submit-job"), "{caps:?}");
+    assert!(caps.contains("alloc-lifecycle"), "{caps:?}");
+    let driver = read("services/autoscaler/src/driver.rs");
+    assert!(
+        driver.contains("/v1/job/{}/scale") && driver.contains("/v1/allocation/{alloc}/stop"),
+        "the driver's calls changed"
+    );
+}
+
+fn infra_num(f: &NomadFile, e: &hcl::Expression) -> u64 {
+    f.eval(e).unwrap().as_u64().expect("number")
+}
+
+/// Every SUNDARA_* / OTEL_* name anywhere in infra/ (comments included) is one the binary reads.
+#[test]
+fn every_variable_named_in_infra_is_read_by_the_binary() {
+    let accepted = all_accepted_env();
+    for name in [
+        "SUNDARA_NATS_URL",
+        "SUNDARA_REDIS_URL",
+        "SUNDARA_METRICS_ADDR",
+        "SUNDARA_LOG_FORMAT",
+        "SUNDARA_SECRET",
+        "NOMAD_TOKEN",
+    ] {
+        assert!(accepted.contains(name), "the binary no longer reads {name}: {accepted:?}");
+    }
+    let operations = read("docs/operations.md");
+    for name in SDK_ENV {
+        assert!(operations.contains(name), "docs/operations.md no longer says the SDK reads {name}");
+    }
+    let mut files = Vec::new();
+    let mut dirs = vec![root().join("infra")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    let mut unknown = BTreeSet::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let bytes = text.as_bytes();
+        for prefix in ["SUNDARA_", "OTEL_"] {
+            for (i, _) in text.match_indices(prefix) {
+                if i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_') {
+                    continue;
+                }
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if !accepted.contains(&name) {
+                    unknown.insert(format!("{name} ({})", file.strip_prefix(root()).unwrap().display()));
+                }
+            }
+        }
+    }
+    assert!(unknown.is_empty(), "variables the binary does not read: {unknown:?}; it reads {accepted:?}");
+}
+
+// ------------------------------------------------------------------ observability
+
+#[test]
+fn prometheus_scrapes_every_service_and_the_collector_forwards_traces() {
+    let doc = compose();
+    let services = doc["services"].as_mapping().unwrap();
+    let prom: Yaml = serde_yaml::from_str(&read("infra/prometheus.yml")).expect("prometheus.yml is YAML");
+    let mut targets = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    for job in prom["scrape_configs"].as_sequence().expect("scrape_configs") {
+        assert!(job["job_name"].as_str().is_some());
+        for sd in job["dns_sd_configs"].as_sequence().into_iter().flatten() {
+            for n in sd["names"].as_sequence().unwrap() {
+                targets.insert(n.as_str().unwrap().to_string());
+            }
+            ports.insert(sd["port"].as_u64().expect("dns_sd port"));
+        }
+    }
+    for (name, args, env) in compose_sundara_commands() {
+        if args[0] == "models" {
+            continue;
+        }
+        let addr = env.get("SUNDARA_METRICS_ADDR").unwrap_or_else(|| panic!("{name}: no SUNDARA_METRICS_ADDR"));
+        let port: u64 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        assert!(ports.contains(&port), "{name} serves metrics on {port}, scraped: {ports:?}");
+        // The service's own name, or a network alias of it, is resolved by Prometheus.
+        let svc = &services[name.as_str()];
+        let aliases = svc["networks"]["default"]["aliases"].as_sequence().cloned().unwrap_or_default();
+        let found = targets.contains(&name) || aliases.iter().any(|a| targets.contains(a.as_str().unwrap()));
+        assert!(found, "Prometheus does not scrape {name} ({targets:?})");
+    }
+    for t in &targets {
+        assert!(services.contains_key(t.as_str()), "Prometheus scrapes {t}, which is no compose service");
+    }
+
+    let otel: Yaml = serde_yaml::from_str(&read("infra/otel-collector.yaml")).expect("otel-collector.yaml is YAML");
+    let pipelines = otel["service"]["pipelines"].as_mapping().expect("pipelines");
+    assert!(pipelines.contains_key("traces"), "no traces pipeline");
+    for (name, p) in pipelines {
+        for kind in ["receivers", "processors", "exporters"] {
+            for c in p[kind].as_sequence().into_iter().flatten() {
+                let c = c.as_str().unwrap();
+                assert!(otel[kind].get(c).is_some(), "pipeline {name:?} uses {kind} {c}, which is not defined");
+            }
+        }
+    }
+    for ext in otel["service"]["extensions"].as_sequence().into_iter().flatten() {
+        assert!(otel["extensions"].get(ext.as_str().unwrap()).is_some(), "undefined extension {ext:?}");
+    }
+    // The services' OTLP endpoint is the collector's gRPC receiver.
+    let grpc = otel["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].as_str().expect("OTLP gRPC receiver");
+    for (name, _, env) in compose_sundara_commands() {
+        let endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|| panic!("{name}: no OTLP endpoint"));
+        let hostport = endpoint.strip_prefix("http://").expect("http:// endpoint");
+        let (host, port) = hostport.split_once(':').unwrap();
+        assert!(services.contains_key(host), "{name}: OTLP host {host} is no compose service");
+        assert_eq!(Some(port), grpc.rsplit(':').next(), "{name}: OTLP port");
+    }
+    // Traces reach Jaeger.
+    let exporters = pipelines["traces"]["exporters"].as_sequence().unwrap();
+    let jaeger = exporters
+        .iter()
+        .filter_map(|e| otel["exporters"][e.as_str().unwrap()]["endpoint"].as_str())
+        .find(|e| e.starts_with("jaeger:"));
+    assert!(
+        jaeger.is_some() && services.contains_key("jaeger"),
+        "the traces pipeline does not export to the jaeger service"
+    );
+}
+
+/// Metric names in docs/operations.md.
+fn documented_metrics() -> BTreeSet<String> {
+    metric_names(&read("docs/operations.md"))
+}
+
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let bytes = text.as_bytes();
+    text.match_indices("sundara_")
+        .filter(|(i, _)| *i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_'))
+        .map(|(i, _)| {
+            text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect::<String>()
+        })
+        .map(|n| n.trim_end_matches('_').to_string())
+        .collect()
+}
+
+fn json_strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s),
+        serde_json::Value::Array(a) => a.iter().for_each(|v| json_strings(v, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|v| json_strings(v, out)),
+        _ => {}
+    }
+}
+
+/// Names used in a dashboard that docs/operations.md does not list (histogram series are
+/// checked by their histogram's name).
+fn undocumented(used: &BTreeSet<String>, documented: &BTreeSet<String>) -> Vec<String> {
+    used.iter()
+        .filter(|n| {
+            !documented.contains(*n)
+                && !["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| n.strip_suffix(s).is_some_and(|b| documented.contains(b)))
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn grafana_dashboard_uses_the_provisioned_datasource_and_documented_metrics() {
+    let ds: Yaml = serde_yaml::from_str(&read("infra/grafana/provisioning/datasources/prometheus.yaml"))
+        .expect("datasources YAML");
+    let prom = ds["datasources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|d| d["type"].as_str() == Some("prometheus"))
+        .expect("a Prometheus data source");
+    let uid = prom["uid"].as_str().expect("data source uid");
+    let url = prom["url"].as_str().unwrap();
+    assert!(url.starts_with("http://prometheus:9090"), "{url}");
+
+    let providers: Yaml = serde_yaml::from_str(&read("infra/grafana/provisioning/dashboards/sundara.yaml"))
+        .expect("dashboard provider YAML");
+    let path = providers["providers"][0]["options"]["path"].as_str().expect("provider path");
+    let doc = compose();
+    let grafana = &doc["services"]["grafana"];
+    let mounts = strings(&grafana["volumes"], "grafana volumes");
+    let dashboards_dir = mounts
+        .iter()
+        .find_map(|m| {
+            let mut p = m.split(':');
+            let (src, dst) = (p.next().unwrap(), p.next().unwrap());
+            (dst == path).then(|| root().join("infra").join(src))
+        })
+        .unwrap_or_else(|| panic!("nothing is mounted at the provider's path {path}"));
+    assert!(dashboards_dir.join("sundara.json").is_file());
+    assert!(mounts.iter().any(|m| m.starts_with("./grafana/provisioning:/etc/grafana/provisioning")));
+
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("infra/grafana/dashboards/sundara.json")).expect("the dashboard is JSON");
+    assert!(dash["schemaVersion"].as_u64().is_some_and(|v| v >= 36), "schemaVersion");
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    let mut used = BTreeSet::new();
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().expect("panel id")), "duplicate panel id {}", p["id"]);
+        let grid = &p["gridPos"];
+        assert!(
+            grid["x"].as_u64().unwrap() + grid["w"].as_u64().unwrap() <= 24,
+            "panel {} is wider than the grid",
+            p["title"]
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"].as_str(), Some(uid), "panel {}", p["title"]);
+        let targets = p["targets"]
+            .as_array()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| panic!("panel {} has no query", p["title"]));
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"].as_str(), Some(uid), "panel {}", p["title"]);
+            let expr = t["expr"]
+                .as_str()
+                .filter(|e| !e.is_empty())
+                .unwrap_or_else(|| panic!("panel {}: empty query", p["title"]));
+            assert_eq!(expr.matches('(').count(), expr.matches(')').count(), "unbalanced: {expr}");
+            assert!(expr.contains("sundara_"), "panel {} queries no Sundara metric", p["title"]);
+        }
+    }
+    let mut all = Vec::new();
+    json_strings(&dash, &mut all);
+    for s in all {
+        used.extend(metric_names(s));
+    }
+    for t in dash["templating"]["list"].as_array().into_iter().flatten() {
+        if t["type"] == "query" {
+            assert_eq!(t["datasource"]["uid"].as_str(), Some(uid), "variable {}", t["name"]);
+        }
+    }
+    // Every area of issue 7's dashboard is there.
+    for needed in [
+        "sundara_verifier_verdicts_total",
+        "sundara_ingress_accepted_total",
+        "sundara_ingress_rejected_total",
+        "sundara_task_stage_seconds_bucket",
+        "sundara_queue_depth",
+        "sundara_fleet_slots",
+        "sundara_fleet_slots_in_use",
+        "sundara_fleet_workers",
+        "sundara_worker_batch_size_bucket",
+        "sundara_worker_inference_seconds_bucket",
+        "sundara_verifier_rejected_total",
+        "sundara_verifier_reference_runs_total",
+        "sundara_quarantines_total",
+        "sundara_rewarder_outcomes_total",
+        "sundara_rewarder_epoch_weight",
+    ] {
+        assert!(used.contains(needed), "the dashboard does not show {needed}");
+    }
+    let missing = undocumented(&used, &documented_metrics());
+    assert!(
+        missing.is_empty(),
+        "metrics queried by infra/grafana/dashboards/sundara.json but not listed in docs/operations.md: {missing:?}"
+    );
+}
+
+// ------------------------------------------------------------------ image
+
+#[test]
+fn dockerfile_builds_the_binary_models_and_runtime() {
+    let (stages, args) = dockerfile();
+    let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    for s in ["builder", "models", "runtime", "operator"] {
+        assert!(names.contains(&s), "no stage {s}: {names:?}");
+    }
+    assert_eq!(names.last(), Some(&"runtime"), "the default target (last stage) is the runtime image");
+    let stage = |n: &str| stages.iter().find(|s| s.name == n).unwrap();
+    let builder = stage("builder").body.join("\n");
+    assert!(builder.contains("cargo build --release --locked --bin sundara"), "{builder}");
+    assert!(
+        builder.contains("--mount=type=cache") && builder.contains("target=/usr/local/cargo/registry"),
+        "cache mounts"
+    );
+    let models = stage("models").body.join("\n");
+    assert!(models.contains("make_models.py /models"), "{models}");
+    // The same pins as scripts/setup.
+    let setup = read("scripts/setup");
+    let pin = |var: &str| {
+        setup
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{var}=")))
+            .unwrap_or_else(|| panic!("scripts/setup has no {var}"))
+            .to_string()
+    };
+    assert!(models.contains(&format!("onnx=={}", pin("ONNX_VERSION"))), "onnx pin");
+    assert!(models.contains(&format!("numpy=={}", pin("NUMPY_VERSION"))), "numpy pin");
+    assert_eq!(args.get("ORT_VERSION").map(String::as_str), Some(pin("ONNXRUNTIME_VERSION").as_str()));
+    assert_eq!(args.get("ORT_PACKAGE").map(String::as_str), Some("onnxruntime"));
+    assert!(args.get("RUST_IMAGE").is_some_and(|i| i.starts_with("rust:1.95")), "{args:?}");
+
+    // The runtime's chain of stages: a venv in /opt/sundara (the project root), the binary, the
+    // models, a non-root user, and `sundara` as the entrypoint.
+    let mut chain = Vec::new();
+    let mut s = stage("runtime");
+    loop {
+        chain.push(s);
+        match stages.iter().find(|p| p.name == s.from) {
+            Some(parent) => s = parent,
+            None => break,
+        }
+    }
+    let body: Vec<&String> = chain.iter().rev().flat_map(|s| &s.body).collect();
+    let last = |instr: &str| body.iter().rev().find(|l| l.starts_with(instr)).map(|l| l.as_str());
+    assert_eq!(last("ENTRYPOINT"), Some(r#"ENTRYPOINT ["sundara"]"#));
+    assert_eq!(last("WORKDIR"), Some("WORKDIR /opt/sundara"));
+    let user = last("USER ").expect("USER");
+    assert!(!user.ends_with("root") && !user.ends_with(" 0"), "runs as root: {user}");
+    let all = body.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n");
+    assert!(all.contains("python -m venv /opt/sundara/.venv"), "venv");
+    assert!(all.contains(r#""${ORT_PACKAGE}==${ORT_VERSION}""#), "onnxruntime install");
+    assert!(all.contains("COPY --from=builder /out/sundara /usr/local/bin/sundara"), "binary");
+    assert!(all.contains("/models/mlp.onnx") && all.contains("/opt/sundara/models/"), "models");
+    assert!(all.contains("/opt/sundara/.cache"), "a writable cache dir");
+    for s in &stages {
+        for l in &s.body {
+            if let Some(from) = l.split_whitespace().find_map(|w| w.strip_prefix("--from=")) {
+                assert!(names.contains(&from), "COPY --from={from} is no stage");
+            }
+        }
+    }
+
+    let ignore = read(".dockerignore");
+    for p in ["target/", ".venv/", ".cache/", ".git/"] {
+        assert!(ignore.lines().any(|l| l.trim() == p), ".dockerignore does not exclude {p}");
+    }
+}
+
+// ------------------------------------------------------------------ the checker itself
+
+/// The checks above must be able to fail: bad command lines, unknown variables and
+/// undocumented metrics are caught.
+#[test]
+fn the_checks_reject_what_is_wrong() {
+    let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+    assert!(check_command(&args("worker --id w1 --threads 2")).is_ok());
+    assert!(check_command(&args("worker --idd w1")).is_err(), "unknown flag");
+    assert!(check_command(&args("worker --id w1 --threads two")).is_err(), "bad value");
+    assert!(check_command(&args("worker --id w.1")).is_err(), "id with a dot");
+    assert!(check_command(&args("worker --id w1 --slice gpu:0")).is_err(), "bad slice");
+    assert!(check_command(&args("autoscaler --driver kubernetes")).is_err(), "unknown driver");
+    assert!(check_command(&args("autoscaler --min-workers 9 --max-workers 2")).is_err());
+    assert!(check_command(&args("verifier --reference-threads 1")).is_ok());
+    assert_eq!(unknown_env("worker", ["SUNDARA_NATS_URL", "SUNDARA_NAT_URL", "OTHER"]), ["SUNDARA_NAT_URL"]);
+    assert!(
+        unknown_env("ingress", ["SUNDARA_SECRET"]).contains(&"SUNDARA_SECRET".to_string()),
+        "ingress takes no secret"
+    );
+    assert!(unknown_env("scheduler", ["SUNDARA_SECRET"]).is_empty());
+
+    let vars = HashMap::from([("HOSTNAME", "h1")]);
+    assert_eq!(
+        sundara_args_of_script("exec sundara worker --id \"${HOSTNAME}\" --threads 1", &vars).unwrap(),
+        ["worker", "--id", "h1", "--threads", "1"]
+    );
+    assert!(sundara_args_of_script("exec sundara worker --id $(whoami)", &vars).is_err());
+    assert!(sundara_args_of_script("sundara worker; rm -rf /", &vars).is_err());
+    assert_eq!(compose_interpolate("a $${HOSTNAME} ${X:-d} ${Y:?m} ${Z}").unwrap(), "a ${HOSTNAME} d test-Y ");
+
+    let documented: BTreeSet<String> = ["sundara_a_seconds", "sundara_b_total"].map(String::from).into();
+    let used: BTreeSet<String> =
+        ["sundara_a_seconds_bucket", "sundara_b_total", "sundara_c_total"].map(String::from).into();
+    assert_eq!(undocumented(&used, &documented), ["sundara_c_total"]);
+    assert_eq!(template_env_keys("{{ range x }}A_B=1\n{{ end }}C=x=y lower=1"), ["A_B", "C"].map(String::from).into());
+}
