@@ -687,18 +687,22 @@ fn compose_worker_pool_matches_the_compose_driver() {
     let commands = compose_sundara_commands();
     let args_of = |service: &str| commands.iter().find(|(n, _, _)| n == service).map(|(_, a, _)| a.clone());
     let worker_args = args_of("worker").expect("worker");
-    // The compose driver replaces a worker with `docker rm -f <worker id>`: the id must be
-    // a name docker resolves to the container, i.e. its hostname (its short id), as is.
-    assert_eq!(value_of(&worker_args, "--id"), Some(HOSTNAME), "worker id must be exactly the container hostname");
-    if let Some(gpu) = args_of("worker-gpu") {
-        assert_eq!(value_of(&gpu, "--id"), Some(HOSTNAME));
-    }
-
+    // The compose driver replaces a worker with `docker rm -f <worker id without the
+    // prefix>`: what follows the prefix must be the container's hostname (its short id).
     let scaler = args_of("autoscaler-compose").expect("autoscaler-compose service");
+    let prefix = value_of(&scaler, "--pool-prefix").expect("--pool-prefix");
+    assert!(!prefix.is_empty(), "an empty prefix would make every worker in Redis the pool's");
+    let pool_id = format!("{prefix}{HOSTNAME}");
+    assert_eq!(value_of(&worker_args, "--id"), Some(pool_id.as_str()), "worker id must be the prefix and the hostname");
+    if let Some(gpu) = args_of("worker-gpu") {
+        assert_eq!(value_of(&gpu, "--id"), Some(pool_id.as_str()));
+    }
+    let mut driver = sundara_autoscaler::driver::ComposeDriver::new("infra/compose.yaml".into(), "worker");
+    driver.prefix = prefix.to_string();
+    assert_eq!(driver.remove_args(&pool_id), Some(vec!["rm".into(), "-f".into(), HOSTNAME.to_string()]));
+
     assert_eq!(value_of(&scaler, "--driver"), Some("compose"));
     assert_eq!(value_of(&scaler, "--compose-service"), Some("worker"));
-    let prefix = value_of(&scaler, "--pool-prefix").expect("--pool-prefix");
-    assert_eq!(prefix, "", "worker ids are bare hostnames, so the pool prefix is empty");
     assert_eq!(
         value_of(&scaler, "--worker-threads"),
         value_of(&worker_args, "--threads"),

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use sundara_schemas::subjects as subj;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -229,17 +230,26 @@ impl NomadDriver {
 }
 
 /// A docker compose service of workers: `docker compose up --scale <service>=N`; a worker
-/// (whose id is its container's hostname) is replaced by removing its container and
-/// scaling back up.
+/// (whose id is the prefix and its container's hostname) is replaced by removing its
+/// container and scaling back up.
 pub struct ComposeDriver {
     pub file: PathBuf,
     pub service: String,
+    /// What precedes the container's hostname in a worker's id.
+    pub prefix: String,
     count: usize,
 }
 
 impl ComposeDriver {
     pub fn new(file: PathBuf, service: &str) -> ComposeDriver {
-        ComposeDriver { file, service: service.into(), count: 0 }
+        ComposeDriver { file, service: service.into(), prefix: String::new(), count: 0 }
+    }
+
+    /// The `docker` arguments that remove a worker's container: only one of the pool (an id
+    /// with the prefix), by its hostname (docker resolves a container's short id).
+    pub fn remove_args(&self, worker: &str) -> Option<Vec<String>> {
+        let container = worker.strip_prefix(self.prefix.as_str())?;
+        subj::is_token(container).then(|| ["rm", "-f", container].map(String::from).to_vec())
     }
 
     fn running(&self) -> Vec<String> {
@@ -277,7 +287,9 @@ impl ComposeDriver {
     }
 
     async fn replace(&mut self, worker: &str) -> Result<(), DriverError> {
-        self.docker(&["rm".into(), "-f".into(), worker.into()]).await?;
+        let remove =
+            self.remove_args(worker).ok_or_else(|| DriverError::Compose(format!("{worker:?} is not in the pool")))?;
+        self.docker(&remove).await?;
         self.docker(&self.scale_args(self.count)).await
     }
 }
@@ -336,6 +348,15 @@ mod tests {
         let err = d.scale_to(2).await.unwrap_err().to_string();
         assert!(err.contains("403"), "{err}");
         assert!(d.running().is_empty(), "a refused scale changes nothing");
+    }
+
+    #[test]
+    fn compose_removes_only_pool_containers_by_hostname() {
+        let mut d = ComposeDriver::new("infra/compose.yaml".into(), "worker");
+        d.prefix = "pool-".into();
+        assert_eq!(d.remove_args("pool-0a1b2c3d4e5f").unwrap().join(" "), "rm -f 0a1b2c3d4e5f");
+        assert_eq!(d.remove_args("miner-7"), None, "not of the pool");
+        assert_eq!(d.remove_args("pool-"), None, "no container named");
     }
 
     #[test]

@@ -101,7 +101,9 @@ impl DriverConfig {
                 (Driver::Nomad(d), prefix)
             }
             DriverConfig::Compose { file, service, prefix } => {
-                (Driver::Compose(ComposeDriver::new(file, &service)), prefix)
+                let mut d = ComposeDriver::new(file, &service);
+                d.prefix = prefix.clone();
+                (Driver::Compose(d), prefix)
             }
         }
     }
