@@ -28,6 +28,24 @@ use crate::Error;
 /// span is a cached check, while an enabled one costs its fields' formatting for the logs.
 pub const SPANS: &str = "sundara::span";
 
+/// The span a service opens for a message it processes: target [`SPANS`], kind consumer,
+/// OpenTelemetry's messaging attributes for `$subject` (displayed), then the span's own
+/// fields. Continue the message's trace with [`follow`] before entering it.
+#[macro_export]
+macro_rules! consumer_span {
+    ($name:literal, $subject:expr, $($fields:tt)*) => {
+        ::tracing::info_span!(
+            target: $crate::telemetry::SPANS,
+            $name,
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            "messaging.operation.type" = "process",
+            messaging.destination.name = %$subject,
+            $($fields)*
+        )
+    };
+}
+
 /// Whether this process exports spans: without it, propagation is skipped outright.
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

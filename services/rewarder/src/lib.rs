@@ -148,13 +148,7 @@ impl Rewarder {
                 return Ok(());
             }
         };
-        let span = tracing::info_span!(
-            target: sundara_common::telemetry::SPANS,
-            "rewarder score",
-            otel.kind = "consumer",
-            messaging.system = "nats",
-            "messaging.operation.type" = "process",
-            messaging.destination.name = %msg.subject,
+        let span = sundara_common::consumer_span!("rewarder score", msg.subject,
             sundara.task_id = %verdict.task_id,
             sundara.model = %verdict.model,
             sundara.epoch = tracing::field::Empty,

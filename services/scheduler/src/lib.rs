@@ -257,13 +257,7 @@ impl Scheduler {
             }
         };
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let span = tracing::info_span!(
-            target: sundara_common::telemetry::SPANS,
-            "scheduler dispatch",
-            otel.kind = "consumer",
-            messaging.system = "nats",
-            "messaging.operation.type" = "process",
-            messaging.destination.name = %msg.subject,
+        let span = sundara_common::consumer_span!("scheduler dispatch", msg.subject,
             sundara.task_id = %task.task_id,
             sundara.model = %task.model,
             sundara.priority = task.priority.as_str(),

@@ -366,14 +366,8 @@ impl Publisher {
     /// Decides a task in the trace of its first outcome, linked to the others.
     async fn publish(&self, g: Gathering) {
         let first = g.first_ticket().expect("non-empty");
-        let span = tracing::info_span!(
-            target: sundara_common::telemetry::SPANS,
-            "verifier decide",
-            otel.kind = "consumer",
+        let span = sundara_common::consumer_span!("verifier decide", subj::OUTCOMES_STREAM,
             otel.status_code = tracing::field::Empty,
-            messaging.system = "nats",
-            "messaging.operation.type" = "process",
-            messaging.destination.name = subj::OUTCOMES_STREAM,
             "messaging.batch.message_count" = g.held.len(),
             sundara.task_id = %first.task_id,
             sundara.model = %first.model,

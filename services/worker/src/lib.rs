@@ -368,13 +368,7 @@ impl Worker {
             return;
         }
         let t = &assignment.ticket;
-        let span = tracing::info_span!(
-            target: sundara_common::telemetry::SPANS,
-            "worker run",
-            otel.kind = "consumer",
-            messaging.system = "nats",
-            "messaging.operation.type" = "process",
-            messaging.destination.name = %msg.subject,
+        let span = sundara_common::consumer_span!("worker run", msg.subject,
             sundara.task_id = %t.task_id,
             sundara.model = %t.model,
             sundara.miner = %t.worker,
