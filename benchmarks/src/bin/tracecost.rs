@@ -58,13 +58,9 @@ async fn collector() -> String {
 
 /// One message handled the instrumented way: span, trace continued, message published inside it.
 async fn instrumented(i: u64, incoming: Option<&HeaderMap>, payload: &[u8]) -> usize {
-    let span = tracing::info_span!(
-        target: sundara_common::telemetry::SPANS,
+    let span = sundara_common::consumer_span!(
         "bench process",
-        otel.kind = "consumer",
-        messaging.system = "nats",
-        "messaging.operation.type" = "process",
-        messaging.destination.name = "sundara.task.normal.mlp",
+        "sundara.task.normal.mlp",
         sundara.task_id = i,
         sundara.model = "mlp@1",
         sundara.miner = "miner-1",
