@@ -347,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
         log_format: cli.log_format,
         otlp_endpoint: cli.otlp_endpoint.clone(),
     })?;
-    let result = run(cli).await;
+    let result = run(cli, quiet).await;
     telemetry.shutdown();
     result
 }
@@ -367,8 +367,8 @@ fn service_name(command: &Command) -> &'static str {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let quiet = is_quiet(&cli.command);
+/// Runs the command; `quiet` ones (client and `up`) serve no metrics of their own.
+async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
     let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
     let shutdown = Shutdown::new();
     if !quiet && cli.metrics_addr.is_some() {

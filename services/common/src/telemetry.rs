@@ -296,8 +296,9 @@ mod tests {
         assert_eq!(cx.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let mut out = HeaderMap::new();
         propagator.inject_context(&cx, &mut HeaderInjector(&mut out));
+        // The header the wire contract names is the one the propagator writes.
         assert_eq!(
-            out.get("traceparent").map(|v| v.as_str()),
+            out.get(sundara_schemas::subjects::TRACEPARENT).map(|v| v.as_str()),
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
         );
     }
