@@ -17,7 +17,7 @@ fn start_autoscaler(h: &Harness, policy: ScalePolicy) -> (Shutdown, tokio::task:
         binary: env!("CARGO_BIN_EXE_sundara").into(),
         args: vec!["--threads".into(), "1".into(), "--cache-dir".into(), h.cache.path().display().to_string()],
         env: vec![
-            ("SUNDARA_NATS_URL".into(), ep.nats_url.clone()),
+            ("SUNDARA_NATS_URL".into(), ep.nats.url.clone()),
             ("SUNDARA_REDIS_URL".into(), ep.redis_url.clone()),
             ("ORT_DYLIB_PATH".into(), h.ort_library.display().to_string()),
             ("RUST_LOG".into(), "warn".into()),
@@ -80,7 +80,7 @@ async fn a_load_step_adds_workers_and_a_quiet_fleet_sheds_them() {
 
     // The step: 40 ppocr-cls tasks of 16 images every 100 ms, until the pool has grown
     // (one set of inputs, generated once: making random images is slow in a debug build).
-    let mut results = h.client.results("test").await.unwrap();
+    let mut results = h.client.results().await.unwrap();
     let meta = h.models["ppocr-cls"].clone();
     let client = h.client.clone();
     let stop = Shutdown::new();
@@ -100,7 +100,7 @@ async fn a_load_step_adds_workers_and_a_quiet_fleet_sheds_them() {
                 for _ in 0..40 {
                     let r = sundara_schemas::SubmitRequest {
                         timeout_ms: Some(120_000),
-                        ..sundara_schemas::SubmitRequest::new("ppocr-cls", inputs.clone(), "test")
+                        ..sundara_schemas::SubmitRequest::new("ppocr-cls", inputs.clone())
                     };
                     match client.submit(&r).await.unwrap() {
                         sundara_schemas::SubmitOutcome::Accepted { task_id, .. } => ids.push(task_id),
@@ -202,7 +202,7 @@ async fn demand_loads_more_copies_of_a_model() {
     while loaded < 3 {
         assert!(tokio::time::Instant::now() < deadline, "only {loaded} copies within 30 s");
         tick.tick().await;
-        let r = sundara_schemas::SubmitRequest::new("ppocr-cls", inputs.clone(), "test");
+        let r = sundara_schemas::SubmitRequest::new("ppocr-cls", inputs.clone());
         assert!(matches!(h.client.submit(&r).await.unwrap(), sundara_schemas::SubmitOutcome::Accepted { .. }));
         let mut slices = Vec::new();
         for w in ["c1", "c2", "c3"] {

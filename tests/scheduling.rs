@@ -52,7 +52,7 @@ async fn higher_priority_is_dispatched_first_under_contention() {
     for (i, r) in requests.iter_mut().enumerate() {
         r.priority = if i < 30 { Priority::Low } else { Priority::High };
     }
-    let mut results = h.client.results("test").await.unwrap();
+    let mut results = h.client.results().await.unwrap();
     let ids = h.submit_all(&requests).await;
     waiting_in_scheduler(&h, &[(Priority::Low, 30), (Priority::High, 10)]).await;
     h.pipeline.as_mut().unwrap().add_worker(one_slot("solo"));
@@ -75,7 +75,7 @@ async fn an_expired_task_is_dead_lettered_and_can_be_resubmitted() {
     let mut h = Harness::start(vec![], 1, Duration::from_secs(30)).await;
     let mut request = h.sample_requests(1, "late", 6, |_| "mlp").remove(0);
     request.timeout_ms = Some(300);
-    let mut results = h.client.results("test").await.unwrap();
+    let mut results = h.client.results().await.unwrap();
     let ids = h.submit_all(std::slice::from_ref(&request)).await;
     let got = await_results(&mut results, &ids).await;
     match &got[&ids[0]].status {
@@ -90,15 +90,15 @@ async fn an_expired_task_is_dead_lettered_and_can_be_resubmitted() {
 
     h.pipeline.as_mut().unwrap().add_worker(one_slot("late-comer"));
     h.wait_for_worker("late-comer").await;
-    let again = sundara::tasks::resubmit(&h.js, &h.client, &ids[0]).await.unwrap();
+    let again = sundara::tasks::resubmit(&h.js, &ids[0]).await.unwrap();
     assert_ne!(again, ids[0]);
-    assert_eq!(sundara::tasks::resubmit(&h.js, &h.client, &ids[0]).await.unwrap(), again, "idempotent");
+    assert_eq!(sundara::tasks::resubmit(&h.js, &ids[0]).await.unwrap(), again, "idempotent");
     let got = await_results(&mut results, std::slice::from_ref(&again)).await;
     let ResultStatus::Verified { outputs, .. } = &got[&again].status else { panic!("{:?}", got[&again]) };
     let want = support::reference(&h.models["mlp"], &request.inputs);
     assert!(sundara_verifier::compare::agree(&support::RULE, outputs, &want));
     assert!(matches!(
-        sundara::tasks::resubmit(&h.js, &h.client, "no-such-task").await,
+        sundara::tasks::resubmit(&h.js, "no-such-task").await,
         Err(sundara::tasks::TasksError::NotDead(_))
     ));
     h.stop().await;
@@ -134,7 +134,7 @@ async fn two_scheduler_replicas_share_the_fleet_without_double_booking() {
         Command::new(env!("CARGO_BIN_EXE_sundara"))
             .args(["scheduler", "--metrics-addr", &metrics_addr])
             .env("SUNDARA_SECRET", std::str::from_utf8(SECRET).unwrap())
-            .env("SUNDARA_NATS_URL", &ep.nats_url)
+            .env("SUNDARA_NATS_URL", &ep.nats.url)
             .env("SUNDARA_REDIS_URL", &ep.redis_url)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -183,7 +183,7 @@ async fn redis_restarted_empty_mid_load_loses_no_task() {
     let requests: Vec<_> = (0..300)
         .map(|i| h.request("mlp", sundara::models::sample_inputs(&meta.inputs, 64, &mut rng), &format!("redis-{i}")))
         .collect();
-    let mut results = h.client.results("test").await.unwrap();
+    let mut results = h.client.results().await.unwrap();
     // Submitted in the background, so that tasks keep arriving across the restart.
     let client = h.client.clone();
     let submitting = tokio::spawn(async move {

@@ -27,6 +27,8 @@ enum Slot {
 pub struct PipelineClient {
     nats: async_nats::Client,
     payloads: Vec<bytes::Bytes>,
+    /// The tenant's submit subject.
+    subject: String,
     slots: Arc<Mutex<HashMap<String, Slot>>>,
     timeout: Duration,
     _results: tokio::task::JoinHandle<()>,
@@ -42,7 +44,7 @@ impl PipelineClient {
         timeout: Duration,
     ) -> Result<PipelineClient, String> {
         let mut results =
-            sundara::client::Client::new(nats.clone()).results(tenant).await.map_err(|e| e.to_string())?;
+            sundara::client::Client::new(nats.clone(), tenant).results().await.map_err(|e| e.to_string())?;
         let slots: Arc<Mutex<HashMap<String, Slot>>> = Default::default();
         let router = slots.clone();
         let router_task = tokio::spawn(async move {
@@ -63,21 +65,20 @@ impl PipelineClient {
         let payloads = inputs
             .into_iter()
             .map(|inputs| {
-                let req = SubmitRequest {
-                    timeout_ms: Some(timeout.as_millis() as u64),
-                    ..SubmitRequest::new(model, inputs, tenant)
-                };
+                let req =
+                    SubmitRequest { timeout_ms: Some(timeout.as_millis() as u64), ..SubmitRequest::new(model, inputs) };
                 bytes::Bytes::from(encode(&req))
             })
             .collect();
-        Ok(PipelineClient { nats, payloads, slots, timeout, _results: router_task })
+        let subject = subj::submit(tenant);
+        Ok(PipelineClient { nats, subject, payloads, slots, timeout, _results: router_task })
     }
 
     /// Submits request `n` (round robin over the prepared inputs) and waits for its result.
     pub async fn task(&self, n: u64) -> Result<Stages, String> {
         let sent_us = now_us();
         let payload = self.payloads[n as usize % self.payloads.len()].clone();
-        let reply = tokio::time::timeout(self.timeout, self.nats.request(subj::SUBMIT, payload))
+        let reply = tokio::time::timeout(self.timeout, self.nats.request(self.subject.clone(), payload))
             .await
             .map_err(|_| "submit timed out".to_string())?
             .map_err(|e| format!("submit: {e}"))?;

@@ -62,7 +62,7 @@ impl Fleet {
             let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
             let child = Command::new(&bin)
                 .args(&args)
-                .env("SUNDARA_NATS_URL", &endpoints.nats_url)
+                .env("SUNDARA_NATS_URL", &endpoints.nats.url)
                 .env("SUNDARA_REDIS_URL", &endpoints.redis_url)
                 .env("SUNDARA_SECRET", "benchmark-secret")
                 .env("RUST_LOG", "warn,async_nats=error")

@@ -7,14 +7,15 @@ use crate::model::{CompareRule, ModelRef};
 use crate::tensor::Tensor;
 use crate::ticket::Ticket;
 
-/// Client → ingress (request on [`crate::subjects::SUBMIT`]).
+/// Client → ingress (request on [`crate::subjects::submit`]`(tenant)`). The tenant is not
+/// in the payload: it is the subject's last token, which NATS permissions tie to the
+/// client's credentials, so no client can submit as another.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct SubmitRequest {
     pub v: u16,
     /// Registered model name; the latest version is used.
     pub model: String,
     pub inputs: Vec<Tensor>,
-    pub tenant: String,
     /// Client's idempotency key: resubmitting with the same key yields the same task.
     pub request_id: Option<String>,
     /// Seed for models with randomness; part of the task's input.
@@ -61,12 +62,11 @@ impl Priority {
 impl SubmitRequest {
     /// A request at the current wire version with no idempotency key, seed 0, the
     /// ingress's default timeout and normal priority; set the other fields as needed.
-    pub fn new(model: &str, inputs: Vec<Tensor>, tenant: &str) -> SubmitRequest {
+    pub fn new(model: &str, inputs: Vec<Tensor>) -> SubmitRequest {
         SubmitRequest {
             v: crate::WIRE_VERSION,
             model: model.to_string(),
             inputs,
-            tenant: tenant.to_string(),
             request_id: None,
             seed: 0,
             timeout_ms: None,
@@ -112,7 +112,12 @@ pub enum RejectCode {
     HostileShape,
     /// The model needs more memory than any slice of the fleet has.
     ModelTooLarge,
+    /// The fleet's backlog is full: retry later.
     Overloaded,
+    /// The tenant submits faster than its rate limit: retry after the reason's delay.
+    RateLimited,
+    /// The tenant already has as many tasks in flight as its limit allows.
+    TooManyInFlight,
     Internal,
 }
 
@@ -131,6 +136,8 @@ impl RejectCode {
             RejectCode::HostileShape => "hostile_shape",
             RejectCode::ModelTooLarge => "model_too_large",
             RejectCode::Overloaded => "overloaded",
+            RejectCode::RateLimited => "rate_limited",
+            RejectCode::TooManyInFlight => "too_many_in_flight",
             RejectCode::Internal => "internal",
         }
     }
@@ -456,6 +463,67 @@ pub struct ControlReply {
     pub reason: String,
 }
 
+/// One capacity unit a worker offers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct SliceAnnounce {
+    pub id: String,
+    pub device: String,
+    pub slots: u32,
+    /// Models it serves (loaded now or on first need).
+    pub models: Vec<String>,
+    /// `Some(why)` when out of service: it then leaves the candidate sets.
+    pub failed: Option<String>,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    /// `name@version` of each model loaded (and warmed up) there now, with the bytes its
+    /// sessions hold.
+    pub loaded: Vec<(String, u64)>,
+    /// Measured bytes of one session, per `name@version`.
+    pub footprints: Vec<(String, u64)>,
+    pub loads: u64,
+    pub evictions: u64,
+    /// Inferences it runs at once.
+    pub lanes: u32,
+    /// Measured inference time per task (µs) of each model loaded there now, by name.
+    pub service_us: Vec<(String, u64)>,
+    /// Measured time to load and warm up each model (µs), by name.
+    pub load_us: Vec<(String, u64)>,
+}
+
+/// What a worker reports on start and on every heartbeat (see [`FleetUpdate::Announce`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct WorkerAnnounce {
+    pub worker: String,
+    pub operator: String,
+    pub slices: Vec<SliceAnnounce>,
+}
+
+/// Worker → the validator's fleet gateway (in the scheduler): a core NATS request on
+/// [`crate::subjects::report`]`(worker)`. Workers never reach Redis themselves; the gateway
+/// checks that the update is about the subject's worker (which NATS permissions tie to
+/// the miner's credentials) and applies it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FleetRequest {
+    pub v: u16,
+    pub update: FleetUpdate,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FleetUpdate {
+    /// The worker's slices and their state; `fresh` on start. Also its heartbeat.
+    Announce { announce: WorkerAnnounce, fresh: bool, heartbeat_ttl_ms: u64 },
+    /// Stop offering `model` on `slice` (it cannot hold it).
+    Withdraw { slice: String, model: String },
+    /// Take `slice` out of service; its assignments are reassigned.
+    FailSlice { slice: String, reason: String },
+    /// Give an assignment back for reassignment without an outcome.
+    HandBack { assignment_id: String },
+}
+
+/// Gateway → worker: whether the update was applied, and if not why.
+pub type FleetReply = ControlReply;
+
 macro_rules! versioned {
     ($($t:ty),*) => {$(
         impl Versioned for $t {
@@ -464,6 +532,7 @@ macro_rules! versioned {
     )*};
 }
 versioned!(
+    FleetRequest,
     SubmitRequest,
     SubmitReply,
     Task,

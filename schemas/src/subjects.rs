@@ -3,7 +3,8 @@
 //! Every variable token (model, worker, tenant, task id) must pass [`is_token`], so that a
 //! name can never inject a wildcard or an extra subject level.
 
-pub const SUBMIT: &str = "sundara.submit";
+/// Every tenant's submissions: what ingress serves.
+pub const SUBMIT_ALL: &str = "sundara.submit.*";
 pub const TASKS_STREAM: &str = "TASKS";
 pub const WORK_STREAM: &str = "WORK";
 pub const OUTCOMES_STREAM: &str = "OUTCOMES";
@@ -22,6 +23,25 @@ pub const REWARD_EPOCH: &str = "sundara.reward.epoch";
 /// W3C trace context header carried on every message of a task.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// Where `tenant` submits. Its credentials allow it to publish here and nowhere else under
+/// `sundara.submit`, so ingress takes the tenant from the subject.
+pub fn submit(tenant: &str) -> String {
+    format!("sundara.submit.{tenant}")
+}
+/// The tenant token of a submit subject.
+pub fn submit_tenant(subject: &str) -> Option<&str> {
+    subject.strip_prefix("sundara.submit.").filter(|t| is_token(t))
+}
+/// Where `worker` reports its capacity and heartbeats (see [`crate::FleetRequest`]).
+pub fn report(worker: &str) -> String {
+    format!("sundara.report.{worker}")
+}
+/// Every worker's reports: what the fleet gateway serves.
+pub const REPORT_ALL: &str = "sundara.report.*";
+/// The worker token of a report subject.
+pub fn report_worker(subject: &str) -> Option<&str> {
+    subject.strip_prefix("sundara.report.").filter(|t| is_token(t))
+}
 pub fn task(priority: crate::Priority, model: &str) -> String {
     format!("sundara.task.{}.{model}", priority.as_str())
 }
@@ -89,5 +109,14 @@ mod tests {
         assert_eq!(outcome_worker("sundara.outcome.t"), None);
         assert_eq!(outcome_worker("sundara.outcome.t.w.extra"), None);
         assert_eq!(outcome_worker("sundara.result.t.w"), None);
+    }
+
+    #[test]
+    fn identities_come_from_the_subject_token() {
+        assert_eq!(submit_tenant(&submit("acme")), Some("acme"));
+        assert_eq!(submit_tenant("sundara.submit.a.b"), None);
+        assert_eq!(submit_tenant("sundara.submit."), None);
+        assert_eq!(report_worker(&report("m-1")), Some("m-1"));
+        assert_eq!(report_worker("sundara.report.m.x"), None);
     }
 }

@@ -38,7 +38,6 @@ fn submit_request() {
         v: WIRE_VERSION,
         model: "mlp".into(),
         inputs: vec![x(), Tensor::from_values("sr", vec![], &[16000i64])],
-        tenant: "acme".into(),
         request_id: Some("r-1".into()),
         seed: 7,
         timeout_ms: Some(5000),
@@ -47,7 +46,8 @@ fn submit_request() {
     check("submit_request", &req);
 }
 
-/// A request from a client that predates priorities still decodes: at normal priority.
+/// A request from a client that predates priorities still decodes: at normal priority. Its
+/// `tenant` field (from before tenants came from credentials) is ignored.
 #[test]
 fn submit_request_without_priority() {
     let before_priorities = "87a17601a56d6f64656ca36d6c70a6696e707574739284a46e616d65a178a56474797065a3663332a57368617065920102a464617461c4080000c03f000000c084a46e616d65a27372a56474797065a3693634a5736861706590a464617461c408803e000000000000a674656e616e74a461636d65aa726571756573745f6964a3722d31a47365656407aa74696d656f75745f6d73cd1388";

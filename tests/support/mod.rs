@@ -58,7 +58,7 @@ impl Harness {
         sundara_runtime::init(&ort_library).unwrap();
         let stack = LocalStack::start(&root).expect("servers start (run scripts/setup)");
         let endpoints = stack.endpoints();
-        let nats_client = nats::connect(&endpoints.nats_url, "test").await.unwrap();
+        let nats_client = nats::connect(&endpoints.nats, "test").await.unwrap();
         let js = jetstream::new(nats_client);
         nats::provision(&js, &nats::Retention::default()).await.unwrap();
         let registry = Registry::open(&js).await.unwrap();
@@ -83,7 +83,7 @@ impl Harness {
         })
         .await;
         pipeline.ready(Duration::from_secs(30)).await.expect("pipeline starts");
-        let client = Client::connect(&endpoints.nats_url).await.unwrap();
+        let client = Client::connect(&endpoints.nats, "test").await.unwrap();
         let capacity = Capacity::connect(&endpoints.redis_url).await.unwrap();
         Harness { stack, pipeline: Some(pipeline), client, js, capacity, models, ort_library, cache, children: vec![] }
     }
@@ -100,8 +100,7 @@ impl Harness {
             .args(["worker", "--id", id, "--threads", &threads.to_string()])
             .arg("--cache-dir")
             .arg(self.cache.path())
-            .env("SUNDARA_NATS_URL", &ep.nats_url)
-            .env("SUNDARA_REDIS_URL", &ep.redis_url)
+            .env("SUNDARA_NATS_URL", &ep.nats.url)
             .env("ORT_DYLIB_PATH", &self.ort_library)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
@@ -131,7 +130,7 @@ impl Harness {
         SubmitRequest {
             request_id: Some(request_id.into()),
             timeout_ms: Some(120_000),
-            ..SubmitRequest::new(model, inputs, "test")
+            ..SubmitRequest::new(model, inputs)
         }
     }
 
@@ -169,7 +168,7 @@ impl Harness {
 
     /// Submits all requests (each must be accepted) and collects one result per task.
     pub async fn run_tasks(&mut self, requests: &[SubmitRequest]) -> HashMap<String, ClientResult> {
-        let mut results = self.client.results("test").await.unwrap();
+        let mut results = self.client.results().await.unwrap();
         let ids = self.submit_all(requests).await;
         await_results(&mut results, &ids).await
     }

@@ -333,13 +333,14 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
         }
         System::NatsRequestReply { threads } => {
             let stack = LocalStack::start(&s.root)?;
-            let url = stack.endpoints().nats_url;
+            let nats_endpoint = stack.endpoints().nats;
+            let url = nats_endpoint.url.clone();
             let mut responder = std::process::Command::new(std::env::current_exe()?)
                 .args(["responder", "--nats", &url, "--model"])
                 .arg(&path)
                 .args(["--threads", &threads.to_string()])
                 .spawn()?;
-            let client = nats::connect(&url, "bench-client").await?;
+            let client = nats::connect(&nats_endpoint, "bench-client").await?;
             let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
             let rr = Arc::new(ResponderClient::new(client.clone(), inputs_for(&model.inputs, s.rows), timeout()));
             wait_for_responder(&rr).await?;
@@ -362,7 +363,7 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
         System::Sundara { k, workers, threads } => {
             let stack = LocalStack::start(&s.root)?;
             let endpoints = stack.endpoints();
-            let client = nats::connect(&endpoints.nats_url, "bench-client").await?;
+            let client = nats::connect(&endpoints.nats, "bench-client").await?;
             let js = async_nats::jetstream::new(client.clone());
             nats::provision(&js, &nats::Retention::default()).await?;
             let registry = Registry::open(&js).await?;

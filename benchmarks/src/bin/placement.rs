@@ -665,7 +665,7 @@ async fn one_run(args: &Args, root: &std::path::Path, placement: Placement, load
     })
     .await?;
     let ep = stack.endpoints();
-    let js = jetstream::new(nats::connect(&ep.nats_url, "placement-fleet").await?);
+    let js = jetstream::new(nats::connect(&ep.nats, "placement-fleet").await?);
     nats::provision(&js, &nats::Retention::default()).await?;
     let capacity = Capacity::connect(&ep.redis_url).await?;
 

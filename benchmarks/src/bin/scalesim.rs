@@ -185,7 +185,7 @@ async fn main() -> Result<()> {
 
 fn scan_of(args: &Args) -> usize {
     let defaults = sundara_scheduler::Config::new(
-        Endpoints { nats_url: String::new(), redis_url: String::new() },
+        Endpoints { nats: sundara_common::nats::NatsEndpoint::open(""), redis_url: String::new() },
         SECRET.to_vec(),
     );
     args.scan.unwrap_or(defaults.scan)
@@ -496,7 +496,7 @@ async fn dispatch(
     r: &mut RunResult,
 ) -> Result<()> {
     let limit = Duration::from_secs(args.timeout_s);
-    let js = jetstream::new(nats::connect(&ep.nats_url, "scalesim-inject").await?);
+    let js = jetstream::new(nats::connect(&ep.nats, "scalesim-inject").await?);
     nats::provision(&js, &nats::Retention::default()).await?;
 
     let deadline_at_ms = now_ms() + 3_600_000;
@@ -531,7 +531,7 @@ async fn dispatch(
     within(limit, "injecting tasks", inject).await?;
     r.inject_per_s = args.tasks as f64 / t.elapsed().as_secs_f64();
 
-    let fleet_js = jetstream::new(nats::connect(&ep.nats_url, "scalesim-fleet").await?);
+    let fleet_js = jetstream::new(nats::connect(&ep.nats, "scalesim-fleet").await?);
     let consumer = nats::durable_consumer(
         &fleet_js,
         subj::WORK_STREAM,

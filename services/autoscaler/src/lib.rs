@@ -386,7 +386,7 @@ async fn scale(config: ScalingConfig, mut scaler: Scaler, shutdown: Shutdown) {
 
 /// Runs the health loop (and fleet sizing, when configured) until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerError> {
-    let client = nats::connect(&config.endpoints.nats_url, "sundara-autoscaler").await?;
+    let client = nats::connect(&config.endpoints.nats, "sundara-autoscaler").await?;
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let work = js.get_stream(subj::WORK_STREAM).await.map_err(js_err)?;

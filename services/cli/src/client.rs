@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::{FutureExt, Stream, StreamExt};
+use sundara_common::nats::NatsEndpoint;
 use sundara_schemas::{
     ClientResult, MAX_MESSAGE_BYTES, SubmitOutcome, SubmitReply, SubmitRequest, decode, encode, subjects as subj,
 };
@@ -19,21 +20,28 @@ pub enum ClientError {
     Common(#[from] sundara_common::Error),
 }
 
+/// One tenant's client. The tenant is who the NATS credentials say it is: the server lets
+/// it publish only on its own submit subject and read only its own results.
 #[derive(Clone)]
 pub struct Client {
     pub nats: async_nats::Client,
     js: jetstream::Context,
+    tenant: String,
 }
 
 impl Client {
-    pub async fn connect(url: &str) -> Result<Client, ClientError> {
-        Ok(Client::new(sundara_common::nats::connect(url, "sundara-client").await?))
+    pub async fn connect(endpoint: &NatsEndpoint, tenant: &str) -> Result<Client, ClientError> {
+        Ok(Client::new(sundara_common::nats::connect(endpoint, "sundara-client").await?, tenant))
     }
 
-    /// A client on an existing connection.
-    pub fn new(nats: async_nats::Client) -> Client {
+    /// A client of `tenant` on an existing connection.
+    pub fn new(nats: async_nats::Client, tenant: &str) -> Client {
         let js = jetstream::new(nats.clone());
-        Client { nats, js }
+        Client { nats, js, tenant: tenant.to_string() }
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.tenant
     }
 
     /// Submits one task; the reply says accepted (with the task id) or rejected (with a code).
@@ -45,9 +53,9 @@ impl Client {
             otel.kind = "client",
             messaging.system = "nats",
             "messaging.operation.type" = "send",
-            messaging.destination.name = subj::SUBMIT,
+            messaging.destination.name = subj::submit(&self.tenant),
             sundara.model = %req.model,
-            sundara.tenant = %req.tenant,
+            sundara.tenant = %self.tenant,
             sundara.task_id = tracing::field::Empty,
         );
         let outcome = self.submit_raw(encode(req)).instrument(span.clone()).await;
@@ -59,9 +67,10 @@ impl Client {
 
     /// Submits raw bytes (tests use it to send malformed payloads).
     pub async fn submit_raw(&self, payload: Vec<u8>) -> Result<SubmitOutcome, ClientError> {
+        let subject = subj::submit(&self.tenant);
         let request = match sundara_common::telemetry::context_headers() {
-            Some(headers) => self.nats.request_with_headers(subj::SUBMIT, headers, payload.into()).boxed(),
-            None => self.nats.request(subj::SUBMIT, payload.into()).boxed(),
+            Some(headers) => self.nats.request_with_headers(subject, headers, payload.into()).boxed(),
+            None => self.nats.request(subject, payload.into()).boxed(),
         };
         let reply = tokio::time::timeout(Duration::from_secs(30), request)
             .await
@@ -70,16 +79,16 @@ impl Client {
         Ok(decode::<SubmitReply>(&reply.payload, MAX_MESSAGE_BYTES)?.outcome)
     }
 
-    /// Results for `tenant` from now on, in the order they were stored. Start following
+    /// This tenant's results from now on, in the order they were stored. Start following
     /// before submitting so none is missed.
-    pub async fn results(
-        &self,
-        tenant: &str,
-    ) -> Result<impl Stream<Item = Result<ClientResult, ClientError>> + use<>, ClientError> {
-        let stream = self.js.get_stream(subj::RESULTS_STREAM).await.map_err(sundara_common::js_err)?;
+    pub async fn results(&self) -> Result<impl Stream<Item = Result<ClientResult, ClientError>> + use<>, ClientError> {
+        // No stream info (it could list other tenants' subjects); a named consumer, so that
+        // the create request carries the filter, which the server's permissions check.
+        let stream = self.js.get_stream_no_info(subj::RESULTS_STREAM).await.map_err(sundara_common::js_err)?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subj::results_of(tenant),
+                name: Some(format!("results-{}-{}", self.tenant, uuid::Uuid::now_v7().simple())),
+                filter_subject: subj::results_of(&self.tenant),
                 deliver_policy: DeliverPolicy::New,
                 ..Default::default()
             })

@@ -20,6 +20,9 @@ use sundara_worker::SliceConfig;
 struct Cli {
     #[arg(long, global = true, env = "SUNDARA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// NKey seed file to authenticate to NATS with (as `sundara auth init` writes them).
+    #[arg(long, global = true, env = "SUNDARA_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
     #[arg(long, global = true, env = "SUNDARA_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis: String,
     /// Serve Prometheus metrics at http://ADDR/metrics (services and `up`).
@@ -73,6 +76,7 @@ enum Command {
         /// Rows per generated task (along the first dynamic dimension).
         #[arg(long, default_value_t = 1)]
         rows: u64,
+        /// Who submits: it must be the tenant your --nats-creds belong to when NATS has auth on.
         #[arg(long, default_value = "default")]
         tenant: String,
         #[arg(long, default_value_t = 60_000)]
@@ -209,10 +213,7 @@ impl AutoscalerArgs {
             Some("local") => DriverConfig::Local {
                 binary: std::env::current_exe().context("locating this binary")?,
                 args: vec!["--threads".into(), self.worker_threads.to_string()],
-                env: vec![
-                    ("SUNDARA_NATS_URL".into(), endpoints.nats_url.clone()),
-                    ("SUNDARA_REDIS_URL".into(), endpoints.redis_url.clone()),
-                ],
+                env: vec![("SUNDARA_NATS_URL".into(), endpoints.nats.url.clone())],
                 prefix,
             },
             Some("nomad") => DriverConfig::Nomad {
@@ -309,8 +310,9 @@ async fn run_service<E: std::fmt::Display>(
     fut.await.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-async fn registry(nats_url: &str) -> anyhow::Result<(jetstream::Context, Registry)> {
-    let client = nats::connect(nats_url, "sundara-cli").await?;
+/// The registry, for operator commands (which create the streams when missing).
+async fn registry(nats: &nats::NatsEndpoint) -> anyhow::Result<(jetstream::Context, Registry)> {
+    let client = nats::connect(nats, "sundara-cli").await?;
     let js = jetstream::new(client);
     nats::provision(&js, &nats::Retention::default()).await?;
     let registry = Registry::open(&js).await?;
@@ -369,7 +371,8 @@ fn service_name(command: &Command) -> &'static str {
 
 /// Runs the command; `quiet` ones (client and `up`) serve no metrics of their own.
 async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
-    let endpoints = Endpoints { nats_url: cli.nats.clone(), redis_url: cli.redis.clone() };
+    let nats = nats::NatsEndpoint { url: cli.nats.clone(), credentials: cli.nats_creds.clone() };
+    let endpoints = Endpoints { nats: nats.clone(), redis_url: cli.redis.clone() };
     let shutdown = Shutdown::new();
     if !quiet && cli.metrics_addr.is_some() {
         sundara_common::metrics::install(cli.metrics_addr)?;
@@ -387,7 +390,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             sundara::up::up(opts).await
         }
         Command::Models { command: ModelsCommand::List } => {
-            let (_, registry) = registry(&cli.nats).await?;
+            let (_, registry) = registry(&nats).await?;
             for m in registry.list().await? {
                 println!("{}", sundara::models::describe(&m));
             }
@@ -421,7 +424,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 "cosine" => CompareRule::Cosine { min: min_cosine },
                 other => bail!("unknown rule {other:?}: use exact, allclose, argmax or cosine"),
             };
-            let (_, registry) = registry(&cli.nats).await?;
+            let (_, registry) = registry(&nats).await?;
             let meta = sundara::models::push(
                 &registry,
                 &file,
@@ -436,10 +439,10 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         }
         Command::Submit { model, input, count, rows, tenant, timeout_ms, priority } => {
             let options = SubmitOptions { count, rows, tenant, timeout_ms, priority };
-            submit(&cli.nats, &model, input, options).await
+            submit(&nats, &model, input, options).await
         }
         Command::Rewards { epoch, explain } => {
-            let (js, _) = registry(&cli.nats).await?;
+            let (js, _) = registry(&nats).await?;
             match explain {
                 None => {
                     let weights = match epoch {
@@ -464,17 +467,16 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             if !(every.is_finite() && every >= 0.1) {
                 bail!("--every must be at least 0.1 s");
             }
-            let (js, _) = registry(&cli.nats).await?;
+            let (js, _) = registry(&nats).await?;
             let capacity = sundara_common::Capacity::connect(&cli.redis).await?;
             sundara::status::watch(&js, &capacity, Duration::from_secs_f64(every), once).await?;
             Ok(())
         }
         Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => {
-            let (js, _) = registry(&cli.nats).await?;
+            let (js, _) = registry(&nats).await?;
             match resubmit {
                 Some(task) => {
-                    let client = Client::connect(&cli.nats).await?;
-                    let new_task = sundara::tasks::resubmit(&js, &client, &task).await?;
+                    let new_task = sundara::tasks::resubmit(&js, &task).await?;
                     println!("task {task} resubmitted as {new_task}");
                 }
                 None => {
@@ -519,7 +521,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         Command::Worker { id, operator, threads, slots, slices, models, cache_dir, dishonest, behaviour } => {
             let lib = ort()?;
             let cache = cache_dir.unwrap_or_else(|| project_root().join(".cache/worker-models"));
-            let mut config = sundara_worker::Config::new(endpoints, &id, lib, cache);
+            let mut config = sundara_worker::Config::new(endpoints.nats, &id, lib, cache);
             config.operator = operator.unwrap_or(id);
             config.slices = if slices.is_empty() {
                 let mut cpu = SliceConfig::cpu("cpu0", threads, sundara_worker::default_cpu_memory(1));
@@ -550,10 +552,16 @@ struct SubmitOptions {
     priority: sundara_schemas::Priority,
 }
 
-async fn submit(nats_url: &str, model: &str, input: Option<PathBuf>, options: SubmitOptions) -> anyhow::Result<()> {
+async fn submit(
+    endpoint: &nats::NatsEndpoint,
+    model: &str,
+    input: Option<PathBuf>,
+    options: SubmitOptions,
+) -> anyhow::Result<()> {
     let SubmitOptions { count, rows, tenant, timeout_ms, priority } = options;
-    let tenant = tenant.as_str();
-    let (_, registry) = registry(nats_url).await?;
+    // A tenant may read the registry but not create streams: no provisioning here.
+    let nats = nats::connect(endpoint, "sundara-client").await?;
+    let registry = Registry::open(&jetstream::new(nats.clone())).await?;
     let meta = registry.latest(model).await?.with_context(|| format!("no model named {model:?}"))?;
     let fixed = match &input {
         Some(path) => {
@@ -562,14 +570,14 @@ async fn submit(nats_url: &str, model: &str, input: Option<PathBuf>, options: Su
         }
         None => None,
     };
-    let client = Client::connect(nats_url).await?;
-    let mut results = client.results(tenant).await?;
+    let client = Client::new(nats, &tenant);
+    let mut results = client.results().await?;
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let bar = (count > 1).then(|| indicatif::ProgressBar::new(count as u64));
     let mut pending = std::collections::HashSet::new();
     for _ in 0..count {
         let inputs = fixed.clone().unwrap_or_else(|| sundara::models::sample_inputs(&meta.inputs, rows, &mut rng));
-        let req = SubmitRequest { timeout_ms: Some(timeout_ms), priority, ..SubmitRequest::new(model, inputs, tenant) };
+        let req = SubmitRequest { timeout_ms: Some(timeout_ms), priority, ..SubmitRequest::new(model, inputs) };
         match client.submit(&req).await? {
             SubmitOutcome::Accepted { task_id, .. } => {
                 pending.insert(task_id);

@@ -96,7 +96,7 @@ impl Pipeline {
     /// Config of a worker of this pipeline (tests reuse it for out-of-process workers).
     pub fn worker_config(&self, spec: &WorkerSpec) -> sundara_worker::Config {
         let mut c = sundara_worker::Config::new(
-            self.config.endpoints.clone(),
+            self.config.endpoints.nats.clone(),
             &spec.id,
             self.config.ort_library.clone(),
             self.config.cache_dir.clone(),
@@ -116,7 +116,7 @@ impl Pipeline {
     /// Polls (bounded by `within`): readiness of other tasks has no event to wait on.
     pub async fn ready(&self, within: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + within;
-        let nats = sundara_common::nats::connect(&self.config.endpoints.nats_url, "sundara-ready")
+        let nats = sundara_common::nats::connect(&self.config.endpoints.nats, "sundara-ready")
             .await
             .map_err(|e| e.to_string())?;
         let capacity = Capacity::connect(&self.config.endpoints.redis_url).await.map_err(|e| e.to_string())?;

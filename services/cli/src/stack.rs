@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sundara_common::Endpoints;
+use sundara_common::nats::NatsEndpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -183,7 +184,7 @@ impl LocalStack {
 
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
-            nats_url: format!("nats://127.0.0.1:{}", self.nats.port),
+            nats: NatsEndpoint::open(format!("nats://127.0.0.1:{}", self.nats.port)),
             redis_url: format!("redis://127.0.0.1:{}/", self.redis.port),
         }
     }

@@ -79,7 +79,9 @@ pub fn describe(letter: &DeadLetter) -> String {
 /// Submits a dead task again, as new work with the same model, inputs, seed, tenant,
 /// priority and timeout (read back from TASKS). Idempotent: resubmitting the same dead
 /// task twice yields the same new task. Returns the new task id.
-pub async fn resubmit(js: &jetstream::Context, client: &Client, task_id: &str) -> Result<String, TasksError> {
+/// Submits on the original tenant's subject, which needs the operator's (validator's)
+/// credentials on `js`.
+pub async fn resubmit(js: &jetstream::Context, task_id: &str) -> Result<String, TasksError> {
     let dead = js.get_stream(subj::DEAD_STREAM).await.map_err(js_err)?;
     let letter = dead
         .direct_get_last_for_subject(subj::dead(task_id))
@@ -98,9 +100,9 @@ pub async fn resubmit(js: &jetstream::Context, client: &Client, task_id: &str) -
         seed: task.seed,
         timeout_ms: Some(task.deadline_at_ms.saturating_sub(task.submitted_at_ms)),
         priority: task.priority,
-        ..SubmitRequest::new(&task.model.name, task.inputs, &task.tenant)
+        ..SubmitRequest::new(&task.model.name, task.inputs)
     };
-    match client.submit(&request).await? {
+    match Client::new(js.client(), &task.tenant).submit(&request).await? {
         SubmitOutcome::Accepted { task_id, .. } => Ok(task_id),
         SubmitOutcome::Rejected { code, reason } => Err(TasksError::Rejected { code: code.as_str(), reason }),
     }

@@ -142,11 +142,11 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         Some(ep) => (ep, None),
         None => {
             let stack = LocalStack::start(&root)?;
-            println!("nats-server on {}, redis-server on {}", stack.endpoints().nats_url, stack.endpoints().redis_url);
+            println!("nats-server on {}, redis-server on {}", stack.endpoints().nats.url, stack.endpoints().redis_url);
             (stack.endpoints(), Some(stack))
         }
     };
-    let nats_client = nats::connect(&endpoints.nats_url, "sundara-up").await?;
+    let nats_client = nats::connect(&endpoints.nats, "sundara-up").await?;
     let js = jetstream::new(nats_client.clone());
     nats::provision(&js, &nats::Retention::default()).await?;
     let registry = Registry::open(&js).await?;
@@ -213,7 +213,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     println!("{}", verification_summary(&recorder.render()));
 
     if !opts.once {
-        println!("serving on {} until Ctrl-C", endpoints.nats_url);
+        println!("serving on {} until Ctrl-C", endpoints.nats.url);
         sundara_common::termination_signal().await;
     }
     let errors = pipeline.stop().await;
@@ -234,8 +234,7 @@ fn local_pool(
         binary: std::env::current_exe()?,
         args: vec!["--threads".into(), "1".into()],
         env: vec![
-            ("SUNDARA_NATS_URL".into(), endpoints.nats_url.clone()),
-            ("SUNDARA_REDIS_URL".into(), endpoints.redis_url.clone()),
+            ("SUNDARA_NATS_URL".into(), endpoints.nats.url.clone()),
             ("ORT_DYLIB_PATH".into(), ort_library.display().to_string()),
         ],
         prefix: "pool".into(),
@@ -270,8 +269,8 @@ pub fn verification_summary(metrics_text: &str) -> String {
 
 /// Submits `tasks` demo tasks (alternating models) and waits for every result.
 async fn demo_load(endpoints: &Endpoints, models: &[ModelMeta], tasks: usize) -> anyhow::Result<(usize, usize)> {
-    let client = Client::connect(&endpoints.nats_url).await?;
-    let mut results = client.results("demo").await?;
+    let client = Client::connect(&endpoints.nats, "demo").await?;
+    let mut results = client.results().await?;
     let bar = ProgressBar::new(tasks as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} verified tasks {msg}").expect("valid template"));
     let models = Arc::new(models.to_vec());
@@ -288,7 +287,7 @@ async fn demo_load(endpoints: &Endpoints, models: &[ModelMeta], tasks: usize) ->
                         request_id: Some(format!("demo-{i}")),
                         seed: i as u64,
                         timeout_ms: Some(60_000),
-                        ..SubmitRequest::new(&meta.name, inputs, "demo")
+                        ..SubmitRequest::new(&meta.name, inputs)
                     }
                 })
                 .collect();

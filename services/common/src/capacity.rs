@@ -27,6 +27,8 @@
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
+pub use sundara_schemas::{SliceAnnounce, WorkerAnnounce};
+
 use crate::Error;
 
 pub const PREFIX: &str = "sundara:";
@@ -276,6 +278,8 @@ return n
 /// eligible again for the replica, on another of its slices.
 /// ARGV: aid, worker.
 const HAND_BACK: &str = r#"
+local holder = redis.call('HGET', 'sundara:asg:' .. ARGV[1], 'worker')
+if holder and holder ~= ARGV[2] then return 0 end
 redis.call('ZADD', 'sundara:inflight', 'XX', 0, ARGV[1])
 if redis.call('EXISTS', 'sundara:asg:' .. ARGV[1]) == 1 then redis.call('HSET', 'sundara:asg:' .. ARGV[1], 'handed', 1) end
 redis.call('SREM', 'sundara:taskw:' .. string.match(ARGV[1], '^[^.]+'), ARGV[2])
@@ -317,41 +321,6 @@ if redis.call('EXISTS', 'sundara:hb:' .. ARGV[2]) == 0 then return 0 end
 redis.call('HSET', 'sundara:asg:' .. ARGV[1], 'handed', 1)
 return redis.call('HINCRBY', 'sundara:timeouts', ARGV[2], 1)
 "#;
-
-/// One capacity unit a worker offers.
-#[derive(Clone, Debug, Default)]
-pub struct SliceAnnounce {
-    pub id: String,
-    pub device: String,
-    pub slots: u32,
-    /// Models it serves (loaded now or on first need).
-    pub models: Vec<String>,
-    /// `Some(why)` when out of service: it then leaves the candidate sets.
-    pub failed: Option<String>,
-    pub memory_total: u64,
-    pub memory_free: u64,
-    /// `name@version` of each model loaded (and warmed up) there now, with the bytes its
-    /// sessions hold.
-    pub loaded: Vec<(String, u64)>,
-    /// Measured bytes of one session, per `name@version`.
-    pub footprints: Vec<(String, u64)>,
-    pub loads: u64,
-    pub evictions: u64,
-    /// Inferences it runs at once.
-    pub lanes: u32,
-    /// Measured inference time per task (µs) of each model loaded there now, by name.
-    pub service_us: Vec<(String, u64)>,
-    /// Measured time to load and warm up each model (µs), by name.
-    pub load_us: Vec<(String, u64)>,
-}
-
-/// What a worker tells Redis on start and on every heartbeat.
-#[derive(Clone, Debug)]
-pub struct WorkerAnnounce {
-    pub worker: String,
-    pub operator: String,
-    pub slices: Vec<SliceAnnounce>,
-}
 
 /// A slice as Redis has it.
 #[derive(Clone, Debug, Default)]
@@ -666,6 +635,12 @@ impl Capacity {
     pub async fn quarantined(&self) -> Result<std::collections::BTreeMap<String, String>, Error> {
         let mut con = self.con.clone();
         Ok(con.hgetall(QUARANTINED).await?)
+    }
+
+    /// The worker a slice belongs to, if Redis knows the slice.
+    pub async fn slice_owner(&self, slice: &str) -> Result<Option<String>, Error> {
+        let mut con = self.con.clone();
+        Ok(con.hget(slice_key(slice), "worker").await?)
     }
 
     /// Stops offering `model` on a slice (it cannot hold it).

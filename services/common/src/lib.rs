@@ -18,7 +18,7 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 /// Where the validator side's servers are.
 #[derive(Clone, Debug)]
 pub struct Endpoints {
-    pub nats_url: String,
+    pub nats: nats::NatsEndpoint,
     pub redis_url: String,
 }
 
@@ -26,6 +26,8 @@ pub struct Endpoints {
 pub enum Error {
     #[error("cannot connect to NATS at {url}: {reason} (is nats-server running? `sundara up` starts one)")]
     NatsConnect { url: String, reason: String },
+    #[error("NATS credentials {path}: {reason}")]
+    NatsCredentials { path: std::path::PathBuf, reason: String },
     #[error("JetStream: {0}")]
     JetStream(String),
     #[error("Redis: {0}")]

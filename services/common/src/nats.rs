@@ -1,5 +1,6 @@
 //! NATS connection and the JetStream layout (streams, buckets) every service relies on.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -8,14 +9,79 @@ use sundara_schemas::subjects as subj;
 
 use crate::{Error, js_err};
 
-/// Connects to NATS; fails fast with a clear error when the server is not there.
-pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, Error> {
-    let connecting = async_nats::ConnectOptions::new()
+/// Where NATS is, and which credentials to connect with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsEndpoint {
+    pub url: String,
+    /// An NKey seed file (as `sundara auth` writes them); `None` on a server without auth.
+    pub credentials: Option<PathBuf>,
+}
+
+impl NatsEndpoint {
+    /// A server without authentication (the embedded stack, tests).
+    pub fn open(url: impl Into<String>) -> NatsEndpoint {
+        NatsEndpoint { url: url.into(), credentials: None }
+    }
+}
+
+/// An NKey user: its seed signs the server's challenge; its public key names it in the
+/// server's config.
+#[derive(Clone)]
+pub struct Identity {
+    seed: String,
+    pub public_key: String,
+}
+
+impl Identity {
+    pub fn from_seed(seed: &str) -> Result<Identity, String> {
+        let pair = nkeys::KeyPair::from_seed(seed.trim()).map_err(|e| e.to_string())?;
+        if !pair.public_key().starts_with('U') {
+            return Err("not a user seed (it must start with SU)".into());
+        }
+        Ok(Identity { seed: seed.trim().to_string(), public_key: pair.public_key() })
+    }
+
+    /// Reads a seed file: the first line that is a user seed (`SU…`), so comments may precede it.
+    pub fn load(path: &Path) -> Result<Identity, Error> {
+        let bad = |reason: String| Error::NatsCredentials { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let seed =
+            text.lines().map(str::trim).find(|l| l.starts_with("SU")).ok_or_else(|| bad("no SU… seed".into()))?;
+        Identity::from_seed(seed).map_err(bad)
+    }
+
+    /// Where this user's replies arrive. Only it may subscribe there, so no other user can
+    /// read its request replies or JetStream acks.
+    pub fn inbox_prefix(&self) -> String {
+        inbox_prefix(&self.public_key)
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    // Never print the seed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("public_key", &self.public_key).finish_non_exhaustive()
+    }
+}
+
+/// The private inbox prefix of the user with `public_key`.
+pub fn inbox_prefix(public_key: &str) -> String {
+    format!("_INBOX_{public_key}")
+}
+
+/// Connects to NATS; fails fast with a clear error when the server is not there or refuses
+/// the credentials.
+pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::Client, Error> {
+    let url = &endpoint.url;
+    let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(10)))
-        .connect(url);
-    match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        .request_timeout(Some(Duration::from_secs(10)));
+    if let Some(path) = &endpoint.credentials {
+        let identity = Identity::load(path)?;
+        options = options.nkey(identity.seed.clone()).custom_inbox_prefix(identity.inbox_prefix());
+    }
+    match tokio::time::timeout(Duration::from_secs(10), options.connect(url)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(Error::NatsConnect { url: url.to_string(), reason: e.to_string() }),
         Err(_) => Err(Error::NatsConnect { url: url.to_string(), reason: "timed out".into() }),
@@ -95,6 +161,24 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
         js.create_object_store(config).await.map_err(js_err)?;
     }
     Ok(())
+}
+
+/// Waits (bounded by `within`) until the streams exist: for processes that may not create
+/// them (miners), started alongside the validator services that do.
+pub async fn await_provisioned(js: &jetstream::Context, within: Duration) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        // The object store is the last thing `provision` creates.
+        if js.get_object_store(subj::MODEL_BLOBS).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() + backoff > deadline {
+            return Err(Error::JetStream(format!("streams not provisioned within {within:?} (is the validator up?)")));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// Publishes to JetStream and waits for the stream's ack: the durable hand-off.

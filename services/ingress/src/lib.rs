@@ -1,6 +1,8 @@
-//! Ingress: the `sundara.submit` NATS service. Validates each submission against the model
-//! registry and stores accepted tasks in the TASKS stream (deduplicated by task id) before
-//! answering, so an `Accepted` reply means the task is durable.
+//! Ingress: the `sundara.submit.<tenant>` NATS service. Validates each submission against
+//! the model registry and stores accepted tasks in the TASKS stream (deduplicated by task
+//! id) before answering, so an `Accepted` reply means the task is durable. The tenant is
+//! the subject's last token: NATS permissions let each tenant's credentials publish only
+//! there, so a payload can never claim another tenant.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -157,9 +159,16 @@ struct Ingress {
 }
 
 impl Ingress {
-    async fn handle(&self, payload: &[u8]) -> SubmitOutcome {
+    async fn handle(&self, subject: &str, payload: &[u8]) -> SubmitOutcome {
         let span = tracing::Span::current();
-        match self.accept(payload).await {
+        let accepted = match subj::submit_tenant(subject) {
+            Some(tenant) => {
+                span.record("sundara.tenant", tenant);
+                self.accept(tenant, payload).await
+            }
+            None => Err(reject(RejectCode::InvalidName, "tenant must be 1-64 of [A-Za-z0-9_-]")),
+        };
+        match accepted {
             Ok((task_id, duplicate)) => {
                 span.record("sundara.task_id", task_id.as_str());
                 span.record("sundara.outcome", if duplicate { "duplicate" } else { "accepted" });
@@ -175,11 +184,8 @@ impl Ingress {
         }
     }
 
-    async fn accept(&self, payload: &[u8]) -> Result<(String, bool), Rejection> {
+    async fn accept(&self, tenant: &str, payload: &[u8]) -> Result<(String, bool), Rejection> {
         let req = decode_request(payload, self.config.max_request_bytes)?;
-        if !subj::is_token(&req.tenant) {
-            return Err(reject(RejectCode::InvalidName, "tenant must be 1-64 of [A-Za-z0-9_-]"));
-        }
         if req.request_id.as_ref().is_some_and(|r| r.len() > 256) {
             return Err(reject(RejectCode::Malformed, "request_id is longer than 256 bytes"));
         }
@@ -196,11 +202,11 @@ impl Ingress {
             .map(Duration::from_millis)
             .unwrap_or(self.config.default_timeout)
             .min(self.config.max_timeout);
-        let task_id = task_id(&req.tenant, req.request_id.as_deref());
+        let task_id = task_id(tenant, req.request_id.as_deref());
         let task = Task {
             v: WIRE_VERSION,
             task_id: task_id.clone(),
-            tenant: req.tenant,
+            tenant: tenant.to_string(),
             model: model.model_ref(),
             k: model.policy.redundancy.max(1),
             inputs: req.inputs,
@@ -213,7 +219,6 @@ impl Ingress {
         let subject = subj::task(task.priority, &model.name);
         let span = tracing::Span::current();
         span.record("sundara.model", tracing::field::display(&task.model));
-        span.record("sundara.tenant", task.tenant.as_str());
         let ack = nats::publish_durable(&self.js, subject, &task_id, encode(&task)).await;
         match ack {
             Ok(ack) => {
@@ -252,7 +257,7 @@ impl Ingress {
 
 /// Serves `sundara.submit` until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError> {
-    let client = nats::connect(&config.endpoints.nats_url, "sundara-ingress").await?;
+    let client = nats::connect(&config.endpoints.nats, "sundara-ingress").await?;
     let js = async_nats::jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let registry = Registry::open(&js).await?;
@@ -267,11 +272,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
     let endpoint = service
         .endpoint_builder()
         .name("submit")
-        .add(subj::SUBMIT)
+        .add(subj::SUBMIT_ALL)
         .await
         .map_err(|e| IngressError::Service(e.to_string()))?;
     let ingress = Ingress { config: config.clone(), js, registry, capacity, fit_cache: Mutex::default() };
-    tracing::info!(subject = subj::SUBMIT, "ingress serving");
+    tracing::info!(subject = subj::SUBMIT_ALL, "ingress serving");
     let serve = endpoint.take_until(shutdown.cancelled()).for_each_concurrent(config.concurrency, |request| {
         let ingress = &ingress;
         async move {
@@ -282,7 +287,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
                 otel.status_code = tracing::field::Empty,
                 messaging.system = "nats",
                 "messaging.operation.type" = "process",
-                messaging.destination.name = subj::SUBMIT,
+                messaging.destination.name = %request.message.subject,
                 sundara.task_id = tracing::field::Empty,
                 sundara.model = tracing::field::Empty,
                 sundara.tenant = tracing::field::Empty,
@@ -290,7 +295,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
                 trace_id = tracing::field::Empty,
             );
             telemetry::follow(&span, request.message.headers.as_ref());
-            let outcome = ingress.handle(&request.message.payload).instrument(span).await;
+            let outcome = ingress.handle(&request.message.subject, &request.message.payload).instrument(span).await;
             let reply = encode(&SubmitReply { v: WIRE_VERSION, outcome });
             if let Err(e) = request.respond(Ok(reply.into())).await {
                 tracing::warn!(error = %e, "could not answer a submission");
@@ -326,7 +331,7 @@ mod tests {
     }
 
     fn req(inputs: Vec<Tensor>) -> SubmitRequest {
-        SubmitRequest::new("mlp", inputs, "t")
+        SubmitRequest::new("mlp", inputs)
     }
 
     fn code(inputs: Vec<Tensor>) -> Option<RejectCode> {

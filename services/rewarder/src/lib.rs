@@ -420,7 +420,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RewarderError
     if config.flush_interval.is_zero() {
         return Err(RewarderError::Config("flush_interval must be positive".into()));
     }
-    let client = nats::connect(&config.endpoints.nats_url, "sundara-rewarder").await?;
+    let client = nats::connect(&config.endpoints.nats, "sundara-rewarder").await?;
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let kv = js.get_key_value(subj::REWARDS_BUCKET).await.map_err(js_err)?;

@@ -100,7 +100,10 @@ async fn publish_verdict(js: &jetstream::Context, i: u64) -> u64 {
 }
 
 fn config(url: &str) -> Config {
-    let mut config = Config::new(Endpoints { nats_url: url.into(), redis_url: "redis://unused".into() });
+    let mut config = Config::new(Endpoints {
+        nats: sundara_common::nats::NatsEndpoint::open(url),
+        redis_url: "redis://unused".into(),
+    });
     config.epoch_length = Duration::from_secs(3600);
     config.flush_interval = Duration::from_millis(20);
     config.quarantine_after = 0; // no Redis here
@@ -139,7 +142,7 @@ fn spawn(config: Config) -> (Shutdown, tokio::task::JoinHandle<Result<(), Reward
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applies_verdicts_once_and_recovers_after_a_crash() {
     let Some(server) = start_server() else { return };
-    let client = nats::connect(&server.url, "test").await.unwrap();
+    let client = nats::connect(&sundara_common::nats::NatsEndpoint::open(&server.url), "test").await.unwrap();
     let js = jetstream::new(client.clone());
     nats::provision(&js, &nats::Retention::default()).await.unwrap();
 
@@ -228,7 +231,7 @@ async fn applies_verdicts_once_and_recovers_after_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overdue_epoch_closes_by_itself() {
     let Some(server) = start_server() else { return };
-    let client = nats::connect(&server.url, "test").await.unwrap();
+    let client = nats::connect(&sundara_common::nats::NatsEndpoint::open(&server.url), "test").await.unwrap();
     let js = jetstream::new(client.clone());
     nats::provision(&js, &nats::Retention::default()).await.unwrap();
     publish_verdict(&js, 0).await;

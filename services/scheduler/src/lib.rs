@@ -9,8 +9,10 @@
 //! - sweep: claim assignments past their timeout → reassign to another worker, or give up
 //!   on that replica with an `Abandoned` outcome once attempts or the deadline run out.
 
+pub mod gateway;
 pub mod waiting;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
@@ -408,7 +410,7 @@ impl Scheduler {
 
 /// Runs the scheduler until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerError> {
-    let client = nats::connect(&config.endpoints.nats_url, "sundara-scheduler").await?;
+    let client = nats::connect(&config.endpoints.nats, "sundara-scheduler").await?;
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
@@ -437,6 +439,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
     };
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
+    let gateway = gateway::Gateway { capacity: capacity.clone() };
+    let reports = gateway::serve(client.clone(), Arc::new(gateway), shutdown.clone(), config.concurrency);
     let scheduler = Scheduler { config: config.clone(), js, tasks, verdicts, capacity, waiting: Default::default() };
     let s = &scheduler;
     tracing::info!("scheduler running");
@@ -471,7 +475,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
         }
         Ok::<(), CommonError>(())
     };
-    tokio::try_join!(dispatch, release, sweep)?;
+    tokio::try_join!(dispatch, release, sweep, reports)?;
     tracing::info!("scheduler stopped");
     Ok(())
 }

@@ -501,7 +501,7 @@ impl Publisher {
 
 /// Runs the verifier until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError> {
-    let client = nats::connect(&config.endpoints.nats_url, "sundara-verifier").await?;
+    let client = nats::connect(&config.endpoints.nats, "sundara-verifier").await?;
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let registry = Registry::open(&js).await?;

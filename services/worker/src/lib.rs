@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
-use sundara_common::capacity::{SliceAnnounce, WorkerAnnounce};
+use sundara_common::nats::NatsEndpoint;
 use sundara_common::telemetry;
-use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
+use sundara_common::{Error as CommonError, Registry, Shutdown, js_err, nats};
 use sundara_schemas::{
-    Assignment, Control, ControlReply, ControlRequest, DType, MAX_MESSAGE_BYTES, ModelRef, Outcome, OutcomeResult,
-    Tensor, WIRE_VERSION, WorkTiming, decode, encode, now_ms, now_us, subjects as subj,
+    Assignment, Control, ControlReply, ControlRequest, DType, FleetReply, FleetRequest, FleetUpdate, MAX_MESSAGE_BYTES,
+    ModelRef, Outcome, OutcomeResult, SliceAnnounce, Tensor, WIRE_VERSION, WorkTiming, WorkerAnnounce, decode, encode,
+    now_ms, now_us, subjects as subj,
 };
 use tracing::Instrument;
 
@@ -24,6 +25,9 @@ pub use slices::{SLOTS_PER_THREAD, SliceConfig, SliceDevice};
 pub use sundara_common::ModelCache;
 use sundara_runtime::Device;
 pub use sundara_runtime::{Executor, ExecutorConfig, JobError, JobResult, ModelRun, Ran, SliceReport};
+
+/// How long a report to the fleet gateway may take.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the worker treats its work. Everything but `Honest` is a cheater, for the tests and
 /// demos of the verifier: each returns outputs cheaper than (or other than) the real ones.
@@ -100,7 +104,9 @@ const PRELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub endpoints: Endpoints,
+    /// The worker's only link to the validator: it never reaches Redis (its reports go
+    /// through the scheduler's fleet gateway).
+    pub nats: NatsEndpoint,
     /// Subject-safe id, unique in the fleet.
     pub worker_id: String,
     /// Who runs this worker; the scheduler never gives two copies of a task to one operator.
@@ -121,13 +127,14 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// A worker whose heartbeat is older than this is declared dead.
     pub heartbeat_ttl: Duration,
-    pub retention: nats::Retention,
+    /// How long to wait at start for the validator's streams and fleet gateway.
+    pub startup_timeout: Duration,
 }
 
 impl Config {
-    pub fn new(endpoints: Endpoints, worker_id: &str, ort_library: PathBuf, cache_dir: PathBuf) -> Config {
+    pub fn new(nats: NatsEndpoint, worker_id: &str, ort_library: PathBuf, cache_dir: PathBuf) -> Config {
         Config {
-            endpoints,
+            nats,
             worker_id: worker_id.to_string(),
             operator: worker_id.to_string(),
             slices: vec![SliceConfig::cpu("cpu0", 1, default_cpu_memory(1))],
@@ -139,7 +146,7 @@ impl Config {
             behaviour: Behaviour::Honest,
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_ttl: Duration::from_millis(2000),
-            retention: nats::Retention::default(),
+            startup_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -163,6 +170,8 @@ pub enum WorkerError {
     InvalidId(String),
     #[error("invalid slices: {0}")]
     InvalidSlices(String),
+    #[error("the fleet gateway refused or did not answer the worker's announce: {0}")]
+    Report(String),
 }
 
 /// Float values of a tensor, changed by `f` (other dtypes untouched).
@@ -281,9 +290,9 @@ enum Done {
 
 struct Worker {
     config: Config,
+    client: async_nats::Client,
     js: jetstream::Context,
     registry: Registry,
-    capacity: Capacity,
     cache: ModelCache,
     slices: HashMap<String, Slice>,
     /// [`Behaviour::Replay`]: the first outputs of each model, returned for every later task.
@@ -291,6 +300,36 @@ struct Worker {
 }
 
 impl Worker {
+    /// Sends a report to the fleet gateway and waits (bounded) for it to be applied.
+    async fn report(&self, update: FleetUpdate) -> Result<(), String> {
+        let request = encode(&FleetRequest { v: WIRE_VERSION, update });
+        let subject = subj::report(&self.config.worker_id);
+        let reply = tokio::time::timeout(REPORT_TIMEOUT, self.client.request(subject, request.into()))
+            .await
+            .map_err(|_| format!("no answer within {REPORT_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        let reply: FleetReply = decode(&reply.payload, MAX_MESSAGE_BYTES).map_err(|e| e.to_string())?;
+        if reply.ok { Ok(()) } else { Err(reply.reason) }
+    }
+
+    /// [`Worker::report`], retried until `within` has passed while no gateway answers (the
+    /// validator may be starting too). A refusal is final.
+    async fn report_within(&self, update: FleetUpdate, within: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.report(update.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.contains("no responders") && tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::info!("waiting for the fleet gateway (is a scheduler running?)");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Runs an assignment on the slice it was reserved on.
     async fn execute(&self, a: &Assignment) -> Done {
         let failed = |reason: String| Done::Outcome(OutcomeResult::Failed { reason }, 0, 0);
@@ -338,7 +377,8 @@ impl Worker {
             Ok(Err(e @ JobError::TooLarge { .. })) => {
                 // Never here again: stop being a candidate for it (heartbeats agree, since
                 // the slice reports the footprint over its memory).
-                if let Err(err) = self.capacity.withdraw(&slice.id, &m.name).await {
+                let withdraw = FleetUpdate::Withdraw { slice: slice.id.clone(), model: m.name.clone() };
+                if let Err(err) = self.report(withdraw).await {
                     tracing::warn!(error = %err, "could not withdraw the model from the slice");
                 }
                 Done::HandBack { slice: slice.id.clone(), reason: e.to_string(), slice_failed: false }
@@ -392,9 +432,9 @@ impl Worker {
                 let aid = assignment.ticket.assignment_id();
                 tracing::info!(assignment = %aid, %slice, %reason, "handing the assignment back");
                 let handed = if slice_failed {
-                    self.capacity.fail_slice(&slice, &self.config.worker_id, &reason).await.map(|_| ())
+                    self.report(FleetUpdate::FailSlice { slice, reason }).await
                 } else {
-                    self.capacity.hand_back(&aid, &self.config.worker_id).await
+                    self.report(FleetUpdate::HandBack { assignment_id: aid }).await
                 };
                 match handed {
                     Ok(()) => {
@@ -581,11 +621,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     }
     let slices = start_slices(&config)?;
     sundara_runtime::init(&config.ort_library)?;
-    let client = nats::connect(&config.endpoints.nats_url, &format!("sundara-worker-{}", config.worker_id)).await?;
+    let client = nats::connect(&config.nats, &format!("sundara-worker-{}", config.worker_id)).await?;
     let js = jetstream::new(client.clone());
-    nats::provision(&js, &config.retention).await?;
+    // A miner creates no streams (its credentials cannot): it waits for the validator's.
+    nats::await_provisioned(&js, config.startup_timeout).await?;
     let registry = Registry::open(&js).await?;
-    let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
 
     let mut models = if config.models.is_empty() {
         registry.list().await?.into_iter().map(|m| m.name).collect()
@@ -596,9 +636,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     let worker = Worker {
         cache: ModelCache::new(config.cache_dir.clone(), registry.clone()),
         config: config.clone(),
+        client: client.clone(),
         js: js.clone(),
         registry,
-        capacity: capacity.clone(),
         slices,
         replayed: Default::default(),
     };
@@ -606,7 +646,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     let mut commands = client.subscribe(subj::control(&config.worker_id)).await.map_err(js_err)?;
     client.flush().await.map_err(js_err)?;
     let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
-    capacity.announce(&worker.announce(&models), true, ttl_ms).await?;
+    let hello = FleetUpdate::Announce { announce: worker.announce(&models), fresh: true, heartbeat_ttl_ms: ttl_ms };
+    worker.report_within(hello, config.startup_timeout).await.map_err(WorkerError::Report)?;
     tracing::info!(
         worker = %config.worker_id,
         ?models,
@@ -650,7 +691,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
             }
             let announce = worker.announce(&models);
             set_slice_gauges(&announce);
-            if let Err(e) = capacity.announce(&announce, false, ttl_ms).await {
+            let heartbeat = FleetUpdate::Announce { announce, fresh: false, heartbeat_ttl_ms: ttl_ms };
+            if let Err(e) = worker.report(heartbeat).await {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
