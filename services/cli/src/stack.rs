@@ -115,6 +115,11 @@ fn wait_ready(what: &'static str, port: u16, child: &mut Child, within: Duration
 
 /// Starts nats-server with JetStream on a free port, storing in `dir`.
 pub fn start_nats(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError> {
+    start_nats_with(binary, dir, "")
+}
+
+/// As [`start_nats`], with `extra` appended to the server's config (e.g. `authorization`).
+pub fn start_nats_with(binary: &Path, dir: &Path, extra: &str) -> Result<ServerProcess, StackError> {
     let port = free_port()?;
     let monitor = free_port()?;
     let store = dir.join("jetstream");
@@ -124,7 +129,7 @@ pub fn start_nats(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError
     std::fs::write(
         &conf,
         format!(
-            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n",
+            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n{extra}\n",
             store
         ),
     )?;
