@@ -72,6 +72,11 @@ pub fn outcome_worker(subject: &str) -> Option<&str> {
 pub fn result(tenant: &str, task: &str) -> String {
     format!("sundara.result.{tenant}.{task}")
 }
+/// The tenant and task of a result subject.
+pub fn result_parts(subject: &str) -> Option<(&str, &str)> {
+    let (tenant, task) = subject.strip_prefix("sundara.result.")?.split_once('.')?;
+    (is_token(tenant) && is_token(task)).then_some((tenant, task))
+}
 pub fn results_of(tenant: &str) -> String {
     format!("sundara.result.{tenant}.>")
 }
@@ -118,5 +123,7 @@ mod tests {
         assert_eq!(submit_tenant("sundara.submit."), None);
         assert_eq!(report_worker(&report("m-1")), Some("m-1"));
         assert_eq!(report_worker("sundara.report.m.x"), None);
+        assert_eq!(result_parts(&result("acme", "t1")), Some(("acme", "t1")));
+        assert_eq!(result_parts("sundara.result.acme.t1.x"), None);
     }
 }

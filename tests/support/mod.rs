@@ -2,6 +2,8 @@
 //! models registered, and the pipeline running in-process. Everything stops on drop.
 #![allow(dead_code)]
 
+pub mod processes;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -53,10 +55,22 @@ impl Harness {
 
     /// As [`Harness::start`], with the models' verification policy given.
     pub async fn start_with(workers: Vec<WorkerSpec>, policy: Policy, assignment_timeout: Duration) -> Harness {
+        let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
+        Harness::start_on(stack, workers, policy, assignment_timeout, |_| {}).await
+    }
+
+    /// As [`Harness::start_with`], on a given stack (its endpoints' credentials are the
+    /// services' and the harness client's), with the pipeline's config changed by `tweak`.
+    pub async fn start_on(
+        stack: LocalStack,
+        workers: Vec<WorkerSpec>,
+        policy: Policy,
+        assignment_timeout: Duration,
+        tweak: impl FnOnce(&mut PipelineConfig),
+    ) -> Harness {
         let root = project_root();
         let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root)).expect("run scripts/setup");
         sundara_runtime::init(&ort_library).unwrap();
-        let stack = LocalStack::start(&root).expect("servers start (run scripts/setup)");
         let endpoints = stack.endpoints();
         let nats_client = nats::connect(&endpoints.nats, "test").await.unwrap();
         let js = jetstream::new(nats_client);
@@ -71,7 +85,7 @@ impl Harness {
             models.insert(name.to_string(), meta);
         }
         let cache = tempfile::tempdir().unwrap();
-        let pipeline = Pipeline::start(PipelineConfig {
+        let mut config = PipelineConfig {
             endpoints: endpoints.clone(),
             secret: SECRET.to_vec(),
             ort_library: ort_library.clone(),
@@ -79,9 +93,12 @@ impl Harness {
             workers,
             assignment_timeout,
             epoch_length: Duration::from_secs(3600),
+            tenants: Default::default(),
+            max_in_flight: 100_000,
             scaling: None,
-        })
-        .await;
+        };
+        tweak(&mut config);
+        let pipeline = Pipeline::start(config).await;
         pipeline.ready(Duration::from_secs(30)).await.expect("pipeline starts");
         let client = Client::connect(&endpoints.nats, "test").await.unwrap();
         let capacity = Capacity::connect(&endpoints.redis_url).await.unwrap();

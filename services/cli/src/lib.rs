@@ -1,6 +1,7 @@
 //! The `sundara` tool as a library: the embedded stack, the in-process pipeline, the
 //! client, model registration and `sundara up`. `main.rs` only parses arguments.
 
+pub mod auth;
 pub mod client;
 pub mod fleet;
 pub mod models;

@@ -111,8 +111,21 @@ enum Command {
         #[command(subcommand)]
         command: TasksCommand,
     },
+    /// NATS users per role (validator, tenants, miners) with least-privilege permissions.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
     /// Run the ingress service.
-    Ingress,
+    Ingress {
+        /// Per-tenant limits, JSON: {"default": {"rate_per_s", "burst", "max_in_flight",
+        /// "max_payload_bytes"}, "tenants": {"<tenant>": {...}}}; fields left out default.
+        #[arg(long, env = "SUNDARA_TENANT_LIMITS")]
+        tenant_limits: Option<PathBuf>,
+        /// Tasks in flight in the whole fleet beyond which submissions are told `overloaded`.
+        #[arg(long, env = "SUNDARA_MAX_IN_FLIGHT", default_value_t = 100_000)]
+        max_in_flight: u64,
+    },
     /// Run the scheduler service.
     Scheduler(Secret),
     /// Run the verifier service.
@@ -249,6 +262,23 @@ struct Secret {
 }
 
 #[derive(Subcommand)]
+enum AuthCommand {
+    /// Write a seed file per user into DIR (keeping existing ones) and DIR/auth.conf, the
+    /// server's `authorization` block for all of them: `include` it in nats-server's config,
+    /// then reload the server (`nats-server --signal reload`) after adding users.
+    Init {
+        #[arg(long, default_value = "nats-auth")]
+        dir: PathBuf,
+        /// A tenant (repeatable).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// A miner, by its worker id (repeatable).
+        #[arg(long = "miner")]
+        miners: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum TasksCommand {
     /// Tasks that could not be verified (or expired before dispatch), each with its
     /// history; with --resubmit, submit one of them again as new work.
@@ -330,6 +360,7 @@ fn is_quiet(command: &Command) -> bool {
     matches!(
         command,
         Command::Up { .. }
+            | Command::Auth { .. }
             | Command::Submit { .. }
             | Command::Models { .. }
             | Command::Rewards { .. }
@@ -357,7 +388,7 @@ async fn main() -> anyhow::Result<()> {
 /// `service.name` of the spans a command exports.
 fn service_name(command: &Command) -> &'static str {
     match command {
-        Command::Ingress => "sundara-ingress",
+        Command::Ingress { .. } => "sundara-ingress",
         Command::Scheduler(_) => "sundara-scheduler",
         Command::Verifier { .. } => "sundara-verifier",
         Command::Rewarder { .. } => "sundara-rewarder",
@@ -491,8 +522,24 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Ingress => {
-            run_service(sundara_ingress::run(sundara_ingress::Config::new(endpoints), shutdown.clone()), shutdown).await
+        Command::Auth { command: AuthCommand::Init { dir, tenants, miners } } => {
+            let auth = sundara::auth::init(&dir, &tenants, &miners)?;
+            for role in auth.users.keys() {
+                println!("{:<24} {}", format!("{role:?}"), auth.credentials(role).display());
+            }
+            println!("server config: {} (include it and reload nats-server)", dir.join("auth.conf").display());
+            println!("connect with --nats-creds <seed file> (env SUNDARA_NATS_CREDS)");
+            Ok(())
+        }
+        Command::Ingress { tenant_limits, max_in_flight } => {
+            let mut config = sundara_ingress::Config::new(endpoints);
+            if let Some(path) = tenant_limits {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                config.tenants = sundara_common::admission::TenantPolicy::from_json(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            }
+            config.max_in_flight = max_in_flight;
+            run_service(sundara_ingress::run(config, shutdown.clone()), shutdown).await
         }
         Command::Scheduler(s) => {
             let config = sundara_scheduler::Config::new(endpoints, s.secret.into_bytes());

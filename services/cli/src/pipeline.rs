@@ -39,6 +39,9 @@ pub struct PipelineConfig {
     pub epoch_length: Duration,
     /// The autoscaler's worker pool, if any (by default it watches health only).
     pub scaling: Option<sundara_autoscaler::ScalingConfig>,
+    /// Ingress' per-tenant limits and the fleet's bound on tasks in flight.
+    pub tenants: sundara_common::admission::TenantPolicy,
+    pub max_in_flight: u64,
 }
 
 /// Whether ingress answers and every one of `workers` has announced itself in Redis.
@@ -76,11 +79,14 @@ impl Pipeline {
             config.ort_library.clone(),
             config.cache_dir.join("reference"),
         ));
+        let mut ingress = sundara_ingress::Config::new(ep.clone());
+        ingress.tenants = config.tenants.clone();
+        ingress.max_in_flight = config.max_in_flight;
         let mut autoscaler = sundara_autoscaler::Config::new(ep.clone());
         autoscaler.scaling = config.scaling.clone();
         let s = || shutdown.child_token();
         let services = vec![
-            ("ingress", spawn(sundara_ingress::run(sundara_ingress::Config::new(ep.clone()), s()))),
+            ("ingress", spawn(sundara_ingress::run(ingress, s()))),
             ("scheduler", spawn(sundara_scheduler::run(scheduler, s()))),
             ("verifier", spawn(sundara_verifier::run(verifier, s()))),
             ("rewarder", spawn(sundara_rewarder::run(rewarder, s()))),

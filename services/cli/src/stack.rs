@@ -120,8 +120,18 @@ pub fn start_nats(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError
 
 /// As [`start_nats`], with `extra` appended to the server's config (e.g. `authorization`).
 pub fn start_nats_with(binary: &Path, dir: &Path, extra: &str) -> Result<ServerProcess, StackError> {
-    let port = free_port()?;
-    let monitor = free_port()?;
+    start_nats_on(binary, dir, free_port()?, free_port()?, extra)
+}
+
+/// As [`start_nats_with`], on the given client and monitoring ports. JetStream stores in
+/// `dir/jetstream`, so a server started again on the same `dir` finds its streams.
+pub fn start_nats_on(
+    binary: &Path,
+    dir: &Path,
+    port: u16,
+    monitor: u16,
+    extra: &str,
+) -> Result<ServerProcess, StackError> {
     let store = dir.join("jetstream");
     std::fs::create_dir_all(&store)?;
     let conf = dir.join("nats.conf");
@@ -168,6 +178,8 @@ pub struct LocalStack {
     pub nats: ServerProcess,
     pub redis: ServerProcess,
     pub dir: tempfile::TempDir,
+    /// The seed file [`LocalStack::endpoints`] connects with, when NATS has auth on.
+    pub nats_credentials: Option<PathBuf>,
 }
 
 impl LocalStack {
@@ -175,7 +187,32 @@ impl LocalStack {
         let dir = tempfile::Builder::new().prefix("sundara-stack-").tempdir()?;
         let nats = start_nats(&nats_server_binary(root)?, dir.path())?;
         let redis = start_redis(&redis_server_binary()?, dir.path())?;
-        Ok(LocalStack { nats, redis, dir })
+        Ok(LocalStack { nats, redis, dir, nats_credentials: None })
+    }
+
+    /// As [`LocalStack::start`], with NATS' users and permissions from `sundara auth init`
+    /// (see [`crate::auth`]); the stack's endpoints connect as the validator.
+    pub fn start_secured(root: &Path, auth: &crate::auth::AuthDir) -> Result<LocalStack, StackError> {
+        let dir = tempfile::Builder::new().prefix("sundara-stack-").tempdir()?;
+        let nats = start_nats_with(&nats_server_binary(root)?, dir.path(), &auth.server_config)?;
+        let redis = start_redis(&redis_server_binary()?, dir.path())?;
+        let nats_credentials = Some(auth.credentials(&crate::auth::Role::Validator));
+        Ok(LocalStack { nats, redis, dir, nats_credentials })
+    }
+
+    /// SIGKILLs nats-server and starts it again on the same ports and store directory
+    /// (fault injection: JetStream recovers its streams from disk; every client reconnects).
+    pub fn restart_nats(&mut self) -> Result<(), StackError> {
+        self.nats.kill();
+        self.start_nats_again()
+    }
+
+    /// Starts nats-server again after [`ServerProcess::kill`] on the same ports and store
+    /// directory (a test that times the outage kills it itself).
+    pub fn start_nats_again(&mut self) -> Result<(), StackError> {
+        let monitor = self.nats.monitor_port.unwrap_or(free_port()?);
+        self.nats = start_nats_on(&nats_server_binary(&project_root())?, self.dir.path(), self.nats.port, monitor, "")?;
+        Ok(())
     }
 
     /// Kills Redis and starts an empty one on the same port (fault injection: every
@@ -189,8 +226,126 @@ impl LocalStack {
 
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
-            nats: NatsEndpoint::open(format!("nats://127.0.0.1:{}", self.nats.port)),
+            nats: NatsEndpoint {
+                url: format!("nats://127.0.0.1:{}", self.nats.port),
+                credentials: self.nats_credentials.clone(),
+            },
             redis_url: format!("redis://127.0.0.1:{}/", self.redis.port),
         }
+    }
+}
+
+/// A GET of `path` on a loopback HTTP port (nats-server's monitoring): the status code and
+/// the body.
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), StackError> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((status, body))
+}
+
+/// One node of a [`LocalCluster`]: its name, ports and store, and its process while it runs.
+pub struct ClusterNode {
+    pub name: String,
+    pub port: u16,
+    pub monitor_port: u16,
+    pub cluster_port: u16,
+    pub dir: PathBuf,
+    pub process: Option<ServerProcess>,
+}
+
+/// A JetStream cluster of nats-server processes on loopback (routes between every pair,
+/// each node with its own store), gone when dropped.
+pub struct LocalCluster {
+    pub nodes: Vec<ClusterNode>,
+    binary: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    /// Starts `n` nodes and waits (bounded) until JetStream is healthy on each, a meta
+    /// leader elected.
+    pub fn start(root: &Path, n: usize) -> Result<LocalCluster, StackError> {
+        let dir = tempfile::Builder::new().prefix("sundara-cluster-").tempdir()?;
+        let binary = nats_server_binary(root)?;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let node_dir = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&node_dir)?;
+            nodes.push(ClusterNode {
+                name: format!("n{i}"),
+                port: free_port()?,
+                monitor_port: free_port()?,
+                cluster_port: free_port()?,
+                dir: node_dir,
+                process: None,
+            });
+        }
+        let mut cluster = LocalCluster { nodes, binary, dir };
+        for i in 0..n {
+            cluster.start_node(i)?;
+        }
+        cluster.healthy(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// Starts node `i` (again, after [`LocalCluster::kill`]: same ports, same store).
+    pub fn start_node(&mut self, i: usize) -> Result<(), StackError> {
+        let routes: Vec<String> =
+            self.nodes.iter().map(|n| format!("nats-route://127.0.0.1:{}", n.cluster_port)).collect();
+        let node = &self.nodes[i];
+        let extra = format!(
+            "server_name: {}\ncluster {{\n  name: sundara\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+            node.name,
+            node.cluster_port,
+            routes.join(", ")
+        );
+        let process = start_nats_on(&self.binary, &node.dir, node.port, node.monitor_port, &extra)?;
+        self.nodes[i].process = Some(process);
+        Ok(())
+    }
+
+    /// SIGKILLs node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].process.take() {
+            p.kill();
+        }
+    }
+
+    /// The index of the node named `name`.
+    pub fn node_named(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Every node's client URL, comma-separated (what `--nats` takes for a cluster).
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn endpoint(&self) -> NatsEndpoint {
+        NatsEndpoint::open(self.urls())
+    }
+
+    /// Waits (bounded) until every running node reports JetStream healthy (`/healthz`).
+    /// Nothing announces that across processes; poll briefly.
+    pub fn healthy(&self, within: Duration) -> Result<(), StackError> {
+        let started = Instant::now();
+        for node in self.nodes.iter().filter(|n| n.process.is_some()) {
+            loop {
+                if let Ok((200, _)) = http_get(node.monitor_port, "/healthz") {
+                    break;
+                }
+                if started.elapsed() > within {
+                    return Err(StackError::NotReady { what: "nats cluster", port: node.port, secs: within.as_secs() });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
     }
 }

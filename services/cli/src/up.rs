@@ -180,6 +180,8 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         assignment_timeout: Duration::from_secs(10),
         epoch_length: Duration::from_secs(3600),
         scaling,
+        tenants: Default::default(),
+        max_in_flight: 100_000,
     })
     .await;
     pipeline.ready(Duration::from_secs(60)).await.map_err(|e| anyhow::anyhow!(e))?;

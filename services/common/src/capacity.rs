@@ -342,7 +342,7 @@ pub struct SliceState {
 /// Handle on the capacity store. Clones share one multiplexed, reconnecting connection.
 #[derive(Clone)]
 pub struct Capacity {
-    con: ConnectionManager,
+    pub(crate) con: ConnectionManager,
     reserve: Script,
     release: Script,
     claim_due: Script,

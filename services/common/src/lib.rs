@@ -1,6 +1,7 @@
 //! What every Sundara service shares: connections, stream provisioning, the model registry,
 //! the Redis capacity store, shutdown, logs and traces.
 
+pub mod admission;
 pub mod capacity;
 pub mod metrics;
 pub mod model_cache;

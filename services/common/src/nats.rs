@@ -41,6 +41,23 @@ impl Identity {
         Ok(Identity { seed: seed.trim().to_string(), public_key: pair.public_key() })
     }
 
+    /// A new user key.
+    pub fn generate() -> Identity {
+        let pair = nkeys::KeyPair::new_user();
+        Identity { seed: pair.seed().expect("a new key pair has a seed"), public_key: pair.public_key() }
+    }
+
+    /// Writes the seed file, readable by its owner only.
+    pub fn write(&self, path: &Path) -> Result<(), Error> {
+        let bad = |e: std::io::Error| Error::NatsCredentials { path: path.to_path_buf(), reason: e.to_string() };
+        let text = format!("# Sundara NATS user {}\n{}\n", self.public_key, self.seed);
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        std::io::Write::write_all(&mut options.open(path).map_err(bad)?, text.as_bytes()).map_err(bad)
+    }
+
     /// Reads a seed file: the first line that is a user seed (`SU…`), so comments may precede it.
     pub fn load(path: &Path) -> Result<Identity, Error> {
         let bad = |reason: String| Error::NatsCredentials { path: path.to_path_buf(), reason };
@@ -81,7 +98,15 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
         let identity = Identity::load(path)?;
         options = options.nkey(identity.seed.clone()).custom_inbox_prefix(identity.inbox_prefix());
     }
-    match tokio::time::timeout(Duration::from_secs(10), options.connect(url)).await {
+    // A comma-separated list names several servers of one cluster (the NATS convention):
+    // the client starts with any that answers and fails over to the others.
+    let servers: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse().map_err(|e| Error::NatsConnect { url: u.to_string(), reason: format!("{e}") }))
+        .collect::<Result<_, _>>()?;
+    match tokio::time::timeout(Duration::from_secs(10), options.connect(servers)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(Error::NatsConnect { url: url.to_string(), reason: e.to_string() }),
         Err(_) => Err(Error::NatsConnect { url: url.to_string(), reason: "timed out".into() }),
@@ -97,6 +122,9 @@ pub struct Retention {
     pub tasks_max_bytes: i64,
     /// How long deduplication by id (task, outcome, result) holds.
     pub duplicate_window: Duration,
+    /// Copies of every stream, KV bucket and the object store in a JetStream cluster (1 on
+    /// a single server; 3 survives the loss of one node).
+    pub replicas: usize,
 }
 
 impl Default for Retention {
@@ -105,6 +133,7 @@ impl Default for Retention {
             tasks_max_age: Duration::from_secs(24 * 3600),
             tasks_max_bytes: 4 << 30,
             duplicate_window: Duration::from_secs(600),
+            replicas: 1,
         }
     }
 }
@@ -119,6 +148,7 @@ fn stream_config(name: &str, subjects: &str, max_age: Duration, r: &Retention) -
         duplicate_window: r.duplicate_window.min(max_age),
         storage: stream::StorageType::File,
         allow_direct: true,
+        num_replicas: r.replicas.max(1),
         ..Default::default()
     }
 }
@@ -152,12 +182,21 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
     }
     for (bucket, history) in [(subj::MODELS_BUCKET, 8), (subj::REWARDS_BUCKET, 16)] {
         if js.get_key_value(bucket).await.is_err() {
-            let config = jetstream::kv::Config { bucket: bucket.to_string(), history, ..Default::default() };
+            let config = jetstream::kv::Config {
+                bucket: bucket.to_string(),
+                history,
+                num_replicas: r.replicas.max(1),
+                ..Default::default()
+            };
             js.create_key_value(config).await.map_err(js_err)?;
         }
     }
     if js.get_object_store(subj::MODEL_BLOBS).await.is_err() {
-        let config = jetstream::object_store::Config { bucket: subj::MODEL_BLOBS.to_string(), ..Default::default() };
+        let config = jetstream::object_store::Config {
+            bucket: subj::MODEL_BLOBS.to_string(),
+            num_replicas: r.replicas.max(1),
+            ..Default::default()
+        };
         js.create_object_store(config).await.map_err(js_err)?;
     }
     Ok(())

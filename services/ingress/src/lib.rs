@@ -5,12 +5,13 @@
 //! there, so a payload can never claim another tenant.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
+use sundara_common::admission::{Refusal, TenantPolicy};
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats, telemetry};
 use sundara_schemas::{
     DecodeError, Limits, ModelMeta, RejectCode, SubmitOutcome, SubmitReply, SubmitRequest, Task, TensorError,
@@ -33,6 +34,11 @@ pub struct Config {
     /// How long a model's fit in the fleet (see [`fits`]) is reused before Redis is asked again.
     pub fit_refresh: Duration,
     pub retention: nats::Retention,
+    /// Per-tenant limits on rate, tasks in flight and payload size.
+    pub tenants: TenantPolicy,
+    /// Tasks in flight in the whole fleet (admitted, no result yet) beyond which every
+    /// tenant is told `overloaded`: the backlog, and the memory it takes, stay bounded.
+    pub max_in_flight: u64,
 }
 
 impl Config {
@@ -46,6 +52,8 @@ impl Config {
             concurrency: 256,
             fit_refresh: Duration::from_secs(1),
             retention: nats::Retention::default(),
+            tenants: TenantPolicy::default(),
+            max_in_flight: 100_000,
         }
     }
 }
@@ -185,7 +193,9 @@ impl Ingress {
     }
 
     async fn accept(&self, tenant: &str, payload: &[u8]) -> Result<(String, bool), Rejection> {
-        let req = decode_request(payload, self.config.max_request_bytes)?;
+        let limits = self.config.tenants.limits(tenant);
+        let max_bytes = limits.max_payload_bytes.min(self.config.max_request_bytes);
+        let req = decode_request(payload, max_bytes)?;
         if req.request_id.as_ref().is_some_and(|r| r.len() > 256) {
             return Err(reject(RejectCode::Malformed, "request_id is longer than 256 bytes"));
         }
@@ -203,6 +213,8 @@ impl Ingress {
             .unwrap_or(self.config.default_timeout)
             .min(self.config.max_timeout);
         let task_id = task_id(tenant, req.request_id.as_deref());
+        let deadline_at_ms = now + timeout.as_millis() as u64;
+        self.admit(tenant, &task_id, deadline_at_ms).await?;
         let task = Task {
             v: WIRE_VERSION,
             task_id: task_id.clone(),
@@ -212,7 +224,7 @@ impl Ingress {
             inputs: req.inputs,
             seed: req.seed,
             submitted_at_ms: now,
-            deadline_at_ms: now + timeout.as_millis() as u64,
+            deadline_at_ms,
             accepted_at_us: now_us(),
             priority: req.priority,
         };
@@ -226,9 +238,54 @@ impl Ingress {
                 metrics::counter!("sundara_ingress_accepted_total", &labels).increment(1);
                 Ok((task_id, ack.duplicate))
             }
-            Err(e) if e.to_string().contains("maximum") => Err(reject(RejectCode::Overloaded, e.to_string())),
-            Err(e) => Err(reject(RejectCode::Internal, e.to_string())),
+            Err(e) => {
+                // Never stored, so never finished: it must not hold the tenant's slot.
+                if let Err(e) = self.capacity.finish(tenant, &task_id).await {
+                    tracing::warn!(error = %e, "could not release an unstored task's slot");
+                }
+                let code =
+                    if e.to_string().contains("maximum") { RejectCode::Overloaded } else { RejectCode::Internal };
+                Err(reject(code, e.to_string()))
+            }
         }
+    }
+
+    /// Counts the task against its tenant's limits and the fleet's. If Redis cannot
+    /// answer, the task is admitted: the limits are fairness, and the TASKS stream's own
+    /// size bound still holds.
+    async fn admit(&self, tenant: &str, task_id: &str, deadline_at_ms: u64) -> Result<(), Rejection> {
+        let limits = self.config.tenants.limits(tenant);
+        match self.capacity.admit(tenant, task_id, deadline_at_ms, limits, self.config.max_in_flight).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Refusal::RateLimited { retry_after })) => Err(reject(
+                RejectCode::RateLimited,
+                format!("tenant {tenant} is over its rate limit; retry after {} ms", retry_after.as_millis().max(1)),
+            )),
+            Ok(Err(Refusal::TenantInFlight { max })) => Err(reject(
+                RejectCode::TooManyInFlight,
+                format!("tenant {tenant} has {max} tasks in flight, its limit; retry when results arrive"),
+            )),
+            Ok(Err(Refusal::FleetInFlight { max })) => {
+                Err(reject(RejectCode::Overloaded, format!("the fleet has {max} tasks in flight; retry later")))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read admission state; admitting");
+                Ok(())
+            }
+        }
+    }
+
+    /// A stored result finishes its task: it no longer counts against the limits.
+    async fn on_result(&self, msg: async_nats::jetstream::Message) {
+        use async_nats::jetstream::AckKind;
+        if let Some((tenant, task)) = subj::result_parts(&msg.subject)
+            && let Err(e) = self.capacity.finish(tenant, task).await
+        {
+            tracing::warn!(error = %e, "could not release a finished task; will retry");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            return;
+        }
+        let _ = msg.ack().await;
     }
 }
 
@@ -275,10 +332,20 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
         .add(subj::SUBMIT_ALL)
         .await
         .map_err(|e| IngressError::Service(e.to_string()))?;
-    let ingress = Ingress { config: config.clone(), js, registry, capacity, fit_cache: Mutex::default() };
+    // Headers only: finishing a task needs its subject, not its outputs.
+    let results_config = async_nats::jetstream::consumer::pull::Config {
+        headers_only: true,
+        ..nats::consumer_config("ingress-finish", "sundara.result.>", Duration::from_secs(30), 4096)
+    };
+    let results = nats::ensure_consumer(&js, subj::RESULTS_STREAM, results_config).await?;
+    let ingress = Arc::new(Ingress { config: config.clone(), js, registry, capacity, fit_cache: Mutex::default() });
+    let finish = tokio::spawn({
+        let (ingress, shutdown) = (ingress.clone(), shutdown.clone());
+        async move { nats::consume(&results, &shutdown, 64, |msg| ingress.on_result(msg)).await }
+    });
     tracing::info!(subject = subj::SUBMIT_ALL, "ingress serving");
     let serve = endpoint.take_until(shutdown.cancelled()).for_each_concurrent(config.concurrency, |request| {
-        let ingress = &ingress;
+        let ingress = &*ingress;
         async move {
             let span = tracing::info_span!(
                 target: sundara_common::telemetry::SPANS,
@@ -304,9 +371,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
     });
     serve.await;
     let _ = service.stop().await;
+    let finished = finish.await.map_err(|e| IngressError::Service(format!("result consumer: {e}")))?;
     let _ = client.flush().await;
     tracing::info!("ingress stopped");
-    Ok(())
+    finished.map_err(IngressError::from)
 }
 
 #[cfg(test)]

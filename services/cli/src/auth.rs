@@ -1,0 +1,242 @@
+//! Least privilege on NATS: one NKey user per validator, tenant and miner, each allowed
+//! only its own subjects. `sundara auth init` writes the users' seed files and the
+//! server's `authorization` block (include it from nats-server's config and reload).
+//!
+//! - **validator** (ingress, scheduler, verifier, rewarder, autoscaler, operators): everything.
+//! - **tenant `t`**: publish on `sundara.submit.t`; read the registry; read results only
+//!   through consumers filtered to `sundara.result.t.>`.
+//! - **miner `w`**: read the registry; pull only from its own WORK consumer (filter
+//!   `sundara.work.*.w`); publish outcomes only as `w`, reports only on
+//!   `sundara.report.w`; answer commands on `sundara.control.w`.
+//!
+//! Every user receives replies only on its own inbox prefix (`_INBOX_<public key>`), so no
+//! one can read another's replies or JetStream acks.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use sundara_common::nats::{Identity, inbox_prefix};
+use sundara_schemas::subjects as subj;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0:?} is not a valid name (1-64 of [A-Za-z0-9_-])")]
+    InvalidName(String),
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Credentials(#[from] sundara_common::Error),
+}
+
+/// Who a user is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Validator,
+    Tenant(String),
+    Miner(String),
+}
+
+impl Role {
+    /// Its seed file's name in the credentials directory.
+    pub fn file_name(&self) -> String {
+        match self {
+            Role::Validator => "validator.nk".into(),
+            Role::Tenant(t) => format!("tenant-{t}.nk"),
+            Role::Miner(w) => format!("miner-{w}.nk"),
+        }
+    }
+
+    fn from_file_name(name: &str) -> Option<Role> {
+        let stem = name.strip_suffix(".nk")?;
+        let role = match stem {
+            "validator" => Role::Validator,
+            _ => match stem.split_once('-')? {
+                ("tenant", t) => Role::Tenant(t.to_string()),
+                ("miner", w) => Role::Miner(w.to_string()),
+                _ => return None,
+            },
+        };
+        let named = match &role {
+            Role::Validator => true,
+            Role::Tenant(n) | Role::Miner(n) => subj::is_token(n),
+        };
+        named.then_some(role)
+    }
+}
+
+/// Subjects a user may publish to and subscribe to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+    /// May answer requests it received (a miner's control replies) without a publish grant.
+    pub allow_responses: bool,
+}
+
+/// Read-only access to a stream through consumers (registry streams only: their content is
+/// the same for everyone).
+fn read_stream(stream: &str) -> Vec<String> {
+    [
+        format!("$JS.API.STREAM.INFO.{stream}"),
+        format!("$JS.API.STREAM.MSG.GET.{stream}"),
+        format!("$JS.API.DIRECT.GET.{stream}"),
+        format!("$JS.API.DIRECT.GET.{stream}.>"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+        format!("$JS.API.CONSUMER.INFO.{stream}.*"),
+        format!("$JS.API.CONSUMER.DELETE.{stream}.*"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
+        format!("$JS.FC.{stream}.>"),
+    ]
+    .into()
+}
+
+fn registry_read() -> Vec<String> {
+    let mut subjects = read_stream(&format!("KV_{}", subj::MODELS_BUCKET));
+    subjects.extend(read_stream(&format!("OBJ_{}", subj::MODEL_BLOBS)));
+    subjects
+}
+
+/// What `role` (whose public key is `public_key`) may do.
+pub fn permissions(role: &Role, public_key: &str) -> Permissions {
+    let inbox = format!("{}.>", inbox_prefix(public_key));
+    match role {
+        Role::Validator => {
+            Permissions { publish: vec![">".into()], subscribe: vec![">".into()], allow_responses: false }
+        }
+        Role::Tenant(t) => {
+            let results = subj::RESULTS_STREAM;
+            let mut publish = vec![
+                subj::submit(t),
+                // The create request names the filter, so the server checks it is the tenant's own.
+                format!("$JS.API.CONSUMER.CREATE.{results}.*.{}", subj::results_of(t)),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{results}.*"),
+                format!("$JS.API.CONSUMER.INFO.{results}.*"),
+                format!("$JS.API.CONSUMER.DELETE.{results}.*"),
+            ];
+            publish.extend(registry_read());
+            Permissions { publish, subscribe: vec![inbox], allow_responses: false }
+        }
+        Role::Miner(w) => {
+            let (work, consumer) = (subj::WORK_STREAM, format!("worker-{w}"));
+            let mut publish = vec![
+                subj::outcome("*", w),
+                subj::report(w),
+                format!("$JS.API.STREAM.INFO.{work}"),
+                format!("$JS.API.CONSUMER.CREATE.{work}.{consumer}.{}", subj::work_of(w)),
+                format!("$JS.API.CONSUMER.INFO.{work}.{consumer}"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{work}.{consumer}"),
+                format!("$JS.ACK.{work}.{consumer}.>"),
+            ];
+            publish.extend(registry_read());
+            Permissions { publish, subscribe: vec![inbox, subj::control(w)], allow_responses: true }
+        }
+    }
+}
+
+/// nats-server's `authorization` block for these users.
+pub fn server_config(users: &[(Role, String)]) -> String {
+    let list = |subjects: &[String]| subjects.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    let mut out =
+        String::from("# Written by `sundara auth init`: one NKey user per role.\nauthorization {\n  users = [\n");
+    for (role, key) in users {
+        let p = permissions(role, key);
+        out.push_str(&format!(
+            "    # {role:?}\n    {{ nkey: {key:?}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }}{} }} }}\n",
+            list(&p.publish),
+            list(&p.subscribe),
+            if p.allow_responses { ", allow_responses: true" } else { "" },
+        ));
+    }
+    out.push_str("  ]\n}\n");
+    out
+}
+
+/// What `init` left in the directory.
+#[derive(Debug)]
+pub struct AuthDir {
+    pub dir: PathBuf,
+    /// Every user, by role, with its public key.
+    pub users: BTreeMap<Role, String>,
+    /// The `authorization` block, also written to `auth.conf`.
+    pub server_config: String,
+}
+
+impl AuthDir {
+    /// The seed file of `role` (it exists after `init` named the role).
+    pub fn credentials(&self, role: &Role) -> PathBuf {
+        self.dir.join(role.file_name())
+    }
+}
+
+/// Makes sure `dir` has a seed for the validator and every named tenant and miner (existing
+/// seeds are kept, so adding a miner does not change anyone else's key), then writes
+/// `auth.conf` for every user whose seed is in `dir`.
+pub fn init(dir: &Path, tenants: &[String], miners: &[String]) -> Result<AuthDir, AuthError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: std::io::Error| AuthError::Io { path, reason: e.to_string() }
+    };
+    for name in tenants.iter().chain(miners) {
+        if !subj::is_token(name) {
+            return Err(AuthError::InvalidName(name.clone()));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let wanted = std::iter::once(Role::Validator)
+        .chain(tenants.iter().map(|t| Role::Tenant(t.clone())))
+        .chain(miners.iter().map(|m| Role::Miner(m.clone())));
+    for role in wanted {
+        let path = dir.join(role.file_name());
+        if !path.exists() {
+            Identity::generate().write(&path)?;
+        }
+    }
+    let mut users = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        if let Some(role) = entry.file_name().to_str().and_then(Role::from_file_name) {
+            users.insert(role, Identity::load(&entry.path())?.public_key);
+        }
+    }
+    let config = server_config(&users.iter().map(|(r, k)| (r.clone(), k.clone())).collect::<Vec<_>>());
+    let conf = dir.join("auth.conf");
+    std::fs::write(&conf, &config).map_err(io(&conf))?;
+    Ok(AuthDir { dir: dir.to_path_buf(), users, server_config: config })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_round_trip_through_file_names() {
+        for role in [Role::Validator, Role::Tenant("acme".into()), Role::Miner("m-1".into())] {
+            assert_eq!(Role::from_file_name(&role.file_name()), Some(role));
+        }
+        assert_eq!(Role::from_file_name("tenant-a.b.nk"), None);
+        assert_eq!(Role::from_file_name("auth.conf"), None);
+    }
+
+    #[test]
+    fn a_miner_may_touch_only_its_own_subjects() {
+        let p = permissions(&Role::Miner("m1".into()), "UKEY");
+        assert!(p.publish.contains(&"sundara.outcome.*.m1".to_string()));
+        assert!(p.publish.contains(&"sundara.report.m1".to_string()));
+        assert!(!p.publish.iter().any(|s| s == ">" || s.starts_with("sundara.submit") || s.contains("m2")));
+        assert_eq!(p.subscribe, vec!["_INBOX_UKEY.>".to_string(), "sundara.control.m1".to_string()]);
+    }
+
+    #[test]
+    fn init_keeps_existing_keys_and_adds_new_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = init(dir.path(), &["a".into()], &["m1".into()]).unwrap();
+        let second = init(dir.path(), &[], &["m2".into()]).unwrap();
+        assert_eq!(second.users.len(), 4, "validator, a, m1 and m2");
+        for (role, key) in &first.users {
+            assert_eq!(&second.users[role], key, "{role:?} kept its key");
+        }
+        assert!(second.server_config.contains(&second.users[&Role::Miner("m2".into())]));
+        assert!(init(dir.path(), &["a.b".into()], &[]).is_err());
+    }
+}

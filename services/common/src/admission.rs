@@ -1,0 +1,172 @@
+//! Admission: per-tenant limits (rate, tasks in flight, payload size) and the fleet-wide
+//! bound on tasks in flight, kept in Redis so that every ingress replica enforces the same
+//! numbers. A task counts as in flight from its admission until its result is stored or
+//! its deadline passes, whichever comes first, so a lost release never leaks a slot for
+//! longer than the task's own deadline.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::Script;
+
+use crate::{Capacity, Error};
+
+/// One tenant's limits.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Sustained submissions per second; `None` for no rate limit.
+    pub rate_per_s: Option<f64>,
+    /// Submissions accepted at once before the rate applies (at least 1).
+    pub burst: u32,
+    /// Tasks admitted and not yet finished.
+    pub max_in_flight: u32,
+    /// Largest submission, in bytes (ingress' own maximum applies above it).
+    pub max_payload_bytes: usize,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        TenantLimits { rate_per_s: None, burst: 100, max_in_flight: 10_000, max_payload_bytes: 4 << 20 }
+    }
+}
+
+/// Limits for every tenant: a default and per-tenant overrides.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantPolicy {
+    pub default: TenantLimits,
+    pub tenants: HashMap<String, TenantLimits>,
+}
+
+impl TenantPolicy {
+    pub fn limits(&self, tenant: &str) -> &TenantLimits {
+        self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+
+    /// Reads a policy from JSON: `{"default": {...}, "tenants": {"acme": {...}}}`; fields
+    /// left out take their defaults.
+    pub fn from_json(text: &str) -> Result<TenantPolicy, String> {
+        let policy: TenantPolicy = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        for (name, limits) in
+            std::iter::once(("default", &policy.default)).chain(policy.tenants.iter().map(|(n, l)| (n.as_str(), l)))
+        {
+            if limits.rate_per_s.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                return Err(format!("{name}: rate_per_s must be a positive number"));
+            }
+        }
+        Ok(policy)
+    }
+}
+
+/// Why a task was not admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the tenant's rate: it may submit again after this long.
+    RateLimited { retry_after: Duration },
+    /// The tenant has `max_in_flight` tasks in flight.
+    TenantInFlight { max: u32 },
+    /// The fleet has `max` tasks in flight.
+    FleetInFlight { max: u64 },
+}
+
+/// Per tenant: `tenant:<t>:inflight` (task → deadline) and `tenant:<t>:tat` (the rate's
+/// theoretical arrival time, GCRA); fleet-wide: `inflight:tasks` (task → deadline).
+/// ARGV: tenant, task, now_ms, deadline_ms, rate_per_s (0 = none), burst, tenant max,
+/// fleet max. Returns {0} when admitted (also when this task already was: a retry),
+/// {1, retry_after_ms}, {2} (tenant in flight) or {3} (fleet in flight).
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t, id, now, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local rate, burst, tmax, fmax = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local tkey, fkey = 'sundara:tenant:' .. t .. ':inflight', 'sundara:inflight:tasks'
+redis.call('ZREMRANGEBYSCORE', tkey, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', fkey, '-inf', now)
+if redis.call('ZSCORE', tkey, id) then return {0} end
+local rkey, tat, interval = 'sundara:tenant:' .. t .. ':tat', now, 0
+if rate > 0 then
+  interval = 1000 / rate
+  tat = math.max(tonumber(redis.call('GET', rkey) or now), now)
+  local allowed_at = tat - (burst - 1) * interval
+  if now < allowed_at then return {1, math.ceil(allowed_at - now)} end
+end
+if redis.call('ZCARD', tkey) >= tmax then return {2} end
+if redis.call('ZCARD', fkey) >= fmax then return {3} end
+if rate > 0 then
+  redis.call('SET', rkey, tostring(tat + interval), 'PX', math.ceil(burst * interval) + 1000)
+end
+redis.call('ZADD', tkey, deadline, id)
+redis.call('ZADD', fkey, deadline, id)
+-- Sets of idle tenants expire after their last deadline.
+for _, key in ipairs({tkey, fkey}) do
+  if redis.call('PTTL', key) < deadline - now + 1000 then redis.call('PEXPIRE', key, deadline - now + 1000) end
+end
+return {0}
+"#,
+    )
+});
+
+impl Capacity {
+    /// Admits `task` of `tenant` (deadline `deadline_ms`) under `limits` and the fleet's
+    /// `fleet_max` tasks in flight, or says why not. Idempotent per task.
+    pub async fn admit(
+        &self,
+        tenant: &str,
+        task: &str,
+        deadline_ms: u64,
+        limits: &TenantLimits,
+        fleet_max: u64,
+    ) -> Result<Result<(), Refusal>, Error> {
+        let mut con = self.con.clone();
+        let mut call = ADMIT.prepare_invoke();
+        call.arg(tenant)
+            .arg(task)
+            .arg(sundara_schemas::now_ms())
+            .arg(deadline_ms)
+            .arg(limits.rate_per_s.unwrap_or(0.0))
+            .arg(limits.burst.max(1))
+            .arg(limits.max_in_flight)
+            .arg(fleet_max);
+        let answer: Vec<u64> = call.invoke_async(&mut con).await?;
+        Ok(match answer.as_slice() {
+            [0] => Ok(()),
+            [1, after] => Err(Refusal::RateLimited { retry_after: Duration::from_millis(*after) }),
+            [2] => Err(Refusal::TenantInFlight { max: limits.max_in_flight }),
+            _ => Err(Refusal::FleetInFlight { max: fleet_max }),
+        })
+    }
+
+    /// A task of `tenant` is finished (its result is stored) or was never stored: it no
+    /// longer counts against any limit.
+    pub async fn finish(&self, tenant: &str, task: &str) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        redis::pipe()
+            .zrem(format!("sundara:tenant:{tenant}:inflight"), task)
+            .ignore()
+            .zrem("sundara:inflight:tasks", task)
+            .ignore()
+            .query_async::<()>(&mut con)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_read_from_json_with_defaults_and_overrides() {
+        let p =
+            TenantPolicy::from_json(r#"{"default": {"max_in_flight": 5}, "tenants": {"acme": {"rate_per_s": 2.5}}}"#)
+                .unwrap();
+        assert_eq!(p.limits("other").max_in_flight, 5);
+        assert_eq!(p.limits("other").rate_per_s, None);
+        assert_eq!(p.limits("acme").rate_per_s, Some(2.5));
+        assert_eq!(p.limits("acme").max_in_flight, TenantLimits::default().max_in_flight, "fields left out default");
+        assert!(TenantPolicy::from_json(r#"{"default": {"rate_per_s": 0}}"#).is_err());
+        assert!(TenantPolicy::from_json(r#"{"default": {"rate": 1}}"#).is_err(), "unknown fields are refused");
+    }
+}
