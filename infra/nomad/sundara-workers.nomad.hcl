@@ -33,12 +33,6 @@ variable "nats_url" {
   default     = ""
 }
 
-variable "redis_url" {
-  description = "Redis URL; empty: the sundara-redis Nomad service."
-  type        = string
-  default     = ""
-}
-
 variable "otlp_endpoint" {
   description = "OTLP/gRPC endpoint for traces; empty: no traces."
   type        = string
@@ -83,9 +77,9 @@ variable "gpu_slice" {
 
 locals {
   nats_env  = var.nats_url != "" ? "SUNDARA_NATS_URL=${var.nats_url}\n" : "{{ range nomadService \"sundara-nats\" }}SUNDARA_NATS_URL=nats://{{ .Address }}:{{ .Port }}\n{{ end }}"
-  redis_env = var.redis_url != "" ? "SUNDARA_REDIS_URL=${var.redis_url}\n" : "{{ range nomadService \"sundara-redis\" }}SUNDARA_REDIS_URL=redis://{{ .Address }}:{{ .Port }}/\n{{ end }}"
   otlp_env  = var.otlp_endpoint != "" ? "OTEL_EXPORTER_OTLP_ENDPOINT=${var.otlp_endpoint}\n" : ""
-  endpoints = "${local.nats_env}${local.redis_env}${local.otlp_env}"
+  # Miners reach only NATS (their reports go through the scheduler's fleet gateway): no Redis.
+  endpoints = "${local.nats_env}${local.otlp_env}"
 }
 
 job "sundara-workers" {
