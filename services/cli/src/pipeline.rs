@@ -42,6 +42,9 @@ pub struct PipelineConfig {
     /// Ingress' per-tenant limits and the fleet's bound on tasks in flight.
     pub tenants: sundara_common::admission::TenantPolicy,
     pub max_in_flight: u64,
+    /// With NATS auth on: the `sundara auth init` directory, whose `miner-<id>.nk` each
+    /// worker connects with (the services use `endpoints`' credentials).
+    pub miner_credentials: Option<PathBuf>,
 }
 
 /// Whether ingress answers and every one of `workers` has announced itself in Redis.
@@ -107,6 +110,9 @@ impl Pipeline {
             self.config.ort_library.clone(),
             self.config.cache_dir.clone(),
         );
+        if let Some(dir) = &self.config.miner_credentials {
+            c.nats.credentials = Some(dir.join(crate::auth::Role::Miner(spec.id.clone()).file_name()));
+        }
         c.slices = spec.slices.clone();
         c.behaviour = spec.behaviour;
         c

@@ -10,6 +10,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
+use sundara_common::nats::NatsEndpoint;
 use sundara_common::{Endpoints, Registry, nats};
 use sundara_schemas::{
     CompareRule, EpochWeights, MAX_MESSAGE_BYTES, ModelMeta, Policy, ResultStatus, SubmitOutcome, SubmitRequest,
@@ -133,17 +134,39 @@ pub async fn explain_rewards(js: &jetstream::Context, epoch: Option<u64>, miner:
     Ok(())
 }
 
+/// The tenant `up` submits its demo load as.
+const DEMO_TENANT: &str = "demo";
+
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let recorder = sundara_common::metrics::install(opts.metrics)?;
     let root = project_root();
     let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root))?;
     sundara_runtime::init(&ort_library)?;
-    let (endpoints, _stack) = match opts.endpoints {
-        Some(ep) => (ep, None),
-        None => {
+    let miner_ids: Vec<String> = (1..=opts.honest_workers + 1).map(|i| format!("miner-{i}")).collect();
+    // The embedded stack runs NATS with a user per role (docs/reliability.md), except with
+    // an autoscaled pool, whose workers are named as they start and so have no seeds.
+    let (endpoints, auth, _stack, _auth_dir) = match opts.endpoints {
+        Some(ep) => (ep, None, None, None),
+        None if opts.autoscale.is_some() => {
             let stack = LocalStack::start(&root)?;
-            println!("nats-server on {}, redis-server on {}", stack.endpoints().nats.url, stack.endpoints().redis_url);
-            (stack.endpoints(), Some(stack))
+            println!(
+                "nats-server on {} (no auth: --autoscale), redis-server on {}",
+                stack.endpoints().nats.url,
+                stack.endpoints().redis_url
+            );
+            (stack.endpoints(), None, Some(stack), None)
+        }
+        None => {
+            let dir = tempfile::Builder::new().prefix("sundara-auth-").tempdir()?;
+            let auth = crate::auth::init(dir.path(), &[DEMO_TENANT.to_string()], &miner_ids)?;
+            let stack = LocalStack::start_secured(&root, &auth)?;
+            println!(
+                "nats-server on {} with {} users (validator, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
+                stack.endpoints().nats.url,
+                auth.users.len(),
+                stack.endpoints().redis_url
+            );
+            (stack.endpoints(), Some(auth), Some(stack), Some(dir))
         }
     };
     let nats_client = nats::connect(&endpoints.nats, "sundara-up").await?;
@@ -157,14 +180,14 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
 
     let secret: Vec<u8> = rand::rng().random::<[u8; 32]>().to_vec();
     let mut workers: Vec<WorkerSpec> =
-        (1..=opts.honest_workers).map(|i| WorkerSpec::cpu(&format!("miner-{i}"), 2, Behaviour::Honest)).collect();
+        miner_ids[..opts.honest_workers].iter().map(|id| WorkerSpec::cpu(id, 2, Behaviour::Honest)).collect();
     // The first miner splits its machine in two CPU slices of one thread, the second of
     // which has room for only one model at a time: it swaps models as the demo alternates.
     workers[0].slices = vec![
         SliceConfig::cpu("cpu0", 1, sundara_worker::default_cpu_memory(2)),
         SliceConfig::cpu("small", 1, 128 << 20),
     ];
-    let liar = format!("miner-{}", opts.honest_workers + 1);
+    let liar = miner_ids[opts.honest_workers].clone();
     workers.push(WorkerSpec::cpu(&liar, 2, Behaviour::Dishonest));
     let cache_dir = root.join(".cache/worker-models");
     let scaling = match opts.autoscale {
@@ -182,6 +205,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         scaling,
         tenants: Default::default(),
         max_in_flight: 100_000,
+        miner_credentials: auth.as_ref().map(|a| a.dir.clone()),
     })
     .await;
     pipeline.ready(Duration::from_secs(60)).await.map_err(|e| anyhow::anyhow!(e))?;
@@ -190,7 +214,11 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
     );
 
-    let summary = demo_load(&endpoints, &models, opts.tasks).await;
+    let tenant = NatsEndpoint {
+        url: endpoints.nats.url.clone(),
+        credentials: auth.as_ref().map(|a| a.credentials(&crate::auth::Role::Tenant(DEMO_TENANT.into()))),
+    };
+    let summary = demo_load(&tenant, &models, opts.tasks).await;
     if let Some(failed) = pipeline.failed() {
         bail!("{failed} stopped unexpectedly");
     }
@@ -270,8 +298,8 @@ pub fn verification_summary(metrics_text: &str) -> String {
 }
 
 /// Submits `tasks` demo tasks (alternating models) and waits for every result.
-async fn demo_load(endpoints: &Endpoints, models: &[ModelMeta], tasks: usize) -> anyhow::Result<(usize, usize)> {
-    let client = Client::connect(&endpoints.nats, "demo").await?;
+async fn demo_load(tenant: &NatsEndpoint, models: &[ModelMeta], tasks: usize) -> anyhow::Result<(usize, usize)> {
+    let client = Client::connect(tenant, DEMO_TENANT).await?;
     let mut results = client.results().await?;
     let bar = ProgressBar::new(tasks as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} verified tasks {msg}").expect("valid template"));
