@@ -1,0 +1,180 @@
+//! Faults under load, on real servers with every service and worker as its own process:
+//! SIGKILL of each service in turn and of workers, nats-server restarted, a node of a
+//! three-node JetStream cluster lost, Redis restarted empty. After each, every accepted
+//! task ends exactly once (verified, expired or dead-lettered), and the time to recover
+//! is measured and bounded.
+//!
+//! Each fault prints one line:
+//! `FAULT <name>: recovery_ms=… drain_ms=… accepted=… verified=… expired=… no_consensus=… dead=… retried=… duplicates=…`
+//! where recovery is kill → first result of a task accepted after the restart, drain is
+//! restart → last result of the tasks accepted before it, and the counts are the test's.
+
+mod support;
+
+use std::time::Duration;
+
+use sundara_schemas::{MAX_MESSAGE_BYTES, Verdict, decode, now_us, subjects as subj};
+use support::processes::{Accepted, Fault, ProcessStack, Settled, StackOptions};
+
+/// Submissions a second while faults happen.
+const RATE: u32 = 20;
+/// How long a killed service stays down before it is started again (a supervisor's
+/// restart delay; the fault, not a wait for an event).
+const DOWN: Duration = Duration::from_millis(1000);
+/// Accepted submissions between faults (about two seconds of load).
+const BETWEEN: usize = 2 * RATE as usize;
+/// Bounds: a fault's first new result, and the last result of the work it caught.
+const RECOVERY_BOUND_MS: u64 = 30_000;
+/// Outcomes or tasks held un-acked by a killed service come back after their ack wait
+/// (30 s); tasks caught by a lost replica end at their deadline (15 s).
+const DRAIN_BOUND_MS: u64 = 60_000;
+/// How long every accepted task may take to end after the load stops.
+const SETTLE: Duration = Duration::from_secs(90);
+/// How long a task accepted after a fault may take to get its result.
+const RECOVERY: Duration = Duration::from_secs(30);
+
+fn three_workers() -> StackOptions {
+    StackOptions::new(2, &["w1", "w2", "w3"])
+}
+
+/// Prints each fault's figures and checks the bounds.
+fn check_recoveries(stack: &ProcessStack, faults: &[Fault], accepted: &[Accepted], settled: &Settled) {
+    for (fault, r) in faults.iter().zip(stack.report(faults, accepted, settled)) {
+        assert!(r.recovery_ms < RECOVERY_BOUND_MS, "{}: recovery took {} ms", fault.name, r.recovery_ms);
+        assert!(r.drain_ms < DRAIN_BOUND_MS, "{}: draining took {} ms", fault.name, r.drain_ms);
+    }
+    assert!(settled.verified > 0 && settled.accepted >= 50, "{settled:?}");
+}
+
+/// Every verdict stored.
+async fn verdicts(stack: &ProcessStack) -> Vec<Verdict> {
+    use futures::StreamExt;
+    let mut stream = stack.js.get_stream(subj::VERDICTS_STREAM).await.unwrap();
+    let count = stream.info().await.unwrap().state.messages as usize;
+    let consumer =
+        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while out.len() < count {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap().unwrap();
+        out.push(decode(&m.payload, MAX_MESSAGE_BYTES).unwrap());
+    }
+    out
+}
+
+/// Each service in turn is SIGKILLed under load and started again a second later: the
+/// verifier (outcomes it held come back after their ack wait), the scheduler (the fleet
+/// gateway goes with it, so heartbeats stop), the ingress (submissions in flight get no
+/// answer and are retried with the same request id), the rewarder and the autoscaler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_each_service_in_turn_loses_no_task() {
+    let mut stack = ProcessStack::start(three_workers()).await;
+    let load = stack.load("services", RATE);
+    stack.first_result_accepted_after(&load, 0, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let mut faults = Vec::new();
+    for name in ["verifier", "scheduler", "ingress", "rewarder", "autoscaler"] {
+        let killed_us = stack.kill_service(name);
+        tokio::time::sleep(DOWN).await;
+        stack.start_service(name);
+        let restarted_us = now_us();
+        stack.first_result_accepted_after(&load, restarted_us, RECOVERY).await;
+        stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+        faults.push(Fault { name: format!("sigkill-{name}"), killed_us, restarted_us });
+    }
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let accepted = load.stop().await;
+    let settled = stack.settle(&accepted, SETTLE).await;
+    check_recoveries(&stack, &faults, &accepted, &settled);
+    assert!(settled.retried > 0, "no submission was retried while the ingress was down: {settled:?}");
+}
+
+/// Two of three workers are SIGKILLed under load, one at a time, each while it holds
+/// assignments: the autoscaler declares it dead, its replicas are reassigned, and it
+/// comes back before the next one goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_workers_loses_no_task() {
+    let mut stack = ProcessStack::start(three_workers()).await;
+    let load = stack.load("workers", RATE);
+    stack.first_result_accepted_after(&load, 0, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let mut faults = Vec::new();
+    for victim in ["w1", "w2"] {
+        stack.wait_holding(victim, 2, Duration::from_secs(30)).await;
+        let killed_us = stack.kill_worker(victim);
+        stack.wait_declared_dead(victim, Duration::from_secs(15)).await;
+        stack.first_result_accepted_after(&load, killed_us, RECOVERY).await;
+        // What it held has been reassigned and answered before it comes back.
+        let before: Vec<Accepted> =
+            load.log.lock().unwrap().accepted.iter().filter(|a| a.at_us <= killed_us).cloned().collect();
+        stack.await_results(&before, RECOVERY).await;
+        faults.push(Fault { name: format!("sigkill-worker-{victim}"), killed_us, restarted_us: killed_us });
+        stack.start_worker(victim);
+        stack.wait_for_worker(victim).await;
+        stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    }
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let accepted = load.stop().await;
+    let settled = stack.settle(&accepted, SETTLE).await;
+    check_recoveries(&stack, &faults, &accepted, &settled);
+    let reassigned = verdicts(&stack).await.iter().flat_map(|v| v.miners.clone()).filter(|m| m.attempt > 0).count();
+    assert!(reassigned > 0, "no replica was reassigned");
+}
+
+/// nats-server is SIGKILLed under load and started again on the same port and store a
+/// second later: JetStream recovers the streams from disk, every process reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_server_restarted_under_load_loses_no_task() {
+    let mut stack = ProcessStack::start(three_workers()).await;
+    let load = stack.load("nats", RATE);
+    stack.first_result_accepted_after(&load, 0, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let killed_us = stack.kill_nats();
+    tokio::time::sleep(DOWN).await;
+    stack.start_nats_again();
+    let restarted_us = now_us();
+    stack.first_result_accepted_after(&load, restarted_us, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let accepted = load.stop().await;
+    let settled = stack.settle(&accepted, SETTLE).await;
+    let fault = Fault { name: "nats-restart".into(), killed_us, restarted_us };
+    check_recoveries(&stack, &[fault], &accepted, &settled);
+}
+
+/// A three-node JetStream cluster with every stream, bucket and the object store
+/// replicated three times loses the node that leads the TASKS stream under load; the
+/// services, given all three URLs, carry on with the other two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_losing_a_node_loses_no_task() {
+    let mut stack = ProcessStack::start(StackOptions { cluster: Some(3), ..three_workers() }).await;
+    let load = stack.load("cluster", RATE);
+    stack.first_result_accepted_after(&load, 0, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let leader = stack.stream_leader(subj::TASKS_STREAM).await;
+    let killed_us = stack.kill_cluster_node(&leader);
+    stack.first_result_accepted_after(&load, killed_us, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let accepted = load.stop().await;
+    let settled = stack.settle(&accepted, SETTLE).await;
+    let fault = Fault { name: format!("cluster-node-{leader}-lost"), killed_us, restarted_us: killed_us };
+    check_recoveries(&stack, &[fault], &accepted, &settled);
+}
+
+/// Redis is SIGKILLed under load and an empty one takes its port: the workers announce
+/// themselves again through the gateway, and scheduling resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restarted_empty_under_load_loses_no_task() {
+    let mut stack = ProcessStack::start(three_workers()).await;
+    let load = stack.load("redis", RATE);
+    stack.first_result_accepted_after(&load, 0, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let killed_us = now_us();
+    stack.restart_redis_empty();
+    let restarted_us = now_us();
+    stack.first_result_accepted_after(&load, restarted_us, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    let accepted = load.stop().await;
+    let settled = stack.settle(&accepted, SETTLE).await;
+    let fault = Fault { name: "redis-restart-empty".into(), killed_us, restarted_us };
+    check_recoveries(&stack, &[fault], &accepted, &settled);
+}

@@ -1,0 +1,775 @@
+//! Fault-injection harness: nats-server (one server, or a JetStream cluster) and
+//! redis-server, and every service and worker as its own `sundara` process, so that any
+//! of them can be SIGKILLed and started again. A load generator submits continuously
+//! and a follower records every result as RESULTS stores it; [`ProcessStack::settle`]
+//! then checks the promise: every accepted task ended once, as a result (verified,
+//! expired or failed) with its dead letter where it has one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::StreamExt;
+use rand::SeedableRng;
+use sundara::client::Client;
+use sundara::stack::{LocalCluster, LocalStack, ServerProcess, project_root};
+use sundara_common::{Capacity, Registry, nats};
+use sundara_schemas::{
+    ClientResult, DeadLetter, FailureCode, MAX_MESSAGE_BYTES, ModelMeta, Policy, RejectCode, ResultStatus,
+    SubmitOutcome, SubmitRequest, decode, now_us, subjects as subj,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{AUDIT_RATE, RULE, SECRET};
+
+/// The validator's services, each a `sundara <name>` process.
+pub const SERVICES: [&str; 5] = ["ingress", "scheduler", "verifier", "rewarder", "autoscaler"];
+
+/// The tenant of every test submission.
+pub const TENANT: &str = "test";
+
+/// What a [`ProcessStack`] runs.
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    /// Redundancy of the model (k distinct miners per task).
+    pub k: u8,
+    /// Worker ids (one CPU thread each).
+    pub workers: Vec<String>,
+    /// `Some(n)`: an n-node JetStream cluster with every stream, bucket and the object
+    /// store replicated n times; `None`: one nats-server.
+    pub cluster: Option<usize>,
+}
+
+impl StackOptions {
+    pub fn new(k: u8, workers: &[&str]) -> StackOptions {
+        StackOptions { k, workers: workers.iter().map(|w| w.to_string()).collect(), cluster: None }
+    }
+}
+
+/// NATS as the stack runs it.
+pub enum Servers {
+    Single(LocalStack),
+    Cluster { nats: LocalCluster, redis: ServerProcess },
+}
+
+/// One submission the ingress accepted.
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub request_id: String,
+    pub task_id: String,
+    /// When the client got `Accepted` (Unix µs).
+    pub at_us: u64,
+    /// Submissions made with this request id (more than one: retried after no answer).
+    pub attempts: u32,
+    /// The ingress recognised the request id (an earlier attempt had stored the task).
+    pub duplicate: bool,
+}
+
+/// What the load generator saw.
+#[derive(Default)]
+pub struct LoadLog {
+    pub accepted: Vec<Accepted>,
+    /// Request ids never accepted within the retry budget.
+    pub given_up: Vec<String>,
+    /// Typed refusals (every one retried; a final one also lands in `given_up`).
+    pub rejected: Vec<RejectCode>,
+}
+
+/// A running load generator.
+pub struct Load {
+    pub log: Arc<Mutex<LoadLog>>,
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    /// Signalled on every acceptance.
+    pub accepted: Arc<Notify>,
+}
+
+impl Load {
+    /// Stops submitting; waits for submissions under way (each bounded by its retry budget).
+    pub async fn stop(self) -> Vec<Accepted> {
+        self.stop.cancel();
+        self.handle.await.expect("load generator");
+        let log = self.log.lock().unwrap();
+        log.accepted.clone()
+    }
+
+    pub fn accepted_count(&self) -> usize {
+        self.log.lock().unwrap().accepted.len()
+    }
+}
+
+/// One stored result as the follower saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub status: Terminal,
+    /// When RESULTS stored it (Unix µs, the server's clock: this machine's).
+    pub stored_us: u64,
+    /// How many times the follower saw this task's result (more than one: stored twice).
+    pub count: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Terminal {
+    Verified,
+    Expired,
+    NoConsensus,
+}
+
+/// Results as RESULTS stores them, by task id.
+#[derive(Default)]
+pub struct Results {
+    pub by_task: Mutex<HashMap<String, Seen>>,
+    pub changed: Notify,
+}
+
+impl Results {
+    /// When the earliest result among `ids` was stored.
+    pub fn first_stored(&self, ids: &HashSet<String>) -> Option<u64> {
+        let seen = self.by_task.lock().unwrap();
+        ids.iter().filter_map(|id| seen.get(id)).map(|s| s.stored_us).min()
+    }
+
+    fn missing<'a>(&self, ids: impl Iterator<Item = &'a String>) -> Vec<String> {
+        let seen = self.by_task.lock().unwrap();
+        ids.filter(|id| !seen.contains_key(*id)).cloned().collect()
+    }
+}
+
+/// One fault and its timeline (Unix µs).
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub name: String,
+    /// When the process (or server) was SIGKILLed.
+    pub killed_us: u64,
+    /// When its replacement was started (for a fault without one: when the fleet was left
+    /// to recover on its own, i.e. the kill).
+    pub restarted_us: u64,
+}
+
+/// What [`ProcessStack::settle`] found.
+#[derive(Debug, Default)]
+pub struct Settled {
+    pub accepted: usize,
+    pub verified: usize,
+    pub expired: usize,
+    pub no_consensus: usize,
+    pub dead: usize,
+    /// Accepted submissions that had to be retried (ingress gone, or its reply lost).
+    pub retried: usize,
+    /// Of those, accepted as duplicates: an earlier attempt had stored the task.
+    pub duplicates: usize,
+}
+
+/// Recovery of one fault, from the results.
+#[derive(Debug)]
+pub struct Recovery {
+    /// Kill → the first result of a task accepted after the restart.
+    pub recovery_ms: u64,
+    /// Restart → the last result of the tasks accepted before it (the backlog drained).
+    pub drain_ms: u64,
+}
+
+/// Servers, services and workers as processes; the test's own NATS client.
+pub struct ProcessStack {
+    pub servers: Servers,
+    pub nats_url: String,
+    pub redis_url: String,
+    pub js: jetstream::Context,
+    pub client: Client,
+    pub model: ModelMeta,
+    pub ort_library: PathBuf,
+    /// Logs (`<name>.log`) and the workers' model cache.
+    pub dir: tempfile::TempDir,
+    services: HashMap<&'static str, Child>,
+    workers: BTreeMap<String, Child>,
+    pub results: Arc<Results>,
+    follower: tokio::task::JoinHandle<()>,
+    started: std::time::Instant,
+}
+
+impl ProcessStack {
+    /// Starts the servers, registers `mlp` with redundancy `k` (no audits), starts every
+    /// service and worker, and waits until the ingress answers and every worker has
+    /// announced itself.
+    pub async fn start(options: StackOptions) -> ProcessStack {
+        let root = project_root();
+        let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root)).expect("run scripts/setup");
+        // `models::push` reads the model's inputs and outputs through ONNX Runtime.
+        sundara_runtime::init(&ort_library).unwrap();
+        let (servers, nats_url, redis_url, replicas) = match options.cluster {
+            None => {
+                let stack = LocalStack::start(&root).expect("servers start (run scripts/setup)");
+                let ep = stack.endpoints();
+                (Servers::Single(stack), ep.nats.url, ep.redis_url, 1)
+            }
+            Some(n) => {
+                let nats = LocalCluster::start(&root, n).expect("the NATS cluster starts");
+                let redis_binary = sundara::stack::redis_server_binary().unwrap();
+                let redis = sundara::stack::start_redis(&redis_binary, nats.dir.path()).unwrap();
+                let redis_url = format!("redis://127.0.0.1:{}/", redis.port);
+                let url = nats.urls();
+                (Servers::Cluster { nats, redis }, url, redis_url, n)
+            }
+        };
+        let endpoint = nats::NatsEndpoint::open(nats_url.clone());
+        let connection = nats::connect(&endpoint, "faults").await.unwrap();
+        let js = jetstream::new(connection.clone());
+        // Before any service: their own provisioning then finds everything replicated.
+        let retention = nats::Retention { replicas, ..Default::default() };
+        provision_retrying(&js, &retention).await;
+        let registry = Registry::open(&js).await.unwrap();
+        let policy = Policy { redundancy: options.k, rule: RULE, audit_rate: AUDIT_RATE };
+        let path = root.join(".cache/models/mlp.onnx");
+        let model = sundara::models::push(&registry, &path, "mlp", "1", policy, Default::default())
+            .await
+            .expect("the demo models exist (run scripts/setup)");
+        let dir = tempfile::Builder::new().prefix("sundara-faults-").tempdir().unwrap();
+        let results = Arc::new(Results::default());
+        let follower = tokio::spawn(follow_results(js.clone(), results.clone()));
+        let mut stack = ProcessStack {
+            servers,
+            nats_url,
+            redis_url,
+            js,
+            client: Client::new(connection, TENANT),
+            model,
+            ort_library,
+            dir,
+            services: HashMap::new(),
+            workers: BTreeMap::new(),
+            results,
+            follower,
+            started: std::time::Instant::now(),
+        };
+        for name in SERVICES {
+            stack.start_service(name);
+        }
+        for id in &options.workers {
+            stack.start_worker(id);
+        }
+        stack.ingress_answers(Duration::from_secs(30)).await;
+        for id in &options.workers {
+            stack.wait_for_worker(id).await;
+        }
+        stack
+    }
+
+    fn log(&self, name: &str) -> (File, PathBuf) {
+        let path = self.dir.path().join(format!("{name}.log"));
+        let file = File::options().create(true).append(true).open(&path).unwrap();
+        (file, path)
+    }
+
+    fn command(&self, name: &str, args: &[&str]) -> Command {
+        let (log, _) = self.log(name);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sundara"));
+        c.args(args)
+            .current_dir(project_root())
+            .env("SUNDARA_NATS_URL", &self.nats_url)
+            .env("SUNDARA_REDIS_URL", &self.redis_url)
+            .env("SUNDARA_SECRET", std::str::from_utf8(SECRET).unwrap())
+            .env("ORT_DYLIB_PATH", &self.ort_library)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", std::env::var("FAULTS_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(log);
+        c
+    }
+
+    /// Starts service `name` (one of [`SERVICES`]); it must not be running.
+    pub fn start_service(&mut self, name: &'static str) {
+        let mut args = vec![name];
+        if name == "rewarder" {
+            args.extend(["--epoch-secs", "3600"]);
+        }
+        let child = self.command(name, &args).spawn().expect("the sundara binary runs");
+        assert!(self.services.insert(name, child).is_none(), "{name} was already running");
+        self.step(&format!("{name} started"));
+    }
+
+    /// SIGKILLs service `name`; returns when it is gone (Unix µs).
+    pub fn kill_service(&mut self, name: &'static str) -> u64 {
+        let mut child = self.services.remove(name).unwrap_or_else(|| panic!("{name} is not running"));
+        kill(&mut child);
+        self.step(&format!("{name} killed"));
+        now_us()
+    }
+
+    /// Starts worker `id` (one CPU thread).
+    pub fn start_worker(&mut self, id: &str) {
+        let cache = self.dir.path().join("models");
+        let cache = cache.to_str().unwrap();
+        let child = self
+            .command(&format!("worker-{id}"), &["worker", "--id", id, "--threads", "1", "--cache-dir", cache])
+            .spawn()
+            .expect("the sundara binary runs");
+        assert!(self.workers.insert(id.to_string(), child).is_none(), "worker {id} was already running");
+    }
+
+    /// SIGKILLs worker `id`; returns when it is gone (Unix µs).
+    pub fn kill_worker(&mut self, id: &str) -> u64 {
+        let mut child = self.workers.remove(id).unwrap_or_else(|| panic!("worker {id} is not running"));
+        kill(&mut child);
+        self.step(&format!("worker {id} killed"));
+        now_us()
+    }
+
+    /// A new connection to Redis (one made before a Redis restart does not survive it).
+    pub async fn capacity(&self) -> Capacity {
+        Capacity::connect(&self.redis_url).await.unwrap()
+    }
+
+    /// Waits (bounded) until the ingress answers its service ping. Processes announce
+    /// nothing across process boundaries; poll briefly.
+    pub async fn ingress_answers(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ping = self.client.nats.request("$SRV.PING.sundara-ingress", "".into());
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the ingress did not answer within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) until worker `id` is announced in Redis with a live heartbeat.
+    pub async fn wait_for_worker(&self, id: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut capacity = self.capacity().await;
+        loop {
+            let ids = [id.to_string()];
+            match capacity.health(&ids).await {
+                Ok(h) if h[0].0 && h[0].1.as_deref() == Some("alive") => return,
+                Ok(_) => {}
+                Err(_) => capacity = self.capacity().await,
+            }
+            assert!(tokio::time::Instant::now() < deadline, "worker {id} never announced itself");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) until the autoscaler has declared worker `id` dead.
+    pub async fn wait_declared_dead(&self, id: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        let capacity = self.capacity().await;
+        let ids = [id.to_string()];
+        while capacity.health(&ids).await.unwrap()[0].1.as_deref() != Some("dead") {
+            assert!(tokio::time::Instant::now() < deadline, "worker {id} was not declared dead within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) until worker `id` holds at least `n` assignments in Redis, so that
+    /// killing it strands work. Redis has no event for that here; poll it briefly.
+    pub async fn wait_holding(&self, id: &str, n: u64, within: Duration) {
+        let client = redis::Client::open(self.redis_url.as_str()).unwrap();
+        let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+        let key = format!("sundara:inflight:w:{id}");
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let held: u64 = redis::cmd("SCARD").arg(&key).query_async(&mut redis).await.unwrap_or(0);
+            if held >= n {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "worker {id} never held {n} assignments");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn single(&mut self) -> &mut LocalStack {
+        match &mut self.servers {
+            Servers::Single(stack) => stack,
+            Servers::Cluster { .. } => panic!("a single-server stack"),
+        }
+    }
+
+    /// SIGKILLs nats-server (Unix µs when it is gone).
+    pub fn kill_nats(&mut self) -> u64 {
+        self.single().nats.kill();
+        self.step("nats-server killed");
+        now_us()
+    }
+
+    /// Starts nats-server again on its port and store.
+    pub fn start_nats_again(&mut self) {
+        self.single().start_nats_again().expect("nats-server starts again");
+        self.step("nats-server started again");
+    }
+
+    /// Kills Redis and starts an empty one on its port.
+    pub fn restart_redis_empty(&mut self) {
+        self.single().restart_redis_empty().expect("redis-server starts again");
+        self.step("redis-server restarted empty");
+    }
+
+    /// The name of the cluster node that leads `stream`.
+    pub async fn stream_leader(&self, stream: &str) -> String {
+        let mut stream = self.js.get_stream(stream).await.unwrap();
+        let info = stream.info().await.unwrap();
+        info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("a clustered stream has a leader")
+    }
+
+    /// SIGKILLs the cluster node named `name` (Unix µs when it is gone).
+    pub fn kill_cluster_node(&mut self, name: &str) -> u64 {
+        let Servers::Cluster { nats, .. } = &mut self.servers else { panic!("a cluster stack") };
+        let i = nats.node_named(name).unwrap_or_else(|| panic!("no node {name}"));
+        nats.kill(i);
+        self.step(&format!("cluster node {name} killed"));
+        now_us()
+    }
+
+    /// Submits `per_s` one-row `mlp` tasks a second until stopped, each with its own
+    /// request id `<tag>-<n>`. A submission that gets no answer (the ingress is gone, or
+    /// NATS is) is retried with the same request id for up to 30 s; its task id must be
+    /// the one the request id names. Only accepted ones count.
+    pub fn load(&self, tag: &str, per_s: u32) -> Load {
+        let log = Arc::new(Mutex::new(LoadLog::default()));
+        let accepted = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        let (client, model, tag) = (self.client.clone(), self.model.clone(), tag.to_string());
+        let handle = tokio::spawn({
+            let (log, accepted, stop) = (log.clone(), accepted.clone(), stop.clone());
+            async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(now_us());
+                let mut tick = tokio::time::interval(Duration::from_secs(1) / per_s);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut submissions = tokio::task::JoinSet::new();
+                for n in 0.. {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let request = SubmitRequest {
+                        request_id: Some(format!("{tag}-{n}")),
+                        timeout_ms: Some(TASK_TIMEOUT_MS),
+                        ..SubmitRequest::new(&model.name, sundara::models::sample_inputs(&model.inputs, 1, &mut rng))
+                    };
+                    let (client, log, accepted) = (client.clone(), log.clone(), accepted.clone());
+                    submissions.spawn(async move { submit_retrying(&client, request, &log, &accepted).await });
+                }
+                while submissions.join_next().await.is_some() {}
+            }
+        });
+        Load { log, stop, handle, accepted }
+    }
+
+    /// Waits (bounded) until `n` more submissions than now have been accepted: load that
+    /// runs across a fault.
+    pub async fn more_accepted(&self, load: &Load, n: usize, within: Duration) {
+        let want = load.accepted_count() + n;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let accepted = load.accepted.notified();
+            tokio::pin!(accepted);
+            accepted.as_mut().enable();
+            if load.accepted_count() >= want {
+                self.step(&format!("{want} accepted"));
+                return;
+            }
+            if tokio::time::timeout_at(deadline, accepted).await.is_err() {
+                self.print_logs();
+                panic!("fewer than {n} submissions accepted within {within:?}");
+            }
+        }
+    }
+
+    /// Waits (bounded) until a task accepted after `after_us` has a result, and returns
+    /// when that result was stored.
+    pub async fn first_result_accepted_after(&self, load: &Load, after_us: u64, within: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.results.changed.notified();
+            let accepted = load.accepted.notified();
+            tokio::pin!(changed, accepted);
+            changed.as_mut().enable();
+            accepted.as_mut().enable();
+            let ids: HashSet<String> = {
+                let log = load.log.lock().unwrap();
+                log.accepted.iter().filter(|a| a.at_us > after_us).map(|a| a.task_id.clone()).collect()
+            };
+            if let Some(at) = self.results.first_stored(&ids) {
+                self.step(&format!("a task accepted since has a result ({} accepted since)", ids.len()));
+                return at;
+            }
+            let waited = tokio::time::timeout_at(deadline, futures::future::select(changed, accepted)).await;
+            if waited.is_err() {
+                self.print_logs();
+                panic!(
+                    "no task accepted after the fault had a result within {within:?} ({} accepted since)",
+                    ids.len()
+                );
+            }
+        }
+    }
+
+    /// Waits (bounded) until every one of `accepted` has a result.
+    pub async fn await_results(&self, accepted: &[Accepted], within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.results.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let missing = self.results.missing(accepted.iter().map(|a| &a.task_id));
+            if missing.is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                self.print_logs();
+                panic!(
+                    "{} of {} accepted tasks have no result within {within:?}, e.g. {:?}",
+                    missing.len(),
+                    accepted.len(),
+                    &missing[..missing.len().min(5)]
+                );
+            }
+        }
+    }
+
+    /// Checks the promise for `accepted`: each has exactly one result in RESULTS, a task
+    /// with a dead letter has a failed result (and an expired or failed one has its dead
+    /// letter), and nothing was stored twice. Waits (bounded) for the results first.
+    pub async fn settle(&self, accepted: &[Accepted], within: Duration) -> Settled {
+        self.step(&format!("load stopped, {} accepted", accepted.len()));
+        self.await_results(accepted, within).await;
+        self.step("every accepted task has its result");
+        let mut out = Settled { accepted: accepted.len(), ..Default::default() };
+        let stored = subject_counts(&self.js, subj::RESULTS_STREAM, &format!("sundara.result.{TENANT}.>")).await;
+        let dead = subject_counts(&self.js, subj::DEAD_STREAM, "sundara.dead.>").await;
+        for (subject, n) in &stored {
+            assert_eq!(*n, 1, "{subject}: {n} results stored");
+        }
+        let seen: HashMap<String, Seen> = self.results.by_task.lock().unwrap().clone();
+        let mut ids = HashSet::new();
+        for a in accepted {
+            assert!(ids.insert(a.task_id.clone()), "task {} accepted twice", a.task_id);
+            assert_eq!(a.task_id, sundara_ingress::task_id(TENANT, Some(&a.request_id)), "{}", a.request_id);
+            let s = &seen[&a.task_id];
+            assert_eq!(s.count, 1, "task {}: result delivered {} times", a.task_id, s.count);
+            assert_eq!(stored.get(&subj::result(TENANT, &a.task_id)), Some(&1), "task {}", a.task_id);
+            let lettered = dead.contains_key(&subj::dead(&a.task_id));
+            if s.status == Terminal::Verified && lettered {
+                let letter = self.dead_letter(&a.task_id).await;
+                panic!("task {} was verified and also dead-lettered: {letter}", a.task_id);
+            }
+            if s.status != Terminal::Verified {
+                assert!(lettered, "task {} failed ({:?}) without a dead letter", a.task_id, s.status);
+            }
+            match s.status {
+                Terminal::Verified => out.verified += 1,
+                Terminal::Expired => out.expired += 1,
+                Terminal::NoConsensus => out.no_consensus += 1,
+            }
+            out.dead += usize::from(lettered);
+            if a.attempts > 1 {
+                out.retried += 1;
+                out.duplicates += usize::from(a.duplicate);
+            }
+        }
+        out
+    }
+
+    /// A task's dead letter, described (for failure messages).
+    pub async fn dead_letter(&self, task_id: &str) -> String {
+        let stream = self.js.get_stream(subj::DEAD_STREAM).await.unwrap();
+        match stream.direct_get_last_for_subject(subj::dead(task_id)).await {
+            Ok(m) => match decode::<DeadLetter>(&m.payload, MAX_MESSAGE_BYTES) {
+                Ok(d) => format!("{:?} ({} outcomes of evidence)", d.reason, d.evidence.len()),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Recovery of `fault` from the results of `accepted`.
+    pub fn recovery(&self, fault: &Fault, accepted: &[Accepted]) -> Recovery {
+        let seen = self.results.by_task.lock().unwrap();
+        let stored = |a: &Accepted| seen.get(&a.task_id).map(|s| s.stored_us);
+        let first_after = accepted.iter().filter(|a| a.at_us > fault.restarted_us).filter_map(stored).min();
+        let last_before = accepted.iter().filter(|a| a.at_us <= fault.restarted_us).filter_map(stored).max();
+        let recovery_ms =
+            first_after.expect("a task accepted after the restart has a result").saturating_sub(fault.killed_us) / 1000;
+        let drain_ms = last_before.unwrap_or(0).saturating_sub(fault.restarted_us) / 1000;
+        Recovery { recovery_ms, drain_ms }
+    }
+
+    /// Prints each fault's recovery with the test's counts in one fixed format, and
+    /// returns the recoveries.
+    pub fn report(&self, faults: &[Fault], accepted: &[Accepted], settled: &Settled) -> Vec<Recovery> {
+        faults
+            .iter()
+            .map(|f| {
+                let r = self.recovery(f, accepted);
+                eprintln!(
+                    "FAULT {}: recovery_ms={} drain_ms={} accepted={} verified={} expired={} no_consensus={} dead={} retried={} duplicates={}",
+                    f.name,
+                    r.recovery_ms,
+                    r.drain_ms,
+                    settled.accepted,
+                    settled.verified,
+                    settled.expired,
+                    settled.no_consensus,
+                    settled.dead,
+                    settled.retried,
+                    settled.duplicates
+                );
+                r
+            })
+            .collect()
+    }
+
+    /// Notes a step of the test on stderr, with the time since the stack started.
+    pub fn step(&self, what: &str) {
+        eprintln!("[{:6.2} s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// The last lines of every process's log, on stderr (for a failing test).
+    pub fn print_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
+        let mut paths: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} (last 20 of {} lines)", path.display(), lines.len());
+            for line in &lines[lines.len().saturating_sub(20)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for ProcessStack {
+    /// Kills every process (a failing test must not leave them behind), after printing
+    /// their logs if the test is failing.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        self.follower.abort();
+        for child in self.services.values_mut().chain(self.workers.values_mut()) {
+            kill(child);
+        }
+    }
+}
+
+/// Deadline of the load's tasks: long enough for a restart, short enough that a task
+/// whose replica was lost ends (abandoned, or decided at deadline + grace) within a test.
+pub const TASK_TIMEOUT_MS: u64 = 15_000;
+
+fn kill(child: &mut Child) {
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+/// `provision`, retried (bounded) while a fresh cluster is still electing leaders.
+async fn provision_retrying(js: &jetstream::Context, retention: &nats::Retention) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match nats::provision(js, retention).await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("provision: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("provision: {e}"),
+        }
+    }
+}
+
+/// One submission, retried with the same request id until accepted (30 s at most).
+async fn submit_retrying(client: &Client, request: SubmitRequest, log: &Mutex<LoadLog>, accepted: &Notify) {
+    let request_id = request.request_id.clone().expect("a request id");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut attempts = 0;
+    while tokio::time::Instant::now() < give_up {
+        attempts += 1;
+        // Shorter than the client's own 30 s: a request the ingress took with it when it
+        // died gets no answer at all.
+        match tokio::time::timeout(Duration::from_secs(3), client.submit(&request)).await {
+            Ok(Ok(SubmitOutcome::Accepted { task_id, duplicate })) => {
+                let at_us = now_us();
+                log.lock().unwrap().accepted.push(Accepted { request_id, task_id, at_us, attempts, duplicate });
+                accepted.notify_waiters();
+                return;
+            }
+            Ok(Ok(SubmitOutcome::Rejected { code, .. })) => log.lock().unwrap().rejected.push(code),
+            Ok(Err(_)) | Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log.lock().unwrap().given_up.push(request_id);
+}
+
+/// Records every result of tenant [`TENANT`] as RESULTS stores it, from the stream's
+/// start. Short pull requests (each returns as soon as messages arrive, or after half a
+/// second), so a consumer lost with its server is noticed at once and created again after
+/// the last result seen.
+async fn follow_results(js: jetstream::Context, results: Arc<Results>) {
+    let mut next_seq = 1;
+    loop {
+        let consumer = async {
+            let stream = js.get_stream_no_info(subj::RESULTS_STREAM).await?;
+            let config = jetstream::consumer::pull::Config {
+                filter_subject: format!("sundara.result.{TENANT}.>"),
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next_seq },
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(10),
+                ..Default::default()
+            };
+            Ok::<_, async_nats::Error>(stream.create_consumer(config).await?)
+        };
+        let consumer = match consumer.await {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        'batches: loop {
+            let batch = consumer.batch().max_messages(1000).expires(Duration::from_millis(500)).messages().await;
+            let Ok(mut batch) = batch else { break };
+            while let Some(msg) = batch.next().await {
+                let Ok(msg) = msg else { break 'batches };
+                let Ok(info) = msg.info() else { continue };
+                if info.stream_sequence < next_seq {
+                    continue;
+                }
+                next_seq = info.stream_sequence + 1;
+                let stored_us = (info.published.unix_timestamp_nanos() / 1000) as u64;
+                let result: ClientResult = decode(&msg.payload, MAX_MESSAGE_BYTES).expect("a client result");
+                let status = match result.status {
+                    ResultStatus::Verified { .. } => Terminal::Verified,
+                    ResultStatus::Failed { code: FailureCode::Expired, .. } => Terminal::Expired,
+                    ResultStatus::Failed { code: FailureCode::NoConsensus, .. } => Terminal::NoConsensus,
+                };
+                let mut seen = results.by_task.lock().unwrap();
+                seen.entry(result.task_id).and_modify(|s| s.count += 1).or_insert(Seen { status, stored_us, count: 1 });
+                drop(seen);
+                results.changed.notify_waiters();
+            }
+        }
+    }
+}
+
+/// Messages per subject of `stream` under `filter`.
+pub async fn subject_counts(js: &jetstream::Context, stream: &str, filter: &str) -> HashMap<String, usize> {
+    let stream = js.get_stream(stream).await.unwrap();
+    let mut subjects = stream.info_with_subjects(filter).await.unwrap();
+    let mut counts = HashMap::new();
+    while let Some(entry) = subjects.next().await {
+        let (subject, n) = entry.unwrap();
+        counts.insert(subject, n);
+    }
+    counts
+}
