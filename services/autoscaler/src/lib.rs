@@ -412,6 +412,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerErr
         }
         None => None,
     };
+    // A second fleet gateway beside the scheduler's: heartbeats reach Redis while either restarts.
+    let gateway = std::sync::Arc::new(sundara_common::gateway::Gateway { capacity: capacity.clone() });
+    let reports = tokio::spawn(sundara_common::gateway::serve(client.clone(), gateway, shutdown.clone(), 64));
     let health = Health { client: client.clone(), js, work, capacity };
     let watch = async {
         let mut tick = tokio::time::interval(config.check_interval);
@@ -440,9 +443,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerErr
             scaling.await;
         }
     });
+    let served = reports.await.map_err(|e| sundara_common::Error::JetStream(format!("fleet gateway: {e}")))?;
     let _ = client.flush().await;
     tracing::info!("autoscaler stopped");
-    Ok(())
+    served.map_err(AutoscalerError::from)
 }
 
 #[cfg(test)]

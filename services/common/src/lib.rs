@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod capacity;
+pub mod gateway;
 pub mod metrics;
 pub mod model_cache;
 pub mod nats;

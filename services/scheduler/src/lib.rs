@@ -9,7 +9,6 @@
 //! - sweep: claim assignments past their timeout → reassign to another worker, or give up
 //!   on that replica with an `Abandoned` outcome once attempts or the deadline run out.
 
-pub mod gateway;
 pub mod waiting;
 
 use std::sync::Arc;
@@ -439,8 +438,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
     };
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
-    let gateway = gateway::Gateway { capacity: capacity.clone() };
-    let reports = gateway::serve(client.clone(), Arc::new(gateway), shutdown.clone(), config.concurrency);
+    let gateway = Arc::new(sundara_common::gateway::Gateway { capacity: capacity.clone() });
+    let reports = sundara_common::gateway::serve(client.clone(), gateway, shutdown.clone(), config.concurrency);
     let scheduler = Scheduler { config: config.clone(), js, tasks, verdicts, capacity, waiting: Default::default() };
     let s = &scheduler;
     tracing::info!("scheduler running");

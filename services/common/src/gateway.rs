@@ -2,11 +2,13 @@
 //! through here. Miners are strangers, so they hold no Redis credentials; each report
 //! arrives on `sundara.report.<worker>`, which NATS permissions let only that worker's
 //! credentials publish to, and the gateway applies it only if it is about that worker.
+//! The scheduler and the autoscaler both serve it (one queue group), so heartbeats keep
+//! arriving while either restarts: the autoscaler declares dead only silent workers.
 
 use std::sync::Arc;
 
+use crate::{Capacity, Error as CommonError, Shutdown, js_err};
 use futures::StreamExt;
-use sundara_common::{Capacity, Error as CommonError, Shutdown, js_err};
 use sundara_schemas::{FleetReply, FleetRequest, FleetUpdate, WIRE_VERSION, decode, encode, subjects as subj};
 
 /// Most slices one worker may announce, and models per slice: bounds what one report
@@ -112,8 +114,8 @@ enum ApplyError {
     NotOwned { slice: String, owner: String },
 }
 
-/// Serves `sundara.report.*` (in queue group `sundara-gateway`, so every scheduler replica
-/// shares the load) until `shutdown`.
+/// Serves `sundara.report.*` (in queue group `sundara-gateway`, shared by every scheduler
+/// and autoscaler replica) until `shutdown`.
 pub async fn serve(
     client: async_nats::Client,
     gateway: Arc<Gateway>,
