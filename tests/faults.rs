@@ -95,25 +95,27 @@ async fn sigkill_of_each_service_in_turn_loses_no_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_workers_loses_no_task() {
     let mut stack = ProcessStack::start(three_workers()).await;
-    let load = stack.load("workers", RATE);
+    // 128 rows a task: long enough inferences that a worker holds assignments when killed.
+    let load = stack.load_rows("workers", RATE, 128);
     stack.first_result_accepted_after(&load, 0, RECOVERY).await;
     stack.more_accepted(&load, BETWEEN, RECOVERY).await;
     let mut faults = Vec::new();
-    for victim in ["w1", "w2"] {
-        stack.wait_holding(victim, 2, Duration::from_secs(30)).await;
-        let killed_us = stack.kill_worker(victim);
-        stack.wait_declared_dead(victim, Duration::from_secs(15)).await;
+    let mut spared = vec!["w1", "w2", "w3"];
+    for _ in 0..2 {
+        let victim = stack.wait_holding(&spared, 2, Duration::from_secs(30)).await;
+        spared.retain(|w| *w != victim);
+        let killed_us = stack.kill_worker(&victim);
+        stack.wait_declared_dead(&victim, Duration::from_secs(15)).await;
         stack.first_result_accepted_after(&load, killed_us, RECOVERY).await;
         // What it held has been reassigned and answered before it comes back.
         let before: Vec<Accepted> =
             load.log.lock().unwrap().accepted.iter().filter(|a| a.at_us <= killed_us).cloned().collect();
         stack.await_results(&before, RECOVERY).await;
         faults.push(Fault { name: format!("sigkill-worker-{victim}"), killed_us, restarted_us: killed_us });
-        stack.start_worker(victim);
-        stack.wait_for_worker(victim).await;
+        stack.start_worker(&victim);
+        stack.wait_for_worker(&victim).await;
         stack.more_accepted(&load, BETWEEN, RECOVERY).await;
     }
-    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
     let accepted = load.stop().await;
     let settled = stack.settle(&accepted, SETTLE).await;
     check_recoveries(&stack, &faults, &accepted, &settled);
@@ -142,15 +144,17 @@ async fn nats_server_restarted_under_load_loses_no_task() {
 }
 
 /// A three-node JetStream cluster with every stream, bucket and the object store
-/// replicated three times loses the node that leads the TASKS stream under load; the
-/// services, given all three URLs, carry on with the other two.
+/// replicated three times loses, under load, the node that leads every one of them and
+/// every replicated consumer: each Raft group elects a new leader among the other two
+/// while the services, given all three URLs, reconnect to them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cluster_losing_a_node_loses_no_task() {
+async fn cluster_losing_the_leading_node_loses_no_task() {
     let mut stack = ProcessStack::start(StackOptions { cluster: Some(3), ..three_workers() }).await;
     let load = stack.load("cluster", RATE);
     stack.first_result_accepted_after(&load, 0, RECOVERY).await;
-    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
     let leader = stack.stream_leader(subj::TASKS_STREAM).await;
+    stack.move_leaders_to(&leader).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
     let killed_us = stack.kill_cluster_node(&leader);
     stack.first_result_accepted_after(&load, killed_us, RECOVERY).await;
     stack.more_accepted(&load, BETWEEN, RECOVERY).await;
@@ -177,4 +181,42 @@ async fn redis_restarted_empty_under_load_loses_no_task() {
     let settled = stack.settle(&accepted, SETTLE).await;
     let fault = Fault { name: "redis-restart-empty".into(), killed_us, restarted_us };
     check_recoveries(&stack, &[fault], &accepted, &settled);
+}
+
+/// A task delivered to the scheduler again after its result was stored (a scheduler or
+/// nats-server killed before the task's ack reached the disk: JetStream hands the task out
+/// again, as `nats_server_restarted_under_load_loses_no_task` showed) is acked at once. Its
+/// first dispatch's workers are excluded from its replicas, so it finds no capacity; it
+/// must not wait for its deadline and then expire, dead-lettering a verified task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_delivered_again_after_its_result_is_not_dead_lettered() {
+    let stack = ProcessStack::start(three_workers()).await;
+    let load = stack.load("again", 1);
+    stack.first_result_accepted_after(&load, 0, RECOVERY).await;
+    let accepted = load.stop().await;
+    stack.await_results(&accepted, RECOVERY).await;
+    let task_id = accepted[0].task_id.clone();
+    // The task as TASKS holds it, stored once more under another message id: to the
+    // scheduler's consumer, the same task delivered again.
+    let tasks = stack.js.get_stream(subj::TASKS_STREAM).await.unwrap();
+    let mut stored = None;
+    for seq in 1..=accepted.len() as u64 {
+        let raw = tasks.get_raw_message(seq).await.unwrap();
+        let task: sundara_schemas::Task = decode(&raw.payload, MAX_MESSAGE_BYTES).unwrap();
+        if task.task_id == task_id {
+            stored = Some(raw);
+        }
+    }
+    let raw = stored.expect("the task is in TASKS");
+    let again = format!("{task_id}-again");
+    sundara_common::nats::publish_durable(&stack.js, raw.subject.to_string(), &again, raw.payload.to_vec())
+        .await
+        .unwrap();
+    stack.step("the task stored again");
+    stack.scheduler_idle(Duration::from_secs(30)).await;
+    let dead = support::processes::subject_counts(&stack.js, subj::DEAD_STREAM, "sundara.dead.>").await;
+    assert!(dead.is_empty(), "dead-lettered after its result: {}", stack.dead_letter(&task_id).await);
+    let results =
+        support::processes::subject_counts(&stack.js, subj::RESULTS_STREAM, &subj::result("test", &task_id)).await;
+    assert_eq!(results.values().sum::<usize>(), 1, "one result");
 }

@@ -319,6 +319,22 @@ impl ProcessStack {
         now_us()
     }
 
+    /// Asserts that every service and worker the test did not kill is still running: a
+    /// fault elsewhere (a server lost, another process killed) must not stop any of them.
+    pub fn assert_running(&mut self) {
+        let mut exited = Vec::new();
+        let services = self.services.iter_mut().map(|(n, c)| (n.to_string(), c));
+        let workers = self.workers.iter_mut().map(|(id, c)| (format!("worker-{id}"), c));
+        for (name, child) in services.chain(workers) {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited.push(format!("{name} ({status})"));
+            }
+        }
+        if !exited.is_empty() {
+            panic!("processes exited during the test: {exited:?}");
+        }
+    }
+
     /// A new connection to Redis (one made before a Redis restart does not survive it).
     pub async fn capacity(&self) -> Capacity {
         Capacity::connect(&self.redis_url).await.unwrap()
@@ -334,6 +350,26 @@ impl ProcessStack {
                 return;
             }
             assert!(tokio::time::Instant::now() < deadline, "the ingress did not answer within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) until the scheduler holds no task: every one delivered to its
+    /// consumers acked. JetStream announces no such moment to a client; poll briefly.
+    pub async fn scheduler_idle(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        let stream = self.js.get_stream(subj::TASKS_STREAM).await.unwrap();
+        loop {
+            let mut busy = 0;
+            for priority in sundara_schemas::Priority::ALL {
+                let info = stream.consumer_info(format!("scheduler-{}", priority.as_str())).await.unwrap();
+                busy += info.num_pending + info.num_ack_pending as u64;
+            }
+            if busy == 0 {
+                self.step("the scheduler holds no task");
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the scheduler still holds {busy} tasks after {within:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -365,19 +401,22 @@ impl ProcessStack {
         }
     }
 
-    /// Waits (bounded) until worker `id` holds at least `n` assignments in Redis, so that
-    /// killing it strands work. Redis has no event for that here; poll it briefly.
-    pub async fn wait_holding(&self, id: &str, n: u64, within: Duration) {
+    /// Waits (bounded) until one of `ids` holds at least `n` assignments in Redis, so that
+    /// killing it strands work, and returns it. Redis has no event for that here; poll it
+    /// briefly.
+    pub async fn wait_holding(&self, ids: &[&str], n: u64, within: Duration) -> String {
         let client = redis::Client::open(self.redis_url.as_str()).unwrap();
         let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-        let key = format!("sundara:inflight:w:{id}");
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let held: u64 = redis::cmd("SCARD").arg(&key).query_async(&mut redis).await.unwrap_or(0);
-            if held >= n {
-                return;
+            for id in ids {
+                let key = format!("sundara:inflight:w:{id}");
+                let held: u64 = redis::cmd("SCARD").arg(&key).query_async(&mut redis).await.unwrap_or(0);
+                if held >= n {
+                    return id.to_string();
+                }
             }
-            assert!(tokio::time::Instant::now() < deadline, "worker {id} never held {n} assignments");
+            assert!(tokio::time::Instant::now() < deadline, "none of {ids:?} ever held {n} assignments");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
@@ -415,6 +454,52 @@ impl ProcessStack {
         info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("a clustered stream has a leader")
     }
 
+    /// Moves the leadership of every replicated stream (KV buckets and the object store
+    /// included) and of every replicated consumer to cluster node `node`, so that losing
+    /// it costs every Raft group its leader at once. Waits (bounded) until they have
+    /// moved, asking again each second: elections announce nothing to a client.
+    pub async fn move_leaders_to(&self, node: &str) {
+        let body = format!(r#"{{"placement":{{"preferred":"{node}"}}}}"#);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let elsewhere = self.groups_led_elsewhere(node).await;
+            if elsewhere.is_empty() {
+                self.step(&format!("every replicated stream and consumer led by {node}"));
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "leaders never moved to {node}: {elsewhere:?}");
+            for api in &elsewhere {
+                let _ = self.client.nats.request(format!("$JS.API.{api}"), body.clone().into()).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Step-down API subjects (after `$JS.API.`) of the replicated streams and consumers
+    /// whose leader is not `node`.
+    async fn groups_led_elsewhere(&self, node: &str) -> Vec<String> {
+        let mut elsewhere = Vec::new();
+        let names: Vec<String> = self.js.stream_names().filter_map(|n| async { n.ok() }).collect().await;
+        for name in names {
+            let Ok(mut stream) = self.js.get_stream(&name).await else { continue };
+            let Ok(info) = stream.info().await else { continue };
+            let led =
+                |c: &Option<jetstream::stream::ClusterInfo>| c.as_ref().and_then(|c| c.leader.as_deref()) == Some(node);
+            if info.config.num_replicas > 1 && !led(&info.cluster) {
+                elsewhere.push(format!("STREAM.LEADER.STEPDOWN.{name}"));
+            }
+            let consumers: Vec<String> = stream.consumer_names().filter_map(|n| async { n.ok() }).collect().await;
+            for consumer in consumers {
+                let Ok(info) = stream.consumer_info(&consumer).await else { continue };
+                let replicated = info.cluster.as_ref().is_some_and(|c| !c.replicas.is_empty());
+                if replicated && !led(&info.cluster) {
+                    elsewhere.push(format!("CONSUMER.LEADER.STEPDOWN.{name}.{consumer}"));
+                }
+            }
+        }
+        elsewhere
+    }
+
     /// SIGKILLs the cluster node named `name` (Unix µs when it is gone).
     pub fn kill_cluster_node(&mut self, name: &str) -> u64 {
         let Servers::Cluster { nats, .. } = &mut self.servers else { panic!("a cluster stack") };
@@ -429,6 +514,12 @@ impl ProcessStack {
     /// NATS is) is retried with the same request id for up to 30 s; its task id must be
     /// the one the request id names. Only accepted ones count.
     pub fn load(&self, tag: &str, per_s: u32) -> Load {
+        self.load_rows(tag, per_s, 1)
+    }
+
+    /// As [`ProcessStack::load`], with `rows` rows a task (more rows: longer inferences,
+    /// so that workers hold assignments a while).
+    pub fn load_rows(&self, tag: &str, per_s: u32, rows: u64) -> Load {
         let log = Arc::new(Mutex::new(LoadLog::default()));
         let accepted = Arc::new(Notify::new());
         let stop = CancellationToken::new();
@@ -448,7 +539,7 @@ impl ProcessStack {
                     let request = SubmitRequest {
                         request_id: Some(format!("{tag}-{n}")),
                         timeout_ms: Some(TASK_TIMEOUT_MS),
-                        ..SubmitRequest::new(&model.name, sundara::models::sample_inputs(&model.inputs, 1, &mut rng))
+                        ..SubmitRequest::new(&model.name, sundara::models::sample_inputs(&model.inputs, rows, &mut rng))
                     };
                     let (client, log, accepted) = (client.clone(), log.clone(), accepted.clone());
                     submissions.spawn(async move { submit_retrying(&client, request, &log, &accepted).await });
@@ -534,10 +625,11 @@ impl ProcessStack {
     /// Checks the promise for `accepted`: each has exactly one result in RESULTS, a task
     /// with a dead letter has a failed result (and an expired or failed one has its dead
     /// letter), and nothing was stored twice. Waits (bounded) for the results first.
-    pub async fn settle(&self, accepted: &[Accepted], within: Duration) -> Settled {
+    pub async fn settle(&mut self, accepted: &[Accepted], within: Duration) -> Settled {
         self.step(&format!("load stopped, {} accepted", accepted.len()));
         self.await_results(accepted, within).await;
         self.step("every accepted task has its result");
+        self.assert_running();
         let mut out = Settled { accepted: accepted.len(), ..Default::default() };
         let stored = subject_counts(&self.js, subj::RESULTS_STREAM, &format!("sundara.result.{TENANT}.>")).await;
         let dead = subject_counts(&self.js, subj::DEAD_STREAM, "sundara.dead.>").await;
@@ -659,6 +751,10 @@ impl Drop for ProcessStack {
         self.follower.abort();
         for child in self.services.values_mut().chain(self.workers.values_mut()) {
             kill(child);
+        }
+        if std::env::var_os("FAULTS_KEEP_LOGS").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            eprintln!("logs kept in {}", dir.keep().display());
         }
     }
 }

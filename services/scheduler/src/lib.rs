@@ -89,6 +89,7 @@ struct Scheduler {
     js: jetstream::Context,
     tasks: Stream,
     verdicts: Stream,
+    results: Stream,
     capacity: Capacity,
     /// Tasks waiting for capacity; a slot this scheduler frees wakes one of them.
     waiting: waiting::Waiting,
@@ -105,6 +106,9 @@ struct Replica {
 enum Dispatch {
     Sent,
     Expired,
+    /// The task already had its result: delivered again after it ended (its ack was lost
+    /// with a scheduler or a server), it has nothing left to do.
+    Ended,
 }
 
 impl Scheduler {
@@ -127,6 +131,10 @@ impl Scheduler {
         let mut waiter = None;
         let (picks, answer_by_ms) = loop {
             if now_ms() >= task.deadline_at_ms {
+                // Never expire (and dead-letter) a task that ended: its result stands.
+                if self.ended(task).await {
+                    return Ok(Dispatch::Ended);
+                }
                 self.expire(task, task_seq).await?;
                 return Ok(Dispatch::Expired);
             }
@@ -143,6 +151,11 @@ impl Scheduler {
                     break (picks, timeout_at);
                 }
             }
+            // No capacity: a task delivered again after it ended finds none when its first
+            // dispatch's workers are excluded, and would wait for its deadline; look once.
+            if waiter.is_none() && self.ended(task).await {
+                return Ok(Dispatch::Ended);
+            }
             waiter.get_or_insert_with(|| self.waiting.enter(&task.model.name, task.priority));
             let until_deadline = Duration::from_millis(task.deadline_at_ms.saturating_sub(now_ms()));
             let _ = tokio::time::timeout(self.config.capacity_retry.min(until_deadline), freed).await;
@@ -158,6 +171,12 @@ impl Scheduler {
                 .await?;
         }
         Ok(Dispatch::Sent)
+    }
+
+    /// Whether the task has its result already (verified, failed or expired).
+    async fn ended(&self, task: &Task) -> bool {
+        let subject = subj::result(&task.tenant, &task.task_id);
+        self.results.direct_get_last_for_subject(subject).await.is_ok()
     }
 
     async fn send(
@@ -273,11 +292,12 @@ impl Scheduler {
             match &dispatched {
                 Ok(Dispatch::Sent) => "sent",
                 Ok(Dispatch::Expired) => "expired",
+                Ok(Dispatch::Ended) => "ended",
                 Err(_) => "retry",
             },
         );
         match dispatched {
-            Ok(Dispatch::Sent | Dispatch::Expired) => {
+            Ok(Dispatch::Sent | Dispatch::Expired | Dispatch::Ended) => {
                 // A lost ack only means a redelivery: the reservation is idempotent per
                 // assignment id and WORK deduplicates by it, so no confirmation is awaited.
                 if let Err(e) = msg.ack().await {
@@ -438,9 +458,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
     };
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
+    let results = js.get_stream(subj::RESULTS_STREAM).await.map_err(js_err)?;
     let gateway = Arc::new(sundara_common::gateway::Gateway { capacity: capacity.clone() });
     let reports = sundara_common::gateway::serve(client.clone(), gateway, shutdown.clone(), config.concurrency);
-    let scheduler = Scheduler { config: config.clone(), js, tasks, verdicts, capacity, waiting: Default::default() };
+    let scheduler =
+        Scheduler { config: config.clone(), js, tasks, verdicts, results, capacity, waiting: Default::default() };
     let s = &scheduler;
     tracing::info!("scheduler running");
 
