@@ -46,8 +46,13 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 const MAX_ACK_PENDING: i64 = 8192;
 /// Held verdicts that force a flush before the next tick.
 const FLUSH_BATCH: usize = 512;
-/// Tries of a store operation before the rewarder gives up (and restarts from the stored ledger).
-const ATTEMPTS: u32 = 5;
+/// Tries of a store operation before the rewarder gives up (and restarts from the stored
+/// ledger): with [`RETRY_DELAY_CAP`], about a minute, enough to ride out a nats-server restart
+/// or a JetStream cluster electing new leaders after losing a node (several seconds), while
+/// the verdicts stay held un-acked.
+const ATTEMPTS: u32 = 32;
+/// Longest wait between two tries of a store operation (the first waits 100 ms, then double).
+const RETRY_DELAY_CAP: Duration = Duration::from_secs(2);
 
 /// KV key of one closed epoch's weights.
 pub fn weights_key(epoch: u64) -> String {
@@ -304,7 +309,7 @@ impl Rewarder {
             tracing::warn!(attempt, error = %err, "ledger not persisted; retrying");
             if attempt < ATTEMPTS {
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(RETRY_DELAY_CAP);
             }
         }
         Err(RewarderError::Ledger(format!("could not be persisted after {ATTEMPTS} attempts")))
@@ -342,7 +347,7 @@ impl Rewarder {
     }
 }
 
-/// Runs `op` up to [`ATTEMPTS`] times with exponential back-off.
+/// Runs `op` up to [`ATTEMPTS`] times with exponential back-off (capped at [`RETRY_DELAY_CAP`]).
 async fn retry<T, F, Fut>(what: &str, mut op: F) -> Result<T, CommonError>
 where
     F: FnMut() -> Fut,
@@ -357,7 +362,7 @@ where
             Err(e) => tracing::warn!(attempt, error = %e, "{what} failed; retrying"),
         }
         tokio::time::sleep(delay).await;
-        delay *= 2;
+        delay = (delay * 2).min(RETRY_DELAY_CAP);
         attempt += 1;
     }
 }
