@@ -68,6 +68,7 @@ pub struct Accepted {
     pub attempts: u32,
     /// The ingress recognised the request id (an earlier attempt had stored the task).
     pub duplicate: bool,
+    pub request: SubmitRequest,
 }
 
 /// What the load generator saw.
@@ -170,7 +171,8 @@ pub struct Settled {
 pub struct Recovery {
     /// Kill → the first result of a task accepted after the restart.
     pub recovery_ms: u64,
-    /// Restart → the last result of the tasks accepted before it (the backlog drained).
+    /// Restart → the last result of the tasks accepted before it and since the previous
+    /// fault's restart: the work this fault caught, drained.
     pub drain_ms: u64,
 }
 
@@ -570,6 +572,20 @@ impl ProcessStack {
         }
     }
 
+    /// Submits each of `accepted` again, as a client retrying would: each is accepted as a
+    /// duplicate of the task it named the first time.
+    pub async fn resubmit(&self, accepted: &[Accepted]) {
+        for a in accepted {
+            match self.client.submit(&a.request).await.expect("the ingress answers") {
+                SubmitOutcome::Accepted { task_id, duplicate } => {
+                    assert_eq!((task_id.as_str(), duplicate), (a.task_id.as_str(), true), "{}", a.request_id)
+                }
+                rejected => panic!("{}: {rejected:?}", a.request_id),
+            }
+        }
+        self.step(&format!("{} submissions made again: the same tasks, as duplicates", accepted.len()));
+    }
+
     /// Waits (bounded) until a task accepted after `after_us` has a result, and returns
     /// when that result was stored.
     pub async fn first_result_accepted_after(&self, load: &Load, after_us: u64, within: Duration) -> u64 {
@@ -678,12 +694,14 @@ impl ProcessStack {
         }
     }
 
-    /// Recovery of `fault` from the results of `accepted`.
-    pub fn recovery(&self, fault: &Fault, accepted: &[Accepted]) -> Recovery {
+    /// Recovery of `fault` from the results of `accepted`; the work it caught is what was
+    /// accepted after `since_us` (the previous fault's restart).
+    pub fn recovery(&self, fault: &Fault, since_us: u64, accepted: &[Accepted]) -> Recovery {
         let seen = self.results.by_task.lock().unwrap();
         let stored = |a: &Accepted| seen.get(&a.task_id).map(|s| s.stored_us);
         let first_after = accepted.iter().filter(|a| a.at_us > fault.restarted_us).filter_map(stored).min();
-        let last_before = accepted.iter().filter(|a| a.at_us <= fault.restarted_us).filter_map(stored).max();
+        let caught = |a: &&Accepted| a.at_us > since_us && a.at_us <= fault.restarted_us;
+        let last_before = accepted.iter().filter(caught).filter_map(stored).max();
         let recovery_ms =
             first_after.expect("a task accepted after the restart has a result").saturating_sub(fault.killed_us) / 1000;
         let drain_ms = last_before.unwrap_or(0).saturating_sub(fault.restarted_us) / 1000;
@@ -695,8 +713,10 @@ impl ProcessStack {
     pub fn report(&self, faults: &[Fault], accepted: &[Accepted], settled: &Settled) -> Vec<Recovery> {
         faults
             .iter()
-            .map(|f| {
-                let r = self.recovery(f, accepted);
+            .enumerate()
+            .map(|(i, f)| {
+                let since_us = if i == 0 { 0 } else { faults[i - 1].restarted_us };
+                let r = self.recovery(f, since_us, accepted);
                 eprintln!(
                     "FAULT {}: recovery_ms={} drain_ms={} accepted={} verified={} expired={} no_consensus={} dead={} retried={} duplicates={}",
                     f.name,
@@ -795,7 +815,8 @@ async fn submit_retrying(client: &Client, request: SubmitRequest, log: &Mutex<Lo
         match tokio::time::timeout(Duration::from_secs(3), client.submit(&request)).await {
             Ok(Ok(SubmitOutcome::Accepted { task_id, duplicate })) => {
                 let at_us = now_us();
-                log.lock().unwrap().accepted.push(Accepted { request_id, task_id, at_us, attempts, duplicate });
+                let a = Accepted { request_id, task_id, at_us, attempts, duplicate, request };
+                log.lock().unwrap().accepted.push(a);
                 accepted.notify_waiters();
                 return;
             }
