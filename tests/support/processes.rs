@@ -443,10 +443,19 @@ impl ProcessStack {
         self.step("nats-server started again");
     }
 
-    /// Kills Redis and starts an empty one on its port.
-    pub fn restart_redis_empty(&mut self) {
-        self.single().restart_redis_empty().expect("redis-server starts again");
-        self.step("redis-server restarted empty");
+    /// SIGKILLs redis-server (Unix µs when it is gone).
+    pub fn kill_redis(&mut self) -> u64 {
+        self.single().redis.kill();
+        self.step("redis-server killed");
+        now_us()
+    }
+
+    /// Starts an empty redis-server on the killed one's port (it kept nothing on disk).
+    pub fn start_redis_empty(&mut self) {
+        let stack = self.single();
+        let binary = sundara::stack::redis_server_binary().unwrap();
+        stack.redis = sundara::stack::start_redis_on(&binary, stack.dir.path(), stack.redis.port).unwrap();
+        self.step("redis-server started again, empty");
     }
 
     /// The name of the cluster node that leads `stream`.
