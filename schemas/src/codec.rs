@@ -19,13 +19,22 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(msg).expect("MessagePack encoding of a wire type cannot fail")
 }
 
+/// Deepest nesting of arrays and maps a message may have (ours nest at most 8 deep).
+/// rmp_serde's default, 1024, lets a few KB of hostile bytes overflow a 2 MiB thread stack
+/// (debug builds), and make an internally tagged enum, which serde buffers, preallocate
+/// 1 MiB per level: 1 GiB in all.
+const MAX_DEPTH: usize = 32;
+
 /// Decodes `bytes` after checking the length against `max`. Decoding reads from the slice,
-/// so no allocation exceeds the input's size whatever lengths the bytes claim.
+/// so a length the bytes claim but do not hold allocates nothing beyond serde's cautious
+/// 1 MiB per open sequence, of which at most `MAX_DEPTH` are open at once.
 pub fn decode<'a, T: Deserialize<'a> + Versioned>(bytes: &'a [u8], max: usize) -> Result<T, DecodeError> {
     if bytes.len() > max {
         return Err(DecodeError::TooLarge { len: bytes.len(), max });
     }
-    let msg: T = rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    let msg = T::deserialize(&mut de).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     match msg.version() {
         crate::WIRE_VERSION => Ok(msg),
         other => Err(DecodeError::UnsupportedVersion(other)),

@@ -76,7 +76,7 @@ impl Default for Limits {
 pub enum TensorError {
     #[error("tensor `{name}` has rank {rank}, over the limit of {max}")]
     RankTooHigh { name: String, rank: usize, max: usize },
-    #[error("tensor `{name}` has a shape whose size overflows: {shape:?}")]
+    #[error("tensor `{name}` has a shape whose size overflows, or a dimension over i64: {shape:?}")]
     HostileShape { name: String, shape: Vec<u64> },
     #[error("tensor `{name}` would take {bytes} bytes, over the limit of {max}")]
     TooLarge { name: String, bytes: u128, max: usize },
@@ -109,6 +109,10 @@ impl Tensor {
             });
         }
         let hostile = || TensorError::HostileShape { name: self.name.clone(), shape: self.shape.clone() };
+        // ONNX dimensions are i64: a larger one (possible with zero elements) would turn negative.
+        if self.shape.iter().any(|&d| d > i64::MAX as u64) {
+            return Err(hostile());
+        }
         let elements = Self::checked_elements(&self.shape).ok_or_else(hostile)?;
         let bytes = (elements as u128) * self.dtype.size() as u128;
         if bytes > limits.max_tensor_bytes as u128 {
