@@ -29,16 +29,22 @@ const MAX_DEPTH: usize = 32;
 /// so a length the bytes claim but do not hold allocates nothing beyond serde's cautious
 /// 1 MiB per open sequence, of which at most `MAX_DEPTH` are open at once.
 pub fn decode<'a, T: Deserialize<'a> + Versioned>(bytes: &'a [u8], max: usize) -> Result<T, DecodeError> {
+    let msg: T = decode_unversioned(bytes, max)?;
+    match msg.version() {
+        crate::WIRE_VERSION => Ok(msg),
+        other => Err(DecodeError::UnsupportedVersion(other)),
+    }
+}
+
+/// [`decode`]'s bounds (length, then nesting depth) for records that carry no wire version:
+/// stored state such as tickets and the rewarder's ledger.
+pub fn decode_unversioned<'a, T: Deserialize<'a>>(bytes: &'a [u8], max: usize) -> Result<T, DecodeError> {
     if bytes.len() > max {
         return Err(DecodeError::TooLarge { len: bytes.len(), max });
     }
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
     de.set_max_depth(MAX_DEPTH);
-    let msg = T::deserialize(&mut de).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    match msg.version() {
-        crate::WIRE_VERSION => Ok(msg),
-        other => Err(DecodeError::UnsupportedVersion(other)),
-    }
+    T::deserialize(&mut de).map_err(|e| DecodeError::Malformed(e.to_string()))
 }
 
 /// A top-level wire message: it carries the wire version it was written with.

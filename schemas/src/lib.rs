@@ -5,6 +5,7 @@
 //! added without breaking older readers. Tensors are raw little-endian bytes plus dtype
 //! and shape. Every top-level message carries `v` = [`WIRE_VERSION`].
 
+pub mod bounded;
 pub mod codec;
 pub mod messages;
 pub mod model;

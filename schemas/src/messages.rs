@@ -15,6 +15,7 @@ pub struct SubmitRequest {
     pub v: u16,
     /// Registered model name; the latest version is used.
     pub model: String,
+    #[serde(deserialize_with = "crate::bounded::tensors")]
     pub inputs: Vec<Tensor>,
     /// Client's idempotency key: resubmitting with the same key yields the same task.
     pub request_id: Option<String>,
@@ -152,6 +153,7 @@ pub struct Task {
     pub model: ModelRef,
     /// Redundancy from the model's policy at acceptance.
     pub k: u8,
+    #[serde(deserialize_with = "crate::bounded::tensors")]
     pub inputs: Vec<Tensor>,
     pub seed: u64,
     pub submitted_at_ms: u64,
@@ -168,6 +170,7 @@ pub struct Task {
 pub struct Assignment {
     pub v: u16,
     pub ticket: Ticket,
+    #[serde(deserialize_with = "crate::bounded::tensors")]
     pub inputs: Vec<Tensor>,
     pub seed: u64,
     /// The task's [`Task::accepted_at_us`], echoed into the outcome's timing.
@@ -207,16 +210,13 @@ pub struct WorkTiming {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum OutcomeResult {
     Ok {
+        #[serde(deserialize_with = "crate::bounded::tensors")]
         outputs: Vec<Tensor>,
     },
     /// The worker could not run the task.
-    Failed {
-        reason: String,
-    },
+    Failed { reason: String },
     /// The scheduler gave up on this replica (attempts exhausted or deadline passed).
-    Abandoned {
-        reason: String,
-    },
+    Abandoned { reason: String },
 }
 
 impl OutcomeResult {
@@ -264,6 +264,7 @@ pub struct TaskTiming {
 pub enum ResultStatus {
     /// `agreeing` of the `k` miners produced outputs equal to these under the model's rule.
     Verified {
+        #[serde(deserialize_with = "crate::bounded::tensors")]
         outputs: Vec<Tensor>,
         agreeing: u8,
         k: u8,

@@ -53,6 +53,7 @@ impl std::fmt::Display for DType {
 pub struct Tensor {
     pub name: String,
     pub dtype: DType,
+    #[serde(deserialize_with = "crate::bounded::dims")]
     pub shape: Vec<u64>,
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,

@@ -53,10 +53,7 @@ impl Ticket {
 
     /// Decodes a ticket stored by the scheduler (bounded like every wire decode).
     pub fn from_bytes(bytes: &[u8]) -> Result<Ticket, crate::DecodeError> {
-        if bytes.len() > 64 << 10 {
-            return Err(crate::DecodeError::TooLarge { len: bytes.len(), max: 64 << 10 });
-        }
-        rmp_serde::from_slice(bytes).map_err(|e| crate::DecodeError::Malformed(e.to_string()))
+        crate::codec::decode_unversioned(bytes, 64 << 10)
     }
 
     pub fn sign(&mut self, key: &[u8]) {

@@ -146,8 +146,9 @@ impl Ledger {
         rmp_serde::to_vec_named(self).expect("MessagePack encoding of the ledger cannot fail")
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<Ledger, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(bytes)
+    /// Bounded in length and depth like every decode of stored bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Ledger, sundara_schemas::DecodeError> {
+        sundara_schemas::codec::decode_unversioned(bytes, sundara_schemas::MAX_MESSAGE_BYTES)
     }
 }
 

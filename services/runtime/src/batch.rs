@@ -15,13 +15,22 @@ pub fn rows(inputs: &[Tensor]) -> Option<u64> {
     inputs.first()?.shape.first().copied()
 }
 
+/// Most rows a task may have and still share a batch. More is possible only with tensors
+/// of zero elements (validation bounds the bytes); such a task runs alone, so that the row
+/// sums of a batch cannot overflow.
+const MAX_BATCHED_ROWS: u64 = 1 << 32;
+
 /// Whether two tasks' inputs can share a batch: same names, dtypes and shapes but for the
 /// first dimension.
 pub fn compatible(a: &[Tensor], b: &[Tensor]) -> bool {
     a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| x.name == y.name && x.dtype == y.dtype && !x.shape.is_empty() && x.shape[1..] == y.shape[1..])
+        && a.iter().zip(b).all(|(x, y)| {
+            x.name == y.name
+                && x.dtype == y.dtype
+                && !x.shape.is_empty()
+                && x.shape[1..] == y.shape[1..]
+                && x.shape[0].max(y.shape[0]) <= MAX_BATCHED_ROWS
+        })
 }
 
 /// Stacks the tasks' inputs (already [`compatible`]) along the first dimension.
@@ -108,6 +117,8 @@ mod tests {
         assert!(!compatible(&a, &wider));
         assert!(!compatible(&a, &other_name));
         assert!(!compatible(&a, &ints));
+        let huge = vec![Tensor { name: "x".into(), dtype: DType::F32, shape: vec![1 << 62, 0], data: vec![] }];
+        assert!(!compatible(&huge, &huge), "rows that could overflow a batch's sum run alone");
     }
 
     #[test]

@@ -282,26 +282,38 @@ impl Model {
     }
 }
 
+/// An ort value of `t`; an error, not ort's panic, when the shape and the bytes disagree
+/// (a tensor that never passed `Tensor::validate`).
 fn to_ort(t: &Tensor) -> ort::Result<DynValue> {
-    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    let shape: Vec<i64> = t
+        .shape
+        .iter()
+        .map(|&d| i64::try_from(d))
+        .collect::<Result<_, _>>()
+        .map_err(|_| ort::Error::new("a dimension over i64"))?;
+    let elements = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?));
     fn make<
         T: sundara_schemas::tensor::Element + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static,
     >(
         shape: Vec<i64>,
+        elements: Option<usize>,
         t: &Tensor,
     ) -> ort::Result<DynValue> {
         let values = t.values::<T>().ok_or_else(|| ort::Error::new("dtype mismatch"))?;
+        if elements != Some(values.len()) {
+            return Err(ort::Error::new(format!("shape {:?} does not match {} values", t.shape, values.len())));
+        }
         Ok(OrtTensor::from_array((shape, values))?.into_dyn())
     }
     match t.dtype {
-        DType::F32 => make::<f32>(shape, t),
-        DType::F64 => make::<f64>(shape, t),
-        DType::I8 => make::<i8>(shape, t),
-        DType::U8 => make::<u8>(shape, t),
-        DType::I16 => make::<i16>(shape, t),
-        DType::I32 => make::<i32>(shape, t),
-        DType::I64 => make::<i64>(shape, t),
-        DType::Bool => make::<bool>(shape, t),
+        DType::F32 => make::<f32>(shape, elements, t),
+        DType::F64 => make::<f64>(shape, elements, t),
+        DType::I8 => make::<i8>(shape, elements, t),
+        DType::U8 => make::<u8>(shape, elements, t),
+        DType::I16 => make::<i16>(shape, elements, t),
+        DType::I32 => make::<i32>(shape, elements, t),
+        DType::I64 => make::<i64>(shape, elements, t),
+        DType::Bool => make::<bool>(shape, elements, t),
     }
 }
 

@@ -300,6 +300,12 @@ impl Decided {
             }
         }
     }
+
+    /// Forgets a task whose decision could not be stored, so that its outcomes, when they
+    /// come back, are gathered and decided again instead of dropped as late.
+    fn forget(&mut self, task: &str) {
+        self.set.remove(task);
+    }
 }
 
 /// The verifier's own runtime.
@@ -360,6 +366,8 @@ struct Publisher {
     trust: std::sync::Mutex<trust::Trust>,
     /// Recently accepted results, to recognise replayed ones (see [`detect`]).
     recent: std::sync::Mutex<detect::Recent>,
+    /// Tasks whose decision could not be stored (to be forgotten by the gathering loop).
+    undecided: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 impl Publisher {
@@ -437,8 +445,10 @@ impl Publisher {
                 }
             }
             Err(e) => {
-                // Un-acked: the outcomes come back and the task is decided again.
+                // Un-acked: the outcomes come back and the task is decided again, once the
+                // gathering loop has forgotten it (told before the outcomes are released).
                 tracing::warn!(task = %task_id, error = %e, "decision not stored; outcomes will be redelivered");
+                let _ = self.undecided.send(task_id.clone());
                 for m in g.held {
                     let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
@@ -526,6 +536,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         }
         None => None,
     };
+    let (undecided, mut undecided_rx) = tokio::sync::mpsc::unbounded_channel();
     let publisher = Arc::new(Publisher {
         js,
         verdicts,
@@ -533,6 +544,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         reference,
         trust: Default::default(),
         recent: Default::default(),
+        undecided,
     });
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut gathering: HashMap<String, Gathering> = HashMap::new();
@@ -594,7 +606,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
             },
         };
         let outcome = match decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES) {
-            Ok(o) => o,
+            Ok(o) => well_formed(o),
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable outcome; dropping");
                 let _ = msg.ack_with(AckKind::Term).await;
@@ -607,6 +619,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
             continue;
         }
         let task = outcome.ticket.task_id.clone();
+        // Decisions that failed to store were reported before their outcomes were released.
+        while let Ok(failed) = undecided_rx.try_recv() {
+            decided.forget(&failed);
+        }
         if decided.set.contains(&task) {
             let _ = msg.ack().await;
             continue;
@@ -650,6 +666,23 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
     Ok(())
 }
 
+/// An outcome whose outputs are not well-formed tensors (shape and bytes disagree, or
+/// hostile sizes) counts as the miner's failure: malformed outputs never reach a vote, a
+/// comparison or a client.
+fn well_formed(mut outcome: Outcome) -> Outcome {
+    let limits = sundara_schemas::Limits {
+        max_rank: sundara_schemas::bounded::MAX_DIMS,
+        max_tensors: sundara_schemas::bounded::MAX_TENSORS,
+        max_tensor_bytes: MAX_MESSAGE_BYTES,
+    };
+    if let OutcomeResult::Ok { outputs } = &outcome.result
+        && let Some(e) = outputs.iter().find_map(|t| t.validate(&limits).err())
+    {
+        outcome.result = OutcomeResult::Failed { reason: format!("malformed outputs: {e}") };
+    }
+    outcome
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,6 +721,20 @@ mod tests {
             g.replicas.insert(i as u8, Received { outcome, latency_us: 10 + i as u64, stored_at_us: 0, late: false });
         }
         g
+    }
+
+    #[test]
+    fn malformed_outputs_count_as_the_miners_failure() {
+        let g = gathering(&[Some(1.0)]);
+        let good = g.replicas[&0].outcome.clone();
+        assert_eq!(well_formed(good.clone()), good);
+        let mut short = good;
+        if let OutcomeResult::Ok { outputs } = &mut short.result {
+            outputs[0].data.pop();
+        }
+        assert!(
+            matches!(well_formed(short).result, OutcomeResult::Failed { reason } if reason.starts_with("malformed outputs"))
+        );
     }
 
     /// [`conclude`] after the miners' vote, as the service does.
