@@ -236,3 +236,37 @@ async fn a_task_delivered_again_after_its_result_is_not_dead_lettered() {
         support::processes::subject_counts(&stack.js, subj::RESULTS_STREAM, &subj::result("test", &task_id)).await;
     assert_eq!(results.values().sum::<usize>(), 1, "one result");
 }
+
+/// A verifier whose decision could not be stored (RESULTS refused it: a server restarting,
+/// a leader being elected) decides the task again when its outcomes come back, instead of
+/// taking them for late outcomes of a task it had decided. Found by
+/// `nats_server_restarted_under_load_loses_no_task`, where such a task never ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_decision_that_could_not_be_stored_is_made_again() {
+    use async_nats::jetstream::stream::DiscardPolicy;
+    let stack = ProcessStack::start(three_workers()).await;
+    let first = stack.submit_one("stored-first").await;
+    stack.await_results(std::slice::from_ref(&first), RECOVERY).await;
+    // RESULTS refuses every new message from now on.
+    let mut results = stack.js.get_stream(subj::RESULTS_STREAM).await.unwrap();
+    let config = results.info().await.unwrap().config.clone();
+    let full = async_nats::jetstream::stream::Config { max_messages: 1, discard: DiscardPolicy::New, ..config.clone() };
+    stack.js.update_stream(full).await.unwrap();
+    let outcomes = stack.js.get_stream(subj::OUTCOMES_STREAM).await.unwrap();
+    let deliveries = async || outcomes.consumer_info("verifier").await.unwrap().delivered.consumer_sequence;
+    let before = deliveries().await;
+    let refused = stack.submit_one("stored-refused").await;
+    // Its two outcomes were delivered, handed back (NAKed) when the decision was refused,
+    // and delivered again: four deliveries. JetStream announces no such moment to a
+    // client; poll briefly.
+    let deadline = tokio::time::Instant::now() + RECOVERY;
+    while deliveries().await < before + 4 {
+        assert!(tokio::time::Instant::now() < deadline, "the outcomes were never delivered again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stack.step("the decision was refused and the outcomes came back");
+    stack.js.update_stream(config).await.unwrap();
+    stack.await_results(std::slice::from_ref(&refused), RECOVERY).await;
+    let stored = support::processes::subject_counts(&stack.js, subj::RESULTS_STREAM, "sundara.result.>").await;
+    assert_eq!(stored.get(&subj::result("test", &refused.task_id)), Some(&1));
+}

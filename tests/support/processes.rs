@@ -581,6 +581,22 @@ impl ProcessStack {
         }
     }
 
+    /// Submits one one-row `mlp` task with request id `request_id`; it must be accepted.
+    pub async fn submit_one(&self, request_id: &str) -> Accepted {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(now_us());
+        let request = SubmitRequest {
+            request_id: Some(request_id.into()),
+            timeout_ms: Some(TASK_TIMEOUT_MS),
+            ..SubmitRequest::new(&self.model.name, sundara::models::sample_inputs(&self.model.inputs, 1, &mut rng))
+        };
+        match self.client.submit(&request).await.expect("the ingress answers") {
+            SubmitOutcome::Accepted { task_id, duplicate } => {
+                Accepted { request_id: request_id.into(), task_id, at_us: now_us(), attempts: 1, duplicate, request }
+            }
+            rejected => panic!("{request_id}: {rejected:?}"),
+        }
+    }
+
     /// Submits each of `accepted` again, as a client retrying would: each is accepted as a
     /// duplicate of the task it named the first time.
     pub async fn resubmit(&self, accepted: &[Accepted]) {
