@@ -129,10 +129,10 @@ pub struct Results {
 }
 
 impl Results {
-    /// When the earliest result among `ids` was stored.
-    pub fn first_stored(&self, ids: &HashSet<String>) -> Option<u64> {
+    /// When the earliest verified result among `ids` was stored.
+    pub fn first_verified(&self, ids: &HashSet<String>) -> Option<u64> {
         let seen = self.by_task.lock().unwrap();
-        ids.iter().filter_map(|id| seen.get(id)).map(|s| s.stored_us).min()
+        ids.iter().filter_map(|id| seen.get(id)).filter(|s| s.status == Terminal::Verified).map(|s| s.stored_us).min()
     }
 
     fn missing<'a>(&self, ids: impl Iterator<Item = &'a String>) -> Vec<String> {
@@ -169,7 +169,7 @@ pub struct Settled {
 /// Recovery of one fault, from the results.
 #[derive(Debug)]
 pub struct Recovery {
-    /// Kill → the first result of a task accepted after the restart.
+    /// Kill → the first verified result of a task accepted after the restart.
     pub recovery_ms: u64,
     /// Restart → the last result of the tasks accepted before it and since the previous
     /// fault's restart: the work this fault caught, drained.
@@ -511,6 +511,24 @@ impl ProcessStack {
         elsewhere
     }
 
+    /// The cluster node that the client named `client` (e.g. `sundara-scheduler`) is
+    /// connected to, from each node's `/connz`.
+    pub fn node_of(&self, client: &str) -> Option<String> {
+        let Servers::Cluster { nats, .. } = &self.servers else { panic!("a cluster stack") };
+        nats.nodes.iter().filter(|n| n.process.is_some()).find_map(|node| {
+            let (_, body) = sundara::stack::http_get(node.monitor_port, "/connz?limit=4096").ok()?;
+            let connz: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let connections = connz["connections"].as_array()?;
+            connections.iter().any(|c| c["name"] == client).then(|| node.name.clone())
+        })
+    }
+
+    /// Every cluster node's name.
+    pub fn cluster_nodes(&self) -> Vec<String> {
+        let Servers::Cluster { nats, .. } = &self.servers else { panic!("a cluster stack") };
+        nats.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
     /// SIGKILLs the cluster node named `name` (Unix µs when it is gone).
     pub fn kill_cluster_node(&mut self, name: &str) -> u64 {
         let Servers::Cluster { nats, .. } = &mut self.servers else { panic!("a cluster stack") };
@@ -611,9 +629,9 @@ impl ProcessStack {
         self.step(&format!("{} submissions made again: the same tasks, as duplicates", accepted.len()));
     }
 
-    /// Waits (bounded) until a task accepted after `after_us` has a result, and returns
-    /// when that result was stored.
-    pub async fn first_result_accepted_after(&self, load: &Load, after_us: u64, within: Duration) -> u64 {
+    /// Waits (bounded) until a task accepted after `after_us` is verified (the pipeline
+    /// serves again: an expiry does not count), and returns when its result was stored.
+    pub async fn first_verified_after(&self, load: &Load, after_us: u64, within: Duration) -> u64 {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let changed = self.results.changed.notified();
@@ -625,15 +643,15 @@ impl ProcessStack {
                 let log = load.log.lock().unwrap();
                 log.accepted.iter().filter(|a| a.at_us > after_us).map(|a| a.task_id.clone()).collect()
             };
-            if let Some(at) = self.results.first_stored(&ids) {
-                self.step(&format!("a task accepted since has a result ({} accepted since)", ids.len()));
+            if let Some(at) = self.results.first_verified(&ids) {
+                self.step(&format!("a task accepted since is verified ({} accepted since)", ids.len()));
                 return at;
             }
             let waited = tokio::time::timeout_at(deadline, futures::future::select(changed, accepted)).await;
             if waited.is_err() {
                 self.print_logs();
                 panic!(
-                    "no task accepted after the fault had a result within {within:?} ({} accepted since)",
+                    "no task accepted after the fault was verified within {within:?} ({} accepted since)",
                     ids.len()
                 );
             }
@@ -724,11 +742,13 @@ impl ProcessStack {
     pub fn recovery(&self, fault: &Fault, since_us: u64, accepted: &[Accepted]) -> Recovery {
         let seen = self.results.by_task.lock().unwrap();
         let stored = |a: &Accepted| seen.get(&a.task_id).map(|s| s.stored_us);
-        let first_after = accepted.iter().filter(|a| a.at_us > fault.restarted_us).filter_map(stored).min();
+        let verified =
+            |a: &Accepted| seen.get(&a.task_id).filter(|s| s.status == Terminal::Verified).map(|s| s.stored_us);
+        let first_after = accepted.iter().filter(|a| a.at_us > fault.restarted_us).filter_map(verified).min();
         let caught = |a: &&Accepted| a.at_us > since_us && a.at_us <= fault.restarted_us;
         let last_before = accepted.iter().filter(caught).filter_map(stored).max();
         let recovery_ms =
-            first_after.expect("a task accepted after the restart has a result").saturating_sub(fault.killed_us) / 1000;
+            first_after.expect("a task accepted after the restart is verified").saturating_sub(fault.killed_us) / 1000;
         let drain_ms = last_before.unwrap_or(0).saturating_sub(fault.restarted_us) / 1000;
         Recovery { recovery_ms, drain_ms }
     }

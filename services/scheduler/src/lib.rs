@@ -286,7 +286,25 @@ impl Scheduler {
             trace_id = tracing::field::Empty,
         );
         telemetry::follow(&span, msg.headers.as_ref());
-        let dispatched = self.dispatch(&task, seq, &msg).instrument(span.clone()).await;
+        // A dispatch that fails (JetStream or Redis briefly unreachable: a server restarting,
+        // a cluster electing leaders) is tried again here rather than NAKed at once: a NAK
+        // sent while the server is unreachable is lost, and the task would then wait out its
+        // whole ack wait, often past its deadline. Dispatching again is idempotent
+        // (reservations per assignment id, WORK deduplicated by it), and a deadline that
+        // passes meanwhile expires the task.
+        let retry_until = tokio::time::Instant::now() + TASK_ACK_WAIT;
+        let mut backoff = Duration::from_millis(100);
+        let dispatched = loop {
+            match self.dispatch(&task, seq, &msg).instrument(span.clone()).await {
+                Err(e) if tokio::time::Instant::now() + backoff < retry_until => {
+                    tracing::warn!(task = %task.task_id, error = %e, "dispatch failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+                dispatched => break dispatched,
+            }
+        };
         span.record(
             "sundara.dispatch",
             match &dispatched {
