@@ -125,6 +125,12 @@ pub struct Retention {
     /// Copies of every stream, KV bucket and the object store in a JetStream cluster (1 on
     /// a single server; 3 survives the loss of one node).
     pub replicas: usize,
+    /// Messages kept at most in each stream of per-task history (OUTCOMES, RESULTS,
+    /// VERDICTS, REWARDS, DEAD), oldest dropped first; -1 keeps them for their age limit
+    /// alone. The broker's memory grows with what it keeps (per-subject state: every task
+    /// has its own subjects), so a long-running deployment caps it. Keep it well above any
+    /// consumer's backlog: a message dropped before the verifier or rewarder reads it is lost.
+    pub history_max_msgs: i64,
 }
 
 impl Default for Retention {
@@ -134,6 +140,7 @@ impl Default for Retention {
             tasks_max_bytes: 4 << 30,
             duplicate_window: Duration::from_secs(600),
             replicas: 1,
+            history_max_msgs: -1,
         }
     }
 }
@@ -168,14 +175,18 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
         retention: stream::RetentionPolicy::WorkQueue,
         ..stream_config(subj::WORK_STREAM, "sundara.work.>", day, r)
     };
+    let history = |name: &str, subjects: &str, max_age: Duration| stream::Config {
+        max_messages: r.history_max_msgs,
+        ..stream_config(name, subjects, max_age, r)
+    };
     let streams = [
         tasks,
         work,
-        stream_config(subj::OUTCOMES_STREAM, "sundara.outcome.>", day, r),
-        stream_config(subj::RESULTS_STREAM, "sundara.result.>", day, r),
-        stream_config(subj::VERDICTS_STREAM, "sundara.verdict.>", 30 * day, r),
-        stream_config(subj::REWARDS_STREAM, "sundara.reward.>", 30 * day, r),
-        stream_config(subj::DEAD_STREAM, "sundara.dead.>", 30 * day, r),
+        history(subj::OUTCOMES_STREAM, "sundara.outcome.>", day),
+        history(subj::RESULTS_STREAM, "sundara.result.>", day),
+        history(subj::VERDICTS_STREAM, "sundara.verdict.>", 30 * day),
+        history(subj::REWARDS_STREAM, "sundara.reward.>", 30 * day),
+        history(subj::DEAD_STREAM, "sundara.dead.>", 30 * day),
     ];
     for config in streams {
         js.get_or_create_stream(config).await.map_err(js_err)?;
