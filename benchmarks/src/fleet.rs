@@ -1,6 +1,7 @@
 //! The pipeline under test as separate processes (one per service and worker, as in a
 //! deployment), so that each one's CPU use can be read from `/proc`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,10 +15,23 @@ pub struct WorkerSpec {
     pub threads: usize,
 }
 
+/// Extra command-line arguments and environment for one process of the fleet (for
+/// example ingress' `--max-in-flight`), appended to what [`Fleet::start`] gives it.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceOptions {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 pub struct Fleet {
     procs: Vec<(String, Child)>,
+    /// Each process's name and base arguments, in the order of `procs` (for restarts).
+    commands: Vec<(String, Vec<String>)>,
     workers: Vec<String>,
     endpoints: Endpoints,
+    bin: PathBuf,
+    log_dir: PathBuf,
+    restarts: usize,
 }
 
 /// The `sundara` binary built beside the running benchmark binary.
@@ -40,6 +54,18 @@ impl Fleet {
         cache_dir: &Path,
         log_dir: &Path,
     ) -> Result<Fleet, String> {
+        Fleet::start_with(endpoints, workers, cache_dir, log_dir, &HashMap::new())
+    }
+
+    /// [`Fleet::start`], with extra arguments and environment for the processes named in
+    /// `options` (`ingress`, `scheduler`, `verifier`, `rewarder` or a worker's id).
+    pub fn start_with(
+        endpoints: &Endpoints,
+        workers: &[WorkerSpec],
+        cache_dir: &Path,
+        log_dir: &Path,
+        options: &HashMap<String, ServiceOptions>,
+    ) -> Result<Fleet, String> {
         let bin = sundara_binary()?;
         let mut commands: Vec<(String, Vec<String>)> = ["ingress", "scheduler", "verifier", "rewarder"]
             .iter()
@@ -55,25 +81,57 @@ impl Fleet {
         }
         let mut fleet = Fleet {
             procs: Vec::new(),
+            commands,
             workers: workers.iter().map(|w| w.id.clone()).collect(),
             endpoints: endpoints.clone(),
+            bin,
+            log_dir: log_dir.to_path_buf(),
+            restarts: 0,
         };
-        for (name, args) in commands {
-            let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
-            let child = Command::new(&bin)
-                .args(&args)
-                .env("SUNDARA_NATS_URL", &endpoints.nats.url)
-                .env("SUNDARA_REDIS_URL", &endpoints.redis_url)
-                .env("SUNDARA_SECRET", "benchmark-secret")
-                .env("RUST_LOG", "warn,async_nats=error")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .map_err(|e| format!("starting {name}: {e}"))?;
+        for (name, args) in fleet.commands.clone() {
+            let child = fleet.spawn(&name, &args, options.get(&name), &format!("{name}.log"))?;
             fleet.procs.push((name, child));
         }
         Ok(fleet)
+    }
+
+    fn spawn(
+        &self,
+        name: &str,
+        args: &[String],
+        options: Option<&ServiceOptions>,
+        log_name: &str,
+    ) -> Result<Child, String> {
+        let log = std::fs::File::create(self.log_dir.join(log_name)).map_err(|e| e.to_string())?;
+        let mut command = Command::new(&self.bin);
+        command
+            .args(args)
+            .env("SUNDARA_NATS_URL", &self.endpoints.nats.url)
+            .env("SUNDARA_REDIS_URL", &self.endpoints.redis_url)
+            .env("SUNDARA_SECRET", "benchmark-secret")
+            .env("RUST_LOG", "warn,async_nats=error");
+        if let Some(o) = options {
+            command.args(&o.args).envs(o.env.iter().map(|(k, v)| (k, v)));
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {name}: {e}"))
+    }
+
+    /// Stops process `name` (SIGTERM, SIGKILL after `grace`) and starts it again with its
+    /// base arguments plus `options` (for example ingress with another `--max-in-flight`).
+    /// Its log goes to `<name>.<n>.log`. Call [`Fleet::ready`] before using it.
+    pub fn restart(&mut self, name: &str, options: &ServiceOptions, grace: Duration) -> Result<(), String> {
+        let i = self.procs.iter().position(|(n, _)| n == name).ok_or_else(|| format!("no process named {name}"))?;
+        terminate(&mut self.procs[i].1, grace);
+        self.restarts += 1;
+        let args = self.commands[i].1.clone();
+        let child = self.spawn(name, &args, Some(options), &format!("{name}.{}.log", self.restarts))?;
+        self.procs[i].1 = child;
+        Ok(())
     }
 
     /// `(name, pid)` of every process, for CPU accounting.
@@ -129,17 +187,85 @@ impl Drop for Fleet {
     }
 }
 
+/// SIGTERM to `child`, then SIGKILL if it still runs after `grace`; reaps it.
+fn terminate(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/<pid>/status`), or `None`
+/// if it has exited.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&status)
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Messages nats-server has received and sent so far (`in_msgs`, `out_msgs` of `/varz`).
 pub fn nats_message_counts(monitor_port: u16) -> Option<(u64, u64)> {
+    let varz = nats_monitor(monitor_port, "/varz")?;
+    Some((varz["in_msgs"].as_u64()?, varz["out_msgs"].as_u64()?))
+}
+
+/// One JetStream stream's state, from nats-server's `/jsz`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StreamState {
+    pub name: String,
+    pub messages: u64,
+    pub bytes: u64,
+    /// Distinct subjects held (nats-server keeps per-subject state in memory).
+    pub subjects: u64,
+}
+
+/// Every stream's state (`/jsz?streams=true`).
+pub fn nats_streams(monitor_port: u16) -> Option<Vec<StreamState>> {
+    let jsz = nats_monitor(monitor_port, "/jsz?streams=true")?;
+    let mut streams = Vec::new();
+    for account in jsz["account_details"].as_array()? {
+        for stream in account["stream_detail"].as_array().into_iter().flatten() {
+            let state = &stream["state"];
+            streams.push(StreamState {
+                name: stream["name"].as_str().unwrap_or_default().to_string(),
+                messages: state["messages"].as_u64().unwrap_or(0),
+                bytes: state["bytes"].as_u64().unwrap_or(0),
+                subjects: state["num_subjects"].as_u64().unwrap_or(0),
+            });
+        }
+    }
+    Some(streams)
+}
+
+/// A JSON document from nats-server's monitoring port.
+fn nats_monitor(monitor_port: u16, path: &str) -> Option<serde_json::Value> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", monitor_port)).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(conn, "GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut response = String::new();
     conn.read_to_string(&mut response).ok()?;
     let body = &response[response.find("\r\n\r\n")? + 4..];
-    let varz: serde_json::Value = serde_json::from_str(body).ok()?;
-    Some((varz["in_msgs"].as_u64()?, varz["out_msgs"].as_u64()?))
+    serde_json::from_str(body).ok()
+}
+
+/// Keys in Redis' current database and the bytes its allocator holds (`DBSIZE`,
+/// `used_memory` of `INFO memory`).
+pub async fn redis_memory(redis_url: &str) -> Option<(u64, u64)> {
+    let client = redis::Client::open(redis_url).ok()?;
+    let mut con = client.get_multiplexed_async_connection().await.ok()?;
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut con).await.ok()?;
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut con).await.ok()?;
+    let used = info.lines().find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())?;
+    Some((keys, used))
 }
 
 /// Commands Redis has processed so far (`total_commands_processed` of `INFO stats`).
@@ -148,4 +274,17 @@ pub async fn redis_command_count(redis_url: &str) -> Option<u64> {
     let mut con = client.get_multiplexed_async_connection().await.ok()?;
     let info: String = redis::cmd("INFO").arg("stats").query_async(&mut con).await.ok()?;
     info.lines().find_map(|l| l.strip_prefix("total_commands_processed:")?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vm_rss() {
+        let status = "Name:\tredis-server\nVmPeak:\t  9000 kB\nVmRSS:\t    7424 kB\nRssAnon:\t 1 kB\n";
+        assert_eq!(parse_vm_rss(status), Some(7424 * 1024));
+        assert_eq!(parse_vm_rss("Name:\tzombie\n"), None);
+        assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
+    }
 }
