@@ -54,6 +54,10 @@ struct Cli {
     /// A fixed bound on tasks in flight instead of `--bound-s`.
     #[arg(long)]
     max_in_flight: Option<u64>,
+    /// Messages kept in each per-task history stream (`Retention::history_max_msgs`; -1:
+    /// their age limits alone). A soak needs a cap to show the broker's memory level off.
+    #[arg(long, default_value_t = -1)]
+    history_max_msgs: i64,
     /// Requests in flight while measuring capacity (closed loop).
     #[arg(long, default_value_t = 64)]
     capacity_concurrency: usize,
@@ -281,7 +285,8 @@ async fn main() -> anyhow::Result<()> {
     let endpoints = stack.endpoints();
     let client = nats::connect(&endpoints.nats, "overload-client").await?;
     let js = async_nats::jetstream::new(client.clone());
-    nats::provision(&js, &nats::Retention::default()).await?;
+    let retention = nats::Retention { history_max_msgs: cli.history_max_msgs, ..Default::default() };
+    nats::provision(&js, &retention).await?;
     let registry = Registry::open(&js).await?;
     let policy = Policy { redundancy: cli.k, rule: CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 }, audit_rate: 0.0 };
     let meta = sundara::models::push(&registry, &model_path, &cli.model, "1", policy, Default::default()).await?;

@@ -139,13 +139,17 @@ impl Capacity {
     }
 
     /// A task of `tenant` is finished (its result is stored) or was never stored: it no
-    /// longer counts against any limit.
+    /// longer counts against any limit, and the record of which workers held it (kept
+    /// for an hour past its deadline otherwise) goes, so Redis holds per-task state only
+    /// for tasks in flight.
     pub async fn finish(&self, tenant: &str, task: &str) -> Result<(), Error> {
         let mut con = self.con.clone();
         redis::pipe()
             .zrem(format!("sundara:tenant:{tenant}:inflight"), task)
             .ignore()
             .zrem("sundara:inflight:tasks", task)
+            .ignore()
+            .del(format!("sundara:taskw:{task}"))
             .ignore()
             .query_async::<()>(&mut con)
             .await?;
