@@ -135,11 +135,14 @@ pub fn start_nats_on(
     let store = dir.join("jetstream");
     std::fs::create_dir_all(&store)?;
     let conf = dir.join("nats.conf");
-    // 8 MiB payloads: the ingress accepts submissions up to 4 MiB plus headroom.
+    // 8 MiB payloads: the ingress accepts submissions up to 4 MiB plus headroom. A fixed
+    // store limit: by default it is derived from the free disk, and streams' `max_bytes`
+    // reservations (TASKS: 4 GiB) then fail on a machine short of disk, though the
+    // embedded stack stores little.
     std::fs::write(
         &conf,
         format!(
-            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n{extra}\n",
+            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n  max_file_store: 64GB\n}}\n{extra}\n",
             store
         ),
     )?;
