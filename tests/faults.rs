@@ -226,23 +226,23 @@ async fn redis_restarted_empty_under_load_loses_no_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_task_delivered_again_after_its_result_is_not_dead_lettered() {
     let stack = ProcessStack::start(three_workers()).await;
+    // Tasks as ingress stores them (a verified task leaves TASKS once its result is read).
+    let mut stored_tasks = stack.js.client().subscribe("sundara.task.>").await.unwrap();
+    stack.js.client().flush().await.unwrap();
     let load = stack.load("again", 1);
     stack.first_verified_after(&load, 0, RECOVERY).await;
     let accepted = load.stop().await;
     stack.await_results(&accepted, RECOVERY).await;
     let task_id = accepted[0].task_id.clone();
-    // The task as TASKS holds it, stored once more under another message id: to the
-    // scheduler's consumer, the same task delivered again.
-    let tasks = stack.js.get_stream(subj::TASKS_STREAM).await.unwrap();
-    let mut stored = None;
-    for seq in 1..=accepted.len() as u64 {
-        let raw = tasks.get_raw_message(seq).await.unwrap();
-        let task: sundara_schemas::Task = decode(&raw.payload, MAX_MESSAGE_BYTES).unwrap();
+    // The task stored once more under another message id: to the scheduler's consumer,
+    // the same task delivered again.
+    let raw = loop {
+        let msg = tokio::time::timeout(RECOVERY, futures::StreamExt::next(&mut stored_tasks)).await.unwrap().unwrap();
+        let task: sundara_schemas::Task = decode(&msg.payload, MAX_MESSAGE_BYTES).unwrap();
         if task.task_id == task_id {
-            stored = Some(raw);
+            break msg;
         }
-    }
-    let raw = stored.expect("the task is in TASKS");
+    };
     let again = format!("{task_id}-again");
     sundara_common::nats::publish_durable(&stack.js, raw.subject.to_string(), &again, raw.payload.to_vec())
         .await
