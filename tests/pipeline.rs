@@ -47,13 +47,6 @@ async fn happy_path_matches_direct_inference() {
         "{frame}"
     );
     assert_eq!(frame.matches(" accepted ").count(), 10, "{frame}");
-    // Verified tasks leave TASKS once ingress reads their results: it holds only work in flight.
-    let mut tasks = h.js.get_stream(sundara_schemas::subjects::TASKS_STREAM).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while tasks.info().await.unwrap().state.messages > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "verified tasks stayed in TASKS");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     h.stop().await;
 }
 

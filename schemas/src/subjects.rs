@@ -20,10 +20,6 @@ pub const FLEET_DEAD: &str = "sundara.fleet.dead";
 /// Epoch weights.
 pub const REWARD_EPOCH: &str = "sundara.reward.epoch";
 
-/// On a verified result: the task's sequence in TASKS, which ingress then deletes (a
-/// verified task is never read again), so TASKS holds only tasks in flight and dead ones.
-pub const TASK_SEQ_HEADER: &str = "Sundara-Task-Seq";
-
 /// W3C trace context header carried on every message of a task.
 pub const TRACEPARENT: &str = "traceparent";
 

@@ -246,21 +246,11 @@ pub async fn publish_durable(
 
 /// A JetStream message with Nats-Msg-Id `id` and the current span's trace context.
 pub fn durable_message(id: &str, payload: Vec<u8>) -> jetstream::message::PublishMessage {
-    durable_message_with(id, payload, &[])
-}
-
-/// [`durable_message`] with `extra` headers.
-pub fn durable_message_with(
-    id: &str,
-    payload: Vec<u8>,
-    extra: &[(&'static str, String)],
-) -> jetstream::message::PublishMessage {
     let msg = jetstream::message::PublishMessage::build();
-    let mut headers = crate::telemetry::context_headers().unwrap_or_default();
-    for (name, value) in extra {
-        headers.insert(*name, value.as_str());
-    }
-    let msg = if headers.is_empty() { msg } else { msg.headers(headers) };
+    let msg = match crate::telemetry::context_headers() {
+        Some(headers) => msg.headers(headers),
+        None => msg,
+    };
     msg.payload(Bytes::from(payload)).message_id(id)
 }
 

@@ -162,7 +162,6 @@ struct Ingress {
     js: async_nats::jetstream::Context,
     registry: Registry,
     capacity: Capacity,
-    tasks: async_nats::jetstream::stream::Stream,
     /// Per model version: when its fit was last read from Redis, and the verdict.
     fit_cache: Mutex<HashMap<String, FitVerdict>>,
 }
@@ -276,24 +275,13 @@ impl Ingress {
         }
     }
 
-    /// A stored result finishes its task: it no longer counts against the limits, and a
-    /// verified one (its result names its TASKS sequence) leaves TASKS, whose size is then
-    /// bounded by the tasks in flight, not by the history (dead tasks stay, for resubmission).
+    /// A stored result finishes its task: it no longer counts against the limits.
     async fn on_result(&self, msg: async_nats::jetstream::Message) {
         use async_nats::jetstream::AckKind;
         if let Some((tenant, task)) = subj::result_parts(&msg.subject)
             && let Err(e) = self.capacity.finish(tenant, task).await
         {
             tracing::warn!(error = %e, "could not release a finished task; will retry");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
-            return;
-        }
-        let seq = msg.headers.as_ref().and_then(|h| h.get(subj::TASK_SEQ_HEADER)).and_then(|v| v.as_str().parse().ok());
-        if let Some(seq) = seq
-            && let Err(e) = self.tasks.delete_message(seq).await
-            && !e.to_string().contains("no message found")
-        {
-            tracing::warn!(error = %e, seq, "could not delete a verified task from TASKS; will retry");
             let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
             return;
         }
@@ -350,9 +338,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError>
         ..nats::consumer_config("ingress-finish", "sundara.result.>", Duration::from_secs(30), 4096)
     };
     let results = nats::ensure_consumer(&js, subj::RESULTS_STREAM, results_config).await?;
-    let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(sundara_common::js_err)?;
-    let ingress =
-        Arc::new(Ingress { config: config.clone(), js, registry, capacity, tasks, fit_cache: Mutex::default() });
+    let ingress = Arc::new(Ingress { config: config.clone(), js, registry, capacity, fit_cache: Mutex::default() });
     let finish = tokio::spawn({
         let (ingress, shutdown) = (ingress.clone(), shutdown.clone());
         async move { nats::consume(&results, &shutdown, 64, |msg| ingress.on_result(msg)).await }

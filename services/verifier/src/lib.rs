@@ -433,12 +433,7 @@ impl Publisher {
             if let Some(dead) = &dead {
                 nats::publish_durable(&self.js, subj::dead(&task_id), &task_id, encode(dead)).await?;
             }
-            // A verified task is done with: ingress deletes it from TASKS on reading this.
-            let seq = [(subj::TASK_SEQ_HEADER, first.task_seq.to_string())];
-            let extra: &[(&'static str, String)] = if dead.is_none() { &seq } else { &[] };
-            let message = nats::durable_message_with(&task_id, encode(&result), extra);
-            let subject = subj::result(&tenant, &task_id);
-            self.js.send_publish(subject, message).await.map_err(js_err)?.await.map_err(js_err)?;
+            nats::publish_durable(&self.js, subj::result(&tenant, &task_id), &task_id, encode(&result)).await?;
             nats::publish_durable(&self.js, subj::verdict(&task_id), &task_id, encode(&verdict)).await?;
             Ok::<(), CommonError>(())
         };
