@@ -44,7 +44,7 @@ pub fn decode_budget(len: usize) -> usize {
 // ---------------------------------------------------------------------------------------
 // decode_messages
 
-/// Decodes `data` as every top-level wire type (and as a ticket) and checks the round trip.
+/// Decodes `data` as every top-level wire type and checks the round trip.
 pub fn decode_messages(data: &[u8]) {
     macro_rules! each {
         ($($t:ty),* $(,)?) => {$(
@@ -63,25 +63,9 @@ pub fn decode_messages(data: &[u8]) {
             }
         )*};
     }
-    each!(
-        SubmitRequest,
-        SubmitReply,
-        Task,
-        Assignment,
-        Outcome,
-        ClientResult,
-        Verdict,
-        RewardTrace,
-        EpochWeights,
-        DeadLetter,
-        ControlRequest,
-        ControlReply,
-        ModelMeta,
-        FleetRequest,
-    );
-    // Not `Ticket::from_bytes` (tickets the scheduler stores in KV): it calls rmp_serde
-    // without the codec's depth limit, and a few KB of nested maps overflow a 2 MiB stack
-    // in debug builds. Tickets inside assignments and outcomes are covered above.
+    sundara_schemas::with_messages!(each);
+    each!(ModelMeta);
+    // Tickets are covered inside assignments and outcomes.
 }
 
 /// Equal, or (a float field is NaN, which is not equal to itself) identical when printed.

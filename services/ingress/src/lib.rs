@@ -214,7 +214,7 @@ impl Ingress {
             .min(self.config.max_timeout);
         let task_id = task_id(tenant, req.request_id.as_deref());
         let deadline_at_ms = now + timeout.as_millis() as u64;
-        self.admit(tenant, &task_id, deadline_at_ms).await?;
+        self.count_against_limits(tenant, &task_id, deadline_at_ms).await?;
         let task = Task {
             v: WIRE_VERSION,
             task_id: task_id.clone(),
@@ -253,7 +253,7 @@ impl Ingress {
     /// Counts the task against its tenant's limits and the fleet's. If Redis cannot
     /// answer, the task is admitted: the limits are fairness, and the TASKS stream's own
     /// size bound still holds.
-    async fn admit(&self, tenant: &str, task_id: &str, deadline_at_ms: u64) -> Result<(), Rejection> {
+    async fn count_against_limits(&self, tenant: &str, task_id: &str, deadline_at_ms: u64) -> Result<(), Rejection> {
         let limits = self.config.tenants.limits(tenant);
         match self.capacity.admit(tenant, task_id, deadline_at_ms, limits, self.config.max_in_flight).await {
             Ok(Ok(())) => Ok(()),

@@ -26,6 +26,15 @@ pub use sundara_common::ModelCache;
 use sundara_runtime::Device;
 pub use sundara_runtime::{Executor, ExecutorConfig, JobError, JobResult, ModelRun, Ran, SliceReport};
 
+/// Why a report to the fleet gateway did not go through.
+#[derive(Debug, thiserror::Error)]
+enum ReportError {
+    #[error("no fleet gateway answers (is a scheduler or autoscaler running?)")]
+    NoGateway,
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// How long a report to the fleet gateway may take.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -301,26 +310,31 @@ struct Worker {
 
 impl Worker {
     /// Sends a report to the fleet gateway and waits (bounded) for it to be applied.
-    async fn report(&self, update: FleetUpdate) -> Result<(), String> {
+    async fn report(&self, update: FleetUpdate) -> Result<(), ReportError> {
+        use async_nats::RequestErrorKind;
         let request = encode(&FleetRequest { v: WIRE_VERSION, update });
         let subject = subj::report(&self.config.worker_id);
         let reply = tokio::time::timeout(REPORT_TIMEOUT, self.client.request(subject, request.into()))
             .await
-            .map_err(|_| format!("no answer within {REPORT_TIMEOUT:?}"))?
-            .map_err(|e| e.to_string())?;
-        let reply: FleetReply = decode(&reply.payload, MAX_MESSAGE_BYTES).map_err(|e| e.to_string())?;
-        if reply.ok { Ok(()) } else { Err(reply.reason) }
+            .map_err(|_| ReportError::Failed(format!("no answer within {REPORT_TIMEOUT:?}")))?
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::NoResponders => ReportError::NoGateway,
+                _ => ReportError::Failed(e.to_string()),
+            })?;
+        let reply: FleetReply =
+            decode(&reply.payload, MAX_MESSAGE_BYTES).map_err(|e| ReportError::Failed(e.to_string()))?;
+        if reply.ok { Ok(()) } else { Err(ReportError::Failed(reply.reason)) }
     }
 
     /// [`Worker::report`], retried until `within` has passed while no gateway answers (the
     /// validator may be starting too). A refusal is final.
-    async fn report_within(&self, update: FleetUpdate, within: Duration) -> Result<(), String> {
+    async fn report_within(&self, update: FleetUpdate, within: Duration) -> Result<(), ReportError> {
         let deadline = tokio::time::Instant::now() + within;
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.report(update.clone()).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.contains("no responders") && tokio::time::Instant::now() + backoff < deadline => {
+                Err(ReportError::NoGateway) if tokio::time::Instant::now() + backoff < deadline => {
                     tracing::info!("waiting for the fleet gateway (is a scheduler running?)");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -647,7 +661,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     client.flush().await.map_err(js_err)?;
     let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
     let hello = FleetUpdate::Announce { announce: worker.announce(&models), fresh: true, heartbeat_ttl_ms: ttl_ms };
-    worker.report_within(hello, config.startup_timeout).await.map_err(WorkerError::Report)?;
+    worker.report_within(hello, config.startup_timeout).await.map_err(|e| WorkerError::Report(e.to_string()))?;
     tracing::info!(
         worker = %config.worker_id,
         ?models,
