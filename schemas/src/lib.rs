@@ -17,7 +17,7 @@ pub use codec::{DecodeError, decode, encode};
 pub use messages::*;
 pub use model::{Batching, CompareRule, DEFAULT_AUDIT_RATE, ModelMeta, ModelRef, Policy, TensorSpec};
 pub use tensor::{DType, Limits, Tensor, TensorError};
-pub use ticket::Ticket;
+pub use ticket::{Ticket, assignment_of_outcome_id};
 
 /// Largest message any service decodes (tensors above NATS' max_payload never arrive anyway).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -119,6 +119,8 @@ pub enum RejectCode {
     RateLimited,
     /// The tenant already has as many tasks in flight as its limit allows.
     TooManyInFlight,
+    /// The task asks for a higher priority than its tenant is entitled to.
+    PriorityNotPermitted,
     Internal,
 }
 
@@ -139,6 +141,7 @@ impl RejectCode {
             RejectCode::Overloaded => "overloaded",
             RejectCode::RateLimited => "rate_limited",
             RejectCode::TooManyInFlight => "too_many_in_flight",
+            RejectCode::PriorityNotPermitted => "priority_not_permitted",
             RejectCode::Internal => "internal",
         }
     }
@@ -422,6 +425,12 @@ pub struct EpochWeights {
     pub epoch: u64,
     pub closed_at_ms: u64,
     pub weights: Vec<MinerWeight>,
+    /// Miners weighed 0 because they were quarantined when the epoch closed (by the
+    /// rewarder on proof, or by the scheduler for timeouts), in id order. With the reward
+    /// traces, this is all a replay needs to recompute every weight. Absent in older
+    /// messages, which quarantined no one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<String>,
 }
 
 /// A task that could not be verified, with all evidence (stream DEAD, subject `sundara.dead.<task>`).

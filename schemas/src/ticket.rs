@@ -39,9 +39,25 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// `<task>.<replica>.<attempt>`: unique per dispatch; used as Nats-Msg-Id of outcomes.
+    /// `<task>.<replica>.<attempt>`: unique per dispatch, the key of its reservation.
     pub fn assignment_id(&self) -> String {
         format!("{}.{}.{}", self.task_id, self.replica, self.attempt)
+    }
+
+    /// The Nats-Msg-Id of this assignment's outcome: `<assignment id>.<16 hex digits of
+    /// the MAC>`. JetStream drops a second message with the same id as a duplicate, so the
+    /// id must be one that only the ticket's holder (and the validator side) can know: a
+    /// miner that could name another miner's outcome id in advance could store its own
+    /// outcome under it and have the other's dropped. The assignment id alone is guessable;
+    /// the MAC is secret until the holder publishes.
+    pub fn outcome_id(&self) -> String {
+        let tag: String = self.mac.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("{}.{tag}", self.assignment_id())
+    }
+
+    /// The Nats-Msg-Id of the scheduler's `Abandoned` outcome for this assignment.
+    pub fn abandoned_id(&self) -> String {
+        format!("{}.abandoned", self.outcome_id())
     }
 
     fn digest(&self, key: &[u8]) -> Hmac<Sha256> {
@@ -64,6 +80,15 @@ impl Ticket {
     pub fn verify(&self, key: &[u8]) -> bool {
         self.digest(key).verify_slice(&self.mac).is_ok()
     }
+}
+
+/// The assignment id that an outcome's Nats-Msg-Id ([`Ticket::outcome_id`]) names, or
+/// `None` for anything else (the scheduler's `.abandoned` ids among them). The id is the
+/// publisher's claim: whoever uses it must still check that the sender holds the assignment.
+pub fn assignment_of_outcome_id(id: &str) -> Option<&str> {
+    let (aid, tag) = id.rsplit_once('.')?;
+    let well_formed = tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()) && aid.split('.').count() == 3;
+    well_formed.then_some(aid)
 }
 
 #[cfg(test)]
@@ -104,5 +129,22 @@ mod tests {
         stolen.worker = "w2".into();
         assert!(!stolen.verify(b"secret"));
         assert_eq!(t.assignment_id(), "t1.1.0");
+    }
+
+    #[test]
+    fn outcome_ids_name_the_assignment_and_need_its_mac() {
+        let mut t = ticket();
+        t.sign(b"secret");
+        let id = t.outcome_id();
+        assert_eq!(assignment_of_outcome_id(&id), Some("t1.1.0"));
+        assert_eq!(assignment_of_outcome_id(&t.abandoned_id()), None);
+        // Another replica's id differs in its MAC tag, which only its holder is given.
+        let mut other = ticket();
+        other.replica = 0;
+        other.sign(b"secret");
+        let guessed = format!("{}.{}", other.assignment_id(), &id[id.len() - 16..]);
+        assert_ne!(guessed, other.outcome_id());
+        assert_eq!(assignment_of_outcome_id("t1.1"), None);
+        assert_eq!(assignment_of_outcome_id("t1.1.0"), None);
     }
 }

@@ -2,6 +2,7 @@
 //! models registered, and the pipeline running in-process. Everything stops on drop.
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod processes;
 
 use std::collections::HashMap;

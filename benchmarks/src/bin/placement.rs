@@ -541,7 +541,7 @@ impl Fleet {
             compute_us: finished_us - started_us,
             timing: WorkTiming { accepted_us: a.accepted_at_us, received_us, started_us, finished_us },
         };
-        if nats::publish_durable(js, subject, &aid, encode(&outcome)).await.is_err() {
+        if nats::publish_durable(js, subject, &outcome.ticket.outcome_id(), encode(&outcome)).await.is_err() {
             self.errors.fetch_add(1, Ordering::Relaxed);
             let _ = msg.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
             return;

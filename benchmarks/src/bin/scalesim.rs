@@ -474,7 +474,7 @@ async fn fleet_loop(
                     finished_us: received_us,
                 },
             };
-            if nats::publish_durable(&js, subject, &aid, encode(&outcome)).await.is_err() {
+            if nats::publish_durable(&js, subject, &outcome.ticket.outcome_id(), encode(&outcome)).await.is_err() {
                 state.lock().expect("fleet state").errors += 1;
                 let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
                 return;

@@ -413,7 +413,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerErr
         None => None,
     };
     // A second fleet gateway beside the scheduler's: heartbeats reach Redis while either restarts.
-    let gateway = std::sync::Arc::new(sundara_common::gateway::Gateway { capacity: capacity.clone() });
+    let gateway = std::sync::Arc::new(sundara_common::gateway::Gateway::open(capacity.clone(), &js).await?);
     let reports = tokio::spawn(sundara_common::gateway::serve(client.clone(), gateway, shutdown.clone(), 64));
     let health = Health { client: client.clone(), js, work, capacity };
     let watch = async {

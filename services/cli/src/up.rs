@@ -113,7 +113,7 @@ pub async fn explain_rewards(js: &jetstream::Context, epoch: Option<u64>, miner:
     let weights = sundara_rewarder::read_weights(js, epoch).await?.context("no epoch has closed yet")?;
     let alpha = sundara_rewarder::read_ledger(js).await?.map_or(0.1, |l| l.alpha());
     let traces = sundara_rewarder::read_traces(js).await?;
-    let x = sundara_rewarder::ledger::explain(&traces, alpha, weights.epoch, miner);
+    let x = sundara_rewarder::ledger::explain(&traces, alpha, weights.epoch, &weights.quarantined, miner);
     println!("{:<34} {:<10} {:>12} {:>5} {:>7}", "task", "standing", "latency ms", "rank", "score");
     for (task, e) in &x.entries {
         let latency = e.latency_us.map_or("–".to_string(), |us| format!("{:.2}", us as f64 / 1000.0));
@@ -122,9 +122,12 @@ pub async fn explain_rewards(js: &jetstream::Context, epoch: Option<u64>, miner:
     }
     let published = weights.weights.iter().find(|m| m.miner == miner).map_or(0, |m| m.weight);
     println!(
-        "epoch {}: {} tasks; moving score (alpha {alpha}) {:.6} of {:.6} in all → weight {} of 65535; published {} ({})",
+        "epoch {}: {} tasks; quality (moving score, alpha {alpha}) {:.6} × {} agreed{} = {:.6} of {:.6} in all → weight {} of 65535; published {} ({})",
         weights.epoch,
         x.entries.len(),
+        x.quality,
+        x.agreed,
+        if x.quarantined { ", quarantined at the close: 0" } else { "" },
         x.score,
         x.total_score,
         x.weight,

@@ -72,255 +72,59 @@ const REPUTATION: &str = "sundara:reputation";
 /// unknown). The product is scaled by (2 − reputation), reputation being the worker's
 /// share of agreeing outcomes (1 when unknown), and the slice's memory in GiB is added as a
 /// tie-breaker (1 µs per GiB): among equals the smallest device that fits is chosen.
-const RESCORE_FN: &str = r#"
-local function rescore(s)
-  local key = 'sundara:slice:' .. s
-  local h = redis.call('HMGET', key, 'state', 'slots_total', 'slots_free', 'lanes', 'memory_total', 'worker')
-  local models = redis.call('SMEMBERS', key .. ':models')
-  local free = tonumber(h[3])
-  if h[1] ~= 'alive' or not free or free <= 0 then
-    for _, m in ipairs(models) do redis.call('ZREM', 'sundara:cand:' .. m, s) end
-    return
-  end
-  local in_use = math.max((tonumber(h[2]) or free) - free, 0)
-  local lanes = math.max(tonumber(h[4]) or 1, 1)
-  local gib = (tonumber(h[5]) or 0) / 1073741824
-  local rep = h[6] and tonumber(redis.call('HGET', 'sundara:reputation', h[6])) or 1
-  for _, m in ipairs(models) do
-    local service = tonumber(redis.call('HGET', key .. ':svc', m))
-    local cold = 0
-    if not service then
-      service = tonumber(redis.call('HGET', 'sundara:svc', m)) or 10000
-      cold = tonumber(redis.call('HGET', 'sundara:loadus', m)) or 1000000
-    end
-    local expected = cold + service * (1 + in_use / lanes)
-    redis.call('ZADD', 'sundara:cand:' .. m, expected * (2 - rep) + gib, s)
-  end
-end
-"#;
+const RESCORE_FN: &str = include_str!("lua/rescore_fn.lua");
 
 /// Reserves one slot on each of up to k distinct workers for the given assignment ids, or
 /// nothing. Ids already reserved (a redelivered task) keep their slot.
 /// KEYS: cand:<model>, taskw:<task>. ARGV: n, scan, timeout_at_ms, ttl_ms, random (1: pick
 /// among candidates at random, the baseline placement), aid_1..aid_n.
 /// Returns {slice_1, worker_1, ...} in aid order, or {} when not enough capacity.
-const RESERVE: &str = r#"
-local n = tonumber(ARGV[1])
-local scan = tonumber(ARGV[2])
-local timeout_at = ARGV[3]
-local ttl = tonumber(ARGV[4])
-local random = ARGV[5] == '1'
-local used, usedop = {}, {}
-for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do used[w] = true end
-local result, need = {}, {}
-for i = 1, n do
-  local aid = ARGV[5 + i]
-  local held = redis.call('HMGET', 'sundara:asg:' .. aid, 'slice', 'worker')
-  if held[1] then result[i] = {held[1], held[2]} else table.insert(need, i) end
-end
-if #need > 0 then
-  -- The candidate set holds only live slices with a free slot, ordered by expected
-  -- completion time, so walking it in order and taking the first eligible slices picks
-  -- the fastest: one look per replica when nothing is excluded (O(log N) for the range).
-  -- At most 4 windows of `scan` are read (slices of workers that already hold the task,
-  -- or of an operator already picked, or quarantined, are skipped).
-  local picks = {}
-  local seen = 0
-  while #picks < #need and seen < scan * 4 do
-    local cands
-    if random then
-      cands = redis.call('ZRANDMEMBER', KEYS[1], scan)
-    else
-      cands = redis.call('ZRANGE', KEYS[1], seen, seen + scan - 1)
-    end
-    if #cands == 0 then break end
-    for _, s in ipairs(cands) do
-      seen = seen + 1
-      local h = redis.call('HMGET', 'sundara:slice:' .. s, 'worker', 'slots_free', 'state', 'operator')
-      local w, free, op = h[1], tonumber(h[2]), h[4]
-      local op_known = op and op ~= ''
-      if w and h[3] == 'alive' and free and free > 0 and not used[w] and not (op_known and usedop[op])
-          and redis.call('HEXISTS', 'sundara:quarantined', w) == 0 then
-        used[w] = true
-        if op_known then usedop[op] = true end
-        table.insert(picks, {s, w})
-        if #picks == #need then break end
-      end
-    end
-  end
-  if #picks < #need then return {} end
-  for j, i in ipairs(need) do
-    local s, w, aid = picks[j][1], picks[j][2], ARGV[5 + i]
-    redis.call('HINCRBY', 'sundara:slice:' .. s, 'slots_free', -1)
-    rescore(s)
-    redis.call('HSET', 'sundara:asg:' .. aid, 'slice', s, 'worker', w, 'answer_by', timeout_at)
-    redis.call('PEXPIRE', 'sundara:asg:' .. aid, ttl)
-    redis.call('ZADD', 'sundara:inflight', timeout_at, aid)
-    redis.call('SADD', 'sundara:inflight:w:' .. w, aid)
-    redis.call('SADD', KEYS[2], w)
-    redis.call('PEXPIRE', KEYS[2], ttl)
-    result[i] = {s, w}
-  end
-end
-local flat = {}
-for i = 1, n do table.insert(flat, result[i][1]); table.insert(flat, result[i][2]) end
-return flat
-"#;
+const RESERVE: &str = include_str!("lua/reserve.lua");
 
 /// After a worker's announcement: sets each slice's models (a model it no longer serves
 /// leaves that model's candidate set) and rescores it.
 /// ARGV: per slice, its id, the number of its models n, then the n models.
-const RESCORE: &str = r#"
-local i = 1
-while i <= #ARGV do
-  local s, n = ARGV[i], tonumber(ARGV[i + 1])
-  local key = 'sundara:slice:' .. s .. ':models'
-  local serves = {}
-  for j = 1, n do serves[ARGV[i + 1 + j]] = true end
-  for _, m in ipairs(redis.call('SMEMBERS', key)) do
-    if not serves[m] then redis.call('ZREM', 'sundara:cand:' .. m, s) end
-  end
-  redis.call('DEL', key)
-  if n > 0 then redis.call('SADD', key, unpack(ARGV, i + 2, i + 1 + n)) end
-  rescore(s)
-  i = i + 2 + n
-end
-return 1
-"#;
+const RESCORE: &str = include_str!("lua/rescore.lua");
 
 /// Frees an assignment's slot. Idempotent: a second release of the same id does nothing.
 /// ARGV: aid, and optionally the worker that must hold it (else nothing is freed) and when
 /// its answer was stored (ms): an answer after the assignment's deadline frees nothing, so
 /// the sweep still gives the replica to another miner.
 /// Returns 1 if it freed a slot.
-const RELEASE: &str = r#"
-local key = 'sundara:asg:' .. ARGV[1]
-local h = redis.call('HMGET', key, 'slice', 'worker', 'answer_by')
-if not h[1] then return 0 end
-if ARGV[2] and ARGV[2] ~= h[2] then return 0 end
-if ARGV[3] and h[3] and tonumber(ARGV[3]) > tonumber(h[3]) then return 0 end
-redis.call('DEL', key)
-redis.call('ZREM', 'sundara:inflight', ARGV[1])
-redis.call('SREM', 'sundara:inflight:w:' .. h[2], ARGV[1])
-local slice = 'sundara:slice:' .. h[1]
-if redis.call('EXISTS', slice) == 1 then
-  local free = redis.call('HINCRBY', slice, 'slots_free', 1)
-  local total = tonumber(redis.call('HGET', slice, 'slots_total'))
-  if total and free > total then
-    redis.call('HSET', slice, 'slots_free', total)
-  end
-  -- A dead, failed or quarantined slice stays out of the candidate sets.
-  rescore(h[1])
-end
-return 1
-"#;
+const RELEASE: &str = include_str!("lua/release.lua");
 
 /// Claims in-flight assignments whose timeout has passed, leasing each for `lease_ms`
 /// so that another scheduler replica does not claim it too.
 /// ARGV: now_ms, lease_ms, limit. Returns the claimed ids.
-const CLAIM_DUE: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', 'sundara:inflight', '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local lease = tonumber(ARGV[1]) + tonumber(ARGV[2])
-for _, aid in ipairs(due) do redis.call('ZADD', 'sundara:inflight', lease, aid) end
-return due
-"#;
+const CLAIM_DUE: &str = include_str!("lua/claim_due.lua");
 
 /// Declares a worker dead unless its heartbeat came back: its slices leave the candidate
 /// sets and its in-flight assignments fall due at once (the scheduler reassigns them).
 /// ARGV: worker. Returns the number of assignments made due, or -1 if not dead.
-const MARK_DEAD: &str = r#"
-local w = ARGV[1]
-if redis.call('EXISTS', 'sundara:hb:' .. w) == 1 then return -1 end
-local wkey = 'sundara:worker:' .. w
-if redis.call('HGET', wkey, 'state') == 'dead' then return -1 end
-redis.call('HSET', wkey, 'state', 'dead')
-local slices = redis.call('HGET', wkey, 'slices') or ''
-for s in string.gmatch(slices, '[^,]+') do
-  redis.call('HSET', 'sundara:slice:' .. s, 'state', 'dead')
-  redis.call('ZREM', 'sundara:slicemem', s)
-  for _, m in ipairs(redis.call('SMEMBERS', 'sundara:slice:' .. s .. ':models')) do
-    redis.call('ZREM', 'sundara:cand:' .. m, s)
-  end
-end
-local aids = redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)
-for _, aid in ipairs(aids) do
-  redis.call('ZADD', 'sundara:inflight', 0, aid)
-  redis.call('HSET', 'sundara:asg:' .. aid, 'handed', 1)
-end
-return #aids
-"#;
+const MARK_DEAD: &str = include_str!("lua/mark_dead.lua");
 
 /// Takes one slice of a live worker out of service: it leaves the candidate sets, and
 /// its in-flight assignments fall due at once (the scheduler sends them elsewhere).
 /// The worker becomes eligible again for those tasks (another of its slices may run them).
 /// KEYS: slice:<s>. ARGV: slice, worker, reason. Returns the number of assignments made due.
-const FAIL_SLICE: &str = r#"
-local s, w = ARGV[1], ARGV[2]
-redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[3])
-redis.call('ZREM', 'sundara:slicemem', s)
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':models')) do
-  redis.call('ZREM', 'sundara:cand:' .. m, s)
-end
-local n = 0
-for _, aid in ipairs(redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)) do
-  if redis.call('HGET', 'sundara:asg:' .. aid, 'slice') == s then
-    redis.call('ZADD', 'sundara:inflight', 0, aid)
-    redis.call('HSET', 'sundara:asg:' .. aid, 'handed', 1)
-    -- The worker gave no outcome for it: another of its slices may take the replica.
-    redis.call('SREM', 'sundara:taskw:' .. string.match(aid, '^[^.]+'), w)
-    n = n + 1
-  end
-end
-return n
-"#;
+const FAIL_SLICE: &str = include_str!("lua/fail_slice.lua");
 
-/// Hands one assignment back: due now, and its worker (which gave no outcome for it) is
-/// eligible again for the replica, on another of its slices.
-/// ARGV: aid, worker.
-const HAND_BACK: &str = r#"
-local holder = redis.call('HGET', 'sundara:asg:' .. ARGV[1], 'worker')
-if holder and holder ~= ARGV[2] then return 0 end
-redis.call('ZADD', 'sundara:inflight', 'XX', 0, ARGV[1])
-if redis.call('EXISTS', 'sundara:asg:' .. ARGV[1]) == 1 then redis.call('HSET', 'sundara:asg:' .. ARGV[1], 'handed', 1) end
-redis.call('SREM', 'sundara:taskw:' .. string.match(ARGV[1], '^[^.]+'), ARGV[2])
-return 1
-"#;
+/// Hands one assignment back, only from its holder while it is live: due now, and the
+/// worker (which gave no outcome for it) is eligible again for the replica, on another of
+/// its slices. ARGV: aid, worker. Returns 1 if accepted.
+const HAND_BACK: &str = include_str!("lua/hand_back.lua");
 
 /// Quarantines a worker: it is never chosen again, its slices leave the candidate sets,
 /// and its in-flight assignments fall due at once (the scheduler sends them elsewhere).
 /// ARGV: worker, reason. Returns 1 if it was not quarantined before; 0 (changing nothing,
 /// so the first reason stands) if it was.
-const QUARANTINE: &str = r#"
-local w = ARGV[1]
-if redis.call('HSETNX', 'sundara:quarantined', w, ARGV[2]) == 0 then return 0 end
-redis.call('HSET', 'sundara:worker:' .. w, 'state', 'quarantined')
-local slices = redis.call('HGET', 'sundara:worker:' .. w, 'slices') or ''
-for s in string.gmatch(slices, '[^,]+') do
-  redis.call('HSET', 'sundara:slice:' .. s, 'state', 'quarantined', 'reason', ARGV[2])
-  redis.call('ZREM', 'sundara:slicemem', s)
-  for _, m in ipairs(redis.call('SMEMBERS', 'sundara:slice:' .. s .. ':models')) do
-    redis.call('ZREM', 'sundara:cand:' .. m, s)
-  end
-end
-for _, aid in ipairs(redis.call('SMEMBERS', 'sundara:inflight:w:' .. w)) do
-  redis.call('ZADD', 'sundara:inflight', 0, aid)
-  redis.call('HSET', 'sundara:asg:' .. aid, 'handed', 1)
-end
-return 1
-"#;
+const QUARANTINE: &str = include_str!("lua/quarantine.lua");
 
 /// Counts a timed-out assignment against its worker: one that its worker neither answered
 /// nor handed back while alive (dead workers, failed slices, quarantines and hand-backs
 /// mark theirs `handed`). ARGV: aid, worker. Returns the worker's timeouts so far, or 0
 /// when this one does not count.
-const TIMEOUT_STRIKE: &str = r#"
-local h = redis.call('HMGET', 'sundara:asg:' .. ARGV[1], 'handed', 'worker')
-if h[1] or h[2] ~= ARGV[2] then return 0 end
-if redis.call('EXISTS', 'sundara:hb:' .. ARGV[2]) == 0 then return 0 end
--- Counted once, however often its reassignment is retried.
-redis.call('HSET', 'sundara:asg:' .. ARGV[1], 'handed', 1)
-return redis.call('HINCRBY', 'sundara:timeouts', ARGV[2], 1)
-"#;
+const TIMEOUT_STRIKE: &str = include_str!("lua/timeout_strike.lua");
 
 /// A slice as Redis has it.
 #[derive(Clone, Debug, Default)]
@@ -593,11 +397,18 @@ impl Capacity {
         Ok(inv.invoke_async(&mut con).await?)
     }
 
-    /// Hands an assignment back for reassignment (see HAND_BACK).
-    pub async fn hand_back(&self, aid: &str, worker: &str) -> Result<(), Error> {
+    /// Hands an assignment back for reassignment (see HAND_BACK); `false` when `worker`
+    /// does not hold it live (another's, answered, released or unknown): nothing changes.
+    pub async fn hand_back(&self, aid: &str, worker: &str) -> Result<bool, Error> {
         let mut con = self.con.clone();
-        self.hand_back.arg(aid).arg(worker).invoke_async::<i64>(&mut con).await?;
-        Ok(())
+        let accepted: i64 = self.hand_back.arg(aid).arg(worker).invoke_async(&mut con).await?;
+        Ok(accepted == 1)
+    }
+
+    /// The operator a worker was first announced with, if it was.
+    pub async fn operator_of(&self, worker: &str) -> Result<Option<String>, Error> {
+        let mut con = self.con.clone();
+        Ok(con.hget(format!("sundara:worker:{worker}"), "operator").await?)
     }
 
     /// Counts a timed-out assignment against `worker` (see TIMEOUT_STRIKE); returns its

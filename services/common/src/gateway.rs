@@ -34,6 +34,9 @@ pub fn check(worker: &str, update: &FleetUpdate) -> Result<(), String> {
             if announce.worker != worker {
                 return Err(format!("worker {worker} cannot announce worker {:?}", announce.worker));
             }
+            if announce.operator.is_empty() || announce.operator.len() > 128 {
+                return Err(format!("operator {:?}: 1 to 128 bytes", announce.operator));
+            }
             if announce.slices.len() > MAX_SLICES {
                 return Err(format!("{} slices, over the limit of {MAX_SLICES}", announce.slices.len()));
             }
@@ -59,6 +62,23 @@ pub fn check(worker: &str, update: &FleetUpdate) -> Result<(), String> {
 /// Applies checked reports to Redis.
 pub struct Gateway {
     pub capacity: Capacity,
+    /// The OUTCOMES stream: a hand-back of an assignment its worker already answered is
+    /// refused (the outcome may be stored before the scheduler has released its slot).
+    pub outcomes: async_nats::jetstream::stream::Stream,
+}
+
+impl Gateway {
+    pub async fn open(capacity: Capacity, js: &async_nats::jetstream::Context) -> Result<Gateway, CommonError> {
+        let outcomes = js.get_stream(subj::OUTCOMES_STREAM).await.map_err(js_err)?;
+        Ok(Gateway { capacity, outcomes })
+    }
+
+    /// Whether `worker` has an outcome stored for the task of assignment `aid` (a worker
+    /// holds at most one replica of a task, so it is this assignment's).
+    async fn answered(&self, worker: &str, aid: &str) -> bool {
+        let task = aid.split('.').next().unwrap_or_default();
+        self.outcomes.direct_get_last_for_subject(subj::outcome(task, worker)).await.is_ok()
+    }
 }
 
 impl Gateway {
@@ -76,6 +96,7 @@ impl Gateway {
             FleetUpdate::Announce { announce, fresh, heartbeat_ttl_ms } => {
                 let slices: Vec<&str> = announce.slices.iter().map(|s| s.id.as_str()).collect();
                 self.owned(worker, &slices).await?;
+                self.same_operator(worker, &announce.operator).await?;
                 c.announce(announce, *fresh, (*heartbeat_ttl_ms).clamp(100, 60_000)).await?;
             }
             FleetUpdate::Withdraw { slice, model } => {
@@ -87,9 +108,27 @@ impl Gateway {
                 let reason: String = reason.chars().take(512).collect();
                 c.fail_slice(slice, worker, &reason).await?;
             }
-            FleetUpdate::HandBack { assignment_id } => c.hand_back(assignment_id, worker).await?,
+            FleetUpdate::HandBack { assignment_id } => {
+                if self.answered(worker, assignment_id).await || !c.hand_back(assignment_id, worker).await? {
+                    return Err(ApplyError::NotHeld { assignment: assignment_id.clone() });
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The operator is the unit of collusion (two replicas of a task never go to one
+    /// operator), so a worker cannot change the operator it first announced: one that
+    /// could would join another operator's tasks by claiming a new name before each
+    /// reassignment. This is the seam for an operator identity the miner does not state
+    /// at all (the chain's coldkey of its hotkey): the first claim stands until then.
+    async fn same_operator(&self, worker: &str, claimed: &str) -> Result<(), ApplyError> {
+        match self.capacity.operator_of(worker).await? {
+            Some(first) if !first.is_empty() && first != claimed => {
+                Err(ApplyError::OperatorChanged { first, claimed: claimed.to_string() })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Refuses slices Redis knows as another worker's (a name may pass [`check`] and still
@@ -112,6 +151,10 @@ enum ApplyError {
     Redis(#[from] CommonError),
     #[error("slice {slice} belongs to worker {owner}")]
     NotOwned { slice: String, owner: String },
+    #[error("assignment {assignment} is not a live assignment of this worker")]
+    NotHeld { assignment: String },
+    #[error("the worker was announced with operator {first:?} and cannot become {claimed:?}")]
+    OperatorChanged { first: String, claimed: String },
 }
 
 /// Serves `sundara.report.*` (in queue group `sundara-gateway`, shared by every scheduler
@@ -156,7 +199,7 @@ mod tests {
     fn announce(worker: &str, slices: &[&str]) -> WorkerAnnounce {
         WorkerAnnounce {
             worker: worker.into(),
-            operator: String::new(),
+            operator: worker.into(),
             slices: slices
                 .iter()
                 .map(|id| sundara_schemas::SliceAnnounce { id: id.to_string(), ..Default::default() })
@@ -175,6 +218,10 @@ mod tests {
         assert!(check("m1", &announce_update("m1", &["m2-cpu"])).is_err(), "another worker's slice");
         assert!(check("m1", &announce_update("m1", &["m1cpu"])).is_err(), "no separator");
         assert!(check("m1", &announce_update("m1", &["m1-a.b"])).is_err(), "not a token");
+        let FleetUpdate::Announce { mut announce, .. } = announce_update("m1", &["m1-cpu"]) else { unreachable!() };
+        announce.operator.clear();
+        let nameless = FleetUpdate::Announce { announce, fresh: false, heartbeat_ttl_ms: 2000 };
+        assert!(check("m1", &nameless).is_err(), "no operator");
         let fail = |slice: &str| FleetUpdate::FailSlice { slice: slice.into(), reason: String::new() };
         assert_eq!(check("m1", &fail("m1-cpu")), Ok(()));
         assert!(check("m1", &fail("m2-cpu")).is_err());

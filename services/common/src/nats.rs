@@ -244,6 +244,23 @@ pub async fn publish_durable(
     js.send_publish(subject, msg).await.map_err(js_err)?.await.map_err(js_err)
 }
 
+/// Publishes the one message a subject may ever hold (a task's result, verdict or dead
+/// letter): stored only while the subject is empty (`Nats-Expected-Last-Subject-Sequence:
+/// 0`), so a decision made again after the duplicate window (outcomes redelivered hours
+/// later, a verifier that forgot the task) cannot store a second one. Returns `true` if
+/// this call stored it, `false` if the subject already held a message (this one, stored
+/// by an earlier try, or another decision's).
+pub async fn publish_once(js: &jetstream::Context, subject: String, id: &str, payload: Vec<u8>) -> Result<bool, Error> {
+    use async_nats::jetstream::context::PublishErrorKind;
+    let msg = durable_message(id, payload).expected_last_subject_sequence(0);
+    let stored = async { js.send_publish(subject, msg).await?.await };
+    match stored.await {
+        Ok(ack) => Ok(!ack.duplicate),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+        Err(e) => Err(js_err(e)),
+    }
+}
+
 /// A JetStream message with Nats-Msg-Id `id` and the current span's trace context.
 pub fn durable_message(id: &str, payload: Vec<u8>) -> jetstream::message::PublishMessage {
     let msg = jetstream::message::PublishMessage::build();

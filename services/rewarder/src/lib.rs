@@ -11,6 +11,7 @@ pub mod ledger;
 #[cfg(test)]
 mod service_tests;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -59,8 +60,10 @@ pub fn weights_key(epoch: u64) -> String {
     format!("weights.{epoch}")
 }
 
+/// How the rewarder runs.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// NATS, and Redis (used only when `quarantine_after` > 0).
     pub endpoints: Endpoints,
     /// Wall-clock length of an epoch (survives restarts: measured from the stored start).
     pub epoch_length: Duration,
@@ -69,13 +72,16 @@ pub struct Config {
     /// How often held verdicts are made durable and acked.
     pub flush_interval: Duration,
     /// Outputs proven wrong by the verifier's reference (audits, escalations) after which a
-    /// miner is quarantined: the scheduler never chooses it again. 0 turns quarantine off
-    /// (and the rewarder then needs no Redis).
+    /// miner is quarantined: the scheduler never chooses it again, and its epoch weight is 0.
+    /// 0 turns quarantine off, and the rewarder then needs no Redis: it then neither
+    /// publishes reputations nor reads the scheduler's quarantines at an epoch close.
     pub quarantine_after: u64,
+    /// Limits of the streams the rewarder provisions.
     pub retention: nats::Retention,
 }
 
 impl Config {
+    /// The defaults: 60 s epochs, alpha 0.1, quarantine after 3 proofs.
     pub fn new(endpoints: Endpoints) -> Config {
         Config {
             endpoints,
@@ -88,8 +94,10 @@ impl Config {
     }
 }
 
+/// Why the rewarder stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RewarderError {
+    /// NATS, Redis or a wire decode failed.
     #[error(transparent)]
     Common(#[from] CommonError),
     #[error("invalid rewarder configuration: {0}")]
@@ -129,6 +137,9 @@ struct Rewarder {
 
 /// Reputations go to Redis at most this often.
 const REPUTATION_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for Redis' list of quarantined miners at an epoch close: an unreachable
+/// Redis must not hold the weights back (the ledger's own proofs still count).
+const QUARANTINED_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Rewarder {
     async fn on_verdict(&mut self, msg: Message) -> Result<(), RewarderError> {
@@ -260,20 +271,17 @@ impl Rewarder {
         Ok(())
     }
 
-    /// Tells the scheduler each miner's share of agreeing outcomes, which ranks its slices
-    /// (at most once per [`REPUTATION_EVERY`]; a failure waits for the next time).
+    /// Tells the scheduler each miner's reputation, which ranks its slices: its share of
+    /// reference-judged outcomes the reference confirmed ([`MinerScore::reputation`]; won
+    /// votes do not count, since colluders can win them). Miners no reference judged get no
+    /// entry. At most once per [`REPUTATION_EVERY`]; a failure waits for the next time.
     async fn publish_reputations(&mut self) {
         let Some(capacity) = &self.capacity else { return };
         if self.reputations_at.is_some_and(|t| t.elapsed() < REPUTATION_EVERY) {
             return;
         }
         self.reputations_at = Some(std::time::Instant::now());
-        let reputations: Vec<(String, f64)> = self
-            .ledger
-            .miners()
-            .filter(|(_, s)| s.tasks > 0)
-            .map(|(m, s)| (m.clone(), s.agreed as f64 / s.tasks as f64))
-            .collect();
+        let reputations = self.ledger.reputations();
         if let Err(e) = capacity.set_reputation(&reputations).await {
             tracing::warn!(error = %e, "could not publish reputations");
         }
@@ -321,10 +329,13 @@ impl Rewarder {
     }
 
     /// Closes the epoch on a flushed ledger, so that the weights depend only on stored verdicts
-    /// (a crash before the closed ledger is stored recomputes the same weights at restart).
+    /// and on who is quarantined (a crash before the closed ledger is stored recomputes the
+    /// same weights at restart, unless the quarantines changed meanwhile). The quarantined
+    /// miners are published with the weights, so the traces and they explain every weight.
     async fn close_epoch(&mut self) -> Result<EpochWeights, RewarderError> {
         self.flush().await?;
-        let weights = self.ledger.close_epoch(now_ms());
+        let quarantined = self.quarantined_now().await;
+        let weights = self.ledger.close_epoch(now_ms(), &quarantined);
         self.dirty = true;
         let bytes = encode(&weights);
         let id = format!("epoch-{}", weights.epoch);
@@ -342,8 +353,28 @@ impl Rewarder {
             metrics::gauge!("sundara_rewarder_epoch_weight", "miner" => w.miner.clone()).set(f64::from(w.weight));
         }
         let total: u32 = weights.weights.iter().map(|w| u32::from(w.weight)).sum();
-        tracing::info!(epoch = weights.epoch, miners = weights.weights.len(), total, "epoch closed");
+        let quarantined = weights.quarantined.len();
+        tracing::info!(epoch = weights.epoch, miners = weights.weights.len(), quarantined, total, "epoch closed");
         Ok(weights)
+    }
+
+    /// Who is quarantined now, to be weighed 0: the miners the ledger holds enough proof
+    /// against (the rewarder's own quarantines), and those Redis lists (the scheduler's, for
+    /// timeouts). When Redis cannot be read, that is logged and the ledger's proofs alone count.
+    async fn quarantined_now(&self) -> BTreeSet<String> {
+        let mut quarantined = self.ledger.quarantined_by_proof(self.config.quarantine_after);
+        let Some(capacity) = &self.capacity else { return quarantined };
+        match tokio::time::timeout(QUARANTINED_READ_TIMEOUT, capacity.quarantined()).await {
+            Ok(Ok(listed)) => quarantined.extend(listed.into_keys()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not read the quarantined miners; weighing by the ledger's proofs only")
+            }
+            Err(_) => tracing::warn!(
+                timeout = ?QUARANTINED_READ_TIMEOUT,
+                "reading the quarantined miners timed out; weighing by the ledger's proofs only"
+            ),
+        }
+        quarantined
     }
 }
 

@@ -163,14 +163,15 @@ async fn applies_verdicts_once_and_recovers_after_a_crash() {
     assert_eq!(weights.epoch, 1);
     assert_eq!(weights.weights.iter().map(|w| u32::from(w.weight)).sum::<u32>(), 65535);
     let mut replay = expected.clone();
-    let want = replay.close_epoch(weights.closed_at_ms);
+    let want = replay.close_epoch(weights.closed_at_ms, &Default::default());
     assert_eq!(weights, want, "service weights equal a local replay");
     assert_eq!(read_weights(&js, None).await.unwrap().as_ref(), Some(&weights));
     assert_eq!(read_weights(&js, Some(1)).await.unwrap().as_ref(), Some(&weights));
     assert_eq!(read_weights(&js, Some(2)).await.unwrap(), None);
     let stored = read_ledger(&js).await.unwrap().unwrap();
     assert_eq!((stored.epoch(), stored.last_seq()), (2, expected.last_seq()));
-    assert!(stored.miners().map(|(_, s)| s).eq(expected.miners().map(|(_, s)| s)));
+    // The closed ledger: the epoch's work counts restarted.
+    assert!(stored.miners().map(|(_, s)| s).eq(replay.miners().map(|(_, s)| s)));
 
     // Traces and the epoch are in REWARDS.
     let rewards = js.get_stream(subj::REWARDS_STREAM).await.unwrap();
@@ -238,15 +239,125 @@ async fn an_overdue_epoch_closes_by_itself() {
     let mut config = config(&server.url);
     config.epoch_length = Duration::from_millis(300);
     let (shutdown, task) = spawn(config);
+    // The verdict counts in whichever epoch was open when it was applied; the next one is idle.
+    let rewards = js.get_stream(subj::REWARDS_STREAM).await.unwrap();
     let started = Instant::now();
-    let weights = loop {
-        if let Some(w) = read_weights(&js, Some(2)).await.unwrap() {
-            break w;
+    let trace = loop {
+        if let Ok(m) = rewards.get_last_raw_message_by_subject(&subj::reward_task("task-0")).await {
+            break decode::<RewardTrace>(&m.payload, MAX_MESSAGE_BYTES).unwrap();
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "epochs did not close");
+        assert!(started.elapsed() < Duration::from_secs(20), "the verdict was not applied");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(weights.weights.iter().map(|w| u32::from(w.weight)).sum::<u32>(), 65535);
+    let js = &js;
+    let closed = |epoch| async move {
+        let started = Instant::now();
+        loop {
+            if let Some(w) = read_weights(js, Some(epoch)).await.unwrap() {
+                return w;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "epoch {epoch} did not close");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let worked = closed(trace.epoch).await;
+    assert_eq!(worked.weights.iter().map(|w| u32::from(w.weight)).sum::<u32>(), 65535);
+    let idle = closed(trace.epoch + 1).await;
+    assert!(idle.weights.iter().all(|w| w.weight == 0), "no verified work, no weight: {idle:?}");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+fn start_redis() -> Option<Server> {
+    let bin = std::env::var_os("SUNDARA_REDIS_SERVER").map(PathBuf::from).or_else(|| {
+        let on_path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&on_path)
+            .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+            .map(|d| d.join("redis-server"))
+            .find(|p| p.is_file())
+    });
+    let Some(bin) = bin else {
+        eprintln!("redis-server not found (run scripts/setup); skipping");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("sundara-rewarder-redis-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = Command::new(bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let server = Server { child, dir, url: format!("redis://127.0.0.1:{port}") };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(server)
+}
+
+/// Task `i` of three miners: a and b agree; c disagrees on the first three, which an audit
+/// judged (proofs against c), and agrees on the others (votes it happened to win).
+fn audited_verdict(i: u64) -> Verdict {
+    let c = if i < 3 { Standing::Disagreed } else { Standing::Agreed };
+    let miners = [("miner-a", Standing::Agreed), ("miner-b", Standing::Agreed), ("miner-c", c)]
+        .into_iter()
+        .enumerate()
+        .map(|(r, (worker, standing))| MinerVerdict {
+            worker: worker.into(),
+            replica: r as u8,
+            attempt: 0,
+            standing,
+            latency_us: Some(100 + r as u64),
+        })
+        .collect();
+    let mut v = verdict(i);
+    v.miners = miners;
+    v.reference = (i < 3).then_some(sundara_schemas::ReferenceCheck::AuditFailed);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_miners_weigh_nothing_even_when_redis_is_gone() {
+    let Some(server) = start_server() else { return };
+    let Some(redis) = start_redis() else { return };
+    let client = nats::connect(&sundara_common::nats::NatsEndpoint::open(&server.url), "test").await.unwrap();
+    let js = jetstream::new(client.clone());
+    nats::provision(&js, &nats::Retention::default()).await.unwrap();
+    // The scheduler quarantined b for timeouts.
+    let capacity = sundara_common::Capacity::connect(&redis.url).await.unwrap();
+    assert!(capacity.quarantine("miner-b", "3 assignments timed out").await.unwrap());
+    let mut last = 0;
+    for i in 0..12 {
+        let v = audited_verdict(i);
+        last = nats::publish_durable(&js, subj::verdict(&v.task_id), &v.task_id, encode(&v)).await.unwrap().sequence;
+    }
+    let mut config = config(&server.url);
+    config.endpoints.redis_url = redis.url.clone();
+    config.quarantine_after = 3;
+    let (shutdown, task) = spawn(config);
+    caught_up(&js, last).await;
+    let first = close_epoch(&client).await;
+    let weight = |w: &EpochWeights, m: &str| w.weights.iter().find(|x| x.miner == m).unwrap().weight;
+    assert_eq!(first.quarantined, ["miner-b", "miner-c"], "the scheduler's and the rewarder's own");
+    assert_eq!((weight(&first, "miner-a"), weight(&first, "miner-b"), weight(&first, "miner-c")), (65535, 0, 0));
+    assert!(capacity.quarantined().await.unwrap().contains_key("miner-c"), "c quarantined on proof");
+
+    // Redis goes away: the close still happens, on the ledger's proofs alone.
+    drop(redis);
+    for i in 12..20 {
+        let v = audited_verdict(i);
+        last = nats::publish_durable(&js, subj::verdict(&v.task_id), &v.task_id, encode(&v)).await.unwrap().sequence;
+    }
+    caught_up(&js, last).await;
+    let second = close_epoch(&client).await;
+    assert_eq!(second.quarantined, ["miner-c"]);
+    assert_eq!(weight(&second, "miner-c"), 0);
+    assert!(weight(&second, "miner-a") > 0 && weight(&second, "miner-b") > 0, "{second:?}");
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }

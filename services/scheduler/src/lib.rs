@@ -261,9 +261,10 @@ impl Scheduler {
             dead_at_ms: now_ms(),
             task_seq,
         };
-        nats::publish_durable(&self.js, subj::dead(&task.task_id), &task.task_id, encode(&dead)).await?;
+        // Once per task, like the verifier's decisions: whichever is stored first stands.
+        nats::publish_once(&self.js, subj::dead(&task.task_id), &task.task_id, encode(&dead)).await?;
         let subject = subj::result(&task.tenant, &task.task_id);
-        nats::publish_durable(&self.js, subject, &task.task_id, encode(&result)).await?;
+        nats::publish_once(&self.js, subject, &task.task_id, encode(&result)).await?;
         Ok(())
     }
 
@@ -357,7 +358,7 @@ impl Scheduler {
                 timing: Default::default(),
             };
             let subject = subj::outcome(&old.task_id, &old.worker);
-            nats::publish_durable(&self.js, subject, &format!("{aid}.abandoned"), encode(&outcome)).await?;
+            nats::publish_durable(&self.js, subject, &old.abandoned_id(), encode(&outcome)).await?;
             self.release(aid, None).await?;
             return Ok(());
         }
@@ -424,15 +425,15 @@ impl Scheduler {
         Ok(())
     }
 
-    /// An outcome arrived (headers only: the release needs no outputs). Its Nats-Msg-Id is
-    /// the assignment id (`<aid>.abandoned` when this scheduler gave up on it) and its
-    /// subject names the worker; the slot is freed only if that worker holds it, so an
-    /// outcome published under one worker's name cannot free another's slot, and only if
-    /// it was stored in time: a late answer leaves the replica to the sweep's reassignment.
+    /// An outcome arrived (headers only: the release needs no outputs). Its Nats-Msg-Id
+    /// names the assignment ([`Ticket::outcome_id`]; an abandonment is this scheduler's own
+    /// and `reassign` released it) and its subject names the worker. Both are the miner's
+    /// claims: the slot is freed only if that worker holds it, so an outcome published
+    /// under one worker's name cannot free another's slot, and only if it was stored in
+    /// time: a late answer leaves the replica to the sweep's reassignment.
     async fn on_outcome(&self, msg: Message) {
-        let aid = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
-        // An abandonment (`<aid>.abandoned`) is this scheduler's own: `reassign` released it.
-        let aid = aid.filter(|a| !a.ends_with(".abandoned"));
+        let id = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
+        let aid = id.and_then(sundara_schemas::assignment_of_outcome_id);
         let stored_at_ms = nats::stored_at_us(&msg).unwrap_or_else(now_us) / 1000;
         if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject))
             && let Err(e) = self.release(aid, Some(Answer { worker, stored_at_ms })).await
@@ -477,7 +478,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
     let results = js.get_stream(subj::RESULTS_STREAM).await.map_err(js_err)?;
-    let gateway = Arc::new(sundara_common::gateway::Gateway { capacity: capacity.clone() });
+    let gateway = Arc::new(sundara_common::gateway::Gateway::open(capacity.clone(), &js).await?);
     let reports = sundara_common::gateway::serve(client.clone(), gateway, shutdown.clone(), config.concurrency);
     let scheduler =
         Scheduler { config: config.clone(), js, tasks, verdicts, results, capacity, waiting: Default::default() };

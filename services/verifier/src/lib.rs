@@ -12,10 +12,15 @@
 
 pub mod compare;
 pub mod detect;
+pub mod gather;
+pub mod judgement;
 pub mod quorum;
 pub mod trust;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+pub use gather::{Gathering, Offer, Received, is_late};
+pub use judgement::{ShortfallBudget, Unanimity, Why};
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,6 +53,11 @@ pub struct Config {
     /// The verifier's own runtime for audits and escalations; without it the miners' vote
     /// is final and a task with no majority is dead-lettered.
     pub reference: Option<ReferenceConfig>,
+    /// Reference runs one worker's failures or abandoned replicas may cause at once, and
+    /// per minute after that (see [`judgement`]): failing on purpose must not make the
+    /// validator do the work.
+    pub shortfall_burst: u32,
+    pub shortfall_per_minute: u32,
 }
 
 /// Where and how the verifier runs tasks itself (CPU ONNX Runtime).
@@ -79,6 +89,8 @@ impl Config {
             concurrency: 256,
             retention: nats::Retention::default(),
             reference: None,
+            shortfall_burst: 10,
+            shortfall_per_minute: 6,
         }
     }
 }
@@ -94,56 +106,8 @@ pub enum VerifierError {
 /// The verifier's own run of a task, and why it ran.
 #[derive(Clone, Debug)]
 pub struct ReferenceRun {
-    /// A sampled audit (the miners had a majority); else an escalation (they had none).
-    pub audit: bool,
+    pub why: Why,
     pub outputs: Result<Vec<Tensor>, String>,
-}
-
-/// One replica's outcome as the verifier saw it.
-pub struct Received {
-    pub outcome: Outcome,
-    /// Assignment sent → outcome stored, both on validator-side clocks.
-    pub latency_us: u64,
-    /// When OUTCOMES stored it (Unix µs, validator side).
-    pub stored_at_us: u64,
-    /// Stored after its assignment's deadline ([`is_late`]).
-    pub late: bool,
-}
-
-/// Outcomes of one task gathered so far: one per replica (the first, except that an
-/// in-time outcome supersedes a late one), and late answers that were superseded or came
-/// after their replica had an outcome.
-#[derive(Default)]
-pub struct Gathering {
-    pub replicas: BTreeMap<u8, Received>,
-    /// Late answers not counted for their replica; listed in the verdict, earning nothing.
-    pub late: Vec<Received>,
-    pub held: Vec<Message>,
-    pub first_seen: Option<Instant>,
-}
-
-impl Gathering {
-    fn first_ticket(&self) -> Option<&Ticket> {
-        self.replicas.values().chain(&self.late).next().map(|r| &r.outcome.ticket)
-    }
-
-    fn k(&self) -> u8 {
-        self.first_ticket().map_or(0, |t| t.k)
-    }
-
-    fn deadline_at_ms(&self) -> u64 {
-        self.first_ticket().map_or(0, |t| t.deadline_at_ms)
-    }
-
-    fn complete(&self) -> bool {
-        self.replicas.len() >= self.k() as usize
-    }
-}
-
-/// Whether an outcome stored at `stored_at_us` came after its assignment's deadline.
-pub fn is_late(ticket: &Ticket, stored_at_us: u64) -> bool {
-    // 0: a ticket from before assignment deadlines were signed.
-    ticket.answer_by_ms != 0 && stored_at_us > ticket.answer_by_ms.saturating_mul(1000)
 }
 
 /// The miners' vote on a task (see [`quorum::decide`]).
@@ -167,13 +131,18 @@ pub fn conclude(
     let results: Vec<&OutcomeResult> = received.iter().map(|r| &r.outcome.result).collect();
     let (decision, check, reference_outputs) = match reference {
         None => (voted, None, None),
+        // A split vote is never accepted on the vote alone: without the reference nothing is.
+        Some(ReferenceRun { why: Why::Split, outputs: Err(reason) }) => {
+            let unaccepted = quorum::Decision { winner: None, ..voted };
+            (unaccepted, Some(ReferenceCheck::Unavailable { reason: reason.clone() }), None)
+        }
         Some(ReferenceRun { outputs: Err(reason), .. }) => {
             (voted, Some(ReferenceCheck::Unavailable { reason: reason.clone() }), None)
         }
-        Some(ReferenceRun { audit, outputs: Ok(outputs) }) => {
+        Some(ReferenceRun { why, outputs: Ok(outputs) }) => {
             let judged = quorum::judge(&rule, outputs, &results);
             let check = match voted.winner {
-                _ if !audit => ReferenceCheck::Escalated,
+                _ if *why != Why::Audit => ReferenceCheck::Escalated,
                 Some(w) if judged.standings[w] == Standing::Agreed => ReferenceCheck::AuditPassed,
                 _ => ReferenceCheck::AuditFailed,
             };
@@ -237,8 +206,14 @@ pub fn conclude(
             (ResultStatus::Verified { outputs, agreeing: 0, k: first.k }, None, None)
         }
         None => {
+            let unavailable = match &check {
+                Some(ReferenceCheck::Unavailable { reason }) => {
+                    format!(" and the reference could not judge it ({reason})")
+                }
+                _ => String::new(),
+            };
             let reason = format!(
-                "no majority of {} under {rule}: agreeing groups {:?}, {} failed, {} missing",
+                "no unanimous vote of {} under {rule}{unavailable}: agreeing groups {:?}, {} failed, {} missing",
                 first.k,
                 decision.group_sizes,
                 decision.standings.iter().filter(|s| **s == Standing::Failed).count(),
@@ -366,17 +341,26 @@ struct Publisher {
     trust: std::sync::Mutex<trust::Trust>,
     /// Recently accepted results, to recognise replayed ones (see [`detect`]).
     recent: std::sync::Mutex<detect::Recent>,
+    /// Reference runs each worker's failures may still cause (see [`judgement`]).
+    shortfalls: std::sync::Mutex<ShortfallBudget>,
     /// Tasks whose decision could not be stored (to be forgotten by the gathering loop).
     undecided: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
+/// A task's gathering and the OUTCOMES messages behind it, acked once it is decided.
+#[derive(Default)]
+struct Pending {
+    gathering: Gathering,
+    held: Vec<Message>,
+}
+
 impl Publisher {
     /// Decides a task in the trace of its first outcome, linked to the others.
-    async fn publish(&self, g: Gathering) {
+    async fn publish(&self, Pending { gathering: g, held: messages }: Pending) {
         let first = g.first_ticket().expect("non-empty");
         let span = sundara_common::consumer_span!("verifier decide", subj::OUTCOMES_STREAM,
             otel.status_code = tracing::field::Empty,
-            "messaging.batch.message_count" = g.held.len(),
+            "messaging.batch.message_count" = messages.len(),
             sundara.task_id = %first.task_id,
             sundara.model = %first.model,
             sundara.k = first.k,
@@ -386,15 +370,32 @@ impl Publisher {
             sundara.reference = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
-        let mut held = g.held.iter().map(|m| m.headers.as_ref());
+        let mut held = messages.iter().map(|m| m.headers.as_ref());
         telemetry::follow(&span, held.next().flatten());
         for headers in held {
             telemetry::link(&span, headers);
         }
-        self.decide(g).instrument(span).await
+        self.decide(g, messages).instrument(span).await
     }
 
-    async fn decide(&self, g: Gathering) {
+    /// Whether (and why) the reference runs the task: every vote short of unanimous
+    /// (within the failing miners' budget, see [`judgement`]), and a sample of the rest.
+    fn needs_reference(&self, audit_rate: f64, g: &Gathering, voted: &quorum::Decision) -> Option<Why> {
+        let workers: Vec<&str> = g.replicas.values().map(|r| r.outcome.ticket.worker.as_str()).collect();
+        match judgement::unanimity(g.k(), voted, &workers) {
+            Unanimity::Split => Some(Why::Split),
+            Unanimity::Shortfall { workers, absent } => {
+                let mut budget = self.shortfalls.lock().unwrap_or_else(|e| e.into_inner());
+                budget.take(&workers, absent, Instant::now()).then_some(Why::Shortfall)
+            }
+            Unanimity::Unanimous => {
+                let rate = self.trust.lock().unwrap_or_else(|e| e.into_inner()).audit_rate(audit_rate, workers);
+                (rand::rng().random::<f64>() < rate).then_some(Why::Audit)
+            }
+        }
+    }
+
+    async fn decide(&self, g: Gathering, messages: Vec<Message>) {
         let first = g.first_ticket().expect("non-empty");
         let task_id = first.task_id.clone();
         let tenant = first.tenant.clone();
@@ -404,43 +405,35 @@ impl Publisher {
         };
         let rule = policy.rule;
         let voted = vote(&rule, &g);
-        // Escalate every task without a majority; audit a sample of the rest.
-        let reference = match &self.reference {
-            Some(reference) => {
-                let agreed = voted.winner.is_some();
-                let miners = g.replicas.values().map(|r| r.outcome.ticket.worker.as_str());
-                let rate = self.trust.lock().unwrap_or_else(|e| e.into_inner()).audit_rate(policy.audit_rate, miners);
-                let audit = agreed && rand::rng().random::<f64>() < rate;
-                if audit || !agreed {
-                    let why = if audit { "audit" } else { "escalation" };
-                    let span = tracing::info_span!(target: sundara_common::telemetry::SPANS, "verifier reference run", sundara.reason = why);
-                    let outputs = reference.run(&self.registry, first).instrument(span).await;
-                    if let Err(e) = &outputs {
-                        tracing::warn!(task = %task_id, error = %e, "reference run failed");
-                    }
-                    Some(ReferenceRun { audit, outputs })
-                } else {
-                    None
+        let reference = match (&self.reference, self.needs_reference(policy.audit_rate, &g, &voted)) {
+            (Some(reference), Some(why)) => {
+                let span = tracing::info_span!(target: sundara_common::telemetry::SPANS, "verifier reference run", sundara.reason = ?why);
+                let outputs = reference.run(&self.registry, first).instrument(span).await;
+                if let Err(e) = &outputs {
+                    tracing::warn!(task = %task_id, error = %e, ?why, "reference run failed");
                 }
+                Some(ReferenceRun { why, outputs })
             }
-            None => None,
+            _ => None,
         };
         let (result, verdict, dead) = conclude(rule, &g, voted, reference.as_ref());
         record_decision(&tracing::Span::current(), &result, &verdict);
         self.trust.lock().unwrap_or_else(|e| e.into_inner()).record(&verdict);
         self.count(&g, &result, &verdict);
         let stored = async {
+            // Each stored once per task, even when decided again long after the duplicate
+            // window: the first decision stands.
             if let Some(dead) = &dead {
-                nats::publish_durable(&self.js, subj::dead(&task_id), &task_id, encode(dead)).await?;
+                nats::publish_once(&self.js, subj::dead(&task_id), &task_id, encode(dead)).await?;
             }
-            nats::publish_durable(&self.js, subj::result(&tenant, &task_id), &task_id, encode(&result)).await?;
-            nats::publish_durable(&self.js, subj::verdict(&task_id), &task_id, encode(&verdict)).await?;
+            nats::publish_once(&self.js, subj::result(&tenant, &task_id), &task_id, encode(&result)).await?;
+            nats::publish_once(&self.js, subj::verdict(&task_id), &task_id, encode(&verdict)).await?;
             Ok::<(), CommonError>(())
         };
         match stored.await {
             Ok(()) => {
                 tracing::debug!(task = %task_id, accepted = verdict.accepted, "decided");
-                for m in g.held {
+                for m in messages {
                     let _ = m.ack().await;
                 }
             }
@@ -449,7 +442,7 @@ impl Publisher {
                 // gathering loop has forgotten it (told before the outcomes are released).
                 tracing::warn!(task = %task_id, error = %e, "decision not stored; outcomes will be redelivered");
                 let _ = self.undecided.send(task_id.clone());
-                for m in g.held {
+                for m in messages {
                     let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
             }
@@ -536,7 +529,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         }
         None => None,
     };
-    let (undecided, mut undecided_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (undecided, undecided_rx) = tokio::sync::mpsc::unbounded_channel();
     let publisher = Arc::new(Publisher {
         js,
         verdicts,
@@ -544,119 +537,30 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         reference,
         trust: Default::default(),
         recent: Default::default(),
+        shortfalls: std::sync::Mutex::new(ShortfallBudget::new(config.shortfall_burst, config.shortfall_per_minute)),
         undecided,
     });
     let permits = Arc::new(Semaphore::new(config.concurrency));
-    let mut gathering: HashMap<String, Gathering> = HashMap::new();
-    let mut decided = Decided { order: VecDeque::new(), set: HashSet::new(), cap: 200_000 };
+    let mut intake = Intake {
+        secret: config.secret.clone(),
+        grace_ms: config.grace.as_millis() as u64,
+        pending: HashMap::new(),
+        decided: Decided { order: VecDeque::new(), set: HashSet::new(), cap: 200_000 },
+        undecided: undecided_rx,
+        publisher,
+        permits: permits.clone(),
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tracing::info!("verifier running");
-
-    let finish = |g: Gathering, permits: &Arc<Semaphore>, publisher: &Arc<Publisher>| {
-        let permits = permits.clone();
-        let publisher = publisher.clone();
-        async move {
-            let permit = permits.acquire_owned().await.expect("semaphore never closes");
-            tokio::spawn(async move {
-                publisher.publish(g).await;
-                drop(permit);
-            });
-        }
-    };
-
     loop {
-        let msg = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                // Keep held outcomes from being redelivered while their siblings run, and
-                // decide tasks whose deadline has long passed with what arrived.
-                let now = now_ms();
-                let stale: Vec<String> = gathering
-                    .iter()
-                    .filter(|(_, g)| g.deadline_at_ms() + config.grace.as_millis() as u64 <= now)
-                    .map(|(t, _)| t.clone())
-                    .collect();
-                for task in stale {
-                    let g = gathering.remove(&task).expect("listed above");
-                    decided.insert(task.clone());
-                    if publisher.already_decided(&task).await {
-                        for m in g.held {
-                            let _ = m.ack().await;
-                        }
-                    } else {
-                        finish(g, &permits, &publisher).await;
-                    }
-                }
-                for g in gathering.values() {
-                    if g.first_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
-                        for m in &g.held {
-                            let _ = m.ack_with(AckKind::Progress).await;
-                        }
-                    }
-                }
-                continue;
-            }
+            _ = tick.tick() => intake.on_tick().await,
             next = messages.next() => match next {
-                Some(Ok(msg)) => msg,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "outcome consumer");
-                    continue;
-                }
+                Some(Ok(msg)) => intake.on_outcome(msg).await,
+                Some(Err(e)) => tracing::warn!(error = %e, "outcome consumer"),
                 None => break,
             },
-        };
-        let outcome = match decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES) {
-            Ok(o) => well_formed(o),
-            Err(e) => {
-                tracing::warn!(error = %e, "undecodable outcome; dropping");
-                let _ = msg.ack_with(AckKind::Term).await;
-                continue;
-            }
-        };
-        if !outcome.ticket.verify(&config.secret) {
-            tracing::warn!(worker = %outcome.ticket.worker, task = %outcome.ticket.task_id, "forged ticket; dropping");
-            let _ = msg.ack_with(AckKind::Term).await;
-            continue;
-        }
-        let task = outcome.ticket.task_id.clone();
-        // Decisions that failed to store were reported before their outcomes were released.
-        while let Ok(failed) = undecided_rx.try_recv() {
-            decided.forget(&failed);
-        }
-        if decided.set.contains(&task) {
-            let _ = msg.ack().await;
-            continue;
-        }
-        let stored_at = nats::stored_at_us(&msg).unwrap_or_else(sundara_schemas::now_us);
-        let latency_us = stored_at.saturating_sub(outcome.ticket.dispatched_at_us);
-        let g = gathering.entry(task.clone()).or_default();
-        g.first_seen.get_or_insert_with(Instant::now);
-        let late = is_late(&outcome.ticket, stored_at);
-        if late {
-            tracing::info!(task = %task, worker = %outcome.ticket.worker, "late outcome");
-        }
-        let replica = outcome.ticket.replica;
-        let received = Received { outcome, latency_us, stored_at_us: stored_at, late };
-        match g.replicas.get(&replica) {
-            None => {
-                g.replicas.insert(replica, received);
-            }
-            // The reassigned attempt answered in time: it counts, the late one is listed.
-            Some(held) if held.late && !late => {
-                let superseded = g.replicas.insert(replica, received).expect("present");
-                g.late.push(superseded);
-            }
-            Some(_) if late => g.late.push(received),
-            Some(_) => {
-                let _ = msg.ack().await; // a second in-time outcome for a replica
-                continue;
-            }
-        }
-        g.held.push(msg);
-        if g.complete() {
-            let g = gathering.remove(&task).expect("present");
-            decided.insert(task);
-            finish(g, &permits, &publisher).await;
         }
     }
     // Let in-flight decisions finish storing before the process goes.
@@ -664,6 +568,129 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
     let _ = client.flush().await;
     tracing::info!("verifier stopped");
     Ok(())
+}
+
+/// The gathering loop's state, owned by the loop: tasks being gathered, and tasks decided
+/// recently (so that their late or replayed outcomes are dropped at once).
+struct Intake {
+    secret: Vec<u8>,
+    grace_ms: u64,
+    pending: HashMap<String, Pending>,
+    decided: Decided,
+    /// Tasks whose decision could not be stored, reported before their outcomes were released.
+    undecided: tokio::sync::mpsc::UnboundedReceiver<String>,
+    publisher: Arc<Publisher>,
+    permits: Arc<Semaphore>,
+}
+
+impl Intake {
+    /// Decides a task in its own task, bounded by the decision permits.
+    async fn finish(&mut self, task: &str) {
+        let Some(pending) = self.pending.remove(task) else { return };
+        self.decided.insert(task.to_string());
+        let permit = self.permits.clone().acquire_owned().await.expect("semaphore never closes");
+        let publisher = self.publisher.clone();
+        tokio::spawn(async move {
+            publisher.publish(pending).await;
+            drop(permit);
+        });
+    }
+
+    /// Decides tasks whose deadline has long passed with what arrived, and keeps held
+    /// outcomes from being redelivered while their siblings run.
+    async fn on_tick(&mut self) {
+        let now = now_ms();
+        let stale: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.gathering.deadline_at_ms().saturating_add(self.grace_ms) <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for task in stale {
+            if self.publisher.already_decided(&task).await {
+                let pending = self.pending.remove(&task).expect("listed above");
+                self.decided.insert(task);
+                for m in pending.held {
+                    let _ = m.ack().await;
+                }
+            } else {
+                self.finish(&task).await;
+            }
+        }
+        for p in self.pending.values() {
+            if p.gathering.first_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+                for m in &p.held {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+    }
+
+    /// Checks one outcome and gathers it; decides its task once every replica reported.
+    async fn on_outcome(&mut self, msg: Message) {
+        let outcome = match admit(&self.secret, &msg) {
+            Ok(outcome) => outcome,
+            Err(why) => {
+                tracing::warn!(subject = %msg.subject, why, "outcome refused");
+                metrics::counter!("sundara_verifier_refused_outcomes_total", "why" => why).increment(1);
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let task = outcome.ticket.task_id.clone();
+        while let Ok(failed) = self.undecided.try_recv() {
+            self.decided.forget(&failed);
+        }
+        // A ticket of a task long past its deadline (an old ticket replayed, or outcomes
+        // redelivered after a restart): one lookup, then it is never held if decided.
+        let expired = outcome.ticket.deadline_at_ms.saturating_add(self.grace_ms) <= now_ms();
+        if self.decided.set.contains(&task)
+            || (expired && !self.pending.contains_key(&task) && self.publisher.already_decided(&task).await)
+        {
+            self.decided.insert(task);
+            let _ = msg.ack().await;
+            return;
+        }
+        let stored_at = nats::stored_at_us(&msg).unwrap_or_else(sundara_schemas::now_us);
+        let latency_us = stored_at.saturating_sub(outcome.ticket.dispatched_at_us);
+        let late = is_late(&outcome.ticket, stored_at);
+        if late {
+            tracing::info!(task = %task, worker = %outcome.ticket.worker, "late outcome");
+        }
+        let worker = outcome.ticket.worker.clone();
+        let pending = self.pending.entry(task.clone()).or_default();
+        pending.gathering.first_seen.get_or_insert_with(Instant::now);
+        match pending.gathering.offer(Received { outcome, latency_us, stored_at_us: stored_at, late }) {
+            Offer::Held => pending.held.push(msg),
+            Offer::Duplicate => {
+                let _ = msg.ack().await;
+                return;
+            }
+            Offer::SameWorker => {
+                tracing::warn!(task = %task, %worker, "a second replica of the task from one worker; not counted");
+                let _ = msg.ack().await;
+                return;
+            }
+        }
+        if pending.gathering.complete() {
+            self.finish(&task).await;
+        }
+    }
+}
+
+/// Decodes an outcome and checks what its sender claims: a ticket the validator signed,
+/// published on the outcome subject of the task and worker that ticket names (NATS lets a
+/// miner publish only on its own outcome subjects, so a miner cannot answer under another
+/// miner's ticket). Malformed outputs become the miner's failure ([`well_formed`]).
+fn admit(secret: &[u8], msg: &Message) -> Result<Outcome, &'static str> {
+    let outcome = decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES).map_err(|_| "undecodable")?;
+    if !outcome.ticket.verify(secret) {
+        return Err("forged ticket");
+    }
+    if msg.subject.as_str() != subj::outcome(&outcome.ticket.task_id, &outcome.ticket.worker) {
+        return Err("another worker's ticket");
+    }
+    Ok(well_formed(outcome))
 }
 
 /// An outcome whose outputs are not well-formed tensors (shape and bytes disagree, or
@@ -756,7 +783,7 @@ mod tests {
     #[test]
     fn a_passed_audit_changes_nothing() {
         let g = gathering(&[Some(0.25), Some(0.25)]);
-        let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
+        let audit = ReferenceRun { why: Why::Audit, outputs: Ok(out(0.25)) };
         let (result, verdict, dead) = decided(&g, Some(&audit));
         assert_eq!(verdict.reference, Some(ReferenceCheck::AuditPassed));
         assert_eq!(standings(&verdict), vec![Standing::Agreed, Standing::Agreed]);
@@ -770,7 +797,7 @@ mod tests {
         let g = gathering(&[Some(0.9), Some(0.25), Some(0.9)]);
         let (voted, _, _) = decided(&g, None);
         assert_eq!(outputs(&voted), out(0.9), "the vote alone is fooled");
-        let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
+        let audit = ReferenceRun { why: Why::Audit, outputs: Ok(out(0.25)) };
         let (result, verdict, _) = decided(&g, Some(&audit));
         assert_eq!(verdict.reference, Some(ReferenceCheck::AuditFailed));
         assert_eq!(standings(&verdict), vec![Standing::Disagreed, Standing::Agreed, Standing::Disagreed]);
@@ -780,7 +807,7 @@ mod tests {
     #[test]
     fn a_lone_cheater_at_k1_gets_nothing_and_the_client_gets_the_reference() {
         let g = gathering(&[Some(0.9)]);
-        let audit = ReferenceRun { audit: true, outputs: Ok(out(0.25)) };
+        let audit = ReferenceRun { why: Why::Audit, outputs: Ok(out(0.25)) };
         let (result, verdict, dead) = decided(&g, Some(&audit));
         assert_eq!(standings(&verdict), vec![Standing::Disagreed]);
         assert!(matches!(result.status, ResultStatus::Verified { agreeing: 0, k: 1, .. }));
@@ -793,13 +820,13 @@ mod tests {
         let g = gathering(&[Some(0.9), Some(0.25)]);
         let (_, _, dead) = decided(&g, None);
         assert!(dead.is_some(), "no majority without a reference");
-        let escalation = ReferenceRun { audit: false, outputs: Ok(out(0.25)) };
+        let escalation = ReferenceRun { why: Why::Split, outputs: Ok(out(0.25)) };
         let (result, verdict, dead) = decided(&g, Some(&escalation));
         assert_eq!(verdict.reference, Some(ReferenceCheck::Escalated));
         assert_eq!(standings(&verdict), vec![Standing::Disagreed, Standing::Agreed]);
         assert_eq!(outputs(&result), out(0.25));
         assert!(dead.is_none());
-        let broken = ReferenceRun { audit: false, outputs: Err("timed out".into()) };
+        let broken = ReferenceRun { why: Why::Split, outputs: Err("timed out".into()) };
         let (result, verdict, dead) = decided(&g, Some(&broken));
         assert!(matches!(verdict.reference, Some(ReferenceCheck::Unavailable { .. })));
         assert!(matches!(result.status, ResultStatus::Failed { .. }));
@@ -839,9 +866,26 @@ mod tests {
     }
 
     #[test]
+    fn a_split_vote_is_never_accepted_on_the_vote_alone() {
+        // Two liars outvote an honest miner; the reference cannot run: nothing is accepted.
+        let g = gathering(&[Some(0.9), Some(0.25), Some(0.9)]);
+        let broken = ReferenceRun { why: Why::Split, outputs: Err("timed out".into()) };
+        let (result, verdict, dead) = decided(&g, Some(&broken));
+        assert!(matches!(result.status, ResultStatus::Failed { code: FailureCode::NoConsensus, .. }));
+        assert!(dead.is_some_and(|d| d.reason.contains("timed out") && d.evidence.len() == 3));
+        assert!(!verdict.accepted);
+        // A unanimous vote whose audit could not run stands.
+        let g = gathering(&[Some(0.25), Some(0.25)]);
+        let broken = ReferenceRun { why: Why::Audit, outputs: Err("timed out".into()) };
+        let (result, verdict, dead) = decided(&g, Some(&broken));
+        assert_eq!(outputs(&result), out(0.25));
+        assert!(verdict.accepted && dead.is_none());
+    }
+
+    #[test]
     fn failures_are_judged_as_failures_even_against_a_reference() {
         let g = gathering(&[None, Some(0.25)]);
-        let escalation = ReferenceRun { audit: false, outputs: Ok(out(0.25)) };
+        let escalation = ReferenceRun { why: Why::Split, outputs: Ok(out(0.25)) };
         let (_, verdict, _) = decided(&g, Some(&escalation));
         assert_eq!(standings(&verdict), vec![Standing::Failed, Standing::Agreed]);
     }

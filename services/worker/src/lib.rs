@@ -478,15 +478,16 @@ impl Worker {
         tracing::Span::current().record("sundara.outcome", result.label());
         let ticket = assignment.ticket;
         let aid = ticket.assignment_id();
+        let outcome_id = ticket.outcome_id();
         let subject = subj::outcome(&ticket.task_id, &ticket.worker);
         let outcome = Outcome { v: WIRE_VERSION, ticket, result, compute_us, timing };
-        match nats::publish_durable(&self.js, subject, &aid, encode(&outcome)).await {
+        match nats::publish_durable(&self.js, subject, &outcome_id, encode(&outcome)).await {
             Ok(_) => {
                 let _ = msg.ack().await;
             }
             Err(e) => {
                 // Not acked: JetStream redelivers it and the outcome is published again
-                // (deduplicated by assignment id).
+                // (deduplicated by its outcome id).
                 tracing::warn!(assignment = %aid, error = %e, "outcome not stored; will retry");
                 let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
             }

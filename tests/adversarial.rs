@@ -1,0 +1,316 @@
+//! Miners are adversaries: each test runs the whole pipeline on real NATS and Redis with
+//! honest `sundara worker`s beside attacking miners ([`support::attack::Miner`]: NATS
+//! clients of their own that speak the miners' wire protocol and lie where the test says),
+//! and asserts what no attack may do: strike or quarantine an honest miner, deliver a wrong
+//! result to a client while an honest miner was in the task, or hold the attacker's work
+//! unverified.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+use sundara_schemas::{Policy, ReferenceCheck, ResultStatus, Standing, Tensor, Verdict};
+use support::attack::{Miner, falsify};
+use support::{Harness, honest};
+
+/// Workers whose timeouts the scheduler counted (assignments they let expire while alive).
+async fn timeouts(h: &Harness) -> HashMap<String, u64> {
+    let client = redis::Client::open(h.stack.endpoints().redis_url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    con.hgetall("sundara:timeouts").await.unwrap()
+}
+
+/// Asserts that no honest miner was struck for a timeout or quarantined.
+async fn no_honest_miner_harmed(h: &Harness, honest: &[&str]) {
+    let quarantined = h.capacity.quarantined().await.unwrap();
+    let timeouts = timeouts(h).await;
+    for w in honest {
+        assert!(!quarantined.contains_key(*w), "honest {w} quarantined: {:?}", quarantined.get(*w));
+        assert_eq!(timeouts.get(*w), None, "honest {w} struck for timeouts");
+    }
+}
+
+/// Waits (bounded) until `worker` is quarantined.
+async fn wait_quarantined(h: &Harness, worker: &str, within: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(why) = h.capacity.quarantined().await.unwrap().remove(worker) {
+            return why;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{worker} was never quarantined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The outcome id of every other assignment of the task an attacker might target: the
+/// assignment ids themselves (the outcome ids before they carried the ticket's MAC), and
+/// those with the attacker's own MAC tag.
+fn forged_ids(ticket: &sundara_schemas::Ticket) -> Vec<String> {
+    let own = ticket.outcome_id();
+    let tag = &own[own.len() - 16..];
+    let mut ids = Vec::new();
+    for replica in 0..ticket.k {
+        for attempt in 0..3 {
+            if (replica, attempt) == (ticket.replica, ticket.attempt) {
+                continue;
+            }
+            let aid = format!("{}.{replica}.{attempt}", ticket.task_id);
+            ids.push(format!("{aid}.{tag}"));
+            ids.push(aid);
+        }
+    }
+    ids
+}
+
+/// One miner stores copies of its own outcome under every other replica's outcome id
+/// before answering. JetStream drops a message whose Nats-Msg-Id it has seen, so before
+/// outcome ids carried the ticket's MAC the honest miners' outcomes were dropped as
+/// duplicates, their assignments timed out, and they were quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_outcome_ids_silence_no_honest_miner() {
+    let workers = vec![honest("h1", 1), honest("h2", 1), honest("h3", 1)];
+    let mut h = Harness::start(workers, 2, Duration::from_secs(3)).await;
+    let attacker = Miner::join(&h, "forger", "forger-op", 8).await;
+    let forging = {
+        let mut taken = attacker.assignments().await;
+        tokio::spawn(async move {
+            let mut forged = 0;
+            while let Some(t) = taken.next().await {
+                for id in forged_ids(&t.assignment.ticket) {
+                    attacker.answer_as(&t.assignment, t.honest.clone(), &id).await;
+                    forged += 1;
+                }
+                let outputs = t.honest.clone();
+                attacker.answer(t, outputs).await;
+            }
+            forged
+        })
+    };
+    let requests = h.sample_requests(150, "forge", 1, |_| "mlp");
+    let results = h.run_tasks(&requests).await;
+    h.assert_correct(&requests, &results);
+    let verdicts = h.all_verdicts().await;
+    let attacked = verdicts.iter().filter(|v| v.miners.iter().any(|m| m.worker == "forger")).count();
+    assert!(attacked >= 10, "the attacker took part in {attacked} tasks");
+    for v in &verdicts {
+        let agreed = v.miners.iter().filter(|m| m.standing == Standing::Agreed).count();
+        assert_eq!(agreed, 2, "task {}: every replica's outcome counted: {:?}", v.task_id, v.miners);
+    }
+    no_honest_miner_harmed(&h, &["h1", "h2", "h3"]).await;
+    forging.abort();
+    h.stop().await;
+}
+
+/// A miner answers its replica, then hands the assignment back (and guesses the other
+/// replicas' assignment ids to hand back theirs). Only the holder of a live assignment may
+/// hand it back: every one is refused, nothing is reassigned, and no worker ever holds two
+/// replicas of a task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handing_back_what_was_answered_or_is_anothers_is_refused() {
+    let workers = vec![honest("h1", 1), honest("h2", 1)];
+    let mut h = Harness::start(workers, 2, Duration::from_secs(3)).await;
+    let attacker = Arc::new(Miner::join(&h, "hander", "hander-op", 8).await);
+    let refusals = Arc::new(Mutex::new((0usize, 0usize)));
+    let attacking = {
+        let (attacker, refusals) = (attacker.clone(), refusals.clone());
+        let mut taken = attacker.assignments().await;
+        tokio::spawn(async move {
+            while let Some(t) = taken.next().await {
+                let ticket = t.assignment.ticket.clone();
+                let outputs = t.honest.clone();
+                attacker.answer(t, outputs).await;
+                let mut tries = vec![ticket.assignment_id()];
+                tries.extend(
+                    (0..ticket.k).filter(|r| *r != ticket.replica).map(|r| format!("{}.{r}.0", ticket.task_id)),
+                );
+                for aid in tries {
+                    let reply = attacker.hand_back(&aid).await;
+                    let mut r = refusals.lock().unwrap();
+                    r.0 += 1;
+                    r.1 += usize::from(!reply.ok);
+                }
+            }
+        })
+    };
+    let requests = h.sample_requests(100, "handback", 2, |_| "mlp");
+    let results = h.run_tasks(&requests).await;
+    h.assert_correct(&requests, &results);
+    let (tried, refused) = *refusals.lock().unwrap();
+    assert!(tried >= 20, "the attacker tried {tried} hand-backs");
+    assert_eq!(refused, tried, "every hand-back of an answered or another's assignment is refused");
+    for v in h.all_verdicts().await {
+        let workers: HashSet<&str> = v.miners.iter().map(|m| m.worker.as_str()).collect();
+        assert_eq!(workers.len(), v.miners.len(), "task {}: one worker, two replicas: {:?}", v.task_id, v.miners);
+        assert!(v.miners.iter().all(|m| m.attempt == 0), "task {} was reassigned: {:?}", v.task_id, v.miners);
+    }
+    no_honest_miner_harmed(&h, &["h1", "h2"]).await;
+    attacking.abort();
+    h.stop().await;
+}
+
+/// Tasks each member of a cartel holds, shared out of band: the cartel lies only where it
+/// holds two of a task's three replicas (a majority), and is honest everywhere else.
+#[derive(Default)]
+struct Cartel {
+    holding: Mutex<HashMap<String, usize>>,
+    lies: Mutex<HashSet<String>>,
+}
+
+impl Cartel {
+    /// Whether the cartel holds a majority of the task: each member registers its
+    /// assignment and waits briefly for the other (replicas are dispatched together).
+    async fn holds_majority(&self, task: &str) -> bool {
+        *self.holding.lock().unwrap().entry(task.to_string()).or_default() += 1;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        loop {
+            if self.holding.lock().unwrap()[task] >= 2 {
+                self.lies.lock().unwrap().insert(task.to_string());
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Runs one cartel member: a lie where the cartel holds the majority, the truth elsewhere.
+async fn cartel_member(h: &Harness, id: &str, cartel: Arc<Cartel>) -> tokio::task::JoinHandle<()> {
+    let miner = Arc::new(Miner::join(h, id, &format!("{id}-op"), 8).await);
+    let mut taken = miner.assignments().await;
+    tokio::spawn(async move {
+        while let Some(t) = taken.next().await {
+            let (miner, cartel) = (miner.clone(), cartel.clone());
+            tokio::spawn(async move {
+                let lie = cartel.holds_majority(&t.assignment.ticket.task_id).await;
+                let outputs: Vec<Tensor> = if lie { falsify(&t.honest) } else { t.honest.clone() };
+                miner.answer(t, outputs).await;
+            });
+        }
+    })
+}
+
+/// Two miners under two operator names collude: they falsify their outputs exactly when
+/// they hold 2 of a task's 3 replicas, and are honest otherwise. At the default audit rate
+/// the vote alone accepted those lies; now every split vote is judged by the reference, so
+/// no lie reaches a client, the honest miner in those tasks is not struck, and each
+/// colluder is quarantined after its third proven lie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cartel_holding_the_majority_cannot_win_with_a_lie() {
+    // One slot each, so that a task waits for a free honest slot and then often goes to
+    // the cartel's two miners and one honest miner.
+    let one_slot = |id: &str| {
+        let mut spec = honest(id, 1);
+        spec.slices[0].slots = 1;
+        spec
+    };
+    let workers = vec![one_slot("h1"), one_slot("h2"), one_slot("h3")];
+    let policy = Policy { redundancy: 3, rule: support::RULE, audit_rate: 0.05 };
+    let mut h = Harness::start_with(workers, policy, Duration::from_secs(5)).await;
+    let cartel = Arc::new(Cartel::default());
+    let members = [cartel_member(&h, "c1", cartel.clone()).await, cartel_member(&h, "c2", cartel.clone()).await];
+    // In batches of 4, so that at most 4 tasks are in flight when a quarantine lands.
+    let requests = h.sample_requests(120, "cartel", 3, |_| "mlp");
+    let mut results = HashMap::new();
+    for batch in requests.chunks(4) {
+        results.extend(h.run_tasks(batch).await);
+    }
+    // Every result is right, those of the tasks the cartel lied in among them.
+    h.assert_correct(&requests, &results);
+    let lies = cartel.lies.lock().unwrap().clone();
+    assert!(lies.len() >= 3, "the cartel held a majority in {} tasks", lies.len());
+    let verdicts: Vec<Verdict> = h.all_verdicts().await;
+    for v in verdicts.iter().filter(|v| lies.contains(&v.task_id)) {
+        assert!(matches!(v.reference, Some(ReferenceCheck::Escalated)), "task {}: {:?}", v.task_id, v.reference);
+        for m in &v.miners {
+            let liar = m.worker.starts_with('c');
+            let want = if liar { Standing::Disagreed } else { Standing::Agreed };
+            assert_eq!(m.standing, want, "task {}: {} judged {:?}", v.task_id, m.worker, m.standing);
+        }
+    }
+    // Quarantined on the third proof: three lies each, plus at most the 4 tasks in flight
+    // when the quarantine landed.
+    for c in ["c1", "c2"] {
+        let why = wait_quarantined(&h, c, Duration::from_secs(20)).await;
+        let proven = verdicts
+            .iter()
+            .filter(|v| v.miners.iter().any(|m| m.worker == c && m.standing == Standing::Disagreed))
+            .count();
+        eprintln!("cartel: {} majority tasks; {c} proven wrong in {proven} before quarantine ({why})", lies.len());
+        assert!((3..=7).contains(&proven), "{c} lied {proven} times before quarantine ({why})");
+    }
+    no_honest_miner_harmed(&h, &["h1", "h2", "h3"]).await;
+    for m in members {
+        m.abort();
+    }
+    h.stop().await;
+}
+
+/// A miner keeps its old tickets and, once their tasks are decided, replays outcomes for
+/// them with large junk outputs under fresh outcome ids. The verifier holds none of them
+/// (the tasks are decided), decides no task twice, and keeps serving the other miners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replayed_old_tickets_with_junk_are_dropped_and_decide_nothing_twice() {
+    let workers = vec![honest("h1", 1)];
+    let mut h = Harness::start(workers, 2, Duration::from_secs(5)).await;
+    let attacker = Arc::new(Miner::join(&h, "replayer", "replayer-op", 8).await);
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let answering = {
+        let (attacker, kept) = (attacker.clone(), kept.clone());
+        let mut taken = attacker.assignments().await;
+        tokio::spawn(async move {
+            while let Some(t) = taken.next().await {
+                kept.lock().unwrap().push(t.assignment.clone());
+                let outputs = t.honest.clone();
+                attacker.answer(t, outputs).await;
+            }
+        })
+    };
+    let requests = h.sample_requests(40, "replay", 4, |_| "mlp");
+    let first = h.run_tasks(&requests).await;
+    h.assert_correct(&requests, &first);
+    let kept = kept.lock().unwrap().clone();
+    assert_eq!(kept.len(), 40, "the attacker held a replica of every task (k=2, one honest miner)");
+    // 1 MiB of junk per replay, 5 replays of each old ticket under fresh ids.
+    let junk = vec![Tensor::from_values("y", vec![1 << 18], &vec![7.0f32; 1 << 18])];
+    for (i, a) in kept.iter().enumerate() {
+        for n in 0..5 {
+            attacker.answer_as(a, junk.clone(), &format!("{}.replay{n}.{i}", a.ticket.assignment_id())).await;
+        }
+    }
+    // The verifier drains them at once, holding nothing.
+    let js = &h.js;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut consumer = js
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                "verifier",
+                sundara_schemas::subjects::OUTCOMES_STREAM,
+            )
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the verifier still holds replays: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing decided twice, and the pipeline still serves.
+    let verdicts = h.all_verdicts().await;
+    assert_eq!(verdicts.len(), 40);
+    let results = h.stream_messages(sundara_schemas::subjects::RESULTS_STREAM).await;
+    assert_eq!(results.len(), 40, "one result per task");
+    let more = h.sample_requests(10, "after", 5, |_| "mlp");
+    let after = h.run_tasks(&more).await;
+    for r in after.values() {
+        assert!(matches!(r.status, ResultStatus::Verified { .. }), "{:?}", r.status);
+    }
+    answering.abort();
+    h.stop().await;
+}
