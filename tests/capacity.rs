@@ -37,7 +37,8 @@ fn terms(timeout_at_ms: u64) -> ReserveTerms {
 
 async fn reserve(capacity: &Capacity, task: &str, k: u8) -> Option<Vec<(String, String)>> {
     let aids: Vec<String> = (0..k).map(|r| format!("{task}.{r}.0")).collect();
-    capacity.reserve("m", task, &aids, terms(u64::MAX / 2)).await.unwrap()
+    let picks = capacity.reserve("m", task, &aids, terms(u64::MAX / 2)).await.unwrap()?;
+    Some(picks.into_iter().map(|p| (p.slice, p.worker)).collect())
 }
 
 #[tokio::test]
@@ -92,7 +93,7 @@ async fn only_the_holder_answering_in_time_frees_a_slot() {
     let (_redis, _dir, capacity) = fleet(2, 1).await;
     let answer_by = 1_000_000;
     let picks = capacity.reserve("m", "t", &["t.0.0".to_string()], terms(answer_by)).await.unwrap().unwrap();
-    let holder = picks[0].1.as_str();
+    let holder = picks[0].worker.as_str();
     let other = if holder == "w00000" { "w00001" } else { "w00000" };
     let answer = |worker, stored_at_ms| Some(Answer { worker, stored_at_ms });
     assert!(!capacity.release("t.0.0", answer(other, answer_by)).await.unwrap(), "another worker's answer");

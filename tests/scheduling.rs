@@ -47,7 +47,13 @@ async fn waiting_in_scheduler(h: &Harness, want: &[(Priority, u64)]) {
 /// high-priority task is dispatched before any low-priority one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn higher_priority_is_dispatched_first_under_contention() {
-    let mut h = Harness::start(vec![], 1, Duration::from_secs(30)).await;
+    // The default entitlement is normal; the test tenant is granted high.
+    let policy = sundara_schemas::Policy { redundancy: 1, rule: support::RULE, audit_rate: support::AUDIT_RATE };
+    let stack = sundara::stack::LocalStack::start(&sundara::stack::project_root()).unwrap();
+    let mut h = Harness::start_on(stack, vec![], policy, Duration::from_secs(30), |c| {
+        c.tenants.default.max_priority = Priority::High;
+    })
+    .await;
     let mut requests = h.sample_requests(40, "prio", 5, |_| "mlp");
     for (i, r) in requests.iter_mut().enumerate() {
         r.priority = if i < 30 { Priority::Low } else { Priority::High };

@@ -70,6 +70,15 @@ impl Watched {
         self.refused("Publish", subject).await;
     }
 
+    /// Sends `payload` to `subject` as a request (a reply inbox of its own, so the server
+    /// would act on it if allowed) and waits for the server's refusal.
+    async fn request_refused(&mut self, subject: &str, payload: String) {
+        let inbox = self.client.new_inbox();
+        self.client.publish_with_reply(subject.to_string(), inbox, payload.into()).await.unwrap();
+        self.client.flush().await.unwrap();
+        self.refused("Publish", subject).await;
+    }
+
     async fn subscribe_refused(&mut self, subject: &str) {
         let _subscription = self.client.subscribe(subject.to_string()).await.unwrap();
         self.client.flush().await.unwrap();
@@ -160,6 +169,145 @@ async fn each_role_is_refused_what_is_not_its_own() {
     h.stop().await;
 }
 
+/// A tenant is an adversary to the other tenants and to the services. Tenant `a` tries to
+/// re-filter, pull from, read and delete ingress's RESULTS consumer (which releases every
+/// tenant's admissions) and the consumer tenant `b` follows its results with. The server
+/// refuses each request, both consumers are left as they were, and the pipeline keeps
+/// serving `b` (and `a`, through its own consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_cannot_touch_another_tenants_or_a_services_consumers() {
+    use futures::TryStreamExt;
+    let creds = tempfile::tempdir().unwrap();
+    let auth = sundara::auth::init(creds.path(), &["a".into(), "b".into()], &["m1".into()]).unwrap();
+    let stack = secured_stack(&auth);
+    let url = stack.endpoints().nats.url;
+    let policy = sundara_schemas::Policy { redundancy: 1, rule: RULE, audit_rate: 0.0 };
+    let mut h = Harness::start_on(stack, vec![], policy, Duration::from_secs(10), |_| {}).await;
+    let seed = auth.credentials(&Role::Miner("m1".into()));
+    h.spawn_worker_process_with("m1", 1, &[("SUNDARA_NATS_CREDS", seed.to_str().unwrap())]).await;
+
+    let endpoint =
+        |t: &str| NatsEndpoint { url: url.clone(), credentials: Some(auth.credentials(&Role::Tenant(t.into()))) };
+    let tenant_b = Client::connect(&endpoint("b"), "b").await.unwrap();
+    let mut b_results = tenant_b.results().await.unwrap();
+    let tenant_a = Client::connect(&endpoint("a"), "a").await.unwrap();
+    let mut a_results = tenant_a.results().await.unwrap();
+
+    // The victims, as the validator sees them.
+    let stream = h.js.get_stream(sundara_schemas::subjects::RESULTS_STREAM).await.unwrap();
+    let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    let b_consumer = names.iter().find(|n| n.starts_with("results-b-")).expect("b's consumer").clone();
+    let victims = ["ingress-finish".to_string(), b_consumer];
+    let mut before = Vec::new();
+    for victim in &victims {
+        before.push(stream.consumer_info(victim).await.unwrap().config.clone());
+    }
+
+    let mut a = connect_as(&url, &auth, &Role::Tenant("a".into())).await;
+    for (victim, config) in victims.iter().zip(&before) {
+        // A create request naming an existing consumer updates it (nats-server 2.10+):
+        // the same consumer, filtered to `a`'s results, would starve its owner.
+        let mut refiltered = config.clone();
+        refiltered.filter_subject = "sundara.result.a.>".into();
+        let update = serde_json::json!({ "stream_name": "RESULTS", "config": refiltered, "action": "" });
+        a.request_refused(&format!("$JS.API.CONSUMER.CREATE.RESULTS.{victim}.sundara.result.a.>"), update.to_string())
+            .await;
+        a.request_refused(&format!("$JS.API.CONSUMER.MSG.NEXT.RESULTS.{victim}"), r#"{"batch":10}"#.into()).await;
+        a.request_refused(&format!("$JS.API.CONSUMER.INFO.RESULTS.{victim}"), String::new()).await;
+        a.request_refused(&format!("$JS.API.CONSUMER.DELETE.RESULTS.{victim}"), String::new()).await;
+        a.request_refused(&format!("$JS.API.CONSUMER.DURABLE.CREATE.RESULTS.{victim}"), update.to_string()).await;
+    }
+    for (victim, config) in victims.iter().zip(&before) {
+        let now = stream.consumer_info(victim).await.unwrap_or_else(|e| panic!("{victim} is gone: {e}"));
+        assert_eq!(&now.config, config, "{victim} was changed");
+    }
+
+    // The pipeline keeps serving `b`, and `a` through its own consumer.
+    let requests = h.sample_requests(3, "victim", 11, |_| "mlp");
+    let mut b_ids = Vec::new();
+    for r in &requests[..2] {
+        match tenant_b.submit(r).await.unwrap() {
+            SubmitOutcome::Accepted { task_id, .. } => b_ids.push(task_id),
+            rejected => panic!("{rejected:?}"),
+        }
+    }
+    let a_id = match tenant_a.submit(&requests[2]).await.unwrap() {
+        SubmitOutcome::Accepted { task_id, .. } => task_id,
+        rejected => panic!("{rejected:?}"),
+    };
+    let got = await_results(&mut b_results, &b_ids).await;
+    assert!(got.values().all(|r| matches!(r.status, ResultStatus::Verified { .. })), "{got:?}");
+    await_results(&mut a_results, &[a_id]).await;
+    h.stop().await;
+}
+
+/// A tenant's result followers hold its RESULTS consumers by slot (the names its grants
+/// list). A follower that loses its consumer (deleted, or lost with a restarted server)
+/// carries on after the last result it delivered: nothing again, nothing missed. A dropped
+/// follower frees its slot, and a tenant has at most `RESULT_FOLLOWERS` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn result_followers_resume_and_hold_their_tenants_slots() {
+    use futures::{StreamExt, TryStreamExt};
+    use sundara::client::RESULT_FOLLOWERS;
+    let h = Harness::start(vec![support::honest("w", 1)], 1, Duration::from_secs(10)).await;
+    let requests = h.sample_requests(4, "follow", 13, |_| "mlp");
+    let mut first = h.client.results().await.unwrap();
+    let early = h.submit_all(&requests[..2]).await;
+    await_results(&mut first, &early).await;
+    // Started after those results were stored: it never sees them.
+    let mut second = h.client.results().await.unwrap();
+
+    let stream = h.js.get_stream(sundara_schemas::subjects::RESULTS_STREAM).await.unwrap();
+    let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    let ours: Vec<&String> = names.iter().filter(|n| n.starts_with("results-test-")).collect();
+    assert_eq!(ours.len(), 2, "one consumer per follower: {names:?}");
+    for name in ours {
+        stream.delete_consumer(name).await.unwrap();
+    }
+    let late = h.submit_all(&requests[2..]).await;
+    for follower in [&mut first, &mut second] {
+        let got = await_results(follower, &late).await;
+        let mut ids: Vec<&String> = got.keys().collect();
+        ids.sort();
+        let mut want: Vec<&String> = late.iter().collect();
+        want.sort();
+        assert_eq!(ids, want, "a follower delivered a result it had delivered or should never see");
+        assert!(tokio::time::timeout(Duration::from_millis(500), follower.next()).await.is_err(), "an extra result");
+    }
+
+    // Dropped followers give their slots back; then every slot is taken, and another
+    // tenant is not affected.
+    drop((first, second));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut all = Vec::new();
+    while all.len() < RESULT_FOLLOWERS {
+        match h.client.results().await {
+            Ok(follower) => all.push(follower),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("waiting for a slot: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("dropped followers kept their slots: {e}"),
+        }
+    }
+    match h.client.results().await {
+        Ok(_) => panic!("a follower beyond RESULT_FOLLOWERS"),
+        Err(e) => assert!(e.to_string().contains("at once"), "{e}"),
+    }
+    assert!(Client::new(h.client.nats.clone(), "other").results().await.is_ok(), "tenants share no slots");
+    all.pop();
+    let freed = async {
+        loop {
+            if h.client.results().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), freed).await.expect("a dropped follower freed its slot");
+    h.stop().await;
+}
+
 fn limits(f: impl FnOnce(&mut TenantLimits)) -> TenantLimits {
     let mut l = TenantLimits::default();
     f(&mut l);
@@ -231,5 +379,52 @@ async fn tenant_limits_give_typed_rejections() {
             other => panic!("finished tasks did not free their slots: {other:?}"),
         }
     }
+    h.stop().await;
+}
+
+/// Priority is an entitlement per tenant, not whatever a request asks: a tenant not granted
+/// `high` that asks for it is refused at once with `priority_not_permitted`, and nothing is
+/// stored; a tenant granted `high` is served at high priority; asking for less than one's
+/// entitlement is always allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn priority_above_the_entitlement_is_refused() {
+    use sundara_schemas::{Priority, subjects as subj};
+    let mut policy = TenantPolicy::default();
+    policy.tenants.insert("vip".into(), limits(|l| l.max_priority = Priority::High));
+    let stack = LocalStack::start(&project_root()).unwrap();
+    let model_policy = sundara_schemas::Policy { redundancy: 1, rule: RULE, audit_rate: 0.0 };
+    let h = Harness::start_on(stack, vec![support::honest("w", 1)], model_policy, Duration::from_secs(10), |c| {
+        c.tenants = policy;
+    })
+    .await;
+    let client = |tenant: &str| Client::new(h.client.nats.clone(), tenant);
+    let high =
+        |r: &sundara_schemas::SubmitRequest| sundara_schemas::SubmitRequest { priority: Priority::High, ..r.clone() };
+    let requests = h.sample_requests(3, "entitled", 17, |_| "mlp");
+    let tasks = h.js.get_stream(subj::TASKS_STREAM).await.unwrap();
+    let high_subject = subj::task(Priority::High, "mlp");
+
+    let plain = client("plain");
+    match plain.submit(&high(&requests[0])).await.unwrap() {
+        SubmitOutcome::Rejected { code, reason } => {
+            assert_eq!(code, RejectCode::PriorityNotPermitted);
+            assert!(reason.contains("normal"), "{reason}");
+        }
+        accepted => panic!("a tenant without the entitlement got high priority: {accepted:?}"),
+    }
+    assert!(tasks.get_last_raw_message_by_subject(&high_subject).await.is_err(), "the refused task was stored");
+    assert_eq!(code(plain.submit(&requests[1]).await.unwrap()), Ok(false), "normal is within the default entitlement");
+
+    let vip = client("vip");
+    let mut vip_results = vip.results().await.unwrap();
+    let id = match vip.submit(&high(&requests[2])).await.unwrap() {
+        SubmitOutcome::Accepted { task_id, .. } => task_id,
+        rejected => panic!("a tenant entitled to high was refused: {rejected:?}"),
+    };
+    let stored = tasks.get_last_raw_message_by_subject(&high_subject).await.expect("stored at high priority");
+    let task: sundara_schemas::Task = decode(&stored.payload, MAX_MESSAGE_BYTES).unwrap();
+    assert_eq!((task.task_id.as_str(), task.tenant.as_str(), task.priority), (id.as_str(), "vip", Priority::High));
+    let got = await_results(&mut vip_results, std::slice::from_ref(&id)).await;
+    assert!(matches!(got[&id].status, ResultStatus::Verified { .. }), "{:?}", got[&id].status);
     h.stop().await;
 }

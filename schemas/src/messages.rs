@@ -324,11 +324,22 @@ impl Standing {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct MinerVerdict {
     pub worker: String,
+    /// The worker's operator, as its signed ticket names it (empty in older verdicts: the
+    /// worker was its own operator). Trust and quarantine also count per operator.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub operator: String,
     pub replica: u8,
     pub attempt: u16,
     pub standing: Standing,
     /// Assignment sent → outcome stored, on validator clocks; `None` when missing.
     pub latency_us: Option<u64>,
+}
+
+impl MinerVerdict {
+    /// The operator this miner counts under (its own id when none was named).
+    pub fn operator(&self) -> &str {
+        if self.operator.is_empty() { &self.worker } else { &self.operator }
+    }
 }
 
 /// Verifier → rewarder and auditors (stream VERDICTS, subject `sundara.verdict.<task>`).

@@ -23,6 +23,11 @@ pub struct Ticket {
     /// 0 for the first dispatch of this replica, +1 on each reassignment.
     pub attempt: u16,
     pub worker: String,
+    /// The worker's operator when it was picked (the unit of collusion: one operator holds
+    /// at most one replica of a task, casts one vote, and shares one trust record). Empty
+    /// in tickets from before operators were signed: the worker is then its own operator.
+    #[serde(default)]
+    pub operator: String,
     /// Redis slice the slot was reserved on.
     pub slice: String,
     pub dispatched_at_us: u64,
@@ -39,6 +44,11 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// The operator this ticket's worker was picked as.
+    pub fn operator(&self) -> &str {
+        if self.operator.is_empty() { &self.worker } else { &self.operator }
+    }
+
     /// `<task>.<replica>.<attempt>`: unique per dispatch, the key of its reservation.
     pub fn assignment_id(&self) -> String {
         format!("{}.{}.{}", self.task_id, self.replica, self.attempt)
@@ -104,6 +114,7 @@ mod tests {
             replica: 1,
             attempt: 0,
             worker: "w1".into(),
+            operator: "op1".into(),
             slice: "w1-cpu0".into(),
             dispatched_at_us: 1000,
             deadline_at_ms: 2000,
@@ -128,6 +139,9 @@ mod tests {
         let mut stolen = t.clone();
         stolen.worker = "w2".into();
         assert!(!stolen.verify(b"secret"));
+        let mut disguised = t.clone();
+        disguised.operator = "op2".into();
+        assert!(!disguised.verify(b"secret"));
         assert_eq!(t.assignment_id(), "t1.1.0");
     }
 

@@ -339,7 +339,7 @@ impl Latency<'_> {
             placement: Placement::ExpectedCompletion,
         };
         let picks = self.capacity.reserve(MODEL, task, &aids, terms).await?;
-        Ok((aids, picks))
+        Ok((aids, picks.map(|picks| picks.into_iter().map(|p| (p.slice, p.worker)).collect())))
     }
 
     async fn release_all(&self, aids: &[String]) -> Result<()> {

@@ -4,7 +4,8 @@
 //!
 //! - **validator** (ingress, scheduler, verifier, rewarder, autoscaler, operators): everything.
 //! - **tenant `t`**: publish on `sundara.submit.t`; read the registry; read results only
-//!   through consumers filtered to `sundara.result.t.>`.
+//!   through its own RESULTS consumers, named `results-t-<slot>` one by one and filtered to
+//!   `sundara.result.t.>`; no other consumer on RESULTS (ingress's, other tenants').
 //! - **miner `w`**: read the registry; pull only from its own WORK consumer (filter
 //!   `sundara.work.*.w`); publish outcomes only as `w`, reports only on
 //!   `sundara.report.w`; answer commands on `sundara.control.w`.
@@ -15,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::client::{RESULT_FOLLOWERS, results_consumer};
 use sundara_common::nats::{Identity, inbox_prefix};
 use sundara_schemas::subjects as subj;
 
@@ -97,6 +99,27 @@ fn registry_read() -> Vec<String> {
     subjects
 }
 
+/// Tenant `t`'s own RESULTS consumers, each by name: [`RESULT_FOLLOWERS`] of them,
+/// `results-<t>-<slot>`. A consumer name is one subject token and permissions cannot match
+/// part of a token, so `*` in its place would reach every consumer on the stream (ingress's,
+/// other tenants'): pull their messages, read or delete them, or update them through a create
+/// request naming them. Each create request also names its filter, which the server checks
+/// against the body, so the consumers see only `sundara.result.t.>`.
+fn results_read(t: &str) -> Vec<String> {
+    let results = subj::RESULTS_STREAM;
+    (0..RESULT_FOLLOWERS)
+        .map(|slot| results_consumer(t, slot))
+        .flat_map(|name| {
+            [
+                format!("$JS.API.CONSUMER.CREATE.{results}.{name}.{}", subj::results_of(t)),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{results}.{name}"),
+                format!("$JS.API.CONSUMER.INFO.{results}.{name}"),
+                format!("$JS.API.CONSUMER.DELETE.{results}.{name}"),
+            ]
+        })
+        .collect()
+}
+
 /// What `role` (whose public key is `public_key`) may do.
 pub fn permissions(role: &Role, public_key: &str) -> Permissions {
     let inbox = format!("{}.>", inbox_prefix(public_key));
@@ -105,15 +128,8 @@ pub fn permissions(role: &Role, public_key: &str) -> Permissions {
             Permissions { publish: vec![">".into()], subscribe: vec![">".into()], allow_responses: false }
         }
         Role::Tenant(t) => {
-            let results = subj::RESULTS_STREAM;
-            let mut publish = vec![
-                subj::submit(t),
-                // The create request names the filter, so the server checks it is the tenant's own.
-                format!("$JS.API.CONSUMER.CREATE.{results}.*.{}", subj::results_of(t)),
-                format!("$JS.API.CONSUMER.MSG.NEXT.{results}.*"),
-                format!("$JS.API.CONSUMER.INFO.{results}.*"),
-                format!("$JS.API.CONSUMER.DELETE.{results}.*"),
-            ];
+            let mut publish = vec![subj::submit(t)];
+            publish.extend(results_read(t));
             publish.extend(registry_read());
             Permissions { publish, subscribe: vec![inbox], allow_responses: false }
         }
@@ -225,6 +241,37 @@ mod tests {
         assert!(p.publish.contains(&"sundara.report.m1".to_string()));
         assert!(!p.publish.iter().any(|s| s == ">" || s.starts_with("sundara.submit") || s.contains("m2")));
         assert_eq!(p.subscribe, vec!["_INBOX_UKEY.>".to_string(), "sundara.control.m1".to_string()]);
+    }
+
+    /// The consumer each RESULTS grant of tenant `t` names (the token after the stream's).
+    fn results_consumers_of(t: &str) -> Vec<String> {
+        let p = permissions(&Role::Tenant(t.into()), "UKEY");
+        let on_results: Vec<&String> = p.publish.iter().filter(|s| s.contains(".RESULTS")).collect();
+        assert_eq!(on_results.len(), 4 * RESULT_FOLLOWERS, "create, next, info and delete per slot");
+        on_results
+            .iter()
+            .map(|s| {
+                let tokens: Vec<&str> = s.split('.').collect();
+                let at = tokens.iter().position(|t| *t == "RESULTS").unwrap();
+                if tokens[3] == "CREATE" {
+                    assert_eq!(tokens[at + 2..].join("."), format!("sundara.result.{t}.>"), "{s}: the filter is t's");
+                }
+                tokens[at + 1].to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_tenant_may_touch_only_its_own_results_consumers() {
+        let names = results_consumers_of("a");
+        for name in &names {
+            assert!((0..RESULT_FOLLOWERS).any(|slot| *name == results_consumer("a", slot)), "{name}");
+        }
+        // Tenants whose names share a prefix still name disjoint consumers.
+        for other in ["a-1", "a-10", "b"] {
+            let theirs = results_consumers_of(other);
+            assert!(!names.iter().any(|n| theirs.contains(n)), "a and {other} share a consumer");
+        }
     }
 
     #[test]

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+};
 use futures::{FutureExt, Stream, StreamExt};
 use sundara_common::nats::NatsEndpoint;
 use sundara_schemas::{
@@ -81,23 +84,175 @@ impl Client {
 
     /// This tenant's results from now on, in the order they were stored. Start following
     /// before submitting so none is missed.
+    ///
+    /// Each follower holds one of the tenant's [`RESULT_FOLLOWERS`] RESULTS consumers,
+    /// [`results_consumer`]: names the server's permissions list one by one, so a tenant can
+    /// reach only its own consumers (see `auth`). Like an ordered consumer, it starts again
+    /// after the last result it delivered when its consumer goes away or skips a message,
+    /// and it deletes its consumer when dropped. Fails if every slot is in use.
     pub async fn results(&self) -> Result<impl Stream<Item = Result<ClientResult, ClientError>> + use<>, ClientError> {
-        // No stream info (it could list other tenants' subjects); a named consumer, so that
-        // the create request carries the filter, which the server's permissions check.
+        // No stream info (it could list other tenants' subjects).
         let stream = self.js.get_stream_no_info(subj::RESULTS_STREAM).await.map_err(sundara_common::js_err)?;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                name: Some(format!("results-{}-{}", self.tenant, uuid::Uuid::now_v7().simple())),
-                filter_subject: subj::results_of(&self.tenant),
-                deliver_policy: DeliverPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .map_err(sundara_common::js_err)?;
-        let messages = consumer.messages().await.map_err(sundara_common::js_err)?;
-        Ok(messages.map(|m| {
-            let m = m.map_err(sundara_common::js_err)?;
-            Ok(decode::<ClientResult>(&m.payload, MAX_MESSAGE_BYTES)?)
-        }))
+        let mut follower = Follower {
+            stream,
+            tenant: self.tenant.clone(),
+            mark: format!("follower {}", uuid::Uuid::now_v7().simple()),
+            slot: rand::random_range(0..RESULT_FOLLOWERS),
+            stream_seq: 0,
+            consumer_seq: 0,
+            missed_heartbeat: false,
+            messages: None,
+        };
+        follower.claim(DeliverPolicy::New).await?;
+        let followed = futures::stream::unfold(follower, |mut f| async move {
+            let item = f.next().await;
+            Some((item, f))
+        });
+        Ok(Box::pin(followed))
+    }
+}
+
+/// How many result followers ([`Client::results`]) one tenant may have at once.
+pub const RESULT_FOLLOWERS: usize = 16;
+
+/// The name of tenant `tenant`'s RESULTS consumer in `slot` (below [`RESULT_FOLLOWERS`]).
+/// Distinct for every (tenant, slot): the slot is the digits after the last `-`.
+pub fn results_consumer(tenant: &str, slot: usize) -> String {
+    format!("results-{tenant}-{slot}")
+}
+
+/// One follower of a tenant's results, on the consumer in its slot.
+struct Follower {
+    stream: jetstream::stream::Stream<()>,
+    tenant: String,
+    /// In its consumer's description: tells this follower's consumer from another's.
+    mark: String,
+    slot: usize,
+    /// The stream sequence of the last result delivered (or before the first).
+    stream_seq: u64,
+    /// The consumer sequence of the last message, to notice one skipped.
+    consumer_seq: u64,
+    missed_heartbeat: bool,
+    messages: Option<pull::Stream>,
+}
+
+impl Follower {
+    fn config(&self, slot: usize, deliver_policy: DeliverPolicy) -> pull::Config {
+        // An ordered consumer's settings: no acks, in memory, gone 30 s after its last pull.
+        pull::Config {
+            name: Some(results_consumer(&self.tenant, slot)),
+            description: Some(self.mark.clone()),
+            filter_subject: subj::results_of(&self.tenant),
+            deliver_policy,
+            ack_policy: AckPolicy::None,
+            max_deliver: 1,
+            inactive_threshold: Duration::from_secs(30),
+            num_replicas: 1,
+            memory_storage: true,
+            ..Default::default()
+        }
+    }
+
+    /// Creates this follower's consumer in the first free slot from its own. A slot holds
+    /// the consumer of another follower when a create with this follower's mark finds a
+    /// consumer of that name (a create request is also an update, so only a strict create
+    /// can tell).
+    async fn claim(&mut self, deliver_policy: DeliverPolicy) -> Result<(), ClientError> {
+        use async_nats::jetstream::stream::ConsumerCreateStrictErrorKind;
+        for i in 0..RESULT_FOLLOWERS {
+            let slot = (self.slot + i) % RESULT_FOLLOWERS;
+            match self.stream.create_consumer_strict(self.config(slot, deliver_policy)).await {
+                Ok(consumer) => {
+                    // The stream sequence before its first message: for `New`, the stream's
+                    // last message when the consumer was created.
+                    self.stream_seq = consumer.cached_info().delivered.stream_sequence;
+                    self.slot = slot;
+                    self.consumer_seq = 0;
+                    self.missed_heartbeat = false;
+                    self.messages = Some(consumer.messages().await.map_err(sundara_common::js_err)?);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ConsumerCreateStrictErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(sundara_common::js_err(e).into()),
+            }
+        }
+        Err(ClientError::Request(format!(
+            "tenant {} already follows its results {RESULT_FOLLOWERS} times at once; \
+             drop a follower (or wait 30 s for a crashed one's to lapse)",
+            self.tenant
+        )))
+    }
+
+    /// Replaces the consumer, starting after the last result delivered. Retries until it
+    /// succeeds, as an ordered consumer does.
+    async fn recreate(&mut self) {
+        self.messages = None;
+        release(&self.stream, &self.tenant, self.slot, &self.mark).await;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let from = DeliverPolicy::ByStartSequence { start_sequence: self.stream_seq + 1 };
+            match self.claim(from).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(tenant = %self.tenant, error = %e, "cannot follow results again; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// The next result, in stream order.
+    async fn next(&mut self) -> Result<ClientResult, ClientError> {
+        use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+        loop {
+            let Some(messages) = self.messages.as_mut() else {
+                self.recreate().await;
+                continue;
+            };
+            match messages.next().await {
+                Some(Ok(m)) => {
+                    self.missed_heartbeat = false;
+                    let info = m.info().map_err(|e| ClientError::Request(e.to_string()))?;
+                    if info.consumer_sequence != self.consumer_seq + 1 {
+                        self.messages = None;
+                        continue;
+                    }
+                    (self.stream_seq, self.consumer_seq) = (info.stream_sequence, info.consumer_sequence);
+                    return Ok(decode::<ClientResult>(&m.payload, MAX_MESSAGE_BYTES)?);
+                }
+                Some(Err(e)) => match e.kind() {
+                    // A second missed heartbeat in a row: the consumer or the connection is gone.
+                    MessagesErrorKind::MissingHeartbeat if !self.missed_heartbeat => self.missed_heartbeat = true,
+                    MessagesErrorKind::MissingHeartbeat
+                    | MessagesErrorKind::ConsumerDeleted
+                    | MessagesErrorKind::NoResponders
+                    | MessagesErrorKind::RequestLimitExceeded => self.messages = None,
+                    _ => return Err(sundara_common::js_err(e).into()),
+                },
+                None => self.messages = None,
+            }
+        }
+    }
+}
+
+impl Drop for Follower {
+    /// Frees the slot at once rather than when the consumer lapses.
+    fn drop(&mut self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (stream, tenant, slot, mark) = (self.stream.clone(), self.tenant.clone(), self.slot, self.mark.clone());
+            runtime.spawn(async move { release(&stream, &tenant, slot, &mark).await });
+        }
+    }
+}
+
+/// Deletes the consumer in `slot` if it is the one marked `mark` (the slot may have lapsed
+/// and been claimed by another follower since).
+async fn release(stream: &jetstream::stream::Stream<()>, tenant: &str, slot: usize, mark: &str) {
+    let name = results_consumer(tenant, slot);
+    if let Ok(info) = stream.consumer_info(&name).await
+        && info.config.description.as_deref() == Some(mark)
+    {
+        let _ = stream.delete_consumer(&name).await;
     }
 }

@@ -1,6 +1,6 @@
-//! Admission: per-tenant limits (rate, tasks in flight, payload size) and the fleet-wide
-//! bound on tasks in flight, kept in Redis so that every ingress replica enforces the same
-//! numbers. A task counts as in flight from its admission until its result is stored or
+//! Admission: per-tenant limits (rate, tasks in flight, payload size, highest priority) and
+//! the fleet-wide bound on tasks in flight. The counts are kept in Redis so that every
+//! ingress replica enforces the same numbers. A task counts as in flight from its admission until its result is stored or
 //! its deadline passes, whichever comes first, so a lost release never leaks a slot for
 //! longer than the task's own deadline.
 
@@ -9,6 +9,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::Script;
+use sundara_schemas::Priority;
 
 use crate::{Capacity, Error};
 
@@ -24,11 +25,27 @@ pub struct TenantLimits {
     pub max_in_flight: u32,
     /// Largest submission, in bytes (ingress' own maximum applies above it).
     pub max_payload_bytes: usize,
+    /// The highest priority its tasks may ask for: an entitlement, `normal` unless `high`
+    /// is granted. A request above it is refused, not lowered.
+    pub max_priority: Priority,
 }
 
 impl Default for TenantLimits {
     fn default() -> Self {
-        TenantLimits { rate_per_s: None, burst: 100, max_in_flight: 10_000, max_payload_bytes: 4 << 20 }
+        TenantLimits {
+            rate_per_s: None,
+            burst: 100,
+            max_in_flight: 10_000,
+            max_payload_bytes: 4 << 20,
+            max_priority: Priority::Normal,
+        }
+    }
+}
+
+impl TenantLimits {
+    /// Whether a task may ask for `priority`.
+    pub fn permits(&self, priority: Priority) -> bool {
+        priority <= self.max_priority
     }
 }
 
@@ -172,5 +189,19 @@ mod tests {
         assert_eq!(p.limits("acme").max_in_flight, TenantLimits::default().max_in_flight, "fields left out default");
         assert!(TenantPolicy::from_json(r#"{"default": {"rate_per_s": 0}}"#).is_err());
         assert!(TenantPolicy::from_json(r#"{"default": {"rate": 1}}"#).is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn priority_is_an_entitlement_normal_unless_granted() {
+        let p = TenantPolicy::from_json(
+            r#"{"tenants": {"vip": {"max_priority": "high"}, "batch": {"max_priority": "low"}}}"#,
+        )
+        .unwrap();
+        let asks = |tenant: &str| Priority::ALL.map(|priority| p.limits(tenant).permits(priority));
+        // [high, normal, low]
+        assert_eq!(asks("vip"), [true, true, true]);
+        assert_eq!(asks("other"), [false, true, true], "the default is normal");
+        assert_eq!(asks("batch"), [false, false, true]);
+        assert!(TenantPolicy::from_json(r#"{"default": {"max_priority": "urgent"}}"#).is_err());
     }
 }

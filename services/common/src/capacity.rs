@@ -57,6 +57,7 @@ const WORKERS: &str = "sundara:workers";
 const SLICEMEM: &str = "sundara:slicemem";
 const FOOTPRINT: &str = "sundara:footprint";
 const QUARANTINED: &str = "sundara:quarantined";
+const QUARANTINED_OPERATORS: &str = "sundara:quarantined_ops";
 const INFLIGHT: &str = "sundara:inflight";
 const SERVICE: &str = "sundara:svc";
 const LOAD_US: &str = "sundara:loadus";
@@ -156,6 +157,15 @@ pub struct Capacity {
     hand_back: Script,
     timeout_strike: Script,
     rescore: Script,
+}
+
+/// Where one replica of a task was reserved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pick {
+    pub slice: String,
+    pub worker: String,
+    /// The worker's operator (the worker's own id when it named none).
+    pub operator: String,
 }
 
 /// The terms of a reservation.
@@ -288,15 +298,16 @@ impl Capacity {
         Ok(())
     }
 
-    /// Reserves slots for `aids` (one per replica) on distinct workers serving `model`.
-    /// Returns `(slice, worker)` per aid, or `None` when capacity is short (nothing reserved).
+    /// Reserves slots for `aids` (one per replica) on distinct workers of distinct
+    /// operators serving `model`. Returns a [`Pick`] per aid, or `None` when capacity is
+    /// short (nothing reserved).
     pub async fn reserve(
         &self,
         model: &str,
         task_id: &str,
         aids: &[String],
         terms: ReserveTerms,
-    ) -> Result<Option<Vec<(String, String)>>, Error> {
+    ) -> Result<Option<Vec<Pick>>, Error> {
         let mut inv = self.reserve.prepare_invoke();
         inv.key(cand_key(model)).key(format!("sundara:taskw:{task_id}"));
         let random = u8::from(terms.placement == Placement::Random);
@@ -309,7 +320,8 @@ impl Capacity {
         if flat.is_empty() {
             return Ok(None);
         }
-        Ok(Some(flat.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone())).collect()))
+        let pick = |p: &[String]| Pick { slice: p[0].clone(), worker: p[1].clone(), operator: p[2].clone() };
+        Ok(Some(flat.chunks_exact(3).map(pick).collect()))
     }
 
     /// Keeps the signed ticket beside the reservation (to reassign it later).
@@ -439,6 +451,14 @@ impl Capacity {
         }
         let mut con = self.con.clone();
         con.hset_multiple::<_, _, _, ()>(REPUTATION, reputations).await?;
+        Ok(())
+    }
+
+    /// Quarantines an operator: `RESERVE` never picks a slice of it again, whatever the
+    /// worker's name. The rewarder also quarantines each of its workers it knows.
+    pub async fn quarantine_operator(&self, operator: &str, reason: &str) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        con.hset_nx::<_, _, _, ()>(QUARANTINED_OPERATORS, operator, reason).await?;
         Ok(())
     }
 

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use sundara_common::admission::{Refusal, TenantPolicy};
+use sundara_common::admission::{Refusal, TenantLimits, TenantPolicy};
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats, telemetry};
 use sundara_schemas::{
-    DecodeError, Limits, ModelMeta, RejectCode, SubmitOutcome, SubmitReply, SubmitRequest, Task, TensorError,
+    DecodeError, Limits, ModelMeta, Priority, RejectCode, SubmitOutcome, SubmitReply, SubmitRequest, Task, TensorError,
     WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
 use tracing::Instrument;
@@ -34,7 +34,7 @@ pub struct Config {
     /// How long a model's fit in the fleet (see [`fits`]) is reused before Redis is asked again.
     pub fit_refresh: Duration,
     pub retention: nats::Retention,
-    /// Per-tenant limits on rate, tasks in flight and payload size.
+    /// Per-tenant limits on rate, tasks in flight, payload size and priority.
     pub tenants: TenantPolicy,
     /// Tasks in flight in the whole fleet (admitted, no result yet) beyond which every
     /// tenant is told `overloaded`: the backlog, and the memory it takes, stay bounded.
@@ -84,6 +84,23 @@ pub fn decode_request(bytes: &[u8], max_bytes: usize) -> Result<SubmitRequest, R
         DecodeError::UnsupportedVersion(_) => reject(RejectCode::UnsupportedVersion, e.to_string()),
         DecodeError::Malformed(_) => reject(RejectCode::Malformed, e.to_string()),
     })
+}
+
+/// Checks the priority a submission asks for against its tenant's entitlement
+/// ([`TenantLimits::max_priority`]). Pure: no I/O. Refused, not lowered: the client learns
+/// at once that it is not entitled, rather than finding its task dispatched later than asked.
+pub fn entitled(tenant: &str, priority: Priority, limits: &TenantLimits) -> Result<(), Rejection> {
+    if limits.permits(priority) {
+        return Ok(());
+    }
+    Err(reject(
+        RejectCode::PriorityNotPermitted,
+        format!(
+            "tenant {tenant} may ask for priority {} at most, not {}",
+            limits.max_priority.as_str(),
+            priority.as_str()
+        ),
+    ))
 }
 
 /// Checks a submission against its model's declared inputs. Pure: no I/O.
@@ -199,6 +216,7 @@ impl Ingress {
         if req.request_id.as_ref().is_some_and(|r| r.len() > 256) {
             return Err(reject(RejectCode::Malformed, "request_id is longer than 256 bytes"));
         }
+        entitled(tenant, req.priority, limits)?;
         let model = match self.registry.latest(&req.model).await {
             Ok(Some(m)) => m,
             Ok(None) => return Err(reject(RejectCode::UnknownModel, format!("no model named {:?}", req.model))),
@@ -443,6 +461,20 @@ mod tests {
         // A measured footprint replaces the file size.
         assert_eq!(fits(&m, Some(5000), Some(4000)).unwrap_err().code, RejectCode::ModelTooLarge);
         assert_eq!(fits(&m, Some(500), Some(999)), Ok(()));
+    }
+
+    #[test]
+    fn a_priority_above_the_tenants_entitlement_is_refused() {
+        let normal = TenantLimits::default();
+        let high = TenantLimits { max_priority: Priority::High, ..TenantLimits::default() };
+        let refused = entitled("a", Priority::High, &normal).unwrap_err();
+        assert_eq!(refused.code, RejectCode::PriorityNotPermitted);
+        assert!(refused.reason.contains("normal") && refused.reason.contains("high"), "{}", refused.reason);
+        assert_eq!(entitled("a", Priority::Normal, &normal), Ok(()));
+        assert_eq!(entitled("a", Priority::Low, &normal), Ok(()));
+        assert_eq!(entitled("a", Priority::High, &high), Ok(()));
+        let low_only = TenantLimits { max_priority: Priority::Low, ..TenantLimits::default() };
+        assert_eq!(entitled("a", Priority::Normal, &low_only).unwrap_err().code, RejectCode::PriorityNotPermitted);
     }
 
     #[test]

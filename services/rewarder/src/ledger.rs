@@ -104,6 +104,18 @@ pub struct Ledger {
     epoch_started_ms: u64,
     /// Weight of the newest score in the moving average, in (0, 1].
     alpha: f64,
+    /// Per operator (the unit of collusion): its proofs over all its workers, and the
+    /// workers seen under it. One operator's many names share one record, so a new name
+    /// does not start its proofs from nothing.
+    #[serde(default)]
+    operators: BTreeMap<String, OperatorRecord>,
+}
+
+/// One operator's record: what its workers were proven wrong on, together.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct OperatorRecord {
+    pub confirmed_wrong: u64,
+    pub workers: BTreeSet<String>,
 }
 
 /// Whether `alpha` is a usable smoothing factor.
@@ -114,7 +126,14 @@ pub fn valid_alpha(alpha: f64) -> bool {
 impl Ledger {
     /// An empty ledger at epoch 1, starting now.
     pub fn new(alpha: f64, now_ms: u64) -> Ledger {
-        Ledger { miners: BTreeMap::new(), last_seq: 0, epoch: 1, epoch_started_ms: now_ms, alpha }
+        Ledger {
+            miners: BTreeMap::new(),
+            last_seq: 0,
+            epoch: 1,
+            epoch_started_ms: now_ms,
+            alpha,
+            operators: BTreeMap::new(),
+        }
     }
 
     /// Miners in id order.
@@ -165,6 +184,11 @@ impl Ledger {
             let score = rank.map_or(0.0, |r| 1.0 / f64::from(r));
             let s = self.miners.entry(m.worker.clone()).or_default();
             s.record(m.standing, score, self.alpha, judged_by_reference);
+            let op = self.operators.entry(m.operator().to_string()).or_default();
+            op.workers.insert(m.worker.clone());
+            if judged_by_reference && m.standing == Standing::Disagreed {
+                op.confirmed_wrong += 1;
+            }
             entries.push(RewardEntry {
                 worker: m.worker.clone(),
                 standing: m.standing,
@@ -189,7 +213,14 @@ impl Ledger {
         if after == 0 {
             return BTreeSet::new();
         }
-        self.miners.iter().filter(|(_, s)| s.confirmed_wrong >= after).map(|(m, _)| m.clone()).collect()
+        let by_operator = self.operators.values().filter(|o| o.confirmed_wrong >= after).flat_map(|o| &o.workers);
+        let by_miner = self.miners.iter().filter(|(_, s)| s.confirmed_wrong >= after).map(|(m, _)| m);
+        by_miner.chain(by_operator).cloned().collect()
+    }
+
+    /// One operator's record, if any of its workers took part in a task.
+    pub fn operator(&self, id: &str) -> Option<&OperatorRecord> {
+        self.operators.get(id)
     }
 
     /// Every miner's reputation that a reference run has informed, in id order (for the
@@ -363,7 +394,7 @@ mod tests {
     use sundara_schemas::{CompareRule, ModelRef, ReferenceCheck};
 
     fn mv(worker: &str, standing: Standing, latency_us: Option<u64>) -> MinerVerdict {
-        MinerVerdict { worker: worker.into(), replica: 0, attempt: 0, standing, latency_us }
+        MinerVerdict { worker: worker.into(), operator: String::new(), replica: 0, attempt: 0, standing, latency_us }
     }
 
     fn verdict(task: &str, miners: Vec<MinerVerdict>) -> Verdict {
@@ -590,6 +621,26 @@ mod tests {
         };
         assert_eq!(bits(&a), bits(&b));
         assert_eq!(sundara_schemas::encode(&a), sundara_schemas::encode(&b));
+    }
+
+    #[test]
+    fn an_operators_names_share_one_record_of_proofs() {
+        let mut ledger = Ledger::new(0.1, 0);
+        let audited = |task: &str, miners: Vec<MinerVerdict>| Verdict {
+            reference: Some(ReferenceCheck::AuditFailed),
+            ..verdict(task, miners)
+        };
+        // Three names of operator "cartel", each proven wrong once: no name reaches 3, the
+        // operator does, and all three names are quarantined.
+        for (i, name) in ["c1", "c2", "c3"].iter().enumerate() {
+            let mut liar = mv(name, Standing::Disagreed, Some(10));
+            liar.operator = "cartel".into();
+            ledger.apply(&audited(&format!("t{i}"), vec![liar, mv("h", Standing::Agreed, Some(10))]), i as u64 + 1);
+        }
+        assert_eq!(ledger.operator("cartel").unwrap().confirmed_wrong, 3);
+        let q = ledger.quarantined_by_proof(3);
+        assert_eq!(q.into_iter().collect::<Vec<_>>(), vec!["c1", "c2", "c3"]);
+        assert_eq!(ledger.operator("h").unwrap().confirmed_wrong, 0, "a worker without an operator is its own");
     }
 
     #[test]

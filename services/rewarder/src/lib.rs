@@ -197,9 +197,25 @@ impl Rewarder {
                     continue;
                 }
                 metrics::counter!("sundara_rewarder_proven_wrong_total").increment(1);
+                let after = self.config.quarantine_after;
                 let wrong = self.ledger.miner(&m.worker).map_or(0, |s| s.confirmed_wrong);
-                if self.config.quarantine_after > 0 && wrong >= self.config.quarantine_after {
-                    self.quarantine(&m.worker, wrong).await;
+                if after > 0 && wrong >= after {
+                    let reason = format!("{wrong} outputs proven wrong by the verifier's reference runs");
+                    self.quarantine(&m.worker, &reason).await;
+                }
+                // The operator's names share its record: one proven wrong enough times
+                // takes all of them out, and the scheduler never picks a new name of it.
+                let operator = self.ledger.operator(m.operator()).cloned().unwrap_or_default();
+                if after > 0 && operator.confirmed_wrong >= after {
+                    let reason = format!(
+                        "operator {}: {} outputs of its workers proven wrong by the verifier's reference runs",
+                        m.operator(),
+                        operator.confirmed_wrong
+                    );
+                    self.quarantine_operator(m.operator(), &reason).await;
+                    for worker in &operator.workers {
+                        self.quarantine(worker, &reason).await;
+                    }
                 }
             }
             tracing::debug!(seq, task = %trace.task_id, epoch = trace.epoch, "verdict applied");
@@ -211,16 +227,23 @@ impl Rewarder {
 
     /// Quarantines a miner (idempotent in Redis; repeated on every further proof, so a
     /// Redis that lost it learns it again).
-    async fn quarantine(&self, worker: &str, wrong: u64) {
+    async fn quarantine(&self, worker: &str, reason: &str) {
         let Some(capacity) = &self.capacity else { return };
-        let reason = format!("{wrong} outputs proven wrong by the verifier's reference runs");
-        match capacity.quarantine(worker, &reason).await {
+        match capacity.quarantine(worker, reason).await {
             Ok(true) => {
                 metrics::counter!("sundara_quarantines_total", "by" => "rewarder").increment(1);
                 tracing::warn!(worker, %reason, "miner quarantined");
             }
             Ok(false) => {}
             Err(e) => tracing::warn!(worker, error = %e, "could not quarantine the miner; will try on its next proof"),
+        }
+    }
+
+    /// Quarantines an operator: none of its workers, old names or new, is picked again.
+    async fn quarantine_operator(&self, operator: &str, reason: &str) {
+        let Some(capacity) = &self.capacity else { return };
+        if let Err(e) = capacity.quarantine_operator(operator, reason).await {
+            tracing::warn!(operator, error = %e, "could not quarantine the operator; will try on its next proof");
         }
     }
 

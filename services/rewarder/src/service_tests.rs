@@ -72,6 +72,7 @@ fn verdict(i: u64) -> Verdict {
         .map(|r| {
             let standing = standings[((i + r) % 4) as usize];
             MinerVerdict {
+                operator: String::new(),
                 worker: format!("miner-{}", (i + r) % 5),
                 replica: r as u8,
                 attempt: 0,
@@ -308,6 +309,7 @@ fn audited_verdict(i: u64) -> Verdict {
         .into_iter()
         .enumerate()
         .map(|(r, (worker, standing))| MinerVerdict {
+            operator: String::new(),
             worker: worker.into(),
             replica: r as u8,
             attempt: 0,

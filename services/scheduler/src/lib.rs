@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
 use futures::StreamExt;
-use sundara_common::capacity::{Answer, Placement, ReserveTerms};
+use sundara_common::capacity::{Answer, Pick, Placement, ReserveTerms};
 use sundara_common::telemetry;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
 use sundara_schemas::{
@@ -166,9 +166,8 @@ impl Scheduler {
         };
         drop(waiter);
         metrics::counter!("sundara_scheduler_dispatched_total", "priority" => task.priority.as_str()).increment(1);
-        for (replica, (slice, worker)) in picks.into_iter().enumerate() {
-            self.send(task, task_seq, Replica { replica: replica as u8, attempt: 0, answer_by_ms }, slice, worker)
-                .await?;
+        for (replica, pick) in picks.into_iter().enumerate() {
+            self.send(task, task_seq, Replica { replica: replica as u8, attempt: 0, answer_by_ms }, pick).await?;
         }
         Ok(Dispatch::Sent)
     }
@@ -179,15 +178,9 @@ impl Scheduler {
         self.results.direct_get_last_for_subject(subject).await.is_ok()
     }
 
-    async fn send(
-        &self,
-        task: &Task,
-        task_seq: u64,
-        replica: Replica,
-        slice: String,
-        worker: String,
-    ) -> Result<(), CommonError> {
+    async fn send(&self, task: &Task, task_seq: u64, replica: Replica, pick: Pick) -> Result<(), CommonError> {
         let Replica { replica, attempt, answer_by_ms } = replica;
+        let Pick { slice, worker, operator } = pick;
         let mut ticket = Ticket {
             task_id: task.task_id.clone(),
             tenant: task.tenant.clone(),
@@ -196,6 +189,7 @@ impl Scheduler {
             replica,
             attempt,
             worker,
+            operator,
             slice,
             dispatched_at_us: now_us(),
             deadline_at_ms: task.deadline_at_ms,
@@ -376,7 +370,7 @@ impl Scheduler {
             self.capacity.defer(aid, now_ms() + self.config.sweep_interval.as_millis() as u64).await?;
             return Ok(());
         };
-        let (slice, worker) = picks.remove(0);
+        let pick = picks.remove(0);
         let raw = self.tasks.get_raw_message(old.task_seq).await.map_err(js_err)?;
         let task = decode::<Task>(&raw.payload, self.config.max_task_bytes)?;
         // In the task's own trace: the TASKS message still carries the trace context.
@@ -389,10 +383,10 @@ impl Scheduler {
             trace_id = tracing::field::Empty,
         );
         telemetry::follow(&span, Some(&raw.headers));
-        tracing::info!(parent: &span, assignment = aid, from = %old.worker, to = %worker, attempt, "reassigning");
+        tracing::info!(parent: &span, assignment = aid, from = %old.worker, to = %pick.worker, attempt, "reassigning");
         metrics::counter!("sundara_scheduler_reassigned_total").increment(1);
         let replica = Replica { replica: old.replica, attempt, answer_by_ms: timeout_at };
-        self.send(&task, old.task_seq, replica, slice, worker).instrument(span).await?;
+        self.send(&task, old.task_seq, replica, pick).instrument(span).await?;
         self.release(aid, None).await?;
         Ok(())
     }

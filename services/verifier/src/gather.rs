@@ -43,9 +43,9 @@ pub enum Offer {
     /// Dropped: an outcome for this (replica, attempt) is held already (a replay, or a
     /// second in-time answer for the replica).
     Duplicate,
-    /// Dropped: its worker already answered another replica of the task. One worker is one
-    /// vote, whatever the scheduler did.
-    SameWorker,
+    /// Dropped: its worker, or another worker of its operator, already answered another
+    /// replica of the task. One operator is one vote, whatever the scheduler did.
+    SameOperator,
 }
 
 /// Outcomes of one task gathered so far: one per replica (the first, except that an
@@ -84,12 +84,13 @@ impl Gathering {
     /// Takes an outcome (its ticket already verified) into the gathering, or says why not.
     pub fn offer(&mut self, received: Received) -> Offer {
         let t = received.ticket();
-        let (replica, attempt, worker) = (t.replica, t.attempt, t.worker.as_str());
+        let (replica, attempt, worker, operator) = (t.replica, t.attempt, t.worker.as_str(), t.operator());
         if self.held().any(|r| r.ticket().replica == replica && r.ticket().attempt == attempt) {
             return Offer::Duplicate;
         }
-        if self.held().any(|r| r.ticket().worker == worker && r.ticket().replica != replica) {
-            return Offer::SameWorker;
+        let same = |r: &Received| r.ticket().worker == worker || r.ticket().operator() == operator;
+        if self.held().any(|r| same(r) && r.ticket().replica != replica) {
+            return Offer::SameOperator;
         }
         match self.replicas.get(&replica) {
             None => {
@@ -122,6 +123,7 @@ pub(crate) mod tests {
             replica,
             attempt,
             worker: worker.into(),
+            operator: String::new(),
             slice: format!("{worker}-cpu0"),
             dispatched_at_us: 1,
             deadline_at_ms: u64::MAX,
@@ -156,10 +158,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_worker_is_one_vote_whatever_it_holds() {
+    fn an_operator_is_one_vote_whatever_it_holds() {
         let mut g = Gathering::default();
         assert_eq!(g.offer(received(0, 0, "a", 1.0, false)), Offer::Held);
-        assert_eq!(g.offer(received(1, 1, "a", 1.0, false)), Offer::SameWorker);
+        assert_eq!(g.offer(received(1, 1, "a", 1.0, false)), Offer::SameOperator);
+        let mut sibling = received(1, 2, "a2", 1.0, false);
+        sibling.outcome.ticket.operator = "a".into();
+        assert_eq!(g.offer(sibling), Offer::SameOperator, "another name of operator a");
         assert!(!g.complete());
         assert_eq!(g.offer(received(1, 0, "b", 1.0, false)), Offer::Held);
         assert!(g.complete());

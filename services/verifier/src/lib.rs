@@ -161,6 +161,7 @@ pub fn conclude(
         .zip(&standings)
         .map(|(r, &standing)| MinerVerdict {
             worker: r.outcome.ticket.worker.clone(),
+            operator: r.outcome.ticket.operator.clone(),
             replica: r.outcome.ticket.replica,
             attempt: r.outcome.ticket.attempt,
             standing,
@@ -168,6 +169,7 @@ pub fn conclude(
         })
         .chain(g.late.iter().map(|r| MinerVerdict {
             worker: r.outcome.ticket.worker.clone(),
+            operator: r.outcome.ticket.operator.clone(),
             replica: r.outcome.ticket.replica,
             attempt: r.outcome.ticket.attempt,
             standing: Standing::Late,
@@ -382,6 +384,7 @@ impl Publisher {
     /// (within the failing miners' budget, see [`judgement`]), and a sample of the rest.
     fn needs_reference(&self, audit_rate: f64, g: &Gathering, voted: &quorum::Decision) -> Option<Why> {
         let workers: Vec<&str> = g.replicas.values().map(|r| r.outcome.ticket.worker.as_str()).collect();
+        let operators = g.replicas.values().map(|r| r.outcome.ticket.operator());
         match judgement::unanimity(g.k(), voted, &workers) {
             Unanimity::Split => Some(Why::Split),
             Unanimity::Shortfall { workers, absent } => {
@@ -389,7 +392,7 @@ impl Publisher {
                 budget.take(&workers, absent, Instant::now()).then_some(Why::Shortfall)
             }
             Unanimity::Unanimous => {
-                let rate = self.trust.lock().unwrap_or_else(|e| e.into_inner()).audit_rate(audit_rate, workers);
+                let rate = self.trust.lock().unwrap_or_else(|e| e.into_inner()).audit_rate(audit_rate, operators);
                 (rand::rng().random::<f64>() < rate).then_some(Why::Audit)
             }
         }
@@ -666,8 +669,8 @@ impl Intake {
                 let _ = msg.ack().await;
                 return;
             }
-            Offer::SameWorker => {
-                tracing::warn!(task = %task, %worker, "a second replica of the task from one worker; not counted");
+            Offer::SameOperator => {
+                tracing::warn!(task = %task, %worker, "a second replica of the task from one operator; not counted");
                 let _ = msg.ack().await;
                 return;
             }
@@ -733,6 +736,7 @@ mod tests {
                 replica: i as u8,
                 attempt: 0,
                 worker: format!("w{i}"),
+                operator: String::new(),
                 slice: format!("w{i}-cpu0"),
                 dispatched_at_us: 1,
                 deadline_at_ms: u64::MAX,

@@ -1,5 +1,7 @@
 //! Trust earned by passing audits lowers how often a miner's tasks are audited, never to
-//! zero; one failed audit restores full checking. Plain logic, no I/O.
+//! zero; one failed audit restores full checking. Trust is kept per operator (the unit of
+//! collusion), so one operator's many worker names share one record: a lie by any of them
+//! restores full checking for all. Plain logic, no I/O.
 
 use std::collections::HashMap;
 
@@ -17,8 +19,8 @@ pub struct Trust {
 }
 
 impl Trust {
-    /// The audit rate for a task run by `miners`: the model's `base` rate, lowered by the
-    /// least trusted miner's record to no less than [`FLOOR`] of it. A base of 1 (audit
+    /// The audit rate for a task run by the `operators` of its miners: the model's `base`
+    /// rate, lowered by the least trusted operator's record to no less than [`FLOOR`] of it. A base of 1 (audit
     /// every task) is the operator's demand and stays 1.
     pub fn audit_rate<'a>(&self, base: f64, miners: impl IntoIterator<Item = &'a str>) -> f64 {
         if base >= 1.0 {
@@ -36,9 +38,9 @@ impl Trust {
         }
         for m in &verdict.miners {
             match m.standing {
-                Standing::Agreed => *self.passes.entry(m.worker.clone()).or_default() += 1,
+                Standing::Agreed => *self.passes.entry(m.operator().to_string()).or_default() += 1,
                 Standing::Disagreed => {
-                    self.passes.insert(m.worker.clone(), 0);
+                    self.passes.insert(m.operator().to_string(), 0);
                 }
                 Standing::Failed | Standing::Missing | Standing::Late => {}
             }
@@ -63,6 +65,7 @@ mod tests {
             miners: miners
                 .iter()
                 .map(|(w, s)| MinerVerdict {
+                    operator: String::new(),
                     worker: w.to_string(),
                     replica: 0,
                     attempt: 0,
@@ -96,5 +99,21 @@ mod tests {
         // One failed audit: full checking again.
         trust.record(&verdict(Some(ReferenceCheck::AuditFailed), &[("a", Standing::Disagreed)]));
         assert_eq!(trust.audit_rate(0.2, ["a"]), 0.2);
+    }
+
+    #[test]
+    fn an_operators_names_share_one_trust_record() {
+        let mut trust = Trust::default();
+        let mut v = verdict(Some(ReferenceCheck::AuditPassed), &[("w1", Standing::Agreed)]);
+        v.miners[0].operator = "op".into();
+        for _ in 0..HALF_AT {
+            trust.record(&v);
+        }
+        assert!(trust.audit_rate(0.2, ["op"]) < 0.2, "trust is the operator's");
+        // A lie by another of its names restores full checking for the operator.
+        let mut lie = verdict(Some(ReferenceCheck::AuditFailed), &[("w2", Standing::Disagreed)]);
+        lie.miners[0].operator = "op".into();
+        trust.record(&lie);
+        assert_eq!(trust.audit_rate(0.2, ["op"]), 0.2);
     }
 }

@@ -15,7 +15,12 @@ local result, need = {}, {}
 for i = 1, n do
   local aid = ARGV[5 + i]
   local held = redis.call('HMGET', 'sundara:asg:' .. aid, 'slice', 'worker')
-  if held[1] then result[i] = {held[1], held[2]} else table.insert(need, i) end
+  if held[1] then
+    local op = redis.call('HGET', 'sundara:worker:' .. held[2], 'operator')
+    result[i] = {held[1], held[2], (op and op ~= '') and op or held[2]}
+  else
+    table.insert(need, i)
+  end
 end
 if #need > 0 then
   -- The candidate set holds only live slices with a free slot, ordered by expected
@@ -39,10 +44,11 @@ if #need > 0 then
       local w, free, op = h[1], tonumber(h[2]), h[4]
       local op_known = op and op ~= ''
       if w and h[3] == 'alive' and free and free > 0 and not used[w] and not (op_known and usedop[op])
-          and redis.call('HEXISTS', 'sundara:quarantined', w) == 0 then
+          and redis.call('HEXISTS', 'sundara:quarantined', w) == 0
+          and not (op_known and redis.call('HEXISTS', 'sundara:quarantined_ops', op) == 1) then
         used[w] = true
         if op_known then usedop[op] = true end
-        table.insert(picks, {s, w})
+        table.insert(picks, {s, w, op_known and op or w})
         if #picks == #need then break end
       end
     end
@@ -58,9 +64,11 @@ if #need > 0 then
     redis.call('SADD', 'sundara:inflight:w:' .. w, aid)
     redis.call('SADD', KEYS[2], w)
     redis.call('PEXPIRE', KEYS[2], ttl)
-    result[i] = {s, w}
+    result[i] = picks[j]
   end
 end
 local flat = {}
-for i = 1, n do table.insert(flat, result[i][1]); table.insert(flat, result[i][2]) end
+for i = 1, n do
+  for _, v in ipairs(result[i]) do table.insert(flat, v) end
+end
 return flat
