@@ -314,3 +314,48 @@ async fn replayed_old_tickets_with_junk_are_dropped_and_decide_nothing_twice() {
     answering.abort();
     h.stop().await;
 }
+
+/// One operator runs three miners under three names and lies on every task. The
+/// scheduler never gives two replicas of a task to one operator, so each lie meets an
+/// honest miner, is judged by the reference, and counts against the operator's one record:
+/// after three proofs, whichever names they came from, every name is quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operators_many_names_share_one_record() {
+    let workers = vec![honest("h1", 1), honest("h2", 1)];
+    let mut h = Harness::start(workers, 2, Duration::from_secs(5)).await;
+    let mut names = Vec::new();
+    for id in ["x1", "x2", "x3"] {
+        let miner = Arc::new(Miner::join(&h, id, "sybil-op", 8).await);
+        let mut taken = miner.assignments().await;
+        names.push(tokio::spawn(async move {
+            while let Some(t) = taken.next().await {
+                let lie = falsify(&t.honest);
+                miner.answer(t, lie).await;
+            }
+        }));
+    }
+    let requests = h.sample_requests(60, "sybil", 6, |_| "mlp");
+    let mut results = HashMap::new();
+    for batch in requests.chunks(4) {
+        results.extend(h.run_tasks(batch).await);
+    }
+    h.assert_correct(&requests, &results);
+    let verdicts = h.all_verdicts().await;
+    let mut lies = 0;
+    for v in &verdicts {
+        let of_operator = v.miners.iter().filter(|m| m.worker.starts_with('x')).count();
+        assert!(of_operator <= 1, "task {}: two replicas of one operator: {:?}", v.task_id, v.miners);
+        lies += of_operator;
+    }
+    for id in ["x1", "x2", "x3"] {
+        let why = wait_quarantined(&h, id, Duration::from_secs(20)).await;
+        assert!(why.contains("sybil-op"), "{id}: {why}");
+    }
+    eprintln!("sybil: {lies} lies by operator sybil-op's three names before all were quarantined");
+    assert!((3..=3 + 4).contains(&lies), "the operator lied {lies} times");
+    no_honest_miner_harmed(&h, &["h1", "h2"]).await;
+    for n in names {
+        n.abort();
+    }
+    h.stop().await;
+}
