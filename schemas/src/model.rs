@@ -27,16 +27,21 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
-    /// Whether `t` fits this spec: same dtype, same rank, fixed dimensions equal.
+    /// Whether input `t` fits this spec: same dtype, same rank, fixed dimensions equal.
     pub fn mismatch(&self, t: &Tensor) -> Option<String> {
+        self.mismatch_of("input", t)
+    }
+
+    /// As [`TensorSpec::mismatch`], for a tensor that is the model's `what` ("output").
+    pub fn mismatch_of(&self, what: &str, t: &Tensor) -> Option<String> {
         if t.dtype != self.dtype {
-            return Some(format!("input `{}` must be {}, got {}", self.name, self.dtype, t.dtype));
+            return Some(format!("{what} `{}` must be {}, got {}", self.name, self.dtype, t.dtype));
         }
         let fits = t.shape.len() == self.shape.len()
             && self.shape.iter().zip(&t.shape).all(|(want, got)| want.is_none_or(|w| w == *got));
         if !fits {
             return Some(format!(
-                "input `{}` must have shape {}, got {:?}",
+                "{what} `{}` must have shape {}, got {:?}",
                 self.name,
                 shape_text(&self.shape),
                 t.shape

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind, Message};
+use async_nats::jetstream::{self, AckKind, Message, message::Acker};
 use futures::StreamExt;
 use rand::Rng;
 use sundara_common::{Endpoints, Error as CommonError, ModelCache, Registry, Shutdown, js_err, nats, telemetry};
@@ -349,11 +349,26 @@ struct Publisher {
     undecided: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
-/// A task's gathering and the OUTCOMES messages behind it, acked once it is decided.
+/// A task's gathering and the acks of the OUTCOMES messages behind it, acked once it is
+/// decided. Only the ack handle and the headers (trace context) are kept, not the payload:
+/// the decoded outcome in the gathering is all the verifier holds of a miner's bytes.
 #[derive(Default)]
 struct Pending {
     gathering: Gathering,
-    held: Vec<Message>,
+    held: Vec<Held>,
+}
+
+/// One held OUTCOMES message.
+struct Held {
+    acker: Acker,
+    headers: Option<async_nats::HeaderMap>,
+}
+
+impl Held {
+    fn of(msg: Message) -> Held {
+        let (message, acker) = msg.split();
+        Held { acker, headers: message.headers }
+    }
 }
 
 impl Publisher {
@@ -398,7 +413,7 @@ impl Publisher {
         }
     }
 
-    async fn decide(&self, g: Gathering, messages: Vec<Message>) {
+    async fn decide(&self, g: Gathering, messages: Vec<Held>) {
         let first = g.first_ticket().expect("non-empty");
         let task_id = first.task_id.clone();
         let tenant = first.tenant.clone();
@@ -437,7 +452,7 @@ impl Publisher {
             Ok(()) => {
                 tracing::debug!(task = %task_id, accepted = verdict.accepted, "decided");
                 for m in messages {
-                    let _ = m.ack().await;
+                    let _ = m.acker.ack().await;
                 }
             }
             Err(e) => {
@@ -446,7 +461,7 @@ impl Publisher {
                 tracing::warn!(task = %task_id, error = %e, "decision not stored; outcomes will be redelivered");
                 let _ = self.undecided.send(task_id.clone());
                 for m in messages {
-                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    let _ = m.acker.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
             }
         }
@@ -497,6 +512,20 @@ impl Publisher {
             metrics::counter!("sundara_verifier_rejected_total", "model" => model.clone(), "class" => d.label())
                 .increment(1);
         }
+    }
+
+    /// An outcome whose outputs are not the model's declared outputs (names, dtypes, ranks,
+    /// fixed dimensions) counts as the miner's failure, and its outputs are dropped at once:
+    /// a miner cannot make the verifier hold more than its model's outputs per replica.
+    async fn as_declared(&self, mut outcome: Outcome) -> Outcome {
+        let m = &outcome.ticket.model;
+        let Ok(Some(meta)) = self.registry.version(&m.name, &m.version).await else { return outcome };
+        if let OutcomeResult::Ok { outputs } = &outcome.result
+            && let Some(why) = undeclared(&meta.outputs, outputs)
+        {
+            outcome.result = OutcomeResult::Failed { reason: format!("outputs not as declared: {why}") };
+        }
+        outcome
     }
 
     /// Whether a verdict for the task is already stored (a verifier restart lost our memory of it).
@@ -614,7 +643,7 @@ impl Intake {
                 let pending = self.pending.remove(&task).expect("listed above");
                 self.decided.insert(task);
                 for m in pending.held {
-                    let _ = m.ack().await;
+                    let _ = m.acker.ack().await;
                 }
             } else {
                 self.finish(&task).await;
@@ -623,7 +652,7 @@ impl Intake {
         for p in self.pending.values() {
             if p.gathering.first_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
                 for m in &p.held {
-                    let _ = m.ack_with(AckKind::Progress).await;
+                    let _ = m.acker.ack_with(AckKind::Progress).await;
                 }
             }
         }
@@ -632,7 +661,7 @@ impl Intake {
     /// Checks one outcome and gathers it; decides its task once every replica reported.
     async fn on_outcome(&mut self, msg: Message) {
         let outcome = match admit(&self.secret, &msg) {
-            Ok(outcome) => outcome,
+            Ok(outcome) => self.publisher.as_declared(outcome).await,
             Err(why) => {
                 tracing::warn!(subject = %msg.subject, why, "outcome refused");
                 metrics::counter!("sundara_verifier_refused_outcomes_total", "why" => why).increment(1);
@@ -664,7 +693,7 @@ impl Intake {
         let pending = self.pending.entry(task.clone()).or_default();
         pending.gathering.first_seen.get_or_insert_with(Instant::now);
         match pending.gathering.offer(Received { outcome, latency_us, stored_at_us: stored_at, late }) {
-            Offer::Held => pending.held.push(msg),
+            Offer::Held => pending.held.push(Held::of(msg)),
             Offer::Duplicate => {
                 let _ = msg.ack().await;
                 return;
@@ -694,6 +723,18 @@ fn admit(secret: &[u8], msg: &Message) -> Result<Outcome, &'static str> {
         return Err("another worker's ticket");
     }
     Ok(well_formed(outcome))
+}
+
+/// Why `outputs` are not what the model declares (each declared output once, by name, of
+/// its dtype, rank and fixed dimensions), or `None`.
+pub fn undeclared(declared: &[sundara_schemas::TensorSpec], outputs: &[Tensor]) -> Option<String> {
+    if outputs.len() != declared.len() {
+        return Some(format!("{} outputs, the model declares {}", outputs.len(), declared.len()));
+    }
+    declared.iter().find_map(|spec| match outputs.iter().find(|t| t.name == spec.name) {
+        None => Some(format!("no output `{}`", spec.name)),
+        Some(t) => spec.mismatch_of("output", t),
+    })
 }
 
 /// An outcome whose outputs are not well-formed tensors (shape and bytes disagree, or
@@ -752,6 +793,19 @@ mod tests {
             g.replicas.insert(i as u8, Received { outcome, latency_us: 10 + i as u64, stored_at_us: 0, late: false });
         }
         g
+    }
+
+    #[test]
+    fn outputs_must_be_the_declared_ones() {
+        use sundara_schemas::{DType, TensorSpec};
+        let declared = vec![TensorSpec { name: "y".into(), dtype: DType::F32, shape: vec![None, Some(2)] }];
+        assert_eq!(undeclared(&declared, &out(0.5)), None);
+        let junk = vec![Tensor::from_values("y", vec![1 << 18], &vec![7.0f32; 1 << 18])];
+        assert!(undeclared(&declared, &junk).is_some_and(|why| why.contains("output `y` must have shape [?, 2]")));
+        let renamed = vec![Tensor::from_values("z", vec![1, 2], &[0.5f32, 0.5])];
+        assert!(undeclared(&declared, &renamed).is_some());
+        let extra = [out(0.5), out(0.5)].concat();
+        assert!(undeclared(&declared, &extra).is_some());
     }
 
     #[test]
