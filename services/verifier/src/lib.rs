@@ -12,6 +12,7 @@
 
 pub mod compare;
 pub mod detect;
+pub mod gate;
 pub mod gather;
 pub mod judgement;
 pub mod quorum;
@@ -291,6 +292,18 @@ struct Reference {
     cache: ModelCache,
     tasks: jetstream::stream::Stream,
     timeout: Duration,
+    /// Reference runs at once (a few per thread, so the runtime stays busy). Split votes
+    /// are served first: nothing else can accept them. Audits and shortfall checks wait
+    /// behind them in a bounded queue, and are skipped when it is full.
+    slots: gate::Gate,
+}
+
+impl Reference {
+    /// A slot for a run of this kind, or `None` when the run is to be skipped.
+    async fn slot(&self, why: Why) -> Option<gate::Slot> {
+        let class = if why == Why::Split { gate::Class::Urgent } else { gate::Class::Optional };
+        self.slots.acquire(class).await
+    }
 }
 
 impl Reference {
@@ -424,14 +437,21 @@ impl Publisher {
         let rule = policy.rule;
         let voted = vote(&rule, &g);
         let reference = match (&self.reference, self.needs_reference(policy.audit_rate, &g, &voted)) {
-            (Some(reference), Some(why)) => {
-                let span = tracing::info_span!(target: sundara_common::telemetry::SPANS, "verifier reference run", sundara.reason = ?why);
-                let outputs = reference.run(&self.registry, first).instrument(span).await;
-                if let Err(e) = &outputs {
-                    tracing::warn!(task = %task_id, error = %e, ?why, "reference run failed");
+            (Some(reference), Some(why)) => match reference.slot(why).await {
+                Some(_slot) => {
+                    let span = tracing::info_span!(target: sundara_common::telemetry::SPANS, "verifier reference run", sundara.reason = ?why);
+                    let outputs = reference.run(&self.registry, first).instrument(span).await;
+                    if let Err(e) = &outputs {
+                        tracing::warn!(task = %task_id, error = %e, ?why, "reference run failed");
+                    }
+                    Some(ReferenceRun { why, outputs })
                 }
-                Some(ReferenceRun { why, outputs })
-            }
+                None => {
+                    let why = format!("{why:?}").to_lowercase();
+                    metrics::counter!("sundara_verifier_reference_skipped_total", "why" => why).increment(1);
+                    None
+                }
+            },
             _ => None,
         };
         let (result, verdict, dead) = conclude(rule, &g, voted, reference.as_ref());
@@ -557,7 +577,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
             let executor = Executor::start("reference", ExecutorConfig::cpu(r.threads.max(1), r.memory, 1024));
             let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
             let cache = ModelCache::new(r.cache_dir.clone(), registry.clone());
-            Some(Reference { executor, cache, tasks, timeout: r.timeout })
+            let slots = gate::Gate::new(r.threads.max(1) * 4, 1024);
+            Some(Reference { executor, cache, tasks, timeout: r.timeout, slots })
         }
         None => None,
     };
