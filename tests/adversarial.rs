@@ -359,3 +359,58 @@ async fn an_operators_many_names_share_one_record() {
     }
     h.stop().await;
 }
+
+/// A cartel that holds every replica of a task agrees with itself: only a sampled audit
+/// can catch that lie, and every lie an audit does not pick reaches the client. This test
+/// states the bound: with audit rate a, a cartel lying on every task is quarantined after
+/// about 3 / a of its tasks (3 proofs), and each audited task gives the client the
+/// reference's result. Two colluders, nobody else, k=2, a = 0.2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cartel_holding_every_replica_is_caught_by_audits_within_a_bound() {
+    let policy = Policy { redundancy: 2, rule: support::RULE, audit_rate: 0.2 };
+    let mut h = Harness::start_with(vec![], policy, Duration::from_secs(5)).await;
+    let mut members = Vec::new();
+    for id in ["c1", "c2"] {
+        let miner = Arc::new(Miner::join(&h, id, &format!("{id}-op"), 8).await);
+        let mut taken = miner.assignments().await;
+        members.push(tokio::spawn(async move {
+            while let Some(t) = taken.next().await {
+                let lie = falsify(&t.honest);
+                miner.answer(t, lie).await;
+            }
+        }));
+    }
+    // A short deadline: the task in flight when a quarantine lands has nobody left to take
+    // the quarantined miner's replica, and ends when the scheduler gives it up.
+    let mut requests = h.sample_requests(200, "allcartel", 7, |_| "mlp");
+    for r in &mut requests {
+        r.timeout_ms = Some(3_000);
+    }
+    let (mut tasks, mut wrong) = (0, 0);
+    for request in &requests {
+        let results = h.run_tasks(std::slice::from_ref(request)).await;
+        let result = results.into_values().next().expect("one result");
+        tasks += 1;
+        if let ResultStatus::Verified { outputs, .. } = &result.status {
+            let right = support::reference(&h.models["mlp"], &request.inputs);
+            wrong += usize::from(!sundara_verifier::compare::agree(&support::RULE, outputs, &right));
+        }
+        // One quarantined leaves too few miners for k=2: the other follows on the same proofs.
+        if !h.capacity.quarantined().await.unwrap().is_empty() {
+            break;
+        }
+    }
+    for c in ["c1", "c2"] {
+        wait_quarantined(&h, c, Duration::from_secs(20)).await;
+    }
+    let audited = h.all_verdicts().await.iter().filter(|v| v.reference.is_some()).count();
+    eprintln!("all-cartel tasks: quarantined after {tasks} tasks, {audited} audited, {wrong} wrong results delivered");
+    // Expected 3 / 0.2 = 15 tasks; 200 would be a failure of the audits.
+    assert!(tasks < 200, "the cartel was not quarantined within {tasks} tasks");
+    assert!(wrong + audited <= tasks, "an audited task got a lie");
+    assert!(wrong + audited + 1 >= tasks, "an unaudited task got the truth: the cartel did not lie every time");
+    for m in members {
+        m.abort();
+    }
+    h.stop().await;
+}
