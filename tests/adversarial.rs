@@ -17,6 +17,13 @@ use sundara_schemas::{Policy, ReferenceCheck, ResultStatus, Standing, Tensor, Ve
 use support::attack::{Miner, falsify};
 use support::{Harness, honest};
 
+/// An honest worker with one slot: the attackers, with more, get a good share of the tasks.
+fn one_slot(id: &str) -> sundara::pipeline::WorkerSpec {
+    let mut spec = honest(id, 1);
+    spec.slices[0].slots = 1;
+    spec
+}
+
 /// Workers whose timeouts the scheduler counted (assignments they let expire while alive).
 async fn timeouts(h: &Harness) -> HashMap<String, u64> {
     let client = redis::Client::open(h.stack.endpoints().redis_url.as_str()).unwrap();
@@ -72,7 +79,7 @@ fn forged_ids(ticket: &sundara_schemas::Ticket) -> Vec<String> {
 /// duplicates, their assignments timed out, and they were quarantined.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_outcome_ids_silence_no_honest_miner() {
-    let workers = vec![honest("h1", 1), honest("h2", 1), honest("h3", 1)];
+    let workers = vec![one_slot("h1"), one_slot("h2"), one_slot("h3")];
     let mut h = Harness::start(workers, 2, Duration::from_secs(3)).await;
     let attacker = Miner::join(&h, "forger", "forger-op", 8).await;
     let forging = {
@@ -95,7 +102,8 @@ async fn forged_outcome_ids_silence_no_honest_miner() {
     h.assert_correct(&requests, &results);
     let verdicts = h.all_verdicts().await;
     let attacked = verdicts.iter().filter(|v| v.miners.iter().any(|m| m.worker == "forger")).count();
-    assert!(attacked >= 10, "the attacker took part in {attacked} tasks");
+    eprintln!("forged ids: the attacker was in {attacked} of 150 tasks; every replica counted in all 150");
+    assert!(attacked >= 30, "the attacker took part in {attacked} tasks");
     for v in &verdicts {
         let agreed = v.miners.iter().filter(|m| m.standing == Standing::Agreed).count();
         assert_eq!(agreed, 2, "task {}: every replica's outcome counted: {:?}", v.task_id, v.miners);
@@ -140,6 +148,7 @@ async fn handing_back_what_was_answered_or_is_anothers_is_refused() {
     let results = h.run_tasks(&requests).await;
     h.assert_correct(&requests, &results);
     let (tried, refused) = *refusals.lock().unwrap();
+    eprintln!("hand-backs: {refused} of {tried} refused");
     assert!(tried >= 20, "the attacker tried {tried} hand-backs");
     assert_eq!(refused, tried, "every hand-back of an answered or another's assignment is refused");
     for v in h.all_verdicts().await {
@@ -204,11 +213,6 @@ async fn cartel_member(h: &Harness, id: &str, cartel: Arc<Cartel>) -> tokio::tas
 async fn a_cartel_holding_the_majority_cannot_win_with_a_lie() {
     // One slot each, so that a task waits for a free honest slot and then often goes to
     // the cartel's two miners and one honest miner.
-    let one_slot = |id: &str| {
-        let mut spec = honest(id, 1);
-        spec.slices[0].slots = 1;
-        spec
-    };
     let workers = vec![one_slot("h1"), one_slot("h2"), one_slot("h3")];
     let policy = Policy { redundancy: 3, rule: support::RULE, audit_rate: 0.05 };
     let mut h = Harness::start_with(workers, policy, Duration::from_secs(5)).await;
@@ -301,6 +305,7 @@ async fn replayed_old_tickets_with_junk_are_dropped_and_decide_nothing_twice() {
         assert!(tokio::time::Instant::now() < deadline, "the verifier still holds replays: {info:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("replays: {} junk outcomes of 1 MiB drained, none held", kept.len() * 5);
     // Nothing decided twice, and the pipeline still serves.
     let verdicts = h.all_verdicts().await;
     assert_eq!(verdicts.len(), 40);
@@ -349,7 +354,7 @@ async fn an_operators_many_names_share_one_record() {
     }
     for id in ["x1", "x2", "x3"] {
         let why = wait_quarantined(&h, id, Duration::from_secs(20)).await;
-        assert!(why.contains("sybil-op"), "{id}: {why}");
+        assert!(why.contains("proven wrong"), "{id}: {why}");
     }
     eprintln!("sybil: {lies} lies by operator sybil-op's three names before all were quarantined");
     assert!((3..=3 + 4).contains(&lies), "the operator lied {lies} times");
