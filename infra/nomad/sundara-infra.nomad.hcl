@@ -131,7 +131,7 @@ job "sundara-infra" {
       config {
         image = var.redis_image
         ports = ["redis"]
-        args  = ["redis-server", "--appendonly", "yes"]
+        args  = ["redis-server", "--appendonly", "yes", "--maxmemory", "768mb", "--maxmemory-policy", "noeviction"]
       }
 
       volume_mount {

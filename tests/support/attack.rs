@@ -45,9 +45,6 @@ impl Miner {
     /// Joins the fleet as `id` of `operator`, serving every demo model on one slice of
     /// `slots` slots, and keeps its heartbeat going until dropped.
     pub async fn join(h: &Harness, id: &str, operator: &str, slots: u32) -> Miner {
-        let ep = h.stack.endpoints();
-        let client = nats::connect(&ep.nats, id).await.expect("the attacker connects");
-        let js = jetstream::new(client.clone());
         let announce = WorkerAnnounce {
             worker: id.into(),
             operator: operator.into(),
@@ -62,6 +59,15 @@ impl Miner {
                 ..Default::default()
             }],
         };
+        Miner::join_with(h, id, announce).await
+    }
+
+    /// Joins the fleet as `id` with the announcement given (the miner's claims, sent as
+    /// they are on start and with every heartbeat), which the gateway must accept.
+    pub async fn join_with(h: &Harness, id: &str, announce: WorkerAnnounce) -> Miner {
+        let ep = h.stack.endpoints();
+        let client = nats::connect(&ep.nats, id).await.expect("the attacker connects");
+        let js = jetstream::new(client.clone());
         let fresh = FleetUpdate::Announce { announce: announce.clone(), fresh: true, heartbeat_ttl_ms: 2000 };
         let reply = report(&client, id, fresh).await;
         assert!(reply.ok, "announce refused: {}", reply.reason);

@@ -162,10 +162,17 @@ pub fn start_redis(binary: &Path, dir: &Path) -> Result<ServerProcess, StackErro
     start_redis_on(binary, dir, free_port()?)
 }
 
-/// Starts redis-server on `port`, without persistence (so a restart comes back empty).
+/// Most memory the embedded redis-server may use. At the cap it refuses writes rather
+/// than evicting keys (`noeviction`): an evicted reservation would free a slot that is in
+/// use, or lose an in-flight assignment (docs/reliability.md, "Redis memory").
+pub const REDIS_MAXMEMORY: &str = "1gb";
+
+/// Starts redis-server on `port`, without persistence (so a restart comes back empty),
+/// with at most [`REDIS_MAXMEMORY`] and no eviction.
 pub fn start_redis_on(binary: &Path, dir: &Path, port: u16) -> Result<ServerProcess, StackError> {
     let mut child = Command::new(binary)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"])
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())

@@ -5,19 +5,27 @@
 //! Keys (all under `sundara:`):
 //! - `workers` set of worker ids; `worker:<w>` hash {operator, state, slices}; `hb:<w>` heartbeat (PX TTL)
 //! - `slice:<s>` hash {worker, operator, device, slots_total, slots_free, state, reason,
-//!   memory_total, memory_free, loads, evictions, lanes}; `slice:<s>:models` set of models it serves;
-//!   `slice:<s>:loaded` hash `name@version` → bytes its sessions there hold now
+//!   memory_total, memory_free, loads, evictions, lanes, cold_from, cold_to (the last load
+//!   RELEASE measured there, µs)}; `slice:<s>:models` set of models it serves;
+//!   `slice:<s>:loaded` hash `name@version` → bytes its sessions there hold now;
+//!   `slice:<s>:warm` set of model names loaded there now (from `loaded`);
+//!   `slice:<s>:footprint` hash `name@version` → bytes of one session as the slice measured it
+//!   (the miner's claim: it only ever rules that slice out, see [`Capacity::fit`])
 //! - `slicemem` sorted set of live slices by memory_total (the largest slice in the fleet)
-//! - `footprint` hash `name@version` → measured bytes of one loaded session
 //! - `quarantined` hash worker → why: never chosen again (RESERVE skips them)
 //! - `timeouts` hash worker → assignments it let time out while alive
 //! - `cand:<model>` sorted set of live slices with a free slot that serve the model, scored
 //!   by expected completion time of one more task (see `RESCORE_FN`): fastest first
-//! - `slice:<s>:svc` hash model → measured µs per task there (models loaded now); `svc` and
-//!   `loadus` hashes model → the fleet's latest service and load times; `reputation` hash
-//!   worker → share of its outcomes that agreed (written by the rewarder)
-//! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, ticket, handed}: a reserved slot
-//!   (`handed`: made due by a hand-back, failure, death or quarantine, not a timeout)
+//! - `slice:<s>:svc` hash model → µs per task there, a moving average measured on the
+//!   validator side by RELEASE (reserved → answer stored, over the queue ahead of it);
+//!   `svc` hash model → the same over the whole fleet (slower average); `slice:<s>:load`
+//!   and `loadus` hashes model → the load time measured the same way from reservations made
+//!   where the model was not loaded (per slice, fleet). No miner's claim writes any of them;
+//!   `reputation` hash worker → share of its outcomes that agreed (written by the rewarder)
+//! - `asg:<task>.<replica>.<attempt>` hash {slice, worker, answer_by, ticket, handed, model,
+//!   at (µs), queue (in use ahead / lanes), cold (the slice did not report the model
+//!   loaded)}: a reserved slot (`handed`: made due by a hand-back, failure, death or quarantine, not a
+//!   timeout)
 //! - `taskw:<task>` set of workers that hold or held a replica of the task (kept distinct)
 //! - `inflight` sorted set of assignment ids by timeout deadline (ms); `inflight:w:<w>` per worker
 //!
@@ -53,14 +61,18 @@ pub struct Answer<'a> {
     pub stored_at_ms: u64,
 }
 
+fn footprint_key(slice: &str) -> String {
+    format!("sundara:slice:{slice}:footprint")
+}
+
+/// Most live slices [`Capacity::fit`] reads, largest first, before it admits.
+const FIT_SCAN: usize = 256;
 const WORKERS: &str = "sundara:workers";
 const SLICEMEM: &str = "sundara:slicemem";
-const FOOTPRINT: &str = "sundara:footprint";
 const QUARANTINED: &str = "sundara:quarantined";
 const QUARANTINED_OPERATORS: &str = "sundara:quarantined_ops";
 const INFLIGHT: &str = "sundara:inflight";
 const SERVICE: &str = "sundara:svc";
-const LOAD_US: &str = "sundara:loadus";
 const REPUTATION: &str = "sundara:reputation";
 
 /// Lua shared by the scripts that change a slice's load: `rescore(s)` puts the slice in
@@ -68,11 +80,12 @@ const REPUTATION: &str = "sundara:reputation";
 /// of one more task of that model there, or takes it out when it is not alive or full.
 ///
 /// expected = cold + service × (1 + in use / lanes), where service is the slice's own
-/// measured time per task of the model when the model is loaded there, else the fleet's
-/// latest measurement (10 ms unknown) plus cold = the model's measured load time (1 s
-/// unknown). The product is scaled by (2 − reputation), reputation being the worker's
-/// share of agreeing outcomes (1 when unknown), and the slice's memory in GiB is added as a
-/// tie-breaker (1 µs per GiB): among equals the smallest device that fits is chosen.
+/// time per task of the model as the validator side measured it (RELEASE), else the
+/// fleet's (10 ms unknown), and cold = 0 where the slice reports the model loaded, else
+/// the load time measured the same way, the slice's own or the fleet's (1 s unknown). The product is scaled by (2 − reputation), reputation being
+/// the worker's share of agreeing outcomes (1 when unknown), and the slice's memory in GiB
+/// is added as a tie-breaker (1 µs per GiB): among equals the smallest device that fits is
+/// chosen. Also `measure_fields`: what RESERVE keeps in `asg:<aid>` for RELEASE to measure.
 const RESCORE_FN: &str = include_str!("lua/rescore_fn.lua");
 
 /// Reserves one slot on each of up to k distinct workers for the given assignment ids, or
@@ -88,9 +101,10 @@ const RESERVE: &str = include_str!("lua/reserve.lua");
 const RESCORE: &str = include_str!("lua/rescore.lua");
 
 /// Frees an assignment's slot. Idempotent: a second release of the same id does nothing.
-/// ARGV: aid, and optionally the worker that must hold it (else nothing is freed) and when
+/// ARGV: aid, and optionally the worker that must hold it (else nothing is freed), when
 /// its answer was stored (ms): an answer after the assignment's deadline frees nothing, so
-/// the sweep still gives the replica to another miner.
+/// the sweep still gives the replica to another miner; and the same in µs (optional).
+/// An answer that frees the slot also updates the slice's measured service time (`svc`).
 /// Returns 1 if it freed a slot.
 const RELEASE: &str = include_str!("lua/release.lua");
 
@@ -98,6 +112,10 @@ const RELEASE: &str = include_str!("lua/release.lua");
 /// so that another scheduler replica does not claim it too.
 /// ARGV: now_ms, lease_ms, limit. Returns the claimed ids.
 const CLAIM_DUE: &str = include_str!("lua/claim_due.lua");
+
+/// For admission: whether a model version fits a live slice (see the script).
+/// ARGV: `name@version`, scan. Returns {footprint or -1, memory} or {}.
+const FIT: &str = include_str!("lua/fit.lua");
 
 /// Declares a worker dead unless its heartbeat came back: its slices leave the candidate
 /// sets and its in-flight assignments fall due at once (the scheduler reassigns them).
@@ -157,6 +175,7 @@ pub struct Capacity {
     hand_back: Script,
     timeout_strike: Script,
     rescore: Script,
+    fit: Script,
 }
 
 /// Where one replica of a task was reserved.
@@ -209,16 +228,29 @@ impl Capacity {
             hand_back: Script::new(HAND_BACK),
             timeout_strike: Script::new(TIMEOUT_STRIKE),
             rescore: Script::new(&format!("{RESCORE_FN}{RESCORE}")),
+            fit: Script::new(FIT),
         })
     }
 
     /// Announces a worker and its slices and refreshes its heartbeat, atomically.
     /// `fresh` (a worker's start) resets free slots to the total; a heartbeat only sets
     /// them where Redis lost them (a restart), so it never undoes reservations.
+    ///
+    /// Everything in `a` is written as stated: miners' announcements reach here only
+    /// through the fleet gateway ([`crate::gateway`]), which bounds them, refuses models
+    /// not in the registry and clears `service_us` and `load_us`. Writes only the worker's
+    /// and its slices' own keys (and `slicemem`), never a fleet-wide estimate.
     pub async fn announce(&self, a: &WorkerAnnounce, fresh: bool, heartbeat_ttl_ms: u64) -> Result<(), Error> {
         let mut con = self.con.clone();
         // A quarantined worker stays announced (operators see it) but never a candidate.
-        let quarantined: Option<String> = con.hget(QUARANTINED, &a.worker).await?;
+        let mut quarantined: Option<String> = con.hget(QUARANTINED, &a.worker).await?;
+        if quarantined.is_none()
+            && let Some(why) = con.hget::<_, _, Option<String>>(QUARANTINED_OPERATORS, &a.operator).await?
+        {
+            // A name of a quarantined operator is quarantined on its first announce.
+            self.quarantine(&a.worker, &why).await?;
+            quarantined = Some(why);
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
         let slice_ids: Vec<&str> = a.slices.iter().map(|s| s.id.as_str()).collect();
@@ -269,17 +301,28 @@ impl Capacity {
             if !s.loaded.is_empty() {
                 pipe.hset_multiple(format!("{key}:loaded"), &s.loaded).ignore();
             }
-            pipe.del(format!("{key}:svc")).ignore();
-            if !s.service_us.is_empty() {
-                pipe.hset_multiple(format!("{key}:svc"), &s.service_us).ignore();
-                // The fleet's latest measurement: the estimate where a model is not loaded.
-                pipe.hset_multiple(SERVICE, &s.service_us).ignore();
+            // Models loaded there now, by name: no load before their next task. A named
+            // service time also says so (as the worker reports one only for those).
+            let warm: std::collections::BTreeSet<&str> = s
+                .loaded
+                .iter()
+                .map(|(k, _)| k.split('@').next().unwrap_or(k))
+                .chain(s.service_us.iter().map(|(m, _)| m.as_str()))
+                .collect();
+            pipe.del(format!("{key}:warm")).ignore();
+            if !warm.is_empty() {
+                pipe.sadd(format!("{key}:warm"), warm.into_iter().collect::<Vec<_>>()).ignore();
             }
-            if !s.load_us.is_empty() {
-                pipe.hset_multiple(LOAD_US, &s.load_us).ignore();
+            // A stated service time only seeds a slice's measured one (RELEASE then moves
+            // it); the fleet gateway clears miners' statements, so for them it is measured
+            // from the first answer on. Load times are not used.
+            for (model, us) in &s.service_us {
+                pipe.hset_nx(format!("{key}:svc"), model, *us).ignore();
             }
+            // Per slice, never fleet-wide: one slice's footprint only rules that slice out.
+            pipe.del(footprint_key(&s.id)).ignore();
             if !s.footprints.is_empty() {
-                pipe.hset_multiple(FOOTPRINT, &s.footprints).ignore();
+                pipe.hset_multiple(footprint_key(&s.id), &s.footprints).ignore();
             }
             if alive {
                 pipe.zadd(SLICEMEM, &s.id, s.memory_total).ignore();
@@ -345,6 +388,18 @@ impl Capacity {
         if let Some(answer) = holder {
             inv.arg(answer.worker).arg(answer.stored_at_ms);
         }
+        let freed: i64 = inv.invoke_async(&mut con).await?;
+        Ok(freed == 1)
+    }
+
+    /// [`Capacity::release`] for an answer from `worker` that OUTCOMES stored at
+    /// `stored_at_us` (Unix µs): frees the slot only if that worker holds it and answered
+    /// in time, and then measures the slice's service time from it (reserved → stored, over
+    /// the queue that was ahead of it), in µs rather than the ms of an [`Answer`].
+    pub async fn release_answer(&self, aid: &str, worker: &str, stored_at_us: u64) -> Result<bool, Error> {
+        let mut con = self.con.clone();
+        let mut inv = self.release.prepare_invoke();
+        inv.arg(aid).arg(worker).arg(stored_at_us / 1000).arg(stored_at_us);
         let freed: i64 = inv.invoke_async(&mut con).await?;
         Ok(freed == 1)
     }
@@ -437,7 +492,8 @@ impl Capacity {
         Ok(fresh == 1)
     }
 
-    /// The fleet's latest measured inference time per task (µs), by model name.
+    /// The fleet's time per task (µs), by model name: a moving average of every answered
+    /// assignment as the validator side measured it (RELEASE), not what workers state.
     pub async fn service_times(&self) -> Result<std::collections::HashMap<String, u64>, Error> {
         let mut con = self.con.clone();
         Ok(con.hgetall(SERVICE).await?)
@@ -488,19 +544,53 @@ impl Capacity {
         Ok(())
     }
 
-    /// Measured footprints (bytes of one session) per `name@version`.
+    /// Footprints (bytes of one session) per `name@version`: for each, the median (the
+    /// lower one of an even count) of what the live slices that measured it report, so no
+    /// single miner's claim sets it while most slices are honest. Reads every live slice.
     pub async fn footprints(&self) -> Result<std::collections::BTreeMap<String, u64>, Error> {
         let mut con = self.con.clone();
-        Ok(con.hgetall(FOOTPRINT).await?)
+        let live: Vec<String> = con.zrange(SLICEMEM, 0, -1).await?;
+        if live.is_empty() {
+            return Ok(Default::default());
+        }
+        let mut pipe = redis::pipe();
+        for s in &live {
+            pipe.hgetall(footprint_key(s));
+        }
+        let per_slice: Vec<std::collections::HashMap<String, u64>> = pipe.query_async(&mut con).await?;
+        let mut all: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for (model, bytes) in per_slice.into_iter().flatten() {
+            all.entry(model).or_default().push(bytes);
+        }
+        Ok(all
+            .into_iter()
+            .map(|(model, mut sizes)| {
+                sizes.sort_unstable();
+                (model, sizes[(sizes.len() - 1) / 2])
+            })
+            .collect())
     }
 
-    /// For admission: the measured footprint of a model version (`name@version`), if any
-    /// worker has loaded it, and the memory of the largest live slice, if any.
+    /// For admission: a footprint of a model version (`name@version`) and a slice memory
+    /// to hold it against, such that the model fits when the footprint (its file size when
+    /// `None`) is at most the memory; `(None, None)` admits (no live slice, or more slices
+    /// ruling themselves out than one call reads).
+    ///
+    /// Footprints are the miners' claims, so a slice's footprint only ever rules out that
+    /// slice: the memory is that of the largest live slice that does not report the model
+    /// larger than itself, and the footprint its own (at most that memory) or none. So no
+    /// miner can make a model too large for the fleet by claiming a giant footprint (a
+    /// denial of service for every client of the model); a miner can make ingress admit
+    /// tasks no slice can run (a tiny footprint or a huge memory), which then wait and
+    /// expire with a reason, as they would in a fleet that is busy. When every live slice
+    /// rules itself out, the largest one's footprint and memory (which refuse).
     pub async fn fit(&self, model_key: &str) -> Result<(Option<u64>, Option<u64>), Error> {
         let mut con = self.con.clone();
-        let (footprint, largest): (Option<u64>, Vec<(String, u64)>) =
-            redis::pipe().hget(FOOTPRINT, model_key).zrange_withscores(SLICEMEM, -1, -1).query_async(&mut con).await?;
-        Ok((footprint, largest.first().map(|(_, m)| *m)))
+        let found: Vec<i64> = self.fit.arg(model_key).arg(FIT_SCAN).invoke_async(&mut con).await?;
+        Ok(match found[..] {
+            [footprint, memory] => (u64::try_from(footprint).ok(), u64::try_from(memory).ok()),
+            _ => (None, None),
+        })
     }
 
     /// Every slice of the given worker, as stored.

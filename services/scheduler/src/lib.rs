@@ -419,6 +419,16 @@ impl Scheduler {
         Ok(())
     }
 
+    /// [`Scheduler::release`] for an answer `worker` stored at `stored_at_us`: RELEASE
+    /// then also measures the slice's service time from it (the validator side's measure,
+    /// which placement uses instead of what the worker states).
+    async fn release_answer(&self, aid: &str, worker: &str, stored_at_us: u64) -> Result<(), CommonError> {
+        if self.capacity.release_answer(aid, worker, stored_at_us).await? {
+            self.waiting.wake_one();
+        }
+        Ok(())
+    }
+
     /// An outcome arrived (headers only: the release needs no outputs). Its Nats-Msg-Id
     /// names the assignment ([`Ticket::outcome_id`]; an abandonment is this scheduler's own
     /// and `reassign` released it) and its subject names the worker. Both are the miner's
@@ -428,9 +438,9 @@ impl Scheduler {
     async fn on_outcome(&self, msg: Message) {
         let id = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
         let aid = id.and_then(sundara_schemas::assignment_of_outcome_id);
-        let stored_at_ms = nats::stored_at_us(&msg).unwrap_or_else(now_us) / 1000;
+        let stored_at_us = nats::stored_at_us(&msg).unwrap_or_else(now_us);
         if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject))
-            && let Err(e) = self.release(aid, Some(Answer { worker, stored_at_ms })).await
+            && let Err(e) = self.release_answer(aid, worker, stored_at_us).await
         {
             tracing::warn!(error = %e, "release failed; will retry");
             let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;

@@ -58,7 +58,7 @@ if #need > 0 then
     local s, w, aid = picks[j][1], picks[j][2], ARGV[5 + i]
     redis.call('HINCRBY', 'sundara:slice:' .. s, 'slots_free', -1)
     rescore(s)
-    redis.call('HSET', 'sundara:asg:' .. aid, 'slice', s, 'worker', w, 'answer_by', timeout_at)
+    redis.call('HSET', 'sundara:asg:' .. aid, 'slice', s, 'worker', w, 'answer_by', timeout_at, unpack(measure_fields(s, KEYS[1])))
     redis.call('PEXPIRE', 'sundara:asg:' .. aid, ttl)
     redis.call('ZADD', 'sundara:inflight', timeout_at, aid)
     redis.call('SADD', 'sundara:inflight:w:' .. w, aid)
