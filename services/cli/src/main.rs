@@ -48,7 +48,7 @@ enum Command {
         once: bool,
         #[arg(long, default_value_t = 200)]
         tasks: usize,
-        /// Honest workers (one dishonest worker is always added).
+        /// Honest workers (a build with `--features cheaters` adds one dishonest worker).
         #[arg(long, default_value_t = 3)]
         workers: usize,
         /// Use the NATS and Redis given by --nats/--redis instead of starting them.
@@ -170,10 +170,11 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
         /// Return plausible but wrong outputs (demos and tests of the verifier): same as
-        /// `--behaviour rotate`.
+        /// `--behaviour rotate`. Only in a build with `--features cheaters`.
         #[arg(long)]
         dishonest: bool,
-        /// honest, noisy (honest with 1e-6 float noise), or a cheater: rotate, wrong-model,
+        /// honest. A build with `--features cheaters` also has noisy (honest with 1e-6 float
+        /// noise) and the cheaters of docs/verification.md §4: rotate, wrong-model,
         /// quantised, random, constant, replay, never-answer, late.
         #[arg(long, default_value = "honest", value_parser = sundara_worker::Behaviour::parse)]
         behaviour: sundara_worker::Behaviour,
@@ -585,7 +586,11 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 parsed
             };
             config.models = models;
-            config.behaviour = if dishonest { sundara_worker::Behaviour::Dishonest } else { behaviour };
+            config.behaviour = if dishonest {
+                sundara_worker::Behaviour::parse("rotate").map_err(anyhow::Error::msg)?
+            } else {
+                behaviour
+            };
             run_service(sundara_worker::run(config, shutdown.clone()), shutdown).await
         }
     }

@@ -16,6 +16,7 @@ pub struct WorkerSpec {
     pub id: String,
     /// Its slices; [`WorkerSpec::cpu`] gives the usual one CPU slice.
     pub slices: Vec<SliceConfig>,
+    /// Honest, or in a build with the `cheaters` feature (every test build) a cheater.
     pub behaviour: Behaviour,
 }
 

@@ -145,7 +145,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let root = project_root();
     let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root))?;
     sundara_runtime::init(&ort_library)?;
-    let miner_ids: Vec<String> = (1..=opts.honest_workers + 1).map(|i| format!("miner-{i}")).collect();
+    // The honest miners, then the liar where this build has the cheaters.
+    let miners = opts.honest_workers + usize::from(Behaviour::liar().is_some());
+    let miner_ids: Vec<String> = (1..=miners).map(|i| format!("miner-{i}")).collect();
     // The embedded stack runs NATS with a user per role (docs/reliability.md), except with
     // an autoscaled pool, whose workers are named as they start and so have no seeds.
     let (endpoints, auth, _stack, _auth_dir) = match opts.endpoints {
@@ -190,8 +192,12 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         SliceConfig::cpu("cpu0", 1, sundara_worker::default_cpu_memory(2)),
         SliceConfig::cpu("small", 1, 128 << 20),
     ];
-    let liar = miner_ids[opts.honest_workers].clone();
-    workers.push(WorkerSpec::cpu(&liar, 2, Behaviour::Dishonest));
+    // One liar, where this build has the cheaters (`--features cheaters`).
+    let liar = Behaviour::liar().map(|lie| {
+        let id = miner_ids[opts.honest_workers].clone();
+        workers.push(WorkerSpec::cpu(&id, 2, lie));
+        id
+    });
     let cache_dir = root.join(".cache/worker-models");
     let scaling = match opts.autoscale {
         Some(max) => Some(local_pool(&endpoints, &ort_library, max)?),
@@ -206,14 +212,18 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         assignment_timeout: Duration::from_secs(10),
         epoch_length: Duration::from_secs(3600),
         scaling,
-        tenants: Default::default(),
+        tenants: demo_tenants(),
         max_in_flight: 100_000,
         miner_credentials: auth.as_ref().map(|a| a.dir.clone()),
     })
     .await;
     pipeline.ready(Duration::from_secs(60)).await.map_err(|e| anyhow::anyhow!(e))?;
+    let fleet = match &liar {
+        Some(liar) => format!("dishonest: {liar}"),
+        None => "all honest: this build has no cheaters; `--features cheaters` adds a dishonest one".into(),
+    };
     println!(
-        "services up: ingress, scheduler, verifier, rewarder, autoscaler; workers {} (dishonest: {liar})",
+        "services up: ingress, scheduler, verifier, rewarder, autoscaler; workers {} ({fleet})",
         workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
     );
 
@@ -234,14 +244,16 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     println!();
     println!("tasks: {} submitted, {verified} verified, {failed} failed", opts.tasks);
     print_rewards(&js, Some(&weights)).await?;
-    let liar_weight = weights.weights.iter().find(|m| m.miner == liar).map_or(0, |m| m.weight);
-    let ledger = sundara_rewarder::read_ledger(&js).await?;
-    let liar_agreed =
-        ledger.as_ref().and_then(|l| l.miners().find(|(m, _)| **m == liar).map(|(_, s)| s.agreed)).unwrap_or(0);
-    if liar_weight == 0 && liar_agreed == 0 {
-        println!("dishonest miner {liar} caught: every outcome rejected, weight 0");
-    } else {
-        println!("dishonest miner {liar}: weight {liar_weight}, agreed {liar_agreed} (NOT caught)");
+    if let Some(liar) = &liar {
+        let liar_weight = weights.weights.iter().find(|m| m.miner == *liar).map_or(0, |m| m.weight);
+        let ledger = sundara_rewarder::read_ledger(&js).await?;
+        let liar_agreed =
+            ledger.as_ref().and_then(|l| l.miners().find(|(m, _)| *m == liar).map(|(_, s)| s.agreed)).unwrap_or(0);
+        if liar_weight == 0 && liar_agreed == 0 {
+            println!("dishonest miner {liar} caught: every outcome rejected, weight 0");
+        } else {
+            println!("dishonest miner {liar}: weight {liar_weight}, agreed {liar_agreed} (NOT caught)");
+        }
     }
     println!("{}", verification_summary(&recorder.render()));
 
@@ -362,4 +374,12 @@ async fn demo_load(tenant: &NatsEndpoint, models: &[ModelMeta], tasks: usize) ->
 /// Where `sundara up` looks for its demo files.
 pub fn models_dir() -> PathBuf {
     project_root().join(".cache/models")
+}
+
+/// The embedded stack's tenants: the operator's own, entitled to every priority (so that
+/// `sundara submit --priority high` works against `up`); otherwise the default limits.
+fn demo_tenants() -> sundara_common::admission::TenantPolicy {
+    let mut tenants = sundara_common::admission::TenantPolicy::default();
+    tenants.default.max_priority = sundara_schemas::Priority::High;
+    tenants
 }

@@ -2,7 +2,13 @@
 //! assignments from its own WORK consumer, runs each on the slice it was reserved on
 //! (ONNX Runtime on that slice's threads, models loaded on first need within the slice's
 //! memory), and publishes one outcome per assignment before acking it.
+//!
+//! Honest only, unless built with the `cheaters` feature: then `cheaters.rs` adds the
+//! catalogue of cheating miners the tests run, hooked into this path where it says
+//! `#[cfg(feature = "cheaters")]`.
 
+#[cfg(feature = "cheaters")]
+mod cheaters;
 pub mod slices;
 
 use std::collections::HashMap;
@@ -15,9 +21,9 @@ use sundara_common::nats::NatsEndpoint;
 use sundara_common::telemetry;
 use sundara_common::{Error as CommonError, Registry, Shutdown, js_err, nats};
 use sundara_schemas::{
-    Assignment, Control, ControlReply, ControlRequest, DType, FleetReply, FleetRequest, FleetUpdate, MAX_MESSAGE_BYTES,
-    ModelRef, Outcome, OutcomeResult, SliceAnnounce, Tensor, WIRE_VERSION, WorkTiming, WorkerAnnounce, decode, encode,
-    now_ms, now_us, subjects as subj,
+    Assignment, Control, ControlReply, ControlRequest, FleetReply, FleetRequest, FleetUpdate, MAX_MESSAGE_BYTES,
+    ModelRef, Outcome, OutcomeResult, SliceAnnounce, WIRE_VERSION, WorkTiming, WorkerAnnounce, decode, encode, now_ms,
+    now_us, subjects as subj,
 };
 use tracing::Instrument;
 
@@ -38,73 +44,32 @@ enum ReportError {
 /// How long a report to the fleet gateway may take.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How the worker treats its work. Everything but `Honest` is a cheater, for the tests and
-/// demos of the verifier: each returns outputs cheaper than (or other than) the real ones.
+#[cfg(feature = "cheaters")]
+pub use cheaters::{Behaviour, fabricate, falsify, tamper};
+
+/// How the worker treats its work. This build is honest only: the cheater catalogue of
+/// docs/verification.md §4 is built with the `cheaters` feature.
+#[cfg(not(feature = "cheaters"))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Behaviour {
     Honest,
-    /// Honest, on hardware whose floats differ slightly: every float output moved by a
-    /// random relative 1e-6 (the noise between CPUs, GPUs and libraries). Must never be
-    /// judged wrong.
-    HonestNoisy,
-    /// Runs the model, then returns plausible but wrong outputs: float rows rotated by one
-    /// (so top-1 moves) and scaled, integers shifted, bools flipped. Deterministic, so two
-    /// such miners agree with each other: colluders.
-    Dishonest,
-    /// A model with perturbed weights: outputs off by about 1 % (emulated on the outputs).
-    WrongModel,
-    /// A quantised copy: float outputs rounded to bfloat16 (8 bits of mantissa).
-    Quantised,
-    /// No inference: uniform random values of the declared output shapes.
-    RandomOutputs,
-    /// No inference: zeros of the declared output shapes.
-    ConstantOutputs,
-    /// Runs a model's first task, then returns those outputs for every later task of it.
-    Replay,
-    /// Accepts assignments (acks them) and never answers: holds slots for nothing.
-    NeverAnswer,
-    /// Runs the model honestly but answers only after the assignment's deadline.
-    Late,
 }
 
+#[cfg(not(feature = "cheaters"))]
 impl Behaviour {
-    /// Every cheater, for tests that go through them all.
-    pub const CHEATERS: [Behaviour; 8] = [
-        Behaviour::Dishonest,
-        Behaviour::WrongModel,
-        Behaviour::Quantised,
-        Behaviour::RandomOutputs,
-        Behaviour::ConstantOutputs,
-        Behaviour::Replay,
-        Behaviour::NeverAnswer,
-        Behaviour::Late,
-    ];
-
-    /// Parses `honest`, `noisy`, `rotate` (= dishonest), `wrong-model`, `quantised`,
-    /// `random`, `constant`, `replay`, `never-answer` or `late`.
+    /// Parses `honest`; every cheater's name is refused, since this build has none.
     pub fn parse(text: &str) -> Result<Behaviour, String> {
-        Ok(match text {
-            "honest" => Behaviour::Honest,
-            "noisy" => Behaviour::HonestNoisy,
-            "rotate" | "dishonest" => Behaviour::Dishonest,
-            "wrong-model" => Behaviour::WrongModel,
-            "quantised" | "quantized" => Behaviour::Quantised,
-            "random" => Behaviour::RandomOutputs,
-            "constant" => Behaviour::ConstantOutputs,
-            "replay" => Behaviour::Replay,
-            "never-answer" => Behaviour::NeverAnswer,
-            "late" => Behaviour::Late,
-            other => {
-                return Err(format!(
-                    "unknown behaviour {other:?}: honest, noisy, rotate, wrong-model, quantised, random, constant, replay, never-answer, late"
-                ));
-            }
-        })
+        match text {
+            "honest" => Ok(Behaviour::Honest),
+            other => Err(format!(
+                "behaviour {other:?} is one of the test cheaters, and this build has none: only `honest` (build with `--features cheaters` for the catalogue)"
+            )),
+        }
     }
 
-    /// Whether the miner skips inference altogether.
-    fn skips_inference(self) -> bool {
-        matches!(self, Behaviour::RandomOutputs | Behaviour::ConstantOutputs)
+    /// The demo's liar: none in a build without the cheaters.
+    pub fn liar() -> Option<Behaviour> {
+        None
     }
 }
 
@@ -132,6 +97,7 @@ pub struct Config {
     pub models: Vec<String>,
     pub cache_dir: PathBuf,
     pub ort_library: PathBuf,
+    /// Honest, or (built with the `cheaters` feature) one of the catalogue's cheaters.
     pub behaviour: Behaviour,
     pub heartbeat_interval: Duration,
     /// A worker whose heartbeat is older than this is declared dead.
@@ -183,102 +149,6 @@ pub enum WorkerError {
     Report(String),
 }
 
-/// Float values of a tensor, changed by `f` (other dtypes untouched).
-fn map_floats(t: &mut Tensor, mut f: impl FnMut(usize, f64) -> f64) {
-    match t.dtype {
-        DType::F32 => {
-            let v: Vec<f32> = t.values::<f32>().unwrap_or_default();
-            let v: Vec<f32> = v.iter().enumerate().map(|(i, x)| f(i, *x as f64) as f32).collect();
-            *t = Tensor::from_values(&t.name, t.shape.clone(), &v);
-        }
-        DType::F64 => {
-            let v: Vec<f64> = t.values::<f64>().unwrap_or_default();
-            let v: Vec<f64> = v.iter().enumerate().map(|(i, x)| f(i, *x)).collect();
-            *t = Tensor::from_values(&t.name, t.shape.clone(), &v);
-        }
-        _ => {}
-    }
-}
-
-/// Tampers honest outputs the way an output-tampering cheater does.
-pub fn tamper(behaviour: Behaviour, outputs: &mut [Tensor]) {
-    match behaviour {
-        Behaviour::Dishonest => falsify(outputs),
-        Behaviour::HonestNoisy => {
-            use rand::Rng;
-            let mut rng = rand::rng();
-            outputs.iter_mut().for_each(|t| map_floats(t, |_, x| x * (1.0 + rng.random_range(-1e-6..=1e-6))));
-        }
-        // ±1 % per element, as a model with perturbed weights gives.
-        Behaviour::WrongModel => outputs
-            .iter_mut()
-            .for_each(|t| map_floats(t, |i, x| x * (1.0 + 0.01 * if i % 2 == 0 { 1.0 } else { -1.0 }) + 1e-3)),
-        // Round to bfloat16: keep the top 16 bits of each f32.
-        Behaviour::Quantised => outputs
-            .iter_mut()
-            .for_each(|t| map_floats(t, |_, x| f32::from_bits(((x as f32).to_bits() + 0x8000) & 0xffff_0000) as f64)),
-        _ => {}
-    }
-}
-
-/// Outputs of the declared shapes without running anything: the first dynamic dimension
-/// takes the task's rows, others 1. Random values, or zeros.
-pub fn fabricate(specs: &[sundara_schemas::TensorSpec], rows: u64, random: bool) -> Vec<Tensor> {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    specs
-        .iter()
-        .map(|spec| {
-            let mut first = true;
-            let shape: Vec<u64> = spec
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Some(v) => *v,
-                    None if std::mem::take(&mut first) => rows,
-                    None => 1,
-                })
-                .collect();
-            let n = Tensor::checked_elements(&shape).unwrap_or(0) as usize;
-            let mut t =
-                Tensor { name: spec.name.clone(), dtype: spec.dtype, shape, data: vec![0; n * spec.dtype.size()] };
-            if random {
-                rng.fill(&mut t.data[..]);
-                // Random bytes can be NaN or huge; random values in [0, 1) are what a cheater would send.
-                map_floats(&mut t, |_, _| rng.random::<f64>());
-            }
-            t
-        })
-        .collect()
-}
-
-/// Tampers outputs the way [`Behaviour::Dishonest`] says.
-pub fn falsify(outputs: &mut [Tensor]) {
-    for t in outputs {
-        let row = t.shape.last().copied().unwrap_or(1).max(1) as usize;
-        match t.dtype {
-            DType::F32 => {
-                let mut v = t.values::<f32>().unwrap_or_default();
-                v.chunks_mut(row).for_each(|r| r.rotate_left(1));
-                v.iter_mut().for_each(|x| *x = *x * 1.05 + 0.01);
-                *t = Tensor::from_values(&t.name, t.shape.clone(), &v);
-            }
-            DType::F64 => {
-                let mut v = t.values::<f64>().unwrap_or_default();
-                v.chunks_mut(row).for_each(|r| r.rotate_left(1));
-                v.iter_mut().for_each(|x| *x = *x * 1.05 + 0.01);
-                *t = Tensor::from_values(&t.name, t.shape.clone(), &v);
-            }
-            DType::Bool => t.data.iter_mut().for_each(|b| *b ^= 1),
-            // Integers: bump the lowest byte of each element.
-            _ => {
-                let size = t.dtype.size();
-                t.data.chunks_mut(size).for_each(|e| e[0] = e[0].wrapping_add(1));
-            }
-        }
-    }
-}
-
 /// A slice as the worker runs it.
 struct Slice {
     /// Id in Redis: `<worker>-<name>`.
@@ -304,8 +174,9 @@ struct Worker {
     registry: Registry,
     cache: ModelCache,
     slices: HashMap<String, Slice>,
-    /// [`Behaviour::Replay`]: the first outputs of each model, returned for every later task.
-    replayed: std::sync::Mutex<HashMap<String, Vec<Tensor>>>,
+    /// A cheater's hooks; `None` for an honest worker.
+    #[cfg(feature = "cheaters")]
+    cheater: Option<cheaters::Cheater>,
 }
 
 impl Worker {
@@ -360,30 +231,27 @@ impl Worker {
             Ok(p) => p,
             Err(e) => return failed(e.to_string()),
         };
-        let behaviour = self.config.behaviour;
-        if behaviour.skips_inference() {
-            let rows = a.inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
-            let outputs = fabricate(&meta.outputs, rows, behaviour == Behaviour::RandomOutputs);
-            return Done::Outcome(OutcomeResult::Ok { outputs }, 0, now_us());
-        }
-        if behaviour == Behaviour::Replay
-            && let Some(outputs) = self.replayed.lock().unwrap_or_else(|e| e.into_inner()).get(&m.to_string())
+        #[cfg(feature = "cheaters")]
+        if let Some(outputs) =
+            self.cheater.as_ref().and_then(|c| c.instead_of_running(&m.to_string(), &meta.outputs, &a.inputs))
         {
-            return Done::Outcome(OutcomeResult::Ok { outputs: outputs.clone() }, 0, now_us());
+            return Done::Outcome(OutcomeResult::Ok { outputs }, 0, now_us());
         }
         let budget = Duration::from_millis(a.ticket.deadline_at_ms.saturating_sub(now_ms()).max(1));
         let model = ModelRun { key: m.to_string(), path, batching: meta.batching };
         match tokio::time::timeout(budget, slice.executor.run(&model, a.inputs.clone())).await {
-            Ok(Ok(mut ran)) => {
+            Ok(Ok(ran)) => {
                 tracing::Span::current().record("sundara.batch", ran.batch);
                 metrics::histogram!("sundara_worker_batch_size", "model" => m.name.clone()).record(ran.batch as f64);
                 metrics::histogram!("sundara_worker_inference_seconds", "model" => m.name.clone())
                     .record(ran.compute_us as f64 / 1e6);
-                tamper(behaviour, &mut ran.outputs);
-                if behaviour == Behaviour::Replay {
-                    self.replayed.lock().unwrap_or_else(|e| e.into_inner()).insert(m.to_string(), ran.outputs.clone());
-                }
-                Done::Outcome(OutcomeResult::Ok { outputs: ran.outputs }, ran.compute_us, ran.started_us)
+                let outputs = ran.outputs;
+                #[cfg(feature = "cheaters")]
+                let outputs = match &self.cheater {
+                    Some(c) => c.after_running(&model.key, outputs),
+                    None => outputs,
+                };
+                Done::Outcome(OutcomeResult::Ok { outputs }, ran.compute_us, ran.started_us)
             }
             Ok(Err(JobError::SliceFailed(reason))) => {
                 Done::HandBack { slice: slice.id.clone(), reason, slice_failed: true }
@@ -417,7 +285,8 @@ impl Worker {
                 return;
             }
         };
-        if self.config.behaviour == Behaviour::NeverAnswer {
+        #[cfg(feature = "cheaters")]
+        if self.cheater.as_ref().is_some_and(|c| c.drops_assignments()) {
             let _ = msg.ack().await;
             return;
         }
@@ -471,9 +340,9 @@ impl Worker {
         if let OutcomeResult::Failed { reason } = &result {
             tracing::warn!(task = %assignment.ticket.task_id, %reason, "assignment failed");
         }
-        if self.config.behaviour == Behaviour::Late {
-            let overdue = Duration::from_millis(assignment.ticket.answer_by_ms.saturating_sub(now_ms()) + 200);
-            tokio::time::sleep(overdue).await;
+        #[cfg(feature = "cheaters")]
+        if let Some(c) = &self.cheater {
+            c.before_answering(assignment.ticket.answer_by_ms).await;
         }
         tracing::Span::current().record("sundara.outcome", result.label());
         let ticket = assignment.ticket;
@@ -655,7 +524,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
         js: js.clone(),
         registry,
         slices,
-        replayed: Default::default(),
+        #[cfg(feature = "cheaters")]
+        cheater: cheaters::Cheater::new(config.behaviour),
     };
     // Listening for commands before it is announced: whoever sees it in Redis can command it.
     let mut commands = client.subscribe(subj::control(&config.worker_id)).await.map_err(js_err)?;
@@ -774,48 +644,17 @@ fn changes_of(rx: tokio::sync::watch::Receiver<SliceReport>) -> futures::stream:
     }))
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "cheaters")))]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_cheater_changes_what_it_returns() {
-        let honest = vec![Tensor::from_values("p", vec![2, 3], &[0.1f32, 0.7, 0.2, 0.5, 0.3, 0.2])];
-        for b in [Behaviour::Dishonest, Behaviour::WrongModel, Behaviour::Quantised] {
-            let mut out = honest.clone();
-            tamper(b, &mut out);
-            assert_eq!(out[0].shape, honest[0].shape, "{b:?}");
-            assert_ne!(out, honest, "{b:?} left the outputs as they were");
+    fn a_default_build_has_only_honest_workers() {
+        assert_eq!(Behaviour::parse("honest"), Ok(Behaviour::Honest));
+        for cheater in ["rotate", "dishonest", "noisy", "random", "never-answer", "late"] {
+            let refused = Behaviour::parse(cheater).unwrap_err();
+            assert!(refused.contains("--features cheaters"), "{refused}");
         }
-        let mut out = honest.clone();
-        tamper(Behaviour::Honest, &mut out);
-        assert_eq!(out, honest);
-        let specs = [sundara_schemas::TensorSpec { name: "p".into(), dtype: DType::F32, shape: vec![None, Some(3)] }];
-        let zeros = fabricate(&specs, 2, false);
-        assert_eq!((zeros[0].shape.clone(), zeros[0].values::<f32>().unwrap()), (vec![2, 3], vec![0.0; 6]));
-        let random = fabricate(&specs, 2, true)[0].values::<f32>().unwrap();
-        assert!(random.iter().all(|v| (0.0..1.0).contains(v)));
-        assert_eq!(Behaviour::parse("quantised"), Ok(Behaviour::Quantised));
-        let mut noisy = honest.clone();
-        tamper(Behaviour::HonestNoisy, &mut noisy);
-        let (a, b) = (noisy[0].values::<f32>().unwrap(), honest[0].values::<f32>().unwrap());
-        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 2e-6 * y.abs()), "noise stays at 1e-6");
-        assert!(Behaviour::parse("lazy").is_err());
-    }
-
-    #[test]
-    fn falsified_outputs_differ_but_keep_shape() {
-        let honest = vec![
-            Tensor::from_values("p", vec![2, 3], &[0.1f32, 0.7, 0.2, 0.5, 0.3, 0.2]),
-            Tensor::from_values("best", vec![2], &[1i64, 0]),
-        ];
-        let mut lied = honest.clone();
-        falsify(&mut lied);
-        assert_eq!(lied[0].shape, honest[0].shape);
-        assert_ne!(lied[0], honest[0]);
-        assert_eq!(lied[1].values::<i64>().unwrap(), vec![2, 1]);
-        // Top-1 moves too, so even an argmax rule catches it.
-        let row = lied[0].values::<f32>().unwrap();
-        assert!(row[0] > row[1] && row[0] > row[2]);
+        assert_eq!(Behaviour::liar(), None);
     }
 }
