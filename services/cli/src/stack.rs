@@ -15,6 +15,8 @@ pub enum StackError {
     Missing { what: &'static str, hint: &'static str },
     #[error("cannot start {what}: {reason}")]
     Start { what: &'static str, reason: String },
+    #[error("{what} exited at start with {status} (its port may have been taken)")]
+    Exited { what: &'static str, status: std::process::ExitStatus },
     #[error("{what} did not become ready on port {port} within {secs} s")]
     NotReady { what: &'static str, port: u16, secs: u64 },
     #[error(transparent)]
@@ -103,7 +105,7 @@ fn wait_ready(what: &'static str, port: u16, child: &mut Child, within: Duration
     // No readiness event crosses process boundaries here; poll the port briefly.
     while started.elapsed() < within {
         if let Some(status) = child.try_wait()? {
-            return Err(StackError::Start { what, reason: format!("exited with {status}") });
+            return Err(StackError::Exited { what, status });
         }
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(());
@@ -120,7 +122,20 @@ pub fn start_nats(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError
 
 /// As [`start_nats`], with `extra` appended to the server's config (e.g. `authorization`).
 pub fn start_nats_with(binary: &Path, dir: &Path, extra: &str) -> Result<ServerProcess, StackError> {
-    start_nats_on(binary, dir, free_port()?, free_port()?, extra)
+    on_free_ports(|| start_nats_on(binary, dir, free_port()?, free_port()?, extra))
+}
+
+/// Starts a server on ports found free, again on others if it exits at once: a port
+/// found free can be taken by another process (a parallel test's server) before the
+/// server binds it.
+fn on_free_ports(start: impl Fn() -> Result<ServerProcess, StackError>) -> Result<ServerProcess, StackError> {
+    let mut tries = 0;
+    loop {
+        match start() {
+            Err(StackError::Exited { .. }) if tries < 4 => tries += 1,
+            started => return started,
+        }
+    }
 }
 
 /// As [`start_nats_with`], on the given client and monitoring ports. JetStream stores in
@@ -159,7 +174,7 @@ pub fn start_nats_on(
 
 /// Starts redis-server on a free port, without persistence.
 pub fn start_redis(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError> {
-    start_redis_on(binary, dir, free_port()?)
+    on_free_ports(|| start_redis_on(binary, dir, free_port()?))
 }
 
 /// Most memory the embedded redis-server may use. At the cap it refuses writes rather
