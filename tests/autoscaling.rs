@@ -180,8 +180,7 @@ async fn a_worker_preloads_a_model_on_request() {
 }
 
 /// Demand for a model that one loaded copy could serve alone, with a utilisation target
-/// that asks for three: the autoscaler preloads it on two more slices (the scheduler by
-/// itself would keep it on one, since a cold load costs more than the short queue).
+/// that asks for three: the autoscaler preloads it on more slices until three hold it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn demand_loads_more_copies_of_a_model() {
     let workers = vec![support::honest("c1", 1), support::honest("c2", 1), support::honest("c3", 1)];
@@ -210,8 +209,10 @@ async fn demand_loads_more_copies_of_a_model() {
         }
         loaded = copies(&slices);
     }
+    // The scheduler may itself load a copy on a cold slice once its measured load time is
+    // short against the queue (`docs/scheduling.md`); the autoscaler loads the rest.
     let preloads = sundara_common::metrics::sum(&recorder.render(), "sundara_autoscaler_preloads_total", &[]);
-    assert!(preloads >= 2.0, "{preloads} preloads");
+    assert!(preloads >= 1.0, "{preloads} preloads");
     shutdown.cancel();
     autoscaler.await.unwrap();
     h.stop().await;
