@@ -234,6 +234,10 @@ async fn each_task_is_one_trace_across_every_service_and_process_and_every_stage
     // Every stage counted: submissions by outcome, each miner's standing, the stages of
     // each task, and the fleet, slice and queue gauges.
     let text = recorder.render();
+    assert!(
+        text.contains("# HELP sundara_ingress_accepted_total Tasks accepted"),
+        "metrics carry their help lines:\n{text}"
+    );
     assert_eq!(metrics::sum(&text, "sundara_ingress_accepted_total", &[("priority", "normal")]), 3.0);
     assert_eq!(metrics::sum(&text, "sundara_ingress_rejected_total", &[("reason", "malformed")]), 1.0);
     assert_eq!(metrics::sum(&text, "sundara_rewarder_outcomes_total", &[("standing", "agreed")]), 6.0);

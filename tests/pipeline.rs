@@ -40,13 +40,16 @@ async fn happy_path_matches_direct_inference() {
         assert!(matches!(result.status, ResultStatus::Verified { agreeing: 2, k: 2, .. }));
     }
     // `sundara status` shows the fleet, the empty queues and the newest verdicts.
-    let frame = sundara::status::frame(&h.js, &h.capacity).await.unwrap();
+    let frame = sundara::status::frame(&h.js, &h.capacity, (24, 80)).await.unwrap();
     assert!(frame.contains("workers: 3 known, 3 alive with a heartbeat"), "{frame}");
     assert!(
-        frame.contains("queues:  high 0 queued, 0 in scheduler;") && frame.contains("verdicts: 200 stored"),
+        frame.contains("tasks queued/in scheduler:  high 0/0  normal 0/0  low 0/0") && frame.contains("verdicts: 200 stored"),
         "{frame}"
     );
-    assert_eq!(frame.matches(" accepted ").count(), 10, "{frame}");
+    // 24 rows: header, titles, 3 slices, 2 queue lines, the verdicts title, and the newest
+    // verdicts down to the last row but one.
+    assert_eq!(frame.matches(" ok ").count(), 24 - 9, "{frame}");
+    assert!(frame.lines().all(|l| l.chars().count() <= 80), "{frame}");
     h.stop().await;
 }
 

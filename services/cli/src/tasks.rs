@@ -58,8 +58,13 @@ pub async fn dead_letters(js: &jetstream::Context, limit: usize) -> Result<Vec<D
 /// A task's history in one line per outcome: who ran which attempt, and what came back.
 pub fn describe(letter: &DeadLetter) -> String {
     let mut out = format!(
-        "{}  tenant {}  model {}  dead at {} ms\n  reason: {}\n",
-        letter.task_id, letter.tenant, letter.model, letter.dead_at_ms, letter.reason
+        "{}  tenant {}  model {}  dead at {} ({})\n  reason: {}\n",
+        letter.task_id,
+        letter.tenant,
+        letter.model,
+        utc_text(letter.dead_at_ms),
+        age_text(sundara_schemas::now_ms().saturating_sub(letter.dead_at_ms)),
+        letter.reason
     );
     if letter.evidence.is_empty() {
         out.push_str("  never dispatched\n");
@@ -74,6 +79,34 @@ pub fn describe(letter: &DeadLetter) -> String {
         out.push_str(&format!("  replica {} attempt {} on {}: {what}\n", t.replica, t.attempt, t.worker));
     }
     out
+}
+
+/// `2026-12-06 02:42:35 UTC` for milliseconds since the Unix epoch.
+pub fn utc_text(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days to a civil date (H. Hinnant's algorithm, proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest / 60 % 60, rest % 60)
+}
+
+/// `42 s ago`, `7 min ago`, `3 h ago`, `2 d ago`.
+pub fn age_text(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s} s ago"),
+        60..3600 => format!("{} min ago", s / 60),
+        3600..86_400 => format!("{} h ago", s / 3600),
+        _ => format!("{} d ago", s / 86_400),
+    }
 }
 
 /// Submits a dead task again, as new work with the same model, inputs, seed, tenant,
@@ -105,5 +138,18 @@ pub async fn resubmit(js: &jetstream::Context, task_id: &str) -> Result<String, 
     match Client::new(js.client(), &task.tenant).submit(&request).await? {
         SubmitOutcome::Accepted { task_id, .. } => Ok(task_id),
         SubmitOutcome::Rejected { code, reason } => Err(TasksError::Rejected { code: code.as_str(), reason }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_read_as_dates() {
+        assert_eq!(super::utc_text(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc_text(1_796_530_955_000), "2026-12-06 04:22:35 UTC");
+        assert_eq!(super::utc_text(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::age_text(59_999), "59 s ago");
+        assert_eq!(super::age_text(7 * 60_000), "7 min ago");
+        assert_eq!(super::age_text(50 * 3_600_000), "2 d ago");
     }
 }

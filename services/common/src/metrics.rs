@@ -26,6 +26,65 @@ fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErro
         .set_buckets_for_metric(Matcher::Full("sundara_worker_batch_size".into()), &BATCH_BUCKETS)
 }
 
+/// What kind of series a metric is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric the services export, with its `# HELP` line. `docs/operations.md` lists
+/// the same names with their labels (a test keeps the two in step).
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    ("sundara_task_stage_seconds", Kind::Histogram, "Time of each stage of a verified task, from the fastest agreeing miner's timings."),
+    ("sundara_ingress_accepted_total", Kind::Counter, "Tasks accepted (stored in TASKS)."),
+    ("sundara_ingress_rejected_total", Kind::Counter, "Submissions refused, by the typed code the client got."),
+    ("sundara_gateway_refused_total", Kind::Counter, "Worker reports the fleet gateway refused."),
+    ("sundara_queue_depth", Kind::Gauge, "Backlog per queue: tasks not yet taken, assignments queued, outcomes and verdicts not yet read."),
+    ("sundara_fleet_workers", Kind::Gauge, "Workers known to Redis, by state."),
+    ("sundara_fleet_slots", Kind::Gauge, "Slots of the serving slices of alive workers."),
+    ("sundara_fleet_slots_in_use", Kind::Gauge, "Slots of alive workers reserved for assignments."),
+    ("sundara_worker_slots", Kind::Gauge, "A worker's slots per slice."),
+    ("sundara_worker_slots_in_use", Kind::Gauge, "Assignments a worker is running per slice."),
+    ("sundara_worker_loaded_models", Kind::Gauge, "Models loaded on the slice."),
+    ("sundara_worker_memory_used_bytes", Kind::Gauge, "Memory the slice's loaded models hold, in bytes."),
+    ("sundara_worker_batch_size", Kind::Histogram, "Tasks per inference, counted per task."),
+    ("sundara_worker_inference_seconds", Kind::Histogram, "Inference time of the batch each task ran in."),
+    ("sundara_verifier_verdicts_total", Kind::Counter, "Decided tasks."),
+    ("sundara_verifier_reference_runs_total", Kind::Counter, "The verifier's own runs, by what they showed."),
+    ("sundara_verifier_reference_skipped_total", Kind::Counter, "Optional reference runs skipped because the verifier was busy."),
+    ("sundara_verifier_rejected_total", Kind::Counter, "Rejected outcomes by what they looked like."),
+    ("sundara_verifier_refused_outcomes_total", Kind::Counter, "Outcomes refused before judging (forged, duplicate or misaddressed)."),
+    ("sundara_rewarder_outcomes_total", Kind::Counter, "Each miner's standing in each scored task."),
+    ("sundara_rewarder_epoch_weight", Kind::Gauge, "The miner's u16 weight at the last epoch close."),
+    ("sundara_rewarder_epochs_total", Kind::Counter, "Epochs closed."),
+    ("sundara_rewarder_proven_wrong_total", Kind::Counter, "Outcomes proven wrong by a reference run."),
+    ("sundara_quarantines_total", Kind::Counter, "Miners quarantined."),
+    ("sundara_scheduler_dispatched_total", Kind::Counter, "Tasks dispatched."),
+    ("sundara_scheduler_waiting_tasks", Kind::Gauge, "Tasks waiting for capacity in this scheduler."),
+    ("sundara_scheduler_expired_total", Kind::Counter, "Tasks expired before dispatch."),
+    ("sundara_scheduler_timeout_strikes_total", Kind::Counter, "Assignments a live worker let time out."),
+    ("sundara_scheduler_reassigned_total", Kind::Counter, "Replicas sent elsewhere."),
+    ("sundara_scheduler_abandoned_total", Kind::Counter, "Replicas given up."),
+    ("sundara_autoscaler_demand_lanes", Kind::Gauge, "Busy inference lanes the arriving tasks ask for."),
+    ("sundara_autoscaler_target_workers", Kind::Gauge, "The pool size the autoscaler aims for."),
+    ("sundara_autoscaler_model_copies", Kind::Gauge, "Loaded copies of each model in demand."),
+    ("sundara_autoscaler_preloads_total", Kind::Counter, "Model copies preloaded."),
+    ("sundara_autoscaler_replaced_total", Kind::Counter, "Workers replaced."),
+];
+
+/// Gives the installed recorder every metric's help text (`# HELP` lines).
+fn describe_all() {
+    for &(name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+}
+
 /// Installs the process's recorder, serving it on `listen` if given. Later calls return
 /// the same handle (and serve nothing more). Must run inside a Tokio runtime.
 pub fn install(listen: Option<SocketAddr>) -> Result<PrometheusHandle, Error> {
@@ -52,6 +111,7 @@ pub fn install(listen: Option<SocketAddr>) -> Result<PrometheusHandle, Error> {
         }
         None => builder().map_err(|e| metrics_err(&e))?.install_recorder().map_err(|e| metrics_err(&e))?,
     };
+    describe_all();
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -79,5 +139,46 @@ mod tests {
         assert_eq!(super::sum(text, "x", &[("class", "far")]), 3.0);
         assert_eq!(super::sum(text, "x", &[]), 6.0);
         assert_eq!(super::sum(text, "x", &[("model", "n")]), 0.0);
+    }
+
+    /// Every metric the code records is described, and docs/operations.md lists each.
+    #[test]
+    fn every_metric_has_help_and_docs() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let docs = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+        let described: std::collections::HashSet<&str> = super::METRICS.iter().map(|m| m.0).collect();
+        for (name, _, help) in super::METRICS {
+            assert!(docs.contains(&format!("`{name}`")), "{name} is not in docs/operations.md");
+            assert!(help.ends_with('.'), "{name}: {help}");
+        }
+        let mut used = Vec::new();
+        for dir in ["services", "schemas"] {
+            collect_metric_names(&root.join(dir), &mut used);
+        }
+        assert!(used.len() > 20, "found {used:?}");
+        for name in used {
+            assert!(described.contains(name.as_str()), "{name} is recorded but has no help text in METRICS");
+        }
+    }
+
+    fn collect_metric_names(dir: &std::path::Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                collect_metric_names(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+                    for (i, _) in text.match_indices(macro_name) {
+                        let rest = text[i + macro_name.len()..].trim_start();
+                        if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next())
+                            && name.starts_with("sundara_")
+                        {
+                            out.push(name.to_string());
+                        }
+                    }
+                }
+            }
+        }
     }
 }
