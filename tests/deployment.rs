@@ -1430,6 +1430,106 @@ fn dockerfile_builds_the_binary_models_and_runtime() {
     }
 }
 
+// ------------------------------------------------------------------ nats-server's max_payload
+
+/// The `max_payload` nats-server takes from config `text`, read back from the real server
+/// (scripts/setup's nats-server, started on it with free ports, then its `/varz`): what the
+/// server makes of the value, units included, not what a parser here thinks.
+fn served_max_payload(text: &str) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, text).unwrap();
+    let binary = sundara::stack::nats_server_binary(&root()).expect("nats-server (run scripts/setup)");
+    let (port, monitor) = (sundara::stack::free_port().unwrap(), sundara::stack::free_port().unwrap());
+    let mut server = Command::new(binary)
+        .arg("-c")
+        .arg(&conf)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nats-server runs");
+    // The server announces readiness on no channel a test can await: poll its /varz briefly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let varz = loop {
+        if let Ok((200, body)) = sundara::stack::http_get(monitor, "/varz") {
+            break body;
+        }
+        if let Ok(Some(status)) = server.try_wait() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("nats-server refused the config {text:?} ({status}): {err}");
+        }
+        assert!(std::time::Instant::now() < deadline, "nats-server never served /varz");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    let varz: serde_json::Value = serde_json::from_str(&varz).unwrap();
+    varz["max_payload"].as_u64().expect("/varz has max_payload")
+}
+
+/// Ingress accepts submissions up to `MAX_SUBMISSION_BYTES`, and its assignments carry the
+/// same inputs again: every nats-server that infra/ starts must take
+/// `NATS_MAX_PAYLOAD` (the server's own default is 1 MiB, which refused a 3.2 MB task
+/// with a raw server error). One limit, set in `sundara_schemas`; checked here against
+/// compose's and Nomad's nats-server as the real server reads their settings.
+#[test]
+fn nats_servers_take_the_largest_submission() {
+    use sundara_schemas::{MAX_SUBMISSION_BYTES, NATS_MAX_PAYLOAD};
+    const { assert!(NATS_MAX_PAYLOAD > MAX_SUBMISSION_BYTES) };
+    let ingress = sundara_ingress::Config::new(sundara_common::Endpoints {
+        nats: sundara_common::nats::NatsEndpoint::open("nats://127.0.0.1:4222"),
+        redis_url: String::new(),
+    });
+    assert_eq!(ingress.max_request_bytes, MAX_SUBMISSION_BYTES, "ingress' limit is the one constant");
+    assert_eq!(sundara_common::admission::TenantLimits::default().max_payload_bytes, MAX_SUBMISSION_BYTES);
+    let want = NATS_MAX_PAYLOAD as u64;
+
+    // compose: the nats service reads its config (`-c`) from a bind mount of a file in infra/.
+    let doc = compose();
+    let nats = &doc["services"]["nats"];
+    let command = strings(&nats["command"], "nats command");
+    let path = value_of(&command, "-c").expect("compose's nats-server is given a config file (-c)");
+    let mounts: Vec<String> =
+        nats["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
+    let source = mounts
+        .iter()
+        .find_map(|m| {
+            let mut parts = m.split(':');
+            let (source, target) = (parts.next()?, parts.next()?);
+            (target == path).then(|| source.to_string())
+        })
+        .unwrap_or_else(|| panic!("compose mounts nothing at {path}: {mounts:?}"));
+    let compose_conf = read(&format!("infra/{}", source.trim_start_matches("./")));
+    let served = served_max_payload(&compose_conf);
+    assert!(served >= want, "compose's nats-server takes {served} bytes, under {want}");
+
+    // Nomad: the nats task's config (`-c /local/...`) is one of its templates.
+    let infra = nomad_file(NOMAD_FILES[0], false);
+    let group = infra.groups().into_iter().find(|g| label(g) == "nats").expect("group nats");
+    let task = blocks(group.body(), "task").next().unwrap();
+    let args = match infra.eval(attr(blocks(task.body(), "config").next().unwrap().body(), "args").unwrap()).unwrap() {
+        hcl::Value::Array(a) => a.iter().map(|v| hcl_str(v).unwrap()).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let path = value_of(&args, "-c").expect("Nomad's nats-server is given a config file (-c)");
+    let template = blocks(task.body(), "template")
+        .find(|t| {
+            let destination = hcl_str(&infra.eval(attr(t.body(), "destination").unwrap()).unwrap()).unwrap();
+            // The docker driver mounts the task's `local/` at `/local`.
+            format!("/{destination}") == path
+        })
+        .unwrap_or_else(|| panic!("no template of the nats task writes {path}"));
+    let data = hcl_str(&infra.eval(attr(template.body(), "data").unwrap()).unwrap()).unwrap();
+    let served = served_max_payload(&data);
+    assert!(served >= want, "Nomad's nats-server takes {served} bytes, under {want}");
+
+    // The check can fail: the server's default, and a config below the limit.
+    assert_eq!(served_max_payload("# nothing set\n"), 1 << 20);
+    assert!(served_max_payload("max_payload: 1MB\n") < want);
+}
+
 // ------------------------------------------------------------------ the checker itself
 
 /// The checks above must be able to fail: bad command lines, unknown variables and

@@ -290,3 +290,29 @@ async fn a_decision_that_could_not_be_stored_is_made_again() {
     let stored = support::processes::subject_counts(&stack.js, subj::RESULTS_STREAM, "sundara.result.>").await;
     assert_eq!(stored.get(&subj::result("test", &refused.task_id)), Some(&1));
 }
+
+/// With nats-server gone, SIGTERM still stops a worker (and the scheduler and verifier) in
+/// bounded time. Before, a worker waited for NATS to come back: its last flush has no
+/// server to answer it, and Ctrl-C and SIGTERM did nothing for as long as NATS was down.
+/// The worker holds assignments when NATS goes (a load with longer inferences).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_is_bounded_while_nats_is_down() {
+    let mut stack = ProcessStack::start(StackOptions::new(1, &["w1"])).await;
+    let load = stack.load_rows("down", RATE, 64);
+    stack.first_verified_after(&load, 0, RECOVERY).await;
+    stack.more_accepted(&load, BETWEEN, RECOVERY).await;
+    stack.kill_nats();
+    // sundara_common::SHUTDOWN_GRACE is 10 s; a process that exits then has a little more.
+    let bound = Duration::from_secs(15);
+    let stopped = stack.terminate(&["worker-w1", "scheduler", "verifier"], bound).await;
+    // NATS back before the load stops: its submissions under way then end at once.
+    stack.start_nats_again();
+    load.stop().await;
+    for (name, exit) in &stopped {
+        let Some((took, status)) = exit else {
+            panic!("{name} did not exit within {bound:?} of SIGTERM with NATS down")
+        };
+        eprintln!("STOP {name}: {} ms ({status})", took.as_millis());
+        assert!(status.success(), "{name} exited with {status}");
+    }
+}

@@ -43,7 +43,8 @@ async fn happy_path_matches_direct_inference() {
     let frame = sundara::status::frame(&h.js, &h.capacity, (24, 80)).await.unwrap();
     assert!(frame.contains("workers: 3 known, 3 alive with a heartbeat"), "{frame}");
     assert!(
-        frame.contains("tasks queued/in scheduler:  high 0/0  normal 0/0  low 0/0") && frame.contains("verdicts: 200 stored"),
+        frame.contains("tasks queued/in scheduler:  high 0/0  normal 0/0  low 0/0")
+            && frame.contains("verdicts: 200 stored"),
         "{frame}"
     );
     // 24 rows: header, titles, 3 slices, 2 queue lines, the verdicts title, and the newest
@@ -108,6 +109,10 @@ async fn dishonest_miner_is_outvoted_and_scores_zero() {
         assert!(weight(m) > 0, "honest {m} got no weight: {weights:?}");
     }
     assert_eq!(weights.weights.iter().map(|w| w.weight as u32).sum::<u32>(), 65535);
+    // `rewards --explain` explains a miner of the epoch, and says so of one that is not.
+    sundara::up::explain_rewards(&h.js, Some(weights.epoch), "liar").await.unwrap();
+    let unknown = sundara::up::explain_rewards(&h.js, Some(weights.epoch), "nobody").await.unwrap_err();
+    assert!(unknown.to_string().contains("no miner \"nobody\" in epoch"), "{unknown}");
     h.stop().await;
 }
 

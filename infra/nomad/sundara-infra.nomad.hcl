@@ -82,7 +82,14 @@ job "sundara-infra" {
       config {
         image = var.nats_image
         ports = ["client", "monitor"]
-        args  = ["nats-server", "-js", "-sd", "/data", "-m", "8222"]
+        args  = ["nats-server", "-c", "/local/sundara.conf", "-js", "-sd", "/data", "-m", "8222"]
+      }
+
+      # infra/nats.conf's settings: max_payload for the largest submission ingress accepts
+      # (tests/deployment.rs checks both files).
+      template {
+        data        = "max_payload: 8388608\n"
+        destination = "local/sundara.conf"
       }
 
       volume_mount {

@@ -15,12 +15,25 @@ pub mod ticket;
 
 pub use codec::{DecodeError, decode, encode};
 pub use messages::*;
-pub use model::{Batching, CompareRule, DEFAULT_AUDIT_RATE, ModelMeta, ModelRef, Policy, TensorSpec};
+pub use model::{
+    Batching, CompareRule, DEFAULT_AUDIT_RATE, MAX_REDUNDANCY, ModelMeta, ModelRef, Policy, PolicyError, TensorSpec,
+};
 pub use tensor::{DType, Limits, Tensor, TensorError};
 pub use ticket::{Ticket, assignment_of_outcome_id};
 
 /// Largest message any service decodes (tensors above NATS' max_payload never arrive anyway).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Largest submission ingress accepts (4 MiB): the one place this limit is set. Ingress and
+/// the default tenant limits use it, and every nats-server Sundara starts or ships a
+/// config for must carry at least [`NATS_MAX_PAYLOAD`] (`tests/deployment.rs` checks
+/// `infra/`), so that a submission ingress would accept is never refused by the server.
+pub const MAX_SUBMISSION_BYTES: usize = 4 << 20;
+
+/// nats-server's `max_payload` for a Sundara deployment: twice the largest submission (8 MiB),
+/// so that the assignment carrying a submission's inputs with its ticket, and outcomes of
+/// the same order, fit too.
+pub const NATS_MAX_PAYLOAD: usize = 2 * MAX_SUBMISSION_BYTES;
 
 /// Version of every top-level message; readers reject other versions.
 pub const WIRE_VERSION: u16 = 1;

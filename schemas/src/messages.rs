@@ -13,7 +13,8 @@ use crate::ticket::Ticket;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct SubmitRequest {
     pub v: u16,
-    /// Registered model name; the latest version is used.
+    /// Registered model name (its latest version is used), or `name@version` to pin one
+    /// version (published versions are immutable: the same bytes and policy every time).
     pub model: String,
     #[serde(deserialize_with = "crate::bounded::tensors")]
     pub inputs: Vec<Tensor>,
@@ -542,7 +543,8 @@ pub enum FleetUpdate {
     HandBack { assignment_id: String },
 }
 
-/// Gateway → worker: whether the update was applied, and if not why.
+/// Gateway → worker: whether the update was applied, and if not why. An applied
+/// announcement of a quarantined worker says so in `reason` (`quarantined: <why>`).
 pub type FleetReply = ControlReply;
 
 macro_rules! versioned {

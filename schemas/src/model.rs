@@ -11,6 +11,17 @@ pub struct ModelRef {
     pub version: String,
 }
 
+impl ModelRef {
+    /// Splits what a client names a model by: `name` (the latest version) or `name@version`
+    /// (that version, pinned). Names and versions themselves never contain `@`.
+    pub fn split_spec(spec: &str) -> (&str, Option<&str>) {
+        match spec.split_once('@') {
+            Some((name, version)) => (name, Some(version)),
+            None => (spec, None),
+        }
+    }
+}
+
 impl std::fmt::Display for ModelRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.name, self.version)
@@ -115,6 +126,52 @@ impl Policy {
     pub fn new(redundancy: u8, rule: CompareRule) -> Policy {
         Policy { redundancy, rule, audit_rate: DEFAULT_AUDIT_RATE }
     }
+
+    /// Refuses a policy that can never work: k outside 1..=[`MAX_REDUNDANCY`] (k=0 would
+    /// "verify" a task with no miner at all), an audit rate outside [0, 1], or a rule whose
+    /// tolerance is not a finite, non-negative number (allclose) or whose minimum similarity
+    /// is outside (-1, 1] (cosine). k=1 is allowed: only audits then check a miner.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if !(1..=MAX_REDUNDANCY).contains(&self.redundancy) {
+            return Err(PolicyError::Redundancy(self.redundancy));
+        }
+        if !(0.0..=1.0).contains(&self.audit_rate) {
+            return Err(PolicyError::AuditRate(self.audit_rate));
+        }
+        match self.rule {
+            CompareRule::AllClose { atol, rtol } => {
+                for (name, value) in [("atol", atol), ("rtol", rtol)] {
+                    if !(value.is_finite() && value >= 0.0) {
+                        return Err(PolicyError::Tolerance { name, value });
+                    }
+                }
+            }
+            CompareRule::Cosine { min } if !(min > -1.0 && min <= 1.0) => return Err(PolicyError::MinCosine(min)),
+            CompareRule::Exact | CompareRule::Argmax | CompareRule::Cosine { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// Most distinct miners a task may ask for: each replica needs a worker of its own operator.
+pub const MAX_REDUNDANCY: u8 = 9;
+
+/// A verification or batching policy that can never work (see [`Policy::validate`],
+/// [`Batching::validate`]).
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    #[error(
+        "redundancy must be 1 to {MAX_REDUNDANCY} distinct miners per task, got {0} (0 would accept a result no miner produced)"
+    )]
+    Redundancy(u8),
+    #[error("audit rate must be between 0 and 1, got {0}")]
+    AuditRate(f64),
+    #[error("{name} must be a finite number ≥ 0, got {value}")]
+    Tolerance { name: &'static str, value: f64 },
+    #[error("the minimum cosine similarity must be in (-1, 1], got {0}")]
+    MinCosine(f64),
+    #[error("max batch must be at least 1 (1 turns batching off), got 0")]
+    MaxBatch,
 }
 
 impl Default for Policy {
@@ -132,6 +189,16 @@ pub struct Batching {
     /// Longest a queued task waits for its batch to fill, in µs. 0 runs whatever is queued
     /// as soon as a session is free (batches then form only under load).
     pub max_delay_us: u32,
+}
+
+impl Batching {
+    /// Refuses `max_batch` 0 (no task could ever run).
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.max_batch == 0 {
+            return Err(PolicyError::MaxBatch);
+        }
+        Ok(())
+    }
 }
 
 impl Default for Batching {
@@ -169,5 +236,51 @@ impl ModelMeta {
 impl crate::codec::Versioned for ModelMeta {
     fn version(&self) -> u16 {
         self.v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(f: impl FnOnce(&mut Policy)) -> Result<(), PolicyError> {
+        let mut p = Policy::default();
+        f(&mut p);
+        p.validate()
+    }
+
+    #[test]
+    fn policies_that_cannot_work_are_refused() {
+        assert_eq!(with(|_| {}), Ok(()));
+        assert_eq!(with(|p| p.redundancy = 1), Ok(()), "k=1 is allowed: audits check it");
+        assert_eq!(with(|p| p.redundancy = MAX_REDUNDANCY), Ok(()));
+        assert_eq!(with(|p| p.redundancy = 0), Err(PolicyError::Redundancy(0)));
+        assert_eq!(with(|p| p.redundancy = MAX_REDUNDANCY + 1), Err(PolicyError::Redundancy(MAX_REDUNDANCY + 1)));
+        assert_eq!(with(|p| p.audit_rate = 1.0), Ok(()));
+        assert_eq!(with(|p| p.audit_rate = 0.0), Ok(()));
+        assert!(matches!(with(|p| p.audit_rate = 1.5), Err(PolicyError::AuditRate(_))));
+        assert!(matches!(with(|p| p.audit_rate = -0.1), Err(PolicyError::AuditRate(_))));
+        assert!(matches!(with(|p| p.audit_rate = f64::NAN), Err(PolicyError::AuditRate(_))));
+        let allclose = |atol, rtol| with(|p| p.rule = CompareRule::AllClose { atol, rtol });
+        assert_eq!(allclose(0.0, 0.0), Ok(()));
+        assert!(matches!(allclose(-1e-4, 1e-3), Err(PolicyError::Tolerance { name: "atol", .. })));
+        assert!(matches!(allclose(1e-4, f64::INFINITY), Err(PolicyError::Tolerance { name: "rtol", .. })));
+        assert!(matches!(allclose(f64::NAN, 0.0), Err(PolicyError::Tolerance { name: "atol", .. })));
+        let cosine = |min| with(|p| p.rule = CompareRule::Cosine { min });
+        assert_eq!(cosine(1.0), Ok(()));
+        assert_eq!(cosine(0.999), Ok(()));
+        assert!(matches!(cosine(-1.0), Err(PolicyError::MinCosine(_))));
+        assert!(matches!(cosine(1.01), Err(PolicyError::MinCosine(_))));
+        assert!(matches!(cosine(f64::NAN), Err(PolicyError::MinCosine(_))));
+        assert_eq!(with(|p| p.rule = CompareRule::Exact), Ok(()));
+        assert_eq!(Batching { max_batch: 0, max_delay_us: 0 }.validate(), Err(PolicyError::MaxBatch));
+        assert_eq!(Batching { max_batch: 1, max_delay_us: 0 }.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_model_spec_names_a_version_after_an_at() {
+        assert_eq!(ModelRef::split_spec("mlp"), ("mlp", None));
+        assert_eq!(ModelRef::split_spec("mlp@2"), ("mlp", Some("2")));
+        assert_eq!(ModelRef::split_spec("mlp@"), ("mlp", Some("")));
     }
 }

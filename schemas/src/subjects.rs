@@ -15,6 +15,12 @@ pub const DEAD_STREAM: &str = "DEAD";
 pub const MODELS_BUCKET: &str = "models";
 pub const MODEL_BLOBS: &str = "model-blobs";
 pub const REWARDS_BUCKET: &str = "rewards";
+/// The validator side's own KV bucket (no miner or tenant reads it).
+pub const VALIDATOR_BUCKET: &str = "validator";
+/// Key of [`VALIDATOR_BUCKET`] that holds the key id of the validator secret the stack
+/// signs tickets with: the first scheduler or verifier to start writes it, and any later
+/// one with another secret refuses to start.
+pub const SECRET_KEY_ID: &str = "secret.key_id";
 /// Published by the autoscaler when a worker is declared dead.
 pub const FLEET_DEAD: &str = "sundara.fleet.dead";
 /// Epoch weights.

@@ -81,8 +81,18 @@ pub enum TensorError {
     HostileShape { name: String, shape: Vec<u64> },
     #[error("tensor `{name}` would take {bytes} bytes, over the limit of {max}")]
     TooLarge { name: String, bytes: u128, max: usize },
-    #[error("tensor `{name}` of shape {shape:?} and dtype {dtype} needs {expected} bytes, got {actual}")]
+    /// `expected` and `actual` are in bytes; the message counts values.
+    #[error("tensor `{name}` of shape {shape:?} needs {} {dtype} values, got {}", .expected / .dtype.size(), values_in(*.actual, *.dtype))]
     LengthMismatch { name: String, shape: Vec<u64>, dtype: DType, expected: usize, actual: usize },
+}
+
+/// `bytes` of `dtype` as a count of values, for messages.
+fn values_in(bytes: usize, dtype: DType) -> String {
+    if bytes.is_multiple_of(dtype.size()) {
+        (bytes / dtype.size()).to_string()
+    } else {
+        format!("{bytes} bytes, not a whole number of values")
+    }
 }
 
 impl Tensor {
@@ -216,6 +226,15 @@ mod tests {
     fn rejects_length_mismatch_and_oversize() {
         let t = Tensor { name: "x".into(), dtype: DType::I64, shape: vec![2], data: vec![0; 15] };
         assert!(matches!(t.validate(&Limits::default()), Err(TensorError::LengthMismatch { expected: 16, .. })));
+        assert_eq!(
+            t.validate(&Limits::default()).unwrap_err().to_string(),
+            "tensor `x` of shape [2] needs 2 i64 values, got 15 bytes, not a whole number of values"
+        );
+        let short = Tensor::from_values("x", vec![1, 4], &[0f32; 3]);
+        assert_eq!(
+            short.validate(&Limits::default()).unwrap_err().to_string(),
+            "tensor `x` of shape [1, 4] needs 4 f32 values, got 3"
+        );
         let big = Tensor { name: "x".into(), dtype: DType::F32, shape: vec![1 << 30], data: vec![] };
         assert!(matches!(big.validate(&Limits::default()), Err(TensorError::TooLarge { .. })));
         let deep = Tensor { name: "x".into(), dtype: DType::U8, shape: vec![1; 9], data: vec![0] };

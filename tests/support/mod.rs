@@ -23,7 +23,8 @@ use sundara_schemas::{
 };
 use sundara_worker::Behaviour;
 
-pub const SECRET: &[u8] = b"test-secret";
+/// The validator secret of the tests' stacks (at least 16 bytes, as every secret must be).
+pub const SECRET: &[u8] = b"test-secret-0123456789";
 pub const RULE: CompareRule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
 /// Audits in tests: none unless a test asks (so that tests count miners' work exactly).
 pub const AUDIT_RATE: f64 = 0.0;

@@ -321,6 +321,56 @@ impl ProcessStack {
         now_us()
     }
 
+    /// Sends SIGTERM to each of `processes` (service names, or `worker-<id>`) at once, as a
+    /// supervisor stopping them would, and waits (bounded by `within`) for each to exit:
+    /// how long each took and its exit status, or `None` for one still running at
+    /// `within` (it is then SIGKILLed). They are no longer the stack's.
+    pub async fn terminate(
+        &mut self,
+        processes: &[&str],
+        within: Duration,
+    ) -> Vec<(String, Option<(Duration, std::process::ExitStatus)>)> {
+        let mut children: Vec<(String, Child)> = processes
+            .iter()
+            .map(|p| {
+                let child = match p.strip_prefix("worker-") {
+                    Some(id) => self.workers.remove(id),
+                    None => self.services.keys().find(|n| *n == p).copied().and_then(|n| self.services.remove(n)),
+                };
+                (p.to_string(), child.unwrap_or_else(|| panic!("{p} is not running")))
+            })
+            .collect();
+        let sent = std::time::Instant::now();
+        for (name, child) in &children {
+            let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+            assert!(status.success(), "SIGTERM to {name}");
+        }
+        self.step(&format!("SIGTERM sent to {processes:?}"));
+        let deadline = tokio::time::Instant::now() + within;
+        let mut exited = vec![None; children.len()];
+        // A child's exit is no event a test can await without a reaper: poll briefly.
+        while exited.iter().any(Option::is_none) && tokio::time::Instant::now() < deadline {
+            for ((_, child), slot) in children.iter_mut().zip(&mut exited) {
+                if slot.is_none()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    *slot = Some((sent.elapsed(), status));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for ((name, child), slot) in children.iter_mut().zip(&exited) {
+            match slot {
+                Some((took, status)) => self.step(&format!("{name} exited after {took:?} ({status})")),
+                None => {
+                    kill(child);
+                    self.step(&format!("{name} still running after {within:?}; killed"));
+                }
+            }
+        }
+        children.into_iter().map(|(name, _)| name).zip(exited).collect()
+    }
+
     /// Asserts that every service and worker the test did not kill is still running: a
     /// fault elsewhere (a server lost, another process killed) must not stop any of them.
     pub fn assert_running(&mut self) {

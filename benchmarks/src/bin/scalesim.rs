@@ -46,7 +46,7 @@ const HEARTBEAT_TTL_MS: u64 = 3_600_000;
 const RESERVATION_MS: u64 = 600_000;
 /// The reachability probe stops after this many reservations (it only has to show the cap).
 const PROBE_CAP: usize = 4096;
-const SECRET: &[u8] = b"scalesim-secret";
+const SECRET: &[u8] = b"scalesim-secret-0";
 
 #[derive(Parser, Debug)]
 #[command(about = "Scheduler scale simulation: decision latency and dispatch throughput per fleet size")]

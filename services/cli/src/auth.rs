@@ -28,6 +28,39 @@ pub enum AuthError {
     Io { path: PathBuf, reason: String },
     #[error(transparent)]
     Credentials(#[from] sundara_common::Error),
+    /// The credentials belong to someone else than the command says (`--tenant`, `--id`).
+    #[error("your credentials are {}'s; {flag} {value} is not permitted", .credentials.stem())]
+    NotYours { credentials: Role, flag: &'static str, value: String },
+    /// The credentials are of a role that cannot do this at all.
+    #[error("your credentials are {}'s: {what}", .credentials.stem())]
+    WrongRole { credentials: Role, what: &'static str },
+    #[error("the running stack's NATS has no users to add to (`sundara up --autoscale` runs it without auth)")]
+    NoAuth,
+    #[error(transparent)]
+    Reload(#[from] crate::stack::StackError),
+}
+
+/// The server refused a command's credentials something the command needs.
+#[derive(Debug, thiserror::Error)]
+#[error("not permitted: {} cannot {denial}; {need}", whose(.credentials.as_deref()))]
+pub struct NotPermitted {
+    /// The seed file the command connected with.
+    pub credentials: Option<PathBuf>,
+    pub denial: sundara_common::nats::Denial,
+    /// What the command needs instead (`model pushes need the validator's credentials`).
+    pub need: String,
+}
+
+/// `tenant acme's credentials`, as the seed file's name tells.
+fn whose(credentials: Option<&Path>) -> String {
+    match credentials {
+        None => "a connection without credentials".into(),
+        Some(path) => match Role::of_credentials(path) {
+            Some(Role::Validator) => "the validator's credentials".into(),
+            Some(role) => format!("{role}'s credentials"),
+            None => format!("the credentials {}", path.display()),
+        },
+    }
 }
 
 /// Who a user is.
@@ -38,14 +71,35 @@ pub enum Role {
     Miner(String),
 }
 
+impl std::fmt::Display for Role {
+    /// `validator`, `tenant acme`, `miner m1`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Validator => f.write_str("validator"),
+            Role::Tenant(t) => write!(f, "tenant {t}"),
+            Role::Miner(w) => write!(f, "miner {w}"),
+        }
+    }
+}
+
 impl Role {
     /// Its seed file's name in the credentials directory.
     pub fn file_name(&self) -> String {
+        format!("{}.nk", self.stem())
+    }
+
+    /// `validator`, `tenant-acme`, `miner-m1`: its seed file's name without `.nk`.
+    pub fn stem(&self) -> String {
         match self {
-            Role::Validator => "validator.nk".into(),
-            Role::Tenant(t) => format!("tenant-{t}.nk"),
-            Role::Miner(w) => format!("miner-{w}.nk"),
+            Role::Validator => "validator".into(),
+            Role::Tenant(t) => format!("tenant-{t}"),
+            Role::Miner(w) => format!("miner-{w}"),
         }
+    }
+
+    /// Whose a seed file is, by its name (as `init` names them); `None` for another name.
+    pub fn of_credentials(path: &Path) -> Option<Role> {
+        Role::from_file_name(path.file_name()?.to_str()?)
     }
 
     fn from_file_name(name: &str) -> Option<Role> {
@@ -63,6 +117,40 @@ impl Role {
             Role::Tenant(n) | Role::Miner(n) => subj::is_token(n),
         };
         named.then_some(role)
+    }
+}
+
+/// The tenant a command acts as: `flag` (`--tenant`) if given, else the tenant whose
+/// credentials `creds` are, else `default`. Credentials of another tenant than `flag`, or a
+/// miner's, are refused here rather than by the server (whose refusal looks like silence).
+/// Seed files named otherwise than `init` names them cannot be told apart: `flag` or
+/// `default` then, and the server decides.
+pub fn tenant_of(creds: Option<&Path>, flag: Option<&str>) -> Result<String, AuthError> {
+    let role = creds.and_then(Role::of_credentials);
+    match (role, flag) {
+        (Some(Role::Tenant(own)), Some(flag)) if own != flag => {
+            Err(AuthError::NotYours { credentials: Role::Tenant(own), flag: "--tenant", value: flag.to_string() })
+        }
+        (Some(Role::Tenant(own)), _) => Ok(own),
+        (Some(miner @ Role::Miner(_)), _) => {
+            Err(AuthError::WrongRole { credentials: miner, what: "a miner cannot submit tasks; use a tenant's" })
+        }
+        (_, Some(flag)) => Ok(flag.to_string()),
+        (_, None) => Ok("default".into()),
+    }
+}
+
+/// Checks that a worker started as `id` has credentials that can be `id`'s: not another
+/// miner's, nor a tenant's (the validator's can act as any miner).
+pub fn check_miner(creds: Option<&Path>, id: &str) -> Result<(), AuthError> {
+    match creds.and_then(Role::of_credentials) {
+        Some(Role::Miner(own)) if own != id => {
+            Err(AuthError::NotYours { credentials: Role::Miner(own), flag: "--id", value: id.to_string() })
+        }
+        Some(tenant @ Role::Tenant(_)) => {
+            Err(AuthError::WrongRole { credentials: tenant, what: "a tenant cannot run a worker; use the miner's" })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -158,7 +246,7 @@ pub fn server_config(users: &[(Role, String)]) -> String {
     for (role, key) in users {
         let p = permissions(role, key);
         out.push_str(&format!(
-            "    # {role:?}\n    {{ nkey: {key:?}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }}{} }} }}\n",
+            "    # {role}\n    {{ nkey: {key:?}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }}{} }} }}\n",
             list(&p.publish),
             list(&p.subscribe),
             if p.allow_responses { ", allow_responses: true" } else { "" },
@@ -221,6 +309,28 @@ pub fn init(dir: &Path, tenants: &[String], miners: &[String]) -> Result<AuthDir
     Ok(AuthDir { dir: dir.to_path_buf(), users, server_config: config })
 }
 
+/// Adds tenants and miners to the stack a running `sundara up` described in `context`:
+/// their seeds go into its credentials directory (everyone else's kept), and its
+/// nats-server reloads the users. Returns the users' directory and the roles added.
+pub fn add(
+    context: &crate::context::Context,
+    tenants: &[String],
+    miners: &[String],
+) -> Result<(AuthDir, Vec<Role>), AuthError> {
+    let (Some(dir), Some(auth_config)) = (&context.credentials_dir, &context.nats_auth_config) else {
+        return Err(AuthError::NoAuth);
+    };
+    let before: Vec<Role> = std::fs::read_dir(dir)
+        .map_err(|e| AuthError::Io { path: dir.clone(), reason: e.to_string() })?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(Role::from_file_name))
+        .collect();
+    let auth = init(dir, tenants, miners)?;
+    crate::stack::reload_nats(auth_config, &auth.server_config, context.nats_server_pid, context.nats_monitor_port)?;
+    let added = auth.users.keys().filter(|r| !before.contains(r)).cloned().collect();
+    Ok((auth, added))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +342,52 @@ mod tests {
         }
         assert_eq!(Role::from_file_name("tenant-a.b.nk"), None);
         assert_eq!(Role::from_file_name("auth.conf"), None);
+    }
+
+    #[test]
+    fn roles_print_plainly() {
+        assert_eq!(Role::Tenant("acme".into()).to_string(), "tenant acme");
+        assert_eq!(Role::Miner("m1".into()).to_string(), "miner m1");
+        assert_eq!(Role::Validator.to_string(), "validator");
+    }
+
+    #[test]
+    fn a_refusal_names_the_credentials_and_the_subject() {
+        let denial = sundara_common::nats::Denial {
+            operation: sundara_common::nats::Operation::Publish,
+            subject: "$JS.API.STREAM.INFO.TASKS".into(),
+        };
+        let e = NotPermitted {
+            credentials: Some("/c/tenant-acme.nk".into()),
+            denial,
+            need: "model pushes need the validator's credentials".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "not permitted: tenant acme's credentials cannot publish to $JS.API.STREAM.INFO.TASKS; \
+             model pushes need the validator's credentials"
+        );
+    }
+
+    #[test]
+    fn the_tenant_comes_from_the_credentials() {
+        let acme = Path::new("/creds/tenant-acme.nk");
+        assert_eq!(tenant_of(Some(acme), None).unwrap(), "acme");
+        assert_eq!(tenant_of(Some(acme), Some("acme")).unwrap(), "acme");
+        let refused = tenant_of(Some(acme), Some("bob")).unwrap_err();
+        assert!(matches!(&refused, AuthError::NotYours { flag: "--tenant", value, .. } if value == "bob"));
+        assert_eq!(refused.to_string(), "your credentials are tenant-acme's; --tenant bob is not permitted");
+        assert!(matches!(tenant_of(Some(Path::new("miner-m1.nk")), None), Err(AuthError::WrongRole { .. })));
+        assert_eq!(tenant_of(Some(Path::new("validator.nk")), Some("bob")).unwrap(), "bob");
+        assert_eq!(tenant_of(Some(Path::new("my-key.nk")), None).unwrap(), "default");
+        assert_eq!(tenant_of(None, None).unwrap(), "default");
+        assert_eq!(tenant_of(None, Some("bob")).unwrap(), "bob");
+
+        assert!(check_miner(Some(Path::new("/c/miner-m1.nk")), "m1").is_ok());
+        assert!(check_miner(Some(Path::new("/c/validator.nk")), "m2").is_ok());
+        let refused = check_miner(Some(Path::new("/c/miner-m1.nk")), "m2").unwrap_err();
+        assert_eq!(refused.to_string(), "your credentials are miner-m1's; --id m2 is not permitted");
+        assert!(matches!(check_miner(Some(Path::new("tenant-a.nk")), "m1"), Err(AuthError::WrongRole { .. })));
     }
 
     #[test]

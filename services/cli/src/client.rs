@@ -7,7 +7,7 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, DeliverPolicy, pull},
 };
 use futures::{FutureExt, Stream, StreamExt};
-use sundara_common::nats::NatsEndpoint;
+use sundara_common::nats::{Denial, NatsEndpoint, unless_denied};
 use sundara_schemas::{
     ClientResult, MAX_MESSAGE_BYTES, SubmitOutcome, SubmitReply, SubmitRequest, decode, encode, subjects as subj,
 };
@@ -68,15 +68,18 @@ impl Client {
         outcome
     }
 
-    /// Submits raw bytes (tests use it to send malformed payloads).
+    /// Submits raw bytes (tests use it to send malformed payloads). Credentials that may
+    /// not submit as this tenant fail at once with [`sundara_common::Error::PermissionDenied`].
     pub async fn submit_raw(&self, payload: Vec<u8>) -> Result<SubmitOutcome, ClientError> {
         let subject = subj::submit(&self.tenant);
+        let refused = |d: &Denial| d.subject == subject;
         let request = match sundara_common::telemetry::context_headers() {
-            Some(headers) => self.nats.request_with_headers(subject, headers, payload.into()).boxed(),
-            None => self.nats.request(subject, payload.into()).boxed(),
+            Some(headers) => self.nats.request_with_headers(subject.clone(), headers, payload.into()).boxed(),
+            None => self.nats.request(subject.clone(), payload.into()).boxed(),
         };
-        let reply = tokio::time::timeout(Duration::from_secs(30), request)
+        let reply = unless_denied(&self.nats, refused, tokio::time::timeout(Duration::from_secs(30), request))
             .await
+            .map_err(sundara_common::Error::from)?
             .map_err(|_| ClientError::Request("no reply within 30 s".into()))?
             .map_err(|e| ClientError::Request(e.to_string()))?;
         Ok(decode::<SubmitReply>(&reply.payload, MAX_MESSAGE_BYTES)?.outcome)
@@ -94,6 +97,7 @@ impl Client {
         // No stream info (it could list other tenants' subjects).
         let stream = self.js.get_stream_no_info(subj::RESULTS_STREAM).await.map_err(sundara_common::js_err)?;
         let mut follower = Follower {
+            nats: self.nats.clone(),
             stream,
             tenant: self.tenant.clone(),
             mark: format!("follower {}", uuid::Uuid::now_v7().simple()),
@@ -123,6 +127,8 @@ pub fn results_consumer(tenant: &str, slot: usize) -> String {
 
 /// One follower of a tenant's results, on the consumer in its slot.
 struct Follower {
+    /// The connection, whose permission errors it watches.
+    nats: async_nats::Client,
     stream: jetstream::stream::Stream<()>,
     tenant: String,
     /// In its consumer's description: tells this follower's consumer from another's.
@@ -159,9 +165,14 @@ impl Follower {
     /// can tell).
     async fn claim(&mut self, deliver_policy: DeliverPolicy) -> Result<(), ClientError> {
         use async_nats::jetstream::stream::ConsumerCreateStrictErrorKind;
+        // Credentials that are not this tenant's are refused the create at once.
+        let creates = format!("$JS.API.CONSUMER.CREATE.{}.", subj::RESULTS_STREAM);
+        let refused = |d: &Denial| d.subject.starts_with(&creates);
         for i in 0..RESULT_FOLLOWERS {
             let slot = (self.slot + i) % RESULT_FOLLOWERS;
-            match self.stream.create_consumer_strict(self.config(slot, deliver_policy)).await {
+            let create = self.stream.create_consumer_strict(self.config(slot, deliver_policy));
+            let created = unless_denied(&self.nats, refused, create).await.map_err(sundara_common::Error::from)?;
+            match created {
                 Ok(consumer) => {
                     // The stream sequence before its first message: for `New`, the stream's
                     // last message when the consumer was created.

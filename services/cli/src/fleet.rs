@@ -45,3 +45,47 @@ pub async fn table(capacity: &Capacity) -> Result<String, sundara_common::Error>
     }
     Ok(out)
 }
+
+/// `sundara fleet quarantined`: the quarantined operators and workers, with why and, for a
+/// worker, its operator and state.
+pub async fn quarantined(capacity: &Capacity) -> Result<String, sundara_common::Error> {
+    let operators = capacity.quarantined_operators().await?;
+    let workers = capacity.quarantined().await?;
+    if operators.is_empty() && workers.is_empty() {
+        return Ok("no quarantines\n".into());
+    }
+    let mut out = String::new();
+    for (operator, why) in &operators {
+        out.push_str(&format!("operator {operator:<24} {why}\n"));
+    }
+    let health = capacity.health(&workers.keys().cloned().collect::<Vec<_>>()).await?;
+    for ((worker, why), (heartbeat, _)) in workers.iter().zip(health) {
+        let operator = capacity.operator_of(worker).await?.unwrap_or_default();
+        let online = if heartbeat { "online" } else { "offline" };
+        out.push_str(&format!("worker   {worker:<24} operator {operator:<16} {online:<7} {why}\n"));
+    }
+    out.push_str("lift one with `sundara fleet release <operator or worker>`\n");
+    Ok(out)
+}
+
+/// `sundara fleet release OPERATOR`: lifts the quarantine and says what it lifted.
+pub async fn release(capacity: &Capacity, operator: &str) -> Result<String, sundara_common::Error> {
+    let released = capacity.release_quarantine(operator).await?;
+    if !released.operator && released.workers.is_empty() {
+        return Ok(format!(
+            "{operator}: neither an operator nor a worker under quarantine (see `sundara fleet quarantined`)"
+        ));
+    }
+    let mut what = Vec::new();
+    if released.operator {
+        what.push(format!("operator {operator}"));
+    }
+    if !released.workers.is_empty() {
+        what.push(format!("workers {}", released.workers.join(", ")));
+    }
+    Ok(format!(
+        "released {}: they get work again from their next heartbeat. The rewarder keeps its proofs: one more \
+         output proven wrong quarantines them again",
+        what.join(" and ")
+    ))
+}

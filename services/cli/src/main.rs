@@ -7,24 +7,26 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use async_nats::jetstream;
 use clap::{Parser, Subcommand};
-use futures::StreamExt;
-use rand::SeedableRng;
-use sundara::client::Client;
-use sundara::stack::project_root;
+use sundara::stack::find_project_root;
 use sundara_common::{Endpoints, Registry, Shutdown, nats};
-use sundara_schemas::{CompareRule, Policy, ResultStatus, SubmitOutcome, SubmitRequest};
+use sundara_schemas::{CompareRule, Policy};
 use sundara_worker::SliceConfig;
 
 #[derive(Parser)]
 #[command(name = "sundara", version, about = "Sundara: verified inference on untrusted miners")]
 struct Cli {
-    #[arg(long, global = true, env = "SUNDARA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats: String,
-    /// NKey seed file to authenticate to NATS with (as `sundara auth init` writes them).
+    /// NATS server(s), comma-separated [default: the running `sundara up`'s, from its
+    /// context (SUNDARA_CONTEXT), else nats://127.0.0.1:4222]
+    #[arg(long, global = true, env = "SUNDARA_NATS_URL")]
+    nats: Option<String>,
+    /// NKey seed file to authenticate to NATS with (as `sundara auth init` writes them)
+    /// [default: from the running `sundara up`'s context: the validator's, or the miner's
+    /// or tenant's own that --id or --tenant names]
     #[arg(long, global = true, env = "SUNDARA_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
-    #[arg(long, global = true, env = "SUNDARA_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis: String,
+    /// Redis [default: the running `sundara up`'s, else redis://127.0.0.1:6379/]
+    #[arg(long, global = true, env = "SUNDARA_REDIS_URL")]
+    redis: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (services and `up`).
     #[arg(long, global = true, env = "SUNDARA_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -63,27 +65,34 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
-    /// Submit tasks and print results as they arrive.
+    /// Submit tasks and follow their results as they arrive. Exit code: 0 when every task
+    /// was verified, 1 when some was not (rejected, expired, no consensus, no result), 2 on error.
     Submit {
         #[arg(long)]
         model: String,
-        /// JSON inputs: {"inputs": [{"name", "dtype", "shape", "values"}]}; random inputs when absent.
+        /// JSON inputs: {"inputs": [{"name", "dtype", "shape", "values"}]}, values flat or
+        /// nested lists (numpy's tolist()); random inputs when absent.
         #[arg(long)]
         input: Option<PathBuf>,
-        /// Generated tasks to submit (with a progress bar when more than one).
+        /// Tasks to submit (with a progress bar on a terminal when more than one).
         #[arg(long, default_value_t = 1)]
         count: usize,
         /// Rows per generated task (along the first dynamic dimension).
         #[arg(long, default_value_t = 1)]
         rows: u64,
-        /// Who submits: it must be the tenant your --nats-creds belong to when NATS has auth on.
-        #[arg(long, default_value = "default")]
-        tenant: String,
+        /// Who submits [default: the tenant whose credentials --nats-creds are, else
+        /// `default`]. Another tenant than the credentials' is refused.
+        #[arg(long)]
+        tenant: Option<String>,
         #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
         /// high, normal or low: under contention, higher priority is dispatched first.
         #[arg(long, default_value = "normal", value_parser = sundara_schemas::Priority::parse)]
         priority: sundara_schemas::Priority,
+        /// One JSON object per result on stdout (every output value), rejections included;
+        /// the summary on stderr.
+        #[arg(long)]
+        json: bool,
     },
     /// Reward table: per-miner scores and the latest epoch weights; with --explain, how one
     /// miner's weight in an epoch came about, recomputed from the reward traces.
@@ -95,8 +104,12 @@ enum Command {
         #[arg(long)]
         explain: Option<String>,
     },
-    /// Every slice of the fleet: state, slots and memory in use, models loaded.
-    Fleet,
+    /// Every slice of the fleet: state, slots and memory in use, models loaded; and the
+    /// quarantines (`fleet quarantined`, `fleet release OPERATOR`).
+    Fleet {
+        #[command(subcommand)]
+        command: Option<FleetCommand>,
+    },
     /// A live view of the fleet, the queues and the newest verdicts, refreshed in place.
     Status {
         /// Seconds between refreshes.
@@ -257,9 +270,22 @@ impl AutoscalerArgs {
 
 #[derive(clap::Args)]
 struct Secret {
-    /// Validator secret that signs assignment tickets (same for scheduler and verifier).
+    /// Validator secret that signs assignment tickets (same for scheduler and verifier; at
+    /// least 16 bytes). At start each checks its key id against the one the stack stored
+    /// (NATS KV `validator`) and refuses to start on a mismatch.
     #[arg(long, env = "SUNDARA_SECRET", hide_env_values = true)]
     secret: String,
+    /// Change the stack's secret on purpose: store this secret's key id in place of the
+    /// stack's, then restart every other scheduler and verifier with the new secret.
+    #[arg(long)]
+    rotate_secret: bool,
+}
+
+impl Secret {
+    fn claim(&self) -> sundara_common::validator_key::Claim {
+        use sundara_common::validator_key::Claim;
+        if self.rotate_secret { Claim::Rotate } else { Claim::Check }
+    }
 }
 
 #[derive(Subcommand)]
@@ -276,6 +302,28 @@ enum AuthCommand {
         /// A miner, by its worker id (repeatable).
         #[arg(long = "miner")]
         miners: Vec<String>,
+    },
+    /// Add tenants and miners to the stack a running `sundara up` serves (its context):
+    /// their seeds go into its credentials directory and its nats-server reloads its users.
+    Add {
+        /// A tenant (repeatable).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// A miner, by its worker id (repeatable).
+        #[arg(long = "miner")]
+        miners: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Quarantined operators and workers, with why.
+    Quarantined,
+    /// Lift the quarantine of an operator (or of a worker, by its id) and of every worker
+    /// announced with it: they get work again from their next heartbeat.
+    Release {
+        /// The operator (`--operator` of its workers; a worker's id when it gave none).
+        operator: String,
     },
 }
 
@@ -295,14 +343,19 @@ enum TasksCommand {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// Register an ONNX model (inputs and outputs are read from the model).
+    /// Register an ONNX model (inputs and outputs are read from the model). A published
+    /// version never changes: the same bytes and policy again change nothing, others get a
+    /// new version.
     Push {
         file: PathBuf,
         #[arg(long)]
         name: String,
-        #[arg(long, default_value = "1")]
-        version: String,
-        /// Distinct miners per task (k).
+        /// The version to publish (refused if it exists, or was removed, with other bytes or
+        /// another policy). Default: the latest version when the bytes and policy are the
+        /// same, else the next number.
+        #[arg(long)]
+        version: Option<String>,
+        /// Distinct miners per task (k), 1 to 9, each of another operator.
         #[arg(long, default_value_t = 2)]
         redundancy: u8,
         /// exact | allclose | argmax | cosine
@@ -327,6 +380,13 @@ enum ModelsCommand {
     },
     /// List registered models.
     List,
+    /// Remove a version (NAME@VERSION) or every version (NAME) of a model: its record and
+    /// bytes. Its number is never given to other bytes (miners may still hold them), and
+    /// its tasks still in flight fail.
+    Rm {
+        /// NAME or NAME@VERSION
+        model: String,
+    },
 }
 
 async fn run_service<E: std::fmt::Display>(
@@ -343,17 +403,54 @@ async fn run_service<E: std::fmt::Display>(
 
 /// The registry, for operator commands (which create the streams when missing).
 async fn registry(nats: &nats::NatsEndpoint) -> anyhow::Result<(jetstream::Context, Registry)> {
-    let client = nats::connect(nats, "sundara-cli").await?;
-    let js = jetstream::new(client);
-    nats::provision(&js, &nats::Retention::default()).await?;
-    let registry = Registry::open(&js).await?;
-    Ok((js, registry))
+    registry_for(nats, "operator commands").await
 }
 
+/// [`registry`] for `what` (`model pushes`): credentials the server refuses what it needs
+/// fail at once, saying that `what` needs the validator's.
+async fn registry_for(nats: &nats::NatsEndpoint, what: &str) -> anyhow::Result<(jetstream::Context, Registry)> {
+    let client = nats::connect(nats, "sundara-cli").await?;
+    let js = jetstream::new(client.clone());
+    let opened = nats::unless_denied(&client, |_| true, async {
+        nats::provision(&js, &nats::Retention::default()).await?;
+        Registry::open(&js).await
+    })
+    .await
+    .map_err(|denial| sundara::auth::NotPermitted {
+        credentials: nats.credentials.clone(),
+        denial,
+        need: format!("{what} need the validator's credentials"),
+    })?;
+    Ok((js, opened?))
+}
+
+/// ONNX Runtime: `ORT_DYLIB_PATH`, else the wheel in the project's `.venv`.
 fn ort() -> anyhow::Result<PathBuf> {
-    let lib = sundara_runtime::find_library(&[project_root()])?;
+    let roots = match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(_) => vec![],
+        None => vec![find_project_root().context("ONNX Runtime is looked for in the checkout's .venv")?],
+    };
+    let lib = sundara_runtime::find_library(&roots)?;
     sundara_runtime::init(&lib)?;
     Ok(lib)
+}
+
+/// Where to connect, from the command line, the environment and a running `sundara up`'s
+/// context (not for `up` itself, which starts its own or takes what it is given).
+fn endpoints(cli: &Cli) -> Endpoints {
+    let settings = sundara::context::Settings {
+        nats: cli.nats.clone(),
+        nats_creds: cli.nats_creds.clone(),
+        redis: cli.redis.clone(),
+    };
+    let acting_as = match &cli.command {
+        Command::Up { .. } => return settings.resolve(None, None),
+        Command::Worker { id, .. } => Some(sundara::auth::Role::Miner(id.clone())),
+        Command::Submit { tenant: Some(t), .. } => Some(sundara::auth::Role::Tenant(t.clone())),
+        _ => None,
+    };
+    let context = sundara::context::Context::current();
+    settings.resolve(context.as_ref().map(|(_, c)| c), acting_as.as_ref())
 }
 
 /// `up` and the client commands print their own report; services log at info.
@@ -365,14 +462,18 @@ fn is_quiet(command: &Command) -> bool {
             | Command::Submit { .. }
             | Command::Models { .. }
             | Command::Rewards { .. }
-            | Command::Fleet
+            | Command::Fleet { .. }
             | Command::Tasks { .. }
             | Command::Status { .. }
     )
 }
 
+/// Exit codes: 0 success; 1 `submit` ran but some task was not verified (its summary
+/// says why); 2 an error, printed once as `error: …` with the causes it does not already
+/// say (clap's usage errors also exit 2).
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    use sundara::submit::{NotAllVerified, exit};
     let cli = Cli::parse();
     let quiet = is_quiet(&cli.command);
     let telemetry = sundara_common::telemetry::init(&sundara_common::telemetry::TelemetryConfig {
@@ -380,10 +481,23 @@ async fn main() -> anyhow::Result<()> {
         log_level: if quiet { "warn" } else { "info" }.into(),
         log_format: cli.log_format,
         otlp_endpoint: cli.otlp_endpoint.clone(),
-    })?;
-    let result = run(cli, quiet).await;
-    telemetry.shutdown();
-    result
+    });
+    let result = match telemetry {
+        Ok(telemetry) => {
+            let result = run(cli, quiet).await;
+            telemetry.shutdown();
+            result
+        }
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<NotAllVerified>().is_some() => std::process::ExitCode::from(exit::NOT_ALL_VERIFIED),
+        Err(e) => {
+            eprintln!("{}", sundara::error_report(&e));
+            std::process::ExitCode::from(exit::ERROR)
+        }
+    }
 }
 
 /// `service.name` of the spans a command exports.
@@ -403,8 +517,8 @@ fn service_name(command: &Command) -> &'static str {
 
 /// Runs the command; `quiet` ones (client and `up`) serve no metrics of their own.
 async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
-    let nats = nats::NatsEndpoint { url: cli.nats.clone(), credentials: cli.nats_creds.clone() };
-    let endpoints = Endpoints { nats: nats.clone(), redis_url: cli.redis.clone() };
+    let endpoints = endpoints(&cli);
+    let nats = endpoints.nats.clone();
     let shutdown = Shutdown::new();
     if !quiet && cli.metrics_addr.is_some() {
         sundara_common::metrics::install(cli.metrics_addr)?;
@@ -422,7 +536,17 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             sundara::up::up(opts).await
         }
         Command::Models { command: ModelsCommand::List } => {
-            let (_, registry) = registry(&nats).await?;
+            // Reading only: tenants and miners may list models too.
+            let client = nats::connect(&nats, "sundara-cli").await?;
+            let js = jetstream::new(client.clone());
+            let registry = nats::unless_denied(&client, |_| true, Registry::open(&js))
+                .await
+                .map_err(|denial| sundara::auth::NotPermitted {
+                    credentials: nats.credentials.clone(),
+                    denial,
+                    need: "reading the registry needs a validator's, tenant's or miner's credentials".into(),
+                })?
+                .context("no model registry on this NATS yet (the services or `sundara up` create it)")?;
             for m in registry.list().await? {
                 println!("{}", sundara::models::describe(&m));
             }
@@ -444,11 +568,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                     max_delay_us,
                 },
         } => {
-            if !(0.0..=1.0).contains(&audit_rate) {
-                bail!("--audit-rate must be between 0 and 1");
-            }
             let batching = sundara_schemas::Batching { max_batch, max_delay_us };
-            ort()?;
             let rule = match rule.as_str() {
                 "exact" => CompareRule::Exact,
                 "allclose" => CompareRule::AllClose { atol, rtol },
@@ -456,22 +576,46 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 "cosine" => CompareRule::Cosine { min: min_cosine },
                 other => bail!("unknown rule {other:?}: use exact, allclose, argmax or cosine"),
             };
-            let (_, registry) = registry(&nats).await?;
-            let meta = sundara::models::push(
-                &registry,
-                &file,
-                &name,
-                &version,
-                Policy { redundancy, rule, audit_rate },
-                batching,
-            )
-            .await?;
-            println!("{}", sundara::models::describe(&meta));
+            let policy = Policy { redundancy, rule, audit_rate };
+            // Refused before anything is read or loaded (the registry refuses it too).
+            policy.validate().and_then(|()| batching.validate()).with_context(|| format!("{name} not pushed"))?;
+            ort()?;
+            let (_, registry) = registry_for(&nats, "model pushes").await?;
+            let version = version.as_deref();
+            let pushed = sundara::models::publish(&registry, &file, &name, version, policy, batching).await?;
+            let meta = pushed.meta();
+            match &pushed {
+                sundara_common::registry::Pushed::Created(_) => println!("{}", sundara::models::describe(meta)),
+                sundara_common::registry::Pushed::Unchanged(_) => {
+                    println!("{}@{} unchanged (same sha256 and policy)", meta.name, meta.version)
+                }
+            }
+            for warning in sundara::models::policy_warnings(meta) {
+                eprintln!("{warning}");
+            }
+            match sundara::models::fleet_operators(&endpoints.redis_url).await {
+                Ok(operators) => {
+                    if let Some(warning) = sundara::models::fleet_warning(meta, &operators) {
+                        eprintln!("{warning}");
+                    }
+                }
+                Err(why) => eprintln!("note: could not read the fleet from Redis ({why}); its operators not checked"),
+            }
             Ok(())
         }
-        Command::Submit { model, input, count, rows, tenant, timeout_ms, priority } => {
-            let options = SubmitOptions { count, rows, tenant, timeout_ms, priority };
-            submit(&nats, &model, input, options).await
+        Command::Models { command: ModelsCommand::Rm { model } } => {
+            let (_, registry) = registry_for(&nats, "model removals").await?;
+            for meta in sundara::models::remove(&registry, &model).await? {
+                println!("removed {}@{} (sha256 {}…)", meta.name, meta.version, &meta.sha256[..12]);
+            }
+            Ok(())
+        }
+        Command::Submit { model, input, count, rows, tenant, timeout_ms, priority, json } => {
+            let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;
+            let options =
+                sundara::submit::SubmitOptions { model, input, count, rows, tenant, timeout_ms, priority, json };
+            let tally = sundara::submit::submit(&nats, options).await?;
+            Ok(tally.check()?)
         }
         Command::Rewards { epoch, explain } => {
             let (js, _) = registry(&nats).await?;
@@ -490,9 +634,15 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 Some(miner) => sundara::up::explain_rewards(&js, epoch, &miner).await,
             }
         }
-        Command::Fleet => {
-            let capacity = sundara_common::Capacity::connect(&cli.redis).await?;
-            print!("{}", sundara::fleet::table(&capacity).await?);
+        Command::Fleet { command } => {
+            let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
+            match command {
+                None => print!("{}", sundara::fleet::table(&capacity).await?),
+                Some(FleetCommand::Quarantined) => print!("{}", sundara::fleet::quarantined(&capacity).await?),
+                Some(FleetCommand::Release { operator }) => {
+                    println!("{}", sundara::fleet::release(&capacity, &operator).await?)
+                }
+            }
             Ok(())
         }
         Command::Status { every, once } => {
@@ -500,7 +650,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 bail!("--every must be at least 0.1 s");
             }
             let (js, _) = registry(&nats).await?;
-            let capacity = sundara_common::Capacity::connect(&cli.redis).await?;
+            let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
             sundara::status::watch(&js, &capacity, Duration::from_secs_f64(every), once).await?;
             Ok(())
         }
@@ -526,10 +676,39 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         Command::Auth { command: AuthCommand::Init { dir, tenants, miners } } => {
             let auth = sundara::auth::init(&dir, &tenants, &miners)?;
             for role in auth.users.keys() {
-                println!("{:<24} {}", format!("{role:?}"), auth.credentials(role).display());
+                println!("{:<24} {}", role.to_string(), auth.credentials(role).display());
             }
             println!("server config: {} (include it and reload nats-server)", dir.join("auth.conf").display());
             println!("connect with --nats-creds <seed file> (env SUNDARA_NATS_CREDS)");
+            Ok(())
+        }
+        Command::Auth { command: AuthCommand::Add { tenants, miners } } => {
+            let path = sundara::context::path()?;
+            let Some((path, context)) = sundara::context::Context::current() else {
+                bail!(
+                    "no running `sundara up` (no live context at {}); for a nats-server of your own, \
+                     `sundara auth init --dir DIR` and reload it",
+                    path.display()
+                );
+            };
+            if tenants.is_empty() && miners.is_empty() {
+                bail!("name at least one --tenant or --miner");
+            }
+            let (auth, added) = sundara::auth::add(&context, &tenants, &miners)?;
+            for role in &added {
+                println!("{:<24} {}", role.to_string(), auth.credentials(role).display());
+            }
+            if added.is_empty() {
+                println!("nothing new: every one named has a seed in {}", auth.dir.display());
+            }
+            println!(
+                "nats-server (pid {}) reloaded its users; the stack's context: {}",
+                context.nats_server_pid,
+                path.display()
+            );
+            println!(
+                "connect with --nats-creds <seed file>, or --tenant T / worker --id W to pick your own seed from the context"
+            );
             Ok(())
         }
         Command::Ingress { tenant_limits, max_in_flight } => {
@@ -543,13 +722,17 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             run_service(sundara_ingress::run(config, shutdown.clone()), shutdown).await
         }
         Command::Scheduler(s) => {
-            let config = sundara_scheduler::Config::new(endpoints, s.secret.into_bytes());
+            let claim = s.claim();
+            let mut config = sundara_scheduler::Config::new(endpoints, s.secret.into_bytes());
+            config.secret_claim = claim;
             run_service(sundara_scheduler::run(config, shutdown.clone()), shutdown).await
         }
         Command::Verifier { secret, no_reference, reference_threads } => {
+            let claim = secret.claim();
             let mut config = sundara_verifier::Config::new(endpoints, secret.secret.into_bytes());
+            config.secret_claim = claim;
             if !no_reference {
-                let cache = project_root().join(".cache/verifier-models");
+                let cache = find_project_root()?.join(".cache/verifier-models");
                 let mut reference = sundara_verifier::ReferenceConfig::new(ort()?, cache);
                 reference.threads = reference_threads.max(1);
                 config.reference = Some(reference);
@@ -567,8 +750,12 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             run_service(sundara_autoscaler::run(config, shutdown.clone()), shutdown).await
         }
         Command::Worker { id, operator, threads, slots, slices, models, cache_dir, dishonest, behaviour } => {
+            sundara::auth::check_miner(endpoints.nats.credentials.as_deref(), &id)?;
             let lib = ort()?;
-            let cache = cache_dir.unwrap_or_else(|| project_root().join(".cache/worker-models"));
+            let cache = match cache_dir {
+                Some(dir) => dir,
+                None => find_project_root()?.join(".cache/worker-models"),
+            };
             let mut config = sundara_worker::Config::new(endpoints.nats, &id, lib, cache);
             config.operator = operator.unwrap_or(id);
             config.slices = if slices.is_empty() {
@@ -594,76 +781,4 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             run_service(sundara_worker::run(config, shutdown.clone()), shutdown).await
         }
     }
-}
-
-struct SubmitOptions {
-    count: usize,
-    rows: u64,
-    tenant: String,
-    timeout_ms: u64,
-    priority: sundara_schemas::Priority,
-}
-
-async fn submit(
-    endpoint: &nats::NatsEndpoint,
-    model: &str,
-    input: Option<PathBuf>,
-    options: SubmitOptions,
-) -> anyhow::Result<()> {
-    let SubmitOptions { count, rows, tenant, timeout_ms, priority } = options;
-    // A tenant may read the registry but not create streams: no provisioning here.
-    let nats = nats::connect(endpoint, "sundara-client").await?;
-    let registry = Registry::open(&jetstream::new(nats.clone())).await?;
-    let meta = registry.latest(model).await?.with_context(|| format!("no model named {model:?}"))?;
-    let fixed = match &input {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            Some(sundara::inputs_from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
-        }
-        None => None,
-    };
-    let client = Client::new(nats, &tenant);
-    let mut results = client.results().await?;
-    let mut rng = rand::rngs::StdRng::from_os_rng();
-    let bar = (count > 1).then(|| indicatif::ProgressBar::new(count as u64));
-    let mut pending = std::collections::HashSet::new();
-    for _ in 0..count {
-        let inputs = fixed.clone().unwrap_or_else(|| sundara::models::sample_inputs(&meta.inputs, rows, &mut rng));
-        let req = SubmitRequest { timeout_ms: Some(timeout_ms), priority, ..SubmitRequest::new(model, inputs) };
-        match client.submit(&req).await? {
-            SubmitOutcome::Accepted { task_id, .. } => {
-                pending.insert(task_id);
-            }
-            SubmitOutcome::Rejected { code, reason } => bail!("rejected ({}): {reason}", code.as_str()),
-        }
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms + 5_000);
-    while !pending.is_empty() {
-        let Ok(Some(result)) = tokio::time::timeout_at(deadline, results.next()).await else {
-            bail!("{} results did not arrive in time", pending.len());
-        };
-        let result = result?;
-        if !pending.remove(&result.task_id) {
-            continue;
-        }
-        match (&bar, &result.status) {
-            (Some(bar), _) => bar.inc(1),
-            (None, ResultStatus::Verified { outputs, agreeing, k }) => {
-                println!("task {} verified by {agreeing}/{k} miners", result.task_id);
-                for t in outputs {
-                    let values = t.to_f64();
-                    let shown: Vec<String> = values.iter().take(10).map(|v| format!("{v:.5}")).collect();
-                    let more = if values.len() > 10 { ", …" } else { "" };
-                    println!("  {} {}{:?} [{}{more}]", t.name, t.dtype, t.shape, shown.join(", "));
-                }
-            }
-            (None, ResultStatus::Failed { code, reason }) => {
-                println!("task {} failed ({code:?}): {reason}", result.task_id)
-            }
-        }
-    }
-    if let Some(bar) = bar {
-        bar.finish_with_message("all results in");
-    }
-    Ok(())
 }

@@ -74,11 +74,16 @@ impl Pipeline {
     pub async fn start(config: PipelineConfig) -> Pipeline {
         let shutdown = Shutdown::new();
         let ep = config.endpoints.clone();
+        // One secret for the whole validator side in this process: it is the stack's (an
+        // earlier `up --external` on the same NATS may have stored another's key id).
+        let claim = sundara_common::validator_key::Claim::Rotate;
         let mut scheduler = sundara_scheduler::Config::new(ep.clone(), config.secret.clone());
+        scheduler.secret_claim = claim;
         scheduler.assignment_timeout = config.assignment_timeout;
         let mut rewarder = sundara_rewarder::Config::new(ep.clone());
         rewarder.epoch_length = config.epoch_length;
         let mut verifier = sundara_verifier::Config::new(ep.clone(), config.secret.clone());
+        verifier.secret_claim = claim;
         verifier.reference = Some(sundara_verifier::ReferenceConfig::new(
             config.ort_library.clone(),
             config.cache_dir.join("reference"),

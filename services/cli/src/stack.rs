@@ -13,6 +13,13 @@ use sundara_common::nats::NatsEndpoint;
 pub enum StackError {
     #[error("{what} not found: {hint}")]
     Missing { what: &'static str, hint: &'static str },
+    #[error(
+        "no Sundara checkout found: {reason}. Run from the repository root (where scripts/setup and .venv are), \
+         or set SUNDARA_HOME to it"
+    )]
+    NoProjectRoot { reason: String },
+    #[error("nats-server (pid {pid}) did not reload its configuration within {secs} s: {reason}")]
+    Reload { pid: u32, secs: u64, reason: String },
     #[error("cannot start {what}: {reason}")]
     Start { what: &'static str, reason: String },
     #[error("{what} exited at start with {status} (its port may have been taken)")]
@@ -25,14 +32,53 @@ pub enum StackError {
 
 const SETUP_HINT: &str = "run scripts/setup (it installs redis-server from apt and nats-server 2.15 into .venv)";
 
-/// The project root: where `.venv` and `.cache/models` live (the current directory when
-/// it has them, else the directory this crate was built from).
-pub fn project_root() -> PathBuf {
-    let cwd = std::env::current_dir().unwrap_or_default();
-    if cwd.join(".venv").exists() || cwd.join("scripts/setup").exists() {
-        return cwd;
+/// The project root: where `.venv` (nats-server, ONNX Runtime) and `.cache` (models) live.
+/// `SUNDARA_HOME` when set; else the current directory when it is a checkout (or an
+/// installation: it has `.venv` or `scripts/setup`); else the nearest ancestor of this
+/// executable's directory that is one (a binary in `target/release` of a checkout). Never
+/// the tree the binary was built from: that may not be where the user is working.
+pub fn find_project_root() -> Result<PathBuf, StackError> {
+    let home = std::env::var_os("SUNDARA_HOME").map(PathBuf::from);
+    let cwd = std::env::current_dir().ok();
+    let exe = std::env::current_exe().ok();
+    resolve_project_root(home, cwd, exe)
+}
+
+/// Whether `dir` looks like a checkout or an installation.
+fn is_project_root(dir: &Path) -> bool {
+    dir.join(".venv").is_dir() || dir.join("scripts/setup").is_file()
+}
+
+/// [`find_project_root`] on the given environment.
+pub fn resolve_project_root(
+    home: Option<PathBuf>,
+    cwd: Option<PathBuf>,
+    exe: Option<PathBuf>,
+) -> Result<PathBuf, StackError> {
+    if let Some(home) = home {
+        return if home.is_dir() {
+            Ok(home)
+        } else {
+            Err(StackError::NoProjectRoot { reason: format!("SUNDARA_HOME={} is not a directory", home.display()) })
+        };
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    if let Some(cwd) = cwd.filter(|d| is_project_root(d)) {
+        return Ok(cwd);
+    }
+    if let Some(found) = exe.as_deref().and_then(Path::parent).and_then(|d| d.ancestors().find(|a| is_project_root(a)))
+    {
+        return Ok(found.to_path_buf());
+    }
+    Err(StackError::NoProjectRoot {
+        reason: "neither the current directory nor any directory above this executable has .venv or scripts/setup"
+            .into(),
+    })
+}
+
+/// [`find_project_root`] for tests and benchmarks, which run inside a checkout; panics
+/// with the reason where there is none.
+pub fn project_root() -> PathBuf {
+    find_project_root().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// nats-server: `SUNDARA_NATS_SERVER`, else `.venv/bin/nats-server` under `root`.
@@ -65,6 +111,27 @@ pub fn redis_server_binary() -> Result<PathBuf, StackError> {
         }
     }
     Err(StackError::Missing { what: "redis-server", hint: SETUP_HINT })
+}
+
+/// Whether servers run in a process group of their own (see [`detach_servers`]).
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Servers started from now on run in a process group of their own, so that a terminal's
+/// Ctrl-C reaches only this process, which then stops its services before its servers
+/// (`sundara up`: its services would otherwise drain against servers already gone). Tests
+/// leave their servers in their group: an interrupted test run takes them along.
+pub fn detach_servers() {
+    DETACHED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `cmd`, in a process group of its own after [`detach_servers`].
+fn server_command(binary: &Path) -> Command {
+    let mut cmd = Command::new(binary);
+    #[cfg(unix)]
+    if DETACHED.load(std::sync::atomic::Ordering::Relaxed) {
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    }
+    cmd
 }
 
 /// A free loopback port (the OS picks it; a race with another process is retried by the caller).
@@ -150,18 +217,19 @@ pub fn start_nats_on(
     let store = dir.join("jetstream");
     std::fs::create_dir_all(&store)?;
     let conf = dir.join("nats.conf");
-    // 8 MiB payloads: the ingress accepts submissions up to 4 MiB plus headroom. A fixed
+    // `NATS_MAX_PAYLOAD` (8 MiB): the ingress accepts submissions up to 4 MiB plus headroom. A fixed
     // store limit: by default it is derived from the free disk, and streams' `max_bytes`
     // reservations (TASKS: 4 GiB) then fail on a machine short of disk, though the
     // embedded stack stores little.
     std::fs::write(
         &conf,
         format!(
-            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n  max_file_store: 64GB\n}}\n{extra}\n",
+            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: {}\njetstream {{\n  store_dir: {:?}\n  max_file_store: 64GB\n}}\n{extra}\n",
+            sundara_schemas::NATS_MAX_PAYLOAD,
             store
         ),
     )?;
-    let mut child = Command::new(binary)
+    let mut child = server_command(binary)
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
@@ -185,7 +253,7 @@ pub const REDIS_MAXMEMORY: &str = "1gb";
 /// Starts redis-server on `port`, without persistence (so a restart comes back empty),
 /// with at most [`REDIS_MAXMEMORY`] and no eviction.
 pub fn start_redis_on(binary: &Path, dir: &Path, port: u16) -> Result<ServerProcess, StackError> {
-    let mut child = Command::new(binary)
+    let mut child = server_command(binary)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"])
         .arg("--dir")
@@ -205,24 +273,48 @@ pub struct LocalStack {
     pub dir: tempfile::TempDir,
     /// The seed file [`LocalStack::endpoints`] connects with, when NATS has auth on.
     pub nats_credentials: Option<PathBuf>,
+    nats_binary: PathBuf,
+    /// What nats-server's config has besides the basics (a restart keeps it).
+    nats_extra: String,
 }
+
+/// The file of a secured stack's nats-server config that holds its `authorization` block,
+/// included from `nats.conf` in the same directory: rewrite it and [`reload_nats`] to
+/// change the users.
+pub const AUTH_CONF: &str = "auth.conf";
 
 impl LocalStack {
     pub fn start(root: &Path) -> Result<LocalStack, StackError> {
         let dir = tempfile::Builder::new().prefix("sundara-stack-").tempdir()?;
-        let nats = start_nats(&nats_server_binary(root)?, dir.path())?;
+        let nats_binary = nats_server_binary(root)?;
+        let nats = start_nats(&nats_binary, dir.path())?;
         let redis = start_redis(&redis_server_binary()?, dir.path())?;
-        Ok(LocalStack { nats, redis, dir, nats_credentials: None })
+        Ok(LocalStack { nats, redis, dir, nats_credentials: None, nats_binary, nats_extra: String::new() })
     }
 
     /// As [`LocalStack::start`], with NATS' users and permissions from `sundara auth init`
-    /// (see [`crate::auth`]); the stack's endpoints connect as the validator.
+    /// (see [`crate::auth`]) in [`LocalStack::auth_config`]; the stack's endpoints connect
+    /// as the validator.
     pub fn start_secured(root: &Path, auth: &crate::auth::AuthDir) -> Result<LocalStack, StackError> {
         let dir = tempfile::Builder::new().prefix("sundara-stack-").tempdir()?;
-        let nats = start_nats_with(&nats_server_binary(root)?, dir.path(), &auth.server_config)?;
+        std::fs::write(dir.path().join(AUTH_CONF), &auth.server_config)?;
+        let nats_binary = nats_server_binary(root)?;
+        // Relative to nats.conf's directory.
+        let nats_extra = format!("include {AUTH_CONF:?}\n");
+        let nats = start_nats_with(&nats_binary, dir.path(), &nats_extra)?;
         let redis = start_redis(&redis_server_binary()?, dir.path())?;
         let nats_credentials = Some(auth.credentials(&crate::auth::Role::Validator));
-        Ok(LocalStack { nats, redis, dir, nats_credentials })
+        Ok(LocalStack { nats, redis, dir, nats_credentials, nats_binary, nats_extra })
+    }
+
+    /// nats-server's config file.
+    pub fn nats_config(&self) -> PathBuf {
+        self.dir.path().join("nats.conf")
+    }
+
+    /// The `authorization` block nats-server's config includes (a secured stack's).
+    pub fn auth_config(&self) -> PathBuf {
+        self.dir.path().join(AUTH_CONF)
     }
 
     /// SIGKILLs nats-server and starts it again on the same ports and store directory
@@ -236,7 +328,7 @@ impl LocalStack {
     /// directory (a test that times the outage kills it itself).
     pub fn start_nats_again(&mut self) -> Result<(), StackError> {
         let monitor = self.nats.monitor_port.unwrap_or(free_port()?);
-        self.nats = start_nats_on(&nats_server_binary(&project_root())?, self.dir.path(), self.nats.port, monitor, "")?;
+        self.nats = start_nats_on(&self.nats_binary, self.dir.path(), self.nats.port, monitor, &self.nats_extra)?;
         Ok(())
     }
 
@@ -258,6 +350,39 @@ impl LocalStack {
             redis_url: format!("redis://127.0.0.1:{}/", self.redis.port),
         }
     }
+}
+
+/// Rewrites nats-server's `authorization` block (`auth_config`, which its config
+/// includes) and makes the server (process `pid`, monitoring on `monitor_port`) reload it:
+/// SIGHUP, then waits (bounded) until `/varz` shows a newer config load. A config the
+/// server refuses leaves the load time as it was, and this fails.
+pub fn reload_nats(auth_config: &Path, server_config: &str, pid: u32, monitor_port: u16) -> Result<(), StackError> {
+    let within = Duration::from_secs(10);
+    let failed = |reason: String| StackError::Reload { pid, secs: within.as_secs(), reason };
+    let loaded_at = || -> Result<String, StackError> {
+        let (status, body) = http_get(monitor_port, "/varz")?;
+        let varz: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| failed(format!("/varz (HTTP {status}): {e}")))?;
+        Ok(varz["config_load_time"].as_str().unwrap_or_default().to_string())
+    };
+    let before = loaded_at()?;
+    std::fs::write(auth_config, server_config)?;
+    let sent = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .map_err(|e| failed(format!("kill -HUP: {e}")))?;
+    if !sent.success() {
+        return Err(failed(format!("kill -HUP {pid}: {sent} (is nats-server still running?)")));
+    }
+    let started = Instant::now();
+    // The reload is announced only in the server's log and /varz; poll /varz briefly.
+    while started.elapsed() < within {
+        if loaded_at()? != before {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(failed("its config load time did not change: see its log, the config may be invalid".into()))
 }
 
 /// A GET of `path` on a loopback HTTP port (nats-server's monitoring): the status code and

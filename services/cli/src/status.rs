@@ -116,7 +116,10 @@ pub fn layout(
     let slice_rows = slices.len().min(room - min_verdicts);
     let mut lines = vec![
         header,
-        format!("{:<22} {:<6} {:<11} {:<7} {:<13} {}", "worker/slice", "device", "state", "slots", "memory MiB", "models"),
+        format!(
+            "{:<22} {:<6} {:<11} {:<7} {:<13} {}",
+            "worker/slice", "device", "state", "slots", "memory MiB", "models"
+        ),
     ];
     let hidden = slices.len() - slice_rows;
     let shown = if hidden > 0 { slice_rows.saturating_sub(1) } else { slice_rows };

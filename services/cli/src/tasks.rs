@@ -109,7 +109,7 @@ pub fn age_text(ms: u64) -> String {
     }
 }
 
-/// Submits a dead task again, as new work with the same model, inputs, seed, tenant,
+/// Submits a dead task again, as new work with the same model version, inputs, seed, tenant,
 /// priority and timeout (read back from TASKS). Idempotent: resubmitting the same dead
 /// task twice yields the same new task. Returns the new task id.
 /// Submits on the original tenant's subject, which needs the operator's (validator's)
@@ -133,7 +133,8 @@ pub async fn resubmit(js: &jetstream::Context, task_id: &str) -> Result<String, 
         seed: task.seed,
         timeout_ms: Some(task.deadline_at_ms.saturating_sub(task.submitted_at_ms)),
         priority: task.priority,
-        ..SubmitRequest::new(&task.model.name, task.inputs)
+        // The version it ran as: published versions never change (docs/operations.md).
+        ..SubmitRequest::new(&format!("{}@{}", task.model.name, task.model.version), task.inputs)
     };
     match Client::new(js.client(), &task.tenant).submit(&request).await? {
         SubmitOutcome::Accepted { task_id, .. } => Ok(task_id),

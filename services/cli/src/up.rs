@@ -1,26 +1,20 @@
 //! `sundara up`: the whole pipeline on one machine, with a demo load and a summary.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use async_nats::jetstream;
-use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use sundara_common::nats::NatsEndpoint;
-use sundara_common::{Endpoints, Registry, nats};
-use sundara_schemas::{
-    CompareRule, EpochWeights, MAX_MESSAGE_BYTES, ModelMeta, Policy, ResultStatus, SubmitOutcome, SubmitRequest,
-    decode, subjects as subj,
-};
+use sundara_common::{Endpoints, Registry, Shutdown, nats};
+use sundara_schemas::{CompareRule, EpochWeights, MAX_MESSAGE_BYTES, ModelMeta, Policy, decode, subjects as subj};
 use sundara_worker::{Behaviour, SliceConfig};
 
-use crate::client::Client;
+use crate::context;
 use crate::pipeline::{Pipeline, PipelineConfig, WorkerSpec};
-use crate::stack::{LocalStack, project_root};
+use crate::stack::{LocalStack, find_project_root};
 
 /// Demo models: file under `.cache/models/`, registry name. Besides the generated MLP, real
 /// pretrained models from PyPI wheels (see `scripts/setup`): silero-vad (voice activity,
@@ -51,7 +45,9 @@ pub async fn push_demo_models(registry: &Registry, root: &std::path::Path) -> an
         }
         let rule = CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 };
         let policy = Policy::new(3, rule);
-        metas.push(crate::models::push(registry, &path, name, "1", policy, Default::default()).await?);
+        // Without a version: the same model again is a no-op, an earlier one under another
+        // policy (`up --external` on a used stack) gets the next version.
+        metas.push(crate::models::publish(registry, &path, name, None, policy, Default::default()).await?.into_meta());
     }
     Ok(metas)
 }
@@ -114,6 +110,15 @@ pub async fn explain_rewards(js: &jetstream::Context, epoch: Option<u64>, miner:
     let alpha = sundara_rewarder::read_ledger(js).await?.map_or(0.1, |l| l.alpha());
     let traces = sundara_rewarder::read_traces(js).await?;
     let x = sundara_rewarder::ledger::explain(&traces, alpha, weights.epoch, &weights.quarantined, miner);
+    let published = weights.weights.iter().any(|m| m.miner == miner);
+    if x.entries.is_empty() && !published {
+        let known: Vec<&str> = weights.weights.iter().map(|m| m.miner.as_str()).collect();
+        bail!(
+            "no miner {miner:?} in epoch {}: it ran no task and has no weight (miners of the epoch: {})",
+            weights.epoch,
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        );
+    }
     println!("{:<34} {:<10} {:>12} {:>5} {:>7}", "task", "standing", "latency ms", "rank", "score");
     for (task, e) in &x.entries {
         let latency = e.latency_us.map_or("–".to_string(), |us| format!("{:.2}", us as f64 / 1000.0));
@@ -141,29 +146,52 @@ pub async fn explain_rewards(js: &jetstream::Context, epoch: Option<u64>, miner:
 const DEMO_TENANT: &str = "demo";
 
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    // Ctrl-C (or SIGTERM) from now on no longer ends the process by itself: it stops the
+    // stack and removes what `up` wrote (below) wherever `up` is.
+    let interrupted = Shutdown::new();
+    tokio::spawn({
+        let interrupted = interrupted.clone();
+        async move {
+            interruption().await;
+            interrupted.cancel();
+            interruption().await;
+            eprintln!("still stopping (at most {} s)", STOP_WITHIN.as_secs());
+        }
+    });
+    // The servers are `up`'s to stop, after its services: a terminal's Ctrl-C does not
+    // reach them.
+    crate::stack::detach_servers();
     let recorder = sundara_common::metrics::install(opts.metrics)?;
-    let root = project_root();
+    let root = find_project_root()?;
     let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root))?;
     sundara_runtime::init(&ort_library)?;
     // The honest miners, then the liar where this build has the cheaters.
     let miners = opts.honest_workers + usize::from(Behaviour::liar().is_some());
     let miner_ids: Vec<String> = (1..=miners).map(|i| format!("miner-{i}")).collect();
+    // An embedded stack's context (for the other commands) and seeds: a live `up`'s are
+    // not taken over, a dead one's are cleared. Dropped last, which removes both, on every
+    // way out: the end, an error, Ctrl-C.
+    let claim = match opts.endpoints {
+        Some(_) => None,
+        None => Some(context::claim(&context::path()?)?),
+    };
     // The embedded stack runs NATS with a user per role (docs/reliability.md), except with
     // an autoscaled pool, whose workers are named as they start and so have no seeds.
-    let (endpoints, auth, _stack, _auth_dir) = match opts.endpoints {
-        Some(ep) => (ep, None, None, None),
-        None if opts.autoscale.is_some() => {
+    let (endpoints, auth, stack) = match (opts.endpoints, &claim) {
+        (Some(ep), _) => (ep, None, None),
+        (None, _) if opts.autoscale.is_some() => {
             let stack = LocalStack::start(&root)?;
             println!(
                 "nats-server on {} (no auth: --autoscale), redis-server on {}",
                 stack.endpoints().nats.url,
                 stack.endpoints().redis_url
             );
-            (stack.endpoints(), None, Some(stack), None)
+            (stack.endpoints(), None, Some(stack))
         }
-        None => {
-            let dir = tempfile::Builder::new().prefix("sundara-auth-").tempdir()?;
-            let auth = crate::auth::init(dir.path(), &[DEMO_TENANT.to_string()], &miner_ids)?;
+        (None, claim) => {
+            let dir = &claim.as_ref().expect("an embedded stack has claimed its context").credentials_dir;
+            context::create_private_dir(dir)?;
+            let auth = crate::auth::init(dir, &[DEMO_TENANT.to_string()], &miner_ids)?;
             let stack = LocalStack::start_secured(&root, &auth)?;
             println!(
                 "nats-server on {} with {} users (validator, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
@@ -171,14 +199,28 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
                 auth.users.len(),
                 stack.endpoints().redis_url
             );
-            (stack.endpoints(), Some(auth), Some(stack), Some(dir))
+            (stack.endpoints(), Some(auth), Some(stack))
         }
     };
-    let nats_client = nats::connect(&endpoints.nats, "sundara-up").await?;
-    let js = jetstream::new(nats_client.clone());
-    nats::provision(&js, &nats::Retention::default()).await?;
-    let registry = Registry::open(&js).await?;
-    let models = push_demo_models(&registry, &root).await?;
+    if let (Some(claim), Some(stack)) = (&claim, &stack) {
+        publish_context(claim, stack, auth.as_ref(), opts.metrics)?;
+    }
+    if let Some(addr) = opts.metrics {
+        println!("metrics: http://{addr}/metrics");
+    }
+    let setup = async {
+        let nats_client = nats::connect(&endpoints.nats, "sundara-up").await?;
+        let js = jetstream::new(nats_client.clone());
+        nats::provision(&js, &nats::Retention::default()).await?;
+        let registry = Registry::open(&js).await?;
+        let models = push_demo_models(&registry, &root).await?;
+        Ok::<_, anyhow::Error>((nats_client, js, models))
+    };
+    let Some(set_up) = unless(&interrupted, setup).await else {
+        println!("interrupted: stopping");
+        return Ok(());
+    };
+    let (nats_client, js, models) = set_up?;
     for m in &models {
         println!("registered {}", crate::models::describe(m));
     }
@@ -217,7 +259,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         miner_credentials: auth.as_ref().map(|a| a.dir.clone()),
     })
     .await;
-    pipeline.ready(Duration::from_secs(60)).await.map_err(|e| anyhow::anyhow!(e))?;
+    let Some(ready) = unless(&interrupted, pipeline.ready(Duration::from_secs(60))).await else {
+        return stop_interrupted(pipeline).await;
+    };
+    ready.map_err(|e| anyhow::anyhow!(e))?;
     let fleet = match &liar {
         Some(liar) => format!("dishonest: {liar}"),
         None => "all honest: this build has no cheaters; `--features cheaters` adds a dishonest one".into(),
@@ -231,18 +276,28 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         url: endpoints.nats.url.clone(),
         credentials: auth.as_ref().map(|a| a.credentials(&crate::auth::Role::Tenant(DEMO_TENANT.into()))),
     };
-    let summary = demo_load(&tenant, &models, opts.tasks).await;
+    let load = crate::submit::demo_load(&tenant, DEMO_TENANT, &models, opts.tasks);
+    // Ctrl-C during the load stops the services, the servers, and removes the seeds.
+    let Some(summary) = unless(&interrupted, load).await else {
+        return stop_interrupted(pipeline).await;
+    };
     if let Some(failed) = pipeline.failed() {
         bail!("{failed} stopped unexpectedly");
     }
-    let (verified, failed) = summary?;
+    let tally = summary?;
     rewarder_caught_up(&js, Duration::from_secs(30)).await?;
     let weights = close_epoch(&nats_client).await?;
     println!();
     let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
     print!("{}", crate::fleet::table(&capacity).await?);
     println!();
-    println!("tasks: {} submitted, {verified} verified, {failed} failed", opts.tasks);
+    // Failures stand out: the demo exits 0 whatever happened, so this line must say it.
+    println!("tasks: {}", tally.summary());
+    if !tally.all_verified() {
+        let dead = tally.expired.count + tally.no_consensus.count;
+        let hint = if dead > 0 { " (`sundara tasks dead` lists the dead letters with their evidence)" } else { "" };
+        println!("  NOT ALL VERIFIED: {} of {} demo tasks failed{hint}", tally.failed(), tally.submitted);
+    }
     print_rewards(&js, Some(&weights)).await?;
     if let Some(liar) = &liar {
         let liar_weight = weights.weights.iter().find(|m| m.miner == *liar).map_or(0, |m| m.weight);
@@ -259,13 +314,92 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
 
     if !opts.once {
         println!("serving on {} until Ctrl-C", endpoints.nats.url);
-        sundara_common::termination_signal().await;
+        interrupted.cancelled().await;
     }
     let errors = pipeline.stop().await;
     for e in &errors {
         eprintln!("shutdown: {e}");
     }
     println!("stopped cleanly");
+    Ok(())
+}
+
+/// How long the services may take to stop after Ctrl-C.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
+
+/// SIGINT, SIGTERM or SIGHUP (the terminal closed).
+async fn interruption() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler can be installed");
+        tokio::select! {
+            _ = sundara_common::termination_signal() => {}
+            _ = hangup.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    sundara_common::termination_signal().await;
+}
+
+/// `work`'s output, or `None` when `interrupted` comes first.
+async fn unless<T>(interrupted: &Shutdown, work: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        out = work => Some(out),
+        _ = interrupted.cancelled() => None,
+    }
+}
+
+/// After Ctrl-C: stops the services; the caller's return then stops the servers and
+/// removes the context and the seeds.
+async fn stop_interrupted(pipeline: Pipeline) -> anyhow::Result<()> {
+    println!();
+    println!("interrupted: stopping");
+    match tokio::time::timeout(STOP_WITHIN, pipeline.stop()).await {
+        Ok(errors) => {
+            for e in &errors {
+                eprintln!("shutdown: {e}");
+            }
+            println!("stopped cleanly");
+        }
+        Err(_) => println!("the services did not stop within {} s; stopped them", STOP_WITHIN.as_secs()),
+    }
+    Ok(())
+}
+
+/// Writes the embedded stack's context where the other commands look, and says how to
+/// connect and where the seeds are.
+fn publish_context(
+    claim: &context::Claim,
+    stack: &LocalStack,
+    auth: Option<&crate::auth::AuthDir>,
+    metrics: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let endpoints = stack.endpoints();
+    let ctx = context::Context {
+        nats_url: endpoints.nats.url.clone(),
+        redis_url: endpoints.redis_url.clone(),
+        credentials_dir: auth.map(|a| a.dir.clone()),
+        nats_credentials: endpoints.nats.credentials.clone(),
+        nats_server_pid: stack.nats.pid(),
+        nats_config: stack.nats_config(),
+        nats_auth_config: auth.map(|_| stack.auth_config()),
+        nats_monitor_port: stack.nats.monitor_port.unwrap_or_default(),
+        metrics_addr: metrics,
+        up_pid: std::process::id(),
+    };
+    ctx.write(&claim.path)?;
+    println!(
+        "connect: export SUNDARA_CONTEXT={} (or the other commands pick it up automatically)",
+        claim.path.display()
+    );
+    if let Some(auth) = auth {
+        println!("credentials in {} (removed when up exits):", auth.dir.display());
+        for role in [crate::auth::Role::Validator, crate::auth::Role::Tenant(DEMO_TENANT.into())] {
+            println!("  {:<14} {}", role.to_string(), auth.credentials(&role).display());
+        }
+        println!("  add users to the running stack: sundara auth add --tenant T --miner W");
+    }
     Ok(())
 }
 
@@ -312,68 +446,9 @@ pub fn verification_summary(metrics_text: &str) -> String {
     )
 }
 
-/// Submits `tasks` demo tasks (alternating models) and waits for every result.
-async fn demo_load(tenant: &NatsEndpoint, models: &[ModelMeta], tasks: usize) -> anyhow::Result<(usize, usize)> {
-    let client = Client::connect(tenant, DEMO_TENANT).await?;
-    let mut results = client.results().await?;
-    let bar = ProgressBar::new(tasks as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} verified tasks {msg}").expect("valid template"));
-    let models = Arc::new(models.to_vec());
-    let submitting = {
-        let client = client.clone();
-        let models = models.clone();
-        tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-            let requests: Vec<SubmitRequest> = (0..tasks)
-                .map(|i| {
-                    let meta = &models[i % models.len()];
-                    let inputs = crate::models::sample_inputs(&meta.inputs, 1, &mut rng);
-                    SubmitRequest {
-                        request_id: Some(format!("demo-{i}")),
-                        seed: i as u64,
-                        timeout_ms: Some(60_000),
-                        ..SubmitRequest::new(&meta.name, inputs)
-                    }
-                })
-                .collect();
-            let outcomes: Vec<_> = futures::stream::iter(requests)
-                .map(|r| {
-                    let client = client.clone();
-                    async move { client.submit(&r).await }
-                })
-                .buffer_unordered(32)
-                .collect()
-                .await;
-            let mut accepted = 0;
-            for o in outcomes {
-                match o? {
-                    SubmitOutcome::Accepted { .. } => accepted += 1,
-                    SubmitOutcome::Rejected { code, reason } => bail!("demo task rejected: {} {reason}", code.as_str()),
-                }
-            }
-            Ok::<usize, anyhow::Error>(accepted)
-        })
-    };
-    let mut seen: BTreeMap<String, bool> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while seen.len() < tasks {
-        let next = tokio::time::timeout_at(deadline, results.next()).await;
-        let Ok(Some(result)) = next else { bail!("only {} of {tasks} results arrived within 120 s", seen.len()) };
-        let result = result?;
-        let ok = matches!(result.status, ResultStatus::Verified { .. });
-        if seen.insert(result.task_id, ok).is_none() {
-            bar.inc(1);
-        }
-    }
-    submitting.await??;
-    bar.finish();
-    let verified = seen.values().filter(|ok| **ok).count();
-    Ok((verified, seen.len() - verified))
-}
-
 /// Where `sundara up` looks for its demo files.
-pub fn models_dir() -> PathBuf {
-    project_root().join(".cache/models")
+pub fn models_dir() -> Result<PathBuf, crate::stack::StackError> {
+    Ok(find_project_root()?.join(".cache/models"))
 }
 
 /// The embedded stack's tenants: the operator's own, entitled to every priority (so that

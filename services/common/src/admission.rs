@@ -36,7 +36,7 @@ impl Default for TenantLimits {
             rate_per_s: None,
             burst: 100,
             max_in_flight: 10_000,
-            max_payload_bytes: 4 << 20,
+            max_payload_bytes: sundara_schemas::MAX_SUBMISSION_BYTES,
             max_priority: Priority::Normal,
         }
     }

@@ -12,7 +12,9 @@
 //!   `slice:<s>:footprint` hash `name@version` → bytes of one session as the slice measured it
 //!   (the miner's claim: it only ever rules that slice out, see [`Capacity::fit`])
 //! - `slicemem` sorted set of live slices by memory_total (the largest slice in the fleet)
-//! - `quarantined` hash worker → why: never chosen again (RESERVE skips them)
+//! - `quarantined` hash worker → why: never chosen again (RESERVE skips them);
+//!   `quarantined_ops` hash operator → why: none of its workers is chosen, whatever their
+//!   names. [`Capacity::release_quarantine`] lifts both (`sundara fleet release`)
 //! - `timeouts` hash worker → assignments it let time out while alive
 //! - `cand:<model>` sorted set of live slices with a free slot that serve the model, scored
 //!   by expected completion time of one more task (see `RESCORE_FN`): fastest first
@@ -139,11 +141,24 @@ const HAND_BACK: &str = include_str!("lua/hand_back.lua");
 /// so the first reason stands) if it was.
 const QUARANTINE: &str = include_str!("lua/quarantine.lua");
 
+/// Lifts the quarantine of an operator and of its workers (see the script).
+/// ARGV: operator (or worker). Returns {1 if the operator was quarantined, else 0, workers released...}.
+const RELEASE_QUARANTINE: &str = include_str!("lua/release_quarantine.lua");
+
 /// Counts a timed-out assignment against its worker: one that its worker neither answered
 /// nor handed back while alive (dead workers, failed slices, quarantines and hand-backs
 /// mark theirs `handed`). ARGV: aid, worker. Returns the worker's timeouts so far, or 0
 /// when this one does not count.
 const TIMEOUT_STRIKE: &str = include_str!("lua/timeout_strike.lua");
+
+/// What [`Capacity::release_quarantine`] lifted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// The operator itself was quarantined.
+    pub operator: bool,
+    /// Its workers that were.
+    pub workers: Vec<String>,
+}
 
 /// A slice as Redis has it.
 #[derive(Clone, Debug, Default)]
@@ -172,6 +187,7 @@ pub struct Capacity {
     mark_dead: Script,
     fail_slice: Script,
     quarantine: Script,
+    release_quarantine: Script,
     hand_back: Script,
     timeout_strike: Script,
     rescore: Script,
@@ -225,6 +241,7 @@ impl Capacity {
             mark_dead: Script::new(MARK_DEAD),
             fail_slice: Script::new(FAIL_SLICE),
             quarantine: Script::new(QUARANTINE),
+            release_quarantine: Script::new(RELEASE_QUARANTINE),
             hand_back: Script::new(HAND_BACK),
             timeout_strike: Script::new(TIMEOUT_STRIKE),
             rescore: Script::new(&format!("{RESCORE_FN}{RESCORE}")),
@@ -241,6 +258,17 @@ impl Capacity {
     /// not in the registry and clears `service_us` and `load_us`. Writes only the worker's
     /// and its slices' own keys (and `slicemem`), never a fleet-wide estimate.
     pub async fn announce(&self, a: &WorkerAnnounce, fresh: bool, heartbeat_ttl_ms: u64) -> Result<(), Error> {
+        self.announce_standing(a, fresh, heartbeat_ttl_ms).await.map(drop)
+    }
+
+    /// [`Capacity::announce`], returning why the worker is quarantined, if it is: what the
+    /// fleet gateway tells the worker, so that a quarantined miner's log says so.
+    pub async fn announce_standing(
+        &self,
+        a: &WorkerAnnounce,
+        fresh: bool,
+        heartbeat_ttl_ms: u64,
+    ) -> Result<Option<String>, Error> {
         let mut con = self.con.clone();
         // A quarantined worker stays announced (operators see it) but never a candidate.
         let mut quarantined: Option<String> = con.hget(QUARANTINED, &a.worker).await?;
@@ -338,7 +366,7 @@ impl Capacity {
             rescore.arg(&s.id).arg(s.models.len()).arg(&s.models);
         }
         rescore.invoke_async::<()>(&mut con).await?;
-        Ok(())
+        Ok(quarantined)
     }
 
     /// Reserves slots for `aids` (one per replica) on distinct workers of distinct
@@ -524,6 +552,29 @@ impl Capacity {
         Ok(con.hgetall(QUARANTINED).await?)
     }
 
+    /// Quarantined operators and why (the rewarder's, once enough of an operator's outputs
+    /// are proven wrong).
+    pub async fn quarantined_operators(&self) -> Result<std::collections::BTreeMap<String, String>, Error> {
+        let mut con = self.con.clone();
+        Ok(con.hgetall(QUARANTINED_OPERATORS).await?)
+    }
+
+    /// Lifts the quarantine of `operator` and of every worker announced with it (a worker
+    /// id works too: a worker names itself as operator when it names none), forgetting
+    /// their timeouts (see `RELEASE_QUARANTINE`). The workers get work again from their
+    /// next heartbeat. The rewarder keeps its proofs: one more proven-wrong output
+    /// quarantines them again.
+    pub async fn release_quarantine(&self, operator: &str) -> Result<Released, Error> {
+        let mut con = self.con.clone();
+        let out: Vec<redis::Value> = self.release_quarantine.arg(operator).invoke_async(&mut con).await?;
+        fn value<T: redis::FromRedisValue>(v: &redis::Value) -> Result<T, redis::RedisError> {
+            redis::from_redis_value(v.clone()).map_err(redis::RedisError::from)
+        }
+        let operator_was: i64 = out.first().map(value).transpose()?.unwrap_or(0);
+        let workers = out.iter().skip(1).map(value).collect::<Result<Vec<String>, _>>()?;
+        Ok(Released { operator: operator_was == 1, workers })
+    }
+
     /// The worker a slice belongs to, if Redis knows the slice.
     pub async fn slice_owner(&self, slice: &str) -> Result<Option<String>, Error> {
         let mut con = self.con.clone();
@@ -621,6 +672,64 @@ impl Capacity {
             });
         }
         Ok(out)
+    }
+
+    /// The distinct operators (sorted) that have a live worker now (announced `alive`, with
+    /// a heartbeat, neither it nor its operator quarantined) with a live slice, serving
+    /// `model` when one is given: how many replicas of a task of that model RESERVE could
+    /// place at once. Read-only, three round trips whatever the fleet's size.
+    pub async fn live_operators(&self, model: Option<&str>) -> Result<Vec<String>, Error> {
+        let mut con = self.con.clone();
+        let workers: Vec<String> = con.smembers(WORKERS).await?;
+        if workers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for w in &workers {
+            pipe.cmd("HMGET").arg(format!("sundara:worker:{w}")).arg("operator").arg("state").arg("slices");
+            pipe.exists(hb_key(w));
+            pipe.hexists(QUARANTINED, w);
+        }
+        let flat: Vec<redis::Value> = pipe.query_async(&mut con).await?;
+        fn value<T: redis::FromRedisValue>(v: &redis::Value) -> Result<T, redis::RedisError> {
+            redis::from_redis_value(v.clone()).map_err(redis::RedisError::from)
+        }
+        // (operator, slice) of every slice of a live worker.
+        let mut slices = Vec::new();
+        for (w, row) in workers.iter().zip(flat.chunks_exact(3)) {
+            let fields: Vec<Option<String>> = value(&row[0])?;
+            let (alive, quarantined): (bool, bool) = (value(&row[1])?, value(&row[2])?);
+            let [operator, state, list] = [0, 1, 2].map(|i| fields.get(i).cloned().flatten().unwrap_or_default());
+            if !alive || quarantined || state != "alive" {
+                continue;
+            }
+            let operator = if operator.is_empty() { w.clone() } else { operator };
+            for s in list.split(',').filter(|s| !s.is_empty()) {
+                slices.push((operator.clone(), s.to_string()));
+            }
+        }
+        if slices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (operator, s) in &slices {
+            pipe.hget(slice_key(s), "state");
+            match model {
+                Some(m) => pipe.sismember(format!("{}:models", slice_key(s)), m),
+                None => pipe.exists(slice_key(s)),
+            };
+            pipe.hexists(QUARANTINED_OPERATORS, operator);
+        }
+        let flat: Vec<redis::Value> = pipe.query_async(&mut con).await?;
+        let mut operators = std::collections::BTreeSet::new();
+        for ((operator, _), row) in slices.iter().zip(flat.chunks_exact(3)) {
+            let state: Option<String> = value(&row[0])?;
+            let (serves, banned): (bool, bool) = (value(&row[1])?, value(&row[2])?);
+            if state.as_deref() == Some("alive") && serves && !banned {
+                operators.insert(operator.clone());
+            }
+        }
+        Ok(operators.into_iter().collect())
     }
 
     /// Number of assignments in flight.

@@ -51,6 +51,9 @@ pub const REPORTS_PER_S: u32 = MAX_SLOTS_PER_SLICE;
 pub const MAX_TRACKED_WORKERS: usize = 100_000;
 /// Reports that are bigger than this are refused undecoded.
 pub const MAX_REPORT_BYTES: usize = 1 << 20;
+/// How an applied announcement's reply (`ok`, with this `reason`) tells a quarantined
+/// worker that it is, and why: it stays announced, gets no work, and its log says so.
+pub const QUARANTINED_NOTE: &str = "quarantined: ";
 
 /// Whether `update` is one `worker` may make, as far as the update itself tells: every
 /// slice it names is one of the worker's (`<worker>-<name>`), the sizes are bounded
@@ -278,8 +281,9 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// Decodes, checks and applies one report from `subject`.
-    pub async fn handle(&self, subject: &str, payload: &[u8]) -> Result<(), String> {
+    /// Decodes, checks and applies one report from `subject`. `Ok` may carry a note for the
+    /// worker (see [`QUARANTINED_NOTE`]).
+    pub async fn handle(&self, subject: &str, payload: &[u8]) -> Result<Option<String>, String> {
         let worker = subj::report_worker(subject).ok_or_else(|| format!("no worker in subject {subject:?}"))?;
         self.admit(worker, ReportKind::Any)?;
         let request: FleetRequest = decode(payload, MAX_REPORT_BYTES).map_err(|e| e.to_string())?;
@@ -290,7 +294,7 @@ impl Gateway {
         self.apply(worker, &request.update).await.map_err(|e| e.to_string())
     }
 
-    async fn apply(&self, worker: &str, update: &FleetUpdate) -> Result<(), ApplyError> {
+    async fn apply(&self, worker: &str, update: &FleetUpdate) -> Result<Option<String>, ApplyError> {
         let c = &self.capacity;
         match update {
             FleetUpdate::Announce { announce, fresh, heartbeat_ttl_ms } => {
@@ -298,7 +302,9 @@ impl Gateway {
                 self.owned(worker, &slices).await?;
                 self.same_operator(worker, &announce.operator).await?;
                 self.registered(announce).await?;
-                c.announce(&as_written(announce), *fresh, (*heartbeat_ttl_ms).clamp(100, 60_000)).await?;
+                let ttl = (*heartbeat_ttl_ms).clamp(100, 60_000);
+                let quarantined = c.announce_standing(&as_written(announce), *fresh, ttl).await?;
+                return Ok(quarantined.map(|why| format!("{QUARANTINED_NOTE}{why}")));
             }
             FleetUpdate::Withdraw { slice, model } => {
                 self.owned(worker, &[slice]).await?;
@@ -315,7 +321,7 @@ impl Gateway {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The operator is the unit of collusion (two replicas of a task never go to one
@@ -380,8 +386,11 @@ pub async fn serve(
                     tracing::warn!(subject = %msg.subject, %reason, "fleet report refused");
                     metrics::counter!("sundara_gateway_refused_total").increment(1);
                 }
-                let reply =
-                    FleetReply { v: WIRE_VERSION, ok: applied.is_ok(), reason: applied.err().unwrap_or_default() };
+                let (ok, reason) = match applied {
+                    Ok(note) => (true, note.unwrap_or_default()),
+                    Err(reason) => (false, reason),
+                };
+                let reply = FleetReply { v: WIRE_VERSION, ok, reason };
                 if let Some(to) = msg.reply
                     && let Err(e) = client.publish(to, encode(&reply).into()).await
                 {

@@ -9,6 +9,7 @@ pub mod model_cache;
 pub mod nats;
 pub mod registry;
 pub mod telemetry;
+pub mod validator_key;
 
 pub use capacity::Capacity;
 pub use model_cache::ModelCache;
@@ -30,6 +31,20 @@ pub enum Error {
     NatsConnect { url: String, reason: String },
     #[error("NATS credentials {path}: {reason}")]
     NatsCredentials { path: std::path::PathBuf, reason: String },
+    /// The server is there but refused the connection's user (or that it had none).
+    #[error(
+        "NATS at {url} refused {}: authorization violation ({})",
+        .credentials.as_ref().map_or("a connection without credentials".to_string(), |p| format!("the credentials {}", p.display())),
+        if .credentials.is_some() {
+            "not a user of this server? `sundara auth add` adds users to a running `sundara up`"
+        } else {
+            "connect with --nats-creds <seed file>; a running `sundara up` prints where its seeds are and is found through its context"
+        }
+    )]
+    NatsRefused { url: String, credentials: Option<std::path::PathBuf> },
+    /// The server refused this user `operation` on `subject` (a permissions violation).
+    #[error("not permitted: these NATS credentials may not {operation} {subject}")]
+    PermissionDenied { operation: nats::Operation, subject: String },
     #[error("JetStream: {0}")]
     JetStream(String),
     #[error("Redis: {0}")]
@@ -63,4 +78,32 @@ pub async fn termination_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// How long a service may take to stop once asked (see [`stop_within`]).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs a service's future to its end; once `shutdown` is cancelled it has at most `grace`
+/// more to finish what it holds (store outcomes, ack, flush), and is then dropped. So a
+/// service stops in bounded time whatever the network does: with the NATS server down,
+/// flushes and acks wait for it to come back. What it held un-acked is delivered again
+/// by JetStream, and its assignments are reassigned.
+pub async fn stop_within<E>(
+    service: &str,
+    shutdown: &Shutdown,
+    grace: std::time::Duration,
+    run: impl Future<Output = Result<(), E>>,
+) -> Result<(), E> {
+    tokio::pin!(run);
+    tokio::select! {
+        done = &mut run => return done,
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(grace, run).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::warn!(service, ?grace, "not stopped within its grace (is NATS reachable?); stopping anyway");
+            Ok(())
+        }
+    }
 }

@@ -37,11 +37,19 @@ pub enum Kind {
 /// Every metric the services export, with its `# HELP` line. `docs/operations.md` lists
 /// the same names with their labels (a test keeps the two in step).
 pub const METRICS: &[(&str, Kind, &str)] = &[
-    ("sundara_task_stage_seconds", Kind::Histogram, "Time of each stage of a verified task, from the fastest agreeing miner's timings."),
+    (
+        "sundara_task_stage_seconds",
+        Kind::Histogram,
+        "Time of each stage of a verified task, from the fastest agreeing miner's timings.",
+    ),
     ("sundara_ingress_accepted_total", Kind::Counter, "Tasks accepted (stored in TASKS)."),
     ("sundara_ingress_rejected_total", Kind::Counter, "Submissions refused, by the typed code the client got."),
     ("sundara_gateway_refused_total", Kind::Counter, "Worker reports the fleet gateway refused."),
-    ("sundara_queue_depth", Kind::Gauge, "Backlog per queue: tasks not yet taken, assignments queued, outcomes and verdicts not yet read."),
+    (
+        "sundara_queue_depth",
+        Kind::Gauge,
+        "Backlog per queue: tasks not yet taken, assignments queued, outcomes and verdicts not yet read.",
+    ),
     ("sundara_fleet_workers", Kind::Gauge, "Workers known to Redis, by state."),
     ("sundara_fleet_slots", Kind::Gauge, "Slots of the serving slices of alive workers."),
     ("sundara_fleet_slots_in_use", Kind::Gauge, "Slots of alive workers reserved for assignments."),
@@ -53,9 +61,17 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("sundara_worker_inference_seconds", Kind::Histogram, "Inference time of the batch each task ran in."),
     ("sundara_verifier_verdicts_total", Kind::Counter, "Decided tasks."),
     ("sundara_verifier_reference_runs_total", Kind::Counter, "The verifier's own runs, by what they showed."),
-    ("sundara_verifier_reference_skipped_total", Kind::Counter, "Optional reference runs skipped because the verifier was busy."),
+    (
+        "sundara_verifier_reference_skipped_total",
+        Kind::Counter,
+        "Optional reference runs skipped because the verifier was busy.",
+    ),
     ("sundara_verifier_rejected_total", Kind::Counter, "Rejected outcomes by what they looked like."),
-    ("sundara_verifier_refused_outcomes_total", Kind::Counter, "Outcomes refused before judging (forged, duplicate or misaddressed)."),
+    (
+        "sundara_verifier_refused_outcomes_total",
+        Kind::Counter,
+        "Outcomes refused before judging (forged, duplicate or misaddressed).",
+    ),
     ("sundara_rewarder_outcomes_total", Kind::Counter, "Each miner's standing in each scored task."),
     ("sundara_rewarder_epoch_weight", Kind::Gauge, "The miner's u16 weight at the last epoch close."),
     ("sundara_rewarder_epochs_total", Kind::Counter, "Epochs closed."),

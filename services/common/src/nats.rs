@@ -86,14 +86,147 @@ pub fn inbox_prefix(public_key: &str) -> String {
     format!("_INBOX_{public_key}")
 }
 
+/// What the server refused: publishing or subscribing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Publish,
+    Subscribe,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Operation::Publish => "publish to",
+            Operation::Subscribe => "subscribe to",
+        })
+    }
+}
+
+/// A permissions violation the server reported on a connection: it refused `operation` on
+/// `subject` for the connection's user (the message was dropped, the subscription never
+/// made), and said so at once with `-ERR 'Permissions Violation for Publish to "<subject>"'`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub operation: Operation,
+    pub subject: String,
+}
+
+impl Denial {
+    /// Reads a server error's text (`Permissions Violation for Publish to "s"`, `… for
+    /// Subscription to "s" using queue "q"`, `… for Publish with Reply of "s"`); `None` for
+    /// any other error.
+    pub fn parse(server_error: &str) -> Option<Denial> {
+        let text = server_error.trim().trim_matches('\'');
+        let (_, rest) = text.split_once("Permissions Violation for ")?;
+        let operation = if rest.starts_with("Publish") {
+            Operation::Publish
+        } else if rest.starts_with("Subscription") {
+            Operation::Subscribe
+        } else {
+            return None;
+        };
+        let (_, quoted) = rest.split_once('"')?;
+        let (subject, _) = quoted.split_once('"')?;
+        Some(Denial { operation, subject: subject.to_string() })
+    }
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.operation, self.subject)
+    }
+}
+
+impl From<Denial> for Error {
+    fn from(d: Denial) -> Error {
+        Error::PermissionDenied { operation: d.operation, subject: d.subject }
+    }
+}
+
+type DenialSenders = Vec<(std::sync::Weak<async_nats::Statistics>, tokio::sync::broadcast::Sender<Denial>)>;
+
+/// The denials of every connection [`connect`] made, by connection (its statistics are
+/// shared by all clones of its client and by nothing else).
+static DENIALS: std::sync::Mutex<DenialSenders> = std::sync::Mutex::new(Vec::new());
+
+fn denial_sender(client: &async_nats::Client) -> Option<tokio::sync::broadcast::Sender<Denial>> {
+    let stats = std::sync::Arc::downgrade(&client.statistics());
+    let senders = DENIALS.lock().unwrap_or_else(|e| e.into_inner());
+    senders.iter().find(|(s, _)| s.ptr_eq(&stats)).map(|(_, tx)| tx.clone())
+}
+
+/// The permissions violations the server reports on one connection from now on. Every
+/// request the server refuses would otherwise wait for its timeout: nothing answers a
+/// message that was dropped. Race the work against [`Denials::guard`] to fail at once.
+pub struct Denials {
+    /// `None` for a connection not made by [`connect`]: nothing is ever reported.
+    rx: Option<tokio::sync::broadcast::Receiver<Denial>>,
+}
+
+impl Denials {
+    /// Starts watching `client`'s connection (made by [`connect`]).
+    pub fn watch(client: &async_nats::Client) -> Denials {
+        Denials { rx: denial_sender(client).map(|tx| tx.subscribe()) }
+    }
+
+    /// The next denial that `matches`, among those reported since [`Denials::watch`];
+    /// pending forever if none comes.
+    pub async fn next(&mut self, matches: impl Fn(&Denial) -> bool) -> Denial {
+        use tokio::sync::broadcast::error::RecvError;
+        let Some(rx) = self.rx.as_mut() else { return std::future::pending().await };
+        loop {
+            match rx.recv().await {
+                Ok(denial) if matches(&denial) => return denial,
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return std::future::pending().await,
+            }
+        }
+    }
+
+    /// Runs `work` unless the server refuses something that `matches` first (or already
+    /// did since [`Denials::watch`]): then it fails at once with that denial.
+    pub async fn guard<F: Future>(&mut self, matches: impl Fn(&Denial) -> bool, work: F) -> Result<F::Output, Denial> {
+        tokio::select! {
+            denial = self.next(matches) => Err(denial),
+            out = work => Ok(out),
+        }
+    }
+}
+
+/// Runs `work` on `client`'s connection unless the server refuses something that `matches`
+/// meanwhile: a refused request fails in milliseconds with the denial (convert it into
+/// [`Error::PermissionDenied`] with `?`) instead of waiting for its timeout.
+pub async fn unless_denied<F: Future>(
+    client: &async_nats::Client,
+    matches: impl Fn(&Denial) -> bool,
+    work: F,
+) -> Result<F::Output, Denial> {
+    Denials::watch(client).guard(matches, work).await
+}
+
 /// Connects to NATS; fails fast with a clear error when the server is not there or refuses
-/// the credentials.
+/// the credentials. The server's permissions violations on the connection are reported to
+/// [`Denials`] (and logged).
 pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::Client, Error> {
     let url = &endpoint.url;
+    let (denials, _) = tokio::sync::broadcast::channel::<Denial>(64);
+    let reported = denials.clone();
+    let connection = name.to_string();
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(10)));
+        .request_timeout(Some(Duration::from_secs(10)))
+        .event_callback(move |event| {
+            if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = &event
+                && let Some(denial) = Denial::parse(text)
+            {
+                tracing::warn!(connection = %connection, "NATS permissions violation: not permitted to {denial}");
+                let _ = reported.send(denial);
+            } else {
+                tracing::debug!(connection = %connection, %event, "NATS connection event");
+            }
+            async {}
+        });
     if let Some(path) = &endpoint.credentials {
         let identity = Identity::load(path)?;
         options = options.nkey(identity.seed.clone()).custom_inbox_prefix(identity.inbox_prefix());
@@ -107,7 +240,15 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
         .map(|u| u.parse().map_err(|e| Error::NatsConnect { url: u.to_string(), reason: format!("{e}") }))
         .collect::<Result<_, _>>()?;
     match tokio::time::timeout(Duration::from_secs(10), options.connect(servers)).await {
-        Ok(Ok(client)) => Ok(client),
+        Ok(Ok(client)) => {
+            let mut senders = DENIALS.lock().unwrap_or_else(|e| e.into_inner());
+            senders.retain(|(stats, _)| stats.strong_count() > 0);
+            senders.push((std::sync::Arc::downgrade(&client.statistics()), denials));
+            Ok(client)
+        }
+        Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
+            Err(Error::NatsRefused { url: url.to_string(), credentials: endpoint.credentials.clone() })
+        }
         Ok(Err(e)) => Err(Error::NatsConnect { url: url.to_string(), reason: e.to_string() }),
         Err(_) => Err(Error::NatsConnect { url: url.to_string(), reason: "timed out".into() }),
     }
@@ -191,7 +332,7 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
     for config in streams {
         js.get_or_create_stream(config).await.map_err(js_err)?;
     }
-    for (bucket, history) in [(subj::MODELS_BUCKET, 8), (subj::REWARDS_BUCKET, 16)] {
+    for (bucket, history) in [(subj::MODELS_BUCKET, 8), (subj::REWARDS_BUCKET, 16), (subj::VALIDATOR_BUCKET, 8)] {
         if js.get_key_value(bucket).await.is_err() {
             let config = jetstream::kv::Config {
                 bucket: bucket.to_string(),
@@ -391,4 +532,24 @@ pub async fn queue_depths(js: &jetstream::Context) -> Result<QueueDepths, Error>
     depths.outcomes = pending(subj::OUTCOMES_STREAM, "verifier").await?;
     depths.verdicts = pending(subj::VERDICTS_STREAM, "rewarder").await?;
     Ok(depths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_violations_are_read_from_server_errors() {
+        let publish = Denial::parse(r#"Permissions Violation for Publish to "sundara.submit.b""#);
+        assert_eq!(publish, Some(Denial { operation: Operation::Publish, subject: "sundara.submit.b".into() }));
+        let queue = Denial::parse(r#"'Permissions Violation for Subscription to "sundara.result.>" using queue "q"'"#);
+        assert_eq!(queue, Some(Denial { operation: Operation::Subscribe, subject: "sundara.result.>".into() }));
+        let reply = Denial::parse(r#"Permissions Violation for Publish with Reply of "_INBOX.x""#);
+        assert_eq!(reply.map(|d| d.subject), Some("_INBOX.x".to_string()));
+        assert_eq!(Denial::parse("Authorization Violation"), None);
+        assert_eq!(Denial::parse("Maximum Payload Violation"), None);
+        let error = Error::from(publish.unwrap());
+        assert!(matches!(error, Error::PermissionDenied { operation: Operation::Publish, .. }));
+        assert_eq!(error.to_string(), "not permitted: these NATS credentials may not publish to sundara.submit.b");
+    }
 }

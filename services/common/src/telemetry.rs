@@ -8,6 +8,8 @@
 //! consumes it makes its span a child of that context ([`follow`]). With no endpoint, no
 //! propagator is installed: nothing is injected, extracted or exported.
 
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -126,11 +128,15 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, Error> {
         EnvFilter::new(format!("{},{SPANS}=off", config.log_level))
     });
     let logs = match config.log_format {
-        LogFormat::Text => {
-            tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(filter).boxed()
-        }
+        // Colours only on a terminal: not in log files, nor in what a supervisor captures.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(StderrLines)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(StderrLines)
             .json()
             .with_current_span(true)
             .with_span_list(false)
@@ -161,6 +167,72 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, Error> {
         tracing::info!(endpoint = config.otlp_endpoint.as_deref().unwrap_or_default(), "exporting spans over OTLP");
     }
     Ok(Telemetry { provider })
+}
+
+/// Runs each log line's write: something else drawing on stderr (a progress bar) clears
+/// itself, lets the line be written, and draws itself again.
+pub type AroundLogLine = Arc<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
+
+static AROUND_LOG_LINES: RwLock<Option<AroundLogLine>> = RwLock::new(None);
+
+/// While the returned guard lives, every log line is written inside `around`, e.g.
+/// `Arc::new(move |write| bar.suspend(write))` for an indicatif progress bar, so that log
+/// lines appear above the bar instead of breaking it.
+pub fn log_lines_around(around: AroundLogLine) -> AroundGuard {
+    *AROUND_LOG_LINES.write().unwrap_or_else(|e| e.into_inner()) = Some(around);
+    AroundGuard(())
+}
+
+/// Ends [`log_lines_around`] when dropped.
+#[must_use = "log lines go around the bar only while the guard lives"]
+pub struct AroundGuard(());
+
+impl Drop for AroundGuard {
+    fn drop(&mut self) {
+        *AROUND_LOG_LINES.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// The log layers' writer: stderr, one whole line per write, around a progress bar if one
+/// is drawn ([`log_lines_around`]).
+struct StderrLines;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for StderrLines {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> LogLine {
+        LogLine(Vec::new())
+    }
+}
+
+/// One log line, buffered until the formatter is done with it.
+struct LogLine(Vec<u8>);
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let around = AROUND_LOG_LINES.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut write = || {
+            let _ = std::io::stderr().lock().write_all(&self.0);
+        };
+        match around {
+            Some(around) => around(&mut write),
+            None => write(),
+        }
+    }
 }
 
 /// Logs only (benchmarks and tools): [`init`] without an endpoint.
@@ -269,6 +341,31 @@ pub fn record_trace_id(span: &tracing::Span) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_are_written_whole_around_a_bar_while_one_is_drawn() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tracing_subscriber::fmt::MakeWriter;
+        let around = Arc::new(AtomicUsize::new(0));
+        let guard = log_lines_around({
+            let around = around.clone();
+            Arc::new(move |write: &mut dyn FnMut()| {
+                around.fetch_add(1, Ordering::SeqCst);
+                write();
+            })
+        });
+        let mut line = StderrLines.make_writer();
+        line.write_all(b"WARN one ").unwrap();
+        line.write_all(b"line\n").unwrap();
+        assert_eq!(around.load(Ordering::SeqCst), 0, "nothing is written before the line is whole");
+        drop(line);
+        assert_eq!(around.load(Ordering::SeqCst), 1, "one line, written once, around the bar");
+        drop(guard);
+        let mut line = StderrLines.make_writer();
+        line.write_all(b"WARN after the bar\n").unwrap();
+        drop(line);
+        assert_eq!(around.load(Ordering::SeqCst), 1, "no bar: written straight to stderr");
+    }
 
     #[test]
     fn log_formats_parse() {

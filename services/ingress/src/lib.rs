@@ -45,7 +45,7 @@ impl Config {
     pub fn new(endpoints: Endpoints) -> Config {
         Config {
             endpoints,
-            max_request_bytes: 4 << 20,
+            max_request_bytes: sundara_schemas::MAX_SUBMISSION_BYTES,
             limits: Limits::default(),
             default_timeout: Duration::from_secs(60),
             max_timeout: Duration::from_secs(3600),
@@ -126,6 +126,13 @@ pub fn admit(req: &SubmitRequest, model: &ModelMeta, limits: &Limits) -> Result<
         if req.inputs.iter().filter(|o| o.name == t.name).count() > 1 {
             return Err(reject(RejectCode::Malformed, format!("input `{}` given twice", t.name)));
         }
+        // Nothing to run: refused here rather than sent to k miners to fail or agree on nothing.
+        if t.shape.contains(&0) {
+            return Err(reject(
+                RejectCode::WrongShape,
+                format!("input `{}` has shape {:?}: a dimension of 0 leaves no values to run on", t.name, t.shape),
+            ));
+        }
     }
     for spec in &model.inputs {
         let Some(t) = req.inputs.iter().find(|t| t.name == spec.name) else {
@@ -153,6 +160,17 @@ pub fn fits(model: &ModelMeta, footprint: Option<u64>, largest_slice: Option<u64
             ),
         )),
         _ => Ok(()),
+    }
+}
+
+/// Why a named model is unknown: no such model, or no such version of it (with its latest).
+async fn unknown_model(name: &str, version: Option<&str>, registry: &Registry) -> String {
+    let Some(version) = version else { return format!("no model named {name:?}") };
+    match registry.latest(name).await {
+        Ok(Some(latest)) => {
+            format!("model {name} has no version {version:?} (its latest is {name}@{})", latest.version)
+        }
+        _ => format!("no model named {name:?} (asked for version {version:?})"),
     }
 }
 
@@ -217,11 +235,7 @@ impl Ingress {
             return Err(reject(RejectCode::Malformed, "request_id is longer than 256 bytes"));
         }
         entitled(tenant, req.priority, limits)?;
-        let model = match self.registry.latest(&req.model).await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Err(reject(RejectCode::UnknownModel, format!("no model named {:?}", req.model))),
-            Err(e) => return Err(reject(RejectCode::Internal, e.to_string())),
-        };
+        let model = self.model(&req.model).await?;
         admit(&req, &model, &self.config.limits)?;
         self.fit(&model).await?;
         let now = now_ms();
@@ -265,6 +279,17 @@ impl Ingress {
                     if e.to_string().contains("maximum") { RejectCode::Overloaded } else { RejectCode::Internal };
                 Err(reject(code, e.to_string()))
             }
+        }
+    }
+
+    /// The model a submission names: `name` (its latest version) or `name@version` (that
+    /// version, pinned). The task carries the version resolved here.
+    async fn model(&self, spec: &str) -> Result<Arc<ModelMeta>, Rejection> {
+        let (name, version) = sundara_schemas::ModelRef::split_spec(spec);
+        match self.registry.resolve(spec).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(reject(RejectCode::UnknownModel, unknown_model(name, version, &self.registry).await)),
+            Err(e) => Err(reject(RejectCode::Internal, e.to_string())),
         }
     }
 
@@ -440,6 +465,16 @@ mod tests {
         assert_eq!(code(vec![hostile]), Some(RejectCode::HostileShape));
         let short = Tensor { name: "x".into(), dtype: DType::F32, shape: vec![1, 4], data: vec![0; 15] };
         assert_eq!(code(vec![short]), Some(RejectCode::Malformed));
+    }
+
+    #[test]
+    fn an_empty_input_is_refused_at_once() {
+        for shape in [vec![0, 4], vec![3, 0], vec![0, 0]] {
+            let empty = Tensor::from_values("x", shape.clone(), &[0f32; 0]);
+            let refused = admit(&req(vec![empty]), &mlp(), &Limits::default()).unwrap_err();
+            assert_eq!(refused.code, RejectCode::WrongShape, "{shape:?}");
+            assert!(refused.reason.contains("dimension of 0"), "{}", refused.reason);
+        }
     }
 
     #[test]

@@ -108,6 +108,32 @@ fn build_session(bytes: &[u8], intra_threads: usize, device: &Device) -> ort::Re
     builder.commit_from_memory(bytes)
 }
 
+/// Whether sessions can run on CUDA here: this build has the CUDA execution provider
+/// (`--features cuda`) and the ONNX Runtime library loaded by [`init`] provides it (the
+/// `onnxruntime-gpu` wheel's does, the CPU wheel's does not). `Err` says which is missing
+/// and what to do. Whether a given device works shows only when a session starts on it.
+pub fn cuda_support() -> Result<(), String> {
+    #[cfg(feature = "cuda")]
+    {
+        use ort::ep::ExecutionProvider;
+        if ENV.get().is_none() {
+            return Err("ONNX Runtime is not initialised".into());
+        }
+        match ort::ep::CUDA::is_available() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the ONNX Runtime library loaded has no CUDA execution provider: install the \
+                 onnxruntime-gpu wheel (`pip install onnxruntime-gpu`) and set ORT_DYLIB_PATH to its \
+                 onnxruntime/capi/libonnxruntime.so.<version> (see docs/mining.md)"
+                .into()),
+            Err(e) => Err(format!("ONNX Runtime could not list its execution providers: {e}")),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err("this build has no CUDA execution provider: rebuild with `cargo build --release --features cuda` and run \
+         it with the onnxruntime-gpu wheel's library (see docs/mining.md)"
+        .into())
+}
+
 #[cfg(feature = "cuda")]
 fn with_cuda(
     builder: ort::session::builder::SessionBuilder,

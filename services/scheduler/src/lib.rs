@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
 use futures::StreamExt;
 use sundara_common::capacity::{Answer, Pick, Placement, ReserveTerms};
 use sundara_common::telemetry;
-use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats};
+use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats, validator_key};
 use sundara_schemas::{
     Assignment, ClientResult, DeadLetter, FailureCode, Outcome, OutcomeResult, Priority, ResultStatus, Task, Ticket,
     WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
@@ -28,8 +28,11 @@ use tracing::Instrument;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoints: Endpoints,
-    /// Validator secret that signs tickets (shared with the verifier).
+    /// Validator secret that signs tickets (shared with the verifier; at least 16 bytes).
     pub secret: Vec<u8>,
+    /// Whether to check the secret's key id against the stack's at start (and refuse to
+    /// start on a mismatch), or replace it (`--rotate-secret`): see [`validator_key`].
+    pub secret_claim: validator_key::Claim,
     /// How long a worker has to return an outcome before its assignment is reassigned.
     pub assignment_timeout: Duration,
     /// Dispatches per replica, the first included.
@@ -56,6 +59,7 @@ impl Config {
         Config {
             endpoints,
             secret,
+            secret_claim: validator_key::Claim::Check,
             assignment_timeout: Duration::from_secs(10),
             max_attempts: 3,
             scan: 16,
@@ -74,6 +78,9 @@ impl Config {
 pub enum SchedulerError {
     #[error(transparent)]
     Common(#[from] CommonError),
+    /// The validator secret is too short, or not the one the rest of the stack uses.
+    #[error(transparent)]
+    Secret(#[from] validator_key::SecretError),
 }
 
 /// How long a delivered task may go without an ack (or progress) before JetStream redelivers it.
@@ -236,7 +243,8 @@ impl Scheduler {
     async fn expire(&self, task: &Task, task_seq: u64) -> Result<(), CommonError> {
         tracing::info!(task = %task.task_id, "deadline passed before dispatch");
         metrics::counter!("sundara_scheduler_expired_total", "priority" => task.priority.as_str()).increment(1);
-        let reason = "the deadline passed before enough workers were free".to_string();
+        let reason =
+            expiry_reason(&task.model.name, task.k, self.capacity.live_operators(Some(&task.model.name)).await);
         let result = ClientResult {
             v: WIRE_VERSION,
             task_id: task.task_id.clone(),
@@ -450,11 +458,46 @@ impl Scheduler {
     }
 }
 
-/// Runs the scheduler until `shutdown`.
+/// Why a task expired before dispatch, for its client and its dead letter: a task needs k
+/// workers of k distinct operators serving its model at once, so when fewer operators
+/// serve it at all (`serving`, as [`Capacity::live_operators`] read it at expiry) it could
+/// never have run, and the reason says so; otherwise they were busy. A fleet that could
+/// not be read gives the general reason.
+pub fn expiry_reason(model: &str, k: u8, serving: Result<Vec<String>, CommonError>) -> String {
+    match serving {
+        Ok(ops) if ops.len() < usize::from(k) => {
+            let who = if ops.is_empty() {
+                "none serve it".to_string()
+            } else {
+                format!("only {} serve it ({})", ops.len(), ops.join(", "))
+            };
+            format!("expired: model {model} needs {k} distinct operators per task, {who}")
+        }
+        Ok(ops) => format!(
+            "expired: the deadline passed before {k} workers of distinct operators serving {model} were free \
+             ({} operators serve it; all were busy)",
+            ops.len()
+        ),
+        Err(_) => "expired: the deadline passed before enough workers were free".to_string(),
+    }
+}
+
+/// Runs the scheduler until `shutdown`; once asked to stop, it stops within
+/// [`sundara_common::SHUTDOWN_GRACE`] whatever NATS and Redis do (tasks it held un-acked
+/// are delivered again).
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerError> {
+    let grace = sundara_common::SHUTDOWN_GRACE;
+    sundara_common::stop_within("scheduler", &shutdown.clone(), grace, run_until_stopped(config, shutdown)).await
+}
+
+async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), SchedulerError> {
+    validator_key::check_length(&config.secret)?;
     let client = nats::connect(&config.endpoints.nats, "sundara-scheduler").await?;
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
+    // Tickets signed with a secret the verifier does not share are all refused as forged:
+    // refuse to start instead.
+    validator_key::claim(&js, "scheduler", &config.secret, config.secret_claim).await?;
     let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
     let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
     // One consumer per priority class, each with its own dispatch concurrency: a backlog of
@@ -522,4 +565,26 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
     tokio::try_join!(dispatch, release, sweep, reports)?;
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+
+    #[test]
+    fn an_expiry_names_the_missing_operators_when_too_few_serve_the_model() {
+        let ops = |names: &[&str]| Ok(names.iter().map(|n| n.to_string()).collect());
+        assert_eq!(
+            expiry_reason("m", 3, ops(&["alice", "bob"])),
+            "expired: model m needs 3 distinct operators per task, only 2 serve it (alice, bob)"
+        );
+        assert_eq!(
+            expiry_reason("m", 2, ops(&[])),
+            "expired: model m needs 2 distinct operators per task, none serve it"
+        );
+        let busy = expiry_reason("m", 2, ops(&["alice", "bob"]));
+        assert!(busy.contains("were free") && busy.contains("all were busy"), "{busy}");
+        let unread = expiry_reason("m", 2, Err(CommonError::Registry("down".into())));
+        assert!(unread.contains("enough workers were free"), "{unread}");
+    }
 }

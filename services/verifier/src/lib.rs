@@ -16,6 +16,7 @@ pub mod gate;
 pub mod gather;
 pub mod judgement;
 pub mod quorum;
+pub mod refused;
 pub mod trust;
 
 pub use gather::{Gathering, Offer, Received, is_late};
@@ -29,7 +30,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, Message, message::Acker};
 use futures::StreamExt;
 use rand::Rng;
-use sundara_common::{Endpoints, Error as CommonError, ModelCache, Registry, Shutdown, js_err, nats, telemetry};
+use sundara_common::{
+    Endpoints, Error as CommonError, ModelCache, Registry, Shutdown, js_err, nats, telemetry, validator_key,
+};
 use sundara_runtime::{Executor, ExecutorConfig, ModelRun};
 use sundara_schemas::{
     ClientResult, CompareRule, DeadLetter, FailureCode, MAX_MESSAGE_BYTES, MinerVerdict, Outcome, OutcomeResult,
@@ -42,8 +45,11 @@ use tracing::Instrument;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoints: Endpoints,
-    /// Validator secret that the scheduler signs tickets with.
+    /// Validator secret that the scheduler signs tickets with (at least 16 bytes).
     pub secret: Vec<u8>,
+    /// Whether to check the secret's key id against the stack's at start (and refuse to
+    /// start on a mismatch), or replace it (`--rotate-secret`): see [`validator_key`].
+    pub secret_claim: validator_key::Claim,
     /// Outcomes held un-acked at most (JetStream max_ack_pending of the consumer).
     pub max_held: usize,
     /// How long after a task's deadline a partial set of outcomes is decided as it is.
@@ -85,6 +91,7 @@ impl Config {
         Config {
             endpoints,
             secret,
+            secret_claim: validator_key::Claim::Check,
             max_held: 20_000,
             grace: Duration::from_secs(30),
             concurrency: 256,
@@ -100,6 +107,9 @@ impl Config {
 pub enum VerifierError {
     #[error(transparent)]
     Common(#[from] CommonError),
+    /// The validator secret is too short, or not the one the rest of the stack uses.
+    #[error(transparent)]
+    Secret(#[from] validator_key::SecretError),
     #[error(transparent)]
     Runtime(#[from] sundara_runtime::RuntimeError),
 }
@@ -350,6 +360,8 @@ fn record_decision(span: &tracing::Span, result: &ClientResult, verdict: &Verdic
 struct Publisher {
     js: jetstream::Context,
     verdicts: jetstream::stream::Stream,
+    /// RESULTS: a task whose outcomes were refused is ended only if it has no result.
+    results: jetstream::stream::Stream,
     registry: Registry,
     reference: Option<Reference>,
     /// Passed audits per miner: lowers their audit rate (see [`trust`]).
@@ -552,15 +564,48 @@ impl Publisher {
     async fn already_decided(&self, task_id: &str) -> bool {
         self.verdicts.direct_get_last_for_subject(subj::verdict(task_id)).await.is_ok()
     }
+
+    /// Ends a task none of whose outcomes could be admitted (see [`refused`]): a failed
+    /// result and a dead letter with the reason and the refused outcomes, unless the task
+    /// has a result already (decided elsewhere, or expired by the scheduler). No verdict:
+    /// nothing the miners sent was judged, so nobody is scored.
+    async fn end_refused(&self, r: &refused::RefusedTask) -> Result<(), CommonError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        match self.results.direct_get_last_for_subject(subj::result(&r.tenant, &r.task_id)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {}
+            Err(e) => return Err(js_err(e)),
+        }
+        let (result, dead) = r.conclude();
+        tracing::error!(task = %r.task_id, reason = %dead.reason, "task ended: none of its outcomes could be admitted");
+        metrics::counter!("sundara_verifier_verdicts_total", "model" => r.model.name.clone(), "accepted" => "false")
+            .increment(1);
+        nats::publish_once(&self.js, subj::dead(&r.task_id), &r.task_id, encode(&dead)).await?;
+        nats::publish_once(&self.js, subj::result(&r.tenant, &r.task_id), &r.task_id, encode(&result)).await?;
+        Ok(())
+    }
 }
 
-/// Runs the verifier until `shutdown`.
+/// Runs the verifier until `shutdown`; once asked to stop, it stops within
+/// [`sundara_common::SHUTDOWN_GRACE`] whatever NATS does (outcomes it held un-acked are
+/// delivered again).
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError> {
+    let grace = sundara_common::SHUTDOWN_GRACE;
+    sundara_common::stop_within("verifier", &shutdown.clone(), grace, run_until_stopped(config, shutdown)).await
+}
+
+async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), VerifierError> {
+    validator_key::check_length(&config.secret)?;
     let client = nats::connect(&config.endpoints.nats, "sundara-verifier").await?;
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
+    // A verifier on another secret than the scheduler's refuses every honest outcome as
+    // forged: refuse to start instead.
+    validator_key::claim(&js, "verifier", &config.secret, config.secret_claim).await?;
     let registry = Registry::open(&js).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
+    let results = js.get_stream(subj::RESULTS_STREAM).await.map_err(js_err)?;
+    let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
     let consumer = nats::durable_consumer(
         &js,
         subj::OUTCOMES_STREAM,
@@ -586,6 +631,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
     let publisher = Arc::new(Publisher {
         js,
         verdicts,
+        results,
         registry,
         reference,
         trust: Default::default(),
@@ -598,6 +644,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
         secret: config.secret.clone(),
         grace_ms: config.grace.as_millis() as u64,
         pending: HashMap::new(),
+        refused: HashMap::new(),
+        tasks,
         decided: Decided { order: VecDeque::new(), set: HashSet::new(), cap: 200_000 },
         undecided: undecided_rx,
         publisher,
@@ -616,12 +664,29 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
             },
         }
     }
-    // Let in-flight decisions finish storing before the process goes.
-    let _ = permits.acquire_many(config.concurrency as u32).await;
-    let _ = client.flush().await;
+    // Outcomes held for undecided tasks go back at once, so that the next verifier (this
+    // one restarted, perhaps with the right secret) gathers them without waiting out their
+    // ack wait: first this verifier's pull requests go (else JetStream would deliver them
+    // to it again), then they are NAKed. Then in-flight decisions finish storing. Each step
+    // is bounded: with NATS unreachable none of them can complete, and shutdown must
+    // still end.
+    drop(messages);
+    let _ = tokio::time::timeout(SHUTDOWN_STEP, client.flush()).await;
+    let released = intake.release_held();
+    if tokio::time::timeout(SHUTDOWN_STEP, released).await.is_err() {
+        tracing::warn!("held outcomes not released in time; they come back after their ack wait");
+    }
+    let storing = permits.acquire_many(config.concurrency as u32);
+    if tokio::time::timeout(SHUTDOWN_STEP, storing).await.is_err() {
+        tracing::warn!("decisions still storing at shutdown; their outcomes will be redelivered");
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_STEP, client.flush()).await;
     tracing::info!("verifier stopped");
     Ok(())
 }
+
+/// Longest each step of the verifier's shutdown may take.
+const SHUTDOWN_STEP: Duration = Duration::from_secs(3);
 
 /// The gathering loop's state, owned by the loop: tasks being gathered, and tasks decided
 /// recently (so that their late or replayed outcomes are dropped at once).
@@ -629,6 +694,11 @@ struct Intake {
     secret: Vec<u8>,
     grace_ms: u64,
     pending: HashMap<String, Pending>,
+    /// Tasks with refused outcomes and none admitted (see [`refused`]), with the refused
+    /// outcomes held.
+    refused: HashMap<String, (refused::RefusedTask, Vec<Held>)>,
+    /// TASKS: a refused outcome's task is read back from here, not trusted from its ticket.
+    tasks: jetstream::stream::Stream,
     decided: Decided,
     /// Tasks whose decision could not be stored, reported before their outcomes were released.
     undecided: tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -677,16 +747,113 @@ impl Intake {
                 }
             }
         }
+        self.end_refused(now).await;
+    }
+
+    /// Ends the tasks whose outcomes were all refused once their deadline + grace passed
+    /// (see [`refused`]); keeps the refused outcomes of the others from redelivery.
+    async fn end_refused(&mut self, now: u64) {
+        let due: Vec<String> = self
+            .refused
+            .iter()
+            .filter(|(_, (r, _))| r.deadline_at_ms.saturating_add(self.grace_ms) <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for task in due {
+            let (r, held) = self.refused.remove(&task).expect("listed above");
+            // An admitted outcome made it an ordinary task, decided with the refused
+            // replicas missing.
+            let ordinary = self.decided.set.contains(&task) || self.pending.contains_key(&task);
+            if !ordinary && let Err(e) = self.publisher.end_refused(&r).await {
+                tracing::warn!(task = %task, error = %e, "could not end a task whose outcomes were refused; will retry");
+                self.refused.insert(task, (r, held));
+                continue;
+            }
+            if !ordinary {
+                self.decided.insert(task);
+            }
+            for m in held {
+                let _ = m.acker.ack().await;
+            }
+        }
+        for (r, held) in self.refused.values() {
+            if r.first_seen.elapsed() > Duration::from_secs(10) {
+                for m in held {
+                    let _ = m.acker.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+    }
+
+    /// Holds a refused outcome of a task that has no admitted one, so that the task ends
+    /// (see [`refused`]); drops it when the task is gathered or decided already, or when
+    /// its ticket does not name the task TASKS holds at its sequence (a forgery).
+    async fn on_refused(&mut self, msg: Message, why: &'static str, outcome: Outcome) {
+        let task = outcome.ticket.task_id.clone();
+        if self.decided.set.contains(&task) || self.pending.contains_key(&task) {
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+        if let Some((r, held)) = self.refused.get_mut(&task) {
+            if r.add(why, outcome) {
+                held.push(Held::of(msg));
+            } else {
+                let _ = msg.ack_with(AckKind::Term).await;
+            }
+            return;
+        }
+        if self.refused.len() >= refused::MAX_REFUSED_TASKS {
+            tracing::warn!(task = %task, "too many tasks with refused outcomes tracked; dropping this one");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let seq = outcome.ticket.task_seq;
+        let stored = match self.tasks.get_raw_message(seq).await {
+            Ok(raw) => decode::<Task>(&raw.payload, MAX_MESSAGE_BYTES).ok(),
+            Err(e) if e.kind() == LastRawMessageErrorKind::Other => {
+                // TASKS not reachable now: look again when it comes back.
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return;
+            }
+            Err(_) => None,
+        };
+        match stored {
+            Some(t) if t.task_id == task => {
+                let mut r = refused::RefusedTask::of(&t, seq);
+                r.add(why, outcome);
+                self.refused.insert(task, (r, vec![Held::of(msg)]));
+            }
+            _ => {
+                let _ = msg.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+
+    /// At shutdown: every outcome still held for an undecided task goes back to JetStream
+    /// (NAK), to be delivered again at once to the next verifier.
+    async fn release_held(&mut self) {
+        let held = self.pending.drain().flat_map(|(_, p)| p.held).chain(self.refused.drain().flat_map(|(_, (_, h))| h));
+        for m in held {
+            let _ = m.acker.ack_with(AckKind::Nak(None)).await;
+        }
     }
 
     /// Checks one outcome and gathers it; decides its task once every replica reported.
     async fn on_outcome(&mut self, msg: Message) {
         let outcome = match admit(&self.secret, &msg) {
             Ok(outcome) => self.publisher.as_declared(outcome).await,
-            Err(why) => {
+            Err(refusal) => {
+                let why = refusal.label();
                 tracing::warn!(subject = %msg.subject, why, "outcome refused");
                 metrics::counter!("sundara_verifier_refused_outcomes_total", "why" => why).increment(1);
-                let _ = msg.ack_with(AckKind::Term).await;
+                match refusal {
+                    // On its own subject, for a task it names: the task must still end.
+                    Refusal::Forged(outcome) => self.on_refused(msg, why, *outcome).await,
+                    _ => {
+                        let _ = msg.ack_with(AckKind::Term).await;
+                    }
+                }
                 return;
             }
         };
@@ -731,17 +898,36 @@ impl Intake {
     }
 }
 
-/// Decodes an outcome and checks what its sender claims: a ticket the validator signed,
-/// published on the outcome subject of the task and worker that ticket names (NATS lets a
-/// miner publish only on its own outcome subjects, so a miner cannot answer under another
-/// miner's ticket). Malformed outputs become the miner's failure ([`well_formed`]).
-fn admit(secret: &[u8], msg: &Message) -> Result<Outcome, &'static str> {
-    let outcome = decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES).map_err(|_| "undecodable")?;
-    if !outcome.ticket.verify(secret) {
-        return Err("forged ticket");
+/// Why an outcome was not admitted.
+enum Refusal {
+    Undecodable,
+    /// Not on the outcome subject of the task and worker its ticket names.
+    Misaddressed,
+    /// On its own subject, but its ticket's MAC does not verify under this verifier's secret.
+    Forged(Box<Outcome>),
+}
+
+impl Refusal {
+    fn label(&self) -> &'static str {
+        match self {
+            Refusal::Undecodable => "undecodable",
+            Refusal::Misaddressed => "another worker's ticket",
+            Refusal::Forged(_) => "forged ticket",
+        }
     }
+}
+
+/// Decodes an outcome and checks what its sender claims: published on the outcome subject
+/// of the task and worker its ticket names (NATS lets a miner publish only on its own
+/// outcome subjects, so a miner cannot answer under another miner's ticket), with a ticket
+/// the validator signed. Malformed outputs become the miner's failure ([`well_formed`]).
+fn admit(secret: &[u8], msg: &Message) -> Result<Outcome, Refusal> {
+    let outcome = decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES).map_err(|_| Refusal::Undecodable)?;
     if msg.subject.as_str() != subj::outcome(&outcome.ticket.task_id, &outcome.ticket.worker) {
-        return Err("another worker's ticket");
+        return Err(Refusal::Misaddressed);
+    }
+    if !outcome.ticket.verify(secret) {
+        return Err(Refusal::Forged(Box::new(outcome)));
     }
     Ok(well_formed(outcome))
 }

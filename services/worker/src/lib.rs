@@ -18,8 +18,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
 use sundara_common::nats::NatsEndpoint;
-use sundara_common::telemetry;
 use sundara_common::{Error as CommonError, Registry, Shutdown, js_err, nats};
+use sundara_common::{gateway, telemetry};
 use sundara_schemas::{
     Assignment, Control, ControlReply, ControlRequest, FleetReply, FleetRequest, FleetUpdate, MAX_MESSAGE_BYTES,
     ModelRef, Outcome, OutcomeResult, SliceAnnounce, WIRE_VERSION, WorkTiming, WorkerAnnounce, decode, encode, now_ms,
@@ -37,8 +37,12 @@ pub use sundara_runtime::{Executor, ExecutorConfig, JobError, JobResult, ModelRu
 enum ReportError {
     #[error("no fleet gateway answers (is a scheduler or autoscaler running?)")]
     NoGateway,
+    /// Not delivered, or no answer: it may be sent again.
     #[error("{0}")]
     Failed(String),
+    /// The gateway refused it, with its reason: final.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// How long a report to the fleet gateway may take.
@@ -147,6 +151,15 @@ pub enum WorkerError {
     InvalidSlices(String),
     #[error("the fleet gateway refused or did not answer the worker's announce: {0}")]
     Report(String),
+    /// A GPU slice that this build or its ONNX Runtime library cannot run.
+    #[error("slice {slice} ({device}) cannot run here: {reason}")]
+    NoGpu { slice: String, device: String, reason: String },
+    /// The server refused the worker its own subjects: its credentials are not `worker`'s.
+    #[error(
+        "not permitted: the NATS server refused worker {worker} to {denial}; are these credentials miner-{worker}'s? \
+         (a miner's credentials serve only its own --id)"
+    )]
+    NotPermitted { worker: String, denial: nats::Denial },
 }
 
 /// A slice as the worker runs it.
@@ -174,6 +187,8 @@ struct Worker {
     registry: Registry,
     cache: ModelCache,
     slices: HashMap<String, Slice>,
+    /// Whether the validator has quarantined this worker, as the gateway last said.
+    standing: Standing,
     /// A cheater's hooks; `None` for an honest worker.
     #[cfg(feature = "cheaters")]
     cheater: Option<cheaters::Cheater>,
@@ -183,6 +198,8 @@ impl Worker {
     /// Sends a report to the fleet gateway and waits (bounded) for it to be applied.
     async fn report(&self, update: FleetUpdate) -> Result<(), ReportError> {
         use async_nats::RequestErrorKind;
+        // Only an applied announcement's reply says whether the worker is quarantined.
+        let announced = matches!(update, FleetUpdate::Announce { .. });
         let request = encode(&FleetRequest { v: WIRE_VERSION, update });
         let subject = subj::report(&self.config.worker_id);
         let reply = tokio::time::timeout(REPORT_TIMEOUT, self.client.request(subject, request.into()))
@@ -194,7 +211,13 @@ impl Worker {
             })?;
         let reply: FleetReply =
             decode(&reply.payload, MAX_MESSAGE_BYTES).map_err(|e| ReportError::Failed(e.to_string()))?;
-        if reply.ok { Ok(()) } else { Err(ReportError::Failed(reply.reason)) }
+        if !reply.ok {
+            return Err(ReportError::Refused(reply.reason));
+        }
+        if announced {
+            self.standing.note(&self.config, reply.reason.strip_prefix(gateway::QUARANTINED_NOTE));
+        }
+        Ok(())
     }
 
     /// [`Worker::report`], retried until `within` has passed while no gateway answers (the
@@ -317,10 +340,16 @@ impl Worker {
                 let handed = if slice_failed {
                     self.report(FleetUpdate::FailSlice { slice, reason }).await
                 } else {
-                    self.report(FleetUpdate::HandBack { assignment_id: aid }).await
+                    self.report(FleetUpdate::HandBack { assignment_id: aid.clone() }).await
                 };
                 match handed {
                     Ok(()) => {
+                        let _ = msg.ack_with(AckKind::Term).await;
+                    }
+                    // Final (the assignment is no longer this worker's: answered, timed out
+                    // and reassigned): delivering it again would only be refused again.
+                    Err(ReportError::Refused(reason)) => {
+                        tracing::info!(assignment = %aid, %reason, "hand-back refused; dropping the assignment");
                         let _ = msg.ack_with(AckKind::Term).await;
                     }
                     Err(e) => {
@@ -452,6 +481,46 @@ fn device_name(d: &SliceDevice) -> String {
     }
 }
 
+/// Refuses GPU slices this build or its ONNX Runtime cannot run, at start: not on the
+/// first task, where each would take its slice out of service.
+fn gpus_usable(config: &Config) -> Result<(), WorkerError> {
+    let Some(gpu) = config.slices.iter().find(|s| s.device != SliceDevice::Cpu) else { return Ok(()) };
+    sundara_runtime::cuda_support().map_err(|reason| WorkerError::NoGpu {
+        slice: gpu.name.clone(),
+        device: device_name(&gpu.device),
+        reason,
+    })
+}
+
+/// Whether the validator has quarantined this worker, as its fleet gateway last said. A
+/// quarantined worker stays announced and gets no work; its log says so once, with why
+/// and what to do, and again when the quarantine is lifted.
+#[derive(Default)]
+struct Standing(std::sync::Mutex<Option<String>>);
+
+impl Standing {
+    /// Notes what the gateway said of an applied announcement: quarantined (and why) or not.
+    fn note(&self, config: &Config, quarantined: Option<&str>) {
+        let mut was = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match (was.as_deref(), quarantined) {
+            (None, Some(why)) => tracing::warn!(
+                worker = %config.worker_id,
+                operator = %config.operator,
+                reason = %why,
+                "this miner is quarantined by the validator: it gets no work (and no rewards) until the validator's \
+                 operator lifts the quarantine (`sundara fleet release {}`). Its heartbeats go on. To appeal, send \
+                 the validator this worker id, its operator and the reason (docs/mining.md §5)",
+                config.operator
+            ),
+            (Some(_), None) => {
+                tracing::info!(worker = %config.worker_id, "quarantine lifted: the miner gets work again")
+            }
+            _ => {}
+        }
+        *was = quarantined.map(str::to_string);
+    }
+}
+
 /// Checks the slices and turns each into an executor.
 fn start_slices(config: &Config) -> Result<HashMap<String, Slice>, WorkerError> {
     let invalid = |why: String| WorkerError::InvalidSlices(why);
@@ -498,13 +567,23 @@ fn start_slices(config: &Config) -> Result<HashMap<String, Slice>, WorkerError> 
     Ok(slices)
 }
 
-/// Runs a worker until `shutdown`; in-flight assignments finish before it returns.
+/// Runs a worker until `shutdown`. Asked to stop, it lets in-flight assignments finish
+/// and store their outcomes for at most [`sundara_common::SHUTDOWN_GRACE`] and then
+/// stops whatever NATS does (a worker must stop on Ctrl-C or SIGTERM while NATS is down):
+/// the assignments it still held are delivered again or reassigned.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> {
+    let grace = sundara_common::SHUTDOWN_GRACE;
+    sundara_common::stop_within("worker", &shutdown.clone(), grace, run_until_stopped(config, shutdown)).await
+}
+
+/// [`run`], without the bound on its shutdown.
+async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> {
     if !subj::is_token(&config.worker_id) {
         return Err(WorkerError::InvalidId(config.worker_id.clone()));
     }
     let slices = start_slices(&config)?;
     sundara_runtime::init(&config.ort_library)?;
+    gpus_usable(&config)?;
     let client = nats::connect(&config.nats, &format!("sundara-worker-{}", config.worker_id)).await?;
     let js = jetstream::new(client.clone());
     // A miner creates no streams (its credentials cannot): it waits for the validator's.
@@ -524,15 +603,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
         js: js.clone(),
         registry,
         slices,
+        standing: Standing::default(),
         #[cfg(feature = "cheaters")]
         cheater: cheaters::Cheater::new(config.behaviour),
     };
+    // Credentials that are not this worker's are refused its subjects: fail at once, not
+    // after the announce's and the consumer's timeouts.
+    let mut refused = nats::Denials::watch(&client);
+    let denied = |denial| WorkerError::NotPermitted { worker: config.worker_id.clone(), denial };
     // Listening for commands before it is announced: whoever sees it in Redis can command it.
-    let mut commands = client.subscribe(subj::control(&config.worker_id)).await.map_err(js_err)?;
+    let subscribed = refused.guard(|_| true, client.subscribe(subj::control(&config.worker_id))).await;
+    let mut commands = subscribed.map_err(denied)?.map_err(js_err)?;
     client.flush().await.map_err(js_err)?;
     let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
     let hello = FleetUpdate::Announce { announce: worker.announce(&models), fresh: true, heartbeat_ttl_ms: ttl_ms };
-    worker.report_within(hello, config.startup_timeout).await.map_err(|e| WorkerError::Report(e.to_string()))?;
+    let announced = refused.guard(|_| true, worker.report_within(hello, config.startup_timeout)).await;
+    announced.map_err(denied)?.map_err(|e| WorkerError::Report(e.to_string()))?;
     tracing::info!(
         worker = %config.worker_id,
         ?models,
@@ -603,7 +689,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     };
     let (_, worked, _) = tokio::join!(heartbeat, work, control);
     worked?;
-    let _ = client.flush().await;
+    // Bounded: a flush waits for a server that is gone.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     tracing::info!(worker = %config.worker_id, "worker stopped");
     Ok(())
 }

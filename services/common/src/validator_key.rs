@@ -1,0 +1,181 @@
+//! The validator secret's key id: how the scheduler (which signs tickets with
+//! `SUNDARA_SECRET`) and the verifier (which checks them) know at start that they share it.
+//!
+//! A service with another secret than the rest of the stack signs, or checks, tickets that
+//! nobody else accepts: every honest outcome is then refused as forged. So each of them,
+//! at start, compares the key id of its secret (a hash that reveals nothing of it) with
+//! the one stored in the validator's KV bucket ([`subj::VALIDATOR_BUCKET`], key
+//! [`subj::SECRET_KEY_ID`]): the first to start writes its own (a KV create, so two
+//! starting at once cannot both win), and any later one whose key id differs refuses to
+//! start with [`SecretError::Mismatch`]. To change the secret on purpose, start one
+//! service with [`Claim::Rotate`] (`--rotate-secret`): it writes its key id whatever was
+//! stored, and the others must then be restarted with the new secret.
+
+use async_nats::jetstream::{self, kv};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sundara_schemas::subjects as subj;
+
+/// Shortest validator secret accepted: 16 bytes (128 bits).
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// The key id of a validator secret: the first 8 bytes of
+/// SHA-256("sundara key id" ‖ secret), in hex. It names the secret without revealing it.
+pub fn key_id(secret: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"sundara key id");
+    h.update(secret);
+    hex::encode(&h.finalize()[..8])
+}
+
+/// What the stack has stored: whose key id, set by which service, when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredKey {
+    pub key_id: String,
+    /// The service that wrote it (`scheduler`, `verifier`).
+    pub set_by: String,
+    /// When (Unix ms).
+    pub set_at_ms: u64,
+}
+
+impl StoredKey {
+    /// `set_at_ms` as an RFC 3339 UTC time (to the second).
+    pub fn set_at(&self) -> String {
+        let secs = self.set_at_ms / 1000;
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    }
+}
+
+/// Whether a service checks the stack's key id or replaces it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Claim {
+    /// Write the key id if none is stored; refuse to start if another is.
+    #[default]
+    Check,
+    /// Write this service's key id whatever is stored: a deliberate change of secret.
+    Rotate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error(
+        "the validator secret is {len} bytes; it must be at least {MIN_SECRET_BYTES} (e.g. SUNDARA_SECRET=$(openssl rand -hex 32), the same for scheduler and verifier)"
+    )]
+    TooShort { len: usize },
+    #[error(
+        "validator secret mismatch: this service's key id {ours}, the stack's is {stack} (set by {set_by} at {set_at}); all of scheduler and verifier must share SUNDARA_SECRET (to change it on purpose, start one of them with --rotate-secret, then restart the others with the new secret)"
+    )]
+    Mismatch { ours: String, stack: String, set_by: String, set_at: String },
+    #[error("the stack's validator key id (KV {bucket}/{key}): {reason}", bucket = subj::VALIDATOR_BUCKET, key = subj::SECRET_KEY_ID)]
+    Store { reason: String },
+}
+
+/// Refuses a secret shorter than [`MIN_SECRET_BYTES`].
+pub fn check_length(secret: &[u8]) -> Result<(), SecretError> {
+    if secret.len() < MIN_SECRET_BYTES { Err(SecretError::TooShort { len: secret.len() }) } else { Ok(()) }
+}
+
+/// Checks `secret` against the stack's key id, storing it if there is none (or replacing
+/// it with [`Claim::Rotate`]); `service` is recorded as the writer. Returns the key id
+/// now stored (this service's). The bucket is created by `nats::provision`.
+pub async fn claim(
+    js: &jetstream::Context,
+    service: &str,
+    secret: &[u8],
+    how: Claim,
+) -> Result<StoredKey, SecretError> {
+    check_length(secret)?;
+    let store_err = |e: &dyn std::fmt::Display| SecretError::Store { reason: e.to_string() };
+    let bucket = js.get_key_value(subj::VALIDATOR_BUCKET).await.map_err(|e| store_err(&e))?;
+    let ours = StoredKey { key_id: key_id(secret), set_by: service.to_string(), set_at_ms: sundara_schemas::now_ms() };
+    let value: bytes::Bytes = serde_json::to_vec(&ours).expect("a key record encodes").into();
+    if how == Claim::Rotate {
+        let previous = read(&bucket).await?;
+        bucket.put(subj::SECRET_KEY_ID, value).await.map_err(|e| store_err(&e))?;
+        if let Some(p) = previous.filter(|p| p.key_id != ours.key_id) {
+            tracing::warn!(from = %p.key_id, to = %ours.key_id, "validator secret rotated: restart every scheduler and verifier with the new SUNDARA_SECRET");
+        }
+        return Ok(ours);
+    }
+    // Created only if absent: of two services starting at once, one writes and the other
+    // compares.
+    match bucket.create(subj::SECRET_KEY_ID, value).await {
+        Ok(_) => {
+            tracing::info!(key_id = %ours.key_id, "validator key id stored for the stack");
+            return Ok(ours);
+        }
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(store_err(&e)),
+    }
+    let stored = read(&bucket).await?.ok_or_else(|| SecretError::Store { reason: "deleted while read".into() })?;
+    if stored.key_id != ours.key_id {
+        return Err(SecretError::Mismatch {
+            ours: ours.key_id,
+            set_at: stored.set_at(),
+            stack: stored.key_id,
+            set_by: stored.set_by,
+        });
+    }
+    tracing::info!(key_id = %ours.key_id, set_by = %stored.set_by, "validator secret matches the stack's");
+    Ok(stored)
+}
+
+/// The stored key record, if any.
+async fn read(bucket: &kv::Store) -> Result<Option<StoredKey>, SecretError> {
+    let store_err = |reason: String| SecretError::Store { reason };
+    match bucket.get(subj::SECRET_KEY_ID).await.map_err(|e| store_err(e.to_string()))? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| store_err(format!("unreadable: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids_name_a_secret_without_revealing_it() {
+        let a = key_id(b"0123456789abcdef-first");
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(a, key_id(b"0123456789abcdef-first"), "stable");
+        assert_ne!(a, key_id(b"0123456789abcdef-other"));
+        // Not a plain hash of the secret: the domain separation is part of it.
+        assert_ne!(a, hex::encode(&Sha256::digest(b"0123456789abcdef-first")[..8]));
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(matches!(check_length(b"test-secret"), Err(SecretError::TooShort { len: 11 })));
+        assert!(check_length(&[7; MIN_SECRET_BYTES]).is_ok());
+        let e = SecretError::TooShort { len: 3 }.to_string();
+        assert!(e.contains("at least 16"), "{e}");
+    }
+
+    #[test]
+    fn a_mismatch_names_both_key_ids_and_who_set_the_stacks() {
+        let stored = StoredKey { key_id: "aaaa".into(), set_by: "scheduler".into(), set_at_ms: 0 };
+        assert_eq!(stored.set_at(), "1970-01-01T00:00:00Z");
+        let leap = StoredKey { set_at_ms: 1_709_210_096_789, ..stored.clone() };
+        assert_eq!(leap.set_at(), "2024-02-29T12:34:56Z");
+        let e = SecretError::Mismatch {
+            ours: "bbbb".into(),
+            stack: stored.key_id.clone(),
+            set_by: stored.set_by.clone(),
+            set_at: stored.set_at(),
+        }
+        .to_string();
+        assert!(e.starts_with("validator secret mismatch: this service's key id bbbb, the stack's is aaaa (set by scheduler at 1970-01-01T00:00:00Z); all of scheduler and verifier must share SUNDARA_SECRET"), "{e}");
+    }
+}
