@@ -291,8 +291,7 @@ async fn a_decision_that_could_not_be_stored_is_made_again() {
     assert_eq!(stored.get(&subj::result("test", &refused.task_id)), Some(&1));
 }
 
-/// With nats-server gone, SIGTERM still stops a worker (and the scheduler and verifier) in
-/// bounded time. Before, a worker waited for NATS to come back: its last flush has no
+/// With nats-server gone, SIGTERM still stops a worker (and every service) in bounded time. Before, a worker waited for NATS to come back: its last flush has no
 /// server to answer it, and Ctrl-C and SIGTERM did nothing for as long as NATS was down.
 /// The worker holds assignments when NATS goes (a load with longer inferences).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -304,7 +303,8 @@ async fn shutdown_is_bounded_while_nats_is_down() {
     stack.kill_nats();
     // sundara_common::SHUTDOWN_GRACE is 10 s; a process that exits then has a little more.
     let bound = Duration::from_secs(15);
-    let stopped = stack.terminate(&["worker-w1", "scheduler", "verifier"], bound).await;
+    let every = ["worker-w1", "ingress", "scheduler", "verifier", "rewarder", "autoscaler"];
+    let stopped = stack.terminate(&every, bound).await;
     // NATS back before the load stops: its submissions under way then end at once.
     stack.start_nats_again();
     load.stop().await;

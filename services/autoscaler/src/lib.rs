@@ -386,6 +386,11 @@ async fn scale(config: ScalingConfig, mut scaler: Scaler, shutdown: Shutdown) {
 
 /// Runs the health loop (and fleet sizing, when configured) until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerError> {
+    let grace = sundara_common::SHUTDOWN_GRACE;
+    sundara_common::stop_within("autoscaler", &shutdown.clone(), grace, run_until_stopped(config, shutdown)).await
+}
+
+async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), AutoscalerError> {
     let client = nats::connect(&config.endpoints.nats, "sundara-autoscaler").await?;
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;

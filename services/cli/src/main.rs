@@ -174,7 +174,9 @@ enum Command {
         slots: Option<u32>,
         /// A slice (repeat for several): `cpu|cuda:<index>|mig:<uuid>` then `,threads=N`,
         /// `,memory=8G`, `,slots=N`, `,name=NAME`. Default: one CPU slice of --threads
-        /// threads holding up to half the available memory.
+        /// threads holding up to half the available memory. GPU slices need a build with
+        /// `--features cuda` and the onnxruntime-gpu library (docs/mining.md), else the
+        /// worker refuses them at start.
         #[arg(long = "slice")]
         slices: Vec<String>,
         /// Models offered (comma-separated); all registered models when absent.

@@ -357,6 +357,11 @@ impl Ingress {
 
 /// Serves `sundara.submit` until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), IngressError> {
+    let grace = sundara_common::SHUTDOWN_GRACE;
+    sundara_common::stop_within("ingress", &shutdown.clone(), grace, run_until_stopped(config, shutdown)).await
+}
+
+async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), IngressError> {
     let client = nats::connect(&config.endpoints.nats, "sundara-ingress").await?;
     let js = async_nats::jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;

@@ -473,6 +473,11 @@ async fn verdict_consumer(js: &jetstream::Context, last_seq: u64) -> Result<Pull
 
 /// Runs the rewarder until `shutdown`, then flushes what it holds.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RewarderError> {
+    let grace = sundara_common::SHUTDOWN_GRACE;
+    sundara_common::stop_within("rewarder", &shutdown.clone(), grace, run_until_stopped(config, shutdown)).await
+}
+
+async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), RewarderError> {
     if !ledger::valid_alpha(config.alpha) {
         return Err(RewarderError::Config(format!("alpha must be in (0, 1], got {}", config.alpha)));
     }
