@@ -220,7 +220,9 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
             if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = &event
                 && let Some(denial) = Denial::parse(text)
             {
-                tracing::warn!(connection = %connection, "NATS permissions violation: not permitted to {denial}");
+                // Info: a service logs it; a client command (warn and above) reports the
+                // typed error its request fails with instead of printing it twice.
+                tracing::info!(connection = %connection, "NATS permissions violation: not permitted to {denial}");
                 let _ = reported.send(denial);
             } else {
                 tracing::debug!(connection = %connection, %event, "NATS connection event");
