@@ -340,21 +340,26 @@ pub mod usage {
         });
     }
 
+    // SAFETY: every call is forwarded unchanged to the system allocator; counting allocates nothing.
     unsafe impl GlobalAlloc for Counting {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             note(layout.size(), 0);
+            // SAFETY: the caller's contract for this method is the system allocator's.
             unsafe { System.alloc(layout) }
         }
         unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
             note(layout.size(), 0);
+            // SAFETY: the caller's contract for this method is the system allocator's.
             unsafe { System.alloc_zeroed(layout) }
         }
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
             note(0, layout.size());
+            // SAFETY: the caller's contract for this method is the system allocator's.
             unsafe { System.dealloc(ptr, layout) }
         }
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             note(new_size, layout.size());
+            // SAFETY: the caller's contract for this method is the system allocator's.
             unsafe { System.realloc(ptr, layout, new_size) }
         }
     }
