@@ -47,3 +47,31 @@ pub fn now_us() -> u64 {
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+/// A wire timestamp (milliseconds since the Unix epoch) as RFC 3339 UTC, to the second:
+/// `2026-12-06T02:42:35Z`.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days to a civil date (H. Hinnant's algorithm, proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest / 60 % 60, rest % 60)
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn wire_times_read_as_dates() {
+        assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339_ms(1_796_530_955_999), "2026-12-06T04:22:35Z");
+        assert_eq!(super::rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+}

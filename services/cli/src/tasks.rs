@@ -62,7 +62,7 @@ pub fn describe(letter: &DeadLetter) -> String {
         letter.task_id,
         letter.tenant,
         letter.model,
-        utc_text(letter.dead_at_ms),
+        sundara_schemas::rfc3339_ms(letter.dead_at_ms),
         age_text(sundara_schemas::now_ms().saturating_sub(letter.dead_at_ms)),
         letter.reason
     );
@@ -79,23 +79,6 @@ pub fn describe(letter: &DeadLetter) -> String {
         out.push_str(&format!("  replica {} attempt {} on {}: {what}\n", t.replica, t.attempt, t.worker));
     }
     out
-}
-
-/// `2026-12-06 02:42:35 UTC` for milliseconds since the Unix epoch.
-pub fn utc_text(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days to a civil date (H. Hinnant's algorithm, proleptic Gregorian calendar).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest / 60 % 60, rest % 60)
 }
 
 /// `42 s ago`, `7 min ago`, `3 h ago`, `2 d ago`.
@@ -145,10 +128,7 @@ pub async fn resubmit(js: &jetstream::Context, task_id: &str) -> Result<String, 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn times_read_as_dates() {
-        assert_eq!(super::utc_text(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(super::utc_text(1_796_530_955_000), "2026-12-06 04:22:35 UTC");
-        assert_eq!(super::utc_text(951_782_400_000), "2000-02-29 00:00:00 UTC");
+    fn ages_read_as_ages() {
         assert_eq!(super::age_text(59_999), "59 s ago");
         assert_eq!(super::age_text(7 * 60_000), "7 min ago");
         assert_eq!(super::age_text(50 * 3_600_000), "2 d ago");
