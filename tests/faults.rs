@@ -228,7 +228,7 @@ async fn redis_restarted_empty_under_load_loses_no_task() {
 async fn a_task_delivered_again_after_its_result_is_not_dead_lettered() {
     let stack = ProcessStack::start(three_workers()).await;
     // Tasks as ingress stores them (a verified task leaves TASKS once its result is read).
-    let mut stored_tasks = stack.js.client().subscribe("sundara.task.>").await.unwrap();
+    let mut stored_tasks = stack.js.client().subscribe(subj::TASK_ALL).await.unwrap();
     stack.js.client().flush().await.unwrap();
     let load = stack.load("again", 1);
     stack.first_verified_after(&load, 0, RECOVERY).await;
@@ -250,7 +250,7 @@ async fn a_task_delivered_again_after_its_result_is_not_dead_lettered() {
         .unwrap();
     stack.step("the task stored again");
     stack.scheduler_idle(Duration::from_secs(30)).await;
-    let dead = support::processes::subject_counts(&stack.js, subj::DEAD_STREAM, "sundara.dead.>").await;
+    let dead = support::processes::subject_counts(&stack.js, subj::DEAD_STREAM, subj::DEAD_ALL).await;
     assert!(dead.is_empty(), "dead-lettered after its result: {}", stack.dead_letter(&task_id).await);
     let results =
         support::processes::subject_counts(&stack.js, subj::RESULTS_STREAM, &subj::result("test", &task_id)).await;
@@ -287,7 +287,7 @@ async fn a_decision_that_could_not_be_stored_is_made_again() {
     stack.step("the decision was refused and the outcomes came back");
     stack.js.update_stream(config).await.unwrap();
     stack.await_results(std::slice::from_ref(&refused), RECOVERY).await;
-    let stored = support::processes::subject_counts(&stack.js, subj::RESULTS_STREAM, "sundara.result.>").await;
+    let stored = support::processes::subject_counts(&stack.js, subj::RESULTS_STREAM, subj::RESULT_ALL).await;
     assert_eq!(stored.get(&subj::result("test", &refused.task_id)), Some(&1));
 }
 

@@ -14,6 +14,25 @@ use crate::client::RESPONDER_SUBJECT;
 use crate::load::{RunStats, Window};
 use crate::stats::Summary;
 
+/// Why a baseline could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BaselineError {
+    #[error("{}: {source}", .path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Runtime(#[from] sundara_runtime::RuntimeError),
+    #[error("inference thread panicked")]
+    Panicked,
+    #[error("NATS: {0}")]
+    Nats(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BaselineError {
+    fn nats(e: impl std::error::Error + Send + Sync + 'static) -> BaselineError {
+        BaselineError::Nats(Box::new(e))
+    }
+}
+
 /// `threads` threads, each with its own session (one intra-op thread), run `inputs`
 /// back to back for the window. Nothing else runs: this is what the cores can compute.
 pub fn ort_in_process(
@@ -21,16 +40,16 @@ pub fn ort_in_process(
     threads: usize,
     inputs: &[Vec<Tensor>],
     window: Window,
-) -> Result<RunStats, String> {
-    let bytes = std::fs::read(model).map_err(|e| format!("{}: {e}", model.display()))?;
+) -> Result<RunStats, BaselineError> {
+    let bytes = std::fs::read(model).map_err(|source| BaselineError::Read { path: model.to_path_buf(), source })?;
     let bytes = Arc::new(bytes);
     let inputs = Arc::new(inputs.to_vec());
     let start = Instant::now() + Duration::from_millis(200);
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let (bytes, inputs) = (bytes.clone(), inputs.clone());
-            std::thread::spawn(move || -> Result<Vec<u64>, String> {
-                let mut session = Model::load(&bytes, 1).map_err(|e| e.to_string())?;
+            std::thread::spawn(move || -> Result<Vec<u64>, BaselineError> {
+                let mut session = Model::load(&bytes, 1)?;
                 let measure_from = start + window.warmup;
                 let end = measure_from + window.measure;
                 let mut latencies = Vec::new();
@@ -40,7 +59,7 @@ pub fn ort_in_process(
                     if sent >= end {
                         break;
                     }
-                    session.run(&inputs[n % inputs.len()]).map_err(|e| e.to_string())?;
+                    session.run(&inputs[n % inputs.len()])?;
                     let done = Instant::now();
                     if sent >= measure_from && done <= end {
                         latencies.push(done.duration_since(sent).as_micros() as u64);
@@ -53,7 +72,7 @@ pub fn ort_in_process(
         .collect();
     let mut all = Vec::new();
     for h in handles {
-        all.extend(h.join().map_err(|_| "inference thread panicked".to_string())??);
+        all.extend(h.join().map_err(|_| BaselineError::Panicked)??);
     }
     Ok(RunStats {
         duration_s: window.measure.as_secs_f64(),
@@ -67,10 +86,10 @@ pub fn ort_in_process(
 /// Serves [`RESPONDER_SUBJECT`]: decodes the input tensors, runs them on the worker's own
 /// executor (`threads` inference threads) and replies with the outputs. Runs until the
 /// connection closes.
-pub async fn serve_responder(nats_url: &str, model: PathBuf, threads: usize) -> Result<(), String> {
-    let nats = async_nats::connect(nats_url).await.map_err(|e| e.to_string())?;
-    let mut requests = nats.subscribe(RESPONDER_SUBJECT).await.map_err(|e| e.to_string())?;
-    nats.flush().await.map_err(|e| e.to_string())?;
+pub async fn serve_responder(nats_url: &str, model: PathBuf, threads: usize) -> Result<(), BaselineError> {
+    let nats = async_nats::connect(nats_url).await.map_err(BaselineError::nats)?;
+    let mut requests = nats.subscribe(RESPONDER_SUBJECT).await.map_err(BaselineError::nats)?;
+    nats.flush().await.map_err(BaselineError::nats)?;
     let mut config = ExecutorConfig::cpu(threads, sundara_worker::default_cpu_memory(1), threads * 4);
     config.max_batch = 1;
     let executor = Executor::start("responder", config);
@@ -78,7 +97,7 @@ pub async fn serve_responder(nats_url: &str, model: PathBuf, threads: usize) -> 
     let in_flight = Arc::new(tokio::sync::Semaphore::new(threads * 4));
     while let Some(msg) = requests.next().await {
         let Some(reply) = msg.reply.clone() else { continue };
-        let permit = in_flight.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let permit = in_flight.clone().acquire_owned().await.map_err(BaselineError::nats)?;
         let (nats, executor, model) = (nats.clone(), executor.clone(), model.clone());
         tokio::spawn(async move {
             let answer: Result<Vec<Tensor>, String> = match rmp_serde::from_slice::<Vec<Tensor>>(&msg.payload) {

@@ -42,9 +42,8 @@ impl PipelineClient {
         tenant: &str,
         inputs: Vec<Vec<Tensor>>,
         timeout: Duration,
-    ) -> Result<PipelineClient, String> {
-        let mut results =
-            sundara::client::Client::new(nats.clone(), tenant).results().await.map_err(|e| e.to_string())?;
+    ) -> Result<PipelineClient, sundara::client::ClientError> {
+        let mut results = sundara::client::Client::new(nats.clone(), tenant).results().await?;
         let slots: Arc<Mutex<HashMap<String, Slot>>> = Default::default();
         let router = slots.clone();
         let router_task = tokio::spawn(async move {

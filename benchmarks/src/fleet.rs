@@ -34,15 +34,32 @@ pub struct Fleet {
     restarts: usize,
 }
 
+/// Why the fleet could not be started, restarted or found ready.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("locating this binary: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    #[error("{} not found: build it with `cargo build --release`", .0.display())]
+    NoBinary(PathBuf),
+    #[error("creating the log {}: {source}", .path.display())]
+    Log { path: PathBuf, source: std::io::Error },
+    #[error("starting {name}: {source}")]
+    Start { name: String, source: std::io::Error },
+    #[error("no process named {0}")]
+    Unknown(String),
+    #[error("{name} exited during start-up ({status})")]
+    Exited { name: String, status: std::process::ExitStatus },
+    #[error("fleet not ready within {0:?}")]
+    NotReady(Duration),
+    #[error(transparent)]
+    Common(#[from] sundara_common::Error),
+}
+
 /// The `sundara` binary built beside the running benchmark binary.
-pub fn sundara_binary() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+pub fn sundara_binary() -> Result<PathBuf, FleetError> {
+    let exe = std::env::current_exe().map_err(FleetError::CurrentExe)?;
     let bin = exe.with_file_name("sundara");
-    if bin.exists() {
-        Ok(bin)
-    } else {
-        Err(format!("{} not found: build it with `cargo build --release`", bin.display()))
-    }
+    if bin.exists() { Ok(bin) } else { Err(FleetError::NoBinary(bin)) }
 }
 
 impl Fleet {
@@ -53,7 +70,7 @@ impl Fleet {
         workers: &[WorkerSpec],
         cache_dir: &Path,
         log_dir: &Path,
-    ) -> Result<Fleet, String> {
+    ) -> Result<Fleet, FleetError> {
         Fleet::start_with(endpoints, workers, cache_dir, log_dir, &HashMap::new())
     }
 
@@ -65,19 +82,20 @@ impl Fleet {
         cache_dir: &Path,
         log_dir: &Path,
         options: &HashMap<String, ServiceOptions>,
-    ) -> Result<Fleet, String> {
+    ) -> Result<Fleet, FleetError> {
         let bin = sundara_binary()?;
         let mut commands: Vec<(String, Vec<String>)> = ["ingress", "scheduler", "verifier", "rewarder"]
             .iter()
             .map(|s| (s.to_string(), vec![s.to_string()]))
             .collect();
         for w in workers {
-            let args = ["worker", "--id", &w.id, "--threads", &w.threads.to_string(), "--cache-dir"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain([cache_dir.display().to_string()])
-                .collect();
-            commands.push((w.id.clone(), args));
+            let args = sundara_worker::Args {
+                threads: w.threads,
+                cache_dir: Some(cache_dir.to_path_buf()),
+                ..sundara_worker::Args::new(&w.id)
+            };
+            commands
+                .push((w.id.clone(), std::iter::once("worker".to_string()).chain(args.to_command_line()).collect()));
         }
         let mut fleet = Fleet {
             procs: Vec::new(),
@@ -101,8 +119,9 @@ impl Fleet {
         args: &[String],
         options: Option<&ServiceOptions>,
         log_name: &str,
-    ) -> Result<Child, String> {
-        let log = std::fs::File::create(self.log_dir.join(log_name)).map_err(|e| e.to_string())?;
+    ) -> Result<Child, FleetError> {
+        let path = self.log_dir.join(log_name);
+        let log = std::fs::File::create(&path).map_err(|source| FleetError::Log { path, source })?;
         let mut command = Command::new(&self.bin);
         command
             .args(args)
@@ -118,14 +137,14 @@ impl Fleet {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("starting {name}: {e}"))
+            .map_err(|source| FleetError::Start { name: name.to_string(), source })
     }
 
     /// Stops process `name` (SIGTERM, SIGKILL after `grace`) and starts it again with its
     /// base arguments plus `options` (for example ingress with another `--max-in-flight`).
     /// Its log goes to `<name>.<n>.log`. Call [`Fleet::ready`] before using it.
-    pub fn restart(&mut self, name: &str, options: &ServiceOptions, grace: Duration) -> Result<(), String> {
-        let i = self.procs.iter().position(|(n, _)| n == name).ok_or_else(|| format!("no process named {name}"))?;
+    pub fn restart(&mut self, name: &str, options: &ServiceOptions, grace: Duration) -> Result<(), FleetError> {
+        let i = self.procs.iter().position(|(n, _)| n == name).ok_or_else(|| FleetError::Unknown(name.to_string()))?;
         terminate(&mut self.procs[i].1, grace);
         self.restarts += 1;
         let args = self.commands[i].1.clone();
@@ -141,13 +160,13 @@ impl Fleet {
 
     /// Waits until ingress answers and every worker has announced itself (polled: readiness
     /// of other processes has no event to wait on).
-    pub async fn ready(&mut self, nats: &async_nats::Client, within: Duration) -> Result<(), String> {
-        let capacity = Capacity::connect(&self.endpoints.redis_url).await.map_err(|e| e.to_string())?;
+    pub async fn ready(&mut self, nats: &async_nats::Client, within: Duration) -> Result<(), FleetError> {
+        let capacity = Capacity::connect(&self.endpoints.redis_url).await?;
         let deadline = Instant::now() + within;
         loop {
             for (name, child) in &mut self.procs {
                 if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("{name} exited during start-up ({status})"));
+                    return Err(FleetError::Exited { name: name.clone(), status });
                 }
             }
             let workers: Vec<&str> = self.workers.iter().map(String::as_str).collect();
@@ -155,7 +174,7 @@ impl Fleet {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("fleet not ready within {within:?}"));
+                return Err(FleetError::NotReady(within));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -19,7 +19,7 @@ pub use model::{
     Batching, CompareRule, DEFAULT_AUDIT_RATE, MAX_REDUNDANCY, ModelMeta, ModelRef, Policy, PolicyError, TensorSpec,
 };
 pub use tensor::{DType, Limits, Tensor, TensorError};
-pub use ticket::{Ticket, assignment_of_outcome_id};
+pub use ticket::{ABANDONED_TAG, AssignmentId, MalformedAssignmentId, Ticket, assignment_of_outcome_id};
 
 /// Largest message any service decodes (tensors above NATS' max_payload never arrive anyway).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

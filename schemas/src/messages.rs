@@ -53,13 +53,15 @@ impl Priority {
         }
     }
 
-    pub fn parse(text: &str) -> Result<Priority, String> {
-        Priority::ALL
-            .into_iter()
-            .find(|p| p.as_str() == text)
-            .ok_or_else(|| format!("unknown priority {text:?}: high, normal or low"))
+    pub fn parse(text: &str) -> Result<Priority, UnknownPriority> {
+        Priority::ALL.into_iter().find(|p| p.as_str() == text).ok_or_else(|| UnknownPriority(text.to_string()))
     }
 }
+
+/// A priority other than `high`, `normal` or `low`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown priority {0:?}: high, normal or low")]
+pub struct UnknownPriority(pub String);
 
 impl SubmitRequest {
     /// A request at the current wire version with no idempotency key, seed 0, the

@@ -20,9 +20,21 @@ impl ModelRef {
             None => (spec, None),
         }
     }
+
+    /// `name@version`: one version, pinned, as clients name it and slice reports key their
+    /// loaded models; [`ModelRef::split_spec`] reads it back.
+    pub fn spec(name: &str, version: &str) -> String {
+        format!("{name}@{version}")
+    }
+
+    /// The model name of a spec (`mlp` for both `mlp` and `mlp@2`).
+    pub fn spec_name(spec: &str) -> &str {
+        ModelRef::split_spec(spec).0
+    }
 }
 
 impl std::fmt::Display for ModelRef {
+    /// `name@version` ([`ModelRef::spec`]).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.name, self.version)
     }
@@ -282,5 +294,10 @@ mod tests {
         assert_eq!(ModelRef::split_spec("mlp"), ("mlp", None));
         assert_eq!(ModelRef::split_spec("mlp@2"), ("mlp", Some("2")));
         assert_eq!(ModelRef::split_spec("mlp@"), ("mlp", Some("")));
+        let pinned = ModelRef { name: "mlp".into(), version: "2".into() };
+        assert_eq!(ModelRef::spec("mlp", "2"), pinned.to_string());
+        assert_eq!(ModelRef::split_spec(&pinned.to_string()), ("mlp", Some("2")));
+        assert_eq!(ModelRef::spec_name("mlp@2"), "mlp");
+        assert_eq!(ModelRef::spec_name("mlp"), "mlp");
     }
 }

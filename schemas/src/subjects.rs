@@ -21,6 +21,20 @@ pub const VALIDATOR_BUCKET: &str = "validator";
 /// signs tickets with: the first scheduler or verifier to start writes it, and any later
 /// one with another secret refuses to start.
 pub const SECRET_KEY_ID: &str = "secret.key_id";
+/// Every task, whatever its priority and model: the TASKS stream's subjects.
+pub const TASK_ALL: &str = "sundara.task.>";
+/// Every assignment, whatever its model and worker: the WORK stream's subjects.
+pub const WORK_ALL: &str = "sundara.work.>";
+/// Every outcome, whatever its task and worker: the OUTCOMES stream's subjects.
+pub const OUTCOME_ALL: &str = "sundara.outcome.>";
+/// Every result, whatever its tenant and task: the RESULTS stream's subjects.
+pub const RESULT_ALL: &str = "sundara.result.>";
+/// Every verdict: the VERDICTS stream's subjects.
+pub const VERDICT_ALL: &str = "sundara.verdict.>";
+/// Every reward message (per task and per epoch): the REWARDS stream's subjects.
+pub const REWARD_ALL: &str = "sundara.reward.>";
+/// Every dead task: the DEAD stream's subjects.
+pub const DEAD_ALL: &str = "sundara.dead.>";
 /// Published by the autoscaler when a worker is declared dead.
 pub const FLEET_DEAD: &str = "sundara.fleet.dead";
 /// Epoch weights.
@@ -50,6 +64,11 @@ pub fn report_worker(subject: &str) -> Option<&str> {
 }
 pub fn task(priority: crate::Priority, model: &str) -> String {
     format!("sundara.task.{}.{model}", priority.as_str())
+}
+/// The model token of a task subject (`sundara.task.<priority>.<model>`).
+pub fn task_model(subject: &str) -> Option<&str> {
+    let (_priority, model) = subject.strip_prefix("sundara.task.")?.split_once('.')?;
+    is_token(model).then_some(model)
 }
 /// Tasks of one priority class, whatever the model.
 pub fn tasks_of(priority: crate::Priority) -> String {
@@ -122,6 +141,45 @@ mod tests {
         assert_eq!(outcome_worker("sundara.result.t.w"), None);
     }
 
+    /// Each `*_ALL` filter is its family's subjects with the variable tokens replaced by `>`,
+    /// and takes in every subject the family's functions build.
+    #[test]
+    fn stream_filters_cover_their_subjects() {
+        let covers = |filter: &str, subject: &str| {
+            let prefix = filter.strip_suffix('>').expect("a `>` filter");
+            subject.starts_with(prefix) && subject.len() > prefix.len()
+        };
+        let families = [
+            (TASK_ALL, task(crate::Priority::High, "mlp")),
+            (TASK_ALL, tasks_of(crate::Priority::Normal)),
+            (WORK_ALL, work("mlp", "m1")),
+            (WORK_ALL, work_of("m1")),
+            (OUTCOME_ALL, outcome("t1", "m1")),
+            (RESULT_ALL, result("acme", "t1")),
+            (RESULT_ALL, results_of("acme")),
+            (VERDICT_ALL, verdict("t1")),
+            (REWARD_ALL, reward_task("t1")),
+            (REWARD_ALL, REWARD_EPOCH.to_string()),
+            (DEAD_ALL, dead("t1")),
+        ];
+        for (filter, subject) in families {
+            assert!(covers(filter, &subject), "{filter} misses {subject}");
+        }
+        assert_eq!(
+            [TASK_ALL, WORK_ALL, OUTCOME_ALL, RESULT_ALL, VERDICT_ALL, REWARD_ALL, DEAD_ALL],
+            [
+                "sundara.task.>",
+                "sundara.work.>",
+                "sundara.outcome.>",
+                "sundara.result.>",
+                "sundara.verdict.>",
+                "sundara.reward.>",
+                "sundara.dead.>"
+            ]
+        );
+        assert!(!covers(OUTCOME_ALL, &result("acme", "t1")));
+    }
+
     #[test]
     fn identities_come_from_the_subject_token() {
         assert_eq!(submit_tenant(&submit("acme")), Some("acme"));
@@ -131,5 +189,8 @@ mod tests {
         assert_eq!(report_worker("sundara.report.m.x"), None);
         assert_eq!(result_parts(&result("acme", "t1")), Some(("acme", "t1")));
         assert_eq!(result_parts("sundara.result.acme.t1.x"), None);
+        assert_eq!(task_model(&task(crate::Priority::Low, "mlp")), Some("mlp"));
+        assert_eq!(task_model("sundara.task.low"), None);
+        assert_eq!(task_model("sundara.work.low.mlp"), None);
     }
 }

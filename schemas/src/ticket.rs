@@ -5,6 +5,9 @@
 //! can neither claim work it was not given nor alter the dispatch time that its reward is
 //! measured from — and no per-assignment state has to be looked up to know that.
 
+use std::fmt;
+use std::str::FromStr;
+
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -49,9 +52,15 @@ impl Ticket {
         if self.operator.is_empty() { &self.worker } else { &self.operator }
     }
 
-    /// `<task>.<replica>.<attempt>`: unique per dispatch, the key of its reservation.
+    /// Which dispatch of which replica this ticket is for.
+    pub fn assignment(&self) -> AssignmentId {
+        AssignmentId { task_id: self.task_id.clone(), replica: self.replica, attempt: self.attempt }
+    }
+
+    /// [`Ticket::assignment`] as the string used on the wire and in Redis:
+    /// `<task>.<replica>.<attempt>`.
     pub fn assignment_id(&self) -> String {
-        format!("{}.{}.{}", self.task_id, self.replica, self.attempt)
+        self.assignment().to_string()
     }
 
     /// The Nats-Msg-Id of this assignment's outcome: `<assignment id>.<16 hex digits of
@@ -67,7 +76,7 @@ impl Ticket {
 
     /// The Nats-Msg-Id of the scheduler's `Abandoned` outcome for this assignment.
     pub fn abandoned_id(&self) -> String {
-        format!("{}.abandoned", self.outcome_id())
+        format!("{}.{ABANDONED_TAG}", self.outcome_id())
     }
 
     fn digest(&self, key: &[u8]) -> Hmac<Sha256> {
@@ -92,13 +101,69 @@ impl Ticket {
     }
 }
 
-/// The assignment id that an outcome's Nats-Msg-Id ([`Ticket::outcome_id`]) names, or
-/// `None` for anything else (the scheduler's `.abandoned` ids among them). The id is the
-/// publisher's claim: whoever uses it must still check that the sender holds the assignment.
-pub fn assignment_of_outcome_id(id: &str) -> Option<&str> {
+/// The last token of the scheduler's `Abandoned` outcome ids ([`Ticket::abandoned_id`]).
+pub const ABANDONED_TAG: &str = "abandoned";
+
+/// Id of one dispatch of one replica, `<task>.<replica>.<attempt>` on the wire: unique per
+/// dispatch, the key of its reservation and the Nats-Msg-Id of its assignment. Task ids
+/// are subject tokens (no dots), so the id splits back unambiguously; [`FromStr`] takes
+/// exactly what [`Display`](fmt::Display) writes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AssignmentId {
+    pub task_id: String,
+    /// Which of the task's k copies (0..k).
+    pub replica: u8,
+    /// 0 for the replica's first dispatch, +1 on each reassignment.
+    pub attempt: u16,
+}
+
+impl AssignmentId {
+    pub fn new(task_id: impl Into<String>, replica: u8, attempt: u16) -> AssignmentId {
+        AssignmentId { task_id: task_id.into(), replica, attempt }
+    }
+}
+
+impl fmt::Display for AssignmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.task_id, self.replica, self.attempt)
+    }
+}
+
+/// A string that is not an [`AssignmentId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed assignment id {0:?} (expected <task>.<replica>.<attempt>)")]
+pub struct MalformedAssignmentId(pub String);
+
+impl FromStr for AssignmentId {
+    type Err = MalformedAssignmentId;
+
+    fn from_str(s: &str) -> Result<AssignmentId, MalformedAssignmentId> {
+        let malformed = || MalformedAssignmentId(s.to_string());
+        let mut parts = s.split('.');
+        let (Some(task), Some(replica), Some(attempt), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(malformed());
+        };
+        // Digits only, no leading zeros: the one spelling Display writes.
+        let canonical =
+            |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && (n == "0" || !n.starts_with('0'));
+        if !crate::subjects::is_token(task) || !canonical(replica) || !canonical(attempt) {
+            return Err(malformed());
+        }
+        let replica = replica.parse().map_err(|_| malformed())?;
+        let attempt = attempt.parse().map_err(|_| malformed())?;
+        Ok(AssignmentId { task_id: task.to_string(), replica, attempt })
+    }
+}
+
+/// The assignment that an outcome's Nats-Msg-Id ([`Ticket::outcome_id`]:
+/// `<assignment id>.<16 hex digits>`) names, or `None` for anything else (the scheduler's
+/// `.abandoned` ids among them). The id is the publisher's claim: whoever uses it must still
+/// check that the sender holds the assignment.
+pub fn assignment_of_outcome_id(id: &str) -> Option<AssignmentId> {
     let (aid, tag) = id.rsplit_once('.')?;
-    let well_formed = tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()) && aid.split('.').count() == 3;
-    well_formed.then_some(aid)
+    let well_formed = tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit());
+    if well_formed { aid.parse().ok() } else { None }
 }
 
 #[cfg(test)]
@@ -150,7 +215,7 @@ mod tests {
         let mut t = ticket();
         t.sign(b"secret");
         let id = t.outcome_id();
-        assert_eq!(assignment_of_outcome_id(&id), Some("t1.1.0"));
+        assert_eq!(assignment_of_outcome_id(&id), Some(AssignmentId::new("t1", 1, 0)));
         assert_eq!(assignment_of_outcome_id(&t.abandoned_id()), None);
         // Another replica's id differs in its MAC tag, which only its holder is given.
         let mut other = ticket();
@@ -160,5 +225,35 @@ mod tests {
         assert_ne!(guessed, other.outcome_id());
         assert_eq!(assignment_of_outcome_id("t1.1"), None);
         assert_eq!(assignment_of_outcome_id("t1.1.0"), None);
+        assert_eq!(assignment_of_outcome_id("t1.x.0.0123456789abcdef"), None);
+    }
+
+    #[test]
+    fn assignment_ids_read_back_what_they_write() {
+        let id = AssignmentId::new("0192f0c4-ab", 2, 300);
+        assert_eq!(id.to_string(), "0192f0c4-ab.2.300");
+        assert_eq!("0192f0c4-ab.2.300".parse(), Ok(id));
+        assert_eq!(ticket().assignment(), AssignmentId::new("t1", 1, 0));
+        assert_eq!(ticket().assignment_id(), ticket().assignment().to_string());
+        for bad in [
+            "",
+            "t1",
+            "t1.1",
+            "t1.1.0.0",
+            "t.1.x",
+            "t.256.0",
+            "t.0.65536",
+            "t.+1.0",
+            "t.01.0",
+            "a*.0.0",
+            ".0.0",
+            "t..0",
+        ] {
+            assert!(bad.parse::<AssignmentId>().is_err(), "{bad:?}");
+        }
+        let mut t = ticket();
+        t.sign(b"secret");
+        assert!(t.abandoned_id().starts_with(&t.outcome_id()));
+        assert!(t.abandoned_id().ends_with(".abandoned"));
     }
 }

@@ -304,12 +304,14 @@ impl ProcessStack {
 
     /// Starts worker `id` (one CPU thread).
     pub fn start_worker(&mut self, id: &str) {
-        let cache = self.dir.path().join("models");
-        let cache = cache.to_str().unwrap();
-        let child = self
-            .command(&format!("worker-{id}"), &["worker", "--id", id, "--threads", "1", "--cache-dir", cache])
-            .spawn()
-            .expect("the sundara binary runs");
+        let args = sundara_worker::Args {
+            threads: 1,
+            cache_dir: Some(self.dir.path().join("models")),
+            ..sundara_worker::Args::new(id)
+        };
+        let line: Vec<String> = std::iter::once("worker".to_string()).chain(args.to_command_line()).collect();
+        let line: Vec<&str> = line.iter().map(String::as_str).collect();
+        let child = self.command(&format!("worker-{id}"), &line).spawn().expect("the sundara binary runs");
         assert!(self.workers.insert(id.to_string(), child).is_none(), "worker {id} was already running");
     }
 
@@ -740,8 +742,8 @@ impl ProcessStack {
         self.step("every accepted task has its result");
         self.assert_running();
         let mut out = Settled { accepted: accepted.len(), ..Default::default() };
-        let stored = subject_counts(&self.js, subj::RESULTS_STREAM, &format!("sundara.result.{TENANT}.>")).await;
-        let dead = subject_counts(&self.js, subj::DEAD_STREAM, "sundara.dead.>").await;
+        let stored = subject_counts(&self.js, subj::RESULTS_STREAM, &subj::results_of(TENANT)).await;
+        let dead = subject_counts(&self.js, subj::DEAD_STREAM, subj::DEAD_ALL).await;
         for (subject, n) in &stored {
             assert_eq!(*n, 1, "{subject}: {n} results stored");
         }
@@ -933,7 +935,7 @@ async fn follow_results(js: jetstream::Context, results: Arc<Results>) {
         let consumer = async {
             let stream = js.get_stream_no_info(subj::RESULTS_STREAM).await?;
             let config = jetstream::consumer::pull::Config {
-                filter_subject: format!("sundara.result.{TENANT}.>"),
+                filter_subject: subj::results_of(TENANT),
                 deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next_seq },
                 ack_policy: jetstream::consumer::AckPolicy::None,
                 inactive_threshold: Duration::from_secs(10),

@@ -293,7 +293,7 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
             let inputs = inputs_for(&model.inputs, s.rows);
             for run in 0..s.runs {
                 let cpu = CpuWindow::start(std::slice::from_ref(&me));
-                let stats = baseline::ort_in_process(&path, *threads, &inputs, s.window).map_err(anyhow::Error::msg)?;
+                let stats = baseline::ort_in_process(&path, *threads, &inputs, s.window)?;
                 rec.record(
                     scenario,
                     Mode::Closed { concurrency: *threads },
@@ -374,9 +374,8 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
             let scratch = tempfile::Builder::new().prefix("sundara-bench-").tempdir()?;
             let specs: Vec<WorkerSpec> =
                 (1..=*workers).map(|i| WorkerSpec { id: format!("miner-{i}"), threads: *threads }).collect();
-            let mut fleet = Fleet::start(&endpoints, &specs, &scratch.path().join("cache"), scratch.path())
-                .map_err(anyhow::Error::msg)?;
-            fleet.ready(&client, Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+            let mut fleet = Fleet::start(&endpoints, &specs, &scratch.path().join("cache"), scratch.path())?;
+            fleet.ready(&client, Duration::from_secs(30)).await?;
             let mut procs = fleet.pids();
             procs.push(me.clone());
             procs.push(("nats-server".into(), stack.nats.pid()));
@@ -387,8 +386,7 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
                     // A tenant per run, so that no result of an earlier run is counted.
                     let tenant = format!("bench-{}-{run}", procs.len() + rand::random::<u16>() as usize);
                     let pc = PipelineClient::start(client.clone(), scenario.model, &tenant, inputs.clone(), timeout())
-                        .await
-                        .map_err(anyhow::Error::msg)?;
+                        .await?;
                     let pc = Arc::new(pc);
                     let counters = || async {
                         let nats = stack.nats.monitor_port.and_then(fleet::nats_message_counts);
@@ -588,12 +586,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Responder { nats, model, threads } => {
             let root = project_root();
             sundara_runtime::init(&sundara_runtime::find_library(std::slice::from_ref(&root))?)?;
-            baseline::serve_responder(&nats, model, threads).await.map_err(anyhow::Error::msg)
+            Ok(baseline::serve_responder(&nats, model, threads).await?)
         }
         Cmd::Pipeline { out, runs, warmup_s, measure_s, only, rows } => {
             let root = project_root();
             sundara_runtime::init(&sundara_runtime::find_library(std::slice::from_ref(&root))?)?;
-            fleet::sundara_binary().map_err(anyhow::Error::msg)?;
+            fleet::sundara_binary()?;
             let window = Window {
                 warmup: Duration::from_secs_f64(warmup_s),
                 measure: Duration::from_secs_f64(measure_s),

@@ -273,7 +273,7 @@ async fn main() -> anyhow::Result<()> {
     sundara_common::init_logging("warn", Default::default());
     let root = project_root();
     sundara_runtime::init(&sundara_runtime::find_library(std::slice::from_ref(&root))?)?;
-    fleet::sundara_binary().map_err(anyhow::Error::msg)?;
+    fleet::sundara_binary()?;
     let model_path = root.join(".cache/models").join(format!("{}.onnx", cli.model));
     if !model_path.exists() {
         bail!("{} is missing: run scripts/setup", model_path.display());
@@ -293,9 +293,8 @@ async fn main() -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new().prefix("sundara-overload-").tempdir()?;
     let specs: Vec<WorkerSpec> =
         (1..=cli.workers).map(|i| WorkerSpec { id: format!("miner-{i}"), threads: cli.threads }).collect();
-    let mut fleet =
-        Fleet::start(&endpoints, &specs, &scratch.path().join("cache"), scratch.path()).map_err(anyhow::Error::msg)?;
-    fleet.ready(&client, Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+    let mut fleet = Fleet::start(&endpoints, &specs, &scratch.path().join("cache"), scratch.path())?;
+    fleet.ready(&client, Duration::from_secs(30)).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let inputs: Vec<_> = (0..64).map(|_| sundara::models::sample_inputs(&meta.inputs, 1, &mut rng)).collect();
     let task_timeout = Duration::from_secs_f64(cli.task_timeout_s);
@@ -306,11 +305,7 @@ async fn main() -> anyhow::Result<()> {
         cli.capacity_concurrency, cli.capacity_secs, cli.warmup_s, cli.k, cli.workers, cli.threads, cli.model
     );
     let tenant = format!("capacity-{}", rand::random::<u32>());
-    let pc = Arc::new(
-        PipelineClient::start(client.clone(), &cli.model, &tenant, inputs.clone(), task_timeout)
-            .await
-            .map_err(anyhow::Error::msg)?,
-    );
+    let pc = Arc::new(PipelineClient::start(client.clone(), &cli.model, &tenant, inputs.clone(), task_timeout).await?);
     let window = Window {
         warmup: Duration::from_secs_f64(cli.warmup_s),
         measure: Duration::from_secs_f64(cli.capacity_secs),
@@ -343,8 +338,8 @@ async fn main() -> anyhow::Result<()> {
     // 2. Ingress again, with the fleet's bound on tasks in flight.
     let bound = cli.max_in_flight.unwrap_or_else(|| (capacity * cli.bound_s).ceil() as u64).max(1);
     let ingress = ServiceOptions { args: vec!["--max-in-flight".into(), bound.to_string()], env: vec![] };
-    fleet.restart("ingress", &ingress, Duration::from_secs(10)).map_err(anyhow::Error::msg)?;
-    fleet.ready(&client, Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+    fleet.restart("ingress", &ingress, Duration::from_secs(10))?;
+    fleet.ready(&client, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rate = cli.load * capacity;
     println!(

@@ -721,7 +721,7 @@ async fn one_run(args: &Args, root: &std::path::Path, placement: Placement, load
         let concurrency = s.slots as usize * 2;
         tasks.spawn(async move {
             let handled = nats::consume(&consumer, &stop, concurrency, |msg| fleet.on_assignment(i, &js, msg)).await;
-            handled.map_err(|e| anyhow!("slice {i}: {e}"))
+            handled.with_context(|| format!("slice {i}"))
         });
     }
     {
@@ -744,7 +744,7 @@ async fn one_run(args: &Args, root: &std::path::Path, placement: Placement, load
     let mut config = sundara_scheduler::Config::new(ep.clone(), SECRET.to_vec());
     config.placement = placement;
     let stop = shutdown.child_token();
-    tasks.spawn(async move { sundara_scheduler::run(config, stop).await.map_err(|e| anyhow!("scheduler: {e}")) });
+    tasks.spawn(async move { sundara_scheduler::run(config, stop).await.context("scheduler") });
 
     let generated = Arc::new(Generated::default());
     let (t0, t0_us) = (Instant::now(), now_us());

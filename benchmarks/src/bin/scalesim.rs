@@ -536,7 +536,7 @@ async fn dispatch(
         &fleet_js,
         subj::WORK_STREAM,
         "scalesim-fleet",
-        "sundara.work.>",
+        subj::WORK_ALL,
         Duration::from_secs(30),
         (args.inflight * 4) as i64,
     )

@@ -21,10 +21,110 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, js_err, nats};
-use sundara_schemas::{Control, ControlReply, ControlRequest, WIRE_VERSION, decode, encode, subjects as subj};
+use sundara_schemas::{
+    Control, ControlReply, ControlRequest, ModelRef, WIRE_VERSION, decode, encode, subjects as subj,
+};
 
 use driver::{ComposeDriver, Driver, DriverError, LocalDriver, NomadDriver};
 use plan::{Arrivals, ModelLoad, Planner, ScalePolicy};
+
+/// How the worker pool is changed (`--driver`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// Worker processes of this binary, on this machine.
+    Local,
+    /// The allocations of a Nomad job group.
+    Nomad,
+    /// The containers of a docker compose service.
+    Compose,
+}
+
+/// `sundara autoscaler`'s flags: what an operator sets; [`Config::from_args`] adds the rest.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// How the worker pool is changed. Without it the autoscaler watches health only.
+    #[arg(long, value_enum)]
+    pub driver: Option<DriverKind>,
+    /// Fewest workers the pool keeps.
+    #[arg(long, default_value_t = ScalePolicy::default().min_workers)]
+    pub min_workers: usize,
+    /// Most workers the pool runs.
+    #[arg(long, default_value_t = ScalePolicy::default().max_workers)]
+    pub max_workers: usize,
+    /// Inference threads of each worker the pool runs (its lanes).
+    #[arg(long, default_value_t = ScalePolicy::default().lanes_per_worker)]
+    pub worker_threads: usize,
+    /// Share of the pool's lanes to keep busy, in [0.05, 1].
+    #[arg(long, default_value_t = ScalePolicy::default().target_utilisation)]
+    pub target_utilisation: f64,
+    /// Seconds fewer workers must be needed before one is removed.
+    #[arg(long, default_value_t = ScalePolicy::default().scale_down_after.as_secs())]
+    pub scale_down_after_s: u64,
+    /// Worker ids of the pool start with this (local: `<prefix>-<n>`).
+    #[arg(long, default_value = "pool")]
+    pub pool_prefix: String,
+    /// Nomad HTTP API, `host:port` (--driver nomad).
+    #[arg(long, default_value = "127.0.0.1:4646")]
+    pub nomad_addr: String,
+    /// The Nomad job that runs the workers (--driver nomad).
+    #[arg(long, default_value = "sundara-workers")]
+    pub nomad_job: String,
+    /// The task group of that job whose count is the pool's size (--driver nomad).
+    #[arg(long, default_value = "worker")]
+    pub nomad_group: String,
+    /// Nomad ACL token (--driver nomad).
+    #[arg(long, env = "NOMAD_TOKEN", hide_env_values = true)]
+    pub nomad_token: Option<String>,
+    /// The compose file that defines the worker service (--driver compose).
+    #[arg(long, default_value = "infra/compose.yaml")]
+    pub compose_file: PathBuf,
+    /// The compose service that runs the workers (--driver compose).
+    #[arg(long, default_value = "worker")]
+    pub compose_service: String,
+}
+
+impl Args {
+    /// The pool's sizing, or `None` without `--driver`. `binary` is what the local driver
+    /// runs (`<binary> worker …`, told `nats_url`).
+    pub fn scaling(
+        self,
+        binary: impl FnOnce() -> Result<PathBuf, String>,
+        nats_url: &str,
+    ) -> Result<Option<ScalingConfig>, String> {
+        let prefix = self.pool_prefix.clone();
+        let driver = match self.driver {
+            None => return Ok(None),
+            Some(DriverKind::Local) => DriverConfig::Local {
+                binary: binary()?,
+                args: vec!["--threads".into(), self.worker_threads.to_string()],
+                env: vec![("SUNDARA_NATS_URL".into(), nats_url.into())],
+                prefix,
+            },
+            Some(DriverKind::Nomad) => DriverConfig::Nomad {
+                addr: self.nomad_addr,
+                job: self.nomad_job,
+                group: self.nomad_group,
+                token: self.nomad_token,
+                prefix,
+            },
+            Some(DriverKind::Compose) => {
+                DriverConfig::Compose { file: self.compose_file, service: self.compose_service, prefix }
+            }
+        };
+        if self.min_workers > self.max_workers || !(0.05..=1.0).contains(&self.target_utilisation) {
+            return Err("need --min-workers ≤ --max-workers and --target-utilisation in [0.05, 1]".into());
+        }
+        let mut scaling = ScalingConfig::new(driver);
+        scaling.policy = ScalePolicy {
+            min_workers: self.min_workers,
+            max_workers: self.max_workers,
+            lanes_per_worker: self.worker_threads.max(1),
+            target_utilisation: self.target_utilisation,
+            scale_down_after: Duration::from_secs(self.scale_down_after_s),
+        };
+        Ok(Some(scaling))
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -39,6 +139,19 @@ pub struct Config {
 }
 
 impl Config {
+    /// The config of `sundara autoscaler` with these flags; `binary` as for [`Args::scaling`].
+    pub fn from_args(
+        args: Args,
+        endpoints: Endpoints,
+        binary: impl FnOnce() -> Result<PathBuf, String>,
+    ) -> Result<Config, String> {
+        let scaling = args.scaling(binary, &endpoints.nats.url)?;
+        let mut config = Config::new(endpoints);
+        config.scaling = scaling;
+        Ok(config)
+    }
+
+    /// The defaults: health only (no `--driver`).
     pub fn new(endpoints: Endpoints) -> Config {
         Config {
             endpoints,
@@ -115,6 +228,9 @@ pub enum AutoscalerError {
     Common(#[from] CommonError),
     #[error(transparent)]
     Driver(#[from] DriverError),
+    /// The fleet gateway's task panicked or was cancelled.
+    #[error("fleet gateway: {0}")]
+    Gateway(#[from] tokio::task::JoinError),
 }
 
 /// Workers to declare dead: announced alive, heartbeat gone. Pure.
@@ -244,7 +360,7 @@ impl Scaler {
     /// What each model's tasks of the last window ask for.
     async fn demand(&mut self, now: Instant) -> Result<Vec<(String, ModelLoad)>, AutoscalerError> {
         let mut counts = Vec::new();
-        let mut subjects = self.tasks.info_with_subjects("sundara.task.>").await.map_err(js_err)?;
+        let mut subjects = self.tasks.info_with_subjects(subj::TASK_ALL).await.map_err(js_err)?;
         while let Some(entry) = subjects.next().await {
             counts.push(entry.map_err(js_err)?);
         }
@@ -292,7 +408,7 @@ impl Scaler {
             let placed = match self.registry.latest(model).await? {
                 Some(meta) => {
                     let footprint =
-                        footprints.get(&format!("{}@{}", meta.name, meta.version)).copied().unwrap_or(meta.size);
+                        footprints.get(&ModelRef::spec(&meta.name, &meta.version)).copied().unwrap_or(meta.size);
                     plan::place_copy(&slices, model, footprint)
                         .map(|s| (meta.model_ref(), s.id.clone(), s.worker.clone()))
                 }
@@ -448,7 +564,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Aut
             scaling.await;
         }
     });
-    let served = reports.await.map_err(|e| sundara_common::Error::JetStream(format!("fleet gateway: {e}")))?;
+    let served = reports.await?;
     let _ = client.flush().await;
     tracing::info!("autoscaler stopped");
     served.map_err(AutoscalerError::from)

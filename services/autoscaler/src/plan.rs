@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use sundara_common::capacity::SliceState;
+use sundara_schemas::{ModelRef, subjects};
 
 /// Tasks arriving per model, from the TASKS stream's message count per subject (so no
 /// payload is read): the growth of each count over a sliding window.
@@ -27,7 +28,7 @@ pub struct Arrivals {
 
 /// The model of a task subject `sundara.task.<priority>.<model>`.
 fn model_of(subject: &str) -> &str {
-    subject.rsplit('.').next().unwrap_or(subject)
+    subjects::task_model(subject).unwrap_or(subject)
 }
 
 impl Arrivals {
@@ -96,7 +97,7 @@ pub fn copies_needed(load: &ModelLoad, lanes_per_copy: usize, target_utilisation
 
 /// Whether a slice has the model (any version) loaded.
 pub fn holds(slice: &SliceState, model: &str) -> bool {
-    slice.loaded.iter().any(|(key, _)| key.split('@').next() == Some(model))
+    slice.loaded.iter().any(|(key, _)| ModelRef::spec_name(key) == model)
 }
 
 /// The slice for one more copy of a model: alive, without it, with room for `footprint`;

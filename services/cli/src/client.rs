@@ -8,6 +8,7 @@ use async_nats::jetstream::{
 };
 use futures::{FutureExt, Stream, StreamExt};
 use sundara_common::nats::{Denial, NatsEndpoint, unless_denied};
+use sundara_common::retry::Backoff;
 use sundara_schemas::{
     ClientResult, MAX_MESSAGE_BYTES, SubmitOutcome, SubmitReply, SubmitRequest, decode, encode, subjects as subj,
 };
@@ -199,15 +200,14 @@ impl Follower {
     async fn recreate(&mut self) {
         self.messages = None;
         release(&self.stream, &self.tenant, self.slot, &self.mark).await;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let from = DeliverPolicy::ByStartSequence { start_sequence: self.stream_seq + 1 };
             match self.claim(from).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(tenant = %self.tenant, error = %e, "cannot follow results again; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }

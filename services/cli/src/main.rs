@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 use sundara::stack::find_project_root;
 use sundara_common::{Endpoints, Registry, Shutdown, nats};
 use sundara_schemas::{CompareRule, Policy};
-use sundara_worker::SliceConfig;
 
 #[derive(Parser)]
 #[command(name = "sundara", version, about = "Sundara: verified inference on untrusted miners")]
@@ -24,8 +23,9 @@ struct Cli {
     /// or tenant's own that --id or --tenant names]
     #[arg(long, global = true, env = "SUNDARA_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
-    /// Redis [default: the running `sundara up`'s, else redis://127.0.0.1:6379/]
-    #[arg(long, global = true, env = "SUNDARA_REDIS_URL")]
+    /// Redis, given before the command (as earlier versions took it); the commands that use
+    /// Redis take `--redis` themselves.
+    #[arg(long, hide = true)]
     redis: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (services and `up`).
     #[arg(long, global = true, env = "SUNDARA_METRICS_ADDR")]
@@ -48,6 +48,7 @@ enum Command {
         /// Exit after the summary instead of serving until Ctrl-C.
         #[arg(long)]
         once: bool,
+        /// Tasks of the demo load submitted once the stack serves.
         #[arg(long, default_value_t = 200)]
         tasks: usize,
         /// Honest workers (a build with `--features cheaters` adds one dishonest worker).
@@ -59,6 +60,8 @@ enum Command {
         /// Let the autoscaler run a pool of up to N more worker processes, sized to demand.
         #[arg(long)]
         autoscale: Option<usize>,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// The model registry.
     Models {
@@ -68,6 +71,7 @@ enum Command {
     /// Submit tasks and follow their results as they arrive. Exit code: 0 when every task
     /// was verified, 1 when some was not (rejected, expired, no consensus, no result), 2 on error.
     Submit {
+        /// The model to run: NAME (its latest version) or NAME@VERSION.
         #[arg(long)]
         model: String,
         /// JSON inputs: {"inputs": [{"name", "dtype", "shape", "values"}]}, values flat or
@@ -84,6 +88,7 @@ enum Command {
         /// `default`]. Another tenant than the credentials' is refused.
         #[arg(long)]
         tenant: Option<String>,
+        /// Milliseconds each task has to be verified, from its submission.
         #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
         /// high, normal or low: under contention, higher priority is dispatched first.
@@ -109,6 +114,8 @@ enum Command {
     Fleet {
         #[command(subcommand)]
         command: Option<FleetCommand>,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// A live view of the fleet, the queues and the newest verdicts, refreshed in place.
     Status {
@@ -118,6 +125,8 @@ enum Command {
         /// Print one frame and exit.
         #[arg(long)]
         once: bool,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// Tasks: the dead letters.
     Tasks {
@@ -131,163 +140,44 @@ enum Command {
     },
     /// Run the ingress service.
     Ingress {
-        /// Per-tenant limits, JSON: {"default": {"rate_per_s", "burst", "max_in_flight",
-        /// "max_payload_bytes"}, "tenants": {"<tenant>": {...}}}; fields left out default.
-        #[arg(long, env = "SUNDARA_TENANT_LIMITS")]
-        tenant_limits: Option<PathBuf>,
-        /// Tasks in flight in the whole fleet beyond which submissions are told `overloaded`.
-        #[arg(long, env = "SUNDARA_MAX_IN_FLIGHT", default_value_t = 100_000)]
-        max_in_flight: u64,
+        #[command(flatten)]
+        args: sundara_ingress::Args,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// Run the scheduler service.
-    Scheduler(Secret),
-    /// Run the verifier service.
-    Verifier {
+    Scheduler {
         #[command(flatten)]
-        secret: Secret,
-        /// Do not run tasks on the verifier's own runtime: no audits, and a task without a
-        /// majority is dead-lettered.
-        #[arg(long)]
-        no_reference: bool,
-        /// Inference threads of the reference runtime.
-        #[arg(long, default_value_t = 1)]
-        reference_threads: usize,
+        args: sundara_scheduler::Args,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
+    /// Run the verifier service.
+    Verifier(sundara_verifier::Args),
     /// Run the rewarder service.
     Rewarder {
-        #[arg(long, default_value_t = 60)]
-        epoch_secs: u64,
+        #[command(flatten)]
+        args: sundara_rewarder::Args,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// Run the autoscaler service: fleet health, and with --driver the size of the worker pool.
-    Autoscaler(AutoscalerArgs),
-    /// Run a worker (miner).
-    Worker {
-        #[arg(long)]
-        id: String,
-        #[arg(long)]
-        operator: Option<String>,
-        /// Inference threads of the one CPU slice (when no --slice is given).
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Assignments accepted at once by that slice (default: 16 per thread).
-        #[arg(long)]
-        slots: Option<u32>,
-        /// A slice (repeat for several): `cpu|cuda:<index>|mig:<uuid>` then `,threads=N`,
-        /// `,memory=8G`, `,slots=N`, `,name=NAME`. Default: one CPU slice of --threads
-        /// threads holding up to half the available memory. GPU slices need a build with
-        /// `--features cuda` and the onnxruntime-gpu library (docs/mining.md), else the
-        /// worker refuses them at start.
-        #[arg(long = "slice")]
-        slices: Vec<String>,
-        /// Models offered (comma-separated); all registered models when absent.
-        #[arg(long, value_delimiter = ',')]
-        models: Vec<String>,
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-        /// Return plausible but wrong outputs (demos and tests of the verifier): same as
-        /// `--behaviour rotate`. Only in a build with `--features cheaters`.
-        #[arg(long)]
-        dishonest: bool,
-        /// honest. A build with `--features cheaters` also has noisy (honest with 1e-6 float
-        /// noise) and the cheaters of docs/verification.md §4: rotate, wrong-model,
-        /// quantised, random, constant, replay, never-answer, late.
-        #[arg(long, default_value = "honest", value_parser = sundara_worker::Behaviour::parse)]
-        behaviour: sundara_worker::Behaviour,
+    Autoscaler {
+        #[command(flatten)]
+        args: sundara_autoscaler::Args,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
+    /// Run a worker (miner).
+    Worker(sundara_worker::Args),
 }
 
-#[derive(clap::Args)]
-struct AutoscalerArgs {
-    /// How the worker pool is changed: local (worker processes of this binary), nomad or
-    /// compose. Without it the autoscaler watches health only.
-    #[arg(long)]
-    driver: Option<String>,
-    #[arg(long, default_value_t = 1)]
-    min_workers: usize,
-    #[arg(long, default_value_t = 8)]
-    max_workers: usize,
-    /// Inference threads of each worker the pool runs (its lanes).
-    #[arg(long, default_value_t = 1)]
-    worker_threads: usize,
-    /// Share of the pool's lanes to keep busy.
-    #[arg(long, default_value_t = 0.7)]
-    target_utilisation: f64,
-    /// Seconds fewer workers must be needed before one is removed.
-    #[arg(long, default_value_t = 60)]
-    scale_down_after_s: u64,
-    /// Worker ids of the pool start with this (local: `<prefix>-<n>`).
-    #[arg(long, default_value = "pool")]
-    pool_prefix: String,
-    /// Nomad HTTP API, `host:port`.
-    #[arg(long, default_value = "127.0.0.1:4646")]
-    nomad_addr: String,
-    #[arg(long, default_value = "sundara-workers")]
-    nomad_job: String,
-    #[arg(long, default_value = "worker")]
-    nomad_group: String,
-    #[arg(long, env = "NOMAD_TOKEN", hide_env_values = true)]
-    nomad_token: Option<String>,
-    #[arg(long, default_value = "infra/compose.yaml")]
-    compose_file: PathBuf,
-    #[arg(long, default_value = "worker")]
-    compose_service: String,
-}
-
-impl AutoscalerArgs {
-    fn scaling(self, endpoints: &Endpoints) -> anyhow::Result<Option<sundara_autoscaler::ScalingConfig>> {
-        use sundara_autoscaler::DriverConfig;
-        let prefix = self.pool_prefix.clone();
-        let driver = match self.driver.as_deref() {
-            None => return Ok(None),
-            Some("local") => DriverConfig::Local {
-                binary: std::env::current_exe().context("locating this binary")?,
-                args: vec!["--threads".into(), self.worker_threads.to_string()],
-                env: vec![("SUNDARA_NATS_URL".into(), endpoints.nats.url.clone())],
-                prefix,
-            },
-            Some("nomad") => DriverConfig::Nomad {
-                addr: self.nomad_addr,
-                job: self.nomad_job,
-                group: self.nomad_group,
-                token: self.nomad_token,
-                prefix,
-            },
-            Some("compose") => DriverConfig::Compose { file: self.compose_file, service: self.compose_service, prefix },
-            Some(other) => bail!("unknown driver {other:?}: local, nomad or compose"),
-        };
-        if self.min_workers > self.max_workers || !(0.05..=1.0).contains(&self.target_utilisation) {
-            bail!("need --min-workers ≤ --max-workers and --target-utilisation in [0.05, 1]");
-        }
-        let mut scaling = sundara_autoscaler::ScalingConfig::new(driver);
-        scaling.policy = sundara_autoscaler::plan::ScalePolicy {
-            min_workers: self.min_workers,
-            max_workers: self.max_workers,
-            lanes_per_worker: self.worker_threads.max(1),
-            target_utilisation: self.target_utilisation,
-            scale_down_after: Duration::from_secs(self.scale_down_after_s),
-        };
-        Ok(Some(scaling))
-    }
-}
-
-#[derive(clap::Args)]
-struct Secret {
-    /// Validator secret that signs assignment tickets (same for scheduler and verifier; at
-    /// least 16 bytes). At start each checks its key id against the one the stack stored
-    /// (NATS KV `validator`) and refuses to start on a mismatch.
-    #[arg(long, env = "SUNDARA_SECRET", hide_env_values = true)]
-    secret: String,
-    /// Change the stack's secret on purpose: store this secret's key id in place of the
-    /// stack's, then restart every other scheduler and verifier with the new secret.
-    #[arg(long)]
-    rotate_secret: bool,
-}
-
-impl Secret {
-    fn claim(&self) -> sundara_common::validator_key::Claim {
-        use sundara_common::validator_key::Claim;
-        if self.rotate_secret { Claim::Rotate } else { Claim::Check }
-    }
+/// `--redis`, on the commands that use Redis.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct RedisArgs {
+    /// Redis [default: the running `sundara up`'s, else redis://127.0.0.1:6379/]
+    #[arg(long = "redis", env = "SUNDARA_REDIS_URL", global = true)]
+    url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -296,6 +186,7 @@ enum AuthCommand {
     /// server's `authorization` block for all of them: `include` it in nats-server's config,
     /// then reload the server (`nats-server --signal reload`) after adding users.
     Init {
+        /// Where the seed files and auth.conf go.
         #[arg(long, default_value = "nats-auth")]
         dir: PathBuf,
         /// A tenant (repeatable).
@@ -349,7 +240,9 @@ enum ModelsCommand {
     /// version never changes: the same bytes and policy again change nothing, others get a
     /// new version.
     Push {
+        /// The .onnx file.
         file: PathBuf,
+        /// The model's name (tasks ask for NAME or NAME@VERSION).
         #[arg(long)]
         name: String,
         /// The version to publish (refused if it exists, or was removed, with other bytes or
@@ -360,11 +253,13 @@ enum ModelsCommand {
         /// Distinct miners per task (k), 1 to 9, each of another operator.
         #[arg(long, default_value_t = 2)]
         redundancy: u8,
-        /// exact | allclose | argmax | cosine
-        #[arg(long, default_value = "allclose")]
-        rule: String,
+        /// How two outputs are compared to agree.
+        #[arg(long, value_enum, default_value_t = RuleName::Allclose)]
+        rule: RuleName,
+        /// Absolute tolerance for --rule allclose.
         #[arg(long, default_value_t = 1e-4)]
         atol: f64,
+        /// Relative tolerance for --rule allclose.
         #[arg(long, default_value_t = 1e-3)]
         rtol: f64,
         /// Minimum cosine similarity for --rule cosine.
@@ -379,6 +274,8 @@ enum ModelsCommand {
         /// Longest a task waits for its batch to fill, in µs (0: batch only what is already queued).
         #[arg(long, default_value_t = 0)]
         max_delay_us: u32,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// List registered models.
     List,
@@ -391,7 +288,20 @@ enum ModelsCommand {
     },
 }
 
-async fn run_service<E: std::fmt::Display>(
+/// `models push --rule`: the compare rules, their tolerances given by their own flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum RuleName {
+    /// Bit-identical outputs.
+    Exact,
+    /// Every value within --atol + --rtol × |value|.
+    Allclose,
+    /// The same index of the largest value per row.
+    Argmax,
+    /// Cosine similarity at least --min-cosine.
+    Cosine,
+}
+
+async fn run_service<E: std::error::Error + Send + Sync + 'static>(
     fut: impl Future<Output = Result<(), E>>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
@@ -400,7 +310,8 @@ async fn run_service<E: std::fmt::Display>(
         sundara_common::termination_signal().await;
         signal.cancel();
     });
-    fut.await.map_err(|e| anyhow::anyhow!("{e}"))
+    // As an error, not its text: `error_report` prints its causes.
+    Ok(fut.await?)
 }
 
 /// The registry, for operator commands (which create the streams when missing).
@@ -440,14 +351,25 @@ fn ort() -> anyhow::Result<PathBuf> {
 /// Where to connect, from the command line, the environment and a running `sundara up`'s
 /// context (not for `up` itself, which starts its own or takes what it is given).
 fn endpoints(cli: &Cli) -> Endpoints {
+    let redis = match &cli.command {
+        Command::Up { redis, .. }
+        | Command::Models { command: ModelsCommand::Push { redis, .. } }
+        | Command::Fleet { redis, .. }
+        | Command::Status { redis, .. }
+        | Command::Ingress { redis, .. }
+        | Command::Scheduler { redis, .. }
+        | Command::Rewarder { redis, .. }
+        | Command::Autoscaler { redis, .. } => redis.url.clone(),
+        _ => None,
+    };
     let settings = sundara::context::Settings {
         nats: cli.nats.clone(),
         nats_creds: cli.nats_creds.clone(),
-        redis: cli.redis.clone(),
+        redis: redis.or_else(|| cli.redis.clone()),
     };
     let acting_as = match &cli.command {
         Command::Up { .. } => return settings.resolve(None, None),
-        Command::Worker { id, .. } => Some(sundara::auth::Role::Miner(id.clone())),
+        Command::Worker(args) => Some(sundara::auth::Role::Miner(args.id.clone())),
         Command::Submit { tenant: Some(t), .. } => Some(sundara::auth::Role::Tenant(t.clone())),
         _ => None,
     };
@@ -506,11 +428,11 @@ async fn main() -> std::process::ExitCode {
 fn service_name(command: &Command) -> &'static str {
     match command {
         Command::Ingress { .. } => "sundara-ingress",
-        Command::Scheduler(_) => "sundara-scheduler",
-        Command::Verifier { .. } => "sundara-verifier",
+        Command::Scheduler { .. } => "sundara-scheduler",
+        Command::Verifier(_) => "sundara-verifier",
         Command::Rewarder { .. } => "sundara-rewarder",
-        Command::Autoscaler(_) => "sundara-autoscaler",
-        Command::Worker { .. } => "sundara-worker",
+        Command::Autoscaler { .. } => "sundara-autoscaler",
+        Command::Worker(_) => "sundara-worker",
         // `up` runs every service in one process.
         Command::Up { .. } => "sundara",
         _ => "sundara-cli",
@@ -526,7 +448,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         sundara_common::metrics::install(cli.metrics_addr)?;
     }
     match cli.command {
-        Command::Up { once, tasks, workers, external, autoscale } => {
+        Command::Up { once, tasks, workers, external, autoscale, redis: _ } => {
             let opts = sundara::up::UpOptions {
                 once,
                 tasks,
@@ -568,15 +490,15 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                     audit_rate,
                     max_batch,
                     max_delay_us,
+                    redis: _,
                 },
         } => {
             let batching = sundara_schemas::Batching { max_batch, max_delay_us };
-            let rule = match rule.as_str() {
-                "exact" => CompareRule::Exact,
-                "allclose" => CompareRule::AllClose { atol, rtol },
-                "argmax" => CompareRule::Argmax,
-                "cosine" => CompareRule::Cosine { min: min_cosine },
-                other => bail!("unknown rule {other:?}: use exact, allclose, argmax or cosine"),
+            let rule = match rule {
+                RuleName::Exact => CompareRule::Exact,
+                RuleName::Allclose => CompareRule::AllClose { atol, rtol },
+                RuleName::Argmax => CompareRule::Argmax,
+                RuleName::Cosine => CompareRule::Cosine { min: min_cosine },
             };
             let policy = Policy { redundancy, rule, audit_rate };
             // Refused before anything is read or loaded (the registry refuses it too).
@@ -636,7 +558,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 Some(miner) => sundara::up::explain_rewards(&js, epoch, &miner).await,
             }
         }
-        Command::Fleet { command } => {
+        Command::Fleet { command, redis: _ } => {
             let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
             match command {
                 None => print!("{}", sundara::fleet::table(&capacity).await?),
@@ -647,7 +569,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { every, once } => {
+        Command::Status { every, once, redis: _ } => {
             if !(every.is_finite() && every >= 0.1) {
                 bail!("--every must be at least 0.1 s");
             }
@@ -713,74 +635,115 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Ingress { tenant_limits, max_in_flight } => {
-            let mut config = sundara_ingress::Config::new(endpoints);
-            if let Some(path) = tenant_limits {
-                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-                config.tenants = sundara_common::admission::TenantPolicy::from_json(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            }
-            config.max_in_flight = max_in_flight;
+        Command::Ingress { args, redis: _ } => {
+            let config = sundara_ingress::Config::from_args(args, endpoints).map_err(anyhow::Error::msg)?;
             run_service(sundara_ingress::run(config, shutdown.clone()), shutdown).await
         }
-        Command::Scheduler(s) => {
-            let claim = s.claim();
-            let mut config = sundara_scheduler::Config::new(endpoints, s.secret.into_bytes());
-            config.secret_claim = claim;
+        Command::Scheduler { args, redis: _ } => {
+            let config = sundara_scheduler::Config::from_args(args, endpoints);
             run_service(sundara_scheduler::run(config, shutdown.clone()), shutdown).await
         }
-        Command::Verifier { secret, no_reference, reference_threads } => {
-            let claim = secret.claim();
-            let mut config = sundara_verifier::Config::new(endpoints, secret.secret.into_bytes());
-            config.secret_claim = claim;
-            if !no_reference {
-                let cache = find_project_root()?.join(".cache/verifier-models");
-                let mut reference = sundara_verifier::ReferenceConfig::new(ort()?, cache);
-                reference.threads = reference_threads.max(1);
-                config.reference = Some(reference);
-            }
+        Command::Verifier(args) => {
+            let config = sundara_verifier::Config::from_args(args, endpoints, || {
+                anyhow::Ok((ort()?, find_project_root()?.join(".cache/verifier-models")))
+            })?;
             run_service(sundara_verifier::run(config, shutdown.clone()), shutdown).await
         }
-        Command::Rewarder { epoch_secs } => {
-            let mut config = sundara_rewarder::Config::new(endpoints);
-            config.epoch_length = Duration::from_secs(epoch_secs);
+        Command::Rewarder { args, redis: _ } => {
+            let config = sundara_rewarder::Config::from_args(args, endpoints);
             run_service(sundara_rewarder::run(config, shutdown.clone()), shutdown).await
         }
-        Command::Autoscaler(args) => {
-            let mut config = sundara_autoscaler::Config::new(endpoints.clone());
-            config.scaling = args.scaling(&endpoints)?;
+        Command::Autoscaler { args, redis: _ } => {
+            let binary = || std::env::current_exe().map_err(|e| format!("locating this binary: {e}"));
+            let config = sundara_autoscaler::Config::from_args(args, endpoints, binary).map_err(anyhow::Error::msg)?;
             run_service(sundara_autoscaler::run(config, shutdown.clone()), shutdown).await
         }
-        Command::Worker { id, operator, threads, slots, slices, models, cache_dir, dishonest, behaviour } => {
-            sundara::auth::check_miner(endpoints.nats.credentials.as_deref(), &id)?;
+        Command::Worker(args) => {
+            sundara::auth::check_miner(endpoints.nats.credentials.as_deref(), &args.id)?;
             let lib = ort()?;
-            let cache = match cache_dir {
-                Some(dir) => dir,
-                None => find_project_root()?.join(".cache/worker-models"),
-            };
-            let mut config = sundara_worker::Config::new(endpoints.nats, &id, lib, cache);
-            config.operator = operator.unwrap_or(id);
-            config.slices = if slices.is_empty() {
-                let mut cpu = SliceConfig::cpu("cpu0", threads, sundara_worker::default_cpu_memory(1));
-                cpu.slots = slots.unwrap_or(cpu.slots);
-                vec![cpu]
-            } else {
-                let parsed: Result<Vec<SliceConfig>, String> =
-                    slices.iter().enumerate().map(|(i, s)| SliceConfig::parse(s, i)).collect();
-                let mut parsed = parsed.map_err(anyhow::Error::msg)?;
-                let cpus = parsed.iter().filter(|s| s.device == sundara_worker::SliceDevice::Cpu).count();
-                for s in parsed.iter_mut().filter(|s| s.memory == 0) {
-                    s.memory = sundara_worker::default_cpu_memory(cpus);
-                }
-                parsed
-            };
-            config.models = models;
-            config.behaviour = if dishonest {
-                sundara_worker::Behaviour::parse("rotate").map_err(anyhow::Error::msg)?
-            } else {
-                behaviour
-            };
+            let cache = || find_project_root().map(|root| root.join(".cache/worker-models")).map_err(|e| e.to_string());
+            let config =
+                sundara_worker::Config::from_args(args, endpoints.nats, lib, cache).map_err(anyhow::Error::msg)?;
             run_service(sundara_worker::run(config, shutdown.clone()), shutdown).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command and subcommand, with its path (`models push`).
+    fn commands(command: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        out.push((path.clone(), command.clone()));
+        for sub in command.get_subcommands() {
+            commands(sub, format!("{path} {}", sub.get_name()).trim().to_string(), out);
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_argument_of_every_command_has_a_help_line() {
+        let mut all = Vec::new();
+        commands(&Cli::command(), String::new(), &mut all);
+        let missing: Vec<String> = all
+            .iter()
+            .flat_map(|(path, command)| {
+                command
+                    .get_arguments()
+                    .filter(|a| !matches!(a.get_id().as_str(), "help" | "version") && !a.is_hide_set())
+                    .filter(|a| a.get_help().is_none() && a.get_long_help().is_none())
+                    .map(move |a| format!("sundara {path}: {}", a.get_id()))
+            })
+            .collect();
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn redis_is_an_option_of_the_commands_that_use_it_only() {
+        let mut all = Vec::new();
+        commands(&Cli::command(), String::new(), &mut all);
+        let shown = |path: &str| {
+            let (_, command) = all.iter().find(|(p, _)| p == path).unwrap();
+            command.get_arguments().any(|a| a.get_long() == Some("redis") && !a.is_hide_set())
+        };
+        for path in ["up", "models push", "fleet", "status", "ingress", "scheduler", "rewarder", "autoscaler"] {
+            assert!(shown(path), "{path} takes --redis");
+        }
+        for path in ["submit", "rewards", "models list", "tasks dead", "auth init", "verifier", "worker"] {
+            assert!(!shown(path), "{path} does not use Redis");
+        }
+        // Before the command, as earlier versions took it, and after it.
+        for args in [
+            &["sundara", "--redis", "redis://a/", "submit", "--model", "m"][..],
+            &["sundara", "status", "--redis", "redis://a/"],
+        ] {
+            Cli::try_parse_from(args).unwrap();
+        }
+    }
+
+    #[test]
+    fn service_flags_parse_into_their_configs_defaults() {
+        let cli = Cli::try_parse_from(["sundara", "worker", "--id", "w1", "--behaviour", "honest"]).unwrap();
+        let Command::Worker(args) = cli.command else { panic!("a worker") };
+        assert_eq!(args.threads, sundara_worker::Args::new("w1").threads);
+        let cli = Cli::try_parse_from(["sundara", "rewarder"]).unwrap();
+        let Command::Rewarder { args, .. } = cli.command else { panic!("the rewarder") };
+        assert_eq!(args.epoch_secs, sundara_rewarder::Args::default().epoch_secs);
+        let cli = Cli::try_parse_from(["sundara", "ingress"]).unwrap();
+        let Command::Ingress { args, .. } = cli.command else { panic!("ingress") };
+        assert_eq!(args.max_in_flight, sundara_ingress::Args::default().max_in_flight);
+        let cli = Cli::try_parse_from(["sundara", "autoscaler", "--driver", "nomad"]).unwrap();
+        let Command::Autoscaler { args, .. } = cli.command else { panic!("the autoscaler") };
+        assert_eq!(args.driver, Some(sundara_autoscaler::DriverKind::Nomad));
+        assert!(Cli::try_parse_from(["sundara", "autoscaler", "--driver", "k8s"]).is_err());
+        assert!(
+            Cli::try_parse_from(["sundara", "models", "push", "m.onnx", "--name", "m", "--rule", "nearly"]).is_err()
+        );
     }
 }

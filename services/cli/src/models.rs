@@ -120,16 +120,25 @@ pub fn fleet_warning(meta: &ModelMeta, operators: &[String]) -> Option<String> {
 
 /// The live operators of the fleet, for [`fleet_warning`]; `Err` with why when Redis
 /// cannot be read within 2 s (a client machine often cannot reach it).
-pub async fn fleet_operators(redis_url: &str) -> Result<Vec<String>, String> {
+pub async fn fleet_operators(redis_url: &str) -> Result<Vec<String>, FleetUnread> {
     let read = async {
         let capacity = Capacity::connect(redis_url).await?;
         capacity.live_operators(None).await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
         Ok(Ok(operators)) => Ok(operators),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
+        Ok(Err(e)) => Err(FleetUnread::Redis(e)),
+        Err(_) => Err(FleetUnread::TimedOut),
     }
+}
+
+/// Why [`fleet_operators`] could not read the fleet.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetUnread {
+    #[error(transparent)]
+    Redis(sundara_common::Error),
+    #[error("timed out")]
+    TimedOut,
 }
 
 /// Removes `name@version`, or every version of `name` (see [`Registry::remove`]).

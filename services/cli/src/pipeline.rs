@@ -49,13 +49,30 @@ pub struct PipelineConfig {
 }
 
 /// Whether ingress answers and every one of `workers` has announced itself in Redis.
-pub async fn serving(nats: &async_nats::Client, capacity: &Capacity, workers: &[&str]) -> Result<bool, String> {
+pub async fn serving(
+    nats: &async_nats::Client,
+    capacity: &Capacity,
+    workers: &[&str],
+) -> Result<bool, sundara_common::Error> {
     let ingress_up = nats.request("$SRV.PING.sundara-ingress", "".into()).await.is_ok();
-    let announced = capacity.workers().await.map_err(|e| e.to_string())?;
+    let announced = capacity.workers().await?;
     Ok(ingress_up && workers.iter().all(|w| announced.iter().any(|a| a == w)))
 }
 
-type Handle = JoinHandle<Result<(), String>>;
+/// Why [`Pipeline::ready`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error(transparent)]
+    Common(#[from] sundara_common::Error),
+    #[error("{0} stopped during start-up")]
+    Stopped(String),
+    #[error("pipeline not ready within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// A service's error, kept whole (with its sources) until it is reported.
+type ServiceError = Box<dyn std::error::Error + Send + Sync>;
+type Handle = JoinHandle<Result<(), ServiceError>>;
 
 /// Running services; [`Pipeline::stop`] shuts them down in order.
 pub struct Pipeline {
@@ -65,8 +82,10 @@ pub struct Pipeline {
     workers: HashMap<String, (Shutdown, Handle)>,
 }
 
-fn spawn<E: std::fmt::Display>(fut: impl Future<Output = Result<(), E>> + Send + 'static) -> Handle {
-    tokio::spawn(async move { fut.await.map_err(|e| e.to_string()) })
+fn spawn<E: std::error::Error + Send + Sync + 'static>(
+    fut: impl Future<Output = Result<(), E>> + Send + 'static,
+) -> Handle {
+    tokio::spawn(async move { fut.await.map_err(ServiceError::from) })
 }
 
 impl Pipeline {
@@ -76,21 +95,27 @@ impl Pipeline {
         let ep = config.endpoints.clone();
         // One secret for the whole validator side in this process: it is the stack's (an
         // earlier `up --external` on the same NATS may have stored another's key id).
-        let claim = sundara_common::validator_key::Claim::Rotate;
-        let mut scheduler = sundara_scheduler::Config::new(ep.clone(), config.secret.clone());
-        scheduler.secret_claim = claim;
+        // Each service's config as its command builds it from its flags, then the knobs
+        // that are not flags (sub-second timings for the tests, policies given as values).
+        let secret = sundara_common::validator_key::SecretArgs {
+            secret: String::from_utf8_lossy(&config.secret).into(),
+            rotate_secret: true,
+        };
+        let mut scheduler = sundara_scheduler::Config::from_args(
+            sundara_scheduler::Args { secret: secret.clone(), ..sundara_scheduler::Args::new("") },
+            ep.clone(),
+        );
         scheduler.assignment_timeout = config.assignment_timeout;
-        let mut rewarder = sundara_rewarder::Config::new(ep.clone());
+        let mut rewarder = sundara_rewarder::Config::from_args(sundara_rewarder::Args::default(), ep.clone());
         rewarder.epoch_length = config.epoch_length;
-        let mut verifier = sundara_verifier::Config::new(ep.clone(), config.secret.clone());
-        verifier.secret_claim = claim;
-        verifier.reference = Some(sundara_verifier::ReferenceConfig::new(
-            config.ort_library.clone(),
-            config.cache_dir.join("reference"),
-        ));
-        let mut ingress = sundara_ingress::Config::new(ep.clone());
+        let reference =
+            || Ok::<_, std::convert::Infallible>((config.ort_library.clone(), config.cache_dir.join("reference")));
+        let verifier = sundara_verifier::Args { secret, ..sundara_verifier::Args::new("") };
+        let Ok(verifier) = sundara_verifier::Config::from_args(verifier, ep.clone(), reference);
+        let ingress = sundara_ingress::Args { max_in_flight: config.max_in_flight, ..Default::default() };
+        let mut ingress =
+            sundara_ingress::Config::from_args(ingress, ep.clone()).expect("no --tenant-limits file to read");
         ingress.tenants = config.tenants.clone();
-        ingress.max_in_flight = config.max_in_flight;
         let mut autoscaler = sundara_autoscaler::Config::new(ep.clone());
         autoscaler.scaling = config.scaling.clone();
         let s = || shutdown.child_token();
@@ -110,17 +135,19 @@ impl Pipeline {
 
     /// Config of a worker of this pipeline (tests reuse it for out-of-process workers).
     pub fn worker_config(&self, spec: &WorkerSpec) -> sundara_worker::Config {
-        let mut c = sundara_worker::Config::new(
-            self.config.endpoints.nats.clone(),
-            &spec.id,
-            self.config.ort_library.clone(),
-            self.config.cache_dir.clone(),
-        );
+        let args = sundara_worker::Args {
+            cache_dir: Some(self.config.cache_dir.clone()),
+            behaviour: spec.behaviour,
+            ..sundara_worker::Args::new(&spec.id)
+        };
+        let nats = self.config.endpoints.nats.clone();
+        let unused = || Err(String::from("no default cache: --cache-dir is given"));
+        let mut c = sundara_worker::Config::from_args(args, nats, self.config.ort_library.clone(), unused)
+            .expect("a worker of one CPU slice, honest or a cheater of this build");
         if let Some(dir) = &self.config.miner_credentials {
             c.nats.credentials = Some(dir.join(crate::auth::Role::Miner(spec.id.clone()).file_name()));
         }
         c.slices = spec.slices.clone();
-        c.behaviour = spec.behaviour;
         c
     }
 
@@ -132,22 +159,20 @@ impl Pipeline {
 
     /// Waits until the ingress answers and every configured worker has announced itself.
     /// Polls (bounded by `within`): readiness of other tasks has no event to wait on.
-    pub async fn ready(&self, within: Duration) -> Result<(), String> {
+    pub async fn ready(&self, within: Duration) -> Result<(), NotReady> {
         let deadline = tokio::time::Instant::now() + within;
-        let nats = sundara_common::nats::connect(&self.config.endpoints.nats, "sundara-ready")
-            .await
-            .map_err(|e| e.to_string())?;
-        let capacity = Capacity::connect(&self.config.endpoints.redis_url).await.map_err(|e| e.to_string())?;
+        let nats = sundara_common::nats::connect(&self.config.endpoints.nats, "sundara-ready").await?;
+        let capacity = Capacity::connect(&self.config.endpoints.redis_url).await?;
         loop {
             if let Some(failed) = self.failed() {
-                return Err(format!("{failed} stopped during start-up"));
+                return Err(NotReady::Stopped(failed));
             }
             let workers: Vec<&str> = self.config.workers.iter().map(|w| w.id.as_str()).collect();
             if serving(&nats, &capacity, &workers).await? {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(format!("pipeline not ready within {within:?}"));
+                return Err(NotReady::TimedOut(within));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -165,7 +190,7 @@ impl Pipeline {
         let mut errors = Vec::new();
         for (id, (token, handle)) in self.workers {
             token.cancel();
-            if let Ok(Err(e)) | Err(e) = handle.await.map_err(|e| e.to_string()) {
+            if let Ok(Err(e)) | Err(e) = handle.await.map_err(ServiceError::from) {
                 errors.push(format!("worker {id}: {e}"));
             }
         }

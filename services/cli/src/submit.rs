@@ -21,8 +21,8 @@ use serde::Serialize;
 use sundara_common::nats::{self, NatsEndpoint};
 use sundara_common::{Registry, telemetry};
 use sundara_schemas::{
-    ClientResult, DType, FailureCode, ModelMeta, Priority, RejectCode, ResultStatus, SubmitOutcome, SubmitRequest,
-    Tensor,
+    ClientResult, DType, FailureCode, ModelMeta, ModelRef, Priority, RejectCode, ResultStatus, SubmitOutcome,
+    SubmitRequest, Tensor,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -745,7 +745,7 @@ pub async fn demo_load(
             seed: i as u64,
             timeout_ms: Some(TIMEOUT.as_millis() as u64),
             // The version just registered, even if another is pushed meanwhile.
-            ..SubmitRequest::new(&format!("{}@{}", meta.name, meta.version), inputs)
+            ..SubmitRequest::new(&ModelRef::spec(&meta.name, &meta.version), inputs)
         }
     })
     .await

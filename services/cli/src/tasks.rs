@@ -117,7 +117,7 @@ pub async fn resubmit(js: &jetstream::Context, task_id: &str) -> Result<String, 
         timeout_ms: Some(task.deadline_at_ms.saturating_sub(task.submitted_at_ms)),
         priority: task.priority,
         // The version it ran as: published versions never change (docs/operations.md).
-        ..SubmitRequest::new(&format!("{}@{}", task.model.name, task.model.version), task.inputs)
+        ..SubmitRequest::new(&task.model.to_string(), task.inputs)
     };
     match Client::new(js.client(), &task.tenant).submit(&request).await? {
         SubmitOutcome::Accepted { task_id, .. } => Ok(task_id),

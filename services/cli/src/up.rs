@@ -148,16 +148,7 @@ const DEMO_TENANT: &str = "demo";
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     // Ctrl-C (or SIGTERM) from now on no longer ends the process by itself: it stops the
     // stack and removes what `up` wrote (below) wherever `up` is.
-    let interrupted = Shutdown::new();
-    tokio::spawn({
-        let interrupted = interrupted.clone();
-        async move {
-            interruption().await;
-            interrupted.cancel();
-            interruption().await;
-            eprintln!("still stopping (at most {} s)", STOP_WITHIN.as_secs());
-        }
-    });
+    let interrupted = watch_interruptions();
     // The servers are `up`'s to stop, after its services: a terminal's Ctrl-C does not
     // reach them.
     crate::stack::detach_servers();
@@ -175,48 +166,15 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(context::claim(&context::path()?)?),
     };
-    // The embedded stack runs NATS with a user per role (docs/reliability.md), except with
-    // an autoscaled pool, whose workers are named as they start and so have no seeds.
-    let (endpoints, auth, stack) = match (opts.endpoints, &claim) {
-        (Some(ep), _) => (ep, None, None),
-        (None, _) if opts.autoscale.is_some() => {
-            let stack = LocalStack::start(&root)?;
-            println!(
-                "nats-server on {} (no auth: --autoscale), redis-server on {}",
-                stack.endpoints().nats.url,
-                stack.endpoints().redis_url
-            );
-            (stack.endpoints(), None, Some(stack))
-        }
-        (None, claim) => {
-            let dir = &claim.as_ref().expect("an embedded stack has claimed its context").credentials_dir;
-            context::create_private_dir(dir)?;
-            let auth = crate::auth::init(dir, &[DEMO_TENANT.to_string()], &miner_ids)?;
-            let stack = LocalStack::start_secured(&root, &auth)?;
-            println!(
-                "nats-server on {} with {} users (validator, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
-                stack.endpoints().nats.url,
-                auth.users.len(),
-                stack.endpoints().redis_url
-            );
-            (stack.endpoints(), Some(auth), Some(stack))
-        }
-    };
+    let (endpoints, auth, stack) =
+        start_servers(opts.endpoints, opts.autoscale.is_some(), claim.as_ref(), &root, &miner_ids)?;
     if let (Some(claim), Some(stack)) = (&claim, &stack) {
         publish_context(claim, stack, auth.as_ref(), opts.metrics)?;
     }
     if let Some(addr) = opts.metrics {
         println!("metrics: http://{addr}/metrics");
     }
-    let setup = async {
-        let nats_client = nats::connect(&endpoints.nats, "sundara-up").await?;
-        let js = jetstream::new(nats_client.clone());
-        nats::provision(&js, &nats::Retention::default()).await?;
-        let registry = Registry::open(&js).await?;
-        let models = push_demo_models(&registry, &root).await?;
-        Ok::<_, anyhow::Error>((nats_client, js, models))
-    };
-    let Some(set_up) = unless(&interrupted, setup).await else {
+    let Some(set_up) = unless(&interrupted, register_demo_models(&endpoints, &root)).await else {
         println!("interrupted: stopping");
         return Ok(());
     };
@@ -225,57 +183,20 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         println!("registered {}", crate::models::describe(m));
     }
 
-    let secret: Vec<u8> = rand::rng().random::<[u8; 32]>().to_vec();
-    let mut workers: Vec<WorkerSpec> =
-        miner_ids[..opts.honest_workers].iter().map(|id| WorkerSpec::cpu(id, 2, Behaviour::Honest)).collect();
-    // The first miner splits its machine in two CPU slices of one thread, the second of
-    // which has room for only one model at a time: it swaps models as the demo alternates.
-    workers[0].slices = vec![
-        SliceConfig::cpu("cpu0", 1, sundara_worker::default_cpu_memory(2)),
-        SliceConfig::cpu("small", 1, 128 << 20),
-    ];
-    // One liar, where this build has the cheaters (`--features cheaters`).
-    let liar = Behaviour::liar().map(|lie| {
-        let id = miner_ids[opts.honest_workers].clone();
-        workers.push(WorkerSpec::cpu(&id, 2, lie));
-        id
-    });
-    let cache_dir = root.join(".cache/worker-models");
+    let (workers, liar) = demo_workers(&miner_ids, opts.honest_workers);
     let scaling = match opts.autoscale {
         Some(max) => Some(local_pool(&endpoints, &ort_library, max)?),
         None => None,
     };
-    let pipeline = Pipeline::start(PipelineConfig {
-        endpoints: endpoints.clone(),
-        secret,
-        ort_library,
-        cache_dir,
-        workers: workers.clone(),
-        assignment_timeout: Duration::from_secs(10),
-        epoch_length: Duration::from_secs(3600),
-        scaling,
-        tenants: demo_tenants(),
-        max_in_flight: 100_000,
-        miner_credentials: auth.as_ref().map(|a| a.dir.clone()),
-    })
-    .await;
+    let pipeline =
+        Pipeline::start(pipeline_config(&endpoints, ort_library, &root, &workers, auth.as_ref(), scaling)).await;
     let Some(ready) = unless(&interrupted, pipeline.ready(Duration::from_secs(60))).await else {
         return stop_interrupted(pipeline).await;
     };
-    ready.map_err(|e| anyhow::anyhow!(e))?;
-    let fleet = match &liar {
-        Some(liar) => format!("dishonest: {liar}"),
-        None => "all honest: this build has no cheaters; `--features cheaters` adds a dishonest one".into(),
-    };
-    println!(
-        "services up: ingress, scheduler, verifier, rewarder, autoscaler; workers {} ({fleet})",
-        workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
-    );
+    ready?;
+    announce_fleet(&workers, liar.as_deref());
 
-    let tenant = NatsEndpoint {
-        url: endpoints.nats.url.clone(),
-        credentials: auth.as_ref().map(|a| a.credentials(&crate::auth::Role::Tenant(DEMO_TENANT.into()))),
-    };
+    let tenant = demo_tenant(&endpoints, auth.as_ref());
     let load = crate::submit::demo_load(&tenant, DEMO_TENANT, &models, opts.tasks);
     // Ctrl-C during the load stops the services, the servers, and removes the seeds.
     let Some(summary) = unless(&interrupted, load).await else {
@@ -287,29 +208,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let tally = summary?;
     rewarder_caught_up(&js, Duration::from_secs(30)).await?;
     let weights = close_epoch(&nats_client).await?;
-    println!();
-    let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
-    print!("{}", crate::fleet::table(&capacity).await?);
-    println!();
-    // Failures stand out: the demo exits 0 whatever happened, so this line must say it.
-    println!("tasks: {}", tally.summary());
-    if !tally.all_verified() {
-        let dead = tally.expired.count + tally.no_consensus.count;
-        let hint = if dead > 0 { " (`sundara tasks dead` lists the dead letters with their evidence)" } else { "" };
-        println!("  NOT ALL VERIFIED: {} of {} demo tasks failed{hint}", tally.failed(), tally.submitted);
-    }
-    print_rewards(&js, Some(&weights)).await?;
-    if let Some(liar) = &liar {
-        let liar_weight = weights.weights.iter().find(|m| m.miner == *liar).map_or(0, |m| m.weight);
-        let ledger = sundara_rewarder::read_ledger(&js).await?;
-        let liar_agreed =
-            ledger.as_ref().and_then(|l| l.miners().find(|(m, _)| *m == liar).map(|(_, s)| s.agreed)).unwrap_or(0);
-        if liar_weight == 0 && liar_agreed == 0 {
-            println!("dishonest miner {liar} caught: every outcome rejected, weight 0");
-        } else {
-            println!("dishonest miner {liar}: weight {liar_weight}, agreed {liar_agreed} (NOT caught)");
-        }
-    }
+    print_outcome(&js, &endpoints, &tally, &weights, liar.as_deref()).await?;
     println!("{}", verification_summary(&recorder.render()));
 
     if !opts.once {
@@ -321,6 +220,173 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         eprintln!("shutdown: {e}");
     }
     println!("stopped cleanly");
+    Ok(())
+}
+
+/// A token cancelled at the first SIGINT, SIGTERM or SIGHUP (after which `up` stops the
+/// stack and cleans up); a second one says that `up` is still stopping.
+fn watch_interruptions() -> Shutdown {
+    let interrupted = Shutdown::new();
+    tokio::spawn({
+        let interrupted = interrupted.clone();
+        async move {
+            interruption().await;
+            interrupted.cancel();
+            interruption().await;
+            eprintln!("still stopping (at most {} s)", STOP_WITHIN.as_secs());
+        }
+    });
+    interrupted
+}
+
+/// The servers `up` runs on: `external` ones as given, or an embedded stack. The embedded
+/// stack runs NATS with a user per role (docs/reliability.md), seeds written under the
+/// claimed context's credentials directory, except with an autoscaled pool, whose workers
+/// are named as they start and so have no seeds.
+fn start_servers(
+    external: Option<Endpoints>,
+    autoscale: bool,
+    claim: Option<&context::Claim>,
+    root: &std::path::Path,
+    miner_ids: &[String],
+) -> anyhow::Result<(Endpoints, Option<crate::auth::AuthDir>, Option<LocalStack>)> {
+    match (external, claim) {
+        (Some(ep), _) => Ok((ep, None, None)),
+        (None, _) if autoscale => {
+            let stack = LocalStack::start(root)?;
+            println!(
+                "nats-server on {} (no auth: --autoscale), redis-server on {}",
+                stack.endpoints().nats.url,
+                stack.endpoints().redis_url
+            );
+            Ok((stack.endpoints(), None, Some(stack)))
+        }
+        (None, claim) => {
+            let dir = &claim.expect("an embedded stack has claimed its context").credentials_dir;
+            context::create_private_dir(dir)?;
+            let auth = crate::auth::init(dir, &[DEMO_TENANT.to_string()], miner_ids)?;
+            let stack = LocalStack::start_secured(root, &auth)?;
+            println!(
+                "nats-server on {} with {} users (validator, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
+                stack.endpoints().nats.url,
+                auth.users.len(),
+                stack.endpoints().redis_url
+            );
+            Ok((stack.endpoints(), Some(auth), Some(stack)))
+        }
+    }
+}
+
+/// Connects, provisions the streams and pushes the demo models.
+async fn register_demo_models(
+    endpoints: &Endpoints,
+    root: &std::path::Path,
+) -> anyhow::Result<(async_nats::Client, jetstream::Context, Vec<ModelMeta>)> {
+    let nats_client = nats::connect(&endpoints.nats, "sundara-up").await?;
+    let js = jetstream::new(nats_client.clone());
+    nats::provision(&js, &nats::Retention::default()).await?;
+    let registry = Registry::open(&js).await?;
+    let models = push_demo_models(&registry, root).await?;
+    Ok((nats_client, js, models))
+}
+
+/// The demo's miners: `honest` honest ones (the first with two CPU slices), and the liar
+/// (its id returned too) where this build has the cheaters (`--features cheaters`).
+fn demo_workers(miner_ids: &[String], honest: usize) -> (Vec<WorkerSpec>, Option<String>) {
+    let mut workers: Vec<WorkerSpec> =
+        miner_ids[..honest].iter().map(|id| WorkerSpec::cpu(id, 2, Behaviour::Honest)).collect();
+    // The first miner splits its machine in two CPU slices of one thread, the second of
+    // which has room for only one model at a time: it swaps models as the demo alternates.
+    workers[0].slices = vec![
+        SliceConfig::cpu("cpu0", 1, sundara_worker::default_cpu_memory(2)),
+        SliceConfig::cpu("small", 1, 128 << 20),
+    ];
+    let liar = Behaviour::liar().map(|lie| {
+        let id = miner_ids[honest].clone();
+        workers.push(WorkerSpec::cpu(&id, 2, lie));
+        id
+    });
+    (workers, liar)
+}
+
+/// The embedded pipeline's config: a fresh random secret, the demo's workers and tenants.
+fn pipeline_config(
+    endpoints: &Endpoints,
+    ort_library: PathBuf,
+    root: &std::path::Path,
+    workers: &[WorkerSpec],
+    auth: Option<&crate::auth::AuthDir>,
+    scaling: Option<sundara_autoscaler::ScalingConfig>,
+) -> PipelineConfig {
+    // Hex: a secret is a flag's value (`--secret`), text.
+    let secret: Vec<u8> = hex::encode(rand::rng().random::<[u8; 32]>()).into_bytes();
+    PipelineConfig {
+        endpoints: endpoints.clone(),
+        secret,
+        ort_library,
+        cache_dir: root.join(".cache/worker-models"),
+        workers: workers.to_vec(),
+        assignment_timeout: Duration::from_secs(10),
+        epoch_length: Duration::from_secs(3600),
+        scaling,
+        tenants: demo_tenants(),
+        max_in_flight: 100_000,
+        miner_credentials: auth.map(|a| a.dir.clone()),
+    }
+}
+
+/// Where and as whom the demo load is submitted.
+fn demo_tenant(endpoints: &Endpoints, auth: Option<&crate::auth::AuthDir>) -> NatsEndpoint {
+    NatsEndpoint {
+        url: endpoints.nats.url.clone(),
+        credentials: auth.map(|a| a.credentials(&crate::auth::Role::Tenant(DEMO_TENANT.into()))),
+    }
+}
+
+/// Says which services and workers run, and whether one of them lies.
+fn announce_fleet(workers: &[WorkerSpec], liar: Option<&str>) {
+    let fleet = match liar {
+        Some(liar) => format!("dishonest: {liar}"),
+        None => "all honest: this build has no cheaters; `--features cheaters` adds a dishonest one".into(),
+    };
+    println!(
+        "services up: ingress, scheduler, verifier, rewarder, autoscaler; workers {} ({fleet})",
+        workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
+    );
+}
+
+/// After the demo load: the fleet, how the tasks ended, the rewards, and whether the liar
+/// was caught.
+async fn print_outcome(
+    js: &jetstream::Context,
+    endpoints: &Endpoints,
+    tally: &crate::submit::Tally,
+    weights: &EpochWeights,
+    liar: Option<&str>,
+) -> anyhow::Result<()> {
+    println!();
+    let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
+    print!("{}", crate::fleet::table(&capacity).await?);
+    println!();
+    // Failures stand out: the demo exits 0 whatever happened, so this line must say it.
+    println!("tasks: {}", tally.summary());
+    if !tally.all_verified() {
+        let dead = tally.expired.count + tally.no_consensus.count;
+        let hint = if dead > 0 { " (`sundara tasks dead` lists the dead letters with their evidence)" } else { "" };
+        println!("  NOT ALL VERIFIED: {} of {} demo tasks failed{hint}", tally.failed(), tally.submitted);
+    }
+    print_rewards(js, Some(weights)).await?;
+    if let Some(liar) = liar {
+        let liar_weight = weights.weights.iter().find(|m| m.miner == liar).map_or(0, |m| m.weight);
+        let ledger = sundara_rewarder::read_ledger(js).await?;
+        let liar_agreed =
+            ledger.as_ref().and_then(|l| l.miners().find(|(m, _)| *m == liar).map(|(_, s)| s.agreed)).unwrap_or(0);
+        if liar_weight == 0 && liar_agreed == 0 {
+            println!("dishonest miner {liar} caught: every outcome rejected, weight 0");
+        } else {
+            println!("dishonest miner {liar}: weight {liar_weight}, agreed {liar_agreed} (NOT caught)");
+        }
+    }
     Ok(())
 }
 

@@ -64,17 +64,26 @@ impl TenantPolicy {
 
     /// Reads a policy from JSON: `{"default": {...}, "tenants": {"acme": {...}}}`; fields
     /// left out take their defaults.
-    pub fn from_json(text: &str) -> Result<TenantPolicy, String> {
-        let policy: TenantPolicy = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_json(text: &str) -> Result<TenantPolicy, PolicyError> {
+        let policy: TenantPolicy = serde_json::from_str(text)?;
         for (name, limits) in
             std::iter::once(("default", &policy.default)).chain(policy.tenants.iter().map(|(n, l)| (n.as_str(), l)))
         {
             if limits.rate_per_s.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-                return Err(format!("{name}: rate_per_s must be a positive number"));
+                return Err(PolicyError::RatePerS { tenant: name.to_string() });
             }
         }
         Ok(policy)
     }
+}
+
+/// Why a tenant policy file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("{tenant}: rate_per_s must be a positive number")]
+    RatePerS { tenant: String },
 }
 
 /// Why a task was not admitted.

@@ -39,6 +39,8 @@ use redis::{AsyncCommands, Script};
 
 pub use sundara_schemas::{SliceAnnounce, WorkerAnnounce};
 
+use sundara_schemas::ModelRef;
+
 use crate::Error;
 
 pub const PREFIX: &str = "sundara:";
@@ -334,7 +336,7 @@ impl Capacity {
             let warm: std::collections::BTreeSet<&str> = s
                 .loaded
                 .iter()
-                .map(|(k, _)| k.split('@').next().unwrap_or(k))
+                .map(|(k, _)| ModelRef::spec_name(k))
                 .chain(s.service_us.iter().map(|(m, _)| m.as_str()))
                 .collect();
             pipe.del(format!("{key}:warm")).ignore();

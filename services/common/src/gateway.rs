@@ -20,8 +20,8 @@ use std::time::Instant;
 use crate::{Capacity, Error as CommonError, Registry, Shutdown, js_err};
 use futures::StreamExt;
 use sundara_schemas::{
-    FleetReply, FleetRequest, FleetUpdate, SliceAnnounce, WIRE_VERSION, WorkerAnnounce, decode, encode,
-    subjects as subj,
+    AssignmentId, FleetReply, FleetRequest, FleetUpdate, ModelRef, SliceAnnounce, WIRE_VERSION, WorkerAnnounce, decode,
+    encode, subjects as subj,
 };
 
 /// Most slices one worker may announce, and models per slice: bounds what one report
@@ -95,10 +95,11 @@ pub fn check(worker: &str, update: &FleetUpdate) -> Result<(), String> {
         }
         FleetUpdate::FailSlice { slice, .. } => own_slice(slice),
         FleetUpdate::HandBack { assignment_id } => {
-            // `<task>.<replica>.<attempt>`: tokens and dots only, so it cannot name another key.
-            let ok =
-                !assignment_id.is_empty() && assignment_id.len() <= 200 && assignment_id.split('.').all(subj::is_token);
-            if ok { Ok(()) } else { Err(format!("malformed assignment id {assignment_id:?}")) }
+            // `<task>.<replica>.<attempt>` and nothing else, so it cannot name another key.
+            match assignment_id.parse::<AssignmentId>() {
+                Ok(_) => Ok(()),
+                Err(_) => Err(format!("malformed assignment id {assignment_id:?}")),
+            }
         }
     }
 }
@@ -131,8 +132,8 @@ pub fn check_slice(s: &SliceAnnounce) -> Result<(), String> {
     let name = |m: &str| {
         if subj::is_token(m) { Ok(()) } else { Err(format!("slice {id}: malformed model name {m:?}")) }
     };
-    let model_ref = |key: &str| match key.split_once('@') {
-        Some((n, v)) if subj::is_token(n) && subj::is_token(v) => Ok(()),
+    let model_ref = |key: &str| match ModelRef::split_spec(key) {
+        (n, Some(v)) if subj::is_token(n) && subj::is_token(v) => Ok(()),
         _ => Err(format!("slice {id}: malformed model version {key:?} (name@version)")),
     };
     for m in &s.models {
@@ -158,7 +159,10 @@ pub fn named_models(a: &WorkerAnnounce) -> (BTreeSet<&str>, BTreeSet<(&str, &str
     for s in &a.slices {
         names.extend(s.models.iter().map(String::as_str));
         names.extend(s.service_us.iter().chain(&s.load_us).map(|(m, _)| m.as_str()));
-        versions.extend(s.loaded.iter().chain(&s.footprints).filter_map(|(k, _)| k.split_once('@')));
+        versions.extend(s.loaded.iter().chain(&s.footprints).filter_map(|(k, _)| match ModelRef::split_spec(k) {
+            (n, Some(v)) => Some((n, v)),
+            (_, None) => None,
+        }));
     }
     (names, versions)
 }
@@ -266,7 +270,7 @@ impl Gateway {
         }
         for (name, version) in versions {
             if self.registry.version(name, version).await?.is_none() {
-                return Err(ApplyError::Unregistered(format!("{name}@{version}")));
+                return Err(ApplyError::Unregistered(ModelRef::spec(name, version)));
             }
         }
         Ok(())
@@ -275,8 +279,8 @@ impl Gateway {
     /// Whether `worker` has an outcome stored for the task of assignment `aid` (a worker
     /// holds at most one replica of a task, so it is this assignment's).
     async fn answered(&self, worker: &str, aid: &str) -> bool {
-        let task = aid.split('.').next().unwrap_or_default();
-        self.outcomes.direct_get_last_for_subject(subj::outcome(task, worker)).await.is_ok()
+        let Ok(aid) = aid.parse::<AssignmentId>() else { return false };
+        self.outcomes.direct_get_last_for_subject(subj::outcome(&aid.task_id, worker)).await.is_ok()
     }
 }
 

@@ -4,14 +4,17 @@
 pub mod admission;
 pub mod capacity;
 pub mod gateway;
+pub mod jetstream_error;
 pub mod metrics;
 pub mod model_cache;
 pub mod nats;
 pub mod registry;
+pub mod retry;
 pub mod telemetry;
 pub mod validator_key;
 
 pub use capacity::Capacity;
+pub use jetstream_error::{JetStreamError, JetStreamErrorKind};
 pub use model_cache::ModelCache;
 pub use registry::Registry;
 pub use telemetry::{LogFormat, init_logging};
@@ -45,8 +48,9 @@ pub enum Error {
     /// The server refused this user `operation` on `subject` (a permissions violation).
     #[error("not permitted: these NATS credentials may not {operation} {subject}")]
     PermissionDenied { operation: nats::Operation, subject: String },
+    /// A JetStream operation failed; callers decide on its [`JetStreamError::kind`].
     #[error("JetStream: {0}")]
-    JetStream(String),
+    JetStream(#[from] JetStreamError),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("model registry: {0}")]
@@ -59,9 +63,10 @@ pub enum Error {
     Telemetry(String),
 }
 
-/// Maps any JetStream client error into [`Error::JetStream`].
-pub fn js_err<E: std::fmt::Display>(e: E) -> Error {
-    Error::JetStream(e.to_string())
+/// Maps a JetStream client error into [`Error::JetStream`], keeping it (as the source) and
+/// what kind of failure it is (see [`JetStreamError`]).
+pub fn js_err<E: Into<JetStreamError>>(e: E) -> Error {
+    Error::JetStream(e.into())
 }
 
 /// Resolves when the process gets SIGINT or SIGTERM.

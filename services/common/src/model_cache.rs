@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::{Error as CommonError, Registry};
 use sha2::{Digest, Sha256};
-use sundara_schemas::ModelMeta;
+use sundara_schemas::{ModelMeta, ModelRef};
 use tokio::sync::{Mutex, OnceCell};
 
 pub struct ModelCache {
@@ -24,7 +24,7 @@ impl ModelCache {
     /// Path of the model's verified file, fetching it on first need. Concurrent callers
     /// for the same model share one fetch.
     pub async fn path(&self, meta: &ModelMeta) -> Result<Arc<PathBuf>, CommonError> {
-        let key = format!("{}@{}", meta.name, meta.version);
+        let key = ModelRef::spec(&meta.name, &meta.version);
         let cell = self.entries.lock().await.entry(key).or_default().clone();
         cell.get_or_try_init(|| self.materialise(meta)).await.cloned()
     }

@@ -7,6 +7,7 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use sundara_schemas::subjects as subj;
 
+use crate::retry::Backoff;
 use crate::{Error, js_err};
 
 /// Where NATS is, and which credentials to connect with.
@@ -24,6 +25,15 @@ impl NatsEndpoint {
     }
 }
 
+/// Why a seed is not a user's NKey seed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error(transparent)]
+    Key(#[from] nkeys::error::Error),
+    #[error("not a user seed (it must start with SU)")]
+    NotUser,
+}
+
 /// An NKey user: its seed signs the server's challenge; its public key names it in the
 /// server's config.
 #[derive(Clone)]
@@ -33,10 +43,10 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn from_seed(seed: &str) -> Result<Identity, String> {
-        let pair = nkeys::KeyPair::from_seed(seed.trim()).map_err(|e| e.to_string())?;
+    pub fn from_seed(seed: &str) -> Result<Identity, SeedError> {
+        let pair = nkeys::KeyPair::from_seed(seed.trim())?;
         if !pair.public_key().starts_with('U') {
-            return Err("not a user seed (it must start with SU)".into());
+            return Err(SeedError::NotUser);
         }
         Ok(Identity { seed: seed.trim().to_string(), public_key: pair.public_key() })
     }
@@ -64,7 +74,7 @@ impl Identity {
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let seed =
             text.lines().map(str::trim).find(|l| l.starts_with("SU")).ok_or_else(|| bad("no SU… seed".into()))?;
-        Identity::from_seed(seed).map_err(bad)
+        Identity::from_seed(seed).map_err(|e| bad(e.to_string()))
     }
 
     /// Where this user's replies arrive. Only it may subscribe there, so no other user can
@@ -312,11 +322,11 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
         max_bytes: r.tasks_max_bytes,
         // A full TASKS stream refuses new tasks instead of dropping accepted ones.
         discard: stream::DiscardPolicy::New,
-        ..stream_config(subj::TASKS_STREAM, "sundara.task.>", r.tasks_max_age, r)
+        ..stream_config(subj::TASKS_STREAM, subj::TASK_ALL, r.tasks_max_age, r)
     };
     let work = stream::Config {
         retention: stream::RetentionPolicy::WorkQueue,
-        ..stream_config(subj::WORK_STREAM, "sundara.work.>", day, r)
+        ..stream_config(subj::WORK_STREAM, subj::WORK_ALL, day, r)
     };
     let history = |name: &str, subjects: &str, max_age: Duration| stream::Config {
         max_messages: r.history_max_msgs,
@@ -325,11 +335,11 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
     let streams = [
         tasks,
         work,
-        history(subj::OUTCOMES_STREAM, "sundara.outcome.>", day),
-        history(subj::RESULTS_STREAM, "sundara.result.>", day),
-        history(subj::VERDICTS_STREAM, "sundara.verdict.>", 30 * day),
-        history(subj::REWARDS_STREAM, "sundara.reward.>", 30 * day),
-        history(subj::DEAD_STREAM, "sundara.dead.>", 30 * day),
+        history(subj::OUTCOMES_STREAM, subj::OUTCOME_ALL, day),
+        history(subj::RESULTS_STREAM, subj::RESULT_ALL, day),
+        history(subj::VERDICTS_STREAM, subj::VERDICT_ALL, 30 * day),
+        history(subj::REWARDS_STREAM, subj::REWARD_ALL, 30 * day),
+        history(subj::DEAD_STREAM, subj::DEAD_ALL, 30 * day),
     ];
     for config in streams {
         js.get_or_create_stream(config).await.map_err(js_err)?;
@@ -360,17 +370,16 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
 /// them (miners), started alongside the validator services that do.
 pub async fn await_provisioned(js: &jetstream::Context, within: Duration) -> Result<(), Error> {
     let deadline = tokio::time::Instant::now() + within;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).until(deadline);
     loop {
         // The object store is the last thing `provision` creates.
         if js.get_object_store(subj::MODEL_BLOBS).await.is_ok() {
             return Ok(());
         }
-        if tokio::time::Instant::now() + backoff > deadline {
-            return Err(Error::JetStream(format!("streams not provisioned within {within:?} (is the validator up?)")));
+        if !backoff.wait().await {
+            let missing = format!("streams not provisioned within {within:?} (is the validator up?)");
+            return Err(crate::JetStreamError::new(crate::JetStreamErrorKind::TimedOut, missing).into());
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -67,14 +67,19 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
-    pub fn parse(text: &str) -> Result<LogFormat, String> {
+    pub fn parse(text: &str) -> Result<LogFormat, UnknownLogFormat> {
         match text {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("unknown log format {other:?}: text or json")),
+            other => Err(UnknownLogFormat(other.to_string())),
         }
     }
 }
+
+/// A log format other than `text` or `json`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown log format {0:?}: text or json")]
+pub struct UnknownLogFormat(pub String);
 
 /// What a process logs and where it sends its spans.
 #[derive(Clone, Debug)]

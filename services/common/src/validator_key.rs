@@ -55,6 +55,32 @@ pub enum Claim {
     Rotate,
 }
 
+/// The validator secret's flags, shared by `sundara scheduler` and `sundara verifier`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SecretArgs {
+    /// Validator secret that signs assignment tickets (same for scheduler and verifier; at
+    /// least 16 bytes). At start each checks its key id against the one the stack stored
+    /// (NATS KV `validator`) and refuses to start on a mismatch.
+    #[arg(long, env = "SUNDARA_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// Change the stack's secret on purpose: store this secret's key id in place of the
+    /// stack's, then restart every other scheduler and verifier with the new secret.
+    #[arg(long)]
+    pub rotate_secret: bool,
+}
+
+impl SecretArgs {
+    /// The secret's bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.secret.as_bytes().to_vec()
+    }
+
+    /// Check the stack's key id, or (`--rotate-secret`) replace it.
+    pub fn claim(&self) -> Claim {
+        if self.rotate_secret { Claim::Rotate } else { Claim::Check }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error(

@@ -12,12 +12,36 @@ use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use sundara_common::admission::{Refusal, TenantLimits, TenantPolicy};
-use sundara_common::{Capacity, Endpoints, Error as CommonError, Registry, Shutdown, nats, telemetry};
+use sundara_common::{
+    Capacity, Endpoints, Error as CommonError, JetStreamErrorKind, Registry, Shutdown, nats, telemetry,
+};
 use sundara_schemas::{
     DecodeError, Limits, ModelMeta, Priority, RejectCode, SubmitOutcome, SubmitReply, SubmitRequest, Task, TensorError,
     WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
 use tracing::Instrument;
+
+/// `sundara ingress`'s flags: what an operator sets; [`Config::from_args`] adds the rest.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Per-tenant limits, JSON: {"default": {"rate_per_s", "burst", "max_in_flight",
+    /// "max_payload_bytes"}, "tenants": {"<tenant>": {...}}}; fields left out default.
+    #[arg(long, env = "SUNDARA_TENANT_LIMITS")]
+    pub tenant_limits: Option<std::path::PathBuf>,
+    /// Tasks in flight in the whole fleet beyond which submissions are told `overloaded`.
+    #[arg(long, env = "SUNDARA_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: u64,
+}
+
+/// `--max-in-flight`'s default.
+pub const DEFAULT_MAX_IN_FLIGHT: u64 = 100_000;
+
+impl Default for Args {
+    /// The flags' defaults (what `sundara ingress` with no flags runs with).
+    fn default() -> Args {
+        Args { tenant_limits: None, max_in_flight: DEFAULT_MAX_IN_FLIGHT }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -42,6 +66,7 @@ pub struct Config {
 }
 
 impl Config {
+    /// The defaults, as `sundara ingress` with no flags.
     pub fn new(endpoints: Endpoints) -> Config {
         Config {
             endpoints,
@@ -53,8 +78,19 @@ impl Config {
             fit_refresh: Duration::from_secs(1),
             retention: nats::Retention::default(),
             tenants: TenantPolicy::default(),
-            max_in_flight: 100_000,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
+    }
+
+    /// The config of `sundara ingress` with these flags: reads `--tenant-limits`' file.
+    pub fn from_args(args: Args, endpoints: Endpoints) -> Result<Config, String> {
+        let mut config = Config::new(endpoints);
+        if let Some(path) = &args.tenant_limits {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            config.tenants = TenantPolicy::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        config.max_in_flight = args.max_in_flight;
+        Ok(config)
     }
 }
 
@@ -275,8 +311,10 @@ impl Ingress {
                 if let Err(e) = self.capacity.finish(tenant, &task_id).await {
                     tracing::warn!(error = %e, "could not release an unstored task's slot");
                 }
-                let code =
-                    if e.to_string().contains("maximum") { RejectCode::Overloaded } else { RejectCode::Internal };
+                let code = match &e {
+                    CommonError::JetStream(e) if e.kind() == JetStreamErrorKind::StreamFull => RejectCode::Overloaded,
+                    _ => RejectCode::Internal,
+                };
                 Err(reject(code, e.to_string()))
             }
         }
@@ -383,7 +421,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ing
     // Headers only: finishing a task needs its subject, not its outputs.
     let results_config = async_nats::jetstream::consumer::pull::Config {
         headers_only: true,
-        ..nats::consumer_config("ingress-finish", "sundara.result.>", Duration::from_secs(30), 4096)
+        ..nats::consumer_config("ingress-finish", subj::RESULT_ALL, Duration::from_secs(30), 4096)
     };
     let results = nats::ensure_consumer(&js, subj::RESULTS_STREAM, results_config).await?;
     let ingress = Arc::new(Ingress { config: config.clone(), js, registry, capacity, fit_cache: Mutex::default() });

@@ -23,6 +23,7 @@ use async_nats::jetstream::{
 };
 use bytes::Bytes;
 use futures::StreamExt;
+use sundara_common::retry::Backoff;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats, telemetry};
 use sundara_schemas::{
     EpochWeights, MAX_MESSAGE_BYTES, RewardTrace, Standing, Verdict, decode, encode, now_ms, subjects as subj,
@@ -42,18 +43,17 @@ pub const LATEST_WEIGHTS_KEY: &str = "weights.latest";
 /// Durable consumer name on VERDICTS.
 pub const CONSUMER: &str = "rewarder";
 
-const VERDICT_FILTER: &str = "sundara.verdict.>";
 const ACK_WAIT: Duration = Duration::from_secs(30);
 const MAX_ACK_PENDING: i64 = 8192;
 /// Held verdicts that force a flush before the next tick.
 const FLUSH_BATCH: usize = 512;
 /// Tries of a store operation before the rewarder gives up (and restarts from the stored
-/// ledger): with [`RETRY_DELAY_CAP`], about a minute, enough to ride out a nats-server restart
+/// ledger): with [`RETRY_BACKOFF`], about a minute, enough to ride out a nats-server restart
 /// or a JetStream cluster electing new leaders after losing a node (several seconds), while
 /// the verdicts stay held un-acked.
 const ATTEMPTS: u32 = 32;
-/// Longest wait between two tries of a store operation (the first waits 100 ms, then double).
-const RETRY_DELAY_CAP: Duration = Duration::from_secs(2);
+/// Waits between two tries of a store operation: 100 ms, then double, at most 2 s.
+const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// KV key of one closed epoch's weights.
 pub fn weights_key(epoch: u64) -> String {
@@ -80,12 +80,37 @@ pub struct Config {
     pub retention: nats::Retention,
 }
 
+/// `sundara rewarder`'s flags: what an operator sets; [`Config::from_args`] adds the rest.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Length of an epoch in seconds: weights are computed and published at each close.
+    #[arg(long, env = "SUNDARA_EPOCH_SECS", default_value_t = DEFAULT_EPOCH_SECS)]
+    pub epoch_secs: u64,
+}
+
+/// `--epoch-secs`' default.
+pub const DEFAULT_EPOCH_SECS: u64 = 60;
+
+impl Default for Args {
+    /// The flags' defaults (what `sundara rewarder` with no flags runs with).
+    fn default() -> Args {
+        Args { epoch_secs: DEFAULT_EPOCH_SECS }
+    }
+}
+
 impl Config {
+    /// The config of `sundara rewarder` with these flags.
+    pub fn from_args(args: Args, endpoints: Endpoints) -> Config {
+        let mut config = Config::new(endpoints);
+        config.epoch_length = Duration::from_secs(args.epoch_secs);
+        config
+    }
+
     /// The defaults: 60 s epochs, alpha 0.1, quarantine after 3 proofs.
     pub fn new(endpoints: Endpoints) -> Config {
         Config {
             endpoints,
-            epoch_length: Duration::from_secs(60),
+            epoch_length: Duration::from_secs(DEFAULT_EPOCH_SECS),
             alpha: 0.1,
             flush_interval: Duration::from_millis(200),
             quarantine_after: 3,
@@ -268,7 +293,7 @@ impl Rewarder {
         for trace in std::mem::take(&mut self.traces) {
             let stored = match trace.ack {
                 Some(ack) => ack.await.map(drop).map_err(js_err),
-                None => Err(js_err("not sent")),
+                None => Err(js_err(sundara_common::JetStreamError::other("not sent"))),
             };
             if let Err(e) = stored {
                 tracing::warn!(task = %trace.id, error = %e, "reward trace not stored; publishing again");
@@ -313,7 +338,7 @@ impl Rewarder {
     /// Writes the ledger, expecting the revision we last saw.
     async fn persist(&mut self) -> Result<(), RewarderError> {
         let bytes = Bytes::from(self.ledger.to_bytes());
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = RETRY_BACKOFF;
         for attempt in 1..=ATTEMPTS {
             let err = match self.kv.update(LEDGER_KEY, bytes.clone(), self.revision).await {
                 Ok(revision) => {
@@ -339,8 +364,7 @@ impl Rewarder {
             }
             tracing::warn!(attempt, error = %err, "ledger not persisted; retrying");
             if attempt < ATTEMPTS {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RETRY_DELAY_CAP);
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
         Err(RewarderError::Ledger(format!("could not be persisted after {ATTEMPTS} attempts")))
@@ -401,24 +425,13 @@ impl Rewarder {
     }
 }
 
-/// Runs `op` up to [`ATTEMPTS`] times with exponential back-off (capped at [`RETRY_DELAY_CAP`]).
-async fn retry<T, F, Fut>(what: &str, mut op: F) -> Result<T, CommonError>
+/// Runs `op` up to [`ATTEMPTS`] times, waiting [`RETRY_BACKOFF`] between the tries.
+async fn retry<T, F, Fut>(what: &str, op: F) -> Result<T, CommonError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, CommonError>>,
 {
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt >= ATTEMPTS => return Err(e),
-            Err(e) => tracing::warn!(attempt, error = %e, "{what} failed; retrying"),
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(RETRY_DELAY_CAP);
-        attempt += 1;
-    }
+    sundara_common::retry::retry(what, ATTEMPTS, RETRY_BACKOFF, op).await
 }
 
 /// Reads the stored ledger and its KV revision (0 when there is none).
@@ -461,7 +474,7 @@ async fn verdict_consumer(js: &jetstream::Context, last_seq: u64) -> Result<Pull
     };
     let config = pull::Config {
         durable_name: Some(CONSUMER.to_string()),
-        filter_subject: VERDICT_FILTER.to_string(),
+        filter_subject: subj::VERDICT_ALL.to_string(),
         ack_policy: AckPolicy::Explicit,
         ack_wait: ACK_WAIT,
         max_ack_pending: MAX_ACK_PENDING,
@@ -552,7 +565,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Rew
             delivery = messages.next() => match delivery {
                 Some(Ok(msg)) => rewarder.on_verdict(msg).await?,
                 Some(Err(e)) => tracing::warn!(error = %e, "verdict consumer"),
-                None => return Err(js_err("verdict consumer ended").into()),
+                None => return Err(js_err(sundara_common::JetStreamError::other("verdict consumer ended")).into()),
             },
         }
     }

@@ -112,26 +112,41 @@ fn build_session(bytes: &[u8], intra_threads: usize, device: &Device) -> ort::Re
 /// (`--features cuda`) and the ONNX Runtime library loaded by [`init`] provides it (the
 /// `onnxruntime-gpu` wheel's does, the CPU wheel's does not). `Err` says which is missing
 /// and what to do. Whether a given device works shows only when a session starts on it.
-pub fn cuda_support() -> Result<(), String> {
+pub fn cuda_support() -> Result<(), NoCuda> {
     #[cfg(feature = "cuda")]
     {
         use ort::ep::ExecutionProvider;
         if ENV.get().is_none() {
-            return Err("ONNX Runtime is not initialised".into());
+            return Err(NoCuda::NotInitialised);
         }
         match ort::ep::CUDA::is_available() {
             Ok(true) => Ok(()),
-            Ok(false) => Err("the ONNX Runtime library loaded has no CUDA execution provider: install the \
-                 onnxruntime-gpu wheel (`pip install onnxruntime-gpu`) and set ORT_DYLIB_PATH to its \
-                 onnxruntime/capi/libonnxruntime.so.<version> (see docs/mining.md)"
-                .into()),
-            Err(e) => Err(format!("ONNX Runtime could not list its execution providers: {e}")),
+            Ok(false) => Err(NoCuda::NoProvider),
+            Err(e) => Err(NoCuda::Providers(e)),
         }
     }
     #[cfg(not(feature = "cuda"))]
-    Err("this build has no CUDA execution provider: rebuild with `cargo build --release --features cuda` and run \
+    Err(NoCuda::NotBuilt)
+}
+
+/// Why sessions cannot run on CUDA here (see [`cuda_support`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NoCuda {
+    #[error(
+        "this build has no CUDA execution provider: rebuild with `cargo build --release --features cuda` and run \
          it with the onnxruntime-gpu wheel's library (see docs/mining.md)"
-        .into())
+    )]
+    NotBuilt,
+    #[error("ONNX Runtime is not initialised")]
+    NotInitialised,
+    #[error(
+        "the ONNX Runtime library loaded has no CUDA execution provider: install the onnxruntime-gpu wheel \
+         (`pip install onnxruntime-gpu`) and set ORT_DYLIB_PATH to its \
+         onnxruntime/capi/libonnxruntime.so.<version> (see docs/mining.md)"
+    )]
+    NoProvider,
+    #[error("ONNX Runtime could not list its execution providers: {0}")]
+    Providers(#[source] ort::Error),
 }
 
 #[cfg(feature = "cuda")]

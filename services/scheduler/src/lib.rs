@@ -17,11 +17,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message, stream::Stream};
 use futures::StreamExt;
 use sundara_common::capacity::{Answer, Pick, Placement, ReserveTerms};
+use sundara_common::retry::Backoff;
 use sundara_common::telemetry;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats, validator_key};
 use sundara_schemas::{
-    Assignment, ClientResult, DeadLetter, FailureCode, Outcome, OutcomeResult, Priority, ResultStatus, Task, Ticket,
-    WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
+    Assignment, AssignmentId, ClientResult, DeadLetter, FailureCode, Outcome, OutcomeResult, Priority, ResultStatus,
+    Task, Ticket, WIRE_VERSION, decode, encode, now_ms, now_us, subjects as subj,
 };
 use tracing::Instrument;
 
@@ -54,13 +55,43 @@ pub struct Config {
     pub retention: nats::Retention,
 }
 
+/// `sundara scheduler`'s flags: what an operator sets; [`Config::from_args`] adds the rest.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub secret: validator_key::SecretArgs,
+    /// Milliseconds a worker has to return an outcome before its assignment is reassigned.
+    #[arg(long, env = "SUNDARA_ASSIGNMENT_TIMEOUT_MS", default_value_t = DEFAULT_ASSIGNMENT_TIMEOUT_MS)]
+    pub assignment_timeout_ms: u64,
+}
+
+/// `--assignment-timeout-ms`' default.
+pub const DEFAULT_ASSIGNMENT_TIMEOUT_MS: u64 = 10_000;
+
+impl Args {
+    /// The defaults of every flag, with this secret.
+    pub fn new(secret: impl Into<String>) -> Args {
+        let secret = validator_key::SecretArgs { secret: secret.into(), rotate_secret: false };
+        Args { secret, assignment_timeout_ms: DEFAULT_ASSIGNMENT_TIMEOUT_MS }
+    }
+}
+
 impl Config {
+    /// The config of `sundara scheduler` with these flags.
+    pub fn from_args(args: Args, endpoints: Endpoints) -> Config {
+        let mut config = Config::new(endpoints, args.secret.bytes());
+        config.secret_claim = args.secret.claim();
+        config.assignment_timeout = Duration::from_millis(args.assignment_timeout_ms);
+        config
+    }
+
+    /// The defaults, as `sundara scheduler` with no flags but the secret.
     pub fn new(endpoints: Endpoints, secret: Vec<u8>) -> Config {
         Config {
             endpoints,
             secret,
             secret_claim: validator_key::Claim::Check,
-            assignment_timeout: Duration::from_secs(10),
+            assignment_timeout: Duration::from_millis(DEFAULT_ASSIGNMENT_TIMEOUT_MS),
             max_attempts: 3,
             scan: 16,
             concurrency: 64,
@@ -86,9 +117,9 @@ pub enum SchedulerError {
 /// How long a delivered task may go without an ack (or progress) before JetStream redelivers it.
 const TASK_ACK_WAIT: Duration = Duration::from_secs(30);
 
-/// Id of one dispatch of one replica.
+/// Id of one dispatch of one replica ([`AssignmentId`] as a string).
 pub fn assignment_id(task_id: &str, replica: u8, attempt: u16) -> String {
-    format!("{task_id}.{replica}.{attempt}")
+    AssignmentId::new(task_id, replica, attempt).to_string()
 }
 
 struct Scheduler {
@@ -173,9 +204,12 @@ impl Scheduler {
         };
         drop(waiter);
         metrics::counter!("sundara_scheduler_dispatched_total", "priority" => task.priority.as_str()).increment(1);
-        for (replica, pick) in picks.into_iter().enumerate() {
-            self.send(task, task_seq, Replica { replica: replica as u8, attempt: 0, answer_by_ms }, pick).await?;
-        }
+        let replicas = picks
+            .into_iter()
+            .enumerate()
+            .map(|(replica, pick)| (Replica { replica: replica as u8, attempt: 0, answer_by_ms }, pick))
+            .collect();
+        self.send(task, task_seq, replicas).await?;
         Ok(Dispatch::Sent)
     }
 
@@ -185,56 +219,65 @@ impl Scheduler {
         self.results.direct_get_last_for_subject(subject).await.is_ok()
     }
 
-    async fn send(&self, task: &Task, task_seq: u64, replica: Replica, pick: Pick) -> Result<(), CommonError> {
-        let Replica { replica, attempt, answer_by_ms } = replica;
-        let Pick { slice, worker, operator } = pick;
-        let mut ticket = Ticket {
-            task_id: task.task_id.clone(),
-            tenant: task.tenant.clone(),
-            model: task.model.clone(),
-            k: task.k,
-            replica,
-            attempt,
-            worker,
-            operator,
-            slice,
-            dispatched_at_us: now_us(),
-            deadline_at_ms: task.deadline_at_ms,
-            answer_by_ms,
-            task_seq,
-            mac: Vec::new(),
-        };
-        ticket.sign(&self.config.secret);
-        let aid = ticket.assignment_id();
-        let stored_ticket = encode(&ticket);
-        let subject = subj::work(&task.model.name, &ticket.worker);
-        let assignment = Assignment {
-            v: WIRE_VERSION,
-            ticket,
-            inputs: task.inputs.clone(),
-            seed: task.seed,
-            accepted_at_us: task.accepted_at_us,
-        };
-        let span = tracing::info_span!(
-            target: sundara_common::telemetry::SPANS,
-            "scheduler assign",
-            otel.kind = "producer",
-            messaging.system = "nats",
-            "messaging.operation.type" = "send",
-            messaging.destination.name = %subject,
-            sundara.miner = %assignment.ticket.worker,
-            sundara.replica = replica,
-            sundara.attempt = attempt,
-        );
-        // Both at once: the ticket is read back only by the sweep, long after this returns,
-        // and if either fails the task is redelivered and both are redone (idempotently).
-        let stored = async {
-            tokio::try_join!(
-                self.capacity.store_ticket(&aid, &stored_ticket),
-                nats::publish_durable(&self.js, subject, &aid, encode(&assignment)),
-            )
-        };
-        stored.instrument(span).await?;
+    /// Signs and sends the task's assignments: every ticket is stored in Redis before any
+    /// assignment is published. A send that fails on Redis has then published nothing, and
+    /// its retry may reserve anew. Were an assignment published first, a Redis that lost its
+    /// reservations (restarted empty) would let the retry reserve its aid on another worker,
+    /// whose WORK message JetStream drops as a duplicate, and put another replica of the
+    /// task on the worker that did get it: the verifier counts one replica per worker, and
+    /// nobody would answer the other.
+    async fn send(&self, task: &Task, task_seq: u64, replicas: Vec<(Replica, Pick)>) -> Result<(), CommonError> {
+        let mut sends = Vec::with_capacity(replicas.len());
+        for (Replica { replica, attempt, answer_by_ms }, Pick { slice, worker, operator }) in replicas {
+            let mut ticket = Ticket {
+                task_id: task.task_id.clone(),
+                tenant: task.tenant.clone(),
+                model: task.model.clone(),
+                k: task.k,
+                replica,
+                attempt,
+                worker,
+                operator,
+                slice,
+                dispatched_at_us: now_us(),
+                deadline_at_ms: task.deadline_at_ms,
+                answer_by_ms,
+                task_seq,
+                mac: Vec::new(),
+            };
+            ticket.sign(&self.config.secret);
+            let aid = ticket.assignment_id();
+            // Read back only by the sweep, long after this returns; stored again
+            // (idempotently) when the task is redelivered.
+            self.capacity.store_ticket(&aid, &encode(&ticket)).await?;
+            let subject = subj::work(&task.model.name, &ticket.worker);
+            let span = tracing::info_span!(
+                target: sundara_common::telemetry::SPANS,
+                "scheduler assign",
+                otel.kind = "producer",
+                messaging.system = "nats",
+                "messaging.operation.type" = "send",
+                messaging.destination.name = %subject,
+                sundara.miner = %ticket.worker,
+                sundara.replica = replica,
+                sundara.attempt = attempt,
+            );
+            let assignment = Assignment {
+                v: WIRE_VERSION,
+                ticket,
+                inputs: task.inputs.clone(),
+                seed: task.seed,
+                accepted_at_us: task.accepted_at_us,
+            };
+            sends.push((aid, subject, encode(&assignment), span));
+        }
+        // All at once: if one fails, all are sent again (WORK deduplicates by assignment id,
+        // and Redis still holds their reservations).
+        let published = sends.into_iter().map(|(aid, subject, assignment, span)| {
+            let js = &self.js;
+            async move { nats::publish_durable(js, subject, &aid, assignment).await }.instrument(span)
+        });
+        futures::future::try_join_all(published).await?;
         Ok(())
     }
 
@@ -296,15 +339,17 @@ impl Scheduler {
         // (reservations per assignment id, WORK deduplicated by it), and a deadline that
         // passes meanwhile expires the task.
         let retry_until = tokio::time::Instant::now() + TASK_ACK_WAIT;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).until(retry_until);
         let dispatched = loop {
             match self.dispatch(&task, seq, &msg).instrument(span.clone()).await {
-                Err(e) if tokio::time::Instant::now() + backoff < retry_until => {
-                    tracing::warn!(task = %task.task_id, error = %e, "dispatch failed; trying again");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    let _ = msg.ack_with(AckKind::Progress).await;
-                }
+                Err(e) => match backoff.delay_before(tokio::time::Instant::now()) {
+                    Some(delay) => {
+                        tracing::warn!(task = %task.task_id, error = %e, "dispatch failed; trying again");
+                        tokio::time::sleep(delay).await;
+                        let _ = msg.ack_with(AckKind::Progress).await;
+                    }
+                    None => break Err(e),
+                },
                 dispatched => break dispatched,
             }
         };
@@ -394,7 +439,7 @@ impl Scheduler {
         tracing::info!(parent: &span, assignment = aid, from = %old.worker, to = %pick.worker, attempt, "reassigning");
         metrics::counter!("sundara_scheduler_reassigned_total").increment(1);
         let replica = Replica { replica: old.replica, attempt, answer_by_ms: timeout_at };
-        self.send(&task, old.task_seq, replica, pick).instrument(span).await?;
+        self.send(&task, old.task_seq, vec![(replica, pick)]).instrument(span).await?;
         self.release(aid, None).await?;
         Ok(())
     }
@@ -448,7 +493,7 @@ impl Scheduler {
         let aid = id.and_then(sundara_schemas::assignment_of_outcome_id);
         let stored_at_us = nats::stored_at_us(&msg).unwrap_or_else(now_us);
         if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject))
-            && let Err(e) = self.release_answer(aid, worker, stored_at_us).await
+            && let Err(e) = self.release_answer(&aid.to_string(), worker, stored_at_us).await
         {
             tracing::warn!(error = %e, "release failed; will retry");
             let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
@@ -520,7 +565,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
     // Headers only: freeing a slot needs the assignment id and the worker, not the outputs.
     let release_config = async_nats::jetstream::consumer::pull::Config {
         headers_only: true,
-        ..nats::consumer_config("scheduler-release", "sundara.outcome.>", Duration::from_secs(30), 4096)
+        ..nats::consumer_config("scheduler-release", subj::OUTCOME_ALL, Duration::from_secs(30), 4096)
     };
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;

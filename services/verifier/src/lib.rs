@@ -82,11 +82,62 @@ pub struct ReferenceConfig {
 
 impl ReferenceConfig {
     pub fn new(ort_library: PathBuf, cache_dir: PathBuf) -> ReferenceConfig {
-        ReferenceConfig { ort_library, cache_dir, threads: 1, memory: 1 << 30, timeout: Duration::from_secs(30) }
+        ReferenceConfig {
+            ort_library,
+            cache_dir,
+            threads: DEFAULT_REFERENCE_THREADS,
+            memory: 1 << 30,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `sundara verifier`'s flags: what an operator sets; [`Config::from_args`] adds the rest.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub secret: validator_key::SecretArgs,
+    /// Do not run tasks on the verifier's own runtime: no audits, and a task without a
+    /// majority is dead-lettered.
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Inference threads of the reference runtime.
+    #[arg(long, default_value_t = DEFAULT_REFERENCE_THREADS)]
+    pub reference_threads: usize,
+}
+
+/// `--reference-threads`' default.
+pub const DEFAULT_REFERENCE_THREADS: usize = 1;
+
+impl Args {
+    /// The defaults of every flag, with this secret.
+    pub fn new(secret: impl Into<String>) -> Args {
+        let secret = validator_key::SecretArgs { secret: secret.into(), rotate_secret: false };
+        Args { secret, no_reference: false, reference_threads: DEFAULT_REFERENCE_THREADS }
     }
 }
 
 impl Config {
+    /// The config of `sundara verifier` with these flags. `reference` gives ONNX Runtime's
+    /// library and the reference's model cache; it is called only when the verifier runs
+    /// tasks itself (no `--no-reference`).
+    pub fn from_args<E>(
+        args: Args,
+        endpoints: Endpoints,
+        reference: impl FnOnce() -> Result<(PathBuf, PathBuf), E>,
+    ) -> Result<Config, E> {
+        let mut config = Config::new(endpoints, args.secret.bytes());
+        config.secret_claim = args.secret.claim();
+        if !args.no_reference {
+            let (ort_library, cache_dir) = reference()?;
+            let mut reference = ReferenceConfig::new(ort_library, cache_dir);
+            reference.threads = args.reference_threads.max(1);
+            config.reference = Some(reference);
+        }
+        Ok(config)
+    }
+
+    /// The defaults, as `sundara verifier --no-reference` with no other flag but the secret.
     pub fn new(endpoints: Endpoints, secret: Vec<u8>) -> Config {
         Config {
             endpoints,
@@ -610,7 +661,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
         &js,
         subj::OUTCOMES_STREAM,
         "verifier",
-        "sundara.outcome.>",
+        subj::OUTCOME_ALL,
         Duration::from_secs(30),
         config.max_held as i64,
     )

@@ -15,24 +15,30 @@ use sundara_schemas::{DType, Tensor, TensorSpec, now_ms};
 
 /// How the worker treats its work. Everything but `Honest` is a cheater, for the tests and
 /// demos of the verifier: each returns outputs cheaper than (or other than) the real ones.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Behaviour {
+    /// Runs every task and answers with its outputs.
     Honest,
     /// Honest, on hardware whose floats differ slightly: every float output moved by a
     /// random relative 1e-6 (the noise between CPUs, GPUs and libraries). Must never be
     /// judged wrong.
+    #[value(name = "noisy")]
     HonestNoisy,
     /// Runs the model, then returns plausible but wrong outputs: float rows rotated by one
     /// (so top-1 moves) and scaled, integers shifted, bools flipped. Deterministic, so two
     /// such miners agree with each other: colluders.
+    #[value(name = "rotate", alias = "dishonest")]
     Dishonest,
     /// A model with perturbed weights: outputs off by about 1 % (emulated on the outputs).
     WrongModel,
     /// A quantised copy: float outputs rounded to bfloat16 (8 bits of mantissa).
+    #[value(alias = "quantized")]
     Quantised,
     /// No inference: uniform random values of the declared output shapes.
+    #[value(name = "random")]
     RandomOutputs,
     /// No inference: zeros of the declared output shapes.
+    #[value(name = "constant")]
     ConstantOutputs,
     /// Runs a model's first task, then returns those outputs for every later task of it.
     Replay,

@@ -18,6 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
 use sundara_common::nats::NatsEndpoint;
+use sundara_common::retry::Backoff;
 use sundara_common::{Error as CommonError, Registry, Shutdown, js_err, nats};
 use sundara_common::{gateway, telemetry};
 use sundara_schemas::{
@@ -54,8 +55,9 @@ pub use cheaters::{Behaviour, fabricate, falsify, tamper};
 /// How the worker treats its work. This build is honest only: the cheater catalogue of
 /// docs/verification.md §4 is built with the `cheaters` feature.
 #[cfg(not(feature = "cheaters"))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Behaviour {
+    /// Runs every task and answers with its outputs.
     Honest,
 }
 
@@ -130,6 +132,137 @@ impl Config {
     }
 }
 
+/// `sundara worker`'s flags: what a miner sets; [`Config::from_args`] adds the rest.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// This worker's id, unique in the fleet: 1-64 of [A-Za-z0-9_-]. With NATS auth on, the
+    /// miner whose credentials it connects with.
+    #[arg(long)]
+    pub id: String,
+    /// Who runs this worker [default: its --id]: the scheduler never gives two copies of a
+    /// task to one operator.
+    #[arg(long)]
+    pub operator: Option<String>,
+    /// Inference threads of the one CPU slice (when no --slice is given).
+    #[arg(long, default_value_t = DEFAULT_THREADS)]
+    pub threads: usize,
+    /// Assignments accepted at once by that slice (default: 16 per thread).
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// A slice (repeat for several): `cpu|cuda:<index>|mig:<uuid>` then `,threads=N`,
+    /// `,memory=8G`, `,slots=N`, `,name=NAME`. Default: one CPU slice of --threads
+    /// threads holding up to half the available memory. GPU slices need a build with
+    /// `--features cuda` and the onnxruntime-gpu library (docs/mining.md), else the
+    /// worker refuses them at start.
+    #[arg(long = "slice")]
+    pub slices: Vec<String>,
+    /// Models offered (comma-separated); all registered models when absent.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Where downloaded models are kept [default: .cache/worker-models in the checkout].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Return plausible but wrong outputs (demos and tests of the verifier): same as
+    /// `--behaviour rotate`. Only in a build with `--features cheaters`.
+    #[arg(long)]
+    pub dishonest: bool,
+    /// honest. A build with `--features cheaters` also has noisy (honest with 1e-6 float
+    /// noise) and the cheaters of docs/verification.md §4: rotate, wrong-model,
+    /// quantised, random, constant, replay, never-answer, late.
+    // A build without the cheaters names the feature when one is asked for.
+    #[cfg_attr(feature = "cheaters", arg(long, value_enum, default_value_t = Behaviour::Honest))]
+    #[cfg_attr(not(feature = "cheaters"), arg(long, default_value = "honest", value_parser = Behaviour::parse))]
+    pub behaviour: Behaviour,
+}
+
+/// `--threads`' default.
+pub const DEFAULT_THREADS: usize = 1;
+
+impl Args {
+    /// Worker `id` with every other flag's default.
+    pub fn new(id: &str) -> Args {
+        Args {
+            id: id.into(),
+            operator: None,
+            threads: DEFAULT_THREADS,
+            slots: None,
+            slices: Vec::new(),
+            models: Vec::new(),
+            cache_dir: None,
+            dishonest: false,
+            behaviour: Behaviour::Honest,
+        }
+    }
+
+    /// The flags that parse back into these (`sundara worker <these>`): how tests,
+    /// benchmarks and drivers start worker processes.
+    pub fn to_command_line(&self) -> Vec<String> {
+        let mut line = vec!["--id".to_string(), self.id.clone()];
+        let mut flag = |name: &str, value: String| line.extend([format!("--{name}"), value]);
+        if let Some(operator) = &self.operator {
+            flag("operator", operator.clone());
+        }
+        flag("threads", self.threads.to_string());
+        if let Some(slots) = self.slots {
+            flag("slots", slots.to_string());
+        }
+        for slice in &self.slices {
+            flag("slice", slice.clone());
+        }
+        if !self.models.is_empty() {
+            flag("models", self.models.join(","));
+        }
+        if let Some(dir) = &self.cache_dir {
+            flag("cache-dir", dir.display().to_string());
+        }
+        if let Some(value) = clap::ValueEnum::to_possible_value(&self.behaviour) {
+            flag("behaviour", value.get_name().to_string());
+        }
+        if self.dishonest {
+            line.push("--dishonest".into());
+        }
+        line
+    }
+}
+
+impl Config {
+    /// The config of `sundara worker` with these flags; `default_cache_dir` gives the model
+    /// cache when there is no `--cache-dir`.
+    pub fn from_args(
+        args: Args,
+        nats: NatsEndpoint,
+        ort_library: PathBuf,
+        default_cache_dir: impl FnOnce() -> Result<PathBuf, String>,
+    ) -> Result<Config, String> {
+        let cache_dir = match args.cache_dir {
+            Some(dir) => dir,
+            None => default_cache_dir()?,
+        };
+        let mut config = Config::new(nats, &args.id, ort_library, cache_dir);
+        config.operator = args.operator.unwrap_or(args.id);
+        config.slices = if args.slices.is_empty() {
+            let mut cpu = SliceConfig::cpu("cpu0", args.threads, default_cpu_memory(1));
+            cpu.slots = args.slots.unwrap_or(cpu.slots);
+            vec![cpu]
+        } else {
+            let mut parsed = args
+                .slices
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SliceConfig::parse(s, i))
+                .collect::<Result<Vec<SliceConfig>, String>>()?;
+            let cpus = parsed.iter().filter(|s| s.device == SliceDevice::Cpu).count();
+            for s in parsed.iter_mut().filter(|s| s.memory == 0) {
+                s.memory = default_cpu_memory(cpus);
+            }
+            parsed
+        };
+        config.models = args.models;
+        config.behaviour = if args.dishonest { Behaviour::parse("rotate")? } else { args.behaviour };
+        Ok(config)
+    }
+}
+
 /// Memory a CPU slice may fill with models by default: half of what the machine has
 /// available at start, shared among `slices` slices (256 MiB where unknown).
 pub fn default_cpu_memory(slices: usize) -> u64 {
@@ -137,6 +270,21 @@ pub fn default_cpu_memory(slices: usize) -> u64 {
         0 => 256 << 20,
         available => available / 2 / slices.max(1) as u64,
     }
+}
+
+/// Why a model could not be preloaded on a slice (the autoscaler's `Preload`).
+#[derive(Debug, thiserror::Error)]
+enum PreloadError {
+    #[error("this worker has no slice {0:?}")]
+    NoSlice(String),
+    #[error("model {0} is not in the registry")]
+    Unregistered(String),
+    #[error("not loaded within {0:?}")]
+    TimedOut(Duration),
+    #[error(transparent)]
+    Common(#[from] CommonError),
+    #[error(transparent)]
+    Run(#[from] sundara_runtime::JobError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +301,12 @@ pub enum WorkerError {
     Report(String),
     /// A GPU slice that this build or its ONNX Runtime library cannot run.
     #[error("slice {slice} ({device}) cannot run here: {reason}")]
-    NoGpu { slice: String, device: String, reason: String },
+    NoGpu {
+        slice: String,
+        device: String,
+        #[source]
+        reason: sundara_runtime::NoCuda,
+    },
     /// The server refused the worker its own subjects: its credentials are not `worker`'s.
     #[error(
         "not permitted: the NATS server refused worker {worker} to {denial}; are these credentials miner-{worker}'s? \
@@ -224,15 +377,17 @@ impl Worker {
     /// validator may be starting too). A refusal is final.
     async fn report_within(&self, update: FleetUpdate, within: Duration) -> Result<(), ReportError> {
         let deadline = tokio::time::Instant::now() + within;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).until(deadline);
         loop {
             match self.report(update.clone()).await {
                 Ok(()) => return Ok(()),
-                Err(ReportError::NoGateway) if tokio::time::Instant::now() + backoff < deadline => {
-                    tracing::info!("waiting for the fleet gateway (is a scheduler running?)");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
+                Err(ReportError::NoGateway) => match backoff.delay_before(tokio::time::Instant::now()) {
+                    Some(delay) => {
+                        tracing::info!("waiting for the fleet gateway (is a scheduler running?)");
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => return Err(ReportError::NoGateway),
+                },
                 Err(e) => return Err(e),
             }
         }
@@ -402,12 +557,12 @@ impl Worker {
         match request.command {
             Control::Preload { model, slice } => {
                 let loading = tokio::time::timeout(PRELOAD_TIMEOUT, self.preload(&model, &slice));
-                match loading.await.unwrap_or_else(|_| Err(format!("not loaded within {PRELOAD_TIMEOUT:?}"))) {
+                match loading.await.unwrap_or(Err(PreloadError::TimedOut(PRELOAD_TIMEOUT))) {
                     Ok(()) => {
                         tracing::info!(%model, %slice, "preloaded");
                         reply(true, String::new())
                     }
-                    Err(why) => reply(false, why),
+                    Err(why) => reply(false, why.to_string()),
                 }
             }
         }
@@ -415,18 +570,17 @@ impl Worker {
 
     /// Loads a model on a slice ahead of its tasks: one example row through the slice's
     /// executor, which loads and warms it up like a first task would.
-    async fn preload(&self, m: &ModelRef, slice: &str) -> Result<(), String> {
-        let slice = self.slices.get(slice).ok_or_else(|| format!("this worker has no slice {slice:?}"))?;
+    async fn preload(&self, m: &ModelRef, slice: &str) -> Result<(), PreloadError> {
+        let slice = self.slices.get(slice).ok_or_else(|| PreloadError::NoSlice(slice.to_string()))?;
         let meta = self
             .registry
             .version(&m.name, &m.version)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("model {m} is not in the registry"))?;
-        let path = self.cache.path(&meta).await.map_err(|e| e.to_string())?;
+            .await?
+            .ok_or_else(|| PreloadError::Unregistered(m.to_string()))?;
+        let path = self.cache.path(&meta).await?;
         let inputs = sundara_runtime::example_inputs(&meta.inputs, 1, &mut rand::rng());
         let model = ModelRun { key: m.to_string(), path, batching: meta.batching };
-        slice.executor.run(&model, inputs).await.map(drop).map_err(|e| e.to_string())
+        Ok(slice.executor.run(&model, inputs).await.map(drop)?)
     }
 
     /// What Redis should say about this worker now: each slice with what it holds.
@@ -438,7 +592,7 @@ impl Worker {
                 let r = s.executor.reports().borrow().clone();
                 // Models measured over the slice's whole memory are not offered there.
                 let too_large = |name: &str| {
-                    r.footprints.iter().any(|(k, b)| k.split('@').next() == Some(name) && *b > r.memory_total)
+                    r.footprints.iter().any(|(k, b)| ModelRef::spec_name(k) == name && *b > r.memory_total)
                 };
                 SliceAnnounce {
                     id: s.id.clone(),
@@ -468,7 +622,7 @@ impl Worker {
 fn by_name<'a>(per_key: impl Iterator<Item = &'a (String, u64)>) -> Vec<(String, u64)> {
     let mut named: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     for (key, value) in per_key {
-        named.insert(key.split('@').next().unwrap_or(key).to_string(), *value);
+        named.insert(ModelRef::spec_name(key).to_string(), *value);
     }
     named.into_iter().collect()
 }
@@ -743,5 +897,37 @@ mod tests {
             assert!(refused.contains("--features cheaters"), "{refused}");
         }
         assert_eq!(Behaviour::liar(), None);
+    }
+}
+
+#[cfg(test)]
+mod args_tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `sundara worker`'s flags alone.
+    #[derive(Parser)]
+    struct Worker {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn a_command_line_parses_back_into_its_flags() {
+        let every = Args {
+            operator: Some("op".into()),
+            threads: 3,
+            slots: Some(7),
+            slices: vec!["cpu,threads=2".into(), "cpu,name=b".into()],
+            models: vec!["mlp".into(), "silero".into()],
+            cache_dir: Some("/tmp/models".into()),
+            dishonest: true,
+            ..Args::new("w2")
+        };
+        for args in [Args::new("w1"), every] {
+            let line = args.to_command_line();
+            let parsed = Worker::try_parse_from(std::iter::once("worker".to_string()).chain(line.clone())).unwrap();
+            assert_eq!(format!("{:?}", parsed.args), format!("{args:?}"), "{line:?}");
+        }
     }
 }
