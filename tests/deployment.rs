@@ -658,8 +658,10 @@ fn compose_commands_parse_and_set_only_known_variables() {
             problems.push(format!("{name}: `sundara {}` reads no {unknown:?}", command_path(args)));
         }
         for key in ["SUNDARA_NATS_URL", "SUNDARA_REDIS_URL"] {
-            if !env.contains_key(key) {
-                problems.push(format!("{name}: no {key}"));
+            // Redis goes only to the commands that use it (not miners, not the verifier).
+            let wanted = unknown_env(&command_path(args), [key]).is_empty();
+            if env.contains_key(key) != wanted {
+                problems.push(format!("{name}: {} {key}", if wanted { "no" } else { "needlessly given" }));
             }
         }
         if ["scheduler", "verifier"].contains(&args[0].as_str()) && !env.contains_key("SUNDARA_SECRET") {
@@ -948,8 +950,9 @@ fn nomad_jobs_parse_and_their_commands_run() {
                     problems.push(format!("{at}: `sundara {}` reads no {unknown:?}", command_path(&t.args)));
                 }
                 for key in ["SUNDARA_NATS_URL", "SUNDARA_REDIS_URL", "SUNDARA_METRICS_ADDR"] {
-                    // Miners reach only NATS: their reports go through the fleet gateway.
-                    let wanted = key != "SUNDARA_REDIS_URL" || t.args[0] != "worker";
+                    // Miners reach only NATS (their reports go through the fleet gateway), and
+                    // the verifier needs no Redis either: each gets what its command reads.
+                    let wanted = unknown_env(&command_path(&t.args), [key]).is_empty();
                     if t.env.contains(key) != wanted {
                         problems.push(format!("{at}: {} {key}", if wanted { "no" } else { "a miner must not get" }));
                     }

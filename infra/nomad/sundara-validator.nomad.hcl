@@ -86,6 +86,8 @@ locals {
   redis_env = var.redis_url != "" ? "SUNDARA_REDIS_URL=${var.redis_url}\n" : "{{ range nomadService \"sundara-redis\" }}SUNDARA_REDIS_URL=redis://{{ .Address }}:{{ .Port }}/\n{{ end }}"
   otlp_env  = var.otlp_endpoint != "" ? "OTEL_EXPORTER_OTLP_ENDPOINT=${var.otlp_endpoint}\n" : ""
   endpoints = "${local.nats_env}${local.redis_env}${local.otlp_env}"
+  # The verifier never touches Redis: it is not given it.
+  nats_endpoints = "${local.nats_env}${local.otlp_env}"
 
   secret_env = "{{ with nomadVar \"nomad/jobs/sundara-validator\" }}SUNDARA_SECRET={{ .sundara_secret }}\n{{ end }}"
   token_env  = "{{ with nomadVar \"nomad/jobs/sundara-validator\" }}NOMAD_TOKEN={{ .nomad_token }}\n{{ end }}"
@@ -237,7 +239,7 @@ job "sundara-validator" {
       }
 
       template {
-        data        = local.endpoints
+        data        = local.nats_endpoints
         destination = "local/endpoints.env"
         env         = true
       }
