@@ -443,7 +443,6 @@ fn service_name(command: &Command) -> &'static str {
 async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
     let endpoints = endpoints(&cli);
     let nats = endpoints.nats.clone();
-    let shutdown = Shutdown::new();
     if !quiet && cli.metrics_addr.is_some() {
         sundara_common::metrics::install(cli.metrics_addr)?;
     }
@@ -459,9 +458,48 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             };
             sundara::up::up(opts).await
         }
-        Command::Models { command: ModelsCommand::List } => {
+        Command::Models { command } => models(command, &endpoints).await,
+        Command::Submit { model, input, count, rows, tenant, timeout_ms, priority, json } => {
+            let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;
+            let options =
+                sundara::submit::SubmitOptions { model, input, count, rows, tenant, timeout_ms, priority, json };
+            let tally = sundara::submit::submit(&nats, options).await?;
+            Ok(tally.check()?)
+        }
+        Command::Rewards { epoch, explain } => rewards(&nats, epoch, explain).await,
+        Command::Fleet { command, redis: _ } => {
+            let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
+            match command {
+                None => print!("{}", sundara::fleet::table(&capacity).await?),
+                Some(FleetCommand::Quarantined) => print!("{}", sundara::fleet::quarantined(&capacity).await?),
+                Some(FleetCommand::Release { operator }) => {
+                    println!("{}", sundara::fleet::release(&capacity, &operator).await?)
+                }
+            }
+            Ok(())
+        }
+        Command::Status { every, once, redis: _ } => {
+            if !(every.is_finite() && every >= 0.1) {
+                bail!("--every must be at least 0.1 s");
+            }
+            let (js, _) = registry(&nats).await?;
+            let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
+            sundara::status::watch(&js, &capacity, Duration::from_secs_f64(every), once).await?;
+            Ok(())
+        }
+        Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => dead_tasks(&nats, limit, resubmit).await,
+        Command::Auth { command } => auth(command),
+        service => serve(service, endpoints).await,
+    }
+}
+
+/// `sundara models …`: the registry.
+async fn models(command: ModelsCommand, endpoints: &Endpoints) -> anyhow::Result<()> {
+    let nats = &endpoints.nats;
+    match command {
+        ModelsCommand::List => {
             // Reading only: tenants and miners may list models too.
-            let client = nats::connect(&nats, "sundara-cli").await?;
+            let client = nats::connect(nats, "sundara-cli").await?;
             let js = jetstream::new(client.clone());
             let registry = nats::unless_denied(&client, |_| true, Registry::open(&js))
                 .await
@@ -476,22 +514,19 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Models {
-            command:
-                ModelsCommand::Push {
-                    file,
-                    name,
-                    version,
-                    redundancy,
-                    rule,
-                    atol,
-                    rtol,
-                    min_cosine,
-                    audit_rate,
-                    max_batch,
-                    max_delay_us,
-                    redis: _,
-                },
+        ModelsCommand::Push {
+            file,
+            name,
+            version,
+            redundancy,
+            rule,
+            atol,
+            rtol,
+            min_cosine,
+            audit_rate,
+            max_batch,
+            max_delay_us,
+            redis: _,
         } => {
             let batching = sundara_schemas::Batching { max_batch, max_delay_us };
             let rule = match rule {
@@ -504,7 +539,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             // Refused before anything is read or loaded (the registry refuses it too).
             policy.validate().and_then(|()| batching.validate()).with_context(|| format!("{name} not pushed"))?;
             ort()?;
-            let (_, registry) = registry_for(&nats, "model pushes").await?;
+            let (_, registry) = registry_for(nats, "model pushes").await?;
             let version = version.as_deref();
             let pushed = sundara::models::publish(&registry, &file, &name, version, policy, batching).await?;
             let meta = pushed.meta();
@@ -527,77 +562,60 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Models { command: ModelsCommand::Rm { model } } => {
-            let (_, registry) = registry_for(&nats, "model removals").await?;
+        ModelsCommand::Rm { model } => {
+            let (_, registry) = registry_for(nats, "model removals").await?;
             for meta in sundara::models::remove(&registry, &model).await? {
                 println!("removed {}@{} (sha256 {}…)", meta.name, meta.version, &meta.sha256[..12]);
             }
             Ok(())
         }
-        Command::Submit { model, input, count, rows, tenant, timeout_ms, priority, json } => {
-            let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;
-            let options =
-                sundara::submit::SubmitOptions { model, input, count, rows, tenant, timeout_ms, priority, json };
-            let tally = sundara::submit::submit(&nats, options).await?;
-            Ok(tally.check()?)
+    }
+}
+
+/// `sundara rewards`: the table, or one miner's weight explained.
+async fn rewards(nats: &nats::NatsEndpoint, epoch: Option<u64>, explain: Option<String>) -> anyhow::Result<()> {
+    let (js, _) = registry(nats).await?;
+    match explain {
+        None => {
+            let weights = match epoch {
+                Some(n) => Some(
+                    sundara_rewarder::read_weights(&js, Some(n))
+                        .await?
+                        .with_context(|| format!("epoch {n} is not closed"))?,
+                ),
+                None => None,
+            };
+            sundara::up::print_rewards(&js, weights.as_ref()).await
         }
-        Command::Rewards { epoch, explain } => {
-            let (js, _) = registry(&nats).await?;
-            match explain {
-                None => {
-                    let weights = match epoch {
-                        Some(n) => Some(
-                            sundara_rewarder::read_weights(&js, Some(n))
-                                .await?
-                                .with_context(|| format!("epoch {n} is not closed"))?,
-                        ),
-                        None => None,
-                    };
-                    sundara::up::print_rewards(&js, weights.as_ref()).await
-                }
-                Some(miner) => sundara::up::explain_rewards(&js, epoch, &miner).await,
+        Some(miner) => sundara::up::explain_rewards(&js, epoch, &miner).await,
+    }
+}
+
+/// `sundara tasks dead`: the dead letters, or one resubmitted.
+async fn dead_tasks(nats: &nats::NatsEndpoint, limit: usize, resubmit: Option<String>) -> anyhow::Result<()> {
+    let (js, _) = registry(nats).await?;
+    match resubmit {
+        Some(task) => {
+            let new_task = sundara::tasks::resubmit(&js, &task).await?;
+            println!("task {task} resubmitted as {new_task}");
+        }
+        None => {
+            let letters = sundara::tasks::dead_letters(&js, limit).await?;
+            if letters.is_empty() {
+                println!("no dead letters");
+            }
+            for letter in &letters {
+                print!("{}", sundara::tasks::describe(letter));
             }
         }
-        Command::Fleet { command, redis: _ } => {
-            let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
-            match command {
-                None => print!("{}", sundara::fleet::table(&capacity).await?),
-                Some(FleetCommand::Quarantined) => print!("{}", sundara::fleet::quarantined(&capacity).await?),
-                Some(FleetCommand::Release { operator }) => {
-                    println!("{}", sundara::fleet::release(&capacity, &operator).await?)
-                }
-            }
-            Ok(())
-        }
-        Command::Status { every, once, redis: _ } => {
-            if !(every.is_finite() && every >= 0.1) {
-                bail!("--every must be at least 0.1 s");
-            }
-            let (js, _) = registry(&nats).await?;
-            let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
-            sundara::status::watch(&js, &capacity, Duration::from_secs_f64(every), once).await?;
-            Ok(())
-        }
-        Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => {
-            let (js, _) = registry(&nats).await?;
-            match resubmit {
-                Some(task) => {
-                    let new_task = sundara::tasks::resubmit(&js, &task).await?;
-                    println!("task {task} resubmitted as {new_task}");
-                }
-                None => {
-                    let letters = sundara::tasks::dead_letters(&js, limit).await?;
-                    if letters.is_empty() {
-                        println!("no dead letters");
-                    }
-                    for letter in &letters {
-                        print!("{}", sundara::tasks::describe(letter));
-                    }
-                }
-            }
-            Ok(())
-        }
-        Command::Auth { command: AuthCommand::Init { dir, tenants, miners } } => {
+    }
+    Ok(())
+}
+
+/// `sundara auth …`: users for a nats-server of one's own, or added to `up`'s.
+fn auth(command: AuthCommand) -> anyhow::Result<()> {
+    match command {
+        AuthCommand::Init { dir, tenants, miners } => {
             let auth = sundara::auth::init(&dir, &tenants, &miners)?;
             for role in auth.users.keys() {
                 println!("{:<24} {}", role.to_string(), auth.credentials(role).display());
@@ -606,7 +624,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             println!("connect with --nats-creds <seed file> (env SUNDARA_NATS_CREDS)");
             Ok(())
         }
-        Command::Auth { command: AuthCommand::Add { tenants, miners } } => {
+        AuthCommand::Add { tenants, miners } => {
             let path = sundara::context::path()?;
             let Some((path, context)) = sundara::context::Context::current() else {
                 bail!(
@@ -635,6 +653,13 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// `sundara <service>`: runs one service until SIGINT or SIGTERM.
+async fn serve(command: Command, endpoints: Endpoints) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    match command {
         Command::Ingress { args, redis: _ } => {
             let config = sundara_ingress::Config::from_args(args, endpoints).map_err(anyhow::Error::msg)?;
             run_service(sundara_ingress::run(config, shutdown.clone()), shutdown).await
@@ -666,6 +691,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 sundara_worker::Config::from_args(args, endpoints.nats, lib, cache).map_err(anyhow::Error::msg)?;
             run_service(sundara_worker::run(config, shutdown.clone()), shutdown).await
         }
+        _ => unreachable!("serve() runs services only"),
     }
 }
 

@@ -81,9 +81,9 @@ fn slice_cell(s: &SliceState) -> String {
         format!("{}/{}", s.worker, s.id),
         s.device,
         s.state,
-        s.slots_total - s.slots_free.min(s.slots_total),
+        s.slots_in_use(),
         s.slots_total,
-        mib(s.memory_total - s.memory_free.min(s.memory_total)),
+        mib(s.memory_in_use()),
         mib(s.memory_total),
         if models.is_empty() { "-".to_string() } else { models.join(",") },
     )

@@ -179,6 +179,18 @@ pub struct SliceState {
     pub evictions: u64,
 }
 
+impl SliceState {
+    /// Slots reserved for assignments (never more than it has).
+    pub fn slots_in_use(&self) -> u32 {
+        self.slots_total - self.slots_free.min(self.slots_total)
+    }
+
+    /// Bytes its loaded models hold (never more than it has).
+    pub fn memory_in_use(&self) -> u64 {
+        self.memory_total - self.memory_free.min(self.memory_total)
+    }
+}
+
 /// Handle on the capacity store. Clones share one multiplexed, reconnecting connection.
 #[derive(Clone)]
 pub struct Capacity {
