@@ -191,26 +191,7 @@ pub fn conclude(
     let first = g.first_ticket().expect("a gathering has at least one outcome");
     let received: Vec<&Received> = g.replicas.values().collect();
     let results: Vec<&OutcomeResult> = received.iter().map(|r| &r.outcome.result).collect();
-    let (decision, check, reference_outputs) = match reference {
-        None => (voted, None, None),
-        // A split vote is never accepted on the vote alone: without the reference nothing is.
-        Some(ReferenceRun { why: Why::Split, outputs: Err(reason) }) => {
-            let unaccepted = quorum::Decision { winner: None, ..voted };
-            (unaccepted, Some(ReferenceCheck::Unavailable { reason: reason.clone() }), None)
-        }
-        Some(ReferenceRun { outputs: Err(reason), .. }) => {
-            (voted, Some(ReferenceCheck::Unavailable { reason: reason.clone() }), None)
-        }
-        Some(ReferenceRun { why, outputs: Ok(outputs) }) => {
-            let judged = quorum::judge(&rule, outputs, &results);
-            let check = match voted.winner {
-                _ if *why != Why::Audit => ReferenceCheck::Escalated,
-                Some(w) if judged.standings[w] == Standing::Agreed => ReferenceCheck::AuditPassed,
-                _ => ReferenceCheck::AuditFailed,
-            };
-            (judged, Some(check), Some(outputs))
-        }
-    };
+    let (decision, check, reference_outputs) = judge_with_reference(&rule, voted, reference, &results);
     // A late answer helps decide the client's result but earns nothing: agreeing, it is
     // `Late`; wrong, it stays wrong.
     let standings: Vec<Standing> = received
@@ -218,26 +199,7 @@ pub fn conclude(
         .zip(&decision.standings)
         .map(|(r, &s)| if r.late && s == Standing::Agreed { Standing::Late } else { s })
         .collect();
-    let miners: Vec<MinerVerdict> = received
-        .iter()
-        .zip(&standings)
-        .map(|(r, &standing)| MinerVerdict {
-            worker: r.outcome.ticket.worker.clone(),
-            operator: r.outcome.ticket.operator.clone(),
-            replica: r.outcome.ticket.replica,
-            attempt: r.outcome.ticket.attempt,
-            standing,
-            latency_us: (!matches!(standing, Standing::Missing | Standing::Late)).then_some(r.latency_us),
-        })
-        .chain(g.late.iter().map(|r| MinerVerdict {
-            worker: r.outcome.ticket.worker.clone(),
-            operator: r.outcome.ticket.operator.clone(),
-            replica: r.outcome.ticket.replica,
-            attempt: r.outcome.ticket.attempt,
-            standing: Standing::Late,
-            latency_us: None,
-        }))
-        .collect();
+    let miners = miner_verdicts(&received, &standings, &g.late);
     let agreeing = decision.standings.iter().filter(|s| **s == Standing::Agreed).count() as u8;
     let now = now_ms();
     let (status, dead, timing) = match decision.winner {
@@ -245,23 +207,7 @@ pub fn conclude(
             let OutcomeResult::Ok { outputs } = &received[i].outcome.result else {
                 unreachable!("winners have outputs")
             };
-            let fastest = received
-                .iter()
-                .zip(&standings)
-                .filter(|(_, s)| **s == Standing::Agreed)
-                .map(|(r, _)| *r)
-                .min_by_key(|r| r.latency_us)
-                .unwrap_or(received[i]);
-            let w = fastest.outcome.timing;
-            let timing = TaskTiming {
-                accepted_us: w.accepted_us,
-                dispatched_us: fastest.outcome.ticket.dispatched_at_us,
-                received_us: w.received_us,
-                started_us: w.started_us,
-                finished_us: w.finished_us,
-                outcome_stored_us: fastest.stored_at_us,
-                decided_us: now_us(),
-            };
+            let timing = fastest_timing(&received, &standings, i);
             (ResultStatus::Verified { outputs: outputs.clone(), agreeing, k: first.k }, None, Some(timing))
         }
         // No miner matched the reference: the client gets the reference's own outputs.
@@ -270,20 +216,7 @@ pub fn conclude(
             (ResultStatus::Verified { outputs, agreeing: 0, k: first.k }, None, None)
         }
         None => {
-            let unavailable = match &check {
-                Some(ReferenceCheck::Unavailable { reason }) => {
-                    format!(" and the reference could not judge it ({reason})")
-                }
-                _ => String::new(),
-            };
-            let reason = format!(
-                "no unanimous vote of {} under {rule}{unavailable}: agreeing groups {:?}, {} failed, {} missing",
-                first.k,
-                decision.group_sizes,
-                decision.standings.iter().filter(|s| **s == Standing::Failed).count(),
-                // Abandoned replicas, and replicas that never reported before the deadline.
-                miners.iter().filter(|m| m.standing == Standing::Missing).count() + first.k as usize - received.len(),
-            );
+            let reason = no_consensus_reason(rule, first.k, &decision, check.as_ref(), &miners, received.len());
             let dead = DeadLetter {
                 v: WIRE_VERSION,
                 task_id: first.task_id.clone(),
@@ -318,6 +251,102 @@ pub fn conclude(
         reference: check,
     };
     (result, verdict, dead)
+}
+
+/// The decision that stands once the reference run (if any) is taken into account, what the
+/// reference showed, and its outputs when it ran.
+fn judge_with_reference<'a>(
+    rule: &CompareRule,
+    voted: quorum::Decision,
+    reference: Option<&'a ReferenceRun>,
+    results: &[&OutcomeResult],
+) -> (quorum::Decision, Option<ReferenceCheck>, Option<&'a Vec<Tensor>>) {
+    match reference {
+        None => (voted, None, None),
+        // A split vote is never accepted on the vote alone: without the reference nothing is.
+        Some(ReferenceRun { why: Why::Split, outputs: Err(reason) }) => {
+            let unaccepted = quorum::Decision { winner: None, ..voted };
+            (unaccepted, Some(ReferenceCheck::Unavailable { reason: reason.clone() }), None)
+        }
+        Some(ReferenceRun { outputs: Err(reason), .. }) => {
+            (voted, Some(ReferenceCheck::Unavailable { reason: reason.clone() }), None)
+        }
+        Some(ReferenceRun { why, outputs: Ok(outputs) }) => {
+            let judged = quorum::judge(rule, outputs, results);
+            let check = match voted.winner {
+                _ if *why != Why::Audit => ReferenceCheck::Escalated,
+                Some(w) if judged.standings[w] == Standing::Agreed => ReferenceCheck::AuditPassed,
+                _ => ReferenceCheck::AuditFailed,
+            };
+            (judged, Some(check), Some(outputs))
+        }
+    }
+}
+
+/// One line per miner of the verdict: each replica's standing, then the answers that came
+/// after the deadline (late, never counted).
+fn miner_verdicts(received: &[&Received], standings: &[Standing], late: &[Received]) -> Vec<MinerVerdict> {
+    let verdict = |r: &Received, standing: Standing, latency_us: Option<u64>| MinerVerdict {
+        worker: r.outcome.ticket.worker.clone(),
+        operator: r.outcome.ticket.operator.clone(),
+        replica: r.outcome.ticket.replica,
+        attempt: r.outcome.ticket.attempt,
+        standing,
+        latency_us,
+    };
+    received
+        .iter()
+        .zip(standings)
+        .map(|(r, &standing)| {
+            let latency = (!matches!(standing, Standing::Missing | Standing::Late)).then_some(r.latency_us);
+            verdict(r, standing, latency)
+        })
+        .chain(late.iter().map(|r| verdict(r, Standing::Late, None)))
+        .collect()
+}
+
+/// The stages of a verified task, from the fastest agreeing miner's timings (the winner's
+/// when none agreed on time).
+fn fastest_timing(received: &[&Received], standings: &[Standing], winner: usize) -> TaskTiming {
+    let fastest = received
+        .iter()
+        .zip(standings)
+        .filter(|(_, s)| **s == Standing::Agreed)
+        .map(|(r, _)| *r)
+        .min_by_key(|r| r.latency_us)
+        .unwrap_or(received[winner]);
+    let w = fastest.outcome.timing;
+    TaskTiming {
+        accepted_us: w.accepted_us,
+        dispatched_us: fastest.outcome.ticket.dispatched_at_us,
+        received_us: w.received_us,
+        started_us: w.started_us,
+        finished_us: w.finished_us,
+        outcome_stored_us: fastest.stored_at_us,
+        decided_us: now_us(),
+    }
+}
+
+/// Why no result could be accepted, for the client and the dead letter.
+fn no_consensus_reason(
+    rule: CompareRule,
+    k: u8,
+    decision: &quorum::Decision,
+    check: Option<&ReferenceCheck>,
+    miners: &[MinerVerdict],
+    received: usize,
+) -> String {
+    let unavailable = match check {
+        Some(ReferenceCheck::Unavailable { reason }) => format!(" and the reference could not judge it ({reason})"),
+        _ => String::new(),
+    };
+    format!(
+        "no unanimous vote of {k} under {rule}{unavailable}: agreeing groups {:?}, {} failed, {} missing",
+        decision.group_sizes,
+        decision.standings.iter().filter(|s| **s == Standing::Failed).count(),
+        // Abandoned replicas, and replicas that never reported before the deadline.
+        miners.iter().filter(|m| m.standing == Standing::Missing).count() + k as usize - received,
+    )
 }
 
 /// Task ids decided recently, so late outcomes (a slow replica that was reassigned) are
