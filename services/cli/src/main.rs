@@ -489,7 +489,12 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         }
         Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => dead_tasks(&nats, limit, resubmit).await,
         Command::Auth { command } => auth(command),
-        service => serve(service, endpoints).await,
+        service @ (Command::Ingress { .. }
+        | Command::Scheduler { .. }
+        | Command::Verifier(_)
+        | Command::Rewarder { .. }
+        | Command::Autoscaler { .. }
+        | Command::Worker(_)) => serve(service, endpoints).await,
     }
 }
 
