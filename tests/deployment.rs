@@ -207,7 +207,8 @@ fn command_path(args: &[String]) -> String {
 // ------------------------------------------------------------------ interpolation
 
 /// Compose's interpolation with every variable unset: `$$` is `$`, `${X:-d}` is `d`,
-/// a required `${X:?msg}` is `test-X`, `${X}` is empty.
+/// a required `${X:?msg}` is `test-X`, `${X}` is empty. Ours because no well-kept Rust crate
+/// implements Compose's own syntax (`$$`, `:-`, `:?`, `:+`), which shell expanders differ from.
 fn compose_interpolate(s: &str) -> Result<String, String> {
     let mut out = String::new();
     let mut chars = s.chars().peekable();
@@ -269,74 +270,43 @@ fn compose_interpolate(s: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// Splits a `/bin/sh -c` script into words (quotes, backslashes), expanding the variables
-/// and command substitutions in `vars` (anything else is an error).
+/// Splits a `/bin/sh -c` script into words: the variables and command substitutions in
+/// `vars` are expanded first (any other `$` is an error; quotes do not stop it), then
+/// `shlex` splits the words (quotes, backslashes). A script must be one command: `;`, `&`,
+/// `|`, `<`, `>` or a backquote outside the expansions is an error, quoted or not.
 fn shell_words(script: &str, vars: &HashMap<&str, &str>) -> Result<Vec<String>, String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_word = false;
-    let mut quote: Option<char> = None;
-    let mut chars = script.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (Some('\''), '\'') => quote = None,
-            (Some('\''), c) => word.push(c),
-            (Some('"'), '"') => quote = None,
-            (None, '\'' | '"') => {
-                quote = Some(c);
-                in_word = true;
-            }
-            (_, '\\') => {
-                if let Some(n) = chars.next() {
-                    word.push(n);
-                }
-                in_word = true;
-            }
-            (_, '$') => {
-                let name: String = match chars.peek() {
-                    Some('{') => {
-                        chars.next();
-                        let n: String = chars.by_ref().take_while(|c| *c != '}').collect();
-                        n
-                    }
-                    Some('(') => {
-                        chars.next();
-                        let n: String = chars.by_ref().take_while(|c| *c != ')').collect();
-                        format!("$({})", n.trim())
-                    }
-                    _ => {
-                        let mut n = String::new();
-                        while let Some(c) = chars.peek().filter(|c| c.is_ascii_alphanumeric() || **c == '_') {
-                            n.push(*c);
-                            chars.next();
-                        }
-                        n
-                    }
-                };
-                let value = vars.get(name.as_str()).ok_or_else(|| format!("unexpected ${name} in {script:?}"))?;
-                word.push_str(value);
-                in_word = true;
-            }
-            (None, c) if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
-            (None, ';' | '&' | '|' | '<' | '>' | '`') => return Err(format!("not a single command: {script:?}")),
-            (_, c) => {
-                word.push(c);
-                in_word = true;
-            }
+    let single = |text: &str| {
+        if text.contains([';', '&', '|', '<', '>', '`']) {
+            Err(format!("not a single command: {script:?}"))
+        } else {
+            Ok(())
         }
+    };
+    let mut expanded = String::new();
+    let mut rest = script;
+    while let Some(i) = rest.find('$') {
+        single(&rest[..i])?;
+        expanded.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let enclosed = |open: char, close: char| {
+            let body = after.strip_prefix(open)?;
+            body.find(close).map(|end| (&body[..end], end + 2))
+        };
+        let (name, len) = if let Some((name, len)) = enclosed('{', '}') {
+            (name.to_string(), len)
+        } else if let Some((command, len)) = enclosed('(', ')') {
+            (format!("$({})", command.trim()), len)
+        } else {
+            let len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+            (after[..len].to_string(), len)
+        };
+        let value = vars.get(name.as_str()).ok_or_else(|| format!("unexpected ${name} in {script:?}"))?;
+        expanded.push_str(value);
+        rest = &after[len..];
     }
-    if quote.is_some() {
-        return Err(format!("unterminated quote in {script:?}"));
-    }
-    if in_word {
-        words.push(word);
-    }
-    Ok(words)
+    single(rest)?;
+    expanded.push_str(rest);
+    shlex::split(&expanded).ok_or_else(|| format!("unterminated quote or escape in {script:?}"))
 }
 
 /// The `sundara` arguments of a shell script `exec sundara ...`.
@@ -417,56 +387,29 @@ fn env_map(service: &Yaml) -> BTreeMap<String, String> {
 
 struct Stage {
     name: String,
+    /// The `FROM` image: an image reference or the name of another stage.
     from: String,
+    /// The stage's instructions after `FROM`, each as written (continuation lines included).
     body: Vec<String>,
 }
 
-/// The Dockerfile's stages (line continuations joined, comments dropped) and its ARGs.
+/// The Dockerfile's stages and its ARGs (global and per stage) with their defaults.
 fn dockerfile() -> (Vec<Stage>, BTreeMap<String, String>) {
-    let text = read("infra/Dockerfile");
-    let mut lines = Vec::new();
-    let mut current = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
-            continue;
-        }
-        if let Some(cont) = line.strip_suffix('\\') {
-            current.push_str(cont);
-            current.push(' ');
-        } else {
-            current.push_str(line);
-            lines.push(std::mem::take(&mut current));
-        }
-    }
-    let mut args = BTreeMap::new();
-    let mut stages: Vec<Stage> = Vec::new();
-    for line in lines {
-        let mut words = line.split_whitespace();
-        let Some(instr) = words.next() else { continue };
-        let rest: Vec<&str> = words.collect();
-        match instr.to_ascii_uppercase().as_str() {
-            "FROM" => {
-                let from = rest.iter().find(|w| !w.starts_with("--")).expect("FROM image").to_string();
-                let name = match rest.iter().position(|w| w.eq_ignore_ascii_case("as")) {
-                    Some(i) => rest[i + 1].to_string(),
-                    None => String::new(),
-                };
-                stages.push(Stage { name, from, body: Vec::new() });
+    let parsed = dockerfile_parser::Dockerfile::parse(&read("infra/Dockerfile")).expect("infra/Dockerfile parses");
+    let text = |i: &&dockerfile_parser::Instruction| parsed.content[i.span().start..i.span().end].trim().to_string();
+    let args = (parsed.instructions.iter().filter_map(|i| i.as_arg()))
+        .map(|a| (a.name.content.clone(), a.value.as_ref().map(|v| v.content.clone()).unwrap_or_default()))
+        .collect();
+    let stages = (parsed.iter_stages())
+        .map(|s| {
+            let from = s.instructions[0].as_from().expect("a stage starts with FROM");
+            Stage {
+                name: from.alias.as_ref().map(|a| a.content.clone()).unwrap_or_default(),
+                from: from.image.content.clone(),
+                body: s.instructions[1..].iter().map(text).collect(),
             }
-            "ARG" => {
-                let (k, v) = rest.join(" ").split_once('=').map_or_else(
-                    || (rest.join(" "), String::new()),
-                    |(k, v)| (k.to_string(), v.trim_matches('"').to_string()),
-                );
-                args.insert(k, v);
-                if let Some(stage) = stages.last_mut() {
-                    stage.body.push(line.trim().to_string());
-                }
-            }
-            _ => stages.last_mut().expect("instruction before FROM").body.push(line.trim().to_string()),
-        }
-    }
+        })
+        .collect();
     (stages, args)
 }
 
