@@ -15,7 +15,7 @@ use futures::StreamExt;
 use redis::AsyncCommands;
 use sundara_schemas::{Policy, ReferenceCheck, ResultStatus, Standing, Tensor, Verdict};
 use support::attack::{Miner, falsify};
-use support::{Harness, honest};
+use support::{Harness, honest, wait};
 
 /// An honest worker with one slot: the attackers, with more, get a good share of the tasks.
 fn one_slot(id: &str) -> sundara::pipeline::WorkerSpec {
@@ -43,14 +43,10 @@ async fn no_honest_miner_harmed(h: &Harness, honest: &[&str]) {
 
 /// Waits (bounded) until `worker` is quarantined.
 async fn wait_quarantined(h: &Harness, worker: &str, within: Duration) -> String {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(why) = h.capacity.quarantined().await.unwrap().remove(worker) {
-            return why;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{worker} was never quarantined");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait::until(format_args!("{worker} to be quarantined"), within, || async {
+        h.capacity.quarantined().await.unwrap().remove(worker).ok_or("not quarantined")
+    })
+    .await
 }
 
 /// The outcome id of every other assignment of the task an attacker might target: the
@@ -289,23 +285,12 @@ async fn replayed_old_tickets_with_junk_are_dropped_and_decide_nothing_twice() {
         }
     }
     // The verifier drains them at once, holding nothing.
-    let js = &h.js;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut consumer = js
-            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                "verifier",
-                sundara_schemas::subjects::OUTCOMES_STREAM,
-            )
-            .await
-            .unwrap();
-        let info = consumer.info().await.unwrap();
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the verifier still holds replays: {info:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let outcomes = h.js.get_stream(sundara_schemas::subjects::OUTCOMES_STREAM).await.unwrap();
+    wait::until("the verifier to hold no replay", Duration::from_secs(20), || async {
+        let info = outcomes.consumer_info("verifier").await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 { Ok(()) } else { Err(info) }
+    })
+    .await;
     eprintln!("replays: {} junk outcomes of 1 MiB drained, none held", kept.len() * 5);
     // Nothing decided twice, and the pipeline still serves.
     let verdicts = h.all_verdicts().await;

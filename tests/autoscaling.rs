@@ -8,7 +8,7 @@ use std::time::Duration;
 use sundara_autoscaler::plan::ScalePolicy;
 use sundara_autoscaler::{DriverConfig, ScalingConfig};
 use sundara_common::{Capacity, Shutdown};
-use support::{Harness, await_results};
+use support::{Harness, await_results, wait};
 
 /// An autoscaler whose local driver starts `sundara worker --id auto-<n>` processes.
 fn start_autoscaler(h: &Harness, policy: ScalePolicy) -> (Shutdown, tokio::task::JoinHandle<()>) {
@@ -52,15 +52,11 @@ async fn live_pool(capacity: &Capacity) -> Vec<String> {
 /// Polls (bounded) until the live pool satisfies `ok`: worker start-up and heartbeats
 /// offer no event to wait on here.
 async fn pool_until(capacity: &Capacity, within: Duration, what: &str, ok: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
+    wait::until(format_args!("{what} (the live pool)"), within, || async {
         let pool = live_pool(capacity).await;
-        if ok(&pool) {
-            return pool;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what} within {within:?}; live pool: {pool:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        if ok(&pool) { Ok(pool) } else { Err(pool) }
+    })
+    .await
 }
 
 /// A load step makes the autoscaler add workers within 30 s; when the load stops it sheds

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use sundara_schemas::{MAX_MESSAGE_BYTES, Verdict, decode, now_us, subjects as subj};
 use support::processes::{Accepted, Fault, ProcessStack, Settled, StackOptions};
+use support::wait;
 
 /// Submissions a second while faults happen.
 const RATE: u32 = 20;
@@ -279,11 +280,11 @@ async fn a_decision_that_could_not_be_stored_is_made_again() {
     // Its two outcomes were delivered, handed back (NAKed) when the decision was refused,
     // and delivered again: four deliveries. JetStream announces no such moment to a
     // client; poll briefly.
-    let deadline = tokio::time::Instant::now() + RECOVERY;
-    while deliveries().await < before + 4 {
-        assert!(tokio::time::Instant::now() < deadline, "the outcomes were never delivered again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait::until("the refused outcomes to be delivered again", RECOVERY, || async {
+        let delivered = deliveries().await;
+        if delivered >= before + 4 { Ok(()) } else { Err(format!("{} deliveries", delivered - before)) }
+    })
+    .await;
     stack.step("the decision was refused and the outcomes came back");
     stack.js.update_stream(config).await.unwrap();
     stack.await_results(std::slice::from_ref(&refused), RECOVERY).await;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use sundara::pipeline::WorkerSpec;
 use sundara_schemas::{ResultStatus, Standing, SubmitOutcome};
 use sundara_worker::{Behaviour, SliceConfig};
-use support::{Harness, await_results, honest};
+use support::{Harness, await_results, honest, wait};
 
 /// `sundara <args>` with the stack's servers in its environment; its output.
 fn sundara(h: &Harness, args: &[&str]) -> std::process::Output {
@@ -53,15 +53,11 @@ fn spawn_worker(h: &Harness, id: &str, operator: &str, log: &Path) -> Child {
 /// Waits (bounded) until the log holds `text`; returns the line. A log line is no event
 /// a test can await: poll briefly.
 async fn logged(log: &Path, text: &str, within: Duration) -> String {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
+    wait::until(format_args!("{} to log {text:?}", log.display()), within, || async {
         let content = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = content.lines().find(|l| l.contains(text)) {
-            return line.to_string();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{} never logged {text:?}:\n{content}", log.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        content.lines().find(|l| l.contains(text)).map(str::to_string).ok_or(content)
+    })
+    .await
 }
 
 /// Neither a CUDA nor a MIG slice starts on a build without the CUDA execution provider

@@ -18,7 +18,7 @@ use sundara_common::{Endpoints, Registry, nats};
 use sundara_schemas::{
     FailureCode, ModelMeta, Policy, PolicyError, RejectCode, ResultStatus, SubmitOutcome, SubmitRequest,
 };
-use support::{Harness, RULE, await_results, honest};
+use support::{Harness, RULE, await_results, honest, wait};
 
 fn model_file(file: &str) -> PathBuf {
     project_root().join(".cache/models").join(file)
@@ -120,16 +120,13 @@ async fn published_versions_are_immutable() {
 /// Waits (bounded) until the registry's view of `name`'s latest version is `version`
 /// (another process pushed it; the view follows a KV watch).
 async fn wait_latest(registry: &Registry, name: &str, version: &str) -> ModelMeta {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(m) = registry.latest(name).await.unwrap()
-            && m.version == version
-        {
-            return (*m).clone();
+    wait::until(format_args!("{name}@{version} to become the latest"), Duration::from_secs(10), || async {
+        match registry.latest(name).await.unwrap() {
+            Some(m) if m.version == version => Ok((*m).clone()),
+            other => Err(other.map(|m| m.version.clone())),
         }
-        assert!(tokio::time::Instant::now() < deadline, "{name}@{version} never became the latest");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// k=0 (and other policies that can never work) are refused before anything is
@@ -255,11 +252,10 @@ async fn removed_versions_keep_their_numbers() {
     let all = sundara(&ep, &["models", "rm", "m"]).await;
     let (stdout, _) = text(&all);
     assert!(all.status.success() && stdout.contains("removed m@1") && stdout.contains("removed m@3"), "{all:?}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while registry.latest("m").await.unwrap().is_some() {
-        assert!(tokio::time::Instant::now() < deadline, "m is still listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait::until_true("m to leave the registry's view", Duration::from_secs(10), || async {
+        registry.latest("m").await.unwrap().is_none()
+    })
+    .await;
     assert!(!text(&sundara(&ep, &["models", "list"]).await).0.contains("m "), "m is still listed");
     let fresh = push(&ep, "mlp.onnx", "m", &[]).await;
     assert!(fresh.status.success(), "{fresh:?}");

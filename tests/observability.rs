@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Valu
 use sundara_common::metrics;
 use sundara_common::telemetry::{self, LogFormat, TelemetryConfig};
 use sundara_schemas::{RejectCode, SubmitOutcome};
-use support::{Harness, honest};
+use support::{Harness, honest, wait};
 
 /// A span as the collector received it.
 #[derive(Clone, Debug)]
@@ -122,15 +122,11 @@ fn task_trace(spans: &[Collected], task_id: &str) -> Option<Vec<Collected>> {
 /// Polls the rendered metrics until `holds` (bounded): gauges are set on their services'
 /// own intervals, with no event to wait on.
 async fn eventually(render: impl Fn() -> String, what: &str, holds: impl Fn(&str) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    wait::until(what, Duration::from_secs(20), || async {
         let text = render();
-        if holds(&text) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what} never held; metrics:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        if holds(&text) { Ok(()) } else { Err(text) }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sundara::pipeline::WorkerSpec;
 use sundara_schemas::{ClientResult, DeadLetter, FailureCode, Priority, ResultStatus, subjects as subj};
-use support::{Harness, SECRET, await_results, honest};
+use support::{Harness, SECRET, await_results, honest, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A worker with one CPU slice of one thread that takes one assignment at a time.
@@ -27,19 +27,15 @@ fn dispatched_us(r: &ClientResult) -> u64 {
 /// delivered and not yet dispatched. JetStream offers no event for that; poll.
 async fn waiting_in_scheduler(h: &Harness, want: &[(Priority, u64)]) {
     let stream = h.js.get_stream(subj::TASKS_STREAM).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut all = true;
-        for (priority, n) in want {
+    wait::until(format_args!("the scheduler to hold {want:?}"), Duration::from_secs(30), || async {
+        let mut held = Vec::new();
+        for (priority, _) in want {
             let info = stream.consumer_info(format!("scheduler-{}", priority.as_str())).await.unwrap();
-            all &= info.num_ack_pending as u64 == *n;
+            held.push((*priority, info.num_ack_pending as u64));
         }
-        if all {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "tasks never all reached the scheduler");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if held == want { Ok(()) } else { Err(held) }
+    })
+    .await
 }
 
 /// Thirty low-priority tasks arrive first and ten high-priority ones after them, all
@@ -148,11 +144,10 @@ async fn two_scheduler_replicas_share_the_fleet_without_double_booking() {
             .expect("sundara binary runs"),
     );
     // It serves metrics once it runs; its consumers are bound by then.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(&metrics_addr).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "the second scheduler never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait::until("the second scheduler to serve metrics", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(&metrics_addr).await.map(drop).map_err(|e| e.kind())
+    })
+    .await;
     let requests = h.sample_requests(400, "replicas", 7, |i| if i % 2 == 0 { "mlp" } else { "ppocr-cls" });
     let results = h.run_tasks(&requests).await;
     h.assert_correct(&requests, &results);

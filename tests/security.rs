@@ -17,7 +17,7 @@ use sundara_schemas::{
     FleetReply, FleetRequest, FleetUpdate, MAX_MESSAGE_BYTES, RejectCode, ResultStatus, SubmitOutcome, WIRE_VERSION,
     WorkerAnnounce, decode, encode,
 };
-use support::{Harness, RULE, await_results};
+use support::{Harness, RULE, await_results, wait};
 use tokio::sync::mpsc;
 
 /// A connection as one user, with the server's permission errors for it.
@@ -278,17 +278,12 @@ async fn result_followers_resume_and_hold_their_tenants_slots() {
     // Dropped followers give their slots back; then every slot is taken, and another
     // tenant is not affected.
     drop((first, second));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut all = Vec::new();
     while all.len() < RESULT_FOLLOWERS {
-        match h.client.results().await {
-            Ok(follower) => all.push(follower),
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                eprintln!("waiting for a slot: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("dropped followers kept their slots: {e}"),
-        }
+        let follower = wait::until("a dropped follower's slot", Duration::from_secs(10), || async {
+            h.client.results().await.map_err(|e| e.to_string())
+        });
+        all.push(follower.await);
     }
     match h.client.results().await {
         Ok(_) => panic!("a follower beyond RESULT_FOLLOWERS"),
@@ -296,15 +291,10 @@ async fn result_followers_resume_and_hold_their_tenants_slots() {
     }
     assert!(Client::new(h.client.nats.clone(), "other").results().await.is_ok(), "tenants share no slots");
     all.pop();
-    let freed = async {
-        loop {
-            if h.client.results().await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), freed).await.expect("a dropped follower freed its slot");
+    wait::until("a dropped follower to free its slot", Duration::from_secs(10), || async {
+        h.client.results().await.map(drop).map_err(|e| e.to_string())
+    })
+    .await;
     h.stop().await;
 }
 
@@ -369,16 +359,14 @@ async fn tenant_limits_give_typed_rejections() {
         requests[..3].iter().map(|r| sundara_ingress::task_id("busy", r.request_id.as_deref())).collect();
     await_results(&mut busy_results, &ids).await;
     // Ingress frees them on reading the stored results, just after the client sees them.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    wait::until("finished tasks to free their slots", Duration::from_secs(10), || async {
         match code(busy.submit(&requests[3]).await.unwrap()) {
-            Ok(_) => break,
-            Err(RejectCode::TooManyInFlight | RejectCode::Overloaded) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            other => panic!("finished tasks did not free their slots: {other:?}"),
+            Ok(_) => Ok(()),
+            Err(code @ (RejectCode::TooManyInFlight | RejectCode::Overloaded)) => Err(code),
+            other => panic!("refused for another reason: {other:?}"),
         }
-    }
+    })
+    .await;
     h.stop().await;
 }
 

@@ -4,6 +4,7 @@
 
 pub mod attack;
 pub mod processes;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -139,11 +140,10 @@ impl Harness {
 
     /// Waits (bounded) until `id` has announced itself in Redis.
     pub async fn wait_for_worker(&self, id: &str) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !self.capacity.workers().await.unwrap().iter().any(|w| w == id) {
-            assert!(tokio::time::Instant::now() < deadline, "worker {id} never announced itself");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait::until_true(format_args!("worker {id} to announce itself"), Duration::from_secs(30), || async {
+            self.capacity.workers().await.unwrap().iter().any(|w| w == id)
+        })
+        .await
     }
 
     pub fn request(&self, model: &str, inputs: Vec<Tensor>, request_id: &str) -> SubmitRequest {

@@ -25,7 +25,7 @@ use sundara_schemas::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{AUDIT_RATE, RULE, SECRET};
+use super::{AUDIT_RATE, RULE, SECRET, wait};
 
 /// The validator's services, each a `sundara <name>` process.
 pub const SERVICES: [&str; 5] = ["ingress", "scheduler", "verifier", "rewarder", "autoscaler"];
@@ -350,7 +350,8 @@ impl ProcessStack {
         self.step(&format!("SIGTERM sent to {processes:?}"));
         let deadline = tokio::time::Instant::now() + within;
         let mut exited = vec![None; children.len()];
-        // A child's exit is no event a test can await without a reaper: poll briefly.
+        // A child's exit is no event a test can await without a reaper: poll briefly. No
+        // `wait::until` here: a child still running at the deadline is a finding, not a failure.
         while exited.iter().any(Option::is_none) && tokio::time::Instant::now() < deadline {
             for ((_, child), slot) in children.iter_mut().zip(&mut exited) {
                 if slot.is_none()
@@ -397,62 +398,56 @@ impl ProcessStack {
     /// Waits (bounded) until the ingress answers its service ping. Processes announce
     /// nothing across process boundaries; poll briefly.
     pub async fn ingress_answers(&self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
+        wait::until("the ingress to answer its service ping", within, || async {
             let ping = self.client.nats.request("$SRV.PING.sundara-ingress", "".into());
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
-                return;
+            match tokio::time::timeout(Duration::from_secs(1), ping).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.kind().to_string()),
+                Err(_) => Err("no answer within 1 s".into()),
             }
-            assert!(tokio::time::Instant::now() < deadline, "the ingress did not answer within {within:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Waits (bounded) until the scheduler holds no task: every one delivered to its
     /// consumers acked. JetStream announces no such moment to a client; poll briefly.
     pub async fn scheduler_idle(&self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
         let stream = self.js.get_stream(subj::TASKS_STREAM).await.unwrap();
-        loop {
+        wait::until("the scheduler to hold no task", within, || async {
             let mut busy = 0;
             for priority in sundara_schemas::Priority::ALL {
                 let info = stream.consumer_info(format!("scheduler-{}", priority.as_str())).await.unwrap();
                 busy += info.num_pending + info.num_ack_pending as u64;
             }
-            if busy == 0 {
-                self.step("the scheduler holds no task");
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the scheduler still holds {busy} tasks after {within:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            if busy == 0 { Ok(()) } else { Err(format!("{busy} tasks held")) }
+        })
+        .await;
+        self.step("the scheduler holds no task");
     }
 
     /// Waits (bounded) until worker `id` is announced in Redis with a live heartbeat.
     pub async fn wait_for_worker(&self, id: &str) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut capacity = self.capacity().await;
-        loop {
-            let ids = [id.to_string()];
-            match capacity.health(&ids).await {
-                Ok(h) if h[0].0 && h[0].1.as_deref() == Some("alive") => return,
-                Ok(_) => {}
-                Err(_) => capacity = self.capacity().await,
+        let ids = [id.to_string()];
+        // A new connection each time: the one before a Redis restart does not survive it.
+        wait::until(format_args!("worker {id} to announce itself"), Duration::from_secs(30), || async {
+            match self.capacity().await.health(&ids).await {
+                Ok(h) if h[0].0 && h[0].1.as_deref() == Some("alive") => Ok(()),
+                Ok(h) => Err(format!("{:?}", h[0])),
+                Err(e) => Err(e.to_string()),
             }
-            assert!(tokio::time::Instant::now() < deadline, "worker {id} never announced itself");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Waits (bounded) until the autoscaler has declared worker `id` dead.
     pub async fn wait_declared_dead(&self, id: &str, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
         let capacity = self.capacity().await;
         let ids = [id.to_string()];
-        while capacity.health(&ids).await.unwrap()[0].1.as_deref() != Some("dead") {
-            assert!(tokio::time::Instant::now() < deadline, "worker {id} was not declared dead within {within:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait::until(format_args!("the autoscaler to declare worker {id} dead"), within, || async {
+            let health = capacity.health(&ids).await.unwrap().remove(0).1;
+            if health.as_deref() == Some("dead") { Ok(()) } else { Err(health) }
+        })
+        .await
     }
 
     /// Waits (bounded) until one of `ids` holds at least `n` assignments in Redis, so that
@@ -460,19 +455,23 @@ impl ProcessStack {
     /// briefly.
     pub async fn wait_holding(&self, ids: &[&str], n: u64, within: Duration) -> String {
         let client = redis::Client::open(self.redis_url.as_str()).unwrap();
-        let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            for id in ids {
-                let key = format!("sundara:inflight:w:{id}");
-                let held: u64 = redis::cmd("SCARD").arg(&key).query_async(&mut redis).await.unwrap_or(0);
-                if held >= n {
-                    return id.to_string();
+        let redis = client.get_multiplexed_async_connection().await.unwrap();
+        wait::until(format_args!("one of {ids:?} to hold {n} assignments"), within, || {
+            let mut redis = redis.clone();
+            async move {
+                let mut held = Vec::new();
+                for id in ids {
+                    let key = format!("sundara:inflight:w:{id}");
+                    let count: u64 = redis::cmd("SCARD").arg(&key).query_async(&mut redis).await.unwrap_or(0);
+                    if count >= n {
+                        return Ok(id.to_string());
+                    }
+                    held.push(count);
                 }
+                Err(held)
             }
-            assert!(tokio::time::Instant::now() < deadline, "none of {ids:?} ever held {n} assignments");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        })
+        .await
     }
 
     fn single(&mut self) -> &mut LocalStack {
@@ -523,19 +522,27 @@ impl ProcessStack {
     /// moved, asking again each second: elections announce nothing to a client.
     pub async fn move_leaders_to(&self, node: &str) {
         let body = format!(r#"{{"placement":{{"preferred":"{node}"}}}}"#);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let elsewhere = self.groups_led_elsewhere(node).await;
-            if elsewhere.is_empty() {
-                self.step(&format!("every replicated stream and consumer led by {node}"));
-                return;
+        let mut asked = tokio::time::Instant::now() - Duration::from_secs(1);
+        wait::until(format_args!("every leader to move to {node}"), Duration::from_secs(30), || {
+            let ask = asked.elapsed() >= Duration::from_secs(1);
+            if ask {
+                asked = tokio::time::Instant::now();
             }
-            assert!(tokio::time::Instant::now() < deadline, "leaders never moved to {node}: {elsewhere:?}");
-            for api in &elsewhere {
-                let _ = self.client.nats.request(format!("$JS.API.{api}"), body.clone().into()).await;
+            let body = body.clone();
+            async move {
+                let elsewhere = self.groups_led_elsewhere(node).await;
+                if elsewhere.is_empty() {
+                    return Ok(());
+                }
+                // Step-downs asked again each second: an election takes that long to settle.
+                for api in elsewhere.iter().filter(|_| ask) {
+                    let _ = self.client.nats.request(format!("$JS.API.{api}"), body.clone().into()).await;
+                }
+                Err(elsewhere)
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        })
+        .await;
+        self.step(&format!("every replicated stream and consumer led by {node}"));
     }
 
     /// Step-down API subjects (after `$JS.API.`) of the replicated streams and consumers
@@ -887,17 +894,10 @@ fn kill(child: &mut Child) {
 
 /// `provision`, retried (bounded) while a fresh cluster is still electing leaders.
 async fn provision_retrying(js: &jetstream::Context, retention: &nats::Retention) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match nats::provision(js, retention).await {
-            Ok(()) => return,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                eprintln!("provision: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("provision: {e}"),
-        }
-    }
+    wait::until("the streams to be provisioned", Duration::from_secs(30), || async {
+        nats::provision(js, retention).await.map_err(|e| e.to_string())
+    })
+    .await
 }
 
 /// One submission, retried with the same request id until accepted (30 s at most).

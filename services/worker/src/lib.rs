@@ -743,13 +743,11 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Wor
     // A miner creates no streams (its credentials cannot): it waits for the validator's.
     nats::await_provisioned(&js, config.startup_timeout).await?;
     let registry = Registry::open(&js).await?;
-
-    let mut models = if config.models.is_empty() {
+    let models = if config.models.is_empty() {
         registry.list().await?.into_iter().map(|m| m.name).collect()
     } else {
         config.models.clone()
     };
-    let slots: usize = config.slices.iter().map(|s| s.slots.max(1) as usize).sum();
     let worker = Worker {
         cache: ModelCache::new(config.cache_dir.clone(), registry.clone()),
         config: config.clone(),
@@ -761,27 +759,8 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Wor
         #[cfg(feature = "cheaters")]
         cheater: cheaters::Cheater::new(config.behaviour),
     };
-    // Credentials that are not this worker's are refused its subjects: fail at once, not
-    // after the announce's and the consumer's timeouts.
-    let mut refused = nats::Denials::watch(&client);
-    let denied = |denial| WorkerError::NotPermitted { worker: config.worker_id.clone(), denial };
-    // Listening for commands before it is announced: whoever sees it in Redis can command it.
-    let subscribed = refused.guard(|_| true, client.subscribe(subj::control(&config.worker_id))).await;
-    let mut commands = subscribed.map_err(denied)?.map_err(js_err)?;
-    client.flush().await.map_err(js_err)?;
-    let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
-    let hello = FleetUpdate::Announce { announce: worker.announce(&models), fresh: true, heartbeat_ttl_ms: ttl_ms };
-    let announced = refused.guard(|_| true, worker.report_within(hello, config.startup_timeout)).await;
-    announced.map_err(denied)?.map_err(|e| WorkerError::Report(e.to_string()))?;
-    tracing::info!(
-        worker = %config.worker_id,
-        ?models,
-        slices = ?config.slices.iter().map(|s| &s.name).collect::<Vec<_>>(),
-        slots,
-        behaviour = ?config.behaviour,
-        "worker announced"
-    );
-
+    let commands = worker.announce_first(&models).await?;
+    let slots: usize = config.slices.iter().map(|s| s.slots.max(1) as usize).sum();
     let consumer = nats::durable_consumer(
         &js,
         subj::WORK_STREAM,
@@ -791,12 +770,47 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Wor
         (slots * 4) as i64,
     )
     .await?;
+    let work = nats::consume(&consumer, &shutdown, slots * 2, |msg| worker.on_assignment(msg));
+    let (_, worked, _) = tokio::join!(worker.heartbeats(models, &shutdown), work, worker.obey(commands, &shutdown));
+    worked?;
+    // Bounded: a flush waits for a server that is gone.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    tracing::info!(worker = %config.worker_id, "worker stopped");
+    Ok(())
+}
 
-    // Redis hears of every load, eviction and failure at once, and of everything on each
-    // heartbeat (which also restores what a restarted Redis lost).
-    let heartbeat = async {
+impl Worker {
+    /// Subscribes to its control subject and announces itself (fresh), within the start-up
+    /// timeout. Credentials that are not this worker's are refused its subjects: that fails
+    /// at once, not after the announce's and the consumer's timeouts.
+    async fn announce_first(&self, models: &[String]) -> Result<async_nats::Subscriber, WorkerError> {
+        let config = &self.config;
+        let mut refused = nats::Denials::watch(&self.client);
+        let denied = |denial| WorkerError::NotPermitted { worker: config.worker_id.clone(), denial };
+        // Listening for commands before it is announced: whoever sees it in Redis can command it.
+        let subscribed = refused.guard(|_| true, self.client.subscribe(subj::control(&config.worker_id))).await;
+        let commands = subscribed.map_err(denied)?.map_err(js_err)?;
+        self.client.flush().await.map_err(js_err)?;
+        let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
+        let hello = FleetUpdate::Announce { announce: self.announce(models), fresh: true, heartbeat_ttl_ms: ttl_ms };
+        let announced = refused.guard(|_| true, self.report_within(hello, config.startup_timeout)).await;
+        announced.map_err(denied)?.map_err(|e| WorkerError::Report(e.to_string()))?;
+        tracing::info!(
+            worker = %config.worker_id,
+            ?models,
+            slices = ?config.slices.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            behaviour = ?config.behaviour,
+            "worker announced"
+        );
+        Ok(commands)
+    }
+
+    /// Tells Redis of every load, eviction and failure at once, and of everything on each
+    /// heartbeat (which also restores what a restarted Redis lost), until shutdown.
+    async fn heartbeats(&self, mut models: Vec<String>, shutdown: &Shutdown) {
+        let config = &self.config;
         let mut changes = futures::stream::select_all(
-            worker.slices.values().map(|s| changes_of(s.executor.reports())).collect::<Vec<_>>(),
+            self.slices.values().map(|s| changes_of(s.executor.reports())).collect::<Vec<_>>(),
         );
         let mut tick = tokio::time::interval(config.heartbeat_interval);
         loop {
@@ -807,24 +821,25 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Wor
             }
             // Offering every registered model: also those pushed since it started.
             if config.models.is_empty() {
-                for name in worker.registry.known_names() {
+                for name in self.registry.known_names() {
                     if !models.contains(&name) {
                         tracing::info!(model = %name, "offering a newly registered model");
                         models.push(name);
                     }
                 }
             }
-            let announce = worker.announce(&models);
+            let announce = self.announce(&models);
             set_slice_gauges(&announce);
+            let ttl_ms = config.heartbeat_ttl.as_millis() as u64;
             let heartbeat = FleetUpdate::Announce { announce, fresh: false, heartbeat_ttl_ms: ttl_ms };
-            if let Err(e) = worker.report(heartbeat).await {
+            if let Err(e) = self.report(heartbeat).await {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
-    };
-    let work = nats::consume(&consumer, &shutdown, slots * 2, |msg| worker.on_assignment(msg));
-    // Commands from the autoscaler, one at a time.
-    let control = async {
+    }
+
+    /// Carries out the autoscaler's commands, one at a time, until shutdown.
+    async fn obey(&self, mut commands: async_nats::Subscriber, shutdown: &Shutdown) {
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -833,20 +848,14 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Wor
                     None => break,
                 },
             };
-            let reply = worker.on_control(&msg.payload).await;
+            let reply = self.on_control(&msg.payload).await;
             if let Some(to) = msg.reply
-                && let Err(e) = client.publish(to, encode(&reply).into()).await
+                && let Err(e) = self.client.publish(to, encode(&reply).into()).await
             {
                 tracing::warn!(error = %e, "control reply failed");
             }
         }
-    };
-    let (_, worked, _) = tokio::join!(heartbeat, work, control);
-    worked?;
-    // Bounded: a flush waits for a server that is gone.
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-    tracing::info!(worker = %config.worker_id, "worker stopped");
-    Ok(())
+    }
 }
 
 /// Per slice: its slots, models loaded and memory in use (slots in use are counted where
