@@ -5,7 +5,7 @@
 //! result to a client while an honest miner was in the task, or hold the attacker's work
 //! unverified.
 
-mod support;
+use sundara_testkit as support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

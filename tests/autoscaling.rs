@@ -1,7 +1,7 @@
 //! The autoscaler's local driver for real: worker processes started and stopped as load
 //! changes, and a quarantined worker replaced.
 
-mod support;
+use sundara_testkit as support;
 
 use std::time::Duration;
 

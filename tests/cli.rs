@@ -1,7 +1,7 @@
 //! `sundara submit` as a user runs it: the real binary against a real stack, its output
 //! piped (not a terminal), its exit code read.
 
-mod support;
+use sundara_testkit as support;
 
 use std::path::Path;
 use std::process::Stdio;

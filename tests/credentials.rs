@@ -3,7 +3,7 @@
 //! running `sundara up` is found through its context (no flags), takes new users while it
 //! runs, and leaves no seeds behind when interrupted.
 
-mod support;
+use sundara_testkit as support;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

@@ -10,7 +10,7 @@
 //! restart → last result of the tasks accepted before it (since the previous fault's
 //! restart), and the counts are the whole test's.
 
-mod support;
+use sundara_testkit as support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! async-nats error kinds and the server's API error codes of real nats-server answers,
 //! never from their text; and callers decide on it: a full TASKS stream is `overloaded`.
 
-mod support;
+use sundara_testkit as support;
 
 use std::time::Duration;
 

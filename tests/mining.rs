@@ -6,7 +6,7 @@
 //! Real nats-server and redis-server; workers as `sundara worker` processes where their
 //! log is what is checked.
 
-mod support;
+use sundara_testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

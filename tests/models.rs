@@ -4,7 +4,7 @@
 //! bytes, clients pin versions with `name@version`, and a task that expires for want of
 //! distinct operators is told so.
 
-mod support;
+use sundara_testkit as support;
 
 use std::path::PathBuf;
 use std::process::Output;

@@ -7,7 +7,7 @@
 //!
 //! Its own test binary: the tracing subscriber and the metrics recorder are global to a process.
 
-mod support;
+use sundara_testkit as support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

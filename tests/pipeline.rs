@@ -1,6 +1,6 @@
 //! End-to-end tests of the whole pipeline on real NATS JetStream, Redis and ONNX Runtime.
 
-mod support;
+use sundara_testkit as support;
 
 use std::process::Command;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! service, or write keys for models nobody registered. Real NATS, Redis and ONNX Runtime,
 //! honest `sundara worker`s beside an attacking miner ([`support::attack::Miner`]).
 
-mod support;
+use sundara_testkit as support;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

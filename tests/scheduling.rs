@@ -1,7 +1,7 @@
 //! Scheduling on the real stack: priorities under contention, deadlines and dead letters,
 //! two scheduler replicas on one fleet, and Redis lost mid-load.
 
-mod support;
+use sundara_testkit as support;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! `sundara auth init` generates: every role connects with its own NKey and is shown what
 //! the server refuses; the whole pipeline still runs under those permissions.
 
-mod support;
+use sundara_testkit as support;
 
 use std::path::Path;
 use std::time::Duration;

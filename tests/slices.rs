@@ -2,7 +2,7 @@
 //! whose memory holds fewer models than it serves, a slice whose device fails, and a model
 //! that fits no slice.
 
-mod support;
+use sundara_testkit as support;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! Real nats-server and redis-server; the services run in this process so that each can
 //! be given its own secret.
 
-mod support;
+use sundara_testkit as support;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

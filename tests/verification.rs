@@ -1,7 +1,7 @@
 //! Verification against cheating miners through the whole pipeline: the verifier's own
 //! reference runs (audits) catch what a vote cannot.
 
-mod support;
+use sundara_testkit as support;
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
-//! Test harness: a real nats-server and redis-server on free ports (temp dirs), the demo
-//! models registered, and the pipeline running in-process. Everything stops on drop.
-#![allow(dead_code)]
+//! The integration tests' harness: a real nats-server and redis-server on free ports
+//! (temp dirs), the demo models registered, and the pipeline running in-process
+//! ([`Harness`]) or as processes a test can kill ([`processes::ProcessStack`]); miners
+//! that attack ([`attack`]); and waits with deadlines ([`wait`]). Everything stops on drop.
 
 pub mod attack;
 pub mod processes;
@@ -117,7 +118,7 @@ impl Harness {
     /// As [`Harness::spawn_worker_process`], with extra environment variables.
     pub async fn spawn_worker_process_with(&mut self, id: &str, threads: usize, env: &[(&str, &str)]) -> usize {
         let ep = self.stack.endpoints();
-        let child = Command::new(env!("CARGO_BIN_EXE_sundara"))
+        let child = Command::new(sundara_binary())
             .args(["worker", "--id", id, "--threads", &threads.to_string()])
             .arg("--cache-dir")
             .arg(self.cache.path())
@@ -261,6 +262,16 @@ pub async fn await_results(
         assert!(got.insert(result.task_id.clone(), result).is_none(), "a result was delivered twice");
     }
     got
+}
+
+/// The `sundara` binary Cargo built for the running integration test: it sits beside the
+/// test's `deps/` folder (Cargo builds a package's binaries before its integration tests).
+pub fn sundara_binary() -> PathBuf {
+    let test = std::env::current_exe().expect("the test's own path");
+    let profile_dir = test.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join(format!("sundara{}", std::env::consts::EXE_SUFFIX));
+    assert!(binary.exists(), "{} is missing: run the tests with cargo test", binary.display());
+    binary
 }
 
 /// The model run directly with ONNX Runtime: what a verified result must agree with.

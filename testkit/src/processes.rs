@@ -269,7 +269,7 @@ impl ProcessStack {
 
     fn command(&self, name: &str, args: &[&str]) -> Command {
         let (log, _) = self.log(name);
-        let mut c = Command::new(env!("CARGO_BIN_EXE_sundara"));
+        let mut c = Command::new(super::sundara_binary());
         c.args(args)
             .current_dir(project_root())
             .env("SUNDARA_NATS_URL", &self.nats_url)
