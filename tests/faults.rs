@@ -238,13 +238,11 @@ async fn a_task_delivered_again_after_its_result_is_not_dead_lettered() {
     let task_id = accepted[0].task_id.clone();
     // The task stored once more under another message id: to the scheduler's consumer,
     // the same task delivered again.
-    let raw = loop {
-        let msg = tokio::time::timeout(RECOVERY, futures::StreamExt::next(&mut stored_tasks)).await.unwrap().unwrap();
+    let raw = wait::next_matching(format_args!("task {task_id} in TASKS"), RECOVERY, &mut stored_tasks, |msg| {
         let task: sundara_schemas::Task = decode(&msg.payload, MAX_MESSAGE_BYTES).unwrap();
-        if task.task_id == task_id {
-            break msg;
-        }
-    };
+        (task.task_id == task_id).then_some(msg)
+    })
+    .await;
     let again = format!("{task_id}-again");
     sundara_common::nats::publish_durable(&stack.js, raw.subject.to_string(), &again, raw.payload.to_vec())
         .await
