@@ -284,15 +284,7 @@ impl Capacity {
         heartbeat_ttl_ms: u64,
     ) -> Result<Option<String>, Error> {
         let mut con = self.con.clone();
-        // A quarantined worker stays announced (operators see it) but never a candidate.
-        let mut quarantined: Option<String> = con.hget(QUARANTINED, &a.worker).await?;
-        if quarantined.is_none()
-            && let Some(why) = con.hget::<_, _, Option<String>>(QUARANTINED_OPERATORS, &a.operator).await?
-        {
-            // A name of a quarantined operator is quarantined on its first announce.
-            self.quarantine(&a.worker, &why).await?;
-            quarantined = Some(why);
-        }
+        let quarantined = self.quarantine_of(a).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
         let slice_ids: Vec<&str> = a.slices.iter().map(|s| s.id.as_str()).collect();
@@ -304,73 +296,7 @@ impl Capacity {
         )
         .ignore();
         for s in &a.slices {
-            let key = slice_key(&s.id);
-            let alive = s.failed.is_none() && quarantined.is_none();
-            let (state, reason) = match (&quarantined, &s.failed) {
-                (Some(why), _) => ("quarantined", why.as_str()),
-                (None, Some(why)) => ("failed", why.as_str()),
-                (None, None) => ("alive", ""),
-            };
-            pipe.hset_multiple(
-                &key,
-                &[
-                    ("worker", a.worker.as_str()),
-                    ("operator", a.operator.as_str()),
-                    ("device", s.device.as_str()),
-                    ("state", state),
-                    ("reason", reason),
-                ],
-            )
-            .ignore();
-            pipe.hset_multiple(
-                &key,
-                &[
-                    ("slots_total", s.slots as u64),
-                    ("memory_total", s.memory_total),
-                    ("memory_free", s.memory_free),
-                    ("loads", s.loads),
-                    ("evictions", s.evictions),
-                    ("lanes", s.lanes.max(1) as u64),
-                ],
-            )
-            .ignore();
-            if fresh {
-                pipe.hset(&key, "slots_free", s.slots).ignore();
-            } else {
-                pipe.hset_nx(&key, "slots_free", s.slots).ignore();
-            }
-            pipe.del(format!("{key}:loaded")).ignore();
-            if !s.loaded.is_empty() {
-                pipe.hset_multiple(format!("{key}:loaded"), &s.loaded).ignore();
-            }
-            // Models loaded there now, by name: no load before their next task. A named
-            // service time also says so (as the worker reports one only for those).
-            let warm: std::collections::BTreeSet<&str> = s
-                .loaded
-                .iter()
-                .map(|(k, _)| ModelRef::spec_name(k))
-                .chain(s.service_us.iter().map(|(m, _)| m.as_str()))
-                .collect();
-            pipe.del(format!("{key}:warm")).ignore();
-            if !warm.is_empty() {
-                pipe.sadd(format!("{key}:warm"), warm.into_iter().collect::<Vec<_>>()).ignore();
-            }
-            // A stated service time only seeds a slice's measured one (RELEASE then moves
-            // it); the fleet gateway clears miners' statements, so for them it is measured
-            // from the first answer on. Load times are not used.
-            for (model, us) in &s.service_us {
-                pipe.hset_nx(format!("{key}:svc"), model, *us).ignore();
-            }
-            // Per slice, never fleet-wide: one slice's footprint only rules that slice out.
-            pipe.del(footprint_key(&s.id)).ignore();
-            if !s.footprints.is_empty() {
-                pipe.hset_multiple(footprint_key(&s.id), &s.footprints).ignore();
-            }
-            if alive {
-                pipe.zadd(SLICEMEM, &s.id, s.memory_total).ignore();
-            } else {
-                pipe.zrem(SLICEMEM, &s.id).ignore();
-            }
+            write_slice(&mut pipe, a, s, fresh, quarantined.as_deref());
         }
         pipe.pset_ex(hb_key(&a.worker), 1, heartbeat_ttl_ms).ignore();
         pipe.query_async::<()>(&mut con).await?;
@@ -381,6 +307,23 @@ impl Capacity {
         }
         rescore.invoke_async::<()>(&mut con).await?;
         Ok(quarantined)
+    }
+
+    /// Why `a`'s worker is quarantined, if it is: itself, or (on its first announce) as a
+    /// name of a quarantined operator, which quarantines it now.
+    async fn quarantine_of(&self, a: &WorkerAnnounce) -> Result<Option<String>, Error> {
+        let mut con = self.con.clone();
+        // A quarantined worker stays announced (operators see it) but never a candidate.
+        if let Some(why) = con.hget::<_, _, Option<String>>(QUARANTINED, &a.worker).await? {
+            return Ok(Some(why));
+        }
+        match con.hget::<_, _, Option<String>>(QUARANTINED_OPERATORS, &a.operator).await? {
+            Some(why) => {
+                self.quarantine(&a.worker, &why).await?;
+                Ok(Some(why))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Reserves slots for `aids` (one per replica) on distinct workers of distinct
@@ -750,5 +693,83 @@ impl Capacity {
     pub async fn inflight(&self) -> Result<u64, Error> {
         let mut con = self.con.clone();
         Ok(con.zcard(INFLIGHT).await?)
+    }
+}
+
+/// Adds to `pipe` the writes of one announced slice: its state, sizes, loaded and warm
+/// models, stated service times, footprints and its place in the memory index.
+fn write_slice(
+    pipe: &mut redis::Pipeline,
+    a: &WorkerAnnounce,
+    s: &SliceAnnounce,
+    fresh: bool,
+    quarantined: Option<&str>,
+) {
+    let key = slice_key(&s.id);
+    let alive = s.failed.is_none() && quarantined.is_none();
+    let (state, reason) = match (quarantined, &s.failed) {
+        (Some(why), _) => ("quarantined", why),
+        (None, Some(why)) => ("failed", why.as_str()),
+        (None, None) => ("alive", ""),
+    };
+    pipe.hset_multiple(
+        &key,
+        &[
+            ("worker", a.worker.as_str()),
+            ("operator", a.operator.as_str()),
+            ("device", s.device.as_str()),
+            ("state", state),
+            ("reason", reason),
+        ],
+    )
+    .ignore();
+    pipe.hset_multiple(
+        &key,
+        &[
+            ("slots_total", s.slots as u64),
+            ("memory_total", s.memory_total),
+            ("memory_free", s.memory_free),
+            ("loads", s.loads),
+            ("evictions", s.evictions),
+            ("lanes", s.lanes.max(1) as u64),
+        ],
+    )
+    .ignore();
+    if fresh {
+        pipe.hset(&key, "slots_free", s.slots).ignore();
+    } else {
+        pipe.hset_nx(&key, "slots_free", s.slots).ignore();
+    }
+    pipe.del(format!("{key}:loaded")).ignore();
+    if !s.loaded.is_empty() {
+        pipe.hset_multiple(format!("{key}:loaded"), &s.loaded).ignore();
+    }
+    // Models loaded there now, by name: no load before their next task. A named
+    // service time also says so (as the worker reports one only for those).
+    let warm: std::collections::BTreeSet<&str> = s
+        .loaded
+        .iter()
+        .map(|(k, _)| ModelRef::spec_name(k))
+        .chain(s.service_us.iter().map(|(m, _)| m.as_str()))
+        .collect();
+    pipe.del(format!("{key}:warm")).ignore();
+    if !warm.is_empty() {
+        pipe.sadd(format!("{key}:warm"), warm.into_iter().collect::<Vec<_>>()).ignore();
+    }
+    // A stated service time only seeds a slice's measured one (RELEASE then moves
+    // it); the fleet gateway clears miners' statements, so for them it is measured
+    // from the first answer on. Load times are not used.
+    for (model, us) in &s.service_us {
+        pipe.hset_nx(format!("{key}:svc"), model, *us).ignore();
+    }
+    // Per slice, never fleet-wide: one slice's footprint only rules that slice out.
+    pipe.del(footprint_key(&s.id)).ignore();
+    if !s.footprints.is_empty() {
+        pipe.hset_multiple(footprint_key(&s.id), &s.footprints).ignore();
+    }
+    if alive {
+        pipe.zadd(SLICEMEM, &s.id, s.memory_total).ignore();
+    } else {
+        pipe.zrem(SLICEMEM, &s.id).ignore();
     }
 }
