@@ -697,14 +697,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
     .await?;
     let mut messages = consumer.messages().await.map_err(js_err)?;
     let reference = match &config.reference {
-        Some(r) => {
-            sundara_runtime::init(&r.ort_library)?;
-            let executor = Executor::start("reference", ExecutorConfig::cpu(r.threads.max(1), r.memory, 1024));
-            let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
-            let cache = ModelCache::new(r.cache_dir.clone(), registry.clone());
-            let slots = gate::Gate::new(r.threads.max(1) * 4, 1024);
-            Some(Reference { executor, cache, tasks, timeout: r.timeout, slots })
-        }
+        Some(r) => Some(Reference::start(r, &registry, tasks.clone())?),
         None => None,
     };
     let (undecided, undecided_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -744,25 +737,46 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
             },
         }
     }
-    // Outcomes held for undecided tasks go back at once, so that the next verifier (this
-    // one restarted, perhaps with the right secret) gathers them without waiting out their
-    // ack wait: first this verifier's pull requests go (else JetStream would deliver them
-    // to it again), then they are NAKed. Then in-flight decisions finish storing. Each step
-    // is bounded: with NATS unreachable none of them can complete, and shutdown must
-    // still end.
+    // First this verifier's pull requests go (else JetStream would deliver the outcomes
+    // it hands back to it again).
     drop(messages);
-    let _ = tokio::time::timeout(SHUTDOWN_STEP, client.flush()).await;
-    let released = intake.release_held();
-    if tokio::time::timeout(SHUTDOWN_STEP, released).await.is_err() {
-        tracing::warn!("held outcomes not released in time; they come back after their ack wait");
-    }
-    let storing = permits.acquire_many(config.concurrency as u32);
-    if tokio::time::timeout(SHUTDOWN_STEP, storing).await.is_err() {
-        tracing::warn!("decisions still storing at shutdown; their outcomes will be redelivered");
-    }
-    let _ = tokio::time::timeout(SHUTDOWN_STEP, client.flush()).await;
+    intake.hand_back(&client, &permits, config.concurrency).await;
     tracing::info!("verifier stopped");
     Ok(())
+}
+
+impl Reference {
+    /// The verifier's own runtime for audits, on `r.threads` CPU threads.
+    fn start(
+        r: &ReferenceConfig,
+        registry: &Registry,
+        tasks: jetstream::stream::Stream,
+    ) -> Result<Reference, VerifierError> {
+        sundara_runtime::init(&r.ort_library)?;
+        let executor = Executor::start("reference", ExecutorConfig::cpu(r.threads.max(1), r.memory, 1024));
+        let cache = ModelCache::new(r.cache_dir.clone(), registry.clone());
+        let slots = gate::Gate::new(r.threads.max(1) * 4, 1024);
+        Ok(Reference { executor, cache, tasks, timeout: r.timeout, slots })
+    }
+}
+
+impl Intake {
+    /// At shutdown: outcomes held for undecided tasks go back at once (NAKed), so that the
+    /// next verifier (this one restarted, perhaps with the right secret) gathers them
+    /// without waiting out their ack wait; then in-flight decisions finish storing. Each
+    /// step is bounded: with NATS unreachable none of them can complete, and shutdown must
+    /// still end.
+    async fn hand_back(&mut self, client: &async_nats::Client, permits: &Semaphore, concurrency: usize) {
+        let _ = tokio::time::timeout(SHUTDOWN_STEP, client.flush()).await;
+        if tokio::time::timeout(SHUTDOWN_STEP, self.release_held()).await.is_err() {
+            tracing::warn!("held outcomes not released in time; they come back after their ack wait");
+        }
+        let storing = permits.acquire_many(concurrency as u32);
+        if tokio::time::timeout(SHUTDOWN_STEP, storing).await.is_err() {
+            tracing::warn!("decisions still storing at shutdown; their outcomes will be redelivered");
+        }
+        let _ = tokio::time::timeout(SHUTDOWN_STEP, client.flush()).await;
+    }
 }
 
 /// Longest each step of the verifier's shutdown may take.
