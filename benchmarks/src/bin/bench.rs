@@ -15,13 +15,13 @@ use rand::SeedableRng;
 use serde_json::json;
 use sundara::stack::{LocalStack, project_root};
 use sundara_bench::client::{PipelineClient, ResponderClient};
-use sundara_bench::cpu::CpuWindow;
-use sundara_bench::fleet::{Fleet, WorkerSpec};
+use sundara_bench::cpu::{CpuUse, CpuWindow};
 use sundara_bench::load::{Mode, RunStats, Window, closed_loop, open_loop};
-use sundara_bench::{baseline, fleet};
-use sundara_common::{Registry, nats};
-use sundara_schemas::{CompareRule, Policy, Tensor, TensorSpec};
-use sundara_worker::{ExecutorConfig, ModelRun};
+use sundara_bench::pipeline::{Pipeline, PipelineSpec};
+use sundara_bench::{baseline, fleet, mib};
+use sundara_common::nats;
+use sundara_schemas::{Tensor, TensorSpec};
+use sundara_worker::{ExecutorConfig, ModelRun, SliceReport};
 
 #[derive(Parser)]
 struct Cli {
@@ -281,142 +281,187 @@ struct Settings {
     footprints: tokio::sync::OnceCell<Vec<(String, u64)>>,
 }
 
+/// This process, as CPU accounting names it.
+fn loadgen() -> (String, u32) {
+    ("loadgen".to_string(), std::process::id())
+}
+
 async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> anyhow::Result<()> {
-    let me = ("loadgen".to_string(), std::process::id());
     if let System::WorkerDensity { threads, fit } = scenario.system {
         return run_density(s, scenario, threads, fit, rec).await;
     }
     let path = model_path(&s.root, scenario.model)?;
     match &scenario.system {
-        System::OrtInProcess { threads } => {
-            let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
-            let inputs = inputs_for(&model.inputs, s.rows);
-            for run in 0..s.runs {
-                let cpu = CpuWindow::start(std::slice::from_ref(&me));
-                let stats = baseline::ort_in_process(&path, *threads, &inputs, s.window)?;
-                rec.record(
-                    scenario,
-                    Mode::Closed { concurrency: *threads },
-                    s.rows,
-                    run,
-                    &stats,
-                    &cpu.finish(),
-                    Extra::new(),
-                )?;
-            }
-        }
+        System::OrtInProcess { threads } => run_ort_in_process(s, scenario, &path, *threads, rec),
         System::WorkerDensity { .. } => unreachable!("run above"),
         System::WorkerExecutor { threads, max_batch } => {
-            let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
-            let inputs = Arc::new(inputs_for(&model.inputs, s.rows));
-            let model_run = ModelRun::new("model", Arc::new(path.clone()));
-            for &mode in &scenario.modes {
-                let Mode::Closed { concurrency } = mode else { continue };
-                let mut config = ExecutorConfig::cpu(*threads, sundara_worker::default_cpu_memory(1), concurrency);
-                config.max_batch = *max_batch;
-                let executor = sundara_worker::Executor::start("bench", config);
-                for run in 0..s.runs {
-                    let cpu = CpuWindow::start(std::slice::from_ref(&me));
-                    let (executor, inputs, model_run) = (executor.clone(), inputs.clone(), model_run.clone());
-                    let stats = closed_loop(concurrency, s.window, move |n| {
-                        let (executor, inputs, model_run) = (executor.clone(), inputs.clone(), model_run.clone());
-                        async move {
-                            let x = inputs[n as usize % inputs.len()].clone();
-                            executor.run(&model_run, x).await.map(|_| None).map_err(|e| e.to_string())
-                        }
-                    })
-                    .await;
-                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), Extra::new())?;
-                }
-                shut_down(executor).await;
-            }
+            run_worker_executor(s, scenario, &path, (*threads, *max_batch), rec).await
         }
-        System::NatsRequestReply { threads } => {
-            let stack = LocalStack::start(&s.root)?;
-            let nats_endpoint = stack.endpoints().nats;
-            let url = nats_endpoint.url.clone();
-            let mut responder = std::process::Command::new(std::env::current_exe()?)
-                .args(["responder", "--nats", &url, "--model"])
-                .arg(&path)
-                .args(["--threads", &threads.to_string()])
-                .spawn()?;
-            let client = nats::connect(&nats_endpoint, "bench-client").await?;
-            let model = sundara_runtime::Model::load(&std::fs::read(&path)?, 1)?;
-            let rr = Arc::new(ResponderClient::new(client.clone(), inputs_for(&model.inputs, s.rows), timeout()));
-            wait_for_responder(&rr).await?;
-            let procs = vec![me.clone(), ("responder".to_string(), responder.id())];
-            for &mode in &scenario.modes {
-                for run in 0..s.runs {
-                    let cpu = CpuWindow::start(&procs);
-                    let rr = rr.clone();
-                    let stats = drive(mode, s.window, move |n| {
-                        let rr = rr.clone();
-                        async move { rr.task(n).await }
-                    })
-                    .await;
-                    rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), Extra::new())?;
-                }
-            }
-            let _ = responder.kill();
-            let _ = responder.wait();
-        }
+        System::NatsRequestReply { threads } => run_nats_request_reply(s, scenario, &path, *threads, rec).await,
         System::Sundara { k, workers, threads } => {
-            let stack = LocalStack::start(&s.root)?;
-            let endpoints = stack.endpoints();
-            let client = nats::connect(&endpoints.nats, "bench-client").await?;
-            let js = async_nats::jetstream::new(client.clone());
-            nats::provision(&js, &nats::Retention::default()).await?;
-            let registry = Registry::open(&js).await?;
-            // No audits: the pipeline numbers measure the miners' path (audits cost the verifier a reference run each).
-            let policy =
-                Policy { redundancy: *k, rule: CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 }, audit_rate: 0.0 };
-            let meta = sundara::models::push(&registry, &path, scenario.model, "1", policy, Default::default()).await?;
-            let scratch = tempfile::Builder::new().prefix("sundara-bench-").tempdir()?;
-            let specs: Vec<WorkerSpec> =
-                (1..=*workers).map(|i| WorkerSpec { id: format!("miner-{i}"), threads: *threads }).collect();
-            let mut fleet = Fleet::start(&endpoints, &specs, &scratch.path().join("cache"), scratch.path())?;
-            fleet.ready(&client, Duration::from_secs(30)).await?;
-            let mut procs = fleet.pids();
-            procs.push(me.clone());
-            procs.push(("nats-server".into(), stack.nats.pid()));
-            procs.push(("redis-server".into(), stack.redis.pid()));
-            let inputs = inputs_for(&meta.inputs, s.rows);
-            for &mode in &scenario.modes {
-                for run in 0..s.runs {
-                    // A tenant per run, so that no result of an earlier run is counted.
-                    let tenant = format!("bench-{}-{run}", procs.len() + rand::random::<u16>() as usize);
-                    let pc = PipelineClient::start(client.clone(), scenario.model, &tenant, inputs.clone(), timeout())
-                        .await?;
-                    let pc = Arc::new(pc);
-                    let counters = || async {
-                        let nats = stack.nats.monitor_port.and_then(fleet::nats_message_counts);
-                        let redis = fleet::redis_command_count(&endpoints.redis_url).await;
-                        nats.zip(redis)
-                    };
-                    let before = counters().await;
-                    let cpu = CpuWindow::start(&procs);
-                    let stats = drive(mode, s.window, move |n| {
-                        let pc = pc.clone();
-                        async move { pc.task(n).await }
-                    })
-                    .await;
-                    let cpu = cpu.finish();
-                    // Server-side work per verified task (heartbeats and other background traffic included).
-                    let mut extra = Extra::new();
-                    if let Some((((in0, out0), r0), ((in1, out1), r1))) =
-                        before.zip(counters().await).filter(|_| stats.total_ok > 0)
-                    {
-                        let n = stats.total_ok as f64;
-                        extra.insert("nats_msgs_per_task".into(), json!(((in1 - in0) + (out1 - out0)) as f64 / n));
-                        extra.insert("redis_cmds_per_task".into(), json!((r1 - r0) as f64 / n));
-                    }
-                    rec.record(scenario, mode, s.rows, run, &stats, &cpu, extra)?;
-                }
-            }
-            fleet.stop(Duration::from_secs(10));
+            let spec = PipelineSpec {
+                model_path: &path,
+                model: scenario.model,
+                k: *k,
+                workers: *workers,
+                threads: *threads,
+                retention: nats::Retention::default(),
+                client_name: "bench-client",
+                scratch_prefix: "sundara-bench-",
+            };
+            run_pipeline(s, scenario, spec, rec).await
         }
     }
+}
+
+/// `ort` in-process on `threads` threads, `--runs` times.
+fn run_ort_in_process(
+    s: &Settings,
+    scenario: &Scenario,
+    path: &Path,
+    threads: usize,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let model = sundara_runtime::Model::load(&std::fs::read(path)?, 1)?;
+    let inputs = inputs_for(&model.inputs, s.rows);
+    for run in 0..s.runs {
+        let cpu = CpuWindow::start(&[loadgen()]);
+        let stats = baseline::ort_in_process(path, threads, &inputs, s.window)?;
+        rec.record(scenario, Mode::Closed { concurrency: threads }, s.rows, run, &stats, &cpu.finish(), Extra::new())?;
+    }
     Ok(())
+}
+
+/// The worker's executor alone (`threads` threads, batches of up to `max_batch`), a fresh
+/// one per closed-loop mode, each mode `--runs` times.
+async fn run_worker_executor(
+    s: &Settings,
+    scenario: &Scenario,
+    path: &Path,
+    (threads, max_batch): (usize, usize),
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let model = sundara_runtime::Model::load(&std::fs::read(path)?, 1)?;
+    let inputs = Arc::new(inputs_for(&model.inputs, s.rows));
+    let model_run = ModelRun::new("model", Arc::new(path.to_path_buf()));
+    for &mode in &scenario.modes {
+        let Mode::Closed { concurrency } = mode else { continue };
+        let mut config = ExecutorConfig::cpu(threads, sundara_worker::default_cpu_memory(1), concurrency);
+        config.max_batch = max_batch;
+        let executor = sundara_worker::Executor::start("bench", config);
+        for run in 0..s.runs {
+            let cpu = CpuWindow::start(&[loadgen()]);
+            let (executor, inputs, model_run) = (executor.clone(), inputs.clone(), model_run.clone());
+            let stats = closed_loop(concurrency, s.window, move |n| {
+                let (executor, inputs, model_run) = (executor.clone(), inputs.clone(), model_run.clone());
+                async move {
+                    let x = inputs[n as usize % inputs.len()].clone();
+                    executor.run(&model_run, x).await.map(|_| None).map_err(|e| e.to_string())
+                }
+            })
+            .await;
+            rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), Extra::new())?;
+        }
+        shut_down(executor).await;
+    }
+    Ok(())
+}
+
+/// The bare NATS request/reply baseline: a private NATS and a `bench responder` child of
+/// `threads` inference threads, each mode `--runs` times.
+async fn run_nats_request_reply(
+    s: &Settings,
+    scenario: &Scenario,
+    path: &Path,
+    threads: usize,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let stack = LocalStack::start(&s.root)?;
+    let nats_endpoint = stack.endpoints().nats;
+    let url = nats_endpoint.url.clone();
+    let mut responder = std::process::Command::new(std::env::current_exe()?)
+        .args(["responder", "--nats", &url, "--model"])
+        .arg(path)
+        .args(["--threads", &threads.to_string()])
+        .spawn()?;
+    let client = nats::connect(&nats_endpoint, "bench-client").await?;
+    let model = sundara_runtime::Model::load(&std::fs::read(path)?, 1)?;
+    let rr = Arc::new(ResponderClient::new(client.clone(), inputs_for(&model.inputs, s.rows), timeout()));
+    wait_for_responder(&rr).await?;
+    let procs = vec![loadgen(), ("responder".to_string(), responder.id())];
+    for &mode in &scenario.modes {
+        for run in 0..s.runs {
+            let cpu = CpuWindow::start(&procs);
+            let rr = rr.clone();
+            let stats = drive(mode, s.window, move |n| {
+                let rr = rr.clone();
+                async move { rr.task(n).await }
+            })
+            .await;
+            rec.record(scenario, mode, s.rows, run, &stats, &cpu.finish(), Extra::new())?;
+        }
+    }
+    let _ = responder.kill();
+    let _ = responder.wait();
+    Ok(())
+}
+
+/// The whole pipeline (stack, model and fleet as `spec` says), each mode `--runs` times.
+async fn run_pipeline(
+    s: &Settings,
+    scenario: &Scenario,
+    spec: PipelineSpec<'_>,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let p = Pipeline::start(&s.root, spec).await?;
+    let mut procs = p.fleet.pids();
+    procs.push(loadgen());
+    procs.push(("nats-server".into(), p.stack.nats.pid()));
+    procs.push(("redis-server".into(), p.stack.redis.pid()));
+    let inputs = inputs_for(&p.meta.inputs, s.rows);
+    for &mode in &scenario.modes {
+        for run in 0..s.runs {
+            // A tenant per run, so that no result of an earlier run is counted.
+            let tenant = format!("bench-{}-{run}", procs.len() + rand::random::<u16>() as usize);
+            let pc =
+                PipelineClient::start(p.client.clone(), scenario.model, &tenant, inputs.clone(), timeout()).await?;
+            let (stats, cpu, extra) = measure_pipeline(&p, Arc::new(pc), mode, s.window, &procs).await;
+            rec.record(scenario, mode, s.rows, run, &stats, &cpu, extra)?;
+        }
+    }
+    p.fleet.stop(Duration::from_secs(10));
+    Ok(())
+}
+
+/// One measured run through `pc`, with the servers' NATS messages and Redis commands per
+/// verified task (heartbeats and other background traffic included).
+async fn measure_pipeline(
+    p: &Pipeline,
+    pc: Arc<PipelineClient>,
+    mode: Mode,
+    window: Window,
+    procs: &[(String, u32)],
+) -> (RunStats, CpuUse, Extra) {
+    let counters = || async {
+        let nats = p.stack.nats.monitor_port.and_then(fleet::nats_message_counts);
+        let redis = fleet::redis_command_count(&p.endpoints.redis_url).await;
+        nats.zip(redis)
+    };
+    let before = counters().await;
+    let cpu = CpuWindow::start(procs);
+    let stats = drive(mode, window, move |n| {
+        let pc = pc.clone();
+        async move { pc.task(n).await }
+    })
+    .await;
+    let cpu = cpu.finish();
+    let mut extra = Extra::new();
+    if let Some((((in0, out0), r0), ((in1, out1), r1))) = before.zip(counters().await).filter(|_| stats.total_ok > 0) {
+        let n = stats.total_ok as f64;
+        extra.insert("nats_msgs_per_task".into(), json!(((in1 - in0) + (out1 - out0)) as f64 / n));
+        extra.insert("redis_cmds_per_task".into(), json!((r1 - r0) as f64 / n));
+    }
+    (stats, cpu, extra)
 }
 
 /// One of the density scenarios' models: what the executor runs and its inputs.
@@ -460,7 +505,6 @@ async fn run_density(
     fit: bool,
     rec: &mut Recorder,
 ) -> anyhow::Result<()> {
-    let me = ("loadgen".to_string(), std::process::id());
     let mut models = Vec::new();
     for name in DENSITY_MODELS {
         let path = model_path(&s.root, name)?;
@@ -484,7 +528,7 @@ async fn run_density(
                 tokio::time::sleep(window.measure).await;
                 (start, reports.borrow().clone())
             });
-            let cpu = CpuWindow::start(std::slice::from_ref(&me));
+            let cpu = CpuWindow::start(&[loadgen()]);
             let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let (executor, models) = (executor.clone(), models.clone());
             let stats = closed_loop(concurrency, s.window, move |_| {
@@ -499,28 +543,7 @@ async fn run_density(
             .await;
             let cpu = cpu.finish();
             let (start, end) = sampler.await?;
-            let mut extra = Extra::new();
-            extra.insert("models_served".into(), json!(DENSITY_MODELS.len()));
-            extra.insert("models_bytes".into(), json!(footprints.iter().map(|(_, b)| b).sum::<u64>()));
-            extra.insert(
-                "footprints".into(),
-                json!(footprints.iter().map(|(m, b)| (m.clone(), json!(b))).collect::<serde_json::Map<_, _>>()),
-            );
-            // The slice's own measurements (the largest of its loads of each model) next to the probe's.
-            extra.insert(
-                "slice_footprints".into(),
-                json!(end.footprints.iter().map(|(m, b)| (m.clone(), json!(b))).collect::<serde_json::Map<_, _>>()),
-            );
-            extra.insert("memory_budget".into(), json!(budget));
-            extra.insert("memory_used".into(), json!(end.memory_used));
-            extra.insert("resident_models".into(), json!(end.loaded.len()));
-            extra.insert("resident".into(), json!(end.loaded.iter().map(|(m, _)| m).collect::<Vec<_>>()));
-            extra.insert("loads".into(), json!(end.loads - start.loads));
-            extra.insert("evictions".into(), json!(end.evictions - start.evictions));
-            extra.insert("burst".into(), json!(DENSITY_BURST));
-            if let Some(why) = &end.failed {
-                extra.insert("slice_failed".into(), json!(why));
-            }
+            let extra = density_extra(&footprints, budget, &start, &end);
             rec.record(scenario, mode, s.rows, run, &stats, &cpu, extra)?;
             println!(
                 "    budget {:.1} MiB for {:.1} MiB of models; {} resident; {} loads, {} evictions in the window",
@@ -536,6 +559,34 @@ async fn run_density(
     Ok(())
 }
 
+/// A density run's extra figures: the models' footprints, the slice's budget and use, and
+/// its loads and evictions between `start` and `end` of the measured window.
+fn density_extra(footprints: &[(String, u64)], budget: u64, start: &SliceReport, end: &SliceReport) -> Extra {
+    let mut extra = Extra::new();
+    extra.insert("models_served".into(), json!(DENSITY_MODELS.len()));
+    extra.insert("models_bytes".into(), json!(footprints.iter().map(|(_, b)| b).sum::<u64>()));
+    extra.insert(
+        "footprints".into(),
+        json!(footprints.iter().map(|(m, b)| (m.clone(), json!(b))).collect::<serde_json::Map<_, _>>()),
+    );
+    // The slice's own measurements (the largest of its loads of each model) next to the probe's.
+    extra.insert(
+        "slice_footprints".into(),
+        json!(end.footprints.iter().map(|(m, b)| (m.clone(), json!(b))).collect::<serde_json::Map<_, _>>()),
+    );
+    extra.insert("memory_budget".into(), json!(budget));
+    extra.insert("memory_used".into(), json!(end.memory_used));
+    extra.insert("resident_models".into(), json!(end.loaded.len()));
+    extra.insert("resident".into(), json!(end.loaded.iter().map(|(m, _)| m).collect::<Vec<_>>()));
+    extra.insert("loads".into(), json!(end.loads - start.loads));
+    extra.insert("evictions".into(), json!(end.evictions - start.evictions));
+    extra.insert("burst".into(), json!(DENSITY_BURST));
+    if let Some(why) = &end.failed {
+        extra.insert("slice_failed".into(), json!(why));
+    }
+    extra
+}
+
 /// Drops `executor` and waits until its threads have exited and its sessions are freed.
 /// The worker measures a footprint as heap growth, so memory another executor frees
 /// during a load would make that load look smaller than it is.
@@ -547,10 +598,6 @@ async fn shut_down(executor: sundara_worker::Executor) {
     if tokio::time::timeout(Duration::from_secs(30), closed).await.is_err() {
         eprintln!("bench: an executor did not shut down within 30 s; later footprints may be off");
     }
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1 << 20) as f64
 }
 
 fn timeout() -> Duration {

@@ -16,8 +16,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,16 +26,17 @@ use clap::Parser;
 use futures::StreamExt;
 use rand::SeedableRng;
 use serde_json::{Value, json};
-use sundara::stack::{LocalStack, project_root};
-use sundara_bench::Summary;
+use sundara::stack::project_root;
 use sundara_bench::client::PipelineClient;
-use sundara_bench::cpu::CpuWindow;
-use sundara_bench::fleet::{self, Fleet, ServiceOptions, WorkerSpec};
-use sundara_bench::load::{Window, closed_loop};
-use sundara_common::{Registry, nats};
+use sundara_bench::cpu::{CpuUse, CpuWindow};
+use sundara_bench::fleet::{self, ServiceOptions};
+use sundara_bench::load::{RunStats, Window, closed_loop};
+use sundara_bench::pipeline::{Pipeline, PipelineSpec};
+use sundara_bench::{Summary, mib};
+use sundara_common::nats;
 use sundara_schemas::{
-    CompareRule, FailureCode, MAX_MESSAGE_BYTES, Policy, ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest,
-    decode, encode, subjects as subj,
+    FailureCode, MAX_MESSAGE_BYTES, ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest, Tensor, decode, encode,
+    subjects as subj,
 };
 use tokio::sync::Semaphore;
 
@@ -207,10 +208,6 @@ struct RssStats {
     slope: f64,
 }
 
-fn mib(b: u64) -> f64 {
-    b as f64 / (1u64 << 20) as f64
-}
-
 /// Least-squares slope of `ys` against `xs`.
 fn slope(points: &[(f64, f64)]) -> f64 {
     let n = points.len() as f64;
@@ -264,6 +261,13 @@ fn load_label(load: f64) -> String {
     if (load * 10.0).fract().abs() < 1e-9 { format!("{load:.1}") } else { format!("{load}") }
 }
 
+impl Cli {
+    /// Each task's deadline.
+    fn task_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.task_timeout_s)
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -281,65 +285,101 @@ async fn main() -> anyhow::Result<()> {
     let out_dir = cli.out_dir.clone().unwrap_or_else(|| root.join("benchmarks/results"));
 
     // The stack and the fleet, as `bench pipeline` runs them.
-    let stack = LocalStack::start(&root)?;
-    let endpoints = stack.endpoints();
-    let client = nats::connect(&endpoints.nats, "overload-client").await?;
-    let js = async_nats::jetstream::new(client.clone());
-    let retention = nats::Retention { history_max_msgs: cli.history_max_msgs, ..Default::default() };
-    nats::provision(&js, &retention).await?;
-    let registry = Registry::open(&js).await?;
-    let policy = Policy { redundancy: cli.k, rule: CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 }, audit_rate: 0.0 };
-    let meta = sundara::models::push(&registry, &model_path, &cli.model, "1", policy, Default::default()).await?;
-    let scratch = tempfile::Builder::new().prefix("sundara-overload-").tempdir()?;
-    let specs: Vec<WorkerSpec> =
-        (1..=cli.workers).map(|i| WorkerSpec { id: format!("miner-{i}"), threads: cli.threads }).collect();
-    let mut fleet = Fleet::start(&endpoints, &specs, &scratch.path().join("cache"), scratch.path())?;
-    fleet.ready(&client, Duration::from_secs(30)).await?;
+    let spec = PipelineSpec {
+        model_path: &model_path,
+        model: &cli.model,
+        k: cli.k,
+        workers: cli.workers,
+        threads: cli.threads,
+        retention: nats::Retention { history_max_msgs: cli.history_max_msgs, ..Default::default() },
+        client_name: "overload-client",
+        scratch_prefix: "sundara-overload-",
+    };
+    let mut pipeline = Pipeline::start(&root, spec).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let inputs: Vec<_> = (0..64).map(|_| sundara::models::sample_inputs(&meta.inputs, 1, &mut rng)).collect();
-    let task_timeout = Duration::from_secs_f64(cli.task_timeout_s);
+    let inputs: Vec<_> = (0..64).map(|_| sundara::models::sample_inputs(&pipeline.meta.inputs, 1, &mut rng)).collect();
 
-    // 1. Capacity: closed loop at saturation, in this run.
+    let cap = measure_capacity(&cli, &pipeline, &inputs).await?;
+    let offer = bound_ingress(&cli, &mut pipeline, cap.tasks_per_s).await?;
+    let offered = offer_load(&cli, &pipeline, &inputs, offer.rate).await?;
+    pipeline.fleet.stop(Duration::from_secs(10));
+
+    // 4. Figures.
+    let figures = Figures::new(&cli, &cap, &offered);
+    let record = record_json(&cli, &cap, &offer, &offered, &figures);
+
+    // 5. Summary, JSON and Markdown.
+    let label = load_label(cli.load);
+    let md = summary_table(&cli, &cap, &offer, &offered, &figures)
+        + &memory_table(&cli, &offered, &figures)
+        + &servers_table(&offered);
+    println!("\n{md}");
+    write_report(&out_dir, &label, &record, md)
+}
+
+/// The capacity measured in this run, and what the servers spent on it.
+struct CapacityRun {
+    stats: RunStats,
+    tasks_per_s: f64,
+    /// CPU of the servers (cores) over the whole capacity run, warm-up included.
+    server_cores: f64,
+    machine_cores: f64,
+}
+
+/// 1. Capacity: closed loop at saturation, in this run.
+async fn measure_capacity(cli: &Cli, p: &Pipeline, inputs: &[Vec<Tensor>]) -> anyhow::Result<CapacityRun> {
     println!(
         "capacity: closed loop C={} for {} s after {} s of warm-up (k={}, {} workers × {} threads, model {})",
         cli.capacity_concurrency, cli.capacity_secs, cli.warmup_s, cli.k, cli.workers, cli.threads, cli.model
     );
     let tenant = format!("capacity-{}", rand::random::<u32>());
-    let pc = Arc::new(PipelineClient::start(client.clone(), &cli.model, &tenant, inputs.clone(), task_timeout).await?);
+    let pc = PipelineClient::start(p.client.clone(), &cli.model, &tenant, inputs.to_vec(), cli.task_timeout()).await?;
+    let pc = Arc::new(pc);
     let window = Window {
         warmup: Duration::from_secs_f64(cli.warmup_s),
         measure: Duration::from_secs_f64(cli.capacity_secs),
         drain: Duration::from_secs(10),
     };
-    let servers = |fleet: &Fleet| {
-        let mut p = fleet.pids();
-        p.push(("nats-server".into(), stack.nats.pid()));
-        p.push(("redis-server".into(), stack.redis.pid()));
-        p
-    };
+    let mut servers = p.fleet.pids();
+    servers.push(("nats-server".into(), p.stack.nats.pid()));
+    servers.push(("redis-server".into(), p.stack.redis.pid()));
     // CPU of the whole capacity run (warm-up included): the servers' cost per verified task.
-    let cap_cpu = CpuWindow::start(&servers(&fleet));
-    let cap = closed_loop(cli.capacity_concurrency, window, move |n| {
+    let cpu = CpuWindow::start(&servers);
+    let stats = closed_loop(cli.capacity_concurrency, window, move |n| {
         let pc = pc.clone();
         async move { pc.task(n).await }
     })
     .await;
-    let cap_cpu = cap_cpu.finish();
-    let cap_server_cores: f64 = cap_cpu.processes.iter().map(|(_, c)| c).sum();
-    let capacity = cap.tasks_per_s;
+    let cpu = cpu.finish();
+    let capacity = stats.tasks_per_s;
     println!(
         "  {:.0} verified tasks/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
-        capacity, cap.latency.p50_ms, cap.latency.p99_ms, cap.errors
+        capacity, stats.latency.p50_ms, stats.latency.p99_ms, stats.errors
     );
     if capacity < 1.0 {
-        bail!("no capacity measured: {:?}", cap.first_error);
+        bail!("no capacity measured: {:?}", stats.first_error);
     }
+    Ok(CapacityRun {
+        tasks_per_s: capacity,
+        server_cores: cpu.processes.iter().map(|(_, c)| c).sum(),
+        machine_cores: cpu.machine_cores,
+        stats,
+    })
+}
 
-    // 2. Ingress again, with the fleet's bound on tasks in flight.
+/// The fleet's bound on tasks in flight and the load offered against it.
+struct Offer {
+    bound: u64,
+    /// Submissions per second.
+    rate: f64,
+}
+
+/// 2. Ingress again, with the fleet's bound on tasks in flight.
+async fn bound_ingress(cli: &Cli, p: &mut Pipeline, capacity: f64) -> anyhow::Result<Offer> {
     let bound = cli.max_in_flight.unwrap_or_else(|| (capacity * cli.bound_s).ceil() as u64).max(1);
     let ingress = ServiceOptions { args: vec!["--max-in-flight".into(), bound.to_string()], env: vec![] };
-    fleet.restart("ingress", &ingress, Duration::from_secs(10))?;
-    fleet.ready(&client, Duration::from_secs(30)).await?;
+    p.fleet.restart("ingress", &ingress, Duration::from_secs(10))?;
+    p.fleet.ready(&p.client, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rate = cli.load * capacity;
     println!(
@@ -349,333 +389,543 @@ async fn main() -> anyhow::Result<()> {
         load_label(cli.load),
         cli.secs
     );
+    Ok(Offer { bound, rate })
+}
 
-    // 3. Offered load, open loop, with memory sampled every second.
-    let mut names: Vec<String> = Vec::new();
-    let mut pids: Vec<u32> = Vec::new();
-    for (n, p) in fleet.pids() {
-        names.push(n);
-        pids.push(p);
+/// Where the offered-load window's submissions and results are tallied, shared by the
+/// submissions' tasks and the results router.
+struct Tally {
+    /// The window's start, which every `_us` figure counts from.
+    t0: Instant,
+    tasks: Mutex<HashMap<u128, TaskState>>,
+    replies: Mutex<Replies>,
+    result_errors: AtomicU64,
+}
+
+impl Tally {
+    /// µs from the window's start to `at` (0 before it).
+    fn us_since(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.t0).as_micros() as u64
     }
-    for (n, p) in
-        [("nats-server", stack.nats.pid()), ("redis-server", stack.redis.pid()), ("loadgen", std::process::id())]
-    {
-        names.push(n.to_string());
-        pids.push(p);
-    }
-    let cpu_procs: Vec<(String, u32)> = names.iter().cloned().zip(pids.iter().copied()).collect();
 
-    let tenant = format!("overload-{}", rand::random::<u32>());
-    let tasks: Arc<Mutex<HashMap<u128, TaskState>>> = Default::default();
-    let replies: Arc<Mutex<Replies>> = Default::default();
-    let result_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let t0 = Instant::now() + Duration::from_millis(200);
-    let us_since = move |at: Instant| at.saturating_duration_since(t0).as_micros() as u64;
-
-    let mut results = sundara::client::Client::new(client.clone(), &tenant).results().await?;
-    let router = tokio::spawn({
-        let (tasks, result_errors) = (tasks.clone(), result_errors.clone());
-        async move {
-            while let Some(r) = results.next().await {
-                let at = us_since(Instant::now());
-                let Ok(r) = r else {
-                    result_errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let outcome = match r.status {
-                    ResultStatus::Verified { .. } => Outcome::Verified,
-                    ResultStatus::Failed { code, .. } => Outcome::Failed(code),
-                };
-                let mut tasks = tasks.lock().expect("tasks lock");
-                let t = tasks.entry(key(&r.task_id)).or_default();
-                t.results += 1;
-                if t.first.is_none() {
-                    t.first = Some(outcome);
-                    t.first_result_us = at;
-                }
+    /// Files ingress' answer to a submission scheduled at `sched_us`, answered `latency` µs
+    /// after its schedule, in the window's `second`.
+    fn on_reply(&self, outcome: Result<SubmitOutcome, String>, sched_us: u64, latency: u64, second: usize) {
+        match outcome {
+            Ok(SubmitOutcome::Accepted { task_id, duplicate }) => {
+                self.tasks.lock().expect("tasks lock").entry(key(&task_id)).or_default().scheduled_us = Some(sched_us);
+                let mut r = self.replies.lock().expect("replies lock");
+                r.accepted.push(latency);
+                r.duplicate_accepts += duplicate as u64;
+                bump(&mut r.accepted_per_s, second);
+            }
+            Ok(SubmitOutcome::Rejected { code, .. }) => {
+                let mut r = self.replies.lock().expect("replies lock");
+                r.rejected.entry(code.as_str()).or_default().push(latency);
+                bump(&mut r.rejected_per_s, second);
+            }
+            Err(e) => {
+                let mut r = self.replies.lock().expect("replies lock");
+                *r.transport_errors.entry(e.clone()).or_default() += 1;
+                r.first_transport_error.get_or_insert(e);
             }
         }
-    });
+    }
 
-    let stop_sampling = Arc::new(AtomicBool::new(false));
-    let mut redis = redis::Client::open(endpoints.redis_url.as_str())?.get_multiplexed_async_connection().await?;
-    let sampler = tokio::spawn({
-        let (stop, pids) = (stop_sampling.clone(), pids.clone());
-        async move {
-            let mut samples = Vec::new();
-            let mut tick = tokio::time::interval_at(t0.into(), Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let t_s = Instant::now().saturating_duration_since(t0).as_secs_f64();
-                let rss = pids.iter().map(|&p| fleet::rss_bytes(p)).collect();
-                let in_flight =
-                    redis::cmd("ZCARD").arg("sundara:inflight:tasks").query_async::<u64>(&mut redis).await.ok();
-                let keys = redis::cmd("DBSIZE").query_async::<u64>(&mut redis).await.ok();
-                samples.push(Sample { t_s, rss, in_flight, keys });
+    /// Accepted tasks with no result yet.
+    fn pending(&self) -> usize {
+        self.tasks.lock().expect("tasks lock").values().filter(|t| t.scheduled_us.is_some() && t.results == 0).count()
+    }
+}
+
+/// Counts the tenant's results into `tally`: each task's results, and its first outcome and when.
+async fn spawn_router(
+    client: &async_nats::Client,
+    tenant: &str,
+    tally: Arc<Tally>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut results = sundara::client::Client::new(client.clone(), tenant).results().await?;
+    Ok(tokio::spawn(async move {
+        while let Some(r) = results.next().await {
+            let at = tally.us_since(Instant::now());
+            let Ok(r) = r else {
+                tally.result_errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let outcome = match r.status {
+                ResultStatus::Verified { .. } => Outcome::Verified,
+                ResultStatus::Failed { code, .. } => Outcome::Failed(code),
+            };
+            let mut tasks = tally.tasks.lock().expect("tasks lock");
+            let t = tasks.entry(key(&r.task_id)).or_default();
+            t.results += 1;
+            if t.first.is_none() {
+                t.first = Some(outcome);
+                t.first_result_us = at;
             }
-            samples
         }
-    });
+    }))
+}
 
-    let payloads: Vec<bytes::Bytes> = inputs
+/// Samples `pids`' memory, and admission's and Redis' key counts, once a second from `t0`
+/// until `stop`.
+async fn spawn_sampler(
+    redis_url: &str,
+    pids: Vec<u32>,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<Vec<Sample>>> {
+    let mut redis = redis::Client::open(redis_url)?.get_multiplexed_async_connection().await?;
+    Ok(tokio::spawn(async move {
+        let mut samples = Vec::new();
+        let mut tick = tokio::time::interval_at(t0.into(), Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let t_s = Instant::now().saturating_duration_since(t0).as_secs_f64();
+            let rss = pids.iter().map(|&p| fleet::rss_bytes(p)).collect();
+            let in_flight = redis::cmd("ZCARD").arg("sundara:inflight:tasks").query_async::<u64>(&mut redis).await.ok();
+            let keys = redis::cmd("DBSIZE").query_async::<u64>(&mut redis).await.ok();
+            samples.push(Sample { t_s, rss, in_flight, keys });
+        }
+        samples
+    }))
+}
+
+/// What the sender saw of its own schedule.
+#[derive(Default)]
+struct Sent {
+    scheduled: u64,
+    /// Sends skipped for want of a permit, and sends more than [`LATE`] behind schedule.
+    skipped: u64,
+    late: u64,
+    lateness_us: Vec<u64>,
+}
+
+/// How submissions go out: to whom, with what, bounded by how many outstanding.
+struct Sender {
+    nats: async_nats::Client,
+    subject: String,
+    payloads: Vec<bytes::Bytes>,
+    permits: Arc<Semaphore>,
+    tally: Arc<Tally>,
+}
+
+impl Sender {
+    /// Sends `rate` submissions per second from the tally's `t0` for `secs`, open loop; a
+    /// send due while every permit is out is skipped.
+    async fn run(&self, rate: f64, secs: f64) -> Sent {
+        let (window, interval, t0) = (Duration::from_secs_f64(secs), 1.0 / rate, self.tally.t0);
+        let mut sent = Sent::default();
+        loop {
+            let offset = Duration::from_secs_f64(sent.scheduled as f64 * interval);
+            if offset >= window {
+                break;
+            }
+            let scheduled = t0 + offset;
+            let n = sent.scheduled;
+            sent.scheduled += 1;
+            tokio::time::sleep_until(scheduled.into()).await;
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                sent.skipped += 1;
+                continue;
+            };
+            let behind = Instant::now().saturating_duration_since(scheduled);
+            sent.lateness_us.push(behind.as_micros() as u64);
+            if behind > LATE {
+                sent.late += 1;
+            }
+            let payload = self.payloads[n as usize % self.payloads.len()].clone();
+            let (nats, subject, tally) = (self.nats.clone(), self.subject.clone(), self.tally.clone());
+            tokio::spawn(async move {
+                submit(nats, subject, payload, scheduled, &tally).await;
+                drop(permit);
+            });
+        }
+        sent
+    }
+}
+
+/// Sends one submission and tallies ingress' reply, its latency counted from `scheduled`.
+async fn submit(nats: async_nats::Client, subject: String, payload: bytes::Bytes, scheduled: Instant, tally: &Tally) {
+    let sched_us = tally.us_since(scheduled);
+    let reply = tokio::time::timeout(REPLY_TIMEOUT, nats.request(subject, payload)).await;
+    let done = Instant::now();
+    let latency = done.saturating_duration_since(scheduled).as_micros() as u64;
+    let second = tally.us_since(done) as usize / 1_000_000;
+    let outcome = match reply {
+        Err(_) => Err("timed out".to_string()),
+        Ok(Err(e)) => Err(format!("{:?}", e.kind())),
+        Ok(Ok(msg)) => decode::<SubmitReply>(&msg.payload, MAX_MESSAGE_BYTES)
+            .map(|r| r.outcome)
+            .map_err(|e| format!("bad reply: {e}")),
+    };
+    tally.on_reply(outcome, sched_us, latency, second);
+}
+
+/// The encoded submissions, one per input, each with the task deadline.
+fn payloads(cli: &Cli, inputs: &[Vec<Tensor>]) -> Vec<bytes::Bytes> {
+    inputs
         .iter()
         .map(|i| {
             let req = SubmitRequest {
-                timeout_ms: Some(task_timeout.as_millis() as u64),
+                timeout_ms: Some(cli.task_timeout().as_millis() as u64),
                 ..SubmitRequest::new(&cli.model, i.clone())
             };
             bytes::Bytes::from(encode(&req))
         })
-        .collect();
-    let subject = subj::submit(&tenant);
-    let permits = Arc::new(Semaphore::new(cli.max_outstanding));
-    let window = Duration::from_secs_f64(cli.secs);
-    let interval = 1.0 / rate;
-    let (mut scheduled_n, mut skipped, mut late) = (0u64, 0u64, 0u64);
-    let mut lateness_us: Vec<u64> = Vec::new();
-    let monitor_port = stack.nats.monitor_port;
-    let state_start = server_state(monitor_port, &endpoints.redis_url).await;
+        .collect()
+}
+
+/// Every process the window measures, by name: the fleet's, the servers' and this one.
+fn window_processes(p: &Pipeline) -> (Vec<String>, Vec<u32>) {
+    let mut names: Vec<String> = Vec::new();
+    let mut pids: Vec<u32> = Vec::new();
+    for (n, pid) in p.fleet.pids() {
+        names.push(n);
+        pids.push(pid);
+    }
+    for (n, pid) in
+        [("nats-server", p.stack.nats.pid()), ("redis-server", p.stack.redis.pid()), ("loadgen", std::process::id())]
+    {
+        names.push(n.to_string());
+        pids.push(pid);
+    }
+    (names, pids)
+}
+
+/// What the offered-load window saw, before any figure is worked out.
+struct Offered {
+    /// The sampled processes, in the order of each sample's `rss`.
+    names: Vec<String>,
+    sent: Sent,
+    cpu: CpuUse,
+    samples: Vec<Sample>,
+    /// At the window's start, at its end, and after the drain.
+    state_start: ServerState,
+    state_end: ServerState,
+    state_after: ServerState,
+    key_prefixes: Option<BTreeMap<String, u64>>,
+    /// From the window's end to the last result waited for (s).
+    waited_s: f64,
+    tally: Arc<Tally>,
+}
+
+/// 3. Offered load, open loop, with memory sampled every second.
+async fn offer_load(cli: &Cli, p: &Pipeline, inputs: &[Vec<Tensor>], rate: f64) -> anyhow::Result<Offered> {
+    let (names, pids) = window_processes(p);
+    let cpu_procs: Vec<(String, u32)> = names.iter().cloned().zip(pids.iter().copied()).collect();
+    let tenant = format!("overload-{}", rand::random::<u32>());
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let tally = Arc::new(Tally {
+        t0,
+        tasks: Default::default(),
+        replies: Default::default(),
+        result_errors: AtomicU64::new(0),
+    });
+    let router = spawn_router(&p.client, &tenant, tally.clone()).await?;
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let sampler = spawn_sampler(p.endpoints.redis_url.as_str(), pids, t0, stop_sampling.clone()).await?;
+    let sender = Sender {
+        nats: p.client.clone(),
+        payloads: payloads(cli, inputs),
+        subject: subj::submit(&tenant),
+        permits: Arc::new(Semaphore::new(cli.max_outstanding)),
+        tally: tally.clone(),
+    };
+    let (monitor_port, redis_url) = (p.stack.nats.monitor_port, &p.endpoints.redis_url);
+    let state_start = server_state(monitor_port, redis_url).await;
     tokio::time::sleep_until(t0.into()).await;
     let cpu = CpuWindow::start(&cpu_procs);
-    loop {
-        let offset = Duration::from_secs_f64(scheduled_n as f64 * interval);
-        if offset >= window {
-            break;
-        }
-        let scheduled = t0 + offset;
-        let n = scheduled_n;
-        scheduled_n += 1;
-        tokio::time::sleep_until(scheduled.into()).await;
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            skipped += 1;
-            continue;
-        };
-        let behind = Instant::now().saturating_duration_since(scheduled);
-        lateness_us.push(behind.as_micros() as u64);
-        if behind > LATE {
-            late += 1;
-        }
-        let (nats, subject, payload) = (client.clone(), subject.clone(), payloads[n as usize % payloads.len()].clone());
-        let (tasks, replies) = (tasks.clone(), replies.clone());
-        tokio::spawn(async move {
-            let sched_us = us_since(scheduled);
-            let reply = tokio::time::timeout(REPLY_TIMEOUT, nats.request(subject, payload)).await;
-            let done = Instant::now();
-            let latency = done.saturating_duration_since(scheduled).as_micros() as u64;
-            let second = us_since(done) as usize / 1_000_000;
-            let outcome = match reply {
-                Err(_) => Err("timed out".to_string()),
-                Ok(Err(e)) => Err(format!("{:?}", e.kind())),
-                Ok(Ok(msg)) => decode::<SubmitReply>(&msg.payload, MAX_MESSAGE_BYTES)
-                    .map(|r| r.outcome)
-                    .map_err(|e| format!("bad reply: {e}")),
-            };
-            match outcome {
-                Ok(SubmitOutcome::Accepted { task_id, duplicate }) => {
-                    tasks.lock().expect("tasks lock").entry(key(&task_id)).or_default().scheduled_us = Some(sched_us);
-                    let mut r = replies.lock().expect("replies lock");
-                    r.accepted.push(latency);
-                    r.duplicate_accepts += duplicate as u64;
-                    bump(&mut r.accepted_per_s, second);
-                }
-                Ok(SubmitOutcome::Rejected { code, .. }) => {
-                    let mut r = replies.lock().expect("replies lock");
-                    r.rejected.entry(code.as_str()).or_default().push(latency);
-                    bump(&mut r.rejected_per_s, second);
-                }
-                Err(e) => {
-                    let mut r = replies.lock().expect("replies lock");
-                    *r.transport_errors.entry(e.clone()).or_default() += 1;
-                    r.first_transport_error.get_or_insert(e);
-                }
-            }
-            drop(permit);
-        });
-    }
+    let sent = sender.run(rate, cli.secs).await;
     let window_end = Instant::now();
     let cpu = cpu.finish();
-    let state_end = server_state(monitor_port, &endpoints.redis_url).await;
+    let state_end = server_state(monitor_port, redis_url).await;
     println!(
         "  offered window done ({:.1} s); waiting for replies and for the results of accepted tasks (≤ {} s)",
         window_end.saturating_duration_since(t0).as_secs_f64(),
         cli.straggler_s
     );
+    await_stragglers(cli, &sender.permits, &tally).await;
+    let waited_s = window_end.elapsed().as_secs_f64();
+    stop_sampling.store(true, Ordering::Relaxed);
+    let samples = sampler.await?;
+    let state_after = server_state(monitor_port, redis_url).await;
+    let key_prefixes = redis_key_prefixes(redis_url).await;
+    router.abort();
+    Ok(Offered { names, sent, cpu, samples, state_start, state_end, state_after, key_prefixes, waited_s, tally })
+}
 
-    // Every submission answered (or timed out), then stragglers' results, bounded.
+/// Every submission answered (or timed out), then stragglers' results, bounded.
+async fn await_stragglers(cli: &Cli, permits: &Semaphore, tally: &Tally) {
     let all = u32::try_from(cli.max_outstanding).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(REPLY_TIMEOUT + Duration::from_secs(2), permits.acquire_many(all)).await;
     let straggler_deadline = Instant::now() + Duration::from_secs_f64(cli.straggler_s);
-    let pending =
-        || tasks.lock().expect("tasks lock").values().filter(|t| t.scheduled_us.is_some() && t.results == 0).count();
-    while pending() > 0 && Instant::now() < straggler_deadline {
+    while tally.pending() > 0 && Instant::now() < straggler_deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // A little longer, so that a duplicate delivered just after its first copy is seen.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let waited_s = window_end.elapsed().as_secs_f64();
-    stop_sampling.store(true, Ordering::Relaxed);
-    let samples = sampler.await?;
-    let state_after = server_state(monitor_port, &endpoints.redis_url).await;
-    let key_prefixes = redis_key_prefixes(&endpoints.redis_url).await;
-    router.abort();
-    fleet.stop(Duration::from_secs(10));
+}
 
-    // 4. Figures.
-    let tasks = std::mem::take(&mut *tasks.lock().expect("tasks lock"));
-    let mut replies = std::mem::take(&mut *replies.lock().expect("replies lock"));
-    let settle_s = (cli.secs / 4.0).min(5.0);
-    let steady = (settle_s * 1e6) as u64..=(cli.secs * 1e6) as u64;
-    let (mut verified, mut verified_steady, mut lost, mut duplicated, mut unmatched) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut failed: BTreeMap<String, u64> = BTreeMap::new();
-    let mut e2e_us: Vec<u64> = Vec::new();
-    let mut verified_per_s: Vec<u64> = Vec::new();
+/// The accepted tasks' outcomes, counted.
+#[derive(Default)]
+struct Results {
+    verified: u64,
+    /// Verified within the steady part of the window (after the settling).
+    verified_steady: u64,
+    lost: u64,
+    duplicated: u64,
+    /// Results whose acceptance was never seen.
+    unmatched: u64,
+    failed: BTreeMap<String, u64>,
+    e2e_us: Vec<u64>,
+    verified_per_s: Vec<u64>,
+}
+
+/// Counts each task's first outcome; `steady` (µs since the window's start) is the part
+/// of the window the goodput counts.
+fn count_results(tasks: &HashMap<u128, TaskState>, steady: std::ops::RangeInclusive<u64>) -> Results {
+    let mut r = Results::default();
     for t in tasks.values() {
         let Some(sched) = t.scheduled_us else {
-            unmatched += 1;
+            r.unmatched += 1;
             continue;
         };
         match t.first {
-            None => lost += 1,
+            None => r.lost += 1,
             Some(Outcome::Verified) => {
-                verified += 1;
-                e2e_us.push(t.first_result_us.saturating_sub(sched));
-                bump(&mut verified_per_s, t.first_result_us as usize / 1_000_000);
+                r.verified += 1;
+                r.e2e_us.push(t.first_result_us.saturating_sub(sched));
+                bump(&mut r.verified_per_s, t.first_result_us as usize / 1_000_000);
                 if steady.contains(&t.first_result_us) {
-                    verified_steady += 1;
+                    r.verified_steady += 1;
                 }
             }
-            Some(Outcome::Failed(code)) => *failed.entry(format!("{code:?}").to_lowercase()).or_default() += 1,
+            Some(Outcome::Failed(code)) => *r.failed.entry(format!("{code:?}").to_lowercase()).or_default() += 1,
         }
         if t.results > 1 {
-            duplicated += 1;
+            r.duplicated += 1;
         }
     }
-    let accepted = replies.accepted.len() as u64;
-    let rejected_total: u64 = replies.rejected.values().map(|v| v.len() as u64).sum();
-    let transport_total: u64 = replies.transport_errors.values().sum();
-    let mut all_rejections: Vec<u64> = replies.rejected.values().flatten().copied().collect();
-    let rejection = Summary::from_micros(&mut all_rejections);
-    let by_code: BTreeMap<&str, Summary> =
-        replies.rejected.iter_mut().map(|(c, v)| (*c, Summary::from_micros(v))).collect();
-    let accept_reply = Summary::from_micros(&mut replies.accepted);
-    let e2e = Summary::from_micros(&mut e2e_us);
-    let lateness = Summary::from_micros(&mut lateness_us);
-    let goodput = verified_steady as f64 / (cli.secs - settle_s);
-    let goodput_ratio = goodput / capacity;
-    let rss = rss_stats(&names, &samples, cli.secs);
-    let in_flight_max = samples.iter().filter(|s| s.t_s <= cli.secs + 0.5).filter_map(|s| s.in_flight).max();
-    let sent = scheduled_n - skipped;
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-    // Growth over the window per task accepted in it: what a task costs a process's memory.
-    let per_task = |r: &RssStats| ratio((r.end - r.start) * 1024.0, accepted as f64);
-    let date = std::process::Command::new("date")
+    r
+}
+
+/// `a / b`, or 0 when `b` is not positive.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+/// Everything the report prints, worked out from the run.
+struct Figures {
+    settle_s: f64,
+    results: Results,
+    replies: Replies,
+    accepted: u64,
+    rejected_total: u64,
+    transport_total: u64,
+    rejection: Summary,
+    by_code: BTreeMap<&'static str, Summary>,
+    accept_reply: Summary,
+    e2e: Summary,
+    lateness: Summary,
+    goodput: f64,
+    goodput_ratio: f64,
+    rss: Vec<RssStats>,
+    in_flight_max: Option<u64>,
+    /// Submissions sent (scheduled less skipped).
+    sent: u64,
+    date: String,
+    cores: usize,
+    /// CPU (cores) of processes outside this run, and of this run's servers.
+    other_cores: f64,
+    server_cores: f64,
+    cpu_per_task_us: f64,
+    cpu_per_rejection_us: Option<f64>,
+}
+
+impl Figures {
+    /// 4. Figures, from the capacity run and the offered-load window.
+    fn new(cli: &Cli, cap: &CapacityRun, off: &Offered) -> Figures {
+        let tasks = std::mem::take(&mut *off.tally.tasks.lock().expect("tasks lock"));
+        let mut replies = std::mem::take(&mut *off.tally.replies.lock().expect("replies lock"));
+        let settle_s = (cli.secs / 4.0).min(5.0);
+        let mut results = count_results(&tasks, (settle_s * 1e6) as u64..=(cli.secs * 1e6) as u64);
+        let accepted = replies.accepted.len() as u64;
+        let rejected_total: u64 = replies.rejected.values().map(|v| v.len() as u64).sum();
+        let transport_total: u64 = replies.transport_errors.values().sum();
+        let mut all_rejections: Vec<u64> = replies.rejected.values().flatten().copied().collect();
+        let rejection = Summary::from_micros(&mut all_rejections);
+        let by_code = replies.rejected.iter_mut().map(|(c, v)| (*c, Summary::from_micros(v))).collect();
+        let accept_reply = Summary::from_micros(&mut replies.accepted);
+        let e2e = Summary::from_micros(&mut results.e2e_us);
+        let mut lateness_us = off.sent.lateness_us.clone();
+        let lateness = Summary::from_micros(&mut lateness_us);
+        let goodput = results.verified_steady as f64 / (cli.secs - settle_s);
+        let rss = rss_stats(&off.names, &off.samples, cli.secs);
+        let in_flight_max = off.samples.iter().filter(|s| s.t_s <= cli.secs + 0.5).filter_map(|s| s.in_flight).max();
+        let cpu = &off.cpu;
+        // CPU used by processes outside this run (the machine is shared): contention to read the figures by.
+        let other_cores = (cpu.machine_cores - cpu.processes.iter().map(|(_, c)| c).sum::<f64>()).max(0.0);
+        // The servers' CPU (load generator left out), and an estimate of what one rejection
+        // costs: the window's CPU less the verified tasks at the capacity run's CPU per task.
+        let server_cores: f64 = cpu.processes.iter().filter(|(n, _)| n != "loadgen").map(|(_, c)| c).sum();
+        let cpu_per_task_us = cap.server_cores / cap.tasks_per_s * 1e6;
+        let rejections_per_s = rejected_total as f64 / cli.secs;
+        let verified_rate = results.verified as f64 / cli.secs;
+        let cpu_per_rejection_us = (rejections_per_s > 0.0)
+            .then(|| (server_cores - verified_rate * cpu_per_task_us / 1e6) / rejections_per_s * 1e6);
+        Figures {
+            settle_s,
+            results,
+            replies,
+            accepted,
+            rejected_total,
+            transport_total,
+            rejection,
+            by_code,
+            accept_reply,
+            e2e,
+            lateness,
+            goodput,
+            goodput_ratio: goodput / cap.tasks_per_s,
+            rss,
+            in_flight_max,
+            sent: off.sent.scheduled - off.sent.skipped,
+            date: today(),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            other_cores,
+            server_cores,
+            cpu_per_task_us,
+            cpu_per_rejection_us,
+        }
+    }
+
+    /// Growth over the window per task accepted in it: what a task costs a process's memory.
+    fn per_task(&self, r: &RssStats) -> f64 {
+        ratio((r.end - r.start) * 1024.0, self.accepted as f64)
+    }
+}
+
+/// Today's date (UTC), as `date -u +%F` prints it; empty if that fails.
+fn today() -> String {
+    std::process::Command::new("date")
         .args(["-u", "+%F"])
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    // CPU used by processes outside this run (the machine is shared): contention to read the figures by.
-    let other_cores = (cpu.machine_cores - cpu.processes.iter().map(|(_, c)| c).sum::<f64>()).max(0.0);
-    // The servers' CPU (load generator left out), and an estimate of what one rejection
-    // costs: the window's CPU less the verified tasks at the capacity run's CPU per task.
-    let server_cores: f64 = cpu.processes.iter().filter(|(n, _)| n != "loadgen").map(|(_, c)| c).sum();
-    let cpu_per_task_us = cap_server_cores / capacity * 1e6;
-    let rejections_per_s = rejected_total as f64 / cli.secs;
-    let verified_rate = verified as f64 / cli.secs;
-    let cpu_per_rejection_us = (rejections_per_s > 0.0)
-        .then(|| (server_cores - verified_rate * cpu_per_task_us / 1e6) / rejections_per_s * 1e6);
+        .unwrap_or_default()
+}
 
-    let record = json!({
+/// The run's JSON record.
+fn record_json(cli: &Cli, cap: &CapacityRun, offer: &Offer, off: &Offered, f: &Figures) -> Value {
+    let (capacity, bound, r, replies, cpu, samples) =
+        (cap.tasks_per_s, offer.bound, &f.results, &f.replies, &off.cpu, &off.samples);
+    json!({
         "benchmark": "overload",
-        "date": date,
-        "cores": cores,
+        "date": f.date,
+        "cores": f.cores,
         "load": cli.load,
         "secs": cli.secs,
         "config": {"model": cli.model, "k": cli.k, "workers": cli.workers, "threads_per_worker": cli.threads,
                    "task_timeout_s": cli.task_timeout_s, "max_outstanding_submissions": cli.max_outstanding,
-                   "settle_s": settle_s},
+                   "settle_s": f.settle_s},
         "capacity": {"tasks_per_s": capacity, "concurrency": cli.capacity_concurrency, "measure_s": cli.capacity_secs,
-                     "latency": summary_json(&cap.latency), "errors": cap.errors},
+                     "latency": summary_json(&cap.stats.latency), "errors": cap.stats.errors},
         "bound": {"max_in_flight": bound, "seconds_of_capacity": bound as f64 / capacity,
-                  "in_flight_max_observed": in_flight_max},
-        "offered": {"rate_per_s": rate, "scheduled": scheduled_n, "sent": sent,
-                    "generator_lag": {"skipped_no_permit": skipped, "late_over_10ms": late,
-                                      "lateness": summary_json(&lateness)}},
-        "replies": {"accepted": accepted, "duplicate_accepts": replies.duplicate_accepts,
+                  "in_flight_max_observed": f.in_flight_max},
+        "offered": {"rate_per_s": offer.rate, "scheduled": off.sent.scheduled, "sent": f.sent,
+                    "generator_lag": {"skipped_no_permit": off.sent.skipped, "late_over_10ms": off.sent.late,
+                                      "lateness": summary_json(&f.lateness)}},
+        "replies": {"accepted": f.accepted, "duplicate_accepts": replies.duplicate_accepts,
                     "rejected": replies.rejected.iter().map(|(c, v)| (c.to_string(), json!(v.len()))).collect::<serde_json::Map<_, _>>(),
-                    "rejected_total": rejected_total,
+                    "rejected_total": f.rejected_total,
                     "transport_errors": replies.transport_errors, "first_transport_error": replies.first_transport_error},
-        "latency": {"rejection": summary_json(&rejection),
-                    "rejection_by_code": by_code.iter().map(|(c, s)| (c.to_string(), summary_json(s))).collect::<serde_json::Map<_, _>>(),
-                    "accept_reply": summary_json(&accept_reply),
-                    "accepted_end_to_end": summary_json(&e2e),
-                    "rejection_p50_over_accepted_p50": ratio(rejection.p50_ms, e2e.p50_ms),
-                    "rejection_p99_over_accepted_p99": ratio(rejection.p99_ms, e2e.p99_ms)},
-        "results": {"verified": verified, "failed": failed, "lost": lost, "duplicated": duplicated,
-                    "unmatched": unmatched, "result_stream_errors": result_errors.load(Ordering::Relaxed),
-                    "waited_after_window_s": waited_s},
-        "goodput": {"verified_per_s": goodput, "window_s": [settle_s, cli.secs], "over_capacity": goodput_ratio},
-        "cpu": {"machine_cores": cpu.machine_cores, "other_processes_cores": other_cores,
-                "servers_cores": server_cores, "capacity_run_servers_cores": cap_server_cores,
-                "capacity_run_machine_cores": cap_cpu.machine_cores,
-                "servers_us_per_verified_task_at_capacity": cpu_per_task_us,
-                "servers_us_per_rejection_estimate": cpu_per_rejection_us, "processes": cpu.processes.iter().map(|(n, c)| (n.clone(), json!(c))).collect::<serde_json::Map<_, _>>()},
+        "latency": {"rejection": summary_json(&f.rejection),
+                    "rejection_by_code": f.by_code.iter().map(|(c, s)| (c.to_string(), summary_json(s))).collect::<serde_json::Map<_, _>>(),
+                    "accept_reply": summary_json(&f.accept_reply),
+                    "accepted_end_to_end": summary_json(&f.e2e),
+                    "rejection_p50_over_accepted_p50": ratio(f.rejection.p50_ms, f.e2e.p50_ms),
+                    "rejection_p99_over_accepted_p99": ratio(f.rejection.p99_ms, f.e2e.p99_ms)},
+        "results": {"verified": r.verified, "failed": r.failed, "lost": r.lost, "duplicated": r.duplicated,
+                    "unmatched": r.unmatched, "result_stream_errors": off.tally.result_errors.load(Ordering::Relaxed),
+                    "waited_after_window_s": off.waited_s},
+        "goodput": {"verified_per_s": f.goodput, "window_s": [f.settle_s, cli.secs], "over_capacity": f.goodput_ratio},
+        "cpu": {"machine_cores": cpu.machine_cores, "other_processes_cores": f.other_cores,
+                "servers_cores": f.server_cores, "capacity_run_servers_cores": cap.server_cores,
+                "capacity_run_machine_cores": cap.machine_cores,
+                "servers_us_per_verified_task_at_capacity": f.cpu_per_task_us,
+                "servers_us_per_rejection_estimate": f.cpu_per_rejection_us, "processes": cpu.processes.iter().map(|(n, c)| (n.clone(), json!(c))).collect::<serde_json::Map<_, _>>()},
         "memory": {"flat_threshold_mib_per_min": cli.flat_mib_per_min,
-                   "processes": rss.iter().map(|r| json!({"process": r.process, "start_mib": r.start, "max_mib": r.max,
+                   "processes": f.rss.iter().map(|r| json!({"process": r.process, "start_mib": r.start, "max_mib": r.max,
                        "end_mib": r.end, "after_drain_mib": r.after, "slope_mib_per_min_second_half": r.slope,
-                       "growth_kib_per_accepted_task": per_task(r),
+                       "growth_kib_per_accepted_task": f.per_task(r),
                        "flat": r.slope.abs() < cli.flat_mib_per_min})).collect::<Vec<_>>()},
-        "servers": {"start": state_start, "end_of_window": state_end, "after_drain": state_after,
-                    "redis_keys_by_prefix_after_drain": key_prefixes},
-        "series": {"processes": names,
+        "servers": {"start": off.state_start, "end_of_window": off.state_end, "after_drain": off.state_after,
+                    "redis_keys_by_prefix_after_drain": off.key_prefixes},
+        "series": {"processes": off.names,
                    "t_s": samples.iter().map(|s| (s.t_s * 10.0).round() / 10.0).collect::<Vec<_>>(),
                    "rss_mib": samples.iter().map(|s| s.rss.iter().map(|b| b.map(|b| (mib(b) * 10.0).round() / 10.0)).collect::<Vec<_>>()).collect::<Vec<_>>(),
                    "in_flight": samples.iter().map(|s| s.in_flight).collect::<Vec<_>>(),
                    "redis_keys": samples.iter().map(|s| s.keys).collect::<Vec<_>>(),
                    "accepted_per_s": replies.accepted_per_s, "rejected_per_s": replies.rejected_per_s,
-                   "verified_per_s": verified_per_s},
-    });
+                   "verified_per_s": r.verified_per_s},
+    })
+}
 
-    // 5. Summary, JSON and Markdown.
-    let label = load_label(cli.load);
-    let mut md = String::new();
-    md.push_str(&format!(
-        "# Overload at {label}× capacity for {} s\n\n{date}, {cores} cores; model {}, k={}, {} workers × {} threads.\n\n",
-        cli.secs, cli.model, cli.k, cli.workers, cli.threads
-    ));
+/// The Markdown report's heading and its table of headline figures (the run, offered
+/// load and replies here; latency and outcome rows appended).
+fn summary_table(cli: &Cli, cap: &CapacityRun, offer: &Offer, off: &Offered, f: &Figures) -> String {
+    let (capacity, bound, rate, sent) = (cap.tasks_per_s, offer.bound, offer.rate, &off.sent);
+    let mut md = format!(
+        "# Overload at {}× capacity for {} s\n\n{}, {} cores; model {}, k={}, {} workers × {} threads.\n\n",
+        load_label(cli.load),
+        cli.secs,
+        f.date,
+        f.cores,
+        cli.model,
+        cli.k,
+        cli.workers,
+        cli.threads
+    );
     md.push_str("| figure | value |\n|---|---|\n");
     let mut row = |k: &str, v: String| md.push_str(&format!("| {k} | {v} |\n"));
     row("capacity (closed loop, C=64, verified tasks/s)", format!("{capacity:.0}"));
+    let most = f.in_flight_max.map_or("–".into(), |m| m.to_string());
     row(
         "bound on tasks in flight (ingress --max-in-flight)",
-        format!(
-            "{bound} ({:.2} s of capacity); most seen {}",
-            bound as f64 / capacity,
-            in_flight_max.map_or("–".into(), |m| m.to_string())
-        ),
+        format!("{bound} ({:.2} s of capacity); most seen {most}", bound as f64 / capacity),
     );
-    row("offered", format!("{rate:.0}/s for {} s: {scheduled_n} scheduled, {sent} sent", cli.secs));
+    row("offered", format!("{rate:.0}/s for {} s: {} scheduled, {} sent", cli.secs, sent.scheduled, f.sent));
     row(
         "generator lag",
         format!(
-            "{skipped} skipped (no permit), {late} sent > 10 ms late; send lateness p99 {} ms",
-            fmt(lateness.p99_ms)
+            "{} skipped (no permit), {} sent > 10 ms late; send lateness p99 {} ms",
+            sent.skipped,
+            sent.late,
+            fmt(f.lateness.p99_ms)
         ),
     );
-    row("accepted", format!("{accepted}"));
-    let codes: Vec<String> = replies.rejected.iter().map(|(c, v)| format!("{c} {}", v.len())).collect();
+    row("accepted", format!("{}", f.accepted));
+    let codes: Vec<String> = f.replies.rejected.iter().map(|(c, v)| format!("{c} {}", v.len())).collect();
     row("rejected", if codes.is_empty() { "0".into() } else { codes.join(", ") });
-    row("transport errors", format!("{transport_total}"));
+    row("transport errors", format!("{}", f.transport_total));
+    md + &latency_rows(f) + &outcome_rows(cli, off, f)
+}
+
+/// The headline table's latency rows: rejections, acceptances and accepted tasks.
+fn latency_rows(f: &Figures) -> String {
+    let mut md = String::new();
+    let mut row = |k: &str, v: String| md.push_str(&format!("| {k} | {v} |\n"));
+    let (rejection, e2e) = (&f.rejection, &f.e2e);
     if rejection.count > 0 {
         row(
             "rejection reply p50 / p99 / max ms",
             format!("{} / {} / {}", fmt(rejection.p50_ms), fmt(rejection.p99_ms), fmt(rejection.max_ms)),
         );
     }
-    row("accept reply p50 / p99 ms", format!("{} / {}", fmt(accept_reply.p50_ms), fmt(accept_reply.p99_ms)));
+    row("accept reply p50 / p99 ms", format!("{} / {}", fmt(f.accept_reply.p50_ms), fmt(f.accept_reply.p99_ms)));
     row("accepted task end to end p50 / p99 ms", format!("{} / {}", fmt(e2e.p50_ms), fmt(e2e.p99_ms)));
     if rejection.count > 0 {
         row(
@@ -689,35 +939,50 @@ async fn main() -> anyhow::Result<()> {
             ),
         );
     }
+    md
+}
+
+/// The headline table's outcome rows: goodput, the tasks' results, and CPU.
+fn outcome_rows(cli: &Cli, off: &Offered, f: &Figures) -> String {
+    let mut md = String::new();
+    let mut row = |k: &str, v: String| md.push_str(&format!("| {k} | {v} |\n"));
+    let r = &f.results;
     row(
-        &format!("goodput (verified/s, {settle_s:.0}-{} s)", cli.secs),
-        format!("{goodput:.0} = {goodput_ratio:.2}× capacity"),
+        &format!("goodput (verified/s, {:.0}-{} s)", f.settle_s, cli.secs),
+        format!("{:.0} = {:.2}× capacity", f.goodput, f.goodput_ratio),
     );
-    let failed_s: Vec<String> = failed.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    let failed_s: Vec<String> = r.failed.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    let failed = if failed_s.is_empty() { "0".into() } else { failed_s.join(", ") };
     row(
         "results",
         format!(
-            "{verified} verified, failed: {}; lost {lost}, duplicated {duplicated}, unmatched {unmatched}",
-            if failed_s.is_empty() { "0".into() } else { failed_s.join(", ") }
+            "{} verified, failed: {failed}; lost {}, duplicated {}, unmatched {}",
+            r.verified, r.lost, r.duplicated, r.unmatched
         ),
     );
-    if let Some(us) = cpu_per_rejection_us {
+    if let Some(us) = f.cpu_per_rejection_us {
         row(
             "servers' CPU per rejection (estimate) vs per verified task",
-            format!("{us:.0} µs vs {cpu_per_task_us:.0} µs"),
+            format!("{us:.0} µs vs {:.0} µs", f.cpu_per_task_us),
         );
     }
+    let machine = off.cpu.machine_cores;
     row(
         "CPU (cores): machine, this run's processes, others",
-        format!("{:.2}, {:.2}, {:.2}", cpu.machine_cores, cpu.machine_cores - other_cores, other_cores),
+        format!("{machine:.2}, {:.2}, {:.2}", machine - f.other_cores, f.other_cores),
     );
-    md.push_str(&format!(
+    md
+}
+
+/// The Markdown table of each process's resident memory and CPU.
+fn memory_table(cli: &Cli, off: &Offered, f: &Figures) -> String {
+    let mut md = format!(
         "\n**Resident memory (MiB)**, sampled every second; flat = |slope| < {} MiB/min over the second half of the window\n\n",
         cli.flat_mib_per_min
-    ));
+    );
     md.push_str("| process | start | max | end of window | after drain | slope MiB/min | flat | KiB per accepted task | CPU cores |\n|---|---|---|---|---|---|---|---|---|\n");
-    for r in &rss {
-        let cores = cpu.processes.iter().find(|(n, _)| *n == r.process).map_or(0.0, |(_, c)| *c);
+    for r in &f.rss {
+        let cores = off.cpu.processes.iter().find(|(n, _)| *n == r.process).map_or(0.0, |(_, c)| *c);
         md.push_str(&format!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.2} | {} | {:.2} | {:.2} |\n",
             r.process,
@@ -727,17 +992,24 @@ async fn main() -> anyhow::Result<()> {
             r.after,
             r.slope,
             if r.slope.abs() < cli.flat_mib_per_min { "yes" } else { "**no**" },
-            per_task(r),
+            f.per_task(r),
             cores
         ));
     }
-    md.push_str("\n**What the servers hold** (start of the window → end of it)\n\n");
+    md
+}
+
+/// The Markdown table of what the servers hold (streams and Redis), start of the window
+/// to its end, and Redis' most common key prefixes after the drain.
+fn servers_table(off: &Offered) -> String {
+    let (state_start, state_end) = (&off.state_start, &off.state_end);
+    let mut md = String::from("\n**What the servers hold** (start of the window → end of it)\n\n");
     md.push_str("| store | messages or keys | MiB | subjects |\n|---|---|---|---|\n");
     let streams = |st: &ServerState| st.streams.clone().unwrap_or_default();
-    let mut ends = streams(&state_end);
+    let mut ends = streams(state_end);
     ends.sort_by(|a, b| a.name.cmp(&b.name));
     for end in ends {
-        let start = streams(&state_start).into_iter().find(|s| s.name == end.name);
+        let start = streams(state_start).into_iter().find(|s| s.name == end.name);
         let (m0, b0, s0) = start.map_or((0, 0, 0), |s| (s.messages, s.bytes, s.subjects));
         md.push_str(&format!(
             "| stream {} | {m0} → {} | {:.1} → {:.1} | {s0} → {} |\n",
@@ -757,17 +1029,21 @@ async fn main() -> anyhow::Result<()> {
         optf(state_start.redis_used_memory_mib),
         optf(state_end.redis_used_memory_mib)
     ));
-    if let Some(p) = &key_prefixes {
+    if let Some(p) = &off.key_prefixes {
         let mut p: Vec<_> = p.iter().collect();
         p.sort_by(|a, b| b.1.cmp(a.1));
         let top: Vec<String> = p.iter().take(4).map(|(k, n)| format!("`{k}` {n}")).collect();
         md.push_str(&format!("\nRedis keys after the drain, most common prefixes: {}.\n", top.join(", ")));
     }
-    println!("\n{md}");
-    std::fs::create_dir_all(&out_dir)?;
+    md
+}
+
+/// Writes `overload-<label>.json` and `.md` into `out_dir`.
+fn write_report(out_dir: &Path, label: &str, record: &Value, md: String) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out_dir)?;
     let json_path = out_dir.join(format!("overload-{label}.json"));
     let md_path = out_dir.join(format!("overload-{label}.md"));
-    std::fs::write(&json_path, serde_json::to_string_pretty(&record)? + "\n")
+    std::fs::write(&json_path, serde_json::to_string_pretty(record)? + "\n")
         .with_context(|| json_path.display().to_string())?;
     std::fs::write(&md_path, md).with_context(|| md_path.display().to_string())?;
     println!("wrote {} and {}", json_path.display(), md_path.display());

@@ -46,6 +46,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use sundara::stack::{LocalStack, project_root};
 use sundara_bench::stats::{Summary, median};
+use sundara_bench::within;
 use sundara_common::capacity::{Placement, SliceAnnounce, WorkerAnnounce};
 use sundara_common::{Capacity, Shutdown, nats};
 use sundara_schemas::{
@@ -466,6 +467,35 @@ fn task_index(id: &str) -> Option<usize> {
 }
 
 impl Fleet {
+    /// The fleet `--fleet` describes, each slice's nominal service times from its class's
+    /// speed; `measured` is the window's task indices.
+    fn new(args: &Args, measured: std::ops::Range<usize>) -> Fleet {
+        let mut slices = Vec::new();
+        for (ci, c) in args.fleet.iter().enumerate() {
+            let nominal: Vec<u64> =
+                args.models.iter().map(|m| (m.base_ms * 1000.0 / c.speed).round().max(1.0) as u64).collect();
+            for n in 0..c.count {
+                slices.push(SimSlice {
+                    class: ci,
+                    worker: format!("{}-{n:03}", c.name),
+                    slots: args.slots(c),
+                    lanes: Semaphore::new(c.lanes as usize),
+                    held: AtomicU32::new(0),
+                    max_held: AtomicU32::new(0),
+                    nominal_us: nominal.clone(),
+                    measured_us: Mutex::new(nominal.iter().map(|&us| us as f64).collect()),
+                });
+            }
+        }
+        Fleet {
+            slices,
+            models: args.models.iter().enumerate().map(|(i, m)| (m.name.clone(), i)).collect(),
+            record: Mutex::new(Record::default()),
+            measured,
+            errors: AtomicU64::new(0),
+        }
+    }
+
     fn announce(&self, args: &Args, i: usize) -> WorkerAnnounce {
         let s = &self.slices[i];
         let c = &args.fleet[s.class];
@@ -652,11 +682,6 @@ async fn generate(
     }
 }
 
-/// Awaits `f` for at most `limit`.
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(limit, f).await.map_err(|_| anyhow!("{what}: timed out after {} s", limit.as_secs()))?
-}
-
 async fn one_run(args: &Args, root: &std::path::Path, placement: Placement, load: f64, seed: u64) -> Result<RunResult> {
     let limit = Duration::from_secs(args.timeout_s);
     let root = root.to_path_buf();
@@ -675,72 +700,14 @@ async fn one_run(args: &Args, root: &std::path::Path, placement: Placement, load
     let lo = arrivals.partition_point(|a| a.0 < warm_us);
     let hi = arrivals.partition_point(|a| a.0 < warm_us + measure_us);
 
-    let mut slices = Vec::new();
-    for (ci, c) in args.fleet.iter().enumerate() {
-        let nominal: Vec<u64> =
-            args.models.iter().map(|m| (m.base_ms * 1000.0 / c.speed).round().max(1.0) as u64).collect();
-        for n in 0..c.count {
-            slices.push(SimSlice {
-                class: ci,
-                worker: format!("{}-{n:03}", c.name),
-                slots: args.slots(c),
-                lanes: Semaphore::new(c.lanes as usize),
-                held: AtomicU32::new(0),
-                max_held: AtomicU32::new(0),
-                nominal_us: nominal.clone(),
-                measured_us: Mutex::new(nominal.iter().map(|&us| us as f64).collect()),
-            });
-        }
-    }
-    let fleet = Arc::new(Fleet {
-        slices,
-        models: args.models.iter().enumerate().map(|(i, m)| (m.name.clone(), i)).collect(),
-        record: Mutex::new(Record::default()),
-        measured: lo..hi,
-        errors: AtomicU64::new(0),
-    });
+    let fleet = Arc::new(Fleet::new(args, lo..hi));
     for i in 0..fleet.slices.len() {
         capacity.announce(&fleet.announce(args, i), true, HEARTBEAT_TTL_MS).await?;
     }
-
     let shutdown = Shutdown::new();
     let mut tasks = tokio::task::JoinSet::new();
-    // Each slice consumes its own WORK subject, as a worker does (its consumer's limits too).
-    for i in 0..fleet.slices.len() {
-        let s = &fleet.slices[i];
-        let consumer = nats::durable_consumer(
-            &js,
-            subj::WORK_STREAM,
-            &format!("worker-{}", s.worker),
-            &subj::work_of(&s.worker),
-            Duration::from_secs(30),
-            (s.slots * 4) as i64,
-        )
-        .await?;
-        let (fleet, js, stop) = (fleet.clone(), js.clone(), shutdown.child_token());
-        let concurrency = s.slots as usize * 2;
-        tasks.spawn(async move {
-            let handled = nats::consume(&consumer, &stop, concurrency, |msg| fleet.on_assignment(i, &js, msg)).await;
-            handled.with_context(|| format!("slice {i}"))
-        });
-    }
-    {
-        let (fleet, args, capacity, stop) = (fleet.clone(), args.clone(), capacity.clone(), shutdown.child_token());
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tick.tick() => {}
-                }
-                for i in 0..fleet.slices.len() {
-                    if let Err(e) = capacity.announce(&fleet.announce(&args, i), false, HEARTBEAT_TTL_MS).await {
-                        tracing::warn!(error = %e, "heartbeat failed");
-                    }
-                }
-            }
-        });
-    }
+    spawn_slices(&fleet, &js, &shutdown, &mut tasks).await?;
+    tasks.spawn(heartbeat(fleet.clone(), args.clone(), capacity.clone(), shutdown.child_token()));
     let mut config = sundara_scheduler::Config::new(ep.clone(), SECRET.to_vec());
     config.placement = placement;
     let stop = shutdown.child_token();
@@ -748,39 +715,11 @@ async fn one_run(args: &Args, root: &std::path::Path, placement: Placement, load
 
     let generated = Arc::new(Generated::default());
     let (t0, t0_us) = (Instant::now(), now_us());
-    let generator = async {
-        let (js, stop, generated) = (js.clone(), shutdown.child_token(), generated.clone());
-        generate(js, args, &arrivals, (t0, t0_us), stop, generated).await;
-        // The schedule outlasts the wait below.
-        std::future::pending::<std::convert::Infallible>().await
-    };
-    // Arrivals go on until every task of the window is answered (or the limit passes).
+    let generator = generate(js.clone(), args, &arrivals, (t0, t0_us), shutdown.child_token(), generated.clone());
     let window_end = t0 + Duration::from_micros(warm_us + measure_us);
-    let waited = async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if let Some(done) = tasks.try_join_next() {
-                return Err(anyhow!("a fleet, heartbeat or scheduler task stopped early: {done:?}"));
-            }
-            let all = fleet.record.lock().expect("fleet record").measured_done == hi - lo;
-            if Instant::now() >= window_end && all {
-                return Ok(());
-            }
-            if Instant::now() >= window_end + limit {
-                return Err(anyhow!("not every task of the window was answered within {} s", limit.as_secs()));
-            }
-        }
-    };
-    let waited = tokio::select! {
-        w = waited => w,
-        never = generator => match never {},
-    };
+    let waited = await_answers(generator, &fleet, &mut tasks, window_end, limit).await;
     shutdown.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await.is_err()
-    {
-        // Tasks still waiting for capacity in the scheduler do not stop on their own.
-        tasks.abort_all();
-    }
+    stop_tasks(tasks).await;
     if let Err(e) = &waited {
         eprintln!("warning: {e:#}");
     }
@@ -797,6 +736,97 @@ async fn one_run(args: &Args, root: &std::path::Path, placement: Placement, load
     };
     summarise(args, &fleet, (t0_us + warm_us, t0_us + warm_us + measure_us), &mut r);
     Ok(r)
+}
+
+/// The spawned fleet, heartbeat and scheduler tasks of one run.
+type RunTasks = tokio::task::JoinSet<Result<()>>;
+
+/// Each slice consumes its own WORK subject, as a worker does (its consumer's limits too).
+async fn spawn_slices(
+    fleet: &Arc<Fleet>,
+    js: &jetstream::Context,
+    shutdown: &Shutdown,
+    tasks: &mut RunTasks,
+) -> Result<()> {
+    for i in 0..fleet.slices.len() {
+        let s = &fleet.slices[i];
+        let consumer = nats::durable_consumer(
+            js,
+            subj::WORK_STREAM,
+            &format!("worker-{}", s.worker),
+            &subj::work_of(&s.worker),
+            Duration::from_secs(30),
+            (s.slots * 4) as i64,
+        )
+        .await?;
+        let (fleet, js, stop) = (fleet.clone(), js.clone(), shutdown.child_token());
+        let concurrency = s.slots as usize * 2;
+        tasks.spawn(async move {
+            let handled = nats::consume(&consumer, &stop, concurrency, |msg| fleet.on_assignment(i, &js, msg)).await;
+            handled.with_context(|| format!("slice {i}"))
+        });
+    }
+    Ok(())
+}
+
+/// Announces every slice again each [`HEARTBEAT_EVERY`] until `stop`, as a worker's heartbeat.
+async fn heartbeat(fleet: Arc<Fleet>, args: Args, capacity: Capacity, stop: Shutdown) -> Result<()> {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        for i in 0..fleet.slices.len() {
+            if let Err(e) = capacity.announce(&fleet.announce(&args, i), false, HEARTBEAT_TTL_MS).await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }
+}
+
+/// Runs `generator` (arrivals go on) until every task of the measured window is answered
+/// after `window_end`; an error if `limit` passes after it or a spawned task stops early.
+async fn await_answers(
+    generator: impl Future<Output = ()>,
+    fleet: &Fleet,
+    tasks: &mut RunTasks,
+    window_end: Instant,
+    limit: Duration,
+) -> Result<()> {
+    let generator = async {
+        generator.await;
+        // The schedule outlasts the wait below.
+        std::future::pending::<std::convert::Infallible>().await
+    };
+    let waited = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(done) = tasks.try_join_next() {
+                return Err(anyhow!("a fleet, heartbeat or scheduler task stopped early: {done:?}"));
+            }
+            let all = fleet.record.lock().expect("fleet record").measured_done == fleet.measured.len();
+            if Instant::now() >= window_end && all {
+                return Ok(());
+            }
+            if Instant::now() >= window_end + limit {
+                return Err(anyhow!("not every task of the window was answered within {} s", limit.as_secs()));
+            }
+        }
+    };
+    tokio::select! {
+        w = waited => w,
+        never = generator => match never {},
+    }
+}
+
+/// Waits up to 5 s for the run's tasks to stop, then aborts the rest: tasks still waiting
+/// for capacity in the scheduler do not stop on their own.
+async fn stop_tasks(mut tasks: RunTasks) {
+    if tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await.is_err()
+    {
+        tasks.abort_all();
+    }
 }
 
 /// Fills `r` from the fleet's record for the window `[w0, w1)` (Unix µs).

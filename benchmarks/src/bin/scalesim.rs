@@ -31,6 +31,7 @@ use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use sundara::stack::{LocalStack, project_root};
 use sundara_bench::stats::{Summary, median};
+use sundara_bench::within;
 use sundara_common::capacity::{Placement, ReserveTerms, SliceAnnounce, WorkerAnnounce};
 use sundara_common::{Capacity, Endpoints, Shutdown, nats};
 use sundara_scheduler::assignment_id;
@@ -268,11 +269,6 @@ async fn one_run(args: &Args, root: &std::path::Path, n: usize, run: usize) -> R
     Ok(r)
 }
 
-/// Awaits `f` for at most `limit`.
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(limit, f).await.map_err(|_| anyhow!("{what}: timed out after {} s", limit.as_secs()))?
-}
-
 fn worker_name(i: usize) -> String {
     format!("w{i:05}")
 }
@@ -498,37 +494,8 @@ async fn dispatch(
     let limit = Duration::from_secs(args.timeout_s);
     let js = jetstream::new(nats::connect(&ep.nats, "scalesim-inject").await?);
     nats::provision(&js, &nats::Retention::default()).await?;
-
-    let deadline_at_ms = now_ms() + 3_600_000;
-    let inputs = vec![Tensor::from_values("x", vec![1, 4], &[0f32; 4])];
     let t = Instant::now();
-    let inject = async {
-        let mut publishes = futures::stream::iter(0..args.tasks)
-            .map(|i| {
-                let task = Task {
-                    v: WIRE_VERSION,
-                    task_id: format!("sim{i:07}"),
-                    tenant: "sim".into(),
-                    model: ModelRef { name: MODEL.into(), version: "1".into() },
-                    k: 1,
-                    inputs: inputs.clone(),
-                    seed: i as u64,
-                    submitted_at_ms: now_ms(),
-                    deadline_at_ms,
-                    accepted_at_us: now_us(),
-                    priority: Priority::Normal,
-                };
-                let js = js.clone();
-                let subject = subj::task(task.priority, MODEL);
-                async move { nats::publish_durable(&js, subject, &task.task_id, encode(&task)).await }
-            })
-            .buffer_unordered(args.inflight.max(1));
-        while let Some(done) = publishes.next().await {
-            done?;
-        }
-        Ok(())
-    };
-    within(limit, "injecting tasks", inject).await?;
+    within(limit, "injecting tasks", inject(args, &js)).await?;
     r.inject_per_s = args.tasks as f64 / t.elapsed().as_secs_f64();
 
     let fleet_js = jetstream::new(nats::connect(&ep.nats, "scalesim-fleet").await?);
@@ -544,7 +511,7 @@ async fn dispatch(
     let shutdown = Shutdown::new();
     let state = Arc::new(Mutex::new(Fleet::default()));
     let all_in = Arc::new(tokio::sync::Notify::new());
-    let mut fleet = tokio::spawn(fleet_loop(
+    let fleet = tokio::spawn(fleet_loop(
         consumer,
         fleet_js,
         shutdown.child_token(),
@@ -557,53 +524,117 @@ async fn dispatch(
     redis::cmd("CONFIG").arg("RESETSTAT").query_async::<()>(admin).await?;
     let mut config = sundara_scheduler::Config::new(ep.clone(), SECRET.to_vec());
     config.scan = scan_of(args);
-    let mut scheduler = tokio::spawn(sundara_scheduler::run(config, shutdown.child_token()));
+    let scheduler = tokio::spawn(sundara_scheduler::run(config, shutdown.child_token()));
+    let mut running = Running { scheduler, fleet, scheduler_done: false, fleet_done: false };
 
-    let (mut scheduler_done, mut fleet_done) = (false, false);
-    let waited = tokio::select! {
-        _ = all_in.notified() => Ok(()),
-        done = &mut scheduler => {
-            scheduler_done = true;
-            Err(anyhow!("the scheduler stopped early: {done:?}"))
-        }
-        done = &mut fleet => {
-            fleet_done = true;
-            Err(anyhow!("the fleet stopped early: {done:?}"))
-        }
-        _ = tokio::time::sleep(limit) => Err(anyhow!("not every assignment arrived within {} s", limit.as_secs())),
-    };
-    if let Err(e) = &waited {
+    if let Err(e) = running.until_all_in(&all_in, limit).await {
         eprintln!("warning: {e:#}");
     }
-    // Every outcome frees its slot through the scheduler's release loop; wait for that.
-    let drain = Instant::now();
-    r.inflight_left = capacity.inflight().await?;
-    while r.inflight_left > 0 && drain.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        r.inflight_left = capacity.inflight().await?;
-    }
+    r.inflight_left = await_released(capacity).await?;
     let stats = commandstats(admin).await?;
     shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(10), async {
-        if !scheduler_done {
-            match (&mut scheduler).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("warning: the scheduler failed: {e}"),
-                Err(e) => eprintln!("warning: the scheduler task: {e}"),
+    running.stop().await;
+    record_dispatch(args, &state.lock().expect("fleet state"), &stats, r);
+    Ok(())
+}
+
+/// Publishes `args.tasks` tasks of [`MODEL`] into TASKS, `args.inflight` publishes at a time.
+async fn inject(args: &Args, js: &jetstream::Context) -> Result<()> {
+    let deadline_at_ms = now_ms() + 3_600_000;
+    let inputs = vec![Tensor::from_values("x", vec![1, 4], &[0f32; 4])];
+    let mut publishes = futures::stream::iter(0..args.tasks)
+        .map(|i| {
+            let task = Task {
+                v: WIRE_VERSION,
+                task_id: format!("sim{i:07}"),
+                tenant: "sim".into(),
+                model: ModelRef { name: MODEL.into(), version: "1".into() },
+                k: 1,
+                inputs: inputs.clone(),
+                seed: i as u64,
+                submitted_at_ms: now_ms(),
+                deadline_at_ms,
+                accepted_at_us: now_us(),
+                priority: Priority::Normal,
+            };
+            let js = js.clone();
+            let subject = subj::task(task.priority, MODEL);
+            async move { nats::publish_durable(&js, subject, &task.task_id, encode(&task)).await }
+        })
+        .buffer_unordered(args.inflight.max(1));
+    while let Some(done) = publishes.next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// The scheduler and the simulated fleet of a dispatch run, and whether each has been
+/// awaited already (a finished task's handle cannot be awaited again).
+struct Running {
+    scheduler: tokio::task::JoinHandle<Result<(), sundara_scheduler::SchedulerError>>,
+    fleet: tokio::task::JoinHandle<Result<()>>,
+    scheduler_done: bool,
+    fleet_done: bool,
+}
+
+impl Running {
+    /// Waits until every assignment arrived; an error if `limit` passes first or either
+    /// task stops early.
+    async fn until_all_in(&mut self, all_in: &tokio::sync::Notify, limit: Duration) -> Result<()> {
+        tokio::select! {
+            _ = all_in.notified() => Ok(()),
+            done = &mut self.scheduler => {
+                self.scheduler_done = true;
+                Err(anyhow!("the scheduler stopped early: {done:?}"))
             }
+            done = &mut self.fleet => {
+                self.fleet_done = true;
+                Err(anyhow!("the fleet stopped early: {done:?}"))
+            }
+            _ = tokio::time::sleep(limit) => Err(anyhow!("not every assignment arrived within {} s", limit.as_secs())),
         }
-        if !fleet_done && let Ok(Err(e)) = (&mut fleet).await {
-            eprintln!("warning: the fleet failed: {e:#}");
-        }
-    })
-    .await;
-    if stopped.is_err() {
-        scheduler.abort();
-        fleet.abort();
-        eprintln!("warning: the scheduler or the fleet did not stop within 10 s");
     }
 
-    let s = state.lock().expect("fleet state");
+    /// Waits up to 10 s for both to stop (after the shutdown), reporting their failures;
+    /// aborts them past that.
+    async fn stop(mut self) {
+        let stopped = tokio::time::timeout(Duration::from_secs(10), async {
+            if !self.scheduler_done {
+                match (&mut self.scheduler).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => eprintln!("warning: the scheduler failed: {e}"),
+                    Err(e) => eprintln!("warning: the scheduler task: {e}"),
+                }
+            }
+            if !self.fleet_done
+                && let Ok(Err(e)) = (&mut self.fleet).await
+            {
+                eprintln!("warning: the fleet failed: {e:#}");
+            }
+        })
+        .await;
+        if stopped.is_err() {
+            self.scheduler.abort();
+            self.fleet.abort();
+            eprintln!("warning: the scheduler or the fleet did not stop within 10 s");
+        }
+    }
+}
+
+/// Every outcome frees its slot through the scheduler's release loop: waits up to 10 s
+/// for that, and returns the slots still held.
+async fn await_released(capacity: &Capacity) -> Result<u64> {
+    let drain = Instant::now();
+    let mut left = capacity.inflight().await?;
+    while left > 0 && drain.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = capacity.inflight().await?;
+    }
+    Ok(left)
+}
+
+/// Fills `r`'s dispatch figures from what the fleet saw and Redis' `commandstats`.
+fn record_dispatch(args: &Args, s: &Fleet, stats: &HashMap<String, (u64, u64)>, r: &mut RunResult) {
     r.dispatched = s.seen.len();
     if let (Some(first), Some(last)) = (s.first, s.last) {
         let span = last.duration_since(first).as_secs_f64();
@@ -617,5 +648,4 @@ async fn dispatch(
     let (calls, usec) = stats.get("evalsha").copied().unwrap_or_default();
     r.dispatch_evalsha_per_task = calls as f64 / args.tasks.max(1) as f64;
     r.dispatch_evalsha_us = if calls > 0 { usec as f64 / calls as f64 } else { 0.0 };
-    Ok(())
 }
