@@ -21,7 +21,10 @@ fn start_autoscaler(h: &Harness, policy: ScalePolicy) -> (Shutdown, tokio::task:
             ("SUNDARA_REDIS_URL".into(), ep.redis_url.clone()),
             ("ORT_DYLIB_PATH".into(), h.ort_library.display().to_string()),
             ("RUST_LOG".into(), "warn".into()),
-        ],
+        ]
+        .into_iter()
+        .chain(ep.nats.tls.iter().flat_map(|t| t.env()))
+        .collect(),
         prefix: "auto".into(),
     };
     let mut scaling = ScalingConfig::new(driver);

@@ -36,6 +36,9 @@ async fn sundara(h: Option<&Harness>, args: &[&str]) -> Run {
         Some(h) => {
             let ep = h.stack.endpoints();
             cmd.args(["--nats", &ep.nats.url, "--redis", &ep.redis_url]);
+            if let Some(tls) = &ep.nats.tls {
+                cmd.arg("--nats-ca").arg(&tls.ca);
+            }
         }
         None => {
             let port = sundara::stack::free_port().unwrap();

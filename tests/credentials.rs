@@ -16,6 +16,7 @@ use sundara::context::Context;
 use sundara::stack::{LocalStack, project_root};
 use sundara_common::Error as CommonError;
 use sundara_common::nats::{self, NatsEndpoint, Operation};
+use sundara_common::tls::NatsTls;
 use sundara_schemas::{Policy, SubmitRequest};
 use support::{Harness, RULE};
 
@@ -31,6 +32,9 @@ fn sundara(context: &Path) -> Command {
         .env("SUNDARA_CONTEXT", context)
         .env_remove("SUNDARA_NATS_URL")
         .env_remove("SUNDARA_NATS_CREDS")
+        .env_remove("SUNDARA_NATS_CA")
+        .env_remove("SUNDARA_NATS_CERT")
+        .env_remove("SUNDARA_NATS_KEY")
         .env_remove("SUNDARA_REDIS_URL")
         .env_remove("SUNDARA_HOME")
         .env("RUST_LOG", "warn")
@@ -49,8 +53,8 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-fn endpoint(url: &str, auth: &AuthDir, role: &Role) -> NatsEndpoint {
-    NatsEndpoint { url: url.to_string(), credentials: Some(auth.credentials(role)) }
+fn endpoint(url: &str, ca: &Path, auth: &AuthDir, role: &Role) -> NatsEndpoint {
+    NatsEndpoint { url: url.to_string(), credentials: Some(auth.credentials(role)), tls: Some(NatsTls::pinned(ca)) }
 }
 
 /// Each of these was a 5-60 s wait ending in "timed out": now a typed refusal, at once,
@@ -61,13 +65,15 @@ async fn refusals_come_at_once_and_name_what_was_refused() {
     let auth = sundara::auth::init(creds.path(), &["acme".into()], &["m1".into()]).unwrap();
     let stack = LocalStack::start_secured(&project_root(), &auth).expect("servers start (run scripts/setup)");
     let url = stack.endpoints().nats.url;
+    let tls = stack.endpoints().nats.tls;
+    let ca = stack.pki.ca();
     // The streams exist, as on any running deployment.
     let validator = nats::connect(&stack.endpoints().nats, "validator").await.unwrap();
     nats::provision(&async_nats::jetstream::new(validator), &nats::Retention::default()).await.unwrap();
     let nowhere = creds.path().join("no-context.json");
 
     // No credentials: refused, and said so (not "is nats-server running?").
-    let anonymous = nats::connect(&NatsEndpoint::open(url.clone()), "anonymous").await;
+    let anonymous = nats::connect(&NatsEndpoint::open(url.clone()).with_tls(tls.clone()), "anonymous").await;
     match anonymous {
         Err(e @ CommonError::NatsRefused { credentials: None, .. }) => {
             assert!(e.to_string().contains("--nats-creds"), "{e}")
@@ -81,7 +87,9 @@ async fn refusals_come_at_once_and_name_what_was_refused() {
     let (out, took) = run(sundara(&nowhere)
         .args(["models", "push"])
         .arg(&mlp)
-        .args(["--name", "mine", "--nats", &url, "--nats-creds"])
+        .args(["--name", "mine", "--nats", &url, "--nats-ca"])
+        .arg(&ca)
+        .arg("--nats-creds")
         .arg(&acme_seed));
     let said = text(&out);
     assert!(!out.status.success(), "a tenant pushed a model: {said}");
@@ -93,7 +101,7 @@ async fn refusals_come_at_once_and_name_what_was_refused() {
     );
 
     // A tenant's connection submitting as another tenant, through the library: typed.
-    let acme = nats::connect(&endpoint(&url, &auth, &Role::Tenant("acme".into())), "acme").await.unwrap();
+    let acme = nats::connect(&endpoint(&url, &ca, &auth, &Role::Tenant("acme".into())), "acme").await.unwrap();
     let as_bob = Client::new(acme.clone(), "bob");
     let req = SubmitRequest::new("mlp", vec![]);
     let started = Instant::now();
@@ -117,7 +125,9 @@ async fn refusals_come_at_once_and_name_what_was_refused() {
 
     // On the command line, `--tenant bob` with acme's credentials is refused before sending.
     let (out, took) = run(sundara(&nowhere)
-        .args(["submit", "--model", "mlp", "--tenant", "bob", "--nats", &url, "--nats-creds"])
+        .args(["submit", "--model", "mlp", "--tenant", "bob", "--nats", &url, "--nats-ca"])
+        .arg(&ca)
+        .arg("--nats-creds")
         .arg(&acme_seed));
     let said = text(&out);
     assert!(!out.status.success() && took < AT_ONCE, "{took:?}: {said}");
@@ -125,8 +135,11 @@ async fn refusals_come_at_once_and_name_what_was_refused() {
 
     // A miner started with another miner's seed file.
     let m1_seed = auth.credentials(&Role::Miner("m1".into()));
-    let (out, took) =
-        run(sundara(&nowhere).args(["worker", "--id", "m2", "--nats", &url, "--nats-creds"]).arg(&m1_seed));
+    let (out, took) = run(sundara(&nowhere)
+        .args(["worker", "--id", "m2", "--nats", &url, "--nats-ca"])
+        .arg(&ca)
+        .arg("--nats-creds")
+        .arg(&m1_seed));
     let said = text(&out);
     assert!(!out.status.success() && took < AT_ONCE, "{took:?}: {said}");
     assert!(said.contains("your credentials are miner-m1's; --id m2 is not permitted"), "{said}");
@@ -137,7 +150,7 @@ async fn refusals_come_at_once_and_name_what_was_refused() {
     std::fs::copy(&m1_seed, &renamed).unwrap();
     let ort = sundara_runtime::find_library(&[project_root()]).expect("run scripts/setup");
     let cache = tempfile::tempdir().unwrap();
-    let as_m2 = NatsEndpoint { url: url.clone(), credentials: Some(renamed) };
+    let as_m2 = NatsEndpoint { url: url.clone(), credentials: Some(renamed), tls: tls.clone() };
     let config = sundara_worker::Config::new(as_m2, "m2", ort, cache.path().to_path_buf());
     let started = Instant::now();
     let stopped = tokio::time::timeout(Duration::from_secs(30), sundara_worker::run(config, Default::default()))
@@ -161,6 +174,8 @@ fn write_context(path: &Path, stack: &LocalStack, auth: &AuthDir) {
         redis_url: endpoints.redis_url.clone(),
         credentials_dir: Some(auth.dir.clone()),
         nats_credentials: endpoints.nats.credentials.clone(),
+        nats_ca: endpoints.nats.tls.as_ref().map(|t| t.ca.clone()),
+        nats_client_cert: None,
         nats_server_pid: stack.nats.pid(),
         nats_config: stack.nats_config(),
         nats_auth_config: Some(stack.auth_config()),
@@ -215,7 +230,9 @@ async fn a_running_stack_is_found_through_its_context_and_takes_new_tenants() {
     assert!(out.status.success(), "{said}");
     assert!(said.contains("tenant bob"), "{said}");
     assert!(said.contains(&bob_seed.display().to_string()), "the new seed's path: {said}");
-    let bob = nats::connect(&NatsEndpoint { url: url.clone(), credentials: Some(bob_seed.clone()) }, "bob").await;
+    let bob_endpoint =
+        NatsEndpoint { url: url.clone(), credentials: Some(bob_seed.clone()), tls: h.stack.endpoints().nats.tls };
+    let bob = nats::connect(&bob_endpoint, "bob").await;
     assert!(bob.is_ok(), "bob was not let in after the reload: {:?}", bob.err());
     // `--tenant bob` picks bob's seed from the context's credentials.
     let (out, _) = run(sundara(&context).args(["submit", "--model", "mlp", "--tenant", "bob"]));

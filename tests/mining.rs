@@ -23,6 +23,7 @@ fn sundara(h: &Harness, args: &[&str]) -> std::process::Output {
     let out = Command::new(env!("CARGO_BIN_EXE_sundara"))
         .args(args)
         .env("SUNDARA_NATS_URL", &ep.nats.url)
+        .envs(ep.nats.tls.iter().flat_map(|t| t.env()))
         .env("SUNDARA_REDIS_URL", &ep.redis_url)
         .output()
         .expect("sundara runs");
@@ -41,6 +42,7 @@ fn spawn_worker(h: &Harness, id: &str, operator: &str, log: &Path) -> Child {
         .args(["worker", "--id", id, "--operator", operator, "--threads", "1", "--cache-dir"])
         .arg(h.cache.path())
         .env("SUNDARA_NATS_URL", h.stack.endpoints().nats.url)
+        .envs(h.stack.endpoints().nats.tls.iter().flat_map(|t| t.env()))
         .env("ORT_DYLIB_PATH", &h.ort_library)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")

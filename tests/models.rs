@@ -41,6 +41,9 @@ async fn sundara(endpoints: &Endpoints, args: &[&str]) -> Output {
     if let Some(creds) = &endpoints.nats.credentials {
         cmd.arg("--nats-creds").arg(creds);
     }
+    if let Some(tls) = &endpoints.nats.tls {
+        cmd.arg("--nats-ca").arg(&tls.ca);
+    }
     let run = tokio::time::timeout(Duration::from_secs(60), cmd.output());
     run.await.expect("sundara exits within a minute").expect("sundara runs")
 }
@@ -326,7 +329,7 @@ async fn too_few_operators_are_warned_about_and_named_at_expiry() {
 
     // The demo models were pushed with k=3; both workers serve mlp.
     let mut request = h.sample_requests(1, "wide", 3, |_| "mlp").remove(0);
-    request.timeout_ms = Some(500);
+    request.timeout_ms = Some(1000);
     let mut results = h.client.results().await.unwrap();
     let ids = h.submit_all(std::slice::from_ref(&request)).await;
     let got = await_results(&mut results, &ids).await;

@@ -76,7 +76,7 @@ async fn higher_priority_is_dispatched_first_under_contention() {
 async fn an_expired_task_is_dead_lettered_and_can_be_resubmitted() {
     let mut h = Harness::start(vec![], 1, Duration::from_secs(30)).await;
     let mut request = h.sample_requests(1, "late", 6, |_| "mlp").remove(0);
-    request.timeout_ms = Some(300);
+    request.timeout_ms = Some(1000);
     let mut results = h.client.results().await.unwrap();
     let ids = h.submit_all(std::slice::from_ref(&request)).await;
     let got = await_results(&mut results, &ids).await;
@@ -137,6 +137,7 @@ async fn two_scheduler_replicas_share_the_fleet_without_double_booking() {
             .args(["scheduler", "--metrics-addr", &metrics_addr])
             .env("SUNDARA_SECRET", std::str::from_utf8(SECRET).unwrap())
             .env("SUNDARA_NATS_URL", &ep.nats.url)
+            .envs(ep.nats.tls.iter().flat_map(|t| t.env()))
             .env("SUNDARA_REDIS_URL", &ep.redis_url)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

@@ -31,9 +31,11 @@ fn seed_of(path: &Path) -> String {
     text.lines().find(|l| l.starts_with("SU")).expect("a seed").to_string()
 }
 
-async fn connect_as(url: &str, auth: &AuthDir, role: &Role) -> Watched {
+async fn connect_as(url: &str, ca: &Path, auth: &AuthDir, role: &Role) -> Watched {
     let (tx, violations) = mpsc::unbounded_channel();
     let client = ConnectOptions::with_nkey(seed_of(&auth.credentials(role)))
+        .require_tls(true)
+        .add_root_certificates(ca.to_path_buf())
         .custom_inbox_prefix(inbox_prefix(&auth.users[role]))
         .event_callback(move |event| {
             let tx = tx.clone();
@@ -98,6 +100,7 @@ async fn each_role_is_refused_what_is_not_its_own() {
     let auth = sundara::auth::init(creds.path(), &["a".into(), "b".into()], &["m1".into(), "m2".into()]).unwrap();
     let stack = secured_stack(&auth);
     let url = stack.endpoints().nats.url;
+    let (tls, ca) = (stack.endpoints().nats.tls, stack.pki.ca());
     let policy = sundara_schemas::Policy { redundancy: 2, rule: RULE, audit_rate: 0.0 };
     let mut h = Harness::start_on(stack, vec![], policy, Duration::from_secs(10), |_| {}).await;
     for miner in ["m1", "m2"] {
@@ -106,7 +109,11 @@ async fn each_role_is_refused_what_is_not_its_own() {
     }
 
     // Tenant `a`, with its own credentials, is served end to end.
-    let endpoint = NatsEndpoint { url: url.clone(), credentials: Some(auth.credentials(&Role::Tenant("a".into()))) };
+    let endpoint = NatsEndpoint {
+        url: url.clone(),
+        credentials: Some(auth.credentials(&Role::Tenant("a".into()))),
+        tls: tls.clone(),
+    };
     let tenant_a = Client::connect(&endpoint, "a").await.unwrap();
     let mut results = tenant_a.results().await.unwrap();
     let requests = h.sample_requests(4, "secure", 3, |_| "mlp");
@@ -124,11 +131,12 @@ async fn each_role_is_refused_what_is_not_its_own() {
     assert_eq!(ids[0], sundara_ingress::task_id("a", requests[0].request_id.as_deref()), "the tenant is `a`");
 
     // No credentials, no connection.
-    let anonymous = sundara_common::nats::connect(&NatsEndpoint::open(url.clone()), "anonymous").await;
+    let anonymous =
+        sundara_common::nats::connect(&NatsEndpoint::open(url.clone()).with_tls(tls.clone()), "anonymous").await;
     assert!(anonymous.is_err(), "an anonymous client was let in");
 
     // Tenant `a` can neither act as `b`, nor read `b`'s results, nor go around ingress.
-    let mut a = connect_as(&url, &auth, &Role::Tenant("a".into())).await;
+    let mut a = connect_as(&url, &ca, &auth, &Role::Tenant("a".into())).await;
     a.publish_refused("sundara.submit.b").await;
     a.publish_refused("$JS.API.CONSUMER.CREATE.RESULTS.peek.sundara.result.b.>").await;
     a.publish_refused("$JS.API.CONSUMER.CREATE.RESULTS").await;
@@ -141,7 +149,7 @@ async fn each_role_is_refused_what_is_not_its_own() {
     a.subscribe_refused(&format!("{}.>", inbox_prefix(&auth.users[&Role::Validator]))).await;
 
     // Miner `m1` can read only its own work and speak only as itself.
-    let mut m1 = connect_as(&url, &auth, &Role::Miner("m1".into())).await;
+    let mut m1 = connect_as(&url, &ca, &auth, &Role::Miner("m1".into())).await;
     m1.subscribe_refused("sundara.work.*.m2").await;
     m1.subscribe_refused("sundara.control.m2").await;
     m1.subscribe_refused("_INBOX.>").await;
@@ -181,13 +189,17 @@ async fn a_tenant_cannot_touch_another_tenants_or_a_services_consumers() {
     let auth = sundara::auth::init(creds.path(), &["a".into(), "b".into()], &["m1".into()]).unwrap();
     let stack = secured_stack(&auth);
     let url = stack.endpoints().nats.url;
+    let (tls, ca) = (stack.endpoints().nats.tls, stack.pki.ca());
     let policy = sundara_schemas::Policy { redundancy: 1, rule: RULE, audit_rate: 0.0 };
     let mut h = Harness::start_on(stack, vec![], policy, Duration::from_secs(10), |_| {}).await;
     let seed = auth.credentials(&Role::Miner("m1".into()));
     h.spawn_worker_process_with("m1", 1, &[("SUNDARA_NATS_CREDS", seed.to_str().unwrap())]).await;
 
-    let endpoint =
-        |t: &str| NatsEndpoint { url: url.clone(), credentials: Some(auth.credentials(&Role::Tenant(t.into()))) };
+    let endpoint = |t: &str| NatsEndpoint {
+        url: url.clone(),
+        credentials: Some(auth.credentials(&Role::Tenant(t.into()))),
+        tls: tls.clone(),
+    };
     let tenant_b = Client::connect(&endpoint("b"), "b").await.unwrap();
     let mut b_results = tenant_b.results().await.unwrap();
     let tenant_a = Client::connect(&endpoint("a"), "a").await.unwrap();
@@ -203,7 +215,7 @@ async fn a_tenant_cannot_touch_another_tenants_or_a_services_consumers() {
         before.push(stream.consumer_info(victim).await.unwrap().config.clone());
     }
 
-    let mut a = connect_as(&url, &auth, &Role::Tenant("a".into())).await;
+    let mut a = connect_as(&url, &ca, &auth, &Role::Tenant("a".into())).await;
     for (victim, config) in victims.iter().zip(&before) {
         // A create request naming an existing consumer updates it (nats-server 2.10+):
         // the same consumer, filtered to `a`'s results, would starve its owner.

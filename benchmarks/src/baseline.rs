@@ -86,8 +86,12 @@ pub fn ort_in_process(
 /// Serves [`RESPONDER_SUBJECT`]: decodes the input tensors, runs them on the worker's own
 /// executor (`threads` inference threads) and replies with the outputs. Runs until the
 /// connection closes.
-pub async fn serve_responder(nats_url: &str, model: PathBuf, threads: usize) -> Result<(), BaselineError> {
-    let nats = async_nats::connect(nats_url).await.map_err(BaselineError::nats)?;
+pub async fn serve_responder(
+    nats: &sundara_common::nats::NatsEndpoint,
+    model: PathBuf,
+    threads: usize,
+) -> Result<(), BaselineError> {
+    let nats = sundara_common::nats::connect(nats, "bench-responder").await.map_err(BaselineError::nats)?;
     let mut requests = nats.subscribe(RESPONDER_SUBJECT).await.map_err(BaselineError::nats)?;
     nats.flush().await.map_err(BaselineError::nats)?;
     let mut config = ExecutorConfig::cpu(threads, sundara_worker::default_cpu_memory(1), threads * 4);

@@ -126,6 +126,7 @@ impl Fleet {
         command
             .args(args)
             .env("SUNDARA_NATS_URL", &self.endpoints.nats.url)
+            .envs(self.endpoints.nats.tls.iter().flat_map(|t| t.env()))
             .env("SUNDARA_REDIS_URL", &self.endpoints.redis_url)
             .env("SUNDARA_SECRET", "benchmark-secret")
             .env("RUST_LOG", "warn,async_nats=error");

@@ -124,6 +124,11 @@ pub enum RejectCode {
     TooManyInFlight,
     /// The task asks for a higher priority than its tenant is entitled to.
     PriorityNotPermitted,
+    /// The task's timeout is shorter than the ingress' minimum.
+    TimeoutTooShort,
+    /// The tenant's stored tasks already take as many bytes as its quota allows: retry
+    /// when older tasks have left TASKS.
+    StorageQuota,
     Internal,
 }
 
@@ -145,6 +150,8 @@ impl RejectCode {
             RejectCode::RateLimited => "rate_limited",
             RejectCode::TooManyInFlight => "too_many_in_flight",
             RejectCode::PriorityNotPermitted => "priority_not_permitted",
+            RejectCode::TimeoutTooShort => "timeout_too_short",
+            RejectCode::StorageQuota => "storage_quota",
             RejectCode::Internal => "internal",
         }
     }

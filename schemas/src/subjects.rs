@@ -35,6 +35,8 @@ pub const VERDICT_ALL: &str = "sundara.verdict.>";
 pub const REWARD_ALL: &str = "sundara.reward.>";
 /// Every dead task: the DEAD stream's subjects.
 pub const DEAD_ALL: &str = "sundara.dead.>";
+/// Every dead task's copy ([`dead_task`]), also in stream DEAD.
+pub const DEAD_TASK_ALL: &str = "sundara.deadtask.>";
 /// Published by the autoscaler when a worker is declared dead.
 pub const FLEET_DEAD: &str = "sundara.fleet.dead";
 /// Epoch weights.
@@ -113,6 +115,11 @@ pub fn reward_task(task: &str) -> String {
 }
 pub fn dead(task: &str) -> String {
     format!("sundara.dead.{task}")
+}
+/// A dead task's own message, copied from TASKS when it is dead-lettered (stream DEAD), so
+/// that it can be resubmitted after TASKS has let it go.
+pub fn dead_task(task: &str) -> String {
+    format!("sundara.deadtask.{task}")
 }
 
 /// A name usable as one subject token: 1 to 64 of `[A-Za-z0-9_-]`.

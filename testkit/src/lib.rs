@@ -76,18 +76,6 @@ impl Harness {
         let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root)).expect("run scripts/setup");
         sundara_runtime::init(&ort_library).unwrap();
         let endpoints = stack.endpoints();
-        let nats_client = nats::connect(&endpoints.nats, "test").await.unwrap();
-        let js = jetstream::new(nats_client);
-        nats::provision(&js, &nats::Retention::default()).await.unwrap();
-        let registry = Registry::open(&js).await.unwrap();
-        let mut models = HashMap::new();
-        for (file, name) in sundara::up::DEMO_MODELS {
-            let path = root.join(".cache/models").join(file);
-            let meta = sundara::models::push(&registry, &path, name, "1", policy, Default::default())
-                .await
-                .expect("demo models exist (run scripts/setup)");
-            models.insert(name.to_string(), meta);
-        }
         let cache = tempfile::tempdir().unwrap();
         let mut config = PipelineConfig {
             endpoints: endpoints.clone(),
@@ -101,8 +89,21 @@ impl Harness {
             max_in_flight: 100_000,
             miner_credentials: None,
             scaling: None,
+            retention: Default::default(),
         };
         tweak(&mut config);
+        let nats_client = nats::connect(&endpoints.nats, "test").await.unwrap();
+        let js = jetstream::new(nats_client);
+        nats::provision(&js, &config.retention).await.unwrap();
+        let registry = Registry::open(&js).await.unwrap();
+        let mut models = HashMap::new();
+        for (file, name) in sundara::up::DEMO_MODELS {
+            let path = root.join(".cache/models").join(file);
+            let meta = sundara::models::push(&registry, &path, name, "1", policy, Default::default())
+                .await
+                .expect("demo models exist (run scripts/setup)");
+            models.insert(name.to_string(), meta);
+        }
         let pipeline = Pipeline::start(config).await;
         pipeline.ready(Duration::from_secs(30)).await.expect("pipeline starts");
         let client = Client::connect(&endpoints.nats, "test").await.unwrap();
@@ -123,6 +124,7 @@ impl Harness {
             .arg("--cache-dir")
             .arg(self.cache.path())
             .env("SUNDARA_NATS_URL", &ep.nats.url)
+            .envs(ep.nats.tls.iter().flat_map(|t| t.env()))
             .env("ORT_DYLIB_PATH", &self.ort_library)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())

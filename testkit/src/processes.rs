@@ -180,6 +180,8 @@ pub struct Recovery {
 pub struct ProcessStack {
     pub servers: Servers,
     pub nats_url: String,
+    /// The servers' CA: every process gets it (`SUNDARA_NATS_CA`).
+    pub nats_tls: Option<sundara_common::tls::NatsTls>,
     pub redis_url: String,
     pub js: jetstream::Context,
     pub client: Client,
@@ -203,22 +205,21 @@ impl ProcessStack {
         let ort_library = sundara_runtime::find_library(std::slice::from_ref(&root)).expect("run scripts/setup");
         // `models::push` reads the model's inputs and outputs through ONNX Runtime.
         sundara_runtime::init(&ort_library).unwrap();
-        let (servers, nats_url, redis_url, replicas) = match options.cluster {
+        let (servers, endpoint, redis_url, replicas) = match options.cluster {
             None => {
                 let stack = LocalStack::start(&root).expect("servers start (run scripts/setup)");
                 let ep = stack.endpoints();
-                (Servers::Single(stack), ep.nats.url, ep.redis_url, 1)
+                (Servers::Single(stack), ep.nats, ep.redis_url, 1)
             }
             Some(n) => {
                 let nats = LocalCluster::start(&root, n).expect("the NATS cluster starts");
                 let redis_binary = sundara::stack::redis_server_binary().unwrap();
                 let redis = sundara::stack::start_redis(&redis_binary, nats.dir.path()).unwrap();
                 let redis_url = format!("redis://127.0.0.1:{}/", redis.port);
-                let url = nats.urls();
-                (Servers::Cluster { nats, redis }, url, redis_url, n)
+                let endpoint = nats.endpoint();
+                (Servers::Cluster { nats, redis }, endpoint, redis_url, n)
             }
         };
-        let endpoint = nats::NatsEndpoint::open(nats_url.clone());
         let connection = nats::connect(&endpoint, "faults").await.unwrap();
         let js = jetstream::new(connection.clone());
         // Before any service: their own provisioning then finds everything replicated.
@@ -235,7 +236,8 @@ impl ProcessStack {
         let follower = tokio::spawn(follow_results(js.clone(), results.clone()));
         let mut stack = ProcessStack {
             servers,
-            nats_url,
+            nats_url: endpoint.url.clone(),
+            nats_tls: endpoint.tls.clone(),
             redis_url,
             js,
             client: Client::new(connection, TENANT),
@@ -273,6 +275,7 @@ impl ProcessStack {
         c.args(args)
             .current_dir(project_root())
             .env("SUNDARA_NATS_URL", &self.nats_url)
+            .envs(self.nats_tls.iter().flat_map(|t| t.env()))
             .env("SUNDARA_REDIS_URL", &self.redis_url)
             .env("SUNDARA_SECRET", std::str::from_utf8(SECRET).unwrap())
             .env("ORT_DYLIB_PATH", &self.ort_library)

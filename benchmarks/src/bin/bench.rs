@@ -52,6 +52,9 @@ enum Cmd {
     Responder {
         #[arg(long)]
         nats: String,
+        /// The CA that signed the server's certificate (the stacks here run TLS).
+        #[arg(long)]
+        nats_ca: Option<PathBuf>,
         #[arg(long)]
         model: PathBuf,
         #[arg(long, default_value_t = 2)]
@@ -382,6 +385,7 @@ async fn run_nats_request_reply(
     let mut responder = std::process::Command::new(std::env::current_exe()?)
         .args(["responder", "--nats", &url, "--model"])
         .arg(path)
+        .args(nats_endpoint.tls.iter().flat_map(|t| [std::ffi::OsString::from("--nats-ca"), t.ca.clone().into()]))
         .args(["--threads", &threads.to_string()])
         .spawn()?;
     let client = nats::connect(&nats_endpoint, "bench-client").await?;
@@ -630,10 +634,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     sundara_common::init_logging("warn", Default::default());
     match cli.command {
-        Cmd::Responder { nats, model, threads } => {
+        Cmd::Responder { nats, nats_ca, model, threads } => {
             let root = project_root();
             sundara_runtime::init(&sundara_runtime::find_library(std::slice::from_ref(&root))?)?;
-            Ok(baseline::serve_responder(&nats, model, threads).await?)
+            let mut endpoint = sundara_common::nats::NatsEndpoint::open(nats);
+            endpoint.tls = nats_ca.map(sundara_common::tls::NatsTls::pinned);
+            Ok(baseline::serve_responder(&endpoint, model, threads).await?)
         }
         Cmd::Pipeline { out, runs, warmup_s, measure_s, only, rows } => {
             let root = project_root();

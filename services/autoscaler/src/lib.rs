@@ -85,11 +85,11 @@ pub struct Args {
 
 impl Args {
     /// The pool's sizing, or `None` without `--driver`. `binary` is what the local driver
-    /// runs (`<binary> worker …`, told `nats_url`).
+    /// runs (`<binary> worker …`, told `nats`' URL and TLS files).
     pub fn scaling(
         self,
         binary: impl FnOnce() -> Result<PathBuf, String>,
-        nats_url: &str,
+        nats: &nats::NatsEndpoint,
     ) -> Result<Option<ScalingConfig>, String> {
         let prefix = self.pool_prefix.clone();
         let driver = match self.driver {
@@ -97,7 +97,9 @@ impl Args {
             Some(DriverKind::Local) => DriverConfig::Local {
                 binary: binary()?,
                 args: vec!["--threads".into(), self.worker_threads.to_string()],
-                env: vec![("SUNDARA_NATS_URL".into(), nats_url.into())],
+                env: std::iter::once(("SUNDARA_NATS_URL".into(), nats.url.clone()))
+                    .chain(nats.tls.iter().flat_map(|t| t.env()))
+                    .collect(),
                 prefix,
             },
             Some(DriverKind::Nomad) => DriverConfig::Nomad {
@@ -145,7 +147,7 @@ impl Config {
         endpoints: Endpoints,
         binary: impl FnOnce() -> Result<PathBuf, String>,
     ) -> Result<Config, String> {
-        let scaling = args.scaling(binary, &endpoints.nats.url)?;
+        let scaling = args.scaling(binary, &endpoints.nats)?;
         let mut config = Config::new(endpoints);
         config.scaling = scaling;
         Ok(config)

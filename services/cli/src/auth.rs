@@ -12,6 +12,11 @@
 //!
 //! Every user receives replies only on its own inbox prefix (`_INBOX_<public key>`), so no
 //! one can read another's replies or JetStream acks.
+//!
+//! A miner makes its own key (`sundara auth keygen --miner w`, on its own machine) and
+//! hands the validator only the public key (`sundara auth add --miner w --public-key U…`),
+//! which the users' directory keeps as `miner-w.pub`: the validator never holds a miner's
+//! seed. `init --miner w` still makes seeds for miners run on the validator's machine.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +43,11 @@ pub enum AuthError {
     NoAuth,
     #[error(transparent)]
     Reload(#[from] crate::stack::StackError),
+    #[error("{key:?} is not a user's public key (U…, 56 characters): {reason}")]
+    NotPublicKey { key: String, reason: String },
+    /// A role already has another key: a key is never replaced silently.
+    #[error("{role} already has key {known}; remove {} first to give it {offered}", .path.display())]
+    OtherKey { role: Role, known: String, offered: String, path: PathBuf },
 }
 
 /// The server refused a command's credentials something the command needs.
@@ -102,8 +112,16 @@ impl Role {
         Role::from_file_name(path.file_name()?.to_str()?)
     }
 
+    /// The file holding only its public key, for a user whose seed is elsewhere.
+    pub fn public_key_file_name(&self) -> String {
+        format!("{}.pub", self.stem())
+    }
+
     fn from_file_name(name: &str) -> Option<Role> {
-        let stem = name.strip_suffix(".nk")?;
+        Role::from_stem(name.strip_suffix(".nk")?)
+    }
+
+    fn from_stem(stem: &str) -> Option<Role> {
         let role = match stem {
             "validator" => Role::Validator,
             _ => match stem.split_once('-')? {
@@ -267,15 +285,69 @@ pub struct AuthDir {
 }
 
 impl AuthDir {
-    /// The seed file of `role` (it exists after `init` named the role).
+    /// The seed file of `role` (it exists after `init` named the role, unless the user
+    /// handed over only its public key).
     pub fn credentials(&self, role: &Role) -> PathBuf {
         self.dir.join(role.file_name())
     }
+
+    /// What the directory holds of `role`: its seed file, or only its public key.
+    pub fn holds(&self, role: &Role) -> String {
+        let seed = self.credentials(role);
+        match self.users.get(role) {
+            Some(key) if !seed.exists() => format!("public key {key} (its seed is its own)"),
+            _ => seed.display().to_string(),
+        }
+    }
+}
+
+/// Writes a new user seed to `path` (readable by its owner only; an existing file is never
+/// overwritten) and returns its public key: what a miner runs on its own machine.
+pub fn keygen(path: &Path) -> Result<String, AuthError> {
+    let identity = Identity::generate();
+    identity.write(path)?;
+    Ok(identity.public_key)
+}
+
+/// Records `public_key` as `role`'s in `dir` (`<role>.pub`): the user exists for the server
+/// without its seed being here. The same key again is a no-op; another key for a role that
+/// has one (a seed here or a `.pub`) is refused.
+pub fn trust_key(dir: &Path, role: &Role, public_key: &str) -> Result<(), AuthError> {
+    if let Err(e) = Identity::check_public_key(public_key) {
+        return Err(AuthError::NotPublicKey { key: public_key.to_string(), reason: e.to_string() });
+    }
+    let io = |path: &Path, e: std::io::Error| AuthError::Io { path: path.to_path_buf(), reason: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let known = public_keys(dir)?.remove(role);
+    let path = dir.join(role.public_key_file_name());
+    match known {
+        Some(known) if known == public_key => Ok(()),
+        Some(known) => Err(AuthError::OtherKey { role: role.clone(), known, offered: public_key.into(), path }),
+        None => std::fs::write(&path, format!("{public_key}\n")).map_err(|e| io(&path, e)),
+    }
+}
+
+/// Every user of `dir` with its public key: from its seed (`<role>.nk`) or, for a user
+/// whose seed is elsewhere, its public key file (`<role>.pub`).
+fn public_keys(dir: &Path) -> Result<BTreeMap<Role, String>, AuthError> {
+    let io = |e: std::io::Error| AuthError::Io { path: dir.to_path_buf(), reason: e.to_string() };
+    let mut users = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+        if let Some(role) = Role::from_file_name(&name) {
+            users.insert(role, Identity::load(&entry.path())?.public_key);
+        } else if let Some(role) = name.strip_suffix(".pub").and_then(Role::from_stem) {
+            let text = std::fs::read_to_string(entry.path()).map_err(io)?;
+            users.entry(role).or_insert_with(|| text.trim().to_string());
+        }
+    }
+    Ok(users)
 }
 
 /// Makes sure `dir` has a seed for the validator and every named tenant and miner (existing
 /// seeds are kept, so adding a miner does not change anyone else's key), then writes
-/// `auth.conf` for every user whose seed is in `dir`.
+/// `auth.conf` for every user whose seed or public key is in `dir`.
 pub fn init(dir: &Path, tenants: &[String], miners: &[String]) -> Result<AuthDir, AuthError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -292,17 +364,12 @@ pub fn init(dir: &Path, tenants: &[String], miners: &[String]) -> Result<AuthDir
         .chain(miners.iter().map(|m| Role::Miner(m.clone())));
     for role in wanted {
         let path = dir.join(role.file_name());
-        if !path.exists() {
+        // A miner whose public key was handed over keeps its own seed: none is made here.
+        if !path.exists() && !dir.join(role.public_key_file_name()).exists() {
             Identity::generate().write(&path)?;
         }
     }
-    let mut users = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
-        let entry = entry.map_err(io(dir))?;
-        if let Some(role) = entry.file_name().to_str().and_then(Role::from_file_name) {
-            users.insert(role, Identity::load(&entry.path())?.public_key);
-        }
-    }
+    let users = public_keys(dir)?;
     let config = server_config(&users.iter().map(|(r, k)| (r.clone(), k.clone())).collect::<Vec<_>>());
     let conf = dir.join("auth.conf");
     std::fs::write(&conf, &config).map_err(io(&conf))?;
@@ -316,15 +383,18 @@ pub fn add(
     context: &crate::context::Context,
     tenants: &[String],
     miners: &[String],
+    miner_keys: &[(String, String)],
 ) -> Result<(AuthDir, Vec<Role>), AuthError> {
     let (Some(dir), Some(auth_config)) = (&context.credentials_dir, &context.nats_auth_config) else {
         return Err(AuthError::NoAuth);
     };
-    let before: Vec<Role> = std::fs::read_dir(dir)
-        .map_err(|e| AuthError::Io { path: dir.clone(), reason: e.to_string() })?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(Role::from_file_name))
-        .collect();
+    let before: Vec<Role> = public_keys(dir)?.into_keys().collect();
+    for (miner, key) in miner_keys {
+        if !subj::is_token(miner) {
+            return Err(AuthError::InvalidName(miner.clone()));
+        }
+        trust_key(dir, &Role::Miner(miner.clone()), key)?;
+    }
     let auth = init(dir, tenants, miners)?;
     crate::stack::reload_nats(auth_config, &auth.server_config, context.nats_server_pid, context.nats_monitor_port)?;
     let added = auth.users.keys().filter(|r| !before.contains(r)).cloned().collect();
@@ -342,6 +412,30 @@ mod tests {
         }
         assert_eq!(Role::from_file_name("tenant-a.b.nk"), None);
         assert_eq!(Role::from_file_name("auth.conf"), None);
+    }
+
+    #[test]
+    fn a_miner_that_handed_over_its_public_key_has_no_seed_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let miners_own = tempfile::tempdir().unwrap();
+        let m1 = Role::Miner("m1".into());
+        let key = keygen(&miners_own.path().join("miner-m1.nk")).unwrap();
+        trust_key(dir.path(), &m1, &key).unwrap();
+        trust_key(dir.path(), &m1, &key).expect("the same key again is a no-op");
+        let auth = init(dir.path(), &[], &["m1".into(), "m2".into()]).unwrap();
+        assert_eq!(auth.users[&m1], key);
+        assert!(!dir.path().join("miner-m1.nk").exists(), "no seed made for a miner with its own");
+        assert!(dir.path().join("miner-m2.nk").exists(), "a seed made for a miner without one");
+        assert!(auth.server_config.contains(&key));
+
+        let other = Identity::generate().public_key;
+        assert!(matches!(trust_key(dir.path(), &m1, &other), Err(AuthError::OtherKey { .. })));
+        let m2 = Role::Miner("m2".into());
+        assert!(matches!(trust_key(dir.path(), &m2, &other), Err(AuthError::OtherKey { .. })), "m2 has a seed");
+        let seed_not_key = Identity::generate();
+        let m3 = Role::Miner("m3".into());
+        assert!(matches!(trust_key(dir.path(), &m3, "UNOTAKEY"), Err(AuthError::NotPublicKey { .. })));
+        assert!(trust_key(dir.path(), &m3, &seed_not_key.public_key.replacen('U', "N", 1)).is_err());
     }
 
     #[test]

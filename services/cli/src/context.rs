@@ -39,6 +39,14 @@ pub struct Context {
     pub credentials_dir: Option<PathBuf>,
     /// The seed commands connect with unless told otherwise: the validator's.
     pub nats_credentials: Option<PathBuf>,
+    /// The CA the stack's nats-server certificate is signed by (`--nats-ca`); `None`:
+    /// plain TCP (a context from before TLS).
+    #[serde(default)]
+    pub nats_ca: Option<PathBuf>,
+    /// The client certificate and key commands present, where the server verifies clients
+    /// (mutual TLS).
+    #[serde(default)]
+    pub nats_client_cert: Option<(PathBuf, PathBuf)>,
     pub nats_server_pid: u32,
     /// nats-server's config file.
     pub nats_config: PathBuf,
@@ -62,6 +70,10 @@ pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/";
 pub struct Settings {
     pub nats: Option<String>,
     pub nats_creds: Option<PathBuf>,
+    /// `--nats-ca`: the CA to pin.
+    pub nats_ca: Option<PathBuf>,
+    /// `--nats-cert` and `--nats-key`: the client certificate for mutual TLS.
+    pub nats_client_cert: Option<(PathBuf, PathBuf)>,
     pub redis: Option<String>,
 }
 
@@ -70,13 +82,18 @@ impl Settings {
     /// and is another server than the context's: then nothing comes from it), the rest
     /// the defaults. The context's credentials are `acting_as`'s seed when its directory
     /// has one (`worker --id w` connects as miner `w`), else its default (the validator's).
+    /// TLS is on where a CA is given or the context has one; a client certificate without
+    /// a CA to pin is not used.
     pub fn resolve(self, context: Option<&Context>, acting_as: Option<&Role>) -> sundara_common::Endpoints {
         let context = context.filter(|c| self.nats.as_deref().is_none_or(|url| url == c.nats_url));
         let url = self.nats.or_else(|| context.map(|c| c.nats_url.clone())).unwrap_or_else(|| DEFAULT_NATS.into());
         let credentials = self.nats_creds.or_else(|| context.and_then(|c| c.credentials_for(acting_as)));
+        let ca = self.nats_ca.or_else(|| context.and_then(|c| c.nats_ca.clone()));
+        let client_cert = self.nats_client_cert.or_else(|| context.and_then(|c| c.nats_client_cert.clone()));
+        let tls = ca.map(|ca| sundara_common::tls::NatsTls { ca, client_cert });
         let redis_url =
             self.redis.or_else(|| context.map(|c| c.redis_url.clone())).unwrap_or_else(|| DEFAULT_REDIS.into());
-        sundara_common::Endpoints { nats: sundara_common::nats::NatsEndpoint { url, credentials }, redis_url }
+        sundara_common::Endpoints { nats: sundara_common::nats::NatsEndpoint { url, credentials, tls }, redis_url }
     }
 }
 
@@ -253,6 +270,8 @@ mod tests {
             redis_url: "redis://127.0.0.1:2/".into(),
             credentials_dir: Some(dir.to_path_buf()),
             nats_credentials: Some(dir.join("validator.nk")),
+            nats_ca: Some(dir.join("ca.pem")),
+            nats_client_cert: None,
             nats_server_pid: 1,
             nats_config: "nats.conf".into(),
             nats_auth_config: None,
@@ -280,8 +299,17 @@ mod tests {
         let elsewhere = Settings { nats: Some("nats://h:4222".into()), ..Settings::default() }.resolve(Some(&c), None);
         assert_eq!(elsewhere.nats.credentials, None, "another server: nothing from the context");
         assert_eq!(elsewhere.redis_url, DEFAULT_REDIS);
+        assert_eq!(elsewhere.nats.tls, None, "another server: not the context's CA either");
+        assert_eq!(
+            e.nats.tls,
+            Some(sundara_common::tls::NatsTls::pinned(dir.path().join("ca.pem"))),
+            "the context's CA"
+        );
+        let pinned = Settings { nats_ca: Some("mine.pem".into()), ..Settings::default() }.resolve(Some(&c), None);
+        assert_eq!(pinned.nats.tls, Some(sundara_common::tls::NatsTls::pinned("mine.pem")), "a given CA wins");
         let bare = none.resolve(None, None);
         assert_eq!((bare.nats.url.as_str(), bare.redis_url.as_str()), (DEFAULT_NATS, DEFAULT_REDIS));
+        assert_eq!(bare.nats.tls, None);
     }
 
     #[test]
@@ -293,6 +321,8 @@ mod tests {
             redis_url: "redis://127.0.0.1:2/".into(),
             credentials_dir: Some(credentials_dir(&path)),
             nats_credentials: None,
+            nats_ca: None,
+            nats_client_cert: None,
             nats_server_pid: 1,
             nats_config: "nats.conf".into(),
             nats_auth_config: None,

@@ -11,6 +11,7 @@ pub mod stack;
 pub mod status;
 pub mod submit;
 pub mod tasks;
+pub mod tls;
 pub mod up;
 
 use serde_json::Value;

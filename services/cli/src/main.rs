@@ -23,6 +23,18 @@ struct Cli {
     /// or tenant's own that --id or --tenant names]
     #[arg(long, global = true, env = "SUNDARA_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) the NATS server's certificate must be signed by: TLS on, this CA
+    /// the only one trusted (`sundara tls init` makes one) [default: the running `sundara
+    /// up`'s, from its context]
+    #[arg(long, global = true, env = "SUNDARA_NATS_CA")]
+    nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a NATS server with mutual TLS, with --nats-key
+    /// (`sundara tls client` makes one)
+    #[arg(long, global = true, env = "SUNDARA_NATS_CERT", requires = "nats_key")]
+    nats_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM)
+    #[arg(long, global = true, env = "SUNDARA_NATS_KEY", requires = "nats_cert")]
+    nats_key: Option<PathBuf>,
     /// Redis, given before the command (as earlier versions took it); the commands that use
     /// Redis take `--redis` themselves.
     #[arg(long, hide = true)]
@@ -60,6 +72,10 @@ enum Command {
         /// Let the autoscaler run a pool of up to N more worker processes, sized to demand.
         #[arg(long)]
         autoscale: Option<usize>,
+        /// The embedded nats-server verifies clients (mutual TLS): every connection presents
+        /// a certificate of the stack's CA (the context gives the commands one).
+        #[arg(long, conflicts_with = "external")]
+        mutual_tls: bool,
         #[command(flatten)]
         redis: RedisArgs,
     },
@@ -138,6 +154,11 @@ enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// Development certificates for TLS on NATS: a local CA, the server's, clients'.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
     /// Run the ingress service.
     Ingress {
         #[command(flatten)]
@@ -192,19 +213,75 @@ enum AuthCommand {
         /// A tenant (repeatable).
         #[arg(long = "tenant")]
         tenants: Vec<String>,
-        /// A miner, by its worker id (repeatable).
+        /// A miner, by its worker id, whose seed is made here (repeatable).
         #[arg(long = "miner")]
         miners: Vec<String>,
+        /// A miner that made its own key (`sundara auth keygen`): `ID=PUBLIC_KEY`, kept as
+        /// DIR/miner-ID.pub (repeatable).
+        #[arg(long = "miner-key", value_parser = parse_miner_key)]
+        miner_keys: Vec<(String, String)>,
     },
     /// Add tenants and miners to the stack a running `sundara up` serves (its context):
-    /// their seeds go into its credentials directory and its nats-server reloads its users.
+    /// their seeds (or, with --miner-key, a miner's public key) go into its credentials
+    /// directory and its nats-server reloads its users.
     Add {
         /// A tenant (repeatable).
         #[arg(long = "tenant")]
         tenants: Vec<String>,
-        /// A miner, by its worker id (repeatable).
+        /// A miner, by its worker id, whose seed is made here (repeatable).
         #[arg(long = "miner")]
         miners: Vec<String>,
+        /// A miner that made its own key (`sundara auth keygen`): `ID=PUBLIC_KEY`
+        /// (repeatable). Its seed never leaves its machine.
+        #[arg(long = "miner-key", value_parser = parse_miner_key)]
+        miner_keys: Vec<(String, String)>,
+    },
+    /// Make a miner's own key, on the miner's machine: writes its seed file (readable by
+    /// you only) and prints the public key to hand to the validator.
+    Keygen {
+        /// The miner's worker id (names the file: miner-ID.nk).
+        #[arg(long)]
+        miner: String,
+        /// Where the seed file goes (default: ./miner-ID.nk); never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `ID=PUBLIC_KEY` of `--miner-key`.
+fn parse_miner_key(text: &str) -> Result<(String, String), String> {
+    let (id, key) = text.split_once('=').ok_or("expected ID=PUBLIC_KEY")?;
+    Ok((id.to_string(), key.trim().to_string()))
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Create a CA (DIR/ca.pem, DIR/ca-key.pem) and a server certificate it signs
+    /// (DIR/server.pem, DIR/server-key.pem) for localhost, 127.0.0.1, ::1 and each --host.
+    /// Clients pin DIR/ca.pem with --nats-ca.
+    Init {
+        /// Where the files go.
+        #[arg(long, default_value = "nats-tls")]
+        dir: PathBuf,
+        /// Another name or IP address the server is reached at (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Replace an existing CA (what it signed stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// A client certificate signed by DIR's CA (DIR/client-NAME.pem and -key.pem), for a
+    /// server with mutual TLS: pass them as --nats-cert and --nats-key.
+    Client {
+        /// Where the CA is (as `tls init` made it).
+        #[arg(long, default_value = "nats-tls")]
+        dir: PathBuf,
+        /// Whose certificate (a miner's id, `validator`, ...): its subject's common name.
+        #[arg(long)]
+        name: String,
+        /// Replace an existing certificate of this name.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -365,6 +442,8 @@ fn endpoints(cli: &Cli) -> Endpoints {
     let settings = sundara::context::Settings {
         nats: cli.nats.clone(),
         nats_creds: cli.nats_creds.clone(),
+        nats_ca: cli.nats_ca.clone(),
+        nats_client_cert: cli.nats_cert.clone().zip(cli.nats_key.clone()),
         redis: redis.or_else(|| cli.redis.clone()),
     };
     let acting_as = match &cli.command {
@@ -383,6 +462,7 @@ fn is_quiet(command: &Command) -> bool {
         command,
         Command::Up { .. }
             | Command::Auth { .. }
+            | Command::Tls { .. }
             | Command::Submit { .. }
             | Command::Models { .. }
             | Command::Rewards { .. }
@@ -442,12 +522,15 @@ fn service_name(command: &Command) -> &'static str {
 /// Runs the command; `quiet` ones (client and `up`) serve no metrics of their own.
 async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
     let endpoints = endpoints(&cli);
+    if cli.nats_cert.is_some() && endpoints.nats.tls.is_none() {
+        bail!("--nats-cert needs --nats-ca: the CA that signed the server's certificate");
+    }
     let nats = endpoints.nats.clone();
     if !quiet && cli.metrics_addr.is_some() {
         sundara_common::metrics::install(cli.metrics_addr)?;
     }
     match cli.command {
-        Command::Up { once, tasks, workers, external, autoscale, redis: _ } => {
+        Command::Up { once, tasks, workers, external, autoscale, mutual_tls, redis: _ } => {
             let opts = sundara::up::UpOptions {
                 once,
                 tasks,
@@ -455,6 +538,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 endpoints: external.then_some(endpoints),
                 metrics: cli.metrics_addr,
                 autoscale,
+                mutual_tls,
             };
             sundara::up::up(opts).await
         }
@@ -489,6 +573,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         }
         Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => dead_tasks(&nats, limit, resubmit).await,
         Command::Auth { command } => auth(command),
+        Command::Tls { command } => tls(command),
         service @ (Command::Ingress { .. }
         | Command::Scheduler { .. }
         | Command::Verifier(_)
@@ -617,19 +702,62 @@ async fn dead_tasks(nats: &nats::NatsEndpoint, limit: usize, resubmit: Option<St
     Ok(())
 }
 
+/// `sundara tls …`: development certificates.
+fn tls(command: TlsCommand) -> anyhow::Result<()> {
+    match command {
+        TlsCommand::Init { dir, hosts, force } => {
+            let pki = sundara::tls::init(&dir, &hosts, force)?;
+            println!("CA:     {} (its key: {})", pki.ca().display(), dir.join(sundara::tls::CA_KEY).display());
+            println!("server: {} and {}", pki.server_cert().display(), pki.server_key().display());
+            println!("nats-server's config:\n{}", pki.server_block(false));
+            println!(
+                "(verify: true for mutual TLS; then `sundara tls client --dir {} --name N` per client)",
+                dir.display()
+            );
+            println!("connect with --nats-ca {} (env SUNDARA_NATS_CA)", pki.ca().display());
+            Ok(())
+        }
+        TlsCommand::Client { dir, name, force } => {
+            let tls = sundara::tls::client(&dir, &name, force)?;
+            let (cert, key) = tls.client_cert.expect("a client certificate was made");
+            println!("client {name}: {} and {}", cert.display(), key.display());
+            println!(
+                "connect with --nats-ca {} --nats-cert {} --nats-key {}",
+                tls.ca.display(),
+                cert.display(),
+                key.display()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// `sundara auth …`: users for a nats-server of one's own, or added to `up`'s.
 fn auth(command: AuthCommand) -> anyhow::Result<()> {
     match command {
-        AuthCommand::Init { dir, tenants, miners } => {
+        AuthCommand::Init { dir, tenants, miners, miner_keys } => {
+            for (miner, key) in &miner_keys {
+                sundara::auth::trust_key(&dir, &sundara::auth::Role::Miner(miner.clone()), key)?;
+            }
             let auth = sundara::auth::init(&dir, &tenants, &miners)?;
             for role in auth.users.keys() {
-                println!("{:<24} {}", role.to_string(), auth.credentials(role).display());
+                println!("{:<24} {}", role.to_string(), auth.holds(role));
             }
             println!("server config: {} (include it and reload nats-server)", dir.join("auth.conf").display());
             println!("connect with --nats-creds <seed file> (env SUNDARA_NATS_CREDS)");
             Ok(())
         }
-        AuthCommand::Add { tenants, miners } => {
+        AuthCommand::Keygen { miner, out } => {
+            let role = sundara::auth::Role::Miner(miner.clone());
+            let path = out.unwrap_or_else(|| PathBuf::from(role.file_name()));
+            let key = sundara::auth::keygen(&path)?;
+            println!("seed: {} (keep it; it never leaves this machine)", path.display());
+            println!("public key: {key}");
+            println!("hand the validator: sundara auth add --miner-key {miner}={key}");
+            println!("then run: sundara worker --id {miner} --nats-creds {}", path.display());
+            Ok(())
+        }
+        AuthCommand::Add { tenants, miners, miner_keys } => {
             let path = sundara::context::path()?;
             let Some((path, context)) = sundara::context::Context::current() else {
                 bail!(
@@ -638,12 +766,12 @@ fn auth(command: AuthCommand) -> anyhow::Result<()> {
                     path.display()
                 );
             };
-            if tenants.is_empty() && miners.is_empty() {
-                bail!("name at least one --tenant or --miner");
+            if tenants.is_empty() && miners.is_empty() && miner_keys.is_empty() {
+                bail!("name at least one --tenant, --miner or --miner-key");
             }
-            let (auth, added) = sundara::auth::add(&context, &tenants, &miners)?;
+            let (auth, added) = sundara::auth::add(&context, &tenants, &miners, &miner_keys)?;
             for role in &added {
-                println!("{:<24} {}", role.to_string(), auth.credentials(role).display());
+                println!("{:<24} {}", role.to_string(), auth.holds(role));
             }
             if added.is_empty() {
                 println!("nothing new: every one named has a seed in {}", auth.dir.display());

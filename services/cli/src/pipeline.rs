@@ -43,6 +43,9 @@ pub struct PipelineConfig {
     /// Ingress' per-tenant limits and the fleet's bound on tasks in flight.
     pub tenants: sundara_common::admission::TenantPolicy,
     pub max_in_flight: u64,
+    /// How long the streams keep what (every service provisions them with it; ingress
+    /// gives each task its TTL by it).
+    pub retention: sundara_common::nats::Retention,
     /// With NATS auth on: the `sundara auth init` directory, whose `miner-<id>.nk` each
     /// worker connects with (the services use `endpoints`' credentials).
     pub miner_credentials: Option<PathBuf>,
@@ -106,18 +109,23 @@ impl Pipeline {
             ep.clone(),
         );
         scheduler.assignment_timeout = config.assignment_timeout;
+        scheduler.retention = config.retention.clone();
         let mut rewarder = sundara_rewarder::Config::from_args(sundara_rewarder::Args::default(), ep.clone());
         rewarder.epoch_length = config.epoch_length;
+        rewarder.retention = config.retention.clone();
         let reference =
             || Ok::<_, std::convert::Infallible>((config.ort_library.clone(), config.cache_dir.join("reference")));
         let verifier = sundara_verifier::Args { secret, ..sundara_verifier::Args::new("") };
-        let Ok(verifier) = sundara_verifier::Config::from_args(verifier, ep.clone(), reference);
+        let Ok(mut verifier) = sundara_verifier::Config::from_args(verifier, ep.clone(), reference);
+        verifier.retention = config.retention.clone();
         let ingress = sundara_ingress::Args { max_in_flight: config.max_in_flight, ..Default::default() };
         let mut ingress =
             sundara_ingress::Config::from_args(ingress, ep.clone()).expect("no --tenant-limits file to read");
         ingress.tenants = config.tenants.clone();
+        ingress.retention = config.retention.clone();
         let mut autoscaler = sundara_autoscaler::Config::new(ep.clone());
         autoscaler.scaling = config.scaling.clone();
+        autoscaler.retention = config.retention.clone();
         let s = || shutdown.child_token();
         let services = vec![
             ("ingress", spawn(sundara_ingress::run(ingress, s()))),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use sundara_common::Endpoints;
 use sundara_common::nats::NatsEndpoint;
+use sundara_common::tls::NatsTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -26,6 +27,8 @@ pub enum StackError {
     Exited { what: &'static str, status: std::process::ExitStatus },
     #[error("{what} did not become ready on port {port} within {secs} s")]
     NotReady { what: &'static str, port: u16, secs: u64 },
+    #[error("the stack's TLS certificates: {0}")]
+    Tls(#[from] crate::tls::TlsInitError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -266,13 +269,21 @@ pub fn start_redis_on(binary: &Path, dir: &Path, port: u16) -> Result<ServerProc
     Ok(ServerProcess { what: "redis-server", child, port, monitor_port: None })
 }
 
-/// NATS and Redis for one pipeline, gone when dropped.
+/// NATS and Redis for one pipeline, gone when dropped. NATS speaks TLS only on its client
+/// port, with a certificate of a throwaway CA made in the stack's directory (its
+/// monitoring port stays plain HTTP).
 pub struct LocalStack {
     pub nats: ServerProcess,
     pub redis: ServerProcess,
     pub dir: tempfile::TempDir,
     /// The seed file [`LocalStack::endpoints`] connects with, when NATS has auth on.
     pub nats_credentials: Option<PathBuf>,
+    /// The stack's CA and certificates (`tls/` in its directory): sign more clients with
+    /// [`crate::tls::client`] on `pki.dir`.
+    pub pki: crate::tls::DevPki,
+    /// What [`LocalStack::endpoints`] connect with: the CA, and with mutual TLS a client
+    /// certificate (`validator`'s).
+    pub nats_tls: NatsTls,
     nats_binary: PathBuf,
     /// What nats-server's config has besides the basics (a restart keeps it).
     nats_extra: String,
@@ -284,27 +295,40 @@ pub struct LocalStack {
 pub const AUTH_CONF: &str = "auth.conf";
 
 impl LocalStack {
+    /// NATS without auth (TLS on), and Redis.
     pub fn start(root: &Path) -> Result<LocalStack, StackError> {
-        let dir = tempfile::Builder::new().prefix("sundara-stack-").tempdir()?;
-        let nats_binary = nats_server_binary(root)?;
-        let nats = start_nats(&nats_binary, dir.path())?;
-        let redis = start_redis(&redis_server_binary()?, dir.path())?;
-        Ok(LocalStack { nats, redis, dir, nats_credentials: None, nats_binary, nats_extra: String::new() })
+        LocalStack::start_with(root, None, false)
     }
 
     /// As [`LocalStack::start`], with NATS' users and permissions from `sundara auth init`
     /// (see [`crate::auth`]) in [`LocalStack::auth_config`]; the stack's endpoints connect
     /// as the validator.
     pub fn start_secured(root: &Path, auth: &crate::auth::AuthDir) -> Result<LocalStack, StackError> {
+        LocalStack::start_with(root, Some(auth), false)
+    }
+
+    /// The stack with NATS' users from `auth` (when given), and with `mutual_tls` NATS
+    /// verifying clients: each must present a certificate of the stack's CA (the
+    /// endpoints present one named `validator`; sign others with [`crate::tls::client`]).
+    pub fn start_with(
+        root: &Path,
+        auth: Option<&crate::auth::AuthDir>,
+        mutual_tls: bool,
+    ) -> Result<LocalStack, StackError> {
         let dir = tempfile::Builder::new().prefix("sundara-stack-").tempdir()?;
-        std::fs::write(dir.path().join(AUTH_CONF), &auth.server_config)?;
+        let pki = crate::tls::init(&dir.path().join("tls"), &[], false)?;
+        let nats_tls = if mutual_tls { crate::tls::client(&pki.dir, "validator", false)? } else { pki.client_tls() };
+        let mut nats_extra = pki.server_block(mutual_tls);
+        if let Some(auth) = auth {
+            std::fs::write(dir.path().join(AUTH_CONF), &auth.server_config)?;
+            // Relative to nats.conf's directory.
+            nats_extra.push_str(&format!("include {AUTH_CONF:?}\n"));
+        }
         let nats_binary = nats_server_binary(root)?;
-        // Relative to nats.conf's directory.
-        let nats_extra = format!("include {AUTH_CONF:?}\n");
         let nats = start_nats_with(&nats_binary, dir.path(), &nats_extra)?;
         let redis = start_redis(&redis_server_binary()?, dir.path())?;
-        let nats_credentials = Some(auth.credentials(&crate::auth::Role::Validator));
-        Ok(LocalStack { nats, redis, dir, nats_credentials, nats_binary, nats_extra })
+        let nats_credentials = auth.map(|a| a.credentials(&crate::auth::Role::Validator));
+        Ok(LocalStack { nats, redis, dir, nats_credentials, pki, nats_tls, nats_binary, nats_extra })
     }
 
     /// nats-server's config file.
@@ -344,8 +368,9 @@ impl LocalStack {
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
             nats: NatsEndpoint {
-                url: format!("nats://127.0.0.1:{}", self.nats.port),
+                url: format!("tls://127.0.0.1:{}", self.nats.port),
                 credentials: self.nats_credentials.clone(),
+                tls: Some(self.nats_tls.clone()),
             },
             redis_url: format!("redis://127.0.0.1:{}/", self.redis.port),
         }
@@ -411,10 +436,15 @@ pub struct ClusterNode {
 
 /// A JetStream cluster of nats-server processes on loopback (routes between every pair,
 /// each node with its own store), gone when dropped.
+///
+/// Clients connect with TLS (a throwaway CA in its directory, as [`LocalStack`]'s); the
+/// routes between the nodes stay plain TCP on loopback.
 pub struct LocalCluster {
     pub nodes: Vec<ClusterNode>,
     binary: PathBuf,
     pub dir: tempfile::TempDir,
+    /// The cluster's CA and the nodes' certificate.
+    pub pki: crate::tls::DevPki,
 }
 
 impl LocalCluster {
@@ -422,6 +452,7 @@ impl LocalCluster {
     /// leader elected.
     pub fn start(root: &Path, n: usize) -> Result<LocalCluster, StackError> {
         let dir = tempfile::Builder::new().prefix("sundara-cluster-").tempdir()?;
+        let pki = crate::tls::init(&dir.path().join("tls"), &[], false)?;
         let binary = nats_server_binary(root)?;
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -436,7 +467,7 @@ impl LocalCluster {
                 process: None,
             });
         }
-        let mut cluster = LocalCluster { nodes, binary, dir };
+        let mut cluster = LocalCluster { nodes, binary, dir, pki };
         for i in 0..n {
             cluster.start_node(i)?;
         }
@@ -450,10 +481,11 @@ impl LocalCluster {
             self.nodes.iter().map(|n| format!("nats-route://127.0.0.1:{}", n.cluster_port)).collect();
         let node = &self.nodes[i];
         let extra = format!(
-            "server_name: {}\ncluster {{\n  name: sundara\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+            "server_name: {}\ncluster {{\n  name: sundara\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n{}",
             node.name,
             node.cluster_port,
-            routes.join(", ")
+            routes.join(", "),
+            self.pki.server_block(false)
         );
         let process = start_nats_on(&self.binary, &node.dir, node.port, node.monitor_port, &extra)?;
         self.nodes[i].process = Some(process);
@@ -474,11 +506,11 @@ impl LocalCluster {
 
     /// Every node's client URL, comma-separated (what `--nats` takes for a cluster).
     pub fn urls(&self) -> String {
-        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+        self.nodes.iter().map(|n| format!("tls://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
     }
 
     pub fn endpoint(&self) -> NatsEndpoint {
-        NatsEndpoint::open(self.urls())
+        NatsEndpoint::open(self.urls()).with_tls(Some(self.pki.client_tls()))
     }
 
     /// Waits (bounded) until every running node reports JetStream healthy (`/healthz`).

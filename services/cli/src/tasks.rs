@@ -35,9 +35,12 @@ pub async fn dead_letters(js: &jetstream::Context, limit: usize) -> Result<Vec<D
     if state.messages == 0 || limit == 0 {
         return Ok(Vec::new());
     }
-    let start = state.last_sequence.saturating_sub(limit as u64 - 1).max(state.first_sequence);
+    // A letter and its task's copy are two messages: the last 2 × limit hold the last
+    // `limit` letters.
+    let start = state.last_sequence.saturating_sub(2 * limit as u64 - 1).max(state.first_sequence);
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subj::DEAD_ALL.to_string(),
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
             ..Default::default()
         })
@@ -48,10 +51,12 @@ pub async fn dead_letters(js: &jetstream::Context, limit: usize) -> Result<Vec<D
     while let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
         let m = next.map_err(js_err)?;
         letters.push(decode::<DeadLetter>(&m.payload, MAX_MESSAGE_BYTES)?);
-        if m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX) >= state.last_sequence {
+        if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
             break;
         }
     }
+    let extra = letters.len().saturating_sub(limit);
+    letters.drain(..extra);
     Ok(letters)
 }
 
@@ -93,7 +98,7 @@ pub fn age_text(ms: u64) -> String {
 }
 
 /// Submits a dead task again, as new work with the same model version, inputs, seed, tenant,
-/// priority and timeout (read back from TASKS). Idempotent: resubmitting the same dead
+/// priority and timeout (read back from the copy DEAD keeps, or TASKS). Idempotent: resubmitting the same dead
 /// task twice yields the same new task. Returns the new task id.
 /// Submits on the original tenant's subject, which needs the operator's (validator's)
 /// credentials on `js`.
@@ -104,10 +109,16 @@ pub async fn resubmit(js: &jetstream::Context, task_id: &str) -> Result<String, 
         .await
         .map_err(|_| TasksError::NotDead(task_id.to_string()))?;
     let letter: DeadLetter = decode(&letter.payload, MAX_MESSAGE_BYTES)?;
-    let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
     let gone = |reason: String| TasksError::Gone { task: task_id.to_string(), seq: letter.task_seq, reason };
-    let raw = tasks.get_raw_message(letter.task_seq).await.map_err(|e| gone(e.to_string()))?;
-    let task: Task = decode(&raw.payload, MAX_MESSAGE_BYTES)?;
+    // The copy kept beside the letter; TASKS itself for a letter written before copies were.
+    let raw = match dead.direct_get_last_for_subject(subj::dead_task(task_id)).await {
+        Ok(copy) => copy.payload,
+        Err(_) => {
+            let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
+            tasks.get_raw_message(letter.task_seq).await.map_err(|e| gone(e.to_string()))?.payload
+        }
+    };
+    let task: Task = decode(&raw, MAX_MESSAGE_BYTES)?;
     if task.task_id != task_id {
         return Err(gone(format!("that sequence holds task {}", task.task_id)));
     }

@@ -33,6 +33,9 @@ pub struct UpOptions {
     /// With `Some(max)`, the autoscaler runs a pool of up to `max` worker processes
     /// (local driver) beside the fixed miners, sized to demand.
     pub autoscale: Option<usize>,
+    /// The embedded nats-server verifies clients (mutual TLS): every connection presents
+    /// a certificate of the stack's CA.
+    pub mutual_tls: bool,
 }
 
 /// Pushes the demo models (k=3 so that one liar is always outvoted).
@@ -167,7 +170,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         None => Some(context::claim(&context::path()?)?),
     };
     let (endpoints, auth, stack) =
-        start_servers(opts.endpoints, opts.autoscale.is_some(), claim.as_ref(), &root, &miner_ids)?;
+        start_servers(opts.endpoints, opts.autoscale.is_some(), opts.mutual_tls, claim.as_ref(), &root, &miner_ids)?;
     if let (Some(claim), Some(stack)) = (&claim, &stack) {
         publish_context(claim, stack, auth.as_ref(), opts.metrics)?;
     }
@@ -242,10 +245,12 @@ fn watch_interruptions() -> Shutdown {
 /// The servers `up` runs on: `external` ones as given, or an embedded stack. The embedded
 /// stack runs NATS with a user per role (docs/reliability.md), seeds written under the
 /// claimed context's credentials directory, except with an autoscaled pool, whose workers
-/// are named as they start and so have no seeds.
+/// are named as they start and so have no seeds. NATS speaks TLS only (a throwaway CA in
+/// the stack's directory), verifying clients' certificates too with `mutual_tls`.
 fn start_servers(
     external: Option<Endpoints>,
     autoscale: bool,
+    mutual_tls: bool,
     claim: Option<&context::Claim>,
     root: &std::path::Path,
     miner_ids: &[String],
@@ -253,10 +258,11 @@ fn start_servers(
     match (external, claim) {
         (Some(ep), _) => Ok((ep, None, None)),
         (None, _) if autoscale => {
-            let stack = LocalStack::start(root)?;
+            let stack = LocalStack::start_with(root, None, mutual_tls)?;
             println!(
-                "nats-server on {} (no auth: --autoscale), redis-server on {}",
+                "nats-server on {} (no auth: --autoscale; TLS, CA {}), redis-server on {}",
                 stack.endpoints().nats.url,
+                stack.pki.ca().display(),
                 stack.endpoints().redis_url
             );
             Ok((stack.endpoints(), None, Some(stack)))
@@ -265,12 +271,17 @@ fn start_servers(
             let dir = &claim.expect("an embedded stack has claimed its context").credentials_dir;
             context::create_private_dir(dir)?;
             let auth = crate::auth::init(dir, &[DEMO_TENANT.to_string()], miner_ids)?;
-            let stack = LocalStack::start_secured(root, &auth)?;
+            let stack = LocalStack::start_with(root, Some(&auth), mutual_tls)?;
             println!(
                 "nats-server on {} with {} users (validator, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
                 stack.endpoints().nats.url,
                 auth.users.len(),
                 stack.endpoints().redis_url
+            );
+            println!(
+                "TLS: CA {}{}",
+                stack.pki.ca().display(),
+                if mutual_tls { " (mutual: clients present a certificate it signed)" } else { "" }
             );
             Ok((stack.endpoints(), Some(auth), Some(stack)))
         }
@@ -332,6 +343,7 @@ fn pipeline_config(
         tenants: demo_tenants(),
         max_in_flight: 100_000,
         miner_credentials: auth.map(|a| a.dir.clone()),
+        retention: Default::default(),
     }
 }
 
@@ -340,6 +352,7 @@ fn demo_tenant(endpoints: &Endpoints, auth: Option<&crate::auth::AuthDir>) -> Na
     NatsEndpoint {
         url: endpoints.nats.url.clone(),
         credentials: auth.map(|a| a.credentials(&crate::auth::Role::Tenant(DEMO_TENANT.into()))),
+        tls: endpoints.nats.tls.clone(),
     }
 }
 
@@ -447,6 +460,8 @@ fn publish_context(
         redis_url: endpoints.redis_url.clone(),
         credentials_dir: auth.map(|a| a.dir.clone()),
         nats_credentials: endpoints.nats.credentials.clone(),
+        nats_ca: endpoints.nats.tls.as_ref().map(|t| t.ca.clone()),
+        nats_client_cert: endpoints.nats.tls.as_ref().and_then(|t| t.client_cert.clone()),
         nats_server_pid: stack.nats.pid(),
         nats_config: stack.nats_config(),
         nats_auth_config: auth.map(|_| stack.auth_config()),
@@ -478,10 +493,13 @@ fn local_pool(
     let driver = sundara_autoscaler::DriverConfig::Local {
         binary: std::env::current_exe()?,
         args: vec!["--threads".into(), "1".into()],
-        env: vec![
+        env: [
             ("SUNDARA_NATS_URL".into(), endpoints.nats.url.clone()),
             ("ORT_DYLIB_PATH".into(), ort_library.display().to_string()),
-        ],
+        ]
+        .into_iter()
+        .chain(endpoints.nats.tls.iter().flat_map(|t| t.env()))
+        .collect(),
         prefix: "pool".into(),
     };
     let mut scaling = sundara_autoscaler::ScalingConfig::new(driver);

@@ -13,6 +13,10 @@ use sundara_schemas::Priority;
 
 use crate::{Capacity, Error};
 
+/// [`TenantLimits::max_stored_bytes`]' default: an eighth of TASKS' default size, so a few
+/// tenants at their quota still leave room for the others.
+pub const DEFAULT_MAX_STORED_BYTES: u64 = 512 << 20;
+
 /// One tenant's limits.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +29,10 @@ pub struct TenantLimits {
     pub max_in_flight: u32,
     /// Largest submission, in bytes (ingress' own maximum applies above it).
     pub max_payload_bytes: usize,
+    /// Bytes its tasks may take in TASKS at once. A task's bytes count from its admission
+    /// until it leaves TASKS (its deadline plus the linger), not until its result: what
+    /// the broker stores is what this bounds, so that no tenant can fill TASKS for others.
+    pub max_stored_bytes: u64,
     /// The highest priority its tasks may ask for: an entitlement, `normal` unless `high`
     /// is granted. A request above it is refused, not lowered.
     pub max_priority: Priority,
@@ -37,6 +45,7 @@ impl Default for TenantLimits {
             burst: 100,
             max_in_flight: 10_000,
             max_payload_bytes: sundara_schemas::MAX_SUBMISSION_BYTES,
+            max_stored_bytes: DEFAULT_MAX_STORED_BYTES,
             max_priority: Priority::Normal,
         }
     }
@@ -95,73 +104,85 @@ pub enum Refusal {
     TenantInFlight { max: u32 },
     /// The fleet has `max` tasks in flight.
     FleetInFlight { max: u64 },
+    /// The tenant's tasks still in TASKS take `max` bytes, its quota.
+    StoredBytes { max: u64 },
 }
 
-/// Per tenant: `tenant:<t>:inflight` (task → deadline) and `tenant:<t>:tat` (the rate's
-/// theoretical arrival time, GCRA); fleet-wide: `inflight:tasks` (task → deadline).
-/// ARGV: tenant, task, now_ms, deadline_ms, rate_per_s (0 = none), burst, tenant max,
-/// fleet max. Returns {0} when admitted (also when this task already was: a retry),
-/// {1, retry_after_ms}, {2} (tenant in flight) or {3} (fleet in flight).
-static ADMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local t, id, now, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local rate, burst, tmax, fmax = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local tkey, fkey = 'sundara:tenant:' .. t .. ':inflight', 'sundara:inflight:tasks'
-redis.call('ZREMRANGEBYSCORE', tkey, '-inf', now)
-redis.call('ZREMRANGEBYSCORE', fkey, '-inf', now)
-if redis.call('ZSCORE', tkey, id) then return {0} end
-local rkey, tat, interval = 'sundara:tenant:' .. t .. ':tat', now, 0
-if rate > 0 then
-  interval = 1000 / rate
-  tat = math.max(tonumber(redis.call('GET', rkey) or now), now)
-  local allowed_at = tat - (burst - 1) * interval
-  if now < allowed_at then return {1, math.ceil(allowed_at - now)} end
-end
-if redis.call('ZCARD', tkey) >= tmax then return {2} end
-if redis.call('ZCARD', fkey) >= fmax then return {3} end
-if rate > 0 then
-  redis.call('SET', rkey, tostring(tat + interval), 'PX', math.ceil(burst * interval) + 1000)
-end
-redis.call('ZADD', tkey, deadline, id)
-redis.call('ZADD', fkey, deadline, id)
--- Sets of idle tenants expire after their last deadline.
-for _, key in ipairs({tkey, fkey}) do
-  if redis.call('PTTL', key) < deadline - now + 1000 then redis.call('PEXPIRE', key, deadline - now + 1000) end
-end
-return {0}
-"#,
-    )
-});
+/// `lua/admit.lua`: the tenant's and the fleet's counts, checked and updated at once.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/admit.lua")));
+
+/// One task asking to be admitted.
+#[derive(Clone, Copy, Debug)]
+pub struct Admission<'a> {
+    pub tenant: &'a str,
+    pub task: &'a str,
+    /// Its deadline (Unix ms): it counts as in flight until then at most.
+    pub deadline_ms: u64,
+    /// Its size as stored in TASKS.
+    pub bytes: u64,
+    /// When it leaves TASKS (Unix ms): its bytes count against the tenant until then.
+    pub stored_until_ms: u64,
+}
 
 impl Capacity {
-    /// Admits `task` of `tenant` (deadline `deadline_ms`) under `limits` and the fleet's
-    /// `fleet_max` tasks in flight, or says why not. Idempotent per task.
+    /// Admits a task under its tenant's `limits` and the fleet's `fleet_max` tasks in
+    /// flight, or says why not. Idempotent per task.
     pub async fn admit(
         &self,
-        tenant: &str,
-        task: &str,
-        deadline_ms: u64,
+        task: &Admission<'_>,
         limits: &TenantLimits,
         fleet_max: u64,
     ) -> Result<Result<(), Refusal>, Error> {
         let mut con = self.con.clone();
         let mut call = ADMIT.prepare_invoke();
-        call.arg(tenant)
-            .arg(task)
+        call.arg(task.tenant)
+            .arg(task.task)
             .arg(sundara_schemas::now_ms())
-            .arg(deadline_ms)
+            .arg(task.deadline_ms)
             .arg(limits.rate_per_s.unwrap_or(0.0))
             .arg(limits.burst.max(1))
             .arg(limits.max_in_flight)
-            .arg(fleet_max);
+            .arg(fleet_max)
+            .arg(task.bytes)
+            .arg(task.stored_until_ms)
+            .arg(limits.max_stored_bytes);
         let answer: Vec<u64> = call.invoke_async(&mut con).await?;
         Ok(match answer.as_slice() {
             [0] => Ok(()),
             [1, after] => Err(Refusal::RateLimited { retry_after: Duration::from_millis(*after) }),
             [2] => Err(Refusal::TenantInFlight { max: limits.max_in_flight }),
-            _ => Err(Refusal::FleetInFlight { max: fleet_max }),
+            [3] => Err(Refusal::FleetInFlight { max: fleet_max }),
+            _ => Err(Refusal::StoredBytes { max: limits.max_stored_bytes }),
         })
+    }
+
+    /// A task admitted but never stored (TASKS refused it): its bytes no longer count
+    /// against its tenant. [`Capacity::finish`] releases the rest.
+    pub async fn unstore(&self, tenant: &str, task: &str) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        let prefix = format!("sundara:tenant:{tenant}");
+        let bytes: Option<i64> =
+            redis::cmd("HGET").arg(format!("{prefix}:stored_bytes")).arg(task).query_async(&mut con).await?;
+        let Some(bytes) = bytes else { return Ok(()) };
+        redis::pipe()
+            .atomic()
+            .hdel(format!("{prefix}:stored_bytes"), task)
+            .ignore()
+            .zrem(format!("{prefix}:stored"), task)
+            .ignore()
+            .decr(format!("{prefix}:stored_total"), bytes)
+            .ignore()
+            .query_async::<()>(&mut con)
+            .await?;
+        Ok(())
+    }
+
+    /// Bytes of `tenant`'s tasks still in TASKS, as its quota counts them.
+    pub async fn stored_bytes(&self, tenant: &str) -> Result<u64, Error> {
+        let mut con = self.con.clone();
+        let total: Option<i64> =
+            redis::cmd("GET").arg(format!("sundara:tenant:{tenant}:stored_total")).query_async(&mut con).await?;
+        Ok(total.unwrap_or(0).max(0) as u64)
     }
 
     /// A task of `tenant` is finished (its result is stored) or was never stored: it no

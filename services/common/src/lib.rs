@@ -11,6 +11,7 @@ pub mod nats;
 pub mod registry;
 pub mod retry;
 pub mod telemetry;
+pub mod tls;
 pub mod validator_key;
 
 pub use capacity::Capacity;
@@ -34,6 +35,17 @@ pub enum Error {
     NatsConnect { url: String, reason: String },
     #[error("NATS credentials {path}: {reason}")]
     NatsCredentials { path: std::path::PathBuf, reason: String },
+    /// A TLS file (`--nats-ca`, `--nats-cert`, `--nats-key`) cannot be used.
+    #[error(transparent)]
+    NatsTlsFiles(#[from] tls::TlsError),
+    /// The TLS handshake with NATS failed: the server's certificate is not signed by the
+    /// pinned CA (or none was pinned), or the server wanted a client certificate it did not
+    /// get or did not trust, or the server does not speak TLS.
+    #[error(
+        "TLS with NATS at {url} failed: {failure}: {reason} (pin the server's CA with --nats-ca; a server with \
+         mutual TLS also needs --nats-cert/--nats-key signed by a CA it trusts)"
+    )]
+    NatsTls { url: String, failure: tls::TlsFailure, reason: String },
     /// The server is there but refused the connection's user (or that it had none).
     #[error(
         "NATS at {url} refused {}: authorization violation ({})",

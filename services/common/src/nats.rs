@@ -16,12 +16,21 @@ pub struct NatsEndpoint {
     pub url: String,
     /// An NKey seed file (as `sundara auth` writes them); `None` on a server without auth.
     pub credentials: Option<PathBuf>,
+    /// TLS: the pinned CA (and a client certificate for mutual TLS); `None`: plain TCP,
+    /// unless the URL is `tls://` (then the system's roots, which a private CA is not in).
+    pub tls: Option<crate::tls::NatsTls>,
 }
 
 impl NatsEndpoint {
-    /// A server without authentication (the embedded stack, tests).
+    /// A server without authentication or TLS (a hand-started nats-server).
     pub fn open(url: impl Into<String>) -> NatsEndpoint {
-        NatsEndpoint { url: url.into(), credentials: None }
+        NatsEndpoint { url: url.into(), credentials: None, tls: None }
+    }
+
+    /// This endpoint with `tls`.
+    pub fn with_tls(mut self, tls: Option<crate::tls::NatsTls>) -> NatsEndpoint {
+        self.tls = tls;
+        self
     }
 }
 
@@ -30,7 +39,7 @@ impl NatsEndpoint {
 pub enum SeedError {
     #[error(transparent)]
     Key(#[from] nkeys::error::Error),
-    #[error("not a user seed (it must start with SU)")]
+    #[error("not a user's key (a seed starts with SU, a public key with U)")]
     NotUser,
 }
 
@@ -49,6 +58,12 @@ impl Identity {
             return Err(SeedError::NotUser);
         }
         Ok(Identity { seed: seed.trim().to_string(), public_key: pair.public_key() })
+    }
+
+    /// Whether `key` is a user's public key (`U…`, with a valid checksum).
+    pub fn check_public_key(key: &str) -> Result<(), SeedError> {
+        nkeys::KeyPair::from_public_key(key)?;
+        if key.starts_with('U') { Ok(()) } else { Err(SeedError::NotUser) }
     }
 
     /// A new user key.
@@ -243,6 +258,9 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
         let identity = Identity::load(path)?;
         options = options.nkey(identity.seed.clone()).custom_inbox_prefix(identity.inbox_prefix());
     }
+    if let Some(tls) = &endpoint.tls {
+        options = tls.apply(options)?;
+    }
     // A comma-separated list names several servers of one cluster (the NATS convention):
     // the client starts with any that answers and fails over to the others.
     let servers: Vec<async_nats::ServerAddr> = url
@@ -261,6 +279,9 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
         Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
             Err(Error::NatsRefused { url: url.to_string(), credentials: endpoint.credentials.clone() })
         }
+        Ok(Err(e)) if let Some(failure) = crate::tls::failure_of(&e) => {
+            Err(Error::NatsTls { url: url.to_string(), failure, reason: e.to_string() })
+        }
         Ok(Err(e)) => Err(Error::NatsConnect { url: url.to_string(), reason: e.to_string() }),
         Err(_) => Err(Error::NatsConnect { url: url.to_string(), reason: "timed out".into() }),
     }
@@ -269,9 +290,17 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
 /// Retention knobs of the streams.
 #[derive(Clone, Debug)]
 pub struct Retention {
-    /// How long accepted tasks are kept (reassignment and resubmission re-read them).
+    /// How long any task is kept at most: a backstop above the per-task TTL (the task's
+    /// timeout plus [`Retention::task_linger`]) that ingress gives each task.
     pub tasks_max_age: Duration,
-    /// Bytes of accepted tasks kept at most; beyond it ingress answers `overloaded`.
+    /// How long a task stays in TASKS after its deadline: the scheduler dead-letters an
+    /// expired task and the verifier decides one at deadline + grace within it (both read
+    /// the task back). A scheduler stopped for longer than this cannot end the tasks that
+    /// expired meanwhile (their clients see no result), so keep it above any outage the
+    /// scheduler is expected to ride out.
+    pub task_linger: Duration,
+    /// Bytes of accepted tasks kept at most; beyond it ingress answers `overloaded`. Tenant
+    /// byte quotas (`TenantLimits::max_stored_bytes`) keep any one tenant well below it.
     pub tasks_max_bytes: i64,
     /// How long deduplication by id (task, outcome, result) holds.
     pub duplicate_window: Duration,
@@ -284,16 +313,31 @@ pub struct Retention {
     /// has its own subjects), so a long-running deployment caps it. Keep it well above any
     /// consumer's backlog: a message dropped before the verifier or rewarder reads it is lost.
     pub history_max_msgs: i64,
+    /// How long miners' outcomes are kept (OUTCOMES): the verifier may lag this long.
+    pub outcomes_max_age: Duration,
+    /// How long results are kept (RESULTS): a client may be away this long and still
+    /// collect its results.
+    pub results_max_age: Duration,
+    /// How long the records are kept (VERDICTS, REWARDS, DEAD).
+    pub records_max_age: Duration,
+    /// Bytes of dead letters and dead tasks' copies kept at most (DEAD), oldest dropped
+    /// first: a tenant whose tasks all expire cannot fill the broker with them.
+    pub dead_max_bytes: i64,
 }
 
 impl Default for Retention {
     fn default() -> Self {
         Retention {
             tasks_max_age: Duration::from_secs(24 * 3600),
+            task_linger: Duration::from_secs(600),
             tasks_max_bytes: 4 << 30,
             duplicate_window: Duration::from_secs(600),
             replicas: 1,
             history_max_msgs: -1,
+            outcomes_max_age: Duration::from_secs(24 * 3600),
+            results_max_age: Duration::from_secs(24 * 3600),
+            records_max_age: Duration::from_secs(30 * 24 * 3600),
+            dead_max_bytes: 1 << 30,
         }
     }
 }
@@ -313,15 +357,37 @@ fn stream_config(name: &str, subjects: &str, max_age: Duration, r: &Retention) -
     }
 }
 
+/// Creates `config`'s stream if it is missing, and brings an existing one up to what this
+/// version needs of it (subjects, per-message TTL), leaving its other settings as they
+/// are: an operator may have tuned them.
+async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), Error> {
+    let mut stream = js.get_or_create_stream(config.clone()).await.map_err(js_err)?;
+    let current = stream.info().await.map_err(js_err)?.config.clone();
+    let missing_subjects = config.subjects.iter().any(|s| !current.subjects.contains(s));
+    if missing_subjects || (config.allow_message_ttl && !current.allow_message_ttl) {
+        let mut subjects = current.subjects.clone();
+        subjects.extend(config.subjects.iter().filter(|s| !current.subjects.contains(s)).cloned());
+        let updated = stream::Config {
+            subjects,
+            allow_message_ttl: current.allow_message_ttl || config.allow_message_ttl,
+            ..current
+        };
+        js.update_stream(updated).await.map_err(js_err)?;
+    }
+    Ok(())
+}
+
 /// Creates the streams, KV buckets and object store if they are missing. Idempotent; every
 /// service calls it at start so that start order does not matter.
 pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Error> {
-    let hour = Duration::from_secs(3600);
-    let day = 24 * hour;
+    let day = Duration::from_secs(24 * 3600);
     let tasks = stream::Config {
         max_bytes: r.tasks_max_bytes,
         // A full TASKS stream refuses new tasks instead of dropping accepted ones.
         discard: stream::DiscardPolicy::New,
+        // Each task leaves when it can no longer be dispatched, reassigned or decided
+        // (ingress sets its TTL), without a delete per task on the hot path.
+        allow_message_ttl: true,
         ..stream_config(subj::TASKS_STREAM, subj::TASK_ALL, r.tasks_max_age, r)
     };
     let work = stream::Config {
@@ -332,17 +398,22 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
         max_messages: r.history_max_msgs,
         ..stream_config(name, subjects, max_age, r)
     };
+    let dead = stream::Config {
+        subjects: vec![subj::DEAD_ALL.to_string(), subj::DEAD_TASK_ALL.to_string()],
+        max_bytes: r.dead_max_bytes,
+        ..history(subj::DEAD_STREAM, subj::DEAD_ALL, r.records_max_age)
+    };
     let streams = [
         tasks,
         work,
-        history(subj::OUTCOMES_STREAM, subj::OUTCOME_ALL, day),
-        history(subj::RESULTS_STREAM, subj::RESULT_ALL, day),
-        history(subj::VERDICTS_STREAM, subj::VERDICT_ALL, 30 * day),
-        history(subj::REWARDS_STREAM, subj::REWARD_ALL, 30 * day),
-        history(subj::DEAD_STREAM, subj::DEAD_ALL, 30 * day),
+        history(subj::OUTCOMES_STREAM, subj::OUTCOME_ALL, r.outcomes_max_age),
+        history(subj::RESULTS_STREAM, subj::RESULT_ALL, r.results_max_age),
+        history(subj::VERDICTS_STREAM, subj::VERDICT_ALL, r.records_max_age),
+        history(subj::REWARDS_STREAM, subj::REWARD_ALL, r.records_max_age),
+        dead,
     ];
     for config in streams {
-        js.get_or_create_stream(config).await.map_err(js_err)?;
+        ensure_stream(js, config).await?;
     }
     for (bucket, history) in [(subj::MODELS_BUCKET, 8), (subj::REWARDS_BUCKET, 16), (subj::VALIDATOR_BUCKET, 8)] {
         if js.get_key_value(bucket).await.is_err() {
@@ -411,6 +482,34 @@ pub async fn publish_once(js: &jetstream::Context, subject: String, id: &str, pa
         Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
         Err(e) => Err(js_err(e)),
     }
+}
+
+/// Publishes task `id` to TASKS (as [`publish_durable`]) with a per-message TTL: it leaves
+/// the stream `ttl` after it is stored (whole seconds, at least one).
+pub async fn publish_task(
+    js: &jetstream::Context,
+    subject: String,
+    id: &str,
+    payload: Vec<u8>,
+    ttl: Duration,
+) -> Result<jetstream::publish::PublishAck, Error> {
+    let ttl = Duration::from_secs(ttl.as_secs_f64().ceil().max(1.0) as u64);
+    let msg = durable_message(id, payload).ttl(ttl);
+    js.send_publish(subject, msg).await.map_err(js_err)?.await.map_err(js_err)
+}
+
+/// Copies dead task `task_id`'s message (sequence `task_seq` in TASKS) into DEAD, once,
+/// so that it can be resubmitted after TASKS has let it go. A task already gone from
+/// TASKS is no error: there is nothing left to keep.
+pub async fn keep_dead_task(
+    js: &jetstream::Context,
+    tasks: &stream::Stream,
+    task_id: &str,
+    task_seq: u64,
+) -> Result<(), Error> {
+    let Ok(raw) = tasks.get_raw_message(task_seq).await else { return Ok(()) };
+    publish_once(js, subj::dead_task(task_id), &format!("{task_id}.task"), raw.payload.to_vec()).await?;
+    Ok(())
 }
 
 /// A JetStream message with Nats-Msg-Id `id` and the current span's trace context.

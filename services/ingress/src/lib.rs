@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use sundara_common::admission::{Refusal, TenantLimits, TenantPolicy};
+use sundara_common::admission::{Admission, Refusal, TenantLimits, TenantPolicy};
 use sundara_common::{
     Capacity, Endpoints, Error as CommonError, JetStreamErrorKind, Registry, Shutdown, nats, telemetry,
 };
@@ -31,7 +31,14 @@ pub struct Args {
     /// Tasks in flight in the whole fleet beyond which submissions are told `overloaded`.
     #[arg(long, env = "SUNDARA_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: u64,
+    /// Shortest timeout a task may ask for, in ms: a task that expires at once still takes
+    /// its bytes in TASKS for the linger, and would only cost the others.
+    #[arg(long, env = "SUNDARA_MIN_TIMEOUT_MS", default_value_t = DEFAULT_MIN_TIMEOUT_MS)]
+    pub min_timeout_ms: u64,
 }
+
+/// `--min-timeout-ms`' default.
+pub const DEFAULT_MIN_TIMEOUT_MS: u64 = 1000;
 
 /// `--max-in-flight`'s default.
 pub const DEFAULT_MAX_IN_FLIGHT: u64 = 100_000;
@@ -39,7 +46,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: u64 = 100_000;
 impl Default for Args {
     /// The flags' defaults (what `sundara ingress` with no flags runs with).
     fn default() -> Args {
-        Args { tenant_limits: None, max_in_flight: DEFAULT_MAX_IN_FLIGHT }
+        Args { tenant_limits: None, max_in_flight: DEFAULT_MAX_IN_FLIGHT, min_timeout_ms: DEFAULT_MIN_TIMEOUT_MS }
     }
 }
 
@@ -53,8 +60,14 @@ pub struct Config {
     pub default_timeout: Duration,
     /// Longest deadline a task may ask for.
     pub max_timeout: Duration,
+    /// Shortest timeout a task may ask for (`--min-timeout-ms`).
+    pub min_timeout: Duration,
     /// Submissions handled at once.
     pub concurrency: usize,
+    /// How long a full fleet, once Redis said so, is taken as still full. A retry of a task
+    /// admitted before may then be told `overloaded` too, and learns it was accepted when it
+    /// retries after this.
+    pub full_memo: Duration,
     /// How long a model's fit in the fleet (see [`fits`]) is reused before Redis is asked again.
     pub fit_refresh: Duration,
     pub retention: nats::Retention,
@@ -74,7 +87,9 @@ impl Config {
             limits: Limits::default(),
             default_timeout: Duration::from_secs(60),
             max_timeout: Duration::from_secs(3600),
+            min_timeout: Duration::from_millis(DEFAULT_MIN_TIMEOUT_MS),
             concurrency: 256,
+            full_memo: Duration::from_millis(10),
             fit_refresh: Duration::from_secs(1),
             retention: nats::Retention::default(),
             tenants: TenantPolicy::default(),
@@ -90,6 +105,7 @@ impl Config {
             config.tenants = TenantPolicy::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         config.max_in_flight = args.max_in_flight;
+        config.min_timeout = Duration::from_millis(args.min_timeout_ms);
         Ok(config)
     }
 }
@@ -228,6 +244,50 @@ pub fn task_id(tenant: &str, request_id: Option<&str>) -> String {
 /// When a model's fit was read, and what it was.
 type FitVerdict = (Instant, Result<(), Rejection>);
 
+/// What one ingress knows of the fleet's bound on tasks in flight, owned under a lock and
+/// free of I/O. Once Redis said the fleet is full, submissions are refused without asking
+/// for `memo`; after that, one submission asks again while the others are still refused,
+/// until its answer: so a flood costs about one Redis call per `memo`, not one each.
+#[derive(Debug, Default)]
+pub struct FullFleet {
+    /// When Redis last said full; `None` while it is not known to be.
+    full_at: Option<Instant>,
+    /// A submission is asking Redis again.
+    checking: bool,
+}
+
+/// What a submission does about the fleet's bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// Ask Redis (through the admission script).
+    Redis,
+    /// Refuse as `overloaded` at once.
+    Refuse,
+}
+
+impl FullFleet {
+    pub fn ask(&mut self, now: Instant, memo: Duration) -> Ask {
+        match self.full_at {
+            None => Ask::Redis,
+            Some(at) if now.duration_since(at) < memo || self.checking => Ask::Refuse,
+            Some(_) => {
+                self.checking = true;
+                Ask::Redis
+            }
+        }
+    }
+
+    /// Redis answered a submission: `Some(true)` full, `Some(false)` admitted (so not
+    /// full), `None` refused for another reason or not answered (not known).
+    pub fn answered(&mut self, full: Option<bool>, now: Instant) {
+        self.checking = false;
+        self.full_at = match full {
+            Some(true) => Some(now),
+            Some(false) | None => None,
+        };
+    }
+}
+
 struct Ingress {
     config: Config,
     js: async_nats::jetstream::Context,
@@ -235,6 +295,9 @@ struct Ingress {
     capacity: Capacity,
     /// Per model version: when its fit was last read from Redis, and the verdict.
     fit_cache: Mutex<HashMap<String, FitVerdict>>,
+    /// Whether Redis said the fleet is full, and when: a flood against a full fleet costs
+    /// no Redis call per rejection (see [`FullFleet`]).
+    full_fleet: Mutex<FullFleet>,
 }
 
 impl Ingress {
@@ -274,15 +337,10 @@ impl Ingress {
         let model = self.model(&req.model).await?;
         admit(&req, &model, &self.config.limits)?;
         self.fit(&model).await?;
+        let timeout = self.timeout_of(&req)?;
         let now = now_ms();
-        let timeout = req
-            .timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(self.config.default_timeout)
-            .min(self.config.max_timeout);
         let task_id = task_id(tenant, req.request_id.as_deref());
         let deadline_at_ms = now + timeout.as_millis() as u64;
-        self.count_against_limits(tenant, &task_id, deadline_at_ms).await?;
         let task = Task {
             v: WIRE_VERSION,
             task_id: task_id.clone(),
@@ -299,7 +357,18 @@ impl Ingress {
         let subject = subj::task(task.priority, &model.name);
         let span = tracing::Span::current();
         span.record("sundara.model", tracing::field::display(&task.model));
-        let ack = nats::publish_durable(&self.js, subject, &task_id, encode(&task)).await;
+        let payload = encode(&task);
+        // In TASKS while it can be dispatched, reassigned or decided; then it leaves.
+        let ttl = timeout + self.config.retention.task_linger;
+        let admission = Admission {
+            tenant,
+            task: &task_id,
+            deadline_ms: deadline_at_ms,
+            bytes: payload.len() as u64,
+            stored_until_ms: now + ttl.as_millis() as u64,
+        };
+        self.count_against_limits(&admission).await?;
+        let ack = nats::publish_task(&self.js, subject, &task_id, payload, ttl).await;
         match ack {
             Ok(ack) => {
                 let labels = [("model", model.name.clone()), ("priority", task.priority.as_str().to_string())];
@@ -307,8 +376,12 @@ impl Ingress {
                 Ok((task_id, ack.duplicate))
             }
             Err(e) => {
-                // Never stored, so never finished: it must not hold the tenant's slot.
-                if let Err(e) = self.capacity.finish(tenant, &task_id).await {
+                // Never stored, so never finished: it must not hold the tenant's slot or bytes.
+                let released = async {
+                    self.capacity.finish(tenant, &task_id).await?;
+                    self.capacity.unstore(tenant, &task_id).await
+                };
+                if let Err(e) = released.await {
                     tracing::warn!(error = %e, "could not release an unstored task's slot");
                 }
                 let code = match &e {
@@ -331,12 +404,49 @@ impl Ingress {
         }
     }
 
+    /// The timeout a request asks for (the default where it asks none), at most the
+    /// longest allowed; one shorter than the minimum is refused.
+    fn timeout_of(&self, req: &SubmitRequest) -> Result<Duration, Rejection> {
+        let asked = req.timeout_ms.map(Duration::from_millis);
+        if let Some(asked) = asked
+            && asked < self.config.min_timeout
+        {
+            return Err(reject(
+                RejectCode::TimeoutTooShort,
+                format!(
+                    "timeout_ms {} is under the minimum of {} ms",
+                    asked.as_millis(),
+                    self.config.min_timeout.as_millis()
+                ),
+            ));
+        }
+        Ok(asked.unwrap_or(self.config.default_timeout).min(self.config.max_timeout))
+    }
+
     /// Counts the task against its tenant's limits and the fleet's. If Redis cannot
     /// answer, the task is admitted: the limits are fairness, and the TASKS stream's own
     /// size bound still holds.
-    async fn count_against_limits(&self, tenant: &str, task_id: &str, deadline_at_ms: u64) -> Result<(), Rejection> {
+    async fn count_against_limits(&self, task: &Admission<'_>) -> Result<(), Rejection> {
+        let tenant = task.tenant;
         let limits = self.config.tenants.limits(tenant);
-        match self.capacity.admit(tenant, task_id, deadline_at_ms, limits, self.config.max_in_flight).await {
+        let fleet_full = || {
+            reject(
+                RejectCode::Overloaded,
+                format!("the fleet has {} tasks in flight; retry later", self.config.max_in_flight),
+            )
+        };
+        let full_fleet = || self.full_fleet.lock().unwrap_or_else(|e| e.into_inner());
+        if full_fleet().ask(Instant::now(), self.config.full_memo) == Ask::Refuse {
+            return Err(fleet_full());
+        }
+        let answer = self.capacity.admit(task, limits, self.config.max_in_flight).await;
+        let full = match &answer {
+            Ok(Ok(())) => Some(false),
+            Ok(Err(Refusal::FleetInFlight { .. })) => Some(true),
+            _ => None,
+        };
+        full_fleet().answered(full, Instant::now());
+        match answer {
             Ok(Ok(())) => Ok(()),
             Ok(Err(Refusal::RateLimited { retry_after })) => Err(reject(
                 RejectCode::RateLimited,
@@ -346,9 +456,15 @@ impl Ingress {
                 RejectCode::TooManyInFlight,
                 format!("tenant {tenant} has {max} tasks in flight, its limit; retry when results arrive"),
             )),
-            Ok(Err(Refusal::FleetInFlight { max })) => {
-                Err(reject(RejectCode::Overloaded, format!("the fleet has {max} tasks in flight; retry later")))
-            }
+            Ok(Err(Refusal::FleetInFlight { .. })) => Err(fleet_full()),
+            Ok(Err(Refusal::StoredBytes { max })) => Err(reject(
+                RejectCode::StorageQuota,
+                format!(
+                    "tenant {tenant}'s stored tasks take {max} bytes, its quota; retry when older tasks have \
+                     expired from the queue (each stays until its deadline plus {} s)",
+                    self.config.retention.task_linger.as_secs()
+                ),
+            )),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read admission state; admitting");
                 Ok(())
@@ -424,7 +540,14 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ing
         ..nats::consumer_config("ingress-finish", subj::RESULT_ALL, Duration::from_secs(30), 4096)
     };
     let results = nats::ensure_consumer(&js, subj::RESULTS_STREAM, results_config).await?;
-    let ingress = Arc::new(Ingress { config: config.clone(), js, registry, capacity, fit_cache: Mutex::default() });
+    let ingress = Arc::new(Ingress {
+        config: config.clone(),
+        js,
+        registry,
+        capacity,
+        fit_cache: Mutex::default(),
+        full_fleet: Mutex::default(),
+    });
     let finish = tokio::spawn({
         let (ingress, shutdown) = (ingress.clone(), shutdown.clone());
         async move { nats::consume(&results, &shutdown, 64, |msg| ingress.on_result(msg)).await }
@@ -466,6 +589,27 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ing
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_fleet_is_asked_about_once_per_memo() {
+        let memo = Duration::from_millis(10);
+        let t0 = Instant::now();
+        let mut f = FullFleet::default();
+        assert_eq!(f.ask(t0, memo), Ask::Redis, "not known to be full");
+        f.answered(Some(true), t0);
+        assert_eq!(f.ask(t0 + Duration::from_millis(9), memo), Ask::Refuse, "full, as Redis said");
+        let later = t0 + Duration::from_millis(11);
+        assert_eq!(f.ask(later, memo), Ask::Redis, "one asks again after the memo");
+        assert_eq!(f.ask(later, memo), Ask::Refuse, "the others wait for its answer");
+        f.answered(Some(true), later);
+        assert_eq!(f.ask(later + Duration::from_millis(5), memo), Ask::Refuse);
+        let freed = later + Duration::from_millis(20);
+        assert_eq!(f.ask(freed, memo), Ask::Redis);
+        f.answered(Some(false), freed);
+        assert_eq!(f.ask(freed, memo), Ask::Redis, "admitted: no longer full");
+        f.answered(None, freed);
+        assert_eq!(f.ask(freed, memo), Ask::Redis, "another refusal tells nothing");
+    }
     use sundara_schemas::{DType, Policy, Tensor, TensorSpec};
 
     fn mlp() -> ModelMeta {

@@ -131,6 +131,8 @@ struct Scheduler {
     capacity: Capacity,
     /// Tasks waiting for capacity; a slot this scheduler frees wakes one of them.
     waiting: waiting::Waiting,
+    /// Stops tasks waiting for capacity: they go back to TASKS for the next scheduler.
+    shutdown: Shutdown,
 }
 
 /// Which dispatch of which copy of a task, and when its answer is due.
@@ -147,6 +149,9 @@ enum Dispatch {
     /// The task already had its result: delivered again after it ended (its ack was lost
     /// with a scheduler or a server), it has nothing left to do.
     Ended,
+    /// The scheduler is stopping while the task waited for capacity: it goes back to
+    /// TASKS (NAK) for another scheduler, or this one started again.
+    HandedBack,
 }
 
 impl Scheduler {
@@ -196,7 +201,10 @@ impl Scheduler {
             }
             waiter.get_or_insert_with(|| self.waiting.enter(&task.model.name, task.priority));
             let until_deadline = Duration::from_millis(task.deadline_at_ms.saturating_sub(now_ms()));
-            let _ = tokio::time::timeout(self.config.capacity_retry.min(until_deadline), freed).await;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(Dispatch::HandedBack),
+                _ = tokio::time::timeout(self.config.capacity_retry.min(until_deadline), freed) => {}
+            }
             if last_progress.elapsed() > TASK_ACK_WAIT / 3 {
                 let _ = msg.ack_with(AckKind::Progress).await;
                 last_progress = tokio::time::Instant::now();
@@ -307,6 +315,8 @@ impl Scheduler {
             task_seq,
         };
         // Once per task, like the verifier's decisions: whichever is stored first stands.
+        // The task's copy first: the letter's existence promises it can be resubmitted.
+        nats::keep_dead_task(&self.js, &self.tasks, &task.task_id, task_seq).await?;
         nats::publish_once(&self.js, subj::dead(&task.task_id), &task.task_id, encode(&dead)).await?;
         let subject = subj::result(&task.tenant, &task.task_id);
         nats::publish_once(&self.js, subject, &task.task_id, encode(&result)).await?;
@@ -343,6 +353,7 @@ impl Scheduler {
         let dispatched = loop {
             match self.dispatch(&task, seq, &msg).instrument(span.clone()).await {
                 Err(e) => match backoff.delay_before(tokio::time::Instant::now()) {
+                    Some(_) if self.shutdown.is_cancelled() => break Ok(Dispatch::HandedBack),
                     Some(delay) => {
                         tracing::warn!(task = %task.task_id, error = %e, "dispatch failed; trying again");
                         tokio::time::sleep(delay).await;
@@ -359,6 +370,7 @@ impl Scheduler {
                 Ok(Dispatch::Sent) => "sent",
                 Ok(Dispatch::Expired) => "expired",
                 Ok(Dispatch::Ended) => "ended",
+                Ok(Dispatch::HandedBack) => "handed back",
                 Err(_) => "retry",
             },
         );
@@ -369,6 +381,9 @@ impl Scheduler {
                 if let Err(e) = msg.ack().await {
                     tracing::warn!(task = %task.task_id, error = %e, "task ack failed; it will be redelivered");
                 }
+            }
+            Ok(Dispatch::HandedBack) => {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
             }
             Err(e) => {
                 tracing::warn!(task = %task.task_id, error = %e, "dispatch failed; retrying");
@@ -572,8 +587,16 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
     let results = js.get_stream(subj::RESULTS_STREAM).await.map_err(js_err)?;
     let gateway = Arc::new(sundara_common::gateway::Gateway::open(capacity.clone(), &js).await?);
     let reports = sundara_common::gateway::serve(client.clone(), gateway, shutdown.clone(), config.concurrency);
-    let scheduler =
-        Scheduler { config: config.clone(), js, tasks, verdicts, results, capacity, waiting: Default::default() };
+    let scheduler = Scheduler {
+        config: config.clone(),
+        js,
+        tasks,
+        verdicts,
+        results,
+        capacity,
+        waiting: Default::default(),
+        shutdown: shutdown.clone(),
+    };
     let s = &scheduler;
     tracing::info!("scheduler running");
 

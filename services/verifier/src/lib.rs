@@ -442,6 +442,8 @@ struct Publisher {
     verdicts: jetstream::stream::Stream,
     /// RESULTS: a task whose outcomes were refused is ended only if it has no result.
     results: jetstream::stream::Stream,
+    /// TASKS: a dead task's message is copied to DEAD beside its letter.
+    tasks: jetstream::stream::Stream,
     registry: Registry,
     reference: Option<Reference>,
     /// Passed audits per miner: lowers their audit rate (see [`trust`]).
@@ -554,6 +556,7 @@ impl Publisher {
             // Each stored once per task, even when decided again long after the duplicate
             // window: the first decision stands.
             if let Some(dead) = &dead {
+                nats::keep_dead_task(&self.js, &self.tasks, &task_id, dead.task_seq).await?;
                 nats::publish_once(&self.js, subj::dead(&task_id), &task_id, encode(dead)).await?;
             }
             nats::publish_once(&self.js, subj::result(&tenant, &task_id), &task_id, encode(&result)).await?;
@@ -660,6 +663,7 @@ impl Publisher {
         tracing::error!(task = %r.task_id, reason = %dead.reason, "task ended: none of its outcomes could be admitted");
         metrics::counter!("sundara_verifier_verdicts_total", "model" => r.model.name.clone(), "accepted" => "false")
             .increment(1);
+        nats::keep_dead_task(&self.js, &self.tasks, &r.task_id, dead.task_seq).await?;
         nats::publish_once(&self.js, subj::dead(&r.task_id), &r.task_id, encode(&dead)).await?;
         nats::publish_once(&self.js, subj::result(&r.tenant, &r.task_id), &r.task_id, encode(&result)).await?;
         Ok(())
@@ -705,6 +709,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
         js,
         verdicts,
         results,
+        tasks: tasks.clone(),
         registry,
         reference,
         trust: Default::default(),
