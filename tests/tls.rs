@@ -11,13 +11,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sundara::stack::{LocalStack, project_root};
+use sundara::stack::{LocalStack, NatsOptions, project_root};
 use sundara_common::Error;
 use sundara_common::nats::{self, NatsEndpoint};
 use sundara_common::tls::{NatsTls, TlsFailure};
 
 fn stack(mutual_tls: bool) -> LocalStack {
-    LocalStack::start_with(&project_root(), None, mutual_tls).expect("servers start (run scripts/setup)")
+    LocalStack::start_with(&project_root(), None, &NatsOptions { mutual_tls, ..Default::default() })
+        .expect("servers start (run scripts/setup)")
 }
 
 /// The stack's NATS URL with `tls`.

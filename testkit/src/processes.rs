@@ -43,11 +43,14 @@ pub struct StackOptions {
     /// `Some(n)`: an n-node JetStream cluster with every stream, bucket and the object
     /// store replicated n times; `None`: one nats-server.
     pub cluster: Option<usize>,
+    /// The address the (single) nats-server listens on: loopback by default, or a link
+    /// that miners in network namespaces reach ([`crate::netns`]).
+    pub nats_listen: Option<std::net::IpAddr>,
 }
 
 impl StackOptions {
     pub fn new(k: u8, workers: &[&str]) -> StackOptions {
-        StackOptions { k, workers: workers.iter().map(|w| w.to_string()).collect(), cluster: None }
+        StackOptions { k, workers: workers.iter().map(|w| w.to_string()).collect(), cluster: None, nats_listen: None }
     }
 }
 
@@ -207,7 +210,11 @@ impl ProcessStack {
         sundara_runtime::init(&ort_library).unwrap();
         let (servers, endpoint, redis_url, replicas) = match options.cluster {
             None => {
-                let stack = LocalStack::start(&root).expect("servers start (run scripts/setup)");
+                let nats = sundara::stack::NatsOptions {
+                    listen: options.nats_listen.unwrap_or(sundara::stack::LOOPBACK),
+                    ..Default::default()
+                };
+                let stack = LocalStack::start_with(&root, None, &nats).expect("servers start (run scripts/setup)");
                 let ep = stack.endpoints();
                 (Servers::Single(stack), ep.nats, ep.redis_url, 1)
             }
@@ -269,9 +276,13 @@ impl ProcessStack {
         (file, path)
     }
 
-    fn command(&self, name: &str, args: &[&str]) -> Command {
+    /// The `sundara` command `args`, logging to `<name>.log`, run in `netns` if given.
+    fn command_in(&self, netns: Option<&crate::netns::Netns>, name: &str, args: &[&str]) -> Command {
         let (log, _) = self.log(name);
-        let mut c = Command::new(super::sundara_binary());
+        let mut c = match netns {
+            Some(netns) => netns.command(super::sundara_binary()),
+            None => Command::new(super::sundara_binary()),
+        };
         c.args(args)
             .current_dir(project_root())
             .env("SUNDARA_NATS_URL", &self.nats_url)
@@ -288,11 +299,18 @@ impl ProcessStack {
 
     /// Starts service `name` (one of [`SERVICES`]); it must not be running.
     pub fn start_service(&mut self, name: &'static str) {
+        self.start_service_in(None, name);
+    }
+
+    /// Starts service `name` in `netns`, a host of its own, if given (it reaches NATS
+    /// there only; Redis stays on this host's loopback, so only a service that does not
+    /// use Redis, the verifier, can run there).
+    pub fn start_service_in(&mut self, netns: Option<&crate::netns::Netns>, name: &'static str) {
         let mut args = vec![name];
         if name == "rewarder" {
             args.extend(["--epoch-secs", "3600"]);
         }
-        let child = self.command(name, &args).spawn().expect("the sundara binary runs");
+        let child = self.command_in(netns, name, &args).spawn().expect("the sundara binary runs");
         assert!(self.services.insert(name, child).is_none(), "{name} was already running");
         self.step(&format!("{name} started"));
     }
@@ -307,14 +325,19 @@ impl ProcessStack {
 
     /// Starts worker `id` (one CPU thread).
     pub fn start_worker(&mut self, id: &str) {
+        self.start_worker_in(None, id);
+    }
+
+    /// Starts worker `id` (one CPU thread) in `netns`, a host of its own, if given.
+    pub fn start_worker_in(&mut self, netns: Option<&crate::netns::Netns>, id: &str) {
         let args = sundara_worker::Args {
             threads: 1,
-            cache_dir: Some(self.dir.path().join("models")),
+            cache_dir: Some(self.dir.path().join(format!("models-{id}"))),
             ..sundara_worker::Args::new(id)
         };
         let line: Vec<String> = std::iter::once("worker".to_string()).chain(args.to_command_line()).collect();
         let line: Vec<&str> = line.iter().map(String::as_str).collect();
-        let child = self.command(&format!("worker-{id}"), &line).spawn().expect("the sundara binary runs");
+        let child = self.command_in(netns, &format!("worker-{id}"), &line).spawn().expect("the sundara binary runs");
         assert!(self.workers.insert(id.to_string(), child).is_none(), "worker {id} was already running");
     }
 

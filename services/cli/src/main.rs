@@ -76,6 +76,10 @@ enum Command {
         /// a certificate of the stack's CA (the context gives the commands one).
         #[arg(long, conflicts_with = "external")]
         mutual_tls: bool,
+        /// The address the embedded nats-server listens on (its certificate names it):
+        /// loopback, or one that miners on other hosts reach.
+        #[arg(long, default_value = "127.0.0.1", conflicts_with = "external")]
+        nats_listen: std::net::IpAddr,
         #[command(flatten)]
         redis: RedisArgs,
     },
@@ -530,7 +534,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         sundara_common::metrics::install(cli.metrics_addr)?;
     }
     match cli.command {
-        Command::Up { once, tasks, workers, external, autoscale, mutual_tls, redis: _ } => {
+        Command::Up { once, tasks, workers, external, autoscale, mutual_tls, nats_listen, redis: _ } => {
             let opts = sundara::up::UpOptions {
                 once,
                 tasks,
@@ -538,7 +542,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 endpoints: external.then_some(endpoints),
                 metrics: cli.metrics_addr,
                 autoscale,
-                mutual_tls,
+                nats: sundara::stack::NatsOptions { listen: nats_listen, mutual_tls },
             };
             sundara::up::up(opts).await
         }

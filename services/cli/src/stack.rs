@@ -1,7 +1,7 @@
 //! The embedded local stack: nats-server (JetStream) and redis-server as child processes
 //! on free loopback ports with their own temp dirs. Used by `sundara up` and by the tests.
 
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -170,14 +170,20 @@ impl Drop for ServerProcess {
     }
 }
 
-fn wait_ready(what: &'static str, port: u16, child: &mut Child, within: Duration) -> Result<(), StackError> {
+fn wait_ready(
+    what: &'static str,
+    host: IpAddr,
+    port: u16,
+    child: &mut Child,
+    within: Duration,
+) -> Result<(), StackError> {
     let started = Instant::now();
     // No readiness event crosses process boundaries here; poll the port briefly.
     while started.elapsed() < within {
         if let Some(status) = child.try_wait()? {
             return Err(StackError::Exited { what, status });
         }
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect((host, port)).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -192,8 +198,11 @@ pub fn start_nats(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError
 
 /// As [`start_nats`], with `extra` appended to the server's config (e.g. `authorization`).
 pub fn start_nats_with(binary: &Path, dir: &Path, extra: &str) -> Result<ServerProcess, StackError> {
-    on_free_ports(|| start_nats_on(binary, dir, free_port()?, free_port()?, extra))
+    on_free_ports(|| start_nats_on(binary, dir, LOOPBACK, free_port()?, free_port()?, extra))
 }
+
+/// Where the embedded servers listen unless told otherwise.
+pub const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// Starts a server on ports found free, again on others if it exits at once: a port
 /// found free can be taken by another process (a parallel test's server) before the
@@ -213,6 +222,7 @@ fn on_free_ports(start: impl Fn() -> Result<ServerProcess, StackError>) -> Resul
 pub fn start_nats_on(
     binary: &Path,
     dir: &Path,
+    host: IpAddr,
     port: u16,
     monitor: u16,
     extra: &str,
@@ -227,7 +237,8 @@ pub fn start_nats_on(
     std::fs::write(
         &conf,
         format!(
-            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: {}\njetstream {{\n  store_dir: {:?}\n  max_file_store: 64GB\n}}\n{extra}\n",
+            "listen: {}\nhttp: 127.0.0.1:{monitor}\nmax_payload: {}\njetstream {{\n  store_dir: {:?}\n  max_file_store: 64GB\n}}\n{extra}\n",
+            std::net::SocketAddr::new(host, port),
             sundara_schemas::NATS_MAX_PAYLOAD,
             store
         ),
@@ -239,7 +250,7 @@ pub fn start_nats_on(
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| StackError::Start { what: "nats-server", reason: format!("{}: {e}", binary.display()) })?;
-    wait_ready("nats-server", port, &mut child, Duration::from_secs(20))?;
+    wait_ready("nats-server", host, port, &mut child, Duration::from_secs(20))?;
     Ok(ServerProcess { what: "nats-server", child, port, monitor_port: Some(monitor) })
 }
 
@@ -265,7 +276,7 @@ pub fn start_redis_on(binary: &Path, dir: &Path, port: u16) -> Result<ServerProc
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| StackError::Start { what: "redis-server", reason: format!("{}: {e}", binary.display()) })?;
-    wait_ready("redis-server", port, &mut child, Duration::from_secs(20))?;
+    wait_ready("redis-server", LOOPBACK, port, &mut child, Duration::from_secs(20))?;
     Ok(ServerProcess { what: "redis-server", child, port, monitor_port: None })
 }
 
@@ -287,6 +298,25 @@ pub struct LocalStack {
     nats_binary: PathBuf,
     /// What nats-server's config has besides the basics (a restart keeps it).
     nats_extra: String,
+    /// The address nats-server's client port listens on.
+    pub listen: IpAddr,
+}
+
+/// How a [`LocalStack`]'s nats-server is reached and whom it lets in.
+#[derive(Clone, Debug)]
+pub struct NatsOptions {
+    /// The address its client port listens on (its certificate names it): loopback, or
+    /// one other hosts reach (a network namespace's link, a LAN).
+    pub listen: IpAddr,
+    /// Clients must present a certificate of the stack's CA (the endpoints present one
+    /// named `validator`; sign others with [`crate::tls::client`]).
+    pub mutual_tls: bool,
+}
+
+impl Default for NatsOptions {
+    fn default() -> NatsOptions {
+        NatsOptions { listen: LOOPBACK, mutual_tls: false }
+    }
 }
 
 /// The file of a secured stack's nats-server config that holds its `authorization` block,
@@ -297,26 +327,27 @@ pub const AUTH_CONF: &str = "auth.conf";
 impl LocalStack {
     /// NATS without auth (TLS on), and Redis.
     pub fn start(root: &Path) -> Result<LocalStack, StackError> {
-        LocalStack::start_with(root, None, false)
+        LocalStack::start_with(root, None, &NatsOptions::default())
     }
 
     /// As [`LocalStack::start`], with NATS' users and permissions from `sundara auth init`
     /// (see [`crate::auth`]) in [`LocalStack::auth_config`]; the stack's endpoints connect
     /// as the validator.
     pub fn start_secured(root: &Path, auth: &crate::auth::AuthDir) -> Result<LocalStack, StackError> {
-        LocalStack::start_with(root, Some(auth), false)
+        LocalStack::start_with(root, Some(auth), &NatsOptions::default())
     }
 
-    /// The stack with NATS' users from `auth` (when given), and with `mutual_tls` NATS
-    /// verifying clients: each must present a certificate of the stack's CA (the
-    /// endpoints present one named `validator`; sign others with [`crate::tls::client`]).
+    /// The stack with NATS' users from `auth` (when given), listening and verifying
+    /// clients as `options` say.
     pub fn start_with(
         root: &Path,
         auth: Option<&crate::auth::AuthDir>,
-        mutual_tls: bool,
+        options: &NatsOptions,
     ) -> Result<LocalStack, StackError> {
+        let mutual_tls = options.mutual_tls;
         let dir = tempfile::Builder::new().prefix("sundara-stack-").tempdir()?;
-        let pki = crate::tls::init(&dir.path().join("tls"), &[], false)?;
+        let hosts: Vec<String> = [options.listen].iter().filter(|h| **h != LOOPBACK).map(|h| h.to_string()).collect();
+        let pki = crate::tls::init(&dir.path().join("tls"), &hosts, false)?;
         let nats_tls = if mutual_tls { crate::tls::client(&pki.dir, "validator", false)? } else { pki.client_tls() };
         let mut nats_extra = pki.server_block(mutual_tls);
         if let Some(auth) = auth {
@@ -325,10 +356,12 @@ impl LocalStack {
             nats_extra.push_str(&format!("include {AUTH_CONF:?}\n"));
         }
         let nats_binary = nats_server_binary(root)?;
-        let nats = start_nats_with(&nats_binary, dir.path(), &nats_extra)?;
+        let listen = options.listen;
+        let nats =
+            on_free_ports(|| start_nats_on(&nats_binary, dir.path(), listen, free_port()?, free_port()?, &nats_extra))?;
         let redis = start_redis(&redis_server_binary()?, dir.path())?;
         let nats_credentials = auth.map(|a| a.credentials(&crate::auth::Role::Validator));
-        Ok(LocalStack { nats, redis, dir, nats_credentials, pki, nats_tls, nats_binary, nats_extra })
+        Ok(LocalStack { nats, redis, dir, nats_credentials, pki, nats_tls, nats_binary, nats_extra, listen })
     }
 
     /// nats-server's config file.
@@ -352,7 +385,8 @@ impl LocalStack {
     /// directory (a test that times the outage kills it itself).
     pub fn start_nats_again(&mut self) -> Result<(), StackError> {
         let monitor = self.nats.monitor_port.unwrap_or(free_port()?);
-        self.nats = start_nats_on(&self.nats_binary, self.dir.path(), self.nats.port, monitor, &self.nats_extra)?;
+        self.nats =
+            start_nats_on(&self.nats_binary, self.dir.path(), self.listen, self.nats.port, monitor, &self.nats_extra)?;
         Ok(())
     }
 
@@ -368,7 +402,7 @@ impl LocalStack {
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
             nats: NatsEndpoint {
-                url: format!("tls://127.0.0.1:{}", self.nats.port),
+                url: format!("tls://{}", std::net::SocketAddr::new(self.listen, self.nats.port)),
                 credentials: self.nats_credentials.clone(),
                 tls: Some(self.nats_tls.clone()),
             },
@@ -487,7 +521,7 @@ impl LocalCluster {
             routes.join(", "),
             self.pki.server_block(false)
         );
-        let process = start_nats_on(&self.binary, &node.dir, node.port, node.monitor_port, &extra)?;
+        let process = start_nats_on(&self.binary, &node.dir, LOOPBACK, node.port, node.monitor_port, &extra)?;
         self.nodes[i].process = Some(process);
         Ok(())
     }

@@ -33,9 +33,9 @@ pub struct UpOptions {
     /// With `Some(max)`, the autoscaler runs a pool of up to `max` worker processes
     /// (local driver) beside the fixed miners, sized to demand.
     pub autoscale: Option<usize>,
-    /// The embedded nats-server verifies clients (mutual TLS): every connection presents
-    /// a certificate of the stack's CA.
-    pub mutual_tls: bool,
+    /// Where the embedded nats-server listens, and whether it verifies clients (mutual
+    /// TLS: every connection presents a certificate of the stack's CA).
+    pub nats: crate::stack::NatsOptions,
 }
 
 /// Pushes the demo models (k=3 so that one liar is always outvoted).
@@ -170,7 +170,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         None => Some(context::claim(&context::path()?)?),
     };
     let (endpoints, auth, stack) =
-        start_servers(opts.endpoints, opts.autoscale.is_some(), opts.mutual_tls, claim.as_ref(), &root, &miner_ids)?;
+        start_servers(opts.endpoints, opts.autoscale.is_some(), &opts.nats, claim.as_ref(), &root, &miner_ids)?;
     if let (Some(claim), Some(stack)) = (&claim, &stack) {
         publish_context(claim, stack, auth.as_ref(), opts.metrics)?;
     }
@@ -250,7 +250,7 @@ fn watch_interruptions() -> Shutdown {
 fn start_servers(
     external: Option<Endpoints>,
     autoscale: bool,
-    mutual_tls: bool,
+    nats: &crate::stack::NatsOptions,
     claim: Option<&context::Claim>,
     root: &std::path::Path,
     miner_ids: &[String],
@@ -258,7 +258,7 @@ fn start_servers(
     match (external, claim) {
         (Some(ep), _) => Ok((ep, None, None)),
         (None, _) if autoscale => {
-            let stack = LocalStack::start_with(root, None, mutual_tls)?;
+            let stack = LocalStack::start_with(root, None, nats)?;
             println!(
                 "nats-server on {} (no auth: --autoscale; TLS, CA {}), redis-server on {}",
                 stack.endpoints().nats.url,
@@ -271,7 +271,7 @@ fn start_servers(
             let dir = &claim.expect("an embedded stack has claimed its context").credentials_dir;
             context::create_private_dir(dir)?;
             let auth = crate::auth::init(dir, &[DEMO_TENANT.to_string()], miner_ids)?;
-            let stack = LocalStack::start_with(root, Some(&auth), mutual_tls)?;
+            let stack = LocalStack::start_with(root, Some(&auth), nats)?;
             println!(
                 "nats-server on {} with {} users (validator, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
                 stack.endpoints().nats.url,
@@ -281,7 +281,7 @@ fn start_servers(
             println!(
                 "TLS: CA {}{}",
                 stack.pki.ca().display(),
-                if mutual_tls { " (mutual: clients present a certificate it signed)" } else { "" }
+                if nats.mutual_tls { " (mutual: clients present a certificate it signed)" } else { "" }
             );
             Ok((stack.endpoints(), Some(auth), Some(stack)))
         }

@@ -1,0 +1,235 @@
+//! Miners on hosts of their own: each in a network namespace joined to this one by a veth
+//! link (iproute2, as root), made and removed by the test. A miner joins a TLS-secured
+//! `sundara up` from there with only its own key and the CA, as a new operator would from
+//! docs/mining.md; a miner cut off under load is replaced and rejoins. Where namespaces
+//! cannot be made (not root, no `ip`), each test says so and passes without running.
+
+use sundara_testkit as support;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sundara::context::Context;
+use sundara::stack::project_root;
+use support::netns::Netns;
+use support::processes::{ProcessStack, StackOptions};
+use support::wait;
+
+/// A network namespace for this test, or `None` (with the reason printed) where the
+/// machine cannot make one.
+fn netns(tag: &str) -> Option<Netns> {
+    match Netns::create(tag) {
+        Ok(n) => Some(n),
+        Err(why) => {
+            eprintln!("SKIPPED: cannot create a network namespace here ({}); run as root with iproute2", why.0);
+            None
+        }
+    }
+}
+
+/// The `sundara` binary with no connection settings of this environment: what a test runs
+/// is what it sets (`context`: where it finds a running `up`, if anywhere).
+fn sundara(mut cmd: Command, context: &Path) -> Command {
+    cmd.current_dir(project_root())
+        .env("SUNDARA_CONTEXT", context)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    for var in ["SUNDARA_NATS_URL", "SUNDARA_NATS_CREDS", "SUNDARA_NATS_CA", "SUNDARA_NATS_CERT", "SUNDARA_NATS_KEY"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Kills a child on drop (a failed test leaves nothing running).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `sundara up` listening for miners on `listen`, until it says its services are up.
+fn start_up(context: &Path, listen: std::net::IpAddr) -> Running {
+    let bin = support::sundara_binary();
+    let mut up = sundara(Command::new(bin), context)
+        .args(["up", "--tasks", "10", "--nats-listen", &listen.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sundara up runs");
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let up = Running(up);
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.starts_with("services up")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => said.push(line),
+            Err(_) => panic!("up did not start its services: {said:#?}"),
+        }
+    }
+    up
+}
+
+/// The whole path of a new operator: `sundara up` secured (TLS, a user per role) and
+/// listening on a link; on the miner's own host (a network namespace) `sundara auth
+/// keygen` makes its key; the validator adds only the public key (`auth add
+/// --miner-key`); the miner runs `sundara worker` there with its seed and the CA, joins the
+/// fleet and takes work. Its seed never leaves its host; nothing else is given to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miner_joins_a_secured_up_from_its_own_host_with_only_its_key_and_the_ca() {
+    let Some(net) = netns("j") else { return };
+    let state = tempfile::tempdir().unwrap();
+    let context_path = state.path().join("up.json");
+    let _up = start_up(&context_path, net.host_ip);
+    let context = Context::load(&context_path).unwrap().expect("up wrote its context");
+    assert!(context.nats_url.starts_with(&format!("tls://{}:", net.host_ip)), "{}", context.nats_url);
+
+    // The miner's host: its own directory, its own key.
+    let miner_home = tempfile::tempdir().unwrap();
+    let seed = miner_home.path().join("miner-far.nk");
+    let nowhere = miner_home.path().join("no-context.json");
+    let out = sundara(net.command(support::sundara_binary()), &nowhere)
+        .args(["auth", "keygen", "--miner", "far", "--out"])
+        .arg(&seed)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    let key = said.lines().find_map(|l| l.strip_prefix("public key: ")).expect("keygen prints the public key");
+
+    // The validator: only the public key.
+    let out = sundara(Command::new(support::sundara_binary()), &context_path)
+        .args(["auth", "add", "--miner-key", &format!("far={key}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let creds = context.credentials_dir.clone().expect("a secured stack");
+    assert!(!creds.join("miner-far.nk").exists(), "the validator holds no seed of the miner");
+    assert!(creds.join("miner-far.pub").exists());
+
+    // The miner: its seed and the CA, copied to its host as an operator would.
+    let ca = miner_home.path().join("ca.pem");
+    std::fs::copy(context.nats_ca.as_ref().expect("up runs TLS"), &ca).unwrap();
+    let ort = sundara_runtime::find_library(&[project_root()]).unwrap();
+    let log = std::fs::File::create(miner_home.path().join("worker.log")).unwrap();
+    let worker = sundara(net.command(support::sundara_binary()), &nowhere)
+        .args(["worker", "--id", "far", "--nats", &context.nats_url, "--nats-ca"])
+        .arg(&ca)
+        .arg("--nats-creds")
+        .arg(&seed)
+        .arg("--cache-dir")
+        .arg(miner_home.path().join("models"))
+        .env("ORT_DYLIB_PATH", &ort)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _worker = Running(worker);
+
+    let capacity = sundara_common::Capacity::connect(&context.redis_url).await.unwrap();
+    wait::until_true("far to announce itself from its host", Duration::from_secs(60), || async {
+        capacity.workers().await.unwrap_or_default().iter().any(|w| w == "far")
+    })
+    .await;
+    // Work reaches it: a load of mlp tasks (k=3 over up's miners and far) is all verified,
+    // and far's WORK consumer delivered some of it.
+    let out = sundara(Command::new(support::sundara_binary()), &context_path)
+        .args(["submit", "--model", "mlp", "--count", "30"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let endpoints = sundara::context::Settings::default().resolve(Some(&context), None);
+    let js = async_nats::jetstream::new(sundara_common::nats::connect(&endpoints.nats, "test").await.unwrap());
+    let work = js.get_stream(sundara_schemas::subjects::WORK_STREAM).await.unwrap();
+    let far = work.consumer_info("worker-far").await.unwrap();
+    assert!(far.delivered.consumer_sequence > 0, "far took no work: {far:?}");
+    let log = std::fs::read_to_string(miner_home.path().join("worker.log")).unwrap();
+    eprintln!("far took {} assignments; its log:\n{log}", far.delivered.consumer_sequence);
+}
+
+/// A miner on its own host is cut off under load (its link down), for longer than its
+/// heartbeat lives: the autoscaler declares it dead, its assignments go to the others, and
+/// the load goes on. When the link is back it rejoins and takes work again. Every accepted
+/// task ends once, none is lost, and the miner is not quarantined for the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_miner_cut_off_under_load_is_replaced_and_rejoins() {
+    let Some(net) = netns("p") else { return };
+    let options = StackOptions { nats_listen: Some(net.host_ip), ..StackOptions::new(2, &["w1", "w2"]) };
+    let mut stack = ProcessStack::start(options).await;
+    stack.start_worker_in(Some(&net), "far");
+    stack.wait_for_worker("far").await;
+    let load = stack.load("partition", 20);
+    stack.first_verified_after(&load, 0, Duration::from_secs(30)).await;
+    stack.more_accepted(&load, 40, Duration::from_secs(30)).await;
+
+    let work = stack.js.get_stream(sundara_schemas::subjects::WORK_STREAM).await.unwrap();
+    let before_cut = work.consumer_info("worker-far").await.unwrap().delivered.stream_sequence;
+    assert!(before_cut > 0, "far took no work before the cut");
+    net.cut();
+    stack.step("far's link cut");
+    stack.wait_declared_dead("far", Duration::from_secs(20)).await;
+    stack.more_accepted(&load, 40, Duration::from_secs(30)).await;
+    net.restore();
+    stack.step("far's link restored");
+    stack.wait_for_worker("far").await;
+    let back = sundara_schemas::now_us();
+    stack.more_accepted(&load, 40, Duration::from_secs(30)).await;
+    stack.first_verified_after(&load, back, Duration::from_secs(30)).await;
+
+    // It takes work again (its consumer, deleted when it was declared dead, made anew).
+    wait::until("far to take work again", Duration::from_secs(30), || async {
+        match work.consumer_info("worker-far").await {
+            Ok(info) if info.delivered.stream_sequence > before_cut => Ok(()),
+            Ok(info) => Err(format!("delivered up to {}", info.delivered.stream_sequence)),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    let accepted = load.stop().await;
+    let settled = stack.settle(&accepted, Duration::from_secs(90)).await;
+    assert_eq!(settled.verified + settled.expired, settled.accepted, "{settled:?}");
+    let quarantined = stack.capacity().await.quarantined().await.unwrap();
+    assert!(!quarantined.contains_key("far"), "far was quarantined for the partition: {quarantined:?}");
+    stack.assert_running();
+}
+
+/// The verifier on a host of its own is cut off from NATS under load and the link restored:
+/// outcomes wait for it in OUTCOMES, it reconnects, and every accepted task is verified,
+/// none lost or decided twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_verifier_cut_off_from_nats_under_load_loses_no_task() {
+    let Some(net) = netns("v") else { return };
+    let options = StackOptions { nats_listen: Some(net.host_ip), ..StackOptions::new(2, &["w1", "w2", "w3"]) };
+    let mut stack = ProcessStack::start(options).await;
+    stack.kill_service("verifier");
+    stack.start_service_in(Some(&net), "verifier");
+    let load = stack.load("verifier-cut", 20);
+    stack.first_verified_after(&load, 0, Duration::from_secs(30)).await;
+    stack.more_accepted(&load, 40, Duration::from_secs(30)).await;
+    net.cut();
+    stack.step("the verifier's link cut");
+    stack.more_accepted(&load, 120, Duration::from_secs(30)).await;
+    net.restore();
+    stack.step("the verifier's link restored");
+    stack.first_verified_after(&load, sundara_schemas::now_us(), Duration::from_secs(60)).await;
+    let accepted = load.stop().await;
+    let settled = stack.settle(&accepted, Duration::from_secs(90)).await;
+    assert_eq!(settled.verified, settled.accepted, "{settled:?}");
+    stack.assert_running();
+}
