@@ -69,14 +69,14 @@ fn spawn<E: std::fmt::Display + 'static>(
 }
 
 fn scheduler(s: &Servers, secret: &[u8], claim: Claim) -> sundara_scheduler::Config {
-    let mut c = sundara_scheduler::Config::new(s.endpoints.clone(), secret.to_vec());
+    let mut c = sundara_scheduler::Config::new(s.endpoints.clone(), sundara_common::validator_key::Secret::new(secret));
     c.secret_claim = claim;
     c
 }
 
 /// A verifier without a reference runtime that ends tasks 2 s after their deadline.
 fn verifier(s: &Servers, secret: &[u8], claim: Claim) -> sundara_verifier::Config {
-    let mut c = sundara_verifier::Config::new(s.endpoints.clone(), secret.to_vec());
+    let mut c = sundara_verifier::Config::new(s.endpoints.clone(), sundara_common::validator_key::Secret::new(secret));
     c.secret_claim = claim;
     c.grace = Duration::from_secs(2);
     c

@@ -708,7 +708,7 @@ async fn one_run(args: &Args, root: &std::path::Path, placement: Placement, load
     let mut tasks = tokio::task::JoinSet::new();
     spawn_slices(&fleet, &js, &shutdown, &mut tasks).await?;
     tasks.spawn(heartbeat(fleet.clone(), args.clone(), capacity.clone(), shutdown.child_token()));
-    let mut config = sundara_scheduler::Config::new(ep.clone(), SECRET.to_vec());
+    let mut config = sundara_scheduler::Config::new(ep.clone(), sundara_common::validator_key::Secret::new(SECRET));
     config.placement = placement;
     let stop = shutdown.child_token();
     tasks.spawn(async move { sundara_scheduler::run(config, stop).await.context("scheduler") });

@@ -187,7 +187,7 @@ async fn main() -> Result<()> {
 fn scan_of(args: &Args) -> usize {
     let defaults = sundara_scheduler::Config::new(
         Endpoints { nats: sundara_common::nats::NatsEndpoint::open(""), redis_url: String::new() },
-        SECRET.to_vec(),
+        sundara_common::validator_key::Secret::new(SECRET),
     );
     args.scan.unwrap_or(defaults.scan)
 }
@@ -522,7 +522,7 @@ async fn dispatch(
     ));
 
     redis::cmd("CONFIG").arg("RESETSTAT").query_async::<()>(admin).await?;
-    let mut config = sundara_scheduler::Config::new(ep.clone(), SECRET.to_vec());
+    let mut config = sundara_scheduler::Config::new(ep.clone(), sundara_common::validator_key::Secret::new(SECRET));
     config.scan = scan_of(args);
     let scheduler = tokio::spawn(sundara_scheduler::run(config, shutdown.child_token()));
     let mut running = Running { scheduler, fleet, scheduler_done: false, fleet_done: false };

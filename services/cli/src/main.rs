@@ -802,7 +802,7 @@ async fn serve(command: Command, endpoints: Endpoints) -> anyhow::Result<()> {
             run_service(sundara_ingress::run(config, shutdown.clone()), shutdown).await
         }
         Command::Scheduler { args, redis: _ } => {
-            let config = sundara_scheduler::Config::from_args(args, endpoints);
+            let config = sundara_scheduler::Config::from_args(args, endpoints)?;
             run_service(sundara_scheduler::run(config, shutdown.clone()), shutdown).await
         }
         Command::Verifier(args) => {

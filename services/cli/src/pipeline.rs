@@ -101,22 +101,28 @@ impl Pipeline {
         // Each service's config as its command builds it from its flags, then the knobs
         // that are not flags (sub-second timings for the tests, policies given as values).
         let secret = sundara_common::validator_key::SecretArgs {
-            secret: String::from_utf8_lossy(&config.secret).into(),
             rotate_secret: true,
+            ..sundara_common::validator_key::SecretArgs::given(config.secret.clone())
         };
         let mut scheduler = sundara_scheduler::Config::from_args(
             sundara_scheduler::Args { secret: secret.clone(), ..sundara_scheduler::Args::new("") },
             ep.clone(),
-        );
+        )
+        .expect("the secret is given, no file to read");
         scheduler.assignment_timeout = config.assignment_timeout;
         scheduler.retention = config.retention.clone();
         let mut rewarder = sundara_rewarder::Config::from_args(sundara_rewarder::Args::default(), ep.clone());
         rewarder.epoch_length = config.epoch_length;
         rewarder.retention = config.retention.clone();
-        let reference =
-            || Ok::<_, std::convert::Infallible>((config.ort_library.clone(), config.cache_dir.join("reference")));
+        let reference = || {
+            Ok::<_, sundara_common::validator_key::SecretError>((
+                config.ort_library.clone(),
+                config.cache_dir.join("reference"),
+            ))
+        };
         let verifier = sundara_verifier::Args { secret, ..sundara_verifier::Args::new("") };
-        let Ok(mut verifier) = sundara_verifier::Config::from_args(verifier, ep.clone(), reference);
+        let mut verifier = sundara_verifier::Config::from_args(verifier, ep.clone(), reference)
+            .expect("the secret is given, no file to read");
         verifier.retention = config.retention.clone();
         let ingress = sundara_ingress::Args { max_in_flight: config.max_in_flight, ..Default::default() };
         let mut ingress =

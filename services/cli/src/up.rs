@@ -329,7 +329,7 @@ fn pipeline_config(
     auth: Option<&crate::auth::AuthDir>,
     scaling: Option<sundara_autoscaler::ScalingConfig>,
 ) -> PipelineConfig {
-    // Hex: a secret is a flag's value (`--secret`), text.
+    // Hex: a secret is often an environment variable's value (`SUNDARA_SECRET`), text.
     let secret: Vec<u8> = hex::encode(rand::rng().random::<[u8; 32]>()).into_bytes();
     PipelineConfig {
         endpoints: endpoints.clone(),

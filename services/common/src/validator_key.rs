@@ -55,14 +55,47 @@ pub enum Claim {
     Rotate,
 }
 
-/// The validator secret's flags, shared by `sundara scheduler` and `sundara verifier`.
+/// The validator secret: its bytes, never printed (`Debug` shows only its length).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Secret {
+        Secret(bytes.into())
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// Where `SecretArgs::secret` comes from when no file is named.
+pub const SECRET_ENV: &str = "SUNDARA_SECRET";
+
+/// The validator secret's settings, shared by `sundara scheduler` and `sundara verifier`.
+/// The secret itself is never a flag (a flag's value is visible to every user in `ps`):
+/// it is read from a file (`--secret-file`) or the environment (`SUNDARA_SECRET`).
 #[derive(Clone, Debug, clap::Args)]
 pub struct SecretArgs {
-    /// Validator secret that signs assignment tickets (same for scheduler and verifier; at
-    /// least 16 bytes). At start each checks its key id against the one the stack stored
-    /// (NATS KV `validator`) and refuses to start on a mismatch.
-    #[arg(long, env = "SUNDARA_SECRET", hide_env_values = true)]
-    pub secret: String,
+    /// A file holding the validator secret that signs assignment tickets (the same for
+    /// scheduler and verifier; at least 16 bytes; a trailing newline is ignored). Without
+    /// it the secret is read from the environment variable SUNDARA_SECRET. At start each
+    /// service checks its key id against the one the stack stored (NATS KV `validator`) and
+    /// refuses to start on a mismatch.
+    #[arg(long, env = "SUNDARA_SECRET_FILE")]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// The secret from SUNDARA_SECRET (or given in code: tests, the embedded stack).
+    #[arg(skip = Secret::new(std::env::var(SECRET_ENV).unwrap_or_default()))]
+    pub secret: Secret,
     /// Change the stack's secret on purpose: store this secret's key id in place of the
     /// stack's, then restart every other scheduler and verifier with the new secret.
     #[arg(long)]
@@ -70,9 +103,18 @@ pub struct SecretArgs {
 }
 
 impl SecretArgs {
-    /// The secret's bytes.
-    pub fn bytes(&self) -> Vec<u8> {
-        self.secret.as_bytes().to_vec()
+    /// The secret given in code, with no file.
+    pub fn given(secret: impl Into<Vec<u8>>) -> SecretArgs {
+        SecretArgs { secret_file: None, secret: Secret::new(secret), rotate_secret: false }
+    }
+
+    /// The secret: the file's content (less a trailing newline) when a file is named, else
+    /// the environment's (or the given one).
+    pub fn secret(&self) -> Result<Secret, SecretError> {
+        let Some(path) = &self.secret_file else { return Ok(self.secret.clone()) };
+        let bytes = std::fs::read(path).map_err(|e| SecretError::File { path: path.clone(), reason: e.to_string() })?;
+        let end = bytes.iter().rposition(|b| !matches!(b, b'\n' | b'\r')).map_or(0, |i| i + 1);
+        Ok(Secret::new(&bytes[..end]))
     }
 
     /// Check the stack's key id, or (`--rotate-secret`) replace it.
@@ -93,6 +135,8 @@ pub enum SecretError {
     Mismatch { ours: String, stack: String, set_by: String, set_at: String },
     #[error("the stack's validator key id (KV {bucket}/{key}): {reason}", bucket = subj::VALIDATOR_BUCKET, key = subj::SECRET_KEY_ID)]
     Store { reason: String },
+    #[error("the validator secret's file {}: {reason}", .path.display())]
+    File { path: std::path::PathBuf, reason: String },
 }
 
 /// Refuses a secret shorter than [`MIN_SECRET_BYTES`].
@@ -157,6 +201,26 @@ async fn read(bucket: &kv::Store) -> Result<Option<StoredKey>, SecretError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_secret_comes_from_a_file_or_the_environment_and_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "a-secret-of-enough-bytes\n").unwrap();
+        let args = SecretArgs { secret_file: Some(file), ..SecretArgs::given("ignored") };
+        assert_eq!(&*args.secret().unwrap(), b"a-secret-of-enough-bytes", "the trailing newline is dropped");
+        assert_eq!(format!("{args:?}").matches("a-secret").count(), 0, "{args:?}");
+        assert_eq!(format!("{:?}", args.secret().unwrap()), "Secret(24 bytes)");
+        let missing = SecretArgs { secret_file: Some(dir.path().join("none")), ..SecretArgs::given("") };
+        assert!(matches!(missing.secret(), Err(SecretError::File { .. })));
+        // No flag takes the secret itself: it would show in `ps`.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            secret: SecretArgs,
+        }
+        assert!(<Cli as clap::Parser>::try_parse_from(["x", "--secret", "s3cr3t-s3cr3t-s3cr3t"]).is_err());
+    }
 
     #[test]
     fn key_ids_name_a_secret_without_revealing_it() {

@@ -30,7 +30,7 @@ use tracing::Instrument;
 pub struct Config {
     pub endpoints: Endpoints,
     /// Validator secret that signs tickets (shared with the verifier; at least 16 bytes).
-    pub secret: Vec<u8>,
+    pub secret: validator_key::Secret,
     /// Whether to check the secret's key id against the stack's at start (and refuse to
     /// start on a mismatch), or replace it (`--rotate-secret`): see [`validator_key`].
     pub secret_claim: validator_key::Claim,
@@ -71,22 +71,25 @@ pub const DEFAULT_ASSIGNMENT_TIMEOUT_MS: u64 = 10_000;
 impl Args {
     /// The defaults of every flag, with this secret.
     pub fn new(secret: impl Into<String>) -> Args {
-        let secret = validator_key::SecretArgs { secret: secret.into(), rotate_secret: false };
-        Args { secret, assignment_timeout_ms: DEFAULT_ASSIGNMENT_TIMEOUT_MS }
+        Args {
+            secret: validator_key::SecretArgs::given(secret.into()),
+            assignment_timeout_ms: DEFAULT_ASSIGNMENT_TIMEOUT_MS,
+        }
     }
 }
 
 impl Config {
-    /// The config of `sundara scheduler` with these flags.
-    pub fn from_args(args: Args, endpoints: Endpoints) -> Config {
-        let mut config = Config::new(endpoints, args.secret.bytes());
+    /// The config of `sundara scheduler` with these flags (the secret read from its file
+    /// or the environment).
+    pub fn from_args(args: Args, endpoints: Endpoints) -> Result<Config, validator_key::SecretError> {
+        let mut config = Config::new(endpoints, args.secret.secret()?);
         config.secret_claim = args.secret.claim();
         config.assignment_timeout = Duration::from_millis(args.assignment_timeout_ms);
-        config
+        Ok(config)
     }
 
     /// The defaults, as `sundara scheduler` with no flags but the secret.
-    pub fn new(endpoints: Endpoints, secret: Vec<u8>) -> Config {
+    pub fn new(endpoints: Endpoints, secret: validator_key::Secret) -> Config {
         Config {
             endpoints,
             secret,

@@ -46,7 +46,7 @@ use tracing::Instrument;
 pub struct Config {
     pub endpoints: Endpoints,
     /// Validator secret that the scheduler signs tickets with (at least 16 bytes).
-    pub secret: Vec<u8>,
+    pub secret: validator_key::Secret,
     /// Whether to check the secret's key id against the stack's at start (and refuse to
     /// start on a mismatch), or replace it (`--rotate-secret`): see [`validator_key`].
     pub secret_claim: validator_key::Claim,
@@ -112,7 +112,7 @@ pub const DEFAULT_REFERENCE_THREADS: usize = 1;
 impl Args {
     /// The defaults of every flag, with this secret.
     pub fn new(secret: impl Into<String>) -> Args {
-        let secret = validator_key::SecretArgs { secret: secret.into(), rotate_secret: false };
+        let secret = validator_key::SecretArgs::given(secret.into());
         Args { secret, no_reference: false, reference_threads: DEFAULT_REFERENCE_THREADS }
     }
 }
@@ -121,12 +121,12 @@ impl Config {
     /// The config of `sundara verifier` with these flags. `reference` gives ONNX Runtime's
     /// library and the reference's model cache; it is called only when the verifier runs
     /// tasks itself (no `--no-reference`).
-    pub fn from_args<E>(
+    pub fn from_args<E: From<validator_key::SecretError>>(
         args: Args,
         endpoints: Endpoints,
         reference: impl FnOnce() -> Result<(PathBuf, PathBuf), E>,
     ) -> Result<Config, E> {
-        let mut config = Config::new(endpoints, args.secret.bytes());
+        let mut config = Config::new(endpoints, args.secret.secret()?);
         config.secret_claim = args.secret.claim();
         if !args.no_reference {
             let (ort_library, cache_dir) = reference()?;
@@ -138,7 +138,7 @@ impl Config {
     }
 
     /// The defaults, as `sundara verifier --no-reference` with no other flag but the secret.
-    pub fn new(endpoints: Endpoints, secret: Vec<u8>) -> Config {
+    pub fn new(endpoints: Endpoints, secret: validator_key::Secret) -> Config {
         Config {
             endpoints,
             secret,
@@ -790,7 +790,7 @@ const SHUTDOWN_STEP: Duration = Duration::from_secs(3);
 /// The gathering loop's state, owned by the loop: tasks being gathered, and tasks decided
 /// recently (so that their late or replayed outcomes are dropped at once).
 struct Intake {
-    secret: Vec<u8>,
+    secret: validator_key::Secret,
     grace_ms: u64,
     pending: HashMap<String, Pending>,
     /// Tasks with refused outcomes and none admitted (see [`refused`]), with the refused
