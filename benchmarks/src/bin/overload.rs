@@ -59,6 +59,15 @@ struct Cli {
     /// their age limits alone). A soak needs a cap to show the broker's memory level off.
     #[arg(long, default_value_t = -1)]
     history_max_msgs: i64,
+    /// Seconds the history streams (OUTCOMES, RESULTS, VERDICTS, REWARDS, DEAD) keep each
+    /// message (their `Retention` ages; default: a day for outcomes and results, 30 days
+    /// for the records). A soak shorter than the defaults sets a shorter one to show the
+    /// broker level off.
+    #[arg(long)]
+    history_max_age_s: Option<u64>,
+    /// Seconds a task stays in TASKS after its deadline (ingress `--task-linger-secs`).
+    #[arg(long)]
+    task_linger_s: Option<u64>,
     /// Requests in flight while measuring capacity (closed loop).
     #[arg(long, default_value_t = 64)]
     capacity_concurrency: usize,
@@ -291,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
         k: cli.k,
         workers: cli.workers,
         threads: cli.threads,
-        retention: nats::Retention { history_max_msgs: cli.history_max_msgs, ..Default::default() },
+        retention: retention_of(&cli),
         client_name: "overload-client",
         scratch_prefix: "sundara-overload-",
     };
@@ -374,10 +383,23 @@ struct Offer {
     rate: f64,
 }
 
+/// The streams' bounds the run provisions them with.
+fn retention_of(cli: &Cli) -> nats::Retention {
+    let mut r = nats::Retention { history_max_msgs: cli.history_max_msgs, ..Default::default() };
+    if let Some(age) = cli.history_max_age_s.map(Duration::from_secs) {
+        (r.outcomes_max_age, r.results_max_age, r.records_max_age) = (age, age, age);
+    }
+    r
+}
+
 /// 2. Ingress again, with the fleet's bound on tasks in flight.
 async fn bound_ingress(cli: &Cli, p: &mut Pipeline, capacity: f64) -> anyhow::Result<Offer> {
     let bound = cli.max_in_flight.unwrap_or_else(|| (capacity * cli.bound_s).ceil() as u64).max(1);
-    let ingress = ServiceOptions { args: vec!["--max-in-flight".into(), bound.to_string()], env: vec![] };
+    let mut args = vec!["--max-in-flight".to_string(), bound.to_string()];
+    if let Some(linger) = cli.task_linger_s {
+        args.extend(["--task-linger-secs".to_string(), linger.to_string()]);
+    }
+    let ingress = ServiceOptions { args, env: vec![] };
     p.fleet.restart("ingress", &ingress, Duration::from_secs(10))?;
     p.fleet.ready(&p.client, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -287,6 +287,9 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
     }
 }
 
+/// [`Retention::task_linger`]'s default: ten minutes.
+pub const DEFAULT_TASK_LINGER_SECS: u64 = 600;
+
 /// Retention knobs of the streams.
 #[derive(Clone, Debug)]
 pub struct Retention {
@@ -329,7 +332,7 @@ impl Default for Retention {
     fn default() -> Self {
         Retention {
             tasks_max_age: Duration::from_secs(24 * 3600),
-            task_linger: Duration::from_secs(600),
+            task_linger: Duration::from_secs(DEFAULT_TASK_LINGER_SECS),
             tasks_max_bytes: 4 << 30,
             duplicate_window: Duration::from_secs(600),
             replicas: 1,

@@ -35,7 +35,15 @@ pub struct Args {
     /// its bytes in TASKS for the linger, and would only cost the others.
     #[arg(long, env = "SUNDARA_MIN_TIMEOUT_MS", default_value_t = DEFAULT_MIN_TIMEOUT_MS)]
     pub min_timeout_ms: u64,
+    /// Seconds a task stays in TASKS after its deadline (its TTL is its timeout plus
+    /// this): the scheduler and the verifier must be able to end it within it, so keep it
+    /// above any scheduler outage to ride out.
+    #[arg(long, env = "SUNDARA_TASK_LINGER_SECS", default_value_t = DEFAULT_TASK_LINGER_SECS)]
+    pub task_linger_secs: u64,
 }
+
+/// `--task-linger-secs`' default ([`nats::Retention::task_linger`]'s).
+pub const DEFAULT_TASK_LINGER_SECS: u64 = nats::DEFAULT_TASK_LINGER_SECS;
 
 /// `--min-timeout-ms`' default.
 pub const DEFAULT_MIN_TIMEOUT_MS: u64 = 1000;
@@ -46,7 +54,12 @@ pub const DEFAULT_MAX_IN_FLIGHT: u64 = 100_000;
 impl Default for Args {
     /// The flags' defaults (what `sundara ingress` with no flags runs with).
     fn default() -> Args {
-        Args { tenant_limits: None, max_in_flight: DEFAULT_MAX_IN_FLIGHT, min_timeout_ms: DEFAULT_MIN_TIMEOUT_MS }
+        Args {
+            tenant_limits: None,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            min_timeout_ms: DEFAULT_MIN_TIMEOUT_MS,
+            task_linger_secs: DEFAULT_TASK_LINGER_SECS,
+        }
     }
 }
 
@@ -106,6 +119,7 @@ impl Config {
         }
         config.max_in_flight = args.max_in_flight;
         config.min_timeout = Duration::from_millis(args.min_timeout_ms);
+        config.retention.task_linger = Duration::from_secs(args.task_linger_secs);
         Ok(config)
     }
 }
