@@ -214,31 +214,15 @@ enum AuthCommand {
         /// Where the seed files and auth.conf go.
         #[arg(long, default_value = "nats-auth")]
         dir: PathBuf,
-        /// A tenant (repeatable).
-        #[arg(long = "tenant")]
-        tenants: Vec<String>,
-        /// A miner, by its worker id, whose seed is made here (repeatable).
-        #[arg(long = "miner")]
-        miners: Vec<String>,
-        /// A miner that made its own key (`sundara auth keygen`): `ID=PUBLIC_KEY`, kept as
-        /// DIR/miner-ID.pub (repeatable).
-        #[arg(long = "miner-key", value_parser = parse_miner_key)]
-        miner_keys: Vec<(String, String)>,
+        #[command(flatten)]
+        users: Users,
     },
     /// Add tenants and miners to the stack a running `sundara up` serves (its context):
     /// their seeds (or, with --miner-key, a miner's public key) go into its credentials
     /// directory and its nats-server reloads its users.
     Add {
-        /// A tenant (repeatable).
-        #[arg(long = "tenant")]
-        tenants: Vec<String>,
-        /// A miner, by its worker id, whose seed is made here (repeatable).
-        #[arg(long = "miner")]
-        miners: Vec<String>,
-        /// A miner that made its own key (`sundara auth keygen`): `ID=PUBLIC_KEY`
-        /// (repeatable). Its seed never leaves its machine.
-        #[arg(long = "miner-key", value_parser = parse_miner_key)]
-        miner_keys: Vec<(String, String)>,
+        #[command(flatten)]
+        users: Users,
     },
     /// Make a miner's own key, on the miner's machine: writes its seed file (readable by
     /// you only) and prints the public key to hand to the validator.
@@ -250,6 +234,21 @@ enum AuthCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// The users `auth init` and `auth add` name.
+#[derive(clap::Args)]
+struct Users {
+    /// A tenant (repeatable).
+    #[arg(long = "tenant")]
+    tenants: Vec<String>,
+    /// A miner, by its worker id, whose seed is made here (repeatable).
+    #[arg(long = "miner")]
+    miners: Vec<String>,
+    /// A miner that made its own key (`sundara auth keygen`): `ID=PUBLIC_KEY`, kept as
+    /// miner-ID.pub beside the seeds (repeatable). Its seed never leaves its machine.
+    #[arg(long = "miner-key", value_parser = parse_miner_key)]
+    miner_keys: Vec<(String, String)>,
 }
 
 /// `ID=PUBLIC_KEY` of `--miner-key`.
@@ -739,7 +738,7 @@ fn tls(command: TlsCommand) -> anyhow::Result<()> {
 /// `sundara auth …`: users for a nats-server of one's own, or added to `up`'s.
 fn auth(command: AuthCommand) -> anyhow::Result<()> {
     match command {
-        AuthCommand::Init { dir, tenants, miners, miner_keys } => {
+        AuthCommand::Init { dir, users: Users { tenants, miners, miner_keys } } => {
             for (miner, key) in &miner_keys {
                 sundara::auth::trust_key(&dir, &sundara::auth::Role::Miner(miner.clone()), key)?;
             }
@@ -761,7 +760,7 @@ fn auth(command: AuthCommand) -> anyhow::Result<()> {
             println!("then run: sundara worker --id {miner} --nats-creds {}", path.display());
             Ok(())
         }
-        AuthCommand::Add { tenants, miners, miner_keys } => {
+        AuthCommand::Add { users: Users { tenants, miners, miner_keys } } => {
             let path = sundara::context::path()?;
             let Some((path, context)) = sundara::context::Context::current() else {
                 bail!(

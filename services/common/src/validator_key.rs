@@ -139,6 +139,25 @@ pub enum SecretError {
     File { path: std::path::PathBuf, reason: String },
 }
 
+/// Connects a service that signs tickets or checks them (`service`: the scheduler, the
+/// verifier): refuses a secret shorter than [`MIN_SECRET_BYTES`], provisions the streams,
+/// and claims the secret's key id ([`claim`]). A scheduler and a verifier on different
+/// secrets would refuse each other's tickets as forged: one refuses to start instead.
+pub async fn connect_signer<E: From<crate::Error> + From<SecretError>>(
+    nats: &crate::nats::NatsEndpoint,
+    service: &str,
+    secret: &[u8],
+    how: Claim,
+    retention: &crate::nats::Retention,
+) -> Result<(async_nats::Client, jetstream::Context), E> {
+    check_length(secret)?;
+    let client = crate::nats::connect(nats, &format!("sundara-{service}")).await?;
+    let js = jetstream::new(client.clone());
+    crate::nats::provision(&js, retention).await?;
+    claim(&js, service, secret, how).await?;
+    Ok((client, js))
+}
+
 /// Refuses a secret shorter than [`MIN_SECRET_BYTES`].
 pub fn check_length(secret: &[u8]) -> Result<(), SecretError> {
     if secret.len() < MIN_SECRET_BYTES { Err(SecretError::TooShort { len: secret.len() }) } else { Ok(()) }

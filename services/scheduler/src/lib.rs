@@ -395,6 +395,34 @@ impl Scheduler {
         }
     }
 
+    /// Until shutdown, every sweep interval: claims the assignments whose answer is overdue
+    /// (or whose worker died) and reassigns them.
+    async fn sweep(&self, shutdown: &Shutdown) {
+        let mut tick = tokio::time::interval(self.config.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lease_ms = self.config.assignment_timeout.as_millis() as u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let due = match self.capacity.claim_due(now_ms(), lease_ms, 256).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweep");
+                    continue;
+                }
+            };
+            futures::stream::iter(due)
+                .for_each_concurrent(32, |aid| async move {
+                    if let Err(e) = self.reassign(&aid).await {
+                        tracing::warn!(assignment = %aid, error = %e, "reassignment failed; will retry");
+                    }
+                })
+                .await;
+        }
+    }
+
     /// An assignment timed out (or its worker died): send the replica elsewhere, or give up on it.
     async fn reassign(&self, aid: &str) -> Result<(), CommonError> {
         let Some(bytes) = self.capacity.ticket(aid).await? else {
@@ -554,13 +582,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), SchedulerErro
 }
 
 async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), SchedulerError> {
-    validator_key::check_length(&config.secret)?;
-    let client = nats::connect(&config.endpoints.nats, "sundara-scheduler").await?;
-    let js = jetstream::new(client.clone());
-    nats::provision(&js, &config.retention).await?;
-    // Tickets signed with a secret the verifier does not share are all refused as forged:
-    // refuse to start instead.
-    validator_key::claim(&js, "scheduler", &config.secret, config.secret_claim).await?;
+    let (client, js) = validator_key::connect_signer::<SchedulerError>(
+        &config.endpoints.nats,
+        "scheduler",
+        &config.secret,
+        config.secret_claim,
+        &config.retention,
+    )
+    .await?;
     let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
     let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
     // One consumer per priority class, each with its own dispatch concurrency: a backlog of
@@ -608,29 +637,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
     );
     let release = nats::consume(&outcome_consumer, &shutdown, config.concurrency, |msg| s.on_outcome(msg));
     let sweep = async {
-        let mut tick = tokio::time::interval(config.sweep_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let lease_ms = config.assignment_timeout.as_millis() as u64;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let due = match s.capacity.claim_due(now_ms(), lease_ms, 256).await {
-                Ok(due) => due,
-                Err(e) => {
-                    tracing::warn!(error = %e, "sweep");
-                    continue;
-                }
-            };
-            futures::stream::iter(due)
-                .for_each_concurrent(32, |aid| async move {
-                    if let Err(e) = s.reassign(&aid).await {
-                        tracing::warn!(assignment = %aid, error = %e, "reassignment failed; will retry");
-                    }
-                })
-                .await;
-        }
+        s.sweep(&shutdown).await;
         Ok::<(), CommonError>(())
     };
     tokio::try_join!(dispatch, release, sweep, reports)?;

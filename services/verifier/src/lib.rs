@@ -679,13 +679,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
 }
 
 async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), VerifierError> {
-    validator_key::check_length(&config.secret)?;
-    let client = nats::connect(&config.endpoints.nats, "sundara-verifier").await?;
-    let js = jetstream::new(client.clone());
-    nats::provision(&js, &config.retention).await?;
-    // A verifier on another secret than the scheduler's refuses every honest outcome as
-    // forged: refuse to start instead.
-    validator_key::claim(&js, "verifier", &config.secret, config.secret_claim).await?;
+    let (client, js) = validator_key::connect_signer::<VerifierError>(
+        &config.endpoints.nats,
+        "verifier",
+        &config.secret,
+        config.secret_claim,
+        &config.retention,
+    )
+    .await?;
     let registry = Registry::open(&js).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
     let results = js.get_stream(subj::RESULTS_STREAM).await.map_err(js_err)?;
