@@ -317,19 +317,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state/up.json");
         let mut context = Context {
-            nats_url: "nats://127.0.0.1:1".into(),
-            redis_url: "redis://127.0.0.1:2/".into(),
             credentials_dir: Some(credentials_dir(&path)),
             nats_credentials: None,
             nats_ca: None,
-            nats_client_cert: None,
-            nats_server_pid: 1,
-            nats_config: "nats.conf".into(),
-            nats_auth_config: None,
-            nats_monitor_port: 3,
-            metrics_addr: None,
             // No process has this pid (above Linux's pid_max).
             up_pid: u32::MAX - 1,
+            ..sample(dir.path())
         };
         context.write(&path).unwrap();
         create_private_dir(&credentials_dir(&path)).unwrap();

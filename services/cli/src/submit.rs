@@ -388,20 +388,20 @@ impl Reporter {
     /// A line on stdout (above the bar, if one is drawn). Write errors (a closed pipe) are
     /// ignored: the exit code still tells.
     fn out(&self, line: &str) {
-        let write = || {
+        self.above_bar(|| {
             let _ = writeln!(std::io::stdout().lock(), "{line}");
-        };
-        match &self.bar {
-            Some(bar) => bar.suspend(write),
-            None => write(),
-        }
+        });
     }
 
     /// A line on stderr (above the bar, if one is drawn).
     fn note(&self, line: &str) {
-        let write = || {
+        self.above_bar(|| {
             let _ = writeln!(std::io::stderr().lock(), "{line}");
-        };
+        });
+    }
+
+    /// Writes with the bar (if one is drawn) cleared, then draws it again below.
+    fn above_bar(&self, write: impl FnOnce()) {
         match &self.bar {
             Some(bar) => bar.suspend(write),
             None => write(),
