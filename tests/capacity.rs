@@ -12,7 +12,7 @@ const SCAN: usize = 16;
 async fn fleet(slices: usize, slots: u32) -> (ServerProcess, tempfile::TempDir, Capacity) {
     let dir = tempfile::tempdir().unwrap();
     let redis = start_redis(&redis_server_binary().expect("run scripts/setup"), dir.path()).unwrap();
-    let capacity = Capacity::connect(&format!("redis://127.0.0.1:{}/", redis.port)).await.unwrap();
+    let capacity = Capacity::connect(&sundara::stack::redis_url(dir.path(), redis.port).unwrap()).await.unwrap();
     for i in 0..slices {
         let worker = format!("w{i:05}");
         let announce = WorkerAnnounce {

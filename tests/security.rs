@@ -428,3 +428,22 @@ async fn priority_above_the_entitlement_is_refused() {
     assert!(matches!(got[&id].status, ResultStatus::Verified { .. }), "{:?}", got[&id].status);
     h.stop().await;
 }
+
+/// The embedded Redis lets in only its user with its password: a client without them (or
+/// with a wrong password) gets no command through; the stack's own URL does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refuses_a_client_without_the_stacks_password() {
+    let stack = LocalStack::start(&project_root()).unwrap();
+    let port = stack.redis.port;
+    let ping = |url: String| async move {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut con).await
+    };
+    let anonymous = ping(format!("redis://127.0.0.1:{port}/")).await;
+    assert!(anonymous.is_err(), "a client without credentials got in: {anonymous:?}");
+    let guessed = ping(format!("redis://{}:wrong@127.0.0.1:{port}/", sundara::stack::REDIS_USER)).await;
+    assert!(guessed.is_err(), "a wrong password got in: {guessed:?}");
+    assert_eq!(ping(stack.endpoints().redis_url).await.unwrap(), "PONG");
+    assert!(!format!("{:?}", stack.endpoints()).contains(&stack.endpoints().redis_url), "the password is not shown");
+}

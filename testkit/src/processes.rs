@@ -222,7 +222,7 @@ impl ProcessStack {
                 let nats = LocalCluster::start(&root, n).expect("the NATS cluster starts");
                 let redis_binary = sundara::stack::redis_server_binary().unwrap();
                 let redis = sundara::stack::start_redis(&redis_binary, nats.dir.path()).unwrap();
-                let redis_url = format!("redis://127.0.0.1:{}/", redis.port);
+                let redis_url = sundara::stack::redis_url(nats.dir.path(), redis.port).unwrap();
                 let endpoint = nats.endpoint();
                 (Servers::Cluster { nats, redis }, endpoint, redis_url, n)
             }

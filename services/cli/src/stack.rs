@@ -264,10 +264,52 @@ pub fn start_redis(binary: &Path, dir: &Path) -> Result<ServerProcess, StackErro
 /// use, or lose an in-flight assignment (docs/reliability.md, "Redis memory").
 pub const REDIS_MAXMEMORY: &str = "1gb";
 
+/// The user every process connects to the embedded redis-server as (the default user is
+/// off: a client without the password gets nothing).
+pub const REDIS_USER: &str = "sundara";
+
+/// The embedded redis-server's config in `dir` (mode 0600): its ACL, the default user off
+/// and [`REDIS_USER`] with a password made once per directory (a restart on the same
+/// directory keeps it). The password is in a file, not on a command line `ps` shows.
+fn redis_config(dir: &Path) -> Result<(PathBuf, String), StackError> {
+    let conf = dir.join("redis.conf");
+    let password_file = dir.join("redis.password");
+    let password = match std::fs::read_to_string(&password_file) {
+        Ok(p) => p.trim().to_string(),
+        Err(_) => {
+            let p = hex::encode(rand::random::<[u8; 24]>());
+            write_private(&password_file, &p)?;
+            p
+        }
+    };
+    let acl = format!("user default off\nuser {REDIS_USER} on >{password} ~* &* +@all\n");
+    write_private(&conf, &acl)?;
+    Ok((conf, password))
+}
+
+/// Writes `text` to a file only its owner can read.
+fn write_private(path: &Path, text: &str) -> Result<(), StackError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(path)?, text.as_bytes())?;
+    Ok(())
+}
+
+/// The URL of the embedded redis-server of `dir` on `port`: its user and password.
+pub fn redis_url(dir: &Path, port: u16) -> Result<String, StackError> {
+    let (_, password) = redis_config(dir)?;
+    Ok(format!("redis://{REDIS_USER}:{password}@127.0.0.1:{port}/"))
+}
+
 /// Starts redis-server on `port`, without persistence (so a restart comes back empty),
-/// with at most [`REDIS_MAXMEMORY`] and no eviction.
+/// with at most [`REDIS_MAXMEMORY`] and no eviction, and an ACL ([`redis_config`]):
+/// connect with [`redis_url`].
 pub fn start_redis_on(binary: &Path, dir: &Path, port: u16) -> Result<ServerProcess, StackError> {
+    let (conf, _) = redis_config(dir)?;
     let mut child = server_command(binary)
+        .arg(&conf)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"])
         .arg("--dir")
@@ -406,7 +448,8 @@ impl LocalStack {
                 credentials: self.nats_credentials.clone(),
                 tls: Some(self.nats_tls.clone()),
             },
-            redis_url: format!("redis://127.0.0.1:{}/", self.redis.port),
+            redis_url: redis_url(self.dir.path(), self.redis.port)
+                .expect("the stack's redis password is in its directory"),
         }
     }
 }

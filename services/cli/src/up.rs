@@ -263,7 +263,7 @@ fn start_servers(
                 "nats-server on {} (no auth: --autoscale; TLS, CA {}), redis-server on {}",
                 stack.endpoints().nats.url,
                 stack.pki.ca().display(),
-                stack.endpoints().redis_url
+                sundara_common::redacted(&stack.endpoints().redis_url)
             );
             Ok((stack.endpoints(), None, Some(stack)))
         }
@@ -276,7 +276,7 @@ fn start_servers(
                 "nats-server on {} with {} users (validator, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
                 stack.endpoints().nats.url,
                 auth.users.len(),
-                stack.endpoints().redis_url
+                sundara_common::redacted(&stack.endpoints().redis_url)
             );
             println!(
                 "TLS: CA {}{}",

@@ -23,10 +23,27 @@ pub use telemetry::{LogFormat, init_logging};
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 /// Where the validator side's servers are.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Endpoints {
     pub nats: nats::NatsEndpoint,
+    /// `redis://[user:password@]host:port/`: the password never shows in `Debug` output.
     pub redis_url: String,
+}
+
+impl std::fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoints").field("nats", &self.nats).field("redis_url", &redacted(&self.redis_url)).finish()
+    }
+}
+
+/// A URL with the password of its user info, if any, replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_string() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,5 +139,19 @@ pub async fn stop_within<E>(
             tracing::warn!(service, ?grace, "not stopped within its grace (is NATS reachable?); stopping anyway");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_redis_password_never_shows_in_debug_output() {
+        let e = super::Endpoints {
+            nats: super::nats::NatsEndpoint::open("tls://127.0.0.1:4222"),
+            redis_url: "redis://sundara:hunter2hunter2@127.0.0.1:6379/".into(),
+        };
+        let shown = format!("{e:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("redis://sundara:***@127.0.0.1:6379/"), "{shown}");
+        assert_eq!(super::redacted("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
     }
 }
