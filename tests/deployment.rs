@@ -106,6 +106,13 @@ fn accepted_env() -> &'static BTreeMap<String, BTreeSet<String>> {
                 queue.push(p);
             }
         }
+        // Read outside clap, and never a flag (a flag's value shows in `ps`): the validator
+        // secret, which their help names.
+        for command in ["scheduler", "verifier"] {
+            let secret = sundara_common::validator_key::SECRET_ENV;
+            assert!(help(&[command]).contains(secret), "`sundara {command} --help` names {secret}");
+            out.get_mut(command).expect("a subcommand").insert(secret.to_string());
+        }
         out
     })
 }
