@@ -123,26 +123,24 @@ async fn refusals_come_at_once_and_name_what_was_refused() {
     }
     assert!(started.elapsed() < AT_ONCE, "the refusal took {:?}", started.elapsed());
 
+    // `args` with `seed` is refused at once, saying `why`.
+    let refused_at_once = |args: &[&str], seed: &Path, why: &str| {
+        let (out, took) = run(sundara(&nowhere)
+            .args(args)
+            .args(["--nats", &url, "--nats-ca"])
+            .arg(&ca)
+            .arg("--nats-creds")
+            .arg(seed));
+        let said = text(&out);
+        assert!(!out.status.success() && took < AT_ONCE, "{took:?}: {said}");
+        assert!(said.contains(why), "{said}");
+    };
     // On the command line, `--tenant bob` with acme's credentials is refused before sending.
-    let (out, took) = run(sundara(&nowhere)
-        .args(["submit", "--model", "mlp", "--tenant", "bob", "--nats", &url, "--nats-ca"])
-        .arg(&ca)
-        .arg("--nats-creds")
-        .arg(&acme_seed));
-    let said = text(&out);
-    assert!(!out.status.success() && took < AT_ONCE, "{took:?}: {said}");
-    assert!(said.contains("your credentials are tenant-acme's; --tenant bob is not permitted"), "{said}");
-
+    let bob = ["submit", "--model", "mlp", "--tenant", "bob"];
+    refused_at_once(&bob, &acme_seed, "your credentials are tenant-acme's; --tenant bob is not permitted");
     // A miner started with another miner's seed file.
     let m1_seed = auth.credentials(&Role::Miner("m1".into()));
-    let (out, took) = run(sundara(&nowhere)
-        .args(["worker", "--id", "m2", "--nats", &url, "--nats-ca"])
-        .arg(&ca)
-        .arg("--nats-creds")
-        .arg(&m1_seed));
-    let said = text(&out);
-    assert!(!out.status.success() && took < AT_ONCE, "{took:?}: {said}");
-    assert!(said.contains("your credentials are miner-m1's; --id m2 is not permitted"), "{said}");
+    refused_at_once(&["worker", "--id", "m2"], &m1_seed, "your credentials are miner-m1's; --id m2 is not permitted");
 
     // The same key under a name that does not tell whose it is: the server refuses the
     // worker its subjects, and the worker stops at once saying so.

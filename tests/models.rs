@@ -60,6 +60,14 @@ async fn push(endpoints: &Endpoints, file: &str, name: &str, extra: &[&str]) -> 
     sundara(endpoints, &args).await
 }
 
+/// A stack of its own with the registry open on it.
+async fn registry_on_a_stack() -> (LocalStack, Endpoints, Registry) {
+    let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
+    let ep = stack.endpoints();
+    let registry = open_registry(&ep).await;
+    (stack, ep, registry)
+}
+
 async fn open_registry(endpoints: &Endpoints) -> Registry {
     let client = nats::connect(&endpoints.nats, "test").await.unwrap();
     let js = async_nats::jetstream::new(client);
@@ -77,9 +85,7 @@ fn init_ort() {
 /// the next free version named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_versions_are_immutable() {
-    let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
-    let ep = stack.endpoints();
-    let registry = open_registry(&ep).await;
+    let (_stack, ep, registry) = registry_on_a_stack().await;
     let (light, heavy) = (sha("mlp.onnx"), sha("mlp_heavy.onnx"));
     assert_ne!(light, heavy, "two different demo files");
 
@@ -136,9 +142,7 @@ async fn wait_latest(registry: &Registry, name: &str, version: &str) -> ModelMet
 /// registered, by the CLI and by the registry itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_that_cannot_work_are_refused() {
-    let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
-    let ep = stack.endpoints();
-    let registry = open_registry(&ep).await;
+    let (_stack, ep, registry) = registry_on_a_stack().await;
     for (args, says) in [
         (&["--redundancy", "0"][..], "redundancy must be 1 to 9"),
         (&["--redundancy", "10"][..], "redundancy must be 1 to 9"),
@@ -220,9 +224,7 @@ async fn concurrent_pushes_of_one_version_have_one_winner() {
 /// (explicitly or automatically).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_versions_keep_their_numbers() {
-    let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
-    let ep = stack.endpoints();
-    let registry = open_registry(&ep).await;
+    let (_stack, ep, registry) = registry_on_a_stack().await;
     let (light, heavy) = (sha("mlp.onnx"), sha("mlp_heavy.onnx"));
     assert!(push(&ep, "mlp.onnx", "m", &[]).await.status.success());
     assert!(push(&ep, "mlp_heavy.onnx", "m", &[]).await.status.success());

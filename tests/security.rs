@@ -137,30 +137,38 @@ async fn each_role_is_refused_what_is_not_its_own() {
 
     // Tenant `a` can neither act as `b`, nor read `b`'s results, nor go around ingress.
     let mut a = connect_as(&url, &ca, &auth, &Role::Tenant("a".into())).await;
-    a.publish_refused("sundara.submit.b").await;
-    a.publish_refused("$JS.API.CONSUMER.CREATE.RESULTS.peek.sundara.result.b.>").await;
-    a.publish_refused("$JS.API.CONSUMER.CREATE.RESULTS").await;
-    a.publish_refused("$JS.API.CONSUMER.LIST.RESULTS").await;
-    a.publish_refused("$JS.API.STREAM.INFO.RESULTS").await;
-    a.publish_refused("sundara.task.normal.mlp").await;
-    a.publish_refused("sundara.outcome.t1.m1").await;
-    a.publish_refused("$JS.API.STREAM.DELETE.TASKS").await;
+    for subject in [
+        "sundara.submit.b",
+        "$JS.API.CONSUMER.CREATE.RESULTS.peek.sundara.result.b.>",
+        "$JS.API.CONSUMER.CREATE.RESULTS",
+        "$JS.API.CONSUMER.LIST.RESULTS",
+        "$JS.API.STREAM.INFO.RESULTS",
+        "sundara.task.normal.mlp",
+        "sundara.outcome.t1.m1",
+        "$JS.API.STREAM.DELETE.TASKS",
+    ] {
+        a.publish_refused(subject).await;
+    }
     a.subscribe_refused("sundara.result.>").await;
     a.subscribe_refused(&format!("{}.>", inbox_prefix(&auth.users[&Role::Validator]))).await;
 
     // Miner `m1` can read only its own work and speak only as itself.
     let mut m1 = connect_as(&url, &ca, &auth, &Role::Miner("m1".into())).await;
-    m1.subscribe_refused("sundara.work.*.m2").await;
-    m1.subscribe_refused("sundara.control.m2").await;
-    m1.subscribe_refused("_INBOX.>").await;
-    m1.publish_refused("$JS.API.CONSUMER.CREATE.WORK.worker-m2.sundara.work.*.m2").await;
-    m1.publish_refused("$JS.API.CONSUMER.MSG.NEXT.WORK.worker-m2").await;
-    m1.publish_refused("sundara.outcome.t1.m2").await;
-    m1.publish_refused("sundara.report.m2").await;
-    m1.publish_refused("sundara.result.a.t1").await;
-    m1.publish_refused("sundara.verdict.t1").await;
-    m1.publish_refused("sundara.submit.a").await;
-    m1.publish_refused("$JS.API.STREAM.PURGE.WORK").await;
+    for subject in ["sundara.work.*.m2", "sundara.control.m2", "_INBOX.>"] {
+        m1.subscribe_refused(subject).await;
+    }
+    for subject in [
+        "$JS.API.CONSUMER.CREATE.WORK.worker-m2.sundara.work.*.m2",
+        "$JS.API.CONSUMER.MSG.NEXT.WORK.worker-m2",
+        "sundara.outcome.t1.m2",
+        "sundara.report.m2",
+        "sundara.result.a.t1",
+        "sundara.verdict.t1",
+        "sundara.submit.a",
+        "$JS.API.STREAM.PURGE.WORK",
+    ] {
+        m1.publish_refused(subject).await;
+    }
 
     // On its own report subject, `m1` still cannot speak for `m2`: the gateway refuses.
     let forged = FleetRequest {
