@@ -268,23 +268,26 @@ pub const REDIS_MAXMEMORY: &str = "1gb";
 /// off: a client without the password gets nothing).
 pub const REDIS_USER: &str = "sundara";
 
-/// The embedded redis-server's config in `dir` (mode 0600): its ACL, the default user off
-/// and [`REDIS_USER`] with a password made once per directory (a restart on the same
-/// directory keeps it). The password is in a file, not on a command line `ps` shows.
-fn redis_config(dir: &Path) -> Result<(PathBuf, String), StackError> {
+/// The embedded redis-server's password in `dir` (`redis.password`, mode 0600): made on
+/// first use, so a restart on the same directory keeps it. In a file, not on a command
+/// line `ps` shows.
+fn redis_password(dir: &Path) -> Result<String, StackError> {
+    let path = dir.join("redis.password");
+    if let Ok(password) = std::fs::read_to_string(&path) {
+        return Ok(password.trim().to_string());
+    }
+    let password = hex::encode(rand::random::<[u8; 24]>());
+    write_private(&path, &password)?;
+    Ok(password)
+}
+
+/// Writes the embedded redis-server's config in `dir` (mode 0600): its ACL, the default
+/// user off and [`REDIS_USER`] with [`redis_password`].
+fn redis_config(dir: &Path) -> Result<PathBuf, StackError> {
     let conf = dir.join("redis.conf");
-    let password_file = dir.join("redis.password");
-    let password = match std::fs::read_to_string(&password_file) {
-        Ok(p) => p.trim().to_string(),
-        Err(_) => {
-            let p = hex::encode(rand::random::<[u8; 24]>());
-            write_private(&password_file, &p)?;
-            p
-        }
-    };
-    let acl = format!("user default off\nuser {REDIS_USER} on >{password} ~* &* +@all\n");
-    write_private(&conf, &acl)?;
-    Ok((conf, password))
+    let password = redis_password(dir)?;
+    write_private(&conf, &format!("user default off\nuser {REDIS_USER} on >{password} ~* &* +@all\n"))?;
+    Ok(conf)
 }
 
 /// Writes `text` to a file only its owner can read.
@@ -299,7 +302,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), StackError> {
 
 /// The URL of the embedded redis-server of `dir` on `port`: its user and password.
 pub fn redis_url(dir: &Path, port: u16) -> Result<String, StackError> {
-    let (_, password) = redis_config(dir)?;
+    let password = redis_password(dir)?;
     Ok(format!("redis://{REDIS_USER}:{password}@127.0.0.1:{port}/"))
 }
 
@@ -307,7 +310,7 @@ pub fn redis_url(dir: &Path, port: u16) -> Result<String, StackError> {
 /// with at most [`REDIS_MAXMEMORY`] and no eviction, and an ACL ([`redis_config`]):
 /// connect with [`redis_url`].
 pub fn start_redis_on(binary: &Path, dir: &Path, port: u16) -> Result<ServerProcess, StackError> {
-    let (conf, _) = redis_config(dir)?;
+    let conf = redis_config(dir)?;
     let mut child = server_command(binary)
         .arg(&conf)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
