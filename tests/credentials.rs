@@ -199,7 +199,7 @@ async fn a_running_stack_is_found_through_its_context_and_takes_new_tenants() {
     let policy = Policy { redundancy: 1, rule: RULE, audit_rate: 0.0 };
     let workers = vec![support::honest("m1", 1)];
     let h = Harness::start_on(stack, workers, policy, Duration::from_secs(10), |c| {
-        c.miner_credentials = Some(creds.clone());
+        c.credentials_dir = Some(creds.clone());
     })
     .await;
     write_context(&context, &h.stack, &auth);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::{ConnectOptions, Event};
-use sundara::auth::{AuthDir, Role};
+use sundara::auth::{AuthDir, Role, Service};
 use sundara::client::Client;
 use sundara::stack::{LocalStack, project_root};
 use sundara_common::admission::{TenantLimits, TenantPolicy};
@@ -102,7 +102,9 @@ async fn each_role_is_refused_what_is_not_its_own() {
     let url = stack.endpoints().nats.url;
     let (tls, ca) = (stack.endpoints().nats.tls, stack.pki.ca());
     let policy = sundara_schemas::Policy { redundancy: 2, rule: RULE, audit_rate: 0.0 };
-    let mut h = Harness::start_on(stack, vec![], policy, Duration::from_secs(10), |_| {}).await;
+    // Each service connects as its own user: the pipeline runs under least privilege.
+    let services_as_themselves = |c: &mut sundara::pipeline::PipelineConfig| c.credentials_dir = Some(auth.dir.clone());
+    let mut h = Harness::start_on(stack, vec![], policy, Duration::from_secs(10), services_as_themselves).await;
     for miner in ["m1", "m2"] {
         let seed = auth.credentials(&Role::Miner(miner.into()));
         h.spawn_worker_process_with(miner, 1, &[("SUNDARA_NATS_CREDS", seed.to_str().unwrap())]).await;
@@ -168,6 +170,34 @@ async fn each_role_is_refused_what_is_not_its_own() {
         "$JS.API.STREAM.PURGE.WORK",
     ] {
         m1.publish_refused(subject).await;
+    }
+
+    // Each validator service publishes only what it produces and changes no stream: a
+    // compromised ingress cannot forge an assignment or a verdict, nor a rewarder a result.
+    let never_any_service = ["$JS.API.STREAM.DELETE.TASKS", "$JS.API.STREAM.UPDATE.OUTCOMES", "sundara.submit.a"];
+    let refusals = [
+        (
+            Service::Ingress,
+            &["sundara.work.mlp.m1", "sundara.verdict.t1", "sundara.result.a.t1", "$KV.validator.x"][..],
+        ),
+        (Service::Scheduler, &["sundara.reward.epoch", "$JS.API.STREAM.PURGE.WORK", "$KV.models.mlp"][..]),
+        (Service::Verifier, &["sundara.work.mlp.m1", "sundara.task.normal.mlp", "sundara.reward.t1"][..]),
+        (Service::Rewarder, &["sundara.result.a.t1", "sundara.verdict.t1", "$KV.validator.x"][..]),
+        (
+            Service::Autoscaler,
+            &["sundara.work.mlp.m1", "sundara.result.a.t1", "$JS.API.CONSUMER.DELETE.VERDICTS.rewarder"][..],
+        ),
+    ];
+    for (service, own_refusals) in refusals {
+        let mut user = connect_as(&url, &ca, &auth, &Role::Service(service)).await;
+        for subject in never_any_service.iter().chain(own_refusals) {
+            user.publish_refused(subject).await;
+        }
+    }
+    let mut pool = connect_as(&url, &ca, &auth, &Role::Pool).await;
+    for subject in ["sundara.result.a.t1", "sundara.verdict.t1", "sundara.task.normal.mlp", "$JS.API.STREAM.PURGE.WORK"]
+    {
+        pool.publish_refused(subject).await;
     }
 
     // On its own report subject, `m1` still cannot speak for `m2`: the gateway refuses.

@@ -41,6 +41,10 @@ pub const DEAD_TASK_ALL: &str = "sundara.deadtask.>";
 pub const FLEET_DEAD: &str = "sundara.fleet.dead";
 /// Epoch weights.
 pub const REWARD_EPOCH: &str = "sundara.reward.epoch";
+/// Any core-NATS message here closes the rewarder's epoch now; a request gets the encoded
+/// epoch weights back. Deliberately outside `sundara.reward.>`: the REWARDS stream captures
+/// that space and would store the request and answer it with its own publish ack first.
+pub const REWARDER_CLOSE: &str = "sundara.rewarder.close";
 
 /// W3C trace context header carried on every message of a task.
 pub const TRACEPARENT: &str = "traceparent";

@@ -88,7 +88,7 @@ impl Harness {
             epoch_length: Duration::from_secs(3600),
             tenants: Default::default(),
             max_in_flight: 100_000,
-            miner_credentials: None,
+            credentials_dir: None,
             scaling: None,
             retention: Default::default(),
         };

@@ -39,7 +39,7 @@ pub enum AuthError {
     /// The credentials are of a role that cannot do this at all.
     #[error("your credentials are {}'s: {what}", .credentials.stem())]
     WrongRole { credentials: Role, what: &'static str },
-    #[error("the running stack's NATS has no users to add to (`sundara up --autoscale` runs it without auth)")]
+    #[error("the running stack's NATS has no users to add to (it runs without auth)")]
     NoAuth,
     #[error(transparent)]
     Reload(#[from] crate::stack::StackError),
@@ -76,9 +76,45 @@ fn whose(credentials: Option<&Path>) -> String {
 /// Who a user is.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
+    /// The operators' user: provisions the streams, pushes models, runs the CLI.
     Validator,
+    /// One validator service: only its own subjects.
+    Service(Service),
+    /// The validator's own worker pools (compose, Nomad, an autoscaler's), whose worker ids
+    /// are known only when each starts: a miner under any id.
+    Pool,
     Tenant(String),
     Miner(String),
+}
+
+/// The validator services, each its own NATS user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Service {
+    Ingress,
+    Scheduler,
+    Verifier,
+    Rewarder,
+    Autoscaler,
+}
+
+impl Service {
+    pub const ALL: [Service; 5] =
+        [Service::Ingress, Service::Scheduler, Service::Verifier, Service::Rewarder, Service::Autoscaler];
+
+    /// Its subcommand's name: `ingress`, `scheduler`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Ingress => "ingress",
+            Service::Scheduler => "scheduler",
+            Service::Verifier => "verifier",
+            Service::Rewarder => "rewarder",
+            Service::Autoscaler => "autoscaler",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Service> {
+        Service::ALL.into_iter().find(|s| s.name() == name)
+    }
 }
 
 impl std::fmt::Display for Role {
@@ -86,6 +122,8 @@ impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Role::Validator => f.write_str("validator"),
+            Role::Service(s) => write!(f, "service {}", s.name()),
+            Role::Pool => f.write_str("worker pool"),
             Role::Tenant(t) => write!(f, "tenant {t}"),
             Role::Miner(w) => write!(f, "miner {w}"),
         }
@@ -98,10 +136,13 @@ impl Role {
         format!("{}.nk", self.stem())
     }
 
-    /// `validator`, `tenant-acme`, `miner-m1`: its seed file's name without `.nk`.
+    /// `validator`, `service-ingress`, `pool`, `tenant-acme`, `miner-m1`: its seed file's
+    /// name without `.nk`.
     pub fn stem(&self) -> String {
         match self {
             Role::Validator => "validator".into(),
+            Role::Service(s) => format!("service-{}", s.name()),
+            Role::Pool => "pool".into(),
             Role::Tenant(t) => format!("tenant-{t}"),
             Role::Miner(w) => format!("miner-{w}"),
         }
@@ -124,14 +165,16 @@ impl Role {
     fn from_stem(stem: &str) -> Option<Role> {
         let role = match stem {
             "validator" => Role::Validator,
+            "pool" => Role::Pool,
             _ => match stem.split_once('-')? {
+                ("service", s) => Role::Service(Service::from_name(s)?),
                 ("tenant", t) => Role::Tenant(t.to_string()),
                 ("miner", w) => Role::Miner(w.to_string()),
                 _ => return None,
             },
         };
         let named = match &role {
-            Role::Validator => true,
+            Role::Validator | Role::Service(_) | Role::Pool => true,
             Role::Tenant(n) | Role::Miner(n) => subj::is_token(n),
         };
         named.then_some(role)
@@ -150,8 +193,8 @@ pub fn tenant_of(creds: Option<&Path>, flag: Option<&str>) -> Result<String, Aut
             Err(AuthError::NotYours { credentials: Role::Tenant(own), flag: "--tenant", value: flag.to_string() })
         }
         (Some(Role::Tenant(own)), _) => Ok(own),
-        (Some(miner @ Role::Miner(_)), _) => {
-            Err(AuthError::WrongRole { credentials: miner, what: "a miner cannot submit tasks; use a tenant's" })
+        (Some(other @ (Role::Miner(_) | Role::Pool | Role::Service(_))), _) => {
+            Err(AuthError::WrongRole { credentials: other, what: "only a tenant (or the validator) submits tasks" })
         }
         (_, Some(flag)) => Ok(flag.to_string()),
         (_, None) => Ok("default".into()),
@@ -165,8 +208,8 @@ pub fn check_miner(creds: Option<&Path>, id: &str) -> Result<(), AuthError> {
         Some(Role::Miner(own)) if own != id => {
             Err(AuthError::NotYours { credentials: Role::Miner(own), flag: "--id", value: id.to_string() })
         }
-        Some(tenant @ Role::Tenant(_)) => {
-            Err(AuthError::WrongRole { credentials: tenant, what: "a tenant cannot run a worker; use the miner's" })
+        Some(other @ (Role::Tenant(_) | Role::Service(_))) => {
+            Err(AuthError::WrongRole { credentials: other, what: "only a miner (or the pool) runs a worker" })
         }
         _ => Ok(()),
     }
@@ -226,6 +269,105 @@ fn results_read(t: &str) -> Vec<String> {
         .collect()
 }
 
+/// Everything a service needs of a stream it consumes: its info and messages (by sequence
+/// or subject), pull consumers (create, info, delete, next), acks and flow control.
+fn consume_stream(stream: &str) -> Vec<String> {
+    let mut subjects = read_stream(stream);
+    subjects.push(format!("$JS.ACK.{stream}.>"));
+    subjects
+}
+
+/// A KV bucket read and written.
+fn kv_read_write(bucket: &str) -> Vec<String> {
+    let mut subjects = consume_stream(&format!("KV_{bucket}"));
+    subjects.push(format!("$KV.{bucket}.>"));
+    subjects
+}
+
+/// What validator service `s` may do: each publishes only what it produces and consumes
+/// only the streams it reads, so a compromised ingress cannot forge assignments or
+/// verdicts, nor a rewarder results. Every service may check that the streams exist
+/// (`$JS.API.STREAM.INFO.*`) but not create or change them: the validator's user
+/// provisions them first.
+fn service_permissions(s: Service, inbox: String) -> Permissions {
+    let mut publish: Vec<String> = vec!["$JS.API.INFO".into(), "$JS.API.STREAM.INFO.*".into()];
+    publish.extend(registry_read());
+    let mut subscribe = vec![inbox];
+    let mut allow_responses = false;
+    // The ends of a task: the client's result, the verdict, a dead letter and its task.
+    let decide = [subj::RESULT_ALL, subj::VERDICT_ALL, subj::DEAD_ALL, subj::DEAD_TASK_ALL].map(String::from);
+    match s {
+        Service::Ingress => {
+            publish.push(subj::TASK_ALL.into());
+            publish.extend(consume_stream(subj::RESULTS_STREAM));
+            // Submissions arrive as requests on its micro service's endpoints.
+            subscribe.extend([subj::SUBMIT_ALL.into(), "$SRV.>".into()]);
+            allow_responses = true;
+        }
+        Service::Scheduler => {
+            publish.extend([subj::WORK_ALL.into(), subj::OUTCOME_ALL.into()]);
+            publish.extend(decide);
+            for stream in [subj::TASKS_STREAM, subj::OUTCOMES_STREAM, subj::RESULTS_STREAM, subj::VERDICTS_STREAM] {
+                publish.extend(consume_stream(stream));
+            }
+            publish.extend(kv_read_write(subj::VALIDATOR_BUCKET));
+            // Its fleet gateway answers the miners' reports.
+            subscribe.push(subj::REPORT_ALL.into());
+            allow_responses = true;
+        }
+        Service::Verifier => {
+            publish.extend(decide);
+            for stream in [subj::TASKS_STREAM, subj::OUTCOMES_STREAM, subj::RESULTS_STREAM, subj::VERDICTS_STREAM] {
+                publish.extend(consume_stream(stream));
+            }
+            publish.extend(kv_read_write(subj::VALIDATOR_BUCKET));
+        }
+        Service::Rewarder => {
+            publish.push(subj::REWARD_ALL.into());
+            publish.extend(consume_stream(subj::VERDICTS_STREAM));
+            publish.extend(consume_stream(subj::REWARDS_STREAM));
+            publish.extend(kv_read_write(subj::REWARDS_BUCKET));
+            subscribe.push(subj::REWARDER_CLOSE.into());
+            allow_responses = true;
+        }
+        Service::Autoscaler => {
+            // Declares dead workers, asks workers to drain, and clears a dead one's work.
+            publish.extend([
+                subj::FLEET_DEAD.into(),
+                subj::control("*"),
+                format!("$JS.API.STREAM.PURGE.{}", subj::WORK_STREAM),
+            ]);
+            // Queue depths: the services' consumers' backlogs, read, never touched.
+            for stream in [subj::TASKS_STREAM, subj::WORK_STREAM, subj::OUTCOMES_STREAM, subj::VERDICTS_STREAM] {
+                publish.push(format!("$JS.API.CONSUMER.INFO.{stream}.*"));
+            }
+            // Its fleet gateway looks up whether a handed-back assignment's outcome is stored.
+            let outcomes = subj::OUTCOMES_STREAM;
+            publish.extend([format!("$JS.API.DIRECT.GET.{outcomes}"), format!("$JS.API.DIRECT.GET.{outcomes}.>")]);
+            subscribe.push(subj::REPORT_ALL.into());
+            allow_responses = true;
+        }
+    }
+    Permissions { publish, subscribe, allow_responses }
+}
+
+/// A miner's grants as worker `w`; `*` for a pool's workers, whose ids are not known ahead.
+fn miner_permissions(w: &str, inbox: String) -> Permissions {
+    let work = subj::WORK_STREAM;
+    let consumer = if w == "*" { "*".to_string() } else { format!("worker-{w}") };
+    let mut publish = vec![
+        subj::outcome("*", w),
+        subj::report(w),
+        format!("$JS.API.STREAM.INFO.{work}"),
+        format!("$JS.API.CONSUMER.CREATE.{work}.{consumer}.{}", subj::work_of(w)),
+        format!("$JS.API.CONSUMER.INFO.{work}.{consumer}"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{work}.{consumer}"),
+        format!("$JS.ACK.{work}.{consumer}.>"),
+    ];
+    publish.extend(registry_read());
+    Permissions { publish, subscribe: vec![inbox, subj::control(w)], allow_responses: true }
+}
+
 /// What `role` (whose public key is `public_key`) may do.
 pub fn permissions(role: &Role, public_key: &str) -> Permissions {
     let inbox = format!("{}.>", inbox_prefix(public_key));
@@ -233,26 +375,15 @@ pub fn permissions(role: &Role, public_key: &str) -> Permissions {
         Role::Validator => {
             Permissions { publish: vec![">".into()], subscribe: vec![">".into()], allow_responses: false }
         }
+        Role::Service(s) => service_permissions(*s, inbox),
+        Role::Pool => miner_permissions("*", inbox),
         Role::Tenant(t) => {
             let mut publish = vec![subj::submit(t)];
             publish.extend(results_read(t));
             publish.extend(registry_read());
             Permissions { publish, subscribe: vec![inbox], allow_responses: false }
         }
-        Role::Miner(w) => {
-            let (work, consumer) = (subj::WORK_STREAM, format!("worker-{w}"));
-            let mut publish = vec![
-                subj::outcome("*", w),
-                subj::report(w),
-                format!("$JS.API.STREAM.INFO.{work}"),
-                format!("$JS.API.CONSUMER.CREATE.{work}.{consumer}.{}", subj::work_of(w)),
-                format!("$JS.API.CONSUMER.INFO.{work}.{consumer}"),
-                format!("$JS.API.CONSUMER.MSG.NEXT.{work}.{consumer}"),
-                format!("$JS.ACK.{work}.{consumer}.>"),
-            ];
-            publish.extend(registry_read());
-            Permissions { publish, subscribe: vec![inbox, subj::control(w)], allow_responses: true }
-        }
+        Role::Miner(w) => miner_permissions(w, inbox),
     }
 }
 
@@ -359,7 +490,9 @@ pub fn init(dir: &Path, tenants: &[String], miners: &[String]) -> Result<AuthDir
         }
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let wanted = std::iter::once(Role::Validator)
+    let wanted = [Role::Validator, Role::Pool]
+        .into_iter()
+        .chain(Service::ALL.map(Role::Service))
         .chain(tenants.iter().map(|t| Role::Tenant(t.clone())))
         .chain(miners.iter().map(|m| Role::Miner(m.clone())));
     for role in wanted {
@@ -407,10 +540,13 @@ mod tests {
 
     #[test]
     fn roles_round_trip_through_file_names() {
-        for role in [Role::Validator, Role::Tenant("acme".into()), Role::Miner("m-1".into())] {
+        let services = Service::ALL.map(Role::Service);
+        let others = [Role::Validator, Role::Pool, Role::Tenant("acme".into()), Role::Miner("m-1".into())];
+        for role in services.into_iter().chain(others) {
             assert_eq!(Role::from_file_name(&role.file_name()), Some(role));
         }
         assert_eq!(Role::from_file_name("tenant-a.b.nk"), None);
+        assert_eq!(Role::from_file_name("service-gateway.nk"), None, "no such service");
         assert_eq!(Role::from_file_name("auth.conf"), None);
     }
 
@@ -493,6 +629,65 @@ mod tests {
         assert_eq!(p.subscribe, vec!["_INBOX_UKEY.>".to_string(), "sundara.control.m1".to_string()]);
     }
 
+    /// Whether `grants` cover `subject` as nats-server matches them (`*` one token, `>` the rest).
+    fn covers(grants: &[String], subject: &str) -> bool {
+        grants.iter().any(|grant| {
+            let (mut g, mut s) = (grant.split('.'), subject.split('.'));
+            loop {
+                match (g.next(), s.next()) {
+                    (Some(">"), Some(_)) => return true,
+                    (Some(a), Some(b)) if a == "*" || a == b => {}
+                    (None, None) => return true,
+                    _ => return false,
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn each_service_publishes_only_what_it_produces_and_changes_no_stream() {
+        let produces = |s: Service| match s {
+            Service::Ingress => vec!["sundara.task.normal.mlp"],
+            Service::Scheduler => {
+                vec!["sundara.work.mlp.m1", "sundara.result.a.t", "sundara.dead.t", "sundara.outcome.t.m1"]
+            }
+            Service::Verifier => vec!["sundara.result.a.t", "sundara.verdict.t", "sundara.deadtask.t"],
+            Service::Rewarder => vec!["sundara.reward.t", "sundara.reward.epoch", "$KV.rewards.ledger"],
+            Service::Autoscaler => vec!["sundara.fleet.dead", "sundara.control.m1", "$JS.API.STREAM.PURGE.WORK"],
+        };
+        let all: Vec<&str> = Service::ALL.iter().flat_map(|s| produces(*s)).collect();
+        for s in Service::ALL {
+            let p = permissions(&Role::Service(s), "UKEY");
+            for subject in &all {
+                let own = produces(s).contains(subject)
+                    // Scheduler and verifier both decide tasks; the rewarder's epoch is a reward.
+                    || (matches!(s, Service::Scheduler | Service::Verifier) && !subject.starts_with("sundara.work")
+                        && ["sundara.result.", "sundara.verdict.", "sundara.dead"].iter().any(|p| subject.starts_with(p)));
+                assert_eq!(covers(&p.publish, subject), own, "{s:?} publishing {subject}");
+            }
+            for change in ["CREATE", "UPDATE", "DELETE"] {
+                assert!(!covers(&p.publish, &format!("$JS.API.STREAM.{change}.TASKS")), "{s:?} may {change} a stream");
+            }
+            assert!(!covers(&p.publish, "sundara.submit.a"), "{s:?} submits");
+            assert!(!covers(&p.subscribe, "_INBOX_OTHER.x"), "{s:?} reads another's inbox");
+            assert!(!covers(&p.subscribe, "sundara.result.a.t"), "{s:?} reads results outside JetStream");
+        }
+    }
+
+    #[test]
+    fn the_pool_acts_as_any_miner_and_nothing_else() {
+        let p = permissions(&Role::Pool, "UKEY");
+        for subject in
+            ["sundara.outcome.t.pool-7", "sundara.report.pool-7", "$JS.API.CONSUMER.MSG.NEXT.WORK.worker-pool-7"]
+        {
+            assert!(covers(&p.publish, subject), "{subject}");
+        }
+        for subject in ["sundara.result.a.t", "sundara.verdict.t", "sundara.task.normal.mlp", "sundara.submit.a"] {
+            assert!(!covers(&p.publish, subject), "{subject}");
+        }
+        assert!(covers(&p.subscribe, "sundara.control.pool-7"));
+    }
+
     /// The consumer each RESULTS grant of tenant `t` names (the token after the stream's).
     fn results_consumers_of(t: &str) -> Vec<String> {
         let p = permissions(&Role::Tenant(t.into()), "UKEY");
@@ -529,7 +724,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = init(dir.path(), &["a".into()], &["m1".into()]).unwrap();
         let second = init(dir.path(), &[], &["m2".into()]).unwrap();
-        assert_eq!(second.users.len(), 4, "validator, a, m1 and m2");
+        assert_eq!(second.users.len(), 10, "validator, the pool, five services, a, m1 and m2");
         for (role, key) in &first.users {
             assert_eq!(&second.users[role], key, "{role:?} kept its key");
         }

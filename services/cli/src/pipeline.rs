@@ -46,9 +46,22 @@ pub struct PipelineConfig {
     /// How long the streams keep what (every service provisions them with it; ingress
     /// gives each task its TTL by it).
     pub retention: sundara_common::nats::Retention,
-    /// With NATS auth on: the `sundara auth init` directory, whose `miner-<id>.nk` each
-    /// worker connects with (the services use `endpoints`' credentials).
-    pub miner_credentials: Option<PathBuf>,
+    /// With NATS auth on: the `sundara auth init` directory. Each service connects as its
+    /// own user (`service-<name>.nk`), each worker as its miner (`miner-<id>.nk`);
+    /// `endpoints`' credentials (the validator's) only check readiness.
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl PipelineConfig {
+    /// The endpoints `role` connects with: its own seed from [`PipelineConfig::credentials_dir`]
+    /// when auth is on.
+    pub fn endpoints_of(&self, role: &crate::auth::Role) -> Endpoints {
+        let mut endpoints = self.endpoints.clone();
+        if let Some(dir) = &self.credentials_dir {
+            endpoints.nats.credentials = Some(dir.join(role.file_name()));
+        }
+        endpoints
+    }
 }
 
 /// Whether ingress answers and every one of `workers` has announced itself in Redis.
@@ -95,7 +108,7 @@ impl Pipeline {
     /// Starts ingress, scheduler, verifier, rewarder, autoscaler and the configured workers.
     pub async fn start(config: PipelineConfig) -> Pipeline {
         let shutdown = Shutdown::new();
-        let ep = config.endpoints.clone();
+        let as_service = |s: crate::auth::Service| config.endpoints_of(&crate::auth::Role::Service(s));
         // One secret for the whole validator side in this process: it is the stack's (an
         // earlier `up --external` on the same NATS may have stored another's key id).
         // Each service's config as its command builds it from its flags, then the knobs
@@ -106,12 +119,15 @@ impl Pipeline {
         };
         let mut scheduler = sundara_scheduler::Config::from_args(
             sundara_scheduler::Args { secret: secret.clone(), ..sundara_scheduler::Args::new("") },
-            ep.clone(),
+            as_service(crate::auth::Service::Scheduler),
         )
         .expect("the secret is given, no file to read");
         scheduler.assignment_timeout = config.assignment_timeout;
         scheduler.retention = config.retention.clone();
-        let mut rewarder = sundara_rewarder::Config::from_args(sundara_rewarder::Args::default(), ep.clone());
+        let mut rewarder = sundara_rewarder::Config::from_args(
+            sundara_rewarder::Args::default(),
+            as_service(crate::auth::Service::Rewarder),
+        );
         rewarder.epoch_length = config.epoch_length;
         rewarder.retention = config.retention.clone();
         let reference = || {
@@ -121,15 +137,16 @@ impl Pipeline {
             ))
         };
         let verifier = sundara_verifier::Args { secret, ..sundara_verifier::Args::new("") };
-        let mut verifier = sundara_verifier::Config::from_args(verifier, ep.clone(), reference)
-            .expect("the secret is given, no file to read");
+        let mut verifier =
+            sundara_verifier::Config::from_args(verifier, as_service(crate::auth::Service::Verifier), reference)
+                .expect("the secret is given, no file to read");
         verifier.retention = config.retention.clone();
         let ingress = sundara_ingress::Args { max_in_flight: config.max_in_flight, ..Default::default() };
-        let mut ingress =
-            sundara_ingress::Config::from_args(ingress, ep.clone()).expect("no --tenant-limits file to read");
+        let mut ingress = sundara_ingress::Config::from_args(ingress, as_service(crate::auth::Service::Ingress))
+            .expect("no --tenant-limits file to read");
         ingress.tenants = config.tenants.clone();
         ingress.retention = config.retention.clone();
-        let mut autoscaler = sundara_autoscaler::Config::new(ep.clone());
+        let mut autoscaler = sundara_autoscaler::Config::new(as_service(crate::auth::Service::Autoscaler));
         autoscaler.scaling = config.scaling.clone();
         autoscaler.retention = config.retention.clone();
         let s = || shutdown.child_token();
@@ -154,13 +171,10 @@ impl Pipeline {
             behaviour: spec.behaviour,
             ..sundara_worker::Args::new(&spec.id)
         };
-        let nats = self.config.endpoints.nats.clone();
+        let nats = self.config.endpoints_of(&crate::auth::Role::Miner(spec.id.clone())).nats;
         let unused = || Err(String::from("no default cache: --cache-dir is given"));
         let mut c = sundara_worker::Config::from_args(args, nats, self.config.ort_library.clone(), unused)
             .expect("a worker of one CPU slice, honest or a cheater of this build");
-        if let Some(dir) = &self.config.miner_credentials {
-            c.nats.credentials = Some(dir.join(crate::auth::Role::Miner(spec.id.clone()).file_name()));
-        }
         c.slices = spec.slices.clone();
         c
     }

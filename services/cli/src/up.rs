@@ -169,8 +169,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(context::claim(&context::path()?)?),
     };
-    let (endpoints, auth, stack) =
-        start_servers(opts.endpoints, opts.autoscale.is_some(), &opts.nats, claim.as_ref(), &root, &miner_ids)?;
+    let (endpoints, auth, stack) = start_servers(opts.endpoints, &opts.nats, claim.as_ref(), &root, &miner_ids)?;
     if let (Some(claim), Some(stack)) = (&claim, &stack) {
         publish_context(claim, stack, auth.as_ref(), opts.metrics)?;
     }
@@ -188,7 +187,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
 
     let (workers, liar) = demo_workers(&miner_ids, opts.honest_workers);
     let scaling = match opts.autoscale {
-        Some(max) => Some(local_pool(&endpoints, &ort_library, max)?),
+        Some(max) => Some(local_pool(&endpoints, auth.as_ref(), &ort_library, max)?),
         None => None,
     };
     let pipeline =
@@ -244,12 +243,11 @@ fn watch_interruptions() -> Shutdown {
 
 /// The servers `up` runs on: `external` ones as given, or an embedded stack. The embedded
 /// stack runs NATS with a user per role (docs/reliability.md), seeds written under the
-/// claimed context's credentials directory, except with an autoscaled pool, whose workers
-/// are named as they start and so have no seeds. NATS speaks TLS only (a throwaway CA in
-/// the stack's directory), verifying clients' certificates too with `mutual_tls`.
+/// claimed context's credentials directory (an autoscaled pool's workers, named as they
+/// start, share the pool's). NATS speaks TLS only (a throwaway CA in the stack's
+/// directory), verifying clients' certificates too with `mutual_tls`.
 fn start_servers(
     external: Option<Endpoints>,
-    autoscale: bool,
     nats: &crate::stack::NatsOptions,
     claim: Option<&context::Claim>,
     root: &std::path::Path,
@@ -257,23 +255,13 @@ fn start_servers(
 ) -> anyhow::Result<(Endpoints, Option<crate::auth::AuthDir>, Option<LocalStack>)> {
     match (external, claim) {
         (Some(ep), _) => Ok((ep, None, None)),
-        (None, _) if autoscale => {
-            let stack = LocalStack::start_with(root, None, nats)?;
-            println!(
-                "nats-server on {} (no auth: --autoscale; TLS, CA {}), redis-server on {}",
-                stack.endpoints().nats.url,
-                stack.pki.ca().display(),
-                sundara_common::redacted(&stack.endpoints().redis_url)
-            );
-            Ok((stack.endpoints(), None, Some(stack)))
-        }
         (None, claim) => {
             let dir = &claim.expect("an embedded stack has claimed its context").credentials_dir;
             context::create_private_dir(dir)?;
             let auth = crate::auth::init(dir, &[DEMO_TENANT.to_string()], miner_ids)?;
             let stack = LocalStack::start_with(root, Some(&auth), nats)?;
             println!(
-                "nats-server on {} with {} users (validator, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
+                "nats-server on {} with {} users (validator, one per service, the pool, tenant {DEMO_TENANT}, one per miner), redis-server on {}",
                 stack.endpoints().nats.url,
                 auth.users.len(),
                 sundara_common::redacted(&stack.endpoints().redis_url)
@@ -342,7 +330,7 @@ fn pipeline_config(
         scaling,
         tenants: demo_tenants(),
         max_in_flight: 100_000,
-        miner_credentials: auth.map(|a| a.dir.clone()),
+        credentials_dir: auth.map(|a| a.dir.clone()),
         retention: Default::default(),
     }
 }
@@ -484,9 +472,11 @@ fn publish_context(
     Ok(())
 }
 
-/// A pool of `sundara worker` processes of this binary, up to `max`, sized to demand.
+/// A pool of `sundara worker` processes of this binary, up to `max`, sized to demand; with
+/// auth on they connect as the pool's user.
 fn local_pool(
     endpoints: &Endpoints,
+    auth: Option<&crate::auth::AuthDir>,
     ort_library: &std::path::Path,
     max: usize,
 ) -> anyhow::Result<sundara_autoscaler::ScalingConfig> {
@@ -499,6 +489,9 @@ fn local_pool(
         ]
         .into_iter()
         .chain(endpoints.nats.tls.iter().flat_map(|t| t.env()))
+        .chain(
+            auth.map(|a| ("SUNDARA_NATS_CREDS".into(), a.credentials(&crate::auth::Role::Pool).display().to_string())),
+        )
         .collect(),
         prefix: "pool".into(),
     };

@@ -33,9 +33,8 @@ use tracing::Instrument;
 pub use ledger::{Ledger, MinerScore, WEIGHT_TOTAL, normalize_u16};
 
 /// Any core-NATS message here closes the epoch now; a request gets the encoded
-/// [`EpochWeights`] back. Deliberately outside `sundara.reward.>`: the REWARDS stream captures
-/// that space and would store the request and answer it with its own publish ack first.
-pub const CLOSE_EPOCH_SUBJECT: &str = "sundara.rewarder.close";
+/// [`EpochWeights`] back ([`subj::REWARDER_CLOSE`]).
+pub const CLOSE_EPOCH_SUBJECT: &str = subj::REWARDER_CLOSE;
 /// KV key (bucket [`subj::REWARDS_BUCKET`]) of the persisted ledger.
 pub const LEDGER_KEY: &str = "ledger";
 /// KV key of the most recently closed epoch's weights.
