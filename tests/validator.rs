@@ -2,7 +2,8 @@
 //! another secret refuses to start (their key ids differ), and a task whose outcomes are
 //! refused all the same (a verifier rotated onto another secret while the scheduler runs on)
 //! still ends, with a failed result and a dead letter that says why; once the verifier has
-//! the right secret again, the outcomes it held are admitted.
+//! the right secret again, the outcomes it held are admitted. A deliberate rotation, with
+//! the verifier holding the retiring secret as its previous, drops no task in flight.
 //!
 //! Real nats-server and redis-server; the services run in this process so that each can
 //! be given its own secret.
@@ -76,7 +77,13 @@ fn scheduler(s: &Servers, secret: &[u8], claim: Claim) -> sundara_scheduler::Con
 
 /// A verifier without a reference runtime that ends tasks 2 s after their deadline.
 fn verifier(s: &Servers, secret: &[u8], claim: Claim) -> sundara_verifier::Config {
+    verifier_rotating(s, secret, None, claim)
+}
+
+/// A verifier that also checks tickets of `previous`, the secret being retired.
+fn verifier_rotating(s: &Servers, secret: &[u8], previous: Option<&[u8]>, claim: Claim) -> sundara_verifier::Config {
     let mut c = sundara_verifier::Config::new(s.endpoints.clone(), sundara_common::validator_key::Secret::new(secret));
+    c.previous_secret = previous.map(sundara_common::validator_key::Secret::new);
     c.secret_claim = claim;
     c.grace = Duration::from_secs(2);
     c
@@ -124,6 +131,37 @@ async fn verifier_consuming(js: &jetstream::Context) {
     while outcomes.consumer_info("verifier").await.is_err() {
         assert!(tokio::time::Instant::now() < deadline, "the verifier never started consuming");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Ingress and worker `w1`, once they serve (with the scheduler and verifier the test runs),
+/// and a client of tenant `test`.
+async fn start_front(s: &Servers) -> (Running, Running, Client) {
+    let ingress = spawn(|sd| Box::pin(sundara_ingress::run(sundara_ingress::Config::new(s.endpoints.clone()), sd)));
+    let worker_config =
+        sundara_worker::Config::new(s.endpoints.nats.clone(), "w1", s.ort.clone(), s.cache.path().into());
+    let worker = spawn(|sd| Box::pin(sundara_worker::run(worker_config, sd)));
+    let nats = nats::connect(&s.endpoints.nats, "ready").await.unwrap();
+    let capacity = Capacity::connect(&s.endpoints.redis_url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !sundara::pipeline::serving(&nats, &capacity, &["w1"]).await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline, "the services never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (ingress, worker, Client::new(nats, "test"))
+}
+
+/// Submits one `mlp` task as request `id`; returns its task id.
+async fn submit_mlp(client: &Client, s: &Servers, rng: &mut rand::rngs::StdRng, id: &str, timeout_ms: u64) -> String {
+    let inputs = sundara::models::sample_inputs(&s.model.inputs, 1, rng);
+    let request = SubmitRequest {
+        request_id: Some(id.into()),
+        timeout_ms: Some(timeout_ms),
+        ..SubmitRequest::new("mlp", inputs)
+    };
+    match client.submit(&request).await.unwrap() {
+        SubmitOutcome::Accepted { task_id, .. } => task_id,
+        rejected => panic!("{rejected:?}"),
     }
 }
 
@@ -203,33 +241,10 @@ async fn a_task_whose_outcomes_are_refused_still_ends() {
     let scheduler = run_scheduler(scheduler(&s, SCHEDULERS, Claim::Check));
     stored_key(&s.js, &validator_key::key_id(SCHEDULERS)).await;
     let wrong = run_verifier(verifier(&s, OTHER, Claim::Rotate));
-    let ingress = spawn(|sd| Box::pin(sundara_ingress::run(sundara_ingress::Config::new(s.endpoints.clone()), sd)));
-    let worker_config =
-        sundara_worker::Config::new(s.endpoints.nats.clone(), "w1", s.ort.clone(), s.cache.path().into());
-    let worker = spawn(|sd| Box::pin(sundara_worker::run(worker_config, sd)));
-    let nats = nats::connect(&s.endpoints.nats, "ready").await.unwrap();
-    let capacity = Capacity::connect(&s.endpoints.redis_url).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !sundara::pipeline::serving(&nats, &capacity, &["w1"]).await.unwrap() {
-        assert!(tokio::time::Instant::now() < deadline, "the services never came up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
-    let client = Client::new(nats.clone(), "test");
+    let (ingress, worker, client) = start_front(&s).await;
     let mut results = client.results().await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut submit = async |id: &str, timeout_ms: u64| {
-        let inputs = sundara::models::sample_inputs(&s.model.inputs, 1, &mut rng);
-        let request = SubmitRequest {
-            request_id: Some(id.into()),
-            timeout_ms: Some(timeout_ms),
-            ..SubmitRequest::new("mlp", inputs)
-        };
-        match client.submit(&request).await.unwrap() {
-            SubmitOutcome::Accepted { task_id, .. } => task_id,
-            rejected => panic!("{rejected:?}"),
-        }
-    };
+    let mut submit = async |id: &str, timeout_ms: u64| submit_mlp(&client, &s, &mut rng, id, timeout_ms).await;
     let short = submit("short", 3_000).await;
     let long = submit("long", 60_000).await;
     let mut got: HashMap<String, ClientResult> = HashMap::new();
@@ -267,6 +282,72 @@ async fn a_task_whose_outcomes_are_refused_still_ends() {
     assert!(dead.direct_get_last_for_subject(subj::dead(&long)).await.is_err(), "a verified task has no dead letter");
 
     for (running, name) in [(worker, "worker"), (ingress, "ingress"), (right, "verifier"), (scheduler, "scheduler")] {
+        stop(running, name).await;
+    }
+}
+
+/// A rotation as docs/deployment.md tells it, with tasks in flight: their outcomes, signed
+/// under the old secret, wait in OUTCOMES while the verifier moves to the new secret (keeping
+/// the old one as its previous) and the scheduler restarts on the new one. Every task is
+/// verified, old tickets and new, none refused as forged; a scheduler still on the old
+/// secret refuses to start, and tickets of a secret the verifier does not hold are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secret_rotates_without_dropping_tasks_in_flight() {
+    let s = servers().await;
+    let old_scheduler = run_scheduler(scheduler(&s, SCHEDULERS, Claim::Check));
+    stored_key(&s.js, &validator_key::key_id(SCHEDULERS)).await;
+    let old_verifier = run_verifier(verifier(&s, SCHEDULERS, Claim::Check));
+    verifier_consuming(&s.js).await;
+    let (ingress, worker, client) = start_front(&s).await;
+    let mut results = client.results().await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+
+    // In flight across the change: outcomes under old tickets, not yet verified.
+    stop(old_verifier, "verifier").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit_mlp(&client, &s, &mut rng, &format!("before-{i}"), 60_000).await);
+    }
+    let outcomes = s.js.get_stream(subj::OUTCOMES_STREAM).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while outcomes.get_info().await.unwrap().state.messages < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "the worker never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 1. The verifier takes the new secret and keeps the old one as its previous.
+    let new_verifier = run_verifier(verifier_rotating(&s, OTHER, Some(SCHEDULERS), Claim::Rotate));
+    stored_key(&s.js, &validator_key::key_id(OTHER)).await;
+    // 2. The scheduler restarts on the new secret; one still on the old one cannot start.
+    stop(old_scheduler, "scheduler").await;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        sundara_scheduler::run(scheduler(&s, SCHEDULERS, Claim::Check), Shutdown::new()),
+    )
+    .await
+    .expect("a scheduler on the retired secret fails at start");
+    assert!(matches!(&refused, Err(SchedulerError::Secret(SecretError::Mismatch { .. }))), "{refused:?}");
+    let new_scheduler = run_scheduler(scheduler(&s, OTHER, Claim::Check));
+    for i in 0..5 {
+        ids.push(submit_mlp(&client, &s, &mut rng, &format!("after-{i}"), 60_000).await);
+    }
+
+    let mut got: HashMap<String, ClientResult> = HashMap::new();
+    while got.len() < ids.len() {
+        let next = tokio::time::timeout(Duration::from_secs(30), results.next()).await;
+        let r = next.expect("every task ends").unwrap().unwrap();
+        got.insert(r.task_id.clone(), r);
+    }
+    for id in &ids {
+        assert!(
+            matches!(got[id].status, ResultStatus::Verified { agreeing: 1, k: 1, .. }),
+            "{id}: {:?}",
+            got[id].status
+        );
+    }
+    for (running, name) in
+        [(worker, "worker"), (ingress, "ingress"), (new_verifier, "verifier"), (new_scheduler, "scheduler")]
+    {
         stop(running, name).await;
     }
 }

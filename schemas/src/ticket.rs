@@ -42,8 +42,24 @@ pub struct Ticket {
     pub answer_by_ms: u64,
     /// Sequence of the task in the TASKS stream (to re-read it for reassignment).
     pub task_seq: u64,
+    /// The key id ([`key_id`]) of the secret that signed it: during a rotation the
+    /// verifier checks each ticket with the secret it names, so tickets signed before the
+    /// change still verify. Signed like every other field. Empty in tickets from before
+    /// key ids: the verifier's current secret.
+    #[serde(default)]
+    pub key_id: String,
     #[serde(with = "serde_bytes")]
     pub mac: Vec<u8>,
+}
+
+/// The key id of a validator secret: the first 8 bytes of
+/// SHA-256("sundara key id" ‖ secret), in hex. It names the secret without revealing it.
+pub fn key_id(secret: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    h.update(b"sundara key id");
+    h.update(secret);
+    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Ticket {
@@ -91,7 +107,9 @@ impl Ticket {
         crate::codec::decode_unversioned(bytes, 64 << 10)
     }
 
+    /// Signs with `key`, naming it by its key id.
     pub fn sign(&mut self, key: &[u8]) {
+        self.key_id = key_id(key);
         self.mac = self.digest(key).finalize().into_bytes().to_vec();
     }
 
@@ -185,6 +203,7 @@ mod tests {
             deadline_at_ms: 2000,
             answer_by_ms: 1500,
             task_seq: 7,
+            key_id: String::new(),
             mac: vec![],
         }
     }

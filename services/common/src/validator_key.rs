@@ -13,20 +13,12 @@
 
 use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use sundara_schemas::subjects as subj;
 
 /// Shortest validator secret accepted: 16 bytes (128 bits).
 pub const MIN_SECRET_BYTES: usize = 16;
 
-/// The key id of a validator secret: the first 8 bytes of
-/// SHA-256("sundara key id" ‖ secret), in hex. It names the secret without revealing it.
-pub fn key_id(secret: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(b"sundara key id");
-    h.update(secret);
-    hex::encode(&h.finalize()[..8])
-}
+pub use sundara_schemas::ticket::key_id;
 
 /// What the stack has stored: whose key id, set by which service, when.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +70,48 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// The secrets a verifier checks tickets with: the stack's, and during a rotation the one
+/// being retired, so that tickets signed before the change still verify. Each ticket names
+/// its signer's key id ([`sundara_schemas::Ticket::key_id`]); a ticket naming neither is
+/// refused.
+#[derive(Clone, Debug, Default)]
+pub struct Keyring {
+    current: (String, Secret),
+    previous: Option<(String, Secret)>,
+}
+
+impl Keyring {
+    pub fn new(current: Secret, previous: Option<Secret>) -> Keyring {
+        let named = |s: Secret| (key_id(&s), s);
+        Keyring { current: named(current), previous: previous.map(named) }
+    }
+
+    pub fn current(&self) -> &Secret {
+        &self.current.1
+    }
+
+    /// The retiring secret, if any.
+    pub fn previous(&self) -> Option<&Secret> {
+        self.previous.as_ref().map(|(_, s)| s)
+    }
+
+    /// Whether `ticket` was signed by a secret of this ring: the one its key id names (an
+    /// empty key id, from before key ids, names the current one). Constant time in the MAC.
+    pub fn verify(&self, ticket: &sundara_schemas::Ticket) -> bool {
+        let key = if ticket.key_id.is_empty() || ticket.key_id == self.current.0 {
+            Some(&self.current.1)
+        } else {
+            self.previous.as_ref().filter(|(id, _)| *id == ticket.key_id).map(|(_, secret)| secret)
+        };
+        key.is_some_and(|secret| ticket.verify(secret))
+    }
+
+    /// Whether the stack's stored key id is one of this ring's.
+    fn holds(&self, stored_key_id: &str) -> bool {
+        self.current.0 == stored_key_id || self.previous.as_ref().is_some_and(|(id, _)| id == stored_key_id)
+    }
+}
+
 /// Where `SecretArgs::secret` comes from when no file is named.
 pub const SECRET_ENV: &str = "SUNDARA_SECRET";
 
@@ -111,16 +145,36 @@ impl SecretArgs {
     /// The secret: the file's content (less a trailing newline) when a file is named, else
     /// the environment's (or the given one).
     pub fn secret(&self) -> Result<Secret, SecretError> {
-        let Some(path) = &self.secret_file else { return Ok(self.secret.clone()) };
-        let bytes = std::fs::read(path).map_err(|e| SecretError::File { path: path.clone(), reason: e.to_string() })?;
-        let end = bytes.iter().rposition(|b| !matches!(b, b'\n' | b'\r')).map_or(0, |i| i + 1);
-        Ok(Secret::new(&bytes[..end]))
+        match &self.secret_file {
+            Some(path) => read_secret_file(path),
+            None => Ok(self.secret.clone()),
+        }
     }
 
     /// Check the stack's key id, or (`--rotate-secret`) replace it.
     pub fn claim(&self) -> Claim {
         if self.rotate_secret { Claim::Rotate } else { Claim::Check }
     }
+}
+
+/// Where the verifier's retiring secret comes from when no file is named.
+pub const PREVIOUS_SECRET_ENV: &str = "SUNDARA_PREVIOUS_SECRET";
+
+/// The secret being retired during a rotation: `file`'s content (less a trailing newline)
+/// when named, else `SUNDARA_PREVIOUS_SECRET` when set; `None` outside a rotation.
+pub fn previous_secret(file: Option<&std::path::Path>) -> Result<Option<Secret>, SecretError> {
+    match file {
+        Some(path) => read_secret_file(path).map(Some),
+        None => Ok(std::env::var(PREVIOUS_SECRET_ENV).ok().filter(|s| !s.is_empty()).map(Secret::new)),
+    }
+}
+
+/// A secret file's content less a trailing newline.
+fn read_secret_file(path: &std::path::Path) -> Result<Secret, SecretError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| SecretError::File { path: path.to_path_buf(), reason: e.to_string() })?;
+    let end = bytes.iter().rposition(|b| !matches!(b, b'\n' | b'\r')).map_or(0, |i| i + 1);
+    Ok(Secret::new(&bytes[..end]))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,15 +200,18 @@ pub enum SecretError {
 pub async fn connect_signer<E: From<crate::Error> + From<SecretError>>(
     nats: &crate::nats::NatsEndpoint,
     service: &str,
-    secret: &[u8],
+    keys: &Keyring,
     how: Claim,
     retention: &crate::nats::Retention,
 ) -> Result<(async_nats::Client, jetstream::Context), E> {
-    check_length(secret)?;
+    check_length(keys.current())?;
+    if let Some(previous) = keys.previous() {
+        check_length(previous)?;
+    }
     let client = crate::nats::connect(nats, &format!("sundara-{service}")).await?;
     let js = jetstream::new(client.clone());
     crate::nats::provision(&js, retention).await?;
-    claim(&js, service, secret, how).await?;
+    claim(&js, service, keys, how).await?;
     Ok((client, js))
 }
 
@@ -163,15 +220,18 @@ pub fn check_length(secret: &[u8]) -> Result<(), SecretError> {
     if secret.len() < MIN_SECRET_BYTES { Err(SecretError::TooShort { len: secret.len() }) } else { Ok(()) }
 }
 
-/// Checks `secret` against the stack's key id, storing it if there is none (or replacing
-/// it with [`Claim::Rotate`]); `service` is recorded as the writer. Returns the key id
-/// now stored (this service's). The bucket is created by `nats::provision`.
+/// Checks `keys` against the stack's key id, storing the current secret's if there is none
+/// (or replacing it with [`Claim::Rotate`]); `service` is recorded as the writer. The
+/// stack's key id may be the ring's previous one: a verifier that already checks tickets of
+/// the next secret starts before anyone stores it. Returns the key record now stored. The
+/// bucket is created by `nats::provision`.
 pub async fn claim(
     js: &jetstream::Context,
     service: &str,
-    secret: &[u8],
+    keys: &Keyring,
     how: Claim,
 ) -> Result<StoredKey, SecretError> {
+    let secret = keys.current();
     check_length(secret)?;
     let store_err = |e: &dyn std::fmt::Display| SecretError::Store { reason: e.to_string() };
     let bucket = js.get_key_value(subj::VALIDATOR_BUCKET).await.map_err(|e| store_err(&e))?;
@@ -196,7 +256,7 @@ pub async fn claim(
         Err(e) => return Err(store_err(&e)),
     }
     let stored = read(&bucket).await?.ok_or_else(|| SecretError::Store { reason: "deleted while read".into() })?;
-    if stored.key_id != ours.key_id {
+    if !keys.holds(&stored.key_id) {
         return Err(SecretError::Mismatch {
             ours: ours.key_id,
             set_at: stored.set_at(),
@@ -220,6 +280,7 @@ async fn read(bucket: &kv::Store) -> Result<Option<StoredKey>, SecretError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn the_secret_comes_from_a_file_or_the_environment_and_is_never_printed() {
@@ -250,6 +311,53 @@ mod tests {
         assert_ne!(a, key_id(b"0123456789abcdef-other"));
         // Not a plain hash of the secret: the domain separation is part of it.
         assert_ne!(a, hex::encode(&Sha256::digest(b"0123456789abcdef-first")[..8]));
+    }
+
+    fn ticket() -> sundara_schemas::Ticket {
+        sundara_schemas::Ticket {
+            task_id: "t1".into(),
+            tenant: "default".into(),
+            model: sundara_schemas::ModelRef { name: "mlp".into(), version: "1".into() },
+            k: 1,
+            replica: 0,
+            attempt: 0,
+            worker: "w1".into(),
+            operator: String::new(),
+            slice: "w1-cpu0".into(),
+            dispatched_at_us: 1,
+            deadline_at_ms: 2,
+            answer_by_ms: 2,
+            task_seq: 3,
+            key_id: String::new(),
+            mac: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_keyring_checks_each_ticket_with_the_secret_it_names() {
+        let (old, new, third) =
+            (b"the-old-secret-0123456789", b"the-new-secret-0123456789", b"a-third-secret-0123456789");
+        let signed = |key: &[u8]| {
+            let mut t = ticket();
+            t.sign(key);
+            t
+        };
+        let rotating = Keyring::new(Secret::new(*new), Some(Secret::new(*old)));
+        assert!(rotating.verify(&signed(new)), "the current secret's");
+        assert!(rotating.verify(&signed(old)), "the retiring secret's: signed before the change");
+        assert!(!rotating.verify(&signed(third)), "a secret the ring does not hold");
+        // The key id is signed: renaming the signer breaks the MAC.
+        let mut renamed = signed(third);
+        renamed.key_id = key_id(old);
+        assert!(!rotating.verify(&renamed));
+        // A ticket from before key ids is checked with the current secret only.
+        let mut unnamed = signed(old);
+        unnamed.key_id.clear();
+        assert!(!rotating.verify(&unnamed), "its MAC covered the key id it had");
+        let settled = Keyring::new(Secret::new(*new), None);
+        assert!(!settled.verify(&signed(old)), "after the rotation the old secret's tickets are refused");
+        assert!(settled.holds(&key_id(new)) && !settled.holds(&key_id(old)));
+        assert!(rotating.holds(&key_id(old)), "a verifier may start before the new key id is stored");
     }
 
     #[test]

@@ -254,6 +254,7 @@ impl Scheduler {
                 deadline_at_ms: task.deadline_at_ms,
                 answer_by_ms,
                 task_seq,
+                key_id: String::new(),
                 mac: Vec::new(),
             };
             ticket.sign(&self.config.secret);
@@ -585,7 +586,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
     let (client, js) = validator_key::connect_signer::<SchedulerError>(
         &config.endpoints.nats,
         "scheduler",
-        &config.secret,
+        &validator_key::Keyring::new(config.secret.clone(), None),
         config.secret_claim,
         &config.retention,
     )

@@ -129,6 +129,7 @@ pub(crate) mod tests {
             deadline_at_ms: u64::MAX,
             answer_by_ms: u64::MAX,
             task_seq: 1,
+            key_id: String::new(),
             mac: vec![],
         };
         let result = OutcomeResult::Ok { outputs: vec![Tensor::from_values("y", vec![1], &[v])] };

@@ -47,6 +47,9 @@ pub struct Config {
     pub endpoints: Endpoints,
     /// Validator secret that the scheduler signs tickets with (at least 16 bytes).
     pub secret: validator_key::Secret,
+    /// During a rotation, the secret being retired: tickets that name its key id (signed
+    /// before the schedulers moved to `secret`) still verify.
+    pub previous_secret: Option<validator_key::Secret>,
     /// Whether to check the secret's key id against the stack's at start (and refuse to
     /// start on a mismatch), or replace it (`--rotate-secret`): see [`validator_key`].
     pub secret_claim: validator_key::Claim,
@@ -97,6 +100,12 @@ impl ReferenceConfig {
 pub struct Args {
     #[command(flatten)]
     pub secret: validator_key::SecretArgs,
+    /// During a rotation of the validator secret: a file holding the secret being retired
+    /// (else the environment variable SUNDARA_PREVIOUS_SECRET, if set). Tickets signed with
+    /// it still verify, so tasks in flight when the schedulers move to the new secret end
+    /// normally. Drop it once those tasks have ended (their deadline has passed).
+    #[arg(long, env = "SUNDARA_PREVIOUS_SECRET_FILE")]
+    pub previous_secret_file: Option<PathBuf>,
     /// Do not run tasks on the verifier's own runtime: no audits, and a task without a
     /// majority is dead-lettered.
     #[arg(long)]
@@ -113,7 +122,7 @@ impl Args {
     /// The defaults of every flag, with this secret.
     pub fn new(secret: impl Into<String>) -> Args {
         let secret = validator_key::SecretArgs::given(secret.into());
-        Args { secret, no_reference: false, reference_threads: DEFAULT_REFERENCE_THREADS }
+        Args { secret, previous_secret_file: None, no_reference: false, reference_threads: DEFAULT_REFERENCE_THREADS }
     }
 }
 
@@ -128,6 +137,7 @@ impl Config {
     ) -> Result<Config, E> {
         let mut config = Config::new(endpoints, args.secret.secret()?);
         config.secret_claim = args.secret.claim();
+        config.previous_secret = validator_key::previous_secret(args.previous_secret_file.as_deref())?;
         if !args.no_reference {
             let (ort_library, cache_dir) = reference()?;
             let mut reference = ReferenceConfig::new(ort_library, cache_dir);
@@ -142,6 +152,7 @@ impl Config {
         Config {
             endpoints,
             secret,
+            previous_secret: None,
             secret_claim: validator_key::Claim::Check,
             max_held: 20_000,
             grace: Duration::from_secs(30),
@@ -679,10 +690,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), VerifierError
 }
 
 async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), VerifierError> {
+    let keys = validator_key::Keyring::new(config.secret.clone(), config.previous_secret.clone());
     let (client, js) = validator_key::connect_signer::<VerifierError>(
         &config.endpoints.nats,
         "verifier",
-        &config.secret,
+        &keys,
         config.secret_claim,
         &config.retention,
     )
@@ -720,7 +732,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
     });
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut intake = Intake {
-        secret: config.secret.clone(),
+        keys,
         grace_ms: config.grace.as_millis() as u64,
         pending: HashMap::new(),
         refused: HashMap::new(),
@@ -791,7 +803,7 @@ const SHUTDOWN_STEP: Duration = Duration::from_secs(3);
 /// The gathering loop's state, owned by the loop: tasks being gathered, and tasks decided
 /// recently (so that their late or replayed outcomes are dropped at once).
 struct Intake {
-    secret: validator_key::Secret,
+    keys: validator_key::Keyring,
     grace_ms: u64,
     pending: HashMap<String, Pending>,
     /// Tasks with refused outcomes and none admitted (see [`refused`]), with the refused
@@ -941,7 +953,7 @@ impl Intake {
 
     /// Checks one outcome and gathers it; decides its task once every replica reported.
     async fn on_outcome(&mut self, msg: Message) {
-        let outcome = match admit(&self.secret, &msg) {
+        let outcome = match admit(&self.keys, &msg) {
             Ok(outcome) => self.publisher.as_declared(outcome).await,
             Err(refusal) => {
                 let why = refusal.label();
@@ -1021,12 +1033,12 @@ impl Refusal {
 /// of the task and worker its ticket names (NATS lets a miner publish only on its own
 /// outcome subjects, so a miner cannot answer under another miner's ticket), with a ticket
 /// the validator signed. Malformed outputs become the miner's failure ([`well_formed`]).
-fn admit(secret: &[u8], msg: &Message) -> Result<Outcome, Refusal> {
+fn admit(keys: &validator_key::Keyring, msg: &Message) -> Result<Outcome, Refusal> {
     let outcome = decode::<Outcome>(&msg.payload, MAX_MESSAGE_BYTES).map_err(|_| Refusal::Undecodable)?;
     if msg.subject.as_str() != subj::outcome(&outcome.ticket.task_id, &outcome.ticket.worker) {
         return Err(Refusal::Misaddressed);
     }
-    if !outcome.ticket.verify(secret) {
+    if !keys.verify(&outcome.ticket) {
         return Err(Refusal::Forged(Box::new(outcome)));
     }
     Ok(well_formed(outcome))
@@ -1090,6 +1102,7 @@ mod tests {
                 deadline_at_ms: u64::MAX,
                 answer_by_ms: u64::MAX,
                 task_seq: 1,
+                key_id: String::new(),
                 mac: vec![],
             };
             let result = match a {

@@ -149,6 +149,7 @@ mod tests {
             deadline_at_ms: u64::MAX,
             answer_by_ms: 0,
             task_seq: 7,
+            key_id: String::new(),
             mac: vec![1; 32],
         };
         Outcome {
