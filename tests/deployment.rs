@@ -549,13 +549,18 @@ fn compose_services_images_and_dependencies_exist() {
 
 /// Each service of the `sundara` image, its `sundara` arguments and environment.
 fn compose_sundara_commands() -> Vec<(String, Vec<String>, BTreeMap<String, String>)> {
-    let doc = compose();
+    compose_sundara_commands_of(&compose())
+}
+
+/// As [`compose_sundara_commands`], of `doc` (a changed copy of compose.yaml).
+fn compose_sundara_commands_of(doc: &Yaml) -> Vec<(String, Vec<String>, BTreeMap<String, String>)> {
     let vars = HashMap::from([("HOSTNAME", HOSTNAME), ("$(hostname)", HOSTNAME), ("$(cat /etc/hostname)", HOSTNAME)]);
     let mut out = Vec::new();
     for (name, svc) in doc["services"].as_mapping().unwrap() {
         let name = name.as_str().unwrap().to_string();
         let image = svc["image"].as_str().unwrap_or("");
-        if !image.starts_with("sundara") {
+        // The keys' one-shot runs a script (checked by running it: compose_stack_is_secured).
+        if !image.starts_with("sundara") || name == SECRETS_SERVICE {
             continue;
         }
         let command: Vec<String> = strings(&svc["command"], &name)
@@ -586,7 +591,7 @@ fn compose_commands_parse_and_set_only_known_variables() {
     let commands = compose_sundara_commands();
     assert!(commands.len() >= 7, "sundara services in compose: {}", commands.len());
     let required = compose_required_vars();
-    assert!(required.contains("SUNDARA_SECRET"), "compose must refuse to start without SUNDARA_SECRET");
+    assert!(required.contains("REDIS_PASSWORD"), "compose must refuse to start without REDIS_PASSWORD");
     let mut problems = Vec::new();
     for (name, args, env) in &commands {
         if let Err(e) = check_command(args) {
@@ -614,8 +619,11 @@ fn compose_commands_parse_and_set_only_known_variables() {
                 problems.push(format!("{name}: {} {key}", if wanted { "no" } else { "needlessly given" }));
             }
         }
-        if ["scheduler", "verifier"].contains(&args[0].as_str()) && !env.contains_key("SUNDARA_SECRET") {
-            problems.push(format!("{name}: no SUNDARA_SECRET"));
+        if ["scheduler", "verifier"].contains(&args[0].as_str())
+            && !env.contains_key("SUNDARA_SECRET")
+            && !env.contains_key("SUNDARA_SECRET_FILE")
+        {
+            problems.push(format!("{name}: no SUNDARA_SECRET_FILE (or SUNDARA_SECRET)"));
         }
     }
     assert!(problems.is_empty(), "infra/compose.yaml:\n  {}", problems.join("\n  "));
@@ -724,8 +732,13 @@ struct NomadFile {
 }
 
 fn nomad_file(rel: &str, set_empty_strings: bool) -> NomadFile {
+    nomad_file_of(rel, &read(rel), set_empty_strings)
+}
+
+/// As [`nomad_file`], of `text` (a changed copy of the file `rel`).
+fn nomad_file_of(rel: &str, text: &str, set_empty_strings: bool) -> NomadFile {
     use hcl::eval::Evaluate;
-    let body = hcl::parse(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not HCL: {e}"));
+    let body = hcl::parse(text).unwrap_or_else(|e| panic!("{rel} is not HCL: {e}"));
     let mut defaults = BTreeMap::new();
     for v in blocks(&body, "variable") {
         let default =
@@ -804,6 +817,18 @@ struct NomadTask {
     image: String,
     args: Vec<String>,
     env: BTreeSet<String>,
+    /// Values of the `env` blocks.
+    env_values: BTreeMap<String, String>,
+    templates: Vec<NomadTemplate>,
+}
+
+/// A task's `template` block, evaluated.
+struct NomadTemplate {
+    data: String,
+    destination: String,
+    env: bool,
+    perms: Option<String>,
+    uid: Option<u64>,
 }
 
 /// `KEY` of every `KEY=` in an env template (Go template text around them is ignored).
@@ -842,19 +867,38 @@ fn nomad_tasks(f: &NomadFile) -> Result<Vec<NomadTask>, String> {
                 None => Vec::new(),
             };
             let mut env = BTreeSet::new();
+            let mut env_values = BTreeMap::new();
             for e in blocks(task.body(), "env") {
-                env.extend(e.body().attributes().map(|a| a.key().to_string()));
-            }
-            for t in blocks(task.body(), "template") {
-                let is_env =
-                    attr(t.body(), "env").map(|e| f.eval(e)).transpose()?.is_some_and(|v| v == hcl::Value::Bool(true));
-                if is_env {
-                    let data =
-                        hcl_str(&f.eval(attr(t.body(), "data").ok_or(format!("{at}: template without data"))?)?)?;
-                    env.extend(template_env_keys(&data));
+                for a in e.body().attributes() {
+                    env.insert(a.key().to_string());
+                    env_values.insert(a.key().to_string(), hcl_str(&f.eval(a.expr())?)?);
                 }
             }
-            out.push(NomadTask { group: label(group).into(), task: label(task).into(), image, args, env });
+            let mut templates = Vec::new();
+            for t in blocks(task.body(), "template") {
+                let get = |key: &str| attr(t.body(), key).map(|e| f.eval(e)).transpose();
+                let is_env = get("env")?.is_some_and(|v| v == hcl::Value::Bool(true));
+                let data = hcl_str(&get("data")?.ok_or(format!("{at}: template without data"))?)?;
+                if is_env {
+                    env.extend(template_env_keys(&data));
+                }
+                templates.push(NomadTemplate {
+                    data,
+                    destination: hcl_str(&get("destination")?.ok_or(format!("{at}: template without destination"))?)?,
+                    env: is_env,
+                    perms: get("perms")?.map(|v| hcl_str(&v)).transpose()?,
+                    uid: get("uid")?.and_then(|v| v.as_u64()),
+                });
+            }
+            out.push(NomadTask {
+                group: label(group).into(),
+                task: label(task).into(),
+                image,
+                args,
+                env,
+                env_values,
+                templates,
+            });
         }
     }
     Ok(out)
@@ -910,8 +954,11 @@ fn nomad_jobs_parse_and_their_commands_run() {
                 if set && !t.env.contains("OTEL_EXPORTER_OTLP_ENDPOINT") {
                     problems.push(format!("{at}: otlp_endpoint set but no OTEL_EXPORTER_OTLP_ENDPOINT"));
                 }
-                if ["scheduler", "verifier"].contains(&t.args[0].as_str()) && !t.env.contains("SUNDARA_SECRET") {
-                    problems.push(format!("{at}: no SUNDARA_SECRET"));
+                if ["scheduler", "verifier"].contains(&t.args[0].as_str())
+                    && !t.env.contains("SUNDARA_SECRET")
+                    && !t.env.contains("SUNDARA_SECRET_FILE")
+                {
+                    problems.push(format!("{at}: no SUNDARA_SECRET_FILE (or SUNDARA_SECRET)"));
                 }
                 if t.args[0] == "autoscaler" && !t.env.contains("NOMAD_TOKEN") {
                     problems.push(format!("{at}: no NOMAD_TOKEN"));
@@ -1383,20 +1430,39 @@ fn dockerfile_builds_the_binary_models_and_runtime() {
     }
 }
 
-// ------------------------------------------------------------------ nats-server's max_payload
+// ------------------------------------------------------------------ nats-server, as the real one runs infra/'s configs
 
-/// The `max_payload` nats-server takes from config `text`, read back from the real server
-/// (scripts/setup's nats-server, started on it with free ports, then its `/varz`): what the
-/// server makes of the value, units included, not what a parser here thinks.
-fn served_max_payload(text: &str) -> u64 {
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(&conf, text).unwrap();
-    let binary = sundara::stack::nats_server_binary(&root()).expect("nats-server (run scripts/setup)");
+/// A nats-server started on a config file with free ports (scripts/setup's binary), and its
+/// `/varz`: what the server makes of the settings, not what a parser here thinks. Killed
+/// when dropped.
+struct Served {
+    child: std::process::Child,
+    port: u16,
+    varz: serde_json::Value,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nats_binary() -> Option<PathBuf> {
+    match sundara::stack::nats_server_binary(&root()) {
+        Ok(binary) => Some(binary),
+        Err(e) => {
+            println!("SKIPPED: no nats-server to run infra/'s configs on ({e}); run scripts/setup");
+            None
+        }
+    }
+}
+
+fn serve_nats(binary: &Path, conf: &Path) -> Result<Served, String> {
     let (port, monitor) = (sundara::stack::free_port().unwrap(), sundara::stack::free_port().unwrap());
-    let mut server = Command::new(binary)
+    let mut child = Command::new(binary)
         .arg("-c")
-        .arg(&conf)
+        .arg(conf)
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -1408,25 +1474,946 @@ fn served_max_payload(text: &str) -> u64 {
         if let Ok((200, body)) = sundara::stack::http_get(monitor, "/varz") {
             break body;
         }
-        if let Ok(Some(status)) = server.try_wait() {
+        if let Ok(Some(status)) = child.try_wait() {
             let mut err = String::new();
-            std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut err).unwrap();
-            panic!("nats-server refused the config {text:?} ({status}): {err}");
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            return Err(format!("nats-server refused {} ({status}): {err}", conf.display()));
         }
-        assert!(std::time::Instant::now() < deadline, "nats-server never served /varz");
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("nats-server never served /varz".into());
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let _ = server.kill();
-    let _ = server.wait();
-    let varz: serde_json::Value = serde_json::from_str(&varz).unwrap();
-    varz["max_payload"].as_u64().expect("/varz has max_payload")
+    Ok(Served { child, port, varz: serde_json::from_str(&varz).unwrap() })
+}
+
+/// The `max_payload` nats-server takes from config `text` (nothing else in it).
+fn served_max_payload(binary: &Path, text: &str) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, text).unwrap();
+    let served = serve_nats(binary, &conf).unwrap_or_else(|e| panic!("{e}"));
+    served.varz["max_payload"].as_u64().expect("/varz has max_payload")
+}
+
+/// Connects with the Sundara client over TLS pinning `ca`, with `creds` if given.
+fn tls_connects(port: u16, ca: &Path, creds: Option<&Path>) -> Result<(), String> {
+    let endpoint = sundara_common::nats::NatsEndpoint {
+        url: format!("tls://127.0.0.1:{port}"),
+        credentials: creds.map(Path::to_path_buf),
+        tls: Some(sundara_common::tls::NatsTls::pinned(ca)),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = sundara_common::nats::connect(&endpoint, "deployment-test").await.map_err(|e| e.to_string())?;
+        client.flush().await.map_err(|e| e.to_string())
+    })
+}
+
+/// Whether a client speaking plain text gets an answer (a PONG) from the server on `port`.
+fn plain_text_answered(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let _ = stream.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nPING\r\n");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&seen).contains("PONG") {
+            return true;
+        }
+    }
+    false
+}
+
+/// What is wrong with a served nats-server for Sundara: a payload limit below the largest
+/// submission, TLS or users off, a plain-text client or one without credentials let in, or
+/// `creds` (a user's seed) refused.
+fn served_problems(served: &Served, ca: &Path, creds: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    let want = sundara_schemas::NATS_MAX_PAYLOAD as u64;
+    let max_payload = served.varz["max_payload"].as_u64().unwrap_or(0);
+    if max_payload < want {
+        problems.push(format!("max_payload {max_payload}, under {want}"));
+    }
+    if served.varz["tls_required"] != serde_json::Value::Bool(true) {
+        problems.push("TLS is not required".into());
+    }
+    if served.varz["auth_required"] != serde_json::Value::Bool(true) {
+        problems.push("authentication is not required".into());
+    }
+    for (server, what) in [("websocket", "a websocket"), ("mqtt", "an MQTT"), ("leaf", "a leafnode")] {
+        if served.varz[server]["port"].as_u64().is_some_and(|p| p != 0) {
+            problems.push(format!("{what} listener"));
+        }
+    }
+    if plain_text_answered(served.port) {
+        problems.push("a plain-text client is answered".into());
+    }
+    if tls_connects(served.port, ca, None).is_ok() {
+        problems.push("a client without credentials is let in".into());
+    }
+    if let Err(e) = tls_connects(served.port, ca, Some(creds)) {
+        problems.push(format!("{} is refused: {e}", creds.display()));
+    }
+    problems
+}
+
+/// Static checks of a nats-server config (comments dropped): TLS with a certificate, the
+/// users included, and nothing that lets a client in without them.
+fn nats_config_problems(text: &str) -> Vec<String> {
+    let text: String = text
+        .lines()
+        .map(|l| {
+            let l = l.trim();
+            if l.starts_with('#') || l.starts_with("//") { "" } else { l }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut problems = Vec::new();
+    if !(text.contains("tls {") || text.contains("tls: {") || text.contains("tls = {")) {
+        problems.push("no tls block".into());
+    }
+    for key in ["cert_file", "key_file"] {
+        if !text.contains(key) {
+            problems.push(format!("no {key}"));
+        }
+    }
+    if !text.lines().any(|l| l.starts_with("include ") && l.contains("auth.conf")) {
+        problems.push("does not include the users (auth.conf)".into());
+    }
+    for key in ["no_auth_user", "allow_non_tls", "websocket", "mqtt", "leafnodes", "authorization", "accounts"] {
+        if text.contains(key) {
+            problems.push(format!("sets {key}"));
+        }
+    }
+    problems
+}
+
+// ------------------------------------------------------------------ secured deployments
+
+/// Compose's one-shot that makes the keys (infra/secrets.sh).
+const SECRETS_SERVICE: &str = "secrets";
+
+/// The NATS user (its seed file's stem, as `sundara auth init` names them) each command
+/// connects as: each validator service its own, the validator's pools `pool`, the one-shot
+/// admin step (streams, models) the validator.
+fn nats_user_of(args: &[String]) -> Option<&'static str> {
+    Some(match args.first()?.as_str() {
+        "ingress" => "service-ingress",
+        "scheduler" => "service-scheduler",
+        "verifier" => "service-verifier",
+        "rewarder" => "service-rewarder",
+        "autoscaler" => "service-autoscaler",
+        "worker" => "pool",
+        "models" => "validator",
+        _ => return None,
+    })
+}
+
+/// A variable whose value is a secret (not a file's path).
+fn secret_name(name: &str) -> bool {
+    let n = name.to_ascii_uppercase();
+    !n.ends_with("_FILE")
+        && !n.ends_with("_CREDS")
+        && (n.ends_with("_AUTH") || ["PASSWORD", "SECRET", "TOKEN", "SEED"].iter().any(|w| n.contains(w)))
+}
+
+/// `${NAME:?message}` (or `${NAME?message}`): a value compose refuses to start without,
+/// and has no default for.
+fn required_interpolation(value: &str) -> bool {
+    let Some(body) = value.trim().strip_prefix("${").and_then(|b| b.strip_suffix('}')) else { return false };
+    let name_end = body.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(body.len());
+    name_end > 0 && !body[..name_end].contains('$') && body[name_end..].starts_with(['?', ':']) && {
+        let rest = &body[name_end..];
+        rest.starts_with(":?") || rest.starts_with('?')
+    }
+}
+
+/// Key material written out in `text`: PEM private keys, NKey seeds.
+fn literal_secrets(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    if text.contains("PRIVATE KEY-----") {
+        found.push("a PEM private key".into());
+    }
+    for word in text.split(|c: char| !c.is_ascii_alphanumeric()) {
+        if word.len() == 58
+            && word.starts_with('S')
+            && word.chars().all(|c| c.is_ascii_uppercase() || ('2'..='7').contains(&c))
+        {
+            found.push(format!("an NKey seed {}…", &word[..4]));
+        }
+    }
+    found
+}
+
+/// `(source, target, read_only)` of a compose service's volumes (short syntax).
+fn mounts_of(svc: &Yaml) -> Vec<(String, String, bool)> {
+    svc["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            let mut parts = v.as_str()?.split(':');
+            let (source, target) = (parts.next()?.to_string(), parts.next()?.to_string());
+            Some((source, target, parts.next() == Some("ro")))
+        })
+        .collect()
+}
+
+/// The mount of `svc` that holds container path `path`: `(source, path inside the source, read-only)`.
+fn mount_holding(svc: &Yaml, path: &str) -> Option<(String, String, bool)> {
+    mounts_of(svc)
+        .into_iter()
+        .filter_map(|(source, target, ro)| {
+            let rel = Path::new(path).strip_prefix(&target).ok()?.to_str()?.to_string();
+            Some((target.len(), (source, rel, ro)))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, m)| m)
+}
+
+/// Everything compose's files must say for a secured stack, checked on `doc` (the merged
+/// compose.yaml, or a changed copy) without running anything.
+fn compose_security_problems(doc: &Yaml) -> Vec<String> {
+    let mut problems = Vec::new();
+    let services = &doc["services"];
+    let secrets = &services[SECRETS_SERVICE];
+    if secrets.is_null() {
+        return vec![format!("no `{SECRETS_SERVICE}` service makes the keys")];
+    }
+    if secrets["restart"].as_str() != Some("no") {
+        problems.push(format!("{SECRETS_SERVICE}: a one-shot must not restart"));
+    }
+    // The named volumes the keys' one-shot writes.
+    let key_volumes: BTreeSet<String> = mounts_of(secrets)
+        .into_iter()
+        .filter(|(source, target, ro)| !ro && !source.starts_with(['.', '/']) && target.starts_with('/'))
+        .map(|(source, _, _)| source)
+        .collect();
+    if key_volumes.is_empty() {
+        problems.push(format!("{SECRETS_SERVICE} writes no volume"));
+    }
+    let after_secrets = |name: &str| {
+        services[name]["depends_on"][SECRETS_SERVICE]["condition"].as_str() == Some("service_completed_successfully")
+    };
+
+    // nats: TLS and the users, from the keys' volume.
+    let nats = &services["nats"];
+    if !after_secrets("nats") {
+        problems.push("nats does not wait for the keys".into());
+    }
+    let command = strings(&nats["command"], "nats command");
+    match value_of(&command, "-c").and_then(|path| mount_holding(nats, path)) {
+        Some((source, rel, _)) if source.starts_with('.') => {
+            let mut file = root().join("infra").join(&source);
+            if !rel.is_empty() {
+                file = file.join(rel);
+            }
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            problems.extend(nats_config_problems(&text).into_iter().map(|p| format!("nats' config: {p}")));
+            for path in text.split('"').skip(1).step_by(2).filter(|p| p.starts_with('/')) {
+                if !mount_holding(nats, path).is_some_and(|(source, _, _)| key_volumes.contains(&source)) {
+                    problems.push(format!("nats' config names {path}, not in the keys' volume"));
+                }
+            }
+        }
+        _ => problems.push("nats' config (-c) is not a file of infra/ mounted into it".into()),
+    }
+    if command.iter().any(|a| a == "--no_auth" || a.starts_with("--user") || a.starts_with("--pass")) {
+        problems.push(format!("nats' command line sets users: {command:?}"));
+    }
+
+    // redis: a password, from the keys' volume or a required variable, never written here.
+    let redis = &services["redis"];
+    let command = strings(&redis["command"], "redis command");
+    match value_of(&command, "--aclfile") {
+        Some(acl) if mount_holding(redis, acl).is_some_and(|(source, _, _)| key_volumes.contains(&source)) => {
+            if !after_secrets("redis") {
+                problems.push("redis does not wait for its ACL".into());
+            }
+        }
+        Some(acl) => problems.push(format!("redis' ACL {acl} is not in a volume the keys' one-shot writes")),
+        None => match value_of(&command, "--requirepass") {
+            Some(p) if required_interpolation(p) => {}
+            Some(_) => problems.push("redis' password is written in compose.yaml".into()),
+            None => problems.push("redis requires no password (--aclfile or --requirepass)".into()),
+        },
+    }
+    let health = strings(&redis["healthcheck"]["test"], "redis healthcheck").join(" ");
+    let authenticated = health.contains("--user") || health.contains(" -a ") || health.contains("--pass");
+    if !(health.contains("redis-cli") && authenticated && health.contains("PONG")) {
+        problems.push(format!("redis' healthcheck does not ping with the password and expect PONG: {health}"));
+    }
+
+    // Every variable holding a secret comes from a required variable, none is written here.
+    for (name, svc) in services.as_mapping().into_iter().flatten() {
+        let name = name.as_str().unwrap();
+        for (key, value) in env_map(svc) {
+            if secret_name(&key) && !required_interpolation(&value) {
+                problems.push(format!("{name}: {key} is not a required variable (${{{key}:?...}}): {value:?}"));
+            }
+            if key == "SUNDARA_REDIS_URL" {
+                let password = value
+                    .split_once("://")
+                    .and_then(|(_, rest)| rest.split_once('@'))
+                    .and_then(|(user_info, _)| user_info.split_once(':'))
+                    .map(|(_, password)| password);
+                if !password.is_some_and(required_interpolation) {
+                    problems
+                        .push(format!("{name}: SUNDARA_REDIS_URL has no password from a required variable: {value:?}"));
+                }
+            }
+        }
+    }
+
+    // Every sundara process: NATS over TLS pinning the CA, as its own user, with keys from
+    // the keys' volumes, read-only.
+    for (name, args, env) in compose_sundara_commands_of(doc) {
+        let svc = &services[name.as_str()];
+        if !svc["depends_on"]["nats"].is_mapping() && !after_secrets(&name) {
+            problems.push(format!("{name}: starts before the keys exist"));
+        }
+        match env.get("SUNDARA_NATS_URL") {
+            Some(url) if url.split(',').all(|u| u.trim().starts_with("tls://")) => {}
+            url => problems.push(format!("{name}: SUNDARA_NATS_URL {url:?} is not tls://")),
+        }
+        let from_keys = |var: &str, problems: &mut Vec<String>| -> Option<String> {
+            let Some(path) = env.get(var) else {
+                problems.push(format!("{name}: no {var}"));
+                return None;
+            };
+            match mount_holding(svc, path) {
+                Some((source, rel, ro)) if key_volumes.contains(&source) => {
+                    if !ro {
+                        problems.push(format!("{name}: {source} is mounted writable"));
+                    }
+                    Some(rel)
+                }
+                _ => {
+                    problems.push(format!("{name}: {var} {path} is not in a volume the keys' one-shot writes"));
+                    None
+                }
+            }
+        };
+        if let Some(rel) = from_keys("SUNDARA_NATS_CA", &mut problems)
+            && !rel.ends_with("ca.pem")
+        {
+            problems.push(format!("{name}: SUNDARA_NATS_CA is {rel}, not the CA (ca.pem)"));
+        }
+        let user = nats_user_of(&args);
+        if let Some(rel) = from_keys("SUNDARA_NATS_CREDS", &mut problems) {
+            let file = Path::new(&rel).file_name().and_then(|f| f.to_str()).unwrap_or("");
+            if user.is_none_or(|u| file != format!("{u}.nk")) {
+                problems.push(format!("{name}: connects as {file}, not {}.nk", user.unwrap_or("?")));
+            }
+        }
+        let signs = ["scheduler", "verifier"].contains(&args[0].as_str());
+        for var in ["SUNDARA_SECRET", "SUNDARA_SECRET_FILE"] {
+            let compose_driven = value_of(&args, "--driver") == Some("compose");
+            if env.contains_key(var) && !signs && !compose_driven {
+                problems.push(format!("{name}: given the validator secret ({var})"));
+            }
+        }
+        if signs {
+            if env.contains_key("SUNDARA_SECRET_FILE") {
+                from_keys("SUNDARA_SECRET_FILE", &mut problems);
+            } else if !env_map(svc).get("SUNDARA_SECRET").is_some_and(|v| required_interpolation(v)) {
+                problems.push(format!("{name}: no validator secret from a file or a required variable"));
+            }
+        }
+    }
+    problems
+}
+
+/// A container's view of `mounts` (container path, path here) under a fresh directory.
+fn container_view(mounts: &[(String, PathBuf)]) -> tempfile::TempDir {
+    let view = tempfile::tempdir().unwrap();
+    for (target, source) in mounts {
+        let at = view.path().join(target.trim_start_matches('/'));
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(source, &at).unwrap();
+    }
+    view
+}
+
+/// A config file seen from inside `view`: every quoted absolute path moved into it. Written
+/// beside the original, so that relative includes resolve as in the container.
+fn rebased_config(view: &Path, path: &str) -> PathBuf {
+    let inside = view.join(path.trim_start_matches('/'));
+    let text = std::fs::read_to_string(&inside).unwrap_or_else(|e| panic!("{}: {e}", inside.display()));
+    let rebased = text.replace("\"/", &format!("\"{}/", view.display()));
+    let out = inside.with_extension("rebased.conf");
+    std::fs::write(&out, rebased).unwrap();
+    out
+}
+
+/// Runs infra/secrets.sh as compose's `secrets` service would, with its volumes in `volumes`
+/// (one directory per named volume).
+fn run_secrets_script(volumes: &Path, env: &[(&str, &str)]) -> Result<(), String> {
+    let doc = compose();
+    let secrets = &doc["services"][SECRETS_SERVICE];
+    let entrypoint = strings(&secrets["entrypoint"], "secrets entrypoint");
+    let script = entrypoint.last().expect("an entrypoint");
+    let (source, rel, _) = mount_holding(secrets, script).expect("the script is mounted");
+    let script =
+        if rel.is_empty() { root().join("infra").join(source) } else { root().join("infra").join(source).join(rel) };
+    let bin = Path::new(env!("CARGO_BIN_EXE_sundara")).parent().unwrap();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg(&script);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SUNDARA_") || k.starts_with("OTEL_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()));
+    // Each volume's mount point, as the script reads it: /pool-secrets is POOL_SECRETS_DIR.
+    for (source, target, _) in mounts_of(secrets) {
+        if !source.starts_with(['.', '/']) {
+            let var = format!("{}_DIR", target.trim_start_matches('/').replace('-', "_").to_ascii_uppercase());
+            let dir = volumes.join(&source);
+            std::fs::create_dir_all(&dir).unwrap();
+            cmd.env(var, dir);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().expect("sh runs");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "infra/secrets.sh failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// `mounts_of` a compose service, resolved here: named volumes to `volumes/<name>`, bind
+/// mounts to infra/.
+fn resolved_mounts(svc: &Yaml, volumes: &Path) -> Vec<(String, PathBuf)> {
+    mounts_of(svc)
+        .into_iter()
+        .map(|(source, target, _)| {
+            let here = if source.starts_with('.') {
+                root().join("infra").join(&source)
+            } else {
+                let dir = volumes.join(&source);
+                std::fs::create_dir_all(&dir).unwrap();
+                dir
+            };
+            (target, here)
+        })
+        .collect()
+}
+
+/// Starts redis-server on an ACL file and says what is wrong: a client without the password
+/// let in, or `url` (with its password) refused.
+fn redis_acl_problems(acl: &Path, url: &str) -> Vec<String> {
+    let Ok(binary) = sundara::stack::redis_server_binary() else {
+        println!("SKIPPED: no redis-server to check the ACL on");
+        return Vec::new();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = sundara::stack::free_port().unwrap();
+    let mut child = Command::new(binary)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--aclfile")
+        .arg(acl)
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    let ping = |url: &str| -> Result<String, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let mut con = client.get_connection().map_err(|e| e.to_string())?;
+        redis::cmd("PING").query::<String>(&mut con).map_err(|e| e.to_string())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            return vec![format!("redis-server did not start on ACL {}", acl.display())];
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut problems = Vec::new();
+    if ping(&format!("redis://127.0.0.1:{port}/")).is_ok() {
+        problems.push("a client without the password is answered".into());
+    }
+    let url = url.replace("@redis:6379/", &format!("@127.0.0.1:{port}/"));
+    if let Err(e) = ping(&url) {
+        problems.push(format!("the services' URL is refused: {e}"));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    problems
+}
+
+/// Compose runs secured: the static checks, then the keys' one-shot run for real (twice: it
+/// must keep what it made) and the stores served on what it wrote, as each container sees
+/// its volumes.
+#[test]
+fn compose_stack_is_secured() {
+    let doc = compose();
+    let problems = compose_security_problems(&doc);
+    assert!(problems.is_empty(), "infra/compose.yaml:\n  {}", problems.join("\n  "));
+
+    let volumes = tempfile::tempdir().unwrap();
+    // An outside miner's own key, handed over as its public key.
+    let keygen = sundara(&[
+        "auth".into(),
+        "keygen".into(),
+        "--miner".into(),
+        "m9".into(),
+        "--out".into(),
+        volumes.path().join("m9.nk").display().to_string(),
+    ]);
+    assert!(keygen.status.success(), "auth keygen: {}", String::from_utf8_lossy(&keygen.stderr));
+    let public_key = String::from_utf8_lossy(&keygen.stdout)
+        .split_whitespace()
+        .find(|w| w.len() == 56 && w.starts_with('U'))
+        .expect("keygen prints the public key")
+        .to_string();
+    let miner_keys = format!("m9={public_key}");
+    // The value compose_interpolate gives the required REDIS_PASSWORD.
+    let env = [
+        ("REDIS_PASSWORD", "test-REDIS_PASSWORD"),
+        ("NATS_HOSTS", "nats.example.org 203.0.113.7"),
+        ("TENANTS", "default acme"),
+        ("MINER_KEYS", miner_keys.as_str()),
+    ];
+    run_secrets_script(volumes.path(), &env).unwrap_or_else(|e| panic!("{e}"));
+    let snapshot = |dir: &Path| -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        let mut dirs = vec![dir.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    dirs.push(e.path());
+                } else if !e.path().ends_with("auth.conf") {
+                    files.insert(e.path(), std::fs::read(e.path()).unwrap());
+                }
+            }
+        }
+        files
+    };
+    let first = snapshot(volumes.path());
+    run_secrets_script(volumes.path(), &env).unwrap_or_else(|e| panic!("run again: {e}"));
+    assert_eq!(snapshot(volumes.path()), first, "a second run (`docker compose up` again) changed the keys");
+
+    // Every sundara container finds its files through its own mounts.
+    let services = &doc["services"];
+    let mut problems = Vec::new();
+    for (name, args, env) in compose_sundara_commands() {
+        let view = container_view(&resolved_mounts(&services[name.as_str()], volumes.path()));
+        let inside = |path: &str| view.path().join(path.trim_start_matches('/'));
+        for var in ["SUNDARA_NATS_CA", "SUNDARA_NATS_CREDS", "SUNDARA_SECRET_FILE"] {
+            if let Some(path) = env.get(var)
+                && !inside(path).is_file()
+            {
+                problems.push(format!("{name}: {var} {path}: no such file in its volumes"));
+            }
+        }
+        if let Some(secret) = env.get("SUNDARA_SECRET_FILE").and_then(|p| std::fs::read_to_string(inside(p)).ok())
+            && secret.trim_end().len() < sundara_common::validator_key::MIN_SECRET_BYTES
+        {
+            problems.push(format!("{name}: the validator secret is too short"));
+        }
+        // The validator's pools see their own seed only.
+        if nats_user_of(&args) == Some("pool")
+            && let Some(creds) = env.get("SUNDARA_NATS_CREDS")
+        {
+            let auth = inside(creds).parent().unwrap().to_path_buf();
+            let seen: Vec<String> = std::fs::read_dir(&auth)
+                .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            if seen != ["pool.nk"] {
+                problems.push(format!("{name}: sees {seen:?} beside its seed"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "compose's containers:\n  {}", problems.join("\n  "));
+
+    // The outside miner's key is a user; its seed never came here.
+    let auth_conf = volumes.path().join("sundara-secrets/auth/auth.conf");
+    let users = std::fs::read_to_string(&auth_conf).expect("auth.conf");
+    assert!(users.contains(&public_key), "the miner key handed over is no user:\n{users}");
+    assert!(!volumes.path().join("sundara-secrets/auth/miner-m9.nk").exists());
+
+    // nats-server on compose's config, as the nats container sees its mounts.
+    let nats = &services["nats"];
+    let commands = compose_sundara_commands();
+    let creds_of = |service: &str| {
+        let (_, _, env) = commands.iter().find(|(n, _, _)| n == service).expect("service");
+        let view = container_view(&resolved_mounts(&services[service], volumes.path()));
+        let (ca, creds) = (env["SUNDARA_NATS_CA"].clone(), env["SUNDARA_NATS_CREDS"].clone());
+        let copy = |p: &str, to: &str| {
+            let dst = volumes.path().join(format!("{service}-{to}"));
+            std::fs::copy(view.path().join(p.trim_start_matches('/')), &dst).unwrap();
+            dst
+        };
+        (copy(&ca, "ca.pem"), copy(&creds, "creds.nk"))
+    };
+    if let Some(binary) = nats_binary() {
+        let view = container_view(&resolved_mounts(nats, volumes.path()));
+        let command = strings(&nats["command"], "nats command");
+        let conf = rebased_config(view.path(), value_of(&command, "-c").unwrap());
+        let served = serve_nats(&binary, &conf).unwrap_or_else(|e| panic!("compose's nats-server: {e}"));
+        let mut problems = Vec::new();
+        for service in ["models", "ingress", "worker"] {
+            let (ca, creds) = creds_of(service);
+            problems.extend(served_problems(&served, &ca, &creds).into_iter().map(|p| format!("{service}: {p}")));
+        }
+        // A tenant and the outside miner (with the CA it is handed) get in too.
+        let ca = volumes.path().join("sundara-secrets/tls/ca.pem");
+        for creds in [volumes.path().join("sundara-secrets/auth/tenant-acme.nk"), volumes.path().join("m9.nk")] {
+            if let Err(e) = tls_connects(served.port, &ca, Some(&creds)) {
+                problems.push(format!("{}: {e}", creds.display()));
+            }
+        }
+        assert!(problems.is_empty(), "compose's nats-server:\n  {}", problems.join("\n  "));
+    }
+
+    // redis-server on the ACL the keys' one-shot wrote, with the services' URL.
+    let redis = &services["redis"];
+    let view = container_view(&resolved_mounts(redis, volumes.path()));
+    let acl = value_of(&strings(&redis["command"], "redis command"), "--aclfile").expect("--aclfile").to_string();
+    let (_, _, env) = commands.iter().find(|(n, _, _)| n == "scheduler").unwrap();
+    let problems = redis_acl_problems(&view.path().join(acl.trim_start_matches('/')), &env["SUNDARA_REDIS_URL"]);
+    assert!(problems.is_empty(), "compose's redis:\n  {}", problems.join("\n  "));
+}
+
+// ------------------------------------------------------------------ Nomad, secured
+
+/// Renders a Nomad template as Nomad would with `value(path, key)` for each Nomad variable
+/// item, one instance of each service (`sundara-nats` at 10.0.0.9:4222, others port 6379):
+/// the text and the variable items read. Only what these jobs use is known (`with
+/// nomadVar`, `range nomadService`, `.field`, `| trimSpace`); anything else is an error.
+fn render_template(
+    data: &str,
+    value: &dyn Fn(&str, &str) -> String,
+) -> Result<(String, Vec<(String, String)>), String> {
+    let unquote = |s: &str| s.strip_prefix('"').and_then(|s| s.strip_suffix('"')).map(String::from);
+    let mut out = String::new();
+    let mut reads = Vec::new();
+    let mut scopes: Vec<(bool, String)> = Vec::new();
+    let mut rest = data;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find("}}").ok_or(format!("unterminated {{{{ in {data:?}"))? + i;
+        let action = rest[i + 2..end].trim();
+        rest = &rest[end + 2..];
+        let words: Vec<&str> = action.split_whitespace().collect();
+        match words.as_slice() {
+            ["with", "nomadVar", path] => scopes.push((true, unquote(path).ok_or("unquoted path")?)),
+            ["range", "nomadService", name] => scopes.push((false, unquote(name).ok_or("unquoted name")?)),
+            ["end"] => {
+                scopes.pop().ok_or(format!("{{{{ end }}}} without a block in {data:?}"))?;
+            }
+            [field, filters @ ..] if field.starts_with('.') => {
+                let (is_var, scope) = scopes.last().ok_or(format!("{field} outside a block"))?;
+                let key = &field[1..];
+                let v = if *is_var {
+                    reads.push((scope.clone(), key.to_string()));
+                    value(scope, key)
+                } else {
+                    match key {
+                        "Address" => "10.0.0.9".into(),
+                        "Port" => (if scope.contains("nats") { "4222" } else { "6379" }).into(),
+                        other => return Err(format!("unknown service field .{other}")),
+                    }
+                };
+                match filters {
+                    [] => out.push_str(&v),
+                    ["|", "trimSpace"] => out.push_str(v.trim()),
+                    other => return Err(format!("unknown filter {other:?}")),
+                }
+            }
+            _ => return Err(format!("unexpected template action {{{{ {action} }}}}")),
+        }
+    }
+    if !scopes.is_empty() {
+        return Err(format!("unclosed block in {data:?}"));
+    }
+    out.push_str(rest);
+    Ok((out, reads))
+}
+
+/// A placeholder value for an item: `<path#key>`.
+fn placeholder(path: &str, key: &str) -> String {
+    format!("<{path}#{key}>")
+}
+
+/// The uid of the image's `sundara` user (infra/Dockerfile's `useradd --uid`).
+fn image_uid() -> u64 {
+    let text = read("infra/Dockerfile");
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "--uid").expect("useradd --uid in infra/Dockerfile");
+    words[i + 1].parse().expect("a numeric uid")
+}
+
+/// Variable items (path, key) the jobs read.
+type VarReads = BTreeSet<(String, String)>;
+
+/// Variable items (path, key) one template reads, in order.
+type ItemReads = Vec<(String, String)>;
+
+/// Everything a Nomad job must say for a secured deployment, checked without Nomad: the
+/// problems, and the variable items its templates read.
+fn nomad_security_problems(rel: &str, f: &NomadFile) -> (Vec<String>, VarReads) {
+    let mut problems = Vec::new();
+    let mut all_reads = VarReads::new();
+    let job = label(f.job()).to_string();
+    let uid = image_uid();
+    let tasks = match nomad_tasks(f) {
+        Ok(t) => t,
+        Err(e) => return (vec![format!("{rel}: {e}")], all_reads),
+    };
+    for t in &tasks {
+        let at = format!("{rel} group {} task {}", t.group, t.task);
+        // A task reads its own variables only (Nomad's implicit policy).
+        let own = [
+            format!("nomad/jobs/{job}"),
+            format!("nomad/jobs/{job}/{}", t.group),
+            format!("nomad/jobs/{job}/{}/{}", t.group, t.task),
+        ];
+        let mut env = t.env_values.clone();
+        let mut files: BTreeMap<String, (&NomadTemplate, ItemReads)> = BTreeMap::new();
+        for tpl in &t.templates {
+            let (text, reads) = match render_template(&tpl.data, &placeholder) {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push(format!("{at}: {e}"));
+                    continue;
+                }
+            };
+            for (path, key) in &reads {
+                if !own.contains(path) {
+                    problems.push(format!("{at}: reads variable {path}, which the task may not read"));
+                }
+                all_reads.insert((path.clone(), key.clone()));
+            }
+            let secret = reads.iter().any(|(_, k)| k != "nats_ca");
+            if secret {
+                if !tpl.destination.starts_with("secrets/") {
+                    problems.push(format!("{at}: {} holds a key outside secrets/", tpl.destination));
+                }
+                if !matches!(tpl.perms.as_deref(), Some("0600" | "0400")) {
+                    problems.push(format!("{at}: {} holds a key with perms {:?}", tpl.destination, tpl.perms));
+                }
+            }
+            if tpl.env {
+                for line in text.lines() {
+                    if let Some((k, v)) = line.split_once('=') {
+                        env.insert(k.to_string(), v.to_string());
+                    }
+                }
+            }
+            files.insert(format!("/{}", tpl.destination), (tpl, reads));
+        }
+        for key in t.env_values.keys() {
+            if secret_name(key) {
+                problems.push(format!("{at}: env block sets {key}: keys come from variables"));
+            }
+        }
+        if !t.image.starts_with("sundara") {
+            continue;
+        }
+        match env.get("SUNDARA_NATS_URL") {
+            Some(url) if url.starts_with("tls://") => {}
+            url => problems.push(format!("{at}: SUNDARA_NATS_URL {url:?} is not tls://")),
+        }
+        let file = |var: &str, want_key: &str, secret: bool, problems: &mut Vec<String>| {
+            let Some(path) = t.env_values.get(var) else {
+                problems.push(format!("{at}: no {var}"));
+                return;
+            };
+            let Some((tpl, reads)) = files.get(path) else {
+                problems.push(format!("{at}: {var} {path} is no template's destination"));
+                return;
+            };
+            let keys: Vec<&str> = reads.iter().map(|(_, k)| k.as_str()).collect();
+            if keys != [want_key] {
+                problems.push(format!("{at}: {var} holds {keys:?}, not {want_key}"));
+            }
+            if secret && tpl.uid != Some(uid) {
+                problems.push(format!("{at}: {path} is not owned by the image's user {uid} (uid = {:?})", tpl.uid));
+            }
+        };
+        file("SUNDARA_NATS_CA", "nats_ca", false, &mut problems);
+        let user = nats_user_of(&t.args).unwrap_or("?").replace('-', "_");
+        file("SUNDARA_NATS_CREDS", &user, true, &mut problems);
+        let signs = ["scheduler", "verifier"].contains(&t.args[0].as_str());
+        if env.contains_key("SUNDARA_SECRET") {
+            problems.push(format!("{at}: the validator secret in the environment, not a file"));
+        }
+        if signs {
+            file("SUNDARA_SECRET_FILE", "validator_secret", true, &mut problems);
+        } else if env.contains_key("SUNDARA_SECRET_FILE")
+            || files.values().any(|(_, r)| r.iter().any(|(_, k)| k == "validator_secret"))
+        {
+            problems.push(format!("{at}: given the validator secret"));
+        }
+        if let Some(url) = env.get("SUNDARA_REDIS_URL") {
+            let password = placeholder(&own[0], "redis_password");
+            if !url.starts_with(&format!("redis://sundara:{password}@")) {
+                problems.push(format!("{at}: SUNDARA_REDIS_URL {url:?} has not the password of variable {}", own[0]));
+            }
+        }
+    }
+    (problems, all_reads)
+}
+
+/// `nomad var put PATH key=@file ...` commands in docs/deployment.md: the items each writes.
+fn documented_var_puts() -> VarReads {
+    let docs = read("docs/deployment.md").replace("\\\n", " ");
+    let mut out = VarReads::new();
+    for line in docs.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(i) = words.windows(3).position(|w| w == ["nomad", "var", "put"]) {
+            let mut rest = words[i + 3..].iter().skip_while(|w| w.starts_with('-'));
+            if let Some(path) = rest.next() {
+                for item in rest.take_while(|w| !["&&", ";", "|", "#"].contains(w)) {
+                    if let Some((key, _)) = item.split_once('=') {
+                        out.insert((path.to_string(), key.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes a task's rendered templates under `dir` (its task directory: local/, secrets/).
+fn render_task(f: &NomadFile, group: &str, dir: &Path, value: &dyn Fn(&str, &str) -> String) -> Vec<String> {
+    let task = nomad_tasks(f).unwrap().into_iter().find(|t| t.group == group).expect("the group's task");
+    for tpl in &task.templates {
+        let (text, _) = render_template(&tpl.data, value).unwrap();
+        let at = dir.join(&tpl.destination);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::write(at, text).unwrap();
+    }
+    task.args
+}
+
+/// The Nomad jobs run secured: the static checks, the items they read are those the docs
+/// tell operators to write, and sundara-infra's nats-server and Redis, rendered from items
+/// made by `sundara tls init` and `sundara auth init`, serve as they must.
+#[test]
+fn nomad_jobs_are_secured() {
+    let mut problems = Vec::new();
+    let mut reads = VarReads::new();
+    for rel in NOMAD_FILES {
+        for set in [false, true] {
+            let (p, r) = nomad_security_problems(rel, &nomad_file(rel, set));
+            problems.extend(p);
+            reads.extend(r);
+        }
+    }
+    let documented = documented_var_puts();
+    for (path, key) in &reads {
+        if !documented.contains(&(path.clone(), key.clone())) {
+            problems
+                .push(format!("docs/deployment.md writes no {key} into {path} (`nomad var put {path} {key}=@...`)"));
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    assert!(problems.is_empty(), "Nomad jobs:\n  {}", problems.join("\n  "));
+
+    // The items, made as the docs say.
+    let keys = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = sundara(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(out.status.success(), "sundara {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let tls = keys.path().join("nats-tls");
+    let auth = keys.path().join("nats-auth");
+    run(&["tls", "init", "--dir", tls.to_str().unwrap(), "--host", "nats.example.org"]);
+    run(&["auth", "init", "--dir", auth.to_str().unwrap(), "--tenant", "default"]);
+    let password = "0123456789abcdef0123456789abcdef";
+    let value = |_path: &str, key: &str| -> String {
+        let file = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        match key {
+            "server_cert" => file(tls.join("server.pem")),
+            "server_key" => file(tls.join("server-key.pem")),
+            "auth_conf" => file(auth.join("auth.conf")),
+            "nats_ca" => file(tls.join("ca.pem")),
+            "redis_password" => format!("{password}\n"),
+            other => panic!("no test value for item {other}"),
+        }
+    };
+    let infra = nomad_file(NOMAD_FILES[0], false);
+    let task_dir = tempfile::tempdir().unwrap();
+    if let Some(binary) = nats_binary() {
+        let args = render_task(&infra, "nats", &task_dir.path().join("nats"), &value);
+        // The docker driver mounts the task's local/ and secrets/ at /local and /secrets.
+        let mounts: Vec<(String, PathBuf)> = ["local", "secrets"]
+            .iter()
+            .map(|d| {
+                let here = task_dir.path().join("nats").join(d);
+                std::fs::create_dir_all(&here).unwrap();
+                (format!("/{d}"), here)
+            })
+            .collect();
+        let view = container_view(&mounts);
+        let conf = rebased_config(view.path(), value_of(&args, "-c").expect("-c"));
+        problems.extend(nats_config_problems(&std::fs::read_to_string(&conf).unwrap()));
+        let served = serve_nats(&binary, &conf).unwrap_or_else(|e| panic!("Nomad's nats-server: {e}"));
+        for user in ["validator", "service-ingress", "pool"] {
+            let creds = auth.join(format!("{user}.nk"));
+            problems.extend(
+                served_problems(&served, &tls.join("ca.pem"), &creds).into_iter().map(|p| format!("{user}: {p}")),
+            );
+        }
+        assert!(problems.is_empty(), "Nomad's nats-server:\n  {}", problems.join("\n  "));
+    }
+    let args = render_task(&infra, "redis", &task_dir.path().join("redis"), &value);
+    let acl = value_of(&args, "--aclfile").expect("redis-server --aclfile");
+    let acl = task_dir.path().join("redis").join(acl.trim_start_matches('/'));
+    let problems = redis_acl_problems(&acl, &format!("redis://sundara:{password}@redis:6379/"));
+    assert!(problems.is_empty(), "Nomad's redis:\n  {}", problems.join("\n  "));
+}
+
+/// No file of infra/ holds key material, and the docs say how to make and hand out each key.
+#[test]
+fn no_key_is_written_in_infra() {
+    let mut found = Vec::new();
+    let mut dirs = vec![root().join("infra")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else if let Ok(text) = std::fs::read_to_string(e.path()) {
+                for what in literal_secrets(&text) {
+                    found.push(format!("{}: {what}", e.path().strip_prefix(root()).unwrap().display()));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "key material in infra/: {found:?}");
+    let docs = read("docs/deployment.md");
+    for needed in
+        ["sundara auth keygen --miner", "--miner-key", "ca.pem", "REDIS_PASSWORD", "validator.secret", "pool.nk"]
+    {
+        assert!(docs.contains(needed), "docs/deployment.md does not mention {needed}");
+    }
 }
 
 /// Ingress accepts submissions up to `MAX_SUBMISSION_BYTES`, and its assignments carry the
-/// same inputs again: every nats-server that infra/ starts must take
-/// `NATS_MAX_PAYLOAD` (the server's own default is 1 MiB, which refused a 3.2 MB task
-/// with a raw server error). One limit, set in `sundara_schemas`; checked here against
-/// compose's and Nomad's nats-server as the real server reads their settings.
+/// same inputs again: every nats-server that infra/ starts must take `NATS_MAX_PAYLOAD`
+/// (the server's own default is 1 MiB, which refused a 3.2 MB task with a raw server
+/// error). One limit, set in `sundara_schemas`; compose's and Nomad's servers are checked
+/// against it as the real server reads them (compose_stack_is_secured,
+/// nomad_jobs_are_secured: `served_problems`); here the constant and the check itself.
 #[test]
 fn nats_servers_take_the_largest_submission() {
     use sundara_schemas::{MAX_SUBMISSION_BYTES, NATS_MAX_PAYLOAD};
@@ -1438,49 +2425,15 @@ fn nats_servers_take_the_largest_submission() {
     assert_eq!(ingress.max_request_bytes, MAX_SUBMISSION_BYTES, "ingress' limit is the one constant");
     assert_eq!(sundara_common::admission::TenantLimits::default().max_payload_bytes, MAX_SUBMISSION_BYTES);
     let want = NATS_MAX_PAYLOAD as u64;
-
-    // compose: the nats service reads its config (`-c`) from a bind mount of a file in infra/.
-    let doc = compose();
-    let nats = &doc["services"]["nats"];
-    let command = strings(&nats["command"], "nats command");
-    let path = value_of(&command, "-c").expect("compose's nats-server is given a config file (-c)");
-    let mounts: Vec<String> =
-        nats["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
-    let source = mounts
-        .iter()
-        .find_map(|m| {
-            let mut parts = m.split(':');
-            let (source, target) = (parts.next()?, parts.next()?);
-            (target == path).then(|| source.to_string())
-        })
-        .unwrap_or_else(|| panic!("compose mounts nothing at {path}: {mounts:?}"));
-    let compose_conf = read(&format!("infra/{}", source.trim_start_matches("./")));
-    let served = served_max_payload(&compose_conf);
-    assert!(served >= want, "compose's nats-server takes {served} bytes, under {want}");
-
-    // Nomad: the nats task's config (`-c /local/...`) is one of its templates.
-    let infra = nomad_file(NOMAD_FILES[0], false);
-    let group = infra.groups().into_iter().find(|g| label(g) == "nats").expect("group nats");
-    let task = blocks(group.body(), "task").next().unwrap();
-    let args = match infra.eval(attr(blocks(task.body(), "config").next().unwrap().body(), "args").unwrap()).unwrap() {
-        hcl::Value::Array(a) => a.iter().map(|v| hcl_str(v).unwrap()).collect::<Vec<_>>(),
-        other => panic!("{other:?}"),
-    };
-    let path = value_of(&args, "-c").expect("Nomad's nats-server is given a config file (-c)");
-    let template = blocks(task.body(), "template")
-        .find(|t| {
-            let destination = hcl_str(&infra.eval(attr(t.body(), "destination").unwrap()).unwrap()).unwrap();
-            // The docker driver mounts the task's `local/` at `/local`.
-            format!("/{destination}") == path
-        })
-        .unwrap_or_else(|| panic!("no template of the nats task writes {path}"));
-    let data = hcl_str(&infra.eval(attr(template.body(), "data").unwrap()).unwrap()).unwrap();
-    let served = served_max_payload(&data);
-    assert!(served >= want, "Nomad's nats-server takes {served} bytes, under {want}");
-
-    // The check can fail: the server's default, and a config below the limit.
-    assert_eq!(served_max_payload("# nothing set\n"), 1 << 20);
-    assert!(served_max_payload("max_payload: 1MB\n") < want);
+    // Both configs set it (served in the tests above).
+    let nomad_conf = read(NOMAD_FILES[0]);
+    for (what, text) in [("infra/nats.conf", read("infra/nats.conf")), (NOMAD_FILES[0], nomad_conf)] {
+        assert!(text.contains(&format!("max_payload: {want}")), "{what} does not set max_payload: {want}");
+    }
+    let Some(binary) = nats_binary() else { return };
+    assert_eq!(served_max_payload(&binary, "# nothing set\n"), 1 << 20);
+    assert!(served_max_payload(&binary, "max_payload: 1MB\n") < want);
+    assert_eq!(served_max_payload(&binary, &format!("max_payload: {want}\n")), want);
 }
 
 // ------------------------------------------------------------------ the checker itself
@@ -1519,4 +2472,155 @@ fn the_checks_reject_what_is_wrong() {
         ["sundara_a_seconds_bucket", "sundara_b_total", "sundara_c_total"].map(String::from).into();
     assert_eq!(undocumented(&used, &documented), ["sundara_c_total"]);
     assert_eq!(template_env_keys("{{ range x }}A_B=1\n{{ end }}C=x=y lower=1"), ["A_B", "C"].map(String::from).into());
+}
+
+/// The security checks must be able to fail: each broken variant of compose, the Nomad
+/// jobs and nats-server's config is caught.
+#[test]
+fn the_security_checks_reject_what_is_wrong() {
+    // compose, changed one thing at a time.
+    let broken = |what: &str, change: &dyn Fn(&mut Yaml), expect: &str| {
+        let mut doc = compose();
+        change(&mut doc);
+        let problems = compose_security_problems(&doc);
+        assert!(
+            problems.iter().any(|p| p.contains(expect)),
+            "{what}: expected a problem with {expect:?}, got {problems:?}"
+        );
+    };
+    let set_env = |service: &'static str, key: &'static str, value: &'static str| {
+        move |doc: &mut Yaml| {
+            doc["services"][service]["environment"][key] = Yaml::String(value.into());
+        }
+    };
+    broken("plain NATS", &set_env("ingress", "SUNDARA_NATS_URL", "nats://nats:4222"), "is not tls://");
+    broken(
+        "a worker as the validator",
+        &set_env("worker", "SUNDARA_NATS_CREDS", "/secrets/auth/validator.nk"),
+        "not pool.nk",
+    );
+    broken(
+        "ingress as the scheduler",
+        &set_env("ingress", "SUNDARA_NATS_CREDS", "/secrets/auth/service-scheduler.nk"),
+        "not service-ingress.nk",
+    );
+    broken("a CA outside the keys", &set_env("ingress", "SUNDARA_NATS_CA", "/etc/ssl/ca.pem"), "SUNDARA_NATS_CA");
+    broken(
+        "the secret to ingress",
+        &set_env("ingress", "SUNDARA_SECRET_FILE", "/secrets/validator.secret"),
+        "given the validator secret",
+    );
+    broken(
+        "a password in the file",
+        &set_env("redis", "REDISCLI_AUTH", "hunter2hunter2hunter2"),
+        "REDISCLI_AUTH is not a required variable",
+    );
+    broken(
+        "Redis without a password",
+        &set_env("ingress", "SUNDARA_REDIS_URL", "redis://redis:6379/"),
+        "SUNDARA_REDIS_URL has no password",
+    );
+    broken(
+        "a default password",
+        &set_env("grafana", "GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_ADMIN_PASSWORD:-admin}"),
+        "GF_SECURITY_ADMIN_PASSWORD",
+    );
+    broken(
+        "redis open",
+        &|doc: &mut Yaml| {
+            doc["services"]["redis"]["command"] =
+                serde_yaml::from_str(r#"["redis-server", "--appendonly", "yes"]"#).unwrap();
+        },
+        "requires no password",
+    );
+    broken(
+        "the secret from no file",
+        &|doc: &mut Yaml| {
+            doc["services"]["scheduler"]["environment"].as_mapping_mut().unwrap().remove("SUNDARA_SECRET_FILE");
+        },
+        "no validator secret",
+    );
+    broken(
+        "writable keys",
+        &|doc: &mut Yaml| {
+            doc["services"]["ingress"]["volumes"] = serde_yaml::from_str(r#"["sundara-secrets:/secrets"]"#).unwrap();
+        },
+        "mounted writable",
+    );
+    broken(
+        "no keys' one-shot",
+        &|doc: &mut Yaml| {
+            doc["services"].as_mapping_mut().unwrap().remove(SECRETS_SERVICE);
+        },
+        "makes the keys",
+    );
+
+    // nats-server's config.
+    let good = read("infra/nats.conf");
+    assert!(nats_config_problems(&good).is_empty(), "{:?}", nats_config_problems(&good));
+    assert!(!nats_config_problems("max_payload: 8388608\n").is_empty(), "no TLS, no users");
+    assert!(!nats_config_problems(&format!("{good}\nno_auth_user: validator\n")).is_empty());
+    assert!(!nats_config_problems(&good.replace("include", "# include")).is_empty(), "users not included");
+    assert!(!nats_config_problems(&format!("{good}\nwebsocket {{ port: 8080, no_tls: true }}\n")).is_empty());
+
+    // Nomad, changed one thing at a time.
+    let nomad_broken = |rel: &str, from: &str, to: &str, expect: &str| {
+        let text = read(rel);
+        assert!(text.contains(from), "{rel} has no {from:?}");
+        let f = nomad_file_of(rel, &text.replacen(from, to, 1), false);
+        let (problems, _) = nomad_security_problems(rel, &f);
+        assert!(problems.iter().any(|p| p.contains(expect)), "{from} → {to}: expected {expect:?}, got {problems:?}");
+    };
+    let validator = NOMAD_FILES[1];
+    nomad_broken(validator, "SUNDARA_NATS_URL=tls://{{", "SUNDARA_NATS_URL=nats://{{", "is not tls://");
+    nomad_broken(validator, "{{ .service_ingress }}", "{{ .validator }}", "not service_ingress");
+    nomad_broken(
+        validator,
+        r#"\"nomad/jobs/sundara-validator/ingress/ingress\""#,
+        r#"\"nomad/jobs/sundara-validator/scheduler/scheduler\""#,
+        "may not read",
+    );
+    nomad_broken(validator, "perms       = \"0600\"\n        uid", "perms       = \"0644\"\n        uid", "with perms");
+    nomad_broken(validator, "        uid         = 10001\n", "", "not owned by the image's user");
+    nomad_broken(
+        validator,
+        "SUNDARA_SECRET_FILE  = \"/secrets/validator.secret\"",
+        "SUNDARA_SECRET  = \"x\"",
+        "SUNDARA_SECRET",
+    );
+    nomad_broken(validator, "redis://sundara:{{ .redis_password | trimSpace }}@", "redis://", "has not the password");
+    nomad_broken(NOMAD_FILES[2], "{{ .pool }}", "{{ .validator }}", "not pool");
+    nomad_broken(
+        NOMAD_FILES[0],
+        "destination = \"secrets/server-key.pem\"",
+        "destination = \"local/server-key.pem\"",
+        "outside secrets/",
+    );
+
+    // Templates with what the renderer does not know are refused, not guessed at.
+    assert!(render_template("{{ key \"x\" }}", &placeholder).is_err());
+    assert!(render_template("{{ with nomadVar \"a\" }}{{ .b }}", &placeholder).is_err());
+    assert_eq!(
+        render_template("{{ with nomadVar \"a/b\" }}x={{ .c | trimSpace }}{{ end }}", &|_, _| " v\n".into()).unwrap(),
+        ("x=v".to_string(), vec![("a/b".to_string(), "c".to_string())])
+    );
+
+    // Literal keys and secret values.
+    assert!(!literal_secrets("-----BEGIN PRIVATE KEY-----").is_empty());
+    assert!(!literal_secrets(&format!("seed: SU{}", "A".repeat(56))).is_empty());
+    assert!(literal_secrets("SUNDARA_NATS_CREDS: /secrets/auth/pool.nk").is_empty());
+    assert!(required_interpolation("${REDIS_PASSWORD:?set it}"));
+    assert!(!required_interpolation("${REDIS_PASSWORD:-default}") && !required_interpolation("hunter2"));
+
+    // A server without TLS and users is caught by the served checks.
+    if let Some(binary) = nats_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("open.conf");
+        std::fs::write(&conf, "max_payload: 8388608\n").unwrap();
+        let served = serve_nats(&binary, &conf).unwrap();
+        let problems = served_problems(&served, &dir.path().join("ca.pem"), &dir.path().join("x.nk"));
+        for expect in ["TLS is not required", "authentication is not required", "plain-text client is answered"] {
+            assert!(problems.iter().any(|p| p.contains(expect)), "{expect}: {problems:?}");
+        }
+    }
 }

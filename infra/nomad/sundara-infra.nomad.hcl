@@ -2,7 +2,16 @@
 # on a host volume, each registered as a Nomad service (sundara-nats, sundara-redis) that
 # sundara-validator and sundara-workers find through nomadService templates.
 #
+# Secured: NATS speaks TLS only and knows one NKey user per role; Redis wants a password.
+# The keys come from Nomad variables that only this job's tasks read, rendered into each
+# task's secrets/ directory (docs/deployment.md, "Keys in Nomad variables", makes them):
+#
+#   nomad var put nomad/jobs/sundara-infra/nats/nats \
+#     server_cert=@nats-tls/server.pem server_key=@nats-tls/server-key.pem auth_conf=@nats-auth/auth.conf
+#   nomad var put nomad/jobs/sundara-infra/redis/redis redis_password=@redis.password
 #   nomad job run infra/nomad/sundara-infra.nomad.hcl
+#
+# Putting auth_conf again (new tenants or miners) makes nats-server reload its users.
 #
 # The client nodes that may run them need the host volumes, in the client config:
 #   client {
@@ -46,7 +55,8 @@ job "sundara-infra" {
     count = 1
 
     network {
-      # Static: miners outside the cluster connect to this address.
+      # Static: miners outside the cluster connect to this address (TLS; its certificate
+      # must name the address they use: `sundara tls init --host`).
       port "client" {
         static = 4222
         to     = 4222
@@ -82,14 +92,45 @@ job "sundara-infra" {
       config {
         image = var.nats_image
         ports = ["client", "monitor"]
-        args  = ["nats-server", "-c", "/local/sundara.conf", "-js", "-sd", "/data", "-m", "8222"]
+        args  = ["nats-server", "-c", "/secrets/nats.conf", "-js", "-sd", "/data", "-m", "8222"]
       }
 
-      # infra/nats.conf's settings: max_payload for the largest submission ingress accepts
-      # (tests/deployment.rs checks both files).
+      # infra/nats.conf's settings (tests/deployment.rs serves both with the real server):
+      # max_payload for the largest submission ingress accepts, TLS only on the client port,
+      # and the users of `sundara auth init`. An include is relative to this file's directory.
       template {
-        data        = "max_payload: 8388608\n"
-        destination = "local/sundara.conf"
+        data        = <<-EOT
+          max_payload: 8388608
+          tls {
+            cert_file: "/secrets/server.pem"
+            key_file: "/secrets/server-key.pem"
+            timeout: 5
+          }
+          include "auth.conf"
+        EOT
+        destination = "secrets/nats.conf"
+        perms       = "0600"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-infra/nats/nats\" }}{{ .server_cert }}{{ end }}"
+        destination = "secrets/server.pem"
+        perms       = "0600"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-infra/nats/nats\" }}{{ .server_key }}{{ end }}"
+        destination = "secrets/server-key.pem"
+        perms       = "0600"
+      }
+
+      # New users: `nomad var put` again; the server reloads them (SIGHUP), no restart.
+      template {
+        data          = "{{ with nomadVar \"nomad/jobs/sundara-infra/nats/nats\" }}{{ .auth_conf }}{{ end }}"
+        destination   = "secrets/auth.conf"
+        perms         = "0600"
+        change_mode   = "signal"
+        change_signal = "SIGHUP"
       }
 
       volume_mount {
@@ -138,7 +179,16 @@ job "sundara-infra" {
       config {
         image = var.redis_image
         ports = ["redis"]
-        args  = ["redis-server", "--appendonly", "yes", "--maxmemory", "768mb", "--maxmemory-policy", "noeviction"]
+        # The default user off, `sundara` with the password (secrets/users.acl).
+        args = ["redis-server", "--aclfile", "/secrets/users.acl", "--appendonly", "yes", "--maxmemory", "768mb", "--maxmemory-policy", "noeviction"]
+      }
+
+      # Read by redis-server, which the image runs as its user `redis` (uid 999).
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-infra/redis/redis\" }}user default off\nuser sundara on >{{ .redis_password | trimSpace }} ~* &* +@all\n{{ end }}"
+        destination = "secrets/users.acl"
+        perms       = "0600"
+        uid         = 999
       }
 
       volume_mount {

@@ -1,15 +1,22 @@
 # Sundara's validator side on Nomad: ingress, scheduler, verifier, rewarder and the
-# autoscaler, one group each. Run after sundara-infra:
+# autoscaler, one group each. Run after sundara-infra, once its variables exist:
 #
-#   nomad var put nomad/jobs/sundara-validator sundara_secret="$(openssl rand -hex 32)" nomad_token="<token>"
+#   nomad var put nomad/jobs/sundara-validator nats_ca=@nats-tls/ca.pem redis_password=@redis.password
+#   nomad var put nomad/jobs/sundara-validator/ingress/ingress service_ingress=@nats-auth/service-ingress.nk
+#   ... (one per task: docs/deployment.md, "Keys in Nomad variables")
 #   nomad job run infra/nomad/sundara-validator.nomad.hcl
 #
-# Secrets come from that Nomad variable (readable by this job's tasks only): SUNDARA_SECRET
-# (signs assignment tickets; scheduler and verifier) and NOMAD_TOKEN (the autoscaler's,
-# with the scale-job and alloc-lifecycle capabilities on the namespace of sundara-workers;
-# see docs/deployment.md). NATS and Redis are the sundara-nats and sundara-redis Nomad
-# services unless nats_url / redis_url are given. Every task serves Prometheus metrics on
-# its `metrics` port, registered as the Nomad service sundara-<task> with tag `metrics`.
+# Secured: every task connects to NATS over TLS (pinning the CA in nats_ca) as its own NKey
+# user, whose seed is in its task's own variable (nomad/jobs/sundara-validator/<task>/<task>,
+# readable by that task only): service_<task>. Also there: validator_secret (signs
+# assignment tickets; scheduler and verifier, read from a file) and nomad_token (the
+# autoscaler's, with the scale-job and alloc-lifecycle capabilities on the namespace of
+# sundara-workers; see docs/deployment.md). Redis' password (redis_password, the same as
+# sundara-infra's) goes into SUNDARA_REDIS_URL. Files holding keys are rendered into the
+# task's secrets/ directory, owned by the image's user (uid 10001), mode 0600. NATS and Redis
+# are the sundara-nats and sundara-redis Nomad services unless nats_addr / redis_addr are
+# given. Every task serves Prometheus metrics on its `metrics` port, registered as the
+# Nomad service sundara-<task> with tag `metrics`.
 
 variable "datacenters" {
   type    = list(string)
@@ -22,14 +29,14 @@ variable "image" {
   default     = "sundara:latest"
 }
 
-variable "nats_url" {
-  description = "NATS URL; empty: the sundara-nats Nomad service."
+variable "nats_addr" {
+  description = "host:port of NATS (TLS; a name its certificate holds); empty: the sundara-nats Nomad service."
   type        = string
   default     = ""
 }
 
-variable "redis_url" {
-  description = "Redis URL; empty: the sundara-redis Nomad service."
+variable "redis_addr" {
+  description = "host:port of Redis (user sundara, redis_password); empty: the sundara-redis Nomad service."
   type        = string
   default     = ""
 }
@@ -81,16 +88,18 @@ variable "worker_threads" {
 }
 
 locals {
-  # An env file for every task: where NATS and Redis are, and where traces go.
-  nats_env  = var.nats_url != "" ? "SUNDARA_NATS_URL=${var.nats_url}\n" : "{{ range nomadService \"sundara-nats\" }}SUNDARA_NATS_URL=nats://{{ .Address }}:{{ .Port }}\n{{ end }}"
-  redis_env = var.redis_url != "" ? "SUNDARA_REDIS_URL=${var.redis_url}\n" : "{{ range nomadService \"sundara-redis\" }}SUNDARA_REDIS_URL=redis://{{ .Address }}:{{ .Port }}/\n{{ end }}"
-  otlp_env  = var.otlp_endpoint != "" ? "OTEL_EXPORTER_OTLP_ENDPOINT=${var.otlp_endpoint}\n" : ""
-  endpoints = "${local.nats_env}${local.redis_env}${local.otlp_env}"
+  # An env file for every task: where NATS (TLS) and Redis (with its password) are, and
+  # where traces go. It holds the password: rendered into secrets/.
+  nats_env   = var.nats_addr != "" ? "SUNDARA_NATS_URL=tls://${var.nats_addr}\n" : "{{ range nomadService \"sundara-nats\" }}SUNDARA_NATS_URL=tls://{{ .Address }}:{{ .Port }}\n{{ end }}"
+  redis_host = var.redis_addr != "" ? var.redis_addr : "{{ range nomadService \"sundara-redis\" }}{{ .Address }}:{{ .Port }}{{ end }}"
+  redis_env  = "{{ with nomadVar \"nomad/jobs/sundara-validator\" }}SUNDARA_REDIS_URL=redis://sundara:{{ .redis_password | trimSpace }}@${local.redis_host}/\n{{ end }}"
+  otlp_env   = var.otlp_endpoint != "" ? "OTEL_EXPORTER_OTLP_ENDPOINT=${var.otlp_endpoint}\n" : ""
+  endpoints  = "${local.nats_env}${local.redis_env}${local.otlp_env}"
   # The verifier never touches Redis: it is not given it.
   nats_endpoints = "${local.nats_env}${local.otlp_env}"
 
-  secret_env = "{{ with nomadVar \"nomad/jobs/sundara-validator\" }}SUNDARA_SECRET={{ .sundara_secret }}\n{{ end }}"
-  token_env  = "{{ with nomadVar \"nomad/jobs/sundara-validator\" }}NOMAD_TOKEN={{ .nomad_token }}\n{{ end }}"
+  # The CA every task pins (not secret).
+  nats_ca = "{{ with nomadVar \"nomad/jobs/sundara-validator\" }}{{ .nats_ca }}{{ end }}"
 
   # Nomad interpolates ${attr...} when it places the task.
   nomad_addr = var.nomad_addr != "" ? var.nomad_addr : "${attr.unique.network.ip-address}:4646"
@@ -133,12 +142,28 @@ job "sundara-validator" {
       env {
         SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
         SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
       }
 
       template {
         data        = local.endpoints
-        destination = "local/endpoints.env"
+        destination = "secrets/endpoints.env"
+        perms       = "0600"
         env         = true
+      }
+
+      template {
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/ingress/ingress\" }}{{ .service_ingress }}{{ end }}"
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
       }
 
       resources {
@@ -181,18 +206,37 @@ job "sundara-validator" {
       env {
         SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
         SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
+        SUNDARA_SECRET_FILE  = "/secrets/validator.secret"
       }
 
       template {
         data        = local.endpoints
-        destination = "local/endpoints.env"
+        destination = "secrets/endpoints.env"
+        perms       = "0600"
         env         = true
       }
 
       template {
-        data        = local.secret_env
-        destination = "secrets/secret.env"
-        env         = true
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/scheduler/scheduler\" }}{{ .service_scheduler }}{{ end }}"
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/scheduler/scheduler\" }}{{ .validator_secret }}{{ end }}"
+        destination = "secrets/validator.secret"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
       }
 
       resources {
@@ -236,18 +280,37 @@ job "sundara-validator" {
       env {
         SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
         SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
+        SUNDARA_SECRET_FILE  = "/secrets/validator.secret"
       }
 
       template {
         data        = local.nats_endpoints
-        destination = "local/endpoints.env"
+        destination = "secrets/endpoints.env"
+        perms       = "0600"
         env         = true
       }
 
       template {
-        data        = local.secret_env
-        destination = "secrets/secret.env"
-        env         = true
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/verifier/verifier\" }}{{ .service_verifier }}{{ end }}"
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/verifier/verifier\" }}{{ .validator_secret }}{{ end }}"
+        destination = "secrets/validator.secret"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
       }
 
       resources {
@@ -290,12 +353,28 @@ job "sundara-validator" {
       env {
         SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
         SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
       }
 
       template {
         data        = local.endpoints
-        destination = "local/endpoints.env"
+        destination = "secrets/endpoints.env"
+        perms       = "0600"
         env         = true
+      }
+
+      template {
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/rewarder/rewarder\" }}{{ .service_rewarder }}{{ end }}"
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
       }
 
       resources {
@@ -350,17 +429,34 @@ job "sundara-validator" {
       env {
         SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
         SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
       }
 
       template {
         data        = local.endpoints
-        destination = "local/endpoints.env"
+        destination = "secrets/endpoints.env"
+        perms       = "0600"
         env         = true
       }
 
       template {
-        data        = local.token_env
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/autoscaler/autoscaler\" }}{{ .service_autoscaler }}{{ end }}"
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/autoscaler/autoscaler\" }}NOMAD_TOKEN={{ .nomad_token }}\n{{ end }}"
         destination = "secrets/nomad.env"
+        perms       = "0600"
         env         = true
       }
 

@@ -2,8 +2,11 @@
 # sundara-validator) and group `gpu-worker` (one GPU each, count set here). Each
 # allocation runs one worker whose id is the pool prefix and its allocation id, which is
 # how the autoscaler's Nomad driver maps a dead or quarantined worker to the allocation it
-# stops. Run after sundara-infra:
+# stops. The validator's own pool: every worker connects to NATS over TLS (pinning nats_ca)
+# as the NKey user `pool` (pool.nk of `sundara auth init`, for worker ids known only when
+# they start), both from this job's variable. Run after sundara-infra:
 #
+#   nomad var put nomad/jobs/sundara-workers nats_ca=@nats-tls/ca.pem pool=@nats-auth/pool.nk
 #   nomad job run infra/nomad/sundara-workers.nomad.hcl
 #   nomad job run -var gpu_count=2 infra/nomad/sundara-workers.nomad.hcl   # with GPU workers
 #
@@ -27,8 +30,8 @@ variable "gpu_image" {
   default     = "sundara:gpu"
 }
 
-variable "nats_url" {
-  description = "NATS URL; empty: the sundara-nats Nomad service."
+variable "nats_addr" {
+  description = "host:port of NATS (TLS; a name its certificate holds); empty: the sundara-nats Nomad service."
   type        = string
   default     = ""
 }
@@ -76,10 +79,13 @@ variable "gpu_slice" {
 }
 
 locals {
-  nats_env  = var.nats_url != "" ? "SUNDARA_NATS_URL=${var.nats_url}\n" : "{{ range nomadService \"sundara-nats\" }}SUNDARA_NATS_URL=nats://{{ .Address }}:{{ .Port }}\n{{ end }}"
+  nats_env  = var.nats_addr != "" ? "SUNDARA_NATS_URL=tls://${var.nats_addr}\n" : "{{ range nomadService \"sundara-nats\" }}SUNDARA_NATS_URL=tls://{{ .Address }}:{{ .Port }}\n{{ end }}"
   otlp_env  = var.otlp_endpoint != "" ? "OTEL_EXPORTER_OTLP_ENDPOINT=${var.otlp_endpoint}\n" : ""
   # Miners reach only NATS (their reports go through the scheduler's fleet gateway): no Redis.
   endpoints = "${local.nats_env}${local.otlp_env}"
+
+  nats_ca   = "{{ with nomadVar \"nomad/jobs/sundara-workers\" }}{{ .nats_ca }}{{ end }}"
+  pool_seed = "{{ with nomadVar \"nomad/jobs/sundara-workers\" }}{{ .pool }}{{ end }}"
 }
 
 job "sundara-workers" {
@@ -130,12 +136,27 @@ job "sundara-workers" {
       env {
         SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
         SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
       }
 
       template {
         data        = local.endpoints
         destination = "local/endpoints.env"
         env         = true
+      }
+
+      template {
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = local.pool_seed
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
       }
 
       resources {
@@ -182,12 +203,27 @@ job "sundara-workers" {
       env {
         SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
         SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
       }
 
       template {
         data        = local.endpoints
         destination = "local/endpoints.env"
         env         = true
+      }
+
+      template {
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = local.pool_seed
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
       }
 
       resources {
