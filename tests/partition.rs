@@ -1,7 +1,8 @@
 //! Miners on hosts of their own: each in a network namespace joined to this one by a veth
 //! link (iproute2, as root), made and removed by the test. A miner joins a TLS-secured
 //! `sundara up` from there with only its own key and the CA, as a new operator would from
-//! docs/mining.md; a miner cut off under load is replaced and rejoins. Where namespaces
+//! docs/mining.md; a miner cut off under load is replaced and rejoins; the verifier, and the
+//! scheduler with the autoscaler, cut off from NATS and Redis, lose no task. Where namespaces
 //! cannot be made (not root, no `ip`), each test says so and passes without running.
 
 use sundara_testkit as support;
@@ -235,6 +236,34 @@ async fn the_verifier_cut_off_from_nats_under_load_loses_no_task() {
     stack.more_accepted(&load, 120, Duration::from_secs(30)).await;
     net.restore();
     stack.step("the verifier's link restored");
+    stack.first_verified_after(&load, sundara_schemas::now_us(), Duration::from_secs(60)).await;
+    let accepted = load.stop().await;
+    let settled = stack.settle(&accepted, Duration::from_secs(90)).await;
+    assert_eq!(settled.verified, settled.accepted, "{settled:?}");
+    stack.assert_running();
+}
+
+/// The scheduler and the autoscaler on a host of their own (NATS and Redis reached over the
+/// link) are cut off under load and the link restored. Ingress goes on accepting; nothing
+/// is dispatched meanwhile; once back, the scheduler dispatches what waited in TASKS, and
+/// every accepted task is verified, none lost or delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_scheduler_cut_off_from_nats_and_redis_under_load_loses_no_task() {
+    let Some(net) = netns("s") else { return };
+    let options = StackOptions { nats_listen: Some(net.host_ip), ..StackOptions::new(2, &["w1", "w2"]) };
+    let mut stack = ProcessStack::start(options).await;
+    for service in ["scheduler", "autoscaler"] {
+        stack.kill_service(service);
+        stack.start_service_in(Some(&net), service);
+    }
+    let load = stack.load("scheduler-cut", 20);
+    stack.first_verified_after(&load, 0, Duration::from_secs(30)).await;
+    stack.more_accepted(&load, 40, Duration::from_secs(30)).await;
+    net.cut();
+    stack.step("the scheduler's link cut");
+    stack.more_accepted(&load, 80, Duration::from_secs(30)).await;
+    net.restore();
+    stack.step("the scheduler's link restored");
     stack.first_verified_after(&load, sundara_schemas::now_us(), Duration::from_secs(60)).await;
     let accepted = load.stop().await;
     let settled = stack.settle(&accepted, Duration::from_secs(90)).await;

@@ -185,6 +185,9 @@ pub struct ProcessStack {
     pub nats_url: String,
     /// The servers' CA: every process gets it (`SUNDARA_NATS_CA`).
     pub nats_tls: Option<sundara_common::tls::NatsTls>,
+    /// The address nats-server and redis-server listen on besides loopback (loopback
+    /// itself when none): processes in network namespaces reach them there.
+    pub listen: std::net::IpAddr,
     pub redis_url: String,
     pub js: jetstream::Context,
     pub client: Client,
@@ -245,6 +248,7 @@ impl ProcessStack {
             servers,
             nats_url: endpoint.url.clone(),
             nats_tls: endpoint.tls.clone(),
+            listen: options.nats_listen.unwrap_or(sundara::stack::LOOPBACK),
             redis_url,
             js,
             client: Client::new(connection, TENANT),
@@ -287,7 +291,7 @@ impl ProcessStack {
             .current_dir(project_root())
             .env("SUNDARA_NATS_URL", &self.nats_url)
             .envs(self.nats_tls.iter().flat_map(|t| t.env()))
-            .env("SUNDARA_REDIS_URL", &self.redis_url)
+            .env("SUNDARA_REDIS_URL", self.redis_url_from(netns))
             .env("SUNDARA_SECRET", std::str::from_utf8(SECRET).unwrap())
             .env("ORT_DYLIB_PATH", &self.ort_library)
             .env("NO_COLOR", "1")
@@ -297,14 +301,22 @@ impl ProcessStack {
         c
     }
 
+    /// The Redis URL as a process in `netns` (if given) reaches it: at the stack's listen
+    /// address rather than loopback.
+    fn redis_url_from(&self, netns: Option<&crate::netns::Netns>) -> String {
+        match netns {
+            Some(_) => self.redis_url.replace("@127.0.0.1:", &format!("@{}:", self.listen)),
+            None => self.redis_url.clone(),
+        }
+    }
+
     /// Starts service `name` (one of [`SERVICES`]); it must not be running.
     pub fn start_service(&mut self, name: &'static str) {
         self.start_service_in(None, name);
     }
 
-    /// Starts service `name` in `netns`, a host of its own, if given (it reaches NATS
-    /// there only; Redis stays on this host's loopback, so only a service that does not
-    /// use Redis, the verifier, can run there).
+    /// Starts service `name` in `netns`, a host of its own, if given: it reaches NATS and
+    /// Redis at the stack's listen address (start the stack with `nats_listen` the link's).
     pub fn start_service_in(&mut self, netns: Option<&crate::netns::Netns>, name: &'static str) {
         let mut args = vec![name];
         if name == "rewarder" {
@@ -529,9 +541,11 @@ impl ProcessStack {
 
     /// Starts an empty redis-server on the killed one's port (it kept nothing on disk).
     pub fn start_redis_empty(&mut self) {
+        let listen = self.listen;
         let stack = self.single();
         let binary = sundara::stack::redis_server_binary().unwrap();
-        stack.redis = sundara::stack::start_redis_on(&binary, stack.dir.path(), stack.redis.port).unwrap();
+        let (dir, port) = (stack.dir.path(), stack.redis.port);
+        stack.redis = sundara::stack::start_redis_on(&binary, dir, listen, port).unwrap();
         self.step("redis-server started again, empty");
     }
 

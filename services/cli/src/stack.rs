@@ -254,9 +254,9 @@ pub fn start_nats_on(
     Ok(ServerProcess { what: "nats-server", child, port, monitor_port: Some(monitor) })
 }
 
-/// Starts redis-server on a free port, without persistence.
+/// Starts redis-server on a free port of loopback, without persistence.
 pub fn start_redis(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError> {
-    on_free_ports(|| start_redis_on(binary, dir, free_port()?))
+    on_free_ports(|| start_redis_on(binary, dir, LOOPBACK, free_port()?))
 }
 
 /// Most memory the embedded redis-server may use. At the cap it refuses writes rather
@@ -306,14 +306,20 @@ pub fn redis_url(dir: &Path, port: u16) -> Result<String, StackError> {
     Ok(format!("redis://{REDIS_USER}:{password}@127.0.0.1:{port}/"))
 }
 
-/// Starts redis-server on `port`, without persistence (so a restart comes back empty),
-/// with at most [`REDIS_MAXMEMORY`] and no eviction, and an ACL ([`redis_config`]):
-/// connect with [`redis_url`].
-pub fn start_redis_on(binary: &Path, dir: &Path, port: u16) -> Result<ServerProcess, StackError> {
+/// Starts redis-server on `port` of loopback and `host` (validator services on other hosts
+/// reach it there), without persistence (so a restart comes back empty), with at most
+/// [`REDIS_MAXMEMORY`] and no eviction, and an ACL ([`redis_config`]): connect with
+/// [`redis_url`].
+pub fn start_redis_on(binary: &Path, dir: &Path, host: IpAddr, port: u16) -> Result<ServerProcess, StackError> {
     let conf = redis_config(dir)?;
+    let mut bind = vec![LOOPBACK.to_string()];
+    if host != LOOPBACK {
+        bind.push(host.to_string());
+    }
     let mut child = server_command(binary)
         .arg(&conf)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind"])
+        .args(&bind)
         .args(["--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"])
         .arg("--dir")
         .arg(dir)
@@ -404,7 +410,8 @@ impl LocalStack {
         let listen = options.listen;
         let nats =
             on_free_ports(|| start_nats_on(&nats_binary, dir.path(), listen, free_port()?, free_port()?, &nats_extra))?;
-        let redis = start_redis(&redis_server_binary()?, dir.path())?;
+        let redis_binary = redis_server_binary()?;
+        let redis = on_free_ports(|| start_redis_on(&redis_binary, dir.path(), listen, free_port()?))?;
         let nats_credentials = auth.map(|a| a.credentials(&crate::auth::Role::Validator));
         Ok(LocalStack { nats, redis, dir, nats_credentials, pki, nats_tls, nats_binary, nats_extra, listen })
     }
@@ -440,7 +447,7 @@ impl LocalStack {
     pub fn restart_redis_empty(&mut self) -> Result<(), StackError> {
         let port = self.redis.port;
         self.redis.kill();
-        self.redis = start_redis_on(&redis_server_binary()?, self.dir.path(), port)?;
+        self.redis = start_redis_on(&redis_server_binary()?, self.dir.path(), self.listen, port)?;
         Ok(())
     }
 
