@@ -170,6 +170,7 @@ fn write_context(path: &Path, stack: &LocalStack, auth: &AuthDir) {
     let context = Context {
         nats_url: endpoints.nats.url.clone(),
         redis_url: endpoints.redis_url.clone(),
+        redis_ca: endpoints.redis_ca.clone(),
         credentials_dir: Some(auth.dir.clone()),
         nats_credentials: endpoints.nats.credentials.clone(),
         nats_ca: endpoints.nats.tls.as_ref().map(|t| t.ca.clone()),

@@ -2421,6 +2421,7 @@ fn nats_servers_take_the_largest_submission() {
     let ingress = sundara_ingress::Config::new(sundara_common::Endpoints {
         nats: sundara_common::nats::NatsEndpoint::open("nats://127.0.0.1:4222"),
         redis_url: String::new(),
+        redis_ca: None,
     });
     assert_eq!(ingress.max_request_bytes, MAX_SUBMISSION_BYTES, "ingress' limit is the one constant");
     assert_eq!(sundara_common::admission::TenantLimits::default().max_payload_bytes, MAX_SUBMISSION_BYTES);

@@ -2,7 +2,8 @@
 //! a certificate of its own throwaway CA. A client that pins that CA connects; one that
 //! speaks plain text, trusts only the system's roots or pins another CA is refused, and
 //! with mutual TLS on so is one without a certificate the CA signed. Refusals are read
-//! from the error's kind ([`TlsFailure`]), never its text.
+//! from the error's kind ([`TlsFailure`]), never its text. Redis over TLS (`rediss://`,
+//! `up --redis-tls`) serves the whole pipeline and refuses clients that do not pin its CA.
 
 use sundara_testkit as support;
 
@@ -11,13 +12,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sundara::stack::{LocalStack, NatsOptions, project_root};
+use sundara::stack::{LocalStack, ServerOptions, project_root};
 use sundara_common::Error;
 use sundara_common::nats::{self, NatsEndpoint};
 use sundara_common::tls::{NatsTls, TlsFailure};
 
 fn stack(mutual_tls: bool) -> LocalStack {
-    LocalStack::start_with(&project_root(), None, &NatsOptions { mutual_tls, ..Default::default() })
+    LocalStack::start_with(&project_root(), None, &ServerOptions { mutual_tls, ..Default::default() })
         .expect("servers start (run scripts/setup)")
 }
 
@@ -154,4 +155,40 @@ async fn the_command_line_pins_the_ca_it_is_given() {
     let pki = sundara::tls::DevPki { dir: dir.clone() };
     let (cert, key) = pki.client_files("m1");
     pki.client_tls().with_client_cert(cert, key).check().unwrap();
+}
+
+/// redis-server speaking TLS only: the pipeline runs on it (every Redis client of every
+/// service over `rediss://`, pinning the stack's CA), and a plain client, one trusting only
+/// the system's roots and one pinning another CA are refused; a CA given with a plain
+/// `redis://` URL is a configuration error, not a silent plain connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_over_tls_serves_the_pipeline_and_refuses_clients_without_its_ca() {
+    use sundara_common::Capacity;
+    let options = ServerOptions { redis_tls: true, ..Default::default() };
+    let stack = LocalStack::start_with(&project_root(), None, &options).expect("servers start (run scripts/setup)");
+    let endpoints = stack.endpoints();
+    assert!(endpoints.redis_url.starts_with("rediss://"), "{}", sundara_common::redacted(&endpoints.redis_url));
+    assert_eq!(endpoints.redis_ca, Some(stack.pki.ca()));
+
+    let plain = endpoints.redis_url.replacen("rediss://", "redis://", 1);
+    assert!(Capacity::connect(&plain).await.is_err(), "a plain-text client was served");
+    assert!(Capacity::connect(&endpoints.redis_url).await.is_err(), "the system's roots trusted the stack's CA");
+    let other = tempfile::tempdir().unwrap();
+    let other = sundara::tls::init(other.path(), &[], false).unwrap();
+    assert!(Capacity::connect_with(&endpoints.redis_url, Some(&other.ca())).await.is_err(), "another CA trusted");
+    let misconfigured = Capacity::connect_with(&plain, Some(&stack.pki.ca())).await;
+    assert!(
+        matches!(&misconfigured, Err(Error::Redis(e)) if e.kind() == redis::ErrorKind::InvalidClientConfig),
+        "a CA with redis://: {:?}",
+        misconfigured.err()
+    );
+    Capacity::open(&endpoints).await.expect("the stack's own endpoints pin its CA");
+
+    let workers = vec![support::honest("w1", 1), support::honest("w2", 1)];
+    let policy = sundara_schemas::Policy { redundancy: 2, rule: support::RULE, audit_rate: 0.0 };
+    let mut h = support::Harness::start_on(stack, workers, policy, Duration::from_secs(10), |_| {}).await;
+    let requests = h.sample_requests(6, "rediss", 5, |_| "mlp");
+    let results = h.run_tasks(&requests).await;
+    h.assert_correct(&requests, &results);
+    h.stop().await;
 }

@@ -108,7 +108,7 @@ impl Harness {
         let pipeline = Pipeline::start(config).await;
         pipeline.ready(Duration::from_secs(30)).await.expect("pipeline starts");
         let client = Client::connect(&endpoints.nats, "test").await.unwrap();
-        let capacity = Capacity::connect(&endpoints.redis_url).await.unwrap();
+        let capacity = Capacity::open(&endpoints).await.unwrap();
         Harness { stack, pipeline: Some(pipeline), client, js, capacity, models, ort_library, cache, children: vec![] }
     }
 

@@ -213,7 +213,7 @@ impl ProcessStack {
         sundara_runtime::init(&ort_library).unwrap();
         let (servers, endpoint, redis_url, replicas) = match options.cluster {
             None => {
-                let nats = sundara::stack::NatsOptions {
+                let nats = sundara::stack::ServerOptions {
                     listen: options.nats_listen.unwrap_or(sundara::stack::LOOPBACK),
                     ..Default::default()
                 };
@@ -541,11 +541,7 @@ impl ProcessStack {
 
     /// Starts an empty redis-server on the killed one's port (it kept nothing on disk).
     pub fn start_redis_empty(&mut self) {
-        let listen = self.listen;
-        let stack = self.single();
-        let binary = sundara::stack::redis_server_binary().unwrap();
-        let (dir, port) = (stack.dir.path(), stack.redis.port);
-        stack.redis = sundara::stack::start_redis_on(&binary, dir, listen, port).unwrap();
+        self.single().start_redis_again().unwrap();
         self.step("redis-server started again, empty");
     }
 

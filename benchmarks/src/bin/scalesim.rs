@@ -186,7 +186,7 @@ async fn main() -> Result<()> {
 
 fn scan_of(args: &Args) -> usize {
     let defaults = sundara_scheduler::Config::new(
-        Endpoints { nats: sundara_common::nats::NatsEndpoint::open(""), redis_url: String::new() },
+        Endpoints { nats: sundara_common::nats::NatsEndpoint::open(""), redis_url: String::new(), redis_ca: None },
         sundara_common::validator_key::Secret::new(SECRET),
     );
     args.scan.unwrap_or(defaults.scan)

@@ -513,7 +513,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Aut
     let js = jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let work = js.get_stream(subj::WORK_STREAM).await.map_err(js_err)?;
-    let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
+    let capacity = Capacity::open(&config.endpoints).await?;
     let scaling = match config.scaling.clone() {
         Some(scaling) => {
             let (driver, prefix) = scaling.driver.build();

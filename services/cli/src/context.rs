@@ -34,6 +34,9 @@ pub enum ContextError {
 pub struct Context {
     pub nats_url: String,
     pub redis_url: String,
+    /// The CA a `rediss://` redis-server's certificate is signed by (`up --redis-tls`).
+    #[serde(default)]
+    pub redis_ca: Option<PathBuf>,
     /// Every NATS user's seed (`validator.nk`, `tenant-<t>.nk`, `miner-<w>.nk`); `None` when
     /// NATS runs without auth.
     pub credentials_dir: Option<PathBuf>,
@@ -75,6 +78,8 @@ pub struct Settings {
     /// `--nats-cert` and `--nats-key`: the client certificate for mutual TLS.
     pub nats_client_cert: Option<(PathBuf, PathBuf)>,
     pub redis: Option<String>,
+    /// `--redis-ca`: the CA a `rediss://` Redis must present a certificate of.
+    pub redis_ca: Option<PathBuf>,
 }
 
 impl Settings {
@@ -91,9 +96,14 @@ impl Settings {
         let ca = self.nats_ca.or_else(|| context.and_then(|c| c.nats_ca.clone()));
         let client_cert = self.nats_client_cert.or_else(|| context.and_then(|c| c.nats_client_cert.clone()));
         let tls = ca.map(|ca| sundara_common::tls::NatsTls { ca, client_cert });
-        let redis_url =
-            self.redis.or_else(|| context.map(|c| c.redis_url.clone())).unwrap_or_else(|| DEFAULT_REDIS.into());
-        sundara_common::Endpoints { nats: sundara_common::nats::NatsEndpoint { url, credentials, tls }, redis_url }
+        // The context's CA goes with the context's Redis only.
+        let (redis_url, redis_ca) = match (self.redis, context) {
+            (Some(url), _) => (url, self.redis_ca),
+            (None, Some(c)) => (c.redis_url.clone(), self.redis_ca.or_else(|| c.redis_ca.clone())),
+            (None, None) => (DEFAULT_REDIS.into(), self.redis_ca),
+        };
+        let nats = sundara_common::nats::NatsEndpoint { url, credentials, tls };
+        sundara_common::Endpoints { nats, redis_url, redis_ca }
     }
 }
 
@@ -268,6 +278,7 @@ mod tests {
         Context {
             nats_url: "nats://127.0.0.1:1".into(),
             redis_url: "redis://127.0.0.1:2/".into(),
+            redis_ca: None,
             credentials_dir: Some(dir.to_path_buf()),
             nats_credentials: Some(dir.join("validator.nk")),
             nats_ca: Some(dir.join("ca.pem")),

@@ -76,6 +76,10 @@ enum Command {
         /// a certificate of the stack's CA (the context gives the commands one).
         #[arg(long, conflicts_with = "external")]
         mutual_tls: bool,
+        /// The embedded redis-server speaks TLS only (`rediss://`, a certificate of the
+        /// stack's CA; the context gives the commands the CA).
+        #[arg(long, conflicts_with = "external")]
+        redis_tls: bool,
         /// The address the embedded nats-server listens on (its certificate names it):
         /// loopback, or one that miners on other hosts reach.
         #[arg(long, default_value = "127.0.0.1", conflicts_with = "external")]
@@ -203,6 +207,10 @@ struct RedisArgs {
     /// Redis [default: the running `sundara up`'s, else redis://127.0.0.1:6379/]
     #[arg(long = "redis", env = "SUNDARA_REDIS_URL", global = true)]
     url: Option<String>,
+    /// CA certificate (PEM) a `rediss://` Redis's certificate must be signed by, the only
+    /// one trusted [default: the system's roots]
+    #[arg(long = "redis-ca", env = "SUNDARA_REDIS_CA", global = true)]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -439,15 +447,16 @@ fn endpoints(cli: &Cli) -> Endpoints {
         | Command::Ingress { redis, .. }
         | Command::Scheduler { redis, .. }
         | Command::Rewarder { redis, .. }
-        | Command::Autoscaler { redis, .. } => redis.url.clone(),
-        _ => None,
+        | Command::Autoscaler { redis, .. } => (redis.url.clone(), redis.ca.clone()),
+        _ => (None, None),
     };
     let settings = sundara::context::Settings {
         nats: cli.nats.clone(),
         nats_creds: cli.nats_creds.clone(),
         nats_ca: cli.nats_ca.clone(),
         nats_client_cert: cli.nats_cert.clone().zip(cli.nats_key.clone()),
-        redis: redis.or_else(|| cli.redis.clone()),
+        redis: redis.0.or_else(|| cli.redis.clone()),
+        redis_ca: redis.1,
     };
     let acting_as = match &cli.command {
         Command::Up { .. } => return settings.resolve(None, None),
@@ -533,7 +542,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         sundara_common::metrics::install(cli.metrics_addr)?;
     }
     match cli.command {
-        Command::Up { once, tasks, workers, external, autoscale, mutual_tls, nats_listen, redis: _ } => {
+        Command::Up { once, tasks, workers, external, autoscale, mutual_tls, redis_tls, nats_listen, redis: _ } => {
             let opts = sundara::up::UpOptions {
                 once,
                 tasks,
@@ -541,7 +550,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 endpoints: external.then_some(endpoints),
                 metrics: cli.metrics_addr,
                 autoscale,
-                nats: sundara::stack::NatsOptions { listen: nats_listen, mutual_tls },
+                nats: sundara::stack::ServerOptions { listen: nats_listen, mutual_tls, redis_tls },
             };
             sundara::up::up(opts).await
         }
@@ -555,7 +564,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         }
         Command::Rewards { epoch, explain } => rewards(&nats, epoch, explain).await,
         Command::Fleet { command, redis: _ } => {
-            let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
+            let capacity = sundara_common::Capacity::open(&endpoints).await?;
             match command {
                 None => print!("{}", sundara::fleet::table(&capacity).await?),
                 Some(FleetCommand::Quarantined) => print!("{}", sundara::fleet::quarantined(&capacity).await?),
@@ -570,7 +579,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 bail!("--every must be at least 0.1 s");
             }
             let (js, _) = registry(&nats).await?;
-            let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
+            let capacity = sundara_common::Capacity::open(&endpoints).await?;
             sundara::status::watch(&js, &capacity, Duration::from_secs_f64(every), once).await?;
             Ok(())
         }
@@ -645,7 +654,7 @@ async fn models(command: ModelsCommand, endpoints: &Endpoints) -> anyhow::Result
             for warning in sundara::models::policy_warnings(meta) {
                 eprintln!("{warning}");
             }
-            match sundara::models::fleet_operators(&endpoints.redis_url).await {
+            match sundara::models::fleet_operators(endpoints).await {
                 Ok(operators) => {
                     if let Some(warning) = sundara::models::fleet_warning(meta, &operators) {
                         eprintln!("{warning}");

@@ -120,9 +120,9 @@ pub fn fleet_warning(meta: &ModelMeta, operators: &[String]) -> Option<String> {
 
 /// The live operators of the fleet, for [`fleet_warning`]; `Err` with why when Redis
 /// cannot be read within 2 s (a client machine often cannot reach it).
-pub async fn fleet_operators(redis_url: &str) -> Result<Vec<String>, FleetUnread> {
+pub async fn fleet_operators(endpoints: &sundara_common::Endpoints) -> Result<Vec<String>, FleetUnread> {
     let read = async {
-        let capacity = Capacity::connect(redis_url).await?;
+        let capacity = Capacity::open(endpoints).await?;
         capacity.live_operators(None).await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {

@@ -190,7 +190,7 @@ impl Pipeline {
     pub async fn ready(&self, within: Duration) -> Result<(), NotReady> {
         let deadline = tokio::time::Instant::now() + within;
         let nats = sundara_common::nats::connect(&self.config.endpoints.nats, "sundara-ready").await?;
-        let capacity = Capacity::connect(&self.config.endpoints.redis_url).await?;
+        let capacity = Capacity::open(&self.config.endpoints).await?;
         loop {
             if let Some(failed) = self.failed() {
                 return Err(NotReady::Stopped(failed));

@@ -256,7 +256,7 @@ pub fn start_nats_on(
 
 /// Starts redis-server on a free port of loopback, without persistence.
 pub fn start_redis(binary: &Path, dir: &Path) -> Result<ServerProcess, StackError> {
-    on_free_ports(|| start_redis_on(binary, dir, LOOPBACK, free_port()?))
+    on_free_ports(|| start_redis_on(binary, dir, LOOPBACK, free_port()?, None))
 }
 
 /// Most memory the embedded redis-server may use. At the cap it refuses writes rather
@@ -309,16 +309,42 @@ pub fn redis_url(dir: &Path, port: u16) -> Result<String, StackError> {
 /// Starts redis-server on `port` of loopback and `host` (validator services on other hosts
 /// reach it there), without persistence (so a restart comes back empty), with at most
 /// [`REDIS_MAXMEMORY`] and no eviction, and an ACL ([`redis_config`]): connect with
-/// [`redis_url`].
-pub fn start_redis_on(binary: &Path, dir: &Path, host: IpAddr, port: u16) -> Result<ServerProcess, StackError> {
+/// [`redis_url`]. With `tls`, it speaks TLS only on that port (`rediss://`), with `tls`'s
+/// server certificate, clients not asked for one.
+pub fn start_redis_on(
+    binary: &Path,
+    dir: &Path,
+    host: IpAddr,
+    port: u16,
+    tls: Option<&crate::tls::DevPki>,
+) -> Result<ServerProcess, StackError> {
     let conf = redis_config(dir)?;
     let mut bind = vec![LOOPBACK.to_string()];
     if host != LOOPBACK {
         bind.push(host.to_string());
     }
+    let ports: Vec<std::ffi::OsString> = match tls {
+        None => ["--port".into(), port.to_string().into()].into(),
+        Some(pki) => [
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string().into(),
+            "--tls-cert-file".into(),
+            pki.server_cert().into(),
+            "--tls-key-file".into(),
+            pki.server_key().into(),
+            "--tls-ca-cert-file".into(),
+            pki.ca().into(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+        .into(),
+    };
     let mut child = server_command(binary)
         .arg(&conf)
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind"])
+        .args(&ports)
+        .args(["--save", "", "--appendonly", "no", "--bind"])
         .args(&bind)
         .args(["--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"])
         .arg("--dir")
@@ -351,22 +377,27 @@ pub struct LocalStack {
     nats_extra: String,
     /// The address nats-server's client port listens on.
     pub listen: IpAddr,
+    /// Whether redis-server speaks TLS only (`rediss://`, the stack's CA).
+    pub redis_tls: bool,
 }
 
-/// How a [`LocalStack`]'s nats-server is reached and whom it lets in.
+/// How a [`LocalStack`]'s servers are reached and whom they let in.
 #[derive(Clone, Debug)]
-pub struct NatsOptions {
-    /// The address its client port listens on (its certificate names it): loopback, or
-    /// one other hosts reach (a network namespace's link, a LAN).
+pub struct ServerOptions {
+    /// The address nats-server's client port (and redis-server, besides loopback) listens
+    /// on (the certificate names it): loopback, or one other hosts reach (a network
+    /// namespace's link, a LAN).
     pub listen: IpAddr,
-    /// Clients must present a certificate of the stack's CA (the endpoints present one
-    /// named `validator`; sign others with [`crate::tls::client`]).
+    /// NATS clients must present a certificate of the stack's CA (the endpoints present
+    /// one named `validator`; sign others with [`crate::tls::client`]).
     pub mutual_tls: bool,
+    /// redis-server speaks TLS only (`rediss://`), with a certificate of the stack's CA.
+    pub redis_tls: bool,
 }
 
-impl Default for NatsOptions {
-    fn default() -> NatsOptions {
-        NatsOptions { listen: LOOPBACK, mutual_tls: false }
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions { listen: LOOPBACK, mutual_tls: false, redis_tls: false }
     }
 }
 
@@ -378,14 +409,14 @@ pub const AUTH_CONF: &str = "auth.conf";
 impl LocalStack {
     /// NATS without auth (TLS on), and Redis.
     pub fn start(root: &Path) -> Result<LocalStack, StackError> {
-        LocalStack::start_with(root, None, &NatsOptions::default())
+        LocalStack::start_with(root, None, &ServerOptions::default())
     }
 
     /// As [`LocalStack::start`], with NATS' users and permissions from `sundara auth init`
     /// (see [`crate::auth`]) in [`LocalStack::auth_config`]; the stack's endpoints connect
     /// as the validator.
     pub fn start_secured(root: &Path, auth: &crate::auth::AuthDir) -> Result<LocalStack, StackError> {
-        LocalStack::start_with(root, Some(auth), &NatsOptions::default())
+        LocalStack::start_with(root, Some(auth), &ServerOptions::default())
     }
 
     /// The stack with NATS' users from `auth` (when given), listening and verifying
@@ -393,7 +424,7 @@ impl LocalStack {
     pub fn start_with(
         root: &Path,
         auth: Option<&crate::auth::AuthDir>,
-        options: &NatsOptions,
+        options: &ServerOptions,
     ) -> Result<LocalStack, StackError> {
         let mutual_tls = options.mutual_tls;
         let dir = tempfile::Builder::new().prefix("sundara-stack-").tempdir()?;
@@ -411,9 +442,11 @@ impl LocalStack {
         let nats =
             on_free_ports(|| start_nats_on(&nats_binary, dir.path(), listen, free_port()?, free_port()?, &nats_extra))?;
         let redis_binary = redis_server_binary()?;
-        let redis = on_free_ports(|| start_redis_on(&redis_binary, dir.path(), listen, free_port()?))?;
+        let redis_tls = options.redis_tls.then_some(&pki);
+        let redis = on_free_ports(|| start_redis_on(&redis_binary, dir.path(), listen, free_port()?, redis_tls))?;
         let nats_credentials = auth.map(|a| a.credentials(&crate::auth::Role::Validator));
-        Ok(LocalStack { nats, redis, dir, nats_credentials, pki, nats_tls, nats_binary, nats_extra, listen })
+        let redis_tls = options.redis_tls;
+        Ok(LocalStack { nats, redis, dir, nats_credentials, pki, nats_tls, nats_binary, nats_extra, listen, redis_tls })
     }
 
     /// nats-server's config file.
@@ -445,9 +478,15 @@ impl LocalStack {
     /// Kills Redis and starts an empty one on the same port (fault injection: every
     /// client's connection manager reconnects to it).
     pub fn restart_redis_empty(&mut self) -> Result<(), StackError> {
-        let port = self.redis.port;
         self.redis.kill();
-        self.redis = start_redis_on(&redis_server_binary()?, self.dir.path(), self.listen, port)?;
+        self.start_redis_again()
+    }
+
+    /// Starts redis-server again, empty, after [`ServerProcess::kill`], on the same port
+    /// and as before (TLS or not).
+    pub fn start_redis_again(&mut self) -> Result<(), StackError> {
+        let tls = self.redis_tls.then_some(&self.pki);
+        self.redis = start_redis_on(&redis_server_binary()?, self.dir.path(), self.listen, self.redis.port, tls)?;
         Ok(())
     }
 
@@ -459,7 +498,9 @@ impl LocalStack {
                 tls: Some(self.nats_tls.clone()),
             },
             redis_url: redis_url(self.dir.path(), self.redis.port)
+                .map(|url| if self.redis_tls { url.replacen("redis://", "rediss://", 1) } else { url })
                 .expect("the stack's redis password is in its directory"),
+            redis_ca: self.redis_tls.then(|| self.pki.ca()),
         }
     }
 }

@@ -35,7 +35,7 @@ pub struct UpOptions {
     pub autoscale: Option<usize>,
     /// Where the embedded nats-server listens, and whether it verifies clients (mutual
     /// TLS: every connection presents a certificate of the stack's CA).
-    pub nats: crate::stack::NatsOptions,
+    pub nats: crate::stack::ServerOptions,
 }
 
 /// Pushes the demo models (k=3 so that one liar is always outvoted).
@@ -248,7 +248,7 @@ fn watch_interruptions() -> Shutdown {
 /// directory), verifying clients' certificates too with `mutual_tls`.
 fn start_servers(
     external: Option<Endpoints>,
-    nats: &crate::stack::NatsOptions,
+    nats: &crate::stack::ServerOptions,
     claim: Option<&context::Claim>,
     root: &std::path::Path,
     miner_ids: &[String],
@@ -366,7 +366,7 @@ async fn print_outcome(
     liar: Option<&str>,
 ) -> anyhow::Result<()> {
     println!();
-    let capacity = sundara_common::Capacity::connect(&endpoints.redis_url).await?;
+    let capacity = sundara_common::Capacity::open(endpoints).await?;
     print!("{}", crate::fleet::table(&capacity).await?);
     println!();
     // Failures stand out: the demo exits 0 whatever happened, so this line must say it.
@@ -446,6 +446,7 @@ fn publish_context(
     let ctx = context::Context {
         nats_url: endpoints.nats.url.clone(),
         redis_url: endpoints.redis_url.clone(),
+        redis_ca: endpoints.redis_ca.clone(),
         credentials_dir: auth.map(|a| a.dir.clone()),
         nats_credentials: endpoints.nats.credentials.clone(),
         nats_ca: endpoints.nats.tls.as_ref().map(|t| t.ca.clone()),

@@ -241,9 +241,39 @@ pub enum Placement {
     Random,
 }
 
+/// A Redis client for `url`, over TLS pinned to `ca` where given (see
+/// [`Capacity::connect_with`]).
+pub fn redis_client(url: &str, ca: Option<&std::path::Path>) -> Result<redis::Client, redis::RedisError> {
+    let invalid = |what: String| redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "Redis TLS", what));
+    match ca {
+        None => redis::Client::open(url),
+        Some(_) if !url.starts_with("rediss://") => {
+            Err(invalid(format!("a CA is given for {}, which is not a rediss:// URL", crate::redacted(url))))
+        }
+        Some(ca) => {
+            let root_cert = std::fs::read(ca).map_err(|e| invalid(format!("the CA {}: {e}", ca.display())))?;
+            let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
+            redis::Client::build_with_tls(url, certificates)
+        }
+    }
+}
+
 impl Capacity {
     pub async fn connect(url: &str) -> Result<Capacity, Error> {
-        let client = redis::Client::open(url)?;
+        Capacity::connect_with(url, None).await
+    }
+
+    /// Connects to the Redis of `endpoints`: over TLS for a `rediss://` URL, trusting only
+    /// its CA when it names one.
+    pub async fn open(endpoints: &crate::Endpoints) -> Result<Capacity, Error> {
+        Capacity::connect_with(&endpoints.redis_url, endpoints.redis_ca.as_deref()).await
+    }
+
+    /// Connects to `url`; a `rediss://` server's certificate must be signed by `ca` if given
+    /// (else by one of the system's roots). A CA for a plain `redis://` URL is refused: TLS
+    /// was meant and would silently not be used.
+    pub async fn connect_with(url: &str, ca: Option<&std::path::Path>) -> Result<Capacity, Error> {
+        let client = redis_client(url, ca)?;
         let con = tokio::time::timeout(std::time::Duration::from_secs(10), ConnectionManager::new(client))
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out connecting to Redis")))??;

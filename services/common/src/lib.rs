@@ -26,13 +26,21 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 #[derive(Clone)]
 pub struct Endpoints {
     pub nats: nats::NatsEndpoint,
-    /// `redis://[user:password@]host:port/`: the password never shows in `Debug` output.
+    /// `redis://[user:password@]host:port/` (`rediss://` for TLS): the password never
+    /// shows in `Debug` output.
     pub redis_url: String,
+    /// The CA certificate (PEM) a `rediss://` server's certificate must be signed by: the
+    /// only one trusted. `None`: the system's roots.
+    pub redis_ca: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Endpoints {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoints").field("nats", &self.nats).field("redis_url", &redacted(&self.redis_url)).finish()
+        f.debug_struct("Endpoints")
+            .field("nats", &self.nats)
+            .field("redis_url", &redacted(&self.redis_url))
+            .field("redis_ca", &self.redis_ca)
+            .finish()
     }
 }
 
@@ -149,6 +157,7 @@ mod tests {
         let e = super::Endpoints {
             nats: super::nats::NatsEndpoint::open("tls://127.0.0.1:4222"),
             redis_url: "redis://sundara:hunter2hunter2@127.0.0.1:6379/".into(),
+            redis_ca: None,
         };
         let shown = format!("{e:?}");
         assert!(!shown.contains("hunter2") && shown.contains("redis://sundara:***@127.0.0.1:6379/"), "{shown}");

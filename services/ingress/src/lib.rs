@@ -534,7 +534,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ing
     let js = async_nats::jetstream::new(client.clone());
     nats::provision(&js, &config.retention).await?;
     let registry = Registry::open(&js).await?;
-    let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
+    let capacity = Capacity::open(&config.endpoints).await?;
     let service = client
         .service_builder()
         .description("Sundara task submission")

@@ -521,7 +521,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Rew
     let mut closes = client.subscribe(CLOSE_EPOCH_SUBJECT).await.map_err(js_err)?;
     let capacity = match config.quarantine_after {
         0 => None,
-        _ => Some(Capacity::connect(&config.endpoints.redis_url).await?),
+        _ => Some(Capacity::open(&config.endpoints).await?),
     };
     let mut rewarder = Rewarder {
         config,

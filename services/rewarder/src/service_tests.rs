@@ -104,6 +104,7 @@ fn config(url: &str) -> Config {
     let mut config = Config::new(Endpoints {
         nats: sundara_common::nats::NatsEndpoint::open(url),
         redis_url: "redis://unused".into(),
+        redis_ca: None,
     });
     config.epoch_length = Duration::from_secs(3600);
     config.flush_interval = Duration::from_millis(20);

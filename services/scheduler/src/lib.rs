@@ -591,7 +591,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
         &config.retention,
     )
     .await?;
-    let capacity = Capacity::connect(&config.endpoints.redis_url).await?;
+    let capacity = Capacity::open(&config.endpoints).await?;
     let tasks = js.get_stream(subj::TASKS_STREAM).await.map_err(js_err)?;
     // One consumer per priority class, each with its own dispatch concurrency: a backlog of
     // low-priority tasks never holds back the delivery of a high-priority one.
