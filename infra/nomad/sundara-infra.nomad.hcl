@@ -95,6 +95,12 @@ job "sundara-infra" {
         args  = ["nats-server", "-c", "/secrets/nats.conf", "-js", "-sd", "/data", "-m", "8222"]
       }
 
+      # Go's soft memory limit: without it the heap grows to twice the streams' state
+      # between collections (docs/reliability.md, the 30-minute soak). Size it to the node.
+      env {
+        GOMEMLIMIT = "3GiB"
+      }
+
       # infra/nats.conf's settings (tests/deployment.rs serves both with the real server):
       # max_payload for the largest submission ingress accepts, TLS only on the client port,
       # and the users of `sundara auth init`. An include is relative to this file's directory.
