@@ -95,11 +95,18 @@ pub enum Service {
     Verifier,
     Rewarder,
     Autoscaler,
+    Gateway,
 }
 
 impl Service {
-    pub const ALL: [Service; 5] =
-        [Service::Ingress, Service::Scheduler, Service::Verifier, Service::Rewarder, Service::Autoscaler];
+    pub const ALL: [Service; 6] = [
+        Service::Ingress,
+        Service::Scheduler,
+        Service::Verifier,
+        Service::Rewarder,
+        Service::Autoscaler,
+        Service::Gateway,
+    ];
 
     /// Its subcommand's name: `ingress`, `scheduler`, ...
     pub fn name(self) -> &'static str {
@@ -109,6 +116,7 @@ impl Service {
             Service::Verifier => "verifier",
             Service::Rewarder => "rewarder",
             Service::Autoscaler => "autoscaler",
+            Service::Gateway => "gateway",
         }
     }
 
@@ -347,6 +355,17 @@ fn service_permissions(s: Service, inbox: String) -> Permissions {
             subscribe.push(subj::REPORT_ALL.into());
             allow_responses = true;
         }
+        Service::Gateway => {
+            // Submits for the tenants its API keys name, and reads their results: every
+            // one as published, and one by one from RESULTS where the subscription missed it.
+            let results = subj::RESULTS_STREAM;
+            publish.extend([
+                subj::SUBMIT_ALL.into(),
+                format!("$JS.API.DIRECT.GET.{results}"),
+                format!("$JS.API.DIRECT.GET.{results}.>"),
+            ]);
+            subscribe.push(subj::RESULT_ALL.into());
+        }
     }
     Permissions { publish, subscribe, allow_responses }
 }
@@ -546,7 +565,7 @@ mod tests {
             assert_eq!(Role::from_file_name(&role.file_name()), Some(role));
         }
         assert_eq!(Role::from_file_name("tenant-a.b.nk"), None);
-        assert_eq!(Role::from_file_name("service-gateway.nk"), None, "no such service");
+        assert_eq!(Role::from_file_name("service-router.nk"), None, "no such service");
         assert_eq!(Role::from_file_name("auth.conf"), None);
     }
 
@@ -654,6 +673,7 @@ mod tests {
             Service::Verifier => vec!["sundara.result.a.t", "sundara.verdict.t", "sundara.deadtask.t"],
             Service::Rewarder => vec!["sundara.reward.t", "sundara.reward.epoch", "$KV.rewards.ledger"],
             Service::Autoscaler => vec!["sundara.fleet.dead", "sundara.control.m1", "$JS.API.STREAM.PURGE.WORK"],
+            Service::Gateway => vec!["sundara.submit.a"],
         };
         let all: Vec<&str> = Service::ALL.iter().flat_map(|s| produces(*s)).collect();
         for s in Service::ALL {
@@ -668,9 +688,10 @@ mod tests {
             for change in ["CREATE", "UPDATE", "DELETE"] {
                 assert!(!covers(&p.publish, &format!("$JS.API.STREAM.{change}.TASKS")), "{s:?} may {change} a stream");
             }
-            assert!(!covers(&p.publish, "sundara.submit.a"), "{s:?} submits");
+            assert_eq!(covers(&p.publish, "sundara.submit.a"), s == Service::Gateway, "{s:?} submits");
             assert!(!covers(&p.subscribe, "_INBOX_OTHER.x"), "{s:?} reads another's inbox");
-            assert!(!covers(&p.subscribe, "sundara.result.a.t"), "{s:?} reads results outside JetStream");
+            let reads_results = covers(&p.subscribe, "sundara.result.a.t");
+            assert_eq!(reads_results, s == Service::Gateway, "{s:?} reads results outside JetStream");
         }
     }
 
@@ -724,7 +745,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = init(dir.path(), &["a".into()], &["m1".into()]).unwrap();
         let second = init(dir.path(), &[], &["m2".into()]).unwrap();
-        assert_eq!(second.users.len(), 10, "validator, the pool, five services, a, m1 and m2");
+        assert_eq!(second.users.len(), 11, "validator, the pool, six services, a, m1 and m2");
         for (role, key) in &first.users {
             assert_eq!(&second.users[role], key, "{role:?} kept its key");
         }

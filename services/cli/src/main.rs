@@ -199,6 +199,9 @@ enum Command {
     },
     /// Run a worker (miner).
     Worker(sundara_worker::Args),
+    /// Run the HTTP gateway: KServe v2 (`/v2/...`) and OpenAI (`/v1/models`) in front of the
+    /// verified pipeline, each request as the tenant its API key names.
+    Gateway(sundara_gateway::Args),
 }
 
 /// `--redis`, on the commands that use Redis.
@@ -525,6 +528,7 @@ fn service_name(command: &Command) -> &'static str {
         Command::Rewarder { .. } => "sundara-rewarder",
         Command::Autoscaler { .. } => "sundara-autoscaler",
         Command::Worker(_) => "sundara-worker",
+        Command::Gateway(_) => "sundara-gateway",
         // `up` runs every service in one process.
         Command::Up { .. } => "sundara",
         _ => "sundara-cli",
@@ -591,7 +595,8 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         | Command::Verifier(_)
         | Command::Rewarder { .. }
         | Command::Autoscaler { .. }
-        | Command::Worker(_)) => serve(service, endpoints).await,
+        | Command::Worker(_)
+        | Command::Gateway(_)) => serve(service, endpoints).await,
     }
 }
 
@@ -835,6 +840,10 @@ async fn serve(command: Command, endpoints: Endpoints) -> anyhow::Result<()> {
             let config =
                 sundara_worker::Config::from_args(args, endpoints.nats, lib, cache).map_err(anyhow::Error::msg)?;
             run_service(sundara_worker::run(config, shutdown.clone()), shutdown).await
+        }
+        Command::Gateway(args) => {
+            let config = sundara_gateway::Config::from_args(args, endpoints)?;
+            run_service(sundara_gateway::run(config, shutdown.clone()), shutdown).await
         }
         _ => unreachable!("serve() runs services only"),
     }

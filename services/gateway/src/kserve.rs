@@ -1,0 +1,225 @@
+//! The KServe v2 / Open Inference Protocol's JSON tensors, to and from Sundara's tensors:
+//! `{"name", "shape", "datatype", "data"}`, `data` flat in row-major order (nested arrays
+//! are flattened, as the protocol allows). Pure: tested without I/O.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sundara_schemas::{DType, ModelMeta, Tensor, TensorSpec};
+
+/// `POST /v2/models/{name}/infer`'s body.
+#[derive(Debug, Deserialize)]
+pub struct InferRequest {
+    /// Echoed in the response.
+    #[serde(default)]
+    pub id: Option<String>,
+    pub inputs: Vec<JsonTensor>,
+    /// Which outputs to return (all when absent).
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestedOutput {
+    pub name: String,
+}
+
+/// One tensor as the protocol writes it.
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+pub struct JsonTensor {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub datatype: String,
+    pub data: Value,
+}
+
+/// The response of a verified inference.
+#[derive(Debug, Serialize)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub outputs: Vec<JsonTensor>,
+}
+
+/// A tensor's metadata: `shape` with -1 for a dimension of any size.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+/// `GET /v2/models/{name}[/versions/{v}]`.
+#[derive(Debug, Serialize)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: &'static str,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+impl ModelMetadata {
+    pub fn of(meta: &ModelMeta, versions: Vec<String>) -> ModelMetadata {
+        let specs = |specs: &[TensorSpec]| specs.iter().map(tensor_metadata).collect();
+        ModelMetadata {
+            name: meta.name.clone(),
+            versions,
+            platform: "onnxruntime_onnx",
+            inputs: specs(&meta.inputs),
+            outputs: specs(&meta.outputs),
+        }
+    }
+}
+
+fn tensor_metadata(spec: &TensorSpec) -> TensorMetadata {
+    TensorMetadata {
+        name: spec.name.clone(),
+        datatype: datatype(spec.dtype),
+        shape: spec.shape.iter().map(|d| d.map_or(-1, |d| d as i64)).collect(),
+    }
+}
+
+/// The protocol's name of `dtype`.
+pub fn datatype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "FP32",
+        DType::F64 => "FP64",
+        DType::I8 => "INT8",
+        DType::U8 => "UINT8",
+        DType::I16 => "INT16",
+        DType::I32 => "INT32",
+        DType::I64 => "INT64",
+        DType::Bool => "BOOL",
+    }
+}
+
+/// Why a JSON tensor is not one Sundara can take.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TensorError {
+    #[error(
+        "input {name}: datatype {datatype:?} is not supported (BOOL, UINT8, INT8, INT16, INT32, INT64, FP32, FP64)"
+    )]
+    Datatype { name: String, datatype: String },
+    #[error("input {name}: shape {shape:?} has {want} elements, data has {got}")]
+    Count { name: String, shape: Vec<u64>, want: u64, got: usize },
+    #[error("input {name}: element {index} is not a {datatype} value")]
+    Element { name: String, index: usize, datatype: String },
+    #[error("input {name}: shape {shape:?} is too large")]
+    Shape { name: String, shape: Vec<u64> },
+}
+
+/// Flattens nested arrays (row-major), at most `max` scalars.
+fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>, max: u64) {
+    match value {
+        Value::Array(items) => {
+            for item in items {
+                if out.len() as u64 > max {
+                    return;
+                }
+                flatten(item, out, max);
+            }
+        }
+        scalar => out.push(scalar),
+    }
+}
+
+impl JsonTensor {
+    /// This tensor in Sundara's form: the elements checked against the datatype and
+    /// counted against the shape before anything is allocated from the shape's claim.
+    pub fn to_tensor(&self) -> Result<Tensor, TensorError> {
+        let name = self.name.clone();
+        let Some(want) = Tensor::checked_elements(&self.shape) else {
+            return Err(TensorError::Shape { name, shape: self.shape.clone() });
+        };
+        let mut scalars = Vec::new();
+        flatten(&self.data, &mut scalars, want);
+        if scalars.len() as u64 != want {
+            return Err(TensorError::Count { name, shape: self.shape.clone(), want, got: scalars.len() });
+        }
+        let element = |index| TensorError::Element { name: name.clone(), index, datatype: self.datatype.clone() };
+        let shape = self.shape.clone();
+        macro_rules! typed {
+            ($t:ty, $read:expr) => {{
+                let values = scalars
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| $read(v).ok_or_else(|| element(i)))
+                    .collect::<Result<Vec<$t>, _>>()?;
+                Tensor::from_values(&self.name, shape, &values)
+            }};
+        }
+        let int = |v: &Value| v.as_i64();
+        Ok(match self.datatype.as_str() {
+            "FP32" => typed!(f32, |v: &Value| v.as_f64().map(|x| x as f32)),
+            "FP64" => typed!(f64, |v: &Value| v.as_f64()),
+            "INT8" => typed!(i8, |v: &Value| int(v).and_then(|x| i8::try_from(x).ok())),
+            "UINT8" => typed!(u8, |v: &Value| int(v).and_then(|x| u8::try_from(x).ok())),
+            "INT16" => typed!(i16, |v: &Value| int(v).and_then(|x| i16::try_from(x).ok())),
+            "INT32" => typed!(i32, |v: &Value| int(v).and_then(|x| i32::try_from(x).ok())),
+            "INT64" => typed!(i64, int),
+            "BOOL" => typed!(bool, |v: &Value| v.as_bool()),
+            other => return Err(TensorError::Datatype { name, datatype: other.to_string() }),
+        })
+    }
+
+    /// `tensor` as the protocol writes it (data flat).
+    pub fn from_tensor(tensor: &Tensor) -> JsonTensor {
+        let data: Vec<Value> = match tensor.dtype {
+            DType::Bool => tensor.data.iter().map(|b| Value::Bool(*b != 0)).collect(),
+            DType::F32 | DType::F64 => tensor.to_f64().into_iter().map(float).collect(),
+            _ => tensor.to_f64().into_iter().map(|x| Value::from(x as i64)).collect(),
+        };
+        JsonTensor {
+            name: tensor.name.clone(),
+            shape: tensor.shape.clone(),
+            datatype: datatype(tensor.dtype).to_string(),
+            data: Value::Array(data),
+        }
+    }
+}
+
+/// A float as JSON; NaN and infinities, which JSON cannot write, become null.
+fn float(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tensor(datatype: &str, shape: Vec<u64>, data: Value) -> JsonTensor {
+        JsonTensor { name: "x".into(), shape, datatype: datatype.into(), data }
+    }
+
+    #[test]
+    fn json_tensors_round_trip_flat_or_nested() {
+        let flat = tensor("FP32", vec![2, 2], json!([1.0, -2.5, 3.0, 0.0])).to_tensor().unwrap();
+        let nested = tensor("FP32", vec![2, 2], json!([[1.0, -2.5], [3.0, 0.0]])).to_tensor().unwrap();
+        assert_eq!(flat, nested);
+        assert_eq!(flat.values::<f32>().unwrap(), vec![1.0, -2.5, 3.0, 0.0]);
+        assert_eq!(JsonTensor::from_tensor(&flat), tensor("FP32", vec![2, 2], json!([1.0, -2.5, 3.0, 0.0])));
+        let ints = tensor("INT64", vec![3], json!([1, -2, 3])).to_tensor().unwrap();
+        assert_eq!(JsonTensor::from_tensor(&ints).data, json!([1, -2, 3]));
+        let bools = tensor("BOOL", vec![2], json!([true, false])).to_tensor().unwrap();
+        assert_eq!(JsonTensor::from_tensor(&bools).data, json!([true, false]));
+    }
+
+    #[test]
+    fn bad_tensors_are_refused_by_kind() {
+        let count = tensor("FP32", vec![2, 2], json!([1.0, 2.0, 3.0])).to_tensor().unwrap_err();
+        assert!(matches!(count, TensorError::Count { want: 4, got: 3, .. }), "{count}");
+        let too_many = tensor("FP32", vec![1], json!([1.0, 2.0, 3.0])).to_tensor().unwrap_err();
+        assert!(matches!(too_many, TensorError::Count { want: 1, .. }), "{too_many}");
+        let element = tensor("INT8", vec![2], json!([1, 300])).to_tensor().unwrap_err();
+        assert!(matches!(element, TensorError::Element { index: 1, .. }), "{element}");
+        let text = tensor("FP32", vec![1], json!(["a"])).to_tensor().unwrap_err();
+        assert!(matches!(text, TensorError::Element { index: 0, .. }), "{text}");
+        let kind = tensor("BYTES", vec![1], json!(["a"])).to_tensor().unwrap_err();
+        assert!(matches!(kind, TensorError::Datatype { .. }), "{kind}");
+        let huge = tensor("FP32", vec![u64::MAX, 4], json!([])).to_tensor().unwrap_err();
+        assert!(matches!(huge, TensorError::Shape { .. }), "{huge}");
+    }
+}

@@ -1,0 +1,422 @@
+//! The HTTP gateway: the verified pipeline behind the protocols inference clients already
+//! speak. KServe v2 / Open Inference Protocol (`/v2/...`: health, model metadata and
+//! readiness, `infer` with JSON tensors) and OpenAI's model list (`/v1/models`). Every
+//! inference becomes one task, submitted as the tenant its bearer key names, and is
+//! answered only with the task's verified result (headers `sundara-task-id` and
+//! `sundara-verified: <agreeing>/<k>`), or with the refusal or failure as the protocol
+//! writes errors.
+//!
+//! Bounded everywhere: request bodies (`--max-body-bytes`), the time to read one (a slow
+//! client cannot hold a slot), requests in flight (`--max-concurrency`; more are told 503
+//! with `Retry-After`), and the wait for a result (the task's timeout plus the verifier's
+//! grace). An `Idempotency-Key` header makes a retried request the same task.
+
+mod error;
+pub mod keys;
+pub mod kserve;
+mod waiters;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde_json::json;
+use sundara_common::{Endpoints, Registry, Shutdown, js_err, nats};
+use sundara_schemas::{
+    ClientResult, MAX_MESSAGE_BYTES, ModelMeta, ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest, decode,
+    encode, subjects as subj,
+};
+use tokio::sync::Semaphore;
+
+pub use error::{ApiError, Protocol};
+pub use keys::{ApiKeys, KeysError};
+use waiters::Waiters;
+
+/// `--max-body-bytes`' default: the largest submission ingress takes, as JSON (numbers
+/// written out take several times their binary size).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * sundara_schemas::MAX_SUBMISSION_BYTES;
+
+/// `sundara gateway`'s flags: what an operator sets; [`Config::from_args`] adds the rest.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "SUNDARA_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// API keys, one `<tenant> <key>` per line (`#` comments; keys of at least 16
+    /// characters): a request's `Authorization: Bearer <key>` names the tenant it acts as.
+    #[arg(long, env = "SUNDARA_API_KEYS")]
+    pub api_keys: PathBuf,
+    /// Largest request body in bytes; a larger one is refused 413.
+    #[arg(long, env = "SUNDARA_GATEWAY_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Requests served at once; more are refused 503 with `Retry-After`.
+    #[arg(long, env = "SUNDARA_GATEWAY_MAX_CONCURRENCY", default_value_t = 1024)]
+    pub max_concurrency: usize,
+    /// Each task's timeout in ms (the response waits at most this plus the verifier's
+    /// grace, then answers 504).
+    #[arg(long, env = "SUNDARA_GATEWAY_TASK_TIMEOUT_MS", default_value_t = 30_000)]
+    pub task_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub endpoints: Endpoints,
+    pub listen: SocketAddr,
+    pub keys: ApiKeys,
+    pub max_body_bytes: usize,
+    pub max_concurrency: usize,
+    pub task_timeout: Duration,
+    /// How long after the task's timeout a result may still come: the verifier decides a
+    /// partial set at deadline + its grace (30 s), and ends every task.
+    pub result_grace: Duration,
+    /// Longest a client may take to send its body.
+    pub body_timeout: Duration,
+    /// How often a waiting request reads its result back from RESULTS, in case the
+    /// subscription missed it (a reconnect).
+    pub recheck: Duration,
+}
+
+impl Config {
+    pub fn new(endpoints: Endpoints, listen: SocketAddr, keys: ApiKeys) -> Config {
+        Config {
+            endpoints,
+            listen,
+            keys,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_concurrency: 1024,
+            task_timeout: Duration::from_secs(30),
+            result_grace: Duration::from_secs(45),
+            body_timeout: Duration::from_secs(10),
+            recheck: Duration::from_secs(2),
+        }
+    }
+
+    /// The config of `sundara gateway` with these flags (reads the API keys' file).
+    pub fn from_args(args: Args, endpoints: Endpoints) -> Result<Config, KeysError> {
+        let mut config = Config::new(endpoints, args.listen, ApiKeys::load(&args.api_keys)?);
+        config.max_body_bytes = args.max_body_bytes;
+        config.max_concurrency = args.max_concurrency.max(1);
+        config.task_timeout = Duration::from_millis(args.task_timeout_ms);
+        Ok(config)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Common(#[from] sundara_common::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What every handler shares.
+struct Gateway {
+    nats: async_nats::Client,
+    registry: Registry,
+    results: jetstream::stream::Stream<()>,
+    keys: ApiKeys,
+    waiters: Waiters,
+    permits: Arc<Semaphore>,
+    config: Config,
+}
+
+type Shared = State<Arc<Gateway>>;
+
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), GatewayError> {
+    let grace = sundara_common::SHUTDOWN_GRACE;
+    sundara_common::stop_within("gateway", &shutdown.clone(), grace, run_until_stopped(config, shutdown)).await
+}
+
+async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), GatewayError> {
+    let client = nats::connect(&config.endpoints.nats, "sundara-gateway").await?;
+    let js = jetstream::new(client.clone());
+    nats::await_provisioned(&js, Duration::from_secs(60)).await?;
+    let registry = Registry::open(&js).await?;
+    let results = js.get_stream_no_info(subj::RESULTS_STREAM).await.map_err(js_err)?;
+    let waiters = Waiters::default();
+    let subscription = client.subscribe(subj::RESULT_ALL).await.map_err(js_err)?;
+    tokio::spawn(hand_out(subscription, waiters.clone(), shutdown.clone()));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
+    tracing::info!(addr = %config.listen, keys = ?config.keys, "gateway listening");
+    let gateway = Arc::new(Gateway {
+        nats: client,
+        registry,
+        results,
+        keys: config.keys.clone(),
+        waiters,
+        permits: Arc::new(Semaphore::new(config.max_concurrency)),
+        config,
+    });
+    let stop = shutdown.clone();
+    axum::serve(listener, router(gateway))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+        .map_err(GatewayError::Serve)?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Hands every published result to the request waiting for it.
+async fn hand_out(mut results: async_nats::Subscriber, waiters: Waiters, shutdown: Shutdown) {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            msg = results.next() => match msg { Some(msg) => msg, None => return },
+        };
+        if let Ok(result) = decode::<ClientResult>(&msg.payload, MAX_MESSAGE_BYTES) {
+            waiters.deliver(result);
+        }
+    }
+}
+
+fn router(gateway: Arc<Gateway>) -> axum::Router {
+    axum::Router::new()
+        .route("/v2/health/live", get(|| async { axum::Json(json!({"live": true})) }))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/versions/{version}", get(version_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/versions/{version}/ready", get(version_ready))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+        .route("/v1/models", get(openai_models))
+        .layer(axum::middleware::from_fn(access_log))
+        .with_state(gateway)
+}
+
+/// Gives every request an id (its `x-request-id`, or a new one), returned in the
+/// response's `x-request-id`, and logs one line per request with its status and time.
+async fn access_log(mut request: Request, next: axum::middleware::Next) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    request.headers_mut().insert("x-request-id", HeaderValue::from_str(&id).expect("checked: visible ASCII"));
+    let mut response = next.run(request).await;
+    let status = response.status().as_u16();
+    let seconds = started.elapsed().as_secs_f64();
+    response.headers_mut().insert("x-request-id", HeaderValue::from_str(&id).expect("checked: visible ASCII"));
+    metrics::counter!("sundara_gateway_requests_total", "status" => status.to_string()).increment(1);
+    metrics::histogram!("sundara_gateway_request_seconds").record(seconds);
+    tracing::info!(target: "sundara::access", %method, %path, status, ms = seconds * 1e3, request_id = %id);
+    response
+}
+
+async fn ready(State(g): Shared) -> Response {
+    match g.nats.connection_state() {
+        async_nats::connection::State::Connected => axum::Json(json!({"ready": true})).into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"ready": false}))).into_response(),
+    }
+}
+
+impl Gateway {
+    /// The tenant of the request's bearer key.
+    fn tenant(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        bearer.and_then(|key| self.keys.tenant(key)).map(str::to_string).ok_or_else(ApiError::unauthorized)
+    }
+
+    /// The model `name` (at `version`, else its latest).
+    async fn model(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelMeta>, ApiError> {
+        let found = match version {
+            Some(v) => self.registry.version(name, v).await,
+            None => self.registry.latest(name).await,
+        };
+        let spec = version.map_or_else(|| name.to_string(), |v| format!("{name}@{v}"));
+        found.map_err(|e| ApiError::internal(e.to_string()))?.ok_or_else(|| ApiError::unknown_model(&spec))
+    }
+
+    /// Submits `request` as `tenant`; the task's id on acceptance.
+    async fn submit(&self, tenant: &str, request: &SubmitRequest) -> Result<String, ApiError> {
+        let subject = subj::submit(tenant);
+        let sent = match sundara_common::telemetry::context_headers() {
+            Some(headers) => self.nats.request_with_headers(subject, headers, encode(request).into()).await,
+            None => self.nats.request(subject, encode(request).into()).await,
+        };
+        let reply = sent.map_err(|e| ApiError::internal(format!("ingress did not answer: {e}")).retry_after(1))?;
+        let reply = decode::<SubmitReply>(&reply.payload, MAX_MESSAGE_BYTES)
+            .map_err(|e| ApiError::internal(format!("ingress' answer: {e}")))?;
+        match reply.outcome {
+            SubmitOutcome::Accepted { task_id, .. } => Ok(task_id),
+            SubmitOutcome::Rejected { code, reason } => Err(ApiError::rejected(code, reason)),
+        }
+    }
+
+    /// The task's result, once stored: read from RESULTS, for a wait that missed it.
+    async fn read_back(&self, tenant: &str, task_id: &str) -> Option<ClientResult> {
+        let raw = self.results.direct_get_last_for_subject(subj::result(tenant, task_id)).await.ok()?;
+        decode::<ClientResult>(&raw.payload, MAX_MESSAGE_BYTES).ok()
+    }
+
+    /// Submits `request` and waits (bounded) for its result.
+    async fn run_task(&self, tenant: &str, request: SubmitRequest) -> Result<ClientResult, ApiError> {
+        // Known before submitting, so the wait is registered before the result can exist.
+        let task_id = sundara_ingress::task_id(tenant, request.request_id.as_deref());
+        let waiting = self.waiters.register(&task_id);
+        metrics::gauge!("sundara_gateway_waiting").set(self.waiters.len() as f64);
+        let accepted = self.submit(tenant, &request).await?;
+        debug_assert_eq!(accepted, task_id, "ingress names a request's task by sundara_ingress::task_id");
+        let within = self.config.task_timeout + self.config.result_grace;
+        let read_back = || self.read_back(tenant, &task_id);
+        waiting.wait(within, self.config.recheck, read_back).await.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "no_result",
+                format!("task {task_id} has no result within {within:?}"),
+            )
+        })
+    }
+
+    /// The request's body, read within the body timeout and the size bound.
+    async fn body(&self, body: Body) -> Result<Bytes, ApiError> {
+        let limit = self.config.max_body_bytes;
+        match tokio::time::timeout(self.config.body_timeout, axum::body::to_bytes(body, limit)).await {
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "slow_body",
+                "the body took too long",
+            )),
+            Ok(Err(_)) => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "payload_too_large",
+                format!("the body is over {limit} bytes"),
+            )),
+            Ok(Ok(bytes)) => Ok(bytes),
+        }
+    }
+}
+
+async fn model_metadata(State(g): Shared, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    metadata(&g, &headers, &name, None).await.unwrap_or_else(|e| e.render(Protocol::KServe))
+}
+
+async fn version_metadata(State(g): Shared, headers: HeaderMap, Path((name, v)): Path<(String, String)>) -> Response {
+    metadata(&g, &headers, &name, Some(&v)).await.unwrap_or_else(|e| e.render(Protocol::KServe))
+}
+
+async fn metadata(g: &Gateway, headers: &HeaderMap, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    g.tenant(headers)?;
+    let meta = g.model(name, version).await?;
+    let versions = g.registry.versions(name).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(axum::Json(kserve::ModelMetadata::of(&meta, versions.published)).into_response())
+}
+
+async fn model_ready(State(g): Shared, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    readiness(&g, &headers, &name, None).await.unwrap_or_else(|e| e.render(Protocol::KServe))
+}
+
+async fn version_ready(State(g): Shared, headers: HeaderMap, Path((name, v)): Path<(String, String)>) -> Response {
+    readiness(&g, &headers, &name, Some(&v)).await.unwrap_or_else(|e| e.render(Protocol::KServe))
+}
+
+/// A registered model is ready: miners load it when its first task comes.
+async fn readiness(g: &Gateway, headers: &HeaderMap, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    g.tenant(headers)?;
+    let meta = g.model(name, version).await?;
+    Ok(axum::Json(json!({"name": meta.name, "version": meta.version, "ready": true})).into_response())
+}
+
+async fn infer(State(g): Shared, Path(name): Path<String>, request: Request) -> Response {
+    infer_as_kserve(g, name, None, request).await
+}
+
+async fn infer_version(State(g): Shared, Path((name, v)): Path<(String, String)>, request: Request) -> Response {
+    infer_as_kserve(g, name, Some(v), request).await
+}
+
+async fn infer_as_kserve(g: Arc<Gateway>, name: String, version: Option<String>, request: Request) -> Response {
+    let Ok(_permit) = g.permits.clone().try_acquire_owned() else {
+        return ApiError::busy().render(Protocol::KServe);
+    };
+    match kserve_infer(&g, &name, version.as_deref(), request).await {
+        Ok(response) => response,
+        Err(e) => e.render(Protocol::KServe),
+    }
+}
+
+async fn kserve_infer(g: &Gateway, name: &str, version: Option<&str>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let tenant = g.tenant(&parts.headers)?;
+    let body = g.body(body).await?;
+    let infer: kserve::InferRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("malformed", format!("the body: {e}")))?;
+    let meta = g.model(name, version).await?;
+    let inputs = infer
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.to_tensor().map_err(|e| ApiError::invalid("malformed", e.to_string()).with_param(format!("inputs[{i}]")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let idempotency = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let request = SubmitRequest {
+        request_id: Some(idempotency.unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())),
+        timeout_ms: Some(g.config.task_timeout.as_millis() as u64),
+        ..SubmitRequest::new(&format!("{}@{}", meta.name, meta.version), inputs)
+    };
+    let result = g.run_task(&tenant, request).await?;
+    let (outputs, agreeing, k) = match result.status {
+        ResultStatus::Verified { outputs, agreeing, k } => (outputs, agreeing, k),
+        ResultStatus::Failed { code, reason } => return Err(ApiError::failed(code, reason)),
+    };
+    let wanted = infer.outputs.map(|o| o.into_iter().map(|o| o.name).collect::<Vec<_>>());
+    let outputs = outputs
+        .iter()
+        .filter(|t| wanted.as_ref().is_none_or(|w| w.contains(&t.name)))
+        .map(kserve::JsonTensor::from_tensor)
+        .collect();
+    let body = kserve::InferResponse {
+        model_name: meta.name.clone(),
+        model_version: meta.version.clone(),
+        id: infer.id,
+        outputs,
+    };
+    let mut response = axum::Json(body).into_response();
+    verified_headers(response.headers_mut(), &result.task_id, agreeing, k);
+    Ok(response)
+}
+
+/// How the answer was verified: the task, and how many of its k miners agreed.
+fn verified_headers(headers: &mut HeaderMap, task_id: &str, agreeing: u8, k: u8) {
+    headers.insert("sundara-task-id", HeaderValue::from_str(task_id).expect("task ids are hex"));
+    headers.insert("sundara-verified", HeaderValue::from_str(&format!("{agreeing}/{k}")).expect("digits"));
+}
+
+/// OpenAI's `GET /v1/models`: every registered model's latest version.
+async fn openai_models(State(g): Shared, headers: HeaderMap) -> Response {
+    let listed = async {
+        g.tenant(&headers)?;
+        let models = g.registry.list().await.map_err(|e| ApiError::internal(e.to_string()))?;
+        let data: Vec<_> = models
+            .iter()
+            .map(|m| json!({"id": m.name, "object": "model", "created": m.pushed_at_ms / 1000, "owned_by": "sundara"}))
+            .collect();
+        Ok::<_, ApiError>(axum::Json(json!({"object": "list", "data": data})).into_response())
+    };
+    listed.await.unwrap_or_else(|e| e.render(Protocol::OpenAi))
+}

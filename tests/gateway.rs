@@ -1,0 +1,160 @@
+//! The HTTP gateway in front of a real pipeline (nats-server, redis-server, two honest
+//! miners at k=2): KServe v2 inference answered only with verified outputs that agree with
+//! the model run directly, the verification in the headers, an idempotent retry, and every
+//! refusal with its status and the protocol's error body. The client is plain HTTP/1.1 over
+//! a socket, so what is asserted is what goes over the wire.
+
+use sundara_testkit as support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::SeedableRng;
+use serde_json::{Value, json};
+use sundara_gateway::kserve::JsonTensor;
+use sundara_schemas::Tensor;
+use support::Harness;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEY: &str = "sk-test-0123456789abcdef";
+
+/// One HTTP exchange: status, headers (lower-case names), body as JSON (null when empty).
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: Value,
+}
+
+async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(90), stream.read_to_end(&mut raw)).await;
+    read.expect("the gateway answers within 90 s").unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(name, value)| (name.to_lowercase(), value.to_string()))
+        .collect();
+    let body = if body.is_empty() { Value::Null } else { serde_json::from_str(body).unwrap() };
+    Reply { status, headers, body }
+}
+
+fn bearer() -> (&'static str, String) {
+    ("Authorization", format!("Bearer {KEY}"))
+}
+
+async fn get(addr: SocketAddr, path: &str, key: bool) -> Reply {
+    let auth = bearer();
+    let headers: Vec<(&str, &str)> = if key { vec![(auth.0, auth.1.as_str())] } else { vec![] };
+    http(addr, "GET", path, &headers, b"").await
+}
+
+async fn infer(addr: SocketAddr, body: &Value, extra: &[(&str, &str)]) -> Reply {
+    let auth = bearer();
+    let mut headers = vec![(auth.0, auth.1.as_str()), ("Content-Type", "application/json")];
+    headers.extend_from_slice(extra);
+    http(addr, "POST", "/v2/models/mlp/infer", &headers, body.to_string().as_bytes()).await
+}
+
+/// A gateway on a free port of the harness' stack, tenant `test` holding [`KEY`].
+async fn start_gateway(h: &Harness) -> (SocketAddr, sundara_common::Shutdown) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", sundara::stack::free_port().unwrap()).parse().unwrap();
+    let keys = sundara_gateway::ApiKeys::parse(&format!("test {KEY}\n")).unwrap();
+    let mut config = sundara_gateway::Config::new(h.stack.endpoints(), addr, keys);
+    config.max_body_bytes = 64 << 10;
+    let shutdown = sundara_common::Shutdown::new();
+    tokio::spawn(sundara_gateway::run(config, shutdown.clone()));
+    support::wait::until("the gateway to listen", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(addr).await.map(drop).map_err(|e| e.to_string())
+    })
+    .await;
+    (addr, shutdown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kserve_inference_is_answered_with_verified_outputs_and_typed_errors() {
+    let h = Harness::start(vec![support::honest("w1", 1), support::honest("w2", 1)], 2, Duration::from_secs(10)).await;
+    let (addr, shutdown) = start_gateway(&h).await;
+    let meta = h.models["mlp"].clone();
+
+    let live = get(addr, "/v2/health/live", false).await;
+    assert_eq!((live.status, &live.body), (200, &json!({"live": true})));
+    assert!(live.headers.contains_key("x-request-id"), "every response names its request");
+    assert_eq!(get(addr, "/v2/health/ready", false).await.status, 200);
+
+    // Metadata from the registry; only with a key.
+    let unauthorized = get(addr, "/v2/models/mlp", false).await;
+    assert_eq!((unauthorized.status, unauthorized.body["code"].as_str()), (401, Some("invalid_api_key")));
+    let metadata = get(addr, "/v2/models/mlp", true).await;
+    assert_eq!(metadata.status, 200, "{}", metadata.body);
+    assert_eq!(metadata.body["name"], "mlp");
+    assert_eq!(metadata.body["inputs"][0]["name"], meta.inputs[0].name.as_str());
+    assert_eq!(metadata.body["inputs"][0]["datatype"], "FP32");
+    assert_eq!(get(addr, "/v2/models/mlp/ready", true).await.status, 200);
+    assert_eq!(get(addr, "/v2/models/nope", true).await.status, 404);
+    assert_eq!(get(addr, "/v2/models/mlp/versions/99", true).await.status, 404);
+
+    // Inference: verified by both miners, equal to the model run directly.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let inputs: Vec<Tensor> = sundara::models::sample_inputs(&meta.inputs, 2, &mut rng);
+    let body = json!({"id": "r1", "inputs": inputs.iter().map(JsonTensor::from_tensor).collect::<Vec<_>>()});
+    let answered = infer(addr, &body, &[("Idempotency-Key", "gw-1")]).await;
+    assert_eq!(answered.status, 200, "{}", answered.body);
+    assert_eq!(answered.headers["sundara-verified"], "2/2");
+    let task_id = sundara_ingress::task_id("test", Some("gw-1"));
+    assert_eq!(answered.headers["sundara-task-id"], task_id);
+    assert_eq!((answered.body["model_name"].as_str(), answered.body["id"].as_str()), (Some("mlp"), Some("r1")));
+    let want = support::reference(&meta, &inputs);
+    let got: Vec<Tensor> = serde_json::from_value::<Vec<JsonTensor>>(answered.body["outputs"].clone())
+        .unwrap()
+        .iter()
+        .map(|t| t.to_tensor().unwrap())
+        .collect();
+    assert!(sundara_verifier::compare::agree(&support::RULE, &got, &want), "{got:?} vs {want:?}");
+
+    // The same idempotency key again is the same task, answered again.
+    let again = infer(addr, &body, &[("Idempotency-Key", "gw-1")]).await;
+    assert_eq!((again.status, again.headers["sundara-task-id"].as_str()), (200, task_id.as_str()));
+
+    // Refusals, each with its status and code.
+    let wrong_shape = json!({"inputs": [{"name": meta.inputs[0].name, "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]});
+    let refused = infer(addr, &wrong_shape, &[]).await;
+    assert_eq!((refused.status, refused.body["code"].as_str()), (400, Some("wrong_shape")), "{}", refused.body);
+    let miscounted = json!({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1.0]}]});
+    let refused = infer(addr, &miscounted, &[]).await;
+    assert_eq!((refused.status, refused.body["code"].as_str()), (400, Some("malformed")), "{}", refused.body);
+    let auth = bearer();
+    let not_json = http(addr, "POST", "/v2/models/mlp/infer", &[(auth.0, auth.1.as_str())], b"{not json").await;
+    assert_eq!(not_json.status, 400);
+    let too_large = vec![b' '; 100 << 10];
+    let refused = http(addr, "POST", "/v2/models/mlp/infer", &[(auth.0, auth.1.as_str())], &too_large).await;
+    assert_eq!((refused.status, refused.body["code"].as_str()), (413, Some("payload_too_large")));
+    let body_text = body.to_string();
+    let unknown = http(addr, "POST", "/v2/models/nope/infer", &[(auth.0, auth.1.as_str())], body_text.as_bytes()).await;
+    assert_eq!(unknown.status, 404);
+    let wrong_key = [("Authorization", "Bearer sk-wrong-0123456789abcd")];
+    assert_eq!(http(addr, "POST", "/v2/models/mlp/infer", &wrong_key, b"{}").await.status, 401);
+
+    // OpenAI's model list, and its error envelope.
+    let models = get(addr, "/v1/models", true).await;
+    assert_eq!(models.status, 200);
+    assert!(models.body["data"].as_array().unwrap().iter().any(|m| m["id"] == "mlp"), "{}", models.body);
+    let refused = get(addr, "/v1/models", false).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.body["error"]["type"], "authentication_error", "{}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "invalid_api_key");
+
+    shutdown.cancel();
+    h.stop().await;
+}
