@@ -1,8 +1,9 @@
 //! The HTTP gateway in front of a real pipeline (nats-server, redis-server, two honest
 //! miners at k=2): KServe v2 inference answered only with verified outputs that agree with
 //! the model run directly, the verification in the headers, an idempotent retry, and every
-//! refusal with its status and the protocol's error body. The client is plain HTTP/1.1 over
-//! a socket, so what is asserted is what goes over the wire.
+//! refusal with its status and the protocol's error body; and the `curl` line `sundara up`
+//! prints, run as printed. The client is plain HTTP/1.1 over a socket, so what is asserted
+//! is what goes over the wire.
 
 use sundara_testkit as support;
 
@@ -157,4 +158,28 @@ async fn kserve_inference_is_answered_with_verified_outputs_and_typed_errors() {
 
     shutdown.cancel();
     h.stop().await;
+}
+
+/// `sundara up` serves the gateway and prints a `curl` line; what that line sends gets a
+/// verified answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_curl_line_up_prints_gets_a_verified_answer() {
+    let state = tempfile::tempdir().unwrap();
+    let (_up, said) = support::up::start(&state.path().join("up.json"), &["--tasks", "10"], "serving on");
+    let line = said.iter().find(|l| l.trim_start().starts_with("curl ")).expect("up prints a curl line");
+    // curl -s http://ADDR/PATH -H 'Authorization: Bearer KEY' -d @FILE
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let url = words.iter().find(|w| w.starts_with("http://")).unwrap().trim_start_matches("http://");
+    let (addr, path) = url.split_once('/').unwrap();
+    let key = line.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap();
+    let file = words.iter().find_map(|w| w.strip_prefix('@')).unwrap();
+    let body = std::fs::read(file).unwrap();
+    let auth = format!("Bearer {key}");
+    let answered = http(addr.parse().unwrap(), "POST", &format!("/{path}"), &[("Authorization", &auth)], &body).await;
+    assert_eq!(answered.status, 200, "{}", answered.body);
+    // k=3; a build with the cheaters runs a dishonest fourth miner, which may be outvoted.
+    let (agreeing, k) = answered.headers["sundara-verified"].split_once('/').unwrap();
+    let (agreeing, k): (u8, u8) = (agreeing.parse().unwrap(), k.parse().unwrap());
+    assert!(k == 3 && agreeing * 2 > k, "{agreeing}/{k}");
+    assert_eq!(answered.body["model_name"], "mlp");
 }

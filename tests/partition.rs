@@ -7,9 +7,7 @@
 
 use sundara_testkit as support;
 
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sundara::context::Context;
@@ -30,71 +28,8 @@ fn netns(tag: &str) -> Option<Netns> {
     }
 }
 
-/// The `sundara` binary with no connection settings of this environment: what a test runs
-/// is what it sets (`context`: where it finds a running `up`, if anywhere).
-fn sundara(mut cmd: Command, context: &Path) -> Command {
-    cmd.current_dir(project_root())
-        .env("SUNDARA_CONTEXT", context)
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    for var in ["SUNDARA_NATS_URL", "SUNDARA_NATS_CREDS", "SUNDARA_NATS_CA", "SUNDARA_NATS_CERT", "SUNDARA_NATS_KEY"] {
-        cmd.env_remove(var);
-    }
-    cmd
-}
-
 fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// Stops a child on drop (a failed test leaves nothing running): SIGINT first, so that
-/// `up` stops its own nats-server and redis-server (a SIGKILLed `up` leaves them running),
-/// then SIGKILL if it has not exited within 30 s.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `sundara up` listening for miners on `listen`, until it says its services are up.
-fn start_up(context: &Path, listen: std::net::IpAddr) -> Running {
-    let bin = support::sundara_binary();
-    let mut up = sundara(Command::new(bin), context)
-        .args(["up", "--tasks", "10", "--nats-listen", &listen.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sundara up runs");
-    let stdout = up.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let up = Running(up);
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    let mut said = Vec::new();
-    while !said.iter().any(|l: &String| l.starts_with("services up")) {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => said.push(line),
-            Err(_) => panic!("up did not start its services: {said:#?}"),
-        }
-    }
-    up
 }
 
 /// The whole path of a new operator: `sundara up` secured (TLS, a user per role) and
@@ -107,7 +42,9 @@ async fn a_miner_joins_a_secured_up_from_its_own_host_with_only_its_key_and_the_
     let Some(net) = netns("j") else { return };
     let state = tempfile::tempdir().unwrap();
     let context_path = state.path().join("up.json");
-    let _up = start_up(&context_path, net.host_ip);
+    let _up =
+        support::up::start(&context_path, &["--tasks", "10", "--nats-listen", &net.host_ip.to_string()], "services up")
+            .0;
     let context = Context::load(&context_path).unwrap().expect("up wrote its context");
     assert!(context.nats_url.starts_with(&format!("tls://{}:", net.host_ip)), "{}", context.nats_url);
 
@@ -115,7 +52,7 @@ async fn a_miner_joins_a_secured_up_from_its_own_host_with_only_its_key_and_the_
     let miner_home = tempfile::tempdir().unwrap();
     let seed = miner_home.path().join("miner-far.nk");
     let nowhere = miner_home.path().join("no-context.json");
-    let out = sundara(net.command(support::sundara_binary()), &nowhere)
+    let out = support::up::sundara(net.command(support::sundara_binary()), &nowhere)
         .args(["auth", "keygen", "--miner", "far", "--out"])
         .arg(&seed)
         .output()
@@ -125,7 +62,7 @@ async fn a_miner_joins_a_secured_up_from_its_own_host_with_only_its_key_and_the_
     let key = said.lines().find_map(|l| l.strip_prefix("public key: ")).expect("keygen prints the public key");
 
     // The validator: only the public key.
-    let out = sundara(Command::new(support::sundara_binary()), &context_path)
+    let out = support::up::sundara(Command::new(support::sundara_binary()), &context_path)
         .args(["auth", "add", "--miner-key", &format!("far={key}")])
         .output()
         .unwrap();
@@ -139,7 +76,7 @@ async fn a_miner_joins_a_secured_up_from_its_own_host_with_only_its_key_and_the_
     std::fs::copy(context.nats_ca.as_ref().expect("up runs TLS"), &ca).unwrap();
     let ort = sundara_runtime::find_library(&[project_root()]).unwrap();
     let log = std::fs::File::create(miner_home.path().join("worker.log")).unwrap();
-    let worker = sundara(net.command(support::sundara_binary()), &nowhere)
+    let worker = support::up::sundara(net.command(support::sundara_binary()), &nowhere)
         .args(["worker", "--id", "far", "--nats", &context.nats_url, "--nats-ca"])
         .arg(&ca)
         .arg("--nats-creds")
@@ -151,7 +88,7 @@ async fn a_miner_joins_a_secured_up_from_its_own_host_with_only_its_key_and_the_
         .stderr(log)
         .spawn()
         .unwrap();
-    let _worker = Running(worker);
+    let _worker = support::up::Running(worker);
 
     let capacity = sundara_common::Capacity::connect(&context.redis_url).await.unwrap();
     wait::until_true("far to announce itself from its host", Duration::from_secs(60), || async {
@@ -166,7 +103,7 @@ async fn a_miner_joins_a_secured_up_from_its_own_host_with_only_its_key_and_the_
     let work = js.get_stream(sundara_schemas::subjects::WORK_STREAM).await.unwrap();
     let mut loads = 0;
     let far = loop {
-        let out = sundara(Command::new(support::sundara_binary()), &context_path)
+        let out = support::up::sundara(Command::new(support::sundara_binary()), &context_path)
             .args(["submit", "--model", "mlp", "--count", "30"])
             .output()
             .unwrap();

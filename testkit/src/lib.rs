@@ -6,6 +6,7 @@
 pub mod attack;
 pub mod netns;
 pub mod processes;
+pub mod up;
 pub mod wait;
 
 use std::collections::HashMap;
@@ -89,6 +90,7 @@ impl Harness {
             tenants: Default::default(),
             max_in_flight: 100_000,
             credentials_dir: None,
+            gateway: None,
             scaling: None,
             retention: Default::default(),
         };

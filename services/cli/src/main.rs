@@ -84,6 +84,9 @@ enum Command {
         /// loopback, or one that miners on other hosts reach.
         #[arg(long, default_value = "127.0.0.1", conflicts_with = "external")]
         nats_listen: std::net::IpAddr,
+        /// Where the HTTP gateway listens [default: a free port of loopback, printed]
+        #[arg(long)]
+        gateway_listen: Option<std::net::SocketAddr>,
         #[command(flatten)]
         redis: RedisArgs,
     },
@@ -546,7 +549,18 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         sundara_common::metrics::install(cli.metrics_addr)?;
     }
     match cli.command {
-        Command::Up { once, tasks, workers, external, autoscale, mutual_tls, redis_tls, nats_listen, redis: _ } => {
+        Command::Up {
+            once,
+            tasks,
+            workers,
+            external,
+            autoscale,
+            mutual_tls,
+            redis_tls,
+            nats_listen,
+            gateway_listen,
+            redis: _,
+        } => {
             let opts = sundara::up::UpOptions {
                 once,
                 tasks,
@@ -555,6 +569,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 metrics: cli.metrics_addr,
                 autoscale,
                 nats: sundara::stack::ServerOptions { listen: nats_listen, mutual_tls, redis_tls },
+                gateway_listen,
             };
             sundara::up::up(opts).await
         }

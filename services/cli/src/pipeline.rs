@@ -50,6 +50,8 @@ pub struct PipelineConfig {
     /// own user (`service-<name>.nk`), each worker as its miner (`miner-<id>.nk`);
     /// `endpoints`' credentials (the validator's) only check readiness.
     pub credentials_dir: Option<PathBuf>,
+    /// The HTTP gateway, if it runs: where it listens and its API keys.
+    pub gateway: Option<(std::net::SocketAddr, sundara_gateway::ApiKeys)>,
 }
 
 impl PipelineConfig {
@@ -150,13 +152,18 @@ impl Pipeline {
         autoscaler.scaling = config.scaling.clone();
         autoscaler.retention = config.retention.clone();
         let s = || shutdown.child_token();
-        let services = vec![
+        let mut services = vec![
             ("ingress", spawn(sundara_ingress::run(ingress, s()))),
             ("scheduler", spawn(sundara_scheduler::run(scheduler, s()))),
             ("verifier", spawn(sundara_verifier::run(verifier, s()))),
             ("rewarder", spawn(sundara_rewarder::run(rewarder, s()))),
             ("autoscaler", spawn(sundara_autoscaler::run(autoscaler, s()))),
         ];
+        if let Some((listen, keys)) = &config.gateway {
+            let gateway =
+                sundara_gateway::Config::new(as_service(crate::auth::Service::Gateway), *listen, keys.clone());
+            services.push(("gateway", spawn(sundara_gateway::run(gateway, s()))));
+        }
         let mut pipeline = Pipeline { config: config.clone(), shutdown, services, workers: HashMap::new() };
         for w in &config.workers {
             pipeline.add_worker(w.clone());

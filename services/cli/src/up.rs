@@ -36,6 +36,8 @@ pub struct UpOptions {
     /// Where the embedded nats-server listens, and whether it verifies clients (mutual
     /// TLS: every connection presents a certificate of the stack's CA).
     pub nats: crate::stack::ServerOptions,
+    /// Where the HTTP gateway listens (`None`: a free port of loopback).
+    pub gateway_listen: Option<std::net::SocketAddr>,
 }
 
 /// Pushes the demo models (k=3 so that one liar is always outvoted).
@@ -190,8 +192,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         Some(max) => Some(local_pool(&endpoints, auth.as_ref(), &ort_library, max)?),
         None => None,
     };
-    let pipeline =
-        Pipeline::start(pipeline_config(&endpoints, ort_library, &root, &workers, auth.as_ref(), scaling)).await;
+    let gateway = demo_gateway(opts.gateway_listen)?;
+    let mut config = pipeline_config(&endpoints, ort_library, &root, &workers, auth.as_ref(), scaling);
+    config.gateway = Some((gateway.listen, gateway.keys.clone()));
+    let pipeline = Pipeline::start(config).await;
     let Some(ready) = unless(&interrupted, pipeline.ready(Duration::from_secs(60))).await else {
         return stop_interrupted(pipeline).await;
     };
@@ -214,6 +218,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     println!("{}", verification_summary(&recorder.render()));
 
     if !opts.once {
+        gateway.print_example(&models, claim.as_ref().map(|c| c.credentials_dir.as_path()))?;
         println!("serving on {} until Ctrl-C", endpoints.nats.url);
         interrupted.cancelled().await;
     }
@@ -332,6 +337,48 @@ fn pipeline_config(
         max_in_flight: 100_000,
         credentials_dir: auth.map(|a| a.dir.clone()),
         retention: Default::default(),
+        gateway: None,
+    }
+}
+
+/// The HTTP gateway `up` runs: where, and the demo tenant's API key.
+struct DemoGateway {
+    listen: std::net::SocketAddr,
+    key: String,
+    keys: sundara_gateway::ApiKeys,
+}
+
+/// The gateway on `listen` (else a free port of loopback), with a fresh API key for the
+/// demo tenant.
+fn demo_gateway(listen: Option<std::net::SocketAddr>) -> anyhow::Result<DemoGateway> {
+    let listen = match listen {
+        Some(addr) => addr,
+        None => std::net::SocketAddr::new(crate::stack::LOOPBACK, crate::stack::free_port()?),
+    };
+    let key = format!("sk-{DEMO_TENANT}-{}", hex::encode(rand::rng().random::<[u8; 16]>()));
+    let mut keys = sundara_gateway::ApiKeys::default();
+    keys.add(DEMO_TENANT, &key)?;
+    Ok(DemoGateway { listen, key, keys })
+}
+
+impl DemoGateway {
+    /// Prints where the gateway is and a `curl` line that runs one `mlp` task through it
+    /// (its request written to `dir`, else the temporary directory).
+    fn print_example(&self, models: &[ModelMeta], dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+        println!("HTTP gateway on http://{} (KServe v2, /v1/models; docs/clients.md)", self.listen);
+        let Some(mlp) = models.iter().find(|m| m.name == "mlp") else { return Ok(()) };
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let inputs = crate::models::sample_inputs(&mlp.inputs, 1, &mut rng);
+        let tensors: Vec<_> = inputs.iter().map(sundara_gateway::kserve::JsonTensor::from_tensor).collect();
+        let path = dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf).join("mlp-infer.json");
+        std::fs::write(&path, serde_json::json!({ "inputs": tensors }).to_string())?;
+        println!(
+            "  curl -s http://{}/v2/models/mlp/infer -H 'Authorization: Bearer {}' -d @{}",
+            self.listen,
+            self.key,
+            path.display()
+        );
+        Ok(())
     }
 }
 
