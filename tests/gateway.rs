@@ -25,6 +25,8 @@ struct Reply {
     status: u16,
     headers: HashMap<String, String>,
     body: Value,
+    /// The body's bytes (a binary response's JSON header and data).
+    raw: Vec<u8>,
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
@@ -39,16 +41,21 @@ async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str
     let mut raw = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(90), stream.read_to_end(&mut raw)).await;
     read.expect("the gateway answers within 90 s").unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head and a body");
+    let (head, raw) = (String::from_utf8(raw[..split].to_vec()).unwrap(), raw[split + 4..].to_vec());
     let mut lines = head.lines();
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(": "))
         .map(|(name, value)| (name.to_lowercase(), value.to_string()))
         .collect();
-    let body = if body.is_empty() { Value::Null } else { serde_json::from_str(body).unwrap() };
-    Reply { status, headers, body }
+    let headers: HashMap<String, String> = headers;
+    let json_part = match headers.get("inference-header-content-length") {
+        Some(length) => &raw[..length.parse::<usize>().unwrap()],
+        None => &raw[..],
+    };
+    let body = if json_part.is_empty() { Value::Null } else { serde_json::from_slice(json_part).unwrap() };
+    Reply { status, headers, body, raw }
 }
 
 fn bearer() -> (&'static str, String) {
@@ -123,6 +130,40 @@ async fn kserve_inference_is_answered_with_verified_outputs_and_typed_errors() {
         .map(|t| t.to_tensor().unwrap())
         .collect();
     assert!(sundara_verifier::compare::agree(&support::RULE, &got, &want), "{got:?} vs {want:?}");
+
+    // The binary tensor data extension: inputs as raw bytes after the JSON header, outputs
+    // asked back the same way; the same verified values.
+    let header = json!({
+        "inputs": inputs.iter().map(|t| json!({
+            "name": t.name, "shape": t.shape, "datatype": "FP32", "parameters": {"binary_data_size": t.data.len()},
+        })).collect::<Vec<_>>(),
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string();
+    let mut binary_body = header.clone().into_bytes();
+    inputs.iter().for_each(|t| binary_body.extend_from_slice(&t.data));
+    let length = header.len().to_string();
+    let binary_headers = [
+        (bearer().0, bearer().1),
+        ("Inference-Header-Content-Length", length),
+        ("Idempotency-Key", "gw-binary".to_string()),
+    ];
+    let binary_headers: Vec<(&str, &str)> = binary_headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let binary = http(addr, "POST", "/v2/models/mlp/infer", &binary_headers, &binary_body).await;
+    assert_eq!(binary.status, 200, "{}", binary.body);
+    assert_eq!(binary.headers["content-type"], "application/octet-stream");
+    let mut tail = &binary.raw[binary.headers["inference-header-content-length"].parse::<usize>().unwrap()..];
+    let mut got_binary = Vec::new();
+    for output in binary.body["outputs"].as_array().unwrap() {
+        let size = output["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
+        let shape: Vec<u64> = serde_json::from_value(output["shape"].clone()).unwrap();
+        let values: Vec<f32> =
+            tail[..size].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        got_binary.push(Tensor::from_values(output["name"].as_str().unwrap(), shape, &values));
+        tail = &tail[size..];
+    }
+    assert!(tail.is_empty(), "every byte belongs to an output");
+    assert!(sundara_verifier::compare::agree(&support::RULE, &got_binary, &want), "{got_binary:?} vs {want:?}");
 
     // The same idempotency key again is the same task, answered again.
     let again = infer(addr, &body, &[("Idempotency-Key", "gw-1")]).await;

@@ -1,6 +1,7 @@
 //! The HTTP gateway: the verified pipeline behind the protocols inference clients already
 //! speak. KServe v2 / Open Inference Protocol (`/v2/...`: health, model metadata and
-//! readiness, `infer` with JSON tensors) and OpenAI's model list (`/v1/models`). Every
+//! readiness, `infer` with JSON tensors or the binary tensor data extension) and OpenAI's
+//! model list (`/v1/models`). Every
 //! inference becomes one task, submitted as the tenant its bearer key names, and is
 //! answered only with the task's verified result (headers `sundara-task-id` and
 //! `sundara-verified: <agreeing>/<k>`), or with the refusal or failure as the protocol
@@ -39,6 +40,9 @@ use tokio::sync::Semaphore;
 pub use error::{ApiError, Protocol};
 pub use keys::{ApiKeys, KeysError};
 use waiters::Waiters;
+
+/// The binary tensor data extension's header: the JSON part's length in bytes.
+const INFERENCE_HEADER_LENGTH: &str = "inference-header-content-length";
 
 /// `--max-body-bytes`' default: the largest submission ingress takes, as JSON (numbers
 /// written out take several times their binary size).
@@ -362,17 +366,18 @@ async fn kserve_infer(g: &Gateway, name: &str, version: Option<&str>, request: R
     let (parts, body) = request.into_parts();
     let tenant = g.tenant(&parts.headers)?;
     let body = g.body(body).await?;
-    let infer: kserve::InferRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("malformed", format!("the body: {e}")))?;
+    let header_length = match parts.headers.get(INFERENCE_HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| ApiError::invalid("malformed", format!("{INFERENCE_HEADER_LENGTH} is not a length")))?,
+        ),
+    };
+    let (infer, inputs) =
+        kserve::parse_request(&body, header_length).map_err(|e| ApiError::invalid("malformed", e.to_string()))?;
     let meta = g.model(name, version).await?;
-    let inputs = infer
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            t.to_tensor().map_err(|e| ApiError::invalid("malformed", e.to_string()).with_param(format!("inputs[{i}]")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let idempotency = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
     let request = SubmitRequest {
         request_id: Some(idempotency.unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())),
@@ -384,19 +389,25 @@ async fn kserve_infer(g: &Gateway, name: &str, version: Option<&str>, request: R
         ResultStatus::Verified { outputs, agreeing, k } => (outputs, agreeing, k),
         ResultStatus::Failed { code, reason } => return Err(ApiError::failed(code, reason)),
     };
-    let wanted = infer.outputs.map(|o| o.into_iter().map(|o| o.name).collect::<Vec<_>>());
-    let outputs = outputs
-        .iter()
-        .filter(|t| wanted.as_ref().is_none_or(|w| w.contains(&t.name)))
-        .map(kserve::JsonTensor::from_tensor)
-        .collect();
-    let body = kserve::InferResponse {
+    let requested = infer.outputs.unwrap_or_default();
+    let outputs: Vec<_> =
+        outputs.into_iter().filter(|t| requested.is_empty() || requested.iter().any(|r| r.name == t.name)).collect();
+    let all_binary = infer.parameters.binary_data_output == Some(true);
+    let binary =
+        |name: &str| all_binary || requested.iter().any(|r| r.name == name && r.parameters.binary_data == Some(true));
+    let json = kserve::InferResponse {
         model_name: meta.name.clone(),
         model_version: meta.version.clone(),
         id: infer.id,
-        outputs,
+        outputs: outputs.iter().map(kserve::JsonTensor::from_tensor).collect(),
     };
-    let mut response = axum::Json(body).into_response();
+    let (body, header_length) = kserve::render_response(json, &outputs, binary);
+    let mut response = Response::new(Body::from(body));
+    let content_type = if header_length.is_some() { "application/octet-stream" } else { "application/json" };
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(length) = header_length {
+        response.headers_mut().insert(INFERENCE_HEADER_LENGTH, HeaderValue::from(length));
+    }
     verified_headers(response.headers_mut(), &result.task_id, agreeing, k);
     Ok(response)
 }
