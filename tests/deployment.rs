@@ -2494,38 +2494,50 @@ fn the_security_checks_reject_what_is_wrong() {
             doc["services"][service]["environment"][key] = Yaml::String(value.into());
         }
     };
-    broken("plain NATS", &set_env("ingress", "SUNDARA_NATS_URL", "nats://nats:4222"), "is not tls://");
-    broken(
-        "a worker as the validator",
-        &set_env("worker", "SUNDARA_NATS_CREDS", "/secrets/auth/validator.nk"),
-        "not pool.nk",
-    );
-    broken(
-        "ingress as the scheduler",
-        &set_env("ingress", "SUNDARA_NATS_CREDS", "/secrets/auth/service-scheduler.nk"),
-        "not service-ingress.nk",
-    );
-    broken("a CA outside the keys", &set_env("ingress", "SUNDARA_NATS_CA", "/etc/ssl/ca.pem"), "SUNDARA_NATS_CA");
-    broken(
-        "the secret to ingress",
-        &set_env("ingress", "SUNDARA_SECRET_FILE", "/secrets/validator.secret"),
-        "given the validator secret",
-    );
-    broken(
-        "a password in the file",
-        &set_env("redis", "REDISCLI_AUTH", "hunter2hunter2hunter2"),
-        "REDISCLI_AUTH is not a required variable",
-    );
-    broken(
-        "Redis without a password",
-        &set_env("ingress", "SUNDARA_REDIS_URL", "redis://redis:6379/"),
-        "SUNDARA_REDIS_URL has no password",
-    );
-    broken(
-        "a default password",
-        &set_env("grafana", "GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_ADMIN_PASSWORD:-admin}"),
-        "GF_SECURITY_ADMIN_PASSWORD",
-    );
+    // (what, service, variable, its value, the problem expected)
+    let environments = [
+        ("plain NATS", "ingress", "SUNDARA_NATS_URL", "nats://nats:4222", "is not tls://"),
+        ("a worker as the validator", "worker", "SUNDARA_NATS_CREDS", "/secrets/auth/validator.nk", "not pool.nk"),
+        (
+            "ingress as the scheduler",
+            "ingress",
+            "SUNDARA_NATS_CREDS",
+            "/secrets/auth/service-scheduler.nk",
+            "not service-ingress.nk",
+        ),
+        ("a CA outside the keys", "ingress", "SUNDARA_NATS_CA", "/etc/ssl/ca.pem", "SUNDARA_NATS_CA"),
+        (
+            "the secret to ingress",
+            "ingress",
+            "SUNDARA_SECRET_FILE",
+            "/secrets/validator.secret",
+            "given the validator secret",
+        ),
+        (
+            "a password in the file",
+            "redis",
+            "REDISCLI_AUTH",
+            "hunter2hunter2hunter2",
+            "REDISCLI_AUTH is not a required variable",
+        ),
+        (
+            "Redis without a password",
+            "ingress",
+            "SUNDARA_REDIS_URL",
+            "redis://redis:6379/",
+            "SUNDARA_REDIS_URL has no password",
+        ),
+        (
+            "a default password",
+            "grafana",
+            "GF_SECURITY_ADMIN_PASSWORD",
+            "${GRAFANA_ADMIN_PASSWORD:-admin}",
+            "GF_SECURITY_ADMIN_PASSWORD",
+        ),
+    ];
+    for (what, service, key, value, expect) in environments {
+        broken(what, &set_env(service, key, value), expect);
+    }
     broken(
         "redis open",
         &|doc: &mut Yaml| {

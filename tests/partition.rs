@@ -165,29 +165,38 @@ async fn a_miner_cut_off_under_load_is_replaced_and_rejoins() {
     stack.assert_running();
 }
 
-/// The verifier on a host of its own is cut off from NATS under load and the link restored:
-/// outcomes wait for it in OUTCOMES, it reconnects, and every accepted task is verified,
-/// none lost or decided twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_verifier_cut_off_from_nats_under_load_loses_no_task() {
-    let Some(net) = netns("v") else { return };
-    let options = StackOptions { nats_listen: Some(net.host_ip), ..StackOptions::new(2, &["w1", "w2", "w3"]) };
+/// `services` moved to a host of their own (NATS and Redis reached over the link), cut off
+/// under load until `during_cut` more tasks have been accepted, and the link restored: every
+/// accepted task is then verified, none lost or delivered twice.
+async fn cut_off_under_load_loses_no_task(tag: &str, services: &[&'static str], workers: &[&str], during_cut: usize) {
+    let Some(net) = netns(tag) else { return };
+    let options = StackOptions { nats_listen: Some(net.host_ip), ..StackOptions::new(2, workers) };
     let mut stack = ProcessStack::start(options).await;
-    stack.kill_service("verifier");
-    stack.start_service_in(Some(&net), "verifier");
-    let load = stack.load("verifier-cut", 20);
+    for service in services {
+        stack.kill_service(service);
+        stack.start_service_in(Some(&net), service);
+    }
+    let load = stack.load(&format!("{tag}-cut"), 20);
     stack.first_verified_after(&load, 0, Duration::from_secs(30)).await;
     stack.more_accepted(&load, 40, Duration::from_secs(30)).await;
     net.cut();
-    stack.step("the verifier's link cut");
-    stack.more_accepted(&load, 120, Duration::from_secs(30)).await;
+    stack.step(&format!("{services:?}: link cut"));
+    stack.more_accepted(&load, during_cut, Duration::from_secs(30)).await;
     net.restore();
-    stack.step("the verifier's link restored");
+    stack.step(&format!("{services:?}: link restored"));
     stack.first_verified_after(&load, sundara_schemas::now_us(), Duration::from_secs(60)).await;
     let accepted = load.stop().await;
     let settled = stack.settle(&accepted, Duration::from_secs(90)).await;
     assert_eq!(settled.verified, settled.accepted, "{settled:?}");
     stack.assert_running();
+}
+
+/// The verifier on a host of its own is cut off from NATS under load and the link restored:
+/// outcomes wait for it in OUTCOMES, it reconnects, and every accepted task is verified,
+/// none lost or decided twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_verifier_cut_off_from_nats_under_load_loses_no_task() {
+    cut_off_under_load_loses_no_task("v", &["verifier"], &["w1", "w2", "w3"], 120).await;
 }
 
 /// The scheduler and the autoscaler on a host of their own (NATS and Redis reached over the
@@ -196,24 +205,5 @@ async fn the_verifier_cut_off_from_nats_under_load_loses_no_task() {
 /// every accepted task is verified, none lost or delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_scheduler_cut_off_from_nats_and_redis_under_load_loses_no_task() {
-    let Some(net) = netns("s") else { return };
-    let options = StackOptions { nats_listen: Some(net.host_ip), ..StackOptions::new(2, &["w1", "w2"]) };
-    let mut stack = ProcessStack::start(options).await;
-    for service in ["scheduler", "autoscaler"] {
-        stack.kill_service(service);
-        stack.start_service_in(Some(&net), service);
-    }
-    let load = stack.load("scheduler-cut", 20);
-    stack.first_verified_after(&load, 0, Duration::from_secs(30)).await;
-    stack.more_accepted(&load, 40, Duration::from_secs(30)).await;
-    net.cut();
-    stack.step("the scheduler's link cut");
-    stack.more_accepted(&load, 80, Duration::from_secs(30)).await;
-    net.restore();
-    stack.step("the scheduler's link restored");
-    stack.first_verified_after(&load, sundara_schemas::now_us(), Duration::from_secs(60)).await;
-    let accepted = load.stop().await;
-    let settled = stack.settle(&accepted, Duration::from_secs(90)).await;
-    assert_eq!(settled.verified, settled.accepted, "{settled:?}");
-    stack.assert_running();
+    cut_off_under_load_loses_no_task("s", &["scheduler", "autoscaler"], &["w1", "w2"], 80).await;
 }
