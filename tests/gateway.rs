@@ -7,7 +7,6 @@
 
 use sundara_testkit as support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -16,47 +15,9 @@ use serde_json::{Value, json};
 use sundara_gateway::kserve::JsonTensor;
 use sundara_schemas::Tensor;
 use support::Harness;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::http::{Reply, http};
 
 const KEY: &str = "sk-test-0123456789abcdef";
-
-/// One HTTP exchange: status, headers (lower-case names), body as JSON (null when empty).
-struct Reply {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: Value,
-    /// The body's bytes (a binary response's JSON header and data).
-    raw: Vec<u8>,
-}
-
-async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut raw = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(90), stream.read_to_end(&mut raw)).await;
-    read.expect("the gateway answers within 90 s").unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head and a body");
-    let (head, raw) = (String::from_utf8(raw[..split].to_vec()).unwrap(), raw[split + 4..].to_vec());
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(name, value)| (name.to_lowercase(), value.to_string()))
-        .collect();
-    let headers: HashMap<String, String> = headers;
-    let json_part = match headers.get("inference-header-content-length") {
-        Some(length) => &raw[..length.parse::<usize>().unwrap()],
-        None => &raw[..],
-    };
-    let body = if json_part.is_empty() { Value::Null } else { serde_json::from_slice(json_part).unwrap() };
-    Reply { status, headers, body, raw }
-}
 
 fn bearer() -> (&'static str, String) {
     ("Authorization", format!("Bearer {KEY}"))

@@ -3,7 +3,8 @@
 //! own), and each task's span tree is checked: client → ingress → scheduler → each miner's
 //! run → verifier → rewarder, linked through the `traceparent` header of each NATS message.
 //!
-//! The same run checks the metrics every stage counts.
+//! The same run checks the metrics every stage counts, and that a task submitted through the
+//! HTTP gateway has its trace start at the request (continuing the client's `traceparent`).
 //!
 //! Its own test binary: the tracing subscriber and the metrics recorder are global to a process.
 
@@ -267,8 +268,62 @@ async fn each_task_is_one_trace_across_every_service_and_process_and_every_stage
     )
     .await;
 
+    gateway_request_starts_its_tasks_trace(&h, &collector, &telemetry, || recorder.render()).await;
     h.stop().await;
     if let Ok(t) = Arc::try_unwrap(telemetry) {
         t.shutdown();
     }
+}
+
+/// Through the HTTP gateway, a task's trace starts at the request, continuing the client's
+/// `traceparent`: the gateway's server span is its child, and ingress the gateway span's.
+async fn gateway_request_starts_its_tasks_trace(
+    h: &Harness,
+    collector: &Collector,
+    telemetry: &Arc<telemetry::Telemetry>,
+    metrics_text: impl Fn() -> String,
+) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", sundara::stack::free_port().unwrap()).parse().unwrap();
+    let key = "sk-test-0123456789abcdef";
+    let keys = sundara_gateway::ApiKeys::parse(&format!("test {key}\n")).unwrap();
+    let shutdown = sundara_common::Shutdown::new();
+    tokio::spawn(sundara_gateway::run(sundara_gateway::Config::new(h.stack.endpoints(), addr, keys), shutdown.clone()));
+    wait::until("the gateway to listen", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(addr).await.map(drop).map_err(|e| e.to_string())
+    })
+    .await;
+    let (trace_id, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traceparent = format!("00-{trace_id}-{parent}-01");
+    let request = &h.sample_requests(1, "http-traced", 9, |_| "mlp")[0];
+    let inputs: Vec<_> = request.inputs.iter().map(sundara_gateway::kserve::JsonTensor::from_tensor).collect();
+    let body = serde_json::json!({ "inputs": inputs }).to_string();
+    let auth = format!("Bearer {key}");
+    let headers = [("Authorization", auth.as_str()), ("traceparent", traceparent.as_str())];
+    let answer = support::http::http(addr, "POST", "/v2/models/mlp/infer", &headers, body.as_bytes()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let task_id = answer.headers["sundara-task-id"].clone();
+
+    let trace_id = hex::decode(trace_id).unwrap();
+    let names = ["http infer", "ingress submit", "scheduler dispatch", "verifier decide", "rewarder score"];
+    let trace = wait::until("the gateway task's trace", Duration::from_secs(30), || async {
+        let t = telemetry.clone();
+        tokio::task::spawn_blocking(move || t.flush()).await.unwrap();
+        let spans = collector.spans.lock().unwrap().clone();
+        let trace: Vec<Collected> = spans.into_iter().filter(|s| s.trace_id == trace_id).collect();
+        let have: Vec<&str> = trace.iter().map(|s| s.name.as_str()).collect();
+        if names.iter().all(|n| have.contains(n)) { Ok(trace) } else { Err(format!("spans so far: {have:?}")) }
+    })
+    .await;
+    let one = |name: &str| trace.iter().find(|s| s.name == name).unwrap();
+    let http = one("http infer");
+    assert_eq!(http.parent, hex::decode(parent).unwrap(), "continues the client's traceparent");
+    const SERVER: i32 = 2;
+    assert_eq!(http.kind, SERVER);
+    assert_eq!((http.attr("sundara.task_id"), http.attr("sundara.tenant")), (task_id.as_str(), "test"));
+    assert_eq!(http.attr("http.response.status_code"), "200");
+    assert_eq!(one("ingress submit").parent, http.span_id, "ingress is a child of the HTTP request");
+    assert_eq!(one("ingress submit").attr("sundara.task_id"), task_id);
+    let text = metrics_text();
+    assert_eq!(metrics::sum(&text, "sundara_gateway_requests_total", &[("status", "200")]), 1.0);
+    shutdown.cancel();
 }

@@ -4,6 +4,7 @@
 //! that attack ([`attack`]); and waits with deadlines ([`wait`]). Everything stops on drop.
 
 pub mod attack;
+pub mod http;
 pub mod netns;
 pub mod processes;
 pub mod up;

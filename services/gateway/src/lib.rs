@@ -36,6 +36,7 @@ use sundara_schemas::{
     encode, subjects as subj,
 };
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 pub use error::{ApiError, Protocol};
 pub use keys::{ApiKeys, KeysError};
@@ -356,15 +357,44 @@ async fn infer_as_kserve(g: Arc<Gateway>, name: String, version: Option<String>,
     let Ok(_permit) = g.permits.clone().try_acquire_owned() else {
         return ApiError::busy().render(Protocol::KServe);
     };
-    match kserve_infer(&g, &name, version.as_deref(), request).await {
+    // The task's trace starts here (or continues the client's `traceparent`): the
+    // submission carries this span's context on to ingress and every stage after it.
+    let span = tracing::info_span!(
+        target: sundara_common::telemetry::SPANS,
+        "http infer",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/v2/models/{name}/infer",
+        http.response.status_code = tracing::field::Empty,
+        sundara.model = %name,
+        sundara.tenant = tracing::field::Empty,
+        sundara.task_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    sundara_common::telemetry::follow(&span, Some(&trace_context(request.headers())));
+    let response = match kserve_infer(&g, &name, version.as_deref(), request).instrument(span.clone()).await {
         Ok(response) => response,
         Err(e) => e.render(Protocol::KServe),
+    };
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+/// The W3C trace context an HTTP request carries, as the NATS headers the telemetry reads.
+fn trace_context(http: &HeaderMap) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    for name in ["traceparent", "tracestate"] {
+        if let Some(value) = http.get(name).and_then(|v| v.to_str().ok()) {
+            headers.insert(name, value);
+        }
     }
+    headers
 }
 
 async fn kserve_infer(g: &Gateway, name: &str, version: Option<&str>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let tenant = g.tenant(&parts.headers)?;
+    tracing::Span::current().record("sundara.tenant", tenant.as_str());
     let body = g.body(body).await?;
     let header_length = match parts.headers.get(INFERENCE_HEADER_LENGTH) {
         None => None,
@@ -385,6 +415,7 @@ async fn kserve_infer(g: &Gateway, name: &str, version: Option<&str>, request: R
         ..SubmitRequest::new(&format!("{}@{}", meta.name, meta.version), inputs)
     };
     let result = g.run_task(&tenant, request).await?;
+    tracing::Span::current().record("sundara.task_id", result.task_id.as_str());
     let (outputs, agreeing, k) = match result.status {
         ResultStatus::Verified { outputs, agreeing, k } => (outputs, agreeing, k),
         ResultStatus::Failed { code, reason } => return Err(ApiError::failed(code, reason)),
