@@ -1,0 +1,47 @@
+"""Run by tests/python_client.rs against a running pipeline (env: SUNDARA_NATS_URL,
+SUNDARA_NATS_CA, SUNDARA_NATS_CREDS): a verified `mlp` inference with the async client and
+with the sync one, and typed rejections. Prints what it got as one JSON line."""
+
+import asyncio
+import json
+import os
+import sys
+
+import numpy as np
+
+from sundara import Client, SyncClient, Tensor
+from sundara import errors
+
+
+def inputs(rows: int) -> list[Tensor]:
+    values = np.array([(i % 100) / 100 for i in range(rows * 784)], dtype=np.float32).reshape(rows, 784)
+    return [Tensor.from_numpy("x", values)]
+
+
+async def main() -> dict:
+    settings = dict(ca=os.environ["SUNDARA_NATS_CA"], creds=os.environ.get("SUNDARA_NATS_CREDS"))
+    url = os.environ["SUNDARA_NATS_URL"]
+    out: dict = {}
+    async with await Client.connect(url, **settings) as client:
+        out["tenant"] = client.tenant
+        outputs = await client.infer("mlp", inputs(2), request_id="py-1")
+        out["outputs"] = {t.name: {"shape": t.shape, "values": t.values()} for t in outputs}
+        task_id = await client.submit("mlp", inputs(2), request_id="py-1")
+        out["same_task_again"] = (await client.result(task_id)).verified
+        for model, batch, expected in [("nope", inputs(1), errors.UnknownModel), ("mlp", [Tensor.from_values("x", "f32", [1, 3], [1, 2, 3])], errors.WrongShape)]:
+            try:
+                await client.submit(model, batch)
+                out.setdefault("not_rejected", []).append(model)
+            except expected as e:
+                out.setdefault("rejected", []).append(e.code)
+    sync = await asyncio.to_thread(SyncClient.connect, url, **settings)
+    try:
+        out["sync_outputs"] = len(await asyncio.to_thread(sync.infer, "mlp", inputs(1)))
+    finally:
+        await asyncio.to_thread(sync.close)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main())))
+    sys.stdout.flush()
