@@ -50,8 +50,8 @@ pub struct PipelineConfig {
     /// own user (`service-<name>.nk`), each worker as its miner (`miner-<id>.nk`);
     /// `endpoints`' credentials (the validator's) only check readiness.
     pub credentials_dir: Option<PathBuf>,
-    /// The HTTP gateway, if it runs: where it listens and its API keys.
-    pub gateway: Option<(std::net::SocketAddr, sundara_gateway::ApiKeys)>,
+    /// The HTTP gateway, if it runs (its endpoints are replaced by the gateway service's).
+    pub gateway: Option<sundara_gateway::Config>,
 }
 
 impl PipelineConfig {
@@ -159,9 +159,9 @@ impl Pipeline {
             ("rewarder", spawn(sundara_rewarder::run(rewarder, s()))),
             ("autoscaler", spawn(sundara_autoscaler::run(autoscaler, s()))),
         ];
-        if let Some((listen, keys)) = &config.gateway {
+        if let Some(gateway) = &config.gateway {
             let gateway =
-                sundara_gateway::Config::new(as_service(crate::auth::Service::Gateway), *listen, keys.clone());
+                sundara_gateway::Config { endpoints: as_service(crate::auth::Service::Gateway), ..gateway.clone() };
             services.push(("gateway", spawn(sundara_gateway::run(gateway, s()))));
         }
         let mut pipeline = Pipeline { config: config.clone(), shutdown, services, workers: HashMap::new() };

@@ -192,9 +192,12 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         Some(max) => Some(local_pool(&endpoints, auth.as_ref(), &ort_library, max)?),
         None => None,
     };
-    let gateway = demo_gateway(opts.gateway_listen)?;
+    let embedding = push_embedding_model(&js, &root).await?;
+    let gateway = demo_gateway(opts.gateway_listen, embedding.is_some())?;
     let mut config = pipeline_config(&endpoints, ort_library, &root, &workers, auth.as_ref(), scaling);
-    config.gateway = Some((gateway.listen, gateway.keys.clone()));
+    let mut gateway_config = sundara_gateway::Config::new(endpoints.clone(), gateway.listen, gateway.keys.clone());
+    gateway_config.embedding_models = embedding.into_iter().collect();
+    config.gateway = Some(gateway_config);
     let pipeline = Pipeline::start(config).await;
     let Some(ready) = unless(&interrupted, pipeline.ready(Duration::from_secs(60))).await else {
         return stop_interrupted(pipeline).await;
@@ -341,16 +344,41 @@ fn pipeline_config(
     }
 }
 
-/// The HTTP gateway `up` runs: where, and the demo tenant's API key.
+/// The text-embedding model `up` serves through the gateway: all-MiniLM-L6-v2 built by
+/// `scripts/setup`, its file, registered name and tokenizer.
+pub const EMBEDDING_MODEL: (&str, &str, &str) = ("minilm.onnx", "minilm", "minilm_tokenizer.json");
+
+/// Registers the embedding model (k=3, cosine at least 0.999: honest miners batching
+/// differently still agree) when `scripts/setup` built it; its name and tokenizer.
+async fn push_embedding_model(
+    js: &jetstream::Context,
+    root: &std::path::Path,
+) -> anyhow::Result<Option<(String, std::path::PathBuf)>> {
+    let (file, name, tokenizer) = EMBEDDING_MODEL;
+    let models = root.join(".cache/models");
+    if !models.join(file).exists() || !models.join(tokenizer).exists() {
+        println!("no {file}: /v1/embeddings is off (scripts/setup builds it)");
+        return Ok(None);
+    }
+    let registry = Registry::open(js).await?;
+    let policy = Policy::new(3, CompareRule::Cosine { min: 0.999 });
+    let meta = crate::models::publish(&registry, &models.join(file), name, None, policy, Default::default()).await?;
+    println!("registered {}", crate::models::describe(meta.meta()));
+    Ok(Some((name.to_string(), models.join(tokenizer))))
+}
+
+/// The HTTP gateway `up` runs: where, the demo tenant's API key, and whether it serves
+/// embeddings.
 struct DemoGateway {
     listen: std::net::SocketAddr,
     key: String,
     keys: sundara_gateway::ApiKeys,
+    embeddings: bool,
 }
 
 /// The gateway on `listen` (else a free port of loopback), with a fresh API key for the
 /// demo tenant.
-fn demo_gateway(listen: Option<std::net::SocketAddr>) -> anyhow::Result<DemoGateway> {
+fn demo_gateway(listen: Option<std::net::SocketAddr>, embeddings: bool) -> anyhow::Result<DemoGateway> {
     let listen = match listen {
         Some(addr) => addr,
         None => std::net::SocketAddr::new(crate::stack::LOOPBACK, crate::stack::free_port()?),
@@ -358,7 +386,7 @@ fn demo_gateway(listen: Option<std::net::SocketAddr>) -> anyhow::Result<DemoGate
     let key = format!("sk-{DEMO_TENANT}-{}", hex::encode(rand::rng().random::<[u8; 16]>()));
     let mut keys = sundara_gateway::ApiKeys::default();
     keys.add(DEMO_TENANT, &key)?;
-    Ok(DemoGateway { listen, key, keys })
+    Ok(DemoGateway { listen, key, keys, embeddings })
 }
 
 impl DemoGateway {
@@ -378,6 +406,12 @@ impl DemoGateway {
             self.key,
             path.display()
         );
+        if self.embeddings {
+            println!(
+                "  curl -s http://{}/v1/embeddings -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"input\": [\"A man is eating food.\"]}}'",
+                self.listen, self.key, EMBEDDING_MODEL.1
+            );
+        }
         Ok(())
     }
 }

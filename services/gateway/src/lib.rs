@@ -15,6 +15,7 @@
 mod error;
 pub mod keys;
 pub mod kserve;
+pub mod openai;
 mod waiters;
 
 use std::net::SocketAddr;
@@ -69,6 +70,18 @@ pub struct Args {
     /// grace, then answers 504).
     #[arg(long, env = "SUNDARA_GATEWAY_TASK_TIMEOUT_MS", default_value_t = 30_000)]
     pub task_timeout_ms: u64,
+    /// A registered text-embedding model `/v1/embeddings` serves, with its Hugging Face
+    /// tokenizer: `NAME=TOKENIZER.json` (repeatable)
+    #[arg(long = "embedding-model", value_parser = parse_embedding_model)]
+    pub embedding_models: Vec<(String, PathBuf)>,
+}
+
+/// `NAME=TOKENIZER.json`.
+fn parse_embedding_model(text: &str) -> Result<(String, PathBuf), String> {
+    match text.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_string(), PathBuf::from(path))),
+        _ => Err(format!("{text:?}: expected NAME=TOKENIZER.json")),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -87,6 +100,8 @@ pub struct Config {
     /// How often a waiting request reads its result back from RESULTS, in case the
     /// subscription missed it (a reconnect).
     pub recheck: Duration,
+    /// Text-embedding models `/v1/embeddings` serves, each with its tokenizer's file.
+    pub embedding_models: Vec<(String, PathBuf)>,
 }
 
 impl Config {
@@ -101,6 +116,7 @@ impl Config {
             result_grace: Duration::from_secs(45),
             body_timeout: Duration::from_secs(10),
             recheck: Duration::from_secs(2),
+            embedding_models: Vec::new(),
         }
     }
 
@@ -110,6 +126,7 @@ impl Config {
         config.max_body_bytes = args.max_body_bytes;
         config.max_concurrency = args.max_concurrency.max(1);
         config.task_timeout = Duration::from_millis(args.task_timeout_ms);
+        config.embedding_models = args.embedding_models;
         Ok(config)
     }
 }
@@ -122,6 +139,8 @@ pub enum GatewayError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("the tokenizer of {model} ({path}): {reason}")]
+    Tokenizer { model: String, path: PathBuf, reason: String },
 }
 
 /// What every handler shares.
@@ -132,7 +151,26 @@ struct Gateway {
     keys: ApiKeys,
     waiters: Waiters,
     permits: Arc<Semaphore>,
+    /// The tokenizer of each text-embedding model.
+    tokenizers: std::collections::HashMap<String, Arc<tokenizers::Tokenizer>>,
     config: Config,
+}
+
+/// The tokenizers of `models`, without their files' padding and truncation: the gateway
+/// pads each task to its longest input and refuses inputs that are too long.
+fn load_tokenizers(
+    models: &[(String, PathBuf)],
+) -> Result<std::collections::HashMap<String, Arc<tokenizers::Tokenizer>>, GatewayError> {
+    models
+        .iter()
+        .map(|(model, path)| {
+            let failed = |reason: String| GatewayError::Tokenizer { model: model.clone(), path: path.clone(), reason };
+            let mut tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| failed(e.to_string()))?;
+            tokenizer.with_padding(None);
+            tokenizer.with_truncation(None).map_err(|e| failed(e.to_string()))?;
+            Ok((model.clone(), Arc::new(tokenizer)))
+        })
+        .collect()
 }
 
 type Shared = State<Arc<Gateway>>;
@@ -143,6 +181,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), GatewayError>
 }
 
 async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), GatewayError> {
+    let tokenizers = load_tokenizers(&config.embedding_models)?;
     let client = nats::connect(&config.endpoints.nats, "sundara-gateway").await?;
     let js = jetstream::new(client.clone());
     nats::await_provisioned(&js, Duration::from_secs(60)).await?;
@@ -162,6 +201,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Gat
         keys: config.keys.clone(),
         waiters,
         permits: Arc::new(Semaphore::new(config.max_concurrency)),
+        tokenizers,
         config,
     });
     let stop = shutdown.clone();
@@ -197,6 +237,7 @@ fn router(gateway: Arc<Gateway>) -> axum::Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
         .route("/v1/models", get(openai_models))
+        .route("/v1/embeddings", post(openai_embeddings))
         .layer(axum::middleware::from_fn(access_log))
         .with_state(gateway)
 }
@@ -416,10 +457,7 @@ async fn kserve_infer(g: &Gateway, name: &str, version: Option<&str>, request: R
     };
     let result = g.run_task(&tenant, request).await?;
     tracing::Span::current().record("sundara.task_id", result.task_id.as_str());
-    let (outputs, agreeing, k) = match result.status {
-        ResultStatus::Verified { outputs, agreeing, k } => (outputs, agreeing, k),
-        ResultStatus::Failed { code, reason } => return Err(ApiError::failed(code, reason)),
-    };
+    let (outputs, agreeing, k) = verified(result.status)?;
     let requested = infer.outputs.unwrap_or_default();
     let outputs: Vec<_> =
         outputs.into_iter().filter(|t| requested.is_empty() || requested.iter().any(|r| r.name == t.name)).collect();
@@ -445,7 +483,7 @@ async fn kserve_infer(g: &Gateway, name: &str, version: Option<&str>, request: R
 
 /// How the answer was verified: the task, and how many of its k miners agreed.
 fn verified_headers(headers: &mut HeaderMap, task_id: &str, agreeing: u8, k: u8) {
-    headers.insert("sundara-task-id", HeaderValue::from_str(task_id).expect("task ids are hex"));
+    headers.insert("sundara-task-id", HeaderValue::from_str(task_id).expect("task ids are hex, joined by commas"));
     headers.insert("sundara-verified", HeaderValue::from_str(&format!("{agreeing}/{k}")).expect("digits"));
 }
 
@@ -461,4 +499,77 @@ async fn openai_models(State(g): Shared, headers: HeaderMap) -> Response {
         Ok::<_, ApiError>(axum::Json(json!({"object": "list", "data": data})).into_response())
     };
     listed.await.unwrap_or_else(|e| e.render(Protocol::OpenAi))
+}
+
+/// A verified result's outputs and agreement, or its failure as an error.
+fn verified(status: ResultStatus) -> Result<(Vec<sundara_schemas::Tensor>, u8, u8), ApiError> {
+    match status {
+        ResultStatus::Verified { outputs, agreeing, k } => Ok((outputs, agreeing, k)),
+        ResultStatus::Failed { code, reason } => Err(ApiError::failed(code, reason)),
+    }
+}
+
+/// OpenAI's `POST /v1/embeddings`: the inputs tokenized, cut into tasks, each verified.
+async fn openai_embeddings(State(g): Shared, request: Request) -> Response {
+    let Ok(_permit) = g.permits.clone().try_acquire_owned() else {
+        return ApiError::busy().render(Protocol::OpenAi);
+    };
+    let span = tracing::info_span!(
+        target: sundara_common::telemetry::SPANS,
+        "http embeddings",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/v1/embeddings",
+        sundara.tenant = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    sundara_common::telemetry::follow(&span, Some(&trace_context(request.headers())));
+    embeddings(&g, request).instrument(span).await.unwrap_or_else(|e| e.render(Protocol::OpenAi))
+}
+
+async fn embeddings(g: &Gateway, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let tenant = g.tenant(&parts.headers)?;
+    tracing::Span::current().record("sundara.tenant", tenant.as_str());
+    let body = g.body(body).await?;
+    let asked: openai::EmbeddingsRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("invalid_request", format!("the body: {e}")))?;
+    let encoding = asked.encoding()?;
+    if asked.dimensions.is_some() {
+        let error = ApiError::invalid("invalid_value", "dimensions is not supported: the model's are returned");
+        return Err(error.with_param("dimensions"));
+    }
+    let Some(tokenizer) = g.tokenizers.get(&asked.model) else {
+        return Err(ApiError::unknown_model(&asked.model));
+    };
+    let meta = g.model(&asked.model, None).await?;
+    let tokenize = |text: &str| tokenizer.encode(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string());
+    let rows = openai::token_rows(&asked.input, tokenize)?;
+    let tokens = rows.iter().map(Vec::len).sum();
+    let base = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let base = base.unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    let tasks = rows.chunks(openai::ROWS_PER_TASK).enumerate().map(|(i, chunk)| {
+        let request = SubmitRequest {
+            request_id: Some(format!("{base}-{i}")),
+            timeout_ms: Some(g.config.task_timeout.as_millis() as u64),
+            ..SubmitRequest::new(&format!("{}@{}", meta.name, meta.version), openai::task_inputs(chunk))
+        };
+        g.run_task(&tenant, request)
+    });
+    let results = futures::future::try_join_all(tasks).await?;
+    let (mut vectors, mut task_ids, mut weakest) = (Vec::with_capacity(rows.len()), Vec::new(), (u8::MAX, 0u8));
+    for result in results {
+        task_ids.push(result.task_id.clone());
+        let (outputs, agreeing, k) = verified(result.status)?;
+        if agreeing < weakest.0 {
+            weakest = (agreeing, k);
+        }
+        let embedding = outputs.first().ok_or_else(|| ApiError::internal("a verified result without outputs"))?;
+        let values = embedding.values::<f32>().ok_or_else(|| ApiError::internal("the embedding is not float32"))?;
+        let width = embedding.shape.last().copied().unwrap_or(0).max(1) as usize;
+        vectors.extend(values.chunks(width).map(<[f32]>::to_vec));
+    }
+    let mut response = axum::Json(openai::response(&meta.name, &vectors, tokens, encoding)).into_response();
+    verified_headers(response.headers_mut(), &task_ids.join(","), weakest.0, weakest.1);
+    Ok(response)
 }
