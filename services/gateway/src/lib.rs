@@ -213,14 +213,16 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Gat
     Ok(())
 }
 
-/// Hands every published result to the request waiting for it.
+/// Hands every published result to the request waiting for it. A result no request here
+/// waits for (another gateway's, a NATS client's) is skipped by its subject, undecoded.
 async fn hand_out(mut results: async_nats::Subscriber, waiters: Waiters, shutdown: Shutdown) {
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => return,
             msg = results.next() => match msg { Some(msg) => msg, None => return },
         };
-        if let Ok(result) = decode::<ClientResult>(&msg.payload, MAX_MESSAGE_BYTES) {
+        let waited = subj::result_parts(&msg.subject).is_some_and(|(_, task)| waiters.waits_for(task));
+        if waited && let Ok(result) = decode::<ClientResult>(&msg.payload, MAX_MESSAGE_BYTES) {
             waiters.deliver(result);
         }
     }
@@ -543,8 +545,15 @@ async fn embeddings(g: &Gateway, request: Request) -> Result<Response, ApiError>
         return Err(ApiError::unknown_model(&asked.model));
     };
     let meta = g.model(&asked.model, None).await?;
-    let tokenize = |text: &str| tokenizer.encode(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string());
-    let rows = openai::token_rows(&asked.input, tokenize)?;
+    // Up to 2,048 texts: tokenized off the async threads.
+    let tokenizer = tokenizer.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        let tokenize =
+            |text: &str| tokenizer.encode(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string());
+        openai::token_rows(&asked.input, tokenize)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))??;
     let tokens = rows.iter().map(Vec::len).sum();
     let base = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
     let base = base.unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());

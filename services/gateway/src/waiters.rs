@@ -49,6 +49,11 @@ impl Waiters {
         waiting.is_some_and(|(_, tx)| tx.send(result).is_ok())
     }
 
+    /// Whether a request waits for `task_id`.
+    pub fn waits_for(&self, task_id: &str) -> bool {
+        self.inner.lock().unwrap().waiting.contains_key(task_id)
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap().waiting.len()
     }
