@@ -95,16 +95,24 @@ async fn a_miner_joins_a_secured_up_from_its_own_host_with_only_its_key_and_the_
         capacity.workers().await.unwrap_or_default().iter().any(|w| w == "far")
     })
     .await;
-    // Work reaches it: loads of mlp tasks (k=3 over up's miners and far) are all verified,
-    // and far's WORK consumer delivers some of them. Placement prefers miners it has
-    // measured fast, so a cold newcomer may sit out a load: up to five loads.
+    // Work reaches it: loads of tasks of a model that needs four operators (up's three
+    // honest miners and far; a build with the cheaters adds a liar, quarantined within the
+    // first loads) are all verified, and far's WORK consumer delivers some of them. With
+    // k=3, placement would keep preferring the warm miners it has measured over a cold
+    // newcomer, and far could sit out every load.
     let endpoints = sundara::context::Settings::default().resolve(Some(&context), None);
     let js = async_nats::jetstream::new(sundara_common::nats::connect(&endpoints.nats, "test").await.unwrap());
     let work = js.get_stream(sundara_schemas::subjects::WORK_STREAM).await.unwrap();
+    let mlp = project_root().join(".cache/models/mlp.onnx");
+    let push = support::up::sundara(Command::new(support::sundara_binary()), &context_path)
+        .args(["models", "push", mlp.to_str().unwrap(), "--name", "mlp4", "--redundancy", "4"])
+        .output()
+        .unwrap();
+    assert!(push.status.success(), "{}", text(&push));
     let mut loads = 0;
     let far = loop {
         let out = support::up::sundara(Command::new(support::sundara_binary()), &context_path)
-            .args(["submit", "--model", "mlp", "--count", "30"])
+            .args(["submit", "--model", "mlp4", "--count", "30"])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", text(&out));
