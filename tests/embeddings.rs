@@ -19,7 +19,7 @@ use sundara_schemas::{Batching, CompareRule, Policy, Tensor};
 use support::Harness;
 use support::http::http;
 
-const KEY: &str = "sk-test-0123456789abcdef";
+const KEY: &str = support::http::TEST_KEY;
 const SENTENCES: [&str; 4] = [
     "A man is eating food.",
     "A man is eating a piece of bread.",
@@ -76,17 +76,8 @@ async fn start(h: &Harness) -> (SocketAddr, sundara_common::Shutdown) {
     sundara::models::push(&registry, &models().join("minilm.onnx"), "minilm", "1", policy, Batching::default())
         .await
         .expect("minilm.onnx exists (run scripts/setup)");
-    let addr: SocketAddr = format!("127.0.0.1:{}", sundara::stack::free_port().unwrap()).parse().unwrap();
-    let keys = sundara_gateway::ApiKeys::parse(&format!("test {KEY}\n")).unwrap();
-    let mut config = sundara_gateway::Config::new(h.stack.endpoints(), addr, keys);
-    config.embedding_models = vec![("minilm".into(), models().join("minilm_tokenizer.json"))];
-    let shutdown = sundara_common::Shutdown::new();
-    tokio::spawn(sundara_gateway::run(config, shutdown.clone()));
-    support::wait::until("the gateway to listen", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(addr).await.map(drop).map_err(|e| e.to_string())
-    })
-    .await;
-    (addr, shutdown)
+    let tokenizer = models().join("minilm_tokenizer.json");
+    support::http::start_gateway(h.stack.endpoints(), |c| c.embedding_models = vec![("minilm".into(), tokenizer)]).await
 }
 
 fn vectors(body: &Value) -> Vec<Vec<f32>> {

@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use sundara_gateway::kserve::JsonTensor;
 use sundara_schemas::Tensor;
 use support::Harness;
-use support::http::{Reply, http};
+use support::http::{Reply, http, start_gateway};
 
-const KEY: &str = "sk-test-0123456789abcdef";
+const KEY: &str = support::http::TEST_KEY;
 
 fn bearer() -> (&'static str, String) {
     ("Authorization", format!("Bearer {KEY}"))
@@ -36,25 +36,10 @@ async fn infer(addr: SocketAddr, body: &Value, extra: &[(&str, &str)]) -> Reply 
     http(addr, "POST", "/v2/models/mlp/infer", &headers, body.to_string().as_bytes()).await
 }
 
-/// A gateway on a free port of the harness' stack, tenant `test` holding [`KEY`].
-async fn start_gateway(h: &Harness) -> (SocketAddr, sundara_common::Shutdown) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", sundara::stack::free_port().unwrap()).parse().unwrap();
-    let keys = sundara_gateway::ApiKeys::parse(&format!("test {KEY}\n")).unwrap();
-    let mut config = sundara_gateway::Config::new(h.stack.endpoints(), addr, keys);
-    config.max_body_bytes = 64 << 10;
-    let shutdown = sundara_common::Shutdown::new();
-    tokio::spawn(sundara_gateway::run(config, shutdown.clone()));
-    support::wait::until("the gateway to listen", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(addr).await.map(drop).map_err(|e| e.to_string())
-    })
-    .await;
-    (addr, shutdown)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kserve_inference_is_answered_with_verified_outputs_and_typed_errors() {
     let h = Harness::start(vec![support::honest("w1", 1), support::honest("w2", 1)], 2, Duration::from_secs(10)).await;
-    let (addr, shutdown) = start_gateway(&h).await;
+    let (addr, shutdown) = start_gateway(h.stack.endpoints(), |c| c.max_body_bytes = 64 << 10).await;
     let meta = h.models["mlp"].clone();
 
     let live = get(addr, "/v2/health/live", false).await;

@@ -283,15 +283,8 @@ async fn gateway_request_starts_its_tasks_trace(
     telemetry: &Arc<telemetry::Telemetry>,
     metrics_text: impl Fn() -> String,
 ) {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", sundara::stack::free_port().unwrap()).parse().unwrap();
-    let key = "sk-test-0123456789abcdef";
-    let keys = sundara_gateway::ApiKeys::parse(&format!("test {key}\n")).unwrap();
-    let shutdown = sundara_common::Shutdown::new();
-    tokio::spawn(sundara_gateway::run(sundara_gateway::Config::new(h.stack.endpoints(), addr, keys), shutdown.clone()));
-    wait::until("the gateway to listen", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(addr).await.map(drop).map_err(|e| e.to_string())
-    })
-    .await;
+    let (addr, shutdown) = support::http::start_gateway(h.stack.endpoints(), |_| {}).await;
+    let key = support::http::TEST_KEY;
     let (trace_id, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let traceparent = format!("00-{trace_id}-{parent}-01");
     let request = &h.sample_requests(1, "http-traced", 9, |_| "mlp")[0];

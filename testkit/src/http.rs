@@ -1,5 +1,5 @@
-//! A plain HTTP/1.1 client over a socket, for tests of the gateway: what it asserts is what
-//! goes over the wire.
+//! The HTTP gateway on a test's stack, and a plain HTTP/1.1 client over a socket for it:
+//! what a test asserts is what goes over the wire.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,4 +45,26 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
     };
     let body = if json_part.is_empty() { Value::Null } else { serde_json::from_slice(json_part).unwrap() };
     Reply { status, headers, body, raw }
+}
+
+/// The API key [`start_gateway`] gives tenant `test` (the harness' tenant).
+pub const TEST_KEY: &str = "sk-test-0123456789abcdef";
+
+/// A gateway on a free loopback port of `endpoints`' stack, tenant `test` holding
+/// [`TEST_KEY`], its config as `tweak` leaves it; returns once it listens.
+pub async fn start_gateway(
+    endpoints: sundara_common::Endpoints,
+    tweak: impl FnOnce(&mut sundara_gateway::Config),
+) -> (SocketAddr, sundara_common::Shutdown) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", sundara::stack::free_port().unwrap()).parse().unwrap();
+    let keys = sundara_gateway::ApiKeys::parse(&format!("test {TEST_KEY}\n")).unwrap();
+    let mut config = sundara_gateway::Config::new(endpoints, addr, keys);
+    tweak(&mut config);
+    let shutdown = sundara_common::Shutdown::new();
+    tokio::spawn(sundara_gateway::run(config, shutdown.clone()));
+    crate::wait::until("the gateway to listen", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(addr).await.map(drop).map_err(|e| e.to_string())
+    })
+    .await;
+    (addr, shutdown)
 }
