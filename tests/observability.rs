@@ -317,6 +317,6 @@ async fn gateway_request_starts_its_tasks_trace(
     assert_eq!(one("ingress submit").parent, http.span_id, "ingress is a child of the HTTP request");
     assert_eq!(one("ingress submit").attr("sundara.task_id"), task_id);
     let text = metrics_text();
-    assert_eq!(metrics::sum(&text, "sundara_gateway_requests_total", &[("status", "200")]), 1.0);
+    assert_eq!(metrics::sum(&text, "sundara_http_requests_total", &[("status", "200")]), 1.0);
     shutdown.cancel();
 }

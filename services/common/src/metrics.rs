@@ -45,6 +45,9 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("sundara_ingress_accepted_total", Kind::Counter, "Tasks accepted (stored in TASKS)."),
     ("sundara_ingress_rejected_total", Kind::Counter, "Submissions refused, by the typed code the client got."),
     ("sundara_gateway_refused_total", Kind::Counter, "Worker reports the fleet gateway refused."),
+    ("sundara_http_requests_total", Kind::Counter, "HTTP requests the gateway answered, by status."),
+    ("sundara_http_request_seconds", Kind::Histogram, "Time the HTTP gateway took to answer a request."),
+    ("sundara_http_waiting", Kind::Gauge, "HTTP requests waiting for their task's result."),
     (
         "sundara_queue_depth",
         Kind::Gauge,

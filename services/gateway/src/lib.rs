@@ -261,8 +261,8 @@ async fn access_log(mut request: Request, next: axum::middleware::Next) -> Respo
     let status = response.status().as_u16();
     let seconds = started.elapsed().as_secs_f64();
     response.headers_mut().insert("x-request-id", HeaderValue::from_str(&id).expect("checked: visible ASCII"));
-    metrics::counter!("sundara_gateway_requests_total", "status" => status.to_string()).increment(1);
-    metrics::histogram!("sundara_gateway_request_seconds").record(seconds);
+    metrics::counter!("sundara_http_requests_total", "status" => status.to_string()).increment(1);
+    metrics::histogram!("sundara_http_request_seconds").record(seconds);
     tracing::info!(target: "sundara::access", %method, %path, status, ms = seconds * 1e3, request_id = %id);
     response
 }
@@ -322,12 +322,14 @@ impl Gateway {
         // Known before submitting, so the wait is registered before the result can exist.
         let task_id = sundara_ingress::task_id(tenant, request.request_id.as_deref());
         let waiting = self.waiters.register(&task_id);
-        metrics::gauge!("sundara_gateway_waiting").set(self.waiters.len() as f64);
+        metrics::gauge!("sundara_http_waiting").set(self.waiters.len() as f64);
         let accepted = self.submit(tenant, &request).await?;
         debug_assert_eq!(accepted, task_id, "ingress names a request's task by sundara_ingress::task_id");
         let within = self.config.task_timeout + self.config.result_grace;
         let read_back = || self.read_back(tenant, &task_id);
-        waiting.wait(within, self.config.recheck, read_back).await.ok_or_else(|| {
+        let result = waiting.wait(within, self.config.recheck, read_back).await;
+        metrics::gauge!("sundara_http_waiting").set(self.waiters.len() as f64);
+        result.ok_or_else(|| {
             ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
