@@ -18,6 +18,8 @@ use support::Harness;
 use support::http::{Reply, http, start_gateway};
 
 const KEY: &str = support::http::TEST_KEY;
+/// Another tenant's key.
+const OTHER_KEY: &str = "sk-other-0123456789abcdef";
 
 fn bearer() -> (&'static str, String) {
     ("Authorization", format!("Bearer {KEY}"))
@@ -39,7 +41,11 @@ async fn infer(addr: SocketAddr, body: &Value, extra: &[(&str, &str)]) -> Reply 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kserve_inference_is_answered_with_verified_outputs_and_typed_errors() {
     let h = Harness::start(vec![support::honest("w1", 1), support::honest("w2", 1)], 2, Duration::from_secs(10)).await;
-    let (addr, shutdown) = start_gateway(h.stack.endpoints(), |c| c.max_body_bytes = 64 << 10).await;
+    let (addr, shutdown) = start_gateway(h.stack.endpoints(), |c| {
+        c.max_body_bytes = 64 << 10;
+        c.keys.add("other", OTHER_KEY).unwrap();
+    })
+    .await;
     let meta = h.models["mlp"].clone();
 
     let live = get(addr, "/v2/health/live", false).await;
@@ -110,6 +116,14 @@ async fn kserve_inference_is_answered_with_verified_outputs_and_typed_errors() {
     }
     assert!(tail.is_empty(), "every byte belongs to an output");
     assert!(sundara_verifier::compare::agree(&support::RULE, &got_binary, &want), "{got_binary:?} vs {want:?}");
+
+    // Another tenant with the same idempotency key gets a task of its own, not test's.
+    let other_auth = format!("Bearer {OTHER_KEY}");
+    let other_headers = [("Authorization", other_auth.as_str()), ("Idempotency-Key", "gw-1")];
+    let others = http(addr, "POST", "/v2/models/mlp/infer", &other_headers, body.to_string().as_bytes()).await;
+    assert_eq!(others.status, 200, "{}", others.body);
+    assert_eq!(others.headers["sundara-task-id"], sundara_ingress::task_id("other", Some("gw-1")));
+    assert_ne!(others.headers["sundara-task-id"], task_id, "a tenant's key never reaches another's task");
 
     // The same idempotency key again is the same task, answered again.
     let again = infer(addr, &body, &[("Idempotency-Key", "gw-1")]).await;
