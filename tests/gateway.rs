@@ -184,3 +184,24 @@ async fn the_curl_line_up_prints_gets_a_verified_answer() {
     assert!(k == 3 && agreeing * 2 > k, "{agreeing}/{k}");
     assert_eq!(answered.body["model_name"], "mlp");
 }
+
+/// A client that never finishes its headers (a slowloris) is disconnected at the header
+/// timeout; it holds no connection longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = sundara::stack::LocalStack::start(&sundara::stack::project_root()).expect("servers start");
+    let js = async_nats::jetstream::new(sundara_common::nats::connect(&stack.endpoints().nats, "t").await.unwrap());
+    sundara_common::nats::provision(&js, &Default::default()).await.unwrap();
+    let (addr, shutdown) = start_gateway(stack.endpoints(), |c| c.header_timeout = Duration::from_secs(1)).await;
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection is still open after 20 s");
+    assert!(started.elapsed() < Duration::from_secs(10), "closed only after {:?}", started.elapsed());
+    // The server goes on serving others.
+    assert_eq!(http(addr, "GET", "/v2/health/live", &[], b"").await.status, 200);
+    shutdown.cancel();
+}

@@ -7,8 +7,8 @@
 //! `sundara-verified: <agreeing>/<k>`), or with the refusal or failure as the protocol
 //! writes errors.
 //!
-//! Bounded everywhere: request bodies (`--max-body-bytes`), the time to read one (a slow
-//! client cannot hold a slot), requests in flight (`--max-concurrency`; more are told 503
+//! Bounded everywhere: the time to send a request's headers and its body (a slow client
+//! cannot hold a connection or a slot), request bodies (`--max-body-bytes`), requests in flight (`--max-concurrency`; more are told 503
 //! with `Retry-After`), and the wait for a result (the task's timeout plus the verifier's
 //! grace). An `Idempotency-Key` header makes a retried request the same task.
 
@@ -97,6 +97,9 @@ pub struct Config {
     pub result_grace: Duration,
     /// Longest a client may take to send its body.
     pub body_timeout: Duration,
+    /// Longest a client may take to send a request's headers (a connection that sends
+    /// none, or sends them a byte at a time, is closed then).
+    pub header_timeout: Duration,
     /// How often a waiting request reads its result back from RESULTS, in case the
     /// subscription missed it (a reconnect).
     pub recheck: Duration,
@@ -115,6 +118,7 @@ impl Config {
             task_timeout: Duration::from_secs(30),
             result_grace: Duration::from_secs(45),
             body_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
             recheck: Duration::from_secs(2),
             embedding_models: Vec::new(),
         }
@@ -137,8 +141,6 @@ pub enum GatewayError {
     Common(#[from] sundara_common::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
-    #[error("the HTTP server failed: {0}")]
-    Serve(std::io::Error),
     #[error("the tokenizer of {model} ({path}): {reason}")]
     Tokenizer { model: String, path: PathBuf, reason: String },
 }
@@ -204,13 +206,47 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Gat
         tokenizers,
         config,
     });
-    let stop = shutdown.clone();
-    axum::serve(listener, router(gateway))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .map_err(GatewayError::Serve)?;
+    let header_timeout = gateway.config.header_timeout;
+    serve(listener, router(gateway), header_timeout, shutdown).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Accepts connections until `shutdown`, each served by hyper with a bound on the time to
+/// send a request's headers: a client cannot hold a connection open by never finishing them.
+/// At shutdown every connection is asked to finish its request and close.
+async fn serve(listener: tokio::net::TcpListener, app: axum::Router, header_timeout: Duration, shutdown: Shutdown) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (builder, app, shutdown) = (builder.clone(), app.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
 }
 
 /// Hands every published result to the request waiting for it. A result no request here
