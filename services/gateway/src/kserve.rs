@@ -273,16 +273,18 @@ impl JsonTensor {
             }};
         }
         let int = |v: &Value| v.as_i64();
-        Ok(match self.datatype.as_str() {
-            "FP32" => typed!(f32, |v: &Value| v.as_f64().map(|x| x as f32)),
-            "FP64" => typed!(f64, |v: &Value| v.as_f64()),
-            "INT8" => typed!(i8, |v: &Value| int(v).and_then(|x| i8::try_from(x).ok())),
-            "UINT8" => typed!(u8, |v: &Value| int(v).and_then(|x| u8::try_from(x).ok())),
-            "INT16" => typed!(i16, |v: &Value| int(v).and_then(|x| i16::try_from(x).ok())),
-            "INT32" => typed!(i32, |v: &Value| int(v).and_then(|x| i32::try_from(x).ok())),
-            "INT64" => typed!(i64, int),
-            "BOOL" => typed!(bool, |v: &Value| v.as_bool()),
-            other => return Err(TensorError::Datatype { name, datatype: other.to_string() }),
+        let Some(dt) = dtype(&self.datatype) else {
+            return Err(TensorError::Datatype { name, datatype: self.datatype.clone() });
+        };
+        Ok(match dt {
+            DType::F32 => typed!(f32, |v: &Value| v.as_f64().map(|x| x as f32)),
+            DType::F64 => typed!(f64, |v: &Value| v.as_f64()),
+            DType::I8 => typed!(i8, |v: &Value| int(v).and_then(|x| i8::try_from(x).ok())),
+            DType::U8 => typed!(u8, |v: &Value| int(v).and_then(|x| u8::try_from(x).ok())),
+            DType::I16 => typed!(i16, |v: &Value| int(v).and_then(|x| i16::try_from(x).ok())),
+            DType::I32 => typed!(i32, |v: &Value| int(v).and_then(|x| i32::try_from(x).ok())),
+            DType::I64 => typed!(i64, int),
+            DType::Bool => typed!(bool, |v: &Value| v.as_bool()),
         })
     }
 
