@@ -6,6 +6,7 @@
 //! and shape. Every top-level message carries `v` = [`WIRE_VERSION`].
 
 pub mod bounded;
+pub mod chain;
 pub mod codec;
 pub mod messages;
 pub mod model;

@@ -2,9 +2,13 @@
 //!
 //! - [`keys`]: sr25519 hotkeys as Substrate makes them, SS58 addresses, wallet files.
 //! - [`btauth`]: btauth/1, the hotkey-signed request Bittensor 11 subnets authenticate with.
+//! - [`callout`]: nats-server's auth callout claims, so that a hotkey's proof lets a miner in.
+//! - [`metagraph`]: the subnet's neurons, checked, and what changed between two reads.
 
 pub mod btauth;
+pub mod callout;
 pub mod keys;
+pub mod metagraph;
 
 pub use btauth::{BtAuthError, Signed, Verifier};
 pub use keys::{AccountId, Hotkey, KeyError};
