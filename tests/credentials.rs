@@ -54,7 +54,12 @@ fn text(out: &Output) -> String {
 }
 
 fn endpoint(url: &str, ca: &Path, auth: &AuthDir, role: &Role) -> NatsEndpoint {
-    NatsEndpoint { url: url.to_string(), credentials: Some(auth.credentials(role)), tls: Some(NatsTls::pinned(ca)) }
+    NatsEndpoint {
+        url: url.to_string(),
+        credentials: Some(auth.credentials(role)),
+        tls: Some(NatsTls::pinned(ca)),
+        hotkey: None,
+    }
 }
 
 /// Each of these was a 5-60 s wait ending in "timed out": now a typed refusal, at once,
@@ -148,7 +153,7 @@ async fn refusals_come_at_once_and_name_what_was_refused() {
     std::fs::copy(&m1_seed, &renamed).unwrap();
     let ort = sundara_runtime::find_library(&[project_root()]).expect("run scripts/setup");
     let cache = tempfile::tempdir().unwrap();
-    let as_m2 = NatsEndpoint { url: url.clone(), credentials: Some(renamed), tls: tls.clone() };
+    let as_m2 = NatsEndpoint { url: url.clone(), credentials: Some(renamed), tls: tls.clone(), hotkey: None };
     let config = sundara_worker::Config::new(as_m2, "m2", ort, cache.path().to_path_buf());
     let started = Instant::now();
     let stopped = tokio::time::timeout(Duration::from_secs(30), sundara_worker::run(config, Default::default()))
@@ -229,8 +234,12 @@ async fn a_running_stack_is_found_through_its_context_and_takes_new_tenants() {
     assert!(out.status.success(), "{said}");
     assert!(said.contains("tenant bob"), "{said}");
     assert!(said.contains(&bob_seed.display().to_string()), "the new seed's path: {said}");
-    let bob_endpoint =
-        NatsEndpoint { url: url.clone(), credentials: Some(bob_seed.clone()), tls: h.stack.endpoints().nats.tls };
+    let bob_endpoint = NatsEndpoint {
+        url: url.clone(),
+        credentials: Some(bob_seed.clone()),
+        tls: h.stack.endpoints().nats.tls,
+        hotkey: None,
+    };
     let bob = nats::connect(&bob_endpoint, "bob").await;
     assert!(bob.is_ok(), "bob was not let in after the reload: {:?}", bob.err());
     // `--tenant bob` picks bob's seed from the context's credentials.

@@ -1503,6 +1503,7 @@ fn tls_connects(port: u16, ca: &Path, creds: Option<&Path>) -> Result<(), String
         url: format!("tls://127.0.0.1:{port}"),
         credentials: creds.map(Path::to_path_buf),
         tls: Some(sundara_common::tls::NatsTls::pinned(ca)),
+        hotkey: None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

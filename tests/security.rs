@@ -115,6 +115,7 @@ async fn each_role_is_refused_what_is_not_its_own() {
         url: url.clone(),
         credentials: Some(auth.credentials(&Role::Tenant("a".into()))),
         tls: tls.clone(),
+        hotkey: None,
     };
     let tenant_a = Client::connect(&endpoint, "a").await.unwrap();
     let mut results = tenant_a.results().await.unwrap();
@@ -237,6 +238,7 @@ async fn a_tenant_cannot_touch_another_tenants_or_a_services_consumers() {
         url: url.clone(),
         credentials: Some(auth.credentials(&Role::Tenant(t.into()))),
         tls: tls.clone(),
+        hotkey: None,
     };
     let tenant_b = Client::connect(&endpoint("b"), "b").await.unwrap();
     let mut b_results = tenant_b.results().await.unwrap();

@@ -140,6 +140,13 @@ impl Harness {
         self.children.len() - 1
     }
 
+    /// Keeps `child` (a worker process the test started itself) to be killed with the
+    /// harness; its index.
+    pub fn adopt(&mut self, child: Child) -> usize {
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
     /// Process id of a child worker.
     pub fn worker_pid(&self, index: usize) -> u32 {
         self.children[index].id()

@@ -96,16 +96,20 @@ pub enum Service {
     Rewarder,
     Autoscaler,
     Gateway,
+    /// `sundara chain serve`: the metagraph sync and the auth callout that lets miners in
+    /// by their hotkeys.
+    Chain,
 }
 
 impl Service {
-    pub const ALL: [Service; 6] = [
+    pub const ALL: [Service; 7] = [
         Service::Ingress,
         Service::Scheduler,
         Service::Verifier,
         Service::Rewarder,
         Service::Autoscaler,
         Service::Gateway,
+        Service::Chain,
     ];
 
     /// Its subcommand's name: `ingress`, `scheduler`, ...
@@ -117,6 +121,7 @@ impl Service {
             Service::Rewarder => "rewarder",
             Service::Autoscaler => "autoscaler",
             Service::Gateway => "gateway",
+            Service::Chain => "chain",
         }
     }
 
@@ -366,6 +371,14 @@ fn service_permissions(s: Service, inbox: String) -> Permissions {
             ]);
             subscribe.push(subj::RESULT_ALL.into());
         }
+        Service::Chain => {
+            // nats-server asks it about every connection not among the auth callout's
+            // `auth_users`, and takes its answer as the reply.
+            subscribe.push(sundara_chain::callout::AUTH_SUBJECT.into());
+            allow_responses = true;
+            // The epoch weights it maps to uids for the chain: read, never written.
+            publish.extend(read_stream(&format!("KV_{}", subj::REWARDS_BUCKET)));
+        }
     }
     Permissions { publish, subscribe, allow_responses }
 }
@@ -406,8 +419,61 @@ pub fn permissions(role: &Role, public_key: &str) -> Permissions {
     }
 }
 
-/// nats-server's `authorization` block for these users.
-pub fn server_config(users: &[(Role, String)]) -> String {
+/// The seed of the auth callout's issuer account (`SA…`), in the users' directory: its
+/// presence turns the callout on (`sundara auth init --chain`).
+pub const CALLOUT_ISSUER_FILE: &str = "callout-issuer.nk";
+
+/// Users who never go through the auth callout: the validator's own (fixed at `init`, so
+/// that adding tenants and miners later leaves the server's `auth_callout` block, which
+/// it cannot reload, unchanged). Tenants and miners keyed by hand go through it too, and
+/// the callout lets each in by its NKey's signature of the server's nonce.
+fn bypasses_callout(role: &Role) -> bool {
+    matches!(role, Role::Validator | Role::Service(_) | Role::Pool)
+}
+
+/// Creates the callout issuer's seed in `dir` unless it is there; its public key.
+pub fn enable_callout(dir: &Path) -> Result<String, AuthError> {
+    let path = dir.join(CALLOUT_ISSUER_FILE);
+    let io = |e: std::io::Error| AuthError::Io { path: path.clone(), reason: e.to_string() };
+    if !path.exists() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let (seed, _) = sundara_chain::callout::Issuer::generate();
+        write_secret(&path, &format!("{seed}\n")).map_err(io)?;
+    }
+    callout_issuer(dir)?
+        .ok_or_else(|| AuthError::Io { path: path.clone(), reason: "vanished".into() })
+        .map(|i| i.public_key())
+}
+
+/// The callout issuer of `dir`, when the callout is on.
+pub fn callout_issuer(dir: &Path) -> Result<Option<sundara_chain::callout::Issuer>, AuthError> {
+    let path = dir.join(CALLOUT_ISSUER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(seed) => sundara_chain::callout::Issuer::from_seed(&seed)
+            .map(Some)
+            .map_err(|e| AuthError::Io { path, reason: format!("not an account seed: {e}") }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AuthError::Io { path, reason: e.to_string() }),
+    }
+}
+
+fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(text.as_bytes())
+}
+
+/// The role whose public key is `key` in `dir`, if any: how the auth callout knows a
+/// user keyed by hand.
+pub fn role_of_key(dir: &Path, key: &str) -> Result<Option<Role>, AuthError> {
+    Ok(public_keys(dir)?.into_iter().find(|(_, k)| k == key).map(|(role, _)| role))
+}
+
+/// nats-server's `authorization` block for these users; with `callout_issuer`, an
+/// `auth_callout` block sends every connection but the validator's own users to the
+/// callout (`sundara chain serve`).
+pub fn server_config(users: &[(Role, String)], callout_issuer: Option<&str>) -> String {
     let list = |subjects: &[String]| subjects.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     let mut out =
         String::from("# Written by `sundara auth init`: one NKey user per role.\nauthorization {\n  users = [\n");
@@ -420,7 +486,16 @@ pub fn server_config(users: &[(Role, String)]) -> String {
             if p.allow_responses { ", allow_responses: true" } else { "" },
         ));
     }
-    out.push_str("  ]\n}\n");
+    out.push_str("  ]\n");
+    if let Some(issuer) = callout_issuer {
+        let bypass: Vec<String> =
+            users.iter().filter(|(r, _)| bypasses_callout(r)).map(|(_, k)| format!("{k:?}")).collect();
+        out.push_str(&format!(
+            "  # Everyone else (miners by their hotkeys, tenants by their keys) is let in by `sundara chain serve`.\n  auth_callout {{\n    issuer: {issuer:?}\n    auth_users: [{}]\n  }}\n",
+            bypass.join(", ")
+        ));
+    }
+    out.push_str("}\n");
     out
 }
 
@@ -522,7 +597,9 @@ pub fn init(dir: &Path, tenants: &[String], miners: &[String]) -> Result<AuthDir
         }
     }
     let users = public_keys(dir)?;
-    let config = server_config(&users.iter().map(|(r, k)| (r.clone(), k.clone())).collect::<Vec<_>>());
+    let issuer = callout_issuer(dir)?.map(|i| i.public_key());
+    let config =
+        server_config(&users.iter().map(|(r, k)| (r.clone(), k.clone())).collect::<Vec<_>>(), issuer.as_deref());
     let conf = dir.join("auth.conf");
     std::fs::write(&conf, &config).map_err(io(&conf))?;
     Ok(AuthDir { dir: dir.to_path_buf(), users, server_config: config })
@@ -674,6 +751,7 @@ mod tests {
             Service::Rewarder => vec!["sundara.reward.t", "sundara.reward.epoch", "$KV.rewards.ledger"],
             Service::Autoscaler => vec!["sundara.fleet.dead", "sundara.control.m1", "$JS.API.STREAM.PURGE.WORK"],
             Service::Gateway => vec!["sundara.submit.a"],
+            Service::Chain => vec![],
         };
         let all: Vec<&str> = Service::ALL.iter().flat_map(|s| produces(*s)).collect();
         for s in Service::ALL {
@@ -740,12 +818,34 @@ mod tests {
         }
     }
 
+    /// nats-server cannot reload its `auth_callout` block: adding tenants and miners must
+    /// leave it as it was, so only the validator's own users bypass the callout.
+    #[test]
+    fn the_callout_block_names_only_the_validators_users_and_stays_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = enable_callout(dir.path()).unwrap();
+        assert_eq!(enable_callout(dir.path()).unwrap(), issuer, "the issuer is made once");
+        let block = |config: &str| config[config.find("auth_callout").expect("a callout block")..].to_string();
+        let first = init(dir.path(), &[], &[]).unwrap();
+        let second = init(dir.path(), &["a".into()], &["m1".into()]).unwrap();
+        assert_eq!(block(&first.server_config), block(&second.server_config));
+        let callout = block(&second.server_config);
+        assert!(callout.contains(&issuer));
+        for (role, key) in &second.users {
+            assert_eq!(callout.contains(key.as_str()), bypasses_callout(role), "{role}");
+        }
+        assert_eq!(
+            role_of_key(dir.path(), &second.users[&Role::Tenant("a".into())]).unwrap(),
+            Some(Role::Tenant("a".into()))
+        );
+    }
+
     #[test]
     fn init_keeps_existing_keys_and_adds_new_users() {
         let dir = tempfile::tempdir().unwrap();
         let first = init(dir.path(), &["a".into()], &["m1".into()]).unwrap();
         let second = init(dir.path(), &[], &["m2".into()]).unwrap();
-        assert_eq!(second.users.len(), 11, "validator, the pool, six services, a, m1 and m2");
+        assert_eq!(second.users.len(), 12, "validator, the pool, seven services, a, m1 and m2");
         for (role, key) in &first.users {
             assert_eq!(&second.users[role], key, "{role:?} kept its key");
         }

@@ -102,7 +102,7 @@ impl Settings {
             (None, Some(c)) => (c.redis_url.clone(), self.redis_ca.or_else(|| c.redis_ca.clone())),
             (None, None) => (DEFAULT_REDIS.into(), self.redis_ca),
         };
-        let nats = sundara_common::nats::NatsEndpoint { url, credentials, tls };
+        let nats = sundara_common::nats::NatsEndpoint { url, credentials, tls, hotkey: None };
         sundara_common::Endpoints { nats, redis_url, redis_ca }
     }
 }

@@ -2,6 +2,7 @@
 //! client, model registration and `sundara up`. `main.rs` only parses arguments.
 
 pub mod auth;
+pub mod chain;
 pub mod client;
 pub mod context;
 pub mod fleet;

@@ -205,6 +205,22 @@ enum Command {
     /// Run the HTTP gateway: KServe v2 (`/v2/...`) and OpenAI (`/v1/models`) in front of the
     /// verified pipeline, each request as the tenant its API key names.
     Gateway(sundara_gateway::Args),
+    /// The Bittensor subnet: the metagraph and the miners' hotkey joins (docs/bittensor.md).
+    Chain {
+        #[command(subcommand)]
+        command: ChainCommand,
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChainCommand {
+    /// Run the chain service: the metagraph sync and the NATS auth callout that lets
+    /// registered hotkeys in as miners.
+    Serve(sundara::chain::ServeArgs),
+    /// The metagraph the validator holds: its block, neurons and age, and the last read.
+    Status,
 }
 
 /// `--redis`, on the commands that use Redis.
@@ -230,6 +246,10 @@ enum AuthCommand {
         dir: PathBuf,
         #[command(flatten)]
         users: Users,
+        /// On a Bittensor subnet: miners join by their hotkeys, through the auth callout
+        /// that `sundara chain serve` answers (DIR/callout-issuer.nk; docs/bittensor.md).
+        #[arg(long)]
+        chain: bool,
     },
     /// Add tenants and miners to the stack a running `sundara up` serves (its context):
     /// their seeds (or, with --miner-key, a miner's public key) go into its credentials
@@ -453,7 +473,8 @@ fn endpoints(cli: &Cli) -> Endpoints {
         | Command::Ingress { redis, .. }
         | Command::Scheduler { redis, .. }
         | Command::Rewarder { redis, .. }
-        | Command::Autoscaler { redis, .. } => (redis.url.clone(), redis.ca.clone()),
+        | Command::Autoscaler { redis, .. }
+        | Command::Chain { redis, .. } => (redis.url.clone(), redis.ca.clone()),
         _ => (None, None),
     };
     let settings = sundara::context::Settings {
@@ -532,6 +553,8 @@ fn service_name(command: &Command) -> &'static str {
         Command::Autoscaler { .. } => "sundara-autoscaler",
         Command::Worker(_) => "sundara-worker",
         Command::Gateway(_) => "sundara-gateway",
+        Command::Chain { command: ChainCommand::Serve(_), .. } => "sundara-chain",
+        Command::Chain { command: ChainCommand::Status, .. } => "sundara",
         // `up` runs every service in one process.
         Command::Up { .. } => "sundara",
         _ => "sundara-cli",
@@ -604,6 +627,11 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         }
         Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => dead_tasks(&nats, limit, resubmit).await,
         Command::Auth { command } => auth(command),
+        Command::Chain { command: ChainCommand::Status, .. } => {
+            let capacity = sundara_common::Capacity::open(&endpoints).await?;
+            print!("{}", sundara::chain::status_text(&capacity.chain_status().await?, sundara_schemas::now_ms()));
+            Ok(())
+        }
         Command::Tls { command } => tls(command),
         service @ (Command::Ingress { .. }
         | Command::Scheduler { .. }
@@ -611,7 +639,8 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         | Command::Rewarder { .. }
         | Command::Autoscaler { .. }
         | Command::Worker(_)
-        | Command::Gateway(_)) => serve(service, endpoints).await,
+        | Command::Gateway(_)
+        | Command::Chain { command: ChainCommand::Serve(_), .. }) => serve(service, endpoints).await,
     }
 }
 
@@ -767,9 +796,13 @@ fn tls(command: TlsCommand) -> anyhow::Result<()> {
 /// `sundara auth …`: users for a nats-server of one's own, or added to `up`'s.
 fn auth(command: AuthCommand) -> anyhow::Result<()> {
     match command {
-        AuthCommand::Init { dir, users: Users { tenants, miners, miner_keys } } => {
+        AuthCommand::Init { dir, users: Users { tenants, miners, miner_keys }, chain } => {
             for (miner, key) in &miner_keys {
                 sundara::auth::trust_key(&dir, &sundara::auth::Role::Miner(miner.clone()), key)?;
+            }
+            if chain {
+                let issuer = sundara::auth::enable_callout(&dir)?;
+                println!("auth callout issuer: {issuer} (miners join by hotkey through `sundara chain serve`)");
             }
             let auth = sundara::auth::init(&dir, &tenants, &miners)?;
             for role in auth.users.keys() {
@@ -849,6 +882,8 @@ async fn serve(command: Command, endpoints: Endpoints) -> anyhow::Result<()> {
             run_service(sundara_autoscaler::run(config, shutdown.clone()), shutdown).await
         }
         Command::Worker(args) => {
+            let (args, nats) = sundara::chain::miner_login(args, endpoints.nats)?;
+            let endpoints = Endpoints { nats, ..endpoints };
             sundara::auth::check_miner(endpoints.nats.credentials.as_deref(), &args.id)?;
             let lib = ort()?;
             let cache = || find_project_root().map(|root| root.join(".cache/worker-models")).map_err(|e| e.to_string());
@@ -859,6 +894,10 @@ async fn serve(command: Command, endpoints: Endpoints) -> anyhow::Result<()> {
         Command::Gateway(args) => {
             let config = sundara_gateway::Config::from_args(args, endpoints)?;
             run_service(sundara_gateway::run(config, shutdown.clone()), shutdown).await
+        }
+        Command::Chain { command: ChainCommand::Serve(args), .. } => {
+            let config = sundara::chain::Config { endpoints, args };
+            run_service(sundara::chain::run(config, shutdown.clone()), shutdown).await
         }
         _ => unreachable!("serve() runs services only"),
     }

@@ -507,6 +507,7 @@ impl LocalStack {
                 url: format!("tls://{}", std::net::SocketAddr::new(self.listen, self.nats.port)),
                 credentials: self.nats_credentials.clone(),
                 tls: Some(self.nats_tls.clone()),
+                hotkey: None,
             },
             redis_url: redis_url(self.dir.path(), self.redis.port)
                 .map(|url| if self.redis_tls { url.replacen("redis://", "rediss://", 1) } else { url })

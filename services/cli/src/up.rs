@@ -422,6 +422,7 @@ fn demo_tenant(endpoints: &Endpoints, auth: Option<&crate::auth::AuthDir>) -> Na
         url: endpoints.nats.url.clone(),
         credentials: auth.map(|a| a.credentials(&crate::auth::Role::Tenant(DEMO_TENANT.into()))),
         tls: endpoints.nats.tls.clone(),
+        hotkey: None,
     }
 }
 

@@ -17,6 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::metagraph::ChainStanding;
 use crate::{Capacity, Error as CommonError, Registry, Shutdown, js_err};
 use futures::StreamExt;
 use sundara_schemas::{
@@ -326,10 +327,11 @@ impl Gateway {
             FleetUpdate::Announce { announce, fresh, heartbeat_ttl_ms } => {
                 let slices: Vec<&str> = announce.slices.iter().map(|s| s.id.as_str()).collect();
                 self.owned(worker, &slices).await?;
-                self.same_operator(worker, &announce.operator).await?;
+                let mut written = as_written(announce);
+                written.operator = self.operator(worker, &announce.operator).await?;
                 self.registered(announce).await?;
                 let ttl = (*heartbeat_ttl_ms).clamp(100, 60_000);
-                let quarantined = c.announce_standing(&as_written(announce), *fresh, ttl).await?;
+                let quarantined = c.announce_standing(&written, *fresh, ttl).await?;
                 return Ok(quarantined.map(|why| format!("{QUARANTINED_NOTE}{why}")));
             }
             FleetUpdate::Withdraw { slice, model } => {
@@ -350,11 +352,25 @@ impl Gateway {
         Ok(None)
     }
 
+    /// The operator `worker` counts under. On chain it is the coldkey its hotkey is
+    /// registered under, whatever the worker states (so holding a task's majority takes
+    /// that many registered hotkeys under distinct coldkeys), and a worker whose id is no
+    /// registered hotkey is refused. Off chain it is the operator the worker stated first.
+    async fn operator(&self, worker: &str, claimed: &str) -> Result<String, ApplyError> {
+        match self.capacity.chain_standing(worker).await? {
+            ChainStanding::Registered(neuron) => Ok(neuron.coldkey),
+            ChainStanding::NotRegistered => Err(ApplyError::NotOnSubnet(worker.to_string())),
+            ChainStanding::OffChain => {
+                self.same_operator(worker, claimed).await?;
+                Ok(claimed.to_string())
+            }
+        }
+    }
+
     /// The operator is the unit of collusion (two replicas of a task never go to one
     /// operator), so a worker cannot change the operator it first announced: one that
     /// could would join another operator's tasks by claiming a new name before each
-    /// reassignment. This is the seam for an operator identity the miner does not state
-    /// at all (the chain's coldkey of its hotkey): the first claim stands until then.
+    /// reassignment.
     async fn same_operator(&self, worker: &str, claimed: &str) -> Result<(), ApplyError> {
         match self.capacity.operator_of(worker).await? {
             Some(first) if !first.is_empty() && first != claimed => {
@@ -410,6 +426,8 @@ pub enum ApplyError {
     OperatorChanged { first: String, claimed: String },
     #[error("model {0} is not in the registry")]
     Unregistered(String),
+    #[error("{0} is not a hotkey registered on the subnet")]
+    NotOnSubnet(String),
 }
 
 /// Serves `sundara.report.*` (in queue group `sundara-gateway`, shared by every scheduler

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod capacity;
 pub mod gateway;
 pub mod jetstream_error;
+pub mod metagraph;
 pub mod metrics;
 pub mod model_cache;
 pub mod nats;
@@ -82,6 +83,12 @@ pub enum Error {
         }
     )]
     NatsRefused { url: String, credentials: Option<std::path::PathBuf> },
+    /// The validator's auth callout refused a miner's hotkey.
+    #[error(
+        "NATS at {url} refused hotkey {hotkey}: a validator lets in only hotkeys registered on its subnet, \
+         joining for its own hotkey ({validator} here; --validator-hotkey) with a clock within seconds of its own"
+    )]
+    NatsHotkeyRefused { url: String, hotkey: String, validator: String },
     /// The server refused this user `operation` on `subject` (a permissions violation).
     #[error("not permitted: these NATS credentials may not {operation} {subject}")]
     PermissionDenied { operation: nats::Operation, subject: String },

@@ -49,6 +49,17 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("sundara_http_request_seconds", Kind::Histogram, "Time the HTTP gateway took to answer a request."),
     ("sundara_http_waiting", Kind::Gauge, "HTTP requests waiting for their task's result."),
     (
+        "sundara_chain_joins_total",
+        Kind::Counter,
+        "Connections the auth callout answered, by outcome (allowed, refused).",
+    ),
+    (
+        "sundara_chain_metagraph_age_seconds",
+        Kind::Gauge,
+        "Age of the metagraph the validator holds (since it was read).",
+    ),
+    ("sundara_chain_neurons", Kind::Gauge, "Neurons in the metagraph the validator holds."),
+    (
         "sundara_queue_depth",
         Kind::Gauge,
         "Backlog per queue: tasks not yet taken, assignments queued, outcomes and verdicts not yet read.",

@@ -19,12 +19,66 @@ pub struct NatsEndpoint {
     /// TLS: the pinned CA (and a client certificate for mutual TLS); `None`: plain TCP,
     /// unless the URL is `tls://` (then the system's roots, which a private CA is not in).
     pub tls: Option<crate::tls::NatsTls>,
+    /// A miner's hotkey: it connects by proving the hotkey (btauth/1 over the server's
+    /// nonce, checked by the validator's auth callout) instead of with an NKey seed.
+    pub hotkey: Option<HotkeyLogin>,
+}
+
+/// How a miner proves its hotkey to the validator's NATS: each connection (and each
+/// reconnection) signs the server's fresh nonce for the validator's hotkey.
+#[derive(Clone)]
+pub struct HotkeyLogin {
+    pub hotkey: std::sync::Arc<sundara_chain::Hotkey>,
+    /// The validator's hotkey (SS58): the receiver the proof is signed for.
+    pub receiver: String,
+}
+
+impl PartialEq for HotkeyLogin {
+    fn eq(&self, other: &HotkeyLogin) -> bool {
+        self.hotkey.account == other.hotkey.account && self.receiver == other.receiver
+    }
+}
+
+impl Eq for HotkeyLogin {}
+
+impl std::fmt::Debug for HotkeyLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HotkeyLogin({} for {})", self.hotkey.account, self.receiver)
+    }
+}
+
+/// What a hotkey signs to join: method `CONNECT`, target `nats:<the server's nonce>`, no
+/// body (btauth/1, [`sundara_chain::btauth`]). The nonce binds the proof to one
+/// connection; the receiver to one validator.
+pub const HOTKEY_JOIN_METHOD: &str = "CONNECT";
+
+pub fn hotkey_join_target(server_nonce: &str) -> String {
+    format!("nats:{server_nonce}")
+}
+
+impl HotkeyLogin {
+    /// The proof for a connection the server sent `nonce`: the btauth/1 token (and its
+    /// signature, sent as the connection's `sig` so that the server passes the nonce on).
+    pub fn prove(&self, nonce: &str) -> async_nats::Auth {
+        let signed = sundara_chain::Signed::sign(
+            &self.hotkey,
+            &self.receiver,
+            HOTKEY_JOIN_METHOD,
+            &hotkey_join_target(nonce),
+            b"",
+            sundara_chain::btauth::now_ns(),
+        );
+        let mut auth = async_nats::Auth::new();
+        auth.token = Some(signed.to_token());
+        auth.signature = Some(signed.signature.to_vec());
+        auth
+    }
 }
 
 impl NatsEndpoint {
     /// A server without authentication or TLS (a hand-started nats-server).
     pub fn open(url: impl Into<String>) -> NatsEndpoint {
-        NatsEndpoint { url: url.into(), credentials: None, tls: None }
+        NatsEndpoint { url: url.into(), credentials: None, tls: None, hotkey: None }
     }
 
     /// This endpoint with `tls`.
@@ -237,7 +291,15 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
     let (denials, _) = tokio::sync::broadcast::channel::<Denial>(64);
     let reported = denials.clone();
     let connection = name.to_string();
-    let mut options = async_nats::ConnectOptions::new()
+    let base = match endpoint.hotkey.clone() {
+        Some(login) => async_nats::ConnectOptions::with_auth_callback(move |nonce| {
+            let auth = login.prove(&String::from_utf8_lossy(&nonce));
+            async move { Ok(auth) }
+        })
+        .custom_inbox_prefix(inbox_prefix(&endpoint.hotkey.as_ref().expect("matched").hotkey.account.to_ss58())),
+        None => async_nats::ConnectOptions::new(),
+    };
+    let mut options = base
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(10)))
@@ -276,9 +338,14 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
             senders.push((std::sync::Arc::downgrade(&client.statistics()), denials));
             Ok(client)
         }
-        Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
-            Err(Error::NatsRefused { url: url.to_string(), credentials: endpoint.credentials.clone() })
-        }
+        Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => match &endpoint.hotkey {
+            Some(login) => Err(Error::NatsHotkeyRefused {
+                url: url.to_string(),
+                hotkey: login.hotkey.account.to_ss58(),
+                validator: login.receiver.clone(),
+            }),
+            None => Err(Error::NatsRefused { url: url.to_string(), credentials: endpoint.credentials.clone() }),
+        },
         Ok(Err(e)) if let Some(failure) = crate::tls::failure_of(&e) => {
             Err(Error::NatsTls { url: url.to_string(), failure, reason: e.to_string() })
         }

@@ -136,9 +136,28 @@ impl Config {
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
     /// This worker's id, unique in the fleet: 1-64 of [A-Za-z0-9_-]. With NATS auth on, the
-    /// miner whose credentials it connects with.
-    #[arg(long)]
+    /// miner whose credentials it connects with. With a hotkey, its SS58 address (and
+    /// this may be left out).
+    #[arg(long, default_value = "")]
     pub id: String,
+    /// The miner's hotkey on a Bittensor subnet: a wallet's hotkey file, or a file holding
+    /// a `0x` hex seed. The worker then joins by proving the hotkey (no NATS credentials:
+    /// the validator never holds a miner's secret) and its id is the hotkey's address.
+    #[arg(long, env = "SUNDARA_HOTKEY_FILE")]
+    pub hotkey_file: Option<PathBuf>,
+    /// A Bittensor wallet's name: the hotkey is then
+    /// `<--wallet-path>/<--wallet-name>/hotkeys/<--wallet-hotkey>`.
+    #[arg(long, conflicts_with = "hotkey_file")]
+    pub wallet_name: Option<String>,
+    /// The wallet's hotkey name.
+    #[arg(long, default_value = "default")]
+    pub wallet_hotkey: String,
+    /// Where the wallets are [default: ~/.bittensor/wallets].
+    #[arg(long)]
+    pub wallet_path: Option<PathBuf>,
+    /// The validator's hotkey (SS58 address): the hotkey's joins are signed for it alone.
+    #[arg(long, env = "SUNDARA_VALIDATOR_HOTKEY")]
+    pub validator_hotkey: Option<String>,
     /// Who runs this worker [default: its --id]: the scheduler never gives two copies of a
     /// task to one operator.
     #[arg(long)]
@@ -183,6 +202,11 @@ impl Args {
     pub fn new(id: &str) -> Args {
         Args {
             id: id.into(),
+            hotkey_file: None,
+            wallet_name: None,
+            wallet_hotkey: "default".into(),
+            wallet_path: None,
+            validator_hotkey: None,
             operator: None,
             threads: DEFAULT_THREADS,
             slots: None,
@@ -197,8 +221,24 @@ impl Args {
     /// The flags that parse back into these (`sundara worker <these>`): how tests,
     /// benchmarks and drivers start worker processes.
     pub fn to_command_line(&self) -> Vec<String> {
-        let mut line = vec!["--id".to_string(), self.id.clone()];
+        let mut line = Vec::new();
         let mut flag = |name: &str, value: String| line.extend([format!("--{name}"), value]);
+        if !self.id.is_empty() {
+            flag("id", self.id.clone());
+        }
+        if let Some(file) = &self.hotkey_file {
+            flag("hotkey-file", file.display().to_string());
+        }
+        if let Some(name) = &self.wallet_name {
+            flag("wallet-name", name.clone());
+            flag("wallet-hotkey", self.wallet_hotkey.clone());
+        }
+        if let Some(path) = &self.wallet_path {
+            flag("wallet-path", path.display().to_string());
+        }
+        if let Some(validator) = &self.validator_hotkey {
+            flag("validator-hotkey", validator.clone());
+        }
         if let Some(operator) = &self.operator {
             flag("operator", operator.clone());
         }
@@ -234,6 +274,9 @@ impl Config {
         ort_library: PathBuf,
         default_cache_dir: impl FnOnce() -> Result<PathBuf, String>,
     ) -> Result<Config, String> {
+        if args.id.is_empty() {
+            return Err("--id is required (or a hotkey: --hotkey-file, --wallet-name)".into());
+        }
         let cache_dir = match args.cache_dir {
             Some(dir) => dir,
             None => default_cache_dir()?,

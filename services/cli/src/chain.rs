@@ -1,0 +1,328 @@
+//! `sundara chain serve`: the validator's link to its Bittensor subnet.
+//!
+//! - **Metagraph sync.** Reads the subnet's metagraph (a snapshot file, which the chain
+//!   bridge or an operator writes) every `--sync-every-s`, checks it, and stores it where
+//!   the services read it (Redis, [`sundara_common::metagraph`]). A hotkey deregistered,
+//!   or registered again, is declared dead at once (its assignments go to others, and a
+//!   re-registered one starts anew); a read that fails keeps the metagraph held, and
+//!   `sundara chain status` says how old it is.
+//! - **Auth callout.** nats-server asks it about every connection but the validator's own
+//!   users. A miner proves its hotkey: btauth/1 over the server's nonce for this
+//!   connection, addressed to the validator's hotkey, fresh and never seen before; it is
+//!   let in as `miner <hotkey>` only while the hotkey is registered, for one session
+//!   (`--miner-session-s`), after which it proves itself again. Tenants and miners keyed
+//!   by hand are let in by their NKey's signature of the nonce, as without the callout.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use sundara_chain::callout::{AUTH_SUBJECT, AuthRequest, Grant, Issuer};
+use sundara_chain::{BtAuthError, Signed, Verifier, metagraph};
+use sundara_common::metagraph::ChainStanding;
+use sundara_common::nats::{self, HOTKEY_JOIN_METHOD, hotkey_join_target};
+use sundara_common::{Capacity, Endpoints, Shutdown};
+use sundara_schemas::chain::Metagraph;
+use sundara_schemas::now_ms;
+
+use crate::auth::{self, Role};
+
+/// `sundara chain serve`'s flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The subnet's metagraph: a snapshot file (JSON `{netuid, block, neurons: [{uid,
+    /// hotkey, coldkey, stake, validator_permit, registered_at_block}]}`), read again every
+    /// --sync-every-s. The chain bridge keeps it current; a test or a development stack
+    /// writes it by hand.
+    #[arg(long, env = "SUNDARA_METAGRAPH")]
+    pub metagraph: PathBuf,
+    /// Seconds between reads of the metagraph (a block is 12 s).
+    #[arg(long, default_value_t = 12.0)]
+    pub sync_every_s: f64,
+    /// The validator's hotkey (its SS58 address): miners sign their joins for it, and a
+    /// join signed for any other validator is refused.
+    #[arg(long, env = "SUNDARA_VALIDATOR_HOTKEY")]
+    pub validator_hotkey: String,
+    /// The users' directory of `sundara auth init --chain`: the callout issuer's seed, and
+    /// the tenants and miners keyed by hand.
+    #[arg(long, env = "SUNDARA_CREDENTIALS_DIR")]
+    pub credentials_dir: PathBuf,
+    /// Seconds a miner's connection lasts before it must prove its hotkey again (and its
+    /// registration is checked again).
+    #[arg(long, default_value_t = 3600)]
+    pub miner_session_s: u64,
+}
+
+/// The service's config: its flags and where it connects (as `service-chain`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub endpoints: Endpoints,
+    pub args: ServeArgs,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error(transparent)]
+    Common(#[from] sundara_common::Error),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("{0} is not the validator's hotkey address: {1}")]
+    ValidatorHotkey(String, sundara_chain::KeyError),
+    #[error("{}: no callout issuer; run `sundara auth init --chain --dir {}`", .0.display(), .0.display())]
+    NoIssuer(PathBuf),
+    #[error("subscribing to {AUTH_SUBJECT}: {0}")]
+    Subscribe(String),
+}
+
+/// Why a connection was refused: the server logs it, the miner's client reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinRefused {
+    #[error("hotkey proof refused: {0}")]
+    Proof(#[from] BtAuthError),
+    #[error("the server sent no nonce to sign (the client sent no signature)")]
+    NoNonce,
+    #[error("{0} is not a hotkey registered on the subnet")]
+    NotRegistered(String),
+    #[error("no metagraph is held yet")]
+    NoMetagraph,
+    #[error("the key {0} is no user of this validator")]
+    UnknownKey(String),
+    #[error("no credentials: a miner proves its hotkey, a tenant signs with its NKey")]
+    NoCredentials,
+    #[error("the validator could not decide: {0}")]
+    Unavailable(String),
+}
+
+/// Runs the metagraph sync and the auth callout until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ChainError> {
+    let args = &config.args;
+    sundara_chain::AccountId::from_ss58(&args.validator_hotkey)
+        .map_err(|e| ChainError::ValidatorHotkey(args.validator_hotkey.clone(), e))?;
+    let issuer =
+        auth::callout_issuer(&args.credentials_dir)?.ok_or(ChainError::NoIssuer(args.credentials_dir.clone()))?;
+    let capacity = Capacity::open(&config.endpoints).await?;
+    let client = nats::connect(&config.endpoints.nats, "sundara-chain").await?;
+    let requests = client.subscribe(AUTH_SUBJECT).await.map_err(|e| ChainError::Subscribe(e.to_string()))?;
+    // The subscription is live before the first metagraph is stored.
+    client.flush().await.map_err(|e| ChainError::Subscribe(e.to_string()))?;
+    let gate = std::sync::Arc::new(Gate {
+        issuer,
+        verifier: Verifier::new(&args.validator_hotkey),
+        capacity: capacity.clone(),
+        credentials_dir: args.credentials_dir.clone(),
+        session: Duration::from_secs(args.miner_session_s.max(10)),
+    });
+    tracing::info!(validator = %args.validator_hotkey, metagraph = %args.metagraph.display(), "chain service serving");
+    let sync = sync_loop(
+        capacity,
+        args.metagraph.clone(),
+        Duration::from_secs_f64(args.sync_every_s.max(0.1)),
+        shutdown.clone(),
+    );
+    let callout = requests.take_until(shutdown.cancelled()).for_each_concurrent(64, |msg| {
+        let (client, gate) = (client.clone(), gate.clone());
+        async move {
+            let Some(reply) = msg.reply else { return };
+            if let Some(answer) = gate.answer(&msg.payload).await {
+                let _ = client.publish(reply, answer.into()).await;
+            }
+        }
+    });
+    tokio::join!(sync, callout);
+    Ok(())
+}
+
+/// Reads the metagraph now and every `every` until `shutdown`.
+async fn sync_loop(capacity: Capacity, path: PathBuf, every: Duration, shutdown: Shutdown) {
+    let mut held: Option<(Metagraph, u64)> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = sync_once(&capacity, &path, &mut held).await {
+            let age = held.as_ref().map(|(_, at)| format!("{} s", now_ms().saturating_sub(*at) / 1000));
+            tracing::warn!(error = %e, held_for = age.as_deref().unwrap_or("none held"), "metagraph read failed; keeping the one held");
+            let _ = capacity.metagraph_read_failed(now_ms(), &e).await;
+        }
+        if let Some((m, at)) = &held {
+            metrics::gauge!("sundara_chain_metagraph_age_seconds").set(now_ms().saturating_sub(*at) as f64 / 1000.0);
+            metrics::gauge!("sundara_chain_neurons").set(m.neurons.len() as f64);
+        }
+    }
+}
+
+/// One read: stores a new metagraph and acts on what changed; an error leaves `held` as it was.
+pub async fn sync_once(capacity: &Capacity, path: &Path, held: &mut Option<(Metagraph, u64)>) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let new = metagraph::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let changes = metagraph::changes(held.as_ref().map(|(m, _)| m), &new).map_err(|e| e.to_string())?;
+    let read_at = now_ms();
+    capacity.store_metagraph(&new, read_at).await.map_err(|e| e.to_string())?;
+    for hotkey in changes.reset() {
+        // Its assignments go to others now; a hotkey registered again announces anew.
+        capacity.mark_dead(hotkey).await.map_err(|e| e.to_string())?;
+    }
+    if held.as_ref().is_none_or(|(m, _)| m.block != new.block) {
+        tracing::info!(
+            block = new.block,
+            neurons = new.neurons.len(),
+            registered = changes.registered.len(),
+            deregistered = ?changes.deregistered,
+            reregistered = ?changes.reregistered,
+            taken_over = ?changes.taken_over,
+            "metagraph read"
+        );
+    }
+    *held = Some((new, read_at));
+    Ok(())
+}
+
+/// What `sundara chain status` prints of `status`, at `now_ms`.
+pub fn status_text(status: &sundara_common::metagraph::ChainStatus, now_ms: u64) -> String {
+    let mut out = String::new();
+    let age = |at: Option<u64>| at.map(|t| format!("{} s ago", now_ms.saturating_sub(t) / 1000));
+    match (status.netuid, status.block) {
+        (Some(netuid), Some(block)) => out.push_str(&format!(
+            "metagraph: subnet {netuid} at block {block}, {} neurons, read {}\n",
+            status.neurons,
+            age(status.read_at_ms).unwrap_or_default()
+        )),
+        _ => out.push_str("metagraph: none held (is `sundara chain serve` running?)\n"),
+    }
+    if let Some(error) = &status.error {
+        out.push_str(&format!(
+            "last read failed {}: {error} (the metagraph held stays in use)\n",
+            age(status.tried_at_ms).unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// The auth callout's decisions.
+struct Gate {
+    issuer: Issuer,
+    verifier: Verifier,
+    capacity: Capacity,
+    credentials_dir: PathBuf,
+    session: Duration,
+}
+
+impl Gate {
+    /// The signed answer to one authorization request; `None` for a request that is not
+    /// one (nothing to answer: the server times the connection out).
+    async fn answer(&self, payload: &[u8]) -> Option<String> {
+        let request = match AuthRequest::decode(&String::from_utf8_lossy(payload)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "not an authorization request");
+                return None;
+            }
+        };
+        let now_s = now_ms() / 1000;
+        Some(match self.grant(&request, now_s).await {
+            Ok(grant) => {
+                tracing::debug!(user = %grant.name, host = ?request.client.host, "connection let in");
+                metrics::counter!("sundara_chain_joins_total", "outcome" => "allowed").increment(1);
+                self.issuer.allow(&request, &grant, now_s)
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, host = ?request.client.host, "connection refused");
+                metrics::counter!("sundara_chain_joins_total", "outcome" => "refused").increment(1);
+                self.issuer.deny(&request, &why.to_string(), now_s)
+            }
+        })
+    }
+
+    async fn grant(&self, request: &AuthRequest, now_s: u64) -> Result<Grant, JoinRefused> {
+        let unavailable = |e: sundara_common::Error| JoinRefused::Unavailable(e.to_string());
+        if let Some(token) = request.connect.auth_token.as_deref().filter(|t| t.starts_with("btauth/1;")) {
+            let signed = Signed::from_token(token)?;
+            let nonce = request.client.nonce.as_deref().ok_or(JoinRefused::NoNonce)?;
+            let target = hotkey_join_target(nonce);
+            let hotkey =
+                self.verifier.verify(&signed, HOTKEY_JOIN_METHOD, &target, b"", sundara_chain::btauth::now_ns())?;
+            let window = self.verifier.replay_window();
+            if !self.capacity.first_use(&signed.hotkey, signed.nonce_ns, window).await.map_err(unavailable)? {
+                return Err(BtAuthError::Replayed.into());
+            }
+            let ss58 = hotkey.to_ss58();
+            match self.capacity.chain_standing(&ss58).await.map_err(unavailable)? {
+                ChainStanding::Registered(_) => {}
+                ChainStanding::NotRegistered => return Err(JoinRefused::NotRegistered(ss58)),
+                ChainStanding::OffChain => return Err(JoinRefused::NoMetagraph),
+            }
+            let role = Role::Miner(ss58.clone());
+            let p = auth::permissions(&role, &ss58);
+            return Ok(Grant {
+                name: role.to_string(),
+                publish: p.publish,
+                subscribe: p.subscribe,
+                allow_responses: p.allow_responses,
+                expires_s: now_s + self.session.as_secs(),
+            });
+        }
+        let Some(key) = request.nkey_signed() else { return Err(JoinRefused::NoCredentials) };
+        let role = auth::role_of_key(&self.credentials_dir, key)
+            .map_err(|e| JoinRefused::Unavailable(e.to_string()))?
+            .ok_or_else(|| JoinRefused::UnknownKey(key.to_string()))?;
+        let p = auth::permissions(&role, key);
+        Ok(Grant {
+            name: role.to_string(),
+            publish: p.publish,
+            subscribe: p.subscribe,
+            allow_responses: p.allow_responses,
+            expires_s: 0,
+        })
+    }
+}
+
+/// Why a worker could not take up its hotkey.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error(transparent)]
+    Key(#[from] sundara_chain::KeyError),
+    #[error("a hotkey joins for one validator: give --validator-hotkey (its SS58 address)")]
+    NoValidator,
+    #[error("--validator-hotkey {0:?}: {1}")]
+    Validator(String, sundara_chain::KeyError),
+    #[error("--id {id} is not the hotkey's address {hotkey}: a hotkey's worker id is its address")]
+    OtherId { id: String, hotkey: String },
+    #[error("no home directory for ~/.bittensor/wallets: give --wallet-path")]
+    NoHome,
+}
+
+/// A worker started with a hotkey (`--hotkey-file`, or `--wallet-name`): its id becomes
+/// the hotkey's address, and it connects by proving the hotkey instead of with NATS
+/// credentials. Without a hotkey, both are returned unchanged.
+pub fn miner_login(
+    mut args: sundara_worker::Args,
+    mut nats: nats::NatsEndpoint,
+) -> Result<(sundara_worker::Args, nats::NatsEndpoint), LoginError> {
+    let file = match (&args.hotkey_file, &args.wallet_name) {
+        (Some(file), _) => file.clone(),
+        (None, Some(name)) => {
+            let wallets = match &args.wallet_path {
+                Some(path) => path.clone(),
+                None => {
+                    std::env::var_os("HOME").map(PathBuf::from).ok_or(LoginError::NoHome)?.join(".bittensor/wallets")
+                }
+            };
+            sundara_chain::Hotkey::wallet_path(&wallets, name, &args.wallet_hotkey)
+        }
+        (None, None) => return Ok((args, nats)),
+    };
+    let hotkey = sundara_chain::Hotkey::load(&file)?;
+    let receiver = args.validator_hotkey.clone().ok_or(LoginError::NoValidator)?;
+    sundara_chain::AccountId::from_ss58(&receiver).map_err(|e| LoginError::Validator(receiver.clone(), e))?;
+    let address = hotkey.account.to_ss58();
+    if !args.id.is_empty() && args.id != address {
+        return Err(LoginError::OtherId { id: args.id, hotkey: address });
+    }
+    args.id = address;
+    nats.credentials = None;
+    nats.hotkey = Some(nats::HotkeyLogin { hotkey: std::sync::Arc::new(hotkey), receiver });
+    Ok((args, nats))
+}
