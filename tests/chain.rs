@@ -56,7 +56,11 @@ async fn serve_chain(
     shutdown: &Shutdown,
 ) -> tokio::task::JoinHandle<()> {
     let args = sundara::chain::ServeArgs {
-        metagraph: metagraph.to_path_buf(),
+        metagraph: Some(metagraph.to_path_buf()),
+        bridge: None,
+        netuid: None,
+        version_key: None,
+        weights_every_s: 30.0,
         sync_every_s: 0.2,
         validator_hotkey: ss58("//Validator"),
         credentials_dir: dir.to_path_buf(),
@@ -264,4 +268,146 @@ async fn a_cartel_under_one_coldkey_never_holds_two_replicas() {
     shutdown.cancel();
     chain.await.unwrap();
     h.stop().await;
+}
+
+/// The chain double's state: subnet 7 at block 1000, a block every 100 ms, commit-reveal
+/// on, weights at most every 3 blocks, version key at least 2, the validator permitted.
+fn double_state(path: &Path, neurons: Vec<Neuron>) {
+    let state = serde_json::json!({
+        "netuid": 7, "start_block": 1000, "block_seconds": 0.1,
+        "started_at": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64(),
+        "commit_reveal": true, "weights_rate_limit": 3, "weights_version": 2,
+        "permits": [ss58("//Validator")],
+        "metagraph": { "netuid": 7, "block": 1000, "neurons": neurons },
+    });
+    std::fs::write(path, state.to_string()).unwrap();
+}
+
+fn edit_double(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut state);
+    std::fs::write(path, state.to_string()).unwrap();
+}
+
+fn received(path: &Path) -> Vec<serde_json::Value> {
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    state["received"].as_array().cloned().unwrap_or_default()
+}
+
+/// Each epoch's weights reach the chain (here its double, which enforces the subnet's
+/// rules and records what it receives): mapped to uids through the metagraph, as a
+/// commit (the subnet has commit-reveal on), with the subnet's version key, no sooner than
+/// the rate limit allows, through transient failures of the chain; a validator that lost
+/// its permit sends nothing. Every try is recorded beside the epoch's weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn epoch_weights_reach_the_chain_under_its_rules() {
+    let creds = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (auth, stack) = chain_stack(creds.path());
+    let state = dir.path().join("chain.json");
+    let miners = ["//Alice", "//Bob", "//Charlie"];
+    let neurons: Vec<Neuron> =
+        miners.iter().enumerate().map(|(i, m)| neuron(i as u16 + 4, m, &format!("{m}Cold"), 1)).collect();
+    double_state(&state, neurons);
+    let double = project_root().join("testkit/chain_double.py");
+    let bridge = format!("python3 {} --state {} --hotkey {}", double.display(), state.display(), ss58("//Validator"));
+
+    let shutdown = Shutdown::new();
+    let mut endpoints = stack.endpoints();
+    endpoints.nats.credentials = Some(auth.credentials(&Role::Service(Service::Chain)));
+    let workers = miners.iter().map(|m| honest(&ss58(m), 1)).collect();
+    let policy = Policy { redundancy: 2, rule: RULE, audit_rate: 0.0 };
+    let mut h = Harness::start_on(stack, workers, policy, Duration::from_secs(5), |_| {}).await;
+    let args = sundara::chain::ServeArgs {
+        metagraph: None,
+        bridge: Some(bridge),
+        netuid: Some(7),
+        version_key: None,
+        weights_every_s: 0.1,
+        sync_every_s: 0.2,
+        validator_hotkey: ss58("//Validator"),
+        credentials_dir: creds.path().to_path_buf(),
+        miner_session_s: 3600,
+    };
+    let chain = tokio::spawn({
+        let (shutdown, config) = (shutdown.clone(), sundara::chain::Config { endpoints, args });
+        async move { sundara::chain::run(config, shutdown).await.expect("the chain service runs") }
+    });
+    wait::until_true("the metagraph read through the bridge", Duration::from_secs(20), || async {
+        h.capacity.chain_status().await.unwrap().neurons == 3
+    })
+    .await;
+
+    // Epoch 1: the weights go out as a commit, mapped to uids.
+    let requests = h.sample_requests(20, "w1", 4, |_| "mlp");
+    let results = h.run_tasks(&requests).await;
+    h.assert_correct(&requests, &results);
+    let first = close_epoch(&h).await;
+    let metagraph = Metagraph { netuid: 7, block: 0, neurons: h.capacity.neurons().await.unwrap() };
+    let want = sundara_chain::weights::to_uids(&first, &metagraph);
+    assert_eq!(want.uids.len(), 3, "every miner earned: {first:?}");
+    wait::until_true("the chain to receive epoch 1", Duration::from_secs(30), || async { received(&state).len() == 1 })
+        .await;
+    let got = &received(&state)[0];
+    assert_eq!(got["uids"], serde_json::json!(want.uids));
+    assert_eq!(got["weights"], serde_json::json!(want.weights));
+    assert_eq!((got["mode"].as_str(), got["version_key"].as_u64()), (Some("commit_reveal"), Some(2)));
+
+    // Epoch 2, at once: held back by the rate limit, then through two failures of the chain.
+    edit_double(&state, |s| s["fail_next"] = 2.into());
+    let requests = h.sample_requests(20, "w2", 4, |_| "mlp");
+    let results = h.run_tasks(&requests).await;
+    h.assert_correct(&requests, &results);
+    let second = close_epoch(&h).await;
+    wait::until_true("the chain to receive epoch 2", Duration::from_secs(40), || async { received(&state).len() == 2 })
+        .await;
+    let got = received(&state);
+    assert!(got[1]["block"].as_u64().unwrap() >= got[0]["block"].as_u64().unwrap() + 3, "the rate limit held: {got:?}");
+    wait::until_true("epoch 2's record to say so", Duration::from_secs(10), || async {
+        submission(&h, second.epoch).await["attempts"].as_array().unwrap().len() == 3
+    })
+    .await;
+    let record = submission(&h, second.epoch).await;
+    assert!(!record["uids"].as_array().unwrap().is_empty(), "{record}");
+    let kinds: Vec<&str> =
+        record["attempts"].as_array().unwrap().iter().map(|a| a[1]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["unavailable", "unavailable", "included"], "{record}");
+
+    // The validator loses its permit: epoch 3 is refused by the chain and not retried.
+    edit_double(&state, |s| s["permits"] = serde_json::json!([]));
+    let third = close_epoch(&h).await;
+    wait::until_true("epoch 3's record", Duration::from_secs(30), || async {
+        h.js.get_key_value("rewards")
+            .await
+            .unwrap()
+            .get(sundara::chain::submission_key(third.epoch))
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let record = submission(&h, third.epoch).await;
+    assert_eq!(record["attempts"][0][1]["kind"], "no_permit", "{record}");
+    assert_eq!(received(&state).len(), 2);
+
+    shutdown.cancel();
+    chain.await.unwrap();
+    h.stop().await;
+}
+
+/// Closes the rewarder's epoch now; its weights.
+async fn close_epoch(h: &Harness) -> sundara_schemas::EpochWeights {
+    let reply =
+        h.js.client()
+            .request(sundara_schemas::subjects::REWARDER_CLOSE, "".into())
+            .await
+            .expect("the rewarder closes the epoch");
+    sundara_schemas::decode(&reply.payload, sundara_schemas::MAX_MESSAGE_BYTES).unwrap()
+}
+
+/// The record of the weights sent for `epoch`.
+async fn submission(h: &Harness, epoch: u64) -> serde_json::Value {
+    let kv = h.js.get_key_value("rewards").await.unwrap();
+    let bytes = kv.get(sundara::chain::submission_key(epoch)).await.unwrap().expect("a record");
+    serde_json::from_slice(&bytes).unwrap()
 }

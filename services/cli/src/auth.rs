@@ -376,8 +376,10 @@ fn service_permissions(s: Service, inbox: String) -> Permissions {
             // `auth_users`, and takes its answer as the reply.
             subscribe.push(sundara_chain::callout::AUTH_SUBJECT.into());
             allow_responses = true;
-            // The epoch weights it maps to uids for the chain: read, never written.
+            // The epoch weights it maps to uids for the chain: read, never written; what
+            // it sent goes beside them under `chain.`.
             publish.extend(read_stream(&format!("KV_{}", subj::REWARDS_BUCKET)));
+            publish.push(format!("$KV.{}.chain.>", subj::REWARDS_BUCKET));
         }
     }
     Permissions { publish, subscribe, allow_responses }
@@ -751,13 +753,15 @@ mod tests {
             Service::Rewarder => vec!["sundara.reward.t", "sundara.reward.epoch", "$KV.rewards.ledger"],
             Service::Autoscaler => vec!["sundara.fleet.dead", "sundara.control.m1", "$JS.API.STREAM.PURGE.WORK"],
             Service::Gateway => vec!["sundara.submit.a"],
-            Service::Chain => vec![],
+            Service::Chain => vec!["$KV.rewards.chain.weights.7"],
         };
         let all: Vec<&str> = Service::ALL.iter().flat_map(|s| produces(*s)).collect();
         for s in Service::ALL {
             let p = permissions(&Role::Service(s), "UKEY");
             for subject in &all {
                 let own = produces(s).contains(subject)
+                    // The rewarder owns its bucket, the chain's records in it too.
+                    || (s == Service::Rewarder && subject.starts_with("$KV.rewards."))
                     // Scheduler and verifier both decide tasks; the rewarder's epoch is a reward.
                     || (matches!(s, Service::Scheduler | Service::Verifier) && !subject.starts_with("sundara.work")
                         && ["sundara.result.", "sundara.verdict.", "sundara.dead"].iter().any(|p| subject.starts_with(p)));

@@ -13,29 +13,46 @@
 //!   (`--miner-session-s`), after which it proves itself again. Tenants and miners keyed
 //!   by hand are let in by their NKey's signature of the nonce, as without the callout.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
 use sundara_chain::callout::{AUTH_SUBJECT, AuthRequest, Grant, Issuer};
-use sundara_chain::{BtAuthError, Signed, Verifier, metagraph};
+use sundara_chain::{BtAuthError, Signed, Verifier, metagraph, weights};
 use sundara_common::metagraph::ChainStanding;
 use sundara_common::nats::{self, HOTKEY_JOIN_METHOD, hotkey_join_target};
 use sundara_common::{Capacity, Endpoints, Shutdown};
-use sundara_schemas::chain::Metagraph;
+use sundara_schemas::EpochWeights;
+use sundara_schemas::chain::{Metagraph, WeightsMode, WeightsOutcome, WeightsSubmission};
 use sundara_schemas::now_ms;
 
 use crate::auth::{self, Role};
+use crate::bridge::{Bridge, SetWeights};
 
 /// `sundara chain serve`'s flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
-    /// The subnet's metagraph: a snapshot file (JSON `{netuid, block, neurons: [{uid,
+    /// The subnet's metagraph from a snapshot file (JSON `{netuid, block, neurons: [{uid,
     /// hotkey, coldkey, stake, validator_permit, registered_at_block}]}`), read again every
-    /// --sync-every-s. The chain bridge keeps it current; a test or a development stack
-    /// writes it by hand.
+    /// --sync-every-s: for development stacks and tests. Without it the bridge reads it.
     #[arg(long, env = "SUNDARA_METAGRAPH")]
-    pub metagraph: PathBuf,
+    pub metagraph: Option<PathBuf>,
+    /// The chain bridge: a command answering `rules`, `metagraph` and `set-weights`
+    /// (`scripts/bittensor_bridge.py` with the validator's wallet; see bridge.rs). With it,
+    /// each epoch's weights go to the chain; without it they stay in KV `rewards`.
+    #[arg(long, env = "SUNDARA_CHAIN_BRIDGE")]
+    pub bridge: Option<String>,
+    /// The subnet's netuid (needed with --bridge).
+    #[arg(long, env = "SUNDARA_NETUID")]
+    pub netuid: Option<u16>,
+    /// The version key weights are sent with [default: the subnet's own, read each time].
+    /// A pinned key below the subnet's is not sent: the validator needs an upgrade.
+    #[arg(long)]
+    pub version_key: Option<u64>,
+    /// Seconds between looks for new epoch weights (and between tries while the chain's
+    /// rate limit holds them back).
+    #[arg(long, default_value_t = 30.0)]
+    pub weights_every_s: f64,
     /// Seconds between reads of the metagraph (a block is 12 s).
     #[arg(long, default_value_t = 12.0)]
     pub sync_every_s: f64,
@@ -72,6 +89,31 @@ pub enum ChainError {
     NoIssuer(PathBuf),
     #[error("subscribing to {AUTH_SUBJECT}: {0}")]
     Subscribe(String),
+    #[error("no metagraph source: give --metagraph FILE or --bridge with --netuid")]
+    NoSource,
+}
+
+/// Where the metagraph comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    File(PathBuf),
+    Bridge(Bridge, u16),
+}
+
+impl Source {
+    async fn read(&self) -> Result<Metagraph, String> {
+        match self {
+            Source::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                metagraph::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+            }
+            Source::Bridge(bridge, netuid) => {
+                let m = bridge.metagraph(*netuid).await.map_err(|e| e.to_string())?;
+                metagraph::check(&m).map_err(|e| format!("the bridge's metagraph: {e}"))?;
+                Ok(m)
+            }
+        }
+    }
 }
 
 /// Why a connection was refused: the server logs it, the miner's client reports it.
@@ -100,6 +142,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ChainError> {
         .map_err(|e| ChainError::ValidatorHotkey(args.validator_hotkey.clone(), e))?;
     let issuer =
         auth::callout_issuer(&args.credentials_dir)?.ok_or(ChainError::NoIssuer(args.credentials_dir.clone()))?;
+    let bridge = args.bridge.clone().zip(args.netuid).map(|(command, netuid)| (Bridge::new(command), netuid));
+    let source = match (&args.metagraph, &bridge) {
+        (Some(path), _) => Source::File(path.clone()),
+        (None, Some((bridge, netuid))) => Source::Bridge(bridge.clone(), *netuid),
+        (None, None) => return Err(ChainError::NoSource),
+    };
     let capacity = Capacity::open(&config.endpoints).await?;
     let client = nats::connect(&config.endpoints.nats, "sundara-chain").await?;
     let requests = client.subscribe(AUTH_SUBJECT).await.map_err(|e| ChainError::Subscribe(e.to_string()))?;
@@ -112,13 +160,29 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ChainError> {
         credentials_dir: args.credentials_dir.clone(),
         session: Duration::from_secs(args.miner_session_s.max(10)),
     });
-    tracing::info!(validator = %args.validator_hotkey, metagraph = %args.metagraph.display(), "chain service serving");
-    let sync = sync_loop(
-        capacity,
-        args.metagraph.clone(),
-        Duration::from_secs_f64(args.sync_every_s.max(0.1)),
-        shutdown.clone(),
-    );
+    tracing::info!(validator = %args.validator_hotkey, source = ?source, "chain service serving");
+    let sync =
+        sync_loop(capacity.clone(), source, Duration::from_secs_f64(args.sync_every_s.max(0.1)), shutdown.clone());
+    let weights = async {
+        let Some((bridge, netuid)) = bridge else { return };
+        let kv = match js_rewards(&client).await {
+            Ok(kv) => kv,
+            Err(e) => {
+                tracing::error!(error = %e, "no KV rewards: epoch weights cannot be read; none are sent");
+                return;
+            }
+        };
+        let sender = WeightsSender {
+            js: async_nats::jetstream::new(client.clone()),
+            kv,
+            capacity,
+            bridge,
+            netuid,
+            version_key: args.version_key,
+            every: Duration::from_secs_f64(args.weights_every_s.max(0.05)),
+        };
+        sender.run(shutdown.clone()).await
+    };
     let callout = requests.take_until(shutdown.cancelled()).for_each_concurrent(64, |msg| {
         let (client, gate) = (client.clone(), gate.clone());
         async move {
@@ -128,12 +192,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), ChainError> {
             }
         }
     });
-    tokio::join!(sync, callout);
+    tokio::join!(sync, callout, weights);
     Ok(())
 }
 
 /// Reads the metagraph now and every `every` until `shutdown`.
-async fn sync_loop(capacity: Capacity, path: PathBuf, every: Duration, shutdown: Shutdown) {
+async fn sync_loop(capacity: Capacity, source: Source, every: Duration, shutdown: Shutdown) {
     let mut held: Option<(Metagraph, u64)> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -142,7 +206,7 @@ async fn sync_loop(capacity: Capacity, path: PathBuf, every: Duration, shutdown:
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = sync_once(&capacity, &path, &mut held).await {
+        if let Err(e) = sync_once(&capacity, &source, &mut held).await {
             let age = held.as_ref().map(|(_, at)| format!("{} s", now_ms().saturating_sub(*at) / 1000));
             tracing::warn!(error = %e, held_for = age.as_deref().unwrap_or("none held"), "metagraph read failed; keeping the one held");
             let _ = capacity.metagraph_read_failed(now_ms(), &e).await;
@@ -155,9 +219,12 @@ async fn sync_loop(capacity: Capacity, path: PathBuf, every: Duration, shutdown:
 }
 
 /// One read: stores a new metagraph and acts on what changed; an error leaves `held` as it was.
-pub async fn sync_once(capacity: &Capacity, path: &Path, held: &mut Option<(Metagraph, u64)>) -> Result<(), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let new = metagraph::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+pub async fn sync_once(
+    capacity: &Capacity,
+    source: &Source,
+    held: &mut Option<(Metagraph, u64)>,
+) -> Result<(), String> {
+    let new = source.read().await?;
     let changes = metagraph::changes(held.as_ref().map(|(m, _)| m), &new).map_err(|e| e.to_string())?;
     let read_at = now_ms();
     capacity.store_metagraph(&new, read_at).await.map_err(|e| e.to_string())?;
@@ -325,4 +392,163 @@ pub fn miner_login(
     nats.credentials = None;
     nats.hotkey = Some(nats::HotkeyLogin { hotkey: std::sync::Arc::new(hotkey), receiver });
     Ok((args, nats))
+}
+
+/// KV keys (bucket `rewards`, beside the epoch weights) of the weights sent to the chain.
+pub fn submission_key(epoch: u64) -> String {
+    format!("chain.weights.{epoch}")
+}
+pub const LATEST_SUBMISSION_KEY: &str = "chain.weights.latest";
+
+async fn js_rewards(client: &async_nats::Client) -> Result<async_nats::jetstream::kv::Store, String> {
+    let js = async_nats::jetstream::new(client.clone());
+    js.get_key_value(sundara_schemas::subjects::REWARDS_BUCKET).await.map_err(|e| e.to_string())
+}
+
+/// The last weights sent, as recorded.
+pub async fn last_submission(kv: &async_nats::jetstream::kv::Store) -> Result<Option<WeightsSubmission>, String> {
+    let bytes = kv.get(LATEST_SUBMISSION_KEY).await.map_err(|e| e.to_string())?;
+    bytes.map(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())).transpose()
+}
+
+/// Sends each closed epoch's weights to the chain once, under the subnet's rules.
+struct WeightsSender {
+    js: async_nats::jetstream::Context,
+    kv: async_nats::jetstream::kv::Store,
+    capacity: Capacity,
+    bridge: Bridge,
+    netuid: u16,
+    version_key: Option<u64>,
+    every: Duration,
+}
+
+impl WeightsSender {
+    async fn run(self, shutdown: Shutdown) {
+        let mut last = match last_submission(&self.kv).await {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::warn!(error = %e, "the last weights sent are unreadable; sending the latest epoch's");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let epoch = match sundara_rewarder::read_weights(&self.js, None).await {
+                Ok(Some(epoch)) => epoch,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "epoch weights unreadable");
+                    continue;
+                }
+            };
+            if last.as_ref().is_some_and(|l| l.epoch >= epoch.epoch) {
+                continue;
+            }
+            let last_included = last.as_ref().and_then(WeightsSubmission::included_at);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                sent = self.send(&epoch, last_included) => {
+                    if let Some(sent) = sent {
+                        last = Some(sent);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tries `epoch`'s weights until they are in or cannot be; the record (`None` while
+    /// no metagraph is held: tried again at the next look).
+    async fn send(&self, epoch: &EpochWeights, last_included: Option<u64>) -> Option<WeightsSubmission> {
+        let metagraph = self.metagraph().await?;
+        let mapped = weights::to_uids(epoch, &metagraph);
+        let mut record = WeightsSubmission {
+            epoch: epoch.epoch,
+            netuid: self.netuid,
+            uids: mapped.uids,
+            weights: mapped.weights,
+            version_key: 0,
+            mode: WeightsMode::Plain,
+            unregistered: mapped.unregistered,
+            attempts: Vec::new(),
+        };
+        let mut forced_mode = None;
+        let mut failures = 0u32;
+        loop {
+            let (block, outcome) = match self.bridge.rules(self.netuid).await {
+                Err(e) => (0, WeightsOutcome::Unavailable { message: e.to_string() }),
+                Ok(rules) => match weights::plan(&rules, self.version_key, last_included) {
+                    weights::Plan::WaitFor { block } => {
+                        tracing::debug!(block, now = rules.block, "weights held back by the rate limit");
+                        tokio::time::sleep(self.every).await;
+                        continue;
+                    }
+                    weights::Plan::Upgrade { ours, required } => {
+                        tracing::error!(ours, required, "version key below the subnet's: upgrade this validator");
+                        (rules.block, WeightsOutcome::VersionKeyTooLow { required })
+                    }
+                    weights::Plan::Send { mode, version_key } => {
+                        (record.mode, record.version_key) = (forced_mode.unwrap_or(mode), version_key);
+                        let request = SetWeights {
+                            netuid: self.netuid,
+                            uids: &record.uids,
+                            weights: &record.weights,
+                            version_key,
+                            mode: record.mode,
+                        };
+                        let outcome = self
+                            .bridge
+                            .set_weights(&request)
+                            .await
+                            .unwrap_or_else(|e| WeightsOutcome::Unavailable { message: e.to_string() });
+                        (rules.block, outcome)
+                    }
+                },
+            };
+            if matches!(outcome, WeightsOutcome::Unavailable { .. }) {
+                failures += 1;
+            }
+            metrics::counter!("sundara_chain_weights_total", "outcome" => outcome_kind(&outcome)).increment(1);
+            tracing::info!(epoch = epoch.epoch, block, mode = ?record.mode, outcome = ?outcome, "weights sent");
+            record.attempts.push((block, outcome.clone()));
+            self.record(&record).await;
+            match weights::after(&outcome, block, failures.max(1)) {
+                weights::Next::Done | weights::Next::GiveUp => return Some(record),
+                weights::Next::SwitchMode(mode) => forced_mode = Some(mode),
+                weights::Next::WaitFor { .. } => tokio::time::sleep(self.every).await,
+                weights::Next::Backoff(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    async fn metagraph(&self) -> Option<Metagraph> {
+        let status = self.capacity.chain_status().await.ok()?;
+        let neurons = self.capacity.neurons().await.ok()?;
+        Some(Metagraph { netuid: status.netuid?, block: status.block?, neurons })
+    }
+
+    /// Keeps `record` beside the epoch's weights.
+    async fn record(&self, record: &WeightsSubmission) {
+        let json = serde_json::to_vec(record).expect("records serialise");
+        for key in [submission_key(record.epoch), LATEST_SUBMISSION_KEY.to_string()] {
+            if let Err(e) = self.kv.put(&key, json.clone().into()).await {
+                tracing::warn!(error = %e, key, "weights record not stored");
+            }
+        }
+    }
+}
+
+fn outcome_kind(outcome: &WeightsOutcome) -> &'static str {
+    match outcome {
+        WeightsOutcome::Included { .. } => "included",
+        WeightsOutcome::RateLimited { .. } => "rate_limited",
+        WeightsOutcome::CommitRevealMismatch { .. } => "commit_reveal_mismatch",
+        WeightsOutcome::VersionKeyTooLow { .. } => "version_key_too_low",
+        WeightsOutcome::NoPermit => "no_permit",
+        WeightsOutcome::Unavailable { .. } => "unavailable",
+    }
 }

@@ -2,6 +2,7 @@
 //! client, model registration and `sundara up`. `main.rs` only parses arguments.
 
 pub mod auth;
+pub mod bridge;
 pub mod chain;
 pub mod client;
 pub mod context;

@@ -59,6 +59,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Age of the metagraph the validator holds (since it was read).",
     ),
     ("sundara_chain_neurons", Kind::Gauge, "Neurons in the metagraph the validator holds."),
+    ("sundara_chain_weights_total", Kind::Counter, "Weight settings sent to the chain, by the chain's answer."),
     (
         "sundara_queue_depth",
         Kind::Gauge,
