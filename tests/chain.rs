@@ -320,7 +320,7 @@ async fn epoch_weights_reach_the_chain_under_its_rules() {
     let mut h = Harness::start_on(stack, workers, policy, Duration::from_secs(5), |_| {}).await;
     let args = sundara::chain::ServeArgs {
         metagraph: None,
-        bridge: Some(bridge),
+        bridge: Some(bridge.clone()),
         netuid: Some(7),
         version_key: None,
         weights_every_s: 0.1,
@@ -390,6 +390,31 @@ async fn epoch_weights_reach_the_chain_under_its_rules() {
     assert_eq!(record["attempts"][0][1]["kind"], "no_permit", "{record}");
     assert_eq!(received(&state).len(), 2);
 
+    // What an operator sees: the metagraph, the last weights and the chain's answer; and
+    // what would be sent now.
+    let ep = h.stack.endpoints();
+    let cli = |args: &[&str]| {
+        let out = Command::new(sundara_binary())
+            .args(args)
+            .env("SUNDARA_NATS_URL", &ep.nats.url)
+            .envs(ep.nats.tls.iter().flat_map(|t| t.env()))
+            .env("SUNDARA_NATS_CREDS", auth.credentials(&Role::Validator))
+            .env("SUNDARA_REDIS_URL", &ep.redis_url)
+            .env("SUNDARA_CONTEXT", dir.path().join("no-context.json"))
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "sundara {args:?}: {text}");
+        text
+    };
+    let validator = ss58("//Validator");
+    let status = cli(&["chain", "status", "--validator-hotkey", &validator]);
+    assert!(status.contains("metagraph: subnet 7") && status.contains("3 neurons"), "{status}");
+    assert!(status.contains(&format!("weights: epoch {}", third.epoch)) && status.contains("NoPermit"), "{status}");
+    assert!(status.contains("is not registered"), "{status}");
+    let dry = cli(&["chain", "weights", "--dry-run", "--bridge", &bridge, "--netuid", "7"]);
+    assert!(dry.contains(&format!("epoch {}", third.epoch)) && dry.contains("CommitReveal"), "{dry}");
+
     shutdown.cancel();
     chain.await.unwrap();
     h.stop().await;
@@ -410,4 +435,25 @@ async fn submission(h: &Harness, epoch: u64) -> serde_json::Value {
     let kv = h.js.get_key_value("rewards").await.unwrap();
     let bytes = kv.get(sundara::chain::submission_key(epoch)).await.unwrap().expect("a record");
     serde_json::from_slice(&bytes).unwrap()
+}
+
+/// The bridge on the Bittensor SDK speaks the same protocol; without the SDK (as here) or
+/// without a chain it fails with a reason, which `chain serve` treats as the chain being
+/// unavailable. (It cannot be run against a chain here: see the double above.)
+#[test]
+fn the_sdk_bridge_fails_with_a_reason_without_a_chain() {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .arg(project_root().join("scripts/bittensor_bridge.py"))
+        .args(["--network", "ws://127.0.0.1:1", "rules"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child.stdin.take().unwrap().write_all(br#"{"netuid": 7}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("pip install bittensor") || said.contains("unreachable"), "{said}");
 }

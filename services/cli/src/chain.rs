@@ -268,6 +268,70 @@ pub fn status_text(status: &sundara_common::metagraph::ChainStatus, now_ms: u64)
     out
 }
 
+/// What `sundara chain status` says of the validator itself: its uid and permit
+/// (`Err(hotkey)` when the hotkey is not registered) and the last weights sent.
+pub fn validator_text(
+    ours: Result<Option<sundara_schemas::chain::Neuron>, String>,
+    last: Option<&WeightsSubmission>,
+) -> String {
+    let mut out = String::new();
+    match ours {
+        Ok(Some(n)) => out.push_str(&format!(
+            "validator: uid {}, {}, stake {}\n",
+            n.uid,
+            if n.validator_permit { "validator permit" } else { "NO validator permit (weights will be refused)" },
+            n.stake
+        )),
+        Ok(None) => {}
+        Err(hotkey) => out.push_str(&format!("validator: {hotkey} is not registered on the subnet\n")),
+    }
+    match last {
+        None => out.push_str("weights: none sent yet\n"),
+        Some(s) => {
+            let answer =
+                s.attempts.last().map_or("not tried".to_string(), |(block, o)| format!("{o:?} at block {block}"));
+            out.push_str(&format!(
+                "weights: epoch {} to {} uids ({:?}, version key {}), {} tries, last answer {answer}\n",
+                s.epoch,
+                s.uids.len(),
+                s.mode,
+                s.version_key,
+                s.attempts.len()
+            ));
+        }
+    }
+    out
+}
+
+/// What `sundara chain weights --dry-run` prints: `epoch`'s weights by uid, who is left out,
+/// and what the subnet's `rules` (when read) make of sending them now.
+pub fn dry_run_text(
+    epoch: &EpochWeights,
+    metagraph: &Metagraph,
+    rules: Option<&sundara_schemas::chain::SubnetRules>,
+    version_key: Option<u64>,
+) -> String {
+    let mapped = weights::to_uids(epoch, metagraph);
+    let mut out =
+        format!("epoch {}: {} uids weighed (metagraph at block {})\n", epoch.epoch, mapped.uids.len(), metagraph.block);
+    out.push_str(&format!("{:>5}  {:<50} {:>6}\n", "uid", "hotkey", "weight"));
+    for (uid, weight) in mapped.uids.iter().zip(&mapped.weights) {
+        let hotkey = metagraph.neurons.iter().find(|n| n.uid == *uid).map_or("", |n| n.hotkey.as_str());
+        out.push_str(&format!("{uid:>5}  {hotkey:<50} {weight:>6}\n"));
+    }
+    for miner in &mapped.unregistered {
+        out.push_str(&format!("left out: {miner} (not a registered hotkey)\n"));
+    }
+    if let Some(rules) = rules {
+        let plan = weights::plan(rules, version_key, None);
+        out.push_str(&format!(
+            "at block {}: {plan:?} (before the rate limit since the last weights sent)\n",
+            rules.block
+        ));
+    }
+    out
+}
+
 /// The auth callout's decisions.
 struct Gate {
     issuer: Issuer,

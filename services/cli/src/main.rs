@@ -219,8 +219,28 @@ enum ChainCommand {
     /// Run the chain service: the metagraph sync and the NATS auth callout that lets
     /// registered hotkeys in as miners.
     Serve(sundara::chain::ServeArgs),
-    /// The metagraph the validator holds: its block, neurons and age, and the last read.
-    Status,
+    /// The metagraph the validator holds (its block, neurons and age, the last read), the
+    /// validator's own uid and permit, and the last weights sent with the chain's answer.
+    Status {
+        /// The validator's hotkey (SS58), to show its uid and permit.
+        #[arg(long, env = "SUNDARA_VALIDATOR_HOTKEY")]
+        validator_hotkey: Option<String>,
+    },
+    /// What `chain serve` would send for the latest epoch: its weights mapped to uids, the
+    /// miners left out, and (with --bridge) whether the subnet's rules let it go now.
+    Weights {
+        /// Only show; sending is `chain serve`'s.
+        #[arg(long)]
+        dry_run: bool,
+        /// The chain bridge, to read the subnet's rules (as `chain serve --bridge`).
+        #[arg(long, env = "SUNDARA_CHAIN_BRIDGE")]
+        bridge: Option<String>,
+        #[arg(long, env = "SUNDARA_NETUID")]
+        netuid: Option<u16>,
+        /// A pinned version key (as `chain serve --version-key`).
+        #[arg(long)]
+        version_key: Option<u64>,
+    },
 }
 
 /// `--redis`, on the commands that use Redis.
@@ -554,7 +574,7 @@ fn service_name(command: &Command) -> &'static str {
         Command::Worker(_) => "sundara-worker",
         Command::Gateway(_) => "sundara-gateway",
         Command::Chain { command: ChainCommand::Serve(_), .. } => "sundara-chain",
-        Command::Chain { command: ChainCommand::Status, .. } => "sundara",
+        Command::Chain { command: ChainCommand::Status { .. } | ChainCommand::Weights { .. }, .. } => "sundara",
         // `up` runs every service in one process.
         Command::Up { .. } => "sundara",
         _ => "sundara-cli",
@@ -627,9 +647,42 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         }
         Command::Tasks { command: TasksCommand::Dead { limit, resubmit } } => dead_tasks(&nats, limit, resubmit).await,
         Command::Auth { command } => auth(command),
-        Command::Chain { command: ChainCommand::Status, .. } => {
+        Command::Chain { command: ChainCommand::Status { validator_hotkey }, .. } => {
             let capacity = sundara_common::Capacity::open(&endpoints).await?;
-            print!("{}", sundara::chain::status_text(&capacity.chain_status().await?, sundara_schemas::now_ms()));
+            let status = capacity.chain_status().await?;
+            let ours = match &validator_hotkey {
+                Some(hotkey) => capacity.neuron(hotkey).await?.ok_or_else(|| hotkey.clone()).map(Some),
+                None => Ok(None),
+            };
+            let (js, _) = registry(&nats).await?;
+            let kv = js.get_key_value(sundara_schemas::subjects::REWARDS_BUCKET).await?;
+            let last = sundara::chain::last_submission(&kv).await.map_err(anyhow::Error::msg)?;
+            print!("{}", sundara::chain::status_text(&status, sundara_schemas::now_ms()));
+            print!("{}", sundara::chain::validator_text(ours, last.as_ref()));
+            Ok(())
+        }
+        Command::Chain {
+            command: ChainCommand::Weights { dry_run, bridge, netuid: bridge_netuid, version_key },
+            ..
+        } => {
+            if !dry_run {
+                bail!("`sundara chain serve` sends the weights; --dry-run shows what it would send now");
+            }
+            let capacity = sundara_common::Capacity::open(&endpoints).await?;
+            let (js, _) = registry(&nats).await?;
+            let Some(epoch) = sundara_rewarder::read_weights(&js, None).await? else {
+                bail!("no epoch has closed yet: there are no weights to send");
+            };
+            let status = capacity.chain_status().await?;
+            let (Some(netuid), Some(block)) = (status.netuid, status.block) else {
+                bail!("no metagraph is held: is `sundara chain serve` running?");
+            };
+            let metagraph = sundara_schemas::chain::Metagraph { netuid, block, neurons: capacity.neurons().await? };
+            let rules = match bridge.zip(bridge_netuid) {
+                Some((bridge, netuid)) => Some(sundara::bridge::Bridge::new(bridge).rules(netuid).await?),
+                None => None,
+            };
+            print!("{}", sundara::chain::dry_run_text(&epoch, &metagraph, rules.as_ref(), version_key));
             Ok(())
         }
         Command::Tls { command } => tls(command),
