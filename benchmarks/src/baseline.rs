@@ -23,6 +23,8 @@ pub enum BaselineError {
     Runtime(#[from] sundara_runtime::RuntimeError),
     #[error("inference thread panicked")]
     Panicked,
+    #[error("{0}")]
+    Request(String),
     #[error("NATS: {0}")]
     Nats(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -41,13 +43,32 @@ pub fn ort_in_process(
     inputs: &[Vec<Tensor>],
     window: Window,
 ) -> Result<RunStats, BaselineError> {
+    let inputs = Arc::new(inputs.to_vec());
+    ort_in_process_with(model, threads, window, move |session, n| {
+        session.run(&inputs[n % inputs.len()])?;
+        Ok(())
+    })
+}
+
+/// [`ort_in_process`] with what one request is given by `request(session, n)`: request
+/// `n` (thread `t` of `threads` runs `t`, `t + threads`, ...), timed from its start, the
+/// work it does before its inference (a tokenizer's, say) included.
+pub fn ort_in_process_with<F>(
+    model: &Path,
+    threads: usize,
+    window: Window,
+    request: F,
+) -> Result<RunStats, BaselineError>
+where
+    F: Fn(&mut Model, usize) -> Result<(), BaselineError> + Send + Sync + 'static,
+{
     let bytes = std::fs::read(model).map_err(|source| BaselineError::Read { path: model.to_path_buf(), source })?;
     let bytes = Arc::new(bytes);
-    let inputs = Arc::new(inputs.to_vec());
+    let request = Arc::new(request);
     let start = Instant::now() + Duration::from_millis(200);
     let handles: Vec<_> = (0..threads)
         .map(|t| {
-            let (bytes, inputs) = (bytes.clone(), inputs.clone());
+            let (bytes, request) = (bytes.clone(), request.clone());
             std::thread::spawn(move || -> Result<Vec<u64>, BaselineError> {
                 let mut session = Model::load(&bytes, 1)?;
                 let measure_from = start + window.warmup;
@@ -59,7 +80,7 @@ pub fn ort_in_process(
                     if sent >= end {
                         break;
                     }
-                    session.run(&inputs[n % inputs.len()])?;
+                    request(&mut session, n)?;
                     let done = Instant::now();
                     if sent >= measure_from && done <= end {
                         latencies.push(done.duration_since(sent).as_micros() as u64);

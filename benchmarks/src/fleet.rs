@@ -141,6 +141,16 @@ impl Fleet {
             .map_err(|source| FleetError::Start { name: name.to_string(), source })
     }
 
+    /// Starts one more `sundara` process, `sundara <args>` (for example the HTTP gateway),
+    /// under `name`: it is stopped, counted and checked with the rest of the fleet.
+    pub fn add(&mut self, name: &str, args: Vec<String>) -> Result<u32, FleetError> {
+        let child = self.spawn(name, &args, None, &format!("{name}.log"))?;
+        let pid = child.id();
+        self.commands.push((name.to_string(), args));
+        self.procs.push((name.to_string(), child));
+        Ok(pid)
+    }
+
     /// Stops process `name` (SIGTERM, SIGKILL after `grace`) and starts it again with its
     /// base arguments plus `options` (for example ingress with another `--max-in-flight`).
     /// Its log goes to `<name>.<n>.log`. Call [`Fleet::ready`] before using it.
@@ -152,6 +162,11 @@ impl Fleet {
         let child = self.spawn(name, &args, Some(options), &format!("{name}.{}.log", self.restarts))?;
         self.procs[i].1 = child;
         Ok(())
+    }
+
+    /// The workers' ids.
+    pub fn workers(&self) -> &[String] {
+        &self.workers
     }
 
     /// `(name, pid)` of every process, for CPU accounting.

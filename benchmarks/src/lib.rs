@@ -4,7 +4,9 @@
 pub mod baseline;
 pub mod client;
 pub mod cpu;
+pub mod embeddings;
 pub mod fleet;
+pub mod http;
 pub mod load;
 pub mod pipeline;
 pub mod stats;

@@ -16,11 +16,13 @@ use serde_json::json;
 use sundara::stack::{LocalStack, project_root};
 use sundara_bench::client::{PipelineClient, ResponderClient};
 use sundara_bench::cpu::{CpuUse, CpuWindow};
+use sundara_bench::http::HttpClient;
 use sundara_bench::load::{Mode, RunStats, Window, closed_loop, open_loop};
+use sundara_bench::pipeline::GATEWAY_KEY;
 use sundara_bench::pipeline::{Pipeline, PipelineSpec};
-use sundara_bench::{baseline, fleet, mib};
+use sundara_bench::{baseline, embeddings, fleet, mib};
 use sundara_common::nats;
-use sundara_schemas::{Tensor, TensorSpec};
+use sundara_schemas::{CompareRule, Tensor, TensorSpec};
 use sundara_worker::{ExecutorConfig, ModelRun, SliceReport};
 
 #[derive(Parser)]
@@ -48,6 +50,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         rows: u64,
     },
+    /// Write the embeddings workload (each request's texts and tokens) as JSON, for the peers.
+    Corpus {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Serve the bare request/reply baseline on `bench.infer`.
     Responder {
         #[arg(long)]
@@ -73,6 +80,13 @@ enum System {
     NatsRequestReply { threads: usize },
     /// The worker's executor alone (no NATS), batching up to `max_batch` tasks.
     WorkerExecutor { threads: usize, max_batch: usize },
+    /// The same pipeline (k=1) through the HTTP gateway (KServe v2, JSON and binary
+    /// tensors) and through the NATS client path, run after run in turn.
+    Gateway { threads: usize },
+    /// `/v1/embeddings` through the gateway and the whole pipeline.
+    Embeddings { k: u8, workers: usize, threads: usize },
+    /// The embedding model's ceiling: tokenizer and `ort` in-process on `threads` threads.
+    EmbeddingsInProcess { threads: usize },
     /// One executor (no NATS) serving the four demo models in bursts, with memory for all
     /// of them (`fit`) or too little for its two largest at once (so that it must swap).
     WorkerDensity { threads: usize, fit: bool },
@@ -82,7 +96,9 @@ impl System {
     fn name(&self) -> &'static str {
         match self {
             System::Sundara { .. } => "sundara",
-            System::OrtInProcess { .. } => "ort-in-process",
+            System::OrtInProcess { .. } | System::EmbeddingsInProcess { .. } => "ort-in-process",
+            System::Gateway { .. } => "gateway",
+            System::Embeddings { .. } => "sundara-http",
             System::NatsRequestReply { .. } => "nats-request-reply",
             System::WorkerExecutor { max_batch: 1, .. } => "worker-batch-1",
             System::WorkerExecutor { .. } => "worker-batch-32",
@@ -101,6 +117,11 @@ struct Scenario {
 
 /// The thread budget every system gets: the machine's two cores.
 const THREADS: usize = 2;
+
+/// Embedding requests in flight (16 texts each): enough to keep every inference thread busy.
+const EMBEDDING_CONCURRENCY: usize = 16;
+/// How long the embeddings load runs before its measured runs (see `run_embeddings`).
+const EMBEDDING_PRIMING: Duration = Duration::from_secs(25);
 
 /// The density scenarios' models (the demo's four) and the name of their mix.
 const DENSITY_MODELS: [&str; 4] = ["mlp", "silero_vad", "magika", "ppocr_cls"];
@@ -173,6 +194,30 @@ fn scenarios() -> Vec<Scenario> {
             model: "mlp_heavy",
             modes: closed(&[16]),
         },
+        Scenario {
+            name: "gateway/mlp".into(),
+            system: System::Gateway { threads: THREADS },
+            model: "mlp",
+            modes: closed(&[1, 64]),
+        },
+        Scenario {
+            name: "ort-in-process/minilm".into(),
+            system: System::EmbeddingsInProcess { threads: THREADS },
+            model: embeddings::MODEL,
+            modes: closed(&[THREADS]),
+        },
+        Scenario {
+            name: "sundara-http-k1/minilm".into(),
+            system: System::Embeddings { k: 1, workers: 1, threads: THREADS },
+            model: embeddings::MODEL,
+            modes: closed(&[EMBEDDING_CONCURRENCY]),
+        },
+        Scenario {
+            name: "sundara-http-k2/minilm".into(),
+            system: System::Embeddings { k: 2, workers: 2, threads: THREADS },
+            model: embeddings::MODEL,
+            modes: closed(&[EMBEDDING_CONCURRENCY]),
+        },
     ]
 }
 
@@ -209,17 +254,35 @@ impl Recorder {
         cpu: &sundara_bench::cpu::CpuUse,
         extra: Extra,
     ) -> anyhow::Result<()> {
+        let k = match scenario.system {
+            System::Sundara { k, .. } | System::Embeddings { k, .. } => Some(k),
+            _ => None,
+        };
+        self.record_as(scenario.system.name(), k, scenario, mode, rows, run, stats, cpu, extra)
+    }
+
+    /// [`Recorder::record`] under another system's name and k (a scenario that measures
+    /// several paths in turn).
+    #[allow(clippy::too_many_arguments)]
+    fn record_as(
+        &mut self,
+        system: &str,
+        k: Option<u8>,
+        scenario: &Scenario,
+        mode: Mode,
+        rows: u64,
+        run: usize,
+        stats: &RunStats,
+        cpu: &sundara_bench::cpu::CpuUse,
+        extra: Extra,
+    ) -> anyhow::Result<()> {
         let (concurrency, rate) = match mode {
             Mode::Closed { concurrency } => (Some(concurrency), None),
             Mode::Open { rate } => (None, Some(rate)),
         };
-        let k = match scenario.system {
-            System::Sundara { k, .. } => Some(k),
-            _ => None,
-        };
         let loadgen = cpu.processes.iter().find(|(n, _)| n == "loadgen").map_or(0.0, |(_, c)| *c);
         let mut line = json!({
-            "system": scenario.system.name(),
+            "system": system,
             "scenario": scenario.name,
             "model": scenario.model,
             "k": k,
@@ -255,8 +318,9 @@ impl Recorder {
             Mode::Open { rate } => format!("R={rate}/s"),
         };
         println!(
-            "{:<30} {:<9} run {run}: {:>9.0} tasks/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  errors {}  dropped {}  loadgen {:.2} of {:.2} cores",
+            "{:<30} {:<20} {:<9} run {run}: {:>9.0} tasks/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  errors {}  dropped {}  loadgen {:.2} of {:.2} cores",
             scenario.name,
+            system,
             what,
             stats.tasks_per_s,
             stats.latency.p50_ms,
@@ -294,7 +358,23 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
         return run_density(s, scenario, threads, fit, rec).await;
     }
     let path = model_path(&s.root, scenario.model)?;
+    let spec = |k: u8, workers: usize, threads: usize, rule: CompareRule| PipelineSpec {
+        model_path: &path,
+        model: scenario.model,
+        k,
+        rule,
+        workers,
+        threads,
+        retention: nats::Retention::default(),
+        client_name: "bench-client",
+        scratch_prefix: "sundara-bench-",
+    };
     match &scenario.system {
+        System::Gateway { threads } => run_gateway(s, scenario, spec(1, 1, *threads, tensor_rule()), rec).await,
+        System::EmbeddingsInProcess { threads } => run_embeddings_in_process(s, scenario, &path, *threads, rec),
+        System::Embeddings { k, workers, threads } => {
+            run_embeddings(s, scenario, spec(*k, *workers, *threads, CompareRule::Cosine { min: 0.999 }), rec).await
+        }
         System::OrtInProcess { threads } => run_ort_in_process(s, scenario, &path, *threads, rec),
         System::WorkerDensity { .. } => unreachable!("run above"),
         System::WorkerExecutor { threads, max_batch } => {
@@ -302,17 +382,7 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
         }
         System::NatsRequestReply { threads } => run_nats_request_reply(s, scenario, &path, *threads, rec).await,
         System::Sundara { k, workers, threads } => {
-            let spec = PipelineSpec {
-                model_path: &path,
-                model: scenario.model,
-                k: *k,
-                workers: *workers,
-                threads: *threads,
-                retention: nats::Retention::default(),
-                client_name: "bench-client",
-                scratch_prefix: "sundara-bench-",
-            };
-            run_pipeline(s, scenario, spec, rec).await
+            run_pipeline(s, scenario, spec(*k, *workers, *threads, tensor_rule()), rec).await
         }
     }
 }
@@ -427,9 +497,14 @@ async fn run_pipeline(
         for run in 0..s.runs {
             // A tenant per run, so that no result of an earlier run is counted.
             let tenant = format!("bench-{}-{run}", procs.len() + rand::random::<u16>() as usize);
-            let pc =
-                PipelineClient::start(p.client.clone(), scenario.model, &tenant, inputs.clone(), timeout()).await?;
-            let (stats, cpu, extra) = measure_pipeline(&p, Arc::new(pc), mode, s.window, &procs).await;
+            let pc = Arc::new(
+                PipelineClient::start(p.client.clone(), scenario.model, &tenant, inputs.clone(), timeout()).await?,
+            );
+            let (stats, cpu, extra) = measure_pipeline(&p, mode, s.window, &procs, move |n| {
+                let pc = pc.clone();
+                async move { pc.task(n).await }
+            })
+            .await;
             rec.record(scenario, mode, s.rows, run, &stats, &cpu, extra)?;
         }
     }
@@ -437,15 +512,19 @@ async fn run_pipeline(
     Ok(())
 }
 
-/// One measured run through `pc`, with the servers' NATS messages and Redis commands per
-/// verified task (heartbeats and other background traffic included).
-async fn measure_pipeline(
+/// One measured run of `op` (one request to the pipeline), with the servers' NATS messages
+/// and Redis commands per verified request (heartbeats and other background traffic included).
+async fn measure_pipeline<F, Fut>(
     p: &Pipeline,
-    pc: Arc<PipelineClient>,
     mode: Mode,
     window: Window,
     procs: &[(String, u32)],
-) -> (RunStats, CpuUse, Extra) {
+    op: F,
+) -> (RunStats, CpuUse, Extra)
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<sundara_bench::load::Stages, String>> + Send + 'static,
+{
     let counters = || async {
         let nats = p.stack.nats.monitor_port.and_then(fleet::nats_message_counts);
         let redis = fleet::redis_command_count(&p.endpoints.redis_url).await;
@@ -453,11 +532,7 @@ async fn measure_pipeline(
     };
     let before = counters().await;
     let cpu = CpuWindow::start(procs);
-    let stats = drive(mode, window, move |n| {
-        let pc = pc.clone();
-        async move { pc.task(n).await }
-    })
-    .await;
+    let stats = drive(mode, window, op).await;
     let cpu = cpu.finish();
     let mut extra = Extra::new();
     if let Some((((in0, out0), r0), ((in1, out1), r1))) = before.zip(counters().await).filter(|_| stats.total_ok > 0) {
@@ -466,6 +541,286 @@ async fn measure_pipeline(
         extra.insert("redis_cmds_per_task".into(), json!((r1 - r0) as f64 / n));
     }
     (stats, cpu, extra)
+}
+
+/// How the tensor workloads' outputs are compared at k > 1.
+fn tensor_rule() -> CompareRule {
+    CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 }
+}
+
+/// The gateway's paths, each a system of its own in the records.
+#[derive(Clone, Copy, Debug)]
+enum GatewayPath {
+    /// The NATS client path (as `run_pipeline` measures it), on the same pipeline.
+    Nats,
+    /// `POST /v2/models/{model}/infer` with JSON tensors in and out.
+    KserveJson,
+    /// The same with the binary tensor data extension in and out.
+    KserveBinary,
+}
+
+impl GatewayPath {
+    const ALL: [GatewayPath; 3] = [GatewayPath::Nats, GatewayPath::KserveJson, GatewayPath::KserveBinary];
+
+    fn system(self) -> &'static str {
+        match self {
+            GatewayPath::Nats => "gateway-baseline-nats",
+            GatewayPath::KserveJson => "gateway-kserve-json",
+            GatewayPath::KserveBinary => "gateway-kserve-binary",
+        }
+    }
+}
+
+/// A KServe v2 infer request for `inputs`: its headers (after the request line) and body.
+fn kserve_request(model: &str, inputs: &[Tensor], binary: bool) -> (String, Vec<u8>) {
+    use sundara_gateway::kserve::{JsonTensor, Parameters};
+    let line = format!("POST /v2/models/{model}/infer HTTP/1.1\r\nAuthorization: Bearer {GATEWAY_KEY}\r\n");
+    if !binary {
+        let tensors: Vec<JsonTensor> = inputs.iter().map(JsonTensor::from_tensor).collect();
+        let body = json!({ "inputs": tensors }).to_string().into_bytes();
+        return (format!("{line}Content-Type: application/json\r\n"), body);
+    }
+    let tensors: Vec<JsonTensor> = inputs
+        .iter()
+        .map(|t| JsonTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            datatype: sundara_gateway::kserve::datatype(t.dtype).to_string(),
+            data: serde_json::Value::Null,
+            parameters: Parameters { binary_data_size: Some(t.data.len() as u64), ..Default::default() },
+        })
+        .collect();
+    let mut body = json!({ "inputs": tensors, "parameters": { "binary_data_output": true } }).to_string().into_bytes();
+    let header = body.len();
+    for t in inputs {
+        body.extend_from_slice(&t.data);
+    }
+    (format!("{line}Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {header}\r\n"), body)
+}
+
+/// Whether a KServe answer is a verified result (and, in JSON, has outputs).
+fn check_kserve(answer: &sundara_bench::http::Answer, binary: bool) -> Result<(), String> {
+    if answer.status != 200 {
+        return Err(format!("status {}: {}", answer.status, String::from_utf8_lossy(&answer.body)));
+    }
+    if answer.verified.is_none() {
+        return Err("no sundara-verified header".into());
+    }
+    if binary {
+        match answer.json_length {
+            Some(n) if answer.body.len() > n => Ok(()),
+            _ => Err("no binary outputs".into()),
+        }
+    } else {
+        let v: serde_json::Value = serde_json::from_slice(&answer.body).map_err(|e| e.to_string())?;
+        if v["outputs"].as_array().is_some_and(|o| !o.is_empty()) { Ok(()) } else { Err("no outputs".into()) }
+    }
+}
+
+/// Gateway overhead: one pipeline (k=1) and its gateway; for each mode and run, the NATS
+/// client path, then KServe JSON, then KServe binary, so that the paths share the fleet
+/// and the machine's state as closely as runs in turn can.
+async fn run_gateway(
+    s: &Settings,
+    scenario: &Scenario,
+    spec: PipelineSpec<'_>,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let mut p = Pipeline::start(&s.root, spec).await?;
+    let gateway = p.start_gateway(&[]).await?;
+    let mut procs = p.fleet.pids();
+    procs.push(loadgen());
+    procs.push(("nats-server".into(), p.stack.nats.pid()));
+    procs.push(("redis-server".into(), p.stack.redis.pid()));
+    let inputs = inputs_for(&p.meta.inputs, s.rows);
+    let requests = |binary: bool| -> Arc<Vec<(String, Vec<u8>)>> {
+        Arc::new(inputs.iter().map(|i| kserve_request(scenario.model, i, binary)).collect())
+    };
+    let (json_requests, binary_requests) = (requests(false), requests(true));
+    for &mode in &scenario.modes {
+        let Mode::Closed { concurrency } = mode else { continue };
+        for run in 0..s.runs {
+            for path in GatewayPath::ALL {
+                let (stats, cpu, extra) = match path {
+                    GatewayPath::Nats => {
+                        let tenant = format!("bench-gw-{}-{run}", rand::random::<u32>());
+                        let pc = Arc::new(
+                            PipelineClient::start(p.client.clone(), scenario.model, &tenant, inputs.clone(), timeout())
+                                .await?,
+                        );
+                        measure_pipeline(&p, mode, s.window, &procs, move |n| {
+                            let pc = pc.clone();
+                            // The HTTP paths report no stages: neither does this one, so that
+                            // the three cost the load generator alike.
+                            async move { pc.task(n).await.map(|_| None) }
+                        })
+                        .await
+                    }
+                    GatewayPath::KserveJson | GatewayPath::KserveBinary => {
+                        let binary = matches!(path, GatewayPath::KserveBinary);
+                        let requests = if binary { binary_requests.clone() } else { json_requests.clone() };
+                        let client = Arc::new(HttpClient::new(gateway.addr, concurrency, timeout()));
+                        measure_pipeline(&p, mode, s.window, &procs, move |n| {
+                            let (client, requests) = (client.clone(), requests.clone());
+                            async move {
+                                let (head, body) = &requests[n as usize % requests.len()];
+                                let answer = client.request(n as usize, head, body).await?;
+                                check_kserve(&answer, binary).map(|()| None)
+                            }
+                        })
+                        .await
+                    }
+                };
+                rec.record_as(path.system(), Some(1), scenario, mode, s.rows, run, &stats, &cpu, extra)?;
+            }
+        }
+    }
+    p.fleet.stop(Duration::from_secs(10));
+    Ok(())
+}
+
+/// The embeddings workload: each request's body and its tokens (special tokens included,
+/// as `usage` counts them).
+struct EmbeddingRequests {
+    texts: Vec<Vec<String>>,
+    bodies: Vec<Vec<u8>>,
+    tokens: Vec<usize>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+}
+
+impl EmbeddingRequests {
+    fn load(root: &Path) -> anyhow::Result<EmbeddingRequests> {
+        let tokenizer = embeddings::load_tokenizer(&root.join(".cache/models").join(embeddings::TOKENIZER_FILE))?;
+        let texts = embeddings::requests();
+        let bodies = texts.iter().map(|t| embeddings::request_body(t)).collect();
+        let tokens = texts
+            .iter()
+            .map(|t| embeddings::token_rows(&tokenizer, t).map(|rows| rows.iter().map(Vec::len).sum()))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
+        Ok(EmbeddingRequests { texts, bodies, tokens, tokenizer: Arc::new(tokenizer) })
+    }
+
+    /// A run's texts/s and tokens/s (requests are sent in turn, so each counts alike: tokens
+    /// per request is the corpus' mean).
+    fn extra(&self, stats: &RunStats) -> Extra {
+        let per_request = self.tokens.iter().sum::<usize>() as f64 / self.tokens.len() as f64;
+        let mut extra = Extra::new();
+        extra.insert("workload".into(), json!("embeddings"));
+        extra.insert("texts_per_request".into(), json!(embeddings::TEXTS_PER_REQUEST));
+        extra.insert("tokens_per_request".into(), json!(per_request));
+        extra.insert("texts_per_s".into(), json!(stats.tasks_per_s * embeddings::TEXTS_PER_REQUEST as f64));
+        extra.insert("tokens_per_s".into(), json!(stats.tasks_per_s * per_request));
+        extra
+    }
+}
+
+/// The embeddings' ceiling: `threads` threads, each with its own session of the model (one
+/// intra-op thread), tokenizing each request's texts and running them as the gateway and
+/// worker do (one tensor of the request's texts padded to its longest).
+fn run_embeddings_in_process(
+    s: &Settings,
+    scenario: &Scenario,
+    path: &Path,
+    threads: usize,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let work = Arc::new(EmbeddingRequests::load(&s.root)?);
+    for run in 0..s.runs {
+        let cpu = CpuWindow::start(&[loadgen()]);
+        let w = work.clone();
+        let stats = baseline::ort_in_process_with(path, threads, s.window, move |session, n| {
+            let inputs = embeddings::task_inputs(&w.tokenizer, &w.texts[n % w.texts.len()])
+                .map_err(baseline::BaselineError::Request)?;
+            session.run(&inputs)?;
+            Ok(())
+        })?;
+        let extra = work.extra(&stats);
+        rec.record(scenario, Mode::Closed { concurrency: threads }, s.rows, run, &stats, &cpu.finish(), extra)?;
+    }
+    Ok(())
+}
+
+/// `/v1/embeddings` through the gateway and the pipeline (the model registered with the
+/// cosine rule, as `sundara up` registers it), requests sent in turn from every client.
+async fn run_embeddings(
+    s: &Settings,
+    scenario: &Scenario,
+    spec: PipelineSpec<'_>,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let work = Arc::new(EmbeddingRequests::load(&s.root)?);
+    let mut p = Pipeline::start(&s.root, spec).await?;
+    p.preload().await?;
+    let tokenizer = s.root.join(".cache/models").join(embeddings::TOKENIZER_FILE);
+    let gateway = p.start_gateway(&[(scenario.model.to_string(), tokenizer)]).await?;
+    let mut procs = p.fleet.pids();
+    procs.push(loadgen());
+    procs.push(("nats-server".into(), p.stack.nats.pid()));
+    procs.push(("redis-server".into(), p.stack.redis.pid()));
+    let head = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer {GATEWAY_KEY}\r\nContent-Type: application/json\r\n"
+    );
+    let head = Arc::new(head);
+    for &mode in &scenario.modes {
+        let Mode::Closed { concurrency } = mode else { continue };
+        // Priming, unrecorded: a worker loads a session per thread only as the backlog asks,
+        // each warmed up at its largest batch (32 rows of 512 tokens: seconds for this model).
+        let client = Arc::new(HttpClient::new(gateway.addr, concurrency, timeout()));
+        let prime = Window { warmup: Duration::ZERO, measure: EMBEDDING_PRIMING, drain: s.window.drain };
+        let primed = drive(mode, prime, embeddings_op(client, work.clone(), head.clone())).await;
+        println!(
+            "    primed for {:?}: {:.1} requests/s, {} errors{}",
+            EMBEDDING_PRIMING,
+            primed.tasks_per_s,
+            primed.errors,
+            primed.first_error.map(|e| format!(" (first: {e})")).unwrap_or_default()
+        );
+        for run in 0..s.runs {
+            let client = Arc::new(HttpClient::new(gateway.addr, concurrency, timeout()));
+            let op = embeddings_op(client, work.clone(), head.clone());
+            let (stats, cpu, mut extra) = measure_pipeline(&p, mode, s.window, &procs, op).await;
+            extra.extend(work.extra(&stats));
+            rec.record(scenario, mode, s.rows, run, &stats, &cpu, extra)?;
+        }
+    }
+    p.fleet.stop(Duration::from_secs(10));
+    Ok(())
+}
+
+/// One `/v1/embeddings` request per call, on lane `n` of `client`; the requests go out in
+/// turn (whatever the lane), so that every one is sent as often.
+fn embeddings_op(
+    client: Arc<HttpClient>,
+    w: Arc<EmbeddingRequests>,
+    head: Arc<String>,
+) -> impl Fn(u64) -> futures::future::BoxFuture<'static, Result<sundara_bench::load::Stages, String>> + Send + Sync + 'static
+{
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    move |lane| {
+        let (client, w, head) = (client.clone(), w.clone(), head.clone());
+        let i = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize % w.bodies.len();
+        Box::pin(async move {
+            let answer = client.request(lane as usize, &head, &w.bodies[i]).await?;
+            check_embeddings(&answer, w.texts[i].len(), w.tokens[i]).map(|()| None)
+        })
+    }
+}
+
+/// Whether an embeddings answer is verified and has `texts` embeddings and `tokens` of usage.
+fn check_embeddings(answer: &sundara_bench::http::Answer, texts: usize, tokens: usize) -> Result<(), String> {
+    if answer.status != 200 {
+        return Err(format!("status {}: {}", answer.status, String::from_utf8_lossy(&answer.body)));
+    }
+    if answer.verified.is_none() {
+        return Err("no sundara-verified header".into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&answer.body).map_err(|e| e.to_string())?;
+    let got = (v["data"].as_array().map_or(0, Vec::len), v["usage"]["prompt_tokens"].as_u64());
+    if got != (texts, Some(tokens as u64)) {
+        return Err(format!("{got:?} embeddings and tokens, expected {texts} and {tokens}"));
+    }
+    Ok(())
 }
 
 /// One of the density scenarios' models: what the executor runs and its inputs.
@@ -640,6 +995,12 @@ async fn main() -> anyhow::Result<()> {
             let mut endpoint = sundara_common::nats::NatsEndpoint::open(nats);
             endpoint.tls = nats_ca.map(sundara_common::tls::NatsTls::pinned);
             Ok(baseline::serve_responder(&endpoint, model, threads).await?)
+        }
+        Cmd::Corpus { out } => {
+            let tokenizer =
+                embeddings::load_tokenizer(&project_root().join(".cache/models").join(embeddings::TOKENIZER_FILE))?;
+            std::fs::write(&out, embeddings::corpus_document(&tokenizer)?.to_string()).context("writing --out")?;
+            Ok(())
         }
         Cmd::Pipeline { out, runs, warmup_s, measure_s, only, rows } => {
             let root = project_root();

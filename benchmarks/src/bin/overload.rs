@@ -298,6 +298,7 @@ async fn main() -> anyhow::Result<()> {
         model_path: &model_path,
         model: &cli.model,
         k: cli.k,
+        rule: sundara_schemas::CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 },
         workers: cli.workers,
         threads: cli.threads,
         retention: retention_of(&cli),
