@@ -5,6 +5,10 @@ Systems (onnxruntime on CPU, intra_op_num_threads=1, inter_op_num_threads=1 ever
   ray        Ray Serve over HTTP, one replica, no batching           -> "ray-serve"
   ray-batch  Ray Serve over HTTP, one replica, @serve.batch          -> "ray-serve-batch"
   celery     Celery, Redis broker + Redis result backend, 2 workers  -> "celery"
+  ray-embed  Ray Serve over HTTP, --replicas replicas, serving the text-embedding model
+             (--model minilm.onnx, --tokenizer tokenizer.json with the `tokenizers`
+             package) as OpenAI's POST /v1/embeddings; requests from --corpus, the file
+             `bench corpus` writes                                    -> "ray-serve"
 
 Closed-loop load: C clients, each sends one request (--rows random f32 rows), waits for the
 reply, repeats. For every concurrency: a warm-up, then --runs consecutive measurement windows
@@ -17,6 +21,8 @@ process (this file with --_loadgen) so its CPU use can be measured on its own.
 Usage:
   python bench_peers.py --system ray|ray-batch|celery --model PATH --model-name mlp \
       --concurrency 1,16,64 --duration 8 --warmup 2 --runs 3 --rows 1 --out FILE.jsonl
+  python bench_peers.py --system ray-embed --model minilm.onnx --tokenizer minilm_tokenizer.json \
+      --corpus corpus.json --replicas 2 --concurrency 16 --runs 3 --out FILE.jsonl
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import time
 from typing import Any, Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SYSTEM_NAMES = {"ray": "ray-serve", "ray-batch": "ray-serve-batch", "celery": "celery"}
+SYSTEM_NAMES = {"ray": "ray-serve", "ray-batch": "ray-serve-batch", "celery": "celery", "ray-embed": "ray-serve"}
 ERROR_BACKOFF_S = 0.005  # a client that got an error waits this long before its next request
 
 
@@ -324,6 +330,60 @@ def make_ray_app(model_path: str, info: dict, batch: bool, max_batch: int, batch
     return OnnxModelBatched.bind()
 
 
+def make_ray_embeddings_app(model_path: str, tokenizer_path: str, replicas: int, max_ongoing: int):
+    """OpenAI's POST /v1/embeddings: texts tokenized with the `tokenizers` package (one text
+    at a time, special tokens added, no truncation: as the Sundara gateway does), padded to
+    the request's longest, run as one batch; base64 or float embeddings and usage in tokens."""
+    import base64
+
+    import numpy as np
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=replicas, max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 1})
+    class Embeddings:
+        def __init__(self):
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            opts.inter_op_num_threads = 1
+            self.sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+            self.tok = Tokenizer.from_file(tokenizer_path)
+            self.tok.no_padding()
+            self.tok.no_truncation()
+
+        async def __call__(self, request: Request) -> JSONResponse:
+            body = await request.json()
+            texts = body["input"]
+            if isinstance(texts, str):
+                texts = [texts]
+            rows = [self.tok.encode(t).ids for t in texts]
+            n, longest = len(rows), max(len(r) for r in rows)
+            ids = np.zeros((n, longest), np.int64)
+            mask = np.zeros((n, longest), np.int64)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = r
+                mask[i, :len(r)] = 1
+            out = self.sess.run(None, {"input_ids": ids, "attention_mask": mask,
+                                       "token_type_ids": np.zeros_like(ids)})[0].astype("<f4", copy=False)
+            if body.get("encoding_format") == "base64":
+                vectors = [base64.b64encode(v.tobytes()).decode() for v in out]
+            else:
+                vectors = out.tolist()
+            tokens = sum(len(r) for r in rows)
+            return JSONResponse({
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            })
+
+    return Embeddings.bind()
+
+
 class RaySystem:
     def __init__(self, args, info, batch: bool):
         self.args, self.info, self.batch = args, info, batch
@@ -353,10 +413,16 @@ class RaySystem:
         logging_config = {"enable_access_log": False, "log_level": "WARNING"}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
         max_ongoing = self.args.ray_max_ongoing
-        app = make_ray_app(os.path.abspath(self.args.model), self.info, self.batch, self.args.max_batch,
-                           self.args.batch_wait_s, max_ongoing)
-        serve.run(app, name="peers", route_prefix="/", blocking=False, logging_config=logging_config)
-        url = f"http://127.0.0.1:{port}/"
+        if self.info.get("embeddings"):
+            app = make_ray_embeddings_app(os.path.abspath(self.args.model), os.path.abspath(self.args.tokenizer),
+                                          self.args.replicas, max_ongoing)
+            prefix = "/v1/embeddings"
+        else:
+            app = make_ray_app(os.path.abspath(self.args.model), self.info, self.batch, self.args.max_batch,
+                               self.args.batch_wait_s, max_ongoing)
+            prefix = "/"
+        serve.run(app, name="peers", route_prefix=prefix, blocking=False, logging_config=logging_config)
+        url = f"http://127.0.0.1:{port}{prefix}"
         self._wait_http(url)
         self.procs = descendants()
         return {"url": url}
@@ -382,14 +448,25 @@ class RaySystem:
 
         import numpy as np
 
-        body = np.zeros((1, self.info["width"]), np.float32).tobytes()
+        if self.info.get("embeddings"):
+            body = json.dumps({"model": "probe", "input": ["A man is eating food."]}).encode()
+            headers = {"Content-Type": "application/json"}
+
+            def ok(data: bytes) -> bool:
+                return len(json.loads(data)["data"]) == 1
+        else:
+            body = np.zeros((1, self.info["width"]), np.float32).tobytes()
+            headers = {"Content-Type": "application/octet-stream"}
+
+            def ok(data: bytes) -> bool:
+                return len(data) == 4 * self.info["n_out"]
         deadline = time.monotonic() + self.args.start_timeout
         last = None
         while time.monotonic() < deadline:
             try:
-                req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/octet-stream"})
+                req = urllib.request.Request(url, data=body, headers=headers)
                 with urllib.request.urlopen(req, timeout=5) as r:
-                    if r.status == 200 and len(r.read()) == 4 * self.info["n_out"]:
+                    if r.status == 200 and ok(r.read()):
                         return
             except Exception as e:  # not up yet
                 last = e
@@ -467,7 +544,7 @@ def summarize(cfg: dict, conc: int, run: int, recs: list, wall: float, cpu: floa
     def pct(q):
         return round(float(np.percentile(lat, q)), 3) if completed else None
 
-    return {
+    rec = {
         "system": SYSTEM_NAMES[cfg["system"]],
         "model": cfg["model_name"],
         "concurrency": conc,
@@ -483,6 +560,16 @@ def summarize(cfg: dict, conc: int, run: int, recs: list, wall: float, cpu: floa
         "loadgen_cpu_cores": round(cpu / wall, 3) if wall > 0 else 0.0,
         "machine_cpu_cores": round(busy / total * ncpu, 3) if total > 0 else 0.0,
     }
+    corpus = cfg.get("corpus")
+    if corpus:
+        # Requests go out in turn, so each counts alike: tokens per request is the corpus' mean
+        # (as the Rust load generator counts them).
+        per_request = sum(r["tokens"] for r in corpus["requests"]) / len(corpus["requests"])
+        rps = rec["tasks_per_s"]
+        rec.update({"workload": "embeddings", "replicas": cfg.get("replicas"),
+                    "texts_per_request": corpus["texts_per_request"], "tokens_per_request": per_request,
+                    "texts_per_s": rps * corpus["texts_per_request"], "tokens_per_s": rps * per_request})
+    return rec
 
 
 async def http_loadgen(cfg: dict, emit: Callable[[dict], None]) -> None:
@@ -493,10 +580,30 @@ async def http_loadgen(cfg: dict, emit: Callable[[dict], None]) -> None:
 
     me = psutil.Process()
     url, rows, n_out = cfg["url"], cfg["rows"], cfg["n_out"]
-    want = rows * n_out * 4
-    payloads = make_payloads(cfg["width"], rows)
     timeout = aiohttp.ClientTimeout(total=cfg["request_timeout"])
-    headers = {"Content-Type": "application/octet-stream"}
+    corpus = cfg.get("corpus")
+    if corpus:
+        # OpenAI embeddings requests in turn (base64, as the openai package asks): an answer
+        # counts when it has one embedding per text and the right token usage.
+        headers = {"Content-Type": "application/json"}
+        payloads = [json.dumps({"model": cfg["model_name"], "input": r["input"], "encoding_format": "base64"}).encode()
+                    for r in corpus["requests"]]
+        expect = [(len(r["input"]), r["tokens"]) for r in corpus["requests"]]
+
+        def answer_ok(k: int, data: bytes) -> bool:
+            try:
+                doc = json.loads(data)
+                return (len(doc["data"]), doc["usage"]["prompt_tokens"]) == expect[k]
+            except Exception:
+                return False
+    else:
+        want = rows * n_out * 4
+        payloads = make_payloads(cfg["width"], rows)
+        headers = {"Content-Type": "application/octet-stream"}
+
+        def answer_ok(k: int, data: bytes) -> bool:
+            return len(data) == want
+    sent = [0]  # embeddings: requests go out in turn from every client
 
     for conc in cfg["concurrency"]:
         window = Window()
@@ -507,14 +614,18 @@ async def http_loadgen(cfg: dict, emit: Callable[[dict], None]) -> None:
             async def client(i: int):
                 k = i * 7
                 while not stop:
-                    body = payloads[k % len(payloads)]
+                    if corpus:
+                        k = sent[0]
+                        sent[0] += 1
+                    idx = k % len(payloads)
+                    body = payloads[idx]
                     k += 1
                     t0 = time.perf_counter()
                     ok = False
                     try:
                         async with session.post(url, data=body, headers=headers) as resp:
                             data = await resp.read()
-                            ok = resp.status == 200 and len(data) == want
+                            ok = resp.status == 200 and answer_ok(idx, data)
                     except asyncio.CancelledError:
                         raise
                     except Exception:
@@ -617,6 +728,9 @@ def loadgen_main(cfg: dict) -> None:
         sys.stdout.write(json.dumps(rec) + "\n")
         sys.stdout.flush()
 
+    if cfg.get("corpus_path"):
+        with open(cfg["corpus_path"]) as f:
+            cfg["corpus"] = json.load(f)
     if cfg["system"] == "celery":
         celery_loadgen(cfg, emit)
     else:
@@ -708,6 +822,10 @@ def main() -> int:
     ap.add_argument("--celery-pool", choices=["prefork", "threads"], default="threads",
                     help="celery worker pool (default threads, the faster one here; see README)")
     ap.add_argument("--celery-prefetch", type=int, default=4, help="worker_prefetch_multiplier (default 4)")
+    ap.add_argument("--tokenizer", help="ray-embed: the model's tokenizer.json")
+    ap.add_argument("--corpus", help="ray-embed: the requests, as `bench corpus --out` writes them")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="ray-embed: Serve replicas, one inference thread each (default 1)")
     args = ap.parse_args()
 
     if args._loadgen:
@@ -732,9 +850,19 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
 
-    info = model_info(args.model)
-    log(f"{SYSTEM_NAMES[args.system]} / {model_name}: input {info['input']}[*,{info['width']}] -> "
-        f"{info['output']}[*,{info['n_out']}]")
+    corpus = None
+    if args.system == "ray-embed":
+        if not (args.tokenizer and args.corpus):
+            ap.error("ray-embed needs --tokenizer and --corpus")
+        with open(args.corpus) as f:
+            corpus = json.load(f)
+        info = {"embeddings": True, "width": 0, "n_out": 0}
+        log(f"{SYSTEM_NAMES[args.system]} / {model_name}: /v1/embeddings, {len(corpus['requests'])} requests of "
+            f"{corpus['texts_per_request']} texts, {args.replicas} replicas")
+    else:
+        info = model_info(args.model)
+        log(f"{SYSTEM_NAMES[args.system]} / {model_name}: input {info['input']}[*,{info['width']}] -> "
+            f"{info['output']}[*,{info['n_out']}]")
     if args.system == "celery":
         system = CelerySystem(args, info)
     else:
@@ -749,7 +877,9 @@ def main() -> int:
         print(f"{SYSTEM_NAMES[args.system]} / {model_name}: started in {startup:.1f}s", flush=True)
         cfg = dict(endpoint, system=args.system, model_name=model_name, width=info["width"],
                    n_out=info["n_out"], rows=args.rows, concurrency=concs, duration=args.duration,
-                   warmup=args.warmup, runs=args.runs, request_timeout=args.request_timeout)
+                   warmup=args.warmup, runs=args.runs, request_timeout=args.request_timeout,
+                   corpus_path=os.path.abspath(args.corpus) if corpus else None,
+                   replicas=args.replicas if corpus else None)
         expect = len(concs) * args.runs
         got = run_loadgen(cfg, args.out, expect, per_conc)
         if got < expect:
