@@ -2,6 +2,12 @@
 """Turn the raw benchmark lines (one JSON object per run) into the summary tables.
 
 Usage: report.py RAW.jsonl --json OUT.json --md OUT.md [--readme README.md]
+                 [--previous OLD.jsonl --previous-when DATE]
+
+With --previous (a partial run, `ONLY=... benchmarks/run`), the configurations this run did
+not measure are kept from OLD.jsonl, each record stamped with the date it was measured
+(`when`), and RAW.jsonl is rewritten with the merged records; the tables say which rows
+come from which date.
 
 Every figure is the median over a configuration's runs (at least three). Ratios compare
 medians measured in the same invocation of benchmarks/run, on the same machine.
@@ -15,12 +21,51 @@ import sys
 from collections import OrderedDict
 
 DENSITY = ("worker-density-fit", "worker-density-tight")
+# Gateway overhead: the NATS client path and the HTTP gateway's, run in turn on one pipeline.
+GATEWAY_BASE = "gateway-baseline-nats"
+GATEWAY = (GATEWAY_BASE, "gateway-kserve-json", "gateway-kserve-binary")
+EMBEDDING_MODEL = "minilm"
 STAGES = ["ingress", "capacity_wait", "dispatch", "worker_queue", "inference", "outcome", "verification", "delivery"]
 
 
 def load(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def record_key(r):
+    """What a record measured: one configuration, or one fleet size of the scale run."""
+    if r.get("bench") == "scale":
+        return ("scale", r["slices"])
+    return key(r)
+
+
+def merge(previous, new, when, previous_when):
+    """`new` (stamped `when`) and the records of `previous` whose configurations it lacks."""
+    for r in new:
+        r.setdefault("when", when)
+    for r in previous:
+        r.setdefault("when", previous_when)
+    measured = {record_key(r) for r in new}
+    return [r for r in previous if record_key(r) not in measured] + new
+
+
+def dates_line(rows, when):
+    """Which rows come from which date, when they are not all from this run."""
+    older = OrderedDict()
+    for r in rows:
+        d = r.get("when")
+        if d and d != when:
+            older.setdefault(d, set()).add(r["system"] if r.get("bench") != "scale" else "scale")
+    if not older:
+        return None
+    fresh = OrderedDict()
+    for r in rows:
+        if r.get("when") == when:
+            fresh.setdefault(r["system"], None)
+    parts = [f"{d}: {', '.join(sorted(systems))}" for d, systems in older.items()]
+    return (f"This run ({when}) measured {', '.join(fresh)}; the other rows are kept from earlier runs ("
+            + "; ".join(parts) + ").")
 
 
 def med(values):
@@ -72,6 +117,16 @@ def summarise(rows):
             "nats_msgs_per_task": med([r.get("nats_msgs_per_task") for r in runs]),
             "redis_cmds_per_task": med([r.get("redis_cmds_per_task") for r in runs]),
         }
+        if runs[0].get("workload") == "embeddings":
+            entry.update(
+                {
+                    "workload": "embeddings",
+                    "texts_per_request": runs[0].get("texts_per_request"),
+                    "tokens_per_request": med([r.get("tokens_per_request") for r in runs]),
+                    "texts_per_s": med([r.get("texts_per_s") for r in runs]),
+                    "tokens_per_s": med([r.get("tokens_per_s") for r in runs]),
+                }
+            )
         if system in DENSITY:
             entry.update(
                 {
@@ -232,6 +287,29 @@ def targets(summary, scale):
     if heavy and ceiling:
         x = ratio(heavy["tasks_per_s"], ceiling["tasks_per_s"])
         add("mlp_heavy throughput / ort in-process (same 2 threads)", f"{100 * x:.0f}%", ">= 90%", x >= 0.9)
+    for path in GATEWAY[1:]:
+        g1, n1 = find(summary, path, "mlp", 1, "C=1"), find(summary, GATEWAY_BASE, "mlp", 1, "C=1")
+        if g1 and n1:
+            added = g1["p50_ms"] - n1["p50_ms"]
+            add(f"{path}: p50 added at C=1, k=1 ({fmt(g1['p50_ms'])} vs {fmt(n1['p50_ms'])} ms over NATS)",
+                f"{added:+.2f} ms", "<= 0.3 ms", added <= 0.3)
+        g64, n64 = find(summary, path, "mlp", 1, "C=64"), find(summary, GATEWAY_BASE, "mlp", 1, "C=64")
+        if g64 and n64:
+            x = ratio(g64["tasks_per_s"], n64["tasks_per_s"])
+            add(f"{path}: throughput at C=64, k=1 / NATS path ({fmt(g64['tasks_per_s'])} vs {fmt(n64['tasks_per_s'])} tasks/s)",
+                f"{100 * x:.0f}%", ">= 90%", x >= 0.9)
+    emb = embedding_rows(summary)
+    ceiling = find(summary, "ort-in-process", EMBEDDING_MODEL)
+    k1 = next((e for e in emb if e["system"] == "sundara-http" and e["k"] == 1), None)
+    if k1 and ceiling and ceiling.get("texts_per_s"):
+        x = k1["texts_per_s"] / ceiling["texts_per_s"]
+        add(f"embeddings k=1 vs in-process ({fmt(k1['texts_per_s'])} vs {fmt(ceiling['texts_per_s'])} texts/s)",
+            f"{100 * x:.0f}%", ">= 80%", x >= 0.8)
+    peer = next((e for e in emb if e["system"] == "ray-serve"), None)
+    if k1 and peer and peer.get("texts_per_s"):
+        x = k1["texts_per_s"] / peer["texts_per_s"]
+        add(f"embeddings k=1 vs ray-serve ({fmt(k1['texts_per_s'])} vs {fmt(peer['texts_per_s'])} texts/s, "
+            f"p99 {fmt(k1['p99_ms'])} vs {fmt(peer['p99_ms'])} ms)", f"{x:.2f}x", "reported (no target)", None)
     by_n = {s["slices"]: s for s in scale}
     if 10000 in by_n:
         p99 = by_n[10000]["reserve_k1_p99_ms"]
@@ -240,6 +318,70 @@ def targets(summary, scale):
             x = p99 / by_n[10]["reserve_k1_p99_ms"]
             add("decision p99 at 10,000 / at 10 slices", f"{x:.2f}x", "<= 2x", x <= 2.0)
     return checks
+
+
+def embedding_rows(summary):
+    return [e for e in summary if e.get("workload") == "embeddings"]
+
+
+def main_rows(summary):
+    """The throughput table's rows: every tensor workload but the gateway comparison."""
+    return [e for e in summary if e["system"] not in GATEWAY and e.get("workload") != "embeddings"]
+
+
+def gateway_lines(summary):
+    rows = [e for e in summary if e["system"] in GATEWAY]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "**Gateway overhead** (mlp, k=1, one pipeline: the NATS client path, KServe v2 JSON and KServe binary "
+        "through `sundara gateway`, run after run in turn; ratios against the NATS path at the same load)",
+        "",
+        "| path | load | tasks/s | p50 ms | p99 ms | errors | gateway cores | tasks/s vs NATS | p50 added ms | p99 vs NATS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows:
+        base = find(summary, GATEWAY_BASE, e["model"], e["k"], e["level"])
+        gw = (e.get("cpu_cores") or {}).get("gateway")
+        if e["system"] == GATEWAY_BASE or not base:
+            vs = ("–", "–", "–")
+        else:
+            tput = ratio(e["tasks_per_s"], base["tasks_per_s"])
+            p99 = ratio(e["p99_ms"], base["p99_ms"])
+            vs = (f"{100 * tput:.0f}%", f"{e['p50_ms'] - base['p50_ms']:+.2f}", f"{p99:.2f}x")
+        path = "NATS client (`PipelineClient`)" if e["system"] == GATEWAY_BASE else e["system"]
+        lines.append(
+            f"| {path} | {e['level']} | {fmt(e['tasks_per_s'])} | {fmt(e['p50_ms'])} | {fmt(e['p99_ms'])} | {e['errors']} "
+            f"| {fmt(gw)} | {vs[0]} | {vs[1]} | {vs[2]} |"
+        )
+    return lines
+
+
+def embedding_lines(summary):
+    rows = embedding_rows(summary)
+    if not rows:
+        return []
+    ceiling = find(summary, "ort-in-process", EMBEDDING_MODEL)
+    per = rows[0].get("texts_per_request")
+    tokens = rows[0].get("tokens_per_request")
+    lines = [
+        "",
+        f"**Text embeddings** (all-MiniLM-L6-v2, OpenAI `POST /v1/embeddings` with {fmt(per)} texts per request, "
+        f"{fmt(tokens, 1)} tokens per request on average; `ort-in-process` tokenizes and runs the same graph on the "
+        "same 2 threads, the ceiling)",
+        "",
+        "| system | k | load | texts/s | tokens/s | requests/s | p50 ms | p99 ms | errors | of in-process | machine cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows:
+        of = ratio(e.get("texts_per_s"), ceiling.get("texts_per_s") if ceiling else None)
+        lines.append(
+            f"| {e['system']} | {fmt(e['k'])} | {e['level']} | {fmt(e.get('texts_per_s'))} | {fmt(e.get('tokens_per_s'))} "
+            f"| {fmt(e['tasks_per_s'])} | {fmt(e['p50_ms'])} | {fmt(e['p99_ms'])} | {e['errors']} "
+            f"| {'–' if of is None else f'{100 * of:.0f}%'} | {fmt(e['machine_cpu_cores'])} |"
+        )
+    return lines
 
 
 def reach(s):
@@ -253,6 +395,8 @@ def reach(s):
 def markdown(summary, scale, checks, meta):
     lines = []
     lines.append(f"Measured {meta['when']} on {meta['machine']}; medians of {meta['runs']} runs per row.")
+    if meta.get("dates"):
+        lines.append(meta["dates"])
     lines.append("")
     lines.append("**Targets**")
     lines.append("")
@@ -266,11 +410,13 @@ def markdown(summary, scale, checks, meta):
     lines.append("")
     lines.append("| system | model | k | load | tasks/s | p50 ms | p90 ms | p99 ms | errors | load generator cores | machine cores |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    for e in summary:
+    for e in main_rows(summary):
         lines.append(
             f"| {e['system']} | {e['model']} | {fmt(e['k'])} | {e['level']} | {fmt(e['tasks_per_s'])} | {fmt(e['p50_ms'])} "
             f"| {fmt(e['p90_ms'])} | {fmt(e['p99_ms'])} | {e['errors']} | {fmt(e['loadgen_cpu_cores'])} | {fmt(e['machine_cpu_cores'])} |"
         )
+    lines.extend(gateway_lines(summary))
+    lines.extend(embedding_lines(summary))
     density = [e for e in summary if e["system"] in DENSITY]
     if density:
         lines.append("")
@@ -296,7 +442,7 @@ def markdown(summary, scale, checks, meta):
                 f"| {resident} | {fmt(e['tasks_per_s'])} | {fmt(e['p50_ms'])} | {fmt(e.get('p95_ms'))} | {fmt(e['p99_ms'])} "
                 f"| {fmt(e.get('loads_per_s'), 1)} | {fmt(e.get('evictions_per_s'), 1)} | {e['errors']} |"
             )
-    staged = [e for e in summary if e.get("stages_p50_ms")]
+    staged = [e for e in summary if e.get("stages_p50_ms") and e["system"] == "sundara"]
     if staged:
         lines.append("")
         lines.append("**Where a Sundara task's time goes** (median of each stage, ms)")
@@ -342,13 +488,19 @@ def main():
     ap.add_argument("--readme")
     ap.add_argument("--when", default="")
     ap.add_argument("--machine", default="this machine")
+    ap.add_argument("--previous", help="records of an earlier run, kept for what this run did not measure")
+    ap.add_argument("--previous-when", default="earlier", help="the date of --previous' unstamped records")
     args = ap.parse_args()
     rows = load(args.raw)
+    if args.previous:
+        rows = merge(load(args.previous), rows, args.when, args.previous_when)
+        with open(args.raw, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     summary = summarise(rows)
     scale = scale_summary(rows)
     checks = targets(summary, scale)
     runs = min((e["runs"] for e in summary), default=0)
-    meta = {"when": args.when, "machine": args.machine, "runs": runs}
+    meta = {"when": args.when, "machine": args.machine, "runs": runs, "dates": dates_line(rows, args.when)}
     with open(args.json, "w") as f:
         json.dump(
             {"meta": meta, "summary": summary, "scale": scale, "targets": checks, "density": density_line(summary)}, f, indent=1
