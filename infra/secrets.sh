@@ -15,7 +15,8 @@
 #
 # Set by compose from infra/.env: REDIS_PASSWORD (required), NATS_HOSTS (names outside miners
 # reach nats at, for its certificate; read when the CA is made, i.e. once), TENANTS
-# (default: `default`), MINER_KEYS (`ID=PUBLIC_KEY ...` of outside miners' `sundara auth keygen`).
+# (default: `default`), MINER_KEYS (`ID=PUBLIC_KEY ...` of outside miners' `sundara auth keygen`),
+# CHAIN (1: miners join by hotkey through the `chain` service's auth callout).
 # tests/deployment.rs runs this script with the real binary and serves what it made.
 set -eu
 umask 077
@@ -55,6 +56,9 @@ done
 for key in ${MINER_KEYS:-}; do
   set -- "$@" --miner-key "$key"
 done
+if [ "${CHAIN:-}" = 1 ]; then
+  set -- "$@" --chain
+fi
 sundara auth init --dir "$SECRETS_DIR/auth" "$@"
 
 # The validator secret (scheduler and verifier read it with SUNDARA_SECRET_FILE): made once.

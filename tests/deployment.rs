@@ -533,13 +533,13 @@ fn compose_services_images_and_dependencies_exist() {
             other => problems.push(format!("{name}: depends_on {other:?}")),
         }
         for v in svc["volumes"].as_sequence().into_iter().flatten() {
-            let spec = v.as_str().expect("short volume syntax");
+            let spec = compose_interpolate(v.as_str().expect("short volume syntax")).unwrap();
             let source = spec.split(':').next().unwrap();
             if source.starts_with('.') {
                 if !infra.join(source).exists() {
                     problems.push(format!("{name}: bind mount source {source} does not exist under infra/"));
                 }
-            } else if !source.starts_with('/') && !volumes.contains(source) {
+            } else if !source.starts_with('/') && !source.starts_with("~/") && !volumes.contains(source) {
                 problems.push(format!("{name}: volume {source} is not declared"));
             }
         }
@@ -914,7 +914,7 @@ const NOMAD_FILES: [&str; 3] = [
 fn nomad_jobs_parse_and_their_commands_run() {
     let expected: [(&str, &[&str]); 3] = [
         ("sundara-infra", &["nats", "redis"]),
-        ("sundara-validator", &["ingress", "scheduler", "verifier", "rewarder", "autoscaler"]),
+        ("sundara-validator", &["ingress", "scheduler", "verifier", "rewarder", "autoscaler", "chain"]),
         ("sundara-workers", &["worker", "gpu-worker"]),
     ];
     let mut problems = Vec::new();
@@ -1611,6 +1611,7 @@ fn nats_user_of(args: &[String]) -> Option<&'static str> {
         "verifier" => "service-verifier",
         "rewarder" => "service-rewarder",
         "autoscaler" => "service-autoscaler",
+        "chain" => "service-chain",
         "worker" => "pool",
         "models" => "validator",
         _ => return None,

@@ -81,6 +81,42 @@ variable "max_workers" {
   default     = 16
 }
 
+variable "chain" {
+  description = "On a Bittensor subnet: run group `chain` (metagraph sync, the auth callout miners join through, weights on chain; needs `sundara auth init --chain`, docs/bittensor.md)."
+  type        = bool
+  default     = false
+}
+
+variable "netuid" {
+  description = "The subnet's netuid (with chain)."
+  type        = number
+  default     = 0
+}
+
+variable "validator_hotkey" {
+  description = "The validator's hotkey, its SS58 address: miners sign their joins for it (with chain)."
+  type        = string
+  default     = ""
+}
+
+variable "chain_network" {
+  description = "The Bittensor network the bridge talks to: finney, test, or a ws(s):// endpoint (with chain)."
+  type        = string
+  default     = "finney"
+}
+
+variable "wallet_dir" {
+  description = "Host directory of the validator's Bittensor wallets, mounted read-only into group chain."
+  type        = string
+  default     = "/etc/sundara/wallets"
+}
+
+variable "wallet_name" {
+  description = "The validator's wallet and hotkey names in wallet_dir (with chain)."
+  type        = string
+  default     = "default"
+}
+
 variable "worker_threads" {
   description = "Inference threads of each pool worker (its --threads)."
   type        = number
@@ -463,6 +499,102 @@ job "sundara-validator" {
       resources {
         cpu    = 200
         memory = 256
+      }
+    }
+  }
+
+  # The Bittensor subnet (var.chain): reads the metagraph, answers nats-server's auth
+  # callout (miners join by registered hotkey; tenants by their keys) and sends each
+  # epoch's weights through the bridge on the Bittensor SDK (image target `chain`), signed
+  # by the validator's hotkey from the wallet mounted read-only. Its seed is service_chain
+  # in nomad/jobs/sundara-validator/chain/chain; the callout issuer's seed (callout_issuer)
+  # and the users' list (auth_conf: nats-auth/auth.conf, public keys only) come from the
+  # same variable.
+  group "chain" {
+    count = var.chain ? 1 : 0
+
+    network {
+      port "metrics" {
+        to = 9464
+      }
+    }
+
+    service {
+      name     = "sundara-chain"
+      provider = "nomad"
+      port     = "metrics"
+      tags     = ["metrics"]
+
+      check {
+        type     = "http"
+        path     = "/metrics"
+        interval = "15s"
+        timeout  = "3s"
+      }
+    }
+
+    task "chain" {
+      driver = "docker"
+
+      config {
+        image   = "${var.image}-chain"
+        ports   = ["metrics"]
+        volumes = ["${var.wallet_dir}:/wallets:ro"]
+        args = [
+          "chain", "serve",
+          "--netuid", "${var.netuid}",
+          "--validator-hotkey", var.validator_hotkey,
+          "--credentials-dir", "/secrets/auth",
+          "--bridge", "python3 /opt/sundara/scripts/bittensor_bridge.py --network ${var.chain_network} --wallet-path /wallets --wallet-name ${var.wallet_name} --wallet-hotkey ${var.wallet_name}",
+        ]
+      }
+
+      env {
+        SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
+        SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
+      }
+
+      template {
+        data        = local.endpoints
+        destination = "secrets/endpoints.env"
+        perms       = "0600"
+        env         = true
+      }
+
+      template {
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/chain/chain\" }}{{ .service_chain }}{{ end }}"
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/chain/chain\" }}{{ .auth_conf }}{{ end }}"
+        destination = "secrets/auth/auth.conf"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/chain/chain\" }}{{ .callout_issuer }}{{ end }}"
+        destination = "secrets/auth/callout-issuer.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+      }
+
+      resources {
+        cpu    = 200
+        memory = 512
       }
     }
   }

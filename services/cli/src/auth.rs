@@ -171,6 +171,21 @@ impl Role {
         format!("{}.pub", self.stem())
     }
 
+    /// The role its [`Display`](std::fmt::Display) names (`tenant acme`, `worker pool`).
+    fn from_display(text: &str) -> Option<Role> {
+        let role = match text {
+            "validator" => Role::Validator,
+            "worker pool" => Role::Pool,
+            _ => match text.split_once(' ')? {
+                ("service", s) => Role::Service(Service::from_name(s)?),
+                ("tenant", t) if subj::is_token(t) => Role::Tenant(t.to_string()),
+                ("miner", w) if subj::is_token(w) => Role::Miner(w.to_string()),
+                _ => return None,
+            },
+        };
+        Some(role)
+    }
+
     fn from_file_name(name: &str) -> Option<Role> {
         Role::from_stem(name.strip_suffix(".nk")?)
     }
@@ -467,9 +482,32 @@ fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// The role whose public key is `key` in `dir`, if any: how the auth callout knows a
-/// user keyed by hand.
+/// user keyed by hand. From the seeds and public keys there, else from the users' list
+/// `auth.conf` (all a deployment that keeps the seeds elsewhere gives the callout).
 pub fn role_of_key(dir: &Path, key: &str) -> Result<Option<Role>, AuthError> {
-    Ok(public_keys(dir)?.into_iter().find(|(_, k)| k == key).map(|(role, _)| role))
+    if let Some(role) = public_keys(dir)?.into_iter().find(|(_, k)| k == key).map(|(role, _)| role) {
+        return Ok(Some(role));
+    }
+    let path = dir.join("auth.conf");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(users_of_config(&text).into_iter().find(|(_, k)| k == key).map(|(role, _)| role)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AuthError::Io { path, reason: e.to_string() }),
+    }
+}
+
+/// The users [`server_config`] wrote into `text`: each `# <role>` line and the `nkey` of the
+/// line after it.
+fn users_of_config(text: &str) -> Vec<(Role, String)> {
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    lines
+        .windows(2)
+        .filter_map(|pair| {
+            let role = Role::from_display(pair[0].strip_prefix("# ")?)?;
+            let key = pair[1].split("nkey: \"").nth(1)?.split('"').next()?;
+            Some((role, key.to_string()))
+        })
+        .collect()
 }
 
 /// nats-server's `authorization` block for these users; with `callout_issuer`, an
@@ -842,6 +880,12 @@ mod tests {
             role_of_key(dir.path(), &second.users[&Role::Tenant("a".into())]).unwrap(),
             Some(Role::Tenant("a".into()))
         );
+        // With only the users' list (a deployment keeps the seeds elsewhere).
+        let list_only = tempfile::tempdir().unwrap();
+        std::fs::write(list_only.path().join("auth.conf"), &second.server_config).unwrap();
+        for (role, key) in &second.users {
+            assert_eq!(role_of_key(list_only.path(), key).unwrap().as_ref(), Some(role));
+        }
     }
 
     #[test]
