@@ -457,3 +457,48 @@ fn the_sdk_bridge_fails_with_a_reason_without_a_chain() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("pip install bittensor") || said.contains("unreachable"), "{said}");
 }
+
+/// `sundara up --chain`, joined as a new miner would from docs/bittensor.md: make a hotkey,
+/// register it (on the development metagraph, standing in for `btcli subnet register`), run
+/// a worker with it; it is let in, announced under its coldkey, and serves tasks.
+#[test]
+fn a_new_miner_joins_a_local_subnet_by_its_hotkey() {
+    let state = tempfile::tempdir().unwrap();
+    let context = state.path().join("up.json");
+    let (_up, said) = support::up::start(&context, &["--chain", "--tasks", "10"], "serving on");
+    let line = |prefix: &str| {
+        said.iter()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_string))
+            .unwrap_or_else(|| panic!("{said:#?}"))
+    };
+    let metagraph = line("sundara chain register-dev --metagraph ").split(' ').next().unwrap().to_string();
+    let validator = line("sundara worker --hotkey-file my-hotkey.json --validator-hotkey ");
+    let cli = |args: &[&str]| {
+        let out = support::up::sundara(Command::new(sundara_binary()), &context).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "sundara {args:?}: {text}");
+        text
+    };
+    let hotkey_file = state.path().join("my-hotkey.json");
+    let made = cli(&["chain", "keygen", "--out", hotkey_file.to_str().unwrap()]);
+    let address = made.split_whitespace().nth(1).unwrap().to_string();
+    cli(&["chain", "register-dev", "--metagraph", &metagraph, hotkey_file.to_str().unwrap()]);
+    let worker = support::up::sundara(Command::new(sundara_binary()), &context)
+        .args(["worker", "--validator-hotkey", &validator, "--hotkey-file", hotkey_file.to_str().unwrap()])
+        .arg("--cache-dir")
+        .arg(state.path().join("models"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _worker = support::up::Running(worker);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cli(&["fleet"]).contains(&address) {
+        assert!(std::time::Instant::now() < deadline, "{address} did not join: {}", cli(&["fleet"]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = cli(&["chain", "status"]);
+    assert!(status.contains("at block 2"), "one registration since the start: {status}");
+    let submitted = cli(&["submit", "--model", "mlp", "--count", "10"]);
+    assert!(submitted.contains("10 verified"), "{submitted}");
+}

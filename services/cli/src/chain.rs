@@ -616,3 +616,74 @@ fn outcome_kind(outcome: &WeightsOutcome) -> &'static str {
         WeightsOutcome::Unavailable { .. } => "unavailable",
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Key(#[from] sundara_chain::KeyError),
+    #[error(transparent)]
+    Metagraph(#[from] metagraph::MetagraphError),
+    #[error("{0} is registered already")]
+    Registered(String),
+}
+
+/// `sundara chain keygen`: a new hotkey in a wallet hotkey file at `out` (mode 0600, never
+/// overwritten); its SS58 address.
+pub fn keygen(out: &std::path::Path) -> Result<String, DevError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| DevError::Io { path: out.to_path_buf(), reason: e.to_string() };
+    let seed: [u8; 32] = rand::random();
+    let hotkey = sundara_chain::Hotkey::from_seed(&seed)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(out).map_err(io)?;
+    file.write_all(hotkey.wallet_json(Some(&seed)).as_bytes()).map_err(io)?;
+    Ok(hotkey.account.to_ss58())
+}
+
+/// `sundara chain register-dev`: adds `hotkey` (a key file or an SS58 address) to the
+/// development metagraph at `path`, at the next uid and block, under `coldkey` (default: a
+/// new coldkey of its own). Written whole by rename, so a reader never sees half of it.
+pub fn register_dev(
+    path: &std::path::Path,
+    hotkey: &str,
+    coldkey: Option<&str>,
+) -> Result<sundara_schemas::chain::Neuron, DevError> {
+    let io = |e: std::io::Error| DevError::Io { path: path.to_path_buf(), reason: e.to_string() };
+    let hotkey = match sundara_chain::AccountId::from_ss58(hotkey) {
+        Ok(account) => account.to_ss58(),
+        Err(_) => sundara_chain::Hotkey::load(std::path::Path::new(hotkey))?.account.to_ss58(),
+    };
+    let coldkey = match coldkey {
+        Some(c) => sundara_chain::AccountId::from_ss58(c)?.to_ss58(),
+        None => sundara_chain::Hotkey::from_seed(&rand::random::<[u8; 32]>())?.account.to_ss58(),
+    };
+    let mut m = metagraph::parse(&std::fs::read_to_string(path).map_err(io)?)?;
+    if m.neuron(&hotkey).is_some() {
+        return Err(DevError::Registered(hotkey));
+    }
+    m.block += 1;
+    let neuron = sundara_schemas::chain::Neuron {
+        uid: m.neurons.iter().map(|n| n.uid + 1).max().unwrap_or(0),
+        hotkey,
+        coldkey,
+        stake: 0.0,
+        validator_permit: false,
+        registered_at_block: m.block,
+    };
+    m.neurons.push(neuron.clone());
+    metagraph::check(&m)?;
+    write_metagraph(path, &m).map_err(io)?;
+    Ok(neuron)
+}
+
+/// Writes a metagraph file whole (by rename).
+pub fn write_metagraph(path: &std::path::Path, m: &Metagraph) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(m).expect("a metagraph serialises"))?;
+    std::fs::rename(tmp, path)
+}

@@ -87,6 +87,11 @@ enum Command {
         /// Where the HTTP gateway listens [default: a free port of loopback, printed]
         #[arg(long)]
         gateway_listen: Option<std::net::SocketAddr>,
+        /// As a local Bittensor subnet (docs/bittensor.md): miners join by hotkey through the
+        /// auth callout, operators are coldkeys, and the metagraph is a development file
+        /// (printed) that `sundara chain register-dev` adds hotkeys to.
+        #[arg(long, conflicts_with = "external")]
+        chain: bool,
         #[command(flatten)]
         redis: RedisArgs,
     },
@@ -225,6 +230,25 @@ enum ChainCommand {
         /// The validator's hotkey (SS58), to show its uid and permit.
         #[arg(long, env = "SUNDARA_VALIDATOR_HOTKEY")]
         validator_hotkey: Option<String>,
+    },
+    /// Make a hotkey: a Bittensor wallet hotkey file (readable by you only; never
+    /// overwritten) with a fresh seed. Prints its SS58 address.
+    Keygen {
+        /// Where it goes (e.g. ~/.bittensor/wallets/miner/hotkeys/default).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Register a hotkey in a development metagraph file (`up --chain` prints its path): a
+    /// stand-in for `btcli subnet register`, for local stacks and tests only.
+    RegisterDev {
+        /// The metagraph file.
+        #[arg(long)]
+        metagraph: PathBuf,
+        /// The hotkey's file (as `--hotkey-file`) or its SS58 address.
+        hotkey: String,
+        /// The coldkey it registers under (SS58) [default: a new one of its own].
+        #[arg(long)]
+        coldkey: Option<String>,
     },
     /// What `chain serve` would send for the latest epoch: its weights mapped to uids, the
     /// miners left out, and (with --bridge) whether the subnet's rules let it go now.
@@ -574,7 +598,14 @@ fn service_name(command: &Command) -> &'static str {
         Command::Worker(_) => "sundara-worker",
         Command::Gateway(_) => "sundara-gateway",
         Command::Chain { command: ChainCommand::Serve(_), .. } => "sundara-chain",
-        Command::Chain { command: ChainCommand::Status { .. } | ChainCommand::Weights { .. }, .. } => "sundara",
+        Command::Chain {
+            command:
+                ChainCommand::Status { .. }
+                | ChainCommand::Weights { .. }
+                | ChainCommand::Keygen { .. }
+                | ChainCommand::RegisterDev { .. },
+            ..
+        } => "sundara",
         // `up` runs every service in one process.
         Command::Up { .. } => "sundara",
         _ => "sundara-cli",
@@ -602,6 +633,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             redis_tls,
             nats_listen,
             gateway_listen,
+            chain,
             redis: _,
         } => {
             let opts = sundara::up::UpOptions {
@@ -613,6 +645,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 autoscale,
                 nats: sundara::stack::ServerOptions { listen: nats_listen, mutual_tls, redis_tls },
                 gateway_listen,
+                chain,
             };
             sundara::up::up(opts).await
         }
@@ -659,6 +692,23 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             let last = sundara::chain::last_submission(&kv).await.map_err(anyhow::Error::msg)?;
             print!("{}", sundara::chain::status_text(&status, sundara_schemas::now_ms()));
             print!("{}", sundara::chain::validator_text(ours, last.as_ref()));
+            Ok(())
+        }
+        Command::Chain { command: ChainCommand::Keygen { out }, .. } => {
+            let address = sundara::chain::keygen(&out)?;
+            println!("hotkey {address} in {} (keep it; it never leaves this machine)", out.display());
+            println!(
+                "register it on the subnet (btcli subnet register), then: sundara worker --hotkey-file {} --validator-hotkey <the validator's>",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Chain { command: ChainCommand::RegisterDev { metagraph, hotkey, coldkey }, .. } => {
+            let neuron = sundara::chain::register_dev(&metagraph, &hotkey, coldkey.as_deref())?;
+            println!(
+                "registered {} as uid {} under coldkey {} (block {}): the validator reads it within seconds",
+                neuron.hotkey, neuron.uid, neuron.coldkey, neuron.registered_at_block
+            );
             Ok(())
         }
         Command::Chain {

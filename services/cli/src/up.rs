@@ -38,6 +38,8 @@ pub struct UpOptions {
     pub nats: crate::stack::ServerOptions,
     /// Where the HTTP gateway listens (`None`: a free port of loopback).
     pub gateway_listen: Option<std::net::SocketAddr>,
+    /// As a local Bittensor subnet ([`DevSubnet`]).
+    pub chain: bool,
 }
 
 /// Pushes the demo models (k=3 so that one liar is always outvoted).
@@ -163,7 +165,11 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     sundara_runtime::init(&ort_library)?;
     // The honest miners, then the liar where this build has the cheaters.
     let miners = opts.honest_workers + usize::from(Behaviour::liar().is_some());
-    let miner_ids: Vec<String> = (1..=miners).map(|i| format!("miner-{i}")).collect();
+    let subnet = opts.chain.then(|| DevSubnet::new(miners));
+    let miner_ids: Vec<String> = match &subnet {
+        Some(subnet) => subnet.miner_ids(),
+        None => (1..=miners).map(|i| format!("miner-{i}")).collect(),
+    };
     // An embedded stack's context (for the other commands) and seeds: a live `up`'s are
     // not taken over, a dead one's are cleared. Dropped last, which removes both, on every
     // way out: the end, an error, Ctrl-C.
@@ -171,10 +177,15 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(context::claim(&context::path()?)?),
     };
-    let (endpoints, auth, stack) = start_servers(opts.endpoints, &opts.nats, claim.as_ref(), &root, &miner_ids)?;
+    let (endpoints, auth, stack) =
+        start_servers(opts.endpoints, &opts.nats, claim.as_ref(), &root, &miner_ids, subnet.is_some())?;
     if let (Some(claim), Some(stack)) = (&claim, &stack) {
         publish_context(claim, stack, auth.as_ref(), opts.metrics)?;
     }
+    let chain = match (&subnet, &auth) {
+        (Some(subnet), Some(auth)) => Some(subnet.start(&endpoints, auth).await?),
+        _ => None,
+    };
     if let Some(addr) = opts.metrics {
         println!("metrics: http://{addr}/metrics");
     }
@@ -229,6 +240,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     for e in &errors {
         eprintln!("shutdown: {e}");
     }
+    if let Some((shutdown, service)) = chain {
+        shutdown.cancel();
+        let _ = service.await;
+    }
     println!("stopped cleanly");
     Ok(())
 }
@@ -260,12 +275,16 @@ fn start_servers(
     claim: Option<&context::Claim>,
     root: &std::path::Path,
     miner_ids: &[String],
+    chain: bool,
 ) -> anyhow::Result<(Endpoints, Option<crate::auth::AuthDir>, Option<LocalStack>)> {
     match (external, claim) {
         (Some(ep), _) => Ok((ep, None, None)),
         (None, claim) => {
             let dir = &claim.expect("an embedded stack has claimed its context").credentials_dir;
             context::create_private_dir(dir)?;
+            if chain {
+                crate::auth::enable_callout(dir)?;
+            }
             let auth = crate::auth::init(dir, &[DEMO_TENANT.to_string()], miner_ids)?;
             let stack = LocalStack::start_with(root, Some(&auth), nats)?;
             println!(
@@ -617,4 +636,98 @@ fn demo_tenants() -> sundara_common::admission::TenantPolicy {
     let mut tenants = sundara_common::admission::TenantPolicy::default();
     tenants.default.max_priority = sundara_schemas::Priority::High;
     tenants
+}
+
+/// `up --chain`: a local development subnet. The demo's miners are development hotkeys
+/// (`//Sundara//miner-N`, each under a coldkey of its own), the validator's hotkey is
+/// `//Sundara//validator`, and the metagraph is a file in the credentials directory that
+/// `chain serve` reads every 2 s and `sundara chain register-dev` adds hotkeys to.
+pub struct DevSubnet {
+    validator: String,
+    miners: Vec<(String, String)>,
+}
+
+impl DevSubnet {
+    pub const NETUID: u16 = 1;
+
+    fn new(miners: usize) -> DevSubnet {
+        let address = |uri: String| sundara_chain::Hotkey::dev(&uri).expect("a development key").account.to_ss58();
+        DevSubnet {
+            validator: address("//Sundara//validator".into()),
+            miners: (1..=miners)
+                .map(|i| (address(format!("//Sundara//miner-{i}")), address(format!("//Sundara//cold-{i}"))))
+                .collect(),
+        }
+    }
+
+    fn miner_ids(&self) -> Vec<String> {
+        self.miners.iter().map(|(hot, _)| hot.clone()).collect()
+    }
+
+    /// Writes the metagraph and runs `chain serve` (until the token returned is cancelled),
+    /// once it holds the metagraph; says how a miner joins.
+    async fn start(
+        &self,
+        endpoints: &Endpoints,
+        auth: &crate::auth::AuthDir,
+    ) -> anyhow::Result<(Shutdown, tokio::task::JoinHandle<Result<(), crate::chain::ChainError>>)> {
+        let path = auth.dir.join("metagraph.json");
+        let neurons = self
+            .miners
+            .iter()
+            .enumerate()
+            .map(|(uid, (hotkey, coldkey))| sundara_schemas::chain::Neuron {
+                uid: uid as u16,
+                hotkey: hotkey.clone(),
+                coldkey: coldkey.clone(),
+                stake: 0.0,
+                validator_permit: false,
+                registered_at_block: 1,
+            })
+            .collect();
+        let metagraph = sundara_schemas::chain::Metagraph { netuid: Self::NETUID, block: 1, neurons };
+        crate::chain::write_metagraph(&path, &metagraph)?;
+        let mut chain_endpoints = endpoints.clone();
+        chain_endpoints.nats.credentials =
+            Some(auth.credentials(&crate::auth::Role::Service(crate::auth::Service::Chain)));
+        let args = crate::chain::ServeArgs {
+            metagraph: Some(path.clone()),
+            bridge: None,
+            netuid: None,
+            version_key: None,
+            weights_every_s: 30.0,
+            sync_every_s: 2.0,
+            validator_hotkey: self.validator.clone(),
+            credentials_dir: auth.dir.clone(),
+            miner_session_s: 3600,
+        };
+        let capacity = sundara_common::Capacity::open(endpoints).await?;
+        let shutdown = Shutdown::new();
+        let service = tokio::spawn(crate::chain::run(
+            crate::chain::Config { endpoints: chain_endpoints, args },
+            shutdown.clone(),
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while capacity.chain_status().await?.block.is_none() {
+            if service.is_finished() || tokio::time::Instant::now() > deadline {
+                shutdown.cancel();
+                return Err(match service.await {
+                    Ok(Err(e)) => e.into(),
+                    _ => anyhow::anyhow!("the chain service did not read the metagraph within 20 s"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "chain: a local subnet (netuid {}); validator hotkey {}; metagraph {} (read every 2 s)",
+            Self::NETUID,
+            self.validator,
+            path.display()
+        );
+        println!("  a miner joins by hotkey:");
+        println!("    sundara chain keygen --out my-hotkey.json");
+        println!("    sundara chain register-dev --metagraph {} my-hotkey.json", path.display());
+        println!("    sundara worker --hotkey-file my-hotkey.json --validator-hotkey {}", self.validator);
+        Ok((shutdown, service))
+    }
 }

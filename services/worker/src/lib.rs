@@ -773,6 +773,26 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> 
     sundara_common::stop_within("worker", &shutdown.clone(), grace, run_until_stopped(config, shutdown)).await
 }
 
+/// Connects to NATS. A hotkey refused at start is tried again every 3 s for the startup
+/// timeout: a hotkey registered a moment ago is let in once the validator has read the
+/// metagraph again (every block).
+async fn connect(config: &Config, shutdown: &Shutdown) -> Result<async_nats::Client, WorkerError> {
+    let name = format!("sundara-worker-{}", config.worker_id);
+    let started = std::time::Instant::now();
+    loop {
+        match nats::connect(&config.nats, &name).await {
+            Err(e @ sundara_common::Error::NatsHotkeyRefused { .. }) if started.elapsed() < config.startup_timeout => {
+                tracing::warn!(error = %e, "hotkey refused; trying again in 3 s (a registration shows once the validator reads the metagraph)");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(e.into()),
+                    _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+                }
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// [`run`], without the bound on its shutdown.
 async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), WorkerError> {
     if !subj::is_token(&config.worker_id) {
@@ -781,7 +801,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Wor
     let slices = start_slices(&config)?;
     sundara_runtime::init(&config.ort_library)?;
     gpus_usable(&config)?;
-    let client = nats::connect(&config.nats, &format!("sundara-worker-{}", config.worker_id)).await?;
+    let client = connect(&config, &shutdown).await?;
     let js = jetstream::new(client.clone());
     // A miner creates no streams (its credentials cannot): it waits for the validator's.
     nats::await_provisioned(&js, config.startup_timeout).await?;
