@@ -259,6 +259,7 @@ enum ChainCommand {
         /// The chain bridge, to read the subnet's rules (as `chain serve --bridge`).
         #[arg(long, env = "SUNDARA_CHAIN_BRIDGE")]
         bridge: Option<String>,
+        /// The subnet's netuid (with --bridge).
         #[arg(long, env = "SUNDARA_NETUID")]
         netuid: Option<u16>,
         /// A pinned version key (as `chain serve --version-key`).
