@@ -209,6 +209,21 @@ async fn miners_join_by_hotkey_and_count_under_their_coldkeys() {
     let status = sundara::chain::status_text(&h.capacity.chain_status().await.unwrap(), sundara_schemas::now_ms());
     assert!(status.contains("block 200, 3 neurons"), "{status}");
 
+    // The chain's endpoint answers nonsense (or nothing): the metagraph held stays in use,
+    // and the status says how old it is and why the last read failed.
+    std::fs::write(&metagraph, "<html>502 Bad Gateway</html>").unwrap();
+    wait::until_true("the failed read to show", Duration::from_secs(20), || async {
+        h.capacity.chain_status().await.unwrap().error.is_some()
+    })
+    .await;
+    let held = h.capacity.chain_status().await.unwrap();
+    assert_eq!((held.block, held.neurons), (Some(200), 3), "{held:?}");
+    let status = sundara::chain::status_text(&held, sundara_schemas::now_ms());
+    assert!(status.contains("last read failed") && status.contains("not a metagraph"), "{status}");
+    let requests = h.sample_requests(8, "stale", 4, |_| "mlp");
+    let results = h.run_tasks(&requests).await;
+    h.assert_correct(&requests, &results);
+
     shutdown.cancel();
     chain.await.unwrap();
     h.stop().await;
