@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sundara::stack::LocalStack;
 use sundara_common::{Endpoints, Registry, nats};
-use sundara_schemas::{CompareRule, ModelMeta, Policy};
+use sundara_schemas::{Batching, CompareRule, ModelMeta, Policy};
 
 use crate::fleet::{Fleet, WorkerSpec};
 
@@ -19,6 +19,8 @@ pub struct PipelineSpec<'a> {
     /// Redundancy: miners per task, and how their outputs are compared.
     pub k: u8,
     pub rule: CompareRule,
+    /// How workers batch the model's tasks.
+    pub batching: Batching,
     pub workers: usize,
     /// Inference threads per worker.
     pub threads: usize,
@@ -51,8 +53,7 @@ impl Pipeline {
         let registry = Registry::open(&js).await?;
         // No audits: the pipeline numbers measure the miners' path (audits cost the verifier a reference run each).
         let policy = Policy { redundancy: spec.k, rule: spec.rule, audit_rate: 0.0 };
-        let meta =
-            sundara::models::push(&registry, spec.model_path, spec.model, "1", policy, Default::default()).await?;
+        let meta = sundara::models::push(&registry, spec.model_path, spec.model, "1", policy, spec.batching).await?;
         let scratch = tempfile::Builder::new().prefix(spec.scratch_prefix).tempdir()?;
         let specs: Vec<WorkerSpec> =
             (1..=spec.workers).map(|i| WorkerSpec { id: format!("miner-{i}"), threads: spec.threads }).collect();

@@ -363,6 +363,12 @@ async fn run_scenario(s: &Settings, scenario: &Scenario, rec: &mut Recorder) -> 
         model: scenario.model,
         k,
         rule,
+        // The embedding model as `sundara up` registers it; tensor models batch.
+        batching: if scenario.model == embeddings::MODEL {
+            sundara::up::EMBEDDING_BATCHING
+        } else {
+            sundara_schemas::Batching::default()
+        },
         workers,
         threads,
         retention: nats::Retention::default(),

@@ -299,6 +299,7 @@ async fn main() -> anyhow::Result<()> {
         model: &cli.model,
         k: cli.k,
         rule: sundara_schemas::CompareRule::AllClose { atol: 1e-4, rtol: 1e-3 },
+        batching: sundara_schemas::Batching::default(),
         workers: cli.workers,
         threads: cli.threads,
         retention: retention_of(&cli),

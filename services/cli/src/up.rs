@@ -367,6 +367,13 @@ fn pipeline_config(
 /// `scripts/setup`, its file, registered name and tokenizer.
 pub const EMBEDDING_MODEL: (&str, &str, &str) = ("minilm.onnx", "minilm", "minilm_tokenizer.json");
 
+/// How workers batch the embedding model: not at all. Each request is already a batch of
+/// texts, and ONNX Runtime 1.31 runs MiniLM about 30 % slower per request when requests of
+/// one sequence length are stacked into one inference (measured on 2 cores: 378 vs 492
+/// ms of CPU per 16-text request; the embeddings benchmark's worker used 105 ms a request
+/// batching, against 84 in-process).
+pub const EMBEDDING_BATCHING: sundara_schemas::Batching = sundara_schemas::Batching { max_batch: 1, max_delay_us: 0 };
+
 /// Registers the embedding model (k=3, cosine at least 0.999: honest miners batching
 /// differently still agree) when `scripts/setup` built it; its name and tokenizer.
 async fn push_embedding_model(
@@ -381,7 +388,7 @@ async fn push_embedding_model(
     }
     let registry = Registry::open(js).await?;
     let policy = Policy::new(3, CompareRule::Cosine { min: 0.999 });
-    let meta = crate::models::publish(&registry, &models.join(file), name, None, policy, Default::default()).await?;
+    let meta = crate::models::publish(&registry, &models.join(file), name, None, policy, EMBEDDING_BATCHING).await?;
     println!("registered {}", crate::models::describe(meta.meta()));
     Ok(Some((name.to_string(), models.join(tokenizer))))
 }
