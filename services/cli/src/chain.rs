@@ -385,28 +385,27 @@ impl Gate {
                 ChainStanding::NotRegistered => return Err(JoinRefused::NotRegistered(ss58)),
                 ChainStanding::OffChain => return Err(JoinRefused::NoMetagraph),
             }
-            let role = Role::Miner(ss58.clone());
-            let p = auth::permissions(&role, &ss58);
-            return Ok(Grant {
-                name: role.to_string(),
-                publish: p.publish,
-                subscribe: p.subscribe,
-                allow_responses: p.allow_responses,
-                expires_s: now_s + self.session.as_secs(),
-            });
+            // Its inbox is its hotkey's: the server-made user key is unknown to the miner.
+            return Ok(grant(&Role::Miner(ss58.clone()), &ss58, now_s + self.session.as_secs()));
         }
         let Some(key) = request.nkey_signed() else { return Err(JoinRefused::NoCredentials) };
         let role = auth::role_of_key(&self.credentials_dir, key)
             .map_err(|e| JoinRefused::Unavailable(e.to_string()))?
             .ok_or_else(|| JoinRefused::UnknownKey(key.to_string()))?;
-        let p = auth::permissions(&role, key);
-        Ok(Grant {
-            name: role.to_string(),
-            publish: p.publish,
-            subscribe: p.subscribe,
-            allow_responses: p.allow_responses,
-            expires_s: 0,
-        })
+        Ok(grant(&role, key, 0))
+    }
+}
+
+/// What `role` may do (its inbox named by `key`), as the callout grants it until
+/// `expires_s` (0: no expiry).
+fn grant(role: &Role, key: &str, expires_s: u64) -> Grant {
+    let p = auth::permissions(role, key);
+    Grant {
+        name: role.to_string(),
+        publish: p.publish,
+        subscribe: p.subscribe,
+        allow_responses: p.allow_responses,
+        expires_s,
     }
 }
 
