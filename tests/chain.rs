@@ -179,6 +179,22 @@ async fn miners_join_by_hotkey_and_count_under_their_coldkeys() {
     };
     let refused = nats::connect(&elsewhere, "alice-elsewhere").await.unwrap_err();
     assert!(matches!(refused, sundara_common::Error::NatsHotkeyRefused { .. }), "{refused}");
+    // A proof taken from one connection (here: Alice's, for another server nonce) gets no
+    // other connection in: it signs that connection's nonce only.
+    let alice = HotkeyLogin { hotkey: Arc::new(Hotkey::dev("//Alice").unwrap()), receiver: validator.clone() };
+    let stolen = alice.prove("a-nonce-of-another-connection");
+    let tls = ep.nats.tls.clone().unwrap();
+    let replayed = async_nats::ConnectOptions::with_auth_callback(move |_| {
+        let mut auth = async_nats::Auth::new();
+        (auth.token, auth.signature) = (stolen.token.clone(), stolen.signature.clone());
+        async move { Ok(auth) }
+    })
+    .require_tls(true)
+    .add_root_certificates(tls.ca.clone())
+    .connection_timeout(Duration::from_secs(5))
+    .connect(ep.nats.url.as_str())
+    .await;
+    assert!(replayed.is_err(), "a proof for another connection let a client in");
 
     // Bob deregisters; Dave takes his uid.
     write_metagraph(

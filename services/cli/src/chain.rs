@@ -227,6 +227,8 @@ pub async fn sync_once(
     let new = source.read().await?;
     let changes = metagraph::changes(held.as_ref().map(|(m, _)| m), &new).map_err(|e| e.to_string())?;
     let read_at = now_ms();
+    // Stored on every read, changed or not: a Redis that restarted empty has it back
+    // within one interval.
     capacity.store_metagraph(&new, read_at).await.map_err(|e| e.to_string())?;
     for hotkey in changes.reset() {
         // Its assignments go to others now; a hotkey registered again announces anew.

@@ -292,11 +292,16 @@ pub async fn connect(endpoint: &NatsEndpoint, name: &str) -> Result<async_nats::
     let reported = denials.clone();
     let connection = name.to_string();
     let base = match endpoint.hotkey.clone() {
-        Some(login) => async_nats::ConnectOptions::with_auth_callback(move |nonce| {
-            let auth = login.prove(&String::from_utf8_lossy(&nonce));
-            async move { Ok(auth) }
-        })
-        .custom_inbox_prefix(inbox_prefix(&endpoint.hotkey.as_ref().expect("matched").hotkey.account.to_ss58())),
+        Some(login) => {
+            // A hotkey's inbox is named by its address: the user key the server makes for
+            // the connection is unknown to the client.
+            let inbox = inbox_prefix(&login.hotkey.account.to_ss58());
+            async_nats::ConnectOptions::with_auth_callback(move |nonce| {
+                let auth = login.prove(&String::from_utf8_lossy(&nonce));
+                async move { Ok(auth) }
+            })
+            .custom_inbox_prefix(inbox)
+        }
         None => async_nats::ConnectOptions::new(),
     };
     let mut options = base
