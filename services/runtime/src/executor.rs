@@ -8,9 +8,14 @@
 //! from what queued while the previous inference ran.
 //!
 //! A model with no session is loaded on first need: evicting idle models (never one with
-//! work queued or running) when memory is short, then running a warm-up batch, and only
-//! then reported as loaded. Its footprint is measured across load and warm-up. Under
-//! backlog a second session of a busy model is loaded from free memory, up to one per thread.
+//! work queued or running, and only as many as the room needs) when memory is short, then
+//! running a warm-up, and only then reported as loaded. The first load of a model on the
+//! slice measures, with no other inference running, whether batching it pays (one row
+//! timed against the largest batch: convolutional models often run slower per row in
+//! batches on CPU, with an arena many times larger) and its footprint at the batch it
+//! will run. Reloads after an eviction reuse both and warm up with one row, so they cost
+//! a session's creation and little more. Under backlog a second session of a busy model
+//! is loaded from free memory, up to one per thread.
 //!
 //! A task that fails is re-checked with the model's known-good warm-up input: if that
 //! fails too, the session (the device) is broken, the slice goes out of service and says
@@ -171,6 +176,13 @@ struct State {
     evictions: u64,
     service_us: HashMap<String, f64>,
     load_us: HashMap<String, u64>,
+    /// Per model, whether its first load here found batching worth it.
+    batch_pays: HashMap<String, bool>,
+    /// Inferences running now.
+    running: usize,
+    /// A first load is measuring a footprint: no inference starts until it is done, since
+    /// another thread's allocations would count as the model's.
+    measuring: bool,
 }
 
 impl State {
@@ -303,6 +315,7 @@ enum Step {
         key: String,
         path: Arc<PathBuf>,
         evicted: Vec<Session>,
+        warmup: Warmup,
     },
     /// Sessions evicted to bring the slice back within its memory (dropped outside the lock).
     Evict(Vec<Session>),
@@ -319,12 +332,17 @@ fn infer_loop(shared: &Shared) {
             Step::Run { key, mut session, jobs } => {
                 let runs_before = st.runs;
                 st.runs += 1;
+                st.running += 1;
                 drop(st);
                 let fault = config.fail_after_runs.is_some_and(|n| runs_before >= n);
                 let (tasks, started) = (jobs.len(), Instant::now());
                 let broken = run_jobs(&mut session, jobs, fault);
                 let per_task = started.elapsed().as_micros() as f64 / tasks.max(1) as f64;
                 st = shared.lock();
+                st.running -= 1;
+                if st.measuring && st.running == 0 {
+                    shared.wake.notify_all();
+                }
                 let ema = st.service_us.entry(key.clone()).or_insert(per_task);
                 *ema += SERVICE_EMA * (per_task - *ema);
                 let us = ema.round() as u64;
@@ -353,14 +371,22 @@ fn infer_loop(shared: &Shared) {
                     q.idle.push(session);
                 }
             }
-            Step::Load { key, path, evicted } => {
+            Step::Load { key, path, evicted, warmup } => {
                 let evicted_any = !evicted.is_empty();
+                let measuring = matches!(warmup, Warmup::Measure { .. });
+                if measuring {
+                    st.measuring = true;
+                    while st.running > 0 {
+                        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
                 drop(st);
                 drop(evicted);
                 let started = Instant::now();
-                let loaded = load(&path, config, config.max_batch.max(1));
+                let loaded = load(&path, config, warmup);
                 let load_us = started.elapsed().as_micros() as u64;
                 st = shared.lock();
+                st.measuring &= !measuring;
                 if evicted_any {
                     shared.publish(&st);
                 }
@@ -410,6 +436,9 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
     if st.stopped && st.queued == 0 {
         return Step::Exit;
     }
+    if st.measuring {
+        return Step::Wait(None);
+    }
     // A model's footprint is known only once it is loaded (before, its file size stands
     // in), so a load can overshoot the budget: idle models leave until it holds again.
     let over = st.residency().used().saturating_sub(st.residency().budget());
@@ -452,8 +481,8 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
             let models = &st.models;
             let room = st.residency.as_ref().expect("set").make_room(need, |m| models.get(m).is_some_and(|q| q.busy()));
             match room {
-                Room::Fits => return begin_load(st, key, Vec::new()),
-                Room::Evict(victims) => return begin_load(st, key, victims),
+                Room::Fits => return begin_load(st, config, key, Vec::new()),
+                Room::Evict(victims) => return begin_load(st, config, key, victims),
                 Room::Busy => continue,
                 Room::Never { need, budget } => {
                     // At least this much (the file size before any load): enough to stop offering it here.
@@ -466,18 +495,26 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
         }
         // Backlog and every session busy: another session from free memory, up to one per thread.
         if measured.is_some() && (q.copies as usize) < config.threads && need <= st.residency().free() {
-            return begin_load(st, key, Vec::new());
+            return begin_load(st, config, key, Vec::new());
         }
     }
     Step::Wait(wake_at)
 }
 
-fn begin_load(st: &mut State, key: String, victims: Vec<String>) -> Step {
+/// The first load of a model warms up at the largest batch it may run here (the slice's
+/// and the model's own limit), so that its measured footprint covers the arena at its
+/// working size. A reload (after an eviction, or another session) is charged that
+/// footprint already and warms up with one row: the large warm-up was most of a load (0.3
+/// of magika's 0.35 s), and reloads are what a short budget repeats.
+fn begin_load(st: &mut State, config: &ExecutorConfig, key: String, victims: Vec<String>) -> Step {
     let evicted = evict(st, victims);
+    let known = st.footprints.contains_key(&key);
     let q = st.models.get_mut(&key).expect("listed");
+    let max_rows = (q.run.batching.max_batch as usize).clamp(1, config.max_batch.max(1));
+    let warmup = if known { Warmup::Reload } else { Warmup::Measure { max_rows } };
     q.loading = true;
     let path = q.run.path.clone();
-    Step::Load { key, path, evicted }
+    Step::Load { key, path, evicted, warmup }
 }
 
 /// Unloads idle models; returns their sessions.
@@ -509,45 +546,107 @@ fn take_batch(jobs: &mut VecDeque<Job>, max: usize) -> Vec<Job> {
     group
 }
 
-/// A loaded, warmed session with its measured footprint; or why the slice cannot load.
-type Loaded = Result<(Session, u64, bool), String>;
+/// How a load warms its session up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Warmup {
+    /// The model's first load here: learn whether batching it pays, by timing one row
+    /// against `max_rows`, and measure its footprint at the batch it will run.
+    Measure { max_rows: usize },
+    /// A reload: the slice already knows its footprint and batch, so one row checks it.
+    Reload,
+}
+
+/// A loaded, warmed session.
+struct LoadedSession {
+    session: Session,
+    /// Heap growth across the load and warm-up.
+    footprint: u64,
+    /// Whether the model's tensors can be stacked into batches at all.
+    batchable: bool,
+    /// Measured on a first load of a batchable model: whether a batch costs less per row
+    /// than one row alone.
+    batch_pays: Option<bool>,
+}
+
+/// A loaded session; or why the slice cannot load.
+type Loaded = Result<LoadedSession, String>;
 
 /// Loads run one at a time per process, so that the growth of the heap across a load and
 /// its warm-up is that model's footprint (other threads' inferences add only noise).
 static LOADING: Mutex<()> = Mutex::new(());
 
-fn load(path: &std::path::Path, config: &ExecutorConfig, max_batch: usize) -> Loaded {
+/// Batching pays when a batch's time per row is below this share of one row's time.
+/// Stacking rows helps GEMM-bound models (mlp: 5 against 67 µs a row at 32) and hurts
+/// convolutional ones on CPU (magika: 7.2 against 5.9 ms a row, with a 6× larger arena).
+const BATCH_PAYS_BELOW: f64 = 0.9;
+
+fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup) -> Loaded {
     let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
-    let before = crate::heap_bytes();
-    let mut model =
-        Model::load_on(&bytes, config.intra_threads, &config.device).map_err(|e| format!("loading: {e}"))?;
+    let open = || Model::load_on(&bytes, config.intra_threads, &config.device).map_err(|e| format!("loading: {e}"));
+    let mut before = crate::heap_bytes();
+    let mut model = open()?;
     let batchable = batch::batchable(&model.inputs, &model.outputs);
-    // Warm-up at the largest batch the slice will run, so that the arena has grown to its
-    // working size before the footprint is read.
-    let rows = if batchable { max_batch as u64 } else { 1 };
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    let warmup = crate::example_inputs(&model.inputs, rows, &mut rng);
-    model.run(&warmup).map_err(|e| format!("warm-up: {e}"))?;
+    let one = crate::example_inputs(&model.inputs, 1, &mut rng);
     let probe = crate::example_inputs(&model.inputs, 1, &mut rng);
+    let mut batch_pays = None;
+    match warmup {
+        Warmup::Measure { max_rows } if batchable && max_rows > 1 => {
+            // Each size runs once untimed (first runs allocate), then timed.
+            let per_row_one = best_of(&mut model, &one, 2)?;
+            let many = crate::example_inputs(&model.inputs, max_rows as u64, &mut rng);
+            let per_row_many = best_of(&mut model, &many, 1)? / max_rows as f64;
+            let pays = per_row_many < BATCH_PAYS_BELOW * per_row_one;
+            tracing::info!(per_row_one, per_row_many, rows = max_rows, pays, "measured batching");
+            if !pays {
+                // The session's arena has grown to the large batch: a fresh one, run a row
+                // at a time, holds a fraction of it.
+                drop(model);
+                before = crate::heap_bytes();
+                model = open()?;
+                model.run(&one).map_err(|e| format!("warm-up: {e}"))?;
+            }
+            batch_pays = Some(pays);
+        }
+        _ => {
+            model.run(&one).map_err(|e| format!("warm-up: {e}"))?;
+        }
+    }
     let footprint = crate::heap_bytes().saturating_sub(before).max(bytes.len() as u64);
-    Ok((Session { model, probe }, footprint, batchable))
+    Ok(LoadedSession { session: Session { model, probe }, footprint, batchable, batch_pays })
+}
+
+/// Seconds per inference of `inputs`: the fastest of `timed` runs after an untimed one.
+fn best_of(model: &mut Model, inputs: &[Tensor], timed: usize) -> Result<f64, String> {
+    model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
+    let mut best = f64::INFINITY;
+    for _ in 0..timed {
+        let started = Instant::now();
+        model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(best)
 }
 
 fn finish_load(st: &mut State, key: &str, loaded: Loaded, load_us: u64) {
     let q = st.models.get_mut(key).expect("a loading model stays known");
     q.loading = false;
-    let (session, bytes, batchable) = match loaded {
+    let LoadedSession { session, footprint: bytes, batchable, batch_pays } = match loaded {
         Ok(l) => l,
         Err(why) => {
             fail_slice(st, format!("model {key}: {why}"));
             return;
         }
     };
-    q.batchable = batchable;
-    let footprint = st.footprints.entry(key.to_string()).or_insert(0);
-    *footprint = (*footprint).max(bytes);
-    let footprint = *footprint;
+    if let Some(pays) = batch_pays {
+        st.batch_pays.insert(key.to_string(), pays);
+    }
+    let q = st.models.get_mut(key).expect("known");
+    q.batchable = batchable && st.batch_pays.get(key).copied().unwrap_or(true);
+    // Measured once, by the first load, alone: a reload warms up with one row, so its heap
+    // growth is a lower bound and would only add noise.
+    let footprint = *st.footprints.entry(key.to_string()).or_insert(bytes);
     let budget = st.residency().budget();
     if footprint > budget {
         // Measured over the whole budget: it can never run here.

@@ -69,6 +69,8 @@ impl Residency {
     /// work queued or running: those are never evicted. The least valuable go first, where
     /// value is recency with the reload cost added (a model that takes 2 s to load counts
     /// as used 2 s more recently than it was), so cheap, long-idle models leave first.
+    /// Then every victim that the others free enough without is kept, most valuable first:
+    /// small models taken on the way to a large one would be reloads for nothing.
     pub fn make_room(&self, need: u64, pinned: impl Fn(&str) -> bool) -> Room {
         if need > self.budget {
             return Room::Never { need, budget: self.budget };
@@ -79,12 +81,20 @@ impl Residency {
         }
         let mut idle: Vec<(&String, &Resident)> = self.models.iter().filter(|(m, _)| !pinned(m)).collect();
         idle.sort_by_key(|(m, r)| (r.last_used_us + r.load_us, m.as_str()));
-        let mut evict = Vec::new();
+        let mut victims = Vec::new();
         for (m, r) in idle {
-            evict.push(m.clone());
+            victims.push((m, r.bytes_per_copy * r.copies as u64));
             free += r.bytes_per_copy * r.copies as u64;
             if need <= free {
-                return Room::Evict(evict);
+                let mut keep = vec![false; victims.len()];
+                for (i, (_, bytes)) in victims.iter().enumerate().rev() {
+                    if free - bytes >= need {
+                        free -= bytes;
+                        keep[i] = true;
+                    }
+                }
+                let evict = victims.iter().zip(keep).filter(|(_, k)| !k).map(|((m, _), _)| (*m).clone());
+                return Room::Evict(evict.collect());
             }
         }
         Room::Busy
@@ -140,6 +150,18 @@ mod tests {
         // c is the oldest, but its reload cost keeps it: a goes first, then b.
         assert_eq!(r.make_room(40, |_| false), Room::Evict(vec!["a".into()]));
         assert_eq!(r.make_room(70, |_| false), Room::Evict(vec!["a".into(), "b".into()]));
+    }
+
+    #[test]
+    fn evicts_only_what_the_room_needs() {
+        let mut r = Residency::new(200);
+        r.add_copy("small", 10, 1_000, 1_000); // least valuable
+        r.add_copy("tiny", 2, 1_000, 2_000);
+        r.add_copy("large", 170, 400_000, 3_000);
+        // 18 free: the two small ones alone would free 30, not 40, so the large one must
+        // go, and then it alone frees enough: the small ones stay.
+        assert_eq!(r.make_room(40, |_| false), Room::Evict(vec!["large".into()]));
+        assert_eq!(r.make_room(25, |_| false), Room::Evict(vec!["small".into()]));
     }
 
     #[test]
