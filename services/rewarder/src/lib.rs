@@ -153,7 +153,7 @@ struct Rewarder {
     /// The in-memory ledger differs from the stored one.
     dirty: bool,
     /// Verdict deliveries to ack once the ledger covering them is stored.
-    held: Vec<Acker>,
+    held: HeldVerdicts,
     traces: Vec<PendingTrace>,
     /// When reputations were last written to Redis.
     reputations_at: Option<std::time::Instant>,
@@ -162,6 +162,42 @@ struct Rewarder {
 /// Reputations go to Redis at most this often.
 const REPUTATION_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait for Redis' list of quarantined miners at an epoch close: an unreachable
+/// Verdict deliveries held until a flush makes the ledger covering them durable. The
+/// consumer acks cumulatively ([`AckPolicy::All`]), so a flush sends one ack for the newest
+/// verdict instead of one per verdict (under load about one message per task less), plus
+/// one for each redelivery that came after it, which a cumulative ack may not reach.
+#[derive(Default)]
+struct HeldVerdicts {
+    /// (stream sequence, acker), in delivery order.
+    held: Vec<(u64, Acker)>,
+}
+
+impl HeldVerdicts {
+    fn push(&mut self, seq: u64, acker: Acker) {
+        self.held.push((seq, acker));
+    }
+
+    fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The ackers to ack: the newest verdict's, and every delivery after it.
+    fn into_acks(self) -> Vec<Acker> {
+        let seqs: Vec<u64> = self.held.iter().map(|(seq, _)| *seq).collect();
+        self.held.into_iter().skip(first_to_ack(&seqs)).map(|(_, acker)| acker).collect()
+    }
+}
+
+/// Of deliveries with these stream sequences (in delivery order), the index from which
+/// they must be acked: the newest verdict's, whose cumulative ack covers those before it.
+fn first_to_ack(seqs: &[u64]) -> usize {
+    seqs.iter().enumerate().max_by_key(|(_, seq)| **seq).map_or(0, |(i, _)| i)
+}
+
 /// Redis must not hold the weights back (the ledger's own proofs still count).
 const QUARANTINED_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -198,7 +234,7 @@ impl Rewarder {
         telemetry::follow(&span, msg.headers.as_ref());
         self.apply(&verdict, seq).instrument(span).await;
         // Even a verdict already applied waits: the ledger that includes it may not be stored yet.
-        self.held.push(acker);
+        self.held.push(seq, acker);
         if self.held.len() >= FLUSH_BATCH {
             self.flush().await?;
         }
@@ -309,7 +345,7 @@ impl Rewarder {
         if !held.is_empty() {
             tracing::debug!(count = held.len(), last_seq = self.ledger.last_seq(), "verdicts acked");
         }
-        for acker in held {
+        for acker in held.into_acks() {
             // A lost ack only means a redelivery, which the ledger ignores by sequence.
             if let Err(e) = acker.ack().await {
                 tracing::warn!(error = %e, "verdict ack failed; it will be redelivered");
@@ -453,8 +489,13 @@ async fn load_ledger(kv: &kv::Store) -> Result<(Option<Ledger>, u64), RewarderEr
 async fn verdict_consumer(js: &jetstream::Context, last_seq: u64) -> Result<PullConsumer, RewarderError> {
     let stream = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
     match stream.consumer_info(CONSUMER).await {
-        Ok(info) if info.delivered.stream_sequence <= last_seq => {
+        Ok(info) if info.delivered.stream_sequence <= last_seq && info.config.ack_policy == AckPolicy::All => {
             return Ok(stream.get_consumer(CONSUMER).await.map_err(js_err)?);
+        }
+        Ok(info) if info.config.ack_policy != AckPolicy::All => {
+            // Made before verdicts were acked a flush at a time: the same position, anew.
+            tracing::info!(last_seq, "verdict consumer acks one by one; recreating it to ack per flush");
+            stream.delete_consumer(CONSUMER).await.map_err(js_err)?;
         }
         Ok(info) => {
             tracing::info!(
@@ -474,7 +515,7 @@ async fn verdict_consumer(js: &jetstream::Context, last_seq: u64) -> Result<Pull
     let config = pull::Config {
         durable_name: Some(CONSUMER.to_string()),
         filter_subject: subj::VERDICT_ALL.to_string(),
-        ack_policy: AckPolicy::Explicit,
+        ack_policy: AckPolicy::All,
         ack_wait: ACK_WAIT,
         max_ack_pending: MAX_ACK_PENDING,
         deliver_policy,
@@ -531,7 +572,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Rew
         ledger,
         revision,
         dirty,
-        held: Vec::new(),
+        held: HeldVerdicts::default(),
         traces: Vec::new(),
         reputations_at: None,
     };

@@ -364,3 +364,13 @@ async fn quarantined_miners_weigh_nothing_even_when_redis_is_gone() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[test]
+fn a_flush_acks_the_newest_verdict_and_the_redeliveries_after_it() {
+    use crate::first_to_ack;
+    assert_eq!(first_to_ack(&[]), 0);
+    // In order: one cumulative ack, the last.
+    assert_eq!(first_to_ack(&[4, 5, 6, 7]), 3);
+    // 3 redelivered after 7: acked itself, since a cumulative ack by delivery order would miss it.
+    assert_eq!(first_to_ack(&[4, 5, 7, 3]), 2);
+}
