@@ -13,8 +13,8 @@
 //! slice measures, with no other inference running, whether batching it pays (one row
 //! timed against the largest batch: convolutional models often run slower per row in
 //! batches on CPU, with an arena many times larger) and its footprint at the batch it
-//! will run. Reloads after an eviction reuse both and warm up with one row, so they cost
-//! a session's creation and little more. Under backlog a second session of a busy model
+//! will run. Reloads after an eviction reuse both and skip the warm-up, so they cost a
+//! session's creation. Under backlog a second session of a busy model
 //! is loaded from free memory, up to one per thread.
 //!
 //! A task that fails is re-checked with the model's known-good warm-up input: if that
@@ -176,8 +176,9 @@ struct State {
     evictions: u64,
     service_us: HashMap<String, f64>,
     load_us: HashMap<String, u64>,
-    /// Per model, whether its first load here found batching worth it.
-    batch_pays: HashMap<String, bool>,
+    /// Per model, a row's time in its largest batch over its time alone, measured by its
+    /// first load here.
+    batch_gain: HashMap<String, f64>,
     /// Inferences running now.
     running: usize,
     /// A first load is measuring a footprint: no inference starts until it is done, since
@@ -504,8 +505,8 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
 /// The first load of a model warms up at the largest batch it may run here (the slice's
 /// and the model's own limit), so that its measured footprint covers the arena at its
 /// working size. A reload (after an eviction, or another session) is charged that
-/// footprint already and warms up with one row: the large warm-up was most of a load (0.3
-/// of magika's 0.35 s), and reloads are what a short budget repeats.
+/// footprint already and is not warmed up: the large warm-up was most of a load (0.3 of
+/// magika's 0.35 s), and reloads are what a short budget repeats.
 fn begin_load(st: &mut State, config: &ExecutorConfig, key: String, victims: Vec<String>) -> Step {
     let evicted = evict(st, victims);
     let known = st.footprints.contains_key(&key);
@@ -552,7 +553,7 @@ enum Warmup {
     /// The model's first load here: learn whether batching it pays, by timing one row
     /// against `max_rows`, and measure its footprint at the batch it will run.
     Measure { max_rows: usize },
-    /// A reload: the slice already knows its footprint and batch, so one row checks it.
+    /// A reload: the slice already knows its footprint and batch; its first task warms it.
     Reload,
 }
 
@@ -563,9 +564,9 @@ struct LoadedSession {
     footprint: u64,
     /// Whether the model's tensors can be stacked into batches at all.
     batchable: bool,
-    /// Measured on a first load of a batchable model: whether a batch costs less per row
-    /// than one row alone.
-    batch_pays: Option<bool>,
+    /// Measured on a first load of a batchable model: a row's time in the largest batch
+    /// over its time alone.
+    batch_gain: Option<f64>,
 }
 
 /// A loaded session; or why the slice cannot load.
@@ -590,14 +591,15 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup) -> Load
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let one = crate::example_inputs(&model.inputs, 1, &mut rng);
     let probe = crate::example_inputs(&model.inputs, 1, &mut rng);
-    let mut batch_pays = None;
+    let mut batch_gain = None;
     match warmup {
         Warmup::Measure { max_rows } if batchable && max_rows > 1 => {
             // Each size runs once untimed (first runs allocate), then timed.
             let per_row_one = best_of(&mut model, &one, 2)?;
             let many = crate::example_inputs(&model.inputs, max_rows as u64, &mut rng);
             let per_row_many = best_of(&mut model, &many, 1)? / max_rows as f64;
-            let pays = per_row_many < BATCH_PAYS_BELOW * per_row_one;
+            let gain = per_row_many / per_row_one;
+            let pays = gain < BATCH_PAYS_BELOW;
             tracing::info!(per_row_one, per_row_many, rows = max_rows, pays, "measured batching");
             if !pays {
                 // The session's arena has grown to the large batch: a fresh one, run a row
@@ -607,14 +609,16 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup) -> Load
                 model = open()?;
                 model.run(&one).map_err(|e| format!("warm-up: {e}"))?;
             }
-            batch_pays = Some(pays);
+            batch_gain = Some(gain);
         }
-        _ => {
+        Warmup::Measure { .. } => {
             model.run(&one).map_err(|e| format!("warm-up: {e}"))?;
         }
+        // Its first task warms it: a separate run would only delay that task.
+        Warmup::Reload => {}
     }
     let footprint = crate::heap_bytes().saturating_sub(before).max(bytes.len() as u64);
-    Ok(LoadedSession { session: Session { model, probe }, footprint, batchable, batch_pays })
+    Ok(LoadedSession { session: Session { model, probe }, footprint, batchable, batch_gain })
 }
 
 /// Seconds per inference of `inputs`: the fastest of `timed` runs after an untimed one.
@@ -632,19 +636,20 @@ fn best_of(model: &mut Model, inputs: &[Tensor], timed: usize) -> Result<f64, St
 fn finish_load(st: &mut State, key: &str, loaded: Loaded, load_us: u64) {
     let q = st.models.get_mut(key).expect("a loading model stays known");
     q.loading = false;
-    let LoadedSession { session, footprint: bytes, batchable, batch_pays } = match loaded {
+    let LoadedSession { session, footprint: bytes, batchable, batch_gain } = match loaded {
         Ok(l) => l,
         Err(why) => {
             fail_slice(st, format!("model {key}: {why}"));
             return;
         }
     };
-    if let Some(pays) = batch_pays {
-        st.batch_pays.insert(key.to_string(), pays);
+    if let Some(gain) = batch_gain {
+        st.batch_gain.insert(key.to_string(), gain);
     }
+    let gain = st.batch_gain.get(key).copied();
     let q = st.models.get_mut(key).expect("known");
-    q.batchable = batchable && st.batch_pays.get(key).copied().unwrap_or(true);
-    // Measured once, by the first load, alone: a reload warms up with one row, so its heap
+    q.batchable = batchable && gain.is_none_or(|g| g < BATCH_PAYS_BELOW);
+    // Measured once, by the first load, alone: a reload is not warmed up, so its heap
     // growth is a lower bound and would only add noise.
     let footprint = *st.footprints.entry(key.to_string()).or_insert(bytes);
     let budget = st.residency().budget();
