@@ -252,6 +252,20 @@ pub fn nats_message_counts(monitor_port: u16) -> Option<(u64, u64)> {
     Some((varz["in_msgs"].as_u64()?, varz["out_msgs"].as_u64()?))
 }
 
+/// Messages nats-server has exchanged so far with each client, summed by connection name
+/// (`in_msgs` + `out_msgs` of `/connz`): which service sends and receives how many.
+pub fn nats_messages_by_client(monitor_port: u16) -> Option<std::collections::BTreeMap<String, u64>> {
+    let connz = nats_monitor(monitor_port, "/connz?limit=4096")?;
+    let mut by = std::collections::BTreeMap::new();
+    for c in connz["connections"].as_array()? {
+        let name = c["name"].as_str().filter(|n| !n.is_empty()).unwrap_or("unnamed");
+        // Per-process names carry an index or a key (miner-1, bench-client-3): one row per kind.
+        let kind = name.trim_end_matches(|ch: char| ch.is_ascii_digit() || ch == '-');
+        *by.entry(kind.to_string()).or_insert(0) += c["in_msgs"].as_u64()? + c["out_msgs"].as_u64()?;
+    }
+    Some(by)
+}
+
 /// One JetStream stream's state, from nats-server's `/jsz`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StreamState {

@@ -536,11 +536,21 @@ where
         let redis = fleet::redis_command_count(&p.endpoints.redis_url).await;
         nats.zip(redis)
     };
+    let by_client = || p.stack.nats.monitor_port.and_then(fleet::nats_messages_by_client);
     let before = counters().await;
+    let clients_before = by_client();
     let cpu = CpuWindow::start(procs);
     let stats = drive(mode, window, op).await;
     let cpu = cpu.finish();
     let mut extra = Extra::new();
+    if let (Some(b), Some(a), true) = (clients_before, by_client(), stats.total_ok > 0) {
+        let n = stats.total_ok as f64;
+        let per_task: serde_json::Map<String, serde_json::Value> = a
+            .iter()
+            .map(|(name, m)| (name.clone(), json!((m - b.get(name).copied().unwrap_or(0).min(*m)) as f64 / n)))
+            .collect();
+        extra.insert("nats_msgs_per_task_by_client".into(), serde_json::Value::Object(per_task));
+    }
     if let Some((((in0, out0), r0), ((in1, out1), r1))) = before.zip(counters().await).filter(|_| stats.total_ok > 0) {
         let n = stats.total_ok as f64;
         extra.insert("nats_msgs_per_task".into(), json!(((in1 - in0) + (out1 - out0)) as f64 / n));
