@@ -129,7 +129,9 @@ impl Fleet {
             .envs(self.endpoints.nats.tls.iter().flat_map(|t| t.env()))
             .env("SUNDARA_REDIS_URL", &self.endpoints.redis_url)
             .env("SUNDARA_SECRET", "benchmark-secret")
-            .env("RUST_LOG", "warn,async_nats=error");
+            .env("RUST_LOG", "warn,async_nats=error")
+            // Eight processes share the machine's cores: one runtime thread each.
+            .env("SUNDARA_RUNTIME_THREADS", "1");
         if let Some(o) = options {
             command.args(&o.args).envs(o.env.iter().map(|(k, v)| (k, v)));
         }

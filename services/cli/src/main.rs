@@ -39,6 +39,11 @@ struct Cli {
     /// Redis take `--redis` themselves.
     #[arg(long, hide = true)]
     redis: Option<String>,
+    /// Threads of the async runtime (network and bookkeeping; a worker's inference has
+    /// threads of its own) [default: one per core]. Where many Sundara processes share a
+    /// few cores (the benchmark: eight on two), 1 spares them thread switches.
+    #[arg(long, global = true, env = "SUNDARA_RUNTIME_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    runtime_threads: Option<u16>,
     /// Serve Prometheus metrics at http://ADDR/metrics (services and `up`).
     #[arg(long, global = true, env = "SUNDARA_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -559,10 +564,24 @@ fn is_quiet(command: &Command) -> bool {
 /// Exit codes: 0 success; 1 `submit` ran but some task was not verified (its summary
 /// says why); 2 an error, printed once as `error: …` with the causes it does not already
 /// say (clap's usage errors also exit 2).
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    use sundara::submit::{NotAllVerified, exit};
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = cli.runtime_threads {
+        runtime.worker_threads(threads.into());
+    }
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(async_main(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::ExitCode::from(sundara::submit::exit::ERROR)
+        }
+    }
+}
+
+async fn async_main(cli: Cli) -> std::process::ExitCode {
+    use sundara::submit::{NotAllVerified, exit};
     let quiet = is_quiet(&cli.command);
     let telemetry = sundara_common::telemetry::init(&sundara_common::telemetry::TelemetryConfig {
         service: service_name(&cli.command).into(),
@@ -572,7 +591,10 @@ async fn main() -> std::process::ExitCode {
     });
     let result = match telemetry {
         Ok(telemetry) => {
-            let result = run(cli, quiet).await;
+            // On the runtime's worker threads, not on the main thread: a future polled by
+            // `block_on` hands every wake-up across threads (perf at C=1: 37 % of the
+            // scheduler's CPU was its main thread, mostly in thread switches).
+            let result = tokio::spawn(run(cli, quiet)).await.unwrap_or_else(|e| Err(e.into()));
             telemetry.shutdown();
             result
         }
