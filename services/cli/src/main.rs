@@ -567,7 +567,9 @@ fn is_quiet(command: &Command) -> bool {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
+    // The services run on the worker threads (see `async_main`): give them the main
+    // thread's 8 MiB, since unoptimized builds poll deep futures (tokio's default is 2 MiB).
+    runtime.enable_all().thread_stack_size(8 << 20);
     if let Some(threads) = cli.runtime_threads {
         runtime.worker_threads(threads.into());
     }
