@@ -641,7 +641,7 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: 
             // once, timed: it is the warm-up that was always run, so a first load costs
             // little more than before. Its allocations count against it, which errs
             // towards running unbatched, the smaller footprint.
-            let per_row_one = best_of(&mut model, &one, 1)?;
+            let per_row_one = second_run_secs(&mut model, &one)?;
             let many = crate::example_inputs(&model.inputs, max_rows as u64, &mut rng);
             let started = Instant::now();
             model.run(&many).map_err(|e| format!("warm-up: {e}"))?;
@@ -669,16 +669,12 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: 
     Ok(LoadedSession { session: Session { model, probe }, footprint, batchable, batch_gain })
 }
 
-/// Seconds per inference of `inputs`: the fastest of `timed` runs after an untimed one.
-fn best_of(model: &mut Model, inputs: &[Tensor], timed: usize) -> Result<f64, String> {
+/// Seconds of a run of `inputs` after an untimed one (a session's first run initialises).
+fn second_run_secs(model: &mut Model, inputs: &[Tensor]) -> Result<f64, String> {
     model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
-    let mut best = f64::INFINITY;
-    for _ in 0..timed {
-        let started = Instant::now();
-        model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
-        best = best.min(started.elapsed().as_secs_f64());
-    }
-    Ok(best)
+    let started = Instant::now();
+    model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 fn finish_load(st: &mut State, key: &str, loaded: Loaded, load_us: u64) {
