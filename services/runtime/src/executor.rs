@@ -597,6 +597,14 @@ static LOADING: Mutex<()> = Mutex::new(());
 /// convolutional ones on CPU (magika: 7.2 against 5.9 ms a row, with a 6× larger arena).
 const BATCH_PAYS_BELOW: f64 = 0.9;
 
+/// The bytes a load starts from.
+enum Source {
+    /// The graph a first load on this slice optimized and saved.
+    Optimized(Vec<u8>),
+    /// The model's own file.
+    File(Vec<u8>),
+}
+
 /// A file name for a model's optimized graph.
 fn key_hash(key: &str, path: &std::path::Path) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -609,24 +617,31 @@ fn key_hash(key: &str, path: &std::path::Path) -> u64 {
 /// loads start from it, skipping the optimization passes (a GPU provider's graph is tied
 /// to its device and is always built anew).
 fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: &std::path::Path) -> Loaded {
-    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let read = || std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()));
     let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
     let cpu = matches!(config.device, Device::Cpu);
+    // A reload reads only the saved graph; the model's own file is read when there is none.
     let saved = if cpu && graph.exists() { std::fs::read(graph).ok() } else { None };
+    let source = match saved {
+        Some(optimized) => Source::Optimized(optimized),
+        None => Source::File(read()?),
+    };
     let open = || {
         let (intra, device) = (config.intra_threads, &config.device);
+        let plain = |bytes: &[u8]| Model::load_on(bytes, intra, device).map_err(|e| format!("loading: {e}"));
         // Saving or reading the graph is an optimization: when it fails, a plain load.
-        let model = match &saved {
-            Some(optimized) => Model::load_graph(optimized, intra, device, crate::Graph::Optimized),
-            None if cpu => {
+        match &source {
+            Source::Optimized(optimized) => {
+                Model::load_graph(optimized, intra, device, crate::Graph::Optimized).or_else(|_| plain(&read()?))
+            }
+            Source::File(bytes) if cpu => {
                 if let Some(dir) = graph.parent() {
                     let _ = std::fs::create_dir_all(dir);
                 }
-                Model::load_graph(&bytes, intra, device, crate::Graph::OptimizeAndSave(graph))
+                Model::load_graph(bytes, intra, device, crate::Graph::OptimizeAndSave(graph)).or_else(|_| plain(bytes))
             }
-            None => Model::load_on(&bytes, intra, device),
-        };
-        model.or_else(|_| Model::load_on(&bytes, intra, device)).map_err(|e| format!("loading: {e}"))
+            Source::File(bytes) => plain(bytes),
+        }
     };
     let mut before = crate::heap_bytes();
     let mut model = open()?;
@@ -665,7 +680,8 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: 
         // Its first task warms it: a separate run would only delay that task.
         Warmup::Reload => {}
     }
-    let footprint = crate::heap_bytes().saturating_sub(before).max(bytes.len() as u64);
+    let file_len = std::fs::metadata(path).map_or(0, |m| m.len());
+    let footprint = crate::heap_bytes().saturating_sub(before).max(file_len);
     Ok(LoadedSession { session: Session { model, probe }, footprint, batchable, batch_gain })
 }
 
