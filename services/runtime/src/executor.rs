@@ -9,13 +9,16 @@
 //!
 //! A model with no session is loaded on first need: evicting idle models (never one with
 //! work queued or running, and only as many as the room needs) when memory is short, then
-//! running a warm-up, and only then reported as loaded. The first load of a model on the
-//! slice measures, with no other inference running, whether batching it pays (one row
-//! timed against the largest batch: convolutional models often run slower per row in
-//! batches on CPU, with an arena many times larger) and its footprint at the batch it
-//! will run. Reloads after an eviction reuse both and skip the warm-up, so they cost a
-//! session's creation. Under backlog a second session of a busy model
-//! is loaded from free memory, up to one per thread.
+//! running a warm-up, and only then reported as loaded. A load runs on a thread of its
+//! own, one at a time per slice, so the inference threads keep serving the models already
+//! loaded: a cold model's load (milliseconds to seconds) never holds up other models'
+//! queued tasks. The first load of a model on the slice measures whether batching it pays
+//! (one row timed against the largest batch: convolutional models often run slower per
+//! row in batches on CPU, with an arena many times larger) and its footprint at the batch
+//! it will run; no session is dropped meanwhile, so the heap's growth is the model's.
+//! Reloads after an eviction reuse both and skip the warm-up, so they cost a session's
+//! creation. Under backlog a second session of a busy model is loaded from free memory,
+//! up to one per thread.
 //!
 //! A task that fails is re-checked with the model's known-good warm-up input: if that
 //! fails too, the session (the device) is broken, the slice goes out of service and says
@@ -181,10 +184,11 @@ struct State {
     /// Per model, a row's time in its largest batch over its time alone, measured by its
     /// first load here.
     batch_gain: HashMap<String, f64>,
-    /// Inferences running now.
-    running: usize,
-    /// A first load is measuring a footprint: no inference starts until it is done, since
-    /// another thread's allocations would count as the model's.
+    /// A load is running on its own thread. One at a time: a model is charged against the
+    /// budget once its load is done, so two at once could both be let in by the same room.
+    load_in_flight: bool,
+    /// The load in flight is a first load measuring a footprint as the heap's growth: no
+    /// session is dropped (evicted) until it is done, since that would hide the growth.
     measuring: bool,
 }
 
@@ -274,7 +278,10 @@ impl Executor {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-infer-{i}"))
-                .spawn(move || infer_loop(&shared))
+                .spawn({
+                    let name = name.to_string();
+                    move || infer_loop(&shared, &name)
+                })
                 .expect("inference thread can be spawned");
         }
         Executor { _stopper: Arc::new(Stopper(shared.clone())), shared }
@@ -340,7 +347,7 @@ enum Step {
     Exit,
 }
 
-fn infer_loop(shared: &Shared) {
+fn infer_loop(shared: &Arc<Shared>, name: &str) {
     let config = &shared.config;
     let mut st = shared.lock();
     loop {
@@ -348,17 +355,12 @@ fn infer_loop(shared: &Shared) {
             Step::Run { key, mut session, jobs } => {
                 let runs_before = st.runs;
                 st.runs += 1;
-                st.running += 1;
                 drop(st);
                 let fault = config.fail_after_runs.is_some_and(|n| runs_before >= n);
                 let (tasks, started) = (jobs.len(), Instant::now());
                 let broken = run_jobs(&mut session, jobs, fault);
                 let per_task = started.elapsed().as_micros() as f64 / tasks.max(1) as f64;
                 st = shared.lock();
-                st.running -= 1;
-                if st.measuring && st.running == 0 {
-                    shared.wake.notify_all();
-                }
                 let ema = st.service_us.entry(key.clone()).or_insert(per_task);
                 *ema += SERVICE_EMA * (per_task - *ema);
                 let us = ema.round() as u64;
@@ -388,28 +390,19 @@ fn infer_loop(shared: &Shared) {
                 }
             }
             Step::Load { key, path, evicted, warmup } => {
-                let evicted_any = !evicted.is_empty();
-                let measuring = matches!(warmup, Warmup::Measure { .. });
-                if measuring {
-                    st.measuring = true;
-                    while st.running > 0 {
-                        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
-                    }
-                }
-                drop(st);
-                drop(evicted);
-                let started = Instant::now();
-                let graph = shared.graphs.join(format!("{:016x}.onnx", key_hash(&key, &path)));
-                let loaded = load(&path, config, warmup, &graph);
-                let load_us = started.elapsed().as_micros() as u64;
-                st = shared.lock();
-                st.measuring &= !measuring;
-                if evicted_any {
+                st.load_in_flight = true;
+                st.measuring = matches!(warmup, Warmup::Measure { .. });
+                let loader = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("{name}-load"))
+                    .spawn(move || load_in_background(&loader, key, &path, evicted, warmup));
+                if let Err(e) = spawned {
+                    st.load_in_flight = false;
+                    st.measuring = false;
+                    fail_slice(&mut st, format!("starting a load: {e}"));
                     shared.publish(&st);
+                    shared.wake.notify_all();
                 }
-                finish_load(&mut st, &key, loaded, load_us);
-                shared.publish(&st);
-                shared.wake.notify_all();
             }
             Step::Evict(evicted) => {
                 shared.publish(&st);
@@ -441,6 +434,26 @@ fn infer_loop(shared: &Shared) {
     }
 }
 
+/// A load on its own thread: drops what it evicted, loads, and hands the session to the
+/// slice's inference threads.
+fn load_in_background(shared: &Shared, key: String, path: &std::path::Path, evicted: Vec<Session>, warmup: Warmup) {
+    let evicted_any = !evicted.is_empty();
+    drop(evicted);
+    let started = Instant::now();
+    let graph = shared.graphs.join(format!("{:016x}.onnx", key_hash(&key, path)));
+    let loaded = load(path, &shared.config, warmup, &graph);
+    let load_us = started.elapsed().as_micros() as u64;
+    let mut st = shared.lock();
+    st.load_in_flight = false;
+    st.measuring = false;
+    if evicted_any {
+        shared.publish(&st);
+    }
+    finish_load(&mut st, &key, loaded, load_us);
+    shared.publish(&st);
+    shared.wake.notify_all();
+}
+
 /// Picks the next thing to do. Runs under the slice's lock; does no inference or I/O.
 fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
     if let Some(why) = st.failed.clone() {
@@ -453,13 +466,10 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
     if st.stopped && st.queued == 0 {
         return Step::Exit;
     }
-    if st.measuring {
-        return Step::Wait(None);
-    }
     // A model's footprint is known only once it is loaded (before, its file size stands
     // in), so a load can overshoot the budget: idle models leave until it holds again.
     let over = st.residency().used().saturating_sub(st.residency().budget());
-    if over > 0 {
+    if over > 0 && !st.measuring {
         let models = &st.models;
         let room = st.residency.as_ref().expect("set").make_room(over, |m| models.get(m).is_some_and(|q| q.busy()));
         if let Room::Evict(victims) = room {
@@ -488,7 +498,7 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
             st.residency().touch(&key, now_us());
             return Step::Run { key, session, jobs };
         }
-        if q.loading {
+        if q.loading || st.load_in_flight {
             continue;
         }
         let measured = st.footprints.get(&key).copied();
@@ -652,15 +662,22 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: 
     let mut batch_gain = None;
     match warmup {
         Warmup::Measure { max_rows } if batchable && max_rows > 1 => {
-            // One row untimed (the first run initialises), then timed; the large batch
-            // once, timed: it is the warm-up that was always run, so a first load costs
-            // little more than before. Its allocations count against it, which errs
-            // towards running unbatched, the smaller footprint.
-            let per_row_one = second_run_secs(&mut model, &one)?;
+            // Inference of the slice's other models runs meanwhile, and a preempted run
+            // reads slow: the fastest of a few runs stands. One row untimed (the first run
+            // initialises), then timed; the large batch, which is the warm-up that was
+            // always run, timed until it shows that batching pays or 3 times. Its
+            // allocations count against it, which errs towards running unbatched, the
+            // smaller footprint.
+            model.run(&one).map_err(|e| format!("warm-up: {e}"))?;
+            let per_row_one = fastest_run_secs(&mut model, &one, 3)?;
             let many = crate::example_inputs(&model.inputs, max_rows as u64, &mut rng);
-            let started = Instant::now();
-            model.run(&many).map_err(|e| format!("warm-up: {e}"))?;
-            let per_row_many = started.elapsed().as_secs_f64() / max_rows as f64;
+            let mut per_row_many = f64::INFINITY;
+            for _ in 0..3 {
+                per_row_many = per_row_many.min(fastest_run_secs(&mut model, &many, 1)? / max_rows as f64);
+                if per_row_many / per_row_one < BATCH_PAYS_BELOW {
+                    break;
+                }
+            }
             let gain = per_row_many / per_row_one;
             let pays = gain < BATCH_PAYS_BELOW;
             tracing::info!(per_row_one, per_row_many, rows = max_rows, pays, "measured batching");
@@ -685,12 +702,15 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: 
     Ok(LoadedSession { session: Session { model, probe }, footprint, batchable, batch_gain })
 }
 
-/// Seconds of a run of `inputs` after an untimed one (a session's first run initialises).
-fn second_run_secs(model: &mut Model, inputs: &[Tensor]) -> Result<f64, String> {
-    model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
-    let started = Instant::now();
-    model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
-    Ok(started.elapsed().as_secs_f64())
+/// Seconds of the fastest of `runs` runs of `inputs`.
+fn fastest_run_secs(model: &mut Model, inputs: &[Tensor], runs: usize) -> Result<f64, String> {
+    let mut fastest = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let started = Instant::now();
+        model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
+        fastest = fastest.min(started.elapsed().as_secs_f64());
+    }
+    Ok(fastest)
 }
 
 fn finish_load(st: &mut State, key: &str, loaded: Loaded, load_us: u64) {

@@ -189,3 +189,37 @@ async fn batching_runs_only_where_it_pays_and_the_footprint_follows() {
     let magika = footprints[0][0].1;
     assert!(magika < 64 << 20, "magika is charged {magika} bytes though it runs a row at a time");
 }
+
+/// A cold model's load runs beside the slice's inference, not in its place: on a slice of
+/// one thread, tasks of a model it holds finish while another model loads (magika's first
+/// load, with its measure, takes hundreds of milliseconds; an mlp task well under one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_load_holds_up_no_other_models_tasks() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let (mlp, mlp_alone) = model("mlp.onnx");
+    let (magika, magika_alone) = model("magika.onnx");
+    let executor = Executor::start("one-thread", ExecutorConfig::cpu(1, 1 << 32, 256));
+    executor.run(&mlp, example_inputs(&mlp_alone.inputs, 1, &mut rng)).await.unwrap();
+
+    let cold = {
+        let (executor, inputs) = (executor.clone(), example_inputs(&magika_alone.inputs, 1, &mut rng));
+        tokio::spawn(async move { executor.run(&magika, inputs).await.map(|_| std::time::Instant::now()) })
+    };
+    // The magika task is queued first, so the slice's one thread begins its load first.
+    let mut reports = executor.reports();
+    let deadline = std::time::Duration::from_secs(30);
+    let mut served = 0;
+    while served < 20 {
+        let inputs = example_inputs(&mlp_alone.inputs, 1, &mut rng);
+        tokio::time::timeout(deadline, executor.run(&mlp, inputs)).await.expect("an mlp task ends").unwrap();
+        served += 1;
+    }
+    let mlp_done = std::time::Instant::now();
+    let loaded = reports.borrow_and_update().loaded.iter().any(|(m, _)| m == "magika.onnx");
+    let magika_done = tokio::time::timeout(deadline, cold).await.expect("magika's task ends").unwrap().unwrap();
+    assert!(
+        !loaded && mlp_done < magika_done,
+        "20 mlp tasks waited for magika's load (magika loaded before they ended: {loaded})"
+    );
+}
