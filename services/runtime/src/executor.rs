@@ -607,6 +607,10 @@ static LOADING: Mutex<()> = Mutex::new(());
 /// convolutional ones on CPU (magika: 7.2 against 5.9 ms a row, with a 6× larger arena).
 const BATCH_PAYS_BELOW: f64 = 0.9;
 
+/// A timed run at least this long is measured once: a preemption (milliseconds) cannot
+/// move it much, and repeating it would make a large model's first load seconds longer.
+const ONE_RUN_ENOUGH_SECS: f64 = 0.05;
+
 /// The bytes a load starts from.
 enum Source {
     /// The graph a first load on this slice optimized and saved.
@@ -663,18 +667,20 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: 
     match warmup {
         Warmup::Measure { max_rows } if batchable && max_rows > 1 => {
             // Inference of the slice's other models runs meanwhile, and a preempted run
-            // reads slow: the fastest of a few runs stands. One row untimed (the first run
-            // initialises), then timed; the large batch, which is the warm-up that was
-            // always run, timed until it shows that batching pays or 3 times. Its
-            // allocations count against it, which errs towards running unbatched, the
-            // smaller footprint.
+            // reads slow by a few milliseconds: the fastest of a few short runs stands.
+            // One row untimed (the first run initialises), then timed; the large batch,
+            // which is the warm-up that was always run, timed until it shows that
+            // batching pays, or takes long enough that a preemption cannot move it
+            // (MiniLM's 32 rows of 512 tokens take seconds), or 3 times. Its allocations
+            // count against it, which errs towards running unbatched, the smaller footprint.
             model.run(&one).map_err(|e| format!("warm-up: {e}"))?;
             let per_row_one = fastest_run_secs(&mut model, &one, 3)?;
             let many = crate::example_inputs(&model.inputs, max_rows as u64, &mut rng);
             let mut per_row_many = f64::INFINITY;
             for _ in 0..3 {
-                per_row_many = per_row_many.min(fastest_run_secs(&mut model, &many, 1)? / max_rows as f64);
-                if per_row_many / per_row_one < BATCH_PAYS_BELOW {
+                let secs = fastest_run_secs(&mut model, &many, 1)?;
+                per_row_many = per_row_many.min(secs / max_rows as f64);
+                if per_row_many / per_row_one < BATCH_PAYS_BELOW || secs > ONE_RUN_ENOUGH_SECS {
                     break;
                 }
             }
