@@ -430,6 +430,17 @@ pub struct RewardTrace {
     pub entries: Vec<RewardEntry>,
 }
 
+/// The traces of one rewarder flush, in verdict order (stream REWARDS, subject
+/// `sundara.reward.traces.<first verdict seq>`): one message for many tasks, where a
+/// message per task cost two NATS messages per task. A rewarder that restarts before
+/// storing its ledger scores the same verdicts again and may store their traces twice, in
+/// other groupings; they are the same traces, and readers keep one per verdict sequence.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RewardTraces {
+    pub v: u16,
+    pub traces: Vec<RewardTrace>,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct MinerWeight {
     pub miner: String,
@@ -579,6 +590,7 @@ macro_rules! with_messages {
             ClientResult,
             Verdict,
             RewardTrace,
+            RewardTraces,
             EpochWeights,
             DeadLetter,
             ControlRequest,

@@ -117,6 +117,23 @@ pub fn verdict(task: &str) -> String {
 pub fn reward_task(task: &str) -> String {
     format!("sundara.reward.task.{task}")
 }
+
+/// The reward traces of one rewarder flush, named by the first trace's verdict sequence
+/// ([`crate::RewardTraces`]; a task's own subject, [`reward_task`], is what rewarders
+/// before 2026-12 wrote, one message per task).
+pub fn reward_traces(first_verdict_seq: u64) -> String {
+    format!("sundara.reward.traces.{first_verdict_seq}")
+}
+
+/// Whether a REWARDS subject holds a flush's traces ([`reward_traces`]).
+pub fn is_reward_traces(subject: &str) -> bool {
+    subject.starts_with("sundara.reward.traces.")
+}
+
+/// Whether a REWARDS subject holds one task's trace ([`reward_task`]).
+pub fn is_reward_task(subject: &str) -> bool {
+    subject.starts_with("sundara.reward.task.")
+}
 pub fn dead(task: &str) -> String {
     format!("sundara.dead.{task}")
 }
@@ -170,6 +187,7 @@ mod tests {
             (RESULT_ALL, results_of("acme")),
             (VERDICT_ALL, verdict("t1")),
             (REWARD_ALL, reward_task("t1")),
+            (REWARD_ALL, reward_traces(7)),
             (REWARD_ALL, REWARD_EPOCH.to_string()),
             (DEAD_ALL, dead("t1")),
         ];

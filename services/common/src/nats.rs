@@ -615,14 +615,25 @@ pub fn consumer_config(
     }
 }
 
-/// A durable pull consumer on `stream` with `config` (see [`consumer_config`]), created if missing.
+/// A durable pull consumer on `stream` with `config` (see [`consumer_config`]), created if
+/// missing. One that exists with another ack policy (which JetStream cannot change in
+/// place) is made anew, starting after its ack floor: what it had not seen acked is
+/// delivered again, which its handlers take as they take any redelivery.
 pub async fn ensure_consumer(
     js: &jetstream::Context,
     stream: &str,
-    config: jetstream::consumer::pull::Config,
+    mut config: jetstream::consumer::pull::Config,
 ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>, Error> {
     let stream = js.get_stream(stream).await.map_err(js_err)?;
     let durable = config.durable_name.clone().unwrap_or_default();
+    if let Ok(info) = stream.consumer_info(&durable).await
+        && info.config.ack_policy != config.ack_policy
+    {
+        let floor = info.ack_floor.stream_sequence;
+        tracing::info!(consumer = %durable, floor, ack_policy = ?config.ack_policy, "ack policy changed; recreating the consumer after its ack floor");
+        stream.delete_consumer(&durable).await.map_err(js_err)?;
+        config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: floor + 1 };
+    }
     stream.get_or_create_consumer(&durable, config).await.map_err(js_err)
 }
 
@@ -667,6 +678,76 @@ where
         })
         .await;
     Ok(())
+}
+
+/// Handles a durable consumer's messages a chunk at a time (what is ready, up to
+/// `max_chunk`, all at once) and acks each chunk cumulatively: the consumer's config must
+/// have [`jetstream::consumer::AckPolicy::All`] (see [`acking_all`]), and one ack for the
+/// chunk's newest message covers the rest, where one ack per message was one NATS
+/// message per task. For consumers whose handling is quick and idempotent: a handling that
+/// fails is tried again, with back-off, until it succeeds or `shutdown`, so an ack never
+/// covers a message that was not handled (at shutdown the chunk stays un-acked and is
+/// delivered again).
+pub async fn consume_acking_all<F, Fut, E>(
+    consumer: &jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    shutdown: &crate::Shutdown,
+    max_chunk: usize,
+    what: &str,
+    handle: F,
+) -> Result<(), Error>
+where
+    F: Fn(jetstream::Message) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    use futures::StreamExt;
+    let messages = consumer.messages().await.map_err(js_err)?;
+    let chunks = messages.take_until(shutdown.cancelled()).ready_chunks(max_chunk.max(1));
+    tokio::pin!(chunks);
+    while let Some(chunk) = chunks.next().await {
+        let msgs: Vec<jetstream::Message> = chunk
+            .into_iter()
+            .filter_map(|m| m.inspect_err(|e| tracing::warn!(error = %e, consumer = what, "consumer")).ok())
+            .collect();
+        let handled = msgs.iter().map(|msg| async {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+            loop {
+                // A clone (the handlers here read headers only): the chunk keeps each message to ack.
+                match handle(msg.clone()).await {
+                    Ok(()) => return true,
+                    Err(e) => tracing::warn!(error = %e, consumer = what, "handling failed; trying again"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        });
+        if !futures::future::join_all(handled).await.into_iter().all(|done| done) {
+            return Ok(());
+        }
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.info().map_or(0, |i| i.stream_sequence)).collect();
+        for msg in &msgs[first_to_ack(&seqs)..] {
+            // A lost ack only means a redelivery, which the handler takes again.
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, consumer = what, "ack failed; the chunk will be delivered again");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `config` acking cumulatively, for [`consume_acking_all`].
+pub fn acking_all(config: jetstream::consumer::pull::Config) -> jetstream::consumer::pull::Config {
+    jetstream::consumer::pull::Config { ack_policy: jetstream::consumer::AckPolicy::All, ..config }
+}
+
+/// Of deliveries of a consumer that acks cumulatively, with these stream sequences (in
+/// delivery order), the index from which they must be acked: the newest message's ack
+/// covers those before it, and a redelivery after it (an older message delivered again)
+/// gets its own.
+pub fn first_to_ack(seqs: &[u64]) -> usize {
+    seqs.iter().enumerate().max_by_key(|(_, seq)| **seq).map_or(0, |(i, _)| i)
 }
 
 /// How much work waits where: what an operator watches for backlog.
@@ -722,6 +803,15 @@ pub async fn queue_depths(js: &jetstream::Context) -> Result<QueueDepths, Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cumulative_ack_goes_to_the_newest_delivery_and_the_redeliveries_after_it() {
+        assert_eq!(first_to_ack(&[]), 0);
+        // In order: one cumulative ack, the last.
+        assert_eq!(first_to_ack(&[4, 5, 6, 7]), 3);
+        // 3 redelivered after 7: acked itself, since a cumulative ack by delivery order would miss it.
+        assert_eq!(first_to_ack(&[4, 5, 7, 3]), 2);
+    }
 
     #[test]
     fn permissions_violations_are_read_from_server_errors() {

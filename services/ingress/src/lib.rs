@@ -487,16 +487,12 @@ impl Ingress {
     }
 
     /// A stored result finishes its task: it no longer counts against the limits.
-    async fn on_result(&self, msg: async_nats::jetstream::Message) {
-        use async_nats::jetstream::AckKind;
-        if let Some((tenant, task)) = subj::result_parts(&msg.subject)
-            && let Err(e) = self.capacity.finish(tenant, task).await
-        {
-            tracing::warn!(error = %e, "could not release a finished task; will retry");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
-            return;
+    /// Idempotent, as [`nats::consume_acking_all`] needs.
+    async fn on_result(&self, msg: async_nats::jetstream::Message) -> Result<(), sundara_common::Error> {
+        match subj::result_parts(&msg.subject) {
+            Some((tenant, task)) => self.capacity.finish(tenant, task).await,
+            None => Ok(()),
         }
-        let _ = msg.ack().await;
     }
 }
 
@@ -549,10 +545,11 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ing
         .await
         .map_err(|e| IngressError::Service(e.to_string()))?;
     // Headers only: finishing a task needs its subject, not its outputs.
-    let results_config = async_nats::jetstream::consumer::pull::Config {
+    // Acked a chunk at a time: finishing is idempotent.
+    let results_config = nats::acking_all(async_nats::jetstream::consumer::pull::Config {
         headers_only: true,
         ..nats::consumer_config("ingress-finish", subj::RESULT_ALL, Duration::from_secs(30), 4096)
-    };
+    });
     let results = nats::ensure_consumer(&js, subj::RESULTS_STREAM, results_config).await?;
     let ingress = Arc::new(Ingress {
         config: config.clone(),
@@ -564,7 +561,9 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ing
     });
     let finish = tokio::spawn({
         let (ingress, shutdown) = (ingress.clone(), shutdown.clone());
-        async move { nats::consume(&results, &shutdown, 64, |msg| ingress.on_result(msg)).await }
+        async move {
+            nats::consume_acking_all(&results, &shutdown, 64, "ingress-finish", |msg| ingress.on_result(msg)).await
+        }
     });
     tracing::info!(subject = subj::SUBMIT_ALL, "ingress serving");
     let serve = endpoint.take_until(shutdown.cancelled()).for_each_concurrent(config.concurrency, |request| {

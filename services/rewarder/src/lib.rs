@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream::{
     self, AckKind, Message,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
-    context::{ConsumerInfoErrorKind, PublishAckFuture},
+    context::ConsumerInfoErrorKind,
     kv::{self, UpdateErrorKind},
     message::Acker,
 };
@@ -26,7 +26,8 @@ use futures::StreamExt;
 use sundara_common::retry::Backoff;
 use sundara_common::{Capacity, Endpoints, Error as CommonError, Shutdown, js_err, nats, telemetry};
 use sundara_schemas::{
-    EpochWeights, MAX_MESSAGE_BYTES, RewardTrace, Standing, Verdict, decode, encode, now_ms, subjects as subj,
+    EpochWeights, MAX_MESSAGE_BYTES, RewardTrace, RewardTraces, Standing, Verdict, WIRE_VERSION, decode, encode,
+    now_ms, subjects as subj,
 };
 use tracing::Instrument;
 
@@ -46,6 +47,8 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 const MAX_ACK_PENDING: i64 = 8192;
 /// Held verdicts that force a flush before the next tick.
 const FLUSH_BATCH: usize = 512;
+/// Reward traces per REWARDS message (a trace is a few hundred bytes at k ≤ 3).
+const TRACES_PER_MESSAGE: usize = 256;
 /// Tries of a store operation before the rewarder gives up (and restarts from the stored
 /// ledger): with [`RETRY_BACKOFF`], about a minute, enough to ride out a nats-server restart
 /// or a JetStream cluster electing new leaders after losing a node (several seconds), while
@@ -131,15 +134,6 @@ pub enum RewarderError {
     Ledger(String),
 }
 
-/// A reward trace sent but whose stream ack has not been checked yet.
-struct PendingTrace {
-    subject: String,
-    id: String,
-    payload: Vec<u8>,
-    /// `None` when the send itself failed; the flush publishes it again.
-    ack: Option<PublishAckFuture>,
-}
-
 struct Rewarder {
     config: Config,
     /// Where quarantines go; `None` when quarantine is off.
@@ -154,7 +148,8 @@ struct Rewarder {
     dirty: bool,
     /// Verdict deliveries to ack once the ledger covering them is stored.
     held: HeldVerdicts,
-    traces: Vec<PendingTrace>,
+    /// Traces of the verdicts applied since the last flush, which stores them.
+    traces: Vec<RewardTrace>,
     /// When reputations were last written to Redis.
     reputations_at: Option<std::time::Instant>,
 }
@@ -188,14 +183,8 @@ impl HeldVerdicts {
     /// The ackers to ack: the newest verdict's, and every delivery after it.
     fn into_acks(self) -> Vec<Acker> {
         let seqs: Vec<u64> = self.held.iter().map(|(seq, _)| *seq).collect();
-        self.held.into_iter().skip(first_to_ack(&seqs)).map(|(_, acker)| acker).collect()
+        self.held.into_iter().skip(nats::first_to_ack(&seqs)).map(|(_, acker)| acker).collect()
     }
-}
-
-/// Of deliveries with these stream sequences (in delivery order), the index from which
-/// they must be acked: the newest verdict's, whose cumulative ack covers those before it.
-fn first_to_ack(seqs: &[u64]) -> usize {
-    seqs.iter().enumerate().max_by_key(|(_, seq)| **seq).map_or(0, |(i, _)| i)
 }
 
 /// Redis must not hold the weights back (the ledger's own proofs still count).
@@ -279,7 +268,7 @@ impl Rewarder {
                 }
             }
             tracing::debug!(seq, task = %trace.task_id, epoch = trace.epoch, "verdict applied");
-            self.send_trace(&trace).await;
+            self.traces.push(trace);
         } else {
             tracing::debug!(seq, task = %verdict.task_id, "verdict already applied");
         }
@@ -307,35 +296,17 @@ impl Rewarder {
         }
     }
 
-    async fn send_trace(&mut self, trace: &RewardTrace) {
-        let subject = subj::reward_task(&trace.task_id);
-        let id = trace.task_id.clone();
-        let payload = encode(trace);
-        let msg = nats::durable_message(&id, payload.clone());
-        let ack = match self.js.send_publish(subject.clone(), msg).await {
-            Ok(ack) => Some(ack),
-            Err(e) => {
-                tracing::warn!(task = %id, error = %e, "reward trace not sent; retrying at flush");
-                None
-            }
-        };
-        self.traces.push(PendingTrace { subject, id, payload, ack });
-    }
-
     /// Makes everything applied so far durable (traces stored, ledger persisted), then acks
     /// the verdicts it covers.
     async fn flush(&mut self) -> Result<(), RewarderError> {
-        for trace in std::mem::take(&mut self.traces) {
-            let stored = match trace.ack {
-                Some(ack) => ack.await.map(drop).map_err(js_err),
-                None => Err(js_err(sundara_common::JetStreamError::other("not sent"))),
-            };
-            if let Err(e) = stored {
-                tracing::warn!(task = %trace.id, error = %e, "reward trace not stored; publishing again");
-                let publish =
-                    || nats::publish_durable(&self.js, trace.subject.clone(), &trace.id, trace.payload.clone());
-                retry("reward trace publish", publish).await?;
-            }
+        // A message per [`TRACES_PER_MESSAGE`] traces, not one per task. Its id names the
+        // verdicts it covers, so a publish repeated after a lost ack is stored once.
+        for traces in std::mem::take(&mut self.traces).chunks(TRACES_PER_MESSAGE) {
+            let (first, last) = (traces[0].verdict_seq, traces[traces.len() - 1].verdict_seq);
+            let id = format!("traces-{first}-{last}");
+            let payload = encode(&RewardTraces { v: WIRE_VERSION, traces: traces.to_vec() });
+            let publish = || nats::publish_durable(&self.js, subj::reward_traces(first), &id, payload.clone());
+            retry("reward traces publish", publish).await?;
         }
         if self.dirty {
             self.persist().await?;
@@ -641,7 +612,9 @@ pub async fn read_weights(js: &jetstream::Context, epoch: Option<u64>) -> Result
     Ok(Some(decode(&bytes, MAX_MESSAGE_BYTES).map_err(CommonError::from)?))
 }
 
-/// Every reward trace stored in REWARDS, in stream order (for `sundara rewards --explain`).
+/// Every reward trace stored in REWARDS, in stream order, one per verdict (for `sundara
+/// rewards --explain`): those stored a flush per message ([`RewardTraces`]) and those an
+/// older rewarder stored a task per message.
 pub async fn read_traces(js: &jetstream::Context) -> Result<Vec<RewardTrace>, RewarderError> {
     let mut stream = js.get_stream(subj::REWARDS_STREAM).await.map_err(js_err)?;
     let last = stream.info().await.map_err(js_err)?.state.last_sequence;
@@ -651,21 +624,28 @@ pub async fn read_traces(js: &jetstream::Context) -> Result<Vec<RewardTrace>, Re
     }
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subj::reward_task("*"),
+            filter_subject: subj::REWARD_ALL.to_string(),
             ..Default::default()
         })
         .await
         .map_err(js_err)?;
     let mut messages = consumer.messages().await.map_err(js_err)?;
+    let mut seen = std::collections::HashSet::new();
     loop {
-        // Bounded: the consumer says nothing when the last trace precedes the epoch record.
+        // Bounded: the stream may change while it is read.
         let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
         let Ok(Some(msg)) = next else { break };
         let msg = msg.map_err(js_err)?;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(last);
-        if let Ok(trace) = decode::<RewardTrace>(&msg.payload, MAX_MESSAGE_BYTES) {
-            traces.push(trace);
-        }
+        let stored = if subj::is_reward_traces(&msg.subject) {
+            decode::<RewardTraces>(&msg.payload, MAX_MESSAGE_BYTES).map(|t| t.traces).unwrap_or_default()
+        } else if subj::is_reward_task(&msg.subject) {
+            decode::<RewardTrace>(&msg.payload, MAX_MESSAGE_BYTES).into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        // A rewarder that restarted before storing its ledger stored some traces twice.
+        traces.extend(stored.into_iter().filter(|t| seen.insert(t.verdict_seq)));
         if seq >= last {
             break;
         }

@@ -9,8 +9,8 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use sundara_common::{Endpoints, Shutdown, nats};
 use sundara_schemas::{
-    CompareRule, EpochWeights, MAX_MESSAGE_BYTES, MinerVerdict, ModelRef, RewardTrace, Standing, Verdict, WIRE_VERSION,
-    decode, encode, subjects as subj,
+    CompareRule, EpochWeights, MAX_MESSAGE_BYTES, MinerVerdict, ModelRef, Standing, Verdict, WIRE_VERSION, decode,
+    encode, subjects as subj,
 };
 
 use crate::{CLOSE_EPOCH_SUBJECT, CONSUMER, Config, Ledger, RewarderError, read_ledger, read_weights, run};
@@ -177,9 +177,14 @@ async fn applies_verdicts_once_and_recovers_after_a_crash() {
 
     // Traces and the epoch are in REWARDS.
     let rewards = js.get_stream(subj::REWARDS_STREAM).await.unwrap();
-    let trace = rewards.get_last_raw_message_by_subject(&subj::reward_task("task-7")).await.unwrap();
-    let trace: RewardTrace = decode(&trace.payload, MAX_MESSAGE_BYTES).unwrap();
+    let traces = crate::read_traces(&js).await.unwrap();
+    let trace = traces.iter().find(|t| t.task_id == "task-7").expect("task-7's trace");
     assert_eq!((trace.epoch, trace.entries.len()), (1, 3));
+    // One per verdict, stored a flush per message rather than a message per task.
+    let per_task: Vec<u64> = traces.iter().map(|t| t.verdict_seq).collect();
+    assert_eq!(per_task.len(), per_task.iter().collect::<std::collections::HashSet<_>>().len());
+    let messages = rewards.cached_info().state.messages;
+    assert!(messages < traces.len() as u64, "{messages} REWARDS messages for {} traces", traces.len());
     let epoch = rewards.get_last_raw_message_by_subject(subj::REWARD_EPOCH).await.unwrap();
     assert_eq!(decode::<EpochWeights>(&epoch.payload, MAX_MESSAGE_BYTES).unwrap(), weights);
 
@@ -242,11 +247,10 @@ async fn an_overdue_epoch_closes_by_itself() {
     config.epoch_length = Duration::from_millis(300);
     let (shutdown, task) = spawn(config);
     // The verdict counts in whichever epoch was open when it was applied; the next one is idle.
-    let rewards = js.get_stream(subj::REWARDS_STREAM).await.unwrap();
     let started = Instant::now();
     let trace = loop {
-        if let Ok(m) = rewards.get_last_raw_message_by_subject(&subj::reward_task("task-0")).await {
-            break decode::<RewardTrace>(&m.payload, MAX_MESSAGE_BYTES).unwrap();
+        if let Some(t) = crate::read_traces(&js).await.unwrap().into_iter().find(|t| t.task_id == "task-0") {
+            break t;
         }
         assert!(started.elapsed() < Duration::from_secs(20), "the verdict was not applied");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -363,14 +367,4 @@ async fn quarantined_miners_weigh_nothing_even_when_redis_is_gone() {
     assert!(weight(&second, "miner-a") > 0 && weight(&second, "miner-b") > 0, "{second:?}");
     shutdown.cancel();
     task.await.unwrap().unwrap();
-}
-
-#[test]
-fn a_flush_acks_the_newest_verdict_and_the_redeliveries_after_it() {
-    use crate::first_to_ack;
-    assert_eq!(first_to_ack(&[]), 0);
-    // In order: one cumulative ack, the last.
-    assert_eq!(first_to_ack(&[4, 5, 6, 7]), 3);
-    // 3 redelivered after 7: acked itself, since a cumulative ack by delivery order would miss it.
-    assert_eq!(first_to_ack(&[4, 5, 7, 3]), 2);
 }

@@ -534,19 +534,16 @@ impl Scheduler {
     /// and `reassign` released it) and its subject names the worker. Both are the miner's
     /// claims: the slot is freed only if that worker holds it, so an outcome published
     /// under one worker's name cannot free another's slot, and only if it was stored in
-    /// time: a late answer leaves the replica to the sweep's reassignment.
-    async fn on_outcome(&self, msg: Message) {
+    /// time: a late answer leaves the replica to the sweep's reassignment. Idempotent (a
+    /// freed slot is not freed twice), as [`nats::consume_acking_all`] needs.
+    async fn on_outcome(&self, msg: Message) -> Result<(), CommonError> {
         let id = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
         let aid = id.and_then(sundara_schemas::assignment_of_outcome_id);
         let stored_at_us = nats::stored_at_us(&msg).unwrap_or_else(now_us);
-        if let (Some(aid), Some(worker)) = (aid, subj::outcome_worker(&msg.subject))
-            && let Err(e) = self.release_answer(&aid.to_string(), worker, stored_at_us).await
-        {
-            tracing::warn!(error = %e, "release failed; will retry");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
-            return;
+        match (aid, subj::outcome_worker(&msg.subject)) {
+            (Some(aid), Some(worker)) => self.release_answer(&aid.to_string(), worker, stored_at_us).await,
+            _ => Ok(()),
         }
-        let _ = msg.ack().await;
     }
 }
 
@@ -611,10 +608,11 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
         task_consumers.push(consumer);
     }
     // Headers only: freeing a slot needs the assignment id and the worker, not the outputs.
-    let release_config = async_nats::jetstream::consumer::pull::Config {
+    // Acked a chunk at a time: a release is idempotent.
+    let release_config = nats::acking_all(async_nats::jetstream::consumer::pull::Config {
         headers_only: true,
         ..nats::consumer_config("scheduler-release", subj::OUTCOME_ALL, Duration::from_secs(30), 4096)
-    };
+    });
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
     let results = js.get_stream(subj::RESULTS_STREAM).await.map_err(js_err)?;
@@ -636,7 +634,10 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
     let dispatch = futures::future::try_join_all(
         task_consumers.iter().map(|c| nats::consume(c, &shutdown, config.concurrency, |msg| s.on_task(msg))),
     );
-    let release = nats::consume(&outcome_consumer, &shutdown, config.concurrency, |msg| s.on_outcome(msg));
+    let release =
+        nats::consume_acking_all(&outcome_consumer, &shutdown, config.concurrency, "scheduler-release", |msg| {
+            s.on_outcome(msg)
+        });
     let sweep = async {
         s.sweep(&shutdown).await;
         Ok::<(), CommonError>(())

@@ -1,0 +1,142 @@
+//! Consumers that ack a chunk at a time (`nats::consume_acking_all`, the scheduler's
+//! releases and ingress' finishes): one ack covers a chunk, a handling that fails is tried
+//! again and never acked over, and a consumer made before (acking one by one) is made
+//! anew after its ack floor. Real nats-server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::AckPolicy, stream};
+use futures::StreamExt;
+use sundara::stack::{LocalStack, project_root};
+use sundara_common::{Shutdown, nats};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn stream_of(js: &jetstream::Context, name: &str, messages: u64) -> jetstream::stream::Stream {
+    let config = stream::Config { name: name.into(), subjects: vec![format!("{name}.>")], ..Default::default() };
+    let stream = js.create_stream(config).await.unwrap();
+    for i in 1..=messages {
+        nats::publish_durable(js, format!("{name}.m"), &i.to_string(), i.to_string().into_bytes()).await.unwrap();
+    }
+    stream
+}
+
+fn config(durable: &str, filter: &str) -> jetstream::consumer::pull::Config {
+    nats::acking_all(nats::consumer_config(durable, filter, Duration::from_secs(30), 1024))
+}
+
+/// Waits until `done` holds of the consumer's info.
+async fn until(stream: &jetstream::stream::Stream, durable: &str, done: impl Fn(&jetstream::consumer::Info) -> bool) {
+    let watched = async {
+        loop {
+            let info = stream.consumer_info(durable).await;
+            if info.as_ref().is_ok_and(&done) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, watched).await.expect("the consumer got there in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_is_acked_once_handled_and_a_failing_message_is_never_acked_over() {
+    let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
+    let js = jetstream::new(nats::connect(&stack.endpoints().nats, "test").await.unwrap());
+    let stream = stream_of(&js, "CHUNKS", 40).await;
+    let consumer = nats::ensure_consumer(&js, "CHUNKS", config("chunks", "CHUNKS.>")).await.unwrap();
+    assert_eq!(consumer.cached_info().config.ack_policy, AckPolicy::All);
+
+    // Message 7 fails its first two handlings, then succeeds: every message is handled,
+    // 7 three times, and everything ends acked.
+    let handled: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let shutdown = Shutdown::new();
+    let consuming = {
+        let (handled, shutdown) = (handled.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            nats::consume_acking_all(&consumer, &shutdown, 16, "test", |msg| {
+                let handled = handled.clone();
+                async move {
+                    let n: u64 = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
+                    let mut handled = handled.lock().unwrap();
+                    let tries = handled.entry(n).or_default();
+                    *tries += 1;
+                    if n == 7 && *tries <= 2 { Err(format!("message {n} failed")) } else { Ok(()) }
+                }
+            })
+            .await
+        })
+    };
+    until(&stream, "chunks", |i| i.ack_floor.stream_sequence == 40 && i.num_ack_pending == 0).await;
+    {
+        let handled = handled.lock().unwrap();
+        assert_eq!(handled.len(), 40);
+        assert_eq!(handled[&7], 3, "a failed handling is tried again in place");
+    }
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, consuming).await.expect("stops at shutdown").unwrap().unwrap();
+
+    // A message that keeps failing holds the ack floor below it, however many after it
+    // are handled; at shutdown it stays un-acked, to be delivered again.
+    let stream = stream_of(&js, "STUCK", 30).await;
+    let consumer = nats::ensure_consumer(&js, "STUCK", config("stuck", "STUCK.>")).await.unwrap();
+    let handled: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let shutdown = Shutdown::new();
+    let consuming = {
+        let (handled, shutdown) = (handled.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            nats::consume_acking_all(&consumer, &shutdown, 4, "test", |msg| {
+                let handled = handled.clone();
+                async move {
+                    let n: u64 = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
+                    *handled.lock().unwrap().entry(n).or_default() += 1;
+                    if n == 10 { Err("message 10 always fails".to_string()) } else { Ok(()) }
+                }
+            })
+            .await
+        })
+    };
+    let failing_twice = async {
+        while handled.lock().unwrap().get(&10).copied().unwrap_or(0) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, failing_twice).await.expect("message 10 was tried again");
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, consuming).await.expect("stops at shutdown").unwrap().unwrap();
+    let info = stream.consumer_info("stuck").await.unwrap();
+    assert!(info.ack_floor.stream_sequence < 10, "acked over a message never handled: {:?}", info.ack_floor);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_acked_one_by_one_is_made_anew_after_its_ack_floor() {
+    let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
+    let js = jetstream::new(nats::connect(&stack.endpoints().nats, "test").await.unwrap());
+    let stream = stream_of(&js, "OLD", 10).await;
+    // As the services made it before: explicit acks. 4 acked, 2 more delivered and not.
+    let explicit = nats::consumer_config("old", "OLD.>", Duration::from_secs(30), 1024);
+    let consumer = nats::ensure_consumer(&js, "OLD", explicit).await.unwrap();
+    let mut messages = consumer.fetch().max_messages(6).messages().await.unwrap();
+    let mut n = 0;
+    while let Some(msg) = tokio::time::timeout(DEADLINE, messages.next()).await.expect("delivered") {
+        let msg = msg.unwrap();
+        n += 1;
+        if n <= 4 {
+            msg.double_ack().await.unwrap();
+        }
+    }
+    assert_eq!(n, 6);
+
+    let consumer = nats::ensure_consumer(&js, "OLD", config("old", "OLD.>")).await.unwrap();
+    assert_eq!(stream.consumer_info("old").await.unwrap().config.ack_policy, AckPolicy::All);
+    let mut messages = consumer.messages().await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        let msg = tokio::time::timeout(DEADLINE, messages.next()).await.expect("delivered").unwrap().unwrap();
+        got.push(std::str::from_utf8(&msg.payload).unwrap().parse::<u64>().unwrap());
+        msg.ack().await.unwrap();
+    }
+    assert_eq!(got, (5..=10).collect::<Vec<_>>(), "from the first message not acked, and nothing acked before");
+}
