@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod models;
 pub mod pipeline;
 pub mod stack;
+pub mod staged;
 pub mod status;
 pub mod submit;
 pub mod tasks;

@@ -136,6 +136,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runs a model split by layer (`scripts/split_model.py`): each stage a verified task,
+    /// its outputs the next stage's inputs (docs/jobs.md).
+    RunStaged {
+        /// The stages' registered names, in order, comma-separated (`mlp_heavy-s0,mlp_heavy-s1`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        stages: Vec<String>,
+        /// JSON inputs of the first stage, as `submit --input`; random inputs when absent.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Rows of the generated inputs (along the first dynamic dimension).
+        #[arg(long, default_value_t = 1)]
+        rows: u64,
+        /// Who submits [default: the tenant whose credentials --nats-creds are, else `default`].
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Milliseconds each stage has to be verified.
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
     /// Reward table: per-miner scores and the latest epoch weights; with --explain, how one
     /// miner's weight in an epoch came about, recomputed from the reward traces.
     Rewards {
@@ -553,6 +572,7 @@ fn is_quiet(command: &Command) -> bool {
             | Command::Auth { .. }
             | Command::Tls { .. }
             | Command::Submit { .. }
+            | Command::RunStaged { .. }
             | Command::Models { .. }
             | Command::Rewards { .. }
             | Command::Fleet { .. }
@@ -681,6 +701,12 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 sundara::submit::SubmitOptions { model, input, count, rows, tenant, timeout_ms, priority, json };
             let tally = sundara::submit::submit(&nats, options).await?;
             Ok(tally.check()?)
+        }
+        Command::RunStaged { stages, input, rows, tenant, timeout_ms } => {
+            let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;
+            let options = sundara::staged::StagedOptions { stages, input, rows, tenant, timeout_ms };
+            print!("{}", sundara::staged::run_command(&nats, options).await?);
+            Ok(())
         }
         Command::Rewards { epoch, explain } => rewards(&nats, epoch, explain).await,
         Command::Fleet { command, redis: _ } => {

@@ -539,7 +539,7 @@ pub fn detailed(result: &ClientResult, shown: usize) -> String {
 }
 
 /// Each value as its dtype prints it (shortest text that reads back the same).
-fn value_texts(t: &Tensor) -> Vec<String> {
+pub(crate) fn value_texts(t: &Tensor) -> Vec<String> {
     fn all<T: sundara_schemas::tensor::Element + ToString>(t: &Tensor) -> Vec<String> {
         t.values::<T>().unwrap_or_default().iter().map(T::to_string).collect()
     }
