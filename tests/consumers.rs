@@ -41,6 +41,36 @@ async fn until(stream: &jetstream::stream::Stream, durable: &str, done: impl Fn(
     tokio::time::timeout(DEADLINE, watched).await.expect("the consumer got there in time");
 }
 
+/// Tries of each message's handling so far, by its number (the payload).
+type Handled = Arc<Mutex<HashMap<u64, u32>>>;
+
+/// Consumes in chunks of `chunk`, counting each handling; a handling fails where
+/// `fails(message, tries so far)`. Returns the counts, the shutdown and the consuming task.
+fn consume(
+    consumer: jetstream::consumer::PullConsumer,
+    chunk: usize,
+    fails: fn(u64, u32) -> bool,
+) -> (Handled, Shutdown, tokio::task::JoinHandle<Result<(), sundara_common::Error>>) {
+    let (handled, shutdown) = (Handled::default(), Shutdown::new());
+    let consuming = {
+        let (handled, shutdown) = (handled.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            nats::consume_acking_all(&consumer, &shutdown, chunk, "test", |msg| {
+                let handled = handled.clone();
+                async move {
+                    let n: u64 = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
+                    let mut handled = handled.lock().unwrap();
+                    let tries = handled.entry(n).or_default();
+                    *tries += 1;
+                    if fails(n, *tries) { Err(format!("message {n} failed")) } else { Ok(()) }
+                }
+            })
+            .await
+        })
+    };
+    (handled, shutdown, consuming)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_is_acked_once_handled_and_a_failing_message_is_never_acked_over() {
     let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
@@ -51,24 +81,7 @@ async fn a_chunk_is_acked_once_handled_and_a_failing_message_is_never_acked_over
 
     // Message 7 fails its first two handlings, then succeeds: every message is handled,
     // 7 three times, and everything ends acked.
-    let handled: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
-    let shutdown = Shutdown::new();
-    let consuming = {
-        let (handled, shutdown) = (handled.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            nats::consume_acking_all(&consumer, &shutdown, 16, "test", |msg| {
-                let handled = handled.clone();
-                async move {
-                    let n: u64 = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
-                    let mut handled = handled.lock().unwrap();
-                    let tries = handled.entry(n).or_default();
-                    *tries += 1;
-                    if n == 7 && *tries <= 2 { Err(format!("message {n} failed")) } else { Ok(()) }
-                }
-            })
-            .await
-        })
-    };
+    let (handled, shutdown, consuming) = consume(consumer, 16, |n, tries| n == 7 && tries <= 2);
     until(&stream, "chunks", |i| i.ack_floor.stream_sequence == 40 && i.num_ack_pending == 0).await;
     {
         let handled = handled.lock().unwrap();
@@ -82,22 +95,7 @@ async fn a_chunk_is_acked_once_handled_and_a_failing_message_is_never_acked_over
     // are handled; at shutdown it stays un-acked, to be delivered again.
     let stream = stream_of(&js, "STUCK", 30).await;
     let consumer = nats::ensure_consumer(&js, "STUCK", config("stuck", "STUCK.>")).await.unwrap();
-    let handled: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
-    let shutdown = Shutdown::new();
-    let consuming = {
-        let (handled, shutdown) = (handled.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            nats::consume_acking_all(&consumer, &shutdown, 4, "test", |msg| {
-                let handled = handled.clone();
-                async move {
-                    let n: u64 = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
-                    *handled.lock().unwrap().entry(n).or_default() += 1;
-                    if n == 10 { Err("message 10 always fails".to_string()) } else { Ok(()) }
-                }
-            })
-            .await
-        })
-    };
+    let (handled, shutdown, consuming) = consume(consumer, 4, |n, _| n == 10);
     let failing_twice = async {
         while handled.lock().unwrap().get(&10).copied().unwrap_or(0) < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -111,23 +111,11 @@ enum Command {
         /// The model to run: NAME (its latest version) or NAME@VERSION.
         #[arg(long)]
         model: String,
-        /// JSON inputs: {"inputs": [{"name", "dtype", "shape", "values"}]}, values flat or
-        /// nested lists (numpy's tolist()); random inputs when absent.
-        #[arg(long)]
-        input: Option<PathBuf>,
         /// Tasks to submit (with a progress bar on a terminal when more than one).
         #[arg(long, default_value_t = 1)]
         count: usize,
-        /// Rows per generated task (along the first dynamic dimension).
-        #[arg(long, default_value_t = 1)]
-        rows: u64,
-        /// Who submits [default: the tenant whose credentials --nats-creds are, else
-        /// `default`]. Another tenant than the credentials' is refused.
-        #[arg(long)]
-        tenant: Option<String>,
-        /// Milliseconds each task has to be verified, from its submission.
-        #[arg(long, default_value_t = 60_000)]
-        timeout_ms: u64,
+        #[command(flatten)]
+        task: TaskArgs,
         /// high, normal or low: under contention, higher priority is dispatched first.
         #[arg(long, default_value = "normal", value_parser = sundara_schemas::Priority::parse)]
         priority: sundara_schemas::Priority,
@@ -142,18 +130,8 @@ enum Command {
         /// The stages' registered names, in order, comma-separated (`mlp_heavy-s0,mlp_heavy-s1`).
         #[arg(long, value_delimiter = ',', required = true)]
         stages: Vec<String>,
-        /// JSON inputs of the first stage, as `submit --input`; random inputs when absent.
-        #[arg(long)]
-        input: Option<PathBuf>,
-        /// Rows of the generated inputs (along the first dynamic dimension).
-        #[arg(long, default_value_t = 1)]
-        rows: u64,
-        /// Who submits [default: the tenant whose credentials --nats-creds are, else `default`].
-        #[arg(long)]
-        tenant: Option<String>,
-        /// Milliseconds each stage has to be verified.
-        #[arg(long, default_value_t = 60_000)]
-        timeout_ms: u64,
+        #[command(flatten)]
+        task: TaskArgs,
     },
     /// Reward table: per-miner scores and the latest epoch weights; with --explain, how one
     /// miner's weight in an epoch came about, recomputed from the reward traces.
@@ -417,6 +395,25 @@ enum TasksCommand {
     },
 }
 
+/// A client command's task: its inputs, who submits it, and how long it has.
+#[derive(clap::Args)]
+struct TaskArgs {
+    /// JSON inputs: {"inputs": [{"name", "dtype", "shape", "values"}]}, values flat or
+    /// nested lists (numpy's tolist()); random inputs when absent.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Rows per generated task (along the first dynamic dimension).
+    #[arg(long, default_value_t = 1)]
+    rows: u64,
+    /// Who submits [default: the tenant whose credentials --nats-creds are, else
+    /// `default`]. Another tenant than the credentials' is refused.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Milliseconds each task has to be verified, from its submission.
+    #[arg(long, default_value_t = 60_000)]
+    timeout_ms: u64,
+}
+
 #[derive(Subcommand)]
 enum ModelsCommand {
     /// Register an ONNX model (inputs and outputs are read from the model). A published
@@ -557,7 +554,10 @@ fn endpoints(cli: &Cli) -> Endpoints {
     let acting_as = match &cli.command {
         Command::Up { .. } => return settings.resolve(None, None),
         Command::Worker(args) => Some(sundara::auth::Role::Miner(args.id.clone())),
-        Command::Submit { tenant: Some(t), .. } => Some(sundara::auth::Role::Tenant(t.clone())),
+        Command::Submit { task: TaskArgs { tenant: Some(t), .. }, .. }
+        | Command::RunStaged { task: TaskArgs { tenant: Some(t), .. }, .. } => {
+            Some(sundara::auth::Role::Tenant(t.clone()))
+        }
         _ => None,
     };
     let context = sundara::context::Context::current();
@@ -695,14 +695,14 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             sundara::up::up(opts).await
         }
         Command::Models { command } => models(command, &endpoints).await,
-        Command::Submit { model, input, count, rows, tenant, timeout_ms, priority, json } => {
+        Command::Submit { model, count, task: TaskArgs { input, rows, tenant, timeout_ms }, priority, json } => {
             let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;
             let options =
                 sundara::submit::SubmitOptions { model, input, count, rows, tenant, timeout_ms, priority, json };
             let tally = sundara::submit::submit(&nats, options).await?;
             Ok(tally.check()?)
         }
-        Command::RunStaged { stages, input, rows, tenant, timeout_ms } => {
+        Command::RunStaged { stages, task: TaskArgs { input, rows, tenant, timeout_ms } } => {
             let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;
             let options = sundara::staged::StagedOptions { stages, input, rows, tenant, timeout_ms };
             print!("{}", sundara::staged::run_command(&nats, options).await?);
