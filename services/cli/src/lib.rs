@@ -7,6 +7,7 @@ pub mod chain;
 pub mod client;
 pub mod context;
 pub mod fleet;
+pub mod jobs;
 pub mod models;
 pub mod pipeline;
 pub mod stack;
@@ -20,6 +21,38 @@ pub mod up;
 use serde_json::Value;
 use sundara_schemas::tensor::Element;
 use sundara_schemas::{DType, Tensor};
+
+/// Why a client command has no inputs to send.
+#[derive(Debug, thiserror::Error)]
+pub enum InputsError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Input { path: String, source: InputError },
+    #[error("no model {0} is registered")]
+    UnknownModel(String),
+    #[error(transparent)]
+    Common(#[from] sundara_common::Error),
+}
+
+/// A client command's inputs for `model`: read from the JSON file `input`, else generated
+/// (`rows` rows, from the registered model's inputs).
+pub async fn command_inputs(
+    nats: &async_nats::Client,
+    model: &str,
+    input: Option<&std::path::Path>,
+    rows: u64,
+) -> Result<Vec<Tensor>, InputsError> {
+    if let Some(path) = input {
+        let at = || path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| InputsError::Read { path: at(), source })?;
+        return inputs_from_json(&text).map_err(|source| InputsError::Input { path: at(), source });
+    }
+    // A tenant may read the registry but not create streams: no provisioning here.
+    let registry = sundara_common::Registry::open(&async_nats::jetstream::new(nats.clone())).await?;
+    let meta = registry.resolve(model).await?.ok_or_else(|| InputsError::UnknownModel(model.to_string()))?;
+    Ok(models::sample_inputs(&meta.inputs, rows, &mut rand::rng()))
+}
 
 /// Why an inputs file cannot become tensors. Positions are the input's name and the
 /// value's index: `x[3]` in a flat list, `x[0][3]` in nested lists.

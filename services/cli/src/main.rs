@@ -124,6 +124,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runs a batch job: many rows of one model's inputs, cut into shard tasks that are
+    /// each verified, retried when they end unverified, and put back in order (docs/jobs.md).
+    Job {
+        /// The model to run: NAME or NAME@VERSION.
+        #[arg(long)]
+        model: String,
+        /// Rows per shard task.
+        #[arg(long, default_value_t = 100)]
+        shard_rows: u64,
+        /// Shard tasks in flight at once.
+        #[arg(long, default_value_t = 8)]
+        in_flight: usize,
+        /// Submissions of one shard at most, the first included.
+        #[arg(long, default_value_t = 3)]
+        attempts: u32,
+        /// Where to write the outputs (JSON: {"outputs": [{"name", "dtype", "shape", "values"}]}).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// --input: every row of the job; --rows: how many rows to generate without it;
+        /// --timeout-ms: each shard's.
+        #[command(flatten)]
+        task: TaskArgs,
+    },
     /// Runs a model split by layer (`scripts/split_model.py`): each stage a verified task,
     /// its outputs the next stage's inputs (docs/jobs.md).
     RunStaged {
@@ -555,9 +578,8 @@ fn endpoints(cli: &Cli) -> Endpoints {
         Command::Up { .. } => return settings.resolve(None, None),
         Command::Worker(args) => Some(sundara::auth::Role::Miner(args.id.clone())),
         Command::Submit { task: TaskArgs { tenant: Some(t), .. }, .. }
-        | Command::RunStaged { task: TaskArgs { tenant: Some(t), .. }, .. } => {
-            Some(sundara::auth::Role::Tenant(t.clone()))
-        }
+        | Command::RunStaged { task: TaskArgs { tenant: Some(t), .. }, .. }
+        | Command::Job { task: TaskArgs { tenant: Some(t), .. }, .. } => Some(sundara::auth::Role::Tenant(t.clone())),
         _ => None,
     };
     let context = sundara::context::Context::current();
@@ -573,6 +595,7 @@ fn is_quiet(command: &Command) -> bool {
             | Command::Tls { .. }
             | Command::Submit { .. }
             | Command::RunStaged { .. }
+            | Command::Job { .. }
             | Command::Models { .. }
             | Command::Rewards { .. }
             | Command::Fleet { .. }
@@ -701,6 +724,21 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 sundara::submit::SubmitOptions { model, input, count, rows, tenant, timeout_ms, priority, json };
             let tally = sundara::submit::submit(&nats, options).await?;
             Ok(tally.check()?)
+        }
+        Command::Job {
+            model,
+            shard_rows,
+            in_flight,
+            attempts,
+            out,
+            task: TaskArgs { input, rows, tenant, timeout_ms },
+        } => {
+            let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;
+            let shard_timeout = std::time::Duration::from_millis(timeout_ms);
+            let options = sundara::jobs::JobOptions { model, shard_rows, in_flight, attempts, shard_timeout };
+            let command = sundara::jobs::JobCommand { options, input, rows, tenant, out };
+            print!("{}", sundara::jobs::run_command(&nats, command).await?);
+            Ok(())
         }
         Command::RunStaged { stages, task: TaskArgs { input, rows, tenant, timeout_ms } } => {
             let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;

@@ -31,14 +31,8 @@ pub enum StagedError {
     Timeout { stage: usize, model: String, timeout: Duration },
     #[error("the results stream ended during stage {stage}")]
     ResultsEnded { stage: usize },
-    #[error("no model {0} is registered")]
-    UnknownModel(String),
-    #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
     #[error(transparent)]
-    Input(#[from] crate::InputError),
-    #[error(transparent)]
-    Common(#[from] sundara_common::Error),
+    Inputs(#[from] crate::InputsError),
 }
 
 /// A staged run's outcome: the last stage's verified outputs, and each stage's task.
@@ -116,20 +110,8 @@ pub async fn run_command(
 ) -> Result<String, StagedError> {
     let StagedOptions { stages, input, rows, tenant, timeout_ms } = options;
     let client = Client::connect(nats, &tenant).await?;
-    let inputs = match input {
-        Some(path) => {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| StagedError::Read { path: path.display().to_string(), source })?;
-            crate::inputs_from_json(&text)?
-        }
-        None => {
-            let js = async_nats::jetstream::new(client.nats.clone());
-            let registry = sundara_common::Registry::open(&js).await?;
-            let first = stages.first().ok_or(StagedError::NoStages)?;
-            let meta = registry.resolve(first).await?.ok_or_else(|| StagedError::UnknownModel(first.clone()))?;
-            crate::models::sample_inputs(&meta.inputs, rows, &mut rand::rng())
-        }
-    };
+    let first = stages.first().ok_or(StagedError::NoStages)?;
+    let inputs = crate::command_inputs(&client.nats, first, input.as_deref(), rows).await?;
     let run = run(&client, &stages, inputs, Duration::from_millis(timeout_ms)).await?;
     let mut text = String::new();
     for (stage, (task, agreeing, k)) in stages.iter().zip(&run.stages) {

@@ -598,7 +598,7 @@ pub enum JsonValues {
 }
 
 impl<'a> JsonTensor<'a> {
-    fn of(t: &'a Tensor) -> JsonTensor<'a> {
+    pub fn of(t: &'a Tensor) -> JsonTensor<'a> {
         let values = match t.dtype {
             DType::F32 => JsonValues::F32(t.values().unwrap_or_default()),
             DType::F64 => JsonValues::F64(t.values().unwrap_or_default()),
