@@ -67,6 +67,10 @@ async fn the_python_client_gets_verified_results_from_a_secured_pipeline() {
         .collect();
     assert!(sundara_verifier::compare::agree(&support::RULE, &outputs, &want), "{got}");
     assert_eq!(got["same_task_again"], true);
+    // The batch job: 250 rows in 3 shards, put back in order.
+    assert_eq!(got["job"]["shapes"], serde_json::json!([[250, 10], [250, 10]]), "{got}");
+    assert!(got["job"]["max_diff"].as_f64().unwrap() < 1e-4, "{got}");
+    assert_eq!(got["job"]["progress"], serde_json::json!([3, 3]), "{got}");
     assert_eq!(got["rejected"], serde_json::json!(["unknown_model", "wrong_shape"]), "{got}");
     assert_eq!(got["sync_outputs"], 2, "logits and probs through the sync client");
     h.stop().await;

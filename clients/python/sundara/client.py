@@ -156,6 +156,61 @@ class Client:
             raise errors.TaskFailed(result.task_id, result.code or "failed", result.reason or "")
         return result.outputs
 
+    async def run_job(
+        self,
+        model: str,
+        inputs: Sequence[Tensor],
+        *,
+        shard_rows: int = 100,
+        in_flight: int = 8,
+        attempts: int = 3,
+        timeout_ms: Optional[int] = None,
+        progress: Optional[Any] = None,
+    ) -> list[Tensor]:
+        """A batch job (docs/jobs.md): `inputs`' rows (every tensor's first dimension)
+        cut into shard tasks of `shard_rows` rows, `in_flight` at once, each verified; a
+        shard that ends unverified is submitted again, up to `attempts` times in all, and a
+        refusal to retry later waits for a shard to end. Returns the outputs of every row,
+        in order; raises `TaskFailed` once a shard has used its attempts. `progress`, if
+        given, is called with (verified, shards) after each shard ends."""
+        shards = _split_rows(list(inputs), shard_rows)
+        outputs: list[Optional[list[Tensor]]] = [None] * len(shards)
+        tried = [0] * len(shards)
+        pending = collections.deque(range(len(shards)))
+        running: dict[asyncio.Future, int] = {}
+        wait = (timeout_ms or 120_000) / 1000 + 10
+        verified = 0
+        while verified < len(shards):
+            while pending and len(running) < max(in_flight, 1):
+                i = pending.popleft()
+                try:
+                    task_id = await self.submit(model, shards[i], timeout_ms=timeout_ms)
+                except errors.RetryLater:
+                    pending.appendleft(i)
+                    if not running:
+                        await asyncio.sleep(0.2)
+                    break
+                tried[i] += 1
+                running[asyncio.ensure_future(self.result(task_id, timeout=wait))] = i
+            if not running:
+                continue
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for ended in done:
+                i = running.pop(ended)
+                result = ended.result()
+                if result.verified:
+                    outputs[i] = result.outputs
+                    verified += 1
+                elif tried[i] >= max(attempts, 1):
+                    for other in running:
+                        other.cancel()
+                    raise errors.TaskFailed(result.task_id, result.code or "failed", result.reason or "")
+                else:
+                    pending.appendleft(i)
+                if progress is not None:
+                    progress(verified, len(shards))
+        return _stack_rows([o for o in outputs if o is not None])
+
     # ------------------------------------------------------------------ results
 
     async def _create_consumer(self, filter_subject: str, deliver: dict) -> str:
@@ -238,6 +293,31 @@ class Client:
                         self._unclaimed.popitem(last=False)
 
 
+def _split_rows(inputs: list[Tensor], rows_per_shard: int) -> list[list[Tensor]]:
+    """`inputs` cut along their common first dimension into shards of `rows_per_shard` rows."""
+    if not inputs or any(not t.shape or t.shape[0] != inputs[0].shape[0] for t in inputs):
+        raise ValueError("a job's inputs need a common first dimension (rows) to split along")
+    rows, step = inputs[0].shape[0], max(rows_per_shard, 1)
+    shards = []
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        shard = []
+        for t in inputs:
+            row = len(t.data) // rows
+            shard.append(Tensor(t.name, t.dtype, [n] + t.shape[1:], t.data[start * row:(start + n) * row]))
+        shards.append(shard)
+    return shards
+
+
+def _stack_rows(parts: list[list[Tensor]]) -> list[Tensor]:
+    """The shards' outputs put back together along the first dimension, in order."""
+    stacked = []
+    for i, first in enumerate(parts[0]):
+        rows = sum(p[i].shape[0] for p in parts)
+        stacked.append(Tensor(first.name, first.dtype, [rows] + first.shape[1:], b"".join(p[i].data for p in parts)))
+    return stacked
+
+
 class SyncClient:
     """The same client for code without asyncio: its own event loop in a thread."""
 
@@ -264,6 +344,9 @@ class SyncClient:
 
     def infer(self, model: str, inputs: Sequence[Tensor], **options: Any) -> list[Tensor]:
         return self._run(self._client.infer(model, inputs, **options))
+
+    def run_job(self, model: str, inputs: Sequence[Tensor], **options: Any) -> list[Tensor]:
+        return self._run(self._client.run_job(model, inputs, **options))
 
     def close(self) -> None:
         self._run(self._client.close())

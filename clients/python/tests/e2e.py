@@ -1,6 +1,6 @@
 """Run by tests/python_client.rs against a running pipeline (env: SUNDARA_NATS_URL,
 SUNDARA_NATS_CA, SUNDARA_NATS_CREDS): a verified `mlp` inference with the async client and
-with the sync one, and typed rejections. Prints what it got as one JSON line."""
+with the sync one, a batch job, and typed rejections. Prints what it got as one JSON line."""
 
 import asyncio
 import json
@@ -28,6 +28,15 @@ async def main() -> dict:
         out["outputs"] = {t.name: {"shape": t.shape, "values": t.values()} for t in outputs}
         task_id = await client.submit("mlp", inputs(2), request_id="py-1")
         out["same_task_again"] = (await client.result(task_id)).verified
+        # A batch job of 250 rows in shards of 100: the same rows as one task, in order.
+        seen: list = []
+        job = await client.run_job("mlp", inputs(250), shard_rows=100, progress=lambda v, n: seen.append((v, n)))
+        whole = await client.infer("mlp", inputs(250))
+        out["job"] = {
+            "shapes": [t.shape for t in job],
+            "max_diff": max(float(np.abs(a.to_numpy() - b.to_numpy()).max()) for a, b in zip(job, whole)),
+            "progress": seen[-1],
+        }
         for model, batch, expected in [("nope", inputs(1), errors.UnknownModel), ("mlp", [Tensor.from_values("x", "f32", [1, 3], [1, 2, 3])], errors.WrongShape)]:
             try:
                 await client.submit(model, batch)
