@@ -449,7 +449,12 @@ fn load_in_background(shared: &Shared, key: String, path: &std::path::Path, evic
     if evicted_any {
         shared.publish(&st);
     }
-    finish_load(&mut st, &key, loaded, load_us);
+    if st.failed.is_some() {
+        // The slice went out of service meanwhile: the session goes with it.
+        st.models.get_mut(&key).expect("a loading model stays known").loading = false;
+    } else {
+        finish_load(&mut st, &key, loaded, load_us);
+    }
     shared.publish(&st);
     shared.wake.notify_all();
 }
