@@ -117,6 +117,10 @@ async fn stated_speed_and_footprints_buy_no_work_and_refuse_no_model() {
             SubmitOutcome::Rejected { code, reason } => panic!("{name} refused: {code:?} {reason}"),
         }
     }
+    // Their results first: a model's first load on a slice holds the slice while it
+    // measures the model (docs/workers.md §2), and the paced load below is about claims,
+    // not about those loads.
+    let mut got = await_results(&mut results, &ids).await;
     // A steady mlp load, well within what the honest miners do.
     let paced = h.sample_requests(120, "paced", 3, |_| "mlp");
     let mut paced_ids = Vec::new();
@@ -124,8 +128,8 @@ async fn stated_speed_and_footprints_buy_no_work_and_refuse_no_model() {
         paced_ids.extend(h.submit_all(std::slice::from_ref(req)).await);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    got.extend(await_results(&mut results, &paced_ids).await);
     ids.extend(paced_ids.iter().cloned());
-    let got = await_results(&mut results, &ids).await;
     for id in &ids {
         assert!(matches!(got[id].status, ResultStatus::Verified { .. }), "{id}: {:?}", got[id].status);
     }

@@ -11,14 +11,14 @@
 //! work queued or running, and only as many as the room needs) when memory is short, then
 //! running a warm-up, and only then reported as loaded. A load runs on a thread of its
 //! own, one at a time per slice, so the inference threads keep serving the models already
-//! loaded: a cold model's load (milliseconds to seconds) never holds up other models'
-//! queued tasks. The first load of a model on the slice measures whether batching it pays
-//! (one row timed against the largest batch: convolutional models often run slower per
-//! row in batches on CPU, with an arena many times larger) and its footprint at the batch
-//! it will run; no session is dropped meanwhile, so the heap's growth is the model's.
-//! Reloads after an eviction reuse both and skip the warm-up, so they cost a session's
-//! creation. Under backlog a second session of a busy model is loaded from free memory,
-//! up to one per thread.
+//! loaded while a reload or another copy loads. The first load of a model on the slice is
+//! the exception: it measures, with no other inference of the slice running, whether
+//! batching it pays (one row timed against the largest batch: convolutional models often
+//! run slower per row in batches on CPU, with an arena many times larger) and its
+//! footprint at the batch it will run (the heap's growth, which other inferences'
+//! allocations would inflate). Reloads after an eviction reuse both and skip the warm-up,
+//! so they cost a session's creation and hold up nothing. Under backlog a second session
+//! of a busy model is loaded from free memory, up to one per thread.
 //!
 //! A task that fails is re-checked with the model's known-good warm-up input: if that
 //! fails too, the session (the device) is broken, the slice goes out of service and says
@@ -187,9 +187,13 @@ struct State {
     /// A load is running on its own thread. One at a time: a model is charged against the
     /// budget once its load is done, so two at once could both be let in by the same room.
     load_in_flight: bool,
-    /// The load in flight is a first load measuring a footprint as the heap's growth: no
-    /// session is dropped (evicted) until it is done, since that would hide the growth.
+    /// The load in flight is a first load measuring a footprint as the heap's growth and
+    /// timing batches: no inference starts until it is done (the slice's own inferences'
+    /// allocations measured 2-3x a model's footprint under load in CI), and none is
+    /// running when it starts.
     measuring: bool,
+    /// Inferences running now.
+    running: usize,
 }
 
 impl State {
@@ -355,12 +359,17 @@ fn infer_loop(shared: &Arc<Shared>, name: &str) {
             Step::Run { key, mut session, jobs } => {
                 let runs_before = st.runs;
                 st.runs += 1;
+                st.running += 1;
                 drop(st);
                 let fault = config.fail_after_runs.is_some_and(|n| runs_before >= n);
                 let (tasks, started) = (jobs.len(), Instant::now());
                 let broken = run_jobs(&mut session, jobs, fault);
                 let per_task = started.elapsed().as_micros() as f64 / tasks.max(1) as f64;
                 st = shared.lock();
+                st.running -= 1;
+                if st.measuring && st.running == 0 {
+                    shared.wake.notify_all();
+                }
                 let ema = st.service_us.entry(key.clone()).or_insert(per_task);
                 *ema += SERVICE_EMA * (per_task - *ema);
                 let us = ema.round() as u64;
@@ -439,6 +448,12 @@ fn infer_loop(shared: &Arc<Shared>, name: &str) {
 fn load_in_background(shared: &Shared, key: String, path: &std::path::Path, evicted: Vec<Session>, warmup: Warmup) {
     let evicted_any = !evicted.is_empty();
     drop(evicted);
+    if matches!(warmup, Warmup::Measure { .. }) {
+        let mut st = shared.lock();
+        while st.running > 0 {
+            st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
     let started = Instant::now();
     let graph = shared.graphs.join(format!("{:016x}.onnx", key_hash(&key, path)));
     let loaded = load(path, &shared.config, warmup, &graph);
@@ -471,10 +486,13 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
     if st.stopped && st.queued == 0 {
         return Step::Exit;
     }
+    if st.measuring {
+        return Step::Wait(None);
+    }
     // A model's footprint is known only once it is loaded (before, its file size stands
     // in), so a load can overshoot the budget: idle models leave until it holds again.
     let over = st.residency().used().saturating_sub(st.residency().budget());
-    if over > 0 && !st.measuring {
+    if over > 0 {
         let models = &st.models;
         let room = st.residency.as_ref().expect("set").make_room(over, |m| models.get(m).is_some_and(|q| q.busy()));
         if let Room::Evict(victims) = room {
