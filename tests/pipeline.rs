@@ -2,7 +2,6 @@
 
 use sundara_testkit as support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use rand::SeedableRng;
@@ -95,9 +94,7 @@ async fn dishonest_miner_is_outvoted_and_scores_zero() {
         assert!(agree(&RULE, outputs(&results[&task_id].status), &expected));
     }
     // The liar was chosen often (k=3 of 4) and disagreed every time.
-    let verdicts = h.all_verdicts().await;
-    let liar_standings: Vec<Standing> =
-        verdicts.iter().flat_map(|v| v.miners.iter().filter(|m| m.worker == "liar").map(|m| m.standing)).collect();
+    let liar_standings = h.standings("liar", |_| true).await;
     assert!(liar_standings.len() >= 20, "liar was picked {} times", liar_standings.len());
     assert!(liar_standings.iter().all(|s| *s == Standing::Disagreed));
 
@@ -129,20 +126,7 @@ async fn killed_worker_loses_no_task() {
         .collect();
     // SIGKILL the victim while it holds a backlog (3 or more assignments in Redis), so the
     // kill always strands work. Redis offers no event for that here; poll it, bounded.
-    let victim_pid = h.worker_pid(victim);
-    let redis_url = h.stack.endpoints().redis_url;
-    let killer = std::thread::spawn(move || {
-        let mut redis = redis::Client::open(redis_url).unwrap().get_connection().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while std::time::Instant::now() < deadline {
-            let held: u64 = redis::cmd("SCARD").arg("sundara:inflight:w:victim").query(&mut redis).unwrap_or(0);
-            if held >= 3 {
-                return Command::new("kill").args(["-KILL", &victim_pid.to_string()]).status().unwrap().success();
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        false
-    });
+    let killer = h.kill_when_holding(victim, "victim", 3);
     let results = h.run_tasks(&requests).await;
     assert!(killer.join().unwrap(), "the victim never held 3 assignments at once");
     assert_eq!(results.len(), 150);

@@ -81,15 +81,7 @@ async fn a_model_too_large_for_any_slice_runs_as_verified_stages() {
     }
 
     // The same from the command line.
-    let ep = h.stack.endpoints();
-    let cli = Command::new(support::sundara_binary())
-        .args(["run-staged", "--stages", &stages.join(","), "--rows", "2"])
-        .env("SUNDARA_NATS_URL", &ep.nats.url)
-        .envs(ep.nats.tls.iter().flat_map(|t| t.env()))
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&cli.stdout);
-    assert!(cli.status.success(), "{printed}{}", String::from_utf8_lossy(&cli.stderr));
+    let printed = h.run_cli(["run-staged", "--stages", &stages.join(","), "--rows", "2"]);
     for stage in &stages {
         assert!(printed.contains(&format!("{stage}: task ")), "{printed}");
     }
@@ -97,12 +89,7 @@ async fn a_model_too_large_for_any_slice_runs_as_verified_stages() {
 
     // The liar was picked for some stages (k=3 of 4 workers, 12 stage tasks) and was
     // outvoted each time: its falsified activations never reached the next stage.
-    let verdicts = h.all_verdicts().await;
-    let liar: Vec<Standing> = verdicts
-        .iter()
-        .filter(|v| stage_tasks.contains(&v.task_id))
-        .flat_map(|v| v.miners.iter().filter(|m| m.worker == "liar").map(|m| m.standing))
-        .collect();
+    let liar = h.standings("liar", |t| stage_tasks.iter().any(|s| s == t)).await;
     assert!(!liar.is_empty(), "the liar ran no stage");
     assert!(liar.iter().all(|s| *s == Standing::Disagreed), "{liar:?}");
     h.stop().await;

@@ -23,8 +23,8 @@ use sundara::pipeline::{Pipeline, PipelineConfig, WorkerSpec};
 use sundara::stack::{LocalStack, project_root};
 use sundara_common::{Capacity, Registry, nats};
 use sundara_schemas::{
-    ClientResult, CompareRule, MAX_MESSAGE_BYTES, ModelMeta, Policy, ResultStatus, SubmitOutcome, SubmitRequest,
-    Tensor, Verdict, decode, subjects as subj,
+    ClientResult, CompareRule, MAX_MESSAGE_BYTES, ModelMeta, Policy, ResultStatus, Standing, SubmitOutcome,
+    SubmitRequest, Tensor, Verdict, decode, subjects as subj,
 };
 use sundara_worker::Behaviour;
 
@@ -226,6 +226,48 @@ impl Harness {
             .iter()
             .map(|p| decode(p, MAX_MESSAGE_BYTES).unwrap())
             .collect()
+    }
+
+    /// Runs the `sundara` binary as a client of this harness' NATS; its stdout, once it
+    /// has exited 0 (a failure panics with its output).
+    pub fn run_cli<S: AsRef<std::ffi::OsStr>>(&self, args: impl IntoIterator<Item = S>) -> String {
+        let ep = self.stack.endpoints();
+        let out = Command::new(sundara_binary())
+            .args(args)
+            .env("SUNDARA_NATS_URL", &ep.nats.url)
+            .envs(ep.nats.tls.iter().flat_map(|t| t.env()))
+            .output()
+            .expect("the sundara binary runs");
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+        printed
+    }
+
+    /// How `worker` stood in the verdicts of the tasks that `of` selects.
+    pub async fn standings(&self, worker: &str, of: impl Fn(&str) -> bool) -> Vec<Standing> {
+        let verdicts = self.all_verdicts().await;
+        let chosen = verdicts.iter().filter(|v| of(&v.task_id));
+        chosen.flat_map(|v| v.miners.iter().filter(|m| m.worker == worker).map(|m| m.standing)).collect()
+    }
+
+    /// SIGKILLs the worker process `index` (started as `worker`) once it holds `n`
+    /// assignments, so that the kill always strands work. Redis offers no event for that:
+    /// polled, bounded (120 s). The thread says whether it killed.
+    pub fn kill_when_holding(&self, index: usize, worker: &str, n: u64) -> std::thread::JoinHandle<bool> {
+        let (pid, redis_url) = (self.worker_pid(index), self.stack.endpoints().redis_url);
+        let held = format!("sundara:inflight:w:{worker}");
+        std::thread::spawn(move || {
+            let mut redis = redis::Client::open(redis_url).unwrap().get_connection().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while std::time::Instant::now() < deadline {
+                let holds: u64 = redis::cmd("SCARD").arg(&held).query(&mut redis).unwrap_or(0);
+                if holds >= n {
+                    return Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success();
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            false
+        })
     }
 
     pub async fn stream_messages(&self, stream: &str) -> Vec<Vec<u8>> {
