@@ -9,16 +9,13 @@
 //!
 //! A model with no session is loaded on first need: evicting idle models (never one with
 //! work queued or running, and only as many as the room needs) when memory is short, then
-//! running a warm-up, and only then reported as loaded. A load runs on a thread of its
-//! own, one at a time per slice, so the inference threads keep serving the models already
-//! loaded while a reload or another copy loads. The first load of a model on the slice is
-//! the exception: it measures, with no other inference of the slice running, whether
-//! batching it pays (one row timed against the largest batch: convolutional models often
-//! run slower per row in batches on CPU, with an arena many times larger) and its
-//! footprint at the batch it will run (the heap's growth, which other inferences'
-//! allocations would inflate). Reloads after an eviction reuse both and skip the warm-up,
-//! so they cost a session's creation and hold up nothing. Under backlog a second session
-//! of a busy model is loaded from free memory, up to one per thread.
+//! running a warm-up, and only then reported as loaded. The first load of a model on the
+//! slice measures, with no other inference running, whether batching it pays (one row
+//! timed against the largest batch: convolutional models often run slower per row in
+//! batches on CPU, with an arena many times larger) and its footprint at the batch it
+//! will run. Reloads after an eviction reuse both and skip the warm-up, so they cost a
+//! session's creation. Under backlog a second session of a busy model
+//! is loaded from free memory, up to one per thread.
 //!
 //! A task that fails is re-checked with the model's known-good warm-up input: if that
 //! fails too, the session (the device) is broken, the slice goes out of service and says
@@ -184,16 +181,11 @@ struct State {
     /// Per model, a row's time in its largest batch over its time alone, measured by its
     /// first load here.
     batch_gain: HashMap<String, f64>,
-    /// A load is running on its own thread. One at a time: a model is charged against the
-    /// budget once its load is done, so two at once could both be let in by the same room.
-    load_in_flight: bool,
-    /// The load in flight is a first load measuring a footprint as the heap's growth and
-    /// timing batches: no inference starts until it is done (the slice's own inferences'
-    /// allocations measured 2-3x a model's footprint under load in CI), and none is
-    /// running when it starts.
-    measuring: bool,
     /// Inferences running now.
     running: usize,
+    /// A first load is measuring a footprint: no inference starts until it is done, since
+    /// another thread's allocations would count as the model's.
+    measuring: bool,
 }
 
 impl State {
@@ -282,10 +274,7 @@ impl Executor {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-infer-{i}"))
-                .spawn({
-                    let name = name.to_string();
-                    move || infer_loop(&shared, &name)
-                })
+                .spawn(move || infer_loop(&shared))
                 .expect("inference thread can be spawned");
         }
         Executor { _stopper: Arc::new(Stopper(shared.clone())), shared }
@@ -351,7 +340,7 @@ enum Step {
     Exit,
 }
 
-fn infer_loop(shared: &Arc<Shared>, name: &str) {
+fn infer_loop(shared: &Shared) {
     let config = &shared.config;
     let mut st = shared.lock();
     loop {
@@ -399,19 +388,28 @@ fn infer_loop(shared: &Arc<Shared>, name: &str) {
                 }
             }
             Step::Load { key, path, evicted, warmup } => {
-                st.load_in_flight = true;
-                st.measuring = matches!(warmup, Warmup::Measure { .. });
-                let loader = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name(format!("{name}-load"))
-                    .spawn(move || load_in_background(&loader, key, &path, evicted, warmup));
-                if let Err(e) = spawned {
-                    st.load_in_flight = false;
-                    st.measuring = false;
-                    fail_slice(&mut st, format!("starting a load: {e}"));
-                    shared.publish(&st);
-                    shared.wake.notify_all();
+                let evicted_any = !evicted.is_empty();
+                let measuring = matches!(warmup, Warmup::Measure { .. });
+                if measuring {
+                    st.measuring = true;
+                    while st.running > 0 {
+                        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
                 }
+                drop(st);
+                drop(evicted);
+                let started = Instant::now();
+                let graph = shared.graphs.join(format!("{:016x}.onnx", key_hash(&key, &path)));
+                let loaded = load(&path, config, warmup, &graph);
+                let load_us = started.elapsed().as_micros() as u64;
+                st = shared.lock();
+                st.measuring &= !measuring;
+                if evicted_any {
+                    shared.publish(&st);
+                }
+                finish_load(&mut st, &key, loaded, load_us);
+                shared.publish(&st);
+                shared.wake.notify_all();
             }
             Step::Evict(evicted) => {
                 shared.publish(&st);
@@ -441,37 +439,6 @@ fn infer_loop(shared: &Arc<Shared>, name: &str) {
             Step::Exit => return,
         }
     }
-}
-
-/// A load on its own thread: drops what it evicted, loads, and hands the session to the
-/// slice's inference threads.
-fn load_in_background(shared: &Shared, key: String, path: &std::path::Path, evicted: Vec<Session>, warmup: Warmup) {
-    let evicted_any = !evicted.is_empty();
-    drop(evicted);
-    if matches!(warmup, Warmup::Measure { .. }) {
-        let mut st = shared.lock();
-        while st.running > 0 {
-            st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-    let started = Instant::now();
-    let graph = shared.graphs.join(format!("{:016x}.onnx", key_hash(&key, path)));
-    let loaded = load(path, &shared.config, warmup, &graph);
-    let load_us = started.elapsed().as_micros() as u64;
-    let mut st = shared.lock();
-    st.load_in_flight = false;
-    st.measuring = false;
-    if evicted_any {
-        shared.publish(&st);
-    }
-    if st.failed.is_some() {
-        // The slice went out of service meanwhile: the session goes with it.
-        st.models.get_mut(&key).expect("a loading model stays known").loading = false;
-    } else {
-        finish_load(&mut st, &key, loaded, load_us);
-    }
-    shared.publish(&st);
-    shared.wake.notify_all();
 }
 
 /// Picks the next thing to do. Runs under the slice's lock; does no inference or I/O.
@@ -521,7 +488,7 @@ fn next_step(st: &mut State, config: &ExecutorConfig) -> Step {
             st.residency().touch(&key, now_us());
             return Step::Run { key, session, jobs };
         }
-        if q.loading || st.load_in_flight {
+        if q.loading {
             continue;
         }
         let measured = st.footprints.get(&key).copied();
@@ -630,10 +597,6 @@ static LOADING: Mutex<()> = Mutex::new(());
 /// convolutional ones on CPU (magika: 7.2 against 5.9 ms a row, with a 6× larger arena).
 const BATCH_PAYS_BELOW: f64 = 0.9;
 
-/// A timed run at least this long is measured once: a preemption (milliseconds) cannot
-/// move it much, and repeating it would make a large model's first load seconds longer.
-const ONE_RUN_ENOUGH_SECS: f64 = 0.05;
-
 /// The bytes a load starts from.
 enum Source {
     /// The graph a first load on this slice optimized and saved.
@@ -689,24 +652,15 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: 
     let mut batch_gain = None;
     match warmup {
         Warmup::Measure { max_rows } if batchable && max_rows > 1 => {
-            // Inference of the slice's other models runs meanwhile, and a preempted run
-            // reads slow by a few milliseconds: the fastest of a few short runs stands.
-            // One row untimed (the first run initialises), then timed; the large batch,
-            // which is the warm-up that was always run, timed until it shows that
-            // batching pays, or takes long enough that a preemption cannot move it
-            // (MiniLM's 32 rows of 512 tokens take seconds), or 3 times. Its allocations
-            // count against it, which errs towards running unbatched, the smaller footprint.
-            model.run(&one).map_err(|e| format!("warm-up: {e}"))?;
-            let per_row_one = fastest_run_secs(&mut model, &one, 3)?;
+            // One row untimed (the first run initialises), then timed; the large batch
+            // once, timed: it is the warm-up that was always run, so a first load costs
+            // little more than before. Its allocations count against it, which errs
+            // towards running unbatched, the smaller footprint.
+            let per_row_one = second_run_secs(&mut model, &one)?;
             let many = crate::example_inputs(&model.inputs, max_rows as u64, &mut rng);
-            let mut per_row_many = f64::INFINITY;
-            for _ in 0..3 {
-                let secs = fastest_run_secs(&mut model, &many, 1)?;
-                per_row_many = per_row_many.min(secs / max_rows as f64);
-                if per_row_many / per_row_one < BATCH_PAYS_BELOW || secs > ONE_RUN_ENOUGH_SECS {
-                    break;
-                }
-            }
+            let started = Instant::now();
+            model.run(&many).map_err(|e| format!("warm-up: {e}"))?;
+            let per_row_many = started.elapsed().as_secs_f64() / max_rows as f64;
             let gain = per_row_many / per_row_one;
             let pays = gain < BATCH_PAYS_BELOW;
             tracing::info!(per_row_one, per_row_many, rows = max_rows, pays, "measured batching");
@@ -731,15 +685,12 @@ fn load(path: &std::path::Path, config: &ExecutorConfig, warmup: Warmup, graph: 
     Ok(LoadedSession { session: Session { model, probe }, footprint, batchable, batch_gain })
 }
 
-/// Seconds of the fastest of `runs` runs of `inputs`.
-fn fastest_run_secs(model: &mut Model, inputs: &[Tensor], runs: usize) -> Result<f64, String> {
-    let mut fastest = f64::INFINITY;
-    for _ in 0..runs.max(1) {
-        let started = Instant::now();
-        model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
-        fastest = fastest.min(started.elapsed().as_secs_f64());
-    }
-    Ok(fastest)
+/// Seconds of a run of `inputs` after an untimed one (a session's first run initialises).
+fn second_run_secs(model: &mut Model, inputs: &[Tensor]) -> Result<f64, String> {
+    model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
+    let started = Instant::now();
+    model.run(inputs).map_err(|e| format!("warm-up: {e}"))?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 fn finish_load(st: &mut State, key: &str, loaded: Loaded, load_us: u64) {
