@@ -9,6 +9,11 @@ use sundara_schemas::{DType, RejectCode, ResultStatus, Standing, SubmitOutcome, 
 use sundara_verifier::compare::agree;
 use support::{Harness, RULE, dishonest, honest, reference};
 
+/// The heavy tests of this file run one at a time: each runs a whole pipeline with several
+/// workers, and five at once on two cores starved their heartbeats and answers past the
+/// assignment timeouts (honest miners struck and quarantined) in CI on 2026-12-06.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn outputs(status: &ResultStatus) -> &[Tensor] {
     match status {
         ResultStatus::Verified { outputs, .. } => outputs,
@@ -20,6 +25,7 @@ fn outputs(status: &ResultStatus) -> &[Tensor] {
 /// with f32, i32 and i64 inputs): every one verified and equal to a direct ort run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn happy_path_matches_direct_inference() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut h = Harness::start(vec![honest("a", 2), honest("b", 2), honest("c", 2)], 2, Duration::from_secs(10)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let requests: Vec<_> = (0..200)
@@ -57,6 +63,7 @@ async fn happy_path_matches_direct_inference() {
 /// (in a deployment, workers and the first `models push` start together).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_pushed_after_the_workers_started_is_served() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut h = Harness::start(vec![honest("a", 1), honest("b", 1)], 2, Duration::from_secs(10)).await;
     let registry = sundara_common::Registry::open(&h.js).await.unwrap();
     let path = sundara::stack::project_root().join(".cache/models/mlp.onnx");
@@ -78,6 +85,7 @@ async fn a_model_pushed_after_the_workers_started_is_served() {
 /// k=3 with one liar among four: clients still get correct results; the liar scores zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dishonest_miner_is_outvoted_and_scores_zero() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let workers = vec![honest("h1", 2), honest("h2", 2), honest("h3", 2), dishonest("liar", 2)];
     let mut h = Harness::start(workers, 3, Duration::from_secs(10)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
@@ -93,9 +101,11 @@ async fn dishonest_miner_is_outvoted_and_scores_zero() {
         let expected = reference(&h.models[&req.model], &req.inputs);
         assert!(agree(&RULE, outputs(&results[&task_id].status), &expected));
     }
-    // The liar was chosen often (k=3 of 4) and disagreed every time.
+    // The liar was chosen (k=3 of 4) and disagreed every time. How often varies: where an
+    // honest replica is late, the reference judges the task, and after 3 proofs the liar is
+    // quarantined and picked no more (8 to 30 of 40 tasks seen).
     let liar_standings = h.standings("liar", |_| true).await;
-    assert!(liar_standings.len() >= 20, "liar was picked {} times", liar_standings.len());
+    assert!(liar_standings.len() >= 5, "liar was picked {} times", liar_standings.len());
     assert!(liar_standings.iter().all(|s| *s == Standing::Disagreed));
 
     sundara::up::rewarder_caught_up(&h.js, Duration::from_secs(30)).await.unwrap();
@@ -116,6 +126,7 @@ async fn dishonest_miner_is_outvoted_and_scores_zero() {
 /// SIGKILL a worker process with assignments in flight: every task still completes, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_worker_loses_no_task() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut h = Harness::start(vec![honest("steady", 1)], 2, Duration::from_secs(3)).await;
     let victim = h.spawn_worker_process("victim", 1).await;
     h.spawn_worker_process("spare", 1).await;
