@@ -282,8 +282,14 @@ pub async fn run_load(
     let _submitter = AbortOnDrop(tokio::spawn({
         let client = client.clone();
         let total = load.total;
+        let wanted = tx.clone();
         async move {
             futures::stream::iter(0..total)
+                // Nobody waits for more once the load is dropped (Ctrl-C in `up`): stop
+                // making requests. Their submits may fail at once then, so without this the
+                // loop would never yield and its abort would not take effect until the
+                // whole count was made.
+                .take_while(move |_| futures::future::ready(!wanted.is_closed()))
                 .map(make)
                 .map(|req| {
                     let client = client.clone();
