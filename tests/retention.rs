@@ -31,13 +31,15 @@ async fn stored_in_tasks(h: &Harness) -> (u64, u64) {
     (state.messages, state.bytes)
 }
 
-/// One tenant pushes large tasks with the shortest timeout allowed as fast as it can: it
-/// is refused `storage_quota` once its stored tasks reach its quota, TASKS never holds
-/// more than that of it, another tenant's tasks are all accepted and verified meanwhile,
-/// and once its tasks have left TASKS (deadline + linger) the filler may submit again.
+/// One tenant pushes large tasks with the shortest timeout allowed, four at a time, for
+/// [`FILL_FOR`]: it is refused `storage_quota` whenever its stored tasks reach its quota,
+/// TASKS never holds more than that of it, its quota comes back as its tasks leave TASKS
+/// (deadline + linger), and another tenant's tasks, submitted all along, are all accepted
+/// and verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_filling_tasks_does_not_stop_another() {
     const QUOTA: u64 = 4 << 20;
+    const FILL_FOR: Duration = Duration::from_secs(60);
     let mut policy = TenantPolicy::default();
     policy.tenants.insert("filler".into(), TenantLimits { max_stored_bytes: QUOTA, ..Default::default() });
     let stack = LocalStack::start(&project_root()).unwrap();
@@ -51,36 +53,57 @@ async fn a_tenant_filling_tasks_does_not_stop_another() {
     let other = Client::new(h.client.nats.clone(), "other");
 
     // Tasks of about 256 KiB (mlp rows), timing out as soon as allowed.
-    let meta = h.models["mlp"].clone();
+    let inputs = h.models["mlp"].inputs.clone();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
-    let one_row = encode(&SubmitRequest::new("mlp", sundara::models::sample_inputs(&meta.inputs, 1, &mut rng)));
+    let one_row = encode(&SubmitRequest::new("mlp", sundara::models::sample_inputs(&inputs, 1, &mut rng)));
     let rows = (256 << 10) / one_row.len() as u64;
-    let large = |i: usize, rng: &mut rand::rngs::StdRng| SubmitRequest {
+    let large = move |i: usize, rng: &mut rand::rngs::StdRng| SubmitRequest {
         request_id: Some(format!("fill-{i}")),
         timeout_ms: Some(1000),
-        ..SubmitRequest::new("mlp", sundara::models::sample_inputs(&meta.inputs, rows, rng))
+        ..SubmitRequest::new("mlp", sundara::models::sample_inputs(&inputs, rows, rng))
     };
     let too_short = SubmitRequest { timeout_ms: Some(10), ..large(0, &mut rng) };
     assert_eq!(accepted(filler.submit(&too_short).await.unwrap()), Err(RejectCode::TimeoutTooShort));
 
     let mut other_results = other.results().await.unwrap();
-    let normal = h.sample_requests(20, "other", 9, |_| "mlp");
-    let (mut filled, mut refused, mut other_ids, mut most_stored) = (0, 0, Vec::new(), 0);
-    for i in 0..60 {
-        match accepted(filler.submit(&large(i, &mut rng)).await.unwrap()) {
-            Ok(_) => filled += 1,
-            Err(RejectCode::StorageQuota) => refused += 1,
-            Err(code) => panic!("the filler was refused {code:?}, not storage_quota"),
+    let until = tokio::time::Instant::now() + FILL_FOR;
+    let filling = tokio::spawn({
+        let large = large.clone();
+        async move {
+            let (mut filled, mut refused, mut i) = (0, 0, 0);
+            while tokio::time::Instant::now() < until {
+                let batch: Vec<SubmitRequest> = (0..4).map(|k| large(i + k, &mut rng)).collect();
+                i += batch.len();
+                for outcome in futures::future::join_all(batch.iter().map(|r| filler.submit(r))).await {
+                    match accepted(outcome.unwrap()) {
+                        Ok(_) => filled += 1,
+                        Err(RejectCode::StorageQuota) => refused += 1,
+                        Err(code) => panic!("the filler was refused {code:?}, not storage_quota"),
+                    }
+                }
+            }
+            (filled, refused, filler, rng)
         }
-        if i % 3 == 0 {
-            let id = accepted(other.submit(&normal[i / 3]).await.unwrap());
-            other_ids.push(id.unwrap_or_else(|code| panic!("the other tenant was refused {code:?}")));
+    });
+    let normal = h.sample_requests(400, "other", 9, |_| "mlp");
+    let (mut other_ids, mut most_stored) = (Vec::new(), 0);
+    for request in &normal {
+        if tokio::time::Instant::now() >= until {
+            break;
         }
+        let id = accepted(other.submit(request).await.unwrap());
+        other_ids.push(id.unwrap_or_else(|code| panic!("the other tenant was refused {code:?}")));
         most_stored = most_stored.max(h.capacity.stored_bytes("filler").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
+    let (filled, refused, filler, mut rng) = filling.await.unwrap();
     eprintln!("filler: {filled} accepted, {refused} refused; most stored {most_stored} B of {QUOTA}");
     assert!(refused > 0 && filled > 0, "{filled} accepted, {refused} refused");
+    // Its quota came back again and again as its tasks left: far more accepted than fit.
+    let fit = QUOTA / (256 << 10);
+    assert!(filled > 2 * fit, "only {filled} of the filler's tasks were accepted in {FILL_FOR:?} ({fit} fit at once)");
     assert!(most_stored <= QUOTA, "the filler's stored tasks reached {most_stored} B");
+    assert!(other_ids.len() >= 100, "the other tenant got {} tasks in", other_ids.len());
     let results = await_results(&mut other_results, &other_ids).await;
     for id in &other_ids {
         assert!(matches!(results[id].status, ResultStatus::Verified { .. }), "{id}: {:?}", results[id].status);
@@ -93,7 +116,7 @@ async fn a_tenant_filling_tasks_does_not_stop_another() {
         if stored.0 == other_ids.len() as u64 { Ok(()) } else { Err(stored) }
     })
     .await;
-    assert!(accepted(filler.submit(&large(1000, &mut rng)).await.unwrap()).is_ok(), "the quota came back");
+    assert!(accepted(filler.submit(&large(1_000_000, &mut rng)).await.unwrap()).is_ok(), "the quota came back");
     h.stop().await;
 }
 
@@ -194,4 +217,40 @@ async fn a_full_fleet_refuses_a_flood_without_a_redis_call_each() {
     let stopping = std::time::Instant::now();
     h.stop().await;
     assert!(stopping.elapsed() < Duration::from_secs(5), "stopping took {:?}", stopping.elapsed());
+}
+
+/// History ages an operator gives (`--outcomes-max-age-secs` and the others, the same on
+/// every service) are set on streams that already exist; without them an existing stream
+/// keeps the age it has, whatever tuned it.
+#[tokio::test]
+async fn history_ages_given_are_set_on_existing_streams() {
+    use sundara_common::nats::{self, HistoryArgs, Retention};
+    let stack = LocalStack::start(&project_root()).unwrap();
+    let client = nats::connect(&stack.endpoints().nats, "retention-test").await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let ages = || async {
+        let mut ages = Vec::new();
+        for name in [subj::OUTCOMES_STREAM, subj::RESULTS_STREAM, subj::VERDICTS_STREAM, subj::REWARDS_STREAM] {
+            let mut stream = js.get_stream(name).await.unwrap();
+            ages.push(stream.info().await.unwrap().config.max_age.as_secs());
+        }
+        let mut dead = js.get_stream(subj::DEAD_STREAM).await.unwrap();
+        ages.push(dead.info().await.unwrap().config.max_age.as_secs());
+        ages
+    };
+    let (day, month) = (24 * 3600, 30 * 24 * 3600);
+    nats::provision(&js, &Retention::default()).await.unwrap();
+    assert_eq!(ages().await, [day, day, month, month, month]);
+
+    let given =
+        HistoryArgs { outcomes_max_age_secs: Some(300), results_max_age_secs: None, records_max_age_secs: Some(3600) };
+    nats::provision(&js, &given.apply(Retention::default())).await.unwrap();
+    assert_eq!(ages().await, [300, day, 3600, 3600, 3600]);
+    // The duplicate window never outlasts the age.
+    let mut outcomes = js.get_stream(subj::OUTCOMES_STREAM).await.unwrap();
+    assert!(outcomes.info().await.unwrap().config.duplicate_window <= Duration::from_secs(300));
+
+    // A service started without them changes nothing.
+    nats::provision(&js, &Retention::default()).await.unwrap();
+    assert_eq!(ages().await, [300, day, 3600, 3600, 3600]);
 }

@@ -387,11 +387,9 @@ struct Offer {
 
 /// The streams' bounds the run provisions them with.
 fn retention_of(cli: &Cli) -> nats::Retention {
-    let mut r = nats::Retention { history_max_msgs: cli.history_max_msgs, ..Default::default() };
-    if let Some(age) = cli.history_max_age_s.map(Duration::from_secs) {
-        (r.outcomes_max_age, r.results_max_age, r.records_max_age) = (age, age, age);
-    }
-    r
+    let r = nats::Retention { history_max_msgs: cli.history_max_msgs, ..Default::default() };
+    let age = cli.history_max_age_s;
+    nats::HistoryArgs { outcomes_max_age_secs: age, results_max_age_secs: age, records_max_age_secs: age }.apply(r)
 }
 
 /// 2. Ingress again, with the fleet's bound on tasks in flight.

@@ -54,6 +54,8 @@ struct Cli {
     /// per task across every service. Off when not set.
     #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    history: nats::HistoryArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -714,6 +716,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
                 nats: sundara::stack::ServerOptions { listen: nats_listen, mutual_tls, redis_tls },
                 gateway_listen,
                 chain,
+                retention: cli.history.apply(Default::default()),
             };
             sundara::up::up(opts).await
         }
@@ -832,7 +835,7 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         | Command::Autoscaler { .. }
         | Command::Worker(_)
         | Command::Gateway(_)
-        | Command::Chain { command: ChainCommand::Serve(_), .. }) => serve(service, endpoints).await,
+        | Command::Chain { command: ChainCommand::Serve(_), .. }) => serve(service, endpoints, &cli.history).await,
     }
 }
 
@@ -1046,31 +1049,38 @@ fn auth(command: AuthCommand) -> anyhow::Result<()> {
     }
 }
 
-/// `sundara <service>`: runs one service until SIGINT or SIGTERM.
-async fn serve(command: Command, endpoints: Endpoints) -> anyhow::Result<()> {
+/// `sundara <service>`: runs one service until SIGINT or SIGTERM. The validator services
+/// provision the streams with `history`'s ages.
+async fn serve(command: Command, endpoints: Endpoints, history: &nats::HistoryArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     match command {
         Command::Ingress { args, redis: _ } => {
-            let config = sundara_ingress::Config::from_args(args, endpoints).map_err(anyhow::Error::msg)?;
+            let mut config = sundara_ingress::Config::from_args(args, endpoints).map_err(anyhow::Error::msg)?;
+            config.retention = history.apply(config.retention);
             run_service(sundara_ingress::run(config, shutdown.clone()), shutdown).await
         }
         Command::Scheduler { args, redis: _ } => {
-            let config = sundara_scheduler::Config::from_args(args, endpoints)?;
+            let mut config = sundara_scheduler::Config::from_args(args, endpoints)?;
+            config.retention = history.apply(config.retention);
             run_service(sundara_scheduler::run(config, shutdown.clone()), shutdown).await
         }
         Command::Verifier(args) => {
-            let config = sundara_verifier::Config::from_args(args, endpoints, || {
+            let mut config = sundara_verifier::Config::from_args(args, endpoints, || {
                 anyhow::Ok((ort()?, find_project_root()?.join(".cache/verifier-models")))
             })?;
+            config.retention = history.apply(config.retention);
             run_service(sundara_verifier::run(config, shutdown.clone()), shutdown).await
         }
         Command::Rewarder { args, redis: _ } => {
-            let config = sundara_rewarder::Config::from_args(args, endpoints);
+            let mut config = sundara_rewarder::Config::from_args(args, endpoints);
+            config.retention = history.apply(config.retention);
             run_service(sundara_rewarder::run(config, shutdown.clone()), shutdown).await
         }
         Command::Autoscaler { args, redis: _ } => {
             let binary = || std::env::current_exe().map_err(|e| format!("locating this binary: {e}"));
-            let config = sundara_autoscaler::Config::from_args(args, endpoints, binary).map_err(anyhow::Error::msg)?;
+            let mut config =
+                sundara_autoscaler::Config::from_args(args, endpoints, binary).map_err(anyhow::Error::msg)?;
+            config.retention = history.apply(config.retention);
             run_service(sundara_autoscaler::run(config, shutdown.clone()), shutdown).await
         }
         Command::Worker(args) => {
@@ -1111,6 +1121,17 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn history_ages_are_taken_by_every_command_and_not_below_a_minute() {
+        let cli = Cli::try_parse_from(["sundara", "verifier", "--outcomes-max-age-secs", "300"]).unwrap();
+        assert_eq!(cli.history.outcomes_max_age_secs, Some(300));
+        let applied = cli.history.apply(nats::Retention::default());
+        assert!(applied.history_ages_given && applied.outcomes_max_age.as_secs() == 300);
+        assert!(!nats::HistoryArgs::default().apply(nats::Retention::default()).history_ages_given);
+        let short = Cli::try_parse_from(["sundara", "up", "--records-max-age-secs", "5"]);
+        assert!(short.err().is_some_and(|e| e.to_string().contains("at least 60 s")));
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct UpOptions {
     pub gateway_listen: Option<std::net::SocketAddr>,
     /// As a local Bittensor subnet ([`DevSubnet`]).
     pub chain: bool,
+    /// The streams' limits (`--outcomes-max-age-secs` and the other history ages).
+    pub retention: nats::Retention,
 }
 
 /// Pushes the demo models (k=3 so that one liar is always outvoted).
@@ -189,7 +191,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     if let Some(addr) = opts.metrics {
         println!("metrics: http://{addr}/metrics");
     }
-    let Some(set_up) = unless(&interrupted, register_demo_models(&endpoints, &root)).await else {
+    let Some(set_up) = unless(&interrupted, register_demo_models(&endpoints, &root, &opts.retention)).await else {
         println!("interrupted: stopping");
         return Ok(());
     };
@@ -206,6 +208,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let embedding = push_embedding_model(&js, &root).await?;
     let gateway = demo_gateway(opts.gateway_listen, embedding.is_some())?;
     let mut config = pipeline_config(&endpoints, ort_library, &root, &workers, auth.as_ref(), scaling);
+    config.retention = opts.retention.clone();
     let mut gateway_config = sundara_gateway::Config::new(endpoints.clone(), gateway.listen, gateway.keys.clone());
     gateway_config.embedding_models = embedding.into_iter().collect();
     config.gateway = Some(gateway_config);
@@ -307,10 +310,11 @@ fn start_servers(
 async fn register_demo_models(
     endpoints: &Endpoints,
     root: &std::path::Path,
+    retention: &nats::Retention,
 ) -> anyhow::Result<(async_nats::Client, jetstream::Context, Vec<ModelMeta>)> {
     let nats_client = nats::connect(&endpoints.nats, "sundara-up").await?;
     let js = jetstream::new(nats_client.clone());
-    nats::provision(&js, &nats::Retention::default()).await?;
+    nats::provision(&js, retention).await?;
     let registry = Registry::open(&js).await?;
     let models = push_demo_models(&registry, root).await?;
     Ok((nats_client, js, models))

@@ -398,6 +398,57 @@ pub struct Retention {
     /// Bytes of dead letters and dead tasks' copies kept at most (DEAD), oldest dropped
     /// first: a tenant whose tasks all expire cannot fill the broker with them.
     pub dead_max_bytes: i64,
+    /// The history ages above were given by the operator ([`HistoryArgs`]): provisioning
+    /// brings existing streams to them. Otherwise an existing stream keeps its own.
+    pub history_ages_given: bool,
+}
+
+/// Shortest age a history stream may be given: under it an outcome could leave before the
+/// verifier (or a client, a result) had a fair chance to read it.
+pub const MIN_HISTORY_AGE_SECS: u64 = 60;
+
+/// How long the history streams keep their messages. Disk and broker memory grow with
+/// rate × age, so a deployment sizes these to its store (docs/deployment.md, "Sizing the
+/// streams"). Every validator service and `up` take them; each provisions the streams at
+/// start, so give all of them the same values (one environment).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct HistoryArgs {
+    /// Seconds miners' outcomes are kept (OUTCOMES): the verifier may lag this long behind
+    /// without losing one [default: 86400, or what the stream has]
+    #[arg(long, global = true, env = "SUNDARA_OUTCOMES_MAX_AGE_SECS", value_parser = history_age)]
+    pub outcomes_max_age_secs: Option<u64>,
+    /// Seconds results are kept (RESULTS): a client may be away this long and still
+    /// collect its results [default: 86400, or what the stream has]
+    #[arg(long, global = true, env = "SUNDARA_RESULTS_MAX_AGE_SECS", value_parser = history_age)]
+    pub results_max_age_secs: Option<u64>,
+    /// Seconds the records are kept (VERDICTS, REWARDS, DEAD): `rewards --explain` and
+    /// `tasks dead --resubmit` reach this far back [default: 2592000, or what the stream has]
+    #[arg(long, global = true, env = "SUNDARA_RECORDS_MAX_AGE_SECS", value_parser = history_age)]
+    pub records_max_age_secs: Option<u64>,
+}
+
+fn history_age(text: &str) -> Result<u64, String> {
+    let secs: u64 = text.parse().map_err(|e| format!("{e}"))?;
+    if secs < MIN_HISTORY_AGE_SECS {
+        return Err(format!("at least {MIN_HISTORY_AGE_SECS} s"));
+    }
+    Ok(secs)
+}
+
+impl HistoryArgs {
+    /// `retention` with the ages given here; the others as they are.
+    pub fn apply(&self, mut retention: Retention) -> Retention {
+        let given = [self.outcomes_max_age_secs, self.results_max_age_secs, self.records_max_age_secs];
+        if given.iter().all(Option::is_none) {
+            return retention;
+        }
+        let secs = Duration::from_secs;
+        retention.outcomes_max_age = self.outcomes_max_age_secs.map_or(retention.outcomes_max_age, secs);
+        retention.results_max_age = self.results_max_age_secs.map_or(retention.results_max_age, secs);
+        retention.records_max_age = self.records_max_age_secs.map_or(retention.records_max_age, secs);
+        retention.history_ages_given = true;
+        retention
+    }
 }
 
 impl Default for Retention {
@@ -413,6 +464,7 @@ impl Default for Retention {
             results_max_age: Duration::from_secs(24 * 3600),
             records_max_age: Duration::from_secs(30 * 24 * 3600),
             dead_max_bytes: 1 << 30,
+            history_ages_given: false,
         }
     }
 }
@@ -433,21 +485,32 @@ fn stream_config(name: &str, subjects: &str, max_age: Duration, r: &Retention) -
 }
 
 /// Creates `config`'s stream if it is missing, and brings an existing one up to what this
-/// version needs of it (subjects, per-message TTL), leaving its other settings as they
-/// are: an operator may have tuned them.
-async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), Error> {
+/// version needs of it (subjects, per-message TTL) and, with `set_age`, to `config`'s age
+/// (an operator gave it), leaving its other settings as they are: an operator may have
+/// tuned them.
+async fn ensure_stream(js: &jetstream::Context, config: stream::Config, set_age: bool) -> Result<(), Error> {
     let mut stream = js.get_or_create_stream(config.clone()).await.map_err(js_err)?;
     let current = stream.info().await.map_err(js_err)?.config.clone();
     let missing_subjects = config.subjects.iter().any(|s| !current.subjects.contains(s));
-    if missing_subjects || (config.allow_message_ttl && !current.allow_message_ttl) {
+    let new_age = set_age && current.max_age != config.max_age;
+    if missing_subjects || new_age || (config.allow_message_ttl && !current.allow_message_ttl) {
         let mut subjects = current.subjects.clone();
         subjects.extend(config.subjects.iter().filter(|s| !current.subjects.contains(s)).cloned());
+        let (max_age, duplicate_window) = match new_age {
+            true => (config.max_age, current.duplicate_window.min(config.max_age)),
+            false => (current.max_age, current.duplicate_window),
+        };
         let updated = stream::Config {
             subjects,
             allow_message_ttl: current.allow_message_ttl || config.allow_message_ttl,
+            max_age,
+            duplicate_window,
             ..current
         };
         js.update_stream(updated).await.map_err(js_err)?;
+        if new_age {
+            tracing::info!(stream = %config.name, max_age_s = config.max_age.as_secs(), "stream's age limit set");
+        }
     }
     Ok(())
 }
@@ -478,17 +541,18 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
         max_bytes: r.dead_max_bytes,
         ..history(subj::DEAD_STREAM, subj::DEAD_ALL, r.records_max_age)
     };
+    let given = r.history_ages_given;
     let streams = [
-        tasks,
-        work,
-        history(subj::OUTCOMES_STREAM, subj::OUTCOME_ALL, r.outcomes_max_age),
-        history(subj::RESULTS_STREAM, subj::RESULT_ALL, r.results_max_age),
-        history(subj::VERDICTS_STREAM, subj::VERDICT_ALL, r.records_max_age),
-        history(subj::REWARDS_STREAM, subj::REWARD_ALL, r.records_max_age),
-        dead,
+        (tasks, false),
+        (work, false),
+        (history(subj::OUTCOMES_STREAM, subj::OUTCOME_ALL, r.outcomes_max_age), given),
+        (history(subj::RESULTS_STREAM, subj::RESULT_ALL, r.results_max_age), given),
+        (history(subj::VERDICTS_STREAM, subj::VERDICT_ALL, r.records_max_age), given),
+        (history(subj::REWARDS_STREAM, subj::REWARD_ALL, r.records_max_age), given),
+        (dead, given),
     ];
-    for config in streams {
-        ensure_stream(js, config).await?;
+    for (config, set_age) in streams {
+        ensure_stream(js, config, set_age).await?;
     }
     for (bucket, history) in [(subj::MODELS_BUCKET, 8), (subj::REWARDS_BUCKET, 16), (subj::VALIDATOR_BUCKET, 8)] {
         if js.get_key_value(bucket).await.is_err() {
