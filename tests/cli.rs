@@ -35,7 +35,8 @@ async fn sundara(h: Option<&Harness>, args: &[&str]) -> Run {
     match h {
         Some(h) => {
             let ep = h.stack.endpoints();
-            cmd.args(["--nats", &ep.nats.url, "--redis", &ep.redis_url]);
+            // Redis' password in the environment: in --redis it is refused.
+            cmd.args(["--nats", &ep.nats.url]).env("SUNDARA_REDIS_URL", &ep.redis_url);
             if let Some(tls) = &ep.nats.tls {
                 cmd.arg("--nats-ca").arg(&tls.ca);
             }

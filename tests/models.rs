@@ -32,12 +32,14 @@ fn sha(file: &str) -> String {
 async fn sundara(endpoints: &Endpoints, args: &[&str]) -> Output {
     let ort = sundara_runtime::find_library(&[project_root()]).expect("run scripts/setup");
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sundara"));
-    cmd.args(["--nats", &endpoints.nats.url, "--redis", &endpoints.redis_url]).args(args).env("ORT_DYLIB_PATH", ort);
+    cmd.args(["--nats", &endpoints.nats.url]).args(args).env("ORT_DYLIB_PATH", ort);
     for (k, _) in std::env::vars() {
         if k.starts_with("SUNDARA_") {
             cmd.env_remove(k);
         }
     }
+    // In the environment: a password in --redis is refused (`ps` would show it).
+    cmd.env("SUNDARA_REDIS_URL", &endpoints.redis_url);
     if let Some(creds) = &endpoints.nats.credentials {
         cmd.arg("--nats-creds").arg(creds);
     }

@@ -3,7 +3,8 @@
 //! `sundara up` from there with only its own key and the CA, as a new operator would from
 //! docs/mining.md; a miner cut off under load is replaced and rejoins; the verifier, and the
 //! scheduler with the autoscaler, cut off from NATS and Redis, lose no task. Where namespaces
-//! cannot be made (not root, no `ip`), each test says so and passes without running.
+//! cannot be made (not root, no `ip`), each test says so and passes without running, unless
+//! `SUNDARA_REQUIRE_NETNS` is set (as in CI), where it fails.
 
 use sundara_testkit as support;
 
@@ -17,10 +18,14 @@ use support::processes::{ProcessStack, StackOptions};
 use support::wait;
 
 /// A network namespace for this test, or `None` (with the reason printed) where the
-/// machine cannot make one.
+/// machine cannot make one. With `SUNDARA_REQUIRE_NETNS` set (`.ci/run` sets it) that
+/// fails the test instead: a green CI means these tests ran.
 fn netns(tag: &str) -> Option<Netns> {
     match Netns::create(tag) {
         Ok(n) => Some(n),
+        Err(why) if std::env::var_os("SUNDARA_REQUIRE_NETNS").is_some() => {
+            panic!("cannot create a network namespace here ({}), and SUNDARA_REQUIRE_NETNS is set", why.0)
+        }
         Err(why) => {
             eprintln!("SKIPPED: cannot create a network namespace here ({}); run as root with iproute2", why.0);
             None

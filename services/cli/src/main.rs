@@ -56,6 +56,9 @@ struct Cli {
     otlp_endpoint: Option<String>,
     #[command(flatten)]
     history: nats::HistoryArgs,
+    /// `--redis` was typed on the command line (set after parsing).
+    #[arg(skip)]
+    redis_typed: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -305,6 +308,50 @@ struct RedisArgs {
     /// one trusted [default: the system's roots]
     #[arg(long = "redis-ca", env = "SUNDARA_REDIS_CA", global = true)]
     ca: Option<PathBuf>,
+    /// A file holding Redis' password (its first line), put into the URL: a password given
+    /// in `--redis` on the command line is refused, since `ps` shows it
+    #[arg(long = "redis-password-file", env = "SUNDARA_REDIS_PASSWORD_FILE", global = true)]
+    password_file: Option<PathBuf>,
+}
+
+impl RedisArgs {
+    /// The URL to connect to: with the password file's password, if given. `typed`: the URL
+    /// came from the command line, where no password may be (the environment may hold one).
+    fn url(&self, typed: bool) -> anyhow::Result<Option<String>> {
+        if typed && self.url.as_deref().is_some_and(sundara_common::has_password) {
+            bail!(
+                "a password in --redis shows in `ps` to every user of this machine: give the URL in \
+                 SUNDARA_REDIS_URL, or the password in a file with --redis-password-file"
+            );
+        }
+        let Some(file) = &self.password_file else { return Ok(self.url.clone()) };
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let password = text.lines().next().unwrap_or_default().trim();
+        if password.is_empty() {
+            bail!("{} holds no password", file.display());
+        }
+        let url = self.url.as_deref().unwrap_or("redis://127.0.0.1:6379/");
+        Ok(Some(sundara_common::with_password(url, password)))
+    }
+}
+
+/// Whether `--redis` was typed on the command line of the command `matches` parsed (not
+/// taken from the environment).
+fn redis_url_typed(matches: &clap::ArgMatches) -> bool {
+    let mut m = matches;
+    loop {
+        let typed = |id: &str| {
+            m.try_get_raw(id).ok().flatten().is_some()
+                && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        };
+        if typed("url") || typed("redis") {
+            return true;
+        }
+        match m.subcommand() {
+            Some((_, sub)) => m = sub,
+            None => return false,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -555,7 +602,7 @@ fn ort() -> anyhow::Result<PathBuf> {
 
 /// Where to connect, from the command line, the environment and a running `sundara up`'s
 /// context (not for `up` itself, which starts its own or takes what it is given).
-fn endpoints(cli: &Cli) -> Endpoints {
+fn endpoints(cli: &Cli) -> anyhow::Result<Endpoints> {
     let redis = match &cli.command {
         Command::Up { redis, .. }
         | Command::Models { command: ModelsCommand::Push { redis, .. } }
@@ -565,9 +612,12 @@ fn endpoints(cli: &Cli) -> Endpoints {
         | Command::Scheduler { redis, .. }
         | Command::Rewarder { redis, .. }
         | Command::Autoscaler { redis, .. }
-        | Command::Chain { redis, .. } => (redis.url.clone(), redis.ca.clone()),
+        | Command::Chain { redis, .. } => (redis.url(cli.redis_typed)?, redis.ca.clone()),
         _ => (None, None),
     };
+    if cli.redis_typed && cli.redis.as_deref().is_some_and(sundara_common::has_password) {
+        bail!("a password in --redis shows in `ps`: give the URL in SUNDARA_REDIS_URL instead");
+    }
     let settings = sundara::context::Settings {
         nats: cli.nats.clone(),
         nats_creds: cli.nats_creds.clone(),
@@ -577,7 +627,7 @@ fn endpoints(cli: &Cli) -> Endpoints {
         redis_ca: redis.1,
     };
     let acting_as = match &cli.command {
-        Command::Up { .. } => return settings.resolve(None, None),
+        Command::Up { .. } => return Ok(settings.resolve(None, None)),
         Command::Worker(args) => Some(sundara::auth::Role::Miner(args.id.clone())),
         Command::Submit { task: TaskArgs { tenant: Some(t), .. }, .. }
         | Command::RunStaged { task: TaskArgs { tenant: Some(t), .. }, .. }
@@ -585,7 +635,7 @@ fn endpoints(cli: &Cli) -> Endpoints {
         _ => None,
     };
     let context = sundara::context::Context::current();
-    settings.resolve(context.as_ref().map(|(_, c)| c), acting_as.as_ref())
+    Ok(settings.resolve(context.as_ref().map(|(_, c)| c), acting_as.as_ref()))
 }
 
 /// `up` and the client commands print their own report; services log at info.
@@ -610,7 +660,9 @@ fn is_quiet(command: &Command) -> bool {
 /// says why); 2 an error, printed once as `error: …` with the causes it does not already
 /// say (clap's usage errors also exit 2).
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.redis_typed = redis_url_typed(&matches);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // The services run on the worker threads (see `async_main`): give them the main
     // thread's 8 MiB, since unoptimized builds poll deep futures (tokio's default is 2 MiB).
@@ -684,7 +736,7 @@ fn service_name(command: &Command) -> &'static str {
 
 /// Runs the command; `quiet` ones (client and `up`) serve no metrics of their own.
 async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
-    let endpoints = endpoints(&cli);
+    let endpoints = endpoints(&cli)?;
     if cli.nats_cert.is_some() && endpoints.nats.tls.is_none() {
         bail!("--nats-cert needs --nats-ca: the CA that signed the server's certificate");
     }
@@ -1121,6 +1173,25 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_redis_password_is_refused_on_the_command_line_and_read_from_a_file() {
+        let typed = |args: &[&str]| redis_url_typed(&Cli::command().try_get_matches_from(args).unwrap());
+        assert!(typed(&["sundara", "status", "--redis", "redis://u:pw@h/"]));
+        assert!(typed(&["sundara", "models", "push", "--redis", "redis://h/", "--name", "m", "x.onnx"]));
+        assert!(!typed(&["sundara", "status"]));
+        let args = RedisArgs { url: Some("redis://sundara:pw@h:6379/".into()), ..Default::default() };
+        let refused = args.url(true).unwrap_err().to_string();
+        assert!(refused.contains("SUNDARA_REDIS_URL") && !refused.contains("pw@"), "{refused}");
+        // From the environment it is taken as it is.
+        assert_eq!(args.url(false).unwrap().as_deref(), Some("redis://sundara:pw@h:6379/"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis.password");
+        std::fs::write(&file, "s3cret/pw\n").unwrap();
+        let args =
+            RedisArgs { url: Some("redis://sundara@h:6379/".into()), password_file: Some(file), ..Default::default() };
+        assert_eq!(args.url(true).unwrap().as_deref(), Some("redis://sundara:s3cret%2Fpw@h:6379/"));
     }
 
     #[test]

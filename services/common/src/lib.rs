@@ -55,6 +55,29 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
+/// Whether `url` carries a password in its user info (`redis://user:password@host/`).
+pub fn has_password(url: &str) -> bool {
+    redacted(url) != url
+}
+
+/// `url` with `password` as its user's password (`redis://user@host/` →
+/// `redis://user:password@host/`; no user: the default one), percent-encoded.
+pub fn with_password(url: &str, password: &str) -> String {
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (user, host) = match rest.split_once('@') {
+        Some((userinfo, host)) => (userinfo.split_once(':').map_or(userinfo, |(u, _)| u), host),
+        None => ("", rest),
+    };
+    format!("{scheme}://{user}:{encoded}@{host}")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot connect to NATS at {url}: {reason} (is nats-server running? `sundara up` starts one)")]
@@ -159,6 +182,14 @@ pub async fn stop_within<E>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_password_is_put_into_a_redis_url_encoded() {
+        assert_eq!(with_password("redis://sundara@h:6379/", "p@ss:w/rd"), "redis://sundara:p%40ss%3Aw%2Frd@h:6379/");
+        assert_eq!(with_password("rediss://h:6380/", "pw"), "rediss://:pw@h:6380/");
+        assert_eq!(with_password("redis://u:old@h/", "new"), "redis://u:new@h/");
+        assert!(has_password("redis://u:pw@h/") && !has_password("redis://u@h/") && !has_password("redis://h/"));
+    }
+
     #[test]
     fn a_redis_password_never_shows_in_debug_output() {
         let e = super::Endpoints {
