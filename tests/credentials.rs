@@ -348,3 +348,30 @@ fn the_project_root_is_never_the_build_tree_by_accident() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("no Sundara checkout found") && said.contains("SUNDARA_HOME"), "{said}");
 }
+
+/// `up --autoscale` secured as the rest of `up`: the pool's workers are processes that join
+/// with the pool's own seed (`pool.nk`) and the stack's CA over TLS, take work and are
+/// scored, and `up` stops them with itself.
+#[test]
+fn up_autoscales_a_pool_that_joins_with_its_own_credentials() {
+    let state = tempfile::tempdir().unwrap();
+    let context = state.path().join("up.json");
+    let mut cmd = sundara(&context);
+    cmd.args(["up", "--once", "--autoscale", "2", "--tasks", "400"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let (out, _) = run(&mut cmd);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("400 submitted: 400 verified"), "{said}");
+    // The score table: a pool worker took work and agreed on it.
+    let pool_agreed: Vec<u64> = said
+        .lines()
+        .filter(|l| l.starts_with("pool-"))
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    assert!(pool_agreed.iter().any(|&agreed| agreed > 0), "no pool worker agreed on a task: {said}");
+    assert!(creds_gone(&context), "the seeds are left behind");
+}
+
+fn creds_gone(context: &Path) -> bool {
+    !context.exists() && !sundara::context::credentials_dir(context).exists()
+}
