@@ -296,6 +296,11 @@ pub fn nats_streams(monitor_port: u16) -> Option<Vec<StreamState>> {
     Some(streams)
 }
 
+/// Bytes JetStream stores on disk, all streams together (`/jsz`'s `storage`).
+pub fn nats_store_bytes(monitor_port: u16) -> Option<u64> {
+    nats_monitor(monitor_port, "/jsz")?["storage"].as_u64()
+}
+
 /// A JSON document from nats-server's monitoring port.
 fn nats_monitor(monitor_port: u16, path: &str) -> Option<serde_json::Value> {
     use std::io::{Read, Write};

@@ -169,6 +169,8 @@ struct Sample {
     in_flight: Option<u64>,
     /// Keys in Redis.
     keys: Option<u64>,
+    /// Bytes JetStream stores on disk, all streams together (`/jsz`'s `storage`).
+    store: Option<u64>,
 }
 
 /// What the servers hold: JetStream streams and Redis' keys and memory.
@@ -235,19 +237,34 @@ fn rss_stats(names: &[String], samples: &[Sample], secs: f64) -> Vec<RssStats> {
         .enumerate()
         .map(|(i, name)| {
             let series: Vec<(f64, f64)> = samples.iter().filter_map(|s| s.rss[i].map(|b| (s.t_s, mib(b)))).collect();
-            let in_window: Vec<(f64, f64)> = series.iter().copied().filter(|p| p.0 <= secs + 0.5).collect();
-            let second_half: Vec<(f64, f64)> =
-                in_window.iter().filter(|p| p.0 >= secs / 2.0).map(|&(t, m)| (t / 60.0, m)).collect();
-            RssStats {
-                process: name.clone(),
-                start: series.first().map_or(0.0, |p| p.1),
-                max: series.iter().map(|p| p.1).fold(0.0, f64::max),
-                end: in_window.last().map_or(0.0, |p| p.1),
-                after: series.last().map_or(0.0, |p| p.1),
-                slope: slope(&second_half),
-            }
+            series_stats(name, &series, secs)
         })
         .collect()
+}
+
+/// What JetStream stores on disk over the run, as a process's memory is summed up.
+fn store_stats(samples: &[Sample], secs: f64) -> Option<RssStats> {
+    let series: Vec<(f64, f64)> = samples.iter().filter_map(|s| s.store.map(|b| (s.t_s, mib(b)))).collect();
+    (!series.is_empty()).then(|| series_stats(STORE, &series, secs))
+}
+
+/// The memory table's row name of JetStream's store on disk.
+const STORE: &str = "JetStream store (disk)";
+
+/// `series` (seconds, MiB) of a window of `secs`, summed up: first, largest, last in the
+/// window and last of all, and the slope (MiB/min) over the window's second half.
+fn series_stats(name: &str, series: &[(f64, f64)], secs: f64) -> RssStats {
+    let in_window: Vec<(f64, f64)> = series.iter().copied().filter(|p| p.0 <= secs + 0.5).collect();
+    let second_half: Vec<(f64, f64)> =
+        in_window.iter().filter(|p| p.0 >= secs / 2.0).map(|&(t, m)| (t / 60.0, m)).collect();
+    RssStats {
+        process: name.to_string(),
+        start: series.first().map_or(0.0, |p| p.1),
+        max: series.iter().map(|p| p.1).fold(0.0, f64::max),
+        end: in_window.last().map_or(0.0, |p| p.1),
+        after: series.last().map_or(0.0, |p| p.1),
+        slope: slope(&second_half),
+    }
 }
 
 fn summary_json(s: &Summary) -> Value {
@@ -489,10 +506,11 @@ async fn spawn_router(
     }))
 }
 
-/// Samples `pids`' memory, and admission's and Redis' key counts, once a second from `t0`
-/// until `stop`.
+/// Samples `pids`' memory, admission's and Redis' key counts, and JetStream's store (from
+/// the monitoring port) once a second from `t0` until `stop`.
 async fn spawn_sampler(
     redis_url: &str,
+    monitor_port: Option<u16>,
     pids: Vec<u32>,
     t0: Instant,
     stop: Arc<AtomicBool>,
@@ -508,7 +526,11 @@ async fn spawn_sampler(
             let rss = pids.iter().map(|&p| fleet::rss_bytes(p)).collect();
             let in_flight = redis::cmd("ZCARD").arg("sundara:inflight:tasks").query_async::<u64>(&mut redis).await.ok();
             let keys = redis::cmd("DBSIZE").query_async::<u64>(&mut redis).await.ok();
-            samples.push(Sample { t_s, rss, in_flight, keys });
+            let store = match monitor_port {
+                Some(port) => tokio::task::spawn_blocking(move || fleet::nats_store_bytes(port)).await.ok().flatten(),
+                None => None,
+            };
+            samples.push(Sample { t_s, rss, in_flight, keys, store });
         }
         samples
     }))
@@ -647,7 +669,8 @@ async fn offer_load(cli: &Cli, p: &Pipeline, inputs: &[Vec<Tensor>], rate: f64) 
     });
     let router = spawn_router(&p.client, &tenant, tally.clone()).await?;
     let stop_sampling = Arc::new(AtomicBool::new(false));
-    let sampler = spawn_sampler(p.endpoints.redis_url.as_str(), pids, t0, stop_sampling.clone()).await?;
+    let monitor = p.stack.nats.monitor_port;
+    let sampler = spawn_sampler(p.endpoints.redis_url.as_str(), monitor, pids, t0, stop_sampling.clone()).await?;
     let sender = Sender {
         nats: p.client.clone(),
         payloads: payloads(cli, inputs),
@@ -754,6 +777,8 @@ struct Figures {
     goodput: f64,
     goodput_ratio: f64,
     rss: Vec<RssStats>,
+    /// JetStream's store on disk.
+    store: Option<RssStats>,
     in_flight_max: Option<u64>,
     /// Submissions sent (scheduled less skipped).
     sent: u64,
@@ -785,6 +810,7 @@ impl Figures {
         let lateness = Summary::from_micros(&mut lateness_us);
         let goodput = results.verified_steady as f64 / (cli.secs - settle_s);
         let rss = rss_stats(&off.names, &off.samples, cli.secs);
+        let store = store_stats(&off.samples, cli.secs);
         let in_flight_max = off.samples.iter().filter(|s| s.t_s <= cli.secs + 0.5).filter_map(|s| s.in_flight).max();
         let cpu = &off.cpu;
         // CPU used by processes outside this run (the machine is shared): contention to read the figures by.
@@ -812,6 +838,7 @@ impl Figures {
             goodput,
             goodput_ratio: goodput / cap.tasks_per_s,
             rss,
+            store,
             in_flight_max,
             sent: off.sent.scheduled - off.sent.skipped,
             date: today(),
@@ -884,6 +911,9 @@ fn record_json(cli: &Cli, cap: &CapacityRun, offer: &Offer, off: &Offered, f: &F
                        "end_mib": r.end, "after_drain_mib": r.after, "slope_mib_per_min_second_half": r.slope,
                        "growth_kib_per_accepted_task": f.per_task(r),
                        "flat": r.slope.abs() < cli.flat_mib_per_min})).collect::<Vec<_>>()},
+        "disk": f.store.as_ref().map(|r| json!({"what": "JetStream store, all streams", "start_mib": r.start,
+                       "max_mib": r.max, "end_mib": r.end, "after_drain_mib": r.after,
+                       "slope_mib_per_min_second_half": r.slope, "flat": r.slope.abs() < cli.flat_mib_per_min})),
         "servers": {"start": off.state_start, "end_of_window": off.state_end, "after_drain": off.state_after,
                     "redis_keys_by_prefix_after_drain": off.key_prefixes},
         "series": {"processes": off.names,
@@ -891,6 +921,7 @@ fn record_json(cli: &Cli, cap: &CapacityRun, offer: &Offer, off: &Offered, f: &F
                    "rss_mib": samples.iter().map(|s| s.rss.iter().map(|b| b.map(|b| (mib(b) * 10.0).round() / 10.0)).collect::<Vec<_>>()).collect::<Vec<_>>(),
                    "in_flight": samples.iter().map(|s| s.in_flight).collect::<Vec<_>>(),
                    "redis_keys": samples.iter().map(|s| s.keys).collect::<Vec<_>>(),
+                   "store_mib": samples.iter().map(|s| s.store.map(|b| (mib(b) * 10.0).round() / 10.0)).collect::<Vec<_>>(),
                    "accepted_per_s": replies.accepted_per_s, "rejected_per_s": replies.rejected_per_s,
                    "verified_per_s": r.verified_per_s},
     })
@@ -1018,6 +1049,19 @@ fn memory_table(cli: &Cli, off: &Offered, f: &Figures) -> String {
             cores
         ));
     }
+    if let Some(r) = &f.store {
+        md.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.2} | {} | {:.2} | – |\n",
+            r.process,
+            r.start,
+            r.max,
+            r.end,
+            r.after,
+            r.slope,
+            if r.slope.abs() < cli.flat_mib_per_min { "yes" } else { "**no**" },
+            f.per_task(r),
+        ));
+    }
     md
 }
 
@@ -1094,11 +1138,13 @@ mod tests {
 
     #[test]
     fn memory_figures_per_process() {
-        let s = |t_s: f64, m: u64| Sample { t_s, rss: vec![Some(m << 20)], in_flight: None, keys: None };
+        let s = |t_s: f64, m: u64| Sample { t_s, rss: vec![Some(m << 20)], in_flight: None, keys: None, store: Some(m << 20) };
         // 60 s window: grows 10 → 40 MiB over the first half, then 1 MiB per minute; 50 after the drain.
         let samples = [s(0.0, 10), s(30.0, 40), s(60.0, 41), s(70.0, 50)];
         let r = &rss_stats(&["p".to_string()], &samples, 60.0)[0];
         assert_eq!((r.start, r.max, r.end, r.after), (10.0, 50.0, 41.0, 50.0));
         assert!((r.slope - 2.0).abs() < 1e-9, "30 s → 60 s: +1 MiB in half a minute: {}", r.slope);
+        let disk = store_stats(&samples, 60.0).unwrap();
+        assert_eq!((disk.process.as_str(), disk.end, disk.slope), (STORE, r.end, r.slope));
     }
 }
