@@ -1138,7 +1138,13 @@ mod tests {
 
     #[test]
     fn memory_figures_per_process() {
-        let s = |t_s: f64, m: u64| Sample { t_s, rss: vec![Some(m << 20)], in_flight: None, keys: None, store: Some(m << 20) };
+        let s = |t_s: f64, m: u64| Sample {
+            t_s,
+            rss: vec![Some(m << 20)],
+            in_flight: None,
+            keys: None,
+            store: Some(m << 20),
+        };
         // 60 s window: grows 10 → 40 MiB over the first half, then 1 MiB per minute; 50 after the drain.
         let samples = [s(0.0, 10), s(30.0, 40), s(60.0, 41), s(70.0, 50)];
         let r = &rss_stats(&["p".to_string()], &samples, 60.0)[0];
