@@ -105,9 +105,20 @@ async fn with_mutual_tls_only_clients_with_a_certificate_of_the_ca_get_in() {
     let other = tempfile::tempdir().unwrap();
     sundara::tls::init(other.path(), &[], false).unwrap();
     let stranger = sundara::tls::client(other.path(), "m1", false).unwrap();
-    let (cert, key) = stranger.client_cert.unwrap();
+    let (cert, key) = stranger.client_cert.clone().unwrap();
     let forged = stack.pki.client_tls().with_client_cert(cert, key);
     assert_eq!(refusal(&endpoint(&stack, Some(forged))).await, TlsFailure::ClientRefused);
+
+    // A miner's own key, never on the validator's host: its request signed by the CA.
+    let host = tempfile::tempdir().unwrap();
+    let csr = sundara::tls::request(host.path(), "m2", false).unwrap();
+    let cert = sundara::tls::sign_request(&stack.pki.dir, "m2", &csr, false).unwrap();
+    let (_, own_key) = sundara::tls::DevPki { dir: host.path().into() }.client_files("m2");
+    works(&endpoint(&stack, Some(stack.pki.client_tls().with_client_cert(cert.clone(), own_key)))).await;
+    // That certificate with another key (the CA's signature on it, the key not its own).
+    let (_, other_key) = stranger.client_cert.clone().unwrap();
+    let mismatched = stack.pki.client_tls().with_client_cert(cert, other_key);
+    assert!(nats::connect(&endpoint(&stack, Some(mismatched)), "tls-test").await.is_err());
 }
 
 /// `sundara` with no connection settings but `args`: nothing from the environment or a context.

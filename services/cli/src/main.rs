@@ -426,16 +426,37 @@ enum TlsCommand {
         #[arg(long)]
         force: bool,
     },
-    /// A client certificate signed by DIR's CA (DIR/client-NAME.pem and -key.pem), for a
-    /// server with mutual TLS: pass them as --nats-cert and --nats-key.
+    /// A client certificate signed by DIR's CA (DIR/client-NAME.pem), for a server with
+    /// mutual TLS: pass it as --nats-cert with its key as --nats-key. With --csr, for the
+    /// key of a request a miner made on its own host (`tls request`); without, for a key
+    /// made here (DIR/client-NAME-key.pem).
     Client {
         /// Where the CA is (as `tls init` made it).
         #[arg(long, default_value = "nats-tls")]
         dir: PathBuf,
-        /// Whose certificate (a miner's id, `validator`, ...): its subject's common name.
+        /// Whose certificate (a miner's id, `validator`, ...): its subject's common name,
+        /// whatever a request asked for.
         #[arg(long)]
         name: String,
+        /// A certificate signing request (`tls request` made it): only its public key is
+        /// signed, once its signature shows the requester holds the key.
+        #[arg(long)]
+        csr: Option<PathBuf>,
         /// Replace an existing certificate of this name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// On a miner's own host: a key for mutual TLS that never leaves it (DIR/client-NAME-key.pem,
+    /// 0600) and a signing request for it (DIR/client-NAME.csr) to hand the validator, who
+    /// signs it with `tls client --csr`.
+    Request {
+        /// Where the key and the request go.
+        #[arg(long, default_value = "nats-tls")]
+        dir: PathBuf,
+        /// The name the files carry (your worker id).
+        #[arg(long)]
+        name: String,
+        /// Replace an existing key of this name.
         #[arg(long)]
         force: bool,
     },
@@ -1025,7 +1046,26 @@ fn tls(command: TlsCommand) -> anyhow::Result<()> {
             println!("connect with --nats-ca {} (env SUNDARA_NATS_CA)", pki.ca().display());
             Ok(())
         }
-        TlsCommand::Client { dir, name, force } => {
+        TlsCommand::Client { dir, name, csr: Some(csr), force } => {
+            let cert = sundara::tls::sign_request(&dir, &name, &csr, force)?;
+            println!("client {name}: {} (for the key of {})", cert.display(), csr.display());
+            println!(
+                "hand it and {} back; the client connects with --nats-cert and its own key",
+                dir.join(sundara::tls::CA_CERT).display()
+            );
+            Ok(())
+        }
+        TlsCommand::Request { dir, name, force } => {
+            let csr = sundara::tls::request(&dir, &name, force)?;
+            let (_, key) = sundara::tls::DevPki { dir: dir.clone() }.client_files(&name);
+            println!("key:     {} (keep it here)", key.display());
+            println!(
+                "request: {} (hand it to the validator: `sundara tls client --name {name} --csr FILE`)",
+                csr.display()
+            );
+            Ok(())
+        }
+        TlsCommand::Client { dir, name, csr: None, force } => {
             let tls = sundara::tls::client(&dir, &name, force)?;
             let (cert, key) = tls.client_cert.expect("a client certificate was made");
             println!("client {name}: {} and {}", cert.display(), key.display());

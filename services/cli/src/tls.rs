@@ -3,13 +3,15 @@
 //! client certificates it signs for mutual TLS. Keys are ECDSA P-256, written 0600.
 //!
 //! In a directory `D`: `ca.pem`, `ca-key.pem`, `server.pem`, `server-key.pem`, and per
-//! client `N`: `client-N.pem`, `client-N-key.pem`.
+//! client `N`: `client-N.pem`, `client-N-key.pem`. A miner keeps its key to itself: it makes
+//! the key and a signing request (`tls request`, `client-N.csr`) on its own host, and the
+//! validator signs only the request's public key (`tls client --csr`).
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use sundara_common::tls::NatsTls;
 
@@ -27,6 +29,9 @@ pub enum TlsInitError {
     InvalidHost(String),
     #[error("certificate: {0}")]
     Certificate(#[from] rcgen::Error),
+    /// A signing request that does not parse, or whose signature is not by the key it holds.
+    #[error("{path}: not a valid certificate signing request: {reason}")]
+    BadRequest { path: PathBuf, reason: rcgen::Error },
 }
 
 pub const CA_CERT: &str = "ca.pem";
@@ -120,14 +125,68 @@ pub fn init(dir: &Path, hosts: &[String], force: bool) -> Result<DevPki, TlsInit
 }
 
 /// Signs a client certificate for `name` with the CA in `dir` (mutual TLS: a miner's
-/// connection to a server that verifies clients). Refuses to replace one unless `force`.
+/// connection to a server that verifies clients), with a key made here: for a client on
+/// the CA's own host. Refuses to replace one unless `force`.
 pub fn client(dir: &Path, name: &str, force: bool) -> Result<NatsTls, TlsInitError> {
+    let (pki, issuer, cert_path) = client_issuer(dir, name, force)?;
+    let key = KeyPair::generate()?;
+    let cert = client_params(name).signed_by(&key, &issuer)?;
+    let (_, client_key_path) = pki.client_files(name);
+    write_file(&client_key_path, &key.serialize_pem(), true)?;
+    write_file(&cert_path, &cert.pem(), false)?;
+    Ok(pki.client_tls().with_client_cert(cert_path, client_key_path))
+}
+
+/// The client's side of a certificate of its own key: makes the key (DIR/client-NAME-key.pem,
+/// 0600) and a signing request for it (DIR/client-NAME.csr) to hand the validator, who
+/// signs it with [`sign_request`]. Returns the request's path.
+pub fn request(dir: &Path, name: &str, force: bool) -> Result<PathBuf, TlsInitError> {
+    check_name(name)?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let pki = DevPki { dir: dir.to_path_buf() };
+    let (_, key_path) = pki.client_files(name);
+    let request_path = dir.join(format!("client-{name}.csr"));
+    if key_path.exists() && !force {
+        return Err(TlsInitError::Exists { path: key_path });
+    }
+    let key = KeyPair::generate()?;
+    let request = client_params(name).serialize_request(&key)?;
+    write_file(&key_path, &key.serialize_pem(), true)?;
+    write_file(&request_path, &request.pem()?, false)?;
+    Ok(request_path)
+}
+
+/// Signs the public key of the signing request at `request` as client `name`'s certificate
+/// (DIR/client-NAME.pem) with the CA in `dir`. Only the key is taken from the request, once
+/// its signature shows the requester holds it: the name, the validity and what the
+/// certificate may do are the CA's (a request cannot ask for a server certificate or
+/// another name). Returns the certificate's path.
+pub fn sign_request(dir: &Path, name: &str, request: &Path, force: bool) -> Result<PathBuf, TlsInitError> {
+    let (_, issuer, cert_path) = client_issuer(dir, name, force)?;
+    let pem = std::fs::read_to_string(request).map_err(io(request))?;
+    let bad = |reason| TlsInitError::BadRequest { path: request.to_path_buf(), reason };
+    let asked = CertificateSigningRequestParams::from_pem(&pem).map_err(bad)?;
+    let cert = client_params(name).signed_by(&asked.public_key, &issuer)?;
+    write_file(&cert_path, &cert.pem(), false)?;
+    Ok(cert_path)
+}
+
+/// A client's name: 1-64 of `[A-Za-z0-9_.-]` (it names files).
+fn check_name(name: &str) -> Result<(), TlsInitError> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !valid {
-        return Err(TlsInitError::InvalidName(name.to_string()));
-    }
+    if valid { Ok(()) } else { Err(TlsInitError::InvalidName(name.to_string())) }
+}
+
+/// The CA of `dir` as an issuer, and where client `name`'s certificate goes (refused if it
+/// exists, unless `force`).
+fn client_issuer(
+    dir: &Path,
+    name: &str,
+    force: bool,
+) -> Result<(DevPki, Issuer<'static, KeyPair>, PathBuf), TlsInitError> {
+    check_name(name)?;
     let pki = DevPki { dir: dir.to_path_buf() };
     let key_path = dir.join(CA_KEY);
     if !pki.ca().is_file() || !key_path.is_file() {
@@ -135,19 +194,20 @@ pub fn client(dir: &Path, name: &str, force: bool) -> Result<NatsTls, TlsInitErr
     }
     let ca_key = KeyPair::from_pem(&std::fs::read_to_string(&key_path).map_err(io(&key_path))?)?;
     let issuer = Issuer::new(ca_params(), ca_key);
-    let (cert_path, client_key_path) = pki.client_files(name);
+    let (cert_path, _) = pki.client_files(name);
     if cert_path.exists() && !force {
         return Err(TlsInitError::Exists { path: cert_path });
     }
+    Ok((pki, issuer, cert_path))
+}
+
+/// A client certificate's parameters: `name` as its subject, for client authentication only.
+fn client_params(name: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = named(name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
-    write_file(&client_key_path, &key.serialize_pem(), true)?;
-    write_file(&cert_path, &cert.pem(), false)?;
-    Ok(pki.client_tls().with_client_cert(cert_path, client_key_path))
+    params
 }
 
 fn ca_params() -> CertificateParams {
@@ -199,6 +259,7 @@ fn write_file(path: &Path, text: &str, private: bool) -> Result<(), TlsInitError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::PublicKeyData;
 
     #[test]
     fn init_writes_the_ca_and_server_and_keeps_an_existing_ca() {
@@ -234,5 +295,37 @@ mod tests {
         tls.check().unwrap();
         assert!(matches!(client(dir.path(), "m1", false), Err(TlsInitError::Exists { .. })));
         assert!(matches!(client(dir.path(), "../m1", false), Err(TlsInitError::InvalidName(_))));
+    }
+
+    #[test]
+    fn a_request_is_signed_for_its_key_alone_and_a_forged_one_is_refused() {
+        let (ca, miner) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init(ca.path(), &[], false).unwrap();
+        let csr = request(miner.path(), "m7", false).unwrap();
+        assert!(matches!(request(miner.path(), "m7", false), Err(TlsInitError::Exists { .. })));
+        // The validator signs under the name it chooses; the key never left the miner.
+        let cert = sign_request(ca.path(), "miner-7", &csr, false).unwrap();
+        let (_, key) = DevPki { dir: miner.path().into() }.client_files("m7");
+        let tls = NatsTls::pinned(ca.path().join(CA_CERT)).with_client_cert(cert.clone(), key.clone());
+        tls.check().unwrap();
+        assert!(!ca.path().join("client-miner-7-key.pem").exists());
+        let key = KeyPair::from_pem(&std::fs::read_to_string(&key).unwrap()).unwrap();
+        let signed = rcgen::CertificateSigningRequestParams::from_pem(&std::fs::read_to_string(&csr).unwrap()).unwrap();
+        assert_eq!(signed.public_key.der_bytes(), PublicKeyData::der_bytes(&key));
+
+        // A request whose signature does not match its key (bytes changed in transit).
+        // The signature ends the request: change a character of the last line of base64.
+        let mut lines: Vec<String> = std::fs::read_to_string(&csr).unwrap().lines().map(String::from).collect();
+        let last = lines.len() - 2;
+        let body = &mut lines[last];
+        let at = body.trim_end_matches('=').len() - 2;
+        let swapped = if &body[at..=at] == "A" { "B" } else { "A" };
+        body.replace_range(at..=at, swapped);
+        let forged = miner.path().join("forged.csr");
+        std::fs::write(&forged, lines.join("\n") + "\n").unwrap();
+        assert!(matches!(sign_request(ca.path(), "m8", &forged, false), Err(TlsInitError::BadRequest { .. })));
+        let garbage = miner.path().join("garbage.csr");
+        std::fs::write(&garbage, "not a request").unwrap();
+        assert!(matches!(sign_request(ca.path(), "m8", &garbage, false), Err(TlsInitError::BadRequest { .. })));
     }
 }
