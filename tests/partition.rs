@@ -180,9 +180,15 @@ async fn a_miner_cut_off_under_load_is_replaced_and_rejoins() {
 
 /// `services` moved to a host of their own (NATS and Redis reached over the link), cut off
 /// under load until `during_cut` more tasks have been accepted, and the link restored: every
-/// accepted task is then verified, none lost or delivered twice.
-async fn cut_off_under_load_loses_no_task(tag: &str, services: &[&'static str], workers: &[&str], during_cut: usize) {
-    let Some(net) = netns(tag) else { return };
+/// accepted task is then verified, none lost or delivered twice. Returns the host and the
+/// stack, still running; `None` where no namespace can be made.
+async fn cut_off_under_load_loses_no_task(
+    tag: &str,
+    services: &[&'static str],
+    workers: &[&str],
+    during_cut: usize,
+) -> Option<(Netns, ProcessStack)> {
+    let net = netns(tag)?;
     let options = StackOptions { nats_listen: Some(net.host_ip), ..StackOptions::new(2, workers) };
     let mut stack = ProcessStack::start(options).await;
     for service in services {
@@ -202,6 +208,7 @@ async fn cut_off_under_load_loses_no_task(tag: &str, services: &[&'static str], 
     let settled = stack.settle(&accepted, Duration::from_secs(90)).await;
     assert_eq!(settled.verified, settled.accepted, "{settled:?}");
     stack.assert_running();
+    Some((net, stack))
 }
 
 /// The verifier on a host of its own is cut off from NATS under load and the link restored:
@@ -219,4 +226,34 @@ async fn the_verifier_cut_off_from_nats_under_load_loses_no_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_scheduler_cut_off_from_nats_and_redis_under_load_loses_no_task() {
     cut_off_under_load_loses_no_task("s", &["scheduler", "autoscaler"], &["w1", "w2"], 80).await;
+}
+
+/// The rewarder on a host of its own is cut off from NATS under load and the link restored:
+/// tasks are verified meanwhile (it is not on their path), verdicts wait for it in VERDICTS,
+/// and once it has caught up its ledger has scored each verdict once: its miners' task
+/// counts add up to the miners the verdicts name, none missed and none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rewarder_cut_off_under_load_scores_each_verdict_once() {
+    let Some((_net, stack)) = cut_off_under_load_loses_no_task("r", &["rewarder"], &["w1", "w2"], 80).await else {
+        return;
+    };
+    let verdicts: Vec<sundara_schemas::Verdict> =
+        support::stream_messages(&stack.js, sundara_schemas::subjects::VERDICTS_STREAM)
+            .await
+            .iter()
+            .map(|p| sundara_schemas::decode(p, sundara_schemas::MAX_MESSAGE_BYTES).unwrap())
+            .collect();
+    let named: u64 = verdicts.iter().map(|v| v.miners.len() as u64).sum();
+    let mut stream = stack.js.get_stream(sundara_schemas::subjects::VERDICTS_STREAM).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let ledger = wait::until("the rewarder to score every verdict", Duration::from_secs(60), || async {
+        match sundara_rewarder::read_ledger(&stack.js).await {
+            Ok(Some(ledger)) if ledger.last_seq() >= last => Ok(ledger),
+            Ok(ledger) => Err(format!("scored up to {:?} of {last}", ledger.map(|l| l.last_seq()))),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    let scored: u64 = ledger.miners().map(|(_, m)| m.tasks).sum();
+    assert_eq!(scored, named, "{} verdicts name {named} miners; the ledger scored {scored}", verdicts.len());
 }

@@ -271,16 +271,7 @@ impl Harness {
     }
 
     pub async fn stream_messages(&self, stream: &str) -> Vec<Vec<u8>> {
-        let mut stream = self.js.get_stream(stream).await.unwrap();
-        let count = stream.info().await.unwrap().state.messages as usize;
-        let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
-        let mut messages = consumer.messages().await.unwrap();
-        let mut out = Vec::new();
-        while out.len() < count {
-            let m = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap().unwrap();
-            out.push(m.payload.to_vec());
-        }
-        out
+        stream_messages(&self.js, stream).await
     }
 
     pub async fn stop(mut self) {
@@ -334,4 +325,18 @@ pub fn reference(meta: &ModelMeta, inputs: &[Tensor]) -> Vec<Tensor> {
     let (file, _) = sundara::up::DEMO_MODELS.iter().find(|(_, name)| *name == meta.name).expect("a demo model");
     let bytes = std::fs::read(project_root().join(".cache/models").join(file)).unwrap();
     sundara_runtime::Model::load(&bytes, 1).unwrap().run(inputs).unwrap()
+}
+
+/// Every message `stream` holds now, oldest first (their payloads).
+pub async fn stream_messages(js: &jetstream::Context, stream: &str) -> Vec<Vec<u8>> {
+    let mut stream = js.get_stream(stream).await.unwrap();
+    let count = stream.info().await.unwrap().state.messages as usize;
+    let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while out.len() < count {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap().unwrap();
+        out.push(m.payload.to_vec());
+    }
+    out
 }
