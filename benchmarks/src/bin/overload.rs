@@ -1034,33 +1034,26 @@ fn memory_table(cli: &Cli, off: &Offered, f: &Figures) -> String {
         cli.flat_mib_per_min
     );
     md.push_str("| process | start | max | end of window | after drain | slope MiB/min | flat | KiB per accepted task | CPU cores |\n|---|---|---|---|---|---|---|---|---|\n");
+    let row = |r: &RssStats, cores: &str| {
+        format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.2} | {} | {:.2} | {cores} |\n",
+            r.process,
+            r.start,
+            r.max,
+            r.end,
+            r.after,
+            r.slope,
+            if r.slope.abs() < cli.flat_mib_per_min { "yes" } else { "**no**" },
+            f.per_task(r),
+        )
+    };
     for r in &f.rss {
         let cores = off.cpu.processes.iter().find(|(n, _)| *n == r.process).map_or(0.0, |(_, c)| *c);
-        md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.2} | {} | {:.2} | {:.2} |\n",
-            r.process,
-            r.start,
-            r.max,
-            r.end,
-            r.after,
-            r.slope,
-            if r.slope.abs() < cli.flat_mib_per_min { "yes" } else { "**no**" },
-            f.per_task(r),
-            cores
-        ));
+        md.push_str(&row(r, &format!("{cores:.2}")));
     }
+    // The store on disk: no CPU of its own.
     if let Some(r) = &f.store {
-        md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.2} | {} | {:.2} | – |\n",
-            r.process,
-            r.start,
-            r.max,
-            r.end,
-            r.after,
-            r.slope,
-            if r.slope.abs() < cli.flat_mib_per_min { "yes" } else { "**no**" },
-            f.per_task(r),
-        ));
+        md.push_str(&row(r, "–"));
     }
     md
 }
