@@ -182,6 +182,8 @@ pub async fn stop_within<E>(
 
 #[cfg(test)]
 mod tests {
+    use super::{has_password, with_password};
+
     #[test]
     fn a_password_is_put_into_a_redis_url_encoded() {
         assert_eq!(with_password("redis://sundara@h:6379/", "p@ss:w/rd"), "redis://sundara:p%40ss%3Aw%2Frd@h:6379/");
