@@ -48,7 +48,8 @@ pub struct Config {
     /// by this scheduler wakes it sooner).
     pub capacity_retry: Duration,
     pub max_task_bytes: usize,
-    /// Assignments a live worker may let time out before it is quarantined.
+    /// Assignments a live worker may let time out in a row (an answer in time clears the
+    /// count) before it is quarantined.
     pub quarantine_after_timeouts: u64,
     /// How slices are chosen (the random baseline exists for benchmarks).
     pub placement: Placement,
@@ -492,7 +493,7 @@ impl Scheduler {
     }
 
     /// A live worker let an assignment time out (accepted it and never answered): a strike;
-    /// enough of them quarantine it.
+    /// enough of them in a row (an answer in time clears them) quarantine it.
     async fn count_timeout(&self, aid: &str, worker: &str) {
         match self.capacity.timeout_strike(aid, worker).await {
             Ok(0) => {}

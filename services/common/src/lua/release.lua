@@ -3,6 +3,9 @@ local h = redis.call('HMGET', key, 'slice', 'worker', 'answer_by', 'model', 'at'
 if not h[1] then return 0 end
 if ARGV[2] and ARGV[2] ~= h[2] then return 0 end
 if ARGV[3] and h[3] and tonumber(ARGV[3]) > tonumber(h[3]) then return 0 end
+-- Its holder answered in time: its timeouts (TIMEOUT_STRIKE) count again from zero, so only
+-- timeouts in a row quarantine, not a few spread over weeks of honest work under load.
+if ARGV[2] then redis.call('HDEL', 'sundara:timeouts', ARGV[2]) end
 redis.call('DEL', key)
 redis.call('ZREM', 'sundara:inflight', ARGV[1])
 redis.call('SREM', 'sundara:inflight:w:' .. h[2], ARGV[1])
