@@ -405,3 +405,36 @@ async fn a_cartel_holding_every_replica_is_caught_by_audits_within_a_bound() {
     }
     h.stop().await;
 }
+
+/// Timeouts quarantine only in a row: an answer in time clears a miner's count, so an
+/// honest miner late now and then under load is not quarantined for timeouts spread over
+/// its life; a late answer clears nothing (a miner answering everything late is still
+/// counted at each timeout). The scheduler's own scripts on a real redis-server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_timeouts_in_a_row_count_towards_quarantine() {
+    let stack = sundara::stack::LocalStack::start(&sundara::stack::project_root()).unwrap();
+    let capacity = sundara_common::capacity::Capacity::open(&stack.endpoints()).await.unwrap();
+    let client = redis::Client::open(stack.endpoints().redis_url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let () = con.set_ex("sundara:hb:w", 1, 60).await.unwrap();
+    let now = sundara_schemas::now_ms();
+    // An assignment held by `w`, to be answered by `answer_by` (ms).
+    let mut assign = async |aid: &str, answer_by: u64| {
+        let fields = [("slice", "s1".to_string()), ("worker", "w".into()), ("answer_by", answer_by.to_string())];
+        let () = con.hset_multiple(format!("sundara:asg:{aid}"), &fields).await.unwrap();
+    };
+    let in_time = now + 60_000;
+    for (aid, count) in [("a1", 1), ("a2", 2)] {
+        assign(aid, in_time).await;
+        assert_eq!(capacity.timeout_strike(aid, "w").await.unwrap(), count);
+    }
+    assign("a3", in_time).await;
+    assert!(capacity.release_answer("a3", "w", sundara_schemas::now_us()).await.unwrap());
+    assign("a4", in_time).await;
+    assert_eq!(capacity.timeout_strike("a4", "w").await.unwrap(), 1, "an answer in time clears the count");
+    // An answer after its deadline frees nothing and clears nothing.
+    assign("a5", now - 1_000).await;
+    assert!(!capacity.release_answer("a5", "w", sundara_schemas::now_us()).await.unwrap());
+    assign("a6", in_time).await;
+    assert_eq!(capacity.timeout_strike("a6", "w").await.unwrap(), 2, "a late answer clears nothing");
+}
