@@ -76,8 +76,26 @@ async fn start(h: &Harness) -> (SocketAddr, sundara_common::Shutdown) {
     sundara::models::push(&registry, &models().join("minilm.onnx"), "minilm", "1", policy, Batching::default())
         .await
         .expect("minilm.onnx exists (run scripts/setup)");
+    // Loaded on both miners first: the request below measures verification, not a cold
+    // load of 90 MB in a debug build, which under CI's load outlasted the task's deadline.
+    for worker in ["w1", "w2"] {
+        preload(h, worker, "minilm").await;
+    }
     let tokenizer = models().join("minilm_tokenizer.json");
     support::http::start_gateway(h.stack.endpoints(), |c| c.embedding_models = vec![("minilm".into(), tokenizer)]).await
+}
+
+/// Asks `worker`'s one slice to load `model` (the autoscaler's preload command), bounded.
+async fn preload(h: &Harness, worker: &str, model: &str) {
+    use sundara_schemas::{Control, ControlReply, ControlRequest, WIRE_VERSION, decode, encode, subjects as subj};
+    let meta = Registry::open(&h.js).await.unwrap().version(model, "1").await.unwrap().unwrap();
+    let command = Control::Preload { model: meta.model_ref(), slice: format!("{worker}-cpu0") };
+    let request = async_nats::Request::new()
+        .payload(encode(&ControlRequest { v: WIRE_VERSION, command }).into())
+        .timeout(Some(Duration::from_secs(120)));
+    let reply = h.client.nats.send_request(subj::control(worker), request).await.unwrap();
+    let reply = decode::<ControlReply>(&reply.payload, 1 << 16).unwrap();
+    assert!(reply.ok, "{worker} could not load {model}: {reply:?}");
 }
 
 fn vectors(body: &Value) -> Vec<Vec<f32>> {
