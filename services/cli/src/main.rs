@@ -318,11 +318,8 @@ impl RedisArgs {
     /// The URL to connect to: with the password file's password, if given. `typed`: the URL
     /// came from the command line, where no password may be (the environment may hold one).
     fn url(&self, typed: bool) -> anyhow::Result<Option<String>> {
-        if typed && self.url.as_deref().is_some_and(sundara_common::has_password) {
-            bail!(
-                "a password in --redis shows in `ps` to every user of this machine: give the URL in \
-                 SUNDARA_REDIS_URL, or the password in a file with --redis-password-file"
-            );
+        if typed {
+            refuse_typed_password(self.url.as_deref())?;
         }
         let Some(file) = &self.password_file else { return Ok(self.url.clone()) };
         let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -333,6 +330,17 @@ impl RedisArgs {
         let url = self.url.as_deref().unwrap_or("redis://127.0.0.1:6379/");
         Ok(Some(sundara_common::with_password(url, password)))
     }
+}
+
+/// A Redis URL typed on the command line may carry no password: `ps` shows it.
+fn refuse_typed_password(url: Option<&str>) -> anyhow::Result<()> {
+    if url.is_some_and(sundara_common::has_password) {
+        bail!(
+            "a password in --redis shows in `ps` to every user of this machine: give the URL in \
+             SUNDARA_REDIS_URL, or the password in a file with --redis-password-file"
+        );
+    }
+    Ok(())
 }
 
 /// Whether `--redis` was typed on the command line of the command `matches` parsed (not
@@ -636,8 +644,8 @@ fn endpoints(cli: &Cli) -> anyhow::Result<Endpoints> {
         | Command::Chain { redis, .. } => (redis.url(cli.redis_typed)?, redis.ca.clone()),
         _ => (None, None),
     };
-    if cli.redis_typed && cli.redis.as_deref().is_some_and(sundara_common::has_password) {
-        bail!("a password in --redis shows in `ps`: give the URL in SUNDARA_REDIS_URL instead");
+    if cli.redis_typed {
+        refuse_typed_password(cli.redis.as_deref())?;
     }
     let settings = sundara::context::Settings {
         nats: cli.nats.clone(),
