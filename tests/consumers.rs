@@ -138,3 +138,23 @@ async fn a_consumer_that_acked_one_by_one_is_made_anew_after_its_ack_floor() {
     }
     assert_eq!(got, (5..=10).collect::<Vec<_>>(), "from the first message not acked, and nothing acked before");
 }
+
+/// A consumer whose ack wait a release changed (the scheduler's TASKS consumers went from
+/// 30 s to 10 s) is updated in place: what it had delivered and not acked stays delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_ack_wait_changed_is_updated_in_place() {
+    let stack = LocalStack::start(&project_root()).expect("servers start (run scripts/setup)");
+    let js = jetstream::new(nats::connect(&stack.endpoints().nats, "test").await.unwrap());
+    let stream = stream_of(&js, "WAIT", 4).await;
+    let before = nats::consumer_config("wait", "WAIT.>", Duration::from_secs(30), 1024);
+    let consumer = nats::ensure_consumer(&js, "WAIT", before).await.unwrap();
+    let mut messages = consumer.fetch().max_messages(2).messages().await.unwrap();
+    while let Some(msg) = tokio::time::timeout(DEADLINE, messages.next()).await.expect("delivered") {
+        msg.unwrap();
+    }
+    let after = nats::consumer_config("wait", "WAIT.>", Duration::from_secs(10), 1024);
+    nats::ensure_consumer(&js, "WAIT", after).await.unwrap();
+    let info = stream.consumer_info("wait").await.unwrap();
+    assert_eq!(info.config.ack_wait, Duration::from_secs(10));
+    assert_eq!((info.delivered.stream_sequence, info.num_ack_pending), (2, 2), "its deliveries are kept");
+}

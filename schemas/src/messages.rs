@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::Versioned;
+use crate::codec::{DecodeError, Versioned};
 use crate::model::{CompareRule, ModelRef};
 use crate::tensor::Tensor;
 use crate::ticket::Ticket;
@@ -189,6 +189,64 @@ pub struct Assignment {
     /// The task's [`Task::accepted_at_us`], echoed into the outcome's timing.
     #[serde(default)]
     pub accepted_at_us: u64,
+}
+
+/// Scheduler → one worker: the assignments ready for the same worker and model at once, in
+/// one WORK message (subject `sundara.work.<model>.<worker>`, header
+/// [`crate::subjects::ASSIGNMENTS`] set to their count). Under load this is one message
+/// (and one ack each way) for many tasks. One assignment alone travels as a plain
+/// [`Assignment`], as it always has. Decode either with [`decode_work`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Assignments {
+    pub v: u16,
+    pub assignments: Vec<Assignment>,
+    /// Each assignment's W3C `traceparent` (empty when untraced), in the same order: a
+    /// message carries one set of headers, and each task has its own trace.
+    #[serde(default)]
+    pub traceparents: Vec<String>,
+}
+
+/// [`Assignments`] encoded from assignments already encoded (by [`crate::encode`]), so
+/// that a batch costs no second encoding of its inputs. Equal to encoding the struct.
+pub fn encode_assignments<'a>(encoded: impl ExactSizeIterator<Item = &'a [u8]>, traceparents: &[String]) -> Vec<u8> {
+    use rmp::encode as mp;
+    let mut out = Vec::with_capacity(64 + encoded.len() * 64);
+    // Writes to a Vec cannot fail.
+    let _ = mp::write_map_len(&mut out, 3);
+    let _ = mp::write_str(&mut out, "v");
+    let _ = mp::write_uint(&mut out, u64::from(crate::WIRE_VERSION));
+    let _ = mp::write_str(&mut out, "assignments");
+    let _ = mp::write_array_len(&mut out, encoded.len() as u32);
+    for bytes in encoded {
+        out.extend_from_slice(bytes);
+    }
+    let _ = mp::write_str(&mut out, "traceparents");
+    let _ = mp::write_array_len(&mut out, traceparents.len() as u32);
+    for t in traceparents {
+        let _ = mp::write_str(&mut out, t);
+    }
+    out
+}
+
+/// Most assignments one WORK message carries.
+pub const MAX_ASSIGNMENTS_PER_MESSAGE: usize = 256;
+
+/// A WORK message's assignments, each with its `traceparent` when it has its own:
+/// [`Assignments`] when the message has the [`crate::subjects::ASSIGNMENTS`] header
+/// (`batched`), else one [`Assignment`].
+pub fn decode_work(batched: bool, payload: &[u8]) -> Result<Vec<(Assignment, Option<String>)>, DecodeError> {
+    if !batched {
+        return Ok(vec![(crate::decode::<Assignment>(payload, crate::MAX_MESSAGE_BYTES)?, None)]);
+    }
+    let batch: Assignments = crate::decode(payload, crate::MAX_MESSAGE_BYTES)?;
+    if batch.assignments.len() > MAX_ASSIGNMENTS_PER_MESSAGE {
+        return Err(DecodeError::Malformed(format!(
+            "{} assignments in one message, more than {MAX_ASSIGNMENTS_PER_MESSAGE}",
+            batch.assignments.len()
+        )));
+    }
+    let mut traceparents = batch.traceparents.into_iter();
+    Ok(batch.assignments.into_iter().map(|a| (a, traceparents.next().filter(|t| !t.is_empty()))).collect())
 }
 
 /// Worker (or the scheduler, when it gives up on a replica) → verifier
@@ -586,6 +644,7 @@ macro_rules! with_messages {
             SubmitReply,
             Task,
             Assignment,
+            Assignments,
             Outcome,
             ClientResult,
             Verdict,

@@ -48,6 +48,9 @@ pub const REWARDER_CLOSE: &str = "sundara.rewarder.close";
 
 /// W3C trace context header carried on every message of a task.
 pub const TRACEPARENT: &str = "traceparent";
+/// Header of a WORK message that carries several assignments ([`crate::Assignments`]):
+/// their count.
+pub const ASSIGNMENTS: &str = "Sundara-Assignments";
 
 /// Where `tenant` submits. Its credentials allow it to publish here and nowhere else under
 /// `sundara.submit`, so ingress takes the tenant from the subject.

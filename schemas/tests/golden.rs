@@ -76,3 +76,41 @@ fn client_result() {
     };
     check("client_result", &result);
 }
+
+fn assignment(task: &str) -> sundara_schemas::Assignment {
+    let ticket = sundara_schemas::Ticket {
+        task_id: task.into(),
+        tenant: "default".into(),
+        model: sundara_schemas::ModelRef { name: "mlp".into(), version: "1".into() },
+        k: 1,
+        replica: 0,
+        attempt: 0,
+        worker: "w1".into(),
+        operator: "op1".into(),
+        slice: "w1-cpu0".into(),
+        dispatched_at_us: 1000,
+        deadline_at_ms: 2000,
+        answer_by_ms: 1500,
+        task_seq: 7,
+        key_id: "k".into(),
+        mac: vec![1, 2, 3],
+    };
+    sundara_schemas::Assignment { v: WIRE_VERSION, ticket, inputs: vec![x()], seed: 3, accepted_at_us: 9 }
+}
+
+/// A batch built from assignments already encoded is the batch encoded whole, and a WORK
+/// message decodes to its assignments with their own trace contexts, batched or not.
+#[test]
+fn assignments_encoded_from_their_parts_decode_as_work() {
+    use sundara_schemas::{Assignments, decode_work, encode_assignments};
+    let (a, b) = (assignment("t1"), assignment("t2"));
+    let traceparents = vec!["00-aa-bb-01".to_string(), String::new()];
+    let whole = encode(&Assignments { v: WIRE_VERSION, assignments: vec![a.clone(), b.clone()], traceparents });
+    let parts = [encode(&a), encode(&b)];
+    let built = encode_assignments(parts.iter().map(Vec::as_slice), &["00-aa-bb-01".into(), String::new()]);
+    assert_eq!(built, whole);
+    let work = decode_work(true, &built).unwrap();
+    assert_eq!(work, vec![(a.clone(), Some("00-aa-bb-01".to_string())), (b, None)]);
+    assert_eq!(decode_work(false, &parts[0]).unwrap(), vec![(a, None)]);
+    assert!(decode_work(true, &parts[0]).is_err(), "a lone assignment is not a batch");
+}

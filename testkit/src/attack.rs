@@ -38,7 +38,9 @@ impl Drop for Miner {
 pub struct Taken {
     pub assignment: Assignment,
     pub honest: Vec<Tensor>,
-    pub msg: jetstream::Message,
+    /// The WORK message it came in, shared by the assignments it carried: acking it (as
+    /// [`Miner::answer`] does) acks them all.
+    pub msg: std::sync::Arc<jetstream::Message>,
 }
 
 impl Miner {
@@ -101,11 +103,15 @@ impl Miner {
         let messages = consumer.messages().await.expect("pull");
         let models = self.models.clone();
         messages
-            .filter_map(move |m| {
+            .filter_map(|m| async move {
+                let msg = std::sync::Arc::new(m.ok()?);
+                let work = nats::work_of_message(&msg).ok()?;
+                Some(futures::stream::iter(work.into_iter().map(move |(a, _)| (a, msg.clone()))))
+            })
+            .flatten()
+            .filter_map(move |(assignment, msg)| {
                 let models = models.clone();
                 async move {
-                    let msg = m.ok()?;
-                    let assignment: Assignment = decode(&msg.payload, MAX_MESSAGE_BYTES).ok()?;
                     let meta = models[&assignment.ticket.model.name].clone();
                     let inputs = assignment.inputs.clone();
                     let honest = tokio::task::spawn_blocking(move || reference(&meta, &inputs)).await.ok()?;

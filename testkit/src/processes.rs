@@ -805,6 +805,11 @@ impl ProcessStack {
             }
             if s.status != Terminal::Verified {
                 assert!(lettered, "task {} failed ({:?}) without a dead letter", a.task_id, s.status);
+                // Which task and why, for a test that bounds them (and its kept logs).
+                let letter = self.dead_letter(&a.task_id).await;
+                let ago_s = sundara_schemas::now_us().saturating_sub(a.at_us) as f64 / 1e6;
+                let accepted_s = self.started.elapsed().as_secs_f64() - ago_s;
+                self.step(&format!("task {} {:?}, accepted at {accepted_s:.2} s: {letter}", a.task_id, s.status));
             }
             match s.status {
                 Terminal::Verified => out.verified += 1,

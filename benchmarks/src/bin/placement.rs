@@ -50,8 +50,8 @@ use sundara_bench::within;
 use sundara_common::capacity::{Placement, SliceAnnounce, WorkerAnnounce};
 use sundara_common::{Capacity, Shutdown, nats};
 use sundara_schemas::{
-    Assignment, MAX_MESSAGE_BYTES, ModelRef, Outcome, OutcomeResult, Priority, Task, Tensor, WIRE_VERSION, WorkTiming,
-    decode, encode, now_ms, now_us, subjects as subj,
+    Assignment, ModelRef, Outcome, OutcomeResult, Priority, Task, Tensor, WIRE_VERSION, WorkTiming, encode, now_ms,
+    now_us, subjects as subj,
 };
 use tokio::sync::Semaphore;
 
@@ -525,27 +525,34 @@ impl Fleet {
         }
     }
 
-    /// Runs one assignment on slice `i`: a lane, the device's compute time, then the outcome.
-    async fn on_assignment(&self, i: usize, js: &jetstream::Context, msg: jetstream::Message) {
+    /// Runs a WORK message's assignments on slice `i`, then acks it (or has it delivered
+    /// again if an outcome could not be stored).
+    async fn on_work(&self, i: usize, js: &jetstream::Context, msg: jetstream::Message) {
         let received_us = now_us();
-        let s = &self.slices[i];
-        let a = match decode::<Assignment>(&msg.payload, MAX_MESSAGE_BYTES) {
-            Ok(a) => a,
-            Err(_) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                let _ = msg.ack_with(jetstream::AckKind::Term).await;
-                return;
-            }
-        };
-        let aid = a.ticket.assignment_id();
-        let (Some(&model), Some(index)) = (self.models.get(&a.ticket.model.name), task_index(&a.ticket.task_id)) else {
+        let Ok(work) = nats::work_of_message(&msg) else {
             self.errors.fetch_add(1, Ordering::Relaxed);
             let _ = msg.ack_with(jetstream::AckKind::Term).await;
             return;
         };
-        if self.record.lock().expect("fleet record").answered.contains(&aid) {
+        let ran = futures::future::join_all(work.into_iter().map(|(a, _)| self.on_assignment(i, js, a, received_us)));
+        if ran.await.into_iter().all(|stored| stored) {
             let _ = msg.ack().await;
-            return;
+        } else {
+            let _ = msg.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
+        }
+    }
+
+    /// Runs one assignment on slice `i`: a lane, the device's compute time, then the
+    /// outcome. False if the outcome could not be stored.
+    async fn on_assignment(&self, i: usize, js: &jetstream::Context, a: Assignment, received_us: u64) -> bool {
+        let s = &self.slices[i];
+        let aid = a.ticket.assignment_id();
+        let (Some(&model), Some(index)) = (self.models.get(&a.ticket.model.name), task_index(&a.ticket.task_id)) else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            return true;
+        };
+        if self.record.lock().expect("fleet record").answered.contains(&aid) {
+            return true;
         }
         let held = s.held.fetch_add(1, Ordering::SeqCst) + 1;
         s.max_held.fetch_max(held, Ordering::SeqCst);
@@ -573,8 +580,7 @@ impl Fleet {
         };
         if nats::publish_durable(js, subject, &outcome.ticket.outcome_id(), encode(&outcome)).await.is_err() {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            let _ = msg.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
-            return;
+            return false;
         }
         let stored_us = now_us();
         {
@@ -597,7 +603,7 @@ impl Fleet {
                 }
             }
         }
-        let _ = msg.ack().await;
+        true
     }
 }
 
@@ -762,7 +768,7 @@ async fn spawn_slices(
         let (fleet, js, stop) = (fleet.clone(), js.clone(), shutdown.child_token());
         let concurrency = s.slots as usize * 2;
         tasks.spawn(async move {
-            let handled = nats::consume(&consumer, &stop, concurrency, |msg| fleet.on_assignment(i, &js, msg)).await;
+            let handled = nats::consume(&consumer, &stop, concurrency, |msg| fleet.on_work(i, &js, msg)).await;
             handled.with_context(|| format!("slice {i}"))
         });
     }

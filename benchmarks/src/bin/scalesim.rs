@@ -36,8 +36,8 @@ use sundara_common::capacity::{Placement, ReserveTerms, SliceAnnounce, WorkerAnn
 use sundara_common::{Capacity, Endpoints, Shutdown, nats};
 use sundara_scheduler::assignment_id;
 use sundara_schemas::{
-    Assignment, MAX_MESSAGE_BYTES, ModelRef, Outcome, OutcomeResult, Priority, Task, Tensor, WIRE_VERSION, WorkTiming,
-    decode, encode, now_ms, now_us, subjects as subj,
+    ModelRef, Outcome, OutcomeResult, Priority, Task, Tensor, WIRE_VERSION, WorkTiming, encode, now_ms, now_us,
+    subjects as subj,
 };
 
 const MODEL: &str = "sim";
@@ -440,40 +440,42 @@ async fn fleet_loop(
         async move {
             let received = Instant::now();
             let received_us = now_us();
-            let Ok(a) = decode::<Assignment>(&msg.payload, MAX_MESSAGE_BYTES) else {
+            let Ok(work) = nats::work_of_message(&msg) else {
                 state.lock().expect("fleet state").errors += 1;
                 let _ = msg.ack().await;
                 return;
             };
-            let aid = a.ticket.assignment_id();
-            {
-                let mut s = state.lock().expect("fleet state");
-                if s.seen.insert(aid.clone()) {
-                    s.first.get_or_insert(received);
-                    s.last = Some(received);
-                    *s.per_slice.entry(a.ticket.slice.clone()).or_default() += 1;
-                    if s.seen.len() == expected {
-                        all_in.notify_one();
+            for (a, _) in work {
+                let aid = a.ticket.assignment_id();
+                {
+                    let mut s = state.lock().expect("fleet state");
+                    if s.seen.insert(aid.clone()) {
+                        s.first.get_or_insert(received);
+                        s.last = Some(received);
+                        *s.per_slice.entry(a.ticket.slice.clone()).or_default() += 1;
+                        if s.seen.len() == expected {
+                            all_in.notify_one();
+                        }
                     }
                 }
-            }
-            let subject = subj::outcome(&a.ticket.task_id, &a.ticket.worker);
-            let outcome = Outcome {
-                v: WIRE_VERSION,
-                ticket: a.ticket,
-                result: OutcomeResult::Ok { outputs: vec![] },
-                compute_us: 0,
-                timing: WorkTiming {
-                    accepted_us: a.accepted_at_us,
-                    received_us,
-                    started_us: received_us,
-                    finished_us: received_us,
-                },
-            };
-            if nats::publish_durable(&js, subject, &outcome.ticket.outcome_id(), encode(&outcome)).await.is_err() {
-                state.lock().expect("fleet state").errors += 1;
-                let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
-                return;
+                let subject = subj::outcome(&a.ticket.task_id, &a.ticket.worker);
+                let outcome = Outcome {
+                    v: WIRE_VERSION,
+                    ticket: a.ticket,
+                    result: OutcomeResult::Ok { outputs: vec![] },
+                    compute_us: 0,
+                    timing: WorkTiming {
+                        accepted_us: a.accepted_at_us,
+                        received_us,
+                        started_us: received_us,
+                        finished_us: received_us,
+                    },
+                };
+                if nats::publish_durable(&js, subject, &outcome.ticket.outcome_id(), encode(&outcome)).await.is_err() {
+                    state.lock().expect("fleet state").errors += 1;
+                    let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                    return;
+                }
             }
             let _ = msg.ack().await;
         }

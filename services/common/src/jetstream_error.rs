@@ -47,6 +47,7 @@ macro_rules! all_kinds {
             async_nats::jetstream::stream::LastRawMessageErrorKind,
             async_nats::jetstream::stream::ConsumerErrorKind,
             async_nats::jetstream::stream::ConsumerCreateStrictErrorKind,
+            async_nats::jetstream::stream::ConsumerUpdateErrorKind,
             async_nats::jetstream::consumer::StreamErrorKind,
             async_nats::jetstream::consumer::pull::MessagesErrorKind,
             async_nats::jetstream::consumer::pull::OrderedErrorKind,
@@ -292,6 +293,11 @@ mod kinds {
     classify!(stream::ConsumerCreateStrictErrorKind {
         Self::TimedOut => Some(J::TimedOut),
         Self::AlreadyExists => Some(J::AlreadyExists),
+        Self::JetStream(e) => kind_of_code(e.error_code()),
+    });
+    classify!(stream::ConsumerUpdateErrorKind {
+        Self::TimedOut => Some(J::TimedOut),
+        Self::DoesNotExist => Some(J::NotFound),
         Self::JetStream(e) => kind_of_code(e.error_code()),
     });
     classify!(consumer::StreamErrorKind {

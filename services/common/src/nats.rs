@@ -651,6 +651,15 @@ pub async fn keep_dead_task(
     Ok(())
 }
 
+/// A WORK message's assignments, each with its own `traceparent` when it carries one
+/// (see [`sundara_schemas::decode_work`]).
+pub fn work_of_message(
+    msg: &async_nats::Message,
+) -> Result<Vec<(sundara_schemas::Assignment, Option<String>)>, sundara_schemas::DecodeError> {
+    let batched = msg.headers.as_ref().is_some_and(|h| h.get(subj::ASSIGNMENTS).is_some());
+    sundara_schemas::decode_work(batched, &msg.payload)
+}
+
 /// A JetStream message with Nats-Msg-Id `id` and the current span's trace context.
 pub fn durable_message(id: &str, payload: Vec<u8>) -> jetstream::message::PublishMessage {
     let msg = jetstream::message::PublishMessage::build();
@@ -690,13 +699,18 @@ pub async fn ensure_consumer(
 ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>, Error> {
     let stream = js.get_stream(stream).await.map_err(js_err)?;
     let durable = config.durable_name.clone().unwrap_or_default();
-    if let Ok(info) = stream.consumer_info(&durable).await
-        && info.config.ack_policy != config.ack_policy
-    {
-        let floor = info.ack_floor.stream_sequence;
-        tracing::info!(consumer = %durable, floor, ack_policy = ?config.ack_policy, "ack policy changed; recreating the consumer after its ack floor");
-        stream.delete_consumer(&durable).await.map_err(js_err)?;
-        config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: floor + 1 };
+    if let Ok(info) = stream.consumer_info(&durable).await {
+        if info.config.ack_policy != config.ack_policy {
+            let floor = info.ack_floor.stream_sequence;
+            tracing::info!(consumer = %durable, floor, ack_policy = ?config.ack_policy, "ack policy changed; recreating the consumer after its ack floor");
+            stream.delete_consumer(&durable).await.map_err(js_err)?;
+            config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: floor + 1 };
+        } else if info.config.ack_wait != config.ack_wait {
+            // Changed in place (a release that shortened it): its deliveries are kept.
+            tracing::info!(consumer = %durable, ack_wait = ?config.ack_wait, "ack wait changed; updating the consumer");
+            let update = jetstream::consumer::pull::Config { deliver_policy: info.config.deliver_policy, ..config };
+            return stream.update_consumer(update).await.map_err(js_err);
+        }
     }
     stream.get_or_create_consumer(&durable, config).await.map_err(js_err)
 }
@@ -719,6 +733,60 @@ pub fn stored_at_us(msg: &jetstream::Message) -> Option<u64> {
     u64::try_from(info.published.unix_timestamp_nanos() / 1_000).ok()
 }
 
+/// How long one pull request of [`pull`] waits at the server before it is made again.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// How often the server confirms, while a pull request of [`pull`] waits, that it still
+/// holds it. Two missed in a row mean it is gone.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A durable consumer's messages, pulled for as long as the stream is read, and pulled
+/// anew as soon as a pull request is lost.
+///
+/// A pull request waits at the consumer's leader. When that node dies, the request dies
+/// with it, and the new leader knows nothing of it. If this client is connected to another
+/// node, its connection never drops, so it gets no signal to pull again. async-nats makes a
+/// lost request again only at its expiry plus 5 s, which is 35 s by default. Until then
+/// nothing is delivered: tasks waited out their deadlines behind a lost pull
+/// (`tests/faults.rs::cluster_losing_the_leading_node_loses_no_task`). Here the server
+/// sends a heartbeat every second while the request waits, and two missed heartbeats
+/// start a new pull request at once.
+pub fn pull(
+    consumer: &jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+) -> futures::stream::BoxStream<'static, Result<jetstream::Message, Error>> {
+    use futures::StreamExt;
+    use jetstream::consumer::pull::MessagesErrorKind;
+    type Pulling = Option<jetstream::consumer::pull::Stream>;
+    let consumer = consumer.clone();
+    futures::stream::unfold((consumer, Pulling::None), |(consumer, mut pulling)| async move {
+        loop {
+            let messages = match pulling.as_mut() {
+                Some(messages) => messages,
+                None => {
+                    let started = consumer.stream().expires(PULL_EXPIRES).heartbeat(PULL_HEARTBEAT).messages().await;
+                    match started {
+                        Ok(messages) => pulling.insert(messages),
+                        Err(e) => {
+                            // Bounded retries: the caller sees each failure.
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            return Some((Err(js_err(e)), (consumer, None)));
+                        }
+                    }
+                }
+            };
+            match messages.next().await {
+                Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
+                    let name = consumer.cached_info().name.clone();
+                    tracing::info!(consumer = %name, "pull request lost (no heartbeat); pulling again");
+                    pulling = None;
+                }
+                Some(item) => return Some((item.map_err(js_err), (consumer, pulling))),
+                None => return None,
+            }
+        }
+    })
+    .boxed()
+}
+
 /// Handles a durable consumer's messages, `concurrency` at a time, until `shutdown`.
 pub async fn consume<F, Fut>(
     consumer: &jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
@@ -731,8 +799,7 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     use futures::StreamExt;
-    let messages = consumer.messages().await.map_err(js_err)?;
-    messages
+    pull(consumer)
         .take_until(shutdown.cancelled())
         .for_each_concurrent(concurrency, |m| async {
             match m {
@@ -765,8 +832,7 @@ where
     E: std::fmt::Display,
 {
     use futures::StreamExt;
-    let messages = consumer.messages().await.map_err(js_err)?;
-    let chunks = messages.take_until(shutdown.cancelled()).ready_chunks(max_chunk.max(1));
+    let chunks = pull(consumer).take_until(shutdown.cancelled()).ready_chunks(max_chunk.max(1));
     tokio::pin!(chunks);
     while let Some(chunk) = chunks.next().await {
         let msgs: Vec<jetstream::Message> = chunk
@@ -820,7 +886,8 @@ pub struct QueueDepths {
     /// Per priority (as [`sundara_schemas::Priority::ALL`]): tasks stored but not yet taken
     /// by a scheduler, and taken but not yet dispatched (waiting for capacity).
     pub tasks: [(u64, u64); 3],
-    /// Assignments queued for workers.
+    /// WORK messages queued for workers (each one assignment, or several for one worker
+    /// and model: [`sundara_schemas::Assignments`]).
     pub work: u64,
     /// Outcomes the verifier has not read yet.
     pub outcomes: u64,

@@ -304,6 +304,28 @@ pub fn context_headers() -> Option<HeaderMap> {
     headers.iter().next().is_some().then_some(headers)
 }
 
+/// `span`'s W3C `traceparent` (empty when nothing is exported), for a message that
+/// carries several tasks, each with its own trace.
+pub fn traceparent(span: &tracing::Span) -> String {
+    if !exporting() {
+        return String::new();
+    }
+    let mut headers = HeaderMap::new();
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(&mut headers)));
+    headers.get(sundara_schemas::subjects::TRACEPARENT).map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// Headers that carry `traceparent` alone (none when it is empty), for [`follow`].
+pub fn traceparent_headers(traceparent: &str) -> Option<HeaderMap> {
+    if traceparent.is_empty() {
+        return None;
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(sundara_schemas::subjects::TRACEPARENT, traceparent);
+    Some(headers)
+}
+
 /// The trace context a message carries (empty when it carries none).
 pub fn extract(headers: Option<&HeaderMap>) -> opentelemetry::Context {
     match headers {

@@ -551,7 +551,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Rew
     if rewarder.epoch_due() {
         rewarder.close_epoch().await?;
     }
-    let mut messages = consumer.messages().await.map_err(js_err)?;
+    let mut messages = nats::pull(&consumer);
     let mut tick = tokio::time::interval(rewarder.config.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(epoch = rewarder.ledger.epoch(), "rewarder running");

@@ -4,12 +4,14 @@
 //!
 //! Three loops share one Redis capacity handle:
 //! - dispatch: TASKS (one consumer per priority class) → reserve k slots atomically → WORK
-//!   (one message per replica) → ack the task; higher priority first under contention;
+//!   (one assignment per replica; what is ready for one worker and model at once shares a
+//!   message, see [`work`]) → ack the task; higher priority first under contention;
 //! - release: OUTCOMES → free the slot of each outcome's assignment (idempotent);
 //! - sweep: claim assignments past their timeout → reassign to another worker, or give up
 //!   on that replica with an `Abandoned` outcome once attempts or the deadline run out.
 
 pub mod waiting;
+pub mod work;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,8 +120,13 @@ pub enum SchedulerError {
     Secret(#[from] validator_key::SecretError),
 }
 
-/// How long a delivered task may go without an ack (or progress) before JetStream redelivers it.
-const TASK_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a delivered task may go without an ack (or progress) before JetStream
+/// redelivers it. Short, because a delivery can be lost: one in flight from a cluster node
+/// as it dies is still counted as delivered by the consumer's new leader, so the task comes
+/// again only after this wait. At 30 s a task with a 15 s deadline expired that way
+/// (`tests/faults.rs::cluster_losing_the_leading_node_loses_no_task`). A task waiting for
+/// capacity sends a progress ack every third of it.
+const TASK_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Id of one dispatch of one replica ([`AssignmentId`] as a string).
 pub fn assignment_id(task_id: &str, replica: u8, attempt: u16) -> String {
@@ -137,6 +144,8 @@ struct Scheduler {
     waiting: waiting::Waiting,
     /// Stops tasks waiting for capacity: they go back to TASKS for the next scheduler.
     shutdown: Shutdown,
+    /// Stores assignments in WORK, several per message under load.
+    work: work::WorkSender,
 }
 
 /// Which dispatch of which copy of a task, and when its answer is due.
@@ -240,6 +249,7 @@ impl Scheduler {
     /// nobody would answer the other.
     async fn send(&self, task: &Task, task_seq: u64, replicas: Vec<(Replica, Pick)>) -> Result<(), CommonError> {
         let mut sends = Vec::with_capacity(replicas.len());
+        let mut spans = Vec::with_capacity(replicas.len());
         for (Replica { replica, attempt, answer_by_ms }, Pick { slice, worker, operator }) in replicas {
             let mut ticket = Ticket {
                 task_id: task.task_id.clone(),
@@ -282,16 +292,17 @@ impl Scheduler {
                 seed: task.seed,
                 accepted_at_us: task.accepted_at_us,
             };
-            sends.push((aid, subject, encode(&assignment), span));
+            let traceparent = telemetry::traceparent(&span);
+            sends.push(work::Outgoing { subject, aid, assignment, traceparent });
+            spans.push(span);
         }
-        // All at once: if one fails, all are sent again (WORK deduplicates by assignment id,
-        // and Redis still holds their reservations).
-        let published = sends.into_iter().map(|(aid, subject, assignment, span)| {
-            let js = &self.js;
-            async move { nats::publish_durable(js, subject, &aid, assignment).await }.instrument(span)
-        });
-        futures::future::try_join_all(published).await?;
-        Ok(())
+        // All at once: if one fails, all are sent again (WORK deduplicates an assignment
+        // sent alone by its id, the worker takes one sent again as a redelivery, and Redis
+        // still holds their reservations).
+        // Each span lasts until its assignment is stored.
+        let stored = self.work.send(sends).await;
+        drop(spans);
+        stored
     }
 
     /// The deadline passed before the task could be dispatched: the client is told, and
@@ -621,13 +632,14 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
     let reports = sundara_common::gateway::serve(client.clone(), gateway, shutdown.clone(), config.concurrency);
     let scheduler = Scheduler {
         config: config.clone(),
-        js,
         tasks,
         verdicts,
         results,
         capacity,
         waiting: Default::default(),
         shutdown: shutdown.clone(),
+        work: work::WorkSender::start(js.clone()),
+        js,
     };
     let s = &scheduler;
     tracing::info!("scheduler running");

@@ -712,7 +712,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
         config.max_held as i64,
     )
     .await?;
-    let mut messages = consumer.messages().await.map_err(js_err)?;
+    let mut messages = nats::pull(&consumer);
     let reference = match &config.reference {
         Some(r) => Some(Reference::start(r, &registry, tasks.clone())?),
         None => None,

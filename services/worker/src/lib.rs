@@ -366,6 +366,17 @@ struct Slice {
     executor: Executor,
 }
 
+/// What became of one assignment of a WORK message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Served {
+    /// Its outcome is stored.
+    Answered,
+    /// Not this worker's to answer (handed back, or another worker's): never again here.
+    Dropped,
+    /// To be tried again after this delay (the whole message is delivered again).
+    Retry(Duration),
+}
+
 /// What became of an assignment.
 enum Done {
     /// Publish this outcome, then ack.
@@ -491,15 +502,15 @@ impl Worker {
         }
     }
 
-    async fn on_assignment(&self, msg: Message) {
+    /// A WORK message: one assignment, or several for this worker and one model
+    /// ([`sundara_schemas::Assignments`]). Each runs as it would alone. The message is acked
+    /// once every one of them is answered or handed back. If one must be tried again, the
+    /// whole message is delivered again. Its answered assignments then run again, and
+    /// their outcomes are deduplicated by outcome id.
+    async fn on_work(&self, msg: Message) {
         let received_us = now_us();
-        let assignment = match decode::<Assignment>(&msg.payload, MAX_MESSAGE_BYTES) {
-            Ok(a) if a.ticket.worker == self.config.worker_id => a,
-            Ok(a) => {
-                tracing::warn!(worker = %a.ticket.worker, "assignment for another worker; dropping");
-                let _ = msg.ack_with(AckKind::Term).await;
-                return;
-            }
+        let work = match nats::work_of_message(&msg) {
+            Ok(work) => work,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable assignment; dropping");
                 let _ = msg.ack_with(AckKind::Term).await;
@@ -511,8 +522,39 @@ impl Worker {
             let _ = msg.ack().await;
             return;
         }
+        let served = work.into_iter().map(|(assignment, traceparent)| {
+            let headers = match traceparent {
+                Some(t) => telemetry::traceparent_headers(&t),
+                None => msg.headers.clone(),
+            };
+            self.on_assignment(&msg.subject, headers, assignment, received_us)
+        });
+        let served = futures::future::join_all(served).await;
+        let retry = served.iter().filter_map(|s| match s {
+            Served::Retry(delay) => Some(*delay),
+            _ => None,
+        });
+        let reply = match retry.max() {
+            Some(delay) => AckKind::Nak(Some(delay)),
+            None if served.iter().all(|s| *s == Served::Dropped) => AckKind::Term,
+            None => AckKind::Ack,
+        };
+        let _ = msg.ack_with(reply).await;
+    }
+
+    async fn on_assignment(
+        &self,
+        subject: &str,
+        headers: Option<async_nats::HeaderMap>,
+        assignment: Assignment,
+        received_us: u64,
+    ) -> Served {
+        if assignment.ticket.worker != self.config.worker_id {
+            tracing::warn!(worker = %assignment.ticket.worker, "assignment for another worker; dropping");
+            return Served::Dropped;
+        }
         let t = &assignment.ticket;
-        let span = sundara_common::consumer_span!("worker run", msg.subject,
+        let span = sundara_common::consumer_span!("worker run", subject,
             sundara.task_id = %t.task_id,
             sundara.model = %t.model,
             sundara.miner = %t.worker,
@@ -523,12 +565,12 @@ impl Worker {
             sundara.outcome = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
-        telemetry::follow(&span, msg.headers.as_ref());
-        self.serve(msg, assignment, received_us).instrument(span).await
+        telemetry::follow(&span, headers.as_ref());
+        self.serve(assignment, received_us).instrument(span).await
     }
 
-    /// Runs a decoded assignment of this worker's and stores its outcome, then acks it.
-    async fn serve(&self, msg: Message, assignment: Assignment, received_us: u64) {
+    /// Runs a decoded assignment of this worker's and stores its outcome.
+    async fn serve(&self, assignment: Assignment, received_us: u64) -> Served {
         let _slot = SlotInUse::hold(&assignment.ticket.slice);
         let (result, compute_us, started_us) = match self.execute(&assignment).await {
             Done::Outcome(result, compute_us, started_us) => (result, compute_us, started_us),
@@ -540,22 +582,19 @@ impl Worker {
                 } else {
                     self.report(FleetUpdate::HandBack { assignment_id: aid.clone() }).await
                 };
-                match handed {
-                    Ok(()) => {
-                        let _ = msg.ack_with(AckKind::Term).await;
-                    }
+                return match handed {
+                    Ok(()) => Served::Dropped,
                     // Final (the assignment is no longer this worker's: answered, timed out
                     // and reassigned): delivering it again would only be refused again.
                     Err(ReportError::Refused(reason)) => {
                         tracing::info!(assignment = %aid, %reason, "hand-back refused; dropping the assignment");
-                        let _ = msg.ack_with(AckKind::Term).await;
+                        Served::Dropped
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "could not hand the assignment back; will retry");
-                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                        Served::Retry(Duration::from_millis(500))
                     }
-                }
-                return;
+                };
             }
         };
         let timing = WorkTiming {
@@ -578,14 +617,12 @@ impl Worker {
         let subject = subj::outcome(&ticket.task_id, &ticket.worker);
         let outcome = Outcome { v: WIRE_VERSION, ticket, result, compute_us, timing };
         match nats::publish_durable(&self.js, subject, &outcome_id, encode(&outcome)).await {
-            Ok(_) => {
-                let _ = msg.ack().await;
-            }
+            Ok(_) => Served::Answered,
             Err(e) => {
-                // Not acked: JetStream redelivers it and the outcome is published again
-                // (deduplicated by its outcome id).
+                // Delivered again, and the outcome published again (deduplicated by its
+                // outcome id).
                 tracing::warn!(assignment = %aid, error = %e, "outcome not stored; will retry");
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await;
+                Served::Retry(Duration::from_millis(200))
             }
         }
     }
@@ -833,7 +870,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Wor
         (slots * 4) as i64,
     )
     .await?;
-    let work = nats::consume(&consumer, &shutdown, slots * 2, |msg| worker.on_assignment(msg));
+    let work = nats::consume(&consumer, &shutdown, slots * 2, |msg| worker.on_work(msg));
     let (_, worked, _) = tokio::join!(worker.heartbeats(models, &shutdown), work, worker.obey(commands, &shutdown));
     worked?;
     // Bounded: a flush waits for a server that is gone.
