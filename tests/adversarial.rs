@@ -438,3 +438,38 @@ async fn only_timeouts_in_a_row_count_towards_quarantine() {
     assign("a6", in_time).await;
     assert_eq!(capacity.timeout_strike("a6", "w").await.unwrap(), 2, "a late answer clears nothing");
 }
+
+/// A release lost on its way to the scheduler does not make an honest answer a timeout.
+/// `scheduler-release` acks cumulatively, so a delivery lost in flight (a cluster node
+/// dying with it) can be covered by a later ack and never applied. Here the consumer is
+/// deleted before the miner answers, so no release arrives at all. The sweep finds the
+/// assignment due after its 2 s timeout, finds its answer stored in time, and frees it as
+/// that answer: no strike, no reassignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_release_was_lost_is_not_a_timeout() {
+    let h = Harness::start(vec![], 1, Duration::from_secs(2)).await;
+    let miner = Miner::join(&h, "m1", "op1", 4).await;
+    let mut taken = miner.assignments().await;
+    let requests = h.sample_requests(1, "lost-release", 3, |_| "mlp");
+    let task_ids = h.submit_all(&requests).await;
+    let t = tokio::time::timeout(Duration::from_secs(30), taken.next()).await.expect("assigned").expect("assigned");
+    let aid = t.assignment.ticket.assignment_id();
+    let outcomes = h.js.get_stream(sundara_schemas::subjects::OUTCOMES_STREAM).await.unwrap();
+    outcomes.delete_consumer("scheduler-release").await.unwrap();
+    let outputs = t.honest.clone();
+    miner.answer(t, outputs).await;
+
+    let client = redis::Client::open(h.stack.endpoints().redis_url.as_str()).unwrap();
+    let con = client.get_multiplexed_async_connection().await.unwrap();
+    wait::until_true(format_args!("the sweep to free {aid}"), Duration::from_secs(30), || {
+        let mut con = con.clone();
+        let key = format!("sundara:asg:{aid}");
+        async move { !con.exists::<_, bool>(key).await.unwrap() }
+    })
+    .await;
+    no_honest_miner_harmed(&h, &["m1"]).await;
+    let verdicts = h.all_verdicts().await;
+    let verdict = verdicts.iter().find(|v| v.task_id == task_ids[0]).expect("the task was decided");
+    assert!(verdict.accepted, "{verdict:?}");
+    assert!(verdict.miners.iter().all(|m| m.worker == "m1" && m.attempt == 0), "not reassigned: {verdict:?}");
+}

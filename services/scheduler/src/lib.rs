@@ -139,6 +139,8 @@ struct Scheduler {
     tasks: Stream,
     verdicts: Stream,
     results: Stream,
+    /// Read by the sweep only: whether a due assignment's answer is stored after all.
+    outcomes: Stream,
     capacity: Capacity,
     /// Tasks waiting for capacity; a slot this scheduler frees wakes one of them.
     waiting: waiting::Waiting,
@@ -445,6 +447,16 @@ impl Scheduler {
             return Ok(());
         };
         let old = Ticket::from_bytes(&bytes)?;
+        // Answered in time after all, its release never applied: `scheduler-release` acks
+        // cumulatively, so a delivery lost in flight (a cluster node dying with it) can be
+        // covered by a later ack. Freed as the answer it was: no strike, no reassignment.
+        if let Some(stored_at_us) = self.stored_answer(aid, &old).await
+            && stored_at_us / 1000 <= old.answer_by_ms
+        {
+            tracing::info!(assignment = aid, worker = %old.worker, "answered in time; its release was lost");
+            self.release_answer(aid, &old.worker, stored_at_us).await?;
+            return Ok(());
+        }
         self.count_timeout(aid, &old.worker).await;
         // Decided already (a late answer completed it): nothing left to run.
         if self.verdicts.direct_get_last_for_subject(subj::verdict(&old.task_id)).await.is_ok() {
@@ -501,6 +513,18 @@ impl Scheduler {
         self.send(&task, old.task_seq, vec![(replica, pick)]).instrument(span).await?;
         self.release(aid, None).await?;
         Ok(())
+    }
+
+    /// When the holder of assignment `aid` stored its outcome, if it did: the last message
+    /// on its outcome subject, under that assignment's outcome id (an abandonment of the
+    /// scheduler's own has another id).
+    async fn stored_answer(&self, aid: &str, ticket: &Ticket) -> Option<u64> {
+        let subject = subj::outcome(&ticket.task_id, &ticket.worker);
+        let stored = self.outcomes.direct_get_last_for_subject(subject).await.ok()?;
+        let id = stored.headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+        let answered = sundara_schemas::assignment_of_outcome_id(id.as_str())?;
+        let at_us = u64::try_from(stored.time.unix_timestamp_nanos() / 1_000).ok()?;
+        (answered.to_string() == aid).then_some(at_us)
     }
 
     /// A live worker let an assignment time out (accepted it and never answered): a strike;
@@ -628,6 +652,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
     let outcome_consumer = nats::ensure_consumer(&js, subj::OUTCOMES_STREAM, release_config).await?;
     let verdicts = js.get_stream(subj::VERDICTS_STREAM).await.map_err(js_err)?;
     let results = js.get_stream(subj::RESULTS_STREAM).await.map_err(js_err)?;
+    let outcomes = js.get_stream(subj::OUTCOMES_STREAM).await.map_err(js_err)?;
     let gateway = Arc::new(sundara_common::gateway::Gateway::open(capacity.clone(), &js).await?);
     let reports = sundara_common::gateway::serve(client.clone(), gateway, shutdown.clone(), config.concurrency);
     let scheduler = Scheduler {
@@ -635,6 +660,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Sch
         tasks,
         verdicts,
         results,
+        outcomes,
         capacity,
         waiting: Default::default(),
         shutdown: shutdown.clone(),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use sundara_common::{Error as CommonError, js_err};
+use sundara_common::{Error as CommonError, JetStreamError, JetStreamErrorKind, js_err};
 use sundara_schemas::{Assignment, MAX_ASSIGNMENTS_PER_MESSAGE, encode, encode_assignments, subjects as subj};
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,8 +38,12 @@ struct Queued {
     traceparent: String,
     /// The assignment, encoded once: alone it is the message, in a batch a part of it.
     encoded: Vec<u8>,
-    stored: oneshot::Sender<Result<(), String>>,
+    stored: oneshot::Sender<Stored>,
 }
+
+/// How a message's publish went, for each of its assignments' dispatches: the error's
+/// kind survives (a dispatch decides on it), its source as text.
+type Stored = Result<(), (JetStreamErrorKind, String)>;
 
 /// Hands assignments to the task that publishes them (see the module's docs).
 #[derive(Clone)]
@@ -68,14 +72,14 @@ impl WorkSender {
             waits.push(wait);
         }
         for wait in waits {
-            wait.await.map_err(|_| stopped())?.map_err(|e| js_err(sundara_common::JetStreamError::other(e)))?;
+            wait.await.map_err(|_| stopped())?.map_err(|(kind, e)| js_err(JetStreamError::new(kind, e)))?;
         }
         Ok(())
     }
 }
 
 fn stopped() -> CommonError {
-    js_err(sundara_common::JetStreamError::other("the WORK sender stopped"))
+    js_err(JetStreamError::other("the WORK sender stopped"))
 }
 
 /// Publishes rounds until every sender is gone: all that is queued, grouped by subject,
@@ -139,7 +143,10 @@ async fn publish(js: &jetstream::Context, mut message: Vec<Queued>) {
         .message_id(id.as_str());
     let subject = message[0].subject.clone();
     let stored = async { js.send_publish(subject, msg).await.map_err(js_err)?.await.map_err(js_err) }.await;
-    let outcome = stored.map(|_| ()).map_err(|e| e.to_string());
+    let outcome: Stored = stored.map(|_| ()).map_err(|e| match &e {
+        CommonError::JetStream(j) => (j.kind(), e.to_string()),
+        _ => (JetStreamErrorKind::Other, e.to_string()),
+    });
     for q in message {
         let _ = q.stored.send(outcome.clone());
     }
