@@ -14,23 +14,7 @@ use sundara_schemas::{
 };
 
 fn assignment(task: &str, worker: &str) -> Assignment {
-    let ticket = Ticket {
-        task_id: task.into(),
-        tenant: "default".into(),
-        model: ModelRef { name: "mlp".into(), version: "1".into() },
-        k: 1,
-        replica: 0,
-        attempt: 0,
-        worker: worker.into(),
-        operator: format!("op-{worker}"),
-        slice: format!("{worker}-cpu0"),
-        dispatched_at_us: 1,
-        deadline_at_ms: u64::MAX,
-        answer_by_ms: u64::MAX,
-        task_seq: 1,
-        key_id: String::new(),
-        mac: Vec::new(),
-    };
+    let ticket = Ticket { operator: format!("op-{worker}"), ..Ticket::unsigned(task, worker) };
     let inputs = vec![Tensor::from_values("x", vec![1, 2], &[1.0f32, 2.0])];
     Assignment { v: WIRE_VERSION, ticket, inputs, seed: 0, accepted_at_us: 1 }
 }

@@ -63,6 +63,29 @@ pub fn key_id(secret: &[u8]) -> String {
 }
 
 impl Ticket {
+    /// An unsigned ticket for replica 0, attempt 0 of `task_id` on `worker` (its own
+    /// operator, slice `<worker>-cpu0`), model `mlp@1`, k = 1, with no deadline: a
+    /// starting point for tests and tools, which set what they need.
+    pub fn unsigned(task_id: &str, worker: &str) -> Ticket {
+        Ticket {
+            task_id: task_id.into(),
+            tenant: "default".into(),
+            model: ModelRef { name: "mlp".into(), version: "1".into() },
+            k: 1,
+            replica: 0,
+            attempt: 0,
+            worker: worker.into(),
+            operator: String::new(),
+            slice: format!("{worker}-cpu0"),
+            dispatched_at_us: 1,
+            deadline_at_ms: u64::MAX,
+            answer_by_ms: u64::MAX,
+            task_seq: 1,
+            key_id: String::new(),
+            mac: Vec::new(),
+        }
+    }
+
     /// The operator this ticket's worker was picked as.
     pub fn operator(&self) -> &str {
         if self.operator.is_empty() { &self.worker } else { &self.operator }
@@ -190,21 +213,15 @@ mod tests {
 
     fn ticket() -> Ticket {
         Ticket {
-            task_id: "t1".into(),
             tenant: "default".into(),
-            model: ModelRef { name: "mlp".into(), version: "1".into() },
             k: 2,
             replica: 1,
-            attempt: 0,
-            worker: "w1".into(),
             operator: "op1".into(),
-            slice: "w1-cpu0".into(),
             dispatched_at_us: 1000,
             deadline_at_ms: 2000,
             answer_by_ms: 1500,
             task_seq: 7,
-            key_id: String::new(),
-            mac: vec![],
+            ..Ticket::unsigned("t1", "w1")
         }
     }
 

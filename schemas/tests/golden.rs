@@ -79,21 +79,10 @@ fn client_result() {
 
 fn assignment(task: &str) -> sundara_schemas::Assignment {
     let ticket = sundara_schemas::Ticket {
-        task_id: task.into(),
-        tenant: "default".into(),
-        model: sundara_schemas::ModelRef { name: "mlp".into(), version: "1".into() },
-        k: 1,
-        replica: 0,
-        attempt: 0,
-        worker: "w1".into(),
         operator: "op1".into(),
-        slice: "w1-cpu0".into(),
-        dispatched_at_us: 1000,
-        deadline_at_ms: 2000,
-        answer_by_ms: 1500,
-        task_seq: 7,
         key_id: "k".into(),
         mac: vec![1, 2, 3],
+        ..sundara_schemas::Ticket::unsigned(task, "w1")
     };
     sundara_schemas::Assignment { v: WIRE_VERSION, ticket, inputs: vec![x()], seed: 3, accepted_at_us: 9 }
 }

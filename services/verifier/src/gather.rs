@@ -116,21 +116,12 @@ pub(crate) mod tests {
     /// An outcome of replica `replica`, attempt `attempt`, by `worker`, answering `v`.
     pub(crate) fn received(replica: u8, attempt: u16, worker: &str, v: f32, late: bool) -> Received {
         let ticket = Ticket {
-            task_id: "t1".into(),
             tenant: "tenant".into(),
             model: ModelRef { name: "m".into(), version: "1".into() },
             k: 2,
             replica,
             attempt,
-            worker: worker.into(),
-            operator: String::new(),
-            slice: format!("{worker}-cpu0"),
-            dispatched_at_us: 1,
-            deadline_at_ms: u64::MAX,
-            answer_by_ms: u64::MAX,
-            task_seq: 1,
-            key_id: String::new(),
-            mac: vec![],
+            ..Ticket::unsigned("t1", worker)
         };
         let result = OutcomeResult::Ok { outputs: vec![Tensor::from_values("y", vec![1], &[v])] };
         let outcome = Outcome { v: WIRE_VERSION, ticket, result, compute_us: 0, timing: WorkTiming::default() };
