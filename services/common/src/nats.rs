@@ -602,7 +602,15 @@ pub async fn publish_durable(
     id: &str,
     payload: Vec<u8>,
 ) -> Result<jetstream::publish::PublishAck, Error> {
-    let msg = durable_message(id, payload);
+    publish_built(js, subject, durable_message(id, payload)).await
+}
+
+/// Publishes a message already built (headers, id) and waits for the stream's ack.
+pub async fn publish_built(
+    js: &jetstream::Context,
+    subject: String,
+    msg: jetstream::message::PublishMessage,
+) -> Result<jetstream::publish::PublishAck, Error> {
     js.send_publish(subject, msg).await.map_err(js_err)?.await.map_err(js_err)
 }
 

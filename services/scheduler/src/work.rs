@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use sundara_common::{Error as CommonError, JetStreamError, JetStreamErrorKind, js_err};
+use sundara_common::{Error as CommonError, JetStreamError, JetStreamErrorKind, js_err, nats};
 use sundara_schemas::{Assignment, MAX_ASSIGNMENTS_PER_MESSAGE, encode, encode_assignments, subjects as subj};
 use tokio::sync::{mpsc, oneshot};
 
@@ -142,7 +142,7 @@ async fn publish(js: &jetstream::Context, mut message: Vec<Queued>) {
         .payload(Bytes::from(payload))
         .message_id(id.as_str());
     let subject = message[0].subject.clone();
-    let stored = async { js.send_publish(subject, msg).await.map_err(js_err)?.await.map_err(js_err) }.await;
+    let stored = nats::publish_built(js, subject, msg).await;
     let outcome: Stored = stored.map(|_| ()).map_err(|e| match &e {
         CommonError::JetStream(j) => (j.kind(), e.to_string()),
         _ => (JetStreamErrorKind::Other, e.to_string()),
