@@ -7,7 +7,7 @@ use sundara_testkit as support;
 
 use std::time::Duration;
 
-use sundara::jobs::JobOptions;
+use sundara::jobs::{JobOptions, ShardOptions};
 use sundara_schemas::{Policy, Standing};
 use support::{Harness, RULE, dishonest, honest};
 
@@ -26,11 +26,8 @@ async fn a_job_of_10000_rows_survives_a_cheater_and_a_killed_miner_in_order() {
     // SIGKILL the victim while it holds assignments of the job.
     let killer = h.kill_when_holding(victim, "victim", 2);
     let options = JobOptions {
-        model: "mlp".into(),
         shard_rows: 100,
-        in_flight: 8,
-        attempts: 3,
-        shard_timeout: Duration::from_secs(60),
+        shards: ShardOptions { model: "mlp".into(), in_flight: 8, attempts: 3, shard_timeout: Duration::from_secs(60) },
     };
     let mut seen = Vec::new();
     let job = sundara::jobs::run(&h.client, inputs, &options, |p| seen.push(p.verified)).await.unwrap();

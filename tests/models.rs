@@ -201,6 +201,7 @@ async fn concurrent_pushes_of_one_version_have_one_winner() {
         policy: Policy::default(),
         pushed_at_ms: sundara_schemas::now_ms(),
         batching: Default::default(),
+        lineage: None,
     };
     for version in ["1", "2", "3", "4", "5"] {
         let (x, y) = (meta(version, &light), meta(version, &heavy));

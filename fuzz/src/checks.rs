@@ -112,6 +112,7 @@ fn model(name: &str, inputs: Vec<TensorSpec>) -> ModelMeta {
         policy: Policy::default(),
         pushed_at_ms: 0,
         batching: Default::default(),
+        lineage: None,
     }
 }
 

@@ -17,7 +17,8 @@ pub mod ticket;
 pub use codec::{DecodeError, decode, encode};
 pub use messages::*;
 pub use model::{
-    Batching, CompareRule, DEFAULT_AUDIT_RATE, MAX_REDUNDANCY, ModelMeta, ModelRef, Policy, PolicyError, TensorSpec,
+    Batching, CompareRule, DEFAULT_AUDIT_RATE, Lineage, MAX_REDUNDANCY, ModelMeta, ModelRef, Policy, PolicyError,
+    TensorSpec,
 };
 pub use tensor::{DType, Limits, Tensor, TensorError};
 pub use ticket::{ABANDONED_TAG, AssignmentId, MalformedAssignmentId, Ticket, assignment_of_outcome_id};

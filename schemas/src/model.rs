@@ -237,6 +237,35 @@ pub struct ModelMeta {
     /// How workers batch tasks of this model (records written before it existed get the default).
     #[serde(default)]
     pub batching: Batching,
+    /// Where the weights came from, for a version made by training on the network
+    /// (`sundara train`); `None` for a pushed file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
+}
+
+/// How a version's weights were made: trained from its parent version (or from seeded
+/// initial weights) by applying the gradients of verified tasks, in order. With the parent's
+/// weights, the tasks' verified results and these settings, anyone can recompute the weights.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Lineage {
+    /// The training run: every version of one run shares it.
+    pub run: String,
+    /// The training-step model whose tasks computed the gradients.
+    pub trained_with: ModelRef,
+    /// The version trained from; `None` for the run's first, trained from `seed`'s weights.
+    pub parent: Option<String>,
+    /// The seed of the run's initial weights and batch order.
+    pub seed: u64,
+    /// Optimizer steps applied since the run began, this version's included.
+    pub steps: u64,
+    pub learning_rate: f64,
+    pub batch_rows: u64,
+    /// The verified tasks whose gradients were applied since `parent`, in order.
+    pub tasks: Vec<String>,
+    /// Mean loss over the last epoch's batches, before each step's update.
+    pub train_loss: f64,
+    /// Accuracy on the held-out rows, measured by verified tasks.
+    pub test_accuracy: Option<f64>,
 }
 
 impl ModelMeta {

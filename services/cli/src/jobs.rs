@@ -6,7 +6,8 @@
 //!
 //! This is the client side of issue 22's batch jobs (docs/jobs.md §2): the job has no
 //! server-side id, progress record or cancel yet, and its inputs and outputs travel as
-//! task messages.
+//! task messages. [`run_shards`] runs shards that are not rows of one input (the training
+//! steps of [`crate::training`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -18,18 +19,24 @@ use sundara_schemas::{RejectCode, ResultStatus, SubmitOutcome, SubmitRequest, Te
 
 use crate::client::{Client, ClientError};
 
-/// How a job is cut and run.
+/// How a job's shard tasks run.
 #[derive(Clone, Debug)]
-pub struct JobOptions {
+pub struct ShardOptions {
     pub model: String,
-    /// Rows per shard task.
-    pub shard_rows: u64,
     /// Shard tasks submitted and not yet ended, at most.
     pub in_flight: usize,
     /// Submissions of one shard, at most (the first included).
     pub attempts: u32,
     /// How long each shard task has to be verified.
     pub shard_timeout: Duration,
+}
+
+/// How a job is cut and run.
+#[derive(Clone, Debug)]
+pub struct JobOptions {
+    /// Rows per shard task.
+    pub shard_rows: u64,
+    pub shards: ShardOptions,
 }
 
 /// Where a job stands, after each shard that ends.
@@ -46,6 +53,15 @@ pub struct JobProgress {
 pub struct JobOutput {
     pub outputs: Vec<Tensor>,
     /// Per shard, in order, the task whose verified result it took.
+    pub tasks: Vec<String>,
+    pub progress: JobProgress,
+}
+
+/// Every shard of [`run_shards`] verified: each shard's outputs, in the shards' order.
+#[derive(Debug)]
+pub struct ShardOutputs {
+    pub outputs: Vec<Vec<Tensor>>,
+    /// Per shard, the task whose verified result it took.
     pub tasks: Vec<String>,
     pub progress: JobProgress,
 }
@@ -91,7 +107,7 @@ pub async fn run(
     client: &Client,
     inputs: Vec<Tensor>,
     options: &JobOptions,
-    mut progress: impl FnMut(&JobProgress),
+    progress: impl FnMut(&JobProgress),
 ) -> Result<JobOutput, JobError> {
     let rows = batch::rows(&inputs).ok_or(JobError::NotSplittable)?;
     if rows == 0 || inputs.iter().any(|t| t.shape.first() != Some(&rows)) {
@@ -100,6 +116,24 @@ pub async fn run(
     let step = options.shard_rows.max(1);
     let sizes: Vec<u64> = (0..rows).step_by(step as usize).map(|start| step.min(rows - start)).collect();
     let shards = batch::split(inputs, &sizes).ok_or(JobError::NotSplittable)?;
+    let done = run_shards(client, shards, &options.shards, progress).await?;
+    let parts: Vec<&[Tensor]> = done.outputs.iter().map(Vec::as_slice).collect();
+    if !parts.windows(2).all(|w| batch::compatible(w[0], w[1])) {
+        return Err(JobError::Unassembled);
+    }
+    Ok(JobOutput { outputs: batch::stack(&parts), tasks: done.tasks, progress: done.progress })
+}
+
+/// Runs each of `shards` (one task's inputs each) as a verified task of `options.model`,
+/// `options.in_flight` at a time, submitting a shard again after an unverified end (up to
+/// `options.attempts`) and after a refusal that means "later"; calls `progress` after each
+/// shard that ends. Every shard's outputs come from a verified task.
+pub async fn run_shards(
+    client: &Client,
+    shards: Vec<Vec<Tensor>>,
+    options: &ShardOptions,
+    mut progress: impl FnMut(&JobProgress),
+) -> Result<ShardOutputs, JobError> {
     let mut state = JobProgress { shards: shards.len(), ..JobProgress::default() };
     let mut outputs: Vec<Option<Vec<Tensor>>> = vec![None; shards.len()];
     let mut tasks = vec![String::new(); shards.len()];
@@ -164,12 +198,8 @@ pub async fn run(
         last_end = tokio::time::Instant::now();
         progress(&state);
     }
-    let done: Vec<Vec<Tensor>> = outputs.into_iter().map(|o| o.expect("every shard verified")).collect();
-    let parts: Vec<&[Tensor]> = done.iter().map(Vec::as_slice).collect();
-    if !parts.windows(2).all(|w| batch::compatible(w[0], w[1])) {
-        return Err(JobError::Unassembled);
-    }
-    Ok(JobOutput { outputs: batch::stack(&parts), tasks, progress: state })
+    let outputs = outputs.into_iter().map(|o| o.expect("every shard verified")).collect();
+    Ok(ShardOutputs { outputs, tasks, progress: state })
 }
 
 /// What `sundara job` runs.
@@ -187,7 +217,7 @@ pub struct JobCommand {
 pub async fn run_command(nats: &sundara_common::nats::NatsEndpoint, command: JobCommand) -> Result<String, JobError> {
     let JobCommand { options, input, rows, tenant, out } = command;
     let client = Client::connect(nats, &tenant).await?;
-    let inputs = crate::command_inputs(&client.nats, &options.model, input.as_deref(), rows).await?;
+    let inputs = crate::command_inputs(&client.nats, &options.shards.model, input.as_deref(), rows).await?;
     let started = std::time::Instant::now();
     let job = run(&client, inputs, &options, |p| {
         eprint!("\rshards verified {}/{} (retried {})", p.verified, p.shards, p.retried);

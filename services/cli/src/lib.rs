@@ -16,6 +16,7 @@ pub mod status;
 pub mod submit;
 pub mod tasks;
 pub mod tls;
+pub mod training;
 pub mod up;
 
 use serde_json::Value;

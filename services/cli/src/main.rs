@@ -152,6 +152,9 @@ enum Command {
         #[command(flatten)]
         task: TaskArgs,
     },
+    /// Trains a model on the network: each step's batch cut into shard tasks of a training
+    /// step model, the verified gradients added and applied here (docs/training.md).
+    Train(TrainArgs),
     /// Runs a model split by layer (`scripts/split_model.py`): each stage a verified task,
     /// its outputs the next stage's inputs (docs/jobs.md).
     RunStaged {
@@ -515,6 +518,57 @@ struct TaskArgs {
     timeout_ms: u64,
 }
 
+/// `sundara train`'s settings.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The training step model (inputs `x`, `y`, then the weights; outputs `loss`,
+    /// `correct`, `grad_<weight>`): NAME or NAME@VERSION.
+    #[arg(long, default_value = "digits-train")]
+    model: String,
+    /// The rows: CSV, the features then the class label on each line.
+    #[arg(long, default_value = ".cache/data/digits.csv")]
+    data: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Rows per optimizer step.
+    #[arg(long, default_value_t = 64)]
+    batch_rows: usize,
+    /// Shard tasks each step's batch is cut into.
+    #[arg(long, default_value_t = 4)]
+    shards: usize,
+    #[arg(long, default_value_t = 0.1)]
+    learning_rate: f32,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Seeds the initial weights, the held-out split and the batch order.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Share of the rows held out to measure accuracy.
+    #[arg(long, default_value_t = 0.2)]
+    held_out: f64,
+    /// Submissions of one shard at most, the first included.
+    #[arg(long, default_value_t = 3)]
+    attempts: u32,
+    /// Milliseconds each shard task has to be verified.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// Publish each epoch's weights as the next version of this model, with its lineage.
+    #[arg(long, requires = "template")]
+    publish_as: Option<String>,
+    /// The inference graph whose initializers, named as the weights, take the trained values.
+    #[arg(long)]
+    template: Option<PathBuf>,
+    /// Also train in this process from the same seed, and compare loss and speed.
+    #[arg(long)]
+    compare: bool,
+    /// Where to write every step's and epoch's figures (JSON).
+    #[arg(long)]
+    curve: Option<PathBuf>,
+    /// Who submits [default: the tenant whose credentials --nats-creds are, else `default`].
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum ModelsCommand {
     /// Register an ONNX model (inputs and outputs are read from the model). A published
@@ -618,6 +672,33 @@ async fn registry_for(nats: &nats::NatsEndpoint, what: &str) -> anyhow::Result<(
     Ok((js, opened?))
 }
 
+fn train_command(args: TrainArgs, tenant: String) -> sundara::training::TrainCommand {
+    let TrainArgs { model, data, epochs, batch_rows, shards, learning_rate, momentum, seed, held_out, .. } = args;
+    sundara::training::TrainCommand {
+        shards: sundara::jobs::ShardOptions {
+            model,
+            in_flight: shards.max(1),
+            attempts: args.attempts,
+            shard_timeout: std::time::Duration::from_millis(args.timeout_ms),
+        },
+        options: sundara::training::TrainOptions {
+            batch_rows,
+            shards,
+            epochs,
+            learning_rate,
+            momentum,
+            seed,
+            held_out,
+        },
+        data,
+        tenant,
+        publish_as: args.publish_as,
+        template: args.template,
+        compare: args.compare,
+        curve: args.curve,
+    }
+}
+
 /// ONNX Runtime: `ORT_DYLIB_PATH`, else the wheel in the project's `.venv`.
 fn ort() -> anyhow::Result<PathBuf> {
     let roots = match std::env::var_os("ORT_DYLIB_PATH") {
@@ -660,7 +741,8 @@ fn endpoints(cli: &Cli) -> anyhow::Result<Endpoints> {
         Command::Worker(args) => Some(sundara::auth::Role::Miner(args.id.clone())),
         Command::Submit { task: TaskArgs { tenant: Some(t), .. }, .. }
         | Command::RunStaged { task: TaskArgs { tenant: Some(t), .. }, .. }
-        | Command::Job { task: TaskArgs { tenant: Some(t), .. }, .. } => Some(sundara::auth::Role::Tenant(t.clone())),
+        | Command::Job { task: TaskArgs { tenant: Some(t), .. }, .. }
+        | Command::Train(TrainArgs { tenant: Some(t), .. }) => Some(sundara::auth::Role::Tenant(t.clone())),
         _ => None,
     };
     let context = sundara::context::Context::current();
@@ -677,6 +759,7 @@ fn is_quiet(command: &Command) -> bool {
             | Command::Submit { .. }
             | Command::RunStaged { .. }
             | Command::Job { .. }
+            | Command::Train(_)
             | Command::Models { .. }
             | Command::Rewards { .. }
             | Command::Fleet { .. }
@@ -819,9 +902,16 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
         } => {
             let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), tenant.as_deref())?;
             let shard_timeout = std::time::Duration::from_millis(timeout_ms);
-            let options = sundara::jobs::JobOptions { model, shard_rows, in_flight, attempts, shard_timeout };
+            let shards = sundara::jobs::ShardOptions { model, in_flight, attempts, shard_timeout };
+            let options = sundara::jobs::JobOptions { shard_rows, shards };
             let command = sundara::jobs::JobCommand { options, input, rows, tenant, out };
             print!("{}", sundara::jobs::run_command(&nats, command).await?);
+            Ok(())
+        }
+        Command::Train(args) => {
+            ort()?;
+            let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), args.tenant.as_deref())?;
+            print!("{}", sundara::training::run_command(&nats, train_command(args, tenant)).await?);
             Ok(())
         }
         Command::RunStaged { stages, task: TaskArgs { input, rows, tenant, timeout_ms } } => {

@@ -6,7 +6,9 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use sundara_common::registry::{PushError, Pushed};
 use sundara_common::{Capacity, Registry};
-use sundara_schemas::{Batching, ModelMeta, ModelRef, Policy, TensorSpec, WIRE_VERSION, now_ms, subjects as subj};
+use sundara_schemas::{
+    Batching, Lineage, ModelMeta, ModelRef, Policy, TensorSpec, WIRE_VERSION, now_ms, subjects as subj,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -48,18 +50,34 @@ pub async fn publish(
     policy: Policy,
     batching: Batching,
 ) -> Result<Pushed, ModelError> {
+    let bytes = std::fs::read(file).map_err(|source| ModelError::Read { path: file.display().to_string(), source })?;
+    publish_bytes(registry, &bytes, Published { name, version, policy, batching, lineage: None }).await
+}
+
+/// What a version is published as.
+pub struct Published<'a> {
+    pub name: &'a str,
+    /// `None`: the next version.
+    pub version: Option<&'a str>,
+    pub policy: Policy,
+    pub batching: Batching,
+    pub lineage: Option<Lineage>,
+}
+
+/// As [`publish`], for ONNX bytes made in this process (a trained version's).
+pub async fn publish_bytes(registry: &Registry, bytes: &[u8], what: Published<'_>) -> Result<Pushed, ModelError> {
+    let Published { name, version, policy, batching, lineage } = what;
     for n in std::iter::once(name).chain(version) {
         if !subj::is_token(n) {
             return Err(ModelError::InvalidName(n.to_string()));
         }
     }
-    let bytes = std::fs::read(file).map_err(|source| ModelError::Read { path: file.display().to_string(), source })?;
-    let model = sundara_runtime::Model::load(&bytes, 1)?;
+    let model = sundara_runtime::Model::load(bytes, 1)?;
     let meta = ModelMeta {
         v: WIRE_VERSION,
         name: name.to_string(),
         version: version.unwrap_or_default().to_string(),
-        sha256: hex::encode(Sha256::digest(&bytes)),
+        sha256: hex::encode(Sha256::digest(bytes)),
         size: bytes.len() as u64,
         // Set by the registry.
         object: String::new(),
@@ -68,10 +86,11 @@ pub async fn publish(
         policy,
         pushed_at_ms: now_ms(),
         batching,
+        lineage,
     };
     Ok(match version {
-        Some(_) => registry.push(&meta, &bytes).await?,
-        None => registry.push_next(&meta, &bytes).await?,
+        Some(_) => registry.push(&meta, bytes).await?,
+        None => registry.push_next(&meta, bytes).await?,
     })
 }
 

@@ -522,6 +522,7 @@ mod tests {
             policy: Default::default(),
             pushed_at_ms: at,
             batching: Default::default(),
+            lineage: None,
         };
         assert!(supersedes(&meta("10", 1), &meta("9", 2)), "numbers, not push times or text");
         assert!(!supersedes(&meta("2", 5), &meta("3", 1)));

@@ -638,6 +638,7 @@ mod tests {
             policy: Policy::default(),
             pushed_at_ms: 0,
             batching: Default::default(),
+            lineage: None,
         }
     }
 

@@ -1,0 +1,162 @@
+//! `sundara train`: a run on the network, optionally the same run in process beside it,
+//! each epoch reported, trained versions published with their lineage.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+use sundara_common::Registry;
+use sundara_runtime::Model;
+
+use super::{Backend, Dataset, EpochRecord, StepRecord, TrainError, TrainOptions, Trainer};
+use crate::client::Client;
+use crate::jobs::ShardOptions;
+
+/// What `sundara train` runs.
+pub struct TrainCommand {
+    /// `shards.model` is the step model.
+    pub shards: ShardOptions,
+    pub options: TrainOptions,
+    pub data: PathBuf,
+    pub tenant: String,
+    /// Publish each epoch's weights as the next version of this model.
+    pub publish_as: Option<String>,
+    /// The inference graph the weights are written into (with `publish_as`).
+    pub template: Option<PathBuf>,
+    /// Also train in process from the same seed, and compare.
+    pub compare: bool,
+    /// Where to write every step and epoch as JSON.
+    pub curve: Option<PathBuf>,
+}
+
+/// A finished run: what `--curve` writes.
+#[derive(Serialize)]
+pub struct Curves {
+    pub network: Run,
+    pub in_process: Option<Run>,
+}
+
+#[derive(Serialize)]
+pub struct Run {
+    pub steps: Vec<StepRecord>,
+    pub epochs: Vec<EpochRecord>,
+    pub seconds: f64,
+    /// Optimizer steps per second over the whole run (held-out measurements included).
+    pub steps_per_second: f64,
+    /// The versions published, one per epoch.
+    pub versions: Vec<String>,
+}
+
+/// `sundara train`: returns the report.
+pub async fn run_command(
+    nats: &sundara_common::nats::NatsEndpoint,
+    command: TrainCommand,
+) -> Result<String, TrainError> {
+    let client = Client::connect(nats, &command.tenant).await.map_err(crate::jobs::JobError::from)?;
+    let registry = Registry::open(&async_nats::jetstream::new(client.nats.clone()))
+        .await
+        .map_err(crate::models::ModelError::from)?;
+    let step_model = registry
+        .resolve(&command.shards.model)
+        .await
+        .map_err(crate::models::ModelError::from)?
+        .ok_or_else(|| TrainError::StepModel(format!("no model {} in the registry", command.shards.model)))?;
+    let data = Dataset::read_csv(&command.data)?;
+    let template = match (&command.publish_as, &command.template) {
+        (Some(_), Some(path)) => Some(
+            std::fs::read(path).map_err(|source| TrainError::ReadData { path: path.display().to_string(), source })?,
+        ),
+        (Some(_), None) => return Err(TrainError::Template("--publish-as needs --template".into())),
+        (None, _) => None,
+    };
+    let mut trainer = Trainer::new(data.clone(), &step_model.inputs, &step_model.outputs, command.options.clone())?;
+    let (train_rows, test_rows) = trainer.rows();
+    let mut report = format!(
+        "training {} on {} rows ({} held out), {} epochs of {} steps of {} rows, each step {} shard tasks\n",
+        step_model.model_ref(),
+        train_rows,
+        test_rows,
+        command.options.epochs,
+        train_rows.div_ceil(command.options.batch_rows.max(1)),
+        command.options.batch_rows,
+        command.options.shards,
+    );
+    eprint!("{report}");
+    let run = format!("{}-{:016x}", step_model.name, rand::random::<u64>());
+    let mut backend = Backend::Network { client: &client, shards: command.shards.clone() };
+    let started = Instant::now();
+    let (mut epochs, mut versions, mut parent, mut since) = (Vec::new(), Vec::new(), None, 0);
+    for _ in 0..command.options.epochs {
+        let epoch = trainer.epoch(&mut backend).await?;
+        let mut line = epoch_line("network", &epoch);
+        if let (Some(name), Some(template)) = (&command.publish_as, &template) {
+            let lineage = trainer.lineage(&run, &step_model, parent.clone(), since, &epoch);
+            let version = super::publish(&registry, template, name, trainer.weights(), &step_model, lineage).await?;
+            line.push_str(&format!(", published {name}@{version}"));
+            (parent, since) = (Some(version.clone()), trainer.steps.len() as u64);
+            versions.push(version);
+        }
+        eprintln!("{line}");
+        report.push_str(&line);
+        report.push('\n');
+        epochs.push(epoch);
+    }
+    let network = finished(trainer.steps, epochs, started, versions);
+    report.push_str(&format!("network: {:.1} steps/s over {:.1} s\n", network.steps_per_second, network.seconds));
+
+    let in_process = if command.compare {
+        let bytes = registry.fetch(&step_model).await.map_err(crate::models::ModelError::from)?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(2);
+        let model = Model::load(&bytes, threads)?;
+        let mut local = Trainer::new(data, &step_model.inputs, &step_model.outputs, command.options.clone())?;
+        let mut backend = Backend::InProcess(Box::new(model));
+        let started = Instant::now();
+        let mut epochs = Vec::new();
+        for _ in 0..command.options.epochs {
+            let epoch = local.epoch(&mut backend).await?;
+            report.push_str(&epoch_line("in process", &epoch));
+            report.push('\n');
+            epochs.push(epoch);
+        }
+        let run = finished(local.steps, epochs, started, Vec::new());
+        report.push_str(&format!("in process: {:.1} steps/s over {:.1} s\n", run.steps_per_second, run.seconds));
+        report.push_str(&compare_line(&network, &run));
+        Some(run)
+    } else {
+        None
+    };
+    if let Some(path) = &command.curve {
+        let text = serde_json::to_string_pretty(&Curves { network, in_process }).expect("curves encode");
+        std::fs::write(path, text)
+            .map_err(|source| TrainError::ReadData { path: path.display().to_string(), source })?;
+        report.push_str(&format!("curves written to {}\n", path.display()));
+    }
+    Ok(report)
+}
+
+fn finished(steps: Vec<StepRecord>, epochs: Vec<EpochRecord>, started: Instant, versions: Vec<String>) -> Run {
+    let seconds = started.elapsed().as_secs_f64();
+    let steps_per_second = steps.len() as f64 / seconds.max(1e-9);
+    Run { steps, epochs, seconds, steps_per_second, versions }
+}
+
+fn epoch_line(what: &str, e: &EpochRecord) -> String {
+    format!(
+        "{what} epoch {}: train loss {:.4}, held-out loss {:.4}, accuracy {:.2} % ({} steps, {:.1} s)",
+        e.epoch + 1,
+        e.train_loss,
+        e.test_loss,
+        100.0 * e.test_accuracy,
+        e.steps,
+        e.seconds
+    )
+}
+
+/// How far the network's loss curve is from the in-process one, step by step.
+pub fn compare_line(network: &Run, local: &Run) -> String {
+    let gap = network.steps.iter().zip(&local.steps).map(|(a, b)| (a.loss - b.loss).abs()).fold(0.0, f64::max);
+    format!(
+        "largest loss difference per step, network against in process: {gap:.2e}; speed {:.2}x in process\n",
+        network.steps_per_second / local.steps_per_second.max(1e-9)
+    )
+}

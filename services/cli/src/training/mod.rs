@@ -1,0 +1,350 @@
+//! Verified data-parallel training with only an inference runtime (docs/training.md).
+//!
+//! A **step model** is plain ONNX: inputs `x` and `y` (rows of one batch) and the weights,
+//! outputs `loss` (summed over the rows), `correct` (rows predicted right) and, for every
+//! weight `w`, `grad_w` (d loss / d w, summed over the rows); `scripts/make_train_step.py`
+//! builds one. Each optimizer step cuts its batch into shards, runs each shard as a task
+//! verified like any other (k miners of distinct operators compared under the model's rule,
+//! audits), adds the verified gradients here, on the validator's side, and applies the
+//! update. A miner's gradient reaches the weights only inside a verified result, so a
+//! poisoning or lazy miner is outvoted or audited before it can move the model.
+//!
+//! [`Backend::InProcess`] runs the same step model in this process on the whole batch: the
+//! baseline the network's loss curve and speed are measured against.
+
+mod command;
+mod data;
+mod weights;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sundara_common::Registry;
+use sundara_runtime::Model;
+use sundara_schemas::{DType, Lineage, ModelMeta, Tensor, TensorSpec};
+
+pub use command::{Curves, Run, TrainCommand, compare_line, run_command};
+pub use data::Dataset;
+pub use weights::{Sgd, Weights, into_initializers};
+
+use crate::client::Client;
+use crate::jobs::{JobError, ShardOptions};
+
+/// Why training stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("reading {path}: {source}")]
+    ReadData { path: String, source: std::io::Error },
+    #[error("{path}: {reason}")]
+    Data { path: String, reason: String },
+    /// The step model does not follow the convention (module docs), or does not fit the data.
+    #[error("not a training step model: {0}")]
+    StepModel(String),
+    /// A verified result whose outputs are not the gradients the step model declares, or not
+    /// finite: never applied.
+    #[error("step {step}: unusable outputs: {reason}")]
+    Outputs { step: u64, reason: String },
+    #[error("the inference template: {0}")]
+    Template(String),
+    #[error(transparent)]
+    Job(Box<JobError>),
+    #[error(transparent)]
+    Runtime(#[from] sundara_runtime::RuntimeError),
+    #[error(transparent)]
+    Models(Box<crate::models::ModelError>),
+}
+
+impl From<JobError> for TrainError {
+    fn from(e: JobError) -> Self {
+        TrainError::Job(Box::new(e))
+    }
+}
+
+impl From<crate::models::ModelError> for TrainError {
+    fn from(e: crate::models::ModelError) -> Self {
+        TrainError::Models(Box::new(e))
+    }
+}
+
+/// How a run trains.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Rows per optimizer step.
+    pub batch_rows: usize,
+    /// Shard tasks each step's batch is cut into.
+    pub shards: usize,
+    pub epochs: usize,
+    pub learning_rate: f32,
+    pub momentum: f32,
+    /// Seeds the initial weights, the held-out split and each epoch's batch order.
+    pub seed: u64,
+    /// Share of the rows held out to measure accuracy.
+    pub held_out: f64,
+}
+
+/// Where a step's gradients are computed.
+pub enum Backend<'a> {
+    /// Shard tasks on the network, each verified (`shards.model` names the step model).
+    Network { client: &'a Client, shards: ShardOptions },
+    /// The step model in this process, the whole batch in one run.
+    InProcess(Box<Model>),
+}
+
+/// One optimizer step.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRecord {
+    pub epoch: usize,
+    pub step: u64,
+    /// Mean loss of the batch before the update.
+    pub loss: f64,
+    /// Share of the batch predicted right before the update.
+    pub accuracy: f64,
+    /// The verified tasks whose gradients were applied (none in process).
+    pub tasks: Vec<String>,
+}
+
+/// One pass over the training rows, then the held-out rows measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub steps: u64,
+    /// Mean of the epoch's step losses, weighted by rows.
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    pub seconds: f64,
+}
+
+/// A training run's state: the data, the weights and the optimizer.
+pub struct Trainer {
+    data: Dataset,
+    train: Vec<usize>,
+    test: Vec<usize>,
+    weights: Weights,
+    sgd: Sgd,
+    options: TrainOptions,
+    epoch: usize,
+    step: u64,
+    /// Every step so far.
+    pub steps: Vec<StepRecord>,
+}
+
+/// What a step model's run over some rows adds up to.
+struct Summed {
+    loss: f64,
+    correct: i64,
+    gradients: Vec<Vec<f32>>,
+    tasks: Vec<String>,
+}
+
+impl Trainer {
+    /// A run of `step_inputs` / `step_outputs` (the step model's declared tensors) over
+    /// `data`, from the seeded initial weights.
+    pub fn new(
+        data: Dataset,
+        step_inputs: &[TensorSpec],
+        step_outputs: &[TensorSpec],
+        options: TrainOptions,
+    ) -> Result<Trainer, TrainError> {
+        let weight_specs = check_step_model(step_inputs, step_outputs, &data)?;
+        let weights = Weights::initial(weight_specs, options.seed)?;
+        let (train, test) = data.split(options.held_out, options.seed);
+        if train.is_empty() || test.is_empty() {
+            return Err(TrainError::StepModel("the data must leave rows to train on and rows held out".into()));
+        }
+        let sgd = Sgd::new(options.learning_rate, options.momentum);
+        Ok(Trainer { data, train, test, weights, sgd, options, epoch: 0, step: 0, steps: Vec::new() })
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// The rows trained on and held out.
+    pub fn rows(&self) -> (usize, usize) {
+        (self.train.len(), self.test.len())
+    }
+
+    /// One epoch: every training row once, in a seeded order, `batch_rows` per step; then
+    /// the held-out rows measured with the new weights.
+    pub async fn epoch(&mut self, backend: &mut Backend<'_>) -> Result<EpochRecord, TrainError> {
+        let started = Instant::now();
+        let mut order = self.train.clone();
+        let seed = self.options.seed.wrapping_add(1 + self.epoch as u64);
+        rand::seq::SliceRandom::shuffle(
+            order.as_mut_slice(),
+            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
+        );
+        let (mut loss, mut rows, first_step) = (0.0, 0usize, self.step);
+        for batch in order.chunks(self.options.batch_rows.max(1)) {
+            let summed = self.run(backend, batch).await?;
+            self.sgd.step(&mut self.weights, &summed.gradients, batch.len());
+            self.steps.push(StepRecord {
+                epoch: self.epoch,
+                step: self.step,
+                loss: summed.loss / batch.len() as f64,
+                accuracy: summed.correct as f64 / batch.len() as f64,
+                tasks: summed.tasks,
+            });
+            self.step += 1;
+            loss += summed.loss;
+            rows += batch.len();
+        }
+        let (test_loss, test_accuracy) = self.evaluate(backend).await?;
+        let record = EpochRecord {
+            epoch: self.epoch,
+            steps: self.step - first_step,
+            train_loss: loss / rows.max(1) as f64,
+            test_loss,
+            test_accuracy,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.epoch += 1;
+        Ok(record)
+    }
+
+    /// Mean loss and accuracy of the current weights on the held-out rows.
+    pub async fn evaluate(&mut self, backend: &mut Backend<'_>) -> Result<(f64, f64), TrainError> {
+        let (mut loss, mut correct) = (0.0, 0i64);
+        let test = self.test.clone();
+        for batch in test.chunks(self.options.batch_rows.max(1)) {
+            let summed = self.run(backend, batch).await?;
+            loss += summed.loss;
+            correct += summed.correct;
+        }
+        Ok((loss / test.len() as f64, correct as f64 / test.len() as f64))
+    }
+
+    /// The step model over `rows` with the current weights: in shard tasks or in process.
+    async fn run(&self, backend: &mut Backend<'_>, rows: &[usize]) -> Result<Summed, TrainError> {
+        let inputs = |rows: &[usize]| -> Vec<Tensor> {
+            self.data.tensors(rows).into_iter().chain(self.weights.tensors.iter().cloned()).collect()
+        };
+        let (outputs, tasks) = match backend {
+            Backend::Network { client, shards } => {
+                let per_shard = rows.len().div_ceil(self.options.shards.max(1));
+                let parts: Vec<Vec<Tensor>> = rows.chunks(per_shard.max(1)).map(inputs).collect();
+                let done = crate::jobs::run_shards(client, parts, shards, |_| {}).await?;
+                (done.outputs, done.tasks)
+            }
+            Backend::InProcess(model) => {
+                let model = &mut **model;
+                let outputs = tokio::task::block_in_place(|| model.run(&inputs(rows)))?;
+                (vec![outputs], Vec::new())
+            }
+        };
+        self.sum(outputs, tasks)
+    }
+
+    /// Adds the shards' losses, hits and gradients, after checking each is what the step
+    /// model declares: a gradient of another shape, or not finite, is never applied.
+    fn sum(&self, shards: Vec<Vec<Tensor>>, tasks: Vec<String>) -> Result<Summed, TrainError> {
+        let step = self.step;
+        let bad = |reason: String| TrainError::Outputs { step, reason };
+        let mut summed = Summed {
+            loss: 0.0,
+            correct: 0,
+            gradients: self.weights.tensors.iter().map(|t| vec![0.0; t.data.len() / 4]).collect(),
+            tasks,
+        };
+        for outputs in shards {
+            let named = |name: &str| outputs.iter().find(|t| t.name == name);
+            let scalar = |name: &str| named(name).filter(|t| t.shape == [1]).map(Tensor::to_f64);
+            let (Some(loss), Some(correct)) = (scalar("loss"), scalar("correct")) else {
+                return Err(bad("`loss` and `correct` must be one value each".into()));
+            };
+            if !loss[0].is_finite() {
+                return Err(bad(format!("loss {} is not finite", loss[0])));
+            }
+            summed.loss += loss[0];
+            summed.correct += correct[0] as i64;
+            for (w, sum) in self.weights.tensors.iter().zip(&mut summed.gradients) {
+                let name = format!("grad_{}", w.name);
+                let grad = named(&name)
+                    .filter(|g| g.shape == w.shape && g.dtype == DType::F32)
+                    .and_then(|g| g.values::<f32>())
+                    .ok_or_else(|| bad(format!("`{name}` must be f32{:?}", w.shape)))?;
+                if grad.iter().any(|g| !g.is_finite()) {
+                    return Err(bad(format!("`{name}` is not finite")));
+                }
+                sum.iter_mut().zip(grad).for_each(|(s, g)| *s += g);
+            }
+        }
+        Ok(summed)
+    }
+
+    /// The lineage of a version made now from `parent`, with the tasks of the steps since
+    /// step `since`.
+    pub fn lineage(
+        &self,
+        run: &str,
+        trained_with: &ModelMeta,
+        parent: Option<String>,
+        since: u64,
+        last: &EpochRecord,
+    ) -> Lineage {
+        Lineage {
+            run: run.to_string(),
+            trained_with: trained_with.model_ref(),
+            parent,
+            seed: self.options.seed,
+            steps: self.step,
+            learning_rate: f64::from(self.options.learning_rate),
+            batch_rows: self.options.batch_rows as u64,
+            tasks: self.steps.iter().filter(|s| s.step >= since).flat_map(|s| s.tasks.iter().cloned()).collect(),
+            train_loss: last.train_loss,
+            test_accuracy: Some(last.test_accuracy),
+        }
+    }
+}
+
+/// The weight inputs of a step model that follows the convention and fits `data`.
+fn check_step_model<'a>(
+    inputs: &'a [TensorSpec],
+    outputs: &[TensorSpec],
+    data: &Dataset,
+) -> Result<&'a [TensorSpec], TrainError> {
+    let fail = |why: String| Err(TrainError::StepModel(why));
+    let widths = [("x", data.features as u64), ("y", data.classes as u64)];
+    for ((want, width), spec) in widths.iter().zip(inputs) {
+        if spec.name != *want || spec.dtype != DType::F32 || spec.shape.len() != 2 || spec.shape[1] != Some(*width) {
+            return fail(format!("input `{}` must be `{want}` f32[rows, {width}] for this data", spec.name));
+        }
+    }
+    let weights = inputs.get(2..).filter(|w| !w.is_empty());
+    let Some(weights) = weights else { return fail("no weight inputs after `x` and `y`".into()) };
+    let declared = |name: &str| outputs.iter().any(|o| o.name == name);
+    let missing = ["loss".to_string(), "correct".to_string()]
+        .into_iter()
+        .chain(weights.iter().map(|w| format!("grad_{}", w.name)))
+        .find(|name| !declared(name));
+    match missing {
+        Some(name) => fail(format!("no output `{name}`")),
+        None => Ok(weights),
+    }
+}
+
+/// Publishes trained weights as the next version of `name`: `template` (an inference
+/// graph whose initializers are named as the weights) with the trained values, its lineage
+/// in the registry record. Returns the version.
+pub async fn publish(
+    registry: &Registry,
+    template: &[u8],
+    name: &str,
+    weights: &Weights,
+    trained_with: &ModelMeta,
+    lineage: Lineage,
+) -> Result<String, TrainError> {
+    let bytes = into_initializers(template, weights)?;
+    let what = crate::models::Published {
+        name,
+        version: None,
+        policy: trained_with.policy,
+        batching: Default::default(),
+        lineage: Some(lineage),
+    };
+    Ok(crate::models::publish_bytes(registry, &bytes, what).await?.into_meta().version)
+}
+
+/// How long [`Backend::Network`]'s shard tasks have, by default.
+pub const SHARD_TIMEOUT: Duration = Duration::from_secs(30);
