@@ -176,5 +176,8 @@ async fn sundara_train_reports_both_runs_and_publishes_each_epoch() {
     let lineage = v2.lineage.as_ref().unwrap();
     assert_eq!(lineage.parent.as_deref(), Some("1"));
     assert_eq!(lineage.tasks.len(), steps_per_epoch * 4);
+    let listed = h.run_cli(["models", "list"]);
+    let line = listed.lines().find(|l| l.starts_with("digits ") && l.contains(" 2 ")).unwrap_or_default();
+    assert!(line.contains("by digits-train@1, from digits@1, "), "{listed}");
     h.stop().await;
 }

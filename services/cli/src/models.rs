@@ -183,7 +183,7 @@ pub fn describe(m: &ModelMeta) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    format!(
+    let mut line = format!(
         "{:<12} {:<8} k={} {:<34} {:>9} B  sha256 {}…  in: {}  out: {}",
         m.name,
         m.version,
@@ -193,7 +193,19 @@ pub fn describe(m: &ModelMeta) -> String {
         &m.sha256[..12],
         specs(&m.inputs),
         specs(&m.outputs)
-    )
+    );
+    if let Some(l) = &m.lineage {
+        line.push_str(&format!(
+            "  trained: run {} by {}, from {}, {} steps, {} verified tasks since{}",
+            l.run,
+            l.trained_with,
+            l.parent.as_deref().map_or("seed".to_string(), |p| format!("{}@{p}", m.name)),
+            l.steps,
+            l.tasks.len(),
+            l.test_accuracy.map_or(String::new(), |a| format!(", held-out accuracy {:.2} %", 100.0 * a)),
+        ));
+    }
+    line
 }
 
 /// Random inputs that fit a model (see [`sundara_runtime::example_inputs`]).

@@ -570,8 +570,11 @@ impl Publisher {
                 nats::keep_dead_task(&self.js, &self.tasks, &task_id, dead.task_seq).await?;
                 nats::publish_once(&self.js, subj::dead(&task_id), &task_id, encode(dead)).await?;
             }
-            nats::publish_once(&self.js, subj::result(&tenant, &task_id), &task_id, encode(&result)).await?;
-            nats::publish_once(&self.js, subj::verdict(&task_id), &task_id, encode(&verdict)).await?;
+            // The result and the verdict are independent: both stored, in one round trip.
+            tokio::try_join!(
+                nats::publish_once(&self.js, subj::result(&tenant, &task_id), &task_id, encode(&result)),
+                nats::publish_once(&self.js, subj::verdict(&task_id), &task_id, encode(&verdict)),
+            )?;
             Ok::<(), CommonError>(())
         };
         match stored.await {

@@ -220,25 +220,27 @@ impl Trainer {
         let inputs = |rows: &[usize]| -> Vec<Tensor> {
             self.data.tensors(rows).into_iter().chain(self.weights.tensors.iter().cloned()).collect()
         };
-        let (outputs, tasks) = match backend {
+        let (outputs, sizes, tasks) = match backend {
             Backend::Network { client, shards } => {
-                let per_shard = rows.len().div_ceil(self.options.shards.max(1));
-                let parts: Vec<Vec<Tensor>> = rows.chunks(per_shard.max(1)).map(inputs).collect();
+                let per_shard = rows.len().div_ceil(self.options.shards.max(1)).max(1);
+                let parts: Vec<Vec<Tensor>> = rows.chunks(per_shard).map(inputs).collect();
+                let sizes = rows.chunks(per_shard).map(<[usize]>::len).collect();
                 let done = crate::jobs::run_shards(client, parts, shards, |_| {}).await?;
-                (done.outputs, done.tasks)
+                (done.outputs, sizes, done.tasks)
             }
             Backend::InProcess(model) => {
                 let model = &mut **model;
                 let outputs = tokio::task::block_in_place(|| model.run(&inputs(rows)))?;
-                (vec![outputs], Vec::new())
+                (vec![outputs], vec![rows.len()], Vec::new())
             }
         };
-        self.sum(outputs, tasks)
+        self.sum(outputs, &sizes, tasks)
     }
 
-    /// Adds the shards' losses, hits and gradients, after checking each is what the step
-    /// model declares: a gradient of another shape, or not finite, is never applied.
-    fn sum(&self, shards: Vec<Vec<Tensor>>, tasks: Vec<String>) -> Result<Summed, TrainError> {
+    /// Adds the shards' losses, hits and gradients (`sizes[i]` rows in shard i), after
+    /// checking each is what the step model declares: a gradient of another shape, or not
+    /// finite, or a count of hits beyond the shard's rows, is never applied.
+    fn sum(&self, shards: Vec<Vec<Tensor>>, sizes: &[usize], tasks: Vec<String>) -> Result<Summed, TrainError> {
         let step = self.step;
         let bad = |reason: String| TrainError::Outputs { step, reason };
         let mut summed = Summed {
@@ -247,7 +249,7 @@ impl Trainer {
             gradients: self.weights.tensors.iter().map(|t| vec![0.0; t.data.len() / 4]).collect(),
             tasks,
         };
-        for outputs in shards {
+        for (outputs, &rows) in shards.iter().zip(sizes) {
             let named = |name: &str| outputs.iter().find(|t| t.name == name);
             let scalar = |name: &str| named(name).filter(|t| t.shape == [1]).map(Tensor::to_f64);
             let (Some(loss), Some(correct)) = (scalar("loss"), scalar("correct")) else {
@@ -255,6 +257,9 @@ impl Trainer {
             };
             if !loss[0].is_finite() {
                 return Err(bad(format!("loss {} is not finite", loss[0])));
+            }
+            if !(0.0..=rows as f64).contains(&correct[0]) {
+                return Err(bad(format!("{} rows right of {rows}", correct[0])));
             }
             summed.loss += loss[0];
             summed.correct += correct[0] as i64;
@@ -348,3 +353,86 @@ pub async fn publish(
 
 /// How long [`Backend::Network`]'s shard tasks have, by default.
 pub const SHARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, dtype: DType, shape: &[Option<u64>]) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape: shape.to_vec() }
+    }
+
+    /// Two features, two classes, one 2×2 weight.
+    fn specs() -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+        let inputs = vec![
+            spec("x", DType::F32, &[None, Some(2)]),
+            spec("y", DType::F32, &[None, Some(2)]),
+            spec("w", DType::F32, &[Some(2), Some(2)]),
+        ];
+        let outputs = vec![
+            spec("loss", DType::F32, &[Some(1)]),
+            spec("correct", DType::I64, &[Some(1)]),
+            spec("grad_w", DType::F32, &[Some(2), Some(2)]),
+        ];
+        (inputs, outputs)
+    }
+
+    fn trainer() -> Trainer {
+        let data = Dataset::parse("0,1,0\n1,0,1\n1,1,1\n0,0,0\n2,1,1\n").unwrap();
+        let (inputs, outputs) = specs();
+        let options = TrainOptions {
+            batch_rows: 2,
+            shards: 2,
+            epochs: 1,
+            learning_rate: 0.1,
+            momentum: 0.0,
+            seed: 1,
+            held_out: 0.4,
+        };
+        Trainer::new(data, &inputs, &outputs, options).unwrap()
+    }
+
+    fn outputs(loss: f32, correct: i64, grad: &[f32], shape: Vec<u64>) -> Vec<Tensor> {
+        vec![
+            Tensor::from_values("loss", vec![1], &[loss]),
+            Tensor::from_values("correct", vec![1], &[correct]),
+            Tensor::from_values("grad_w", shape, grad),
+        ]
+    }
+
+    #[test]
+    fn shards_add_up_and_unusable_outputs_are_never_applied() {
+        let t = trainer();
+        let good = outputs(1.5, 1, &[1.0, 2.0, 3.0, 4.0], vec![2, 2]);
+        let summed = t.sum(vec![good.clone(), good.clone()], &[2, 2], vec!["a".into(), "b".into()]).unwrap();
+        assert_eq!((summed.loss, summed.correct), (3.0, 2));
+        assert_eq!(summed.gradients, vec![vec![2.0, 4.0, 6.0, 8.0]]);
+        for (bad, says) in [
+            (outputs(1.0, 1, &[1.0, 2.0, 3.0, 4.0], vec![4, 1]), "grad_w"),
+            (outputs(1.0, 1, &[1.0, f32::NAN, 3.0, 4.0], vec![2, 2]), "not finite"),
+            (outputs(f32::INFINITY, 1, &[0.0; 4], vec![2, 2]), "not finite"),
+            (outputs(1.0, 3, &[0.0; 4], vec![2, 2]), "3 rows right of 2"),
+            (outputs(1.0, -1, &[0.0; 4], vec![2, 2]), "rows right"),
+            (good[1..].to_vec(), "`loss`"),
+        ] {
+            let e = t.sum(vec![good.clone(), bad], &[2, 2], vec![]).err().expect("refused");
+            assert!(matches!(&e, TrainError::Outputs { .. }) && e.to_string().contains(says), "{says}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_step_model_off_the_convention_or_the_data_is_refused() {
+        let data = Dataset::parse("0,1,0\n1,0,1\n").unwrap();
+        let (inputs, outputs) = specs();
+        assert!(check_step_model(&inputs, &outputs, &data).is_ok());
+        let no_grad = &outputs[..2];
+        assert!(
+            matches!(check_step_model(&inputs, no_grad, &data), Err(TrainError::StepModel(m)) if m.contains("grad_w"))
+        );
+        let three_features = Dataset::parse("0,1,2,0\n").unwrap();
+        assert!(
+            matches!(check_step_model(&inputs, &outputs, &three_features), Err(TrainError::StepModel(m)) if m.contains("`x`"))
+        );
+        assert!(matches!(check_step_model(&inputs[..2], &outputs, &data), Err(TrainError::StepModel(_))));
+    }
+}
