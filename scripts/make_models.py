@@ -57,11 +57,13 @@ def build_mlp(name: str, dims: list) -> onnx.ModelProto:
         ],
         initializer=initializers,
     )
+    return finish_model(graph, "sundara-make-models")
+
+
+def finish_model(graph: onnx.GraphProto, producer: str) -> onnx.ModelProto:
+    """`graph` as a checked model of opset OPSET and IR version IR_VERSION."""
     model = helper.make_model(
-        graph,
-        producer_name="sundara-make-models",
-        producer_version="1",
-        opset_imports=[helper.make_opsetid("", OPSET)],
+        graph, producer_name=producer, producer_version="1", opset_imports=[helper.make_opsetid("", OPSET)]
     )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)

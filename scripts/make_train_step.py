@@ -37,8 +37,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
-IR_VERSION = 8
+from make_models import finish_model
+
 FEATURES, HIDDEN, CLASSES = 64, 64, 10
 WEIGHTS = [("w1", [FEATURES, HIDDEN]), ("b1", [HIDDEN]), ("w2", [HIDDEN, CLASSES]), ("b2", [CLASSES])]
 
@@ -91,15 +91,7 @@ def build() -> onnx.ModelProto:
     ] + [helper.make_tensor_value_info(f"grad_{name}", f32, shape) for name, shape in WEIGHTS]
     zero = helper.make_tensor("zero", f32, [], [0.0])
     graph = helper.make_graph(nodes, "digits_train", inputs, outputs, initializer=[axis0, one, zero])
-    model = helper.make_model(
-        graph,
-        producer_name="sundara-make-train-step",
-        producer_version="1",
-        opset_imports=[helper.make_opsetid("", OPSET)],
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return finish_model(graph, "sundara-make-train-step")
 
 
 def build_inference() -> onnx.ModelProto:
@@ -124,15 +116,7 @@ def build_inference() -> onnx.ModelProto:
         ],
         initializer=weights,
     )
-    model = helper.make_model(
-        graph,
-        producer_name="sundara-make-train-step",
-        producer_version="1",
-        opset_imports=[helper.make_opsetid("", OPSET)],
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return finish_model(graph, "sundara-make-train-step")
 
 
 def numpy_step(x, y, w1, b1, w2, b2):
