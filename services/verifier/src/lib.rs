@@ -480,14 +480,22 @@ struct Pending {
 struct Held {
     acker: Acker,
     headers: Option<async_nats::HeaderMap>,
+    /// Its sequence in OUTCOMES: tells a redelivery of it from another message.
+    stream_seq: Option<u64>,
 }
 
 impl Held {
     fn of(msg: Message) -> Held {
+        let stream_seq = msg.info().ok().map(|i| i.stream_sequence);
         let (message, acker) = msg.split();
-        Held { acker, headers: message.headers }
+        Held { acker, headers: message.headers, stream_seq }
     }
 }
+
+/// How long an outcome delivered to the verifier may go unacknowledged before OUTCOMES
+/// delivers it again: what an outcome lost with a verifier (or with a cluster node) waits.
+/// Outcomes held longer, for their siblings, get a progress ack every third of it.
+const OUTCOME_ACK_WAIT: Duration = Duration::from_secs(10);
 
 impl Publisher {
     /// Decides a task in the trace of its first outcome, linked to the others.
@@ -711,7 +719,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
         subj::OUTCOMES_STREAM,
         "verifier",
         subj::OUTCOME_ALL,
-        Duration::from_secs(30),
+        OUTCOME_ACK_WAIT,
         config.max_held as i64,
     )
     .await?;
@@ -745,7 +753,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
         publisher,
         permits: permits.clone(),
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tracing::info!("verifier running");
     loop {
         tokio::select! {
@@ -856,7 +864,7 @@ impl Intake {
             }
         }
         for p in self.pending.values() {
-            if p.gathering.first_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+            if p.gathering.first_seen.is_some_and(|t| t.elapsed() > OUTCOME_ACK_WAIT / 3) {
                 for m in &p.held {
                     let _ = m.acker.ack_with(AckKind::Progress).await;
                 }
@@ -892,7 +900,7 @@ impl Intake {
             }
         }
         for (r, held) in self.refused.values() {
-            if r.first_seen.elapsed() > Duration::from_secs(10) {
+            if r.first_seen.elapsed() > OUTCOME_ACK_WAIT / 3 {
                 for m in held {
                     let _ = m.acker.ack_with(AckKind::Progress).await;
                 }
@@ -998,7 +1006,15 @@ impl Intake {
         match pending.gathering.offer(Received { outcome, latency_us, stored_at_us: stored_at, late }) {
             Offer::Held => pending.held.push(Held::of(msg)),
             Offer::Duplicate => {
-                let _ = msg.ack().await;
+                let seq = msg.info().ok().map(|i| i.stream_sequence);
+                match pending.held.iter_mut().find(|h| seq.is_some() && h.stream_seq == seq) {
+                    // The held outcome delivered again: acking this delivery would ack it
+                    // before its task is decided. This delivery's handle takes its place.
+                    Some(held) => *held = Held::of(msg),
+                    None => {
+                        let _ = msg.ack().await;
+                    }
+                }
                 return;
             }
             Offer::SameOperator => {
