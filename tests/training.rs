@@ -174,10 +174,34 @@ async fn sundara_train_reports_both_runs_and_publishes_each_epoch() {
     // Version 2 was trained from version 1, each with its epoch's tasks.
     let v2 = registry.version("digits", "2").await.unwrap().expect("published");
     let lineage = v2.lineage.as_ref().unwrap();
-    assert_eq!(lineage.parent.as_deref(), Some("1"));
+    assert_eq!(lineage.parent.as_deref(), Some("digits@1"));
     assert_eq!(lineage.tasks.len(), steps_per_epoch * 4);
     let listed = h.run_cli(["models", "list"]);
     let line = listed.lines().find(|l| l.starts_with("digits ") && l.contains(" 2 ")).unwrap_or_default();
     assert!(line.contains("by digits-train@1, from digits@1, "), "{listed}");
+
+    // The run goes on from its last version: same run, its steps counted on.
+    let resumed = h.run_cli([
+        "train",
+        "--epochs",
+        "1",
+        "--data",
+        csv.to_str().unwrap(),
+        "--resume",
+        "digits@2",
+        "--publish-as",
+        "digits",
+        "--template",
+        template.to_str().unwrap(),
+    ]);
+    assert!(resumed.contains("network epoch 3:") && resumed.contains("published digits@3"), "{resumed}");
+    let v3 = registry.version("digits", "3").await.unwrap().expect("published");
+    let l3 = v3.lineage.as_ref().unwrap();
+    assert_eq!(
+        (l3.run.as_str(), l3.parent.as_deref(), l3.steps),
+        (lineage.run.as_str(), Some("digits@2"), 3 * steps_per_epoch as u64)
+    );
+    assert_eq!(l3.tasks.len(), steps_per_epoch * 4);
+    assert!(l3.test_accuracy.unwrap() >= 0.9, "{l3:?}");
     h.stop().await;
 }

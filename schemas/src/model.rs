@@ -252,7 +252,8 @@ pub struct Lineage {
     pub run: String,
     /// The training-step model whose tasks computed the gradients.
     pub trained_with: ModelRef,
-    /// The version trained from; `None` for the run's first, trained from `seed`'s weights.
+    /// The version trained from (`name@version`); `None` for the run's first, trained from
+    /// `seed`'s weights.
     pub parent: Option<String>,
     /// The seed of the run's initial weights and batch order.
     pub seed: u64,

@@ -561,6 +561,10 @@ struct TrainArgs {
     /// Also train in this process from the same seed, and compare loss and speed.
     #[arg(long)]
     compare: bool,
+    /// Continue the run that published this version (NAME@VERSION): its weights, its seed
+    /// and its steps so far; the momentum starts from zero.
+    #[arg(long)]
+    resume: Option<String>,
     /// Where to write every step's and epoch's figures (JSON).
     #[arg(long)]
     curve: Option<PathBuf>,
@@ -695,6 +699,7 @@ fn train_command(args: TrainArgs, tenant: String) -> sundara::training::TrainCom
         publish_as: args.publish_as,
         template: args.template,
         compare: args.compare,
+        resume: args.resume,
         curve: args.curve,
     }
 }

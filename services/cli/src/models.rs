@@ -199,7 +199,7 @@ pub fn describe(m: &ModelMeta) -> String {
             "  trained: run {} by {}, from {}, {} steps, {} verified tasks since{}",
             l.run,
             l.trained_with,
-            l.parent.as_deref().map_or("seed".to_string(), |p| format!("{}@{p}", m.name)),
+            l.parent.as_deref().unwrap_or("seed"),
             l.steps,
             l.tasks.len(),
             l.test_accuracy.map_or(String::new(), |a| format!(", held-out accuracy {:.2} %", 100.0 * a)),

@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use sundara_common::Registry;
 use sundara_runtime::Model;
+use sundara_schemas::ModelMeta;
 
 use super::{Backend, Dataset, EpochRecord, StepRecord, TrainError, TrainOptions, Trainer};
 use crate::client::Client;
@@ -25,6 +26,8 @@ pub struct TrainCommand {
     pub template: Option<PathBuf>,
     /// Also train in process from the same seed, and compare.
     pub compare: bool,
+    /// Continue from this published version (`name@version`): its weights, seed and steps.
+    pub resume: Option<String>,
     /// Where to write every step and epoch as JSON.
     pub curve: Option<PathBuf>,
 }
@@ -69,7 +72,15 @@ pub async fn run_command(
         (Some(_), None) => return Err(TrainError::Template("--publish-as needs --template".into())),
         (None, _) => None,
     };
-    let mut trainer = Trainer::new(data.clone(), &step_model.inputs, &step_model.outputs, command.options.clone())?;
+    let start = match &command.resume {
+        Some(spec) => Start::resumed(&registry, spec, &step_model, &command.options).await?,
+        None => Start::fresh(&step_model, &command.options),
+    };
+    let Start { run, mut parent, mut since, options, resumed } = start;
+    let mut trainer = Trainer::new(data.clone(), &step_model.inputs, &step_model.outputs, options.clone())?;
+    if let Some((weights, steps)) = &resumed {
+        trainer.resume(weights.clone(), *steps)?;
+    }
     let (train_rows, test_rows) = trainer.rows();
     let mut report = format!(
         "training {} on {} rows ({} held out), {} epochs of {} steps of {} rows, each step {} shard tasks\n",
@@ -82,10 +93,9 @@ pub async fn run_command(
         command.options.shards,
     );
     eprint!("{report}");
-    let run = format!("{}-{:016x}", step_model.name, rand::random::<u64>());
     let mut backend = Backend::Network { client: &client, shards: command.shards.clone() };
     let started = Instant::now();
-    let (mut epochs, mut versions, mut parent, mut since) = (Vec::new(), Vec::new(), None, 0);
+    let (mut epochs, mut versions) = (Vec::new(), Vec::new());
     for _ in 0..command.options.epochs {
         let epoch = trainer.epoch(&mut backend).await?;
         let mut line = epoch_line("network", &epoch);
@@ -93,7 +103,7 @@ pub async fn run_command(
             let lineage = trainer.lineage(&run, &step_model, parent.clone(), since, &epoch);
             let version = super::publish(&registry, template, name, trainer.weights(), &step_model, lineage).await?;
             line.push_str(&format!(", published {name}@{version}"));
-            (parent, since) = (Some(version.clone()), trainer.steps.len() as u64);
+            (parent, since) = (Some(sundara_schemas::ModelRef::spec(name, &version)), trainer.step());
             versions.push(version);
         }
         eprintln!("{line}");
@@ -108,7 +118,10 @@ pub async fn run_command(
         let bytes = registry.fetch(&step_model).await.map_err(crate::models::ModelError::from)?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(2);
         let model = Model::load(&bytes, threads)?;
-        let mut local = Trainer::new(data, &step_model.inputs, &step_model.outputs, command.options.clone())?;
+        let mut local = Trainer::new(data, &step_model.inputs, &step_model.outputs, options)?;
+        if let Some((weights, steps)) = resumed {
+            local.resume(weights, steps)?;
+        }
         let mut backend = Backend::InProcess(Box::new(model));
         let started = Instant::now();
         let mut epochs = Vec::new();
@@ -132,6 +145,53 @@ pub async fn run_command(
         report.push_str(&format!("curves written to {}\n", path.display()));
     }
     Ok(report)
+}
+
+/// Where a run starts: a new run, or a published version's run continued.
+struct Start {
+    run: String,
+    /// The version trained from (`name@version`).
+    parent: Option<String>,
+    /// The steps before this command's.
+    since: u64,
+    options: TrainOptions,
+    /// The weights and steps to continue from.
+    resumed: Option<(super::Weights, u64)>,
+}
+
+impl Start {
+    fn fresh(step_model: &ModelMeta, options: &TrainOptions) -> Start {
+        let run = format!("{}-{:016x}", step_model.name, rand::random::<u64>());
+        Start { run, parent: None, since: 0, options: options.clone(), resumed: None }
+    }
+
+    /// Continues the run of version `spec`, which must have been trained with `step_model`:
+    /// its weights, its seed (so its split and batch order) and its steps.
+    async fn resumed(
+        registry: &Registry,
+        spec: &str,
+        step_model: &ModelMeta,
+        options: &TrainOptions,
+    ) -> Result<Start, TrainError> {
+        let unknown = || TrainError::StepModel(format!("no model {spec} to resume from"));
+        let meta = registry.resolve(spec).await.map_err(crate::models::ModelError::from)?.ok_or_else(unknown)?;
+        let Some(lineage) = meta.lineage.clone() else {
+            return Err(TrainError::StepModel(format!("{spec} was not trained here: it has no lineage")));
+        };
+        if lineage.trained_with != step_model.model_ref() {
+            let (had, have) = (&lineage.trained_with, step_model.model_ref());
+            return Err(TrainError::StepModel(format!("{spec} was trained with {had}, not {have}")));
+        }
+        let bytes = registry.fetch(&meta).await.map_err(crate::models::ModelError::from)?;
+        let weights = super::from_initializers(&bytes, step_model.inputs.get(2..).unwrap_or_default())?;
+        Ok(Start {
+            run: lineage.run,
+            parent: Some(meta.model_ref().to_string()),
+            since: lineage.steps,
+            options: TrainOptions { seed: lineage.seed, ..options.clone() },
+            resumed: Some((weights, lineage.steps)),
+        })
+    }
 }
 
 fn finished(steps: Vec<StepRecord>, epochs: Vec<EpochRecord>, started: Instant, versions: Vec<String>) -> Run {

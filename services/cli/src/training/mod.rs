@@ -25,7 +25,7 @@ use sundara_schemas::{DType, Lineage, ModelMeta, Tensor, TensorSpec};
 
 pub use command::{Curves, Run, TrainCommand, compare_line, run_command};
 pub use data::Dataset;
-pub use weights::{Sgd, Weights, into_initializers};
+pub use weights::{Sgd, Weights, from_initializers, into_initializers};
 
 use crate::client::Client;
 use crate::jobs::{JobError, ShardOptions};
@@ -158,6 +158,28 @@ impl Trainer {
 
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+
+    /// Optimizer steps applied since the run began.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Continues a run from `weights` after `steps` optimizer steps (a published version's
+    /// [`Lineage`]): the next batches are those the run would have taken next, given the
+    /// same seed. The momentum starts again from zero; it is not published.
+    pub fn resume(&mut self, weights: Weights, steps: u64) -> Result<(), TrainError> {
+        let shapes = |w: &Weights| w.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect::<Vec<_>>();
+        if shapes(&weights) != shapes(&self.weights) {
+            return Err(TrainError::StepModel("the version's weights are not the step model's".into()));
+        }
+        let per_epoch = self.train.len().div_ceil(self.options.batch_rows.max(1)) as u64;
+        if !steps.is_multiple_of(per_epoch) {
+            return Err(TrainError::StepModel(format!("{steps} steps is not a whole number of epochs of {per_epoch}")));
+        }
+        (self.weights, self.step, self.epoch) = (weights, steps, (steps / per_epoch) as usize);
+        self.sgd = Sgd::new(self.options.learning_rate, self.options.momentum);
+        Ok(())
     }
 
     /// The rows trained on and held out.

@@ -93,38 +93,48 @@ impl Sgd {
 /// the file is unchanged.
 pub fn into_initializers(model: &[u8], weights: &Weights) -> Result<Vec<u8>, TrainError> {
     let mut out = model.to_vec();
-    let mut found = vec![false; weights.tensors.len()];
+    for (raw, t) in raw_initializers(model, &weights.tensors)?.into_iter().zip(&weights.tensors) {
+        out[raw].copy_from_slice(&t.data);
+    }
+    Ok(out)
+}
+
+/// The weights a published version holds: its initializers named and shaped as `specs`
+/// (the step model's weight inputs), read from their `raw_data`.
+pub fn from_initializers(model: &[u8], specs: &[TensorSpec]) -> Result<Weights, TrainError> {
+    let mut weights = Weights::initial(specs, 0)?;
+    for (raw, t) in raw_initializers(model, &weights.tensors)?.into_iter().zip(&mut weights.tensors) {
+        t.data.copy_from_slice(&model[raw]);
+    }
+    Ok(weights)
+}
+
+/// Where each of `tensors`' initializers keeps its values in `model`: the byte range of
+/// its `raw_data`, which must be exactly as long as the tensor's data, and there once.
+fn raw_initializers(model: &[u8], tensors: &[Tensor]) -> Result<Vec<std::ops::Range<usize>>, TrainError> {
     let bad = |why: &str| TrainError::Template(why.to_string());
+    let mut found: Vec<Option<std::ops::Range<usize>>> = vec![None; tensors.len()];
     // ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, raw_data = 9.
-    for (graph_field, graph) in protobuf_fields(model).map_err(bad)? {
-        if graph_field != 7 {
-            continue;
-        }
-        for (init_field, init) in protobuf_fields(&model[graph.clone()]).map_err(bad)? {
-            if init_field != 5 {
-                continue;
-            }
-            let init = graph.start + init.start..graph.start + init.end;
-            let fields = protobuf_fields(&model[init.clone()]).map_err(bad)?;
-            let name =
-                fields.iter().find(|(f, _)| *f == 8).map(|(_, r)| &model[init.start + r.start..init.start + r.end]);
-            let Some(i) = weights.tensors.iter().position(|t| Some(t.name.as_bytes()) == name) else { continue };
-            let raw = fields.iter().find(|(f, _)| *f == 9).map(|(_, r)| init.start + r.start..init.start + r.end);
-            let data = &weights.tensors[i].data;
-            match raw {
-                Some(raw) if raw.len() == data.len() && !found[i] => out[raw].copy_from_slice(data),
+    for (_, graph) in protobuf_fields(model).map_err(bad)?.into_iter().filter(|(f, _)| *f == 7) {
+        for (_, init) in protobuf_fields(&model[graph.clone()]).map_err(bad)?.into_iter().filter(|(f, _)| *f == 5) {
+            let at = |r: &std::ops::Range<usize>| graph.start + init.start + r.start..graph.start + init.start + r.end;
+            let fields = protobuf_fields(&model[at(&(0..init.len()))]).map_err(bad)?;
+            let name = fields.iter().find(|(f, _)| *f == 8).map(|(_, r)| &model[at(r)]);
+            let Some(i) = tensors.iter().position(|t| Some(t.name.as_bytes()) == name) else { continue };
+            match fields.iter().find(|(f, _)| *f == 9).map(|(_, r)| at(r)) {
+                Some(raw) if raw.len() == tensors[i].data.len() && found[i].is_none() => found[i] = Some(raw),
                 _ => {
-                    let name = &weights.tensors[i].name;
-                    return Err(bad(&format!("initializer `{name}` is not {} bytes of raw_data, once", data.len())));
+                    let (name, len) = (&tensors[i].name, tensors[i].data.len());
+                    return Err(bad(&format!("initializer `{name}` is not {len} bytes of raw_data, once")));
                 }
             }
-            found[i] = true;
         }
     }
-    match weights.tensors.iter().zip(&found).find(|(_, f)| !**f) {
-        Some((t, _)) => Err(bad(&format!("no initializer `{}`", t.name))),
-        None => Ok(out),
-    }
+    found
+        .into_iter()
+        .zip(tensors)
+        .map(|(raw, t)| raw.ok_or_else(|| bad(&format!("no initializer `{}`", t.name))))
+        .collect()
 }
 
 /// The length-delimited fields of one protobuf message, as (field number, byte range of the
@@ -191,6 +201,32 @@ mod tests {
         sgd.step(&mut w, &[vec![4.0, 0.0]], 2); // v = [2, 0], w = [0, -1]
         sgd.step(&mut w, &[vec![0.0, 2.0]], 2); // v = [1.8, 1], w = [-0.9, -1.5]
         assert_eq!(w.values(), vec![vec![-0.9, -1.5]]);
+    }
+
+    /// A ModelProto (ir_version 8) whose graph has one initializer `name` with `raw` data.
+    fn model_with(name: &str, raw: &[u8]) -> Vec<u8> {
+        let field = |key: u8, payload: &[u8]| [&[key, payload.len() as u8][..], payload].concat();
+        let tensor = [field(0x42, name.as_bytes()), field(0x4a, raw)].concat();
+        [&[0x08, 8][..], &field(0x3a, &field(0x2a, &tensor))].concat()
+    }
+
+    #[test]
+    fn weights_go_into_and_come_out_of_initializers() {
+        let values = [1.5f32, -2.0];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let model = model_with("w", &bytes);
+        let specs = [spec("w", &[2])];
+        assert_eq!(from_initializers(&model, &specs).unwrap().values(), vec![values.to_vec()]);
+        let trained = Weights { tensors: vec![Tensor::from_values("w", vec![2], &[7.0f32, 8.0])] };
+        let written = into_initializers(&model, &trained).unwrap();
+        assert_eq!(written.len(), model.len());
+        assert_eq!(from_initializers(&written, &specs).unwrap(), trained);
+        for (model, says) in
+            [(model_with("v", &bytes), "no initializer `w`"), (model_with("w", &bytes[..4]), "not 8 bytes")]
+        {
+            let e = from_initializers(&model, &specs).unwrap_err();
+            assert!(matches!(&e, TrainError::Template(m) if m.contains(says)), "{e}");
+        }
     }
 
     #[test]
