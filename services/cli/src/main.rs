@@ -528,6 +528,7 @@ struct TrainArgs {
     /// The rows: CSV, the features then the class label on each line.
     #[arg(long, default_value = ".cache/data/digits.csv")]
     data: PathBuf,
+    /// Passes over the training rows.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
     /// Rows per optimizer step.
@@ -536,8 +537,10 @@ struct TrainArgs {
     /// Shard tasks each step's batch is cut into.
     #[arg(long, default_value_t = 4)]
     shards: usize,
+    /// SGD's step size: w ← w − lr·v.
     #[arg(long, default_value_t = 0.1)]
     learning_rate: f32,
+    /// SGD's momentum: v ← μ·v + (batch gradient) / rows.
     #[arg(long, default_value_t = 0.9)]
     momentum: f32,
     /// Seeds the initial weights, the held-out split and the batch order.
