@@ -32,11 +32,14 @@ fn options() -> TrainOptions {
     }
 }
 
-/// A fleet of three honest miners and `cheater`, the step model registered at k=3.
+/// A fleet of three honest miners and `cheater`, the step model registered at k=3. The
+/// scheduler keeps a model's work on slices that hold it, so the cheater must hold it when
+/// training starts: one task of the step model runs on two honest miners and the cheater
+/// before the third honest miner (a `sundara worker` process) joins.
 async fn fleet_with(cheater: WorkerSpec) -> (Harness, Registry, ModelMeta, Dataset) {
-    let workers = vec![honest("h1", 1), honest("h2", 1), honest("h3", 1), cheater];
+    let workers = vec![honest("h1", 1), honest("h2", 1), cheater];
     let policy = Policy { redundancy: 3, rule: RULE, audit_rate: 0.0 };
-    let h = Harness::start_with(workers, policy, Duration::from_secs(5)).await;
+    let mut h = Harness::start_with(workers, policy, Duration::from_secs(5)).await;
     let registry = Registry::open(&h.js).await.unwrap();
     let root = project_root();
     let file = root.join(".cache/models/digits_train.onnx");
@@ -44,6 +47,10 @@ async fn fleet_with(cheater: WorkerSpec) -> (Harness, Registry, ModelMeta, Datas
         .await
         .expect("the step model exists (run scripts/setup)");
     let data = Dataset::read_csv(&root.join(".cache/data/digits.csv")).expect("the digits exist (run scripts/setup)");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let warm = h.request(&step.name, sundara::models::sample_inputs(&step.inputs, 8, &mut rng), "warm-up");
+    h.run_tasks(&[warm]).await;
+    h.spawn_worker_process("h3", 1).await;
     (h, registry, step, data)
 }
 

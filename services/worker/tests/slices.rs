@@ -41,14 +41,25 @@ async fn models_share_a_budget_by_evicting_idle_ones_and_no_task_fails() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let files = ["mlp.onnx", "silero_vad.onnx", "magika.onnx", "ppocr_cls.onnx"];
     let mut models: Vec<(ModelRun, Model)> = files.iter().map(|f| model(f)).collect();
-    // Learn each model's footprint on a roomy slice first.
-    let probe = Executor::start("probe", ExecutorConfig::cpu(1, 1 << 32, 8));
+    // Learn each model's footprint on a roomy slice first, twice, keeping the smaller: a
+    // full run of the workspace's tests once measured a footprint that gave a budget with
+    // room for all four, so nothing was evicted.
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    for (run, alone) in &models {
-        probe.run(run, example_inputs(&alone.inputs, 1, &mut rng)).await.unwrap();
+    let mut footprints: Vec<(String, u64)> = Vec::new();
+    for round in 0..2 {
+        let probe = Executor::start(&format!("probe{round}"), ExecutorConfig::cpu(1, 1 << 32, 8));
+        for (run, alone) in &models {
+            probe.run(run, example_inputs(&alone.inputs, 1, &mut rng)).await.unwrap();
+        }
+        let measured = probe.reports().borrow().footprints.clone();
+        assert_eq!(measured.len(), files.len(), "every model was measured");
+        for (model, bytes) in measured {
+            match footprints.iter_mut().find(|(m, _)| *m == model) {
+                Some((_, kept)) => *kept = (*kept).min(bytes),
+                None => footprints.push((model, bytes)),
+            }
+        }
     }
-    let footprints = probe.reports().borrow().footprints.clone();
-    assert_eq!(footprints.len(), files.len(), "every model was measured");
     let largest = footprints.iter().map(|(_, b)| *b).max().unwrap();
     let total: u64 = footprints.iter().map(|(_, b)| *b).sum();
     // Room for the largest and half again: never all four at once (a footprint measured
@@ -88,7 +99,7 @@ async fn models_share_a_budget_by_evicting_idle_ones_and_no_task_fails() {
         .unwrap()
         .clone();
     assert!(report.failed.is_none());
-    assert!(report.evictions > 0, "the budget forced no eviction: {report:?}");
+    assert!(report.evictions > 0, "the budget forced no eviction: {report:?}; probed footprints {footprints:?}");
     assert!(report.loads > files.len() as u64, "evicted models were loaded again");
     assert!(report.memory_used <= report.memory_total, "{report:?}");
     let held: u64 = report.loaded.iter().map(|(_, b)| *b).sum();
