@@ -43,17 +43,23 @@ FEATURES, HIDDEN, CLASSES = 64, 64, 10
 WEIGHTS = [("w1", [FEATURES, HIDDEN]), ("b1", [HIDDEN]), ("w2", [HIDDEN, CLASSES]), ("b2", [CLASSES])]
 
 
-def build() -> onnx.ModelProto:
+def forward(logits: str) -> list:
+    """The classifier's forward pass, x -> `logits`: the same in the step and the inference graph."""
     n = helper.make_node
-    axis0 = helper.make_tensor("axis0", TensorProto.INT64, [1], [0])
-    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
-    nodes = [
-        # Forward.
+    return [
         n("MatMul", ["x", "w1"], ["xw1"]),
         n("Add", ["xw1", "b1"], ["h_pre"]),
         n("Relu", ["h_pre"], ["h"]),
         n("MatMul", ["h", "w2"], ["hw2"]),
-        n("Add", ["hw2", "b2"], ["z"]),
+        n("Add", ["hw2", "b2"], [logits]),
+    ]
+
+
+def build() -> onnx.ModelProto:
+    n = helper.make_node
+    axis0 = helper.make_tensor("axis0", TensorProto.INT64, [1], [0])
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    nodes = forward("z") + [
         n("LogSoftmax", ["z"], ["logp"], axis=-1),
         n("Mul", ["y", "logp"], ["ylogp"]),
         n("ReduceSum", ["ylogp"], ["neg_loss"], keepdims=0),
@@ -95,15 +101,7 @@ def build() -> onnx.ModelProto:
 
 
 def build_inference() -> onnx.ModelProto:
-    n = helper.make_node
-    nodes = [
-        n("MatMul", ["x", "w1"], ["xw1"]),
-        n("Add", ["xw1", "b1"], ["h_pre"]),
-        n("Relu", ["h_pre"], ["h"]),
-        n("MatMul", ["h", "w2"], ["hw2"]),
-        n("Add", ["hw2", "b2"], ["logits"]),
-        n("Softmax", ["logits"], ["probs"], axis=-1),
-    ]
+    nodes = forward("logits") + [helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
     f32 = TensorProto.FLOAT
     weights = [numpy_helper.from_array(np.zeros(shape, np.float32), name) for name, shape in WEIGHTS]
     graph = helper.make_graph(

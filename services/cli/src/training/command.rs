@@ -116,23 +116,11 @@ pub async fn run_command(
 
     let in_process = if command.compare {
         let bytes = registry.fetch(&step_model).await.map_err(crate::models::ModelError::from)?;
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(2);
-        let model = Model::load(&bytes, threads)?;
         let mut local = Trainer::new(data, &step_model.inputs, &step_model.outputs, options)?;
         if let Some((weights, steps)) = resumed {
             local.resume(weights, steps)?;
         }
-        let mut backend = Backend::InProcess(Box::new(model));
-        let started = Instant::now();
-        let mut epochs = Vec::new();
-        for _ in 0..command.options.epochs {
-            let epoch = local.epoch(&mut backend).await?;
-            report.push_str(&epoch_line("in process", &epoch));
-            report.push('\n');
-            epochs.push(epoch);
-        }
-        let run = finished(local.steps, epochs, started, Vec::new());
-        report.push_str(&format!("in process: {:.1} steps/s over {:.1} s\n", run.steps_per_second, run.seconds));
+        let run = train_in_process(local, &bytes, command.options.epochs, &mut report).await?;
         report.push_str(&compare_line(&network, &run));
         Some(run)
     } else {
@@ -145,6 +133,29 @@ pub async fn run_command(
         report.push_str(&format!("curves written to {}\n", path.display()));
     }
     Ok(report)
+}
+
+/// `epochs` of `local` with the step model (`bytes`) in this process, on the 2 threads an
+/// inference slice of this machine would have; each epoch reported.
+async fn train_in_process(
+    mut local: Trainer,
+    bytes: &[u8],
+    epochs: usize,
+    report: &mut String,
+) -> Result<Run, TrainError> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(2);
+    let mut backend = Backend::InProcess(Box::new(Model::load(bytes, threads)?));
+    let started = Instant::now();
+    let mut records = Vec::new();
+    for _ in 0..epochs {
+        let epoch = local.epoch(&mut backend).await?;
+        report.push_str(&epoch_line("in process", &epoch));
+        report.push('\n');
+        records.push(epoch);
+    }
+    let run = finished(local.steps, records, started, Vec::new());
+    report.push_str(&format!("in process: {:.1} steps/s over {:.1} s\n", run.steps_per_second, run.seconds));
+    Ok(run)
 }
 
 /// Where a run starts: a new run, or a published version's run continued.
