@@ -752,6 +752,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Ver
         undecided: undecided_rx,
         publisher,
         permits: permits.clone(),
+        progressed: Instant::now(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tracing::info!("verifier running");
@@ -827,6 +828,9 @@ struct Intake {
     undecided: tokio::sync::mpsc::UnboundedReceiver<String>,
     publisher: Arc<Publisher>,
     permits: Arc<Semaphore>,
+    /// When held outcomes were last progress-acked: once per third of the ack wait, though
+    /// the tick that checks comes every second.
+    progressed: Instant,
 }
 
 impl Intake {
@@ -863,19 +867,23 @@ impl Intake {
                 self.finish(&task).await;
             }
         }
-        for p in self.pending.values() {
+        let progress_due = self.progressed.elapsed() >= OUTCOME_ACK_WAIT / 3;
+        if progress_due {
+            self.progressed = Instant::now();
+        }
+        for p in self.pending.values().filter(|_| progress_due) {
             if p.gathering.first_seen.is_some_and(|t| t.elapsed() > OUTCOME_ACK_WAIT / 3) {
                 for m in &p.held {
                     let _ = m.acker.ack_with(AckKind::Progress).await;
                 }
             }
         }
-        self.end_refused(now).await;
+        self.end_refused(now, progress_due).await;
     }
 
     /// Ends the tasks whose outcomes were all refused once their deadline + grace passed
     /// (see [`refused`]); keeps the refused outcomes of the others from redelivery.
-    async fn end_refused(&mut self, now: u64) {
+    async fn end_refused(&mut self, now: u64, progress_due: bool) {
         let due: Vec<String> = self
             .refused
             .iter()
@@ -899,7 +907,7 @@ impl Intake {
                 let _ = m.acker.ack().await;
             }
         }
-        for (r, held) in self.refused.values() {
+        for (r, held) in self.refused.values().filter(|_| progress_due) {
             if r.first_seen.elapsed() > OUTCOME_ACK_WAIT / 3 {
                 for m in held {
                     let _ = m.acker.ack_with(AckKind::Progress).await;
