@@ -15,8 +15,9 @@ use sundara_ingress::{Rejection, admit, decode_request};
 use sundara_schemas::codec::Versioned;
 use sundara_schemas::{
     Assignment, Assignments, ClientResult, ControlReply, ControlRequest, DType, DeadLetter, DecodeError, EpochWeights,
-    FleetRequest, Limits, MAX_MESSAGE_BYTES, ModelMeta, Outcome, Policy, RejectCode, RewardTrace, RewardTraces,
-    SubmitReply, SubmitRequest, Task, Tensor, TensorError, TensorSpec, Verdict, WIRE_VERSION, decode, encode,
+    FleetRequest, JobReply, JobRequest, Limits, MAX_MESSAGE_BYTES, ModelMeta, Outcome, Policy, RejectCode, RewardTrace,
+    RewardTraces, SubmitReply, SubmitRequest, Task, Tensor, TensorError, TensorSpec, Verdict, WIRE_VERSION, decode,
+    encode,
 };
 
 /// A fuzz target's check: panics when a property breaks.

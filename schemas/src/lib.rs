@@ -8,6 +8,7 @@
 pub mod bounded;
 pub mod chain;
 pub mod codec;
+pub mod jobs;
 pub mod messages;
 pub mod model;
 pub mod subjects;
@@ -15,6 +16,7 @@ pub mod tensor;
 pub mod ticket;
 
 pub use codec::{DecodeError, decode, encode};
+pub use jobs::{JobAnswer, JobOp, JobRefusal, JobReply, JobRequest, JobSpec, JobState, JobStatus};
 pub use messages::*;
 pub use model::{
     Batching, CompareRule, DEFAULT_AUDIT_RATE, Lineage, MAX_REDUNDANCY, ModelMeta, ModelRef, Policy, PolicyError,

@@ -653,8 +653,11 @@ macro_rules! with_messages {
             EpochWeights,
             DeadLetter,
             ControlRequest,
-            ControlReply
+            ControlReply,
+            JobRequest,
+            JobReply
         );
     };
 }
+use crate::jobs::{JobReply, JobRequest};
 with_messages!(versioned);

@@ -146,6 +146,34 @@ pub fn dead_task(task: &str) -> String {
     format!("sundara.deadtask.{task}")
 }
 
+/// Every tenant's job requests: what the jobs service serves.
+pub const JOBS_ALL: &str = "sundara.jobs.*.*";
+/// The jobs service's records (validator side only; tenants reach them through requests).
+pub const JOBS_BUCKET: &str = "jobs";
+/// Job inputs and verified shard outputs, per tenant and job (validator side only).
+pub const JOB_DATA: &str = "job-data";
+
+/// Where `tenant` asks `op` of its jobs (`create`, `put`, `start`, `show`, `list`,
+/// `cancel`, `fetch`). Its credentials allow `sundara.jobs.<tenant>.*` and nothing else of
+/// the family, so the jobs service takes the tenant from the subject.
+pub fn jobs(tenant: &str, op: &str) -> String {
+    format!("sundara.jobs.{tenant}.{op}")
+}
+/// The tenant token of a job request's subject.
+pub fn jobs_tenant(subject: &str) -> Option<&str> {
+    let (tenant, _op) = subject.strip_prefix("sundara.jobs.")?.split_once('.')?;
+    is_token(tenant).then_some(tenant)
+}
+/// Where the jobs service tells `tenant` that `job` moved (a core NATS wake-up, the
+/// [`crate::JobStatus`] after the change; the status itself is always asked with `show`).
+pub fn job_events(tenant: &str, job: &str) -> String {
+    format!("sundara.jobevent.{tenant}.{job}")
+}
+/// Every job event of one tenant.
+pub fn job_events_of(tenant: &str) -> String {
+    format!("sundara.jobevent.{tenant}.>")
+}
+
 /// A name usable as one subject token: 1 to 64 of `[A-Za-z0-9_-]`.
 pub fn is_token(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')

@@ -92,6 +92,7 @@ impl Harness {
             max_in_flight: 100_000,
             credentials_dir: None,
             gateway: None,
+            jobs: Some(sundara_jobs::Config::from_args(Default::default(), endpoints.clone())),
             scaling: None,
             retention: Default::default(),
         };

@@ -3,7 +3,8 @@
 //! server's `authorization` block (include it from nats-server's config and reload).
 //!
 //! - **validator** (ingress, scheduler, verifier, rewarder, autoscaler, operators): everything.
-//! - **tenant `t`**: publish on `sundara.submit.t`; read the registry; read results only
+//! - **tenant `t`**: publish on `sundara.submit.t` and `sundara.jobs.t.*` (its job
+//!   requests), subscribe to `sundara.jobevent.t.>`; read the registry; read results only
 //!   through its own RESULTS consumers, named `results-t-<slot>` one by one and filtered to
 //!   `sundara.result.t.>`; no other consumer on RESULTS (ingress's, other tenants').
 //! - **miner `w`**: read the registry; pull only from its own WORK consumer (filter
@@ -96,19 +97,22 @@ pub enum Service {
     Rewarder,
     Autoscaler,
     Gateway,
+    /// `sundara jobs serve`: tenants' batch jobs.
+    Jobs,
     /// `sundara chain serve`: the metagraph sync and the auth callout that lets miners in
     /// by their hotkeys.
     Chain,
 }
 
 impl Service {
-    pub const ALL: [Service; 7] = [
+    pub const ALL: [Service; 8] = [
         Service::Ingress,
         Service::Scheduler,
         Service::Verifier,
         Service::Rewarder,
         Service::Autoscaler,
         Service::Gateway,
+        Service::Jobs,
         Service::Chain,
     ];
 
@@ -121,6 +125,7 @@ impl Service {
             Service::Rewarder => "rewarder",
             Service::Autoscaler => "autoscaler",
             Service::Gateway => "gateway",
+            Service::Jobs => "jobs",
             Service::Chain => "chain",
         }
     }
@@ -385,6 +390,26 @@ fn service_permissions(s: Service, inbox: String) -> Permissions {
                 format!("$JS.API.DIRECT.GET.{results}.>"),
             ]);
             subscribe.push(subj::RESULT_ALL.into());
+            // Its `/v1/jobs` endpoints ask the jobs service for the tenants its keys name.
+            publish.push(subj::JOBS_ALL.into());
+        }
+        Service::Jobs => {
+            // Answers job requests, submits shard tasks as their tenant and reads their
+            // results (as published, and from RESULTS where it missed one); its records and
+            // the jobs' data are its own.
+            let results = subj::RESULTS_STREAM;
+            publish.extend([
+                subj::SUBMIT_ALL.into(),
+                format!("$JS.API.DIRECT.GET.{results}"),
+                format!("$JS.API.DIRECT.GET.{results}.>"),
+                "sundara.jobevent.>".into(),
+            ]);
+            publish.extend(kv_read_write(subj::JOBS_BUCKET));
+            publish.extend(consume_stream(&format!("OBJ_{}", subj::JOB_DATA)));
+            publish
+                .extend([format!("$O.{}.>", subj::JOB_DATA), format!("$JS.API.STREAM.PURGE.OBJ_{}", subj::JOB_DATA)]);
+            subscribe.extend([subj::JOBS_ALL.into(), subj::RESULT_ALL.into()]);
+            allow_responses = true;
         }
         Service::Chain => {
             // nats-server asks it about every connection not among the auth callout's
@@ -427,10 +452,10 @@ pub fn permissions(role: &Role, public_key: &str) -> Permissions {
         Role::Service(s) => service_permissions(*s, inbox),
         Role::Pool => miner_permissions("*", inbox),
         Role::Tenant(t) => {
-            let mut publish = vec![subj::submit(t)];
+            let mut publish = vec![subj::submit(t), subj::jobs(t, "*")];
             publish.extend(results_read(t));
             publish.extend(registry_read());
-            Permissions { publish, subscribe: vec![inbox], allow_responses: false }
+            Permissions { publish, subscribe: vec![inbox, subj::job_events_of(t)], allow_responses: false }
         }
         Role::Miner(w) => miner_permissions(w, inbox),
     }
@@ -790,7 +815,8 @@ mod tests {
             Service::Verifier => vec!["sundara.result.a.t", "sundara.verdict.t", "sundara.deadtask.t"],
             Service::Rewarder => vec!["sundara.reward.t", "sundara.reward.epoch", "$KV.rewards.ledger"],
             Service::Autoscaler => vec!["sundara.fleet.dead", "sundara.control.m1", "$JS.API.STREAM.PURGE.WORK"],
-            Service::Gateway => vec!["sundara.submit.a"],
+            Service::Gateway => vec!["sundara.submit.a", "sundara.jobs.a.create"],
+            Service::Jobs => vec!["sundara.submit.a", "sundara.jobevent.a.j", "$KV.jobs.a.j", "$O.job-data.C.x"],
             Service::Chain => vec!["$KV.rewards.chain.weights.7"],
         };
         let all: Vec<&str> = Service::ALL.iter().flat_map(|s| produces(*s)).collect();
@@ -808,10 +834,11 @@ mod tests {
             for change in ["CREATE", "UPDATE", "DELETE"] {
                 assert!(!covers(&p.publish, &format!("$JS.API.STREAM.{change}.TASKS")), "{s:?} may {change} a stream");
             }
-            assert_eq!(covers(&p.publish, "sundara.submit.a"), s == Service::Gateway, "{s:?} submits");
+            let submits = matches!(s, Service::Gateway | Service::Jobs);
+            assert_eq!(covers(&p.publish, "sundara.submit.a"), submits, "{s:?} submits");
             assert!(!covers(&p.subscribe, "_INBOX_OTHER.x"), "{s:?} reads another's inbox");
             let reads_results = covers(&p.subscribe, "sundara.result.a.t");
-            assert_eq!(reads_results, s == Service::Gateway, "{s:?} reads results outside JetStream");
+            assert_eq!(reads_results, submits, "{s:?} reads results outside JetStream");
         }
     }
 
@@ -860,6 +887,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_tenant_asks_and_hears_only_of_its_own_jobs() {
+        let p = permissions(&Role::Tenant("a".into()), "UKEY");
+        assert!(covers(&p.publish, &subj::jobs("a", "create")));
+        assert!(covers(&p.subscribe, &subj::job_events("a", "j1")));
+        for other in ["a-1", "b"] {
+            assert!(!covers(&p.publish, &subj::jobs(other, "show")), "asks of {other}'s jobs");
+            assert!(!covers(&p.subscribe, &subj::job_events(other, "j1")), "hears of {other}'s jobs");
+        }
+        for store in ["$KV.jobs.a.j1", "$O.job-data.C.x", "$JS.API.DIRECT.GET.KV_jobs.$KV.jobs.a.j1"] {
+            assert!(!covers(&p.publish, store), "reaches the jobs' store directly: {store}");
+        }
+    }
+
     /// nats-server cannot reload its `auth_callout` block: adding tenants and miners must
     /// leave it as it was, so only the validator's own users bypass the callout.
     #[test]
@@ -893,7 +934,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = init(dir.path(), &["a".into()], &["m1".into()]).unwrap();
         let second = init(dir.path(), &[], &["m2".into()]).unwrap();
-        assert_eq!(second.users.len(), 12, "validator, the pool, seven services, a, m1 and m2");
+        assert_eq!(second.users.len(), 13, "validator, the pool, eight services, a, m1 and m2");
         for (role, key) in &first.users {
             assert_eq!(&second.users[role], key, "{role:?} kept its key");
         }

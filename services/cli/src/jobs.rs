@@ -236,9 +236,8 @@ pub async fn run_command(nats: &sundara_common::nats::NatsEndpoint, command: Job
         report.push_str(&format!("  {} {}{:?}\n", t.name, t.dtype, t.shape));
     }
     if let Some(path) = out {
-        let tensors: Vec<crate::submit::JsonTensor> = job.outputs.iter().map(crate::submit::JsonTensor::of).collect();
-        let text = serde_json::json!({ "outputs": tensors }).to_string();
-        std::fs::write(&path, text).map_err(|source| JobError::Write { path: path.display().to_string(), source })?;
+        crate::submit::write_outputs(&path, &job.outputs)
+            .map_err(|source| JobError::Write { path: path.display().to_string(), source })?;
         report.push_str(&format!("outputs written to {}\n", path.display()));
     }
     Ok(report)

@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod jobs;
 pub mod models;
 pub mod pipeline;
+pub mod server_jobs;
 pub mod stack;
 pub mod staged;
 pub mod status;

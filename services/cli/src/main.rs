@@ -152,6 +152,13 @@ enum Command {
         #[command(flatten)]
         task: TaskArgs,
     },
+    /// Batch jobs held by the validator side's jobs service: submitted in parts, run as
+    /// verified shard tasks, followed, listed, cancelled; and the service itself (`serve`).
+    /// docs/jobs.md §3.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// Trains a model on the network: each step's batch cut into shard tasks of a training
     /// step model, the verified gradients added and applied here (docs/training.md).
     Train(TrainArgs),
@@ -250,6 +257,75 @@ enum Command {
         #[command(flatten)]
         redis: RedisArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Run the jobs service (one per stack; `sundara up` runs it).
+    Serve(sundara_jobs::Args),
+    /// Submit a job: its inputs put in parts of whole shards, then started. Prints its id;
+    /// with --wait, follows it to its end.
+    Submit {
+        /// The model to run: NAME or NAME@VERSION.
+        #[arg(long)]
+        model: String,
+        /// Rows per shard task.
+        #[arg(long, default_value_t = 100)]
+        shard_rows: u64,
+        /// Shard tasks in flight at once.
+        #[arg(long, default_value_t = 8)]
+        in_flight: u32,
+        /// Submissions of one shard at most, the first included.
+        #[arg(long, default_value_t = 3)]
+        attempts: u32,
+        /// Seconds the whole job may take (the service caps it).
+        #[arg(long, default_value_t = 3600)]
+        deadline_secs: u64,
+        /// Follow the job to its end, progress on stderr.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: where to write the outputs (JSON, as `sundara job --out`).
+        #[arg(long, requires = "wait")]
+        out: Option<PathBuf>,
+        /// --input: every row of the job; --rows: how many rows to generate without it;
+        /// --timeout-ms: each shard's.
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// Your jobs, newest first: state, shards verified, rows, reason.
+    List {
+        #[command(flatten)]
+        tenant: TenantArg,
+    },
+    /// One job's state and progress.
+    Show {
+        job_id: String,
+        #[command(flatten)]
+        tenant: TenantArg,
+    },
+    /// Stop a job: no shard is submitted after this; those verified stay readable.
+    Cancel {
+        job_id: String,
+        #[command(flatten)]
+        tenant: TenantArg,
+    },
+    /// Follow a job to its end and read its outputs, in the rows' order.
+    Results {
+        job_id: String,
+        /// Where to write the outputs (JSON, as `sundara job --out`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        tenant: TenantArg,
+    },
+}
+
+/// Whose jobs.
+#[derive(clap::Args)]
+struct TenantArg {
+    /// The tenant [default: the one whose credentials --nats-creds are, else `default`].
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -750,7 +826,15 @@ fn endpoints(cli: &Cli) -> anyhow::Result<Endpoints> {
         Command::Submit { task: TaskArgs { tenant: Some(t), .. }, .. }
         | Command::RunStaged { task: TaskArgs { tenant: Some(t), .. }, .. }
         | Command::Job { task: TaskArgs { tenant: Some(t), .. }, .. }
-        | Command::Train(TrainArgs { tenant: Some(t), .. }) => Some(sundara::auth::Role::Tenant(t.clone())),
+        | Command::Train(TrainArgs { tenant: Some(t), .. })
+        | Command::Jobs { command: JobsCommand::Submit { task: TaskArgs { tenant: Some(t), .. }, .. } }
+        | Command::Jobs {
+            command:
+                JobsCommand::List { tenant: TenantArg { tenant: Some(t) } }
+                | JobsCommand::Show { tenant: TenantArg { tenant: Some(t) }, .. }
+                | JobsCommand::Cancel { tenant: TenantArg { tenant: Some(t) }, .. }
+                | JobsCommand::Results { tenant: TenantArg { tenant: Some(t) }, .. },
+        } => Some(sundara::auth::Role::Tenant(t.clone())),
         _ => None,
     };
     let context = sundara::context::Context::current();
@@ -768,6 +852,13 @@ fn is_quiet(command: &Command) -> bool {
             | Command::RunStaged { .. }
             | Command::Job { .. }
             | Command::Train(_)
+            | Command::Jobs {
+                command: JobsCommand::Submit { .. }
+                    | JobsCommand::List { .. }
+                    | JobsCommand::Show { .. }
+                    | JobsCommand::Cancel { .. }
+                    | JobsCommand::Results { .. }
+            }
             | Command::Models { .. }
             | Command::Rewards { .. }
             | Command::Fleet { .. }
@@ -839,6 +930,7 @@ fn service_name(command: &Command) -> &'static str {
         Command::Autoscaler { .. } => "sundara-autoscaler",
         Command::Worker(_) => "sundara-worker",
         Command::Gateway(_) => "sundara-gateway",
+        Command::Jobs { command: JobsCommand::Serve(_) } => "sundara-jobs",
         Command::Chain { command: ChainCommand::Serve(_), .. } => "sundara-chain",
         Command::Chain {
             command:
@@ -916,6 +1008,8 @@ async fn run(cli: Cli, quiet: bool) -> anyhow::Result<()> {
             print!("{}", sundara::jobs::run_command(&nats, command).await?);
             Ok(())
         }
+        Command::Jobs { command: JobsCommand::Serve(_) } => serve(cli.command, endpoints, &cli.history).await,
+        Command::Jobs { command } => jobs(command, &nats).await,
         Command::Train(args) => {
             ort()?;
             let tenant = sundara::auth::tenant_of(nats.credentials.as_deref(), args.tenant.as_deref())?;
@@ -1247,6 +1341,59 @@ fn auth(command: AuthCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `sundara jobs` (but `serve`): one tenant's server-side jobs.
+async fn jobs(command: JobsCommand, nats: &nats::NatsEndpoint) -> anyhow::Result<()> {
+    use sundara::server_jobs::{self, SubmitCommand};
+    let tenant_of = |t: Option<String>| sundara::auth::tenant_of(nats.credentials.as_deref(), t.as_deref());
+    let client = |tenant: String| async move {
+        let connection = sundara_common::nats::connect(nats, "sundara-jobs-client").await?;
+        anyhow::Ok(sundara_jobs::client::JobsClient::new(connection, &tenant))
+    };
+    match command {
+        JobsCommand::Serve(_) => unreachable!("served by serve()"),
+        JobsCommand::Submit {
+            model,
+            shard_rows,
+            in_flight,
+            attempts,
+            deadline_secs,
+            wait,
+            out,
+            task: TaskArgs { input, rows, tenant, timeout_ms },
+        } => {
+            let options = sundara_jobs::client::JobOptions {
+                in_flight,
+                attempts,
+                shard_timeout: Duration::from_millis(timeout_ms),
+                deadline: Duration::from_secs(deadline_secs),
+                ..sundara_jobs::client::JobOptions::new(&model, shard_rows)
+            };
+            let command = SubmitCommand { options, input, rows, tenant: tenant_of(tenant)?, wait, out };
+            print!("{}", server_jobs::submit(nats, command).await?);
+        }
+        JobsCommand::List { tenant } => {
+            let jobs = client(tenant_of(tenant.tenant)?).await?.list().await?;
+            if jobs.is_empty() {
+                println!("no jobs");
+            }
+            for job in &jobs {
+                println!("{}", server_jobs::status_line(job));
+            }
+        }
+        JobsCommand::Show { job_id, tenant } => {
+            println!("{}", server_jobs::status_line(&client(tenant_of(tenant.tenant)?).await?.show(&job_id).await?));
+        }
+        JobsCommand::Cancel { job_id, tenant } => {
+            println!("{}", server_jobs::status_line(&client(tenant_of(tenant.tenant)?).await?.cancel(&job_id).await?));
+        }
+        JobsCommand::Results { job_id, out, tenant } => {
+            let jobs = client(tenant_of(tenant.tenant)?).await?;
+            print!("{}", server_jobs::results(&jobs, &job_id, out).await?);
+        }
+    }
+    Ok(())
+}
+
 /// `sundara <service>`: runs one service until SIGINT or SIGTERM. The validator services
 /// provision the streams with `history`'s ages.
 async fn serve(command: Command, endpoints: Endpoints, history: &nats::HistoryArgs) -> anyhow::Result<()> {
@@ -1290,6 +1437,10 @@ async fn serve(command: Command, endpoints: Endpoints, history: &nats::HistoryAr
             let config =
                 sundara_worker::Config::from_args(args, endpoints.nats, lib, cache).map_err(anyhow::Error::msg)?;
             run_service(sundara_worker::run(config, shutdown.clone()), shutdown).await
+        }
+        Command::Jobs { command: JobsCommand::Serve(args) } => {
+            let config = sundara_jobs::Config::from_args(args, endpoints);
+            run_service(sundara_jobs::run(config, shutdown.clone()), shutdown).await
         }
         Command::Gateway(args) => {
             let config = sundara_gateway::Config::from_args(args, endpoints)?;

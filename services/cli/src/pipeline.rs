@@ -52,6 +52,9 @@ pub struct PipelineConfig {
     pub credentials_dir: Option<PathBuf>,
     /// The HTTP gateway, if it runs (its endpoints are replaced by the gateway service's).
     pub gateway: Option<sundara_gateway::Config>,
+    /// The jobs service, if it runs in the pipeline (its endpoints are replaced by the
+    /// jobs service's); a test that kills and restarts it runs it as a process instead.
+    pub jobs: Option<sundara_jobs::Config>,
 }
 
 impl PipelineConfig {
@@ -107,7 +110,8 @@ fn spawn<E: std::error::Error + Send + Sync + 'static>(
 }
 
 impl Pipeline {
-    /// Starts ingress, scheduler, verifier, rewarder, autoscaler and the configured workers.
+    /// Starts ingress, scheduler, verifier, rewarder, autoscaler, the gateway and the jobs
+    /// service when configured, and the configured workers.
     pub async fn start(config: PipelineConfig) -> Pipeline {
         let shutdown = Shutdown::new();
         let as_service = |s: crate::auth::Service| config.endpoints_of(&crate::auth::Role::Service(s));
@@ -163,6 +167,10 @@ impl Pipeline {
             let gateway =
                 sundara_gateway::Config { endpoints: as_service(crate::auth::Service::Gateway), ..gateway.clone() };
             services.push(("gateway", spawn(sundara_gateway::run(gateway, s()))));
+        }
+        if let Some(jobs) = &config.jobs {
+            let jobs = sundara_jobs::Config { endpoints: as_service(crate::auth::Service::Jobs), ..jobs.clone() };
+            services.push(("jobs", spawn(sundara_jobs::run(jobs, s()))));
         }
         let mut pipeline = Pipeline { config: config.clone(), shutdown, services, workers: HashMap::new() };
         for w in &config.workers {

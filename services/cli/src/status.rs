@@ -1,5 +1,5 @@
 //! `sundara status`: one screen with the fleet (every slice, its slots, memory and models,
-//! its worker's heartbeat), the queues, and the newest verdicts; refreshed in place.
+//! its worker's heartbeat), the queues, the jobs, and the newest verdicts; refreshed in place.
 
 use std::time::Duration;
 
@@ -104,13 +104,13 @@ fn fit(line: &str, width: usize) -> String {
 pub fn layout(
     header: String,
     slices: &[SliceState],
-    queues: [String; 2],
+    queues: [String; 3],
     verdicts: (u64, Vec<String>),
     (rows, cols): (usize, usize),
 ) -> String {
-    // Header, column titles, two queue lines, the verdicts title: 5 lines, and one spare
-    // row so the cursor's line does not scroll the frame.
-    let fixed = 6;
+    // Header, column titles, two queue lines, the jobs line, the verdicts title: 6 lines,
+    // and one spare row so the cursor's line does not scroll the frame.
+    let fixed = 7;
     let room = rows.saturating_sub(fixed);
     let min_verdicts = room.min(3);
     let slice_rows = slices.len().min(room - min_verdicts);
@@ -150,8 +150,10 @@ pub async fn frame(js: &jetstream::Context, capacity: &Capacity, size: (usize, u
     for w in &workers {
         slices.extend(capacity.slices_of(w).await?);
     }
-    let queues = queues(js).await?;
+    let [tasks, rest] = queues(js).await?;
+    let jobs = crate::server_jobs::status_lines(js, 0).await?.swap_remove(0);
     let verdicts = recent_verdicts(js, size.0 as u64).await?;
+    let queues = [tasks, rest, jobs];
     Ok(layout(header, &slices, queues, verdicts, size))
 }
 
@@ -215,7 +217,11 @@ mod tests {
         let verdict = "  0193f0c2a1b27c3d8e9f0a1b2c3d4e5f mlp ok miner-1✓ miner-2✓ miner-3✓ [audit_passed]".to_string();
         for n_slices in [0, 3, 30] {
             let slices: Vec<SliceState> = (0..n_slices).map(|i| slice(&format!("miner-{i}"), "cpu0")).collect();
-            let queues = ["tasks queued/in scheduler:  high 0/0  normal 12/3  low 0/0".to_string(), "x".repeat(120)];
+            let queues = [
+                "tasks queued/in scheduler:  high 0/0  normal 12/3  low 0/0".to_string(),
+                "x".repeat(120),
+                "jobs: 1 running, 0 uploading, 3 kept  shards queued 12 running 8 verified 80 retried 1".to_string(),
+            ];
             let text = layout("workers: 3 known".into(), &slices, queues, (99, vec![verdict.clone(); 40]), (24, 80));
             let lines: Vec<&str> = text.lines().collect();
             assert!(lines.len() < 24, "{n_slices} slices: {} lines", lines.len());

@@ -603,6 +603,13 @@ pub enum JsonValues {
     Bool(Vec<bool>),
 }
 
+/// Writes `outputs` to `path` as `{"outputs": [{"name", "dtype", "shape", "values"}]}`
+/// (what `sundara job --out` and `sundara jobs results --out` write).
+pub fn write_outputs(path: &std::path::Path, outputs: &[Tensor]) -> std::io::Result<()> {
+    let tensors: Vec<JsonTensor> = outputs.iter().map(JsonTensor::of).collect();
+    std::fs::write(path, serde_json::json!({ "outputs": tensors }).to_string())
+}
+
 impl<'a> JsonTensor<'a> {
     pub fn of(t: &'a Tensor) -> JsonTensor<'a> {
         let values = match t.dtype {

@@ -364,6 +364,7 @@ fn pipeline_config(
         credentials_dir: auth.map(|a| a.dir.clone()),
         retention: Default::default(),
         gateway: None,
+        jobs: Some(sundara_jobs::Config::from_args(Default::default(), endpoints.clone())),
     }
 }
 

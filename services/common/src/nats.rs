@@ -398,6 +398,11 @@ pub struct Retention {
     /// Bytes of dead letters and dead tasks' copies kept at most (DEAD), oldest dropped
     /// first: a tenant whose tasks all expire cannot fill the broker with them.
     pub dead_max_bytes: i64,
+    /// How long a job's record, inputs and outputs are kept after their last change.
+    pub jobs_max_age: Duration,
+    /// Bytes of job inputs and outputs kept at most (the jobs service refuses new parts
+    /// beyond it; each job is also capped, `sundara jobs serve --max-job-bytes`).
+    pub job_data_max_bytes: i64,
     /// The history ages above were given by the operator ([`HistoryArgs`]): provisioning
     /// brings existing streams to them. Otherwise an existing stream keeps its own.
     pub history_ages_given: bool,
@@ -464,6 +469,8 @@ impl Default for Retention {
             results_max_age: Duration::from_secs(24 * 3600),
             records_max_age: Duration::from_secs(30 * 24 * 3600),
             dead_max_bytes: 1 << 30,
+            jobs_max_age: Duration::from_secs(7 * 24 * 3600),
+            job_data_max_bytes: 8 << 30,
             history_ages_given: false,
         }
     }
@@ -564,6 +571,28 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
             };
             js.create_key_value(config).await.map_err(js_err)?;
         }
+    }
+    // Jobs: their records and their data leave a week after their last change (a job's
+    // deadline is capped below that, docs/jobs.md §3).
+    if js.get_key_value(subj::JOBS_BUCKET).await.is_err() {
+        let config = jetstream::kv::Config {
+            bucket: subj::JOBS_BUCKET.to_string(),
+            history: 1,
+            max_age: r.jobs_max_age,
+            num_replicas: r.replicas.max(1),
+            ..Default::default()
+        };
+        js.create_key_value(config).await.map_err(js_err)?;
+    }
+    if js.get_object_store(subj::JOB_DATA).await.is_err() {
+        let config = jetstream::object_store::Config {
+            bucket: subj::JOB_DATA.to_string(),
+            max_age: r.jobs_max_age,
+            max_bytes: r.job_data_max_bytes,
+            num_replicas: r.replicas.max(1),
+            ..Default::default()
+        };
+        js.create_object_store(config).await.map_err(js_err)?;
     }
     if js.get_object_store(subj::MODEL_BLOBS).await.is_err() {
         let config = jetstream::object_store::Config {
