@@ -445,6 +445,7 @@ fn compose_services_images_and_dependencies_exist() {
         "scheduler",
         "verifier",
         "rewarder",
+        "jobs",
         "autoscaler",
         "worker",
     ] {
@@ -914,7 +915,7 @@ const NOMAD_FILES: [&str; 3] = [
 fn nomad_jobs_parse_and_their_commands_run() {
     let expected: [(&str, &[&str]); 3] = [
         ("sundara-infra", &["nats", "redis"]),
-        ("sundara-validator", &["ingress", "scheduler", "verifier", "rewarder", "autoscaler", "chain"]),
+        ("sundara-validator", &["ingress", "scheduler", "verifier", "rewarder", "jobs", "autoscaler", "chain"]),
         ("sundara-workers", &["worker", "gpu-worker"]),
     ];
     let mut problems = Vec::new();
@@ -1610,6 +1611,7 @@ fn nats_user_of(args: &[String]) -> Option<&'static str> {
         "scheduler" => "service-scheduler",
         "verifier" => "service-verifier",
         "rewarder" => "service-rewarder",
+        "jobs" => "service-jobs",
         "autoscaler" => "service-autoscaler",
         "chain" => "service-chain",
         "worker" => "pool",

@@ -13,6 +13,7 @@ use sundara::client::Client;
 use sundara::stack::{LocalStack, project_root};
 use sundara_common::admission::{TenantLimits, TenantPolicy};
 use sundara_common::nats::{NatsEndpoint, inbox_prefix};
+use sundara_jobs::client::{JobOptions, JobsClient};
 use sundara_schemas::{
     FleetReply, FleetRequest, FleetUpdate, MAX_MESSAGE_BYTES, RejectCode, ResultStatus, SubmitOutcome, WIRE_VERSION,
     WorkerAnnounce, decode, encode,
@@ -133,6 +134,13 @@ async fn each_role_is_refused_what_is_not_its_own() {
     }
     assert_eq!(ids[0], sundara_ingress::task_id("a", requests[0].request_id.as_deref()), "the tenant is `a`");
 
+    // Tenant `a`'s batch job runs end to end, the jobs service acting as its own user.
+    let a_jobs = JobsClient::new(sundara_common::nats::connect(&endpoint, "a-jobs").await.unwrap(), "a");
+    let rows = sundara::models::sample_inputs(&h.models["mlp"].inputs, 300, &mut rand::rng());
+    let job = a_jobs.submit(rows, &JobOptions::new("mlp", 100)).await.unwrap();
+    let (done, _, outputs) = a_jobs.results(&job.job_id, Duration::from_secs(60), |_| {}).await.unwrap();
+    assert_eq!((done.verified, outputs[0].shape[0]), (3, 300));
+
     // No credentials, no connection.
     let anonymous =
         sundara_common::nats::connect(&NatsEndpoint::open(url.clone()).with_tls(tls.clone()), "anonymous").await;
@@ -149,10 +157,17 @@ async fn each_role_is_refused_what_is_not_its_own() {
         "sundara.task.normal.mlp",
         "sundara.outcome.t1.m1",
         "$JS.API.STREAM.DELETE.TASKS",
+        // Nor ask of `b`'s jobs, nor reach the jobs' records and data around the service.
+        "sundara.jobs.b.show",
+        "$KV.jobs.b.j1",
+        "$JS.API.DIRECT.GET.KV_jobs.$KV.jobs.b.j1",
+        "$JS.API.STREAM.INFO.OBJ_job-data",
+        "$O.job-data.C.x",
     ] {
         a.publish_refused(subject).await;
     }
     a.subscribe_refused("sundara.result.>").await;
+    a.subscribe_refused("sundara.jobevent.b.>").await;
     a.subscribe_refused(&format!("{}.>", inbox_prefix(&auth.users[&Role::Validator]))).await;
 
     // Miner `m1` can read only its own work and speak only as itself.
@@ -194,6 +209,11 @@ async fn each_role_is_refused_what_is_not_its_own() {
         for subject in never_any_service.iter().chain(own_refusals) {
             user.publish_refused(subject).await;
         }
+    }
+    // The jobs service submits as any tenant, and nothing else of the pipeline's.
+    let mut jobs = connect_as(&url, &ca, &auth, &Role::Service(Service::Jobs)).await;
+    for subject in ["sundara.work.mlp.m1", "sundara.result.a.t1", "sundara.verdict.t1", "$KV.validator.x"] {
+        jobs.publish_refused(subject).await;
     }
     let mut pool = connect_as(&url, &ca, &auth, &Role::Pool).await;
     for subject in ["sundara.result.a.t1", "sundara.verdict.t1", "sundara.task.normal.mlp", "$JS.API.STREAM.PURGE.WORK"]

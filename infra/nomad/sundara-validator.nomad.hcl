@@ -419,6 +419,70 @@ job "sundara-validator" {
       }
     }
   }
+  group "jobs" {
+    network {
+      port "metrics" {
+        to = 9464
+      }
+    }
+
+    service {
+      name     = "sundara-jobs"
+      provider = "nomad"
+      port     = "metrics"
+      tags     = ["metrics"]
+
+      check {
+        type     = "http"
+        path     = "/metrics"
+        interval = "15s"
+        timeout  = "3s"
+      }
+    }
+
+    task "jobs" {
+      driver = "docker"
+
+      config {
+        image = var.image
+        ports = ["metrics"]
+        # Tenants' batch jobs (docs/jobs.md §3): one per stack.
+        args = ["jobs", "serve"]
+      }
+
+      env {
+        SUNDARA_METRICS_ADDR = "0.0.0.0:9464"
+        SUNDARA_LOG_FORMAT   = "json"
+        SUNDARA_NATS_CA      = "/local/ca.pem"
+        SUNDARA_NATS_CREDS   = "/secrets/nats.nk"
+      }
+
+      template {
+        data        = local.nats_endpoints
+        destination = "secrets/endpoints.env"
+        perms       = "0600"
+        env         = true
+      }
+
+      template {
+        data        = local.nats_ca
+        destination = "local/ca.pem"
+      }
+
+      template {
+        data        = "{{ with nomadVar \"nomad/jobs/sundara-validator/jobs/jobs\" }}{{ .service_jobs }}{{ end }}"
+        destination = "secrets/nats.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+      }
+
+      resources {
+        cpu    = 500
+        memory = 256
+      }
+    }
+  }
 
   group "autoscaler" {
     network {
