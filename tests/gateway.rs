@@ -161,6 +161,101 @@ async fn kserve_inference_is_answered_with_verified_outputs_and_typed_errors() {
     h.stop().await;
 }
 
+async fn send(addr: SocketAddr, method: &str, path: &str, key: &str, body: &Value) -> Reply {
+    let auth = format!("Bearer {key}");
+    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+    let bytes = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
+    http(addr, method, path, &headers, &bytes).await
+}
+
+fn json_tensors(tensors: &[Tensor]) -> Vec<JsonTensor> {
+    tensors.iter().map(JsonTensor::from_tensor).collect()
+}
+
+/// `/v1/jobs`: a job posted whole and its results streamed as NDJSON in the rows' order,
+/// equal to the model run directly; a job put in parts; another tenant finds none of them;
+/// bad requests get typed errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batch_jobs_over_http_stream_verified_results_in_order() {
+    let h = Harness::start(vec![support::honest("w1", 1), support::honest("w2", 1)], 2, Duration::from_secs(10)).await;
+    let (addr, shutdown) = start_gateway(h.stack.endpoints(), |c| c.keys.add("other", OTHER_KEY).unwrap()).await;
+    let meta = h.models["mlp"].clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let inputs: Vec<Tensor> = sundara::models::sample_inputs(&meta.inputs, 250, &mut rng);
+    let want = support::reference(&meta, &inputs);
+
+    let body = json!({"model": "mlp", "inputs": json_tensors(&inputs), "shard_rows": 100});
+    let created = send(addr, "POST", "/v1/jobs", KEY, &body).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!((created.body["state"].as_str(), created.body["shards"].as_u64()), (Some("running"), Some(3)));
+    let id = created.body["job_id"].as_str().unwrap().to_string();
+
+    let streamed = send(addr, "GET", &format!("/v1/jobs/{id}/results"), KEY, &Value::Null).await;
+    assert_eq!(streamed.status, 200);
+    assert_eq!(streamed.headers["content-type"], "application/x-ndjson");
+    let lines = support::http::ndjson(&streamed.raw);
+    assert_eq!(lines.len(), 4, "three shards and the end: {lines:?}");
+    assert_eq!(lines[3]["job"]["state"], "done");
+    let firsts: Vec<u64> = lines[..3].iter().map(|l| l["first_row"].as_u64().unwrap()).collect();
+    assert_eq!(firsts, [0, 100, 200]);
+    let shards: Vec<Vec<Tensor>> = lines[..3]
+        .iter()
+        .map(|l| {
+            let outputs: Vec<JsonTensor> = serde_json::from_value(l["outputs"].clone()).unwrap();
+            outputs.iter().map(|t| t.to_tensor().unwrap()).collect()
+        })
+        .collect();
+    let parts: Vec<&[Tensor]> = shards.iter().map(Vec::as_slice).collect();
+    let got = sundara_runtime::batch::stack(&parts);
+    assert!(sundara_verifier::compare::agree(&support::RULE, &got, &want), "a row differs or moved");
+
+    let shown = send(addr, "GET", &format!("/v1/jobs/{id}"), KEY, &Value::Null).await;
+    assert_eq!((shown.status, shown.body["verified"].as_u64()), (200, Some(3)));
+    let shard = send(addr, "GET", &format!("/v1/jobs/{id}/shards/2"), KEY, &Value::Null).await;
+    assert_eq!((shard.status, shard.body["first_row"].as_u64()), (200, Some(200)));
+    let listed = send(addr, "GET", "/v1/jobs", KEY, &Value::Null).await;
+    assert_eq!(listed.body["data"][0]["job_id"].as_str(), Some(id.as_str()));
+
+    // Another tenant's key finds nothing of it.
+    for path in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{id}/results"), format!("/v1/jobs/{id}/shards/0")] {
+        let refused = send(addr, "GET", &path, OTHER_KEY, &Value::Null).await;
+        assert_eq!((refused.status, refused.body["error"]["code"].as_str()), (404, Some("job_not_found")), "{path}");
+    }
+    let cancel = send(addr, "POST", &format!("/v1/jobs/{id}/cancel"), OTHER_KEY, &Value::Null).await;
+    assert_eq!(cancel.status, 404);
+    assert_eq!(send(addr, "GET", "/v1/jobs", OTHER_KEY, &Value::Null).await.body["data"], json!([]));
+
+    // A job put in parts: it starts once every part is stored.
+    let created = send(addr, "POST", "/v1/jobs", KEY, &json!({"model": "mlp", "parts": 2, "shard_rows": 50})).await;
+    assert_eq!((created.status, created.body["state"].as_str()), (201, Some("uploading")), "{}", created.body);
+    let id = created.body["job_id"].as_str().unwrap().to_string();
+    let (first, second) = (json_tensors(&inputs[..]), json_tensors(&inputs[..]));
+    let put = send(addr, "PUT", &format!("/v1/jobs/{id}/parts/0"), KEY, &json!({"inputs": first})).await;
+    assert_eq!((put.status, put.body["parts_stored"].as_u64()), (200, Some(1)), "{}", put.body);
+    let early = send(addr, "POST", &format!("/v1/jobs/{id}/start"), KEY, &Value::Null).await;
+    assert_eq!((early.status, early.body["error"]["code"].as_str()), (409, Some("wrong_state")));
+    send(addr, "PUT", &format!("/v1/jobs/{id}/parts/1"), KEY, &json!({"inputs": second})).await;
+    let started = send(addr, "POST", &format!("/v1/jobs/{id}/start"), KEY, &Value::Null).await;
+    assert_eq!(
+        (started.status, started.body["shards"].as_u64(), started.body["rows"].as_u64()),
+        (200, Some(10), Some(500))
+    );
+    let streamed = send(addr, "GET", &format!("/v1/jobs/{id}/results"), KEY, &Value::Null).await;
+    let lines = support::http::ndjson(&streamed.raw);
+    assert_eq!((lines.len(), &lines[10]["job"]["state"]), (11, &json!("done")));
+
+    // Typed errors.
+    let error = |r: &Reply| (r.status, r.body["error"]["code"].as_str().map(str::to_string));
+    let unknown = send(addr, "POST", "/v1/jobs", KEY, &json!({"model": "nope", "parts": 1})).await;
+    assert_eq!(error(&unknown), (404, Some("model_not_found".into())));
+    let neither = send(addr, "POST", "/v1/jobs", KEY, &json!({"model": "mlp"})).await;
+    assert_eq!(error(&neither), (400, Some("invalid_request".into())));
+    let no_key = http(addr, "GET", "/v1/jobs", &[], b"").await;
+    assert_eq!(no_key.status, 401);
+    shutdown.cancel();
+    h.stop().await;
+}
+
 /// `sundara up` serves the gateway and prints a `curl` line; what that line sends gets a
 /// verified answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

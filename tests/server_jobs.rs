@@ -143,7 +143,7 @@ async fn jobs_are_their_tenants_own_end_by_cancel_or_deadline_and_refuse_bad_req
     assert_eq!(cancelled.state, JobState::Cancelled);
     assert_eq!(refusal(a.fetch(&long.job_id, 19).await.unwrap_err()), JobRefusal::WrongState);
     assert_eq!(refusal(a.cancel(&long.job_id).await.unwrap_err()), JobRefusal::WrongState);
-    let followed = a.follow(&long.job_id, Duration::from_secs(10), |_| {}, |_| {}).await;
+    let followed = a.follow(&long.job_id, Duration::from_secs(10), |_| {}, |_| std::future::ready(())).await;
     assert!(matches!(followed, Err(JobsClientError::Ended { state: JobState::Cancelled, .. })), "{followed:?}");
 
     // Tenant `b` finds none of `a`'s jobs, whatever it asks.

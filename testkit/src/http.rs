@@ -39,12 +39,38 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
         .map(|(name, value)| (name.to_lowercase(), value.to_string()))
         .collect();
     let headers: HashMap<String, String> = headers;
+    let raw = match headers.get("transfer-encoding").map(String::as_str) {
+        Some("chunked") => dechunk(&raw),
+        _ => raw,
+    };
+    if headers.get("content-type").is_some_and(|t| t.contains("ndjson")) {
+        return Reply { status, headers, body: Value::Null, raw };
+    }
     let json_part = match headers.get("inference-header-content-length") {
         Some(length) => &raw[..length.parse::<usize>().unwrap()],
         None => &raw[..],
     };
     let body = if json_part.is_empty() { Value::Null } else { serde_json::from_slice(json_part).unwrap() };
     Reply { status, headers, body, raw }
+}
+
+/// A chunked body's data (HTTP/1.1 chunked transfer coding, no trailers).
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    while let Some(end) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        data.extend_from_slice(&raw[end + 2..end + 2 + size]);
+        raw = &raw[end + 2 + size + 2..];
+    }
+    data
+}
+
+/// An NDJSON body's lines, each as JSON.
+pub fn ndjson(raw: &[u8]) -> Vec<Value> {
+    raw.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect()
 }
 
 /// The API key [`start_gateway`] gives tenant `test` (the harness' tenant).

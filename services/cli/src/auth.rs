@@ -390,8 +390,10 @@ fn service_permissions(s: Service, inbox: String) -> Permissions {
                 format!("$JS.API.DIRECT.GET.{results}.>"),
             ]);
             subscribe.push(subj::RESULT_ALL.into());
-            // Its `/v1/jobs` endpoints ask the jobs service for the tenants its keys name.
+            // Its `/v1/jobs` endpoints ask the jobs service for the tenants its keys name,
+            // and hear of their jobs' changes.
             publish.push(subj::JOBS_ALL.into());
+            subscribe.push("sundara.jobevent.>".into());
         }
         Service::Jobs => {
             // Answers job requests, submits shard tasks as their tenant and reads their

@@ -13,6 +13,7 @@
 //! grace). An `Idempotency-Key` header makes a retried request the same task.
 
 mod error;
+mod jobs;
 pub mod keys;
 pub mod kserve;
 pub mod openai;
@@ -276,6 +277,7 @@ fn router(gateway: Arc<Gateway>) -> axum::Router {
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
         .route("/v1/models", get(openai_models))
         .route("/v1/embeddings", post(openai_embeddings))
+        .merge(jobs::routes())
         .layer(axum::middleware::from_fn(access_log))
         .with_state(gateway)
 }

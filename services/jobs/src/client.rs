@@ -174,16 +174,21 @@ impl JobsClient {
     }
 
     /// Follows `job_id` to its end, handing each verified shard to `on_shard` in the shards'
-    /// order as soon as it and those before it are verified, and `on_status` every change.
+    /// order as soon as it and those before it are verified (the next is fetched once
+    /// `on_shard` returns: a slow reader slows the fetching), and `on_status` every change.
     /// Fails when the job ends other than done (after handing what was verified), or when
     /// nothing changes within `idle`.
-    pub async fn follow(
+    pub async fn follow<F, Fut>(
         &self,
         job_id: &str,
         idle: Duration,
         mut on_status: impl FnMut(&JobStatus),
-        mut on_shard: impl FnMut(ShardOutput),
-    ) -> Result<JobStatus, JobsClientError> {
+        mut on_shard: F,
+    ) -> Result<JobStatus, JobsClientError>
+    where
+        F: FnMut(ShardOutput) -> Fut,
+        Fut: Future<Output = ()>,
+    {
         // Subscribed before the first look, so no change is missed; a missed event costs a
         // second at most (the status is asked again anyway).
         let mut events = self
@@ -202,7 +207,7 @@ impl JobsClient {
                 status => status?,
             };
             while next < status.verified_prefix {
-                on_shard(self.fetch(job_id, next).await?);
+                on_shard(self.fetch(job_id, next).await?).await;
                 next += 1;
             }
             if last.as_ref() != Some(&status) {
@@ -234,7 +239,12 @@ impl JobsClient {
         on_status: impl FnMut(&JobStatus),
     ) -> Result<(JobStatus, Vec<ShardOutput>, Vec<Tensor>), JobsClientError> {
         let mut shards = Vec::new();
-        let status = self.follow(job_id, idle, on_status, |s| shards.push(s)).await?;
+        let status = self
+            .follow(job_id, idle, on_status, |s| {
+                shards.push(s);
+                std::future::ready(())
+            })
+            .await?;
         let parts: Vec<&[Tensor]> = shards.iter().map(|s| s.outputs.as_slice()).collect();
         if parts.is_empty() || !parts.windows(2).all(|w| sundara_runtime::batch::compatible(w[0], w[1])) {
             return Err(JobsClientError::Unassembled);
