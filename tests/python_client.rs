@@ -71,6 +71,12 @@ async fn the_python_client_gets_verified_results_from_a_secured_pipeline() {
     assert_eq!(got["job"]["shapes"], serde_json::json!([[250, 10], [250, 10]]), "{got}");
     assert!(got["job"]["max_diff"].as_f64().unwrap() < 1e-4, "{got}");
     assert_eq!(got["job"]["progress"], serde_json::json!([3, 3]), "{got}");
+    // The same rows as a server-side job, in three parts: the same outputs.
+    assert_eq!(got["server_job"]["parts"], 3, "{got}");
+    assert_eq!(got["server_job"]["shapes"], serde_json::json!([[250, 10], [250, 10]]), "{got}");
+    assert!(got["server_job"]["max_diff"].as_f64().unwrap() < 1e-4, "{got}");
+    assert_eq!(got["server_job"]["listed"], true, "{got}");
+    assert_eq!(got["job_refusals"], serde_json::json!(["not_found", "wrong_state"]), "{got}");
     assert_eq!(got["rejected"], serde_json::json!(["unknown_model", "wrong_shape"]), "{got}");
     assert_eq!(got["sync_outputs"], 2, "logits and probs through the sync client");
     h.stop().await;

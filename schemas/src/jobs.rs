@@ -39,8 +39,9 @@ pub enum JobOp {
     Show {
         job_id: String,
     },
-    /// The tenant's jobs, newest first.
-    List,
+    /// The tenant's jobs, newest first (at most 100). A struct variant, as every op: each
+    /// is a one-key map on the wire.
+    List {},
     /// Stops submitting the job's shards; those verified stay fetchable.
     Cancel {
         job_id: String,

@@ -2,7 +2,10 @@
 results its miners agreed on. See docs/clients.md."""
 
 from .client import Client, SyncClient
-from .errors import REJECTIONS, Rejected, SundaraError, TaskFailed
+from .errors import REJECTIONS, JobEnded, JobRefused, Rejected, SundaraError, TaskFailed
 from .wire import Result, Tensor
 
-__all__ = ["Client", "SyncClient", "Rejected", "REJECTIONS", "SundaraError", "TaskFailed", "Result", "Tensor"]
+__all__ = [
+    "Client", "SyncClient", "Rejected", "REJECTIONS", "SundaraError", "TaskFailed", "JobRefused", "JobEnded", "Result",
+    "Tensor",
+]

@@ -211,6 +211,99 @@ class Client:
                     progress(verified, len(shards))
         return _stack_rows([o for o in outputs if o is not None])
 
+    # ------------------------------------------------------------------ server-side jobs
+
+    async def _job(self, op: str, fields: dict) -> Any:
+        subject = f"sundara.jobs.{self.tenant}.{op.lower()}"
+        try:
+            reply = await self._nc.request(subject, wire.encode_job_request(op, fields), timeout=30)
+        except nats.errors.NoRespondersError:
+            raise errors.JobRefused("unavailable", "no jobs service answers (is it running?)") from None
+        answer = wire.decode_job_reply(reply.data)
+        if isinstance(answer, wire.JobRefusal):
+            raise errors.JobRefused(answer.code, answer.reason)
+        return answer
+
+    async def submit_job(
+        self,
+        model: str,
+        inputs: Sequence[Tensor],
+        *,
+        shard_rows: int = 100,
+        in_flight: int = 8,
+        attempts: int = 3,
+        shard_timeout_ms: int = 60_000,
+        deadline_s: int = 3600,
+        part_bytes: int = 4 << 20,
+    ) -> dict:
+        """A server-side job (docs/jobs.md §3): `inputs`' rows put in parts of whole shards
+        of at most `part_bytes` each, then started; the jobs service runs its shards,
+        retries them, keeps its progress and outputs, and ends it at its deadline. Returns
+        the job's status (`job_id`, `state`, `shards`, ...); follow it with `job_results`."""
+        rows = inputs[0].shape[0] if inputs and inputs[0].shape else 0
+        row_bytes = max(sum(len(t.data) // max(rows, 1) for t in inputs), 1)
+        per_part = max(part_bytes // (row_bytes * max(shard_rows, 1)), 1) * max(shard_rows, 1)
+        parts = _split_rows(list(inputs), per_part)
+        spec = dict(model=model, parts=len(parts), shard_rows=shard_rows, in_flight=in_flight, attempts=attempts,
+                    shard_timeout_ms=shard_timeout_ms, deadline_ms=deadline_s * 1000)
+        job_id = (await self._job("Create", spec))["job_id"]
+        for i, part in enumerate(parts):
+            await self._job("Put", dict(job_id=job_id, part=i, inputs=part))
+        return await self._job("Start", dict(job_id=job_id))
+
+    async def job(self, job_id: str) -> dict:
+        """The job's status: `state`, `shards`, `verified`, `running`, `retried`, `eta_ms`, ..."""
+        return await self._job("Show", dict(job_id=job_id))
+
+    async def jobs(self) -> list[dict]:
+        """This tenant's jobs, newest first (at most 100)."""
+        return await self._job("List", {})
+
+    async def cancel_job(self, job_id: str) -> dict:
+        """Stops the job: no shard is submitted after this; verified ones stay readable."""
+        return await self._job("Cancel", dict(job_id=job_id))
+
+    async def job_shard(self, job_id: str, shard: int) -> wire.ShardOutput:
+        """One verified shard's outputs."""
+        return await self._job("Fetch", dict(job_id=job_id, shard=shard))
+
+    async def job_shards(self, job_id: str, *, idle: float = 300.0) -> Any:
+        """Yields the job's verified shards in order, each as soon as it and those before it
+        are verified; raises `JobEnded` if the job fails, is cancelled or expires, and
+        `ResultTimeout` if nothing changes for `idle` seconds."""
+        events = await self._nc.subscribe(f"sundara.jobevent.{self.tenant}.{job_id}")
+        try:
+            following, last, changed = 0, None, asyncio.get_running_loop().time()
+            while True:
+                status = await self.job(job_id)
+                while following < status["verified_prefix"]:
+                    yield await self.job_shard(job_id, following)
+                    following += 1
+                if status != last:
+                    last, changed = status, asyncio.get_running_loop().time()
+                if status["state"] == "done":
+                    return
+                if status["state"] in ("failed", "cancelled", "expired"):
+                    raise errors.JobEnded(job_id, status["state"], status.get("reason") or "")
+                if asyncio.get_running_loop().time() - changed > idle:
+                    raise errors.ResultTimeout(f"job {job_id}: nothing changed within {idle} s")
+                try:
+                    await events.next_msg(timeout=1)
+                except nats.errors.TimeoutError:
+                    pass
+        finally:
+            await events.unsubscribe()
+
+    async def job_results(self, job_id: str, *, progress: Optional[Any] = None, idle: float = 300.0) -> list[Tensor]:
+        """Follows the job to its end: every row's outputs, in order. `progress`, if given,
+        is called with (shards read, shard) as each arrives."""
+        parts = []
+        async for shard in self.job_shards(job_id, idle=idle):
+            parts.append(shard.outputs)
+            if progress is not None:
+                progress(len(parts), shard)
+        return _stack_rows(parts)
+
     # ------------------------------------------------------------------ results
 
     async def _create_consumer(self, filter_subject: str, deliver: dict) -> str:
@@ -347,6 +440,21 @@ class SyncClient:
 
     def run_job(self, model: str, inputs: Sequence[Tensor], **options: Any) -> list[Tensor]:
         return self._run(self._client.run_job(model, inputs, **options))
+
+    def submit_job(self, model: str, inputs: Sequence[Tensor], **options: Any) -> dict:
+        return self._run(self._client.submit_job(model, inputs, **options))
+
+    def job(self, job_id: str) -> dict:
+        return self._run(self._client.job(job_id))
+
+    def jobs(self) -> list[dict]:
+        return self._run(self._client.jobs())
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._run(self._client.cancel_job(job_id))
+
+    def job_results(self, job_id: str, **options: Any) -> list[Tensor]:
+        return self._run(self._client.job_results(job_id, **options))
 
     def close(self) -> None:
         self._run(self._client.close())

@@ -73,3 +73,20 @@ class TaskFailed(SundaraError):
 
 class ResultTimeout(SundaraError):
     """No result within the time the caller waited (the task may still end later)."""
+
+
+class JobRefused(SundaraError):
+    """The jobs service refused a job request: `code` is `not_found`, `bad_request`,
+    `unknown_model`, `wrong_state`, `too_large`, `too_many_jobs` or `unavailable`."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason = code, reason
+
+
+class JobEnded(SundaraError):
+    """A followed job ended other than done: `state` is `failed`, `cancelled` or `expired`."""
+
+    def __init__(self, job_id: str, state: str, reason: str):
+        super().__init__(f"job {job_id} {state}: {reason}")
+        self.job_id, self.state, self.reason = job_id, state, reason

@@ -173,3 +173,43 @@ def decode_client_result(payload: bytes) -> Result:
     if variant == "Failed":
         return Result(verified=False, code=fields["code"], reason=fields["reason"], **base)
     raise ValueError(f"unknown result status {variant}")
+
+
+# ---------------------------------------------------------------------- server-side jobs
+
+
+def encode_job_request(op: str, fields: dict) -> bytes:
+    """A `JobRequest`: `op` (`Create`, `Put`, `Start`, `Show`, `List`, `Cancel`, `Fetch`)
+    with its fields."""
+    if op == "Put":
+        fields = dict(fields, inputs=[t.to_wire() for t in fields["inputs"]])
+    return msgpack.packb({"v": WIRE_VERSION, "op": {op: fields}}, use_bin_type=True)
+
+
+@dataclass
+class JobRefusal:
+    code: str
+    reason: str
+
+
+@dataclass
+class ShardOutput:
+    """One verified shard of a job: the job's rows `first_row .. first_row + rows`."""
+
+    shard: int
+    first_row: int
+    task_id: str
+    outputs: list[Tensor]
+
+
+def decode_job_reply(payload: bytes) -> Any:
+    """A job's status (a dict), a list of them, a `ShardOutput` or a `JobRefusal`."""
+    variant, fields = _variant(_unpack(payload)["answer"])
+    if variant in ("Status", "List"):
+        return fields
+    if variant == "Outputs":
+        outputs = [Tensor.from_wire(t) for t in fields["outputs"]]
+        return ShardOutput(fields["shard"], fields["first_row"], fields["task_id"], outputs)
+    if variant == "Refused":
+        return JobRefusal(fields["code"], fields["reason"])
+    raise ValueError(f"unknown job answer {variant}")

@@ -1,6 +1,7 @@
 """Run by tests/python_client.rs against a running pipeline (env: SUNDARA_NATS_URL,
 SUNDARA_NATS_CA, SUNDARA_NATS_CREDS): a verified `mlp` inference with the async client and
-with the sync one, a batch job, and typed rejections. Prints what it got as one JSON line."""
+with the sync one, a batch job run by the client and one run by the jobs service, and typed
+rejections. Prints what it got as one JSON line."""
 
 import asyncio
 import json
@@ -37,6 +38,20 @@ async def main() -> dict:
             "max_diff": max(float(np.abs(a.to_numpy() - b.to_numpy()).max()) for a, b in zip(job, whole)),
             "progress": seen[-1],
         }
+        # The same rows as a server-side job, put in parts of one 100-row shard each.
+        status = await client.submit_job("mlp", inputs(250), shard_rows=100, part_bytes=100 * 784 * 4)
+        server = await client.job_results(status["job_id"])
+        out["server_job"] = {
+            "parts": status["parts"],
+            "shapes": [t.shape for t in server],
+            "max_diff": max(float(np.abs(a.to_numpy() - b.to_numpy()).max()) for a, b in zip(server, whole)),
+            "listed": (await client.jobs())[0]["job_id"] == status["job_id"],
+        }
+        for attempt in [lambda: client.job("no-such-job"), lambda: client.cancel_job(status["job_id"])]:
+            try:
+                await attempt()
+            except errors.JobRefused as e:
+                out.setdefault("job_refusals", []).append(e.code)
         for model, batch, expected in [("nope", inputs(1), errors.UnknownModel), ("mlp", [Tensor.from_values("x", "f32", [1, 3], [1, 2, 3])], errors.WrongShape)]:
             try:
                 await client.submit(model, batch)

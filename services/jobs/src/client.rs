@@ -89,7 +89,7 @@ impl JobsClient {
             JobOp::Put { .. } => "put",
             JobOp::Start { .. } => "start",
             JobOp::Show { .. } => "show",
-            JobOp::List => "list",
+            JobOp::List {} => "list",
             JobOp::Cancel { .. } => "cancel",
             JobOp::Fetch { .. } => "fetch",
         };
@@ -137,7 +137,7 @@ impl JobsClient {
 
     /// This tenant's jobs, newest first (at most 100).
     pub async fn list(&self) -> Result<Vec<JobStatus>, JobsClientError> {
-        match self.ask(JobOp::List).await? {
+        match self.ask(JobOp::List {}).await? {
             JobAnswer::List(jobs) => Ok(jobs),
             other => Err(JobsClientError::Unexpected(format!("{other:?}").chars().take(200).collect())),
         }

@@ -305,7 +305,7 @@ impl Service {
                 Ok(record) => JobAnswer::Status(record.status(now)),
                 Err(answer) => answer,
             },
-            JobOp::List => self.list(tenant, now).await,
+            JobOp::List {} => self.list(tenant, now).await,
             JobOp::Fetch { job_id, shard } => self.fetch(tenant, &job_id, shard).await,
         }
     }
