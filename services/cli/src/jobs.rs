@@ -4,10 +4,10 @@
 //! submitted again, up to `attempts` times; the verified outputs are put back together in
 //! the rows' order. Every row's result comes from a verified task, once.
 //!
-//! This is the client side of issue 22's batch jobs (docs/jobs.md §2): the job has no
-//! server-side id, progress record or cancel yet, and its inputs and outputs travel as
-//! task messages. [`run_shards`] runs shards that are not rows of one input (the training
-//! steps of [`crate::training`]).
+//! This is the batch job the client drives (docs/jobs.md §2): it ends with its client, and
+//! its inputs and outputs travel as task messages. The jobs service holds a job on the
+//! validator side instead (`sundara_jobs`, docs/jobs.md §3). [`run_shards`] runs shards
+//! that are not rows of one input (the training steps of [`crate::training`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;

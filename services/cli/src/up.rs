@@ -424,7 +424,7 @@ impl DemoGateway {
     /// Prints where the gateway is and a `curl` line that runs one `mlp` task through it
     /// (its request written to `dir`, else the temporary directory).
     fn print_example(&self, models: &[ModelMeta], dir: Option<&std::path::Path>) -> anyhow::Result<()> {
-        println!("HTTP gateway on http://{} (KServe v2, /v1/models; docs/clients.md)", self.listen);
+        println!("HTTP gateway on http://{} (KServe v2, /v1/models, /v1/jobs; docs/clients.md)", self.listen);
         let Some(mlp) = models.iter().find(|m| m.name == "mlp") else { return Ok(()) };
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
         let inputs = crate::models::sample_inputs(&mlp.inputs, 1, &mut rng);
@@ -437,6 +437,7 @@ impl DemoGateway {
             self.key,
             path.display()
         );
+        println!("  batch jobs: sundara jobs submit --model mlp --rows 10000 --wait (docs/jobs.md)");
         if self.embeddings {
             println!(
                 "  curl -s http://{}/v1/embeddings -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"input\": [\"A man is eating food.\"]}}'",
