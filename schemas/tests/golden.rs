@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use sundara_schemas::{
-    ClientResult, ModelRef, Priority, RejectCode, ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest, Tensor,
-    WIRE_VERSION, decode, encode,
+    ClientResult, JobAnswer, JobOp, JobRefusal, JobReply, JobRequest, JobSpec, ModelRef, Priority, RejectCode,
+    ResultStatus, SubmitOutcome, SubmitReply, SubmitRequest, Tensor, WIRE_VERSION, decode, encode,
 };
 
 fn check<T>(name: &str, msg: &T)
@@ -102,4 +102,26 @@ fn assignments_encoded_from_their_parts_decode_as_work() {
     assert_eq!(work, vec![(a.clone(), Some("00-aa-bb-01".to_string())), (b, None)]);
     assert_eq!(decode_work(false, &parts[0]).unwrap(), vec![(a, None)]);
     assert!(decode_work(true, &parts[0]).is_err(), "a lone assignment is not a batch");
+}
+
+/// The jobs service's requests and answers (docs/jobs.md §3), as the Python client sends
+/// and reads them.
+#[test]
+fn job_messages() {
+    let spec = JobSpec {
+        model: "mlp".into(),
+        parts: 2,
+        shard_rows: 100,
+        in_flight: 8,
+        attempts: 3,
+        shard_timeout_ms: 60_000,
+        deadline_ms: 3_600_000,
+    };
+    check("job_request_create", &JobRequest::new(JobOp::Create(spec)));
+    check("job_request_put", &JobRequest::new(JobOp::Put { job_id: "j1".into(), part: 1, inputs: vec![x()] }));
+    check("job_request_list", &JobRequest::new(JobOp::List {}));
+    let outputs = JobAnswer::Outputs { shard: 2, first_row: 200, task_id: "t1".into(), outputs: vec![x()] };
+    check("job_reply_outputs", &JobReply::new(outputs));
+    let refused = JobAnswer::Refused { code: JobRefusal::NotFound, reason: "no job j9".into() };
+    check("job_reply_refused", &JobReply::new(refused));
 }

@@ -44,6 +44,16 @@ class GoldenBytes(unittest.TestCase):
         self.assertEqual(result.outputs, [x()])
         self.assertEqual(result.outputs[0].values(), [1.5, -2.0])
 
+    def test_job_requests_are_the_rust_bytes_and_answers_decode(self):
+        spec = dict(model="mlp", parts=2, shard_rows=100, in_flight=8, attempts=3, shard_timeout_ms=60_000,
+                    deadline_ms=3_600_000)
+        self.assertEqual(wire.encode_job_request("Create", spec).hex(), golden("job_request_create").hex())
+        put = wire.encode_job_request("Put", dict(job_id="j1", part=1, inputs=[x()]))
+        self.assertEqual(put.hex(), golden("job_request_put").hex())
+        self.assertEqual(wire.encode_job_request("List", {}).hex(), golden("job_request_list").hex())
+        self.assertEqual(wire.decode_job_reply(golden("job_reply_outputs")), wire.ShardOutput(2, 200, "t1", [x()]))
+        self.assertEqual(wire.decode_job_reply(golden("job_reply_refused")), wire.JobRefusal("not_found", "no job j9"))
+
     def test_numpy_arrays_become_tensors_and_back(self):
         import numpy as np
 
