@@ -110,7 +110,12 @@ async fn a_job_survives_a_cheater_a_killed_miner_and_a_killed_jobs_service_in_or
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_are_their_tenants_own_end_by_cancel_or_deadline_and_refuse_bad_requests() {
-    let h = Harness::start(vec![honest("h1", 1), honest("h2", 1)], 2, Duration::from_secs(3)).await;
+    let stack = sundara::stack::LocalStack::start(&sundara::stack::project_root()).expect("servers start");
+    let policy = Policy { redundancy: 2, rule: RULE, audit_rate: 0.0 };
+    // 2 MiB of inputs per tenant: 668 rows of mlp.
+    let tight = |c: &mut sundara::pipeline::PipelineConfig| c.jobs.as_mut().unwrap().max_tenant_bytes = 2 << 20;
+    let h =
+        Harness::start_on(stack, vec![honest("h1", 1), honest("h2", 1)], policy, Duration::from_secs(3), tight).await;
     let (a, b) = (jobs_client(&h, "a").await, jobs_client(&h, "b").await);
     let spec = |parts: u32, deadline_ms: u64| JobSpec {
         model: "mlp".into(),
@@ -137,11 +142,19 @@ async fn jobs_are_their_tenants_own_end_by_cancel_or_deadline_and_refuse_bad_req
     assert!(expired.reason.unwrap().contains("deadline passed"));
     assert_eq!(refusal(a.put(&stale.job_id, 1, rows(10)).await.unwrap_err()), JobRefusal::WrongState);
 
-    // A cancelled job submits nothing more; its unverified shards cannot be fetched.
-    let long = a.submit(rows(2_000), &JobOptions { in_flight: 1, ..JobOptions::new("mlp", 100) }).await.unwrap();
+    // A cancelled job submits nothing more; its unverified shards cannot be fetched; its
+    // inputs are deleted. The job runs the version it was created with.
+    let long = a.submit(rows(500), &JobOptions { in_flight: 1, ..JobOptions::new("mlp", 25) }).await.unwrap();
+    assert_eq!(long.model, "mlp@1", "pinned");
     let cancelled = a.cancel(&long.job_id).await.unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
     assert_eq!(refusal(a.fetch(&long.job_id, 19).await.unwrap_err()), JobRefusal::WrongState);
+    let data = h.js.get_object_store(subj::JOB_DATA).await.unwrap();
+    let input = format!("a/{}/in/0", long.job_id);
+    wait::until_true("the cancelled job's inputs to be deleted", Duration::from_secs(10), || async {
+        data.get(input.as_str()).await.is_err()
+    })
+    .await;
     assert_eq!(refusal(a.cancel(&long.job_id).await.unwrap_err()), JobRefusal::WrongState);
     let followed = a.follow(&long.job_id, Duration::from_secs(10), |_| {}, |_| std::future::ready(())).await;
     assert!(matches!(followed, Err(JobsClientError::Ended { state: JobState::Cancelled, .. })), "{followed:?}");
@@ -160,9 +173,27 @@ async fn jobs_are_their_tenants_own_end_by_cancel_or_deadline_and_refuse_bad_req
     let unknown = JobSpec { model: "no-such-model".into(), ..spec(1, 60_000) };
     assert_eq!(refusal(a.create(unknown).await.unwrap_err()), JobRefusal::UnknownModel);
     assert_eq!(refusal(a.create(spec(1_000_000, 60_000)).await.unwrap_err()), JobRefusal::TooLarge);
-    let open = a.create(spec(1, 60_000)).await.unwrap();
+    let open = a.create(spec(2, 60_000)).await.unwrap();
     assert_eq!(refusal(a.put(&open.job_id, 3, rows(1)).await.unwrap_err()), JobRefusal::BadRequest);
     assert_eq!(refusal(a.start(&open.job_id).await.unwrap_err()), JobRefusal::WrongState);
+    // A part no shard of could run is refused at once, as ingress would refuse its tasks.
+    let wrong = vec![sundara_schemas::Tensor::from_values("x", vec![1, 3], &[1f32, 2., 3.])];
+    match a.put(&open.job_id, 0, wrong).await.unwrap_err() {
+        JobsClientError::Refused { code: JobRefusal::BadRequest, reason } => {
+            assert!(reason.contains("wrong_shape"), "{reason}")
+        }
+        other => panic!("{other}"),
+    }
+    // The tenant's unfinished jobs hold 2 MiB of inputs at most.
+    a.put(&open.job_id, 0, rows(400)).await.unwrap();
+    match a.put(&open.job_id, 1, rows(400)).await.unwrap_err() {
+        JobsClientError::Refused { code: JobRefusal::TooLarge, reason } => {
+            assert!(reason.contains("its limit"), "{reason}")
+        }
+        other => panic!("{other}"),
+    }
+    // Cancelling it frees its bytes for the next job.
+    a.cancel(&open.job_id).await.unwrap();
     assert_eq!(refusal(a.show("../../etc").await.unwrap_err()), JobRefusal::NotFound);
     let nats = sundara_common::nats::connect(&h.stack.endpoints().nats, "hostile").await.unwrap();
     for garbage in [&b"\x00\xff garbage"[..], &[0x91; 4096][..]] {
@@ -183,7 +214,7 @@ async fn jobs_are_their_tenants_own_end_by_cancel_or_deadline_and_refuse_bad_req
     assert_eq!(listed.lines().count(), 4, "{listed}");
     assert!(listed.lines().next().unwrap().contains(" done "), "newest first: {listed}");
     let view = sundara::server_jobs::status_lines(&h.js, 10).await.unwrap();
-    assert!(view[0].starts_with("jobs: 0 running, 1 uploading, 4 kept"), "{view:?}");
+    assert!(view[0].starts_with("jobs: 0 running, 0 uploading, 4 kept"), "{view:?}");
     assert!(view.iter().any(|l| l.contains(" a ") && l.contains("cancelled")), "{view:?}");
     h.stop().await;
 }

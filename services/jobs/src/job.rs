@@ -321,6 +321,11 @@ impl JobRecord {
         })
     }
 
+    /// Bytes of inputs stored (0 once it ends: its inputs are deleted then).
+    pub fn input_bytes(&self) -> u64 {
+        if self.state.is_final() { 0 } else { self.part_bytes.iter().sum() }
+    }
+
     pub fn verified_count(&self) -> u32 {
         self.shards.iter().filter(|s| matches!(s.state, ShardState::Verified { .. })).count() as u32
     }

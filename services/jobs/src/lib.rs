@@ -56,6 +56,10 @@ pub struct Args {
     /// Unfinished jobs one tenant may have at once.
     #[arg(long, env = "SUNDARA_JOBS_MAX_ACTIVE", default_value_t = 8)]
     pub max_active_jobs: usize,
+    /// Bytes of inputs one tenant's unfinished jobs may hold together (a job's inputs are
+    /// deleted when it ends).
+    #[arg(long, env = "SUNDARA_JOBS_MAX_TENANT_BYTES", default_value_t = 1 << 30)]
+    pub max_tenant_bytes: u64,
     /// Longest deadline a job may have, in seconds from its creation (below the week the
     /// jobs' data is kept).
     #[arg(long, env = "SUNDARA_JOBS_MAX_DEADLINE_SECS", default_value_t = 24 * 3600)]
@@ -71,6 +75,7 @@ impl Default for Args {
             max_job_bytes: limits.max_job_bytes,
             max_in_flight: limits.max_in_flight,
             max_active_jobs: 8,
+            max_tenant_bytes: 1 << 30,
             max_deadline_secs: limits.max_deadline_ms / 1000,
         }
     }
@@ -81,6 +86,7 @@ pub struct Config {
     pub endpoints: Endpoints,
     pub limits: Limits,
     pub max_active_jobs: usize,
+    pub max_tenant_bytes: u64,
     /// How often deadlines are checked and running shards' results read back from RESULTS
     /// (what the results subscription may have missed: a reconnect, a restart).
     pub recheck: Duration,
@@ -96,7 +102,13 @@ impl Config {
             max_deadline_ms: args.max_deadline_secs.min(6 * 24 * 3600) * 1000,
             ..Limits::default()
         };
-        Config { endpoints, limits, max_active_jobs: args.max_active_jobs, recheck: Duration::from_secs(2) }
+        Config {
+            endpoints,
+            limits,
+            max_active_jobs: args.max_active_jobs,
+            max_tenant_bytes: args.max_tenant_bytes,
+            recheck: Duration::from_secs(2),
+        }
     }
 }
 
@@ -129,11 +141,15 @@ struct Active {
     submitting: HashSet<u32>,
     /// The part last read, for the next shard of it.
     part: Option<(u32, Arc<Vec<Tensor>>)>,
+    /// After a refusal that means "later" (the tenant's limits), no submission before this.
+    later_until: Option<tokio::time::Instant>,
 }
 
 struct Service {
     nats: async_nats::Client,
     kv: kv::Store,
+    /// KV `jobs`' stream: a tenant's keys are listed from its subjects.
+    records: jetstream::stream::Stream<()>,
     data: ObjectStore,
     results: jetstream::stream::Stream<()>,
     registry: Registry,
@@ -151,6 +167,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Job
     let js = jetstream::new(client.clone());
     nats::await_provisioned(&js, Duration::from_secs(60)).await?;
     let kv = js.get_key_value(subj::JOBS_BUCKET).await.map_err(js_err)?;
+    let records = js.get_stream_no_info(format!("KV_{}", subj::JOBS_BUCKET)).await.map_err(js_err)?;
     let data = js.get_object_store(subj::JOB_DATA).await.map_err(js_err)?;
     let results = js.get_stream_no_info(subj::RESULTS_STREAM).await.map_err(js_err)?;
     let registry = Registry::open(&js).await?;
@@ -159,6 +176,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Job
     let mut service = Service {
         nats: client,
         kv,
+        records,
         data,
         results,
         registry,
@@ -238,7 +256,9 @@ impl Service {
             self.tasks.insert(task.to_string(), (key.clone(), shard));
         }
         self.follow(&record.tenant);
-        self.jobs.insert(key, Active { record, revision, dirty: false, submitting: HashSet::new(), part: None });
+        let active =
+            Active { record, revision, dirty: false, submitting: HashSet::new(), part: None, later_until: None };
+        self.jobs.insert(key, active);
     }
 
     /// Forwards `tenant`'s results to the service's task (core NATS: every result as it is
@@ -317,8 +337,10 @@ impl Service {
                 format!("{active} unfinished jobs, the most a tenant may have; wait for one to end or cancel one");
             return refused(JobRefusal::TooManyJobs, why);
         }
+        // Pinned: every shard runs the version the job was created with.
+        let mut spec = spec;
         match self.registry.resolve(&spec.model).await {
-            Ok(Some(_)) => {}
+            Ok(Some(meta)) => spec.model = format!("{}@{}", meta.name, meta.version),
             Ok(None) => return refused(JobRefusal::UnknownModel, format!("no model {:?} is registered", spec.model)),
             Err(e) => return unavailable(e),
         }
@@ -348,10 +370,23 @@ impl Service {
         if inputs.iter().any(|t| t.shape.first() != Some(&rows)) {
             return refused(JobRefusal::BadRequest, format!("part {part}'s inputs do not share a first dimension"));
         }
-        // Checked against the record before any byte is stored.
+        // Checked against the record, the model and the tenant's bytes before any is stored.
         let mut checked = active.record.clone();
         if let Err((code, reason)) = checked.put_part(part, rows, size, &self.config.limits) {
             return refused(code, reason);
+        }
+        let inputs = match self.admit_part(&checked.spec.model, part, inputs).await {
+            Ok(inputs) => inputs,
+            Err(answer) => return answer,
+        };
+        let held: u64 = self.jobs.values().filter(|a| a.record.tenant == tenant).map(|a| a.record.input_bytes()).sum();
+        let after = held - self.jobs[&key].record.input_bytes() + checked.input_bytes();
+        if after > self.config.max_tenant_bytes {
+            let why = format!(
+                "the tenant's unfinished jobs would hold {after} bytes of inputs, over its limit of {}",
+                self.config.max_tenant_bytes
+            );
+            return refused(JobRefusal::TooLarge, why);
         }
         let name = job::part_object(tenant, job_id, part);
         let bytes = encode(&inputs);
@@ -363,6 +398,26 @@ impl Service {
         active.dirty = true;
         self.flush_one(&key).await;
         self.status_of(&key)
+    }
+
+    /// `inputs` checked as ingress checks a task's against the job's model (names, dtypes,
+    /// shapes, bounds): a part that no shard of could run is refused at once.
+    async fn admit_part(&self, model: &str, part: u32, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, JobAnswer> {
+        let meta = match self.registry.resolve(model).await {
+            Ok(Some(meta)) => meta,
+            Ok(None) => {
+                return Err(refused(JobRefusal::UnknownModel, format!("model {model} is no longer registered")));
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let request = SubmitRequest::new(model, inputs);
+        match sundara_ingress::admit(&request, &meta, &sundara_schemas::Limits::default()) {
+            Ok(()) => Ok(request.inputs),
+            Err(rejection) => {
+                let why = format!("part {part}: {}: {}", rejection.code.as_str(), rejection.reason);
+                Err(refused(JobRefusal::BadRequest, why))
+            }
+        }
     }
 
     /// Applies `change` to a job this service holds, writes it, and answers its status.
@@ -409,14 +464,15 @@ impl Service {
     }
 
     async fn list(&self, tenant: &str, now: u64) -> JobAnswer {
-        let prefix = format!("{tenant}.");
-        let mut keys = match self.kv.keys().await {
-            Ok(keys) => keys,
+        // The tenant's keys from the bucket's stream subjects, filtered by the server.
+        let prefix = format!("$KV.{}.{tenant}.", subj::JOBS_BUCKET);
+        let mut subjects = match self.records.info_with_subjects(format!("{prefix}*")).await {
+            Ok(subjects) => subjects,
             Err(e) => return unavailable(e),
         };
         let mut ids = Vec::new();
-        while let Some(Ok(key)) = keys.next().await {
-            if let Some(id) = key.strip_prefix(&prefix) {
+        while let Some(Ok((subject, _))) = subjects.next().await {
+            if let Some(id) = subject.strip_prefix(&prefix) {
                 ids.push(id.to_string());
             }
         }
@@ -485,9 +541,10 @@ impl Service {
                     active.dirty = true;
                 }
             }
-            // Later: the shard stays queued and is submitted again at the next pump after
-            // a tick or an event (the service's own pace, not a busy loop).
-            Ok(SubmitOutcome::Rejected { code, .. }) if retry_later(code) => {}
+            // Later: the shard stays queued, and the job submits nothing for `LATER`.
+            Ok(SubmitOutcome::Rejected { code, .. }) if retry_later(code) => {
+                active.later_until = Some(tokio::time::Instant::now() + LATER);
+            }
             Ok(SubmitOutcome::Rejected { code, reason }) => {
                 active.record.refused(shard, &format!("{code:?}: {reason}"), now_ms());
                 active.dirty = true;
@@ -569,9 +626,13 @@ impl Service {
     /// finished jobs go.
     async fn pump(&mut self) {
         let keys: Vec<String> = self.jobs.keys().cloned().collect();
+        let now = tokio::time::Instant::now();
         for key in keys {
             let shards = {
                 let active = &self.jobs[&key];
+                if active.later_until.is_some_and(|until| now < until) {
+                    continue;
+                }
                 active.record.to_submit(&active.submitting)
             };
             for shard in shards {
@@ -584,12 +645,24 @@ impl Service {
         for key in finished {
             if let Some(active) = self.jobs.remove(&key) {
                 self.tasks.retain(|_, (k, _)| *k != key);
+                self.drop_inputs(&active.record).await;
                 let state = active.record.state.as_str();
                 metrics::counter!("sundara_jobs_ended_total", "state" => state).increment(1);
                 tracing::info!(job = %key, state, reason = ?active.record.reason, "job ended");
             }
         }
         self.unfollow_idle();
+    }
+
+    /// Deletes an ended job's inputs (its outputs stay for `fetch`): they count against no
+    /// limit after it, and hold no space. One left by a failure ages out with the store.
+    async fn drop_inputs(&self, record: &JobRecord) {
+        for part in (0..record.parts.len() as u32).filter(|p| record.parts[*p as usize].is_some()) {
+            let name = job::part_object(&record.tenant, &record.job_id, part);
+            if let Err(e) = self.data.delete(name.as_str()).await {
+                tracing::warn!(object = name, error = %e, "cannot delete an ended job's inputs; they age out");
+            }
+        }
     }
 
     /// Sends `shard`'s submission to ingress as its tenant; the answer comes back as an event.
@@ -699,6 +772,9 @@ impl Service {
         }
     }
 }
+
+/// How long a job submits nothing after a refusal that says "later".
+const LATER: Duration = Duration::from_millis(250);
 
 /// Refusals that say "later": the shard stays queued.
 fn retry_later(code: sundara_schemas::RejectCode) -> bool {
