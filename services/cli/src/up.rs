@@ -465,7 +465,7 @@ fn announce_fleet(workers: &[WorkerSpec], liar: Option<&str>) {
         None => "all honest: this build has no cheaters; `--features cheaters` adds a dishonest one".into(),
     };
     println!(
-        "services up: ingress, scheduler, verifier, rewarder, autoscaler; workers {} ({fleet})",
+        "services up: ingress, scheduler, verifier, rewarder, autoscaler, jobs, gateway; workers {} ({fleet})",
         workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
     );
 }

@@ -18,6 +18,7 @@
 //! service takes the tenant from the subject: one tenant's jobs, inputs and outputs are
 //! not found by another.
 
+mod cache;
 pub mod client;
 pub mod job;
 
@@ -125,11 +126,29 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), JobsError> {
 
 /// What reaches the service's one task besides requests.
 enum Event {
-    /// A result of a tenant with jobs running.
-    Result(ClientResult),
+    /// A result of a tenant with jobs running, as published: decoded only when it is a
+    /// shard's (most of a tenant's results may be other tasks').
+    Published { task_id: String, payload: Bytes },
     /// A shard's submission was answered (or could not be).
     Submitted { key: String, shard: u32, answer: Result<SubmitOutcome, String> },
+    /// A verified shard's outputs were written to the object store (or could not be).
+    Stored { key: String, shard: u32, task_id: String, encoded: Bytes, stored: Result<(), String> },
 }
+
+/// An answer to a request: built now, or a verified shard's outputs as stored.
+enum Answered {
+    Answer(JobAnswer),
+    Encoded(Bytes),
+}
+
+impl From<JobAnswer> for Answered {
+    fn from(answer: JobAnswer) -> Answered {
+        Answered::Answer(answer)
+    }
+}
+
+/// Bytes of verified shards' outputs kept in memory for followers.
+const OUTPUT_CACHE_BYTES: usize = 64 << 20;
 
 /// An unfinished job as the service holds it.
 struct Active {
@@ -160,6 +179,7 @@ struct Service {
     /// Tenants whose results are followed, with their forwarding task.
     following: HashMap<String, tokio::task::JoinHandle<()>>,
     events: mpsc::Sender<Event>,
+    recent: cache::OutputCache,
 }
 
 async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), JobsError> {
@@ -185,6 +205,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Job
         tasks: HashMap::new(),
         following: HashMap::new(),
         events,
+        recent: cache::OutputCache::new(OUTPUT_CACHE_BYTES),
     };
     service.recover().await?;
     tracing::info!(jobs = service.jobs.len(), "jobs service serving");
@@ -274,9 +295,9 @@ impl Service {
                 return;
             };
             while let Some(msg) = results.next().await {
-                if let Ok(result) = decode::<ClientResult>(&msg.payload, MAX_MESSAGE_BYTES)
-                    && events.send(Event::Result(result)).await.is_err()
-                {
+                let Some((_, task_id)) = subj::result_parts(&msg.subject) else { continue };
+                let event = Event::Published { task_id: task_id.to_string(), payload: msg.payload };
+                if events.send(event).await.is_err() {
                     return;
                 }
             }
@@ -298,18 +319,25 @@ impl Service {
 
     async fn on_request(&mut self, msg: async_nats::Message) {
         let Some(reply) = msg.reply.clone() else { return };
-        let answer = match subj::jobs_tenant(&msg.subject) {
-            None => refused(JobRefusal::BadRequest, "no tenant in the subject"),
+        let answered = match subj::jobs_tenant(&msg.subject) {
+            None => refused(JobRefusal::BadRequest, "no tenant in the subject").into(),
             Some(tenant) => {
                 let tenant = tenant.to_string();
                 match decode::<JobRequest>(&msg.payload, MAX_MESSAGE_BYTES) {
-                    Ok(request) => self.answer(&tenant, request.op, msg.payload.len() as u64).await,
-                    Err(e) => refused(JobRefusal::BadRequest, e.to_string()),
+                    Ok(JobRequest { op: JobOp::Fetch { job_id, shard }, .. }) => {
+                        self.fetch(&tenant, &job_id, shard).await
+                    }
+                    Ok(request) => self.answer(&tenant, request.op, msg.payload.len() as u64).await.into(),
+                    Err(e) => refused(JobRefusal::BadRequest, e.to_string()).into(),
                 }
             }
         };
-        metrics::counter!("sundara_job_requests_total", "answer" => answer_label(&answer)).increment(1);
-        if let Err(e) = self.nats.publish(reply, encode(&JobReply::new(answer)).into()).await {
+        let (label, encoded) = match answered {
+            Answered::Encoded(bytes) => ("ok", bytes),
+            Answered::Answer(answer) => (answer_label(&answer), Bytes::from(encode(&JobReply::new(answer)))),
+        };
+        metrics::counter!("sundara_job_requests_total", "answer" => label).increment(1);
+        if let Err(e) = self.nats.publish(reply, encoded).await {
             tracing::warn!(error = %e, "cannot answer a job request");
         }
     }
@@ -326,7 +354,7 @@ impl Service {
                 Err(answer) => answer,
             },
             JobOp::List {} => self.list(tenant, now).await,
-            JobOp::Fetch { job_id, shard } => self.fetch(tenant, &job_id, shard).await,
+            JobOp::Fetch { .. } => unreachable!("fetched in on_request"),
         }
     }
 
@@ -487,25 +515,28 @@ impl Service {
         JobAnswer::List(statuses)
     }
 
-    /// A verified shard's stored outputs, as stored (an encoded `JobReply`).
-    async fn fetch(&self, tenant: &str, job_id: &str, shard: u32) -> JobAnswer {
+    /// A verified shard's outputs as stored (an encoded `JobReply`): from memory when
+    /// verified recently, else from the object store.
+    async fn fetch(&self, tenant: &str, job_id: &str, shard: u32) -> Answered {
         let record = match self.lookup(tenant, job_id).await {
             Ok(record) => record,
-            Err(answer) => return answer,
+            Err(answer) => return answer.into(),
         };
         match record.shards.get(shard as usize).map(|s| &s.state) {
             Some(job::ShardState::Verified { .. }) => {}
-            Some(_) => return refused(JobRefusal::WrongState, format!("shard {shard} is not verified yet")),
+            Some(_) => return refused(JobRefusal::WrongState, format!("shard {shard} is not verified yet")).into(),
             None => {
-                return refused(JobRefusal::BadRequest, format!("shard {shard}: the job has {}", record.shards.len()));
+                let why = format!("shard {shard}: the job has {}", record.shards.len());
+                return refused(JobRefusal::BadRequest, why).into();
             }
         }
-        match self.read_object(&job::output_object(tenant, job_id, shard)).await {
-            Ok(bytes) => match decode::<JobReply>(&bytes, MAX_MESSAGE_BYTES) {
-                Ok(stored) => stored.answer,
-                Err(e) => unavailable(format!("shard {shard}'s stored outputs: {e}")),
-            },
-            Err(e) => unavailable(e),
+        let name = job::output_object(tenant, job_id, shard);
+        if let Some(encoded) = self.recent.get(&name) {
+            return Answered::Encoded(encoded);
+        }
+        match self.read_object(&name).await {
+            Ok(bytes) => Answered::Encoded(bytes.into()),
+            Err(e) => unavailable(e).into(),
         }
     }
 
@@ -525,8 +556,17 @@ impl Service {
 
     async fn on_event(&mut self, event: Event) {
         match event {
-            Event::Result(result) => self.on_result(result).await,
+            Event::Published { task_id, payload } => {
+                if self.tasks.contains_key(&task_id)
+                    && let Ok(result) = decode::<ClientResult>(&payload, MAX_MESSAGE_BYTES)
+                {
+                    self.on_result(result).await;
+                }
+            }
             Event::Submitted { key, shard, answer } => self.on_submitted(key, shard, answer),
+            Event::Stored { key, shard, task_id, encoded, stored } => {
+                self.on_stored(key, shard, task_id, encoded, stored)
+            }
         }
     }
 
@@ -553,44 +593,57 @@ impl Service {
         }
     }
 
+    /// A shard's task ended. Verified: its outputs are written to the object store (off
+    /// this task) and the record says verified once they are. Failed: retried or the end.
     async fn on_result(&mut self, result: ClientResult) {
-        let Some((key, shard)) = self.tasks.get(&result.task_id).cloned() else { return };
-        let Some(active) = self.jobs.get(&key) else {
-            self.tasks.remove(&result.task_id);
-            return;
-        };
-        let (tenant, job_id) = (active.record.tenant.clone(), active.record.job_id.clone());
-        let now = now_ms();
-        let ended = match result.status {
+        let Some((key, shard)) = self.tasks.remove(&result.task_id) else { return };
+        let Some(active) = self.jobs.get_mut(&key) else { return };
+        match result.status {
             ResultStatus::Verified { outputs, .. } => {
                 let first_row = active.record.shards[shard as usize].first_row;
-                let stored =
-                    JobReply::new(JobAnswer::Outputs { shard, first_row, task_id: result.task_id.clone(), outputs });
-                // The outputs are stored before the record says verified: a crash between
-                // the two reads the result back again.
-                let name = job::output_object(&tenant, &job_id, shard);
-                if let Err(e) = self.data.put(name.as_str(), &mut encode(&stored).as_slice()).await {
-                    tracing::warn!(job = %key, shard, error = %e, "cannot store a shard's outputs; will read the result back");
-                    return;
-                }
-                let active = self.jobs.get_mut(&key).expect("held above");
-                active.record.verified(shard, &result.task_id, now)
+                let task_id = result.task_id;
+                let outputs = JobAnswer::Outputs { shard, first_row, task_id: task_id.clone(), outputs };
+                let encoded = Bytes::from(encode(&JobReply::new(outputs)));
+                let name = job::output_object(&active.record.tenant, &active.record.job_id, shard);
+                let (data, events) = (self.data.clone(), self.events.clone());
+                tokio::spawn(async move {
+                    let written = data.put(name.as_str(), &mut encoded.as_ref()).await;
+                    let stored = written.map(|_| ()).map_err(|e| e.to_string());
+                    let _ = events.send(Event::Stored { key, shard, task_id, encoded, stored }).await;
+                });
             }
             ResultStatus::Failed { code, reason } => {
-                let active = self.jobs.get_mut(&key).expect("held above");
-                active.record.failed(shard, &result.task_id, &format!("{code:?}: {reason}"), now)
+                let ended = active.record.failed(shard, &result.task_id, &format!("{code:?}: {reason}"), now_ms());
+                Self::ended(active, ended);
             }
-        };
-        self.tasks.remove(&result.task_id);
-        if ended != Ended::Ignored {
-            self.jobs.get_mut(&key).expect("held above").dirty = true;
-            let label = match ended {
-                Ended::Verified => "verified",
-                Ended::Requeued => "retried",
-                _ => "failed",
-            };
-            metrics::counter!("sundara_job_shards_total", "end" => label).increment(1);
         }
+    }
+
+    /// A verified shard's outputs are stored (the record says so now), or could not be (its
+    /// result is read back again at the next recheck).
+    fn on_stored(&mut self, key: String, shard: u32, task_id: String, encoded: Bytes, stored: Result<(), String>) {
+        let Some(active) = self.jobs.get_mut(&key) else { return };
+        if let Err(e) = stored {
+            tracing::warn!(job = %key, shard, error = %e, "cannot store a shard's outputs; will read the result back");
+            self.tasks.insert(task_id, (key, shard));
+            return;
+        }
+        let name = job::output_object(&active.record.tenant, &active.record.job_id, shard);
+        let ended = active.record.verified(shard, &task_id, now_ms());
+        Self::ended(active, ended);
+        self.recent.insert(name, encoded);
+    }
+
+    /// Counts a shard's end and marks its job for writing.
+    fn ended(active: &mut Active, ended: Ended) {
+        let label = match ended {
+            Ended::Ignored => return,
+            Ended::Verified => "verified",
+            Ended::Requeued => "retried",
+            Ended::JobFailed => "failed",
+        };
+        active.dirty = true;
+        metrics::counter!("sundara_job_shards_total", "end" => label).increment(1);
     }
 
     async fn on_tick(&mut self) {
@@ -714,11 +767,7 @@ impl Service {
                 tensors
             }
         };
-        let total = sundara_runtime::batch::rows(&part).ok_or("an empty part")?;
-        let sizes = [s.offset, s.rows, total.saturating_sub(s.offset + s.rows)];
-        let mut pieces =
-            sundara_runtime::batch::split((*part).clone(), &sizes).ok_or("the part's rows do not line up")?;
-        Ok(pieces.swap_remove(1))
+        sundara_runtime::batch::slice(&part, s.offset, s.rows).ok_or_else(|| "the part's rows do not line up".into())
     }
 
     /// Writes every changed record.
@@ -766,6 +815,7 @@ impl Service {
         for (label, n) in ["queued", "running", "verified"].into_iter().zip(shards) {
             metrics::gauge!("sundara_job_shards", "state" => label).set(n as f64);
         }
+        metrics::gauge!("sundara_job_output_cache_bytes").set(self.recent.bytes() as f64);
         for state in [JobState::Uploading, JobState::Running] {
             let n = states.get(state.as_str()).copied().unwrap_or(0);
             metrics::gauge!("sundara_jobs", "state" => state.as_str()).set(n as f64);

@@ -54,27 +54,36 @@ pub fn stack(tasks: &[&[Tensor]]) -> Vec<Tensor> {
 /// `None` if an output's first dimension does not match the rows stacked.
 pub fn split(outputs: Vec<Tensor>, rows: &[u64]) -> Option<Vec<Vec<Tensor>>> {
     let total: u64 = rows.iter().sum();
-    let mut per_task: Vec<Vec<Tensor>> = rows.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
-    for out in outputs {
-        if out.shape.first() != Some(&total) {
-            return None;
-        }
-        let row_bytes = out.data.len() / total.max(1) as usize;
-        let mut offset = 0;
-        for (task, &r) in per_task.iter_mut().zip(rows) {
-            let len = r as usize * row_bytes;
-            let mut shape = out.shape.clone();
-            shape[0] = r;
-            task.push(Tensor {
-                name: out.name.clone(),
-                dtype: out.dtype,
-                shape,
-                data: out.data[offset..offset + len].to_vec(),
-            });
-            offset += len;
-        }
+    if outputs.iter().any(|out| out.shape.first() != Some(&total)) {
+        return None;
     }
-    Some(per_task)
+    let mut start = 0;
+    rows.iter()
+        .map(|&r| {
+            let part = slice(&outputs, start, r);
+            start += r;
+            part
+        })
+        .collect()
+}
+
+/// Rows `start..start + rows` of every tensor (each with at least that many rows along its
+/// first dimension), copied; `None` when one has fewer.
+pub fn slice(tensors: &[Tensor], start: u64, rows: u64) -> Option<Vec<Tensor>> {
+    tensors
+        .iter()
+        .map(|t| {
+            let total = *t.shape.first()?;
+            if start.checked_add(rows)? > total {
+                return None;
+            }
+            let row_bytes = t.data.len() / total.max(1) as usize;
+            let (from, len) = (start as usize * row_bytes, rows as usize * row_bytes);
+            let mut shape = t.shape.clone();
+            shape[0] = rows;
+            Some(Tensor { name: t.name.clone(), dtype: t.dtype, shape, data: t.data.get(from..from + len)?.to_vec() })
+        })
+        .collect()
 }
 
 #[cfg(test)]
