@@ -186,4 +186,8 @@ pub struct JobStatus {
     pub eta_ms: Option<u64>,
     /// Why it failed, was cancelled or expired.
     pub reason: Option<String>,
+    /// While running: why no shard is being submitted now, as ingress said (the tenant's
+    /// limits: `storage_quota: …`, `rate_limited: …`); the job carries on once they allow.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }

@@ -57,6 +57,9 @@ pub fn status_line(s: &JobStatus) -> String {
     if let Some(reason) = &s.reason {
         line.push_str(&format!("  ({reason})"));
     }
+    if let Some(waiting) = &s.waiting {
+        line.push_str(&format!("  waiting: {waiting}"));
+    }
     line
 }
 
@@ -83,7 +86,11 @@ pub async fn results(jobs: &JobsClient, job_id: &str, out: Option<PathBuf>) -> R
     let started = std::time::Instant::now();
     let followed = jobs
         .results(job_id, Duration::from_secs(300), |s| {
-            eprint!("\rshards verified {}/{} (running {}, retried {})   ", s.verified, s.shards, s.running, s.retried);
+            let waiting = s.waiting.as_deref().map_or(String::new(), |w| format!(" waiting: {w}"));
+            eprint!(
+                "\rshards verified {}/{} (running {}, retried {}){waiting}   ",
+                s.verified, s.shards, s.running, s.retried
+            );
         })
         .await;
     eprintln!();

@@ -61,6 +61,9 @@ pub struct JobRecord {
     pub started_ms: Option<u64>,
     pub ended_ms: Option<u64>,
     pub reason: Option<String>,
+    /// Why ingress last refused a shard for now ("later"); cleared by the next accepted.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 /// One shard task's rows and where it stands.
@@ -146,6 +149,7 @@ impl JobRecord {
             started_ms: None,
             ended_ms: None,
             reason: None,
+            waiting: None,
         })
     }
 
@@ -245,7 +249,18 @@ impl JobRecord {
         if self.state == JobState::Running && s.state == ShardState::Queued {
             s.attempts += 1;
             s.state = ShardState::Running { task_id };
+            self.waiting = None;
         }
+    }
+
+    /// Ingress refused a shard for now (`code`, `reason`); whether the record changed (a
+    /// new code: the same refusal again, with other numbers, is not worth a write).
+    pub fn wait(&mut self, code: &str, reason: &str) -> bool {
+        let same = self.waiting.as_deref().is_some_and(|w| w.split(':').next() == Some(code));
+        if !same {
+            self.waiting = Some(format!("{code}: {reason}"));
+        }
+        !same
     }
 
     /// `shard`'s task `task_id` was verified and its outputs are stored.
@@ -364,6 +379,7 @@ impl JobRecord {
             verified_prefix: prefix as u32,
             eta_ms,
             reason: self.reason.clone(),
+            waiting: self.waiting.clone().filter(|_| self.state == JobState::Running),
         }
     }
 }
@@ -482,6 +498,17 @@ mod tests {
         let mut other = JobRecord::create("k".into(), "t", spec(1, 1), "s".into(), 0, &tight).unwrap();
         other.put_part(0, 3, 10, &tight).unwrap();
         assert_eq!(other.start(0, &tight).unwrap_err().0, JobRefusal::TooLarge);
+    }
+
+    #[test]
+    fn a_refusal_for_now_is_shown_until_a_shard_is_accepted() {
+        let mut job = running(&[200], 100);
+        assert!(job.wait("storage_quota", "full: 10 bytes"));
+        assert!(!job.wait("storage_quota", "full: 12 bytes"), "the same code again is no change");
+        assert_eq!(job.status(0).waiting.as_deref(), Some("storage_quota: full: 10 bytes"));
+        assert!(job.wait("rate_limited", "slow down"));
+        job.submitted(0, "t".into());
+        assert_eq!(job.status(0).waiting, None);
     }
 
     #[test]

@@ -582,8 +582,11 @@ impl Service {
                 }
             }
             // Later: the shard stays queued, and the job submits nothing for `LATER`.
-            Ok(SubmitOutcome::Rejected { code, .. }) if retry_later(code) => {
+            Ok(SubmitOutcome::Rejected { code, reason }) if retry_later(code) => {
                 active.later_until = Some(tokio::time::Instant::now() + LATER);
+                if active.record.wait(code.as_str(), &reason) {
+                    active.dirty = true;
+                }
             }
             Ok(SubmitOutcome::Rejected { code, reason }) => {
                 active.record.refused(shard, &format!("{code:?}: {reason}"), now_ms());
