@@ -169,6 +169,8 @@ pub fn jobs_tenant(subject: &str) -> Option<&str> {
 pub fn job_events(tenant: &str, job: &str) -> String {
     format!("sundara.jobevent.{tenant}.{job}")
 }
+/// Every tenant's job events.
+pub const JOB_EVENTS_ALL: &str = "sundara.jobevent.>";
 /// Every job event of one tenant.
 pub fn job_events_of(tenant: &str) -> String {
     format!("sundara.jobevent.{tenant}.>")

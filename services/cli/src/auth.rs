@@ -317,6 +317,19 @@ fn kv_read_write(bucket: &str) -> Vec<String> {
     subjects
 }
 
+/// A service that submits tasks as any tenant (the gateway, the jobs service) and reads
+/// their results: every one as published, and one by one from RESULTS where its
+/// subscription missed one.
+fn submits_for_tenants(publish: &mut Vec<String>, subscribe: &mut Vec<String>) {
+    let results = subj::RESULTS_STREAM;
+    publish.extend([
+        subj::SUBMIT_ALL.into(),
+        format!("$JS.API.DIRECT.GET.{results}"),
+        format!("$JS.API.DIRECT.GET.{results}.>"),
+    ]);
+    subscribe.push(subj::RESULT_ALL.into());
+}
+
 /// What validator service `s` may do: each publishes only what it produces and consumes
 /// only the streams it reads, so a compromised ingress cannot forge assignments or
 /// verdicts, nor a rewarder results. Every service may check that the streams exist
@@ -381,36 +394,23 @@ fn service_permissions(s: Service, inbox: String) -> Permissions {
             allow_responses = true;
         }
         Service::Gateway => {
-            // Submits for the tenants its API keys name, and reads their results: every
-            // one as published, and one by one from RESULTS where the subscription missed it.
-            let results = subj::RESULTS_STREAM;
-            publish.extend([
-                subj::SUBMIT_ALL.into(),
-                format!("$JS.API.DIRECT.GET.{results}"),
-                format!("$JS.API.DIRECT.GET.{results}.>"),
-            ]);
-            subscribe.push(subj::RESULT_ALL.into());
+            // Submits for the tenants its API keys name, and reads their results.
+            submits_for_tenants(&mut publish, &mut subscribe);
             // Its `/v1/jobs` endpoints ask the jobs service for the tenants its keys name,
             // and hear of their jobs' changes.
             publish.push(subj::JOBS_ALL.into());
-            subscribe.push("sundara.jobevent.>".into());
+            subscribe.push(subj::JOB_EVENTS_ALL.into());
         }
         Service::Jobs => {
             // Answers job requests, submits shard tasks as their tenant and reads their
-            // results (as published, and from RESULTS where it missed one); its records and
-            // the jobs' data are its own.
-            let results = subj::RESULTS_STREAM;
-            publish.extend([
-                subj::SUBMIT_ALL.into(),
-                format!("$JS.API.DIRECT.GET.{results}"),
-                format!("$JS.API.DIRECT.GET.{results}.>"),
-                "sundara.jobevent.>".into(),
-            ]);
+            // results; its records and the jobs' data are its own.
+            submits_for_tenants(&mut publish, &mut subscribe);
+            publish.push(subj::JOB_EVENTS_ALL.into());
             publish.extend(kv_read_write(subj::JOBS_BUCKET));
             publish.extend(consume_stream(&format!("OBJ_{}", subj::JOB_DATA)));
             publish
                 .extend([format!("$O.{}.>", subj::JOB_DATA), format!("$JS.API.STREAM.PURGE.OBJ_{}", subj::JOB_DATA)]);
-            subscribe.extend([subj::JOBS_ALL.into(), subj::RESULT_ALL.into()]);
+            subscribe.push(subj::JOBS_ALL.into());
             allow_responses = true;
         }
         Service::Chain => {

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, kv, object_store, stream};
 use bytes::Bytes;
 use sundara_schemas::subjects as subj;
 
@@ -561,45 +561,45 @@ pub async fn provision(js: &jetstream::Context, r: &Retention) -> Result<(), Err
     for (config, set_age) in streams {
         ensure_stream(js, config, set_age).await?;
     }
+    let replicas = r.replicas.max(1);
     for (bucket, history) in [(subj::MODELS_BUCKET, 8), (subj::REWARDS_BUCKET, 16), (subj::VALIDATOR_BUCKET, 8)] {
-        if js.get_key_value(bucket).await.is_err() {
-            let config = jetstream::kv::Config {
-                bucket: bucket.to_string(),
-                history,
-                num_replicas: r.replicas.max(1),
-                ..Default::default()
-            };
-            js.create_key_value(config).await.map_err(js_err)?;
-        }
+        ensure_kv(js, kv::Config { bucket: bucket.to_string(), history, num_replicas: replicas, ..Default::default() })
+            .await?;
     }
     // Jobs: their records and their data leave a week after their last change (a job's
     // deadline is capped below that, docs/jobs.md §3).
-    if js.get_key_value(subj::JOBS_BUCKET).await.is_err() {
-        let config = jetstream::kv::Config {
-            bucket: subj::JOBS_BUCKET.to_string(),
-            history: 1,
-            max_age: r.jobs_max_age,
-            num_replicas: r.replicas.max(1),
-            ..Default::default()
-        };
+    let jobs = subj::JOBS_BUCKET.to_string();
+    ensure_kv(
+        js,
+        kv::Config { bucket: jobs, history: 1, max_age: r.jobs_max_age, num_replicas: replicas, ..Default::default() },
+    )
+    .await?;
+    let job_data = object_store::Config {
+        bucket: subj::JOB_DATA.to_string(),
+        max_age: r.jobs_max_age,
+        max_bytes: r.job_data_max_bytes,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+    ensure_object_store(js, job_data).await?;
+    // Last: `await_provisioned` waits for it.
+    let blobs =
+        object_store::Config { bucket: subj::MODEL_BLOBS.to_string(), num_replicas: replicas, ..Default::default() };
+    ensure_object_store(js, blobs).await?;
+    Ok(())
+}
+
+/// Creates the KV bucket `config` names if it is missing (an existing one keeps its settings).
+async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<(), Error> {
+    if js.get_key_value(&config.bucket).await.is_err() {
         js.create_key_value(config).await.map_err(js_err)?;
     }
-    if js.get_object_store(subj::JOB_DATA).await.is_err() {
-        let config = jetstream::object_store::Config {
-            bucket: subj::JOB_DATA.to_string(),
-            max_age: r.jobs_max_age,
-            max_bytes: r.job_data_max_bytes,
-            num_replicas: r.replicas.max(1),
-            ..Default::default()
-        };
-        js.create_object_store(config).await.map_err(js_err)?;
-    }
-    if js.get_object_store(subj::MODEL_BLOBS).await.is_err() {
-        let config = jetstream::object_store::Config {
-            bucket: subj::MODEL_BLOBS.to_string(),
-            num_replicas: r.replicas.max(1),
-            ..Default::default()
-        };
+    Ok(())
+}
+
+/// Creates the object store `config` names if it is missing.
+async fn ensure_object_store(js: &jetstream::Context, config: object_store::Config) -> Result<(), Error> {
+    if js.get_object_store(&config.bucket).await.is_err() {
         js.create_object_store(config).await.map_err(js_err)?;
     }
     Ok(())
