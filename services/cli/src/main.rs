@@ -299,18 +299,21 @@ enum JobsCommand {
     },
     /// One job's state and progress.
     Show {
+        /// The job's id (`sundara jobs list` shows them).
         job_id: String,
         #[command(flatten)]
         tenant: TenantArg,
     },
     /// Stop a job: no shard is submitted after this; those verified stay readable.
     Cancel {
+        /// The job's id (`sundara jobs list` shows them).
         job_id: String,
         #[command(flatten)]
         tenant: TenantArg,
     },
     /// Follow a job to its end and read its outputs, in the rows' order.
     Results {
+        /// The job's id (`sundara jobs list` shows them).
         job_id: String,
         /// Where to write the outputs (JSON, as `sundara job --out`).
         #[arg(long)]

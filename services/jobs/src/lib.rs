@@ -6,9 +6,9 @@
 //! tenant follows progress, fetches verified shards in order while the job runs, and may
 //! cancel it; a deadline ends it.
 //!
-//! Durable: the job's record (KV `jobs`) is written after every change, inputs and outputs
-//! live in the object store `job-data`, and a shard's outputs are stored before its record
-//! says verified. A restarted service loads every unfinished job, reads back from RESULTS
+//! Durable: the job's record (KV `jobs`) is written before a request is answered and
+//! within 200 ms of shard ends, inputs and outputs live in the object store `job-data`,
+//! and a shard's outputs are stored before its record says verified. A restarted service loads every unfinished job, reads back from RESULTS
 //! the results of the shards it had running, and carries on; a shard submitted but not
 //! yet recorded is submitted again under the same request id, which ingress answers with
 //! the same task. One service per stack: two would each run every unfinished job (their
@@ -162,6 +162,9 @@ struct Active {
     part: Option<(u32, Arc<Vec<Tensor>>)>,
     /// After a refusal that means "later" (the tenant's limits), no submission before this.
     later_until: Option<tokio::time::Instant>,
+    /// When the record was last written: shard ends are written together, once per
+    /// [`WRITE_EVERY`] at most.
+    written: tokio::time::Instant,
 }
 
 struct Service {
@@ -180,6 +183,8 @@ struct Service {
     following: HashMap<String, tokio::task::JoinHandle<()>>,
     events: mpsc::Sender<Event>,
     recent: cache::OutputCache,
+    /// When the running shards' results were last read back.
+    rechecked: tokio::time::Instant,
 }
 
 async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), JobsError> {
@@ -206,10 +211,11 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Job
         following: HashMap::new(),
         events,
         recent: cache::OutputCache::new(OUTPUT_CACHE_BYTES),
+        rechecked: tokio::time::Instant::now(),
     };
     service.recover().await?;
     tracing::info!(jobs = service.jobs.len(), "jobs service serving");
-    let mut tick = tokio::time::interval(service.config.recheck);
+    let mut tick = tokio::time::interval(WRITE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -220,7 +226,7 @@ async fn run_until_stopped(config: Config, shutdown: Shutdown) -> Result<(), Job
         }
         service.pump().await;
     }
-    service.flush().await;
+    service.flush(true).await;
     for (_, follower) in service.following.drain() {
         follower.abort();
     }
@@ -277,8 +283,15 @@ impl Service {
             self.tasks.insert(task.to_string(), (key.clone(), shard));
         }
         self.follow(&record.tenant);
-        let active =
-            Active { record, revision, dirty: false, submitting: HashSet::new(), part: None, later_until: None };
+        let active = Active {
+            record,
+            revision,
+            dirty: false,
+            submitting: HashSet::new(),
+            part: None,
+            later_until: None,
+            written: tokio::time::Instant::now(),
+        };
         self.jobs.insert(key, active);
     }
 
@@ -649,6 +662,8 @@ impl Service {
         metrics::counter!("sundara_job_shards_total", "end" => label).increment(1);
     }
 
+    /// Every [`WRITE_EVERY`]: deadlines (the pump that follows writes what changed); every
+    /// recheck period, the running shards' results read back and the gauges.
     async fn on_tick(&mut self) {
         let now = now_ms();
         for active in self.jobs.values_mut() {
@@ -656,8 +671,11 @@ impl Service {
                 active.dirty = true;
             }
         }
-        self.recheck_running().await;
-        self.gauges();
+        if self.rechecked.elapsed() >= self.config.recheck {
+            self.rechecked = tokio::time::Instant::now();
+            self.recheck_running().await;
+            self.gauges();
+        }
     }
 
     /// Reads back from RESULTS the result of every running shard: one the subscription
@@ -695,7 +713,7 @@ impl Service {
                 self.submit(&key, shard).await;
             }
         }
-        self.flush().await;
+        self.flush(false).await;
         let finished: Vec<String> =
             self.jobs.iter().filter(|(_, a)| a.record.state.is_final() && !a.dirty).map(|(k, _)| k.clone()).collect();
         for key in finished {
@@ -773,9 +791,13 @@ impl Service {
         sundara_runtime::batch::slice(&part, s.offset, s.rows).ok_or_else(|| "the part's rows do not line up".into())
     }
 
-    /// Writes every changed record.
-    async fn flush(&mut self) {
-        let dirty: Vec<String> = self.jobs.iter().filter(|(_, a)| a.dirty).map(|(k, _)| k.clone()).collect();
+    /// Writes the changed records: each at most once per [`WRITE_EVERY`] (a job that ended
+    /// at once), or every one with `all` (at shutdown). What is not written yet is safe to
+    /// lose: a restart submits a shard again under the same request id (the same task), and
+    /// reads a running shard's result back.
+    async fn flush(&mut self, all: bool) {
+        let due = |a: &Active| a.dirty && (all || a.record.state.is_final() || a.written.elapsed() >= WRITE_EVERY);
+        let dirty: Vec<String> = self.jobs.iter().filter(|(_, a)| due(a)).map(|(k, _)| k.clone()).collect();
         for key in dirty {
             self.flush_one(&key).await;
         }
@@ -791,6 +813,7 @@ impl Service {
             Ok(revision) => {
                 active.revision = revision;
                 active.dirty = false;
+                active.written = tokio::time::Instant::now();
                 let event = JobReply::new(JobAnswer::Status(active.record.status(now_ms())));
                 let subject = subj::job_events(&active.record.tenant, &active.record.job_id);
                 let _ = self.nats.publish(subject, encode(&event).into()).await;
@@ -825,6 +848,10 @@ impl Service {
         }
     }
 }
+
+/// A job's record is written at most this often while shards end (requests that change it
+/// write it at once); also the service's tick.
+const WRITE_EVERY: Duration = Duration::from_millis(200);
 
 /// How long a job submits nothing after a refusal that says "later".
 const LATER: Duration = Duration::from_millis(250);
