@@ -52,9 +52,10 @@ async fn happy_path_matches_direct_inference() {
             && frame.contains("verdicts: 200 stored"),
         "{frame}"
     );
-    // 24 rows: header, titles, 3 slices, 2 queue lines, the verdicts title, and the newest
-    // verdicts down to the last row but one.
-    assert_eq!(frame.matches(" ok ").count(), 24 - 9, "{frame}");
+    // 24 rows: header, titles, 3 slices, 2 queue lines, the jobs line, the verdicts title,
+    // and the newest verdicts down to the last row but one.
+    assert!(frame.contains("jobs: 0 running, 0 uploading, 0 kept"), "{frame}");
+    assert_eq!(frame.matches(" ok ").count(), 24 - 10, "{frame}");
     assert!(frame.lines().all(|l| l.chars().count() <= 80), "{frame}");
     h.stop().await;
 }
