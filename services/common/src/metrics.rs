@@ -48,6 +48,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("sundara_http_requests_total", Kind::Counter, "HTTP requests the gateway answered, by status."),
     ("sundara_http_request_seconds", Kind::Histogram, "Time the HTTP gateway took to answer a request."),
     ("sundara_http_waiting", Kind::Gauge, "HTTP requests waiting for their task's result."),
+    ("sundara_jobs", Kind::Gauge, "Unfinished batch jobs the jobs service holds, by state."),
+    ("sundara_job_shards", Kind::Gauge, "Shards of the unfinished jobs, by state (queued, running, verified)."),
+    ("sundara_job_shards_total", Kind::Counter, "Shard tasks of jobs that ended, by how (verified, retried, failed)."),
+    ("sundara_jobs_ended_total", Kind::Counter, "Jobs that ended, by their final state."),
+    ("sundara_job_requests_total", Kind::Counter, "Requests the jobs service answered, by answer (ok, refused)."),
+    (
+        "sundara_job_output_cache_bytes",
+        Kind::Gauge,
+        "Bytes of verified shards' outputs the jobs service keeps in memory.",
+    ),
     (
         "sundara_chain_joins_total",
         Kind::Counter,

@@ -470,7 +470,7 @@ impl Default for Retention {
             records_max_age: Duration::from_secs(30 * 24 * 3600),
             dead_max_bytes: 1 << 30,
             jobs_max_age: Duration::from_secs(7 * 24 * 3600),
-            job_data_max_bytes: 8 << 30,
+            job_data_max_bytes: 2 << 30,
             history_ages_given: false,
         }
     }
