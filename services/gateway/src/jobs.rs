@@ -118,9 +118,7 @@ pub(crate) async fn create(State(g): Shared, request: Request) -> Response {
     let created = async {
         let (parts, body) = request.into_parts();
         let jobs = g.jobs(&parts.headers)?;
-        let body = g.body(body).await?;
-        let asked: CreateJob = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid("invalid_request", format!("the body: {e}")))?;
+        let asked: CreateJob = g.json_body(body).await?;
         let options = JobOptions {
             in_flight: asked.in_flight,
             attempts: asked.attempts,
@@ -159,9 +157,7 @@ pub(crate) async fn put_part(State(g): Shared, Path((id, part)): Path<(String, u
     let put = async {
         let (parts, body) = request.into_parts();
         let jobs = g.jobs(&parts.headers)?;
-        let body = g.body(body).await?;
-        let asked: PutPart = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid("invalid_request", format!("the body: {e}")))?;
+        let asked: PutPart = g.json_body(body).await?;
         let status = jobs.put(&id, part, tensors(&asked.inputs)?).await.map_err(api_error)?;
         Ok::<_, ApiError>(status_json(&status))
     };

@@ -377,6 +377,12 @@ impl Gateway {
         })
     }
 
+    /// The request's body as JSON of type `T`, read as [`Gateway::body`] reads it.
+    async fn json_body<T: serde::de::DeserializeOwned>(&self, body: Body) -> Result<T, ApiError> {
+        let bytes = self.body(body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("invalid_request", format!("the body: {e}")))
+    }
+
     /// The request's body, read within the body timeout and the size bound.
     async fn body(&self, body: Body) -> Result<Bytes, ApiError> {
         let limit = self.config.max_body_bytes;
@@ -573,9 +579,7 @@ async fn embeddings(g: &Gateway, request: Request) -> Result<Response, ApiError>
     let (parts, body) = request.into_parts();
     let tenant = g.tenant(&parts.headers)?;
     tracing::Span::current().record("sundara.tenant", tenant.as_str());
-    let body = g.body(body).await?;
-    let asked: openai::EmbeddingsRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("invalid_request", format!("the body: {e}")))?;
+    let asked: openai::EmbeddingsRequest = g.json_body(body).await?;
     let encoding = asked.encoding()?;
     if asked.dimensions.is_some() {
         let error = ApiError::invalid("invalid_value", "dimensions is not supported: the model's are returned");
